@@ -1,0 +1,228 @@
+//! VM configuration: from command-line flags or an equivalent JSON file.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    /// The VMM's standard output (and standard input when it is a terminal).
+    #[default]
+    Stdout,
+    /// Append the console to this file.
+    File(PathBuf),
+    /// Discard console output.
+    Off,
+}
+
+impl FromStr for ConsoleConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "" => Err(ConfigError::Invalid(
+                "--console needs 'stdout', 'off' or a file path".into(),
+            )),
+            "stdout" => Ok(ConsoleConfig::Stdout),
+            "off" => Ok(ConsoleConfig::Off),
+            path => Ok(ConsoleConfig::File(path.into())),
+        }
+    }
+}
+
+fn default_cpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u64 {
+    512
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u8,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<BlockConfig>,
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not a valid VM configuration: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// APIC ids are 8 bits and 0xff is broadcast.
+pub const MAX_VCPUS: u8 = 254;
+
+impl VmConfig {
+    pub fn from_json_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: VmConfig =
+            serde_json::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what can be checked without touching KVM or the files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+            return Err(ConfigError::Invalid(format!(
+                "--cpus must be between 1 and {MAX_VCPUS}, not {}",
+                self.cpus
+            )));
+        }
+        for disk in &self.disks {
+            if let Some(serial) = &disk.serial {
+                if serial.len() > VIRTIO_BLK_ID_BYTES {
+                    return Err(ConfigError::Invalid(format!(
+                        "disk serial '{serial}' is longer than {VIRTIO_BLK_ID_BYTES} bytes"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::Invalid(format!(
+            "--disk {key}= takes on or off, not '{value}'"
+        ))),
+    }
+}
+
+/// Parses `path=/img,ro=on|off,serial=ID`.
+pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
+    let mut path = None;
+    let mut read_only = false;
+    let mut serial = None;
+    for item in spec.split(',') {
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
+        })?;
+        match key {
+            "path" => path = Some(PathBuf::from(value)),
+            "ro" => read_only = parse_switch(key, value)?,
+            "serial" => serial = Some(value.to_string()),
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "--disk has no option '{other}' (known: path, ro, serial)"
+                )))
+            }
+        }
+    }
+    let path = path
+        .filter(|p| !p.as_os_str().is_empty())
+        .ok_or_else(|| ConfigError::Invalid(format!("--disk '{spec}' needs path=")))?;
+    Ok(BlockConfig {
+        path,
+        read_only,
+        serial,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_spec_parses_all_options() {
+        let d = parse_disk("path=/tmp/a.img,ro=on,serial=data-1").unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(d.read_only);
+        assert_eq!(d.serial.as_deref(), Some("data-1"));
+        assert!(!parse_disk("path=/x").unwrap().read_only);
+    }
+
+    #[test]
+    fn bad_disk_specs_name_the_problem() {
+        let e = parse_disk("ro=on").unwrap_err().to_string();
+        assert!(e.contains("needs path="), "{e}");
+        let e = parse_disk("path=/x,cache=none").unwrap_err().to_string();
+        assert!(e.contains("no option 'cache'"), "{e}");
+        let e = parse_disk("path=/x,ro=maybe").unwrap_err().to_string();
+        assert!(e.contains("'maybe'"), "{e}");
+        assert!(parse_disk("path").is_err());
+    }
+
+    #[test]
+    fn json_config_matches_flags_and_rejects_unknown_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        std::fs::write(
+            &path,
+            r#"{"kernel":"/k","cmdline":"console=ttyS0","cpus":2,"memory_mib":256,
+               "disks":[{"path":"/d.img","read_only":true,"serial":"s1"}],
+               "console":{"file":"/tmp/c.log"}}"#,
+        )
+        .unwrap();
+        let c = VmConfig::from_json_file(&path).unwrap();
+        assert_eq!(c.cpus, 2);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(
+            c.disks[0],
+            parse_disk("path=/d.img,ro=on,serial=s1").unwrap()
+        );
+        assert_eq!(c.console, "/tmp/c.log".parse().unwrap());
+        std::fs::write(&path, r#"{"kernel":"/k","cpu":2}"#).unwrap();
+        let e = VmConfig::from_json_file(&path).unwrap_err().to_string();
+        assert!(e.contains("unknown field `cpu`"), "{e}");
+    }
+
+    #[test]
+    fn vcpu_count_and_serial_length_are_checked() {
+        let mut c = VmConfig {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: 0,
+            memory_mib: 128,
+            disks: vec![],
+            console: ConsoleConfig::Off,
+        };
+        assert!(c.validate().is_err());
+        c.cpus = 2;
+        assert!(c.validate().is_ok());
+        c.disks
+            .push(parse_disk("path=/x,serial=123456789012345678901").unwrap());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 20"));
+    }
+}

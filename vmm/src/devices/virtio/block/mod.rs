@@ -1,0 +1,31 @@
+//! virtio-blk: request parsing, the device, its worker thread and its disk I/O engines.
+
+pub mod device;
+pub mod event_handler;
+pub mod io;
+pub mod request;
+
+pub use device::{BlockConfig, VirtioBlock};
+
+pub const SECTOR_SHIFT: u32 = 9;
+pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
+/// Queue depth offered to the guest.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data segments per request (the queue size less the header and status descriptors).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// GET_ID answers with at most this many bytes.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;

@@ -1,0 +1,139 @@
+//! Why the VM stopped, raised by whichever vCPU or device saw it first.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (keyboard controller or ACPI reset register).
+    Reset,
+    /// The guest kernel panicked (pvpanic, or a reset right after a panic message).
+    GuestPanic,
+    /// Triple fault: the vCPU shut down.
+    TripleFault { vcpu: u8 },
+    /// KVM could not run the vCPU.
+    KvmError { vcpu: u8, detail: String },
+    /// The VMM itself failed while the guest ran.
+    VmmError(String),
+}
+
+impl ExitReason {
+    /// Process exit status: 0 only for a guest that stopped on purpose.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::PowerOff | ExitReason::Reset => 0,
+            ExitReason::GuestPanic => 2,
+            ExitReason::TripleFault { .. } => 3,
+            ExitReason::KvmError { .. } => 4,
+            ExitReason::VmmError(_) => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => write!(f, "guest powered off"),
+            ExitReason::Reset => write!(f, "guest requested a reset"),
+            ExitReason::GuestPanic => write!(f, "guest kernel panicked"),
+            ExitReason::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted"),
+            ExitReason::KvmError { vcpu, detail } => {
+                write!(f, "KVM error on vCPU {vcpu}: {detail}")
+            }
+            ExitReason::VmmError(detail) => write!(f, "VMM error: {detail}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct ExitState {
+    reason: Option<ExitReason>,
+}
+
+/// First reason wins; later ones are ignored (a panic is followed by a reset, for example).
+#[derive(Clone, Default)]
+pub struct ExitSignal {
+    state: Arc<(Mutex<ExitState>, Condvar)>,
+    panic_seen: Arc<AtomicBool>,
+}
+
+impl ExitSignal {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn request(&self, reason: ExitReason) {
+        let reason = match reason {
+            ExitReason::Reset if self.panic_seen.load(Ordering::Acquire) => ExitReason::GuestPanic,
+            other => other,
+        };
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().expect("exit lock poisoned");
+        if state.reason.is_none() {
+            state.reason = Some(reason);
+            cvar.notify_all();
+        }
+    }
+
+    /// Remembers that the console showed a kernel panic, so the reset that follows
+    /// (`panic=-1`) is reported as a panic.
+    pub fn note_panic_message(&self) {
+        self.panic_seen.store(true, Ordering::Release);
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.state
+            .0
+            .lock()
+            .expect("exit lock poisoned")
+            .reason
+            .is_some()
+    }
+
+    pub fn wait(&self) -> ExitReason {
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().expect("exit lock poisoned");
+        loop {
+            if let Some(reason) = state.reason.clone() {
+                return reason;
+            }
+            state = cvar.wait(state).expect("exit lock poisoned");
+        }
+    }
+
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<ExitReason> {
+        let (lock, cvar) = &*self.state;
+        let state = lock.lock().expect("exit lock poisoned");
+        let (state, _) = cvar
+            .wait_timeout_while(state, timeout, |s| s.reason.is_none())
+            .expect("exit lock poisoned");
+        state.reason.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins_and_panic_turns_reset_into_panic() {
+        let signal = ExitSignal::new();
+        signal.note_panic_message();
+        signal.request(ExitReason::Reset);
+        signal.request(ExitReason::PowerOff);
+        assert_eq!(signal.wait(), ExitReason::GuestPanic);
+        assert_ne!(ExitReason::GuestPanic.exit_code(), 0);
+        assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+    }
+
+    #[test]
+    fn wait_timeout_returns_none_without_a_reason() {
+        assert_eq!(
+            ExitSignal::new().wait_timeout(Duration::from_millis(10)),
+            None
+        );
+    }
+}

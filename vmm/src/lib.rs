@@ -1,0 +1,19 @@
+//! stratus-vmm: a purpose-built KVM virtual machine monitor. It boots stock distribution
+//! kernels directly (no firmware), describes the machine with ACPI, and exposes virtio
+//! devices on a PCI host bridge, the way a stock kernel expects to find them.
+
+pub mod acpi;
+pub mod arch;
+pub mod bus;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod interrupts;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use exit::ExitReason;
+pub use vm::{BootSource, Vm, VmError, VmResources};

@@ -1,0 +1,140 @@
+//! Guest RAM: allocation, the MMIO hole and registration with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::arch::layout::{MMIO32_HOLE_START, RAM_64BIT_START};
+
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Smallest guest a stock distribution kernel plus initramfs boots in.
+pub const MIN_MEMORY_MIB: u64 = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "guest memory of {requested} MiB is too small: at least {MIN_MEMORY_MIB} MiB is needed"
+    )]
+    TooSmall { requested: u64 },
+    #[error("guest memory of {requested} MiB exceeds this host's RAM ({host} MiB)")]
+    ExceedsHost { requested: u64, host: u64 },
+    #[error("cannot read host memory size from /proc/meminfo: {0}")]
+    HostMemInfo(String),
+    #[error("cannot allocate guest memory: {0}")]
+    Allocate(#[from] vm_memory::mmap::FromRangesError),
+    #[error("cannot register guest memory with KVM: {0}")]
+    Register(kvm_ioctls::Error),
+}
+
+/// RAM ranges for `size` bytes: below the 32-bit hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    if size <= MMIO32_HOLE_START {
+        vec![(GuestAddress(0), size as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO32_HOLE_START as usize),
+            (
+                GuestAddress(RAM_64BIT_START),
+                (size - MMIO32_HOLE_START) as usize,
+            ),
+        ]
+    }
+}
+
+fn host_memory_mib() -> Result<u64, MemoryError> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo")
+        .map_err(|e| MemoryError::HostMemInfo(e.to_string()))?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib / 1024)
+        .ok_or_else(|| MemoryError::HostMemInfo("no MemTotal line".into()))
+}
+
+/// Checks the requested size against the limits before anything is allocated.
+pub fn validate_size_mib(mib: u64) -> Result<(), MemoryError> {
+    if mib < MIN_MEMORY_MIB {
+        return Err(MemoryError::TooSmall { requested: mib });
+    }
+    let host = host_memory_mib()?;
+    if mib > host {
+        return Err(MemoryError::ExceedsHost {
+            requested: mib,
+            host,
+        });
+    }
+    Ok(())
+}
+
+pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    validate_size_mib(mib)?;
+    Ok(GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))?)
+}
+
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host_addr = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| MemoryError::HostMemInfo("region without host mapping".into()))?;
+        let kvm_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps alive (the
+        // Vm struct holds the memory for as long as the VmFd exists), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(kvm_region) }.map_err(MemoryError::Register)?;
+    }
+    Ok(())
+}
+
+/// Highest guest-physical address + 1 of RAM below the 32-bit hole.
+pub fn low_ram_end(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter()
+        .map(|r| r.start_addr().raw_value() + r.len())
+        .filter(|end| *end <= MMIO32_HOLE_START)
+        .max()
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_is_one_range_below_the_hole() {
+        let ranges = ram_ranges(256 << 20);
+        assert_eq!(ranges, vec![(GuestAddress(0), 256 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_hole() {
+        let ranges = ram_ranges(4 << 30);
+        assert_eq!(ranges[0], (GuestAddress(0), MMIO32_HOLE_START as usize));
+        assert_eq!(ranges[1], (GuestAddress(1 << 32), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn size_limits_are_enforced() {
+        assert!(matches!(
+            validate_size_mib(32),
+            Err(MemoryError::TooSmall { requested: 32 })
+        ));
+        let too_big = host_memory_mib().unwrap() + 1;
+        assert!(matches!(
+            validate_size_mib(too_big),
+            Err(MemoryError::ExceedsHost { .. })
+        ));
+        assert!(validate_size_mib(128).is_ok());
+    }
+}

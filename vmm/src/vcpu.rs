@@ -1,0 +1,132 @@
+//! vCPU threads: set up each vCPU, run it, and dispatch its exits to the buses.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use crate::bus::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Signal used to knock a vCPU thread out of KVM_RUN when the VM stops.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler once; delivery alone makes KVM_RUN return EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: ExitSignal,
+}
+
+impl Vcpu {
+    /// Runs until the VM stops; every stop reason goes to the exit signal.
+    pub fn run(mut self) {
+        let id = self.id;
+        while !self.exit.is_requested() {
+            let outcome = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.pio.read(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.pio.write(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    self.mmio.read(addr, data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.mmio.write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::Hlt) => Some(ExitReason::PowerOff),
+                Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault { vcpu: id }),
+                Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitReason::PowerOff),
+                    KVM_SYSTEM_EVENT_RESET => Some(ExitReason::Reset),
+                    KVM_SYSTEM_EVENT_CRASH => Some(ExitReason::GuestPanic),
+                    other => Some(ExitReason::KvmError {
+                        vcpu: id,
+                        detail: format!("unknown system event {other}"),
+                    }),
+                },
+                Ok(VcpuExit::InternalError) => Some(ExitReason::KvmError {
+                    vcpu: id,
+                    detail: format!(
+                        "internal error (instruction emulation failed) at {}",
+                        self.rip()
+                    ),
+                }),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(ExitReason::KvmError {
+                    vcpu: id,
+                    detail: format!("VM entry failed on host CPU {cpu}, reason {reason:#x}"),
+                }),
+                Ok(VcpuExit::Intr) => None,
+                Ok(other) => Some(ExitReason::KvmError {
+                    vcpu: id,
+                    detail: format!("unexpected exit {other:?}"),
+                }),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(ExitReason::KvmError {
+                    vcpu: id,
+                    detail: format!("KVM_RUN failed: {e}"),
+                }),
+            };
+            if let Some(reason) = outcome {
+                self.exit.request(reason);
+            }
+        }
+    }
+
+    fn rip(&self) -> String {
+        self.fd
+            .get_regs()
+            .map(|r| format!("rip {:#x}", r.rip))
+            .unwrap_or_else(|_| "unknown rip".into())
+    }
+
+    /// Application processors wait for INIT/SIPI from the boot vCPU; only it starts runnable.
+    pub fn make_runnable(&self) -> Result<(), kvm_ioctls::Error> {
+        self.fd.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+    }
+
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())
+    }
+}
+
+/// Knocks every vCPU thread out of KVM_RUN until all have returned. Repeated, because a
+/// signal that lands just before a thread enters KVM_RUN is lost.
+pub fn stop_vcpus(handles: Vec<JoinHandle<()>>) {
+    while !handles.iter().all(|h| h.is_finished()) {
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(kick_signal());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+}
