@@ -12,7 +12,7 @@ pub const PVH_INFO_START: u64 = 0x6000;
 pub const PVH_MEMMAP_START: u64 = 0x6100;
 /// Initial stack pointer of the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
-/// PML4; the PDPT and one page directory follow (identity map of the first 1 GiB).
+/// PML4, PDPT and four page directories (identity map of the low 4 GiB, up to 0xefff).
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;

@@ -81,12 +81,17 @@ fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<(), RegsError> {
     Ok(())
 }
 
-/// Identity-maps the first GiB with 2 MiB pages; enough for the kernel's early page tables.
+/// Identity-maps the low 4 GiB with 2 MiB pages: the kernel, its boot data and the 32-bit
+/// MMIO hole (ECAM, BARs) are all reachable before the kernel builds its own tables.
 fn write_identity_page_tables(mem: &GuestMemoryMmap) -> Result<(), RegsError> {
     mem.write_obj(PDPTE_START | 0x03, GuestAddress(PML4_START))?;
-    mem.write_obj(PDE_START | 0x03, GuestAddress(PDPTE_START))?;
-    for i in 0..512u64 {
-        mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))?;
+    for gib in 0..4u64 {
+        let directory = PDE_START + gib * 0x1000;
+        mem.write_obj(directory | 0x03, GuestAddress(PDPTE_START + gib * 8))?;
+        for i in 0..512u64 {
+            let frame = (gib << 30) | (i << 21);
+            mem.write_obj(frame | 0x83, GuestAddress(directory + i * 8))?;
+        }
     }
     Ok(())
 }
