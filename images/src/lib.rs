@@ -1,1 +1,30 @@
-//! stratus-images
+//! `stratus-images`: StratusLab image metadata, Marketplace identifiers, checksums,
+//! XML-DSig signatures, image download with on-the-fly decompression, site policy and the
+//! host image cache.
+//!
+//! Main entry points:
+//! - [`Identifier`]: the 27-character Marketplace identifier derived from an image's SHA-1;
+//! - [`checksum::MultiHasher`]: MD5, SHA-1, SHA-256 and SHA-512 in one streaming pass;
+//! - [`Metadata`]: the metadata model, with RDF/XML ([`Metadata::from_xml`],
+//!   [`Metadata::to_xml`]) and JSON (serde) forms;
+//! - [`ops`]: `build`, `sign`, `validate`, `deprecate` operations;
+//! - [`dsig`]: enveloped XML-DSig signing and verification;
+//! - [`download`]: fetch an image from `http(s)://` or `file://`, decompressing and verifying;
+//! - [`policy::Policy`]: site white/black lists;
+//! - [`cache::ImageCache`]: per-host image cache with shared concurrent downloads.
+
+pub mod cache;
+pub mod checksum;
+pub mod download;
+pub mod dsig;
+mod error;
+pub mod identifier;
+pub mod metadata;
+pub mod ops;
+pub mod policy;
+pub mod xml;
+
+pub use checksum::{Algorithm, Checksums};
+pub use error::{Error, Result};
+pub use identifier::Identifier;
+

@@ -1,0 +1,102 @@
+# Shared pieces of the nested harness: real Linux on stratus-vmm inside a QEMU-TCG L1 guest
+# with emulated AMD SVM (this host's /dev/kvm is PVM and cannot run stock kernels itself).
+# Source it; callers set NESTED_WORK (a scratch directory) first.
+
+NESTED_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$NESTED_LIB_DIR/../.." && pwd)
+
+log() { echo "[nested] $*" >&2; }
+
+# Downloads the current Debian kernel package once and unpacks it.
+# Sets KVER, KPKG_DIR (unpacked tree), KMOD_DIR, VMLINUX (uncompressed ELF), BZIMAGE.
+fetch_kernel() {
+    local pkg
+    pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
+    [ -n "$pkg" ] || { log "cannot resolve linux-image-amd64 (run apt-get update)"; return 1; }
+    KVER=${pkg#linux-image-}
+    KPKG_DIR=$NESTED_WORK/kernel-$KVER
+    if [ ! -f "$KPKG_DIR/.done" ]; then
+        rm -rf "$KPKG_DIR"; mkdir -p "$KPKG_DIR"
+        (cd "$KPKG_DIR" && apt-get -o APT::Sandbox::User=root download "$pkg" >/dev/null && dpkg-deb -x ./*.deb tree && rm -f ./*.deb)
+        python3 - "$KPKG_DIR/tree/boot/vmlinuz-$KVER" "$KPKG_DIR/vmlinux" <<'PY'
+import lzma, sys
+data = open(sys.argv[1], 'rb').read()
+start = data.find(b'\xfd7zXZ\x00')
+if start < 0:
+    sys.exit('no xz payload in ' + sys.argv[1])
+open(sys.argv[2], 'wb').write(lzma.LZMADecompressor().decompress(data[start:]))
+PY
+        touch "$KPKG_DIR/.done"
+    fi
+    KMOD_DIR=$KPKG_DIR/tree/lib/modules/$KVER
+    VMLINUX=$KPKG_DIR/vmlinux
+    BZIMAGE=$KPKG_DIR/tree/boot/vmlinuz-$KVER
+    log "kernel $KVER"
+}
+
+# Builds a statically linked stratus-vmm (musl cannot be installed here). Sets STATIC_VMM.
+build_static_vmm() {
+    local target=x86_64-unknown-linux-gnu
+    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
+        cargo build --quiet --release --target $target -p stratus-vmm --bin stratus-vmm)
+    STATIC_VMM=$REPO_ROOT/target/$target/release/stratus-vmm
+    file "$STATIC_VMM" | grep -Eq 'static(-pie)? linked' || { log "$STATIC_VMM is not static"; return 1; }
+}
+
+# copy_modules <dest-dir> <module>...: copies the closure, uncompressed, and writes
+# <dest-dir>/order with the load order.
+copy_modules() {
+    local dest=$1; shift
+    mkdir -p "$dest"
+    : > "$dest/order"
+    local path name
+    while read -r path; do
+        name=$(basename "$path"); name=${name%.xz}
+        if [[ $path == *.xz ]]; then xz -dc "$path" > "$dest/$name"; else cp "$path" "$dest/$name"; fi
+        echo "$name" >> "$dest/order"
+    done < <(python3 "$NESTED_LIB_DIR/modules.py" "$KMOD_DIR" "$@")
+}
+
+# pack_initramfs <root-dir> <out.cpio.gz>
+pack_initramfs() {
+    (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$2")
+}
+
+# busybox_root <dir>: a root with busybox and the usual mount points.
+busybox_root() {
+    mkdir -p "$1"/{bin,proc,sys,dev,lib/modules,tmp,mnt}
+    cp /bin/busybox "$1/bin/busybox"
+}
+
+# The host's TSC rate: without it the TCG L1 kernel sometimes hangs before printing.
+host_tsc_khz() {
+    awk '/cpu MHz/{printf "%d", $4*1000; exit}' /proc/cpuinfo
+}
+
+# run_l1 <outer-initramfs> <console-log> <timeout-s>: boots L1 (the Debian kernel under
+# QEMU TCG with SVM) and waits for it to power off. A silent L1 (no output in 60 s) is
+# killed and retried once, and the retry is reported.
+run_l1() {
+    local initrd=$1 console=$2 timeout_s=$3 attempt
+    for attempt in 1 2; do
+        : > "$console"
+        timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
+            -display none -serial "file:$console" -monitor none -no-reboot \
+            -kernel "$VMLINUX" -initrd "$initrd" \
+            -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$(host_tsc_khz)" &
+        local qemu=$! waited=0
+        while kill -0 $qemu 2>/dev/null; do
+            sleep 1; waited=$((waited + 1))
+            if [ $waited -eq 60 ] && [ ! -s "$console" ]; then
+                log "L1 printed nothing in 60 s (attempt $attempt); killing it"
+                kill $qemu 2>/dev/null; wait $qemu 2>/dev/null
+                continue 2
+            fi
+        done
+        wait $qemu || log "L1 QEMU exited with status $?"
+        [ "$attempt" = 2 ] && log "L1 needed a retry (silent first boot)"
+        return 0
+    done
+    log "L1 stayed silent twice"
+    return 1
+}

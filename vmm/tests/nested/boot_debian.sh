@@ -1,0 +1,106 @@
+#!/bin/bash
+# Real Linux on stratus-vmm: the current Debian kernel (PVH entry of its vmlinux) with a
+# busybox initramfs that loads the stock virtio-pci and virtio-blk modules, 2 vCPUs and a
+# virtio-blk data disk, inside a QEMU-TCG L1 guest with nested SVM.
+# The guest checks nproc, the disk's serial, reads a marker, writes a pattern and powers
+# off; this script asserts on the console and on the disk file's contents after the VMM
+# exits. Prints "nested: N passed, M failed" and exits non-zero on any failure.
+set -euo pipefail
+NESTED_WORK=${NESTED_WORK:-$(cd "$(dirname "$0")/../../.." && pwd)/target/nested}
+mkdir -p "$NESTED_WORK"
+source "$(dirname "$0")/../../../scripts/nested/lib.sh"
+
+fetch_kernel
+build_static_vmm
+
+W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
+trap 'rm -rf "$W"' EXIT
+
+# The data disk: a marker in sector 0, zeros elsewhere; the guest writes PATTERN at 4 KiB.
+SERIAL=stratus-data-1
+MARKER=STRATUS-DISK-MARKER-7f3a
+head -c 65536 /dev/urandom > "$W/pattern"
+truncate -s 1M "$W/data.img"
+printf '%s' "$MARKER" | dd of="$W/data.img" conv=notrunc status=none
+cp "$W/data.img" "$W/expected.img"
+dd if="$W/pattern" of="$W/expected.img" bs=4096 seek=1 conv=notrunc status=none
+EXPECTED_SHA=$(sha256sum "$W/expected.img" | cut -d' ' -f1)
+
+# Inner (L2) initramfs.
+busybox_root "$W/inner"
+copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk pvpanic_mmio
+cp "$W/pattern" "$W/inner/pattern"
+cat > "$W/inner/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+echo "STRATUS-INIT"
+for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "STRATUS-INSMOD-FAILED \$m"; done
+echo "STRATUS-NPROC \$(nproc)"
+i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+echo "STRATUS-SERIAL \$(cat /sys/block/vda/serial 2>/dev/null)"
+[ "\$(dd if=/dev/vda bs=${#MARKER} count=1 2>/dev/null)" = "$MARKER" ] && echo "STRATUS-MARKER-OK"
+dd if=/pattern of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
+echo 3 > /proc/sys/vm/drop_caches
+dd if=/dev/vda bs=4096 skip=1 count=16 2>/dev/null | cmp -s - /pattern && echo "STRATUS-PATTERN-OK"
+echo "STRATUS-DONE"
+poweroff -f
+INIT
+chmod +x "$W/inner/init"
+pack_initramfs "$W/inner" "$W/inner.cpio.gz"
+
+# Outer (L1) initramfs: KVM modules, the static VMM, the inner guest and its disk.
+busybox_root "$W/outer"
+copy_modules "$W/outer/lib/modules" kvm_amd
+cp "$STATIC_VMM" "$W/outer/vmm"
+cp "$VMLINUX" "$W/outer/vmlinux"
+cp "$W/inner.cpio.gz" "$W/outer/initrd"
+cp "$W/data.img" "$W/outer/data.img"
+cat > "$W/outer/init" <<INIT
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSMOD-FAILED \$m"; done
+[ -c /dev/kvm ] && echo "L1-KVM-READY"
+/vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
+  --disk path=/data.img,serial=$SERIAL \
+  --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
+echo "VMM-EXIT rc=\$?"
+echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
+poweroff -f
+INIT
+chmod +x "$W/outer/init"
+pack_initramfs "$W/outer" "$W/outer.cpio.gz"
+
+CONSOLE=$NESTED_WORK/boot_debian.console.log
+log "booting L1 (console: $CONSOLE)"
+start=$(date +%s)
+run_l1 "$W/outer.cpio.gz" "$CONSOLE" "${NESTED_TIMEOUT:-900}" || true
+log "L1 finished after $(( $(date +%s) - start )) s"
+
+passed=0; failed=0
+check() {
+    local what=$1 needle=$2
+    if grep -qF -- "$needle" "$CONSOLE"; then
+        passed=$((passed + 1)); echo "ok   - $what"
+    else
+        failed=$((failed + 1)); echo "FAIL - $what (console lacks: $needle)"
+    fi
+}
+check "L1 has /dev/kvm from the stock kvm_amd" "L1-KVM-READY"
+check "guest reached /init" "STRATUS-INIT"
+check "stock virtio modules loaded" "STRATUS-NPROC"
+check "guest sees 2 vCPUs" "STRATUS-NPROC 2"
+check "disk is /dev/vda with the configured serial" "STRATUS-SERIAL $SERIAL"
+check "guest reads the host's marker from sector 0" "STRATUS-MARKER-OK"
+check "guest reads back the pattern it wrote" "STRATUS-PATTERN-OK"
+check "guest powered off and the VMM exited 0" "VMM-EXIT rc=0"
+check "disk file holds exactly the marker and the pattern" "L1-DISK-SHA256 $EXPECTED_SHA"
+if grep -q "INSMOD-FAILED" "$CONSOLE"; then
+    failed=$((failed + 1)); echo "FAIL - a module did not load:"; grep "INSMOD-FAILED" "$CONSOLE"
+fi
+if [ $failed -ne 0 ]; then
+    echo "---- console (last 80 lines) ----"; tail -n 80 "$CONSOLE"
+fi
+echo "nested: $passed passed, $failed failed"
+[ $failed -eq 0 ]
