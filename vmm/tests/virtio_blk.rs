@@ -135,6 +135,9 @@ impl Fixture {
     }
 }
 
+/// Descriptors of one chain: (address, length, flags).
+type Chain = Vec<(u64, u32, u32)>;
+
 const R: u32 = 0;
 const W: u32 = VRING_DESC_F_WRITE;
 
@@ -211,7 +214,7 @@ fn malformed_requests_get_an_error_status_and_never_touch_the_disk() {
     f.header(HEADER + 32, VIRTIO_BLK_T_OUT, 0);
     f.header(HEADER + 48, 0x77, 0);
     f.header(HEADER + 64, VIRTIO_BLK_T_IN, u64::MAX);
-    let cases: Vec<(Vec<(u64, u32, u32)>, u8)> = vec![
+    let cases: Vec<(Chain, u8)> = vec![
         // Data outside guest memory.
         (
             vec![(HEADER, 16, R), (outside, 512, R), (STATUS, 1, W)],

@@ -20,8 +20,13 @@ use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+type RouteLog = Arc<Mutex<Vec<(u32, Option<MsiMessage>)>>>;
+
 #[derive(Clone, Default)]
-struct Routes(Arc<Mutex<Vec<(u32, Option<MsiMessage>)>>>);
+struct Routes(RouteLog);
+
+/// A virtio vendor capability: (cfg_type, bar, offset, length, where it sits).
+type VirtioCap = (u8, u8, u32, u32, usize);
 
 impl MsiSink for Routes {
     fn route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
@@ -79,7 +84,7 @@ fn cfg_u32(dev: &mut VirtioPciDevice, offset: usize) -> u32 {
 }
 
 /// (cfg_type -> (bar, offset, length, cap offset)), and the MSI-X capability offset.
-fn walk_capabilities(dev: &mut VirtioPciDevice) -> (Vec<(u8, u8, u32, u32, usize)>, usize) {
+fn walk_capabilities(dev: &mut VirtioPciDevice) -> (Vec<VirtioCap>, usize) {
     let status = (dev.read_config_register(1) >> 16) as u16;
     assert_ne!(status & (1 << 4), 0, "capability list bit");
     let mut at = cfg_byte(dev, 0x34) as usize;

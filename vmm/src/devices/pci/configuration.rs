@@ -125,10 +125,10 @@ impl PciConfiguration {
         if bar >= NUM_BARS || self.bars[bar].size != 0 {
             return Err(ConfigurationError::BarInUse(bar));
         }
-        if !size.is_power_of_two() || size < 16 || size > 1 << 31 {
+        if !size.is_power_of_two() || !(16..=1 << 31).contains(&size) {
             return Err(ConfigurationError::BarSize(size));
         }
-        if addr % size != 0 || addr + size > 1 << 32 {
+        if !addr.is_multiple_of(size) || addr + size > 1 << 32 {
             return Err(ConfigurationError::BarAlignment { addr, size });
         }
         self.bars[bar].size = size;

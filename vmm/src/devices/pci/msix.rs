@@ -293,11 +293,11 @@ fn read_words(words: &[u32], offset: u64, data: &mut [u8]) {
 fn write_words(words: &mut [u32; 4], offset: u64, data: &[u8]) -> bool {
     let start = offset as usize;
     match data.len() {
-        4 if start % 4 == 0 => {
+        4 if start.is_multiple_of(4) => {
             words[start / 4] = u32::from_le_bytes(data.try_into().expect("4 bytes"));
             true
         }
-        8 if start % 8 == 0 => {
+        8 if start.is_multiple_of(8) => {
             words[start / 4] = u32::from_le_bytes(data[..4].try_into().expect("4 bytes"));
             words[start / 4 + 1] = u32::from_le_bytes(data[4..].try_into().expect("4 bytes"));
             true
@@ -310,9 +310,11 @@ fn write_words(words: &mut [u32; 4], offset: u64, data: &[u8]) -> bool {
 pub(crate) mod tests {
     use super::*;
 
+    type RouteLog = Arc<Mutex<Vec<(u32, Option<MsiMessage>)>>>;
+
     /// Records routes instead of programming KVM.
     #[derive(Clone, Default)]
-    pub struct RecordingSink(pub Arc<Mutex<Vec<(u32, Option<MsiMessage>)>>>);
+    pub struct RecordingSink(pub RouteLog);
 
     impl MsiSink for RecordingSink {
         fn route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {

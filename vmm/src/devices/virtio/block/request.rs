@@ -148,7 +148,7 @@ pub fn parse(
             if request_type == RequestType::Out && read_only {
                 return fail(RequestError::ReadOnly);
             }
-            if total % SECTOR_SIZE != 0 {
+            if !total.is_multiple_of(SECTOR_SIZE) {
                 return fail(RequestError::UnalignedLength(total));
             }
             let end = sector.checked_add(total >> SECTOR_SHIFT);

@@ -334,7 +334,7 @@ impl VirtioPciDevice {
                 let Some(q) = self.selected_queue() else {
                     return;
                 };
-                let (lo, hi) = if offset % 8 == 0 {
+                let (lo, hi) = if offset.is_multiple_of(8) {
                     (Some(value), None)
                 } else {
                     (None, Some(value))

@@ -1,0 +1,18 @@
+#!/bin/bash
+# The whole test suite, from a fresh Debian 12 machine: installs what the tests need,
+# checks formatting and lints, runs every crate's tests (device tests, /dev/kvm tiny
+# guests, contextualizer images read back by real tools), then boots real Linux on
+# stratus-vmm in the nested harness.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh scripts/test-packages.txt scripts/runtime-packages.txt
+
+step() { echo; echo "=== $* ==="; }
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+step "cargo test"
+cargo test --workspace 2>&1 | tee target/cargo-test.log
+step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
+bash vmm/tests/nested/boot_debian.sh
