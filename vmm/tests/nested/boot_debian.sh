@@ -1,10 +1,13 @@
 #!/bin/bash
-# Real Linux on stratus-vmm: the current Debian kernel (PVH entry of its vmlinux) with a
-# busybox initramfs that loads the stock virtio-pci and virtio-blk modules, 2 vCPUs and a
-# virtio-blk data disk, inside a QEMU-TCG L1 guest with nested SVM.
-# The guest checks nproc, the disk's serial, reads a marker, writes a pattern and powers
-# off; this script asserts on the console and on the disk file's contents after the VMM
-# exits. Prints "nested: N passed, M failed" and exits non-zero on any failure.
+# Real Linux on stratus-vmm, inside a QEMU-TCG L1 guest with nested SVM. Two guests run
+# one after the other in the same L1:
+# 1. the current Debian kernel's vmlinux (PVH entry), 2 vCPUs, a read-write virtio-blk
+#    disk: the guest checks nproc, the disk's serial, reads a marker, writes a pattern and
+#    powers off; the disk file's SHA-256 is checked after the VMM exits;
+# 2. the same kernel as bzImage (64-bit boot protocol), 1 vCPU, a read-only disk: writes
+#    must fail, then the guest panics and the VMM must exit with the panic status (2).
+# The guests load the stock virtio-pci, virtio-blk and pvpanic modules from the package.
+# Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 NESTED_WORK=${NESTED_WORK:-$(cd "$(dirname "$0")/../../.." && pwd)/target/nested}
 mkdir -p "$NESTED_WORK"
@@ -34,8 +37,17 @@ cat > "$W/inner/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-echo "STRATUS-INIT"
 for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "STRATUS-INSMOD-FAILED \$m"; done
+if grep -q stratus_test=panic /proc/cmdline; then
+    echo "STRATUS2-INIT nproc=\$(nproc)"
+    i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+    [ "\$(cat /sys/block/vda/ro)" = 1 ] && echo "STRATUS2-RO-FLAG"
+    dd if=/pattern of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null || echo "STRATUS2-WRITE-REFUSED"
+    echo c > /proc/sysrq-trigger
+    echo "STRATUS2-STILL-ALIVE"
+    poweroff -f
+fi
+echo "STRATUS-INIT"
 echo "STRATUS-NPROC \$(nproc)"
 i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
 echo "STRATUS-SERIAL \$(cat /sys/block/vda/serial 2>/dev/null)"
@@ -54,6 +66,8 @@ busybox_root "$W/outer"
 copy_modules "$W/outer/lib/modules" kvm_amd
 cp "$STATIC_VMM" "$W/outer/vmm"
 cp "$VMLINUX" "$W/outer/vmlinux"
+cp "$BZIMAGE" "$W/outer/bzimage"
+truncate -s 1M "$W/outer/ro.img"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 cp "$W/data.img" "$W/outer/data.img"
 cat > "$W/outer/init" <<INIT
@@ -67,6 +81,11 @@ for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSM
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
+/vmm --kernel /bzimage --initrd /initrd --cpus 1 --memory 256 \
+  --disk path=/ro.img,ro=on,serial=ro-disk \
+  --cmdline "console=ttyS0 panic=-1 loglevel=4 stratus_test=panic"
+echo "VMM2-EXIT rc=\$?"
+echo "L1-RO-DISK-SHA256 \$(sha256sum /ro.img | cut -d' ' -f1)"
 poweroff -f
 INIT
 chmod +x "$W/outer/init"
@@ -96,6 +115,16 @@ check "guest reads the host's marker from sector 0" "STRATUS-MARKER-OK"
 check "guest reads back the pattern it wrote" "STRATUS-PATTERN-OK"
 check "guest powered off and the VMM exited 0" "VMM-EXIT rc=0"
 check "disk file holds exactly the marker and the pattern" "L1-DISK-SHA256 $EXPECTED_SHA"
+check "bzImage guest boots with 1 vCPU" "STRATUS2-INIT nproc=1"
+check "read-only disk is read-only in the guest" "STRATUS2-RO-FLAG"
+check "guest write to the read-only disk fails" "STRATUS2-WRITE-REFUSED"
+check "guest panic ends the VMM with status 2" "VMM2-EXIT rc=2"
+check "VMM reports the panic" "stratus-vmm: guest kernel panicked"
+check "the stock pvpanic driver reported it" "guest reported a kernel panic through pvpanic"
+check "read-only disk file is unchanged" "L1-RO-DISK-SHA256 $(head -c 1M /dev/zero | sha256sum | cut -d' ' -f1)"
+if grep -q "STRATUS2-STILL-ALIVE" "$CONSOLE"; then
+    failed=$((failed + 1)); echo "FAIL - the guest survived its own panic"
+fi
 if grep -q "INSMOD-FAILED" "$CONSOLE"; then
     failed=$((failed + 1)); echo "FAIL - a module did not load:"; grep "INSMOD-FAILED" "$CONSOLE"
 fi

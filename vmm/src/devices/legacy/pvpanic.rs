@@ -27,6 +27,7 @@ impl BusDevice for PvPanic {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         if data.first().is_some_and(|v| v & PVPANIC_PANICKED != 0) {
+            tracing::warn!("guest reported a kernel panic through pvpanic");
             self.exit.request(ExitReason::GuestPanic);
         }
     }

@@ -1,0 +1,87 @@
+//! The stratus-vmm binary refuses bad input with a clear message and a non-zero status,
+//! before any guest runs.
+
+use std::process::Command;
+
+fn vmm(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
+        .args(args)
+        .env("STRATUS_LOG", "off")
+        .output()
+        .expect("run stratus-vmm");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let (code, err) = vmm(&["--kernel", "/nonexistent/vmlinux", "--console", "off"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot open kernel /nonexistent/vmlinux"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_file_that_is_no_kernel_is_refused() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), b"just text, not a kernel").unwrap();
+    let (code, err) = vmm(&["--kernel", f.path().to_str().unwrap(), "--console", "off"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("is neither an ELF vmlinux nor a bzImage"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_disk_is_named() {
+    let kernel = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(kernel.path(), b"\x7fELF").unwrap();
+    let (code, err) = vmm(&[
+        "--kernel",
+        kernel.path().to_str().unwrap(),
+        "--disk",
+        "path=/nonexistent/disk.img",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent/disk.img"), "{err}");
+}
+
+#[test]
+fn bad_flags_are_refused_with_the_reason() {
+    let (code, err) = vmm(&["--kernel", "/k", "--memory", "16", "--console", "off"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("too small: at least 64 MiB"), "{err}");
+    let (code, err) = vmm(&["--kernel", "/k", "--cpus", "0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--cpus must be between 1 and"), "{err}");
+    let (code, err) = vmm(&["--kernel", "/k", "--disk", "path=/x,cache=none"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no option 'cache'"), "{err}");
+    let (code, err) = vmm(&["--kernel", "/k", "--memory", "99999999"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("exceeds this host's RAM"), "{err}");
+}
+
+#[test]
+fn config_file_errors_are_named() {
+    let (code, err) = vmm(&["--config", "/nonexistent/vm.json"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cannot read config file /nonexistent/vm.json"),
+        "{err}"
+    );
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), b"{\"kernel\": 5}").unwrap();
+    let (code, err) = vmm(&["--config", f.path().to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is not a valid VM configuration"), "{err}");
+    let (code, err) = vmm(&["--config", f.path().to_str().unwrap(), "--cpus", "2"]);
+    assert_eq!(code, 2, "clap usage error: {err}");
+}
