@@ -325,4 +325,55 @@ fn a_descriptor_loop_is_cut_off_without_hanging() {
     };
     assert_eq!(worker.process_queue(0), 1);
     assert_eq!(mock.used().idx().load(), 1);
+    // No trustworthy status byte in a chain that never ends: nothing is reported.
+    assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 0);
+}
+
+#[test]
+fn an_over_long_indirect_chain_is_refused_with_an_error_status() {
+    let f = Fixture::new();
+    let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+    f.header(HEADER, VIRTIO_BLK_T_IN, 0);
+    let table = 0x40_0000u64;
+    let count = SEG_MAX as u16 + 40;
+    for i in 0..count {
+        let (addr, len, flags) = match i {
+            0 => (HEADER, 16, 0),
+            i if i == count - 1 => (STATUS, 1, W),
+            i => (DATA + u64::from(i) * 512, 512, W),
+        };
+        let flags = if i == count - 1 {
+            flags
+        } else {
+            flags | VRING_DESC_F_NEXT
+        };
+        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i + 1));
+        f.mem
+            .write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+    f.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
+    let indirect = RawDescriptor::from(SplitDescriptor::new(
+        table,
+        u32::from(count) * 16,
+        virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+        0,
+    ));
+    mock.add_desc_chains(&[indirect], 0).unwrap();
+    let queue: Queue = mock.create_queue().unwrap();
+    let mut worker = BlockWorker {
+        mem: f.mem.clone(),
+        disk: Arc::new(DiskImage::open(f.disk.path(), false).unwrap()),
+        serial: vec![],
+        queues: vec![queue],
+        queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+        interrupt: f.interrupt.clone(),
+        kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    };
+    assert_eq!(worker.process_queue(0), 1);
+    assert_eq!(
+        f.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 1);
 }

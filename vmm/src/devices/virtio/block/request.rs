@@ -39,6 +39,8 @@ pub enum RequestError {
     EmptyChain,
     #[error("descriptor chain has more than {0} descriptors")]
     TooManyDescriptors(usize),
+    #[error("descriptor chain loops or does not end")]
+    UnterminatedChain,
     #[error("request header is write-only or shorter than 16 bytes")]
     BadHeader,
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
@@ -85,20 +87,16 @@ pub fn parse(
     disk_sectors: u64,
     read_only: bool,
 ) -> Parsed {
-    // The chain iterator already stops at loops (it counts down from the queue size) and
-    // at chains longer than 4 GiB in total.
-    let max_descriptors = SEG_MAX as usize + 2;
-    let mut descriptors = Vec::new();
-    for d in chain {
-        if descriptors.len() == max_descriptors {
-            return Err((RequestError::TooManyDescriptors(max_descriptors), None));
-        }
-        descriptors.push(d);
-    }
+    // The chain iterator stops by itself at loops (it counts down from the table size) and
+    // at chains longer than 4 GiB; a chain cut short that way ends in a descriptor that
+    // still points onwards, and has no trustworthy status byte.
+    let descriptors: Vec<_> = chain.collect();
     let (header, rest) = descriptors
         .split_first()
         .ok_or((RequestError::EmptyChain, None))?;
-
+    if descriptors.last().is_some_and(|d| d.has_next()) {
+        return Err((RequestError::UnterminatedChain, None));
+    }
     // Find the status byte first, so that every later error can still be reported.
     let status_desc = rest.last().filter(|d| d.is_write_only() && d.len() >= 1);
     let status = match status_desc {
@@ -106,6 +104,10 @@ pub fn parse(
         _ => return Err((RequestError::BadStatusDescriptor, None)),
     };
     let fail = |e: RequestError| Err((e, Some(status)));
+    let max_descriptors = SEG_MAX as usize + 2;
+    if descriptors.len() > max_descriptors {
+        return fail(RequestError::TooManyDescriptors(max_descriptors));
+    }
 
     if header.is_write_only() || header.len() < REQUEST_HEADER_SIZE {
         return fail(RequestError::BadHeader);
