@@ -1,1 +1,171 @@
-//! cache
+//! Host image cache: images stored by identifier, each fetched once (concurrent requests
+//! for one image share a single download and verification), reused while intact, and
+//! refetched when the cached copy is found corrupt.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::SystemTime;
+
+use chrono::Utc;
+
+use crate::checksum::hash_reader;
+use crate::download::{self, Expected, Progress};
+use crate::error::{Error, Result};
+use crate::metadata::Metadata;
+use crate::policy::Policy;
+
+type Outcome = std::result::Result<PathBuf, String>;
+
+#[derive(Default)]
+struct Flight {
+    done: Mutex<Option<Outcome>>,
+    cv: Condvar,
+}
+
+/// The image cache of one host.
+pub struct ImageCache {
+    dir: PathBuf,
+    policy: Policy,
+    inflight: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Files verified in this process: identifier -> (length, modification time).
+    verified: Mutex<HashMap<String, (u64, SystemTime)>>,
+}
+
+impl ImageCache {
+    /// A cache in `dir` (created if missing) applying `policy`.
+    pub fn new(dir: impl Into<PathBuf>, policy: Policy) -> Result<ImageCache> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        Ok(ImageCache {
+            dir,
+            policy,
+            inflight: Mutex::new(HashMap::new()),
+            verified: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Where the image with this entry is (or would be) stored.
+    pub fn path_of(&self, m: &Metadata) -> PathBuf {
+        self.dir.join(m.identifier.as_str())
+    }
+
+    /// The local path of the image of `m`, downloading it if it is not cached or its
+    /// cached copy is corrupt. Refuses images that the site policy refuses, and expired or
+    /// deprecated ones.
+    pub fn get(&self, m: &Metadata, progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
+        self.policy.check(m)?;
+        m.check_usable(Utc::now())?;
+        let id = m.identifier.to_string();
+        let (flight, leader) = {
+            let mut map = self.inflight.lock().expect("cache lock");
+            match map.get(&id) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    map.insert(id.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if !leader {
+            tracing::debug!(identifier = %id, "waiting for the download in progress");
+            let mut done = flight.done.lock().expect("flight lock");
+            while done.is_none() {
+                done = flight.cv.wait(done).expect("flight lock");
+            }
+            return match done.as_ref().expect("set") {
+                Ok(p) => Ok(p.clone()),
+                Err(reason) => Err(Error::SharedDownloadFailed {
+                    identifier: id,
+                    reason: reason.clone(),
+                }),
+            };
+        }
+        let result = self.fetch(m, progress);
+        *flight.done.lock().expect("flight lock") = Some(match &result {
+            Ok(p) => Ok(p.clone()),
+            Err(e) => Err(e.to_string()),
+        });
+        flight.cv.notify_all();
+        self.inflight.lock().expect("cache lock").remove(&id);
+        result
+    }
+
+    fn stamp(path: &Path) -> Option<(u64, SystemTime)> {
+        let md = std::fs::metadata(path).ok()?;
+        Some((md.len(), md.modified().ok()?))
+    }
+
+    /// Whether the cached file at `path` matches the entry (size and every checksum).
+    fn intact(&self, m: &Metadata, path: &Path) -> Result<bool> {
+        let id = m.identifier.to_string();
+        let Some(stamp) = Self::stamp(path) else {
+            return Ok(false);
+        };
+        if self.verified.lock().expect("lock").get(&id) == Some(&stamp) {
+            return Ok(true);
+        }
+        let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let (bytes, sums) = hash_reader(f).map_err(|e| Error::io(path, e))?;
+        let ok = bytes == m.bytes && sums.verify_against(&m.checksums, "cache").is_ok();
+        if ok {
+            self.verified.lock().expect("lock").insert(id, stamp);
+        }
+        Ok(ok)
+    }
+
+    fn fetch(&self, m: &Metadata, progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
+        let path = self.path_of(m);
+        if path.exists() {
+            if self.intact(m, &path)? {
+                tracing::debug!(identifier = %m.identifier, "cache hit");
+                return Ok(path);
+            }
+            tracing::warn!(identifier = %m.identifier, path = %path.display(), "corrupt cache entry; refetching");
+            self.verified
+                .lock()
+                .expect("lock")
+                .remove(m.identifier.as_str());
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        let expected = Expected::from_metadata(m);
+        let mut reasons = Vec::new();
+        let mut last_err = None;
+        for loc in &m.locations {
+            if !(loc.starts_with("http://")
+                || loc.starts_with("https://")
+                || loc.starts_with("file://"))
+            {
+                reasons.push(format!("{loc}: unsupported location"));
+                continue;
+            }
+            match download::download(loc, &path, &expected, progress) {
+                Ok(d) => {
+                    if let Some(stamp) = Self::stamp(&d.path) {
+                        self.verified
+                            .lock()
+                            .expect("lock")
+                            .insert(m.identifier.to_string(), stamp);
+                    }
+                    return Ok(d.path);
+                }
+                Err(e) => {
+                    reasons.push(e.to_string());
+                    last_err = Some(e);
+                }
+            }
+        }
+        match (reasons.len(), last_err) {
+            (1, Some(e)) => Err(e),
+            _ => Err(Error::NoUsableLocation {
+                identifier: m.identifier.to_string(),
+                reasons: if reasons.is_empty() {
+                    "the entry has no location".into()
+                } else {
+                    reasons.join("; ")
+                },
+            }),
+        }
+    }
+}

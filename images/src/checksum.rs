@@ -201,7 +201,7 @@ pub fn encode_hex(bytes: &[u8]) -> String {
 
 /// Decode hexadecimal (either case); `None` if malformed.
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let v = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
@@ -219,7 +219,10 @@ mod tests {
     fn known_digests_of_abc() {
         let (n, c) = hash_reader(&b"abc"[..]).unwrap();
         assert_eq!(n, 3);
-        assert_eq!(c.get(Algorithm::Md5), Some("900150983cd24fb0d6963f7d28e17f72"));
+        assert_eq!(
+            c.get(Algorithm::Md5),
+            Some("900150983cd24fb0d6963f7d28e17f72")
+        );
         assert_eq!(
             c.get(Algorithm::Sha1),
             Some("a9993e364706816aba3e25717850c26c9cd0d89d")

@@ -154,9 +154,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_text() {
-        let e = "MMZu9WvwKIro-rtBQfDk4PsKO7".parse::<Identifier>().unwrap_err();
+        let e = "MMZu9WvwKIro-rtBQfDk4PsKO7"
+            .parse::<Identifier>()
+            .unwrap_err();
         assert!(e.to_string().contains("27 characters"), "{e}");
-        let e = "MMZu9WvwKIro+rtBQfDk4PsKO7_".parse::<Identifier>().unwrap_err();
+        let e = "MMZu9WvwKIro+rtBQfDk4PsKO7_"
+            .parse::<Identifier>()
+            .unwrap_err();
         assert!(e.to_string().contains("'+'"), "{e}");
     }
 }

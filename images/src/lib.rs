@@ -27,4 +27,4 @@ pub mod xml;
 pub use checksum::{Algorithm, Checksums};
 pub use error::{Error, Result};
 pub use identifier::Identifier;
-
+pub use metadata::{Compression, Endorsement, Endorser, ImageFormat, Metadata};

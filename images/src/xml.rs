@@ -91,10 +91,13 @@ impl Element {
 
     /// Child elements with their index in `children`.
     pub fn child_elements(&self) -> impl Iterator<Item = (usize, &Element)> {
-        self.children.iter().enumerate().filter_map(|(i, n)| match n {
-            Node::Element(e) => Some((i, e)),
-            _ => None,
-        })
+        self.children
+            .iter()
+            .enumerate()
+            .filter_map(|(i, n)| match n {
+                Node::Element(e) => Some((i, e)),
+                _ => None,
+            })
     }
 
     /// First child element `{ns}local`.
@@ -205,9 +208,9 @@ pub fn parse(input: &str) -> Result<Document> {
     }
 
     loop {
-        let ev = reader.read_event().map_err(|e| {
-            Error::Xml(format!("at byte {}: {e}", reader.error_position()))
-        })?;
+        let ev = reader
+            .read_event()
+            .map_err(|e| Error::Xml(format!("at byte {}: {e}", reader.error_position())))?;
         match ev {
             Event::Start(s) => {
                 if root.is_some() {
@@ -254,7 +257,9 @@ pub fn parse(input: &str) -> Result<Document> {
                 stack.push((el, scope));
             }
             Event::End(_) => {
-                let (el, _) = stack.pop().ok_or_else(|| Error::Xml("unbalanced end tag".into()))?;
+                let (el, _) = stack
+                    .pop()
+                    .ok_or_else(|| Error::Xml("unbalanced end tag".into()))?;
                 if let Some((parent, _)) = stack.last_mut() {
                     parent.children.push(Node::Element(el));
                 } else {
@@ -298,10 +303,18 @@ pub fn parse(input: &str) -> Result<Document> {
             }
             Event::Comment(c) => {
                 let s = c.decode().map_err(xml_err)?.into_owned();
-                push_node(&mut stack, &root, &mut prolog, &mut epilog, Node::Comment(s))?;
+                push_node(
+                    &mut stack,
+                    &root,
+                    &mut prolog,
+                    &mut epilog,
+                    Node::Comment(s),
+                )?;
             }
             Event::PI(p) => {
-                let target = std::str::from_utf8(p.target()).map_err(xml_err)?.to_string();
+                let target = std::str::from_utf8(p.target())
+                    .map_err(xml_err)?
+                    .to_string();
                 let content = std::str::from_utf8(p.content())
                     .map_err(xml_err)?
                     .trim_start()
@@ -375,8 +388,7 @@ pub enum C14nMethod {
 }
 
 pub const C14N: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315";
-pub const C14N_WITH_COMMENTS: &str =
-    "http://www.w3.org/TR/2001/REC-xml-c14n-20010315#WithComments";
+pub const C14N_WITH_COMMENTS: &str = "http://www.w3.org/TR/2001/REC-xml-c14n-20010315#WithComments";
 pub const EXC_C14N: &str = "http://www.w3.org/2001/10/xml-exc-c14n#";
 pub const EXC_C14N_WITH_COMMENTS: &str = "http://www.w3.org/2001/10/xml-exc-c14n#WithComments";
 
@@ -702,7 +714,10 @@ mod tests {
         let input = "<doc>\n   <e1   />\n   <e2   ></e2>\n   <e3   name = \"elem3\"   id=\"elem3\"   />\n   <e4   name=\"elem4\"   id=\"elem4\"   ></e4>\n   <e5 a:attr=\"out\" b:attr=\"sorted\" attr2=\"all\" attr=\"I'm\"\n      xmlns:b=\"http://www.ietf.org\"\n      xmlns:a=\"http://www.w3.org\"\n      xmlns=\"http://example.org\"/>\n   <e6 xmlns=\"\" xmlns:a=\"http://www.w3.org\">\n      <e7 xmlns=\"http://www.ietf.org\">\n         <e8 xmlns=\"\" xmlns:a=\"http://www.w3.org\">\n            <e9 xmlns=\"\" xmlns:a=\"http://www.ietf.org\"/>\n         </e8>\n      </e7>\n   </e6>\n</doc>";
         let expected = "<doc>\n   <e1></e1>\n   <e2></e2>\n   <e3 id=\"elem3\" name=\"elem3\"></e3>\n   <e4 id=\"elem4\" name=\"elem4\"></e4>\n   <e5 xmlns=\"http://example.org\" xmlns:a=\"http://www.w3.org\" xmlns:b=\"http://www.ietf.org\" attr=\"I'm\" attr2=\"all\" b:attr=\"sorted\" a:attr=\"out\"></e5>\n   <e6 xmlns:a=\"http://www.w3.org\">\n      <e7 xmlns=\"http://www.ietf.org\">\n         <e8 xmlns=\"\">\n            <e9 xmlns:a=\"http://www.ietf.org\"></e9>\n         </e8>\n      </e7>\n   </e6>\n</doc>";
         let doc = parse(input).unwrap();
-        assert_eq!(canonicalize(&doc, &[], None, &inc(), false).unwrap(), expected);
+        assert_eq!(
+            canonicalize(&doc, &[], None, &inc(), false).unwrap(),
+            expected
+        );
     }
 
     // Example 3.4 (character modifications), without the DTD-dependent parts.
@@ -711,7 +726,10 @@ mod tests {
         let input = "<doc>\r\n<text>First line&#x0d;&#10;Second line</text>\n<value>&#x32;</value>\n<compute><![CDATA[value>\"0\" && value<\"10\" ?\"valid\":\"error\"]]></compute>\n<compute expr='value>\"0\" &amp;&amp; value&lt;\"10\" ?\"valid\":\"error\"'>valid</compute>\n<norm attr=' &apos;   &#x20;&#13;&#xa;&#9;   &apos; '/>\n</doc>";
         let expected = "<doc>\n<text>First line&#xD;\nSecond line</text>\n<value>2</value>\n<compute>value&gt;\"0\" &amp;&amp; value&lt;\"10\" ?\"valid\":\"error\"</compute>\n<compute expr=\"value>&quot;0&quot; &amp;&amp; value&lt;&quot;10&quot; ?&quot;valid&quot;:&quot;error&quot;\">valid</compute>\n<norm attr=\" '    &#xD;&#xA;&#x9;   ' \"></norm>\n</doc>";
         let doc = parse(input).unwrap();
-        assert_eq!(canonicalize(&doc, &[], None, &inc(), false).unwrap(), expected);
+        assert_eq!(
+            canonicalize(&doc, &[], None, &inc(), false).unwrap(),
+            expected
+        );
     }
 
     #[test]

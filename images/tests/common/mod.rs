@@ -1,0 +1,234 @@
+//! Helpers shared by the integration tests. External tools (openssl, xmlsec1, gzip, bzip2,
+//! xz) are required: a missing tool fails the test.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Run a tool; panic (failing the test) if it is missing or exits non-zero.
+pub fn run(program: &str, args: &[&str], dir: &Path) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("required tool '{program}' could not be run: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a tool and return whether it succeeded (the tool itself must exist).
+pub fn run_status(program: &str, args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("required tool '{program}' could not be run: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A test PKI made with openssl: a CA and an endorser certificate issued by it.
+pub struct Pki {
+    pub dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub key: PathBuf,
+    pub cert: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        run(
+            "openssl",
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/C=EU/O=StratusLab/CN=StratusLab Test CA",
+            ],
+            dir,
+        );
+        run(
+            "openssl",
+            &[
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "endorser.key",
+                "-out",
+                "endorser.csr",
+                "-subj",
+                "/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress=jane@stratuslab.eu",
+            ],
+            dir,
+        );
+        run(
+            "openssl",
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "endorser.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "endorser.pem",
+                "-days",
+                "30",
+            ],
+            dir,
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+            ca_cert: dir.join("ca.pem"),
+            key: dir.join("endorser.key"),
+            cert: dir.join("endorser.pem"),
+        }
+    }
+
+    pub fn signer(&self) -> stratus_images::dsig::Signer {
+        stratus_images::dsig::Signer::from_pem(
+            &std::fs::read_to_string(&self.key).unwrap(),
+            &std::fs::read_to_string(&self.cert).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+/// Deterministic test image content with some structure (so it compresses).
+pub fn image_bytes(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..len)
+        .map(|i| {
+            if (i / 4096) % 3 == 0 {
+                0
+            } else {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x & 0xff) as u8
+            }
+        })
+        .collect()
+}
+
+/// How the test server answers for one path.
+#[derive(Clone)]
+pub enum Route {
+    /// 200 with this body.
+    Body(Vec<u8>),
+    /// 200 with this body, sent slowly (in chunks with pauses).
+    Slow(Vec<u8>),
+    /// 200 announcing the full length but closing after half of the body.
+    Truncated(Vec<u8>),
+}
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 counting requests per path; unknown paths get
+/// 404.
+pub struct TestServer {
+    pub port: u16,
+    pub hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl TestServer {
+    pub fn start(routes: Vec<(&str, Route)>) -> TestServer {
+        use std::io::{Read, Write};
+        use std::sync::{Arc, Mutex};
+        let routes: Arc<std::collections::HashMap<String, Route>> = Arc::new(
+            routes
+                .into_iter()
+                .map(|(p, r)| (p.to_string(), r))
+                .collect(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let routes = routes.clone();
+                let hits = h.clone();
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&req);
+                    let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    *hits.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                    let head = |len: usize| {
+                        format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
+                    };
+                    let _ = match routes.get(&path) {
+                        None => stream.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
+                        ),
+                        Some(Route::Body(b)) => stream
+                            .write_all(head(b.len()).as_bytes())
+                            .and_then(|_| stream.write_all(b)),
+                        Some(Route::Slow(b)) => {
+                            let mut r = stream.write_all(head(b.len()).as_bytes());
+                            for chunk in b.chunks(b.len() / 10 + 1) {
+                                std::thread::sleep(std::time::Duration::from_millis(30));
+                                r = r.and_then(|_| stream.write_all(chunk));
+                            }
+                            r
+                        }
+                        Some(Route::Truncated(b)) => stream
+                            .write_all(head(b.len()).as_bytes())
+                            .and_then(|_| stream.write_all(&b[..b.len() / 2])),
+                    };
+                    let _ = stream.flush();
+                });
+            }
+        });
+        TestServer { port, hits }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+/// Compress `data` with an external tool (`gzip`, `bzip2` or `xz`).
+pub fn compress_with(tool: &str, data: &[u8], dir: &Path) -> Vec<u8> {
+    let src = dir.join(format!("input-for-{tool}"));
+    std::fs::write(&src, data).unwrap();
+    let out = run(tool, &["-c", "-9", src.to_str().unwrap()], dir);
+    std::fs::remove_file(&src).unwrap();
+    out.stdout
+}

@@ -1,0 +1,323 @@
+//! Download, decompression, verification, policy and the host image cache, against a
+//! local HTTP server on 127.0.0.1.
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use common::{compress_with, image_bytes, Route, TestServer};
+use stratus_images::cache::ImageCache;
+use stratus_images::checksum::hash_reader;
+use stratus_images::download::{self, Expected};
+use stratus_images::policy::Policy;
+use stratus_images::{Algorithm, Compression, Endorser, Error, Metadata};
+
+const LEN: usize = 1 << 20;
+
+fn entry(data: &[u8], locations: Vec<String>) -> Metadata {
+    let (bytes, sums) = hash_reader(data).unwrap();
+    let mut m = Metadata::new(
+        bytes,
+        sums,
+        Endorser {
+            email: "jane@stratuslab.eu".into(),
+            subject: "CN=Jane Endorser,O=StratusLab,C=EU".into(),
+            issuer: "CN=StratusLab Test CA,O=StratusLab,C=EU".into(),
+        },
+        "machine",
+    )
+    .unwrap();
+    m.locations = locations;
+    m
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn downloads_and_decompresses_gz_bz2_xz_and_plain() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 1);
+    let gz = compress_with("gzip", &data, work.path());
+    let bz2 = compress_with("bzip2", &data, work.path());
+    let xz = compress_with("xz", &data, work.path());
+    assert!(gz.len() < LEN && bz2.len() < LEN && xz.len() < LEN);
+    let server = TestServer::start(vec![
+        ("/img.gz", Route::Body(gz)),
+        ("/img.bz2", Route::Body(bz2)),
+        ("/img.xz", Route::Body(xz)),
+        ("/img", Route::Body(data.clone())),
+    ]);
+    let m = entry(&data, vec![]);
+    for (path, compression) in [
+        ("/img.gz", Compression::Gz),
+        ("/img.bz2", Compression::Bz2),
+        ("/img.xz", Compression::Xz),
+        ("/img", Compression::None),
+    ] {
+        let dest = work.path().join(format!("out{}", path.replace('/', "-")));
+        let mut events = 0u32;
+        let mut last = None;
+        let d = download::download(
+            &server.url(path),
+            &dest,
+            &Expected::from_metadata(&m),
+            &mut |p| {
+                events += 1;
+                last = Some(p);
+            },
+        )
+        .unwrap();
+        assert_eq!(d.compression, compression, "{path}");
+        assert_eq!(d.bytes, LEN as u64);
+        assert_eq!(std::fs::read(&dest).unwrap(), data, "{path}");
+        assert!(!download::partial_path(&dest).exists());
+        assert!(events > 0);
+        assert_eq!(last.unwrap().written, LEN as u64);
+        assert!(last.unwrap().total.is_some());
+    }
+    // file:// works the same way.
+    let local = work.path().join("local.xz");
+    std::fs::write(&local, compress_with("xz", &data, work.path())).unwrap();
+    let dest = work.path().join("from-file");
+    let url = format!("file://{}", local.display());
+    download::download(&url, &dest, &Expected::from_metadata(&m), &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}
+
+fn cache_error(server: &TestServer, m: &Metadata, policy: Policy) -> (Error, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::new(dir.path(), policy).unwrap();
+    let e = cache.get(m, &mut |_| {}).unwrap_err();
+    let _ = server;
+    (e, files_in(dir.path()))
+}
+
+#[test]
+fn failures_give_the_right_error_and_leave_no_file() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 2);
+    let gz = compress_with("gzip", &data, work.path());
+    let other = image_bytes(LEN, 3);
+    let server = TestServer::start(vec![
+        ("/good.gz", Route::Body(gz.clone())),
+        (
+            "/other.gz",
+            Route::Body(compress_with("gzip", &other, work.path())),
+        ),
+        ("/cut.gz", Route::Truncated(gz)),
+        ("/cut.raw", Route::Truncated(data.clone())),
+        ("/longer", Route::Body([data.clone(), vec![0; 10]].concat())),
+    ]);
+
+    // Checksum mismatch: same size, different content.
+    let m = entry(&data, vec![server.url("/other.gz")]);
+    let (e, files) = cache_error(&server, &m, Policy::default());
+    match &e {
+        Error::ChecksumMismatch {
+            algorithm,
+            expected,
+            actual,
+            ..
+        } => {
+            assert_eq!(algorithm, "MD5");
+            assert_eq!(expected, m.checksums.get(Algorithm::Md5).unwrap());
+            assert_ne!(expected, actual);
+        }
+        other => panic!("checksum mismatch expected, got {other:?}"),
+    }
+    assert!(files.is_empty(), "{files:?}");
+
+    // Truncated downloads (compressed and plain).
+    for path in ["/cut.gz", "/cut.raw"] {
+        let m = entry(&data, vec![server.url(path)]);
+        let (e, files) = cache_error(&server, &m, Policy::default());
+        assert!(
+            matches!(
+                e,
+                Error::Decompression { .. } | Error::Transport { .. } | Error::SizeMismatch { .. }
+            ),
+            "{path}: {e:?}"
+        );
+        assert!(e.to_string().contains(path), "{e}");
+        assert!(files.is_empty(), "{files:?}");
+    }
+
+    // Wrong size: the entry announces fewer bytes than served.
+    let m = entry(&data, vec![server.url("/longer")]);
+    let (e, files) = cache_error(&server, &m, Policy::default());
+    match e {
+        Error::SizeMismatch {
+            expected, actual, ..
+        } => {
+            assert_eq!(expected, LEN as u64);
+            assert!(actual > expected);
+        }
+        other => panic!("size mismatch expected, got {other:?}"),
+    }
+    assert!(files.is_empty());
+
+    // 404.
+    let m = entry(&data, vec![server.url("/missing.gz")]);
+    let (e, files) = cache_error(&server, &m, Policy::default());
+    assert!(matches!(e, Error::HttpStatus { status: 404, .. }), "{e:?}");
+    assert!(e.to_string().contains("/missing.gz"));
+    assert!(files.is_empty());
+
+    // Policy refusal: nothing is even requested.
+    let m = entry(&data, vec![server.url("/good.gz")]);
+    let policy = Policy::parse(
+        "[policy]\nblacklist_endorsers = mallory@example.org; JANE@stratuslab.eu\n",
+        "test",
+    )
+    .unwrap();
+    let (e, files) = cache_error(&server, &m, policy);
+    match &e {
+        Error::PolicyRefused { rule, value, .. } => {
+            assert_eq!(rule, "blacklist_endorsers");
+            assert_eq!(value, "JANE@stratuslab.eu");
+        }
+        other => panic!("policy refusal expected, got {other:?}"),
+    }
+    assert!(files.is_empty());
+    assert_eq!(server.hits("/good.gz"), 0);
+
+    // Expired entries are refused too.
+    let mut expired = entry(&data, vec![server.url("/good.gz")]);
+    expired.valid = Some(Utc::now() - Duration::days(1));
+    let (e, files) = cache_error(&server, &expired, Policy::default());
+    assert!(matches!(e, Error::Expired { .. }), "{e:?}");
+    assert!(files.is_empty());
+    assert_eq!(server.hits("/good.gz"), 0);
+
+    // The good location after a bad one is used.
+    let m = entry(
+        &data,
+        vec![
+            server.url("/missing.gz"),
+            "pdisk:host/uuid".into(),
+            server.url("/good.gz"),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+    let p = cache.get(&m, &mut |_| {}).unwrap();
+    assert_eq!(std::fs::read(p).unwrap(), data);
+    assert_eq!(files_in(dir.path()), vec![m.identifier.to_string()]);
+}
+
+#[test]
+fn policy_lists() {
+    let data = image_bytes(4096, 9);
+    let m = entry(&data, vec![]);
+    let sha1 = m.checksums.get(Algorithm::Sha1).unwrap().to_string();
+    let id = m.identifier.to_string();
+    let ok = |text: &str| Policy::parse(text, "t").unwrap().check(&m);
+    ok("").unwrap();
+    ok("whitelist_endorsers = CN=Jane Endorser,O=StratusLab,C=EU").unwrap();
+    ok(&format!("whitelist_checksums = {}", sha1.to_uppercase())).unwrap();
+    ok(&format!("whitelist_identifiers = {id}")).unwrap();
+    let rule = |text: &str| match ok(text) {
+        Err(Error::PolicyRefused { rule, .. }) => rule,
+        other => panic!("{text}: {other:?}"),
+    };
+    assert_eq!(
+        rule("whitelist_endorsers = bob@example.org"),
+        "whitelist_endorsers"
+    );
+    assert_eq!(
+        rule(&format!("blacklist_checksums = {sha1}")),
+        "blacklist_checksums"
+    );
+    assert_eq!(
+        rule(&format!("whitelist_checksums = {}", "0".repeat(40))),
+        "whitelist_checksums"
+    );
+    assert_eq!(
+        rule(&format!("blacklist_identifiers = x {id}")),
+        "blacklist_identifiers"
+    );
+    assert_eq!(
+        rule("whitelist_identifiers = MMZu9WvwKIro-rtBQfDk4PsKO7_"),
+        "whitelist_identifiers"
+    );
+    let e = Policy::parse("colour = red", "site.cfg")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("site.cfg") && e.contains("colour"), "{e}");
+}
+
+#[test]
+fn concurrent_fetches_share_one_download() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 4);
+    let server = TestServer::start(vec![(
+        "/slow.xz",
+        Route::Slow(compress_with("xz", &data, work.path())),
+    )]);
+    let m = entry(&data, vec![server.url("/slow.xz")]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ImageCache::new(dir.path(), Policy::default()).unwrap());
+    let barrier = Arc::new(std::sync::Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let cache = cache.clone();
+            let m = m.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                cache.get(&m, &mut |_| {}).unwrap()
+            })
+        })
+        .collect();
+    let paths: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(paths.iter().all(|p| *p == paths[0]));
+    assert_eq!(
+        server.hits("/slow.xz"),
+        1,
+        "one download for 8 concurrent requests"
+    );
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), data);
+    // Later requests reuse the cached file.
+    cache.get(&m, &mut |_| {}).unwrap();
+    assert_eq!(server.hits("/slow.xz"), 1);
+}
+
+#[test]
+fn corrupt_cache_entry_is_refetched() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 5);
+    let server = TestServer::start(vec![(
+        "/img.bz2",
+        Route::Body(compress_with("bzip2", &data, work.path())),
+    )]);
+    let m = entry(&data, vec![server.url("/img.bz2")]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = ImageCache::new(dir.path(), Policy::default())
+        .unwrap()
+        .get(&m, &mut |_| {})
+        .unwrap();
+    assert_eq!(server.hits("/img.bz2"), 1);
+    // Flip one byte in the cached copy; a new cache instance (new process) must notice.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[LEN / 2] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+    let again = cache.get(&m, &mut |_| {}).unwrap();
+    assert_eq!(again, path);
+    assert_eq!(server.hits("/img.bz2"), 2, "corrupt entry refetched");
+    assert_eq!(std::fs::read(&again).unwrap(), data);
+    // An intact entry is not refetched.
+    ImageCache::new(dir.path(), Policy::default())
+        .unwrap()
+        .get(&m, &mut |_| {})
+        .unwrap();
+    assert_eq!(server.hits("/img.bz2"), 2);
+}
