@@ -1,1 +1,5 @@
-//! stratus-benches
+//! Benchmark helpers: a tiny PVH guest both VMMs can boot, process timing by console
+//! markers, medians, and VMM memory overhead from /proc.
+
+pub mod guest;
+pub mod measure;

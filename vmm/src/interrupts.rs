@@ -125,11 +125,6 @@ impl GsiRouter {
         Ok(())
     }
 
-    pub fn commit_legacy(&self) -> Result<(), InterruptError> {
-        let state = self.state.lock().expect("routing lock poisoned");
-        self.commit(&state)
-    }
-
     fn commit(&self, state: &RoutingState) -> Result<(), InterruptError> {
         let mut entries = legacy_routes();
         entries.extend(

@@ -189,8 +189,10 @@ impl Vm {
         })
         .map_err(kvm_err("create the PIT"))?;
         memory::register_with_kvm(&vm, &mem)?;
+        // KVM_CREATE_IRQCHIP already installed the legacy routes; the first MSI-X route
+        // rewrites them along with it. (A routing update waits for an RCU grace period:
+        // milliseconds that start-up need not spend.)
         let router = GsiRouter::new(vm.clone());
-        router.commit_legacy()?;
 
         let exit = ExitSignal::new();
         let progress = BootProgress::new(start);

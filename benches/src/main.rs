@@ -1,0 +1,223 @@
+//! stratus-bench: boot-time and memory benchmarks of stratus-vmm, side by side with QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use stratus_benches::guest::{guest_code, pvh_elf, READY_BYTE};
+use stratus_benches::measure::{median, parse_smaps, time_process, Residency};
+
+#[derive(Parser)]
+#[command(name = "stratus-bench", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Process start -> first guest instruction -> guest power-off of a tiny PVH guest on
+    /// this host's /dev/kvm, stratus-vmm and QEMU microvm alternated.
+    BootKvm {
+        #[arg(long)]
+        vmm: PathBuf,
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+    },
+    /// Resident memory of the VMM beyond the guest RAM it touched (1 vCPU, 128 MiB).
+    Memory {
+        #[arg(long)]
+        vmm: PathBuf,
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+    },
+    /// Writes the tiny PVH guest used by the benchmarks.
+    TinyGuest {
+        #[arg(long)]
+        out: PathBuf,
+        /// Halt after printing instead of powering off.
+        #[arg(long)]
+        halt: bool,
+    },
+    /// Runs a command and prints, as JSON, when each marker first appeared on its output.
+    Stamp {
+        /// name=text; repeatable.
+        #[arg(long = "marker", required = true)]
+        markers: Vec<String>,
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+const GUEST_MIB: u64 = 128;
+
+fn stratus_cmd(vmm: &Path, kernel: &Path) -> Command {
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--kernel")
+        .arg(kernel)
+        .args(["--memory", &GUEST_MIB.to_string(), "--cpus", "1", "--console", "stdout"]);
+    cmd
+}
+
+fn qemu_cmd(qemu: &Path, kernel: &Path) -> Command {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off",
+        "-accel",
+        "kvm",
+        "-m",
+        &GUEST_MIB.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+        "-kernel",
+    ])
+    .arg(kernel);
+    cmd
+}
+
+fn write_guest(dir: &Path, power_off: bool) -> Result<PathBuf> {
+    let path = dir.join(if power_off { "tiny-poweroff.elf" } else { "tiny-halt.elf" });
+    std::fs::write(&path, pvh_elf(&guest_code(power_off)))?;
+    Ok(path)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn boot_kvm(vmm: &Path, qemu: &Path, runs: usize) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("stratus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kernel = write_guest(&dir, true)?;
+    let limit = Duration::from_secs(60);
+    // (first guest output, exit) per VMM, in ms.
+    let mut results: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for run in 0..runs {
+        for (i, (name, cmd, ok_status)) in [
+            ("stratus-vmm", stratus_cmd(vmm, &kernel), 0),
+            // isa-debug-exit turns the guest's 0 into exit status 1.
+            ("qemu", qemu_cmd(qemu, &kernel), 1),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = time_process(cmd, &[&[READY_BYTE]], limit)?;
+            let Some(first) = t.markers[0] else {
+                bail!("{name} run {run}: the guest printed nothing (status {:?})", t.status);
+            };
+            if t.status != Some(ok_status) {
+                bail!("{name} run {run}: exit status {:?}, expected {ok_status}", t.status);
+            }
+            results[i].0.push(ms(first));
+            results[i].1.push(ms(t.exited));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let [(mut s_first, mut s_exit), (mut q_first, mut q_exit)] = results;
+    let (sf, se, qf, qe) = (
+        median(&mut s_first),
+        median(&mut s_exit),
+        median(&mut q_first),
+        median(&mut q_exit),
+    );
+    println!("| boot, tiny PVH guest on this host's /dev/kvm ({runs} alternated runs, medians) | stratus-vmm | QEMU microvm | QEMU / stratus |");
+    println!("|---|---|---|---|");
+    println!("| process start → first guest output | {sf:.2} ms | {qf:.2} ms | {:.1}× |", qf / sf);
+    println!("| process start → guest power-off → exit | {se:.2} ms | {qe:.2} ms | {:.1}× |", qe / se);
+    Ok(())
+}
+
+fn residency(mut cmd: Command) -> Result<Residency> {
+    use std::io::Read;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut byte = [0u8; 1];
+    let ready = stdout.read_exact(&mut byte).is_ok() && byte[0] == READY_BYTE;
+    // Let start-up work (threads, lazy allocations) settle before sampling.
+    std::thread::sleep(Duration::from_millis(300));
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", child.id()));
+    let _ = child.kill();
+    let _ = child.wait();
+    if !ready {
+        bail!("the guest never printed its ready byte");
+    }
+    parse_smaps(&smaps?, GUEST_MIB << 20)
+}
+
+fn memory(vmm: &Path, qemu: &Path) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("stratus-bench-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let kernel = write_guest(&dir, false)?;
+    let s = residency(stratus_cmd(vmm, &kernel)).context("stratus-vmm")?;
+    let q = residency(qemu_cmd(qemu, &kernel)).context("qemu")?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("| VMM memory, 1 vCPU / {GUEST_MIB} MiB, tiny guest | stratus-vmm | QEMU microvm | QEMU / stratus |");
+    println!("|---|---|---|---|");
+    println!(
+        "| RSS − touched guest RAM | {:.2} MiB | {:.2} MiB | {:.1}× |",
+        s.overhead_kib() as f64 / 1024.0,
+        q.overhead_kib() as f64 / 1024.0,
+        q.overhead_kib() as f64 / s.overhead_kib() as f64
+    );
+    println!(
+        "| private memory outside guest RAM (per-VM cost) | {:.2} MiB | {:.2} MiB | {:.1}× |",
+        s.private_overhead_kib as f64 / 1024.0,
+        q.private_overhead_kib as f64 / 1024.0,
+        q.private_overhead_kib as f64 / s.private_overhead_kib as f64
+    );
+    Ok(())
+}
+
+fn stamp(markers: &[String], timeout_s: u64, command: &[String]) -> Result<()> {
+    let parsed: Vec<(&str, &str)> = markers
+        .iter()
+        .map(|m| m.split_once('=').context("--marker takes name=text"))
+        .collect::<Result<_>>()?;
+    let needles: Vec<&[u8]> = parsed.iter().map(|(_, t)| t.as_bytes()).collect();
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    let t = time_process(cmd, &needles, Duration::from_secs(timeout_s))?;
+    let mut json = serde_json::Map::new();
+    for ((name, _), at) in parsed.iter().zip(&t.markers) {
+        json.insert((*name).into(), at.map(ms).into());
+    }
+    json.insert("exit".into(), ms(t.exited).into());
+    json.insert("status".into(), t.status.into());
+    println!("STAMP {}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::BootKvm { vmm, qemu, runs } => boot_kvm(&vmm, &qemu, runs),
+        Cmd::Memory { vmm, qemu } => memory(&vmm, &qemu),
+        Cmd::TinyGuest { out, halt } => {
+            std::fs::write(&out, pvh_elf(&guest_code(!halt)))
+                .with_context(|| format!("cannot write {}", out.display()))
+        }
+        Cmd::Stamp {
+            markers,
+            timeout_s,
+            command,
+        } => stamp(&markers, timeout_s, &command),
+    }
+}
