@@ -6,7 +6,10 @@
 #    powers off; the disk file's SHA-256 is checked after the VMM exits;
 # 2. the same kernel as bzImage (64-bit boot protocol), 1 vCPU, a read-only disk: writes
 #    must fail, then the guest panics and the VMM must exit with the panic status (2).
-# The guests load the stock virtio-pci, virtio-blk and pvpanic modules from the package.
+# The first guest also finds its context disks made by stratus-contextualizer (HEPiX CD
+# labelled _STRATUSLAB, NoCloud labelled cidata) by label, mounts them with the stock
+# isofs module and reads the values back.
+# The guests load the stock virtio-pci, virtio-blk, isofs and pvpanic modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 NESTED_WORK=${NESTED_WORK:-$(cd "$(dirname "$0")/../../.." && pwd)/target/nested}
@@ -29,9 +32,17 @@ cp "$W/data.img" "$W/expected.img"
 dd if="$W/pattern" of="$W/expected.img" bs=4096 seek=1 conv=notrunc status=none
 EXPECTED_SHA=$(sha256sum "$W/expected.img" | cut -d' ' -f1)
 
+# Context disks, written by stratus-contextualizer.
+(cd "$REPO_ROOT" && cargo build --quiet -p stratus-contextualizer --example context_disk)
+CONTEXT_DISK=$REPO_ROOT/target/debug/examples/context_disk
+PUBKEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIStratusNestedTestKey user@stratus"
+HOSTILE='it is "quoted" $(echo not-run) `id`'
+"$CONTEXT_DISK" one "$W/ctx.iso" vm-42 nested-guest "$PUBKEY" WEBSITE=https://example.org "MESSAGE=$HOSTILE"
+"$CONTEXT_DISK" nocloud "$W/nocloud.iso" vm-42 nested-guest "$PUBKEY"
+
 # Inner (L2) initramfs.
 busybox_root "$W/inner"
-copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk pvpanic_mmio
+copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk pvpanic_mmio isofs
 cp "$W/pattern" "$W/inner/pattern"
 cat > "$W/inner/init" <<INIT
 #!/bin/busybox sh
@@ -55,6 +66,21 @@ echo "STRATUS-SERIAL \$(cat /sys/block/vda/serial 2>/dev/null)"
 dd if=/pattern of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vda bs=4096 skip=1 count=16 2>/dev/null | cmp -s - /pattern && echo "STRATUS-PATTERN-OK"
+# The volume label, as blkid reads it: the ISO 9660 primary descriptor's volume id.
+label() { dd if=\$1 bs=1 skip=32808 count=32 2>/dev/null | tr -d ' '; }
+for d in /dev/vd?; do
+    case \$(label \$d) in _STRATUSLAB) ctx=\$d ;; cidata) nocloud=\$d ;; esac
+done
+echo "STRATUS-CTX-DEVICES \$ctx \$nocloud"
+mkdir -p /mnt/ctx /mnt/nc
+if mount -t iso9660 -o ro "\$ctx" /mnt/ctx; then
+    ( . /mnt/ctx/context.sh; echo "STRATUS-CTX-KEY \$PUBLIC_KEY"; echo "STRATUS-CTX-WEBSITE \$WEBSITE"; echo "STRATUS-CTX-MESSAGE \$MESSAGE" )
+    ls /mnt/ctx | tr '\n' ' ' | sed 's/^/STRATUS-CTX-FILES /'; echo
+fi
+if mount -t iso9660 -o ro "\$nocloud" /mnt/nc; then
+    echo "STRATUS-NOCLOUD \$(grep instance-id /mnt/nc/meta-data) \$(grep local-hostname /mnt/nc/meta-data)"
+    grep -q "\$(echo '$PUBKEY' | cut -d' ' -f2)" /mnt/nc/user-data && echo "STRATUS-NOCLOUD-KEY-OK"
+fi
 echo "STRATUS-DONE"
 poweroff -f
 INIT
@@ -70,6 +96,7 @@ cp "$BZIMAGE" "$W/outer/bzimage"
 truncate -s 1M "$W/outer/ro.img"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 cp "$W/data.img" "$W/outer/data.img"
+cp "$W/ctx.iso" "$W/nocloud.iso" "$W/outer/"
 cat > "$W/outer/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -77,7 +104,7 @@ mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSMOD-FAILED \$m"; done
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
-  --disk path=/data.img,serial=$SERIAL \
+  --disk path=/data.img,serial=$SERIAL --disk path=/ctx.iso,ro=on --disk path=/nocloud.iso,ro=on \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
@@ -115,6 +142,13 @@ check "guest reads the host's marker from sector 0" "STRATUS-MARKER-OK"
 check "guest reads back the pattern it wrote" "STRATUS-PATTERN-OK"
 check "guest powered off and the VMM exited 0" "VMM-EXIT rc=0"
 check "disk file holds exactly the marker and the pattern" "L1-DISK-SHA256 $EXPECTED_SHA"
+check "context CD and NoCloud disk found by label" "STRATUS-CTX-DEVICES /dev/vdb /dev/vdc"
+check "context.sh gives the public key" "STRATUS-CTX-KEY $PUBKEY"
+check "context.sh gives a user key" "STRATUS-CTX-WEBSITE https://example.org"
+check "a hostile context value stays data" "STRATUS-CTX-MESSAGE $HOSTILE"
+check "context CD holds the four scripts" "STRATUS-CTX-FILES context.sh epilog.sh init.sh prolog.sh"
+check "NoCloud meta-data has instance id and hostname" 'STRATUS-NOCLOUD instance-id: "vm-42" local-hostname: "nested-guest"'
+check "NoCloud user-data carries the key" "STRATUS-NOCLOUD-KEY-OK"
 check "bzImage guest boots with 1 vCPU" "STRATUS2-INIT nproc=1"
 check "read-only disk is read-only in the guest" "STRATUS2-RO-FLAG"
 check "guest write to the read-only disk fails" "STRATUS2-WRITE-REFUSED"
