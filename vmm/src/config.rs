@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::block::io::{CacheMode, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -125,11 +126,13 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// Parses `path=/img,ro=on|off,serial=ID`.
+/// Parses `path=/img,ro=on|off,serial=ID,cache=writeback|none,engine=io_uring|sync`.
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut path = None;
     let mut read_only = false;
     let mut serial = None;
+    let mut cache = CacheMode::default();
+    let mut engine = None;
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').ok_or_else(|| {
             ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
@@ -138,9 +141,21 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
             "path" => path = Some(PathBuf::from(value)),
             "ro" => read_only = parse_switch(key, value)?,
             "serial" => serial = Some(value.to_string()),
+            "cache" => {
+                cache = value
+                    .parse()
+                    .map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?
+            }
+            "engine" => {
+                engine = Some(
+                    value
+                        .parse::<IoEngine>()
+                        .map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?,
+                )
+            }
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: path, ro, serial)"
+                    "--disk has no option '{other}' (known: path, ro, serial, cache, engine)"
                 )))
             }
         }
@@ -152,6 +167,8 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         path,
         read_only,
         serial,
+        cache,
+        engine,
     })
 }
 
@@ -172,8 +189,14 @@ mod tests {
     fn bad_disk_specs_name_the_problem() {
         let e = parse_disk("ro=on").unwrap_err().to_string();
         assert!(e.contains("needs path="), "{e}");
-        let e = parse_disk("path=/x,cache=none").unwrap_err().to_string();
-        assert!(e.contains("no option 'cache'"), "{e}");
+        let e = parse_disk("path=/x,aio=native").unwrap_err().to_string();
+        assert!(e.contains("no option 'aio'"), "{e}");
+        let e = parse_disk("path=/x,cache=unsafe").unwrap_err().to_string();
+        assert!(e.contains("writeback or none"), "{e}");
+        let e = parse_disk("path=/x,engine=aio").unwrap_err().to_string();
+        assert!(e.contains("io_uring or sync"), "{e}");
+        let d = parse_disk("path=/x,cache=none,engine=sync").unwrap();
+        assert_eq!((d.cache, d.engine), (CacheMode::None, Some(IoEngine::Sync)));
         let e = parse_disk("path=/x,ro=maybe").unwrap_err().to_string();
         assert!(e.contains("'maybe'"), "{e}");
         assert!(parse_disk("path").is_err());

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     let vm = match result {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("stratus-vmm: error: {e:#}");
+            eprintln!("stratus-vmm: error: {e}");
             return ExitCode::from(1);
         }
     };

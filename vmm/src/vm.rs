@@ -71,7 +71,7 @@ pub enum VmError {
     Msix(#[from] MsixError),
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
-    #[error("disk {path}: {source}")]
+    #[error("{source}")]
     Disk { path: PathBuf, source: DiskError },
     #[error("cannot open console file {path}: {source}")]
     Console {
@@ -236,12 +236,13 @@ impl Vm {
             .add_device(Arc::new(Mutex::new(HostBridge::new())), None)?;
         let mut next_bar = PCI_MMIO32_START;
         for disk in &resources.disks {
-            let block = VirtioBlock::new(disk).map_err(|source| VmError::Disk {
+            let queues = u16::from(resources.cpus);
+            let block = VirtioBlock::new(disk, queues).map_err(|source| VmError::Disk {
                 path: disk.path.clone(),
                 source,
             })?;
             // One vector per queue plus one for configuration changes.
-            let msix = Msix::with_kvm(&router, 2)?;
+            let msix = Msix::with_kvm(&router, queues + 1)?;
             let device = Arc::new(Mutex::new(VirtioPciDevice::new(
                 Box::new(block),
                 mem.clone(),

@@ -100,11 +100,7 @@ fn long_mode_guest_reads_and_sizes_a_pci_bar_through_ecam() {
         &code,
         LONG_MODE_LOAD,
         EntryMode::Long64,
-        vec![BlockConfig {
-            path: disk.path().to_owned(),
-            read_only: false,
-            serial: None,
-        }],
+        vec![BlockConfig::new(disk.path())],
     );
     assert_eq!(
         run.reason,

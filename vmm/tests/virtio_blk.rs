@@ -1,12 +1,13 @@
 //! virtio-blk without KVM: requests built in a virtqueue in plain guest memory, served by
-//! the device worker, checked against the disk file and the used ring.
+//! the queue worker with every I/O engine and cache mode, checked against the disk file
+//! and the used ring.
 
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use stratus_vmm::devices::virtio::block::event_handler::BlockWorker;
-use stratus_vmm::devices::virtio::block::io::DiskImage;
+use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
+use stratus_vmm::devices::virtio::block::io::{create_engine, CacheMode, DiskFile, IoEngine};
 use stratus_vmm::devices::virtio::block::*;
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;
@@ -38,6 +39,19 @@ struct Fixture {
     mem: GuestMemoryMmap,
     disk: tempfile::NamedTempFile,
     interrupt: Arc<CountingInterrupt>,
+    engine: IoEngine,
+    cache: CacheMode,
+}
+
+/// Every engine with every cache mode.
+fn fixtures() -> Vec<Fixture> {
+    let mut all = Vec::new();
+    for engine in [IoEngine::Sync, IoEngine::IoUring] {
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            all.push(Fixture::new(engine, cache));
+        }
+    }
+    all
 }
 
 /// Chains `descs` (setting NEXT and indices) at table index `first`.
@@ -59,16 +73,46 @@ fn chain(descs: &[(u64, u32, u32)], first: u16) -> Vec<RawDescriptor> {
 }
 
 impl Fixture {
-    fn new() -> Self {
+    fn new(engine: IoEngine, cache: CacheMode) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let disk = tempfile::NamedTempFile::new().unwrap();
+        // O_DIRECT needs a real filesystem (tmpfs refuses it), so not /tmp.
+        let disk = tempfile::NamedTempFile::new_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let pattern: Vec<u8> = (0..DISK_SECTORS * 512).map(|i| (i % 251) as u8).collect();
         disk.as_file().write_all_at(&pattern, 0).unwrap();
         Fixture {
             mem,
             disk,
             interrupt: Arc::new(CountingInterrupt::default()),
+            engine,
+            cache,
         }
+    }
+
+    fn name(&self) -> String {
+        format!("{:?}/{:?}", self.engine, self.cache)
+    }
+
+    fn worker(&self, queue: Queue, read_only: bool) -> QueueWorker {
+        let disk = DiskFile::open(self.disk.path(), read_only, self.cache).unwrap();
+        let engine = create_engine(self.engine, &disk, u32::from(QUEUE_SIZE)).unwrap();
+        QueueWorker::new(QueueWorkerParts {
+            mem: self.mem.clone(),
+            disk: Arc::new(disk),
+            serial: Arc::from(&b"stratus-disk-serial-0123"[..]),
+            queue,
+            queue_index: 0,
+            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: self.interrupt.clone(),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            engine,
+        })
+    }
+
+    /// Takes every chain, then waits until all their I/O has completed.
+    fn run(&self, worker: &mut QueueWorker) -> usize {
+        let taken = worker.process_queue();
+        worker.drain();
+        taken
     }
 
     fn header(&self, at: u64, request_type: u32, sector: u64) {
@@ -97,33 +141,27 @@ impl Fixture {
             }
         }
         let queue: Queue = mock.create_queue().unwrap();
-        let mut worker = BlockWorker {
-            mem: self.mem.clone(),
-            disk: Arc::new(DiskImage::open(self.disk.path(), read_only).unwrap()),
-            serial: b"stratus-disk-serial-0123".to_vec(),
-            queues: vec![queue],
-            queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-            interrupt: self.interrupt.clone(),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        };
-        let completed = worker.process_queue(0);
-        assert_eq!(
-            completed,
-            chains.len(),
-            "every chain is returned to the driver"
-        );
+        let mut worker = self.worker(queue, read_only);
+        let taken = self.run(&mut worker);
+        assert_eq!(taken, chains.len(), "every chain is taken");
         let used = mock.used();
         assert_eq!(used.idx().load(), chains.len() as u16);
+        // Requests complete in any order; match used entries to chains by head index.
+        let used_len: std::collections::HashMap<u32, u32> = (0..chains.len())
+            .map(|i| used.ring().ref_at(i).unwrap().load())
+            .map(|e| (e.id(), e.len()))
+            .collect();
+        let mut head = 0u32;
         chains
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let elem = used.ring().ref_at(i).unwrap().load();
+            .map(|c| {
+                let len = *used_len.get(&head).expect("every chain completed once");
+                head += c.len() as u32;
                 let status = c
                     .last()
                     .and_then(|s| self.mem.read_obj::<u8>(GuestAddress(s.0)).ok())
                     .unwrap_or(0xaa);
-                (status, elem.len())
+                (status, len)
             })
             .collect()
     }
@@ -143,237 +181,477 @@ const W: u32 = VRING_DESC_F_WRITE;
 
 #[test]
 fn write_then_read_back_across_two_data_descriptors() {
-    let f = Fixture::new();
-    let payload: Vec<u8> = (0..1536u32).map(|i| (i * 7 % 256) as u8).collect();
-    f.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
-    f.header(HEADER, VIRTIO_BLK_T_OUT, 3);
-    let write = vec![
-        (HEADER, 16, R),
-        (DATA, 1024, R),
-        (DATA + 1024, 512, R),
-        (STATUS, 1, W),
-    ];
-    f.header(HEADER + 16, VIRTIO_BLK_T_IN, 3);
-    let read = vec![
-        (HEADER + 16, 16, R),
-        (DATA + 0x10000, 1536, W),
-        (STATUS + 16, 1, W),
-    ];
-    let results = f.serve(&[write, read], false);
-    assert_eq!(results[0], (VIRTIO_BLK_S_OK, 1));
-    assert_eq!(results[1], (VIRTIO_BLK_S_OK, 1537));
-    assert_eq!(f.disk_bytes(3 * 512, 1536), payload);
-    let mut back = vec![0u8; 1536];
-    f.mem
-        .read_slice(&mut back, GuestAddress(DATA + 0x10000))
-        .unwrap();
-    assert_eq!(back, payload);
-    assert!(f.interrupt.0.load(Ordering::SeqCst) >= 1);
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let payload: Vec<u8> = (0..1536u32).map(|i| (i * 7 % 256) as u8).collect();
+        f.mem.write_slice(&payload, GuestAddress(DATA)).unwrap();
+        f.header(HEADER, VIRTIO_BLK_T_OUT, 3);
+        let write = vec![
+            (HEADER, 16, R),
+            (DATA, 1024, R),
+            (DATA + 1024, 512, R),
+            (STATUS, 1, W),
+        ];
+        f.header(HEADER + 16, VIRTIO_BLK_T_IN, 3);
+        let read = vec![
+            (HEADER + 16, 16, R),
+            (DATA + 0x10000, 1536, W),
+            (STATUS + 16, 1, W),
+        ];
+        // Requests in flight together may run in any order (as on real disks), so the read
+        // is only made available once the write has completed.
+        assert_eq!(f.serve(&[write], false), vec![(VIRTIO_BLK_S_OK, 1)]);
+        assert_eq!(f.serve(&[read], false), vec![(VIRTIO_BLK_S_OK, 1537)]);
+        assert_eq!(f.disk_bytes(3 * 512, 1536), payload);
+        let mut back = vec![0u8; 1536];
+        f.mem
+            .read_slice(&mut back, GuestAddress(DATA + 0x10000))
+            .unwrap();
+        assert_eq!(back, payload);
+        assert!(f.interrupt.0.load(Ordering::SeqCst) >= 1);
+    }
 }
 
 #[test]
 fn flush_succeeds_and_get_id_returns_the_first_20_serial_bytes() {
-    let f = Fixture::new();
-    f.header(HEADER, VIRTIO_BLK_T_FLUSH, 0);
-    f.header(HEADER + 16, VIRTIO_BLK_T_GET_ID, 0);
-    let results = f.serve(
-        &[
-            vec![(HEADER, 16, R), (STATUS, 1, W)],
-            vec![(HEADER + 16, 16, R), (DATA, 20, W), (STATUS + 16, 1, W)],
-        ],
-        false,
-    );
-    assert_eq!(results[0], (VIRTIO_BLK_S_OK, 1));
-    assert_eq!(results[1], (VIRTIO_BLK_S_OK, 21));
-    let mut id = [0u8; 20];
-    f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
-    assert_eq!(&id, b"stratus-disk-serial-");
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        f.header(HEADER, VIRTIO_BLK_T_FLUSH, 0);
+        f.header(HEADER + 16, VIRTIO_BLK_T_GET_ID, 0);
+        let results = f.serve(
+            &[
+                vec![(HEADER, 16, R), (STATUS, 1, W)],
+                vec![(HEADER + 16, 16, R), (DATA, 20, W), (STATUS + 16, 1, W)],
+            ],
+            false,
+        );
+        assert_eq!(results[0], (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(results[1], (VIRTIO_BLK_S_OK, 21));
+        let mut id = [0u8; 20];
+        f.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"stratus-disk-serial-");
+    }
 }
 
 #[test]
 fn write_to_a_read_only_disk_is_refused_and_leaves_the_file_alone() {
-    let f = Fixture::new();
-    let before = f.disk_bytes(0, 512);
-    f.mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
-    f.header(HEADER, VIRTIO_BLK_T_OUT, 0);
-    let results = f.serve(
-        &[vec![(HEADER, 16, R), (DATA, 512, R), (STATUS, 1, W)]],
-        true,
-    );
-    assert_eq!(results[0], (VIRTIO_BLK_S_IOERR, 1));
-    assert_eq!(f.disk_bytes(0, 512), before);
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let before = f.disk_bytes(0, 512);
+        f.mem.write_slice(&[0x55; 512], GuestAddress(DATA)).unwrap();
+        f.header(HEADER, VIRTIO_BLK_T_OUT, 0);
+        let results = f.serve(
+            &[vec![(HEADER, 16, R), (DATA, 512, R), (STATUS, 1, W)]],
+            true,
+        );
+        assert_eq!(results[0], (VIRTIO_BLK_S_IOERR, 1));
+        assert_eq!(f.disk_bytes(0, 512), before);
+    }
 }
 
 #[test]
 fn malformed_requests_get_an_error_status_and_never_touch_the_disk() {
-    let f = Fixture::new();
-    let before = f.disk_bytes(0, (DISK_SECTORS * 512) as usize);
-    let outside = MEM_SIZE as u64 + 0x1000;
-    f.header(HEADER, VIRTIO_BLK_T_OUT, 0);
-    f.header(HEADER + 16, VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
-    f.header(HEADER + 32, VIRTIO_BLK_T_OUT, 0);
-    f.header(HEADER + 48, 0x77, 0);
-    f.header(HEADER + 64, VIRTIO_BLK_T_IN, u64::MAX);
-    let cases: Vec<(Chain, u8)> = vec![
-        // Data outside guest memory.
-        (
-            vec![(HEADER, 16, R), (outside, 512, R), (STATUS, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        // Read past the end of the disk.
-        (
-            vec![(HEADER + 16, 16, R), (DATA, 1024, W), (STATUS + 16, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        // Length not a multiple of the sector size.
-        (
-            vec![(HEADER + 32, 16, R), (DATA, 100, R), (STATUS + 32, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        // Unknown request type.
-        (
-            vec![(HEADER + 48, 16, R), (STATUS + 48, 1, W)],
-            VIRTIO_BLK_S_UNSUPP,
-        ),
-        // Sector number that overflows.
-        (
-            vec![(HEADER + 64, 16, R), (DATA, 512, W), (STATUS + 64, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        // Header the device would have to write, and a header too short to hold a request.
-        (
-            vec![(HEADER, 16, W), (STATUS + 80, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        (
-            vec![(HEADER, 8, R), (STATUS + 96, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-        // Write request whose data buffer is device-writable (wrong direction).
-        (
-            vec![(HEADER, 16, R), (DATA, 512, W), (STATUS + 112, 1, W)],
-            VIRTIO_BLK_S_IOERR,
-        ),
-    ];
-    let chains: Vec<_> = cases.iter().map(|(c, _)| c.clone()).collect();
-    let results = f.serve(&chains, false);
-    for (i, ((status, used_len), (_, expected))) in results.iter().zip(&cases).enumerate() {
-        assert_eq!(*status, *expected, "case {i}");
-        assert_eq!(*used_len, 1, "case {i}: only the status byte is reported");
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let before = f.disk_bytes(0, (DISK_SECTORS * 512) as usize);
+        let outside = MEM_SIZE as u64 + 0x1000;
+        f.header(HEADER, VIRTIO_BLK_T_OUT, 0);
+        f.header(HEADER + 16, VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
+        f.header(HEADER + 32, VIRTIO_BLK_T_OUT, 0);
+        f.header(HEADER + 48, 0x77, 0);
+        f.header(HEADER + 64, VIRTIO_BLK_T_IN, u64::MAX);
+        let cases: Vec<(Chain, u8)> = vec![
+            // Data outside guest memory.
+            (
+                vec![(HEADER, 16, R), (outside, 512, R), (STATUS, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            // Read past the end of the disk.
+            (
+                vec![(HEADER + 16, 16, R), (DATA, 1024, W), (STATUS + 16, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            // Length not a multiple of the sector size.
+            (
+                vec![(HEADER + 32, 16, R), (DATA, 100, R), (STATUS + 32, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            // Unknown request type.
+            (
+                vec![(HEADER + 48, 16, R), (STATUS + 48, 1, W)],
+                VIRTIO_BLK_S_UNSUPP,
+            ),
+            // Sector number that overflows.
+            (
+                vec![(HEADER + 64, 16, R), (DATA, 512, W), (STATUS + 64, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            // Header the device would have to write, and a header too short to hold a request.
+            (
+                vec![(HEADER, 16, W), (STATUS + 80, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                vec![(HEADER, 8, R), (STATUS + 96, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            // Write request whose data buffer is device-writable (wrong direction).
+            (
+                vec![(HEADER, 16, R), (DATA, 512, W), (STATUS + 112, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+        ];
+        let chains: Vec<_> = cases.iter().map(|(c, _)| c.clone()).collect();
+        let results = f.serve(&chains, false);
+        for (i, ((status, used_len), (_, expected))) in results.iter().zip(&cases).enumerate() {
+            assert_eq!(*status, *expected, "case {i}");
+            assert_eq!(*used_len, 1, "case {i}: only the status byte is reported");
+        }
+        assert_eq!(f.disk_bytes(0, (DISK_SECTORS * 512) as usize), before);
     }
-    assert_eq!(f.disk_bytes(0, (DISK_SECTORS * 512) as usize), before);
 }
 
 #[test]
 fn chains_without_a_usable_status_descriptor_are_returned_unanswered() {
-    let f = Fixture::new();
-    f.header(HEADER, VIRTIO_BLK_T_IN, 0);
-    let results = f.serve(
-        &[
-            // Status descriptor the device cannot write.
-            vec![(HEADER, 16, R), (DATA, 512, W), (STATUS, 1, R)],
-            // Only a header.
-            vec![(HEADER, 16, R)],
-            // Status outside guest memory.
-            vec![(HEADER, 16, R), (MEM_SIZE as u64 + 16, 1, W)],
-        ],
-        false,
-    );
-    for (status, used_len) in results.iter().take(2) {
-        assert_eq!(*used_len, 0);
-        assert_eq!(*status, 0xaa, "status byte untouched");
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        f.header(HEADER, VIRTIO_BLK_T_IN, 0);
+        let results = f.serve(
+            &[
+                // Status descriptor the device cannot write.
+                vec![(HEADER, 16, R), (DATA, 512, W), (STATUS, 1, R)],
+                // Only a header.
+                vec![(HEADER, 16, R)],
+                // Status outside guest memory.
+                vec![(HEADER, 16, R), (MEM_SIZE as u64 + 16, 1, W)],
+            ],
+            false,
+        );
+        for (status, used_len) in results.iter().take(2) {
+            assert_eq!(*used_len, 0);
+            assert_eq!(*status, 0xaa, "status byte untouched");
+        }
+        assert_eq!(results[2].1, 0);
     }
-    assert_eq!(results[2].1, 0);
 }
 
 #[test]
 fn a_descriptor_loop_is_cut_off_without_hanging() {
-    let f = Fixture::new();
-    let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
-    f.header(HEADER, VIRTIO_BLK_T_IN, 0);
-    // 0 -> 1 -> 2 -> 1 -> 2 ... never ends.
-    let descs = [
-        RawDescriptor::from(SplitDescriptor::new(
-            HEADER,
-            16,
-            VRING_DESC_F_NEXT as u16,
-            1,
-        )),
-        RawDescriptor::from(SplitDescriptor::new(
-            DATA,
-            512,
-            (VRING_DESC_F_NEXT | W) as u16,
-            2,
-        )),
-        RawDescriptor::from(SplitDescriptor::new(
-            DATA + 512,
-            512,
-            (VRING_DESC_F_NEXT | W) as u16,
-            1,
-        )),
-    ];
-    mock.add_desc_chains(&descs, 0).unwrap();
-    let queue: Queue = mock.create_queue().unwrap();
-    let mut worker = BlockWorker {
-        mem: f.mem.clone(),
-        disk: Arc::new(DiskImage::open(f.disk.path(), false).unwrap()),
-        serial: vec![],
-        queues: vec![queue],
-        queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-        interrupt: f.interrupt.clone(),
-        kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    };
-    assert_eq!(worker.process_queue(0), 1);
-    assert_eq!(mock.used().idx().load(), 1);
-    // No trustworthy status byte in a chain that never ends: nothing is reported.
-    assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 0);
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+        f.header(HEADER, VIRTIO_BLK_T_IN, 0);
+        // 0 -> 1 -> 2 -> 1 -> 2 ... never ends.
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(
+                HEADER,
+                16,
+                VRING_DESC_F_NEXT as u16,
+                1,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                DATA,
+                512,
+                (VRING_DESC_F_NEXT | W) as u16,
+                2,
+            )),
+            RawDescriptor::from(SplitDescriptor::new(
+                DATA + 512,
+                512,
+                (VRING_DESC_F_NEXT | W) as u16,
+                1,
+            )),
+        ];
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let queue: Queue = mock.create_queue().unwrap();
+        let mut worker = f.worker(queue, false);
+        assert_eq!(f.run(&mut worker), 1);
+        assert_eq!(mock.used().idx().load(), 1);
+        // No trustworthy status byte in a chain that never ends: nothing is reported.
+        assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 0);
+    }
 }
 
 #[test]
 fn an_over_long_indirect_chain_is_refused_with_an_error_status() {
-    let f = Fixture::new();
-    let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
-    f.header(HEADER, VIRTIO_BLK_T_IN, 0);
-    let table = 0x40_0000u64;
-    let count = SEG_MAX as u16 + 40;
-    for i in 0..count {
-        let (addr, len, flags) = match i {
-            0 => (HEADER, 16, 0),
-            i if i == count - 1 => (STATUS, 1, W),
-            i => (DATA + u64::from(i) * 512, 512, W),
-        };
-        let flags = if i == count - 1 {
-            flags
-        } else {
-            flags | VRING_DESC_F_NEXT
-        };
-        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i + 1));
-        f.mem
-            .write_obj(d, GuestAddress(table + u64::from(i) * 16))
-            .unwrap();
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+        f.header(HEADER, VIRTIO_BLK_T_IN, 0);
+        let table = 0x40_0000u64;
+        let count = SEG_MAX as u16 + 40;
+        for i in 0..count {
+            let (addr, len, flags) = match i {
+                0 => (HEADER, 16, 0),
+                i if i == count - 1 => (STATUS, 1, W),
+                i => (DATA + u64::from(i) * 512, 512, W),
+            };
+            let flags = if i == count - 1 {
+                flags
+            } else {
+                flags | VRING_DESC_F_NEXT
+            };
+            let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, i + 1));
+            f.mem
+                .write_obj(d, GuestAddress(table + u64::from(i) * 16))
+                .unwrap();
+        }
+        f.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
+        let indirect = RawDescriptor::from(SplitDescriptor::new(
+            table,
+            u32::from(count) * 16,
+            virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+            0,
+        ));
+        mock.add_desc_chains(&[indirect], 0).unwrap();
+        let queue: Queue = mock.create_queue().unwrap();
+        let mut worker = f.worker(queue, false);
+        assert_eq!(f.run(&mut worker), 1);
+        assert_eq!(
+            f.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_IOERR
+        );
+        assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 1);
     }
-    f.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
-    let indirect = RawDescriptor::from(SplitDescriptor::new(
-        table,
-        u32::from(count) * 16,
-        virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
-        0,
-    ));
-    mock.add_desc_chains(&[indirect], 0).unwrap();
-    let queue: Queue = mock.create_queue().unwrap();
-    let mut worker = BlockWorker {
-        mem: f.mem.clone(),
-        disk: Arc::new(DiskImage::open(f.disk.path(), false).unwrap()),
-        serial: vec![],
-        queues: vec![queue],
-        queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
-        interrupt: f.interrupt.clone(),
-        kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    };
-    assert_eq!(worker.process_queue(0), 1);
-    assert_eq!(
-        f.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
-        VIRTIO_BLK_S_IOERR
-    );
-    assert_eq!(mock.used().ring().ref_at(0).unwrap().load().len(), 1);
+}
+
+fn range_segment(f: &Fixture, at: u64, sector: u64, num_sectors: u32, flags: u32) {
+    f.mem.write_obj(sector.to_le(), GuestAddress(at)).unwrap();
+    f.mem
+        .write_obj(num_sectors.to_le(), GuestAddress(at + 8))
+        .unwrap();
+    f.mem
+        .write_obj(flags.to_le(), GuestAddress(at + 12))
+        .unwrap();
+}
+
+#[test]
+fn discard_punches_a_hole_and_write_zeroes_zeroes() {
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let blocks_before =
+            std::os::unix::fs::MetadataExt::blocks(&f.disk.as_file().metadata().unwrap());
+        // Discard 16 KiB at 4 KiB, write zeroes (no unmap) over 1 KiB at 32 sectors.
+        f.header(HEADER, VIRTIO_BLK_T_DISCARD, 0);
+        range_segment(&f, DATA, 8, 32, 0);
+        f.header(HEADER + 16, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range_segment(&f, DATA + 16, 48, 2, 0);
+        let results = f.serve(
+            &[
+                vec![(HEADER, 16, R), (DATA, 16, R), (STATUS, 1, W)],
+                vec![
+                    (HEADER + 16, 16, R),
+                    (DATA + 16, 16, R),
+                    (STATUS + 16, 1, W),
+                ],
+            ],
+            false,
+        );
+        assert_eq!(results, vec![(VIRTIO_BLK_S_OK, 1), (VIRTIO_BLK_S_OK, 1)]);
+        assert!(f.disk_bytes(8 * 512, 32 * 512).iter().all(|&b| b == 0));
+        assert!(f.disk_bytes(48 * 512, 2 * 512).iter().all(|&b| b == 0));
+        // Data around the ranges is untouched.
+        assert_eq!(
+            f.disk_bytes(7 * 512, 512),
+            (7 * 512..8 * 512)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            f.disk_bytes(50 * 512, 512),
+            (50 * 512..51 * 512)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>()
+        );
+        let blocks_after =
+            std::os::unix::fs::MetadataExt::blocks(&f.disk.as_file().metadata().unwrap());
+        assert!(
+            blocks_after + 32 <= blocks_before,
+            "discard must free the 16 KiB: {blocks_before} -> {blocks_after} blocks"
+        );
+    }
+}
+
+#[test]
+fn bad_discard_and_write_zeroes_requests_are_refused() {
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let before = f.disk_bytes(0, (DISK_SECTORS * 512) as usize);
+        f.header(HEADER, VIRTIO_BLK_T_DISCARD, 0);
+        range_segment(&f, DATA, 0, 8, 1); // discard has no flags
+        range_segment(&f, DATA + 16, DISK_SECTORS - 4, 8, 0); // past the end
+        range_segment(&f, DATA + 32, 0, 0, 0); // empty
+        range_segment(&f, DATA + 48, 0, 8, 0);
+        let results = f.serve(
+            &[
+                vec![(HEADER, 16, R), (DATA, 16, R), (STATUS, 1, W)],
+                vec![(HEADER, 16, R), (DATA + 16, 16, R), (STATUS + 16, 1, W)],
+                vec![(HEADER, 16, R), (DATA + 32, 16, R), (STATUS + 32, 1, W)],
+                // Two ranges where one is allowed.
+                vec![(HEADER, 16, R), (DATA + 32, 32, R), (STATUS + 48, 1, W)],
+            ],
+            false,
+        );
+        assert_eq!(
+            results,
+            vec![
+                (VIRTIO_BLK_S_UNSUPP, 1),
+                (VIRTIO_BLK_S_IOERR, 1),
+                (VIRTIO_BLK_S_IOERR, 1),
+                (VIRTIO_BLK_S_IOERR, 1)
+            ]
+        );
+        // A read-only disk refuses discards altogether.
+        let ro = f.serve(
+            &[vec![(HEADER, 16, R), (DATA + 48, 16, R), (STATUS, 1, W)]],
+            true,
+        );
+        assert_eq!(ro, vec![(VIRTIO_BLK_S_IOERR, 1)]);
+        assert_eq!(f.disk_bytes(0, (DISK_SECTORS * 512) as usize), before);
+    }
+}
+
+#[test]
+fn flush_completes_after_every_earlier_write() {
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+        let writes = 12u16;
+        let mut next = 0u16;
+        for i in 0..writes {
+            let header = HEADER + u64::from(i) * 16;
+            f.header(header, VIRTIO_BLK_T_OUT, u64::from(i) * 4);
+            let c = chain(
+                &[
+                    (header, 16, R),
+                    (DATA + u64::from(i) * 2048, 2048, R),
+                    (STATUS + u64::from(i) * 16, 1, W),
+                ],
+                next,
+            );
+            mock.add_desc_chains(&c, next).unwrap();
+            next += 3;
+        }
+        let flush_header = HEADER + 0x1000;
+        f.header(flush_header, VIRTIO_BLK_T_FLUSH, 0);
+        let flush_head = next;
+        mock.add_desc_chains(
+            &chain(&[(flush_header, 16, R), (STATUS + 0x1000, 1, W)], next),
+            next,
+        )
+        .unwrap();
+        let queue: Queue = mock.create_queue().unwrap();
+        let mut worker = f.worker(queue, false);
+        assert_eq!(f.run(&mut worker), usize::from(writes) + 1);
+        let used = mock.used();
+        assert_eq!(used.idx().load(), writes + 1);
+        let order: Vec<u32> = (0..usize::from(writes) + 1)
+            .map(|i| used.ring().ref_at(i).unwrap().load().id())
+            .collect();
+        assert_eq!(
+            *order.last().unwrap(),
+            u32::from(flush_head),
+            "flush completed before a write: {order:?}"
+        );
+    }
+}
+
+/// xorshift64*: deterministic and good enough to spread offsets and sizes.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn random_workload_matches_a_shadow_disk() {
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let mut rng = Rng(0x5eed_0000_0000_0001 ^ f.name().len() as u64);
+        let mut shadow = f.disk_bytes(0, (DISK_SECTORS * 512) as usize);
+        for round in 0..30 {
+            let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+            // Requests in one batch never overlap, so any completion order is correct.
+            let mut taken = vec![false; DISK_SECTORS as usize];
+            let mut expected_reads = Vec::new();
+            let mut next = 0u16;
+            let mut count = 0;
+            let mut issued = Vec::new();
+            for i in 0..16u64 {
+                let len = 1 + rng.below(8);
+                let sector = rng.below(DISK_SECTORS - len + 1);
+                if taken[sector as usize..(sector + len) as usize]
+                    .iter()
+                    .any(|t| *t)
+                {
+                    continue;
+                }
+                taken[sector as usize..(sector + len) as usize].fill(true);
+                let header = HEADER + i * 16;
+                let status = STATUS + i * 16;
+                // Odd guest addresses force the bounce path under O_DIRECT.
+                let buffer = DATA + i * 0x2000 + rng.below(2) * 3;
+                let bytes = (len * 512) as usize;
+                let range = sector as usize * 512..sector as usize * 512 + bytes;
+                let descs = match rng.below(4) {
+                    0 | 1 => {
+                        let data: Vec<u8> = (0..bytes).map(|_| rng.next() as u8).collect();
+                        f.mem.write_slice(&data, GuestAddress(buffer)).unwrap();
+                        shadow[range].copy_from_slice(&data);
+                        f.header(header, VIRTIO_BLK_T_OUT, sector);
+                        // Split the data in two descriptors at a sector boundary.
+                        let split = 512 * (1 + rng.below(len)) as u32;
+                        let mut d = vec![(header, 16, R), (buffer, split, R)];
+                        if split < bytes as u32 {
+                            d.push((buffer + u64::from(split), bytes as u32 - split, R));
+                        }
+                        d.push((status, 1, W));
+                        d
+                    }
+                    2 => {
+                        f.header(header, VIRTIO_BLK_T_IN, sector);
+                        expected_reads.push((buffer, shadow[range].to_vec()));
+                        vec![(header, 16, R), (buffer, bytes as u32, W), (status, 1, W)]
+                    }
+                    _ => {
+                        f.header(header, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+                        range_segment(&f, buffer, sector, len as u32, (rng.below(2)) as u32);
+                        shadow[range].fill(0);
+                        vec![(header, 16, R), (buffer, 16, R), (status, 1, W)]
+                    }
+                };
+                f.mem.write_obj(0xaau8, GuestAddress(status)).unwrap();
+                issued.push(status);
+                mock.add_desc_chains(&chain(&descs, next), next).unwrap();
+                next += descs.len() as u16;
+                count += 1;
+            }
+            let queue: Queue = mock.create_queue().unwrap();
+            let mut worker = f.worker(queue, false);
+            assert_eq!(f.run(&mut worker), count, "round {round}");
+            let used = mock.used();
+            assert_eq!(used.idx().load() as usize, count, "round {round}");
+            for status_addr in &issued {
+                let status: u8 = f.mem.read_obj(GuestAddress(*status_addr)).unwrap();
+                assert_eq!(
+                    status, VIRTIO_BLK_S_OK,
+                    "round {round}: request with status at {status_addr:#x}"
+                );
+            }
+            for (buffer, want) in expected_reads {
+                let mut got = vec![0u8; want.len()];
+                f.mem.read_slice(&mut got, GuestAddress(buffer)).unwrap();
+                assert_eq!(got, want, "round {round}: read at {buffer:#x}");
+            }
+        }
+        assert_eq!(f.disk_bytes(0, shadow.len()), shadow, "final disk contents");
+    }
 }

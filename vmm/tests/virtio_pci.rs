@@ -47,11 +47,13 @@ fn setup() -> Setup {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let disk = tempfile::NamedTempFile::new().unwrap();
     disk.as_file().set_len(1 << 20).unwrap();
-    let block = VirtioBlock::new(&BlockConfig {
-        path: disk.path().to_owned(),
-        read_only: false,
-        serial: Some("vol-42".into()),
-    })
+    let block = VirtioBlock::new(
+        &BlockConfig {
+            serial: Some("vol-42".into()),
+            ..BlockConfig::new(disk.path())
+        },
+        1,
+    )
     .unwrap();
     let routes = Routes::default();
     let fds = (0..2)

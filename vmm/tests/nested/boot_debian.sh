@@ -66,6 +66,8 @@ echo "STRATUS-SERIAL \$(cat /sys/block/vda/serial 2>/dev/null)"
 dd if=/pattern of=/dev/vda bs=4096 seek=1 conv=fsync 2>/dev/null
 echo 3 > /proc/sys/vm/drop_caches
 dd if=/dev/vda bs=4096 skip=1 count=16 2>/dev/null | cmp -s - /pattern && echo "STRATUS-PATTERN-OK"
+echo "STRATUS-MQ \$(ls /sys/block/vda/mq | wc -l)"
+blkdiscard -o 524288 -l 65536 /dev/vda && echo "STRATUS-DISCARD-OK"
 # The volume label, as blkid reads it: the ISO 9660 primary descriptor's volume id.
 label() { dd if=\$1 bs=1 skip=32808 count=32 2>/dev/null | tr -d ' '; }
 for d in /dev/vd?; do
@@ -140,6 +142,8 @@ check "guest sees 2 vCPUs" "STRATUS-NPROC 2"
 check "disk is /dev/vda with the configured serial" "STRATUS-SERIAL $SERIAL"
 check "guest reads the host's marker from sector 0" "STRATUS-MARKER-OK"
 check "guest reads back the pattern it wrote" "STRATUS-PATTERN-OK"
+check "one request queue per vCPU" "STRATUS-MQ 2"
+check "guest can discard" "STRATUS-DISCARD-OK"
 check "guest powered off and the VMM exited 0" "VMM-EXIT rc=0"
 check "disk file holds exactly the marker and the pattern" "L1-DISK-SHA256 $EXPECTED_SHA"
 check "context CD and NoCloud disk found by label" "STRATUS-CTX-DEVICES /dev/vdb /dev/vdc"

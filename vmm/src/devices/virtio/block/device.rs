@@ -1,4 +1,4 @@
-//! The virtio-blk device: configuration space, features, and its worker's lifecycle.
+//! The virtio-blk device: configuration space, features, and its workers' lifecycle.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -6,15 +6,16 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::event_handler::BlockWorker;
-use super::io::{DiskError, DiskImage};
+use super::event_handler::{QueueWorker, QueueWorkerParts};
+use super::io::{create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, IoEngine};
 use super::*;
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC,
-    VIRTIO_ID_BLOCK,
+    VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     pub path: PathBuf,
     #[serde(default)]
@@ -22,40 +23,104 @@ pub struct BlockConfig {
     /// Returned by GET_ID (the guest's /sys/block/vdX/serial); at most 20 bytes.
     #[serde(default)]
     pub serial: Option<String>,
+    #[serde(default)]
+    pub cache: CacheMode,
+    /// `None` picks io_uring where the kernel allows it, else the synchronous engine.
+    #[serde(default)]
+    pub engine: Option<IoEngine>,
+}
+
+impl BlockConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        BlockConfig {
+            path: path.into(),
+            read_only: false,
+            serial: None,
+            cache: CacheMode::default(),
+            engine: None,
+        }
+    }
 }
 
 pub struct VirtioBlock {
-    disk: Arc<DiskImage>,
-    serial: Vec<u8>,
+    disk: Arc<DiskFile>,
+    serial: Arc<[u8]>,
+    engine: IoEngine,
+    num_queues: u16,
     features: u64,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    workers: Vec<JoinHandle<()>>,
+    kill: Option<EventFd>,
 }
 
 impl VirtioBlock {
-    pub fn new(config: &BlockConfig) -> Result<Self, DiskError> {
-        let disk = DiskImage::open(&config.path, config.read_only)?;
+    /// `num_queues` request queues (one per vCPU lets every CPU submit without sharing).
+    pub fn new(config: &BlockConfig, num_queues: u16) -> Result<Self, DiskError> {
+        let disk = DiskFile::open(&config.path, config.read_only, config.cache)?;
+        let engine = match config.engine {
+            Some(engine) => engine,
+            None if io_uring_supported() => IoEngine::IoUring,
+            None => IoEngine::Sync,
+        };
+        // Fail at start-up, not when the guest first touches the disk.
+        drop(create_engine(engine, &disk, u32::from(QUEUE_SIZE))?);
         let mut features = VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
-            | VIRTIO_F_RING_INDIRECT_DESC;
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX;
         if config.read_only {
             features |= VIRTIO_BLK_F_RO;
+        } else {
+            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         Ok(VirtioBlock {
             disk: Arc::new(disk),
-            serial: config.serial.clone().unwrap_or_default().into_bytes(),
+            serial: config
+                .serial
+                .clone()
+                .unwrap_or_default()
+                .into_bytes()
+                .into(),
+            engine,
+            num_queues: num_queues.max(1),
             features,
-            worker: None,
+            workers: Vec::new(),
+            kill: None,
         })
     }
 
-    /// struct virtio_blk_config up to blk_size: capacity, size_max, seg_max, geometry, blk_size.
-    fn config_space(&self) -> [u8; 24] {
-        let mut cfg = [0u8; 24];
+    pub fn engine(&self) -> IoEngine {
+        self.engine
+    }
+
+    /// struct virtio_blk_config up to write_zeroes_may_unmap.
+    fn config_space(&self) -> [u8; 60] {
+        let mut cfg = [0u8; 60];
+        let put32 = |cfg: &mut [u8; 60], at: usize, v: u32| {
+            cfg[at..at + 4].copy_from_slice(&v.to_le_bytes())
+        };
         cfg[0..8].copy_from_slice(&(self.disk.size() >> SECTOR_SHIFT).to_le_bytes());
-        cfg[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        cfg[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        put32(&mut cfg, 12, SEG_MAX);
+        put32(&mut cfg, 20, SECTOR_SIZE as u32);
+        cfg[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        put32(&mut cfg, 36, MAX_DISCARD_SECTORS);
+        put32(&mut cfg, 40, MAX_DISCARD_SEGMENTS);
+        // Discards are cheapest in whole host pages.
+        put32(&mut cfg, 44, 8);
+        put32(&mut cfg, 48, MAX_DISCARD_SECTORS);
+        put32(&mut cfg, 52, MAX_DISCARD_SEGMENTS);
+        cfg[56] = 1; // write_zeroes_may_unmap
         cfg
+    }
+
+    fn stop_workers(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.write(1);
+        }
+        for handle in self.workers.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -65,7 +130,7 @@ impl VirtioDevice for VirtioBlock {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+        vec![QUEUE_SIZE; self.num_queues as usize]
     }
 
     fn available_features(&self) -> u64 {
@@ -84,33 +149,39 @@ impl VirtioDevice for VirtioBlock {
             });
         }
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let worker = BlockWorker {
-            mem: ctx.mem,
-            disk: self.disk.clone(),
-            serial: self.serial.clone(),
-            queues: ctx.queues,
-            queue_events: ctx.queue_events,
-            interrupt: ctx.interrupt,
-            kill: kill.try_clone().map_err(ActivateError::Worker)?,
-        };
-        let handle = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker.run())
-            .map_err(ActivateError::Worker)?;
-        self.worker = Some((kill, handle));
+        for (index, (queue, queue_event)) in
+            ctx.queues.into_iter().zip(ctx.queue_events).enumerate()
+        {
+            let engine = create_engine(self.engine, &self.disk, u32::from(QUEUE_SIZE))
+                .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))?;
+            let worker = QueueWorker::new(QueueWorkerParts {
+                mem: ctx.mem.clone(),
+                disk: self.disk.clone(),
+                serial: self.serial.clone(),
+                queue,
+                queue_index: index as u16,
+                queue_event,
+                interrupt: ctx.interrupt.clone(),
+                kill: kill.try_clone().map_err(ActivateError::Worker)?,
+                engine,
+            });
+            let handle = std::thread::Builder::new()
+                .name(format!("virtio-blk-q{index}"))
+                .spawn(move || worker.run())
+                .map_err(ActivateError::Worker)?;
+            self.workers.push(handle);
+        }
+        self.kill = Some(kill);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
-            let _ = kill.write(1);
-            let _ = handle.join();
-        }
+        self.stop_workers();
     }
 }
 
 impl Drop for VirtioBlock {
     fn drop(&mut self) {
-        self.reset();
+        self.stop_workers();
     }
 }

@@ -1,70 +1,366 @@
-//! The block device's worker thread: waits on queue notifications and serves requests.
+//! One worker thread per queue: it pops requests, hands their I/O to the queue's engine in
+//! batches, and completes them as the engine reports. Guest buffers are passed to the
+//! engine in place; with cache=none, buffers that break O_DIRECT's alignment go through an
+//! aligned bounce buffer instead.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::Bytes;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::io::DiskImage;
-use super::request::{execute, parse};
-use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR};
+use super::io::{AsyncIo, Completion, DiskFile, DiskOp, DIRECT_IO_ALIGNMENT};
+use super::request::{parse, write_device_id, Request, RequestType};
+use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
-pub struct BlockWorker {
-    pub mem: GuestMemoryMmap,
-    pub disk: Arc<DiskImage>,
-    pub serial: Vec<u8>,
-    pub queues: Vec<Queue>,
-    pub queue_events: Vec<EventFd>,
-    pub interrupt: Arc<dyn VirtioInterrupt>,
-    pub kill: EventFd,
+/// An aligned scratch buffer for guest buffers O_DIRECT cannot use in place.
+struct Bounce {
+    storage: Vec<u8>,
+    offset: usize,
+    len: usize,
+    /// Guest segments to fill from (reads) or that were copied into (writes) the buffer.
+    segments: Vec<(GuestAddress, u32)>,
 }
 
-const KILL_TOKEN: u64 = u64::MAX;
-
-impl BlockWorker {
-    /// Serves every available request on queue `index`; returns how many were completed.
-    pub fn process_queue(&mut self, index: usize) -> usize {
-        let sectors = self.disk.size() >> SECTOR_SHIFT;
-        let read_only = self.disk.read_only();
-        let mem = &self.mem;
-        let Some(queue) = self.queues.get_mut(index) else {
-            return 0;
-        };
-        let mut completed = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let (status_addr, status, len) = match parse(chain, mem, sectors, read_only) {
-                Ok(request) => {
-                    let (status, len) = execute(&request, mem, &self.disk, &self.serial);
-                    (Some(request.status), status, len)
-                }
-                Err((error, status_addr)) => {
-                    tracing::warn!("refusing virtio-blk request: {error}");
-                    (status_addr, VIRTIO_BLK_S_IOERR, 0)
-                }
-            };
-            let used_len = match status_addr {
-                Some(addr) if mem.write_obj(status, addr).is_ok() => len + 1,
-                _ => 0,
-            };
-            if let Err(e) = queue.add_used(mem, head, used_len) {
-                tracing::error!("cannot complete virtio-blk request {head}: {e:?}");
-                break;
-            }
-            completed += 1;
+impl Bounce {
+    fn new(len: usize, segments: Vec<(GuestAddress, u32)>) -> Self {
+        let align = DIRECT_IO_ALIGNMENT as usize;
+        let storage = vec![0u8; len + align];
+        let offset = storage.as_ptr().align_offset(align);
+        Bounce {
+            storage,
+            offset,
+            len,
+            segments,
         }
-        if completed > 0 && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt
-                .trigger(VirtioInterruptType::Queue(index as u16));
-        }
-        completed
     }
 
+    fn bytes(&self) -> &[u8] {
+        &self.storage[self.offset..self.offset + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.len]
+    }
+}
+
+/// A request whose I/O is in the engine.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes the engine must report for success.
+    expected: u64,
+    /// Bytes of guest buffers the device wrote (reported in the used ring before the status).
+    written_to_guest: u32,
+    // Referenced by the engine until completion; never read here.
+    _iovecs: Vec<libc::iovec>,
+    read_bounce: Option<Bounce>,
+    _write_bounce: Option<Bounce>,
+}
+
+// SAFETY: the iovecs point into guest memory or into this struct's own bounce buffers; they
+// are only handed to the kernel, never dereferenced from another thread.
+unsafe impl Send for InFlight {}
+
+pub struct QueueWorker {
+    mem: GuestMemoryMmap,
+    disk: Arc<DiskFile>,
+    serial: Arc<[u8]>,
+    queue: Queue,
+    queue_index: u16,
+    queue_event: EventFd,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    kill: EventFd,
+    engine: Box<dyn AsyncIo>,
+    inflight: Vec<Option<InFlight>>,
+    free_slots: Vec<usize>,
+    /// A used entry was added since the guest was last notified.
+    used_pending: bool,
+}
+
+const QUEUE_TOKEN: u64 = 0;
+const ENGINE_TOKEN: u64 = 1;
+const KILL_TOKEN: u64 = 2;
+
+pub struct QueueWorkerParts {
+    pub mem: GuestMemoryMmap,
+    pub disk: Arc<DiskFile>,
+    pub serial: Arc<[u8]>,
+    pub queue: Queue,
+    pub queue_index: u16,
+    pub queue_event: EventFd,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub kill: EventFd,
+    pub engine: Box<dyn AsyncIo>,
+}
+
+impl QueueWorker {
+    pub fn new(parts: QueueWorkerParts) -> Self {
+        QueueWorker {
+            mem: parts.mem,
+            disk: parts.disk,
+            serial: parts.serial,
+            queue: parts.queue,
+            queue_index: parts.queue_index,
+            queue_event: parts.queue_event,
+            interrupt: parts.interrupt,
+            kill: parts.kill,
+            engine: parts.engine,
+            inflight: Vec::new(),
+            free_slots: Vec::new(),
+            used_pending: false,
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len() - self.free_slots.len()
+    }
+
+    /// Starts every available request; returns how many chains were taken.
+    pub fn process_queue(&mut self) -> usize {
+        let mut taken = 0;
+        loop {
+            if self.queue.event_idx_enabled() {
+                let _ = self.queue.disable_notification(&self.mem);
+            }
+            let mem = self.mem.clone();
+            while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+                self.start(chain);
+                taken += 1;
+            }
+            if let Err(e) = self.engine.submit() {
+                tracing::error!(
+                    "virtio-blk queue {}: cannot submit I/O: {e}",
+                    self.queue_index
+                );
+            }
+            // With EVENT_IDX, re-enabling notifications races with the driver adding more
+            // requests; enable_notification reports those so none is left behind.
+            if !self.queue.event_idx_enabled()
+                || !self.queue.enable_notification(&self.mem).unwrap_or(false)
+            {
+                break;
+            }
+        }
+        self.reap();
+        taken
+    }
+
+    /// Collects finished I/O and completes those requests; notifies the guest once.
+    pub fn reap(&mut self) {
+        while let Some(completion) = self.engine.next_completion() {
+            self.finish(completion);
+        }
+        self.notify_if_needed();
+    }
+
+    fn notify_if_needed(&mut self) {
+        if self.used_pending && self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt
+                .trigger(VirtioInterruptType::Queue(self.queue_index));
+        }
+        self.used_pending = false;
+    }
+
+    fn complete(&mut self, head: u16, status_addr: Option<GuestAddress>, status: u8, written: u32) {
+        let used_len = match status_addr {
+            Some(addr) if self.mem.write_obj(status, addr).is_ok() => written + 1,
+            _ => 0,
+        };
+        if let Err(e) = self.queue.add_used(&self.mem, head, used_len) {
+            tracing::error!("virtio-blk: cannot return request {head} to the guest: {e:?}");
+        }
+        self.used_pending = true;
+    }
+
+    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
+        let head = chain.head_index();
+        let sectors = self.disk.size() >> SECTOR_SHIFT;
+        let request = match parse(chain, &self.mem, sectors, self.disk.read_only()) {
+            Ok(r) => r,
+            Err((error, status_addr)) => {
+                tracing::debug!("refusing virtio-blk request: {error}");
+                self.complete(head, status_addr, error.status(), 0);
+                return;
+            }
+        };
+        match request.request_type {
+            RequestType::GetDeviceId => {
+                let written = write_device_id(&request, &self.mem, &self.serial);
+                self.complete(head, Some(request.status), VIRTIO_BLK_S_OK, written);
+            }
+            _ => {
+                if let Err(status) = self.submit_io(head, &request) {
+                    self.complete(head, Some(request.status), status, 0);
+                }
+            }
+        }
+    }
+
+    /// Host iovecs for the request's guest buffers, or None when O_DIRECT needs a bounce.
+    fn guest_iovecs(&self, request: &Request) -> Result<Option<Vec<libc::iovec>>, u8> {
+        let mut iovecs = Vec::with_capacity(request.data.len());
+        for &(addr, len) in &request.data {
+            for slice in GuestMemoryBackend::get_slices(&self.mem, addr, len as usize) {
+                let slice = slice.map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                let ptr = slice.ptr_guard_mut().as_ptr();
+                if self.disk.direct()
+                    && (!(ptr as u64).is_multiple_of(DIRECT_IO_ALIGNMENT)
+                        || !(slice.len() as u64).is_multiple_of(DIRECT_IO_ALIGNMENT))
+                {
+                    return Ok(None);
+                }
+                iovecs.push(libc::iovec {
+                    iov_base: ptr.cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        Ok(Some(iovecs))
+    }
+
+    fn submit_io(&mut self, head: u16, request: &Request) -> Result<(), u8> {
+        let offset = request.sector << SECTOR_SHIFT;
+        let data_len = request.data_len();
+        let mut inflight = InFlight {
+            head,
+            status: request.status,
+            expected: 0,
+            written_to_guest: 0,
+            _iovecs: Vec::new(),
+            read_bounce: None,
+            _write_bounce: None,
+        };
+        match request.request_type {
+            RequestType::In | RequestType::Out => {
+                inflight.expected = u64::from(data_len);
+                let is_read = request.request_type == RequestType::In;
+                if is_read {
+                    inflight.written_to_guest = data_len;
+                }
+                inflight._iovecs = match self.guest_iovecs(request)? {
+                    Some(iovecs) => iovecs,
+                    None => {
+                        let mut bounce = Bounce::new(data_len as usize, request.data.clone());
+                        if !is_read {
+                            let mut at = 0usize;
+                            for &(addr, len) in &request.data {
+                                let dst = &mut bounce.bytes_mut()[at..at + len as usize];
+                                self.mem
+                                    .read_slice(dst, addr)
+                                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                                at += len as usize;
+                            }
+                        }
+                        let iovec = libc::iovec {
+                            iov_base: bounce.bytes().as_ptr() as *mut libc::c_void,
+                            iov_len: bounce.len,
+                        };
+                        if is_read {
+                            inflight.read_bounce = Some(bounce);
+                        } else {
+                            inflight._write_bounce = Some(bounce);
+                        }
+                        vec![iovec]
+                    }
+                };
+            }
+            RequestType::Flush => {}
+            RequestType::Discard | RequestType::WriteZeroes => {}
+            RequestType::GetDeviceId | RequestType::Unsupported(_) => {
+                return Err(VIRTIO_BLK_S_IOERR)
+            }
+        }
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.inflight.push(None);
+            self.inflight.len() - 1
+        });
+        let iovecs = inflight._iovecs.as_slice();
+        let op = match request.request_type {
+            RequestType::In => DiskOp::Read { offset, iovecs },
+            RequestType::Out => DiskOp::Write { offset, iovecs },
+            RequestType::Flush => DiskOp::Flush,
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let range = request.range.expect("parsed range");
+                let (offset, len) = (
+                    range.sector << SECTOR_SHIFT,
+                    u64::from(range.num_sectors) << SECTOR_SHIFT,
+                );
+                if request.request_type == RequestType::Discard {
+                    DiskOp::Discard { offset, len }
+                } else {
+                    DiskOp::WriteZeroes {
+                        offset,
+                        len,
+                        unmap: range.unmap,
+                    }
+                }
+            }
+            RequestType::GetDeviceId | RequestType::Unsupported(_) => unreachable!("handled above"),
+        };
+        let queued = self.engine.queue(op, slot as u64);
+        match queued {
+            Ok(()) => {
+                self.inflight[slot] = Some(inflight);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("virtio-blk: cannot queue I/O: {e}");
+                self.free_slots.push(slot);
+                Err(VIRTIO_BLK_S_IOERR)
+            }
+        }
+    }
+
+    fn finish(&mut self, completion: Completion) {
+        let slot = completion.user_data as usize;
+        let Some(inflight) = self.inflight.get_mut(slot).and_then(Option::take) else {
+            tracing::error!("virtio-blk: completion for unknown request {slot}");
+            return;
+        };
+        self.free_slots.push(slot);
+        let ok = completion.result >= 0 && completion.result as u64 == inflight.expected;
+        if !ok {
+            tracing::warn!(
+                "virtio-blk I/O failed: result {} (expected {} bytes)",
+                completion.result,
+                inflight.expected
+            );
+        }
+        let mut status = if ok {
+            VIRTIO_BLK_S_OK
+        } else {
+            VIRTIO_BLK_S_IOERR
+        };
+        if ok {
+            if let Some(bounce) = &inflight.read_bounce {
+                let mut at = 0usize;
+                for &(addr, len) in &bounce.segments {
+                    if self
+                        .mem
+                        .write_slice(&bounce.bytes()[at..at + len as usize], addr)
+                        .is_err()
+                    {
+                        status = VIRTIO_BLK_S_IOERR;
+                        break;
+                    }
+                    at += len as usize;
+                }
+            }
+        }
+        let written = if status == VIRTIO_BLK_S_OK {
+            inflight.written_to_guest
+        } else {
+            0
+        };
+        self.complete(inflight.head, Some(inflight.status), status, written);
+    }
+
+    /// Serves the queue until the kill event fires; in-flight I/O is drained first.
     pub fn run(mut self) {
         let epoll = match self.register() {
             Ok(e) => e,
@@ -73,7 +369,7 @@ impl BlockWorker {
                 return;
             }
         };
-        let mut events = vec![EpollEvent::default(); self.queue_events.len() + 1];
+        let mut events = [EpollEvent::default(); 3];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -84,33 +380,52 @@ impl BlockWorker {
                 }
             };
             for event in &events[..n] {
-                let token = event.data();
-                if token == KILL_TOKEN {
-                    return;
+                match event.data() {
+                    QUEUE_TOKEN => {
+                        let _ = self.queue_event.read();
+                        self.process_queue();
+                    }
+                    ENGINE_TOKEN => {
+                        let _ = self.engine.notifier().read();
+                        self.reap();
+                    }
+                    _ => {
+                        self.drain();
+                        return;
+                    }
                 }
-                let index = token as usize;
-                if let Some(e) = self.queue_events.get(index) {
-                    let _ = e.read();
-                }
-                self.process_queue(index);
             }
+        }
+    }
+
+    /// Waits for every in-flight operation: guest memory must not be written after reset.
+    pub fn drain(&mut self) {
+        while self.in_flight() > 0 {
+            let mut fds = [libc::pollfd {
+                fd: self.engine.notifier().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: polls one valid descriptor we own, with a bounded timeout.
+            unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+            let _ = self.engine.notifier().read();
+            self.reap();
         }
     }
 
     fn register(&self) -> std::io::Result<Epoll> {
         let epoll = Epoll::new()?;
-        for (i, e) in self.queue_events.iter().enumerate() {
+        for (fd, token) in [
+            (self.queue_event.as_raw_fd(), QUEUE_TOKEN),
+            (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
+            (self.kill.as_raw_fd(), KILL_TOKEN),
+        ] {
             epoll.ctl(
                 ControlOperation::Add,
-                e.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, i as u64),
+                fd,
+                EpollEvent::new(EventSet::IN, token),
             )?;
         }
-        epoll.ctl(
-            ControlOperation::Add,
-            self.kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, KILL_TOKEN),
-        )?;
         Ok(epoll)
     }
 }

@@ -5,7 +5,6 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::io::{DiskError, DiskImage};
 use super::*;
 use crate::memory::GuestMemoryMmap;
 
@@ -18,6 +17,8 @@ pub enum RequestType {
     Out,
     Flush,
     GetDeviceId,
+    Discard,
+    WriteZeroes,
     Unsupported(u32),
 }
 
@@ -28,6 +29,8 @@ impl From<u32> for RequestType {
             VIRTIO_BLK_T_OUT => RequestType::Out,
             VIRTIO_BLK_T_FLUSH => RequestType::Flush,
             VIRTIO_BLK_T_GET_ID => RequestType::GetDeviceId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
             other => RequestType::Unsupported(other),
         }
     }
@@ -55,6 +58,32 @@ pub enum RequestError {
     BeyondEnd,
     #[error("write to a read-only disk")]
     ReadOnly,
+    #[error("discard/write-zeroes request needs exactly one 16-byte range")]
+    BadRangeCount,
+    #[error("discard/write-zeroes range of {0} sectors is empty or over the limit")]
+    BadRangeLength(u32),
+    #[error("discard range with flags {0:#x} (no flags are defined for discard)")]
+    DiscardFlags(u32),
+    #[error("request type {0} is not supported")]
+    Unsupported(u32),
+}
+
+impl RequestError {
+    /// The status a guest sees: UNSUPP for what this device does not do, IOERR otherwise.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) | RequestError::DiscardFlags(_) => VIRTIO_BLK_S_UNSUPP,
+            _ => VIRTIO_BLK_S_IOERR,
+        }
+    }
+}
+
+/// The one range of a discard or write-zeroes request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SectorRange {
+    pub sector: u64,
+    pub num_sectors: u32,
+    pub unmap: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -63,6 +92,15 @@ pub struct Request {
     pub sector: u64,
     pub data: Vec<(GuestAddress, u32)>,
     pub status: GuestAddress,
+    /// For discard and write-zeroes.
+    pub range: Option<SectorRange>,
+}
+
+impl Request {
+    /// Bytes of guest buffers the request reads or writes.
+    pub fn data_len(&self) -> u32 {
+        self.data.iter().map(|(_, len)| len).sum()
+    }
 }
 
 /// Outcome of parsing: a request, or an error with (if it could be found) where to write
@@ -133,7 +171,7 @@ pub fn parse(
         }
         let wants_write_only = match request_type {
             RequestType::In | RequestType::GetDeviceId => Some(true),
-            RequestType::Out => Some(false),
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => Some(false),
             RequestType::Flush | RequestType::Unsupported(_) => None,
         };
         if let Some(w) = wants_write_only {
@@ -145,6 +183,7 @@ pub fn parse(
         data.push((d.addr(), d.len()));
     }
 
+    let mut range = None;
     match request_type {
         RequestType::In | RequestType::Out => {
             if request_type == RequestType::Out && read_only {
@@ -158,78 +197,67 @@ pub fn parse(
                 return fail(RequestError::BeyondEnd);
             }
         }
-        RequestType::Flush | RequestType::GetDeviceId | RequestType::Unsupported(_) => {}
+        RequestType::Discard | RequestType::WriteZeroes => {
+            if read_only {
+                return fail(RequestError::ReadOnly);
+            }
+            if data.len() != 1 || total != 16 {
+                return fail(RequestError::BadRangeCount);
+            }
+            let at = data[0].0;
+            let (Ok(start), Ok(num_sectors), Ok(flags)) = (
+                mem.read_obj::<u64>(at),
+                mem.read_obj::<u32>(GuestAddress(at.0 + 8)),
+                mem.read_obj::<u32>(GuestAddress(at.0 + 12)),
+            ) else {
+                return fail(RequestError::BadRangeCount);
+            };
+            let (start, num_sectors, flags) = (
+                u64::from_le(start),
+                u32::from_le(num_sectors),
+                u32::from_le(flags),
+            );
+            if num_sectors == 0 || num_sectors > MAX_DISCARD_SECTORS {
+                return fail(RequestError::BadRangeLength(num_sectors));
+            }
+            if request_type == RequestType::Discard && flags != 0 {
+                return fail(RequestError::DiscardFlags(flags));
+            }
+            let end = start.checked_add(u64::from(num_sectors));
+            if end.is_none_or(|end| end > disk_sectors) {
+                return fail(RequestError::BeyondEnd);
+            }
+            range = Some(SectorRange {
+                sector: start,
+                num_sectors,
+                unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
+            });
+        }
+        RequestType::Unsupported(t) => return fail(RequestError::Unsupported(t)),
+        RequestType::Flush | RequestType::GetDeviceId => {}
     }
     Ok(Request {
         request_type,
         sector,
         data,
         status,
+        range,
     })
 }
 
-/// Runs a parsed request; returns the status and the bytes written into guest buffers.
-pub fn execute(
-    request: &Request,
-    mem: &GuestMemoryMmap,
-    disk: &DiskImage,
-    serial: &[u8],
-) -> (u8, u32) {
-    let result: Result<u32, DiskError> = match request.request_type {
-        RequestType::In => {
-            let mut offset = request.sector << SECTOR_SHIFT;
-            let mut written = 0u32;
-            let mut outcome = Ok(());
-            for &(addr, len) in &request.data {
-                outcome = disk.read_into_guest(mem, addr, len, offset);
-                if outcome.is_err() {
-                    break;
-                }
-                offset += u64::from(len);
-                written += len;
-            }
-            outcome.map(|_| written)
+/// Answers GET_ID: the serial, zero-padded to 20 bytes, cut to the guest's buffers.
+/// Returns the bytes written.
+pub fn write_device_id(request: &Request, mem: &GuestMemoryMmap, serial: &[u8]) -> u32 {
+    let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
+    let n = serial.len().min(VIRTIO_BLK_ID_BYTES);
+    id[..n].copy_from_slice(&serial[..n]);
+    let mut copied = 0usize;
+    for &(addr, len) in &request.data {
+        let take = (len as usize).min(id.len() - copied);
+        if take == 0 || mem.write_slice(&id[copied..copied + take], addr).is_err() {
+            break;
         }
-        RequestType::Out => {
-            let mut offset = request.sector << SECTOR_SHIFT;
-            let mut outcome = Ok(());
-            for &(addr, len) in &request.data {
-                outcome = disk.write_from_guest(mem, addr, len, offset);
-                if outcome.is_err() {
-                    break;
-                }
-                offset += u64::from(len);
-            }
-            outcome.map(|_| 0)
-        }
-        RequestType::Flush => disk.flush().map(|_| 0),
-        RequestType::GetDeviceId => {
-            let mut id = [0u8; VIRTIO_BLK_ID_BYTES];
-            let n = serial.len().min(VIRTIO_BLK_ID_BYTES);
-            id[..n].copy_from_slice(&serial[..n]);
-            let mut copied = 0usize;
-            for &(addr, len) in &request.data {
-                let take = (len as usize).min(id.len() - copied);
-                if take == 0 {
-                    break;
-                }
-                if mem.write_slice(&id[copied..copied + take], addr).is_err() {
-                    break;
-                }
-                copied += take;
-            }
-            Ok(copied as u32)
-        }
-        RequestType::Unsupported(t) => {
-            tracing::debug!("unsupported virtio-blk request type {t}");
-            return (VIRTIO_BLK_S_UNSUPP, 0);
-        }
-    };
-    match result {
-        Ok(len) => (VIRTIO_BLK_S_OK, len),
-        Err(e) => {
-            tracing::warn!("virtio-blk I/O error: {e}");
-            (VIRTIO_BLK_S_IOERR, 0)
-        }
+        copied += take;
     }
+    copied as u32
 }

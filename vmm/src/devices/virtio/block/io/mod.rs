@@ -1,13 +1,18 @@
-//! Disk I/O between a host file and guest memory. This is the synchronous engine
-//! (`pread`/`pwrite`/`fdatasync`), straight into guest memory without a bounce buffer.
+//! Disk I/O engines behind one asynchronous interface: requests are queued with a tag,
+//! submitted in batches, and completions are collected later, signalled through an eventfd
+//! the device worker polls. `sync_io` runs each operation at once (pread/pwrite family);
+//! `uring` keeps many in flight with io_uring.
+
+pub mod sync_io;
+pub mod uring;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
-
-use crate::memory::GuestMemoryMmap;
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -18,64 +23,107 @@ pub enum DiskError {
     },
     #[error("disk image {path} is empty; a disk needs at least one 512-byte sector")]
     Empty { path: PathBuf },
-    #[error("guest buffer {addr:#x}+{len:#x} is not in guest memory")]
-    GuestRange { addr: u64, len: u64 },
+    #[error("disk image {path} cannot be opened with cache=none (O_DIRECT): {source}")]
+    Direct {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up io_uring: {0} (use engine=sync on this host)")]
+    IoUringSetup(std::io::Error),
+    #[error("the I/O engine's queue is full")]
+    QueueFull,
+    #[error("cannot create the completion eventfd: {0}")]
+    EventFd(std::io::Error),
     #[error("disk I/O failed: {0}")]
     Io(#[from] std::io::Error),
-    #[error("disk ended early at byte {0}")]
-    ShortIo(u64),
 }
 
-/// The host mappings behind a guest buffer; the whole range must be guest RAM.
-fn guest_slices(
-    mem: &GuestMemoryMmap,
-    addr: GuestAddress,
-    len: u32,
-) -> Result<Vec<VolatileSlice<'_, ()>>, DiskError> {
-    let range_err = || DiskError::GuestRange {
-        addr: addr.0,
-        len: u64::from(len),
-    };
-    if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
-        return Err(range_err());
+/// Host page cache use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Through the host page cache; FLUSH makes writes durable.
+    #[default]
+    Writeback,
+    /// O_DIRECT: no host page cache, no double caching of guest data.
+    None,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEngine {
+    /// One operation at a time, on the device worker thread.
+    Sync,
+    /// Many operations in flight through io_uring.
+    #[default]
+    IoUring,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "none" => Ok(CacheMode::None),
+            other => Err(format!("cache must be writeback or none, not '{other}'")),
+        }
     }
-    GuestMemoryBackend::get_slices(mem, addr, len as usize)
-        .map(|s| s.map_err(|_| range_err()))
-        .collect()
 }
 
-pub struct DiskImage {
+impl std::str::FromStr for IoEngine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sync" => Ok(IoEngine::Sync),
+            "io_uring" => Ok(IoEngine::IoUring),
+            other => Err(format!("engine must be io_uring or sync, not '{other}'")),
+        }
+    }
+}
+
+/// Alignment O_DIRECT needs for buffers, offsets and lengths.
+pub const DIRECT_IO_ALIGNMENT: u64 = 512;
+
+/// The open image file.
+pub struct DiskFile {
     file: File,
     size: u64,
     read_only: bool,
+    direct: bool,
 }
 
-impl DiskImage {
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| DiskError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let size = file
-            .metadata()
-            .map_err(|source| DiskError::Open {
-                path: path.to_owned(),
-                source,
-            })?
-            .len();
+impl DiskFile {
+    pub fn open(path: &Path, read_only: bool, cache: CacheMode) -> Result<Self, DiskError> {
+        let open_err = |source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut options = OpenOptions::new();
+        options.read(true).write(!read_only);
+        if cache == CacheMode::None {
+            options.custom_flags(libc::O_DIRECT);
+        }
+        let file = options.open(path).map_err(|source| {
+            if cache == CacheMode::None && source.raw_os_error() == Some(libc::EINVAL) {
+                DiskError::Direct {
+                    path: path.to_owned(),
+                    source,
+                }
+            } else {
+                open_err(source)
+            }
+        })?;
+        let size = file.metadata().map_err(open_err)?.len();
         if size < super::SECTOR_SIZE {
             return Err(DiskError::Empty {
                 path: path.to_owned(),
             });
         }
-        Ok(DiskImage {
+        Ok(DiskFile {
             file,
             size,
             read_only,
+            direct: cache == CacheMode::None,
         })
     }
 
@@ -88,89 +136,91 @@ impl DiskImage {
         self.read_only
     }
 
-    /// Reads `len` bytes at `offset` of the disk into guest memory at `addr`.
-    pub fn read_into_guest(
-        &self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: u32,
-        offset: u64,
-    ) -> Result<(), DiskError> {
-        let mut done = 0u64;
-        for slice in guest_slices(mem, addr, len)? {
-            let guard = slice.ptr_guard_mut();
-            let mut filled = 0usize;
-            while filled < slice.len() {
-                // SAFETY: the pointer and length come from a VolatileSlice of guest memory
-                // that stays mapped for the guard's lifetime; pread writes at most
-                // `slice.len() - filled` bytes into it.
-                let n = unsafe {
-                    libc::pread(
-                        self.file.as_raw_fd(),
-                        guard.as_ptr().add(filled).cast(),
-                        slice.len() - filled,
-                        (offset + done + filled as u64) as libc::off_t,
-                    )
-                };
-                if n < 0 {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(err.into());
-                }
-                if n == 0 {
-                    return Err(DiskError::ShortIo(offset + done + filled as u64));
-                }
-                filled += n as usize;
-            }
-            done += slice.len() as u64;
-        }
-        Ok(())
+    /// True when buffers must be aligned (cache=none).
+    pub fn direct(&self) -> bool {
+        self.direct
     }
 
-    /// Writes `len` bytes from guest memory at `addr` to the disk at `offset`.
-    pub fn write_from_guest(
-        &self,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: u32,
-        offset: u64,
-    ) -> Result<(), DiskError> {
-        let mut done = 0u64;
-        for slice in guest_slices(mem, addr, len)? {
-            let guard = slice.ptr_guard();
-            let mut written = 0usize;
-            while written < slice.len() {
-                // SAFETY: the pointer and length come from a VolatileSlice of guest memory
-                // that stays mapped for the guard's lifetime; pwrite only reads from it.
-                let n = unsafe {
-                    libc::pwrite(
-                        self.file.as_raw_fd(),
-                        guard.as_ptr().add(written).cast(),
-                        slice.len() - written,
-                        (offset + done + written as u64) as libc::off_t,
-                    )
-                };
-                if n < 0 {
-                    let err = std::io::Error::last_os_error();
-                    if err.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(err.into());
-                }
-                if n == 0 {
-                    return Err(DiskError::ShortIo(offset + done + written as u64));
-                }
-                written += n as usize;
-            }
-            done += slice.len() as u64;
-        }
-        Ok(())
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 
-    pub fn flush(&self) -> Result<(), DiskError> {
-        self.file.sync_data()?;
-        Ok(())
+    /// Each engine instance gets its own descriptor, so queues never share file state.
+    pub fn try_clone_file(&self) -> std::io::Result<File> {
+        self.file.try_clone()
     }
+}
+
+/// One disk operation. Buffers are host addresses of guest memory (or bounce buffers)
+/// that stay valid until the operation's completion has been collected.
+#[derive(Debug)]
+pub enum DiskOp<'a> {
+    Read {
+        offset: u64,
+        iovecs: &'a [libc::iovec],
+    },
+    Write {
+        offset: u64,
+        iovecs: &'a [libc::iovec],
+    },
+    /// Makes every write completed before it durable; ordered after earlier writes.
+    Flush,
+    /// Deallocates the range (it then reads as zeroes).
+    Discard { offset: u64, len: u64 },
+    /// Zeroes the range; `unmap` lets the range be deallocated as well.
+    WriteZeroes { offset: u64, len: u64, unmap: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    pub user_data: u64,
+    /// Bytes transferred, or a negated errno.
+    pub result: i64,
+}
+
+pub trait AsyncIo: Send {
+    /// Readable when completions are waiting.
+    fn notifier(&self) -> &EventFd;
+    /// Queues an operation; it may not start before `submit`.
+    fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError>;
+    /// Starts everything queued since the last call.
+    fn submit(&mut self) -> Result<(), DiskError>;
+    fn next_completion(&mut self) -> Option<Completion>;
+}
+
+pub fn fallocate_mode(op: &DiskOp<'_>) -> Option<(i32, u64, u64)> {
+    match *op {
+        DiskOp::Discard { offset, len } => Some((
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )),
+        DiskOp::WriteZeroes { offset, len, unmap } => Some((
+            if unmap {
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            } else {
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+            },
+            offset,
+            len,
+        )),
+        _ => None,
+    }
+}
+
+pub fn create_engine(
+    kind: IoEngine,
+    disk: &DiskFile,
+    depth: u32,
+) -> Result<Box<dyn AsyncIo>, DiskError> {
+    let file = disk.try_clone_file()?;
+    Ok(match kind {
+        IoEngine::Sync => Box::new(sync_io::SyncIo::new(file)?),
+        IoEngine::IoUring => Box::new(uring::IoUringIo::new(file, depth)?),
+    })
+}
+
+/// Whether this kernel lets us create an io_uring (containers and old kernels may not).
+pub fn io_uring_supported() -> bool {
+    io_uring::IoUring::new(2).is_ok()
 }
