@@ -1,1 +1,3 @@
-//! stratus-nodeagent
+//! stratus-nodeagent: the per-host agent that prepares what a VM needs on its node.
+
+pub mod network;
