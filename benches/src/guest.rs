@@ -60,7 +60,13 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
     elf.extend(0u16.to_le_bytes()); // e_shnum
     elf.extend(0u16.to_le_bytes()); // e_shstrndx
 
-    let phdr = |elf: &mut Vec<u8>, p_type: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64| {
+    let phdr = |elf: &mut Vec<u8>,
+                p_type: u32,
+                flags: u32,
+                offset: u64,
+                addr: u64,
+                size: u64,
+                align: u64| {
         elf.extend(p_type.to_le_bytes());
         elf.extend(flags.to_le_bytes());
         elf.extend(offset.to_le_bytes());
@@ -70,7 +76,15 @@ pub fn pvh_elf(code: &[u8]) -> Vec<u8> {
         elf.extend(size.to_le_bytes()); // p_memsz
         elf.extend(align.to_le_bytes());
     };
-    phdr(&mut elf, 1, 5, CODE_OFFSET as u64, LOAD_ADDR, code.len() as u64, 0x1000);
+    phdr(
+        &mut elf,
+        1,
+        5,
+        CODE_OFFSET as u64,
+        LOAD_ADDR,
+        code.len() as u64,
+        0x1000,
+    );
     phdr(&mut elf, 4, 4, note_offset as u64, 0, note.len() as u64, 4);
     elf.extend(&note);
     elf.resize(CODE_OFFSET, 0);
@@ -86,10 +100,16 @@ mod tests {
     fn elf_has_a_load_segment_at_the_entry_and_a_pvh_note() {
         let elf = pvh_elf(&guest_code(true));
         assert_eq!(&elf[..4], b"\x7fELF");
-        assert_eq!(u64::from_le_bytes(elf[24..32].try_into().unwrap()), LOAD_ADDR);
+        assert_eq!(
+            u64::from_le_bytes(elf[24..32].try_into().unwrap()),
+            LOAD_ADDR
+        );
         let note = &elf[64 + 2 * 56..];
         assert_eq!(&note[12..16], b"Xen\0");
-        assert_eq!(u32::from_le_bytes(note[16..20].try_into().unwrap()), LOAD_ADDR as u32);
+        assert_eq!(
+            u32::from_le_bytes(note[16..20].try_into().unwrap()),
+            LOAD_ADDR as u32
+        );
         assert_eq!(elf[0x1000], 0xfa);
     }
 }

@@ -1,5 +1,6 @@
 //! Benchmark helpers: a tiny PVH guest both VMMs can boot, process timing by console
 //! markers, medians, and VMM memory overhead from /proc.
 
+pub mod blk;
 pub mod guest;
 pub mod measure;

@@ -35,6 +35,16 @@ enum Cmd {
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: PathBuf,
     },
+    /// virtio-blk device throughput against fio on the host, same file, O_DIRECT, alternated.
+    Blk {
+        /// Data file on the disk under test (created if missing).
+        #[arg(long, default_value = "target/bench-disk.img")]
+        file: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 3000)]
+        runtime_ms: u64,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -59,9 +69,14 @@ const GUEST_MIB: u64 = 128;
 
 fn stratus_cmd(vmm: &Path, kernel: &Path) -> Command {
     let mut cmd = Command::new(vmm);
-    cmd.arg("--kernel")
-        .arg(kernel)
-        .args(["--memory", &GUEST_MIB.to_string(), "--cpus", "1", "--console", "stdout"]);
+    cmd.arg("--kernel").arg(kernel).args([
+        "--memory",
+        &GUEST_MIB.to_string(),
+        "--cpus",
+        "1",
+        "--console",
+        "stdout",
+    ]);
     cmd
 }
 
@@ -91,7 +106,11 @@ fn qemu_cmd(qemu: &Path, kernel: &Path) -> Command {
 }
 
 fn write_guest(dir: &Path, power_off: bool) -> Result<PathBuf> {
-    let path = dir.join(if power_off { "tiny-poweroff.elf" } else { "tiny-halt.elf" });
+    let path = dir.join(if power_off {
+        "tiny-poweroff.elf"
+    } else {
+        "tiny-halt.elf"
+    });
     std::fs::write(&path, pvh_elf(&guest_code(power_off)))?;
     Ok(path)
 }
@@ -118,10 +137,16 @@ fn boot_kvm(vmm: &Path, qemu: &Path, runs: usize) -> Result<()> {
         {
             let t = time_process(cmd, &[&[READY_BYTE]], limit)?;
             let Some(first) = t.markers[0] else {
-                bail!("{name} run {run}: the guest printed nothing (status {:?})", t.status);
+                bail!(
+                    "{name} run {run}: the guest printed nothing (status {:?})",
+                    t.status
+                );
             };
             if t.status != Some(ok_status) {
-                bail!("{name} run {run}: exit status {:?}, expected {ok_status}", t.status);
+                bail!(
+                    "{name} run {run}: exit status {:?}, expected {ok_status}",
+                    t.status
+                );
             }
             results[i].0.push(ms(first));
             results[i].1.push(ms(t.exited));
@@ -137,8 +162,14 @@ fn boot_kvm(vmm: &Path, qemu: &Path, runs: usize) -> Result<()> {
     );
     println!("| boot, tiny PVH guest on this host's /dev/kvm ({runs} alternated runs, medians) | stratus-vmm | QEMU microvm | QEMU / stratus |");
     println!("|---|---|---|---|");
-    println!("| process start → first guest output | {sf:.2} ms | {qf:.2} ms | {:.1}× |", qf / sf);
-    println!("| process start → guest power-off → exit | {se:.2} ms | {qe:.2} ms | {:.1}× |", qe / se);
+    println!(
+        "| process start → first guest output | {sf:.2} ms | {qf:.2} ms | {:.1}× |",
+        qf / sf
+    );
+    println!(
+        "| process start → guest power-off → exit | {se:.2} ms | {qe:.2} ms | {:.1}× |",
+        qe / se
+    );
     Ok(())
 }
 
@@ -206,14 +237,78 @@ fn stamp(markers: &[String], timeout_s: u64, command: &[String]) -> Result<()> {
     Ok(())
 }
 
+fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
+    use stratus_benches::blk::{prepare_file, run_fio, run_stratus, Job, Outcome, Pattern};
+    use stratus_vmm::devices::virtio::block::io::IoEngine;
+    prepare_file(file, size_mib << 20)?;
+    let runtime = Duration::from_millis(runtime_ms);
+    let jobs = [
+        (Pattern::RandRead, 4096, 1),
+        (Pattern::RandRead, 4096, 32),
+        (Pattern::RandRead, 4096, 128),
+        (Pattern::RandWrite, 4096, 1),
+        (Pattern::RandWrite, 4096, 32),
+        (Pattern::RandWrite, 4096, 128),
+        (Pattern::SeqRead, 128 << 10, 32),
+        (Pattern::SeqWrite, 128 << 10, 32),
+        (Pattern::SeqRead, 1 << 20, 8),
+        (Pattern::SeqWrite, 1 << 20, 8),
+    ];
+    let cell = |o: &Outcome, bs: u64| {
+        if bs <= 4096 {
+            format!("{:.0} IOPS", o.iops)
+        } else {
+            format!("{:.0} MiB/s", o.mib_s)
+        }
+    };
+    let ratio = |o: &Outcome, host: &Outcome| o.iops / host.iops;
+    println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, alternated) | host fio | stratus io_uring | ratio | stratus sync | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (pattern, bs, qd) in jobs {
+        let job = Job {
+            pattern,
+            block_size: bs,
+            queue_depth: qd,
+            runtime,
+        };
+        let host = run_fio(file, job)?;
+        let uring = run_stratus(file, IoEngine::IoUring, job)?;
+        let sync = run_stratus(file, IoEngine::Sync, job)?;
+        let size = if bs >= 1 << 20 {
+            format!("{}M", bs >> 20)
+        } else {
+            format!("{}k", bs >> 10)
+        };
+        println!(
+            "| {} {size} QD{qd} | {} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            pattern.fio_rw(),
+            cell(&host, bs),
+            cell(&uring, bs),
+            ratio(&uring, &host),
+            cell(&sync, bs),
+            ratio(&sync, &host),
+            host.p50_us,
+            host.p99_us,
+            uring.p50_us,
+            uring.p99_us,
+            host.cpu_us_per_io,
+            uring.cpu_us_per_io
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BootKvm { vmm, qemu, runs } => boot_kvm(&vmm, &qemu, runs),
         Cmd::Memory { vmm, qemu } => memory(&vmm, &qemu),
-        Cmd::TinyGuest { out, halt } => {
-            std::fs::write(&out, pvh_elf(&guest_code(!halt)))
-                .with_context(|| format!("cannot write {}", out.display()))
-        }
+        Cmd::Blk {
+            file,
+            size_mib,
+            runtime_ms,
+        } => blk(&file, size_mib, runtime_ms),
+        Cmd::TinyGuest { out, halt } => std::fs::write(&out, pvh_elf(&guest_code(!halt)))
+            .with_context(|| format!("cannot write {}", out.display())),
         Cmd::Stamp {
             markers,
             timeout_s,

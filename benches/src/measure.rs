@@ -30,7 +30,9 @@ pub fn time_process(mut cmd: Command, markers: &[&[u8]], limit: Duration) -> Res
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        let n = stdout.read(&mut buf).context("reading the command's output")?;
+        let n = stdout
+            .read(&mut buf)
+            .context("reading the command's output")?;
         if n == 0 {
             break;
         }
@@ -167,7 +169,12 @@ Private_Dirty:        16 kB
     fn markers_are_timed_in_order_and_exit_status_kept() {
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "printf first; sleep 0.05; printf second; exit 3"]);
-        let t = time_process(cmd, &[b"first", b"second", b"never"], Duration::from_secs(10)).unwrap();
+        let t = time_process(
+            cmd,
+            &[b"first", b"second", b"never"],
+            Duration::from_secs(10),
+        )
+        .unwrap();
         let first = t.markers[0].unwrap();
         let second = t.markers[1].unwrap();
         assert!(first < second);
