@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::block::io::{CacheMode, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
+use crate::devices::virtio::net::device::parse_mac;
+use crate::devices::virtio::net::NetConfig;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -57,6 +59,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     #[serde(default)]
     pub disks: Vec<BlockConfig>,
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub console: ConsoleConfig,
 }
@@ -112,8 +116,46 @@ impl VmConfig {
                 }
             }
         }
+        for net in &self.nets {
+            if parse_mac(&net.mac).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",
+                    net.mac
+                )));
+            }
+        }
         Ok(())
     }
+}
+
+/// Parses `tap=NAME,mac=02:00:…`.
+pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
+    let mut tap = None;
+    let mut mac = None;
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Invalid(format!("--net item '{item}' is not key=value")))?;
+        match key {
+            "tap" => tap = Some(value.to_string()),
+            "mac" => mac = Some(value.to_string()),
+            other => {
+                return Err(ConfigError::Invalid(format!(
+                    "--net has no option '{other}' (known: tap, mac)"
+                )))
+            }
+        }
+    }
+    let tap = tap
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ConfigError::Invalid(format!("--net '{spec}' needs tap=")))?;
+    let mac = mac.ok_or_else(|| ConfigError::Invalid(format!("--net '{spec}' needs mac=")))?;
+    if parse_mac(&mac).is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "--net mac '{mac}' is not a unicast MAC address like 02:00:c6:12:00:0a"
+        )));
+    }
+    Ok(NetConfig { tap, mac })
 }
 
 fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
@@ -227,6 +269,31 @@ mod tests {
     }
 
     #[test]
+    fn net_spec_parses_and_bad_ones_name_the_problem() {
+        let n = parse_net("tap=tap0,mac=02:00:c6:12:00:0a").unwrap();
+        assert_eq!(
+            (n.tap.as_str(), n.mac.as_str()),
+            ("tap0", "02:00:c6:12:00:0a")
+        );
+        assert!(parse_net("mac=02:00:c6:12:00:0a")
+            .unwrap_err()
+            .to_string()
+            .contains("needs tap="));
+        assert!(parse_net("tap=t")
+            .unwrap_err()
+            .to_string()
+            .contains("needs mac="));
+        assert!(parse_net("tap=t,mac=01:00:00:00:00:01")
+            .unwrap_err()
+            .to_string()
+            .contains("unicast"));
+        assert!(parse_net("tap=t,mac=02:00:00:00:00:01,queues=2")
+            .unwrap_err()
+            .to_string()
+            .contains("no option 'queues'"));
+    }
+
+    #[test]
     fn vcpu_count_and_serial_length_are_checked() {
         let mut c = VmConfig {
             kernel: "/k".into(),
@@ -235,6 +302,7 @@ mod tests {
             cpus: 0,
             memory_mib: 128,
             disks: vec![],
+            nets: vec![],
             console: ConsoleConfig::Off,
         };
         assert!(c.validate().is_err());

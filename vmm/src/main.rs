@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use stratus_vmm::config::{parse_disk, ConsoleConfig, VmConfig};
+use stratus_vmm::config::{parse_disk, parse_net, ConsoleConfig, VmConfig};
 use stratus_vmm::{Vm, VmResources};
 
 /// Boot a Linux kernel directly on KVM with virtio-pci devices.
@@ -14,7 +14,7 @@ use stratus_vmm::{Vm, VmResources};
 #[command(name = "stratus-vmm", version)]
 struct Cli {
     /// JSON VM configuration (same fields as the flags); excludes the other VM flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "console"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "console"])]
     config: Option<PathBuf>,
     /// Kernel: uncompressed ELF vmlinux or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -34,6 +34,9 @@ struct Cli {
     /// virtio-blk disk: path=FILE[,ro=on|off][,serial=ID]; repeat for more disks.
     #[arg(long)]
     disk: Vec<String>,
+    /// virtio-net NIC on a TAP device: tap=NAME,mac=02:00:…; repeat for more NICs.
+    #[arg(long)]
+    net: Vec<String>,
     /// Serial console: stdout, off, or a file to append to.
     #[arg(long, default_value = "stdout")]
     console: String,
@@ -48,6 +51,11 @@ fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
         .iter()
         .map(|spec| parse_disk(spec))
         .collect::<Result<Vec<_>, _>>()?;
+    let nets = cli
+        .net
+        .iter()
+        .map(|spec| parse_net(spec))
+        .collect::<Result<Vec<_>, _>>()?;
     let config = VmConfig {
         kernel: cli.kernel.context("--kernel is required")?,
         initrd: cli.initrd,
@@ -55,6 +63,7 @@ fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
         cpus: cli.cpus,
         memory_mib: cli.memory,
         disks,
+        nets,
         console: cli.console.parse::<ConsoleConfig>()?,
     };
     config.validate()?;

@@ -29,6 +29,8 @@ use crate::devices::pci::root::PciRootError;
 use crate::devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::virtio::block::io::DiskError;
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
+use crate::devices::virtio::net::device::NetError;
+use crate::devices::virtio::net::{NetConfig, VirtioNet};
 use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::interrupts::{GsiRouter, InterruptError};
@@ -73,6 +75,8 @@ pub enum VmError {
     VirtioPci(#[from] VirtioPciError),
     #[error("{source}")]
     Disk { path: PathBuf, source: DiskError },
+    #[error("network device on TAP {tap}: {source}")]
+    Net { tap: String, source: NetError },
     #[error("cannot open console file {path}: {source}")]
     Console {
         path: PathBuf,
@@ -114,6 +118,7 @@ pub struct VmResources {
     pub cpus: u8,
     pub memory_mib: u64,
     pub disks: Vec<BlockConfig>,
+    pub nets: Vec<NetConfig>,
     pub console: Box<dyn Write + Send>,
     /// Forward the VMM's terminal input to the serial port.
     pub console_input: bool,
@@ -146,6 +151,7 @@ impl VmResources {
             cpus: config.cpus,
             memory_mib: config.memory_mib,
             disks: config.disks.clone(),
+            nets: config.nets.clone(),
             console,
             console_input,
         })
@@ -245,6 +251,26 @@ impl Vm {
             let msix = Msix::with_kvm(&router, queues + 1)?;
             let device = Arc::new(Mutex::new(VirtioPciDevice::new(
                 Box::new(block),
+                mem.clone(),
+                msix,
+                next_bar,
+                Some(vm.clone()),
+            )?));
+            next_bar += BAR0_SIZE;
+            pci_root
+                .lock()
+                .expect("PCI root lock poisoned")
+                .add_device(device.clone(), Some(device))?;
+        }
+        for net in &resources.nets {
+            let device = VirtioNet::new(net).map_err(|source| VmError::Net {
+                tap: net.tap.clone(),
+                source,
+            })?;
+            // RX, TX and configuration changes.
+            let msix = Msix::with_kvm(&router, 3)?;
+            let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+                Box::new(device),
                 mem.clone(),
                 msix,
                 next_bar,

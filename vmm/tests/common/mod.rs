@@ -47,6 +47,7 @@ pub fn run_guest(
             cpus: 1,
             memory_mib: 64,
             disks,
+            nets: vec![],
             console: Box::new(console.clone()),
             console_input: false,
         },

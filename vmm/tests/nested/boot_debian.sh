@@ -9,7 +9,9 @@
 # The first guest also finds its context disks made by stratus-contextualizer (HEPiX CD
 # labelled _STRATUSLAB, NoCloud labelled cidata) by label, mounts them with the stock
 # isofs module and reads the values back.
-# The guests load the stock virtio-pci, virtio-blk, isofs and pvpanic modules.
+# It also has a virtio-net NIC on a TAP bridged in L1: it gets its fixed address by DHCP
+# from L1, pings L1 and moves a file each way; the checksums are compared.
+# The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs and pvpanic modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 NESTED_WORK=${NESTED_WORK:-$(cd "$(dirname "$0")/../../.." && pwd)/target/nested}
@@ -42,7 +44,20 @@ HOSTILE='it is "quoted" $(echo not-run) `id`'
 
 # Inner (L2) initramfs.
 busybox_root "$W/inner"
-copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk pvpanic_mmio isofs
+copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk virtio_net pvpanic_mmio isofs
+GUEST_MAC=02:00:c6:12:00:0a
+GUEST_IP=198.18.0.10
+HOST_IP=198.18.0.1
+head -c 200000 /dev/urandom > "$W/l1file"
+L1FILE_SHA=$(sha256sum "$W/l1file" | cut -d' ' -f1)
+PATTERN_SHA=$(sha256sum "$W/pattern" | cut -d' ' -f1)
+cat > "$W/inner/udhcpc.sh" <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+bound|renew) ip addr add "$ip/$mask" dev "$interface"; echo "STRATUS-LEASE $ip router=$router" ;;
+esac
+SCRIPT
+chmod +x "$W/inner/udhcpc.sh"
 cp "$W/pattern" "$W/inner/pattern"
 cat > "$W/inner/init" <<INIT
 #!/bin/busybox sh
@@ -83,6 +98,16 @@ if mount -t iso9660 -o ro "\$nocloud" /mnt/nc; then
     echo "STRATUS-NOCLOUD \$(grep instance-id /mnt/nc/meta-data) \$(grep local-hostname /mnt/nc/meta-data)"
     grep -q "\$(echo '$PUBKEY' | cut -d' ' -f2)" /mnt/nc/user-data && echo "STRATUS-NOCLOUD-KEY-OK"
 fi
+ip link set lo up
+ip link set eth0 up
+udhcpc -i eth0 -q -n -t 10 -s /udhcpc.sh
+echo "STRATUS-MAC \$(cat /sys/class/net/eth0/address)"
+ping -c 3 -W 5 $HOST_IP >/dev/null && echo "STRATUS-PING-OK"
+wget -q -O /got http://$HOST_IP/l1file && echo "STRATUS-DOWNLOAD \$(sha256sum /got | cut -d' ' -f1)"
+nc -w 5 $HOST_IP 5000 < /pattern && echo "STRATUS-UPLOAD-SENT"
+# poweroff -f does not wait for TCP to drain the socket buffer.
+sleep 2
+echo "STRATUS-NETSTAT tx \$(cat /sys/class/net/eth0/statistics/tx_packets) \$(cat /sys/class/net/eth0/statistics/tx_bytes) rx \$(cat /sys/class/net/eth0/statistics/rx_packets)"
 echo "STRATUS-DONE"
 poweroff -f
 INIT
@@ -91,7 +116,7 @@ pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
 # Outer (L1) initramfs: KVM modules, the static VMM, the inner guest and its disk.
 busybox_root "$W/outer"
-copy_modules "$W/outer/lib/modules" kvm_amd
+copy_modules "$W/outer/lib/modules" kvm_amd tun bridge
 cp "$STATIC_VMM" "$W/outer/vmm"
 cp "$VMLINUX" "$W/outer/vmlinux"
 cp "$BZIMAGE" "$W/outer/bzimage"
@@ -99,17 +124,42 @@ truncate -s 1M "$W/outer/ro.img"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 cp "$W/data.img" "$W/outer/data.img"
 cp "$W/ctx.iso" "$W/nocloud.iso" "$W/outer/"
+mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
+cat > "$W/outer/udhcpd.conf" <<CONF
+start 198.18.0.100
+end 198.18.0.110
+interface br0
+static_lease $GUEST_MAC $GUEST_IP
+option subnet 255.255.255.0
+option router $HOST_IP
+lease_file /tmp/udhcpd.leases
+CONF
 cat > "$W/outer/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSMOD-FAILED \$m"; done
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
+ip link set lo up
+brctl addbr br0; ip addr add $HOST_IP/24 dev br0; ip link set br0 up
+tunctl -t tap0 >/dev/null; brctl addif br0 tap0; ip link set tap0 up
+touch /tmp/udhcpd.leases; udhcpd /udhcpd.conf
+httpd -p 80 -h /www
+# The listener's stdin must stay open (busybox nc hangs up when its stdin ends): a FIFO
+# whose write end this shell holds.
+mkfifo /nc-in
+nc -l -p 5000 < /nc-in > /from_guest &
+UPLOAD_PID=\$!
+exec 3> /nc-in
 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk path=/data.img,serial=$SERIAL --disk path=/ctx.iso,ro=on --disk path=/nocloud.iso,ro=on \
+  --net tap=tap0,mac=$GUEST_MAC \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
+wait \$UPLOAD_PID
+exec 3>&-
+echo "L1-UPLOAD \$(sha256sum /from_guest | cut -d' ' -f1) \$(wc -c < /from_guest) bytes"
 /vmm --kernel /bzimage --initrd /initrd --cpus 1 --memory 256 \
   --disk path=/ro.img,ro=on,serial=ro-disk \
   --cmdline "console=ttyS0 panic=-1 loglevel=4 stratus_test=panic"
@@ -153,6 +203,11 @@ check "a hostile context value stays data" "STRATUS-CTX-MESSAGE $HOSTILE"
 check "context CD holds the four scripts" "STRATUS-CTX-FILES context.sh epilog.sh init.sh prolog.sh"
 check "NoCloud meta-data has instance id and hostname" 'STRATUS-NOCLOUD instance-id: "vm-42" local-hostname: "nested-guest"'
 check "NoCloud user-data carries the key" "STRATUS-NOCLOUD-KEY-OK"
+check "guest NIC has the configured MAC" "STRATUS-MAC $GUEST_MAC"
+check "guest gets its fixed address by DHCP" "STRATUS-LEASE $GUEST_IP router=$HOST_IP"
+check "guest pings the L1 host" "STRATUS-PING-OK"
+check "file from L1 arrives intact" "STRATUS-DOWNLOAD $L1FILE_SHA"
+check "file from the guest arrives intact" "L1-UPLOAD $PATTERN_SHA"
 check "bzImage guest boots with 1 vCPU" "STRATUS2-INIT nproc=1"
 check "read-only disk is read-only in the guest" "STRATUS2-RO-FLAG"
 check "guest write to the read-only disk fails" "STRATUS2-WRITE-REFUSED"

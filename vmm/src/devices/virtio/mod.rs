@@ -1,6 +1,7 @@
 //! Virtio devices and the PCI transport that exposes them.
 
 pub mod block;
+pub mod net;
 pub mod transport;
 
 use std::sync::Arc;

@@ -131,6 +131,7 @@ impl VirtioPciDevice {
         let device_type = device.device_type();
         let class_code = match device_type {
             VIRTIO_ID_BLOCK => (0x01, 0x80, 0x00),
+            crate::devices::virtio::net::device::VIRTIO_ID_NET => (0x02, 0x00, 0x00),
             _ => (0xff, 0x00, 0x00),
         };
         let mut config = PciConfiguration::new(PciHeader {

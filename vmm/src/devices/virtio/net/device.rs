@@ -1,0 +1,208 @@
+//! The virtio-net device: MAC and link status in config space, offload negotiation with
+//! the TAP, and the worker's lifecycle.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::event_handler::{NetStats, NetWorker, NetWorkerParts};
+use super::tap::{Tap, TapError};
+use super::*;
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+pub const VIRTIO_ID_NET: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP device to open (created if it does not exist).
+    pub tap: String,
+    /// Guest MAC, e.g. 02:00:c6:12:00:0a.
+    pub mac: String,
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    // A multicast MAC cannot be a NIC's address.
+    (mac[0] & 1 == 0).then_some(mac)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("'{0}' is not a unicast MAC address like 02:00:c6:12:00:0a")]
+    BadMac(String),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+}
+
+pub struct VirtioNet {
+    tap: Arc<Tap>,
+    mac: [u8; 6],
+    stats: Arc<NetStats>,
+    worker: Option<(EventFd, JoinHandle<()>)>,
+}
+
+impl VirtioNet {
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        let mac = parse_mac(&config.mac).ok_or_else(|| NetError::BadMac(config.mac.clone()))?;
+        let tap = Tap::open(&config.tap)?;
+        Ok(VirtioNet {
+            tap: Arc::new(tap),
+            mac,
+            stats: Arc::new(NetStats::default()),
+            worker: None,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<NetStats> {
+        self.stats.clone()
+    }
+
+    fn stop(&mut self) {
+        if let Some((kill, handle)) = self.worker.take() {
+            let _ = kill.write(1);
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Offloads the TAP may use on frames it hands the guest, from what the guest accepted.
+pub fn tap_offload_flags(acked: u64) -> libc::c_uint {
+    let mut flags = 0;
+    if acked & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        flags |= libc::TUN_F_CSUM;
+        if acked & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if acked & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+impl VirtioDevice for VirtioNet {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn available_features(&self) -> u64 {
+        VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_F_RING_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+    }
+
+    /// struct virtio_net_config: mac, status, max_virtqueue_pairs.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut cfg = [0u8; 10];
+        cfg[..6].copy_from_slice(&self.mac);
+        cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        read_config_bytes(&cfg, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() < 2 {
+            return Err(ActivateError::QueueCount {
+                enabled: ctx.queues.len(),
+                needed: 2,
+            });
+        }
+        self.tap
+            .set_offload(tap_offload_flags(ctx.acked_features))
+            .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))?;
+        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let mut queues = ctx.queues.into_iter();
+        let mut events = ctx.queue_events.into_iter();
+        let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) =
+            (queues.next(), queues.next(), events.next(), events.next())
+        else {
+            return Err(ActivateError::QueueCount {
+                enabled: 0,
+                needed: 2,
+            });
+        };
+        let worker = NetWorker::new(NetWorkerParts {
+            mem: ctx.mem,
+            tap: self.tap.clone(),
+            rx,
+            tx,
+            rx_event,
+            tx_event,
+            interrupt: ctx.interrupt,
+            kill: kill.try_clone().map_err(ActivateError::Worker)?,
+            mergeable_rx: ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            stats: self.stats.clone(),
+        });
+        let handle = std::thread::Builder::new()
+            .name(format!("virtio-net-{}", self.tap.name()))
+            .spawn(move || worker.run())
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some((kill, handle));
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop();
+    }
+}
+
+impl Drop for VirtioNet {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parsing_accepts_unicast_only() {
+        assert_eq!(
+            parse_mac("02:00:c6:12:00:0a"),
+            Some([2, 0, 0xc6, 0x12, 0, 0x0a])
+        );
+        assert_eq!(parse_mac("03:00:00:00:00:01"), None);
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:zz"), None);
+        assert_eq!(parse_mac("2:00:00:00:00:01"), None);
+    }
+
+    #[test]
+    fn offloads_follow_guest_checksum_acceptance() {
+        assert_eq!(tap_offload_flags(VIRTIO_NET_F_GUEST_TSO4), 0);
+        assert_eq!(
+            tap_offload_flags(
+                VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6
+            ),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+        );
+    }
+}

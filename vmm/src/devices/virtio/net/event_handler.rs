@@ -1,0 +1,376 @@
+//! The virtio-net worker: TX chains are written to the TAP as they come; frames read from
+//! the TAP are spread over as many RX buffers as they need (mergeable buffers). Nothing
+//! polls: the worker sleeps in epoll on the TAP, both queue notifications and its kill event.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::tap::Tap;
+use super::*;
+use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use crate::memory::GuestMemoryMmap;
+
+/// Counters a test or the VMM API can read.
+#[derive(Default, Debug)]
+pub struct NetStats {
+    pub tx_frames: AtomicU64,
+    pub tx_dropped: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_dropped: AtomicU64,
+}
+
+pub struct NetWorkerParts {
+    pub mem: GuestMemoryMmap,
+    pub tap: Arc<Tap>,
+    pub rx: Queue,
+    pub tx: Queue,
+    pub rx_event: EventFd,
+    pub tx_event: EventFd,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub kill: EventFd,
+    pub mergeable_rx: bool,
+    pub stats: Arc<NetStats>,
+}
+
+/// An RX chain taken from the queue and checked, waiting for a frame.
+struct RxChain {
+    head: u16,
+    buffers: Vec<(GuestAddress, usize)>,
+    capacity: usize,
+}
+
+pub struct NetWorker {
+    p: NetWorkerParts,
+    frame: Vec<u8>,
+    rx_reserve: std::collections::VecDeque<RxChain>,
+    /// Length of a frame read from the TAP that found no room in the RX queue yet.
+    pending: Option<usize>,
+    rx_used: bool,
+    tx_used: bool,
+}
+
+const TAP_TOKEN: u64 = 0;
+const RX_TOKEN: u64 = 1;
+const TX_TOKEN: u64 = 2;
+const KILL_TOKEN: u64 = 3;
+
+impl NetWorker {
+    pub fn new(parts: NetWorkerParts) -> Self {
+        NetWorker {
+            p: parts,
+            frame: vec![0; MAX_PACKET_LEN],
+            rx_reserve: std::collections::VecDeque::new(),
+            pending: None,
+            rx_used: false,
+            tx_used: false,
+        }
+    }
+
+    /// Sends every frame the guest queued; returns how many chains were consumed.
+    pub fn process_tx(&mut self) -> usize {
+        let mut consumed = 0;
+        loop {
+            if self.p.tx.event_idx_enabled() {
+                let _ = self.p.tx.disable_notification(&self.p.mem);
+            }
+            let mem = self.p.mem.clone();
+            while let Some(chain) = self.p.tx.pop_descriptor_chain(&mem) {
+                let head = chain.head_index();
+                let mut iovecs = Vec::new();
+                let mut total = 0usize;
+                let mut valid = true;
+                let mut last_has_next = false;
+                for d in chain {
+                    last_has_next = d.has_next();
+                    total = total.saturating_add(d.len() as usize);
+                    if d.is_write_only() || total > MAX_PACKET_LEN {
+                        valid = false;
+                        break;
+                    }
+                    for slice in GuestMemoryBackend::get_slices(&mem, d.addr(), d.len() as usize) {
+                        match slice {
+                            Ok(s) => iovecs.push(libc::iovec {
+                                iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                                iov_len: s.len(),
+                            }),
+                            Err(_) => valid = false,
+                        }
+                    }
+                }
+                if last_has_next || total < VNET_HDR_LEN + MIN_FRAME_LEN {
+                    valid = false;
+                }
+                let sent = valid
+                    && match self.p.tap.write_frame(&iovecs) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            tracing::debug!("virtio-net: TAP refused a {total}-byte frame: {e}");
+                            false
+                        }
+                    };
+                if !valid {
+                    tracing::debug!("virtio-net: dropping a malformed {total}-byte TX chain");
+                }
+                let counter = if sent {
+                    &self.p.stats.tx_frames
+                } else {
+                    &self.p.stats.tx_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                // TX buffers are only read: the used length is 0 either way.
+                if self.p.tx.add_used(&mem, head, 0).is_err() {
+                    tracing::error!("virtio-net: cannot return TX buffer {head}");
+                }
+                self.tx_used = true;
+                consumed += 1;
+            }
+            if !self.p.tx.event_idx_enabled()
+                || !self.p.tx.enable_notification(&self.p.mem).unwrap_or(false)
+            {
+                break;
+            }
+        }
+        self.notify();
+        consumed
+    }
+
+    /// Moves frames from the TAP into RX buffers. Returns false when it stopped because
+    /// the guest has no buffers left (the frame stays pending).
+    pub fn process_rx(&mut self) -> bool {
+        let mut delivered_all = true;
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => match self.p.tap.read_frame(&mut self.frame) {
+                    Ok(Some(len)) => len,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: TAP read failed: {e}");
+                        break;
+                    }
+                },
+            };
+            if len < VNET_HDR_LEN {
+                self.p.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                self.pending = None;
+                continue;
+            }
+            match self.deliver(len) {
+                Delivery::Done => {
+                    self.p.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.pending = None;
+                }
+                Delivery::Dropped => {
+                    self.p.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.pending = None;
+                }
+                Delivery::NoBuffers => {
+                    // With EVENT_IDX the driver only kicks when asked to: ask now, and
+                    // catch buffers that arrived while we were asking.
+                    if self.p.rx.event_idx_enabled()
+                        && self.p.rx.enable_notification(&self.p.mem).unwrap_or(false)
+                    {
+                        self.pending = Some(len);
+                        continue;
+                    }
+                    self.pending = Some(len);
+                    delivered_all = false;
+                    break;
+                }
+            }
+        }
+        self.notify();
+        delivered_all
+    }
+
+    /// Takes RX chains into the reserve until they can hold `len` bytes (or, without
+    /// mergeable buffers, until there is one chain). Malformed chains go back unused.
+    fn reserve_rx(&mut self, len: usize) -> bool {
+        let mem = self.p.mem.clone();
+        loop {
+            let capacity: usize = self.rx_reserve.iter().map(|c| c.capacity).sum();
+            let enough = if self.p.mergeable_rx {
+                capacity >= len
+            } else {
+                !self.rx_reserve.is_empty()
+            };
+            if enough {
+                return true;
+            }
+            let Some(chain) = self.p.rx.pop_descriptor_chain(&mem) else {
+                return false;
+            };
+            let head = chain.head_index();
+            let mut buffers = Vec::new();
+            let mut valid = true;
+            let mut last_has_next = false;
+            for d in chain {
+                last_has_next = d.has_next();
+                if !d.is_write_only()
+                    || !GuestMemoryBackend::check_range(&mem, d.addr(), d.len() as usize)
+                {
+                    valid = false;
+                    break;
+                }
+                buffers.push((d.addr(), d.len() as usize));
+            }
+            // Each chain's first buffer must hold a whole header: num_buffers lives there.
+            if !valid || last_has_next || buffers.first().is_none_or(|b| b.1 < VNET_HDR_LEN) {
+                tracing::debug!("virtio-net: returning a malformed RX chain {head}");
+                let _ = self.p.rx.add_used(&mem, head, 0);
+                self.rx_used = true;
+                continue;
+            }
+            let capacity = buffers.iter().map(|b| b.1).sum();
+            self.rx_reserve.push_back(RxChain {
+                head,
+                buffers,
+                capacity,
+            });
+        }
+    }
+
+    fn deliver(&mut self, len: usize) -> Delivery {
+        if !self.reserve_rx(len) {
+            return Delivery::NoBuffers;
+        }
+        let mem = self.p.mem.clone();
+        if !self.p.mergeable_rx && self.rx_reserve.front().is_some_and(|c| c.capacity < len) {
+            // Without mergeable buffers one chain must hold the frame.
+            let chain = self.rx_reserve.pop_front().expect("reserved chain");
+            let _ = self.p.rx.add_used(&mem, chain.head, 0);
+            self.rx_used = true;
+            return Delivery::Dropped;
+        }
+        // How many chains the frame spans.
+        let mut count = 0usize;
+        let mut room = 0usize;
+        for c in &self.rx_reserve {
+            count += 1;
+            room += c.capacity;
+            if room >= len {
+                break;
+            }
+        }
+        self.frame[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2]
+            .copy_from_slice(&(count as u16).to_le_bytes());
+        let mut copied = 0usize;
+        for _ in 0..count {
+            let chain = self.rx_reserve.pop_front().expect("counted chain");
+            let mut written = 0usize;
+            for &(addr, blen) in &chain.buffers {
+                if copied == len {
+                    break;
+                }
+                let take = blen.min(len - copied);
+                if mem
+                    .write_slice(&self.frame[copied..copied + take], addr)
+                    .is_err()
+                {
+                    break;
+                }
+                copied += take;
+                written += take;
+            }
+            let _ = self.p.rx.add_used(&mem, chain.head, written as u32);
+        }
+        self.rx_used = true;
+        Delivery::Done
+    }
+
+    fn notify(&mut self) {
+        if self.rx_used && self.p.rx.needs_notification(&self.p.mem).unwrap_or(true) {
+            self.p
+                .interrupt
+                .trigger(VirtioInterruptType::Queue(RX_QUEUE as u16));
+        }
+        if self.tx_used && self.p.tx.needs_notification(&self.p.mem).unwrap_or(true) {
+            self.p
+                .interrupt
+                .trigger(VirtioInterruptType::Queue(TX_QUEUE as u16));
+        }
+        self.rx_used = false;
+        self.tx_used = false;
+    }
+
+    pub fn run(mut self) {
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("virtio-net worker cannot create epoll: {e}");
+                return;
+            }
+        };
+        let fds = [
+            (self.p.tap.fd(), TAP_TOKEN),
+            (self.p.rx_event.as_raw_fd(), RX_TOKEN),
+            (self.p.tx_event.as_raw_fd(), TX_TOKEN),
+            (self.p.kill.as_raw_fd(), KILL_TOKEN),
+        ];
+        for (fd, token) in fds {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            ) {
+                tracing::error!("virtio-net worker cannot watch fd {fd}: {e}");
+                return;
+            }
+        }
+        // The TAP is watched only while there is somewhere to put what it delivers;
+        // otherwise a readable TAP would wake the worker in a loop.
+        let mut tap_watched = true;
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-net worker epoll failed: {e}");
+                    return;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    TAP_TOKEN | RX_TOKEN => {
+                        if event.data() == RX_TOKEN {
+                            let _ = self.p.rx_event.read();
+                        }
+                        let all = self.process_rx();
+                        let want = all || self.pending.is_none();
+                        if want != tap_watched {
+                            let set = if want {
+                                EventSet::IN
+                            } else {
+                                EventSet::empty()
+                            };
+                            let _ = epoll.ctl(
+                                ControlOperation::Modify,
+                                self.p.tap.fd(),
+                                EpollEvent::new(set, TAP_TOKEN),
+                            );
+                            tap_watched = want;
+                        }
+                    }
+                    TX_TOKEN => {
+                        let _ = self.p.tx_event.read();
+                        self.process_tx();
+                    }
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
+enum Delivery {
+    Done,
+    Dropped,
+    NoBuffers,
+}

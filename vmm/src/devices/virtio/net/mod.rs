@@ -1,0 +1,33 @@
+//! virtio-net on a TAP device: one RX and one TX queue, mergeable receive buffers, checksum
+//! and TSO offloads through the TAP's virtio-net header.
+
+pub mod device;
+pub mod event_handler;
+pub mod tap;
+
+pub use device::{NetConfig, VirtioNet};
+
+pub const QUEUE_SIZE: u16 = 256;
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+/// struct virtio_net_hdr_v1 (with num_buffers): what VERSION_1 drivers put before frames.
+pub const VNET_HDR_LEN: usize = 12;
+/// Offset of num_buffers in the header.
+pub const VNET_HDR_NUM_BUFFERS: usize = 10;
+/// Largest frame with offloads (a 64 KiB GSO frame plus Ethernet header) and its header.
+pub const MAX_FRAME_LEN: usize = 65_550;
+pub const MAX_PACKET_LEN: usize = MAX_FRAME_LEN + VNET_HDR_LEN;
+/// Smallest frame the TX path accepts: an Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;

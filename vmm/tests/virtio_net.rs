@@ -1,0 +1,322 @@
+//! virtio-net without KVM: frames through real RX/TX virtqueues in guest memory, with a
+//! datagram socket standing in for the TAP (it keeps frame boundaries the same way).
+
+use std::os::unix::io::{FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use stratus_vmm::devices::virtio::net::event_handler::{NetStats, NetWorker, NetWorkerParts};
+use stratus_vmm::devices::virtio::net::tap::Tap;
+use stratus_vmm::devices::virtio::net::*;
+use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use stratus_vmm::memory::GuestMemoryMmap;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 16 << 20;
+const RX_RING: u64 = 0x0;
+const TX_RING: u64 = 0x10000;
+const BUF: u64 = 0x100_0000 / 2;
+
+#[derive(Default)]
+struct Irqs(AtomicUsize, AtomicUsize);
+
+impl VirtioInterrupt for Irqs {
+    fn trigger(&self, kind: VirtioInterruptType) {
+        match kind {
+            VirtioInterruptType::Queue(0) => self.0.fetch_add(1, Ordering::SeqCst),
+            VirtioInterruptType::Queue(1) => self.1.fetch_add(1, Ordering::SeqCst),
+            other => panic!("unexpected interrupt {other:?}"),
+        };
+    }
+}
+
+struct Net<'a> {
+    rx: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    worker: NetWorker,
+    peer: OwnedFd,
+    stats: Arc<NetStats>,
+    irqs: Arc<Irqs>,
+    rx_next: u16,
+    tx_next: u16,
+}
+
+fn socketpair() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair fills the two-element array on success.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    assert_eq!(rc, 0);
+    // SAFETY: both descriptors were just created and are owned here.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+impl<'a> Net<'a> {
+    fn new(mem: &'a GuestMemoryMmap, mergeable_rx: bool) -> Self {
+        Self::with_event_idx(mem, mergeable_rx, false)
+    }
+
+    fn with_event_idx(mem: &'a GuestMemoryMmap, mergeable_rx: bool, event_idx: bool) -> Self {
+        let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), QUEUE_SIZE);
+        let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), QUEUE_SIZE);
+        let (ours, peer) = socketpair();
+        let tap =
+            Tap::from_raw_datagram_fd(std::os::unix::io::IntoRawFd::into_raw_fd(ours), "test0");
+        let stats = Arc::new(NetStats::default());
+        let irqs = Arc::new(Irqs::default());
+        let mut rx_queue: Queue = rx.create_queue().unwrap();
+        let mut tx_queue: Queue = tx.create_queue().unwrap();
+        rx_queue.set_event_idx(event_idx);
+        tx_queue.set_event_idx(event_idx);
+        let worker = NetWorker::new(NetWorkerParts {
+            mem: mem.clone(),
+            tap: Arc::new(tap),
+            rx: rx_queue,
+            tx: tx_queue,
+            rx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            tx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: irqs.clone(),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            mergeable_rx,
+            stats: stats.clone(),
+        });
+        Net {
+            rx,
+            tx,
+            worker,
+            peer,
+            stats,
+            irqs,
+            rx_next: 0,
+            tx_next: 0,
+        }
+    }
+
+    fn add_chain(
+        queue: &MockSplitQueue<'a, GuestMemoryMmap>,
+        next: &mut u16,
+        descs: &[(u64, u32, u32)],
+    ) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| {
+                let last = i == descs.len() - 1;
+                let f = if last {
+                    flags
+                } else {
+                    flags | VRING_DESC_F_NEXT
+                };
+                RawDescriptor::from(SplitDescriptor::new(
+                    addr,
+                    len,
+                    f as u16,
+                    if last { 0 } else { *next + i as u16 + 1 },
+                ))
+            })
+            .collect();
+        queue.add_desc_chains(&raw, *next).unwrap();
+        *next += descs.len() as u16;
+    }
+
+    fn add_tx(&mut self, descs: &[(u64, u32, u32)]) {
+        Self::add_chain(&self.tx, &mut self.tx_next, descs);
+    }
+
+    fn add_rx(&mut self, descs: &[(u64, u32, u32)]) {
+        Self::add_chain(&self.rx, &mut self.rx_next, descs);
+    }
+
+    fn peer_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; MAX_PACKET_LEN + 16];
+        // SAFETY: recv writes at most buf.len() bytes.
+        let n = unsafe {
+            libc::recv(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.peer),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        (n >= 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+
+    fn peer_send(&self, packet: &[u8]) {
+        // SAFETY: send reads packet.len() bytes from packet.
+        let n = unsafe {
+            libc::send(
+                std::os::unix::io::AsRawFd::as_raw_fd(&self.peer),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+            )
+        };
+        assert_eq!(n as usize, packet.len());
+    }
+
+    fn used(&self, rx: bool) -> Vec<(u32, u32)> {
+        let q = if rx { &self.rx } else { &self.tx };
+        let n = q.used().idx().load();
+        (0..n as usize)
+            .map(|i| q.used().ring().ref_at(i).unwrap().load())
+            .map(|e| (e.id(), e.len()))
+            .collect()
+    }
+}
+
+fn packet(frame_len: usize, seed: u8) -> Vec<u8> {
+    let mut p = vec![0u8; VNET_HDR_LEN];
+    p.extend((0..frame_len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    p
+}
+
+const R: u32 = 0;
+const W: u32 = VRING_DESC_F_WRITE;
+
+#[test]
+fn tx_frame_reaches_the_tap_with_its_header() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    let p = packet(1000, 3);
+    mem.write_slice(&p[..40], GuestAddress(BUF)).unwrap();
+    mem.write_slice(&p[40..], GuestAddress(BUF + 0x1000))
+        .unwrap();
+    net.add_tx(&[(BUF, 40, R), (BUF + 0x1000, (p.len() - 40) as u32, R)]);
+    assert_eq!(net.worker.process_tx(), 1);
+    assert_eq!(net.peer_recv().unwrap(), p);
+    assert_eq!(net.used(false), vec![(0, 0)]);
+    assert_eq!(net.stats.tx_frames.load(Ordering::SeqCst), 1);
+    assert_eq!(net.irqs.1.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn malformed_tx_chains_are_dropped_counted_and_returned() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    // Device-writable buffer in a TX chain.
+    net.add_tx(&[(BUF, 100, W)]);
+    // Header only.
+    net.add_tx(&[(BUF, VNET_HDR_LEN as u32, R)]);
+    // Outside guest memory.
+    net.add_tx(&[(MEM_SIZE as u64 - 8, 100, R)]);
+    // Larger than any frame.
+    net.add_tx(&[(BUF, (MAX_PACKET_LEN + 1) as u32, R)]);
+    assert_eq!(net.worker.process_tx(), 4);
+    assert!(net.peer_recv().is_none(), "nothing reaches the network");
+    assert_eq!(
+        net.used(false).len(),
+        4,
+        "every chain goes back to the guest"
+    );
+    assert_eq!(net.stats.tx_dropped.load(Ordering::SeqCst), 4);
+    assert_eq!(net.stats.tx_frames.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn rx_frame_spreads_over_mergeable_buffers() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    for i in 0..4u64 {
+        net.add_rx(&[(BUF + i * 0x1000, 1526, W)]);
+    }
+    let p = packet(3000, 9);
+    net.peer_send(&p);
+    assert!(net.worker.process_rx());
+    let used = net.used(true);
+    assert_eq!(used, vec![(0, 1526), (1, (p.len() - 1526) as u32)]);
+    let mut got = vec![0u8; p.len()];
+    mem.read_slice(&mut got[..1526], GuestAddress(BUF)).unwrap();
+    mem.read_slice(&mut got[1526..], GuestAddress(BUF + 0x1000))
+        .unwrap();
+    // num_buffers says the frame spans two buffers; the rest is the frame as sent.
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2);
+    assert_eq!(got[..10], p[..10]);
+    assert_eq!(got[12..], p[12..]);
+    assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 1);
+    assert_eq!(net.irqs.0.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn rx_frame_waits_for_buffers_then_arrives() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    let p = packet(200, 1);
+    net.peer_send(&p);
+    assert!(!net.worker.process_rx(), "no buffers: the frame waits");
+    assert!(net.used(true).is_empty());
+    net.add_rx(&[(BUF, 1526, W)]);
+    assert!(net.worker.process_rx());
+    assert_eq!(net.used(true), vec![(0, p.len() as u32)]);
+    let mut got = vec![0u8; p.len()];
+    mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(got[12..], p[12..]);
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn malformed_rx_chains_are_returned_unused_and_the_frame_takes_the_next() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    // Read-only buffer, a buffer outside memory, one too small for the header, then a good one.
+    net.add_rx(&[(BUF, 1526, R)]);
+    net.add_rx(&[(MEM_SIZE as u64 - 100, 1526, W)]);
+    net.add_rx(&[(BUF + 0x2000, 8, W)]);
+    net.add_rx(&[(BUF + 0x3000, 1526, W)]);
+    let p = packet(100, 5);
+    net.peer_send(&p);
+    assert!(net.worker.process_rx());
+    assert_eq!(
+        net.used(true),
+        vec![(0, 0), (1, 0), (2, 0), (3, p.len() as u32)]
+    );
+}
+
+#[test]
+fn without_mergeable_buffers_a_frame_too_big_for_one_chain_is_dropped() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, false);
+    net.add_rx(&[(BUF, 1526, W)]);
+    net.add_rx(&[(BUF + 0x1000, 1526, W)]);
+    net.peer_send(&packet(3000, 2));
+    net.peer_send(&packet(100, 4));
+    assert!(net.worker.process_rx());
+    assert_eq!(
+        net.used(true),
+        vec![(0, 0), (1, (VNET_HDR_LEN + 100) as u32)]
+    );
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 1);
+    assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn with_event_idx_a_starved_rx_queue_asks_the_driver_for_a_kick() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::with_event_idx(&mem, true, true);
+    net.add_rx(&[(BUF, 1526, W)]);
+    net.peer_send(&packet(100, 1));
+    net.peer_send(&packet(100, 2));
+    // One buffer for two frames: the second waits, and avail_event (after the used ring)
+    // now asks the driver to kick when it adds the next buffer.
+    assert!(!net.worker.process_rx());
+    let avail_event_addr = net.rx.used_addr().0 + 4 + 8 * u64::from(QUEUE_SIZE);
+    let avail_event: u16 = mem.read_obj(GuestAddress(avail_event_addr)).unwrap();
+    assert_eq!(avail_event, 1);
+    net.add_rx(&[(BUF + 0x1000, 1526, W)]);
+    assert!(net.worker.process_rx());
+    assert_eq!(net.used(true).len(), 2);
+}
