@@ -9,6 +9,7 @@ use std::time::SystemTime;
 
 use chrono::Utc;
 
+use crate::boot::{self, BootInfo};
 use crate::checksum::hash_reader;
 use crate::download::{self, Expected, Progress};
 use crate::error::{Error, Result};
@@ -30,6 +31,8 @@ pub struct ImageCache {
     inflight: Mutex<HashMap<String, Arc<Flight>>>,
     /// Files verified in this process: identifier -> (length, modification time).
     verified: Mutex<HashMap<String, (u64, SystemTime)>>,
+    /// Serialises kernel/initrd extraction.
+    boot_lock: Mutex<()>,
 }
 
 impl ImageCache {
@@ -42,6 +45,7 @@ impl ImageCache {
             policy,
             inflight: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            boot_lock: Mutex::new(()),
         })
     }
 
@@ -90,6 +94,33 @@ impl ImageCache {
         flight.cv.notify_all();
         self.inflight.lock().expect("cache lock").remove(&id);
         result
+    }
+
+    /// The image of `m` (fetched as by [`ImageCache::get`]) prepared for direct kernel boot:
+    /// its kernel and initrd are extracted beside it (`<id>.vmlinuz`, `<id>.initrd`) and the
+    /// [`BootInfo`] (with the root filesystem UUID) is stored as `<id>.boot.json`. Prepared
+    /// files are reused while intact. An image with no usable filesystem or no kernel gives
+    /// [`Error::NotBootable`] naming the reason (the image itself stays cached).
+    pub fn prepare_boot(
+        &self,
+        m: &Metadata,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<(PathBuf, BootInfo)> {
+        let image = self.get(m, progress)?;
+        let stem = m.identifier.as_str();
+        let _guard = self.boot_lock.lock().expect("boot lock");
+        if let Some(info) = boot::load_prepared(&self.dir, stem) {
+            tracing::debug!(identifier = %m.identifier, "boot files already prepared");
+            return Ok((image, info));
+        }
+        let info = boot::prepare(&image, &self.dir, stem).map_err(|e| match e {
+            Error::NotBootable { reason, .. } => Error::NotBootable {
+                image: m.identifier.to_string(),
+                reason,
+            },
+            other => other,
+        })?;
+        Ok((image, info))
     }
 
     fn stamp(path: &Path) -> Option<(u64, SystemTime)> {

@@ -69,6 +69,8 @@ pub enum Error {
     Expired { identifier: String, valid: String },
     #[error("image {identifier} is deprecated: {reason}")]
     Deprecated { identifier: String, reason: String },
+    #[error("image {image} cannot be booted directly: {reason}")]
+    NotBootable { image: String, reason: String },
     #[error("download of image {identifier} by a concurrent request failed: {reason}")]
     SharedDownloadFailed { identifier: String, reason: String },
 }

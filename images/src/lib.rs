@@ -11,14 +11,18 @@
 //! - [`dsig`]: enveloped XML-DSig signing and verification;
 //! - [`download`]: fetch an image from `http(s)://` or `file://`, decompressing and verifying;
 //! - [`policy::Policy`]: site white/black lists;
-//! - [`cache::ImageCache`]: per-host image cache with shared concurrent downloads.
+//! - [`cache::ImageCache`]: per-host image cache with shared concurrent downloads;
+//! - [`boot`]: find the kernel, initrd and root UUID inside a disk image for direct boot;
+//! - [`marketplace`]: the Marketplace REST server (axum + SQLite).
 
+pub mod boot;
 pub mod cache;
 pub mod checksum;
 pub mod download;
 pub mod dsig;
 mod error;
 pub mod identifier;
+pub mod marketplace;
 pub mod metadata;
 pub mod ops;
 pub mod policy;

@@ -128,10 +128,11 @@ impl VmConfig {
     }
 }
 
-/// Parses `tap=NAME,mac=02:00:…`.
+/// Parses `tap=NAME,mac=02:00:…[,fd=N]`.
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut tap = None;
     let mut mac = None;
+    let mut fd = None;
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -139,9 +140,16 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
         match key {
             "tap" => tap = Some(value.to_string()),
             "mac" => mac = Some(value.to_string()),
+            "fd" => {
+                fd = Some(value.parse::<i32>().map_err(|_| {
+                    ConfigError::Invalid(format!(
+                        "--net fd= takes a descriptor number, not '{value}'"
+                    ))
+                })?)
+            }
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--net has no option '{other}' (known: tap, mac)"
+                    "--net has no option '{other}' (known: tap, mac, fd)"
                 )))
             }
         }
@@ -155,7 +163,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
             "--net mac '{mac}' is not a unicast MAC address like 02:00:c6:12:00:0a"
         )));
     }
-    Ok(NetConfig { tap, mac })
+    Ok(NetConfig { tap, mac, fd })
 }
 
 fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {

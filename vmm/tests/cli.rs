@@ -85,3 +85,28 @@ fn config_file_errors_are_named() {
     let (code, err) = vmm(&["--config", f.path().to_str().unwrap(), "--cpus", "2"]);
     assert_eq!(code, 2, "clap usage error: {err}");
 }
+
+#[test]
+fn a_net_descriptor_that_is_no_tap_is_refused() {
+    let kernel = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(kernel.path(), b"\x7fELF").unwrap();
+    // Descriptor 0 is stdin, never a TAP.
+    let (code, err) = vmm(&[
+        "--kernel",
+        kernel.path().to_str().unwrap(),
+        "--memory",
+        "64",
+        "--net",
+        "tap=tap9,mac=02:00:c6:12:00:0a,fd=0",
+        "--console",
+        "off",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("descriptor 0 is not an open /dev/net/tun descriptor"),
+        "{err}"
+    );
+    let (code, err) = vmm(&["--kernel", "/k", "--net", "tap=t,mac=ff:00:00:00:00:01"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("unicast"), "{err}");
+}

@@ -48,6 +48,12 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path) -> Pki {
+        Pki::for_endorser(dir, "Jane Endorser", "jane@stratuslab.eu")
+    }
+
+    /// A CA and an endorser certificate for `name` <`email`>, in `dir`.
+    pub fn for_endorser(dir: &Path, name: &str, email: &str) -> Pki {
+        let subject = format!("/C=EU/O=StratusLab/CN={name}/emailAddress={email}");
         run(
             "openssl",
             &[
@@ -80,7 +86,7 @@ impl Pki {
                 "-out",
                 "endorser.csr",
                 "-subj",
-                "/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress=jane@stratuslab.eu",
+                &subject,
             ],
             dir,
         );

@@ -19,10 +19,13 @@ pub const VIRTIO_ID_NET: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// TAP device to open (created if it does not exist).
+    /// TAP device to open (created if it does not exist), or the name of `fd`'s TAP.
     pub tap: String,
     /// Guest MAC, e.g. 02:00:c6:12:00:0a.
     pub mac: String,
+    /// An already open TAP descriptor inherited from the node agent (IFF_VNET_HDR set).
+    #[serde(default)]
+    pub fd: Option<i32>,
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -47,6 +50,22 @@ pub enum NetError {
     BadMac(String),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error("descriptor {0} is not an open /dev/net/tun descriptor")]
+    NotTap(i32),
+}
+
+/// Takes over an inherited descriptor after checking it really is a TAP queue.
+fn inherited_tap(fd: i32, name: &str) -> Result<Tap, NetError> {
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    let target =
+        std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|_| NetError::NotTap(fd))?;
+    if fd < 3 || target != std::path::Path::new("/dev/net/tun") {
+        return Err(NetError::NotTap(fd));
+    }
+    // SAFETY: the descriptor is open (it resolved above), refers to /dev/net/tun and was
+    // handed to this process to own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(Tap::from_fd(owned, name)?)
 }
 
 pub struct VirtioNet {
@@ -59,7 +78,10 @@ pub struct VirtioNet {
 impl VirtioNet {
     pub fn new(config: &NetConfig) -> Result<Self, NetError> {
         let mac = parse_mac(&config.mac).ok_or_else(|| NetError::BadMac(config.mac.clone()))?;
-        let tap = Tap::open(&config.tap)?;
+        let tap = match config.fd {
+            Some(fd) => inherited_tap(fd, &config.tap)?,
+            None => Tap::open(&config.tap)?,
+        };
         Ok(VirtioNet {
             tap: Arc::new(tap),
             mac,
