@@ -33,20 +33,7 @@ busybox_root "$W/outer"
 copy_modules "$W/outer/lib/modules" kvm_amd
 cp "$STATIC_VMM" "$W/outer/vmm"; cp "$BENCH" "$W/outer/bench"
 cp "$VMLINUX" "$W/outer/vmlinux"; cp "$W/inner.cpio.gz" "$W/outer/initrd"
-# QEMU inside L1: the binary, its shared libraries and the firmware it loads.
-QEMU=$(command -v qemu-system-x86_64)
-mkdir -p "$W/outer/usr/bin" "$W/outer/usr/share/qemu"
-cp "$QEMU" "$W/outer/usr/bin/"
-for lib in $(ldd "$QEMU" | awk '/=> \//{print $3} /^\s*\/lib/{print $1}'); do
-    mkdir -p "$W/outer$(dirname "$lib")"; cp -L "$lib" "$W/outer$lib"
-done
-for fw in bios-256k.bin bios-microvm.bin kvmvapic.bin linuxboot_dma.bin pvh.bin; do
-    src=$(ls /usr/share/qemu/$fw /usr/share/seabios/$fw 2>/dev/null | head -1 || true)
-    [ -n "$src" ] || { log "QEMU firmware $fw not found"; exit 1; }
-    cp -L "$src" "$W/outer/usr/share/qemu/"
-done
-[ -e "$W/outer/lib64" ] || ln -s lib "$W/outer/lib64"
-mkdir -p "$W/outer/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$W/outer/lib64/" 2>/dev/null || true
+copy_qemu_into "$W/outer"
 
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 loglevel=6"
 DISKS_Q35="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"

@@ -12,6 +12,6 @@ if [ -n "$missing" ]; then
     apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 if ! command -v cargo >/dev/null; then
-    echo "[ERROR] cargo not found: install a Rust toolchain >= 1.88 (rustup) and re-run" >&2
+    echo "[ERROR] cargo not found: install a Rust toolchain >= 1.94 (rustup) and re-run" >&2
     exit 1
 fi

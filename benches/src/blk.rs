@@ -126,6 +126,7 @@ pub fn run_stratus(path: &std::path::Path, engine: IoEngine, job: Job) -> Result
         interrupt: Arc::new(EventInterrupt(irq.try_clone()?)),
         kill: kill.try_clone()?,
         engine: io_engine,
+        limiter: None,
     });
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {

@@ -2,5 +2,6 @@
 //! markers, medians, and VMM memory overhead from /proc.
 
 pub mod blk;
+pub mod download;
 pub mod guest;
 pub mod measure;

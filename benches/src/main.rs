@@ -45,6 +45,20 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         runtime_ms: u64,
     },
+    /// Image download throughput: stratus-image-fetch (HTTP, xz, checksums, writing the
+    /// image) vs `curl | xz -d | sha1sum`, from a server in this process on 127.0.0.1,
+    /// alternated.
+    Download {
+        #[arg(long)]
+        fetch: PathBuf,
+        /// Size of the (decompressed) image; the xz file is made once and kept in --dir.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value = "target/bench-download")]
+        dir: PathBuf,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -60,6 +74,9 @@ enum Cmd {
         markers: Vec<String>,
         #[arg(long, default_value_t = 600)]
         timeout_s: u64,
+        /// Output lines starting with this prefix are copied into the JSON ("captured").
+        #[arg(long)]
+        capture: Option<String>,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -218,7 +235,12 @@ fn memory(vmm: &Path, qemu: &Path) -> Result<()> {
     Ok(())
 }
 
-fn stamp(markers: &[String], timeout_s: u64, command: &[String]) -> Result<()> {
+fn stamp(
+    markers: &[String],
+    timeout_s: u64,
+    capture: Option<&str>,
+    command: &[String],
+) -> Result<()> {
     let parsed: Vec<(&str, &str)> = markers
         .iter()
         .map(|m| m.split_once('=').context("--marker takes name=text"))
@@ -230,6 +252,15 @@ fn stamp(markers: &[String], timeout_s: u64, command: &[String]) -> Result<()> {
     let mut json = serde_json::Map::new();
     for ((name, _), at) in parsed.iter().zip(&t.markers) {
         json.insert((*name).into(), at.map(ms).into());
+    }
+    if let Some(prefix) = capture {
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&t.output)
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.to_string().into())
+            .collect();
+        json.insert("captured".into(), lines.into());
     }
     json.insert("exit".into(), ms(t.exited).into());
     json.insert("status".into(), t.status.into());
@@ -298,6 +329,37 @@ fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
     Ok(())
 }
 
+fn download(fetch: &Path, size_mib: u64, runs: usize, dir: &Path) -> Result<()> {
+    use stratus_benches::download::{prepare_image, serve, time_curl, time_stratus};
+    let (xz, sha1) = prepare_image(dir, size_mib)?;
+    let xz_mib = std::fs::metadata(&xz)?.len() as f64 / f64::from(1 << 20);
+    let url = format!("http://127.0.0.1:{}/img.xz", serve(xz)?);
+    let dest = dir.join("fetched.img");
+    let bytes = size_mib << 20;
+    let (mut s, mut c) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        // Alternate which side goes first.
+        if run % 2 == 0 {
+            s.push(time_stratus(fetch, &url, &dest, bytes, &sha1)?.as_secs_f64());
+            c.push(time_curl(&url, &sha1)?.as_secs_f64());
+        } else {
+            c.push(time_curl(&url, &sha1)?.as_secs_f64());
+            s.push(time_stratus(fetch, &url, &dest, bytes, &sha1)?.as_secs_f64());
+        }
+    }
+    let (sm, cm) = (
+        size_mib as f64 / median(&mut s),
+        size_mib as f64 / median(&mut c),
+    );
+    println!("| image download, {size_mib} MiB image as {xz_mib:.0} MiB of xz over HTTP on 127.0.0.1 ({runs} alternated runs, medians, MiB/s of decompressed data) | stratus-image-fetch (+ size, MD5, SHA-1, SHA-256, SHA-512, writes the image) | curl \\| xz -d \\| sha1sum | stratus / curl |");
+    println!("|---|---|---|---|");
+    println!(
+        "| download + xz decompression + checksum | {sm:.0} MiB/s | {cm:.0} MiB/s | {:.2}× |",
+        sm / cm
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BootKvm { vmm, qemu, runs } => boot_kvm(&vmm, &qemu, runs),
@@ -307,12 +369,19 @@ fn main() -> Result<()> {
             size_mib,
             runtime_ms,
         } => blk(&file, size_mib, runtime_ms),
+        Cmd::Download {
+            fetch,
+            size_mib,
+            runs,
+            dir,
+        } => download(&fetch, size_mib, runs, &dir),
         Cmd::TinyGuest { out, halt } => std::fs::write(&out, pvh_elf(&guest_code(!halt)))
             .with_context(|| format!("cannot write {}", out.display())),
         Cmd::Stamp {
             markers,
             timeout_s,
+            capture,
             command,
-        } => stamp(&markers, timeout_s, &command),
+        } => stamp(&markers, timeout_s, capture.as_deref(), &command),
     }
 }

@@ -100,3 +100,21 @@ run_l1() {
     log "L1 stayed silent twice"
     return 1
 }
+
+# copy_qemu_into <root>: the host's qemu-system-x86_64, its shared libraries and the
+# firmware it loads, so benchmarks can run QEMU-KVM inside L1 next to stratus-vmm.
+copy_qemu_into() {
+    local root=$1 qemu lib fw src
+    qemu=$(command -v qemu-system-x86_64)
+    mkdir -p "$root/usr/bin" "$root/usr/share/qemu" "$root/lib64"
+    cp "$qemu" "$root/usr/bin/"
+    for lib in $(ldd "$qemu" | awk '/=> \//{print $3} /^\s*\/lib/{print $1}'); do
+        mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"
+    done
+    cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+    for fw in bios-256k.bin bios-microvm.bin kvmvapic.bin linuxboot_dma.bin pvh.bin; do
+        src=$(ls /usr/share/qemu/$fw /usr/share/seabios/$fw 2>/dev/null | head -1 || true)
+        [ -n "$src" ] || { log "QEMU firmware $fw not found"; return 1; }
+        cp -L "$src" "$root/usr/share/qemu/"
+    done
+}

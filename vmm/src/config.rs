@@ -5,6 +5,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::rate_limiter::RateLimit;
 use crate::devices::virtio::block::io::{CacheMode, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 use crate::devices::virtio::net::device::parse_mac;
@@ -133,6 +134,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut tap = None;
     let mut mac = None;
     let mut fd = None;
+    let mut rate_limit = RateLimit::default();
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
@@ -147,9 +149,11 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
                     ))
                 })?)
             }
+            "bps" => rate_limit.bytes_per_sec = Some(parse_rate("--net", key, value)?),
+            "pps" => rate_limit.ops_per_sec = Some(parse_rate("--net", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--net has no option '{other}' (known: tap, mac, fd)"
+                    "--net has no option '{other}' (known: tap, mac, fd, bps, pps)"
                 )))
             }
         }
@@ -163,7 +167,20 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
             "--net mac '{mac}' is not a unicast MAC address like 02:00:c6:12:00:0a"
         )));
     }
-    Ok(NetConfig { tap, mac, fd })
+    Ok(NetConfig {
+        tap,
+        mac,
+        fd,
+        rate_limit,
+    })
+}
+
+fn parse_rate(flag: &str, key: &str, value: &str) -> Result<u64, ConfigError> {
+    value.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ConfigError::Invalid(format!(
+            "{flag} {key}= takes a positive number per second, not '{value}'"
+        ))
+    })
 }
 
 fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
@@ -183,6 +200,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut serial = None;
     let mut cache = CacheMode::default();
     let mut engine = None;
+    let mut rate_limit = RateLimit::default();
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').ok_or_else(|| {
             ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
@@ -203,9 +221,11 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
                         .map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?,
                 )
             }
+            "bps" => rate_limit.bytes_per_sec = Some(parse_rate("--disk", key, value)?),
+            "iops" => rate_limit.ops_per_sec = Some(parse_rate("--disk", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: path, ro, serial, cache, engine)"
+                    "--disk has no option '{other}' (known: path, ro, serial, cache, engine, bps, iops)"
                 )))
             }
         }
@@ -219,6 +239,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         serial,
         cache,
         engine,
+        rate_limit,
     })
 }
 
@@ -245,6 +266,16 @@ mod tests {
         assert!(e.contains("writeback or none"), "{e}");
         let e = parse_disk("path=/x,engine=aio").unwrap_err().to_string();
         assert!(e.contains("io_uring or sync"), "{e}");
+        let e = parse_disk("path=/x,bps=0").unwrap_err().to_string();
+        assert!(e.contains("positive number"), "{e}");
+        let d = parse_disk("path=/x,bps=1048576,iops=100").unwrap();
+        assert_eq!(
+            d.rate_limit,
+            RateLimit {
+                bytes_per_sec: Some(1 << 20),
+                ops_per_sec: Some(100)
+            }
+        );
         let d = parse_disk("path=/x,cache=none,engine=sync").unwrap();
         assert_eq!((d.cache, d.engine), (CacheMode::None, Some(IoEngine::Sync)));
         let e = parse_disk("path=/x,ro=maybe").unwrap_err().to_string();

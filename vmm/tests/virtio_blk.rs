@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::io::{create_engine, CacheMode, DiskFile, IoEngine};
 use stratus_vmm::devices::virtio::block::*;
@@ -93,6 +94,15 @@ impl Fixture {
     }
 
     fn worker(&self, queue: Queue, read_only: bool) -> QueueWorker {
+        self.limited_worker(queue, read_only, None)
+    }
+
+    fn limited_worker(
+        &self,
+        queue: Queue,
+        read_only: bool,
+        limiter: Option<RateLimiter>,
+    ) -> QueueWorker {
         let disk = DiskFile::open(self.disk.path(), read_only, self.cache).unwrap();
         let engine = create_engine(self.engine, &disk, u32::from(QUEUE_SIZE)).unwrap();
         QueueWorker::new(QueueWorkerParts {
@@ -105,6 +115,7 @@ impl Fixture {
             interrupt: self.interrupt.clone(),
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             engine,
+            limiter,
         })
     }
 
@@ -653,5 +664,52 @@ fn random_workload_matches_a_shadow_disk() {
             }
         }
         assert_eq!(f.disk_bytes(0, shadow.len()), shadow, "final disk contents");
+    }
+}
+
+#[test]
+fn a_rate_limited_queue_holds_requests_back_until_tokens_return() {
+    for f in fixtures() {
+        eprintln!("engine/cache: {}", f.name());
+        let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+        let mut next = 0u16;
+        for i in 0..3u64 {
+            f.header(HEADER + i * 16, VIRTIO_BLK_T_IN, i);
+            let c = chain(
+                &[
+                    (HEADER + i * 16, 16, R),
+                    (DATA + i * 512, 512, W),
+                    (STATUS + i * 16, 1, W),
+                ],
+                next,
+            );
+            mock.add_desc_chains(&c, next).unwrap();
+            next += 3;
+        }
+        let queue: Queue = mock.create_queue().unwrap();
+        // Two operations per second: the third request must wait for a refill.
+        let limiter = RateLimiter::new(RateLimit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(2),
+        });
+        let mut worker = f.limited_worker(queue, false, Some(limiter));
+        assert_eq!(worker.process_queue(), 2);
+        worker.drain();
+        assert!(worker.throttled());
+        assert_eq!(
+            mock.used().idx().load(),
+            2,
+            "the third request stays in the ring"
+        );
+        // A queue notification while throttled changes nothing.
+        assert_eq!(mock.used().idx().load(), 2);
+        assert_eq!(
+            worker.unthrottle(),
+            1,
+            "the timer lets the third request through"
+        );
+        worker.drain();
+        assert_eq!(mock.used().idx().load(), 3);
+        assert!(!worker.throttled());
     }
 }

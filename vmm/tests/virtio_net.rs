@@ -5,6 +5,7 @@ use std::os::unix::io::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
 use stratus_vmm::devices::virtio::net::event_handler::{NetStats, NetWorker, NetWorkerParts};
 use stratus_vmm::devices::virtio::net::tap::Tap;
 use stratus_vmm::devices::virtio::net::*;
@@ -69,6 +70,15 @@ impl<'a> Net<'a> {
     }
 
     fn with_event_idx(mem: &'a GuestMemoryMmap, mergeable_rx: bool, event_idx: bool) -> Self {
+        Self::build(mem, mergeable_rx, event_idx, None)
+    }
+
+    fn build(
+        mem: &'a GuestMemoryMmap,
+        mergeable_rx: bool,
+        event_idx: bool,
+        limit: Option<RateLimit>,
+    ) -> Self {
         let rx = MockSplitQueue::create(mem, GuestAddress(RX_RING), QUEUE_SIZE);
         let tx = MockSplitQueue::create(mem, GuestAddress(TX_RING), QUEUE_SIZE);
         let (ours, peer) = socketpair();
@@ -91,6 +101,8 @@ impl<'a> Net<'a> {
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             mergeable_rx,
             stats: stats.clone(),
+            rx_limiter: limit.map(RateLimiter::new),
+            tx_limiter: limit.map(RateLimiter::new),
         });
         Net {
             rx,
@@ -318,5 +330,40 @@ fn with_event_idx_a_starved_rx_queue_asks_the_driver_for_a_kick() {
     assert_eq!(avail_event, 1);
     net.add_rx(&[(BUF + 0x1000, 1526, W)]);
     assert!(net.worker.process_rx());
+    assert_eq!(net.used(true).len(), 2);
+}
+
+#[test]
+fn rate_limited_directions_wait_for_their_timer() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let one_per_second = RateLimit {
+        bytes_per_sec: None,
+        ops_per_sec: Some(1),
+    };
+    let mut net = Net::build(&mem, true, false, Some(one_per_second));
+    let p = packet(100, 7);
+    mem.write_slice(&p, GuestAddress(BUF)).unwrap();
+    net.add_tx(&[(BUF, p.len() as u32, R)]);
+    net.add_tx(&[(BUF, p.len() as u32, R)]);
+    assert_eq!(net.worker.process_tx(), 1, "one frame per second");
+    assert_eq!(net.worker.throttled(), (false, true));
+    assert!(net.peer_recv().is_some());
+    assert!(
+        net.peer_recv().is_none(),
+        "the second frame waits in the ring"
+    );
+    net.add_rx(&[(BUF + 0x1000, 1526, W)]);
+    net.add_rx(&[(BUF + 0x2000, 1526, W)]);
+    net.peer_send(&packet(60, 1));
+    net.peer_send(&packet(60, 2));
+    assert!(
+        !net.worker.process_rx(),
+        "the second frame in waits for tokens"
+    );
+    assert_eq!(net.used(true).len(), 1);
+    // The timer lets both directions go on.
+    net.worker.unthrottle();
+    assert!(net.peer_recv().is_some());
+    assert_eq!(net.used(false).len(), 2);
     assert_eq!(net.used(true).len(), 2);
 }

@@ -2,4 +2,5 @@
 
 pub mod legacy;
 pub mod pci;
+pub mod rate_limiter;
 pub mod virtio;

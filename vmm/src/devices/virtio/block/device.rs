@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_handler::{QueueWorker, QueueWorkerParts};
 use super::io::{create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, IoEngine};
 use super::*;
+use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX,
@@ -28,6 +29,8 @@ pub struct BlockConfig {
     /// `None` picks io_uring where the kernel allows it, else the synchronous engine.
     #[serde(default)]
     pub engine: Option<IoEngine>,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
 }
 
 impl BlockConfig {
@@ -38,6 +41,7 @@ impl BlockConfig {
             serial: None,
             cache: CacheMode::default(),
             engine: None,
+            rate_limit: RateLimit::default(),
         }
     }
 }
@@ -50,6 +54,7 @@ pub struct VirtioBlock {
     features: u64,
     workers: Vec<JoinHandle<()>>,
     kill: Option<EventFd>,
+    limiter: Option<RateLimiter>,
 }
 
 impl VirtioBlock {
@@ -87,6 +92,8 @@ impl VirtioBlock {
             features,
             workers: Vec::new(),
             kill: None,
+            limiter: (!config.rate_limit.is_unlimited())
+                .then(|| RateLimiter::new(config.rate_limit)),
         })
     }
 
@@ -164,6 +171,7 @@ impl VirtioDevice for VirtioBlock {
                 interrupt: ctx.interrupt.clone(),
                 kill: kill.try_clone().map_err(ActivateError::Worker)?,
                 engine,
+                limiter: self.limiter.clone(),
             });
             let handle = std::thread::Builder::new()
                 .name(format!("virtio-blk-q{index}"))

@@ -6,14 +6,16 @@
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::io::{AsyncIo, Completion, DiskFile, DiskOp, DIRECT_IO_ALIGNMENT};
 use super::request::{parse, write_device_id, Request, RequestType};
 use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
@@ -80,11 +82,16 @@ pub struct QueueWorker {
     free_slots: Vec<usize>,
     /// A used entry was added since the guest was last notified.
     used_pending: bool,
+    limiter: Option<RateLimiter>,
+    /// Fires when a throttled queue may go on.
+    throttle_timer: TimerFd,
+    throttled: bool,
 }
 
 const QUEUE_TOKEN: u64 = 0;
 const ENGINE_TOKEN: u64 = 1;
 const KILL_TOKEN: u64 = 2;
+const THROTTLE_TOKEN: u64 = 3;
 
 pub struct QueueWorkerParts {
     pub mem: GuestMemoryMmap,
@@ -96,6 +103,8 @@ pub struct QueueWorkerParts {
     pub interrupt: Arc<dyn VirtioInterrupt>,
     pub kill: EventFd,
     pub engine: Box<dyn AsyncIo>,
+    /// Shared by all queues of the device.
+    pub limiter: Option<RateLimiter>,
 }
 
 impl QueueWorker {
@@ -113,7 +122,20 @@ impl QueueWorker {
             inflight: Vec::new(),
             free_slots: Vec::new(),
             used_pending: false,
+            limiter: parts.limiter,
+            throttle_timer: TimerFd::new().expect("timerfd"),
+            throttled: false,
         }
+    }
+
+    /// True while the rate limiter holds the queue back.
+    pub fn throttled(&self) -> bool {
+        self.throttled
+    }
+
+    /// The throttle timer, for callers that drive the worker by hand.
+    pub fn throttle_timer(&mut self) -> &mut TimerFd {
+        &mut self.throttle_timer
     }
 
     pub fn in_flight(&self) -> usize {
@@ -129,6 +151,18 @@ impl QueueWorker {
             }
             let mem = self.mem.clone();
             while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+                if let Some(limiter) = &self.limiter {
+                    let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                    if let Err(wait) = limiter.consume(bytes) {
+                        // Leave the request in the ring until the tokens are back.
+                        self.queue.go_to_previous_position();
+                        self.throttled = true;
+                        if let Err(e) = self.throttle_timer.reset(wait, None) {
+                            tracing::error!("virtio-blk: cannot arm the throttle timer: {e}");
+                        }
+                        break;
+                    }
+                }
                 self.start(chain);
                 taken += 1;
             }
@@ -140,7 +174,8 @@ impl QueueWorker {
             }
             // With EVENT_IDX, re-enabling notifications races with the driver adding more
             // requests; enable_notification reports those so none is left behind.
-            if !self.queue.event_idx_enabled()
+            if self.throttled
+                || !self.queue.event_idx_enabled()
                 || !self.queue.enable_notification(&self.mem).unwrap_or(false)
             {
                 break;
@@ -148,6 +183,13 @@ impl QueueWorker {
         }
         self.reap();
         taken
+    }
+
+    /// The throttle timer fired: take requests again.
+    pub fn unthrottle(&mut self) -> usize {
+        let _ = self.throttle_timer.wait();
+        self.throttled = false;
+        self.process_queue()
     }
 
     /// Collects finished I/O and completes those requests; notifies the guest once.
@@ -369,7 +411,7 @@ impl QueueWorker {
                 return;
             }
         };
-        let mut events = [EpollEvent::default(); 3];
+        let mut events = [EpollEvent::default(); 4];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -383,7 +425,12 @@ impl QueueWorker {
                 match event.data() {
                     QUEUE_TOKEN => {
                         let _ = self.queue_event.read();
-                        self.process_queue();
+                        if !self.throttled {
+                            self.process_queue();
+                        }
+                    }
+                    THROTTLE_TOKEN => {
+                        self.unthrottle();
                     }
                     ENGINE_TOKEN => {
                         let _ = self.engine.notifier().read();
@@ -419,6 +466,7 @@ impl QueueWorker {
             (self.queue_event.as_raw_fd(), QUEUE_TOKEN),
             (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
             (self.kill.as_raw_fd(), KILL_TOKEN),
+            (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
         ] {
             epoll.ctl(
                 ControlOperation::Add,

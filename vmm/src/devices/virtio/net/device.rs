@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::event_handler::{NetStats, NetWorker, NetWorkerParts};
 use super::tap::{Tap, TapError};
 use super::*;
+use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{
     read_config_bytes, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_RING_INDIRECT_DESC,
     VIRTIO_RING_F_EVENT_IDX,
@@ -26,6 +27,9 @@ pub struct NetConfig {
     /// An already open TAP descriptor inherited from the node agent (IFF_VNET_HDR set).
     #[serde(default)]
     pub fd: Option<i32>,
+    /// Applied to each direction separately.
+    #[serde(default)]
+    pub rate_limit: RateLimit,
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -73,6 +77,7 @@ pub struct VirtioNet {
     mac: [u8; 6],
     stats: Arc<NetStats>,
     worker: Option<(EventFd, JoinHandle<()>)>,
+    rate_limit: RateLimit,
 }
 
 impl VirtioNet {
@@ -87,6 +92,7 @@ impl VirtioNet {
             mac,
             stats: Arc::new(NetStats::default()),
             worker: None,
+            rate_limit: config.rate_limit,
         })
     }
 
@@ -181,6 +187,10 @@ impl VirtioDevice for VirtioNet {
             kill: kill.try_clone().map_err(ActivateError::Worker)?,
             mergeable_rx: ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
             stats: self.stats.clone(),
+            rx_limiter: (!self.rate_limit.is_unlimited())
+                .then(|| RateLimiter::new(self.rate_limit)),
+            tx_limiter: (!self.rate_limit.is_unlimited())
+                .then(|| RateLimiter::new(self.rate_limit)),
         });
         let handle = std::thread::Builder::new()
             .name(format!("virtio-net-{}", self.tap.name()))

@@ -6,13 +6,15 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::tap::Tap;
 use super::*;
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
@@ -36,6 +38,8 @@ pub struct NetWorkerParts {
     pub kill: EventFd,
     pub mergeable_rx: bool,
     pub stats: Arc<NetStats>,
+    pub rx_limiter: Option<RateLimiter>,
+    pub tx_limiter: Option<RateLimiter>,
 }
 
 /// An RX chain taken from the queue and checked, waiting for a frame.
@@ -53,12 +57,16 @@ pub struct NetWorker {
     pending: Option<usize>,
     rx_used: bool,
     tx_used: bool,
+    throttle_timer: TimerFd,
+    rx_throttled: bool,
+    tx_throttled: bool,
 }
 
 const TAP_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
 const TX_TOKEN: u64 = 2;
 const KILL_TOKEN: u64 = 3;
+const THROTTLE_TOKEN: u64 = 4;
 
 impl NetWorker {
     pub fn new(parts: NetWorkerParts) -> Self {
@@ -69,7 +77,29 @@ impl NetWorker {
             pending: None,
             rx_used: false,
             tx_used: false,
+            throttle_timer: TimerFd::new().expect("timerfd"),
+            rx_throttled: false,
+            tx_throttled: false,
         }
+    }
+
+    fn throttle(&mut self, wait: std::time::Duration) {
+        if let Err(e) = self.throttle_timer.reset(wait, None) {
+            tracing::error!("virtio-net: cannot arm the throttle timer: {e}");
+        }
+    }
+
+    pub fn throttled(&self) -> (bool, bool) {
+        (self.rx_throttled, self.tx_throttled)
+    }
+
+    /// The throttle timer fired: both directions may go on.
+    pub fn unthrottle(&mut self) -> bool {
+        let _ = self.throttle_timer.wait();
+        self.rx_throttled = false;
+        self.tx_throttled = false;
+        self.process_tx();
+        self.process_rx()
     }
 
     /// Sends every frame the guest queued; returns how many chains were consumed.
@@ -81,6 +111,15 @@ impl NetWorker {
             }
             let mem = self.p.mem.clone();
             while let Some(chain) = self.p.tx.pop_descriptor_chain(&mem) {
+                if let Some(limiter) = &self.p.tx_limiter {
+                    let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                    if let Err(wait) = limiter.consume(bytes) {
+                        self.p.tx.go_to_previous_position();
+                        self.tx_throttled = true;
+                        self.throttle(wait);
+                        break;
+                    }
+                }
                 let head = chain.head_index();
                 let mut iovecs = Vec::new();
                 let mut total = 0usize;
@@ -160,6 +199,15 @@ impl NetWorker {
                 self.p.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 self.pending = None;
                 continue;
+            }
+            if let Some(limiter) = &self.p.rx_limiter {
+                if let Err(wait) = limiter.consume(len as u64) {
+                    self.pending = Some(len);
+                    self.rx_throttled = true;
+                    self.throttle(wait);
+                    delivered_all = false;
+                    break;
+                }
             }
             match self.deliver(len) {
                 Delivery::Done => {
@@ -312,6 +360,7 @@ impl NetWorker {
             (self.p.rx_event.as_raw_fd(), RX_TOKEN),
             (self.p.tx_event.as_raw_fd(), TX_TOKEN),
             (self.p.kill.as_raw_fd(), KILL_TOKEN),
+            (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
         ];
         for (fd, token) in fds {
             if let Err(e) = epoll.ctl(
@@ -326,7 +375,7 @@ impl NetWorker {
         // The TAP is watched only while there is somewhere to put what it delivers;
         // otherwise a readable TAP would wake the worker in a loop.
         let mut tap_watched = true;
-        let mut events = [EpollEvent::default(); 4];
+        let mut events = [EpollEvent::default(); 5];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -338,12 +387,18 @@ impl NetWorker {
             };
             for event in &events[..n] {
                 match event.data() {
-                    TAP_TOKEN | RX_TOKEN => {
+                    TAP_TOKEN | RX_TOKEN | THROTTLE_TOKEN => {
                         if event.data() == RX_TOKEN {
                             let _ = self.p.rx_event.read();
                         }
-                        let all = self.process_rx();
-                        let want = all || self.pending.is_none();
+                        let all = if event.data() == THROTTLE_TOKEN {
+                            self.unthrottle()
+                        } else if self.rx_throttled {
+                            false
+                        } else {
+                            self.process_rx()
+                        };
+                        let want = (all || self.pending.is_none()) && !self.rx_throttled;
                         if want != tap_watched {
                             let set = if want {
                                 EventSet::IN
@@ -360,7 +415,9 @@ impl NetWorker {
                     }
                     TX_TOKEN => {
                         let _ = self.p.tx_event.read();
-                        self.process_tx();
+                        if !self.tx_throttled {
+                            self.process_tx();
+                        }
                     }
                     _ => return,
                 }
