@@ -10,6 +10,7 @@
 //! - [`ops`]: `build`, `sign`, `validate`, `deprecate` operations;
 //! - [`dsig`]: enveloped XML-DSig signing and verification;
 //! - [`download`]: fetch an image from `http(s)://` or `file://`, decompressing and verifying;
+//! - [`progress`]: a terminal progress bar driven by download progress events;
 //! - [`policy::Policy`]: site white/black lists;
 //! - [`cache::ImageCache`]: per-host image cache with shared concurrent downloads;
 //! - [`boot`]: find the kernel, initrd and root UUID inside a disk image for direct boot;
@@ -26,6 +27,7 @@ pub mod marketplace;
 pub mod metadata;
 pub mod ops;
 pub mod policy;
+pub mod progress;
 pub mod xml;
 
 pub use checksum::{Algorithm, Checksums};

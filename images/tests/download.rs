@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use chrono::{Duration, Utc};
-use common::{compress_with, image_bytes, Route, TestServer};
+use common::{compress_with, image_bytes, Request, Route, TestServer};
 use stratus_images::cache::ImageCache;
 use stratus_images::checksum::hash_reader;
 use stratus_images::download::{self, Expected};
@@ -147,7 +147,19 @@ fn failures_give_the_right_error_and_leave_no_file() {
             "{path}: {e:?}"
         );
         assert!(e.to_string().contains(path), "{e}");
-        assert!(files.is_empty(), "{files:?}");
+        // A transport failure keeps only the bytes received, for a later resume.
+        let id = m.identifier.to_string();
+        assert_eq!(
+            files,
+            vec![format!("{id}.download"), format!("{id}.download.meta")],
+            "{path}"
+        );
+        // 1 request + MAX_RETRIES reconnections, each answered with a cut 200.
+        assert_eq!(
+            server.hits(path) as u32,
+            1 + download::MAX_RETRIES,
+            "{path}"
+        );
     }
 
     // Wrong size: the entry announces fewer bytes than served.
@@ -320,4 +332,220 @@ fn corrupt_cache_entry_is_refetched() {
         .get(&m, &mut |_| {})
         .unwrap();
     assert_eq!(server.hits("/img.bz2"), 2);
+}
+
+/// Everything a download leaves beside `dest` (besides `dest` itself).
+fn leftovers(dest: &Path) -> Vec<std::path::PathBuf> {
+    [
+        download::partial_path(dest),
+        download::resume_path(dest),
+        download::resume_meta_path(dest),
+    ]
+    .into_iter()
+    .filter(|p| p.exists())
+    .collect()
+}
+
+fn flaky(body: &[u8], after: usize, cuts: usize, ranges: bool) -> Route {
+    Route::Flaky {
+        body: body.to_vec(),
+        etag: "\"v7\"".into(),
+        after,
+        cuts,
+        ranges,
+    }
+}
+
+#[test]
+fn a_cut_connection_is_resumed_with_range() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 11);
+    let xz = compress_with("xz", &data, work.path());
+    let cut = xz.len() / 3;
+    let server = TestServer::start(vec![("/img.xz", flaky(&xz, cut, 1, true))]);
+    let m = entry(&data, vec![]);
+    let dest = work.path().join("img");
+    let mut last = None;
+    let d = download::download(
+        &server.url("/img.xz"),
+        &dest,
+        &Expected::from_metadata(&m),
+        &mut |p| last = Some(p),
+    )
+    .unwrap();
+    assert_eq!(d.bytes, LEN as u64);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    assert_eq!(
+        server.requests("/img.xz"),
+        vec![
+            Request {
+                path: "/img.xz".into(),
+                range: None,
+                if_range: None
+            },
+            Request {
+                path: "/img.xz".into(),
+                range: Some(format!("bytes={cut}-")),
+                if_range: Some("\"v7\"".into())
+            },
+        ]
+    );
+    // Only the missing part was fetched again.
+    assert_eq!(server.sent("/img.xz"), xz.len() as u64);
+    let last = last.unwrap();
+    assert_eq!(last.resumed, cut as u64);
+    assert_eq!(last.received, xz.len() as u64);
+    assert_eq!(last.total, Some(xz.len() as u64));
+    assert_eq!(last.written, LEN as u64);
+    assert!(leftovers(&dest).is_empty(), "{:?}", leftovers(&dest));
+}
+
+#[test]
+fn a_server_ignoring_range_still_gives_a_correct_file() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 12);
+    let gz = compress_with("gzip", &data, work.path());
+    let cut = gz.len() / 2;
+    let server = TestServer::start(vec![("/img.gz", flaky(&gz, cut, 1, false))]);
+    let m = entry(&data, vec![]);
+    let dest = work.path().join("img");
+    let mut last = None;
+    download::download(
+        &server.url("/img.gz"),
+        &dest,
+        &Expected::from_metadata(&m),
+        &mut |p| last = Some(p),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let reqs = server.requests("/img.gz");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].range, Some(format!("bytes={cut}-")));
+    // The 200 answer to the Range request is used from its first byte: no third request.
+    assert_eq!(server.sent("/img.gz"), (cut + gz.len()) as u64);
+    assert_eq!(last.unwrap().resumed, 0);
+    assert!(leftovers(&dest).is_empty());
+}
+
+#[test]
+fn a_partial_download_left_by_an_earlier_process_is_resumed() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 13);
+    let bz2 = compress_with("bzip2", &data, work.path());
+    let step = bz2.len() / 8;
+    let attempts = 1 + download::MAX_RETRIES as usize;
+    // Every connection of the first call is cut: it fails, keeping what it received.
+    let server = TestServer::start(vec![("/img.bz2", flaky(&bz2, step, attempts, true))]);
+    let m = entry(&data, vec![]);
+    let dest = work.path().join("img");
+    let url = server.url("/img.bz2");
+    let e = download::download(&url, &dest, &Expected::from_metadata(&m), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::Transport { .. }), "{e:?}");
+    assert!(e.to_string().contains("/img.bz2"), "{e}");
+    assert!(!dest.exists() && !download::partial_path(&dest).exists());
+    let kept = std::fs::read(download::resume_path(&dest)).unwrap();
+    assert_eq!(kept, bz2[..attempts * step]);
+    assert_eq!(server.sent("/img.bz2"), (attempts * step) as u64);
+
+    // A later call (as by a new process: only the files are shared) continues there.
+    let mut last = None;
+    download::download(&url, &dest, &Expected::from_metadata(&m), &mut |p| {
+        last = Some(p)
+    })
+    .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let reqs = server.requests("/img.bz2");
+    assert_eq!(reqs.len(), attempts + 1);
+    assert_eq!(
+        reqs[attempts].range,
+        Some(format!("bytes={}-", attempts * step))
+    );
+    assert_eq!(server.sent("/img.bz2"), bz2.len() as u64);
+    assert_eq!(last.unwrap().resumed, (attempts * step) as u64);
+    assert!(leftovers(&dest).is_empty());
+}
+
+#[test]
+fn a_corrupt_partial_download_fails_verification_and_is_removed() {
+    let work = tempfile::tempdir().unwrap();
+    let data = image_bytes(LEN, 14);
+    let server = TestServer::start(vec![("/img", flaky(&data, LEN / 4 - 1, 4, true))]);
+    let m = entry(&data, vec![]);
+    let dest = work.path().join("img");
+    let url = server.url("/img");
+    download::download(&url, &dest, &Expected::from_metadata(&m), &mut |_| {}).unwrap_err();
+    // Complete the kept bytes (as if a process received everything and then crashed)
+    // and damage them, as a bad disk might.
+    let kept = download::resume_path(&dest);
+    let mut bytes = std::fs::read(&kept).unwrap();
+    assert_eq!(bytes.len(), LEN - 4);
+    bytes.extend_from_slice(&data[LEN - 4..]);
+    bytes[100] ^= 1;
+    std::fs::write(&kept, bytes).unwrap();
+    // The whole file was kept: the server answers 416 and the kept bytes are verified.
+    let e = download::download(&url, &dest, &Expected::from_metadata(&m), &mut |_| {}).unwrap_err();
+    assert!(matches!(e, Error::ChecksumMismatch { .. }), "{e:?}");
+    assert_eq!(
+        server.requests("/img")[4].range,
+        Some(format!("bytes={LEN}-"))
+    );
+    assert!(leftovers(&dest).is_empty(), "{:?}", leftovers(&dest));
+    assert!(!dest.exists());
+    // Nothing kept any more: the next call starts from zero and succeeds.
+    download::download(&url, &dest, &Expected::from_metadata(&m), &mut |_| {}).unwrap();
+    assert_eq!(server.requests("/img")[5].range, None);
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+}
+
+#[test]
+fn a_changed_resource_restarts_the_download() {
+    let work = tempfile::tempdir().unwrap();
+    let old = image_bytes(LEN, 15);
+    let data = image_bytes(LEN, 16);
+    let gz_old = compress_with("gzip", &old, work.path());
+    let gz = compress_with("gzip", &data, work.path());
+    let dest = work.path().join("img");
+    let attempts = 1 + download::MAX_RETRIES as usize;
+    // The first server always cuts: the old version is partly kept.
+    let first = TestServer::start(vec![("/img.gz", flaky(&gz_old, 1000, attempts, true))]);
+    let m = entry(&data, vec![]);
+    download::download(
+        &first.url("/img.gz"),
+        &dest,
+        &Expected::from_metadata(&m),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    // The same URL now serves a new version (new ETag): If-Range makes it send it whole.
+    let second = TestServer::start(vec![(
+        "/img.gz",
+        Route::Flaky {
+            body: gz.clone(),
+            etag: "\"v8\"".into(),
+            after: 0,
+            cuts: 0,
+            ranges: true,
+        },
+    )]);
+    let meta = download::resume_meta_path(&dest);
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(
+        &meta,
+        text.replace(&first.port.to_string(), &second.port.to_string()),
+    )
+    .unwrap();
+    download::download(
+        &second.url("/img.gz"),
+        &dest,
+        &Expected::from_metadata(&m),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&dest).unwrap(), data);
+    let reqs = second.requests("/img.gz");
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    assert_eq!(reqs[0].range, Some(format!("bytes={}-", attempts * 1000)));
+    assert_eq!(reqs[0].if_range.as_deref(), Some("\"v7\""));
+    assert_eq!(second.sent("/img.gz"), gz.len() as u64);
+    assert!(leftovers(&dest).is_empty());
 }

@@ -146,19 +146,65 @@ pub fn image_bytes(len: usize, seed: u32) -> Vec<u8> {
 /// How the test server answers for one path.
 #[derive(Clone)]
 pub enum Route {
-    /// 200 with this body.
+    /// This body, honouring `Range` (206) and `If-Range` against its ETag.
     Body(Vec<u8>),
     /// 200 with this body, sent slowly (in chunks with pauses).
     Slow(Vec<u8>),
-    /// 200 announcing the full length but closing after half of the body.
+    /// 200 announcing the full length but closing after half of the body, ignoring
+    /// `Range`.
     Truncated(Vec<u8>),
+    /// This body with this ETag; the first `cuts` requests close the connection after
+    /// `after` bytes of their body. `ranges`: whether `Range` is honoured (else every
+    /// answer is a 200 with the whole body).
+    Flaky {
+        body: Vec<u8>,
+        etag: String,
+        after: usize,
+        cuts: usize,
+        ranges: bool,
+    },
 }
 
-/// A minimal HTTP/1.1 server on 127.0.0.1 counting requests per path; unknown paths get
-/// 404.
+/// One request the test server received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub path: String,
+    pub range: Option<String>,
+    pub if_range: Option<String>,
+}
+
+/// Etag of `Route::Body` answers.
+pub const BODY_ETAG: &str = "\"body-v1\"";
+
+/// A minimal HTTP/1.1 server on 127.0.0.1 counting requests per path and body bytes
+/// sent; unknown paths get 404.
 pub struct TestServer {
     pub port: u16,
     pub hits: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
+    pub sent: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+fn header_value(text: &str, name: &str) -> Option<String> {
+    text.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+/// The body offset a request asks for, if `Range: bytes=N-` applies.
+fn range_start(req: &Request, etag: &str) -> Option<usize> {
+    let from = req
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?;
+    match &req.if_range {
+        Some(v) if v != etag => None,
+        _ => from.parse().ok(),
+    }
 }
 
 impl TestServer {
@@ -174,12 +220,14 @@ impl TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let hits = Arc::new(Mutex::new(std::collections::HashMap::new()));
-        let h = hits.clone();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sent = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let (h, l, s) = (hits.clone(), log.clone(), sent.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let routes = routes.clone();
-                let hits = h.clone();
+                let (hits, log, sent) = (h.clone(), l.clone(), s.clone());
                 std::thread::spawn(move || {
                     let mut req = Vec::new();
                     let mut buf = [0u8; 1024];
@@ -191,34 +239,83 @@ impl TestServer {
                     }
                     let text = String::from_utf8_lossy(&req);
                     let path = text.split_whitespace().nth(1).unwrap_or("/").to_string();
-                    *hits.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                    let request = Request {
+                        path: path.clone(),
+                        range: header_value(&text, "range"),
+                        if_range: header_value(&text, "if-range"),
+                    };
+                    let nth = {
+                        let mut hits = hits.lock().unwrap();
+                        let n = hits.entry(path.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    log.lock().unwrap().push(request.clone());
                     let head = |len: usize| {
                         format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n")
                     };
-                    let _ = match routes.get(&path) {
-                        None => stream.write_all(
+                    // Send the answer for `body` (Range honoured if `ranges`), at most
+                    // `limit` body bytes; returns the body bytes written.
+                    let mut answer = |body: &[u8], etag: &str, ranges: bool, limit: usize| {
+                        let start = if ranges {
+                            range_start(&request, etag)
+                        } else {
+                            None
+                        };
+                        let (head, from) = match start {
+                            Some(n) if n >= body.len() => (
+                                format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", body.len()),
+                                body.len(),
+                            ),
+                            Some(n) => (
+                                format!("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {n}-{}/{}\r\nContent-Length: {}\r\nETag: {etag}\r\nConnection: close\r\n\r\n", body.len() - 1, body.len(), body.len() - n),
+                                n,
+                            ),
+                            None => (
+                                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: {etag}\r\nConnection: close\r\n\r\n", body.len()),
+                                0,
+                            ),
+                        };
+                        let part = &body[from..body.len().min(from.saturating_add(limit))];
+                        let r = stream
+                            .write_all(head.as_bytes())
+                            .and_then(|_| stream.write_all(part));
+                        (r, part.len())
+                    };
+                    let (r, n) = match routes.get(&path) {
+                        None => (stream.write_all(
                             b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
-                        ),
-                        Some(Route::Body(b)) => stream
-                            .write_all(head(b.len()).as_bytes())
-                            .and_then(|_| stream.write_all(b)),
+                        ), 0),
+                        Some(Route::Body(b)) => answer(b, BODY_ETAG, true, usize::MAX),
                         Some(Route::Slow(b)) => {
                             let mut r = stream.write_all(head(b.len()).as_bytes());
                             for chunk in b.chunks(b.len() / 10 + 1) {
                                 std::thread::sleep(std::time::Duration::from_millis(30));
                                 r = r.and_then(|_| stream.write_all(chunk));
                             }
-                            r
+                            (r, b.len())
                         }
-                        Some(Route::Truncated(b)) => stream
+                        Some(Route::Truncated(b)) => (stream
                             .write_all(head(b.len()).as_bytes())
-                            .and_then(|_| stream.write_all(&b[..b.len() / 2])),
+                            .and_then(|_| stream.write_all(&b[..b.len() / 2])), b.len() / 2),
+                        Some(Route::Flaky { body, etag, after, cuts, ranges }) => {
+                            let limit = if nth <= *cuts { *after } else { usize::MAX };
+                            answer(body, etag, *ranges, limit)
+                        }
                     };
+                    *sent.lock().unwrap().entry(path).or_insert(0) += n as u64;
+                    let _ = r;
                     let _ = stream.flush();
+                    let _ = stream.shutdown(std::net::Shutdown::Write);
                 });
             }
         });
-        TestServer { port, hits }
+        TestServer {
+            port,
+            hits,
+            log,
+            sent,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -227,6 +324,22 @@ impl TestServer {
 
     pub fn hits(&self, path: &str) -> usize {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    /// The requests received for `path`, in order.
+    pub fn requests(&self, path: &str) -> Vec<Request> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+
+    /// Body bytes written for `path` over all requests.
+    pub fn sent(&self, path: &str) -> u64 {
+        self.sent.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 }
 
