@@ -10,7 +10,8 @@
 # labelled _STRATUSLAB, NoCloud labelled cidata) by label, mounts them with the stock
 # isofs module and reads the values back.
 # It also has a virtio-net NIC on a TAP bridged in L1: it gets its fixed address by DHCP
-# from L1, pings L1 and moves a file each way; the checksums are compared.
+# from stratus-nodeagent's DHCP server running in L1 (from a StratusLab pool definition),
+# pings L1 and moves a file each way; the checksums are compared.
 # The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs and pvpanic modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
@@ -20,6 +21,9 @@ source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
 build_static_vmm
+(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+    --target x86_64-unknown-linux-gnu -p stratus-nodeagent --example dhcp_server)
+DHCP_SERVER=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/dhcp_server
 
 W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
 trap 'rm -rf "$W"' EXIT
@@ -54,7 +58,8 @@ PATTERN_SHA=$(sha256sum "$W/pattern" | cut -d' ' -f1)
 cat > "$W/inner/udhcpc.sh" <<'SCRIPT'
 #!/bin/sh
 case "$1" in
-bound|renew) ip addr add "$ip/$mask" dev "$interface"; echo "STRATUS-LEASE $ip router=$router" ;;
+bound|renew) ip addr add "$ip/$mask" dev "$interface"; echo "STRATUS-LEASE $ip router=$router"
+    echo "STRATUS-DHCP-OPTIONS hostname=$hostname dns=$dns domain=$domain" ;;
 esac
 SCRIPT
 chmod +x "$W/inner/udhcpc.sh"
@@ -102,6 +107,7 @@ ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -q -n -t 10 -s /udhcpc.sh
 echo "STRATUS-MAC \$(cat /sys/class/net/eth0/address)"
+echo "STRATUS-NICS \$(cat /sys/class/net/eth0/address) \$(cat /sys/class/net/eth1/address 2>/dev/null)"
 ping -c 3 -W 5 $HOST_IP >/dev/null && echo "STRATUS-PING-OK"
 wget -q -O /got http://$HOST_IP/l1file && echo "STRATUS-DOWNLOAD \$(sha256sum /got | cut -d' ' -f1)"
 nc -w 5 $HOST_IP 5000 < /pattern && echo "STRATUS-UPLOAD-SENT"
@@ -125,15 +131,12 @@ cp "$W/inner.cpio.gz" "$W/outer/initrd"
 cp "$W/data.img" "$W/outer/data.img"
 cp "$W/ctx.iso" "$W/nocloud.iso" "$W/outer/"
 mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
-cat > "$W/outer/udhcpd.conf" <<CONF
-start 198.18.0.100
-end 198.18.0.110
-interface br0
-static_lease $GUEST_MAC $GUEST_IP
-option subnet 255.255.255.0
-option router $HOST_IP
-lease_file /tmp/udhcpd.leases
-CONF
+cp "$DHCP_SERVER" "$W/outer/dhcp_server"
+cat > "$W/outer/pool.json" <<POOL
+{"kind": "public", "subnet": "198.18.0.0/24", "gateway": "$HOST_IP",
+ "dns_servers": ["198.18.0.2"], "domain": "nested.stratus.test",
+ "addresses": {"fixed": [{"ip": "$GUEST_IP", "hostname": "nested-guest"}]}}
+POOL
 cat > "$W/outer/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -143,7 +146,8 @@ for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSM
 ip link set lo up
 brctl addbr br0; ip addr add $HOST_IP/24 dev br0; ip link set br0 up
 tunctl -t tap0 >/dev/null; brctl addif br0 tap0; ip link set tap0 up
-touch /tmp/udhcpd.leases; udhcpd /udhcpd.conf
+tunctl -t tap1 >/dev/null; ip link set tap1 up
+/dhcp_server br0 $HOST_IP /pool.json > /dhcp.log 2>&1 &
 httpd -p 80 -h /www
 # The listener's stdin must stay open (busybox nc hangs up when its stdin ends): a FIFO
 # whose write end this shell holds.
@@ -153,12 +157,15 @@ UPLOAD_PID=\$!
 exec 3> /nc-in
 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk path=/data.img,serial=$SERIAL --disk path=/ctx.iso,ro=on --disk path=/nocloud.iso,ro=on \
-  --net tap=tap0,mac=$GUEST_MAC \
+  --net tap=tap0,mac=$GUEST_MAC --net tap=tap1,mac=02:00:c6:12:01:0a \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
-wait \$UPLOAD_PID
+# The listener ends when the guest's upload does; bound the wait in case it never came.
+i=0; while kill -0 \$UPLOAD_PID 2>/dev/null && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+kill \$UPLOAD_PID 2>/dev/null
 exec 3>&-
+sed 's/^/L1-DHCP-LOG /' /dhcp.log
 echo "L1-UPLOAD \$(sha256sum /from_guest | cut -d' ' -f1) \$(wc -c < /from_guest) bytes"
 /vmm --kernel /bzimage --initrd /initrd --cpus 1 --memory 256 \
   --disk path=/ro.img,ro=on,serial=ro-disk \
@@ -204,7 +211,9 @@ check "context CD holds the four scripts" "STRATUS-CTX-FILES context.sh epilog.s
 check "NoCloud meta-data has instance id and hostname" 'STRATUS-NOCLOUD instance-id: "vm-42" local-hostname: "nested-guest"'
 check "NoCloud user-data carries the key" "STRATUS-NOCLOUD-KEY-OK"
 check "guest NIC has the configured MAC" "STRATUS-MAC $GUEST_MAC"
+check "a second NIC is there with its own MAC" "STRATUS-NICS $GUEST_MAC 02:00:c6:12:01:0a"
 check "guest gets its fixed address by DHCP" "STRATUS-LEASE $GUEST_IP router=$HOST_IP"
+check "DHCP options from the pool reach the guest" "STRATUS-DHCP-OPTIONS hostname=nested-guest dns=198.18.0.2 domain=nested.stratus.test"
 check "guest pings the L1 host" "STRATUS-PING-OK"
 check "file from L1 arrives intact" "STRATUS-DOWNLOAD $L1FILE_SHA"
 check "file from the guest arrives intact" "L1-UPLOAD $PATTERN_SHA"
