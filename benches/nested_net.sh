@@ -14,9 +14,8 @@ mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
 fetch_kernel
 build_static_vmm
-(RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-    --target x86_64-unknown-linux-gnu -p stratus-benches --bin stratus-bench)
-BENCH=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-bench
+build_static_bench
+BENCH=$STATIC_BENCH
 
 W=$(mktemp -d "$NESTED_WORK/netbench.XXXX")
 trap 'rm -rf "$W"' EXIT

@@ -43,6 +43,13 @@ build_static_vmm() {
     file "$STATIC_VMM" | grep -Eq 'static(-pie)? linked' || { log "$STATIC_VMM is not static"; return 1; }
 }
 
+# Builds a statically linked stratus-bench for timing VMMs inside L1. Sets STATIC_BENCH.
+build_static_bench() {
+    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+        --target x86_64-unknown-linux-gnu -p stratus-benches --bin stratus-bench)
+    STATIC_BENCH=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-bench
+}
+
 # copy_modules <dest-dir> <module>...: copies the closure, uncompressed, and writes
 # <dest-dir>/order with the load order.
 copy_modules() {

@@ -32,6 +32,7 @@ use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
 use crate::devices::virtio::net::device::NetError;
 use crate::devices::virtio::net::{NetConfig, VirtioNet};
 use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::interrupts::{GsiRouter, InterruptError};
 use crate::loader::{self, LoaderError};
@@ -247,40 +248,28 @@ impl Vm {
                 path: disk.path.clone(),
                 source,
             })?;
-            // One vector per queue plus one for configuration changes.
-            let msix = Msix::with_kvm(&router, queues + 1)?;
-            let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+            attach_virtio_pci(
+                &pci_root,
+                &router,
+                &mem,
+                &vm,
+                &mut next_bar,
                 Box::new(block),
-                mem.clone(),
-                msix,
-                next_bar,
-                Some(vm.clone()),
-            )?));
-            next_bar += BAR0_SIZE;
-            pci_root
-                .lock()
-                .expect("PCI root lock poisoned")
-                .add_device(device.clone(), Some(device))?;
+            )?;
         }
         for net in &resources.nets {
             let device = VirtioNet::new(net).map_err(|source| VmError::Net {
                 tap: net.tap.clone(),
                 source,
             })?;
-            // RX, TX and configuration changes.
-            let msix = Msix::with_kvm(&router, 3)?;
-            let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+            attach_virtio_pci(
+                &pci_root,
+                &router,
+                &mem,
+                &vm,
+                &mut next_bar,
                 Box::new(device),
-                mem.clone(),
-                msix,
-                next_bar,
-                Some(vm.clone()),
-            )?));
-            next_bar += BAR0_SIZE;
-            pci_root
-                .lock()
-                .expect("PCI root lock poisoned")
-                .add_device(device.clone(), Some(device))?;
+            )?;
         }
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone()))),
@@ -422,6 +411,33 @@ impl Vm {
         stop_vcpus(handles);
         reason
     }
+}
+
+/// Puts a virtio device on the PCI bus behind its own BAR, with one MSI-X vector per queue
+/// plus one for configuration changes.
+fn attach_virtio_pci(
+    pci_root: &Mutex<PciRoot>,
+    router: &GsiRouter,
+    mem: &GuestMemoryMmap,
+    vm: &Arc<VmFd>,
+    next_bar: &mut u64,
+    device: Box<dyn VirtioDevice>,
+) -> Result<(), VmError> {
+    let vectors = device.queue_max_sizes().len() as u16 + 1;
+    let msix = Msix::with_kvm(router, vectors)?;
+    let device = Arc::new(Mutex::new(VirtioPciDevice::new(
+        device,
+        mem.clone(),
+        msix,
+        *next_bar,
+        Some(vm.clone()),
+    )?));
+    *next_bar += BAR0_SIZE;
+    pci_root
+        .lock()
+        .expect("PCI root lock poisoned")
+        .add_device(device.clone(), Some(device))?;
+    Ok(())
 }
 
 /// Forwards terminal input to the serial port, for interactive use.
