@@ -11,10 +11,7 @@ cd "$(dirname "$0")/.."
 NESTED_WORK=$PWD/target/nested
 mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
-fetch_kernel
-build_static_vmm
-build_static_bench
-BENCH=$STATIC_BENCH
+prepare_bench
 
 W=$(mktemp -d "$NESTED_WORK/bench.XXXX")
 trap 'rm -rf "$W"' EXIT
@@ -30,7 +27,7 @@ pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
 busybox_root "$W/outer"
 copy_modules "$W/outer/lib/modules" kvm_amd
-cp "$STATIC_VMM" "$W/outer/vmm"; cp "$BENCH" "$W/outer/bench"
+cp "$STATIC_VMM" "$W/outer/vmm"; cp "$STATIC_BENCH" "$W/outer/bench"
 cp "$VMLINUX" "$W/outer/vmlinux"; cp "$W/inner.cpio.gz" "$W/outer/initrd"
 copy_qemu_into "$W/outer"
 
@@ -38,11 +35,7 @@ CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 loglevel=6"
 DISKS_Q35="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"
 DISKS_MICRO="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0"
 QCOMMON="-cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel /vmlinux -initrd /initrd"
-cat > "$W/outer/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m; done
+write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
 stamp() { /bench stamp --timeout-s 300 --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@"; }
 for run in \$(seq 1 $RUNS); do
@@ -52,7 +45,6 @@ for run in \$(seq 1 $RUNS); do
 done
 poweroff -f
 INIT
-chmod +x "$W/outer/init"
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
 CONSOLE=$NESTED_WORK/nested_boot.console.log

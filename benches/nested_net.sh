@@ -12,10 +12,7 @@ cd "$(dirname "$0")/.."
 NESTED_WORK=$PWD/target/nested
 mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
-fetch_kernel
-build_static_vmm
-build_static_bench
-BENCH=$STATIC_BENCH
+prepare_bench
 
 W=$(mktemp -d "$NESTED_WORK/netbench.XXXX")
 trap 'rm -rf "$W"' EXIT
@@ -26,11 +23,7 @@ BYTES=$((MIB << 20))
 
 busybox_root "$W/inner"
 copy_modules "$W/inner/lib/modules" virtio_pci virtio_net
-cat > "$W/inner/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m; done
+write_init "$W/inner" <<INIT
 ip link set lo up
 ip addr add $GUEST_IP/24 dev eth0; ip link set eth0 up
 ping -c 2 -W 5 $HOST_IP >/dev/null
@@ -39,20 +32,15 @@ echo NET-TX-START; head -c $BYTES /dev/zero | nc $HOST_IP 5002; echo NET-TX-END
 echo "PING \$(ping -c 20 -i 0.2 $HOST_IP | tail -1)"
 poweroff -f
 INIT
-chmod +x "$W/inner/init"
 pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
 busybox_root "$W/outer"
 copy_modules "$W/outer/lib/modules" kvm_amd tun bridge
-cp "$STATIC_VMM" "$W/outer/vmm"; cp "$BENCH" "$W/outer/bench"
+cp "$STATIC_VMM" "$W/outer/vmm"; cp "$STATIC_BENCH" "$W/outer/bench"
 cp "$VMLINUX" "$W/outer/vmlinux"; cp "$W/inner.cpio.gz" "$W/outer/initrd"
 copy_qemu_into "$W/outer"
 CMDLINE="console=ttyS0 reboot=k panic=-1 loglevel=4"
-cat > "$W/outer/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m; done
+write_init "$W/outer" <<INIT
 ip link set lo up
 brctl addbr br0; ip addr add $HOST_IP/24 dev br0; ip link set br0 up
 head -c $BYTES /dev/urandom > /payload
@@ -82,7 +70,6 @@ for run in \$(seq 1 $RUNS); do
 done
 poweroff -f
 INIT
-chmod +x "$W/outer/init"
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
 CONSOLE=$NESTED_WORK/nested_net.console.log

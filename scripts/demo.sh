@@ -19,11 +19,7 @@ W=$NESTED_WORK/run; rm -rf "$W"; mkdir -p "$W"
 truncate -s 64M "$W/data.img"
 busybox_root "$W/guest"
 copy_modules "$W/guest/lib/modules" virtio_pci virtio_blk pvpanic_mmio
-cat > "$W/guest/init" <<'INIT'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /lib/modules/order); do insmod /lib/modules/$m; done
+write_init "$W/guest" <<'INIT'
 i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 echo
 echo "=================================================================="
@@ -39,7 +35,6 @@ if grep -q demo_shell /proc/cmdline; then
 fi
 poweroff -f
 INIT
-chmod +x "$W/guest/init"
 pack_initramfs "$W/guest" "$W/guest.cpio.gz"
 
 CMDLINE="console=ttyS0 reboot=k panic=-1 loglevel=4${DEMO_SHELL:+ demo_shell}"
@@ -53,18 +48,13 @@ log "no VT-x/AMD-V on this host (PVM /dev/kvm): running stratus-vmm in a QEMU-TC
 busybox_root "$W/l1"
 copy_modules "$W/l1/lib/modules" kvm_amd
 cp "$STATIC_VMM" "$W/l1/vmm"; cp "$VMLINUX" "$W/l1/vmlinux"; cp "$W/guest.cpio.gz" "$W/l1/initrd"
-cat > "$W/l1/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m; done
+write_init "$W/l1" <<INIT
 truncate -s 64M /data.img
 setsid cttyhack /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
     --disk path=/data.img,serial=demo-disk --cmdline "$CMDLINE"
 echo "stratus-vmm exited with status \$?"
 poweroff -f
 INIT
-chmod +x "$W/l1/init"
 pack_initramfs "$W/l1" "$W/l1.cpio.gz"
 exec qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 -display none \
     -serial stdio -monitor none -no-reboot -kernel "$VMLINUX" -initrd "$W/l1.cpio.gz" \

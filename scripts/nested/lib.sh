@@ -50,6 +50,13 @@ build_static_bench() {
     STATIC_BENCH=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-bench
 }
 
+# What every nested benchmark needs: the kernel, a static VMM and a static stratus-bench.
+prepare_bench() {
+    fetch_kernel
+    build_static_vmm
+    build_static_bench
+}
+
 # copy_modules <dest-dir> <module>...: copies the closure, uncompressed, and writes
 # <dest-dir>/order with the load order.
 copy_modules() {
@@ -62,6 +69,25 @@ copy_modules() {
         if [[ $path == *.xz ]]; then xz -dc "$path" > "$dest/$name"; else cp "$path" "$dest/$name"; fi
         echo "$name" >> "$dest/order"
     done < <(python3 "$NESTED_LIB_DIR/modules.py" "$KMOD_DIR" "$@")
+}
+
+# write_init <root-dir>: writes <root-dir>/init as the preamble every guest here shares
+# (busybox applets, /proc, /sys, /dev, the modules listed in lib/modules/order) followed by
+# the script body read from standard input. A module that fails to load is reported as
+# "INSMOD-FAILED <module>".
+write_init() {
+    {
+        cat <<'PREAMBLE'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+if [ -f /lib/modules/order ]; then
+    for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "INSMOD-FAILED $m"; done
+fi
+PREAMBLE
+        cat
+    } > "$1/init"
+    chmod +x "$1/init"
 }
 
 # pack_initramfs <root-dir> <out.cpio.gz>

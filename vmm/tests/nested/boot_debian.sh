@@ -64,11 +64,7 @@ esac
 SCRIPT
 chmod +x "$W/inner/udhcpc.sh"
 cp "$W/pattern" "$W/inner/pattern"
-cat > "$W/inner/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "STRATUS-INSMOD-FAILED \$m"; done
+write_init "$W/inner" <<INIT
 if grep -q stratus_test=panic /proc/cmdline; then
     echo "STRATUS2-INIT nproc=\$(nproc)"
     i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
@@ -117,7 +113,6 @@ echo "STRATUS-NETSTAT tx \$(cat /sys/class/net/eth0/statistics/tx_packets) \$(ca
 echo "STRATUS-DONE"
 poweroff -f
 INIT
-chmod +x "$W/inner/init"
 pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
 # Outer (L1) initramfs: KVM modules, the static VMM, the inner guest and its disk.
@@ -137,11 +132,7 @@ cat > "$W/outer/pool.json" <<POOL
  "dns_servers": ["198.18.0.2"], "domain": "nested.stratus.test",
  "addresses": {"fixed": [{"ip": "$GUEST_IP", "hostname": "nested-guest"}]}}
 POOL
-cat > "$W/outer/init" <<INIT
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in \$(cat /lib/modules/order); do insmod /lib/modules/\$m || echo "L1-INSMOD-FAILED \$m"; done
+write_init "$W/outer" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 ip link set lo up
 brctl addbr br0; ip addr add $HOST_IP/24 dev br0; ip link set br0 up
@@ -174,7 +165,6 @@ echo "VMM2-EXIT rc=\$?"
 echo "L1-RO-DISK-SHA256 \$(sha256sum /ro.img | cut -d' ' -f1)"
 poweroff -f
 INIT
-chmod +x "$W/outer/init"
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
 CONSOLE=$NESTED_WORK/boot_debian.console.log
