@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
-use stratus_vmm::devices::virtio::block::io::{create_engine, CacheMode, DiskFile, IoEngine};
+use stratus_vmm::devices::virtio::block::io::{
+    create_engine, CacheMode, DiskFile, ImageFormat, IoEngine,
+};
 use stratus_vmm::devices::virtio::block::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;
@@ -100,11 +102,16 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 }
 
 /// Runs `job` against `path` through stratus-vmm's virtio-blk queue worker.
-pub fn run_stratus(path: &std::path::Path, engine: IoEngine, job: Job) -> Result<Outcome> {
+pub fn run_stratus(
+    path: &std::path::Path,
+    format: ImageFormat,
+    engine: IoEngine,
+    job: Job,
+) -> Result<Outcome> {
     let qd = job.queue_depth.min(QUEUE_SIZE);
     let mem_size = DATA_BASE as usize + qd as usize * job.block_size as usize;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)])?;
-    let disk = DiskFile::open(path, false, CacheMode::None)?;
+    let disk = DiskFile::open_format(path, format, false, CacheMode::None)?;
     let disk_size = disk.size();
     let io_engine = create_engine(engine, &disk, u32::from(QUEUE_SIZE))?;
     let mut queue = Queue::new(QUEUE_SIZE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -334,4 +341,26 @@ pub fn prepare_file(path: &std::path::Path, size: u64) -> Result<()> {
     f.sync_all()?;
     let _ = f.as_raw_fd();
     Ok(())
+}
+
+/// A fully allocated qcow2 copy of the raw file next to it (made by qemu-img), so qcow2
+/// is measured in its steady state: every cluster mapped, no allocation on the data path.
+pub fn prepare_qcow2_copy(raw: &std::path::Path) -> Result<std::path::PathBuf> {
+    let qcow2 = raw.with_extension("qcow2");
+    let fresh = match (std::fs::metadata(raw), std::fs::metadata(&qcow2)) {
+        (Ok(r), Ok(q)) => q.modified()? >= r.modified()?,
+        _ => false,
+    };
+    if !fresh {
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(raw)
+            .arg(&qcow2)
+            .status()
+            .context("cannot run qemu-img (install qemu-utils)")?;
+        if !status.success() {
+            bail!("qemu-img convert failed: {status}");
+        }
+    }
+    Ok(qcow2)
 }

@@ -269,9 +269,12 @@ fn stamp(
 }
 
 fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
-    use stratus_benches::blk::{prepare_file, run_fio, run_stratus, Job, Outcome, Pattern};
-    use stratus_vmm::devices::virtio::block::io::IoEngine;
+    use stratus_benches::blk::{
+        prepare_file, prepare_qcow2_copy, run_fio, run_stratus, Job, Outcome, Pattern,
+    };
+    use stratus_vmm::devices::virtio::block::io::{ImageFormat, IoEngine};
     prepare_file(file, size_mib << 20)?;
+    let qcow2 = prepare_qcow2_copy(file)?;
     let runtime = Duration::from_millis(runtime_ms);
     let jobs = [
         (Pattern::RandRead, 4096, 1),
@@ -293,8 +296,8 @@ fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
         }
     };
     let ratio = |o: &Outcome, host: &Outcome| o.iops / host.iops;
-    println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, alternated) | host fio | stratus io_uring | ratio | stratus sync | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, alternated) | host fio | stratus io_uring | ratio | stratus sync | ratio | stratus qcow2 io_uring | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus / qcow2 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (pattern, bs, qd) in jobs {
         let job = Job {
             pattern,
@@ -303,27 +306,31 @@ fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
             runtime,
         };
         let host = run_fio(file, job)?;
-        let uring = run_stratus(file, IoEngine::IoUring, job)?;
-        let sync = run_stratus(file, IoEngine::Sync, job)?;
+        let uring = run_stratus(file, ImageFormat::Raw, IoEngine::IoUring, job)?;
+        let sync = run_stratus(file, ImageFormat::Raw, IoEngine::Sync, job)?;
+        let qcow = run_stratus(&qcow2, ImageFormat::Qcow2, IoEngine::IoUring, job)?;
         let size = if bs >= 1 << 20 {
             format!("{}M", bs >> 20)
         } else {
             format!("{}k", bs >> 10)
         };
         println!(
-            "| {} {size} QD{qd} | {} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            "| {} {size} QD{qd} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
             pattern.fio_rw(),
             cell(&host, bs),
             cell(&uring, bs),
             ratio(&uring, &host),
             cell(&sync, bs),
             ratio(&sync, &host),
+            cell(&qcow, bs),
+            ratio(&qcow, &host),
             host.p50_us,
             host.p99_us,
             uring.p50_us,
             uring.p99_us,
             host.cpu_us_per_io,
-            uring.cpu_us_per_io
+            uring.cpu_us_per_io,
+            qcow.cpu_us_per_io
         );
     }
     Ok(())

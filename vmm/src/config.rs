@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::rate_limiter::RateLimit;
-use crate::devices::virtio::block::io::{CacheMode, IoEngine};
+use crate::devices::virtio::block::io::{CacheMode, ImageFormat, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 use crate::devices::virtio::net::device::parse_mac;
 use crate::devices::virtio::net::NetConfig;
@@ -64,6 +64,9 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     #[serde(default)]
     pub console: ConsoleConfig,
+    /// Unix socket for the VMM control API (`--api-socket`); no API without it.
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +199,7 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
 /// Parses `path=/img,ro=on|off,serial=ID,cache=writeback|none,engine=io_uring|sync`.
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut path = None;
+    let mut format = ImageFormat::Raw;
     let mut read_only = false;
     let mut serial = None;
     let mut cache = CacheMode::default();
@@ -207,6 +211,11 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         })?;
         match key {
             "path" => path = Some(PathBuf::from(value)),
+            "format" => {
+                format = value
+                    .parse()
+                    .map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?
+            }
             "ro" => read_only = parse_switch(key, value)?,
             "serial" => serial = Some(value.to_string()),
             "cache" => {
@@ -225,7 +234,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
             "iops" => rate_limit.ops_per_sec = Some(parse_rate("--disk", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: path, ro, serial, cache, engine, bps, iops)"
+                    "--disk has no option '{other}' (known: path, format, ro, serial, cache, engine, bps, iops)"
                 )))
             }
         }
@@ -235,6 +244,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         .ok_or_else(|| ConfigError::Invalid(format!("--disk '{spec}' needs path=")))?;
     Ok(BlockConfig {
         path,
+        format,
         read_only,
         serial,
         cache,
@@ -278,6 +288,11 @@ mod tests {
         );
         let d = parse_disk("path=/x,cache=none,engine=sync").unwrap();
         assert_eq!((d.cache, d.engine), (CacheMode::None, Some(IoEngine::Sync)));
+        let d = parse_disk("path=/x.qcow2,format=qcow2").unwrap();
+        assert_eq!(d.format, ImageFormat::Qcow2);
+        assert_eq!(parse_disk("path=/x").unwrap().format, ImageFormat::Raw);
+        let e = parse_disk("path=/x,format=vmdk").unwrap_err().to_string();
+        assert!(e.contains("raw or qcow2, not 'vmdk'"), "{e}");
         let e = parse_disk("path=/x,ro=maybe").unwrap_err().to_string();
         assert!(e.contains("'maybe'"), "{e}");
         assert!(parse_disk("path").is_err());
@@ -302,6 +317,14 @@ mod tests {
             parse_disk("path=/d.img,ro=on,serial=s1").unwrap()
         );
         assert_eq!(c.console, "/tmp/c.log".parse().unwrap());
+        assert_eq!(c.api_socket, None);
+        std::fs::write(
+            &path,
+            r#"{"kernel":"/k","api_socket":"/run/stratus/vm-1.sock"}"#,
+        )
+        .unwrap();
+        let c = VmConfig::from_json_file(&path).unwrap();
+        assert_eq!(c.api_socket, Some(PathBuf::from("/run/stratus/vm-1.sock")));
         std::fs::write(&path, r#"{"kernel":"/k","cpu":2}"#).unwrap();
         let e = VmConfig::from_json_file(&path).unwrap_err().to_string();
         assert!(e.contains("unknown field `cpu`"), "{e}");
@@ -343,6 +366,7 @@ mod tests {
             disks: vec![],
             nets: vec![],
             console: ConsoleConfig::Off,
+            api_socket: None,
         };
         assert!(c.validate().is_err());
         c.cpus = 2;

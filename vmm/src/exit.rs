@@ -18,10 +18,14 @@ pub enum ExitReason {
     KvmError { vcpu: u8, detail: String },
     /// The VMM itself failed while the guest ran.
     VmmError(String),
+    /// Stopped from outside, through the VMM API (`PUT /vm/actions {"action": "stop"}`).
+    Stopped,
 }
 
 impl ExitReason {
-    /// Process exit status: 0 only for a guest that stopped on purpose.
+    /// Process exit status: 0 only for a guest that stopped on purpose. 1 is taken by bad
+    /// configuration (refused before the guest runs). The node agent tells an API stop
+    /// (6) from the guest's own power-off (0).
     pub fn exit_code(&self) -> i32 {
         match self {
             ExitReason::PowerOff | ExitReason::Reset => 0,
@@ -29,6 +33,7 @@ impl ExitReason {
             ExitReason::TripleFault { .. } => 3,
             ExitReason::KvmError { .. } => 4,
             ExitReason::VmmError(_) => 5,
+            ExitReason::Stopped => 6,
         }
     }
 }
@@ -44,6 +49,7 @@ impl std::fmt::Display for ExitReason {
                 write!(f, "KVM error on vCPU {vcpu}: {detail}")
             }
             ExitReason::VmmError(detail) => write!(f, "VMM error: {detail}"),
+            ExitReason::Stopped => write!(f, "VM stopped through the API"),
         }
     }
 }
@@ -127,6 +133,29 @@ mod tests {
         assert_eq!(signal.wait(), ExitReason::GuestPanic);
         assert_ne!(ExitReason::GuestPanic.exit_code(), 0);
         assert_eq!(ExitReason::PowerOff.exit_code(), 0);
+    }
+
+    #[test]
+    fn every_exit_code_is_distinct() {
+        let reasons = [
+            ExitReason::PowerOff,
+            ExitReason::GuestPanic,
+            ExitReason::TripleFault { vcpu: 0 },
+            ExitReason::KvmError {
+                vcpu: 0,
+                detail: String::new(),
+            },
+            ExitReason::VmmError(String::new()),
+            ExitReason::Stopped,
+        ];
+        let mut codes: Vec<i32> = reasons.iter().map(ExitReason::exit_code).collect();
+        // 1 is the configuration error status main() returns before any guest runs.
+        codes.push(1);
+        let count = codes.len();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), count, "{codes:?}");
+        assert_eq!(ExitReason::Stopped.exit_code(), 6);
     }
 
     #[test]

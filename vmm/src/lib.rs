@@ -3,6 +3,7 @@
 //! devices on a PCI host bridge, the way a stock kernel expects to find them.
 
 pub mod acpi;
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod config;

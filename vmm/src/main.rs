@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use stratus_vmm::api::{ApiServer, ApiSocket, ApiState};
 use stratus_vmm::config::{parse_disk, parse_net, ConsoleConfig, VmConfig};
 use stratus_vmm::{Vm, VmResources};
 
@@ -14,7 +15,7 @@ use stratus_vmm::{Vm, VmResources};
 #[command(name = "stratus-vmm", version)]
 struct Cli {
     /// JSON VM configuration (same fields as the flags); excludes the other VM flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "console"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "console", "api_socket"])]
     config: Option<PathBuf>,
     /// Kernel: uncompressed ELF vmlinux or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -31,7 +32,8 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u64,
-    /// virtio-blk disk: path=FILE[,ro=on|off][,serial=ID]; repeat for more disks.
+    /// virtio-blk disk: path=FILE[,format=raw|qcow2][,ro=on|off][,serial=ID]
+    /// [,cache=writeback|none][,engine=io_uring|sync][,bps=N][,iops=N]; repeat for more disks.
     #[arg(long)]
     disk: Vec<String>,
     /// virtio-net NIC on a TAP device: tap=NAME,mac=02:00:…; repeat for more NICs.
@@ -40,6 +42,10 @@ struct Cli {
     /// Serial console: stdout, off, or a file to append to.
     #[arg(long, default_value = "stdout")]
     console: String,
+    /// Serve the control API (HTTP/JSON: GET /vm, PATCH /vm/disks/N, PATCH /vm/nets/N,
+    /// PUT /vm/actions) on this Unix socket; removed on exit.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
 }
 
 fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -65,9 +71,31 @@ fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
         disks,
         nets,
         console: cli.console.parse::<ConsoleConfig>()?,
+        api_socket: cli.api_socket,
     };
     config.validate()?;
     Ok(config)
+}
+
+/// How long the answers still being written (the stop request's own) may delay the exit.
+const API_GRACE: Duration = Duration::from_secs(2);
+
+/// Everything before the guest runs; any error here is a configuration error (status 1).
+fn prepare(cli: Cli, start: Instant) -> anyhow::Result<(Vm, Option<ApiServer>)> {
+    let config = config_from_cli(cli)?;
+    // Bound before the VM is built: a second VMM started for the same socket gives up
+    // before touching KVM or the disks. Clients that connect meanwhile wait in the backlog.
+    let socket = config
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
+    let resources = VmResources::from_config(&config)?;
+    let vm = Vm::build(resources, start)?;
+    let server = socket
+        .map(|socket| socket.serve(ApiState::new(&config, &vm)))
+        .transpose()?;
+    Ok((vm, server))
 }
 
 fn main() -> ExitCode {
@@ -80,17 +108,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = config_from_cli(cli)
-        .and_then(|config| Ok(VmResources::from_config(&config)?))
-        .and_then(|resources| Ok(Vm::build(resources, start)?));
-    let vm = match result {
-        Ok(vm) => vm,
+    let (vm, api) = match prepare(cli, start) {
+        Ok(ready) => ready,
         Err(e) => {
             eprintln!("stratus-vmm: error: {e}");
             return ExitCode::from(1);
         }
     };
     let reason = vm.run();
+    if let Some(api) = api {
+        api.shutdown(API_GRACE);
+    }
     let code = reason.exit_code();
     eprintln!("stratus-vmm: {reason}");
     ExitCode::from(code as u8)

@@ -27,9 +27,10 @@ use crate::devices::pci::host_bridge::HostBridge;
 use crate::devices::pci::msix::{Msix, MsixError};
 use crate::devices::pci::root::PciRootError;
 use crate::devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::block::io::DiskError;
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
-use crate::devices::virtio::net::device::NetError;
+use crate::devices::virtio::net::device::{NetError, NetRateLimiters};
 use crate::devices::virtio::net::{NetConfig, VirtioNet};
 use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
 use crate::devices::virtio::VirtioDevice;
@@ -167,6 +168,9 @@ pub struct Vm {
     exit: ExitSignal,
     progress: BootProgress,
     console_input: bool,
+    /// In `resources.disks` / `resources.nets` order, for the VMM API.
+    disk_limiters: Vec<RateLimiter>,
+    net_limiters: Vec<NetRateLimiters>,
     _router: GsiRouter,
     _vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
@@ -242,12 +246,15 @@ impl Vm {
             .expect("PCI root lock poisoned")
             .add_device(Arc::new(Mutex::new(HostBridge::new())), None)?;
         let mut next_bar = PCI_MMIO32_START;
+        let mut disk_limiters = Vec::with_capacity(resources.disks.len());
+        let mut net_limiters = Vec::with_capacity(resources.nets.len());
         for disk in &resources.disks {
             let queues = u16::from(resources.cpus);
             let block = VirtioBlock::new(disk, queues).map_err(|source| VmError::Disk {
                 path: disk.path.clone(),
                 source,
             })?;
+            disk_limiters.push(block.rate_limiter());
             attach_virtio_pci(
                 &pci_root,
                 &router,
@@ -262,6 +269,7 @@ impl Vm {
                 tap: net.tap.clone(),
                 source,
             })?;
+            net_limiters.push(device.rate_limiters());
             attach_virtio_pci(
                 &pci_root,
                 &router,
@@ -368,6 +376,8 @@ impl Vm {
             exit,
             progress,
             console_input: resources.console_input,
+            disk_limiters,
+            net_limiters,
             _router: router,
             _vm: vm,
             mem,
@@ -385,6 +395,17 @@ impl Vm {
 
     pub fn exit_signal(&self) -> ExitSignal {
         self.exit.clone()
+    }
+
+    /// One limiter handle per disk, in configuration order; changing one changes the
+    /// running device's limits.
+    pub fn disk_rate_limiters(&self) -> Vec<RateLimiter> {
+        self.disk_limiters.clone()
+    }
+
+    /// One pair of limiter handles per NIC, in configuration order.
+    pub fn net_rate_limiters(&self) -> Vec<NetRateLimiters> {
+        self.net_limiters.clone()
     }
 
     /// Runs the guest until it stops; returns why.

@@ -5,7 +5,8 @@ use std::os::unix::io::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
+use stratus_vmm::devices::rate_limiter::RateLimit;
+use stratus_vmm::devices::virtio::net::device::NetRateLimiters;
 use stratus_vmm::devices::virtio::net::event_handler::{NetStats, NetWorker, NetWorkerParts};
 use stratus_vmm::devices::virtio::net::tap::Tap;
 use stratus_vmm::devices::virtio::net::*;
@@ -46,6 +47,8 @@ struct Net<'a> {
     irqs: Arc<Irqs>,
     rx_next: u16,
     tx_next: u16,
+    /// The handles the VMM API would hold, when the NIC is limited.
+    limiters: Option<NetRateLimiters>,
 }
 
 fn socketpair() -> (OwnedFd, OwnedFd) {
@@ -86,6 +89,7 @@ impl<'a> Net<'a> {
             Tap::from_raw_datagram_fd(std::os::unix::io::IntoRawFd::into_raw_fd(ours), "test0");
         let stats = Arc::new(NetStats::default());
         let irqs = Arc::new(Irqs::default());
+        let limiters = limit.map(NetRateLimiters::new);
         let mut rx_queue: Queue = rx.create_queue().unwrap();
         let mut tx_queue: Queue = tx.create_queue().unwrap();
         rx_queue.set_event_idx(event_idx);
@@ -101,8 +105,8 @@ impl<'a> Net<'a> {
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             mergeable_rx,
             stats: stats.clone(),
-            rx_limiter: limit.map(RateLimiter::new),
-            tx_limiter: limit.map(RateLimiter::new),
+            rx_limiter: limiters.as_ref().map(|l| l.rx.clone()),
+            tx_limiter: limiters.as_ref().map(|l| l.tx.clone()),
         });
         Net {
             rx,
@@ -113,6 +117,7 @@ impl<'a> Net<'a> {
             irqs,
             rx_next: 0,
             tx_next: 0,
+            limiters,
         }
     }
 
@@ -366,4 +371,37 @@ fn rate_limited_directions_wait_for_their_timer() {
     assert!(net.peer_recv().is_some());
     assert_eq!(net.used(false).len(), 2);
     assert_eq!(net.used(true).len(), 2);
+}
+
+#[test]
+fn lifting_the_nic_limit_through_its_handles_releases_both_directions_at_once() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let one_per_second = RateLimit {
+        bytes_per_sec: None,
+        ops_per_sec: Some(1),
+    };
+    let mut net = Net::build(&mem, true, false, Some(one_per_second));
+    let p = packet(100, 7);
+    mem.write_slice(&p, GuestAddress(BUF)).unwrap();
+    net.add_tx(&[(BUF, p.len() as u32, R)]);
+    net.add_tx(&[(BUF, p.len() as u32, R)]);
+    assert_eq!(net.worker.process_tx(), 1);
+    net.add_rx(&[(BUF + 0x1000, 1526, W)]);
+    net.add_rx(&[(BUF + 0x2000, 1526, W)]);
+    net.peer_send(&packet(60, 1));
+    net.peer_send(&packet(60, 2));
+    assert!(!net.worker.process_rx());
+    assert_eq!(net.worker.throttled(), (true, true));
+    assert!(!net.worker.limits_changed(), "no change is pending yet");
+
+    let handles = net.limiters.clone().unwrap();
+    handles.update(RateLimit::default());
+    assert!(handles.rx.is_unlimited() && handles.tx.is_unlimited());
+    assert!(net.worker.limits_changed(), "the update wakes the worker");
+    assert!(net.worker.unthrottle(), "every waiting frame goes");
+    assert_eq!(net.worker.throttled(), (false, false));
+    assert_eq!(net.used(false).len(), 2);
+    assert_eq!(net.used(true).len(), 2);
+    assert!(net.peer_recv().is_some());
+    assert!(net.peer_recv().is_some());
 }

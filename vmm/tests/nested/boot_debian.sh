@@ -12,6 +12,13 @@
 # It also has a virtio-net NIC on a TAP bridged in L1: it gets its fixed address by DHCP
 # from stratus-nodeagent's DHCP server running in L1 (from a StratusLab pool definition),
 # pings L1 and moves a file each way; the checksums are compared.
+# It also has a 64 MiB data disk for fio (found by its serial): Debian's fio runs in the
+# guest with O_DIRECT and io_uring at queue depth 32, random writes of 4-64 KiB over the
+# first 32 MiB with a crc32c verify header in every 4 KiB (its offset and checksum), and
+# verifies them in the guest; after the VMM exits, fio in L1 re-reads the image file with
+# --verify_only (same job and seed, psync) and checks every block's offset and checksum.
+# The guest also writes a random file generated here with dd oflag=direct at 48 MiB, and L1
+# compares the SHA-256 of everything past fio's area (the file, zeros around it).
 # The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs and pvpanic modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
@@ -27,6 +34,48 @@ DHCP_SERVER=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/dhcp_ser
 
 W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
 trap 'rm -rf "$W"' EXIT
+
+# ---- qcow2 hook ------------------------------------------------------------------------
+# FIO_DISK_FORMAT=qcow2 runs the same fio and dd checks on a qcow2 overlay over a raw base
+# of the same size (--disk path=/fio.qcow2,format=qcow2). L1 flattens the overlay with
+# `qemu-img convert -O raw` into /fio.img before its checks, so they read the same bytes.
+# Needs stratus-vmm's qcow2 support and qemu-img on this host (Debian package qemu-utils).
+FIO_DISK_FORMAT=${FIO_DISK_FORMAT:-raw}
+# -----------------------------------------------------------------------------------------
+
+# The fio disk: fio's verified random writes in [0, FIO_SIZE_MIB), the dd file at
+# DD_OFFSET_MIB, zeros everywhere else.
+FIO_SERIAL=stratus-fio-1
+FIO_DISK_MIB=64
+FIO_SIZE_MIB=32
+DD_OFFSET_MIB=48
+head -c 1M /dev/urandom > "$W/dd-payload"
+truncate -s $((FIO_DISK_MIB - FIO_SIZE_MIB))M "$W/expected-tail.img"
+dd if="$W/dd-payload" of="$W/expected-tail.img" bs=1M seek=$((DD_OFFSET_MIB - FIO_SIZE_MIB)) conv=notrunc status=none
+EXPECTED_TAIL_SHA=$(sha256sum "$W/expected-tail.img" | cut -d' ' -f1)
+# One job file for both sides; the engine, O_DIRECT and the target come from the environment.
+cat > "$W/fio-verify.job" <<JOB
+[global]
+filename=\${FIO_FILE}
+ioengine=\${FIO_ENGINE}
+direct=\${FIO_DIRECT}
+iodepth=32
+rw=randwrite
+bsrange=4k-64k
+size=${FIO_SIZE_MIB}m
+randrepeat=1
+randseed=20261126
+verify=crc32c
+verify_fatal=1
+[stratus-verify]
+JOB
+# What a fio terse (v3) line says: field 5 is the error, 6 KiB read (verified), 47 KiB
+# written (--verify_only counts the writes it skips there too, so L1 leaves it out).
+# shellcheck disable=SC2016
+FIO_SUMMARY='/^3;/ {print "err=" $5, "written_kib=" $47, "verified_kib=" $6}'
+# shellcheck disable=SC2016
+FIO_VERIFY_SUMMARY='/^3;/ {print "err=" $5, "verified_kib=" $6}'
+FIO_KIB=$((FIO_SIZE_MIB * 1024))
 
 # The data disk: a marker in sector 0, zeros elsewhere; the guest writes PATTERN at 4 KiB.
 SERIAL=stratus-data-1
@@ -64,7 +113,11 @@ esac
 SCRIPT
 chmod +x "$W/inner/udhcpc.sh"
 cp "$W/pattern" "$W/inner/pattern"
+copy_fio_into "$W/inner"
+cp "$W/fio-verify.job" "$W/inner/"
+cp "$W/dd-payload" "$W/inner/"
 write_init "$W/inner" <<INIT
+echo "TMPTIME guest-init \$(cat /proc/uptime)"
 if grep -q stratus_test=panic /proc/cmdline; then
     echo "STRATUS2-INIT nproc=\$(nproc)"
     i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
@@ -99,6 +152,19 @@ if mount -t iso9660 -o ro "\$nocloud" /mnt/nc; then
     echo "STRATUS-NOCLOUD \$(grep instance-id /mnt/nc/meta-data) \$(grep local-hostname /mnt/nc/meta-data)"
     grep -q "\$(echo '$PUBKEY' | cut -d' ' -f2)" /mnt/nc/user-data && echo "STRATUS-NOCLOUD-KEY-OK"
 fi
+fiodev=
+for b in /sys/block/vd*; do [ "\$(cat \$b/serial 2>/dev/null)" = $FIO_SERIAL ] && fiodev=/dev/\${b##*/}; done
+echo "STRATUS-FIO-DISK \$(cat /sys/block/\${fiodev#/dev/}/size 2>/dev/null) sectors"
+if [ -b "\$fiodev" ]; then
+    echo "TMPTIME guest-fio-start \$(cat /proc/uptime)"
+    FIO_FILE=\$fiodev FIO_ENGINE=io_uring FIO_DIRECT=1 fio --output-format=terse /fio-verify.job > /fio.out 2>&1
+    rc=\$?
+    echo "STRATUS-FIO rc=\$rc \$(awk -F';' '$FIO_SUMMARY' /fio.out)"
+    [ \$rc = 0 ] || sed 's/^/STRATUS-FIO-LOG /' /fio.out
+    echo "TMPTIME guest-fio-end \$(cat /proc/uptime)"
+    dd if=/dd-payload of=\$fiodev bs=65536 seek=$((DD_OFFSET_MIB * 16)) oflag=direct 2>/dev/null && echo "STRATUS-DD-DIRECT-OK"
+    echo "TMPTIME guest-dd-end \$(cat /proc/uptime)"
+fi
 ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -q -n -t 10 -s /udhcpc.sh
@@ -125,6 +191,22 @@ truncate -s 1M "$W/outer/ro.img"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 cp "$W/data.img" "$W/outer/data.img"
 cp "$W/ctx.iso" "$W/nocloud.iso" "$W/outer/"
+copy_fio_into "$W/outer"
+cp "$W/fio-verify.job" "$W/outer/"
+case $FIO_DISK_FORMAT in
+raw)
+    truncate -s ${FIO_DISK_MIB}M "$W/outer/fio.img"
+    FIO_DISK=path=/fio.img,serial=$FIO_SERIAL
+    FIO_FLATTEN=: ;;
+qcow2)
+    command -v qemu-img >/dev/null || { log "FIO_DISK_FORMAT=qcow2 needs qemu-img (apt-get install qemu-utils)"; exit 1; }
+    qemu-img create -q -f raw "$W/outer/fio-base.img" ${FIO_DISK_MIB}M
+    qemu-img create -q -f qcow2 -b fio-base.img -F raw "$W/outer/fio.qcow2"
+    copy_binary_with_libs qemu-img "$W/outer"
+    FIO_DISK=path=/fio.qcow2,format=qcow2,serial=$FIO_SERIAL
+    FIO_FLATTEN="qemu-img convert -O raw /fio.qcow2 /fio.img" ;;
+*) log "FIO_DISK_FORMAT must be raw or qcow2, not $FIO_DISK_FORMAT"; exit 1 ;;
+esac
 mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
 cp "$DHCP_SERVER" "$W/outer/dhcp_server"
 cat > "$W/outer/pool.json" <<POOL
@@ -148,10 +230,29 @@ UPLOAD_PID=\$!
 exec 3> /nc-in
 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk path=/data.img,serial=$SERIAL --disk path=/ctx.iso,ro=on --disk path=/nocloud.iso,ro=on \
+  --disk $FIO_DISK \
   --net tap=tap0,mac=$GUEST_MAC --net tap=tap1,mac=02:00:c6:12:01:0a \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
+# The host side of the fio and dd checks, on the image file the VMM wrote.
+echo "TMPTIME l1-verify-start \$(cat /proc/uptime)"
+# TEMPORARY corruption demo
+cp /fio.img /demo-misplaced.img; dd if=/fio.img bs=65536 skip=16 count=1 2>/dev/null | dd of=/demo-misplaced.img bs=65536 seek=80 conv=notrunc 2>/dev/null
+cp /fio.img /demo-flipped.img; printf 'Z' | dd of=/demo-flipped.img bs=1 seek=\$((20*1048576+12345)) conv=notrunc 2>/dev/null
+cp /fio.img /demo-zeroed.img; dd if=/dev/zero of=/demo-zeroed.img bs=4096 seek=3000 count=1 conv=notrunc 2>/dev/null
+for d in misplaced flipped zeroed; do
+  FIO_FILE=/demo-\$d.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse /fio-verify.job > /demo.out 2>&1
+  echo "DEMO-\$d rc=\$? \$(awk -F';' '$FIO_VERIFY_SUMMARY' /demo.out)"; grep -v '^3;' /demo.out | grep -i verif | sed "s/^/DEMO-\$d-LOG /"
+done
+rm -f /demo-*.img
+$FIO_FLATTEN || echo "L1-FIO-FLATTEN-FAILED"
+FIO_FILE=/fio.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse /fio-verify.job > /fio-host.out 2>&1
+rc=\$?
+echo "L1-FIO-VERIFY rc=\$rc \$(awk -F';' '$FIO_VERIFY_SUMMARY' /fio-host.out)"
+[ \$rc = 0 ] || grep -v '^3;' /fio-host.out | sed 's/^/L1-FIO-LOG /'
+echo "TMPTIME l1-verify-end \$(cat /proc/uptime)"
+echo "L1-FIO-DISK-TAIL-SHA256 \$(dd if=/fio.img bs=1M skip=$FIO_SIZE_MIB 2>/dev/null | sha256sum | cut -d' ' -f1)"
 # The listener ends when the guest's upload does; bound the wait in case it never came.
 i=0; while kill -0 \$UPLOAD_PID 2>/dev/null && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
 kill \$UPLOAD_PID 2>/dev/null
@@ -194,6 +295,13 @@ check "guest can discard" "STRATUS-DISCARD-OK"
 check "guest powered off and the VMM exited 0" "VMM-EXIT rc=0"
 check "disk file holds exactly the marker and the pattern" "L1-DISK-SHA256 $EXPECTED_SHA"
 check "context CD and NoCloud disk found by label" "STRATUS-CTX-DEVICES /dev/vdb /dev/vdc"
+check "fio disk found by its serial, $FIO_DISK_MIB MiB" "STRATUS-FIO-DISK $((FIO_DISK_MIB * 2048)) sectors"
+check "guest fio: O_DIRECT io_uring QD32 random 4-64 KiB writes verified in the guest" \
+    "STRATUS-FIO rc=0 err=0 written_kib=$FIO_KIB verified_kib=$FIO_KIB"
+check "L1 re-verifies every fio block in the image (offset + crc32c)" \
+    "L1-FIO-VERIFY rc=0 err=0 verified_kib=$FIO_KIB"
+check "guest dd oflag=direct of the host's file completes" "STRATUS-DD-DIRECT-OK"
+check "image holds the dd file at $DD_OFFSET_MIB MiB and zeros around it" "L1-FIO-DISK-TAIL-SHA256 $EXPECTED_TAIL_SHA"
 check "context.sh gives the public key" "STRATUS-CTX-KEY $PUBKEY"
 check "context.sh gives a user key" "STRATUS-CTX-WEBSITE https://example.org"
 check "a hostile context value stays data" "STRATUS-CTX-MESSAGE $HOSTILE"

@@ -1,12 +1,15 @@
 //! Token-bucket rate limiting for device I/O: a bandwidth bucket (bytes) and an operations
 //! bucket, each refilled continuously over one second. A device that runs out of tokens
 //! stops taking requests and arms a timerfd for when enough will be back, instead of
-//! polling.
+//! polling. Limits can change at run time (through the VMM API); the workers sharing a
+//! limiter are woken when they do.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Limits per second; `None` means unlimited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,14 +63,35 @@ impl TokenBucket {
 }
 
 #[derive(Debug)]
-struct Buckets {
+struct State {
+    /// What the buckets were made from, for reporting.
+    limit: RateLimit,
     bytes: Option<TokenBucket>,
     ops: Option<TokenBucket>,
+    /// Workers to wake when the limits change; dropped workers fall out on the next change.
+    watchers: Vec<Weak<EventFd>>,
 }
 
-/// Shared by every queue of a device; cheap to clone.
+#[derive(Debug)]
+struct Shared {
+    /// Mirrors `state.limit.is_unlimited()` so that unlimited devices (most of them) pay
+    /// one atomic load per request instead of a lock.
+    unlimited: AtomicBool,
+    state: Mutex<State>,
+}
+
+/// Shared by every queue of a device, and by the VMM API that changes its limits at run
+/// time; cheap to clone. A device always has one, unlimited when nothing is configured.
 #[derive(Clone, Debug)]
-pub struct RateLimiter(Arc<Mutex<Buckets>>);
+pub struct RateLimiter(Arc<Shared>);
+
+/// Rates of 0 mean unlimited here; the configuration and the API refuse them earlier.
+fn normalise(limit: RateLimit) -> RateLimit {
+    RateLimit {
+        bytes_per_sec: limit.bytes_per_sec.filter(|r| *r > 0),
+        ops_per_sec: limit.ops_per_sec.filter(|r| *r > 0),
+    }
+}
 
 impl RateLimiter {
     pub fn new(limit: RateLimit) -> Self {
@@ -75,39 +99,77 @@ impl RateLimiter {
     }
 
     fn new_at(limit: RateLimit, now: Instant) -> Self {
-        RateLimiter(Arc::new(Mutex::new(Buckets {
-            bytes: limit
-                .bytes_per_sec
-                .filter(|r| *r > 0)
-                .map(|r| TokenBucket::new(r, now)),
-            ops: limit
-                .ops_per_sec
-                .filter(|r| *r > 0)
-                .map(|r| TokenBucket::new(r, now)),
-        })))
+        let limit = normalise(limit);
+        RateLimiter(Arc::new(Shared {
+            unlimited: AtomicBool::new(limit.is_unlimited()),
+            state: Mutex::new(State {
+                limit,
+                bytes: limit.bytes_per_sec.map(|r| TokenBucket::new(r, now)),
+                ops: limit.ops_per_sec.map(|r| TokenBucket::new(r, now)),
+                watchers: Vec::new(),
+            }),
+        }))
     }
 
-    /// Replaces the limits (at run time); buckets start full.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.state.lock().expect("rate limiter lock poisoned")
+    }
+
+    /// The limits in force.
+    pub fn limit(&self) -> RateLimit {
+        self.lock().limit
+    }
+
+    /// True while no limit is set: callers may skip measuring their requests.
+    pub fn is_unlimited(&self) -> bool {
+        self.0.unlimited.load(Ordering::Acquire)
+    }
+
+    /// Replaces the limits (at run time); buckets start full. Every watcher is woken, so
+    /// a queue throttled under the old limits need not wait for its old deadline.
     pub fn update(&self, limit: RateLimit) {
-        let fresh = Self::new(limit);
-        let buckets = std::mem::replace(
-            &mut *fresh.0.lock().expect("rate limiter lock poisoned"),
-            Buckets {
-                bytes: None,
-                ops: None,
-            },
-        );
-        *self.0.lock().expect("rate limiter lock poisoned") = buckets;
+        self.update_at(limit, Instant::now())
+    }
+
+    fn update_at(&self, limit: RateLimit, now: Instant) {
+        let limit = normalise(limit);
+        let mut state = self.lock();
+        state.limit = limit;
+        state.bytes = limit.bytes_per_sec.map(|r| TokenBucket::new(r, now));
+        state.ops = limit.ops_per_sec.map(|r| TokenBucket::new(r, now));
+        self.0
+            .unlimited
+            .store(limit.is_unlimited(), Ordering::Release);
+        state.watchers.retain(|w| match w.upgrade() {
+            Some(wake) => {
+                // A full counter (EAGAIN) already means "woken".
+                let _ = wake.write(1);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Has `wake` written to whenever the limits change. The limiter keeps only a weak
+    /// reference: dropping the event is enough to stop watching.
+    pub fn watch(&self, wake: &Arc<EventFd>) {
+        let mut state = self.lock();
+        state.watchers.retain(|w| w.strong_count() > 0);
+        state.watchers.push(Arc::downgrade(wake));
     }
 
     /// Takes one operation of `bytes` if both buckets allow it; otherwise takes nothing and
     /// says how long to wait.
     pub fn consume(&self, bytes: u64) -> Result<(), Duration> {
+        if self.is_unlimited() {
+            return Ok(());
+        }
         self.consume_at(bytes, Instant::now())
     }
 
     fn consume_at(&self, bytes: u64, now: Instant) -> Result<(), Duration> {
-        let mut b = self.0.lock().expect("rate limiter lock poisoned");
+        let mut guard = self.lock();
+        let b = &mut *guard;
         let mut wait = Duration::ZERO;
         if let Some(bucket) = b.bytes.as_mut() {
             bucket.refill(now);
@@ -211,5 +273,91 @@ mod tests {
         assert!(l.consume(1).is_err());
         l.update(RateLimit::default());
         assert!(l.consume(1 << 20).is_ok());
+    }
+
+    #[test]
+    fn update_goes_from_unlimited_to_limited_and_back_through_a_clone() {
+        let t0 = Instant::now();
+        let device = RateLimiter::new_at(RateLimit::default(), t0);
+        // The API holds a clone; its updates are what the device's queues see.
+        let api = device.clone();
+        assert!(device.is_unlimited());
+        assert_eq!(device.limit(), RateLimit::default());
+        for _ in 0..1000 {
+            assert!(device.consume_at(1 << 30, t0).is_ok());
+        }
+
+        let limited = RateLimit {
+            bytes_per_sec: Some(1000),
+            ops_per_sec: Some(2),
+        };
+        api.update_at(limited, t0);
+        assert!(!device.is_unlimited());
+        assert_eq!(device.limit(), limited);
+        // Buckets start full: two operations, then the ops bucket is empty.
+        assert!(device.consume_at(10, t0).is_ok());
+        assert!(device.consume_at(10, t0).is_ok());
+        let wait = device.consume_at(10, t0).unwrap_err();
+        assert!((wait.as_secs_f64() - 0.5).abs() < 0.01, "{wait:?}");
+        assert!(
+            device.consume(10).is_err(),
+            "consume() checks the limit too"
+        );
+
+        api.update_at(RateLimit::default(), t0);
+        assert!(device.is_unlimited());
+        assert_eq!(device.limit(), RateLimit::default());
+        assert!(device.consume_at(1 << 30, t0).is_ok());
+        assert!(device.consume(1 << 30).is_ok());
+    }
+
+    #[test]
+    fn an_update_restarts_with_full_buckets_and_zero_means_unlimited() {
+        let t0 = Instant::now();
+        let l = RateLimiter::new_at(
+            RateLimit {
+                bytes_per_sec: Some(100),
+                ops_per_sec: None,
+            },
+            t0,
+        );
+        assert!(l.consume_at(100, t0).is_ok());
+        assert!(l.consume_at(1, t0).is_err());
+        let raised = RateLimit {
+            bytes_per_sec: Some(1000),
+            ops_per_sec: None,
+        };
+        l.update_at(raised, t0);
+        assert!(l.consume_at(1000, t0).is_ok());
+        assert!(l.consume_at(1, t0).is_err());
+        l.update_at(
+            RateLimit {
+                bytes_per_sec: Some(0),
+                ops_per_sec: Some(0),
+            },
+            t0,
+        );
+        assert!(l.is_unlimited());
+        assert_eq!(l.limit(), RateLimit::default());
+    }
+
+    #[test]
+    fn updates_wake_every_live_watcher_and_forget_dropped_ones() {
+        let l = RateLimiter::new(RateLimit::default());
+        let a = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let b = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        l.watch(&a);
+        l.watch(&b);
+        assert!(a.read().is_err(), "nothing changed yet");
+        l.update(RateLimit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(5),
+        });
+        assert_eq!(a.read().unwrap(), 1);
+        assert_eq!(b.read().unwrap(), 1);
+        drop(b);
+        l.update(RateLimit::default());
+        assert_eq!(a.read().unwrap(), 1);
+        assert_eq!(l.lock().watchers.len(), 1, "the dropped watcher is gone");
     }
 }

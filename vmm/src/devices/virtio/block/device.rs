@@ -7,7 +7,9 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::event_handler::{QueueWorker, QueueWorkerParts};
-use super::io::{create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, IoEngine};
+use super::io::{
+    create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
+};
 use super::*;
 use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{
@@ -19,6 +21,9 @@ use crate::devices::virtio::{
 #[serde(deny_unknown_fields)]
 pub struct BlockConfig {
     pub path: PathBuf,
+    /// Image format; never guessed from the file (see `ImageFormat`).
+    #[serde(default)]
+    pub format: ImageFormat,
     #[serde(default)]
     pub read_only: bool,
     /// Returned by GET_ID (the guest's /sys/block/vdX/serial); at most 20 bytes.
@@ -37,6 +42,7 @@ impl BlockConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         BlockConfig {
             path: path.into(),
+            format: ImageFormat::Raw,
             read_only: false,
             serial: None,
             cache: CacheMode::default(),
@@ -54,13 +60,16 @@ pub struct VirtioBlock {
     features: u64,
     workers: Vec<JoinHandle<()>>,
     kill: Option<EventFd>,
-    limiter: Option<RateLimiter>,
+    /// Always present (unlimited costs one atomic load per request), so the VMM API can
+    /// change the limits at run time.
+    limiter: RateLimiter,
 }
 
 impl VirtioBlock {
     /// `num_queues` request queues (one per vCPU lets every CPU submit without sharing).
     pub fn new(config: &BlockConfig, num_queues: u16) -> Result<Self, DiskError> {
-        let disk = DiskFile::open(&config.path, config.read_only, config.cache)?;
+        let disk =
+            DiskFile::open_format(&config.path, config.format, config.read_only, config.cache)?;
         let engine = match config.engine {
             Some(engine) => engine,
             None if io_uring_supported() => IoEngine::IoUring,
@@ -92,13 +101,17 @@ impl VirtioBlock {
             features,
             workers: Vec::new(),
             kill: None,
-            limiter: (!config.rate_limit.is_unlimited())
-                .then(|| RateLimiter::new(config.rate_limit)),
+            limiter: RateLimiter::new(config.rate_limit),
         })
     }
 
     pub fn engine(&self) -> IoEngine {
         self.engine
+    }
+
+    /// A handle on the limiter all queues share, for changing its limits at run time.
+    pub fn rate_limiter(&self) -> RateLimiter {
+        self.limiter.clone()
     }
 
     /// struct virtio_blk_config up to write_zeroes_may_unmap.
@@ -171,7 +184,7 @@ impl VirtioDevice for VirtioBlock {
                 interrupt: ctx.interrupt.clone(),
                 kill: kill.try_clone().map_err(ActivateError::Worker)?,
                 engine,
-                limiter: self.limiter.clone(),
+                limiter: Some(self.limiter.clone()),
             });
             let handle = std::thread::Builder::new()
                 .name(format!("virtio-blk-q{index}"))

@@ -5,6 +5,7 @@
 
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -86,12 +87,15 @@ pub struct QueueWorker {
     /// Fires when a throttled queue may go on.
     throttle_timer: TimerFd,
     throttled: bool,
+    /// Written by the limiter when its limits change (VMM API).
+    limit_changed: Arc<EventFd>,
 }
 
 const QUEUE_TOKEN: u64 = 0;
 const ENGINE_TOKEN: u64 = 1;
 const KILL_TOKEN: u64 = 2;
 const THROTTLE_TOKEN: u64 = 3;
+const LIMIT_TOKEN: u64 = 4;
 
 pub struct QueueWorkerParts {
     pub mem: GuestMemoryMmap,
@@ -109,6 +113,10 @@ pub struct QueueWorkerParts {
 
 impl QueueWorker {
     pub fn new(parts: QueueWorkerParts) -> Self {
+        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        if let Some(limiter) = &parts.limiter {
+            limiter.watch(&limit_changed);
+        }
         QueueWorker {
             mem: parts.mem,
             disk: parts.disk,
@@ -125,6 +133,7 @@ impl QueueWorker {
             limiter: parts.limiter,
             throttle_timer: TimerFd::new().expect("timerfd"),
             throttled: false,
+            limit_changed,
         }
     }
 
@@ -151,7 +160,8 @@ impl QueueWorker {
             }
             let mem = self.mem.clone();
             while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
-                if let Some(limiter) = &self.limiter {
+                // An unlimited limiter is skipped before the chain is walked for its length.
+                if let Some(limiter) = self.limiter.as_ref().filter(|l| !l.is_unlimited()) {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if let Err(wait) = limiter.consume(bytes) {
                         // Leave the request in the ring until the tokens are back.
@@ -183,6 +193,24 @@ impl QueueWorker {
         }
         self.reap();
         taken
+    }
+
+    /// The limiter's limits changed. A throttled queue does not wait for the deadline the
+    /// old limits gave it: its throttle timer is set to fire now, and `unthrottle` (the
+    /// timer's handler) retries under the new limits. Returns whether a change was pending.
+    pub fn limits_changed(&mut self) -> bool {
+        if self.limit_changed.read().is_err() {
+            return false;
+        }
+        // Through the timer rather than retrying here, so that the timer is the only way
+        // out of the throttled state and its handler never blocks on a disarmed timer.
+        // (A zero duration would disarm it.)
+        if self.throttled {
+            if let Err(e) = self.throttle_timer.reset(Duration::from_nanos(1), None) {
+                tracing::error!("virtio-blk: cannot re-arm the throttle timer: {e}");
+            }
+        }
+        true
     }
 
     /// The throttle timer fired: take requests again.
@@ -411,7 +439,7 @@ impl QueueWorker {
                 return;
             }
         };
-        let mut events = [EpollEvent::default(); 4];
+        let mut events = [EpollEvent::default(); 5];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -431,6 +459,9 @@ impl QueueWorker {
                     }
                     THROTTLE_TOKEN => {
                         self.unthrottle();
+                    }
+                    LIMIT_TOKEN => {
+                        self.limits_changed();
                     }
                     ENGINE_TOKEN => {
                         let _ = self.engine.notifier().read();
@@ -467,6 +498,7 @@ impl QueueWorker {
             (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
             (self.kill.as_raw_fd(), KILL_TOKEN),
             (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
+            (self.limit_changed.as_raw_fd(), LIMIT_TOKEN),
         ] {
             epoll.ctl(
                 ControlOperation::Add,

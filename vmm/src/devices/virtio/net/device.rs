@@ -72,12 +72,40 @@ fn inherited_tap(fd: i32, name: &str) -> Result<Tap, NetError> {
     Ok(Tap::from_fd(owned, name)?)
 }
 
+/// A NIC's two limiters: `rate_limit` (config, `--net bps=,pps=`, the API) applies to each
+/// direction separately, with its own buckets.
+#[derive(Clone, Debug)]
+pub struct NetRateLimiters {
+    pub rx: RateLimiter,
+    pub tx: RateLimiter,
+}
+
+impl NetRateLimiters {
+    pub fn new(limit: RateLimit) -> Self {
+        NetRateLimiters {
+            rx: RateLimiter::new(limit),
+            tx: RateLimiter::new(limit),
+        }
+    }
+
+    /// The limit in force (both directions always have the same one).
+    pub fn limit(&self) -> RateLimit {
+        self.rx.limit()
+    }
+
+    pub fn update(&self, limit: RateLimit) {
+        self.rx.update(limit);
+        self.tx.update(limit);
+    }
+}
+
 pub struct VirtioNet {
     tap: Arc<Tap>,
     mac: [u8; 6],
     stats: Arc<NetStats>,
     worker: Option<(EventFd, JoinHandle<()>)>,
-    rate_limit: RateLimit,
+    /// Outlive activations, so that run-time changes survive a driver reset.
+    limiters: NetRateLimiters,
 }
 
 impl VirtioNet {
@@ -92,12 +120,17 @@ impl VirtioNet {
             mac,
             stats: Arc::new(NetStats::default()),
             worker: None,
-            rate_limit: config.rate_limit,
+            limiters: NetRateLimiters::new(config.rate_limit),
         })
     }
 
     pub fn stats(&self) -> Arc<NetStats> {
         self.stats.clone()
+    }
+
+    /// Handles on the NIC's limiters, for changing them at run time.
+    pub fn rate_limiters(&self) -> NetRateLimiters {
+        self.limiters.clone()
     }
 
     fn stop(&mut self) {
@@ -187,10 +220,8 @@ impl VirtioDevice for VirtioNet {
             kill: kill.try_clone().map_err(ActivateError::Worker)?,
             mergeable_rx: ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
             stats: self.stats.clone(),
-            rx_limiter: (!self.rate_limit.is_unlimited())
-                .then(|| RateLimiter::new(self.rate_limit)),
-            tx_limiter: (!self.rate_limit.is_unlimited())
-                .then(|| RateLimiter::new(self.rate_limit)),
+            rx_limiter: Some(self.limiters.rx.clone()),
+            tx_limiter: Some(self.limiters.tx.clone()),
         });
         let handle = std::thread::Builder::new()
             .name(format!("virtio-net-{}", self.tap.name()))

@@ -60,6 +60,8 @@ pub struct NetWorker {
     throttle_timer: TimerFd,
     rx_throttled: bool,
     tx_throttled: bool,
+    /// Written by either limiter when its limits change (VMM API).
+    limit_changed: Arc<EventFd>,
 }
 
 const TAP_TOKEN: u64 = 0;
@@ -67,9 +69,14 @@ const RX_TOKEN: u64 = 1;
 const TX_TOKEN: u64 = 2;
 const KILL_TOKEN: u64 = 3;
 const THROTTLE_TOKEN: u64 = 4;
+const LIMIT_TOKEN: u64 = 5;
 
 impl NetWorker {
     pub fn new(parts: NetWorkerParts) -> Self {
+        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+        for limiter in [&parts.rx_limiter, &parts.tx_limiter].into_iter().flatten() {
+            limiter.watch(&limit_changed);
+        }
         NetWorker {
             p: parts,
             frame: vec![0; MAX_PACKET_LEN],
@@ -80,6 +87,7 @@ impl NetWorker {
             throttle_timer: TimerFd::new().expect("timerfd"),
             rx_throttled: false,
             tx_throttled: false,
+            limit_changed,
         }
     }
 
@@ -91,6 +99,22 @@ impl NetWorker {
 
     pub fn throttled(&self) -> (bool, bool) {
         (self.rx_throttled, self.tx_throttled)
+    }
+
+    /// A limiter's limits changed. A throttled direction does not wait for the deadline
+    /// the old limits gave it: the throttle timer is set to fire now, and `unthrottle`
+    /// (the timer's handler) retries under the new limits. Returns whether a change was
+    /// pending.
+    pub fn limits_changed(&mut self) -> bool {
+        if self.limit_changed.read().is_err() {
+            return false;
+        }
+        // Through the timer, so that its handler stays the only way out of the throttled
+        // state and never blocks on a disarmed timer. (A zero duration would disarm it.)
+        if self.rx_throttled || self.tx_throttled {
+            self.throttle(std::time::Duration::from_nanos(1));
+        }
+        true
     }
 
     /// The throttle timer fired: both directions may go on.
@@ -111,7 +135,8 @@ impl NetWorker {
             }
             let mem = self.p.mem.clone();
             while let Some(chain) = self.p.tx.pop_descriptor_chain(&mem) {
-                if let Some(limiter) = &self.p.tx_limiter {
+                // An unlimited limiter is skipped before the chain is walked for its length.
+                if let Some(limiter) = self.p.tx_limiter.as_ref().filter(|l| !l.is_unlimited()) {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
                     if let Err(wait) = limiter.consume(bytes) {
                         self.p.tx.go_to_previous_position();
@@ -361,6 +386,7 @@ impl NetWorker {
             (self.p.tx_event.as_raw_fd(), TX_TOKEN),
             (self.p.kill.as_raw_fd(), KILL_TOKEN),
             (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
+            (self.limit_changed.as_raw_fd(), LIMIT_TOKEN),
         ];
         for (fd, token) in fds {
             if let Err(e) = epoll.ctl(
@@ -375,7 +401,7 @@ impl NetWorker {
         // The TAP is watched only while there is somewhere to put what it delivers;
         // otherwise a readable TAP would wake the worker in a loop.
         let mut tap_watched = true;
-        let mut events = [EpollEvent::default(); 5];
+        let mut events = [EpollEvent::default(); 6];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -418,6 +444,9 @@ impl NetWorker {
                         if !self.tx_throttled {
                             self.process_tx();
                         }
+                    }
+                    LIMIT_TOKEN => {
+                        self.limits_changed();
                     }
                     _ => return,
                 }

@@ -1,4 +1,6 @@
 //! The synchronous engine: each operation runs when queued; completions wait in a list.
+//! It can serve several files (a qcow2 image and its backing chain); plain `queue` uses
+//! the first.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -9,22 +11,38 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{fallocate_mode, AsyncIo, Completion, DiskError, DiskOp};
 
 pub struct SyncIo {
-    file: File,
+    files: Vec<File>,
     completions: VecDeque<Completion>,
     notifier: EventFd,
 }
 
 impl SyncIo {
-    pub fn new(file: File) -> Result<Self, DiskError> {
+    pub fn new(files: Vec<File>) -> Result<Self, DiskError> {
         Ok(SyncIo {
-            file,
+            files,
             completions: VecDeque::new(),
             notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(DiskError::EventFd)?,
         })
     }
 
-    fn run(&self, op: &DiskOp<'_>) -> i64 {
-        let fd = self.file.as_raw_fd();
+    /// Runs `op` on file `file` (an index into the files given to `new`).
+    pub fn queue_on(
+        &mut self,
+        file: usize,
+        op: DiskOp<'_>,
+        user_data: u64,
+    ) -> Result<(), DiskError> {
+        let fd = self
+            .files
+            .get(file)
+            .ok_or(DiskError::NoSuchFile(file))?
+            .as_raw_fd();
+        let result = Self::run(fd, &op);
+        self.completions.push_back(Completion { user_data, result });
+        Ok(())
+    }
+
+    fn run(fd: i32, op: &DiskOp<'_>) -> i64 {
         let result = match *op {
             DiskOp::Read { offset, iovecs } => rw_all(fd, iovecs, offset, false),
             DiskOp::Write { offset, iovecs } => rw_all(fd, iovecs, offset, true),
@@ -112,9 +130,7 @@ impl AsyncIo for SyncIo {
     }
 
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
-        let result = self.run(&op);
-        self.completions.push_back(Completion { user_data, result });
-        Ok(())
+        self.queue_on(0, op, user_data)
     }
 
     fn submit(&mut self) -> Result<(), DiskError> {

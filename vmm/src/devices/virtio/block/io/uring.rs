@@ -1,4 +1,4 @@
-//! The io_uring engine: one ring per queue, the image registered as a fixed file,
+//! The io_uring engine: one ring per queue, the image's files registered as fixed files,
 //! submissions batched per queue notification, completions signalled on an eventfd.
 //! FLUSH is submitted with IO_DRAIN, so it starts only after every earlier operation on
 //! the ring has completed: a flush never overtakes the writes it must make durable.
@@ -13,17 +13,18 @@ use super::{fallocate_mode, AsyncIo, Completion, DiskError, DiskOp};
 
 pub struct IoUringIo {
     ring: IoUring,
-    // Kept open for as long as the ring refers to it as fixed file 0.
-    _file: File,
+    // Kept open for as long as the ring refers to them as fixed files.
+    files: Vec<File>,
     notifier: EventFd,
 }
 
 impl IoUringIo {
-    pub fn new(file: File, depth: u32) -> Result<Self, DiskError> {
+    pub fn new(files: Vec<File>, depth: u32) -> Result<Self, DiskError> {
         let ring =
             IoUring::new(depth.max(2).next_power_of_two()).map_err(DiskError::IoUringSetup)?;
+        let fds: Vec<i32> = files.iter().map(AsRawFd::as_raw_fd).collect();
         ring.submitter()
-            .register_files(&[file.as_raw_fd()])
+            .register_files(&fds)
             .map_err(DiskError::IoUringSetup)?;
         let notifier = EventFd::new(libc::EFD_NONBLOCK).map_err(DiskError::EventFd)?;
         ring.submitter()
@@ -31,19 +32,22 @@ impl IoUringIo {
             .map_err(DiskError::IoUringSetup)?;
         Ok(IoUringIo {
             ring,
-            _file: file,
+            files,
             notifier,
         })
     }
-}
 
-impl AsyncIo for IoUringIo {
-    fn notifier(&self) -> &EventFd {
-        &self.notifier
-    }
-
-    fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
-        let fd = types::Fixed(0);
+    /// Queues `op` on file `file` (an index into the files given to `new`).
+    pub fn queue_on(
+        &mut self,
+        file: usize,
+        op: DiskOp<'_>,
+        user_data: u64,
+    ) -> Result<(), DiskError> {
+        if file >= self.files.len() {
+            return Err(DiskError::NoSuchFile(file));
+        }
+        let fd = types::Fixed(file as u32);
         let entry = match op {
             DiskOp::Read { offset, iovecs } => {
                 opcode::Readv::new(fd, iovecs.as_ptr(), iovecs.len() as u32)
@@ -79,6 +83,16 @@ impl AsyncIo for IoUringIo {
             unsafe { self.ring.submission().push(&entry) }.map_err(|_| DiskError::QueueFull)?;
         }
         Ok(())
+    }
+}
+
+impl AsyncIo for IoUringIo {
+    fn notifier(&self) -> &EventFd {
+        &self.notifier
+    }
+
+    fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
+        self.queue_on(0, op, user_data)
     }
 
     fn submit(&mut self) -> Result<(), DiskError> {

@@ -1,0 +1,562 @@
+//! qcow2 images through imago: imago owns the metadata (L1/L2 tables, refcounts, copy on
+//! write from the backing chain), while the data itself moves through our own engines. For
+//! each guest request we ask imago where the bytes live, then queue plain reads and writes
+//! on that host file and offset, so allocated clusters go as fast as a raw disk. Only
+//! allocation, compressed clusters, flush, discard and write-zeroes run synchronously in
+//! imago on the queue's worker thread.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use imago::file::File as ImagoFile;
+use imago::format::drivers::FormatDriverInstance;
+use imago::qcow2::Qcow2;
+use imago::raw::Raw;
+use imago::{
+    FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate,
+    Storage, StorageCreateOptions, StorageOpenOptions,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{AsyncIo, CacheMode, Completion, DataEngine, DiskError, DiskOp, ImageFormat};
+
+/// An open qcow2 image, shared by every queue of the device.
+pub struct Qcow2Image {
+    access: FormatAccess<ImagoFile>,
+    /// Where each of imago's storage objects is, so data mappings can be turned into our
+    /// own descriptors (same order as `files`).
+    storages: Vec<(usize, PathBuf, bool)>,
+    cache: CacheMode,
+}
+
+impl Qcow2Image {
+    pub fn open(path: &Path, read_only: bool, cache: CacheMode) -> Result<Self, DiskError> {
+        let open_err = |source: std::io::Error| DiskError::Qcow2Open {
+            path: path.to_owned(),
+            source,
+        };
+        let options = StorageOpenOptions::new().direct(cache == CacheMode::None);
+        let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
+            .write(!read_only)
+            .storage_open_options(options)
+            .open(PermissiveImplicitOpenGate::default())
+            .map_err(open_err)?;
+        if qcow2.requires_external_data_file() {
+            return Err(open_err(std::io::Error::other(
+                "images with an external data file are not supported",
+            )));
+        }
+        let access = FormatAccess::new(qcow2);
+        let top = std::fs::canonicalize(path).map_err(open_err)?;
+        let mut storages = Vec::new();
+        for storage in access.inner().collect_storage_dependencies() {
+            let file = storage.get_filename().ok_or_else(|| {
+                open_err(std::io::Error::other(
+                    "a file of the backing chain has no path",
+                ))
+            })?;
+            let canonical = std::fs::canonicalize(&file).map_err(open_err)?;
+            let writable = !read_only && canonical == top;
+            storages.push((storage as *const ImagoFile as usize, file, writable));
+        }
+        Ok(Qcow2Image {
+            access,
+            storages,
+            cache,
+        })
+    }
+
+    /// Virtual disk size.
+    pub fn size(&self) -> u64 {
+        self.access.size()
+    }
+
+    /// Fresh descriptors on every file of the chain (one set per queue engine); only the
+    /// top image is writable.
+    pub fn data_files(&self) -> Result<Vec<File>, DiskError> {
+        self.storages
+            .iter()
+            .map(|(_, path, writable)| {
+                let mut options = OpenOptions::new();
+                options.read(true).write(*writable);
+                if self.cache == CacheMode::None {
+                    options.custom_flags(libc::O_DIRECT);
+                }
+                options.open(path).map_err(|source| DiskError::Open {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    fn file_index(&self, storage: &ImagoFile) -> std::io::Result<usize> {
+        let address = storage as *const ImagoFile as usize;
+        self.storages
+            .iter()
+            .position(|(known, _, _)| *known == address)
+            .ok_or_else(|| std::io::Error::other("imago mapped data into an unknown file"))
+    }
+
+    /// Writes imago's cached metadata, then makes everything durable.
+    fn flush(&self) -> std::io::Result<()> {
+        self.access.flush()?;
+        self.access.sync()
+    }
+
+    /// Clusters fully inside `offset..offset + len`, as a range (empty when none).
+    fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
+        let end = offset + len;
+        match self.access.inner().zero_granularity() {
+            Some(cluster) if cluster > 0 => {
+                (offset.next_multiple_of(cluster), end / cluster * cluster)
+            }
+            _ => (end, end),
+        }
+    }
+
+    /// Whole clusters become zero clusters; partial ones get zeroes written. imago 0.2.6's
+    /// own write_zeroes underflows (panics) when a partial cluster meets the end of an
+    /// image smaller than one cluster, so it only ever sees whole clusters.
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = offset + len;
+        let (first, last) = self.whole_clusters(offset, len);
+        if first >= last {
+            return self.write_zero_data(offset, end);
+        }
+        self.write_zero_data(offset, first)?;
+        self.access.write_zeroes(first, last - first)?;
+        self.write_zero_data(last, end)
+    }
+
+    fn write_zero_data(&self, mut from: u64, to: u64) -> std::io::Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(to.saturating_sub(from)) as usize];
+        while from < to {
+            let n = (to - from).min(CHUNK) as usize;
+            self.access.write(&zeroes[..n], from)?;
+            from += n as u64;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        // Only whole clusters can be freed; a discard is a hint, so the rest keeps its data.
+        let (first, last) = self.whole_clusters(offset, len);
+        if first >= last {
+            return Ok(());
+        }
+        // SAFETY (imago contract, not memory safety): freed clusters may be reused for other
+        // guest offsets, so nobody may still write through an older mapping of the range.
+        // This queue's transfers have all completed (the caller waited); another queue can
+        // only have one in flight if the guest discards a range it is writing at the same
+        // time, which scrambles nothing but that guest's own data in this image.
+        match unsafe {
+            self.access
+                .inner()
+                .discard_to_any_unsafe(first, last - first)
+        } {
+            Ok(_) => Ok(()),
+            // A discard is a hint: images that cannot free the range keep the data.
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Creates a qcow2 overlay at `path` on `backing`: the new disk reads as the backing image
+/// and keeps its own writes. Only headers and empty tables are written, so this takes the
+/// same time for any backing size. `backing` is recorded as given (a relative path is taken
+/// relative to the overlay's directory, as qemu-img does). An existing `path` is refused.
+pub fn create_overlay(
+    path: &Path,
+    backing: &Path,
+    backing_format: ImageFormat,
+) -> Result<(), DiskError> {
+    let create_err = |reason: String| DiskError::Qcow2Create {
+        path: path.to_owned(),
+        reason,
+    };
+    let backing_resolved = match path.parent() {
+        Some(dir) if backing.is_relative() => dir.join(backing),
+        _ => backing.to_owned(),
+    };
+    let size = image_size(&backing_resolved, backing_format).map_err(|e| {
+        create_err(format!(
+            "cannot read the backing image {}: {e}",
+            backing_resolved.display()
+        ))
+    })?;
+    let backing_name = backing
+        .to_str()
+        .ok_or_else(|| create_err("the backing path is not UTF-8".into()))?
+        .to_owned();
+    let storage = ImagoFile::create_open(StorageCreateOptions::new().filename(path).size(0))
+        .map_err(|e| create_err(e.to_string()))?;
+    let created = Qcow2::<ImagoFile>::create_builder(storage)
+        .size(size)
+        .backing(backing_name, backing_format.to_string())
+        .create();
+    if let Err(e) = created {
+        // Leave nothing half-made behind.
+        let _ = std::fs::remove_file(path);
+        return Err(create_err(e.to_string()));
+    }
+    Ok(())
+}
+
+/// Virtual size of an image of the given format.
+pub fn image_size(path: &Path, format: ImageFormat) -> std::io::Result<u64> {
+    Ok(match format {
+        ImageFormat::Raw => Raw::<ImagoFile>::builder_path(path)
+            .open(PermissiveImplicitOpenGate::default())?
+            .size(),
+        ImageFormat::Qcow2 => Qcow2::<ImagoFile>::builder_path(path)
+            .open(PermissiveImplicitOpenGate::default())?
+            .size(),
+    })
+}
+
+/// One piece of a request that went to the data engine.
+struct Transfer {
+    iovecs: Vec<libc::iovec>,
+    len: u64,
+}
+
+// SAFETY: the iovecs point into guest memory or the worker's bounce buffers, which stay valid
+// until the request completes; they are only handed to the kernel, never dereferenced from
+// another thread.
+unsafe impl Send for Transfer {}
+
+struct Request {
+    user_data: u64,
+    /// Bytes the whole request moves when it succeeds.
+    bytes: u64,
+    transfers: Vec<Transfer>,
+    in_flight: usize,
+    /// First failure (a negated errno).
+    error: Option<i64>,
+}
+
+/// The qcow2 engine for one queue.
+pub struct Qcow2Io {
+    image: Arc<Qcow2Image>,
+    data: DataEngine,
+    requests: Vec<Option<Request>>,
+    free_slots: Vec<usize>,
+    ready: VecDeque<Completion>,
+    transfers_in_flight: usize,
+}
+
+impl Qcow2Io {
+    pub fn new(image: Arc<Qcow2Image>, data: DataEngine) -> Self {
+        Qcow2Io {
+            image,
+            data,
+            requests: Vec::new(),
+            free_slots: Vec::new(),
+            ready: VecDeque::new(),
+            transfers_in_flight: 0,
+        }
+    }
+
+    fn read(&mut self, slot: usize, offset: u64, iovecs: &[libc::iovec]) -> std::io::Result<()> {
+        let image = self.image.clone();
+        let total = iovecs_len(iovecs);
+        let mut done = 0;
+        while done < total {
+            let (mapping, len) = image.access.get_mapping(offset + done, total - done)?;
+            let len = len.min(total - done);
+            if len == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            let part = slice_iovecs(iovecs, done, len);
+            match mapping {
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    ..
+                } => {
+                    let file = image.file_index(storage)?;
+                    self.start_transfer(slot, file, host, part, false)?;
+                }
+                Mapping::Zero { .. } => fill_zero(&part),
+                _ => {
+                    // Compressed clusters: imago decodes them.
+                    let mut buffer = vec![0u8; len as usize];
+                    image.access.read(&mut buffer, offset + done)?;
+                    copy_to_iovecs(&buffer, &part);
+                }
+            }
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, slot: usize, offset: u64, iovecs: &[libc::iovec]) -> std::io::Result<()> {
+        let image = self.image.clone();
+        let total = iovecs_len(iovecs);
+        let mut done = 0;
+        while done < total {
+            let at = offset + done;
+            let (mapping, len) = image.access.get_mapping(at, total - done)?;
+            let (storage, host, len) = match mapping {
+                Mapping::Raw {
+                    storage,
+                    offset: host,
+                    writable: true,
+                    ..
+                } if len > 0 => (storage, host, len),
+                // Unallocated, zero, compressed or backing data: allocate a cluster here;
+                // imago copies what the write does not cover from the old contents.
+                _ => image.access.ensure_data_mapping(at, total - done, true)?,
+            };
+            let len = len.min(total - done);
+            let file = image.file_index(storage)?;
+            self.start_transfer(slot, file, host, slice_iovecs(iovecs, done, len), true)?;
+            done += len;
+        }
+        Ok(())
+    }
+
+    fn start_transfer(
+        &mut self,
+        slot: usize,
+        file: usize,
+        host_offset: u64,
+        iovecs: Vec<libc::iovec>,
+        write: bool,
+    ) -> std::io::Result<()> {
+        let request = self.requests[slot].as_mut().expect("live request");
+        let index = request.transfers.len();
+        let len = iovecs_len(&iovecs);
+        request.transfers.push(Transfer { iovecs, len });
+        // The iovec array lives on the heap inside the request until the transfer completes.
+        let iovecs = request.transfers[index].iovecs.as_slice();
+        let op = if write {
+            DiskOp::Write {
+                offset: host_offset,
+                iovecs,
+            }
+        } else {
+            DiskOp::Read {
+                offset: host_offset,
+                iovecs,
+            }
+        };
+        let tag = slot as u64 | ((index as u64) << 32);
+        self.data
+            .queue_on(file, op, tag)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        request.in_flight += 1;
+        self.transfers_in_flight += 1;
+        Ok(())
+    }
+
+    fn account(&mut self, completion: Completion) {
+        let slot = (completion.user_data & 0xffff_ffff) as usize;
+        let index = (completion.user_data >> 32) as usize;
+        let Some(request) = self.requests.get_mut(slot).and_then(Option::as_mut) else {
+            tracing::error!("qcow2: completion for unknown request {slot}");
+            return;
+        };
+        self.transfers_in_flight -= 1;
+        request.in_flight -= 1;
+        let expected = request.transfers.get(index).map_or(0, |t| t.len);
+        if completion.result < 0 {
+            request.error.get_or_insert(completion.result);
+        } else if completion.result as u64 != expected {
+            request.error.get_or_insert(-i64::from(libc::EIO));
+        }
+        self.finish_if_done(slot);
+    }
+
+    fn finish_if_done(&mut self, slot: usize) {
+        if self.requests[slot]
+            .as_ref()
+            .is_some_and(|r| r.in_flight == 0)
+        {
+            let request = self.requests[slot].take().expect("checked above");
+            self.free_slots.push(slot);
+            self.ready.push_back(Completion {
+                user_data: request.user_data,
+                result: request.error.unwrap_or(request.bytes as i64),
+            });
+        }
+    }
+
+    /// Blocks until every transfer this queue started has completed: flushes must cover
+    /// them, and discards must not free clusters they are writing to.
+    fn wait_for_transfers(&mut self) -> std::io::Result<()> {
+        while self.transfers_in_flight > 0 {
+            self.data
+                .engine()
+                .submit()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            match self.data.engine().next_completion() {
+                Some(completion) => self.account(completion),
+                None => {
+                    let notifier = self.data.engine_ref().notifier();
+                    let mut fds = [libc::pollfd {
+                        fd: notifier.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    }];
+                    // SAFETY: polls one valid descriptor we own, with a bounded timeout.
+                    unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+                    let _ = notifier.read();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl AsyncIo for Qcow2Io {
+    fn notifier(&self) -> &EventFd {
+        self.data.engine_ref().notifier()
+    }
+
+    fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
+        let bytes = match op {
+            DiskOp::Read { iovecs, .. } | DiskOp::Write { iovecs, .. } => iovecs_len(iovecs),
+            _ => 0,
+        };
+        let slot = self.free_slots.pop().unwrap_or_else(|| {
+            self.requests.push(None);
+            self.requests.len() - 1
+        });
+        self.requests[slot] = Some(Request {
+            user_data,
+            bytes,
+            transfers: Vec::new(),
+            in_flight: 0,
+            error: None,
+        });
+        let outcome = match op {
+            DiskOp::Read { offset, iovecs } => self.read(slot, offset, iovecs),
+            DiskOp::Write { offset, iovecs } => self.write(slot, offset, iovecs),
+            DiskOp::Flush => self.wait_for_transfers().and_then(|()| self.image.flush()),
+            DiskOp::Discard { offset, len } => self
+                .wait_for_transfers()
+                .and_then(|()| self.image.discard(offset, len)),
+            DiskOp::WriteZeroes { offset, len, .. } => self
+                .wait_for_transfers()
+                .and_then(|()| self.image.write_zeroes(offset, len)),
+        };
+        if let Err(e) = outcome {
+            tracing::warn!("qcow2 request failed: {e}");
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            if let Some(request) = self.requests[slot].as_mut() {
+                request.error.get_or_insert(-i64::from(errno));
+            }
+        }
+        self.finish_if_done(slot);
+        Ok(())
+    }
+
+    fn submit(&mut self) -> Result<(), DiskError> {
+        self.data.engine().submit()?;
+        if !self.ready.is_empty() {
+            self.notifier().write(1).map_err(DiskError::EventFd)?;
+        }
+        Ok(())
+    }
+
+    fn next_completion(&mut self) -> Option<Completion> {
+        loop {
+            if let Some(completion) = self.ready.pop_front() {
+                return Some(completion);
+            }
+            let completion = self.data.engine().next_completion()?;
+            self.account(completion);
+        }
+    }
+}
+
+fn iovecs_len(iovecs: &[libc::iovec]) -> u64 {
+    iovecs.iter().map(|v| v.iov_len as u64).sum()
+}
+
+/// The iovecs covering bytes `start..start + len` of `iovecs`.
+fn slice_iovecs(iovecs: &[libc::iovec], start: u64, len: u64) -> Vec<libc::iovec> {
+    let mut out = Vec::new();
+    let (mut skip, mut want) = (start as usize, len as usize);
+    for v in iovecs {
+        if want == 0 {
+            break;
+        }
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        let take = (v.iov_len - skip).min(want);
+        out.push(libc::iovec {
+            // SAFETY: `skip` is within this buffer (checked above).
+            iov_base: unsafe { (v.iov_base as *mut u8).add(skip) }.cast(),
+            iov_len: take,
+        });
+        want -= take;
+        skip = 0;
+    }
+    out
+}
+
+fn fill_zero(iovecs: &[libc::iovec]) {
+    for v in iovecs {
+        // SAFETY: each iovec is a writable buffer of iov_len bytes (guest memory the request
+        // may write, or a bounce buffer) that the caller keeps alive.
+        unsafe { std::ptr::write_bytes(v.iov_base as *mut u8, 0, v.iov_len) };
+    }
+}
+
+fn copy_to_iovecs(mut data: &[u8], iovecs: &[libc::iovec]) {
+    for v in iovecs {
+        let n = v.iov_len.min(data.len());
+        // SAFETY: as in fill_zero; `n` bytes fit both the source and the destination.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), v.iov_base as *mut u8, n) };
+        data = &data[n..];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn slicing_iovecs_crosses_buffer_boundaries() {
+        let (mut a, mut b, mut c) = ([0u8; 512], [0u8; 1024], [0u8; 512]);
+        let vecs = [iov(&mut a), iov(&mut b), iov(&mut c)];
+        let part = slice_iovecs(&vecs, 256, 1536);
+        assert_eq!(part.len(), 3);
+        assert_eq!(part[0].iov_len, 256);
+        assert_eq!(part[0].iov_base as usize, vecs[0].iov_base as usize + 256);
+        assert_eq!(part[1].iov_len, 1024);
+        assert_eq!(part[2].iov_len, 256);
+        assert_eq!(part[2].iov_base, vecs[2].iov_base);
+        assert_eq!(iovecs_len(&slice_iovecs(&vecs, 2048, 0)), 0);
+        assert_eq!(slice_iovecs(&vecs, 1536, 512)[0].iov_base, vecs[2].iov_base);
+    }
+
+    #[test]
+    fn zero_fill_and_copy_cover_every_buffer() {
+        let (mut a, mut b) = ([7u8; 3], [7u8; 5]);
+        let vecs = [iov(&mut a), iov(&mut b)];
+        fill_zero(&vecs);
+        assert_eq!((a, b), ([0; 3], [0; 5]));
+        let vecs = [iov(&mut a), iov(&mut b)];
+        copy_to_iovecs(&[1, 2, 3, 4, 5, 6, 7, 8], &vecs);
+        assert_eq!((a, b), ([1, 2, 3], [4, 5, 6, 7, 8]));
+    }
+}

@@ -1,0 +1,737 @@
+//! qcow2 disks checked against QEMU's own tools: overlays we create and write must pass
+//! `qemu-img check` and be identical (`qemu-img compare`) to a raw shadow of every write;
+//! images, backing chains and compressed images made by qemu-img must read back exactly
+//! as `qemu-img convert` sees them. Requests go through real virtqueues in guest memory,
+//! served by the queue workers (two queues at once) with every engine and cache mode.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
+use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
+use stratus_vmm::devices::virtio::block::io::{
+    create_engine, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
+};
+use stratus_vmm::devices::virtio::block::*;
+use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use stratus_vmm::memory::GuestMemoryMmap;
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+const MIB: u64 = 1 << 20;
+const MEM_SIZE: usize = 64 << 20;
+/// Per queue: its rings at `QUEUE_BASE`, headers, statuses and data buffers after it.
+const QUEUE_STRIDE: u64 = 24 * MIB;
+const HEADERS: u64 = 0x1_0000;
+const STATUSES: u64 = 0x2_0000;
+const BUFFERS: u64 = 0x10_0000;
+const R: u32 = 0;
+const W: u32 = VRING_DESC_F_WRITE;
+
+struct NoInterrupt;
+
+impl VirtioInterrupt for NoInterrupt {
+    fn trigger(&self, _kind: VirtioInterruptType) {}
+}
+
+fn tool(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// O_DIRECT needs a real filesystem (tmpfs refuses it), so not /tmp.
+fn workdir() -> tempfile::TempDir {
+    tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Chains `descs` (setting NEXT and indices) at table index `first`.
+fn chain(descs: &[(u64, u32, u32)], first: u16) -> Vec<RawDescriptor> {
+    descs
+        .iter()
+        .enumerate()
+        .map(|(i, &(addr, len, flags))| {
+            let last = i == descs.len() - 1;
+            let flags = if last {
+                flags
+            } else {
+                flags | VRING_DESC_F_NEXT
+            };
+            let next = if last { 0 } else { first + i as u16 + 1 };
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
+        })
+        .collect()
+}
+
+enum Op {
+    Read {
+        sector: u64,
+        len: u32,
+    },
+    Write {
+        sector: u64,
+        data: Vec<u8>,
+    },
+    WriteZeroes {
+        sector: u64,
+        sectors: u32,
+        unmap: bool,
+    },
+    Discard {
+        sector: u64,
+        sectors: u32,
+    },
+    Flush,
+}
+
+/// A guest driver for one queue: lays requests out in its slice of guest memory.
+struct Batch {
+    base: u64,
+    descs: Vec<Vec<(u64, u32, u32)>>,
+    reads: Vec<(u64, u64, u32)>,
+    statuses: Vec<u64>,
+    next_buffer: u64,
+}
+
+impl Batch {
+    fn new(queue: u64) -> Self {
+        Batch {
+            base: queue * QUEUE_STRIDE,
+            descs: Vec::new(),
+            reads: Vec::new(),
+            statuses: Vec::new(),
+            next_buffer: 0,
+        }
+    }
+
+    fn add(&mut self, mem: &GuestMemoryMmap, op: &Op, misaligned: bool) {
+        let i = self.descs.len() as u64;
+        let header = self.base + HEADERS + i * 16;
+        let status = self.base + STATUSES + i * 16;
+        let buffer = self.base + BUFFERS + self.next_buffer + u64::from(misaligned) * 3;
+        let put_header = |kind: u32, sector: u64| {
+            mem.write_obj(kind.to_le(), GuestAddress(header)).unwrap();
+            mem.write_obj(0u32, GuestAddress(header + 4)).unwrap();
+            mem.write_obj(sector.to_le(), GuestAddress(header + 8))
+                .unwrap();
+        };
+        let put_range = |sector: u64, sectors: u32, flags: u32| {
+            mem.write_obj(sector.to_le(), GuestAddress(buffer)).unwrap();
+            mem.write_obj(sectors.to_le(), GuestAddress(buffer + 8))
+                .unwrap();
+            mem.write_obj(flags.to_le(), GuestAddress(buffer + 12))
+                .unwrap();
+        };
+        let (descs, used) = match *op {
+            Op::Read { sector, len } => {
+                put_header(VIRTIO_BLK_T_IN, sector);
+                self.reads.push((buffer, sector, len));
+                (vec![(header, 16, R), (buffer, len, W), (status, 1, W)], len)
+            }
+            Op::Write { sector, ref data } => {
+                put_header(VIRTIO_BLK_T_OUT, sector);
+                mem.write_slice(data, GuestAddress(buffer)).unwrap();
+                let len = data.len() as u32;
+                // Two data descriptors split at a sector boundary.
+                let split = (len / 2) & !511;
+                let mut d = vec![(header, 16, R)];
+                if split > 0 {
+                    d.push((buffer, split, R));
+                }
+                d.push((buffer + u64::from(split), len - split, R));
+                d.push((status, 1, W));
+                (d, len)
+            }
+            Op::WriteZeroes {
+                sector,
+                sectors,
+                unmap,
+            } => {
+                put_header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+                put_range(sector, sectors, u32::from(unmap));
+                (vec![(header, 16, R), (buffer, 16, R), (status, 1, W)], 16)
+            }
+            Op::Discard { sector, sectors } => {
+                put_header(VIRTIO_BLK_T_DISCARD, 0);
+                put_range(sector, sectors, 0);
+                (vec![(header, 16, R), (buffer, 16, R), (status, 1, W)], 16)
+            }
+            Op::Flush => {
+                put_header(VIRTIO_BLK_T_FLUSH, 0);
+                (vec![(header, 16, R), (status, 1, W)], 0)
+            }
+        };
+        mem.write_obj(0xaau8, GuestAddress(status)).unwrap();
+        self.statuses.push(status);
+        self.next_buffer += u64::from(used).next_multiple_of(4096) + 4096;
+        self.descs.push(descs);
+    }
+
+    /// Puts the chains in a fresh queue at this batch's base.
+    fn queue<'a>(&self, mem: &'a GuestMemoryMmap) -> (MockSplitQueue<'a, GuestMemoryMmap>, Queue) {
+        let mock = MockSplitQueue::create(mem, GuestAddress(self.base), QUEUE_SIZE);
+        let mut first = 0u16;
+        for d in &self.descs {
+            mock.add_desc_chains(&chain(d, first), first).unwrap();
+            first += d.len() as u16;
+        }
+        let queue = mock.create_queue().unwrap();
+        (mock, queue)
+    }
+}
+
+fn worker(
+    mem: &GuestMemoryMmap,
+    disk: &Arc<DiskFile>,
+    engine: IoEngine,
+    queue: Queue,
+    index: u16,
+) -> QueueWorker {
+    QueueWorker::new(QueueWorkerParts {
+        mem: mem.clone(),
+        disk: disk.clone(),
+        serial: Arc::from(&b"qcow2"[..]),
+        queue,
+        queue_index: index,
+        queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        interrupt: Arc::new(NoInterrupt),
+        kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        engine: create_engine(engine, disk, u32::from(QUEUE_SIZE)).unwrap(),
+        limiter: None,
+    })
+}
+
+/// Serves every batch on its own queue, all queues at once; checks every status is OK
+/// and every used entry came back.
+fn serve(mem: &GuestMemoryMmap, disk: &Arc<DiskFile>, engine: IoEngine, batches: &[Batch]) {
+    std::thread::scope(|scope| {
+        for (index, batch) in batches.iter().enumerate() {
+            scope.spawn(move || {
+                let (mock, queue) = batch.queue(mem);
+                let mut worker = worker(mem, disk, engine, queue, index as u16);
+                assert_eq!(worker.process_queue(), batch.descs.len());
+                worker.drain();
+                assert_eq!(usize::from(mock.used().idx().load()), batch.descs.len());
+            });
+        }
+    });
+    for batch in batches {
+        for status in &batch.statuses {
+            let got: u8 = mem.read_obj(GuestAddress(*status)).unwrap();
+            assert_eq!(got, VIRTIO_BLK_S_OK, "request with status at {status:#x}");
+        }
+    }
+}
+
+/// Reads the whole disk through the device (one queue) in 1 MiB requests.
+fn read_all(mem: &GuestMemoryMmap, disk: &Arc<DiskFile>, engine: IoEngine) -> Vec<u8> {
+    let size = disk.size();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut at = 0;
+    while at < size {
+        let mut batch = Batch::new(0);
+        let first = at;
+        while at < size && batch.descs.len() < 8 {
+            let len = (size - at).min(MIB) as u32;
+            batch.add(
+                mem,
+                &Op::Read {
+                    sector: at >> 9,
+                    len,
+                },
+                false,
+            );
+            at += u64::from(len);
+        }
+        serve(mem, disk, engine, std::slice::from_ref(&batch));
+        let mut offset = first;
+        for &(buffer, sector, len) in &batch.reads {
+            assert_eq!(sector << 9, offset);
+            let mut data = vec![0u8; len as usize];
+            mem.read_slice(&mut data, GuestAddress(buffer)).unwrap();
+            out.extend_from_slice(&data);
+            offset += u64::from(len);
+        }
+    }
+    out
+}
+
+fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+fn combinations() -> Vec<(IoEngine, CacheMode)> {
+    let mut all = Vec::new();
+    for engine in [IoEngine::Sync, IoEngine::IoUring] {
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            all.push((engine, cache));
+        }
+    }
+    all
+}
+
+#[test]
+fn overlay_on_a_raw_base_matches_a_shadow_across_clusters_and_queues() {
+    const DISK: u64 = 8 * MIB;
+    for (engine, cache) in combinations() {
+        eprintln!("engine/cache: {engine:?}/{cache:?}");
+        let dir = workdir();
+        let base = dir.path().join("base.raw");
+        let overlay = dir.path().join("overlay.qcow2");
+        let mut rng = Rng(0x9c0_2000 + engine as u64 * 2 + cache as u64);
+        let mut shadow = rng.bytes(DISK as usize);
+        std::fs::write(&base, &shadow).unwrap();
+        create_overlay(&overlay, &base, ImageFormat::Raw).unwrap();
+        let mem = memory();
+        let disk =
+            Arc::new(DiskFile::open_format(&overlay, ImageFormat::Qcow2, false, cache).unwrap());
+        assert_eq!(disk.size(), DISK);
+        let sectors = DISK >> 9;
+        for round in 0..12 {
+            // Requests of one round never overlap, so any completion order is right.
+            let mut taken = vec![false; sectors as usize];
+            let mut batches = [Batch::new(0), Batch::new(1)];
+            // (guest buffer, what the read into it must return)
+            let mut expected_reads = Vec::new();
+            for i in 0..40 {
+                let queue = i % 2;
+                // Up to 256 KiB, so requests cross 64 KiB cluster boundaries.
+                let len = 1 + rng.below(512);
+                let sector = rng.below(sectors - len + 1);
+                let range = sector as usize..(sector + len) as usize;
+                if taken[range.clone()].iter().any(|t| *t) {
+                    continue;
+                }
+                taken[range].fill(true);
+                let bytes = (sector * 512) as usize..((sector + len) * 512) as usize;
+                let op = match rng.below(10) {
+                    0..=4 => {
+                        let data = rng.bytes((len * 512) as usize);
+                        shadow[bytes].copy_from_slice(&data);
+                        Op::Write { sector, data }
+                    }
+                    5..=7 => Op::Read {
+                        sector,
+                        len: (len * 512) as u32,
+                    },
+                    8 => {
+                        shadow[bytes].fill(0);
+                        Op::WriteZeroes {
+                            sector,
+                            sectors: len as u32,
+                            unmap: rng.below(2) == 1,
+                        }
+                    }
+                    _ => Op::Flush,
+                };
+                let expected = match &op {
+                    Op::Read { .. } => Some(
+                        shadow[(sector * 512) as usize..((sector + len) * 512) as usize].to_vec(),
+                    ),
+                    _ => None,
+                };
+                batches[queue].add(&mem, &op, rng.below(4) == 0);
+                if let Some(expected) = expected {
+                    let &(buffer, _, _) = batches[queue].reads.last().unwrap();
+                    expected_reads.push((buffer, expected));
+                }
+            }
+            serve(&mem, &disk, engine, &batches);
+            for (buffer, expected) in expected_reads {
+                let mut got = vec![0u8; expected.len()];
+                mem.read_slice(&mut got, GuestAddress(buffer)).unwrap();
+                assert!(
+                    got == expected,
+                    "round {round}: read into {buffer:#x} differs"
+                );
+            }
+        }
+        // Closing the disk writes imago's cached metadata.
+        drop(disk);
+        let shadow_path = dir.path().join("shadow.raw");
+        std::fs::write(&shadow_path, &shadow).unwrap();
+        tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
+        tool(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                p(&overlay),
+                p(&shadow_path),
+            ],
+        );
+        // The base image is never written.
+        let base_now = std::fs::read(&base).unwrap();
+        assert!(base_now != shadow, "the test wrote nothing");
+    }
+}
+
+/// Writes `pattern` bytes at each (offset, len) with qemu-io.
+fn qemu_io_write(image: &Path, format: &str, writes: &[(u8, u64, u64)]) {
+    for &(pattern, offset, len) in writes {
+        tool(
+            "qemu-io",
+            &[
+                "-f",
+                format,
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+                p(image),
+            ],
+        );
+    }
+}
+
+fn qemu_img_raw(image: &Path, format: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("qemu-view.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-f", format, "-O", "raw", p(image), p(&out)],
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn images_made_by_qemu_img_read_back_as_qemu_sees_them() {
+    for (engine, cache) in combinations() {
+        eprintln!("engine/cache: {engine:?}/{cache:?}");
+        let dir = workdir();
+        let d = dir.path();
+        let mem = memory();
+        let mut rng = Rng(0xba5e);
+        // A three-level chain: raw base <- qcow2 middle <- qcow2 top, with writes at each
+        // level, some straddling clusters, some zeroed.
+        let base = d.join("base.raw");
+        std::fs::write(&base, rng.bytes(4 * MIB as usize)).unwrap();
+        let middle = d.join("middle.qcow2");
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.raw",
+                "-F",
+                "raw",
+                p(&middle),
+            ],
+        );
+        qemu_io_write(
+            &middle,
+            "qcow2",
+            &[(0x11, 60 * 1024, 10 * 1024), (0x22, MIB, 300 * 1024)],
+        );
+        let top = d.join("top.qcow2");
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                "-b",
+                p(&middle),
+                "-F",
+                "qcow2",
+                p(&top),
+            ],
+        );
+        qemu_io_write(
+            &top,
+            "qcow2",
+            &[(0x33, 1100 * 1024, 8192), (0x44, 3 * MIB - 512, 1024)],
+        );
+        tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -z 2M 64k", p(&top)],
+        );
+        let disk = Arc::new(DiskFile::open_format(&top, ImageFormat::Qcow2, true, cache).unwrap());
+        assert_eq!(
+            read_all(&mem, &disk, engine),
+            qemu_img_raw(&top, "qcow2", d),
+            "chain"
+        );
+
+        // A compressed image: every cluster is encoded, so imago decodes each one.
+        let compressed = d.join("compressed.qcow2");
+        tool(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "qcow2",
+                "-O",
+                "qcow2",
+                p(&top),
+                p(&compressed),
+            ],
+        );
+        let disk =
+            Arc::new(DiskFile::open_format(&compressed, ImageFormat::Qcow2, false, cache).unwrap());
+        let want = qemu_img_raw(&compressed, "qcow2", d);
+        assert_eq!(read_all(&mem, &disk, engine), want, "compressed");
+
+        // Writing into compressed clusters reallocates them; the rest stays as it was.
+        let mut shadow = want;
+        let data = rng.bytes(12 * 1024);
+        let at = 70 * 1024;
+        shadow[at..at + data.len()].copy_from_slice(&data);
+        let mut batch = Batch::new(0);
+        batch.add(
+            &mem,
+            &Op::Write {
+                sector: (at >> 9) as u64,
+                data,
+            },
+            false,
+        );
+        serve(&mem, &disk, engine, std::slice::from_ref(&batch));
+        drop(disk);
+        tool("qemu-img", &["check", "-f", "qcow2", p(&compressed)]);
+        let shadow_path = d.join("shadow.raw");
+        std::fs::write(&shadow_path, &shadow).unwrap();
+        tool(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                p(&compressed),
+                p(&shadow_path),
+            ],
+        );
+    }
+}
+
+#[test]
+fn discard_frees_whole_clusters_and_keeps_the_image_consistent() {
+    for (engine, cache) in combinations() {
+        eprintln!("engine/cache: {engine:?}/{cache:?}");
+        let dir = workdir();
+        let image = dir.path().join("disk.qcow2");
+        tool(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", p(&image), "4M"],
+        );
+        qemu_io_write(&image, "qcow2", &[(0x5a, 0, 4 * MIB)]);
+        let mem = memory();
+        let disk =
+            Arc::new(DiskFile::open_format(&image, ImageFormat::Qcow2, false, cache).unwrap());
+        let mut batch = Batch::new(0);
+        // 1 MiB + 512 B at 1 MiB - 512: only the 16 whole 64 KiB clusters can go.
+        batch.add(
+            &mem,
+            &Op::Discard {
+                sector: 2047,
+                sectors: 2049,
+            },
+            false,
+        );
+        batch.add(&mem, &Op::Flush, false);
+        serve(&mem, &disk, engine, std::slice::from_ref(&batch));
+        drop(disk);
+        tool("qemu-img", &["check", "-f", "qcow2", p(&image)]);
+        let map = tool(
+            "qemu-img",
+            &["map", "--output=json", "-f", "qcow2", p(&image)],
+        );
+        let map: serde_json::Value = serde_json::from_str(&map).unwrap();
+        let data_at = |offset: u64| {
+            map.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| {
+                    let start = e["start"].as_u64().unwrap();
+                    start <= offset && offset < start + e["length"].as_u64().unwrap()
+                })
+                .map(|e| e["data"].as_bool().unwrap())
+                .unwrap()
+        };
+        assert!(
+            data_at(MIB - 512),
+            "the partial cluster before the range keeps its data"
+        );
+        assert!(!data_at(MIB), "a discarded cluster still holds data: {map}");
+        assert!(
+            !data_at(2 * MIB - 1),
+            "a discarded cluster still holds data: {map}"
+        );
+        assert!(
+            data_at(2 * MIB),
+            "the cluster after the range keeps its data"
+        );
+        let raw = qemu_img_raw(&image, "qcow2", dir.path());
+        assert!(raw[..MIB as usize].iter().all(|&b| b == 0x5a));
+        assert!(raw[2 * MIB as usize..].iter().all(|&b| b == 0x5a));
+    }
+}
+
+#[test]
+fn creating_an_overlay_does_not_depend_on_the_base_size() {
+    let dir = workdir();
+    let d = dir.path();
+    // A sparse 1 TiB base: copying or scanning it would be obvious.
+    let base = d.join("huge.raw");
+    std::fs::File::create(&base)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
+    let overlay = d.join("vm.qcow2");
+    create_overlay(&overlay, Path::new("huge.raw"), ImageFormat::Raw).unwrap();
+    assert!(
+        std::fs::metadata(&overlay).unwrap().len() < MIB,
+        "an overlay holds headers and empty tables only"
+    );
+    let info: serde_json::Value = serde_json::from_str(&tool(
+        "qemu-img",
+        &["info", "--output=json", "-f", "qcow2", p(&overlay)],
+    ))
+    .unwrap();
+    assert_eq!(info["virtual-size"].as_u64(), Some(1 << 40));
+    assert_eq!(info["backing-filename"].as_str(), Some("huge.raw"));
+    assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
+    tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
+    let disk =
+        DiskFile::open_format(&overlay, ImageFormat::Qcow2, true, CacheMode::Writeback).unwrap();
+    assert_eq!(disk.size(), 1 << 40);
+
+    // An overlay on an overlay.
+    let second = d.join("second.qcow2");
+    create_overlay(&second, &overlay, ImageFormat::Qcow2).unwrap();
+    let info = tool("qemu-img", &["info", "--backing-chain", p(&second)]);
+    assert!(info.contains("huge.raw"), "{info}");
+}
+
+#[test]
+fn bad_overlay_requests_fail_clearly_and_leave_nothing_behind() {
+    let dir = workdir();
+    let d = dir.path();
+    let missing = create_overlay(&d.join("a.qcow2"), &d.join("nope.raw"), ImageFormat::Raw);
+    assert!(
+        matches!(&missing, Err(DiskError::Qcow2Create { reason, .. }) if reason.contains("nope.raw")),
+        "{missing:?}"
+    );
+    assert!(!d.join("a.qcow2").exists());
+
+    let base = d.join("base.raw");
+    std::fs::write(&base, vec![1u8; 65536]).unwrap();
+    let existing = d.join("taken.qcow2");
+    std::fs::write(&existing, b"precious").unwrap();
+    let refused = create_overlay(&existing, &base, ImageFormat::Raw);
+    assert!(
+        matches!(refused, Err(DiskError::Qcow2Create { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(std::fs::read(&existing).unwrap(), b"precious");
+
+    // A raw file opened as qcow2 is refused, not misread.
+    let wrong = DiskFile::open_format(&base, ImageFormat::Qcow2, true, CacheMode::Writeback);
+    assert!(
+        matches!(wrong, Err(DiskError::Qcow2Open { .. })),
+        "{:?}",
+        wrong.err()
+    );
+    // A qcow2 file opened as raw shows its header bytes, like any raw disk would.
+    let q = d.join("q.qcow2");
+    create_overlay(&q, &base, ImageFormat::Raw).unwrap();
+    let raw_view = DiskFile::open(&q, true, CacheMode::Writeback).unwrap();
+    assert_eq!(raw_view.format(), ImageFormat::Raw);
+}
+
+#[test]
+fn after_a_flush_the_image_is_complete_even_if_the_vmm_dies() {
+    for (engine, cache) in combinations() {
+        eprintln!("engine/cache: {engine:?}/{cache:?}");
+        let dir = workdir();
+        let d = dir.path();
+        let base = d.join("base.raw");
+        let mut rng = Rng(0xf1a5);
+        let mut shadow = rng.bytes(2 * MIB as usize);
+        std::fs::write(&base, &shadow).unwrap();
+        let overlay = d.join("overlay.qcow2");
+        create_overlay(&overlay, &base, ImageFormat::Raw).unwrap();
+        let mem = memory();
+        let disk =
+            Arc::new(DiskFile::open_format(&overlay, ImageFormat::Qcow2, false, cache).unwrap());
+        let mut batch = Batch::new(0);
+        for i in 0..6u64 {
+            let at = i * 300 * 1024;
+            let data = rng.bytes(20 * 1024);
+            shadow[at as usize..at as usize + data.len()].copy_from_slice(&data);
+            batch.add(
+                &mem,
+                &Op::Write {
+                    sector: at >> 9,
+                    data,
+                },
+                false,
+            );
+        }
+        serve(&mem, &disk, engine, std::slice::from_ref(&batch));
+        let mut flush = Batch::new(0);
+        flush.add(&mem, &Op::Flush, false);
+        serve(&mem, &disk, engine, std::slice::from_ref(&flush));
+        // Like a killed process: the image is never closed, so only the flush wrote the
+        // allocation metadata.
+        std::mem::forget(disk);
+        tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
+        let shadow_path = d.join("shadow.raw");
+        std::fs::write(&shadow_path, &shadow).unwrap();
+        tool(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                p(&overlay),
+                p(&shadow_path),
+            ],
+        );
+    }
+}
