@@ -44,6 +44,16 @@ enum Cmd {
         size_mib: u64,
         #[arg(long, default_value_t = 3000)]
         runtime_ms: u64,
+        /// Only the jobs whose label contains this (e.g. "4k QD32").
+        #[arg(long)]
+        only: Option<String>,
+        /// Repeat each job this many times (rows are printed per run).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// The simulated guest driver polls the used ring instead of sleeping until the
+        /// interrupt: shows how much of a gap is the driver's wake-up, not the device.
+        #[arg(long)]
+        polling_driver: bool,
     },
     /// Image download throughput: stratus-image-fetch (HTTP, xz, checksums, writing the
     /// image) vs `curl | xz -d | sha1sum`, from a server in this process on 127.0.0.1,
@@ -268,7 +278,14 @@ fn stamp(
     Ok(())
 }
 
-fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
+fn blk(
+    file: &Path,
+    size_mib: u64,
+    runtime_ms: u64,
+    only: Option<&str>,
+    runs: usize,
+    polling_driver: bool,
+) -> Result<()> {
     use stratus_benches::blk::{
         prepare_file, prepare_qcow2_copy, run_fio, run_stratus, Job, Outcome, Pattern,
     };
@@ -298,25 +315,33 @@ fn blk(file: &Path, size_mib: u64, runtime_ms: u64) -> Result<()> {
     let ratio = |o: &Outcome, host: &Outcome| o.iops / host.iops;
     println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, alternated) | host fio | stratus io_uring | ratio | stratus sync | ratio | stratus qcow2 io_uring | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus / qcow2 |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for (pattern, bs, qd) in jobs {
-        let job = Job {
-            pattern,
-            block_size: bs,
-            queue_depth: qd,
-            runtime,
-        };
-        let host = run_fio(file, job)?;
-        let uring = run_stratus(file, ImageFormat::Raw, IoEngine::IoUring, job)?;
-        let sync = run_stratus(file, ImageFormat::Raw, IoEngine::Sync, job)?;
-        let qcow = run_stratus(&qcow2, ImageFormat::Qcow2, IoEngine::IoUring, job)?;
+    let label = |pattern: Pattern, bs: u64, qd: u16| {
         let size = if bs >= 1 << 20 {
             format!("{}M", bs >> 20)
         } else {
             format!("{}k", bs >> 10)
         };
+        format!("{} {size} QD{qd}", pattern.fio_rw())
+    };
+    let selected = jobs
+        .iter()
+        .filter(|(p, bs, qd)| only.is_none_or(|o| label(*p, *bs, *qd).contains(o)))
+        .flat_map(|job| std::iter::repeat_n(*job, runs.max(1)));
+    for (pattern, bs, qd) in selected {
+        let job = Job {
+            pattern,
+            block_size: bs,
+            queue_depth: qd,
+            runtime,
+            polling_driver,
+        };
+        let host = run_fio(file, job)?;
+        let uring = run_stratus(file, ImageFormat::Raw, IoEngine::IoUring, job)?;
+        let sync = run_stratus(file, ImageFormat::Raw, IoEngine::Sync, job)?;
+        let qcow = run_stratus(&qcow2, ImageFormat::Qcow2, IoEngine::IoUring, job)?;
         println!(
-            "| {} {size} QD{qd} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
-            pattern.fio_rw(),
+            "| {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
+            label(pattern, bs, qd),
             cell(&host, bs),
             cell(&uring, bs),
             ratio(&uring, &host),
@@ -375,7 +400,17 @@ fn main() -> Result<()> {
             file,
             size_mib,
             runtime_ms,
-        } => blk(&file, size_mib, runtime_ms),
+            only,
+            runs,
+            polling_driver,
+        } => blk(
+            &file,
+            size_mib,
+            runtime_ms,
+            only.as_deref(),
+            runs,
+            polling_driver,
+        ),
         Cmd::Download {
             fetch,
             size_mib,

@@ -3,9 +3,11 @@
 //! engine in place; with cache=none, buffers that break O_DIRECT's alignment go through an
 //! aligned bounce buffer instead.
 
+use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -90,6 +92,15 @@ pub struct QueueWorker {
     /// Written by the limiter when its limits change (VMM API).
     limit_changed: Arc<EventFd>,
 }
+
+/// How long a worker keeps looking for disk completions and new requests before it goes
+/// to sleep in epoll. A completion and the guest's next request usually come within tens
+/// of microseconds; catching them here saves the thread a sleep and a wake-up each, which
+/// is most of a request's cost at low queue depth. (QEMU's event loop polls the same way.)
+const POLL_WINDOW: Duration = Duration::from_micros(50);
+/// Longest stretch spent polling without passing through epoll, so the kill, throttle and
+/// limit events are never starved by a busy queue.
+const POLL_MAX: Duration = Duration::from_micros(500);
 
 const QUEUE_TOKEN: u64 = 0;
 const ENGINE_TOKEN: u64 = 1;
@@ -473,7 +484,43 @@ impl QueueWorker {
                     }
                 }
             }
+            self.poll_briefly();
         }
+    }
+
+    /// Keeps serving completions and new requests without sleeping while they keep
+    /// coming (see POLL_WINDOW).
+    fn poll_briefly(&mut self) {
+        let start = Instant::now();
+        let mut deadline = start + POLL_WINDOW;
+        loop {
+            let mut progressed = false;
+            if self.in_flight() > 0 {
+                if let Some(completion) = self.engine.next_completion() {
+                    self.finish(completion);
+                    self.reap();
+                    progressed = true;
+                }
+            }
+            if !self.throttled && self.has_new_requests() {
+                self.process_queue();
+                progressed = true;
+            }
+            let now = Instant::now();
+            if progressed {
+                deadline = now + POLL_WINDOW;
+            }
+            if now >= deadline || now - start >= POLL_MAX {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    fn has_new_requests(&self) -> bool {
+        self.queue
+            .avail_idx(&self.mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx != Wrapping(self.queue.next_avail()))
     }
 
     /// Waits for every in-flight operation: guest memory must not be written after reset.
