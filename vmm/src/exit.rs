@@ -18,17 +18,20 @@ pub enum ExitReason {
     KvmError { vcpu: u8, detail: String },
     /// The VMM itself failed while the guest ran.
     VmmError(String),
-    /// Stopped from outside, through the VMM API (`PUT /vm/actions {"action": "stop"}`).
+    /// Stopped from outside: through the VMM API (`PUT /vm/actions {"action": "stop"}`), or
+    /// by SIGTERM/SIGINT. Devices are shut down in order (qcow2 metadata written).
     Stopped,
 }
 
 impl ExitReason {
     /// Process exit status: 0 only for a guest that stopped on purpose. 1 is taken by bad
     /// configuration (refused before the guest runs). The node agent tells an API stop
-    /// (6) from the guest's own power-off (0).
+    /// (6) from the guest's own power-off (0), and a reboot (7: start the VM again) from
+    /// both.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Reset => 0,
+            ExitReason::PowerOff => 0,
+            ExitReason::Reset => 7,
             ExitReason::GuestPanic => 2,
             ExitReason::TripleFault { .. } => 3,
             ExitReason::KvmError { .. } => 4,
@@ -49,7 +52,7 @@ impl std::fmt::Display for ExitReason {
                 write!(f, "KVM error on vCPU {vcpu}: {detail}")
             }
             ExitReason::VmmError(detail) => write!(f, "VMM error: {detail}"),
-            ExitReason::Stopped => write!(f, "VM stopped through the API"),
+            ExitReason::Stopped => write!(f, "VM stopped from outside (control API or signal)"),
         }
     }
 }
@@ -139,6 +142,7 @@ mod tests {
     fn every_exit_code_is_distinct() {
         let reasons = [
             ExitReason::PowerOff,
+            ExitReason::Reset,
             ExitReason::GuestPanic,
             ExitReason::TripleFault { vcpu: 0 },
             ExitReason::KvmError {
@@ -156,6 +160,7 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), count, "{codes:?}");
         assert_eq!(ExitReason::Stopped.exit_code(), 6);
+        assert_eq!(ExitReason::Reset.exit_code(), 7);
     }
 
     #[test]

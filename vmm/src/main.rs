@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use stratus_vmm::api::{ApiServer, ApiSocket, ApiState};
 use stratus_vmm::config::{parse_disk, parse_net, ConsoleConfig, VmConfig};
+use stratus_vmm::exit::{ExitReason, ExitSignal};
 use stratus_vmm::{Vm, VmResources};
 
 /// Boot a Linux kernel directly on KVM with virtio-pci devices.
@@ -108,6 +109,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Blocked before any thread exists, so every thread inherits the mask and the signals
+    // wait for the thread that turns them into an orderly stop.
+    let stop_signals = block_stop_signals();
     let (vm, api) = match prepare(cli, start) {
         Ok(ready) => ready,
         Err(e) => {
@@ -115,6 +119,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    spawn_stop_on_signal(stop_signals, vm.exit_signal());
     let reason = vm.run();
     if let Some(api) = api {
         api.shutdown(API_GRACE);
@@ -122,4 +127,37 @@ fn main() -> ExitCode {
     let code = reason.exit_code();
     eprintln!("stratus-vmm: {reason}");
     ExitCode::from(code as u8)
+}
+
+/// SIGTERM and SIGINT, blocked in the calling thread (and in threads it creates later).
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
+    // pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// A stop signal ends the VM the way an API stop does: vCPUs stopped, devices dropped in
+/// order (so a qcow2 disk writes its metadata), exit status 6.
+fn spawn_stop_on_signal(set: libc::sigset_t, exit: ExitSignal) {
+    let spawned = std::thread::Builder::new()
+        .name("stop-signals".into())
+        .spawn(move || {
+            let mut signal = 0;
+            // SAFETY: `set` is an initialised signal set and `signal` a valid out pointer;
+            // the signals in it are blocked in every thread, so sigwait receives them.
+            if unsafe { libc::sigwait(&set, &mut signal) } == 0 {
+                eprintln!("stratus-vmm: signal {signal} received, stopping the VM");
+                exit.request(ExitReason::Stopped);
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("stratus-vmm: warning: cannot watch for SIGTERM/SIGINT: {e}");
+    }
 }

@@ -319,7 +319,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     assert_eq!(vm["state"], "stopping");
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, 6, "{stderr}");
-    assert!(stderr.contains("VM stopped through the API"), "{stderr}");
+    assert!(stderr.contains("VM stopped from outside"), "{stderr}");
     assert!(!socket.exists(), "the socket is removed on exit");
 }
 
@@ -332,4 +332,18 @@ fn a_guest_that_powers_off_by_itself_also_takes_the_socket_away() {
     assert!(stderr.contains("guest powered off"), "{stderr}");
     assert_eq!(std::fs::read(&vmm.console).unwrap(), b"up\n");
     assert!(!vmm.socket.exists());
+}
+
+#[test]
+fn sigterm_stops_the_vm_in_order_like_an_api_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), false, &[]);
+    vmm.wait_until_running();
+    let pid = vmm.child().id() as libc::pid_t;
+    // SAFETY: signals our own child process, which is still running (not yet reaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, 6, "{stderr}");
+    assert!(stderr.contains("signal 15 received"), "{stderr}");
+    assert!(!vmm.socket.exists(), "the socket is removed on exit");
 }
