@@ -177,6 +177,16 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // The vCPUs are stopped (run() joins them); taking the devices off the buses lets
+        // them shut down in order: workers drained and joined, disks flushed and closed.
+        if let Ok(mut root) = self._pci_root.lock() {
+            root.remove_all();
+        }
+    }
+}
+
 impl Vm {
     /// Builds the VM. `start` is when the VMM process started (for boot milestones).
     pub fn build(resources: VmResources, start: Instant) -> Result<Vm, VmError> {

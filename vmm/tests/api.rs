@@ -88,7 +88,7 @@ impl Vmm {
             .arg("--api-socket")
             .arg(&socket)
             .args(extra)
-            .env("STRATUS_LOG", "off")
+            .env("STRATUS_LOG", "stratus_vmm=info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -337,7 +337,17 @@ fn a_guest_that_powers_off_by_itself_also_takes_the_socket_away() {
 #[test]
 fn sigterm_stops_the_vm_in_order_like_an_api_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = Vmm::start(dir.path(), false, &[]);
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+    let overlay = dir.path().join("vm.qcow2");
+    stratus_vmm::devices::virtio::block::io::qcow2::create_overlay(
+        &overlay,
+        &base,
+        stratus_vmm::devices::virtio::block::io::ImageFormat::Raw,
+    )
+    .unwrap();
+    let disk = format!("path={},format=qcow2", overlay.display());
+    let mut vmm = Vmm::start(dir.path(), false, &["--disk", &disk]);
     vmm.wait_until_running();
     let pid = vmm.child().id() as libc::pid_t;
     // SAFETY: signals our own child process, which is still running (not yet reaped).
@@ -345,5 +355,10 @@ fn sigterm_stops_the_vm_in_order_like_an_api_stop() {
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, 6, "{stderr}");
     assert!(stderr.contains("signal 15 received"), "{stderr}");
+    // The devices were taken down, not abandoned: the qcow2 image was flushed and closed.
+    assert!(
+        stderr.contains(&format!("qcow2 image {} closed", overlay.display())),
+        "{stderr}"
+    );
     assert!(!vmm.socket.exists(), "the socket is removed on exit");
 }

@@ -117,7 +117,6 @@ copy_fio_into "$W/inner"
 cp "$W/fio-verify.job" "$W/inner/"
 cp "$W/dd-payload" "$W/inner/"
 write_init "$W/inner" <<INIT
-echo "TMPTIME guest-init \$(cat /proc/uptime)"
 if grep -q stratus_test=panic /proc/cmdline; then
     echo "STRATUS2-INIT nproc=\$(nproc)"
     i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
@@ -156,14 +155,11 @@ fiodev=
 for b in /sys/block/vd*; do [ "\$(cat \$b/serial 2>/dev/null)" = $FIO_SERIAL ] && fiodev=/dev/\${b##*/}; done
 echo "STRATUS-FIO-DISK \$(cat /sys/block/\${fiodev#/dev/}/size 2>/dev/null) sectors"
 if [ -b "\$fiodev" ]; then
-    echo "TMPTIME guest-fio-start \$(cat /proc/uptime)"
     FIO_FILE=\$fiodev FIO_ENGINE=io_uring FIO_DIRECT=1 fio --output-format=terse /fio-verify.job > /fio.out 2>&1
     rc=\$?
     echo "STRATUS-FIO rc=\$rc \$(awk -F';' '$FIO_SUMMARY' /fio.out)"
     [ \$rc = 0 ] || sed 's/^/STRATUS-FIO-LOG /' /fio.out
-    echo "TMPTIME guest-fio-end \$(cat /proc/uptime)"
     dd if=/dd-payload of=\$fiodev bs=65536 seek=$((DD_OFFSET_MIB * 16)) oflag=direct 2>/dev/null && echo "STRATUS-DD-DIRECT-OK"
-    echo "TMPTIME guest-dd-end \$(cat /proc/uptime)"
 fi
 ip link set lo up
 ip link set eth0 up
@@ -236,22 +232,11 @@ exec 3> /nc-in
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
 # The host side of the fio and dd checks, on the image file the VMM wrote.
-echo "TMPTIME l1-verify-start \$(cat /proc/uptime)"
-# TEMPORARY corruption demo
-cp /fio.img /demo-misplaced.img; dd if=/fio.img bs=65536 skip=16 count=1 2>/dev/null | dd of=/demo-misplaced.img bs=65536 seek=80 conv=notrunc 2>/dev/null
-cp /fio.img /demo-flipped.img; printf 'Z' | dd of=/demo-flipped.img bs=1 seek=\$((20*1048576+12345)) conv=notrunc 2>/dev/null
-cp /fio.img /demo-zeroed.img; dd if=/dev/zero of=/demo-zeroed.img bs=4096 seek=3000 count=1 conv=notrunc 2>/dev/null
-for d in misplaced flipped zeroed; do
-  FIO_FILE=/demo-\$d.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse /fio-verify.job > /demo.out 2>&1
-  echo "DEMO-\$d rc=\$? \$(awk -F';' '$FIO_VERIFY_SUMMARY' /demo.out)"; grep -v '^3;' /demo.out | grep -i verif | sed "s/^/DEMO-\$d-LOG /"
-done
-rm -f /demo-*.img
 $FIO_FLATTEN || echo "L1-FIO-FLATTEN-FAILED"
 FIO_FILE=/fio.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse /fio-verify.job > /fio-host.out 2>&1
 rc=\$?
 echo "L1-FIO-VERIFY rc=\$rc \$(awk -F';' '$FIO_VERIFY_SUMMARY' /fio-host.out)"
 [ \$rc = 0 ] || grep -v '^3;' /fio-host.out | sed 's/^/L1-FIO-LOG /'
-echo "TMPTIME l1-verify-end \$(cat /proc/uptime)"
 echo "L1-FIO-DISK-TAIL-SHA256 \$(dd if=/fio.img bs=1M skip=$FIO_SIZE_MIB 2>/dev/null | sha256sum | cut -d' ' -f1)"
 # The listener ends when the guest's upload does; bound the wait in case it never came.
 i=0; while kill -0 \$UPLOAD_PID 2>/dev/null && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done

@@ -82,6 +82,17 @@ impl PciRoot {
         Ok(slot)
     }
 
+    /// Unmaps and drops every device. The root, its MMIO bus and the ECAM window on that
+    /// bus refer to each other, so the devices would otherwise outlive the VM and never
+    /// shut down (a qcow2 disk would not write its metadata).
+    pub fn remove_all(&mut self) {
+        for slot in self.slots.drain(..) {
+            for addr in slot.mapped.into_iter().flatten() {
+                let _ = self.mmio_bus.remove(addr);
+            }
+        }
+    }
+
     pub fn read_config(&self, device: usize, function: usize, reg: usize) -> u32 {
         match self.slots.get(device) {
             Some(slot) if function == 0 => slot

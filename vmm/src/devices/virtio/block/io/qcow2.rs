@@ -31,6 +31,21 @@ pub struct Qcow2Image {
     /// own descriptors (same order as `files`).
     storages: Vec<(usize, PathBuf, bool)>,
     cache: CacheMode,
+    path: PathBuf,
+}
+
+impl Drop for Qcow2Image {
+    /// The last user is gone (the VMM is exiting or the disk was removed): cached metadata
+    /// goes to the file now, and the outcome is logged where the node agent sees it.
+    fn drop(&mut self) {
+        match self.flush() {
+            Ok(()) => tracing::info!("qcow2 image {} closed", self.path.display()),
+            Err(e) => tracing::error!(
+                "qcow2 image {}: cannot write its metadata on close: {e}",
+                self.path.display()
+            ),
+        }
+    }
 }
 
 impl Qcow2Image {
@@ -67,6 +82,7 @@ impl Qcow2Image {
             access,
             storages,
             cache,
+            path: path.to_owned(),
         })
     }
 
