@@ -47,7 +47,7 @@ enum Cmd {
         /// Only the jobs whose label contains this (e.g. "4k QD32").
         #[arg(long)]
         only: Option<String>,
-        /// Repeat each job this many times (rows are printed per run).
+        /// Rounds per job; rows show medians.
         #[arg(long, default_value_t = 1)]
         runs: usize,
         /// The simulated guest driver polls the used ring instead of sleeping until the
@@ -312,8 +312,7 @@ fn blk(
             format!("{:.0} MiB/s", o.mib_s)
         }
     };
-    let ratio = |o: &Outcome, host: &Outcome| o.iops / host.iops;
-    println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, alternated) | host fio | stratus io_uring | ratio | stratus sync | ratio | stratus qcow2 io_uring | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus / qcow2 |");
+    println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, medians of {runs} alternated rounds) | host fio | stratus io_uring | ratio | stratus sync | ratio | stratus qcow2 io_uring | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus / qcow2 |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let label = |pattern: Pattern, bs: u64, qd: u16| {
         let size = if bs >= 1 << 20 {
@@ -325,9 +324,8 @@ fn blk(
     };
     let selected = jobs
         .iter()
-        .filter(|(p, bs, qd)| only.is_none_or(|o| label(*p, *bs, *qd).contains(o)))
-        .flat_map(|job| std::iter::repeat_n(*job, runs.max(1)));
-    for (pattern, bs, qd) in selected {
+        .filter(|(p, bs, qd)| only.is_none_or(|o| label(*p, *bs, *qd).contains(o)));
+    for &(pattern, bs, qd) in selected {
         let job = Job {
             pattern,
             block_size: bs,
@@ -335,20 +333,49 @@ fn blk(
             runtime,
             polling_driver,
         };
-        let host = run_fio(file, job)?;
-        let uring = run_stratus(file, ImageFormat::Raw, IoEngine::IoUring, job)?;
-        let sync = run_stratus(file, ImageFormat::Raw, IoEngine::Sync, job)?;
-        let qcow = run_stratus(&qcow2, ImageFormat::Qcow2, IoEngine::IoUring, job)?;
+        // Rounds of all four sides, in a rotating order; the row shows medians, and each
+        // ratio is the median of the per-round ratios (the host disk is shared and noisy).
+        let (mut host, mut uring, mut sync, mut qcow) = (vec![], vec![], vec![], vec![]);
+        for round in 0..runs.max(1) {
+            for side in 0..4 {
+                match (side + round) % 4 {
+                    0 => host.push(run_fio(file, job)?),
+                    1 => uring.push(run_stratus(file, ImageFormat::Raw, IoEngine::IoUring, job)?),
+                    2 => sync.push(run_stratus(file, ImageFormat::Raw, IoEngine::Sync, job)?),
+                    _ => qcow.push(run_stratus(
+                        &qcow2,
+                        ImageFormat::Qcow2,
+                        IoEngine::IoUring,
+                        job,
+                    )?),
+                }
+            }
+        }
+        let ratio = |side: &[Outcome]| {
+            let mut ratios: Vec<f64> = side
+                .iter()
+                .zip(&host)
+                .map(|(o, h)| o.iops / h.iops)
+                .collect();
+            median(&mut ratios)
+        };
+        let (r_uring, r_sync, r_qcow) = (ratio(&uring), ratio(&sync), ratio(&qcow));
+        let (host, uring, sync, qcow) = (
+            median_outcome(&host),
+            median_outcome(&uring),
+            median_outcome(&sync),
+            median_outcome(&qcow),
+        );
         println!(
             "| {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
             label(pattern, bs, qd),
             cell(&host, bs),
             cell(&uring, bs),
-            ratio(&uring, &host),
+            r_uring,
             cell(&sync, bs),
-            ratio(&sync, &host),
+            r_sync,
             cell(&qcow, bs),
-            ratio(&qcow, &host),
+            r_qcow,
             host.p50_us,
             host.p99_us,
             uring.p50_us,
@@ -359,6 +386,20 @@ fn blk(
         );
     }
     Ok(())
+}
+
+/// Field-wise medians over the rounds.
+fn median_outcome(runs: &[stratus_benches::blk::Outcome]) -> stratus_benches::blk::Outcome {
+    let field = |f: fn(&stratus_benches::blk::Outcome) -> f64| {
+        median(&mut runs.iter().map(f).collect::<Vec<_>>())
+    };
+    stratus_benches::blk::Outcome {
+        iops: field(|o| o.iops),
+        mib_s: field(|o| o.mib_s),
+        p50_us: field(|o| o.p50_us),
+        p99_us: field(|o| o.p99_us),
+        cpu_us_per_io: field(|o| o.cpu_us_per_io),
+    }
 }
 
 fn download(fetch: &Path, size_mib: u64, runs: usize, dir: &Path) -> Result<()> {
