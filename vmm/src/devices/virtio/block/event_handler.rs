@@ -91,13 +91,20 @@ pub struct QueueWorker {
     throttled: bool,
     /// Written by the limiter when its limits change (VMM API).
     limit_changed: Arc<EventFd>,
+    /// Current polling window (see POLL_WINDOW); zero while polling does not pay.
+    poll_window: Duration,
+    /// False on a single-CPU host, where spinning only takes time from the vCPUs.
+    polling_allowed: bool,
 }
 
 /// How long a worker keeps looking for disk completions and new requests before it goes
 /// to sleep in epoll. A completion and the guest's next request usually come within tens
 /// of microseconds; catching them here saves the thread a sleep and a wake-up each, which
 /// is most of a request's cost at low queue depth. (QEMU's event loop polls the same way.)
+/// The window adapts, as QEMU's does: it halves after a poll that found nothing (down to
+/// zero, no polling) and doubles when the worker is woken soon after going to sleep.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
+const POLL_WINDOW_MIN: Duration = Duration::from_micros(4);
 /// Longest stretch spent polling without passing through epoll, so the kill, throttle and
 /// limit events are never starved by a busy queue.
 const POLL_MAX: Duration = Duration::from_micros(500);
@@ -144,6 +151,8 @@ impl QueueWorker {
             limiter: parts.limiter,
             throttle_timer: TimerFd::new().expect("timerfd"),
             throttled: false,
+            poll_window: Duration::ZERO,
+            polling_allowed: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             limit_changed,
         }
     }
@@ -452,6 +461,7 @@ impl QueueWorker {
         };
         let mut events = [EpollEvent::default(); 5];
         loop {
+            let slept_at = Instant::now();
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -460,6 +470,7 @@ impl QueueWorker {
                     return;
                 }
             };
+            let slept = slept_at.elapsed();
             for event in &events[..n] {
                 match event.data() {
                     QUEUE_TOKEN => {
@@ -484,6 +495,10 @@ impl QueueWorker {
                     }
                 }
             }
+            // Woken within one full window of going to sleep: polling would have caught it.
+            if self.polling_allowed && slept < POLL_WINDOW {
+                self.poll_window = (self.poll_window * 2).clamp(POLL_WINDOW_MIN, POLL_WINDOW);
+            }
             self.poll_briefly();
         }
     }
@@ -491,8 +506,12 @@ impl QueueWorker {
     /// Keeps serving completions and new requests without sleeping while they keep
     /// coming (see POLL_WINDOW).
     fn poll_briefly(&mut self) {
+        if self.poll_window.is_zero() {
+            return;
+        }
         let start = Instant::now();
-        let mut deadline = start + POLL_WINDOW;
+        let mut deadline = start + self.poll_window;
+        let mut paid = false;
         loop {
             let mut progressed = false;
             if self.in_flight() > 0 {
@@ -508,9 +527,16 @@ impl QueueWorker {
             }
             let now = Instant::now();
             if progressed {
-                deadline = now + POLL_WINDOW;
+                deadline = now + self.poll_window;
+                paid = true;
             }
             if now >= deadline || now - start >= POLL_MAX {
+                if !paid {
+                    self.poll_window /= 2;
+                    if self.poll_window < POLL_WINDOW_MIN {
+                        self.poll_window = Duration::ZERO;
+                    }
+                }
                 return;
             }
             std::hint::spin_loop();
