@@ -106,11 +106,12 @@ host_tsc_khz() {
     awk '/cpu MHz/{printf "%d", $4*1000; exit}' /proc/cpuinfo
 }
 
-# run_l1 <outer-initramfs> <console-log> <timeout-s>: boots L1 (the Debian kernel under
-# QEMU TCG with SVM) and waits for it to power off. A silent L1 (no output in 60 s) is
-# killed and retried once, and the retry is reported.
+# run_l1 <outer-initramfs> <console-log> <timeout-s> [idle-s]: boots L1 (the Debian kernel
+# under QEMU TCG with SVM) and waits for it to power off. A silent L1 (no output in 60 s) is
+# killed and retried once, and the retry is reported. With idle-s, an L1 whose console then
+# stops growing for idle-s seconds is taken as hung, killed, and run_l1 returns 2.
 run_l1() {
-    local initrd=$1 console=$2 timeout_s=$3 attempt
+    local initrd=$1 console=$2 timeout_s=$3 idle_s=${4:-0} attempt size last_size idle
     for attempt in 1 2; do
         : > "$console"
         timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
@@ -118,12 +119,20 @@ run_l1() {
             -kernel "$VMLINUX" -initrd "$initrd" \
             -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$(host_tsc_khz)" &
         local qemu=$! waited=0
+        last_size=0; idle=0
         while kill -0 $qemu 2>/dev/null; do
             sleep 1; waited=$((waited + 1))
             if [ $waited -eq 60 ] && [ ! -s "$console" ]; then
                 log "L1 printed nothing in 60 s (attempt $attempt); killing it"
                 kill $qemu 2>/dev/null; wait $qemu 2>/dev/null
                 continue 2
+            fi
+            size=$(stat -c %s "$console" 2>/dev/null || echo 0)
+            if [ "$size" != "$last_size" ]; then last_size=$size; idle=0; else idle=$((idle + 1)); fi
+            if [ "$idle_s" -gt 0 ] && [ "$size" -gt 0 ] && [ $idle -ge "$idle_s" ]; then
+                log "L1 printed nothing for $idle_s s after $waited s (hung?); killing it"
+                kill $qemu 2>/dev/null; wait $qemu 2>/dev/null
+                return 2
             fi
         done
         wait $qemu || log "L1 QEMU exited with status $?"
@@ -150,4 +159,73 @@ copy_qemu_into() {
         [ -n "$src" ] || { log "QEMU firmware $fw not found"; return 1; }
         cp -L "$src" "$root/usr/share/qemu/"
     done
+}
+
+# make_stub_lib <binary> <soname> <dir>: writes <dir>/<soname>, a stand-in for a library
+# <binary> links but a caller never exercises: same soname and symbol versions, and every
+# symbol <binary> imports from it defined as a function that traps (SIGILL if ever called).
+# It needs nothing itself, so the real library's dependencies stay out of a guest root.
+make_stub_lib() {
+    local bin=$1 soname=$2 dir=$3 real
+    real=$(ldd "$bin" | awk -v s="$soname" '$1 == s && $3 ~ /^\// {print $3}')
+    [ -n "$real" ] || { log "$bin does not link $soname"; return 1; }
+    # What the library defines, as name@VERSION (and bare names for unversioned imports).
+    nm -D --defined-only "$real" | awk 'NF == 3 {s = $3; sub(/@@/, "@", s); print s; sub(/@.*/, "", s); print s}' \
+        | sort -u > "$dir/$soname.defs"
+    nm -D --undefined-only "$bin" | awk '{print $2}' \
+        | awk 'NR == FNR {d[$1]; next} ($1 in d)' "$dir/$soname.defs" - > "$dir/$soname.imports"
+    [ -s "$dir/$soname.imports" ] || { log "$bin imports nothing from $soname"; return 1; }
+    awk -F@ '{print "void " $1 "(void) { __builtin_trap(); }"}' "$dir/$soname.imports" > "$dir/$soname.c"
+    # One version node per version the binary asks for; unversioned names go in the first.
+    awk -F@ '{v = ($2 == "" ? "-" : $2); if (!(v in s)) order[++n] = v; s[v] = s[v] " " $1 ";"}
+        END {
+            first = 0; for (i = 1; i <= n; i++) if (order[i] != "-") { first = i; break }
+            if (first == 0) { print "{ global:" s["-"] " local: *; };"; exit }
+            for (i = 1; i <= n; i++) {
+                v = order[i]; if (v == "-") continue
+                extra = (i == first && ("-" in s)) ? s["-"] : ""
+                print v " { global:" s[v] extra (i == first ? " local: *;" : "") " };"
+            }
+        }' "$dir/$soname.imports" > "$dir/$soname.map"
+    cc -shared -fPIC -nostdlib -fno-builtin -w -o "$dir/$soname" -Wl,-soname,"$soname" \
+        -Wl,--version-script="$dir/$soname.map" "$dir/$soname.c"
+}
+
+# copy_binary_with_libs <binary> <root> [stub-soname...]: copies <binary> to <root>/usr/bin
+# with every shared library it loads (ldd), at the same paths, and the dynamic loader. Each
+# stub soname is replaced by a make_stub_lib stand-in instead (for plug-ins the guest never
+# uses whose libraries would pull in tens of MiB).
+copy_binary_with_libs() {
+    local bin=$1 root=$2 stubs soname path libdir
+    shift 2
+    bin=$(command -v "$bin") || { log "copy_binary_with_libs: $1 not found"; return 1; }
+    stubs=$(mktemp -d "${NESTED_WORK:-/tmp}/stubs.XXXX")
+    for soname in "$@"; do
+        make_stub_lib "$bin" "$soname" "$stubs" || { rm -rf "$stubs"; return 1; }
+    done
+    mkdir -p "$root/usr/bin" "$root/lib64"
+    cp -L "$bin" "$root/usr/bin/"
+    libdir=$(dirname "$(ldd "$bin" | awk '$1 == "libc.so.6" {print $3}')")
+    while read -r soname path; do
+        case $path in
+            "$stubs"/*) mkdir -p "$root$libdir"; cp "$path" "$root$libdir/$soname" ;;
+            /*) mkdir -p "$root$(dirname "$path")"; cp -L "$path" "$root$path" ;;
+            *) log "copy_binary_with_libs: $bin needs $soname, which ldd cannot find"; rm -rf "$stubs"; return 1 ;;
+        esac
+    done < <(LD_LIBRARY_PATH=$stubs ldd "$bin" | awk '$2 == "=>" {print $1, $3}')
+    cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+    rm -rf "$stubs"
+}
+
+# Libraries Debian's fio links only for engines the nested guests never use (GlusterFS,
+# NBD, RDMA, Ceph, PMEM): with them fio and its libraries are ~84 MiB (36 MiB gzipped),
+# without them ~5 MiB (2 MiB gzipped).
+FIO_STUB_LIBS="libgfapi.so.0 libnbd.so.0 libibverbs.so.1 librdmacm.so.1 librados.so.2 librbd.so.1 libpmemblk.so.1 libpmem.so.1"
+
+# copy_fio_into <root>: Debian's fio (package fio) and what it needs, with FIO_STUB_LIBS
+# stubbed; checks that it starts in <root>.
+copy_fio_into() {
+    # shellcheck disable=SC2086
+    copy_binary_with_libs fio "$1" $FIO_STUB_LIBS || return 1
+    chroot "$1" /usr/bin/fio --version >/dev/null || { log "fio does not start in $1"; return 1; }
 }
