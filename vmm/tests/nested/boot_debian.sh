@@ -35,13 +35,12 @@ DHCP_SERVER=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/dhcp_ser
 W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
 trap 'rm -rf "$W"' EXIT
 
-# ---- qcow2 hook ------------------------------------------------------------------------
-# FIO_DISK_FORMAT=qcow2 runs the same fio and dd checks on a qcow2 overlay over a raw base
-# of the same size (--disk path=/fio.qcow2,format=qcow2). L1 flattens the overlay with
-# `qemu-img convert -O raw` into /fio.img before its checks, so they read the same bytes.
-# Needs stratus-vmm's qcow2 support and qemu-img on this host (Debian package qemu-utils).
-FIO_DISK_FORMAT=${FIO_DISK_FORMAT:-raw}
-# -----------------------------------------------------------------------------------------
+# The fio disk is a qcow2 overlay (made by stratus-vmm's create_overlay, as a VM's root
+# disk is) over a raw base of the same size (--disk path=/fio.qcow2,format=qcow2). In L1,
+# `qemu-img check` must pass on it after the VMM exits, the base must be untouched, and
+# `qemu-img convert -O raw` flattens it into /fio.img for the fio and dd checks.
+# FIO_DISK_FORMAT=raw runs the same checks on a plain raw file instead.
+FIO_DISK_FORMAT=${FIO_DISK_FORMAT:-qcow2}
 
 # The fio disk: fio's verified random writes in [0, FIO_SIZE_MIB), the dd file at
 # DD_OFFSET_MIB, zeros everywhere else.
@@ -196,11 +195,15 @@ raw)
     FIO_FLATTEN=: ;;
 qcow2)
     command -v qemu-img >/dev/null || { log "FIO_DISK_FORMAT=qcow2 needs qemu-img (apt-get install qemu-utils)"; exit 1; }
-    qemu-img create -q -f raw "$W/outer/fio-base.img" ${FIO_DISK_MIB}M
-    qemu-img create -q -f qcow2 -b fio-base.img -F raw "$W/outer/fio.qcow2"
+    truncate -s ${FIO_DISK_MIB}M "$W/outer/fio-base.img"
+    (cd "$REPO_ROOT" && cargo run --quiet -p stratus-vmm --example create_overlay -- \
+        "$W/outer/fio.qcow2" fio-base.img raw)
     copy_binary_with_libs qemu-img "$W/outer"
     FIO_DISK=path=/fio.qcow2,format=qcow2,serial=$FIO_SERIAL
-    FIO_FLATTEN="qemu-img convert -O raw /fio.qcow2 /fio.img" ;;
+    BASE_SHA=$(sha256sum "$W/outer/fio-base.img" | cut -d' ' -f1)
+    FIO_FLATTEN="qemu-img check -q /fio.qcow2 && echo L1-QCOW2-CHECK-OK
+echo \"L1-QCOW2-BASE-SHA256 \$(sha256sum /fio-base.img | cut -d' ' -f1)\"
+qemu-img convert -O raw /fio.qcow2 /fio.img" ;;
 *) log "FIO_DISK_FORMAT must be raw or qcow2, not $FIO_DISK_FORMAT"; exit 1 ;;
 esac
 mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
@@ -232,7 +235,7 @@ exec 3> /nc-in
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
 # The host side of the fio and dd checks, on the image file the VMM wrote.
-$FIO_FLATTEN || echo "L1-FIO-FLATTEN-FAILED"
+$FIO_FLATTEN
 FIO_FILE=/fio.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse /fio-verify.job > /fio-host.out 2>&1
 rc=\$?
 echo "L1-FIO-VERIFY rc=\$rc \$(awk -F';' '$FIO_VERIFY_SUMMARY' /fio-host.out)"
@@ -286,6 +289,10 @@ check "guest fio: O_DIRECT io_uring QD32 random 4-64 KiB writes verified in the 
 check "L1 re-verifies every fio block in the image (offset + crc32c)" \
     "L1-FIO-VERIFY rc=0 err=0 verified_kib=$FIO_KIB"
 check "guest dd oflag=direct of the host's file completes" "STRATUS-DD-DIRECT-OK"
+if [ "$FIO_DISK_FORMAT" = qcow2 ]; then
+    check "qcow2 overlay passes qemu-img check after the VMM exits" "L1-QCOW2-CHECK-OK"
+    check "the overlay's raw base is untouched" "L1-QCOW2-BASE-SHA256 $BASE_SHA"
+fi
 check "image holds the dd file at $DD_OFFSET_MIB MiB and zeros around it" "L1-FIO-DISK-TAIL-SHA256 $EXPECTED_TAIL_SHA"
 check "context.sh gives the public key" "STRATUS-CTX-KEY $PUBKEY"
 check "context.sh gives a user key" "STRATUS-CTX-WEBSITE https://example.org"
