@@ -4,7 +4,11 @@
 //! as `qemu-img convert` sees them. Requests go through real virtqueues in guest memory,
 //! served by the queue workers (two queues at once) with every engine and cache mode.
 
+mod blk_common;
+
 use std::path::Path;
+
+use blk_common::{assert_qcow2_holds, chain, qemu_img_check, tool, Rng};
 use std::sync::Arc;
 
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
@@ -15,9 +19,7 @@ use stratus_vmm::devices::virtio::block::io::{
 use stratus_vmm::devices::virtio::block::*;
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
@@ -39,20 +41,6 @@ impl VirtioInterrupt for NoInterrupt {
     fn trigger(&self, _kind: VirtioInterruptType) {}
 }
 
-fn tool(program: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -60,41 +48,6 @@ fn p(path: &Path) -> &str {
 /// O_DIRECT needs a real filesystem (tmpfs refuses it), so not /tmp.
 fn workdir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap()
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
-/// Chains `descs` (setting NEXT and indices) at table index `first`.
-fn chain(descs: &[(u64, u32, u32)], first: u16) -> Vec<RawDescriptor> {
-    descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, flags))| {
-            let last = i == descs.len() - 1;
-            let flags = if last {
-                flags
-            } else {
-                flags | VRING_DESC_F_NEXT
-            };
-            let next = if last { 0 } else { first + i as u16 + 1 };
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-        })
-        .collect()
 }
 
 enum Op {
@@ -382,21 +335,7 @@ fn overlay_on_a_raw_base_matches_a_shadow_across_clusters_and_queues() {
         }
         // Closing the disk writes imago's cached metadata.
         drop(disk);
-        let shadow_path = dir.path().join("shadow.raw");
-        std::fs::write(&shadow_path, &shadow).unwrap();
-        tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
-        tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                p(&overlay),
-                p(&shadow_path),
-            ],
-        );
+        assert_qcow2_holds(&overlay, &shadow, dir.path());
         // The base image is never written.
         let base_now = std::fs::read(&base).unwrap();
         assert!(base_now != shadow, "the test wrote nothing");
@@ -529,21 +468,7 @@ fn images_made_by_qemu_img_read_back_as_qemu_sees_them() {
         );
         serve(&mem, &disk, engine, std::slice::from_ref(&batch));
         drop(disk);
-        tool("qemu-img", &["check", "-f", "qcow2", p(&compressed)]);
-        let shadow_path = d.join("shadow.raw");
-        std::fs::write(&shadow_path, &shadow).unwrap();
-        tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                p(&compressed),
-                p(&shadow_path),
-            ],
-        );
+        assert_qcow2_holds(&compressed, &shadow, d);
     }
 }
 
@@ -574,7 +499,7 @@ fn discard_frees_whole_clusters_and_keeps_the_image_consistent() {
         batch.add(&mem, &Op::Flush, false);
         serve(&mem, &disk, engine, std::slice::from_ref(&batch));
         drop(disk);
-        tool("qemu-img", &["check", "-f", "qcow2", p(&image)]);
+        qemu_img_check(&image);
         let map = tool(
             "qemu-img",
             &["map", "--output=json", "-f", "qcow2", p(&image)],
@@ -634,7 +559,7 @@ fn creating_an_overlay_does_not_depend_on_the_base_size() {
     assert_eq!(info["virtual-size"].as_u64(), Some(1 << 40));
     assert_eq!(info["backing-filename"].as_str(), Some("huge.raw"));
     assert_eq!(info["backing-filename-format"].as_str(), Some("raw"));
-    tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
+    qemu_img_check(&overlay);
     let disk =
         DiskFile::open_format(&overlay, ImageFormat::Qcow2, true, CacheMode::Writeback).unwrap();
     assert_eq!(disk.size(), 1 << 40);
@@ -718,21 +643,7 @@ fn after_a_flush_the_image_is_complete_even_if_the_vmm_dies() {
         // Like a killed process: the image is never closed, so only the flush wrote the
         // allocation metadata.
         std::mem::forget(disk);
-        tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
-        let shadow_path = d.join("shadow.raw");
-        std::fs::write(&shadow_path, &shadow).unwrap();
-        tool(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                p(&overlay),
-                p(&shadow_path),
-            ],
-        );
+        assert_qcow2_holds(&overlay, &shadow, d);
     }
 }
 
@@ -809,7 +720,7 @@ fn ranges_at_the_end_of_an_odd_sized_image_are_served_and_checked() {
         );
         serve(&mem, &disk, engine, std::slice::from_ref(&batch));
         drop(disk);
-        tool("qemu-img", &["check", "-f", "qcow2", p(&overlay)]);
+        qemu_img_check(&overlay);
         let view = qemu_img_raw(&overlay, "qcow2", d);
         let kept = ((sectors - 300) * 512) as usize / 65536 * 65536;
         assert!(

@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
+mod blk_common;
+
+use blk_common::{chain, qemu_img_check, tool, Rng};
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
 use stratus_vmm::devices::virtio::block::io::{
     create_engine, CacheMode, DiskFile, ImageFormat, IoEngine,
@@ -64,51 +67,6 @@ fn fixtures() -> Vec<Fixture> {
         }
     }
     all
-}
-
-fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> String {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `qemu-img check` must find no corruption and no leaked clusters.
-fn qemu_img_check(image: &std::path::Path) {
-    run_tool(
-        "qemu-img",
-        &[
-            "check".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            image.as_os_str(),
-        ],
-    );
-}
-
-/// Chains `descs` (setting NEXT and indices) at table index `first`.
-fn chain(descs: &[(u64, u32, u32)], first: u16) -> Vec<RawDescriptor> {
-    descs
-        .iter()
-        .enumerate()
-        .map(|(i, &(addr, len, flags))| {
-            let last = i == descs.len() - 1;
-            let flags = if last {
-                flags
-            } else {
-                flags | VRING_DESC_F_NEXT
-            };
-            let next = if last { 0 } else { first + i as u16 + 1 };
-            RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-        })
-        .collect()
 }
 
 impl Fixture {
@@ -235,7 +193,7 @@ impl Fixture {
             ImageFormat::Qcow2 => {
                 qemu_img_check(&self.image);
                 let out = self.dir.path().join("converted.raw");
-                run_tool(
+                tool(
                     "qemu-img",
                     &[
                         "convert".as_ref(),
@@ -644,21 +602,6 @@ fn flush_completes_after_every_earlier_write() {
             u32::from(flush_head),
             "flush completed before a write: {order:?}"
         );
-    }
-}
-
-/// xorshift64*: deterministic and good enough to spread offsets and sizes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 
