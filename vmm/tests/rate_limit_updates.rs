@@ -1,10 +1,13 @@
 //! Run-time rate-limit changes (what the VMM API does) reach a virtio-blk device that is
 //! already serving its queue: through the limiter handle the device hands out, without KVM.
 
+mod blk_common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blk_common::chain;
 use stratus_vmm::devices::rate_limiter::RateLimit;
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::io::{create_engine, CacheMode, DiskFile, IoEngine};
@@ -13,9 +16,7 @@ use stratus_vmm::devices::virtio::{
     ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
@@ -80,21 +81,7 @@ impl Setup {
                 (DATA + at * 512, 512, VRING_DESC_F_WRITE),
                 (STATUS + at, 1, VRING_DESC_F_WRITE),
             ];
-            let chain: Vec<RawDescriptor> = descs
-                .iter()
-                .enumerate()
-                .map(|(j, &(addr, len, flags))| {
-                    let last = j == descs.len() - 1;
-                    let flags = if last {
-                        flags
-                    } else {
-                        flags | VRING_DESC_F_NEXT
-                    };
-                    let next = if last { 0 } else { first + j as u16 + 1 };
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, next))
-                })
-                .collect();
-            mock.add_desc_chains(&chain, first).unwrap();
+            mock.add_desc_chains(&chain(&descs, first), first).unwrap();
         }
         let queue = mock.create_queue().unwrap();
         (mock, queue)
