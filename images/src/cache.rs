@@ -146,6 +146,21 @@ impl ImageCache {
         Ok(ok)
     }
 
+    fn refuse_hazards(m: &Metadata, path: &Path) -> Result<()> {
+        use std::io::Read;
+        let mut header = Vec::with_capacity(512);
+        std::fs::File::open(path)
+            .and_then(|f| f.take(512).read_to_end(&mut header))
+            .map_err(|e| Error::io(path, e))?;
+        match crate::metadata::ImageFormat::qcow2_hazard(&header) {
+            Some(reason) => Err(Error::UnsafeImage {
+                identifier: m.identifier.to_string(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn fetch(&self, m: &Metadata, progress: &mut dyn FnMut(Progress)) -> Result<PathBuf> {
         let path = self.path_of(m);
         if path.exists() {
@@ -173,6 +188,12 @@ impl ImageCache {
             }
             match download::download(loc, &path, &expected, progress) {
                 Ok(d) => {
+                    // Checked before the image is served: its checksums only prove it is
+                    // what the endorser signed, not that it is safe to open on this host.
+                    if let Err(e) = Self::refuse_hazards(m, &d.path) {
+                        let _ = std::fs::remove_file(&d.path);
+                        return Err(e);
+                    }
                     if let Some(stamp) = Self::stamp(&d.path) {
                         self.verified
                             .lock()

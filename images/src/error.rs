@@ -71,6 +71,8 @@ pub enum Error {
     Deprecated { identifier: String, reason: String },
     #[error("image {image} cannot be booted directly: {reason}")]
     NotBootable { image: String, reason: String },
+    #[error("image {identifier} is refused: {reason}")]
+    UnsafeImage { identifier: String, reason: String },
     #[error("download of image {identifier} by a concurrent request failed: {reason}")]
     SharedDownloadFailed { identifier: String, reason: String },
 }

@@ -55,6 +55,45 @@ impl ImageFormat {
         }
     }
 
+    /// Why a qcow2 image must not be used as delivered, if it must not. A qcow2 header
+    /// can name other host files — a backing file or an external data file — that the VMM
+    /// would then open and show to the guest; an image from outside may only stand alone.
+    /// A header marked corrupt is refused too. `header` is the image's first 104 bytes or
+    /// more; anything that is not qcow2 is `None`.
+    pub fn qcow2_hazard(header: &[u8]) -> Option<String> {
+        if Self::detect(header) != ImageFormat::Qcow2 {
+            return None;
+        }
+        let be32 = |at: usize| {
+            header
+                .get(at..at + 4)
+                .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+        };
+        let be64 = |at: usize| {
+            header
+                .get(at..at + 8)
+                .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+        };
+        let (Some(version), Some(backing_offset)) = (be32(4), be64(8)) else {
+            return Some("truncated qcow2 header".into());
+        };
+        if backing_offset != 0 {
+            return Some("the qcow2 header names a backing file".into());
+        }
+        if version >= 3 {
+            let Some(incompatible) = be64(72) else {
+                return Some("truncated qcow2 header".into());
+            };
+            if incompatible & (1 << 2) != 0 {
+                return Some("the qcow2 header names an external data file".into());
+            }
+            if incompatible & (1 << 1) != 0 {
+                return Some("the qcow2 header is marked corrupt".into());
+            }
+        }
+        None
+    }
+
     /// Detect the format from the first bytes of a (decompressed) image.
     pub fn detect(header: &[u8]) -> ImageFormat {
         if header.starts_with(b"QFI\xfb") {

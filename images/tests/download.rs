@@ -549,3 +549,75 @@ fn a_changed_resource_restarts_the_download() {
     assert_eq!(second.sent("/img.gz"), gz.len() as u64);
     assert!(leftovers(&dest).is_empty());
 }
+
+#[test]
+fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
+    let work = tempfile::tempdir().unwrap();
+    let qemu_img = |args: &[&str]| {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .expect("run qemu-img (install qemu-utils)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let path = |name: &str| work.path().join(name).to_str().unwrap().to_owned();
+    qemu_img(&["create", "-q", "-f", "qcow2", &path("alone.qcow2"), "4M"]);
+    // A backing reference to a host file the guest must never see.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        &path("backed.qcow2"),
+    ]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", path("data.raw")),
+        &path("external.qcow2"),
+        "4M",
+    ]);
+
+    let fetch = |name: &str| {
+        let data = std::fs::read(path(name)).unwrap();
+        let m = entry(&data, vec![format!("file://{}", path(name))]);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+        let got = cache.get(&m, &mut |_| {});
+        (
+            got.map(|p| std::fs::read(p).unwrap() == data),
+            files_in(dir.path()),
+        )
+    };
+    let (ok, files) = fetch("alone.qcow2");
+    assert!(
+        ok.unwrap(),
+        "a standalone qcow2 image is served as downloaded"
+    );
+    assert_eq!(files.len(), 1);
+    for (name, why) in [
+        ("backed.qcow2", "backing file"),
+        ("external.qcow2", "external data file"),
+    ] {
+        let (refused, files) = fetch(name);
+        match refused {
+            Err(Error::UnsafeImage { reason, .. }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{name}: {other:?}"),
+        }
+        assert!(
+            files.is_empty(),
+            "{name}: nothing may stay in the cache: {files:?}"
+        );
+    }
+}

@@ -227,3 +227,26 @@ fn expiry_and_deprecation_are_enforced() {
     let e = m.check_usable(during).unwrap_err().to_string();
     assert!(e.contains("deprecated: security hole in sshd"), "{e}");
 }
+
+#[test]
+fn qcow2_headers_that_are_truncated_or_marked_corrupt_are_hazards() {
+    let mut v3 = vec![0u8; 104];
+    v3[..4].copy_from_slice(b"QFI\xfb");
+    v3[4..8].copy_from_slice(&3u32.to_be_bytes());
+    assert_eq!(ImageFormat::qcow2_hazard(&v3), None);
+    let mut corrupt = v3.clone();
+    corrupt[72..80].copy_from_slice(&2u64.to_be_bytes());
+    assert!(ImageFormat::qcow2_hazard(&corrupt)
+        .unwrap()
+        .contains("corrupt"));
+    assert!(ImageFormat::qcow2_hazard(&v3[..20])
+        .unwrap()
+        .contains("truncated"));
+    assert!(ImageFormat::qcow2_hazard(&v3[..6])
+        .unwrap()
+        .contains("truncated"));
+    assert_eq!(
+        ImageFormat::qcow2_hazard(b"\x7fELF and then some raw bytes"),
+        None
+    );
+}
