@@ -111,7 +111,18 @@ impl VmConfig {
                 self.cpus
             )));
         }
+        // The flags refuse a rate of 0 (it would read as "no limit"); so does the JSON form.
+        let zero_rate = |what: &str, limit: &RateLimit| {
+            if limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0) {
+                Err(ConfigError::Invalid(format!(
+                    "{what} rate limits take a positive number per second, not 0 (leave the field out for no limit)"
+                )))
+            } else {
+                Ok(())
+            }
+        };
         for disk in &self.disks {
+            zero_rate(&format!("disk {}", disk.path.display()), &disk.rate_limit)?;
             if let Some(serial) = &disk.serial {
                 if serial.len() > VIRTIO_BLK_ID_BYTES {
                     return Err(ConfigError::Invalid(format!(
@@ -121,6 +132,7 @@ impl VmConfig {
             }
         }
         for net in &self.nets {
+            zero_rate(&format!("NIC {}", net.tap), &net.rate_limit)?;
             if parse_mac(&net.mac).is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",
@@ -328,6 +340,27 @@ mod tests {
         std::fs::write(&path, r#"{"kernel":"/k","cpu":2}"#).unwrap();
         let e = VmConfig::from_json_file(&path).unwrap_err().to_string();
         assert!(e.contains("unknown field `cpu`"), "{e}");
+        // A rate of 0 is refused as on the command line, not taken as "no limit".
+        std::fs::write(
+            &path,
+            r#"{"kernel":"/k","disks":[{"path":"/d.img","rate_limit":{"ops_per_sec":0}}]}"#,
+        )
+        .unwrap();
+        let e = VmConfig::from_json_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("disk /d.img rate limits take a positive number"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            r#"{"kernel":"/k","nets":[{"tap":"tap0","mac":"02:00:c6:12:00:0a","rate_limit":{"bytes_per_sec":0}}]}"#,
+        )
+        .unwrap();
+        let e = VmConfig::from_json_file(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("NIC tap0 rate limits take a positive number"),
+            "{e}"
+        );
     }
 
     #[test]
