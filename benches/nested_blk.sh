@@ -19,8 +19,6 @@ RUNS=${1:-3}
 SECS=${2:-5}
 MIB=${3:-256}
 cd "$(dirname "$0")/.."
-NESTED_WORK=$PWD/target/nested
-mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
 fetch_kernel
 build_static_vmm

@@ -8,8 +8,6 @@
 set -euo pipefail
 RUNS=${1:-3}
 cd "$(dirname "$0")/.."
-NESTED_WORK=$PWD/target/nested
-mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
 prepare_bench
 

@@ -9,8 +9,6 @@ set -euo pipefail
 RUNS=${1:-3}
 MIB=${2:-32}
 cd "$(dirname "$0")/.."
-NESTED_WORK=$PWD/target/nested
-mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
 prepare_bench
 

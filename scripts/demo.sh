@@ -9,7 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh scripts/runtime-packages.txt
 NESTED_WORK=$PWD/target/demo
-mkdir -p "$NESTED_WORK"
 source scripts/nested/lib.sh
 
 fetch_kernel

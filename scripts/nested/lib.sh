@@ -1,9 +1,11 @@
 # Shared pieces of the nested harness: real Linux on stratus-vmm inside a QEMU-TCG L1 guest
 # with emulated AMD SVM (this host's /dev/kvm is PVM and cannot run stock kernels itself).
-# Source it; callers set NESTED_WORK (a scratch directory) first.
+# Source it. NESTED_WORK (the scratch directory, created here) defaults to target/nested.
 
 NESTED_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$NESTED_LIB_DIR/../.." && pwd)
+NESTED_WORK=${NESTED_WORK:-$REPO_ROOT/target/nested}
+mkdir -p "$NESTED_WORK"
 
 log() { echo "[nested] $*" >&2; }
 

@@ -22,8 +22,6 @@
 # The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs and pvpanic modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
-NESTED_WORK=${NESTED_WORK:-$(cd "$(dirname "$0")/../../.." && pwd)/target/nested}
-mkdir -p "$NESTED_WORK"
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
