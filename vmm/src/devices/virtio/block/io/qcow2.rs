@@ -135,31 +135,6 @@ impl Qcow2Image {
         }
     }
 
-    /// Whole clusters become zero clusters; partial ones get zeroes written. imago 0.2.6's
-    /// own write_zeroes underflows (panics) when a partial cluster meets the end of an
-    /// image smaller than one cluster, so it only ever sees whole clusters.
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        let end = offset + len;
-        let (first, last) = self.whole_clusters(offset, len);
-        if first >= last {
-            return self.write_zero_data(offset, end);
-        }
-        self.write_zero_data(offset, first)?;
-        self.access.write_zeroes(first, last - first)?;
-        self.write_zero_data(last, end)
-    }
-
-    fn write_zero_data(&self, mut from: u64, to: u64) -> std::io::Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(to.saturating_sub(from)) as usize];
-        while from < to {
-            let n = (to - from).min(CHUNK) as usize;
-            self.access.write(&zeroes[..n], from)?;
-            from += n as u64;
-        }
-        Ok(())
-    }
-
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
         // Only whole clusters can be freed; a discard is a hint, so the rest keeps its data.
         let (first, last) = self.whole_clusters(offset, len);
@@ -234,6 +209,23 @@ pub fn image_size(path: &Path, format: ImageFormat) -> std::io::Result<u64> {
         ImageFormat::Qcow2 => Qcow2::<ImagoFile>::builder_path(path)
             .open(PermissiveImplicitOpenGate::default())?
             .size(),
+    })
+}
+
+/// Largest qcow2 cluster: partial-cluster zeroing never needs more in one go.
+const ZERO_BUFFER_LEN: usize = 2 << 20;
+
+/// A page-aligned, never-written buffer of zeroes for O_DIRECT writes.
+fn zeroes() -> &'static [u8] {
+    static BUFFER: std::sync::OnceLock<&'static [u8]> = std::sync::OnceLock::new();
+    BUFFER.get_or_init(|| {
+        let layout = std::alloc::Layout::from_size_align(ZERO_BUFFER_LEN, 4096).expect("layout");
+        // SAFETY: the layout has a non-zero size; the zeroed allocation is leaked on purpose
+        // (one per process) and only ever read.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "cannot allocate the zero buffer");
+        // SAFETY: `ptr` points to ZERO_BUFFER_LEN initialised (zeroed) bytes that live forever.
+        unsafe { std::slice::from_raw_parts(ptr, ZERO_BUFFER_LEN) }
     })
 }
 
@@ -335,6 +327,37 @@ impl Qcow2Io {
             let file = image.file_index(storage)?;
             self.start_transfer(slot, file, host, slice_iovecs(iovecs, done, len), true)?;
             done += len;
+        }
+        Ok(())
+    }
+
+    /// Whole clusters become zero clusters in imago. Partial ones get zeroes written like
+    /// guest data, through our engine at sector granularity: imago's own write path would
+    /// read-modify-write whole O_DIRECT blocks (up to 4 KiB) and could undo a neighbouring
+    /// sector another queue writes meanwhile. (imago 0.2.6's write_zeroes also underflows
+    /// on partial clusters of an image smaller than one cluster.)
+    fn write_zeroes(&mut self, slot: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = offset + len;
+        let (first, last) = self.image.whole_clusters(offset, len);
+        let (head_end, tail_start) = if first < last {
+            (first, last)
+        } else {
+            (end, end)
+        };
+        if first < last {
+            self.image.access.write_zeroes(first, last - first)?;
+        }
+        for (from, to) in [(offset, head_end), (tail_start, end)] {
+            let mut at = from;
+            while at < to {
+                let n = (to - at).min(ZERO_BUFFER_LEN as u64);
+                let iovec = [libc::iovec {
+                    iov_base: zeroes().as_ptr() as *mut libc::c_void,
+                    iov_len: n as usize,
+                }];
+                self.write(slot, at, &iovec)?;
+                at += n;
+            }
         }
         Ok(())
     }
@@ -462,7 +485,7 @@ impl AsyncIo for Qcow2Io {
                 .and_then(|()| self.image.discard(offset, len)),
             DiskOp::WriteZeroes { offset, len, .. } => self
                 .wait_for_transfers()
-                .and_then(|()| self.image.write_zeroes(offset, len)),
+                .and_then(|()| self.write_zeroes(slot, offset, len)),
         };
         if let Err(e) = outcome {
             tracing::warn!("qcow2 request failed: {e}");
