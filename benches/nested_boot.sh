@@ -1,14 +1,25 @@
 #!/bin/bash
 # Boot time of the same stock Debian kernel + busybox initramfs (2 vCPUs, 512 MiB, 8 MiB
-# virtio-blk disk) on stratus-vmm and on QEMU-KVM (q35 and microvm), alternated in one
-# QEMU-TCG L1 guest with nested SVM. Times are taken inside L1 by a static stratus-bench
-# that watches each VMM's console: process start -> "Linux version" (kernel start) ->
-# "STRATUS-INIT" (/init) -> exit after power-off. Only ratios mean anything here.
-# usage: benches/nested_boot.sh [runs-per-vmm]   (prints a Markdown table)
+# virtio-blk disk, the same command line) on stratus-vmm, Firecracker, Cloud Hypervisor and
+# QEMU-KVM (q35 and microvm), alternated in one QEMU-TCG L1 guest with nested SVM. Times
+# are taken inside L1 by a static stratus-bench that watches each VMM's console: process
+# start -> "Linux version" (kernel start) -> "STRATUS-INIT" (/init) -> exit after
+# power-off. Only ratios mean anything here.
+#
+# usage: benches/nested_boot.sh [runs-per-vmm]              (prints a Markdown table)
+#        benches/nested_boot.sh --initcalls [runs-per-vmm]  (boots with initcall_debug and
+#            lists, per VMM, every initcall that took over 20 ms in any of them, side by side)
+#
+# Firecracker and Cloud Hypervisor are the static builds in ../shared/peers (PEERS= to
+# point elsewhere); a missing one is left out of the table with a note. Firecracker does not
+# exit when its guest powers off, so it is stopped at /init and has no exit time.
 set -euo pipefail
+MODE=boot
+if [ "${1:-}" = --initcalls ]; then MODE=initcalls; shift; fi
 RUNS=${1:-3}
 cd "$(dirname "$0")/.."
 source scripts/nested/lib.sh
+PEERS=${PEERS:-$REPO_ROOT/../shared/peers}
 prepare_bench
 
 W=$(mktemp -d "$NESTED_WORK/bench.XXXX")
@@ -28,49 +39,109 @@ copy_modules "$W/outer/lib/modules" kvm_amd
 cp "$STATIC_VMM" "$W/outer/vmm"; cp "$STATIC_BENCH" "$W/outer/bench"
 cp "$VMLINUX" "$W/outer/vmlinux"; cp "$W/inner.cpio.gz" "$W/outer/initrd"
 copy_qemu_into "$W/outer"
+VMMS="stratus-vmm"
+for peer in firecracker cloud-hypervisor; do
+    if [ -x "$PEERS/$peer" ]; then
+        cp "$PEERS/$peer" "$W/outer/$peer"; VMMS="$VMMS $peer"
+    else
+        log "no $PEERS/$peer: left out"
+    fi
+done
+VMMS="$VMMS qemu-q35 qemu-microvm"
 
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 loglevel=6"
+# initcall_debug prints at KERN_DEBUG: the console must show everything.
+[ $MODE = initcalls ] && CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 initcall_debug ignore_loglevel"
+cat > "$W/outer/fc.json" <<JSON
+{"boot-source": {"kernel_image_path": "/vmlinux", "initrd_path": "/initrd", "boot_args": "$CMDLINE"},
+ "drives": [{"drive_id": "d0", "path_on_host": "/disk.img", "is_root_device": false, "is_read_only": false}],
+ "machine-config": {"vcpu_count": 2, "mem_size_mib": 512}}
+JSON
 DISKS_Q35="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"
 DISKS_MICRO="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0"
 QCOMMON="-cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel /vmlinux -initrd /initrd"
 write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
-stamp() { /bench stamp --timeout-s 300 --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@"; }
-for run in \$(seq 1 $RUNS); do
-  echo "RESULT stratus-vmm \$(stamp /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 --disk path=/disk.img --cmdline '$CMDLINE')"
-  echo "RESULT qemu-q35 \$(stamp /usr/bin/qemu-system-x86_64 -M q35,accel=kvm $QCOMMON $DISKS_Q35 -append '$CMDLINE')"
-  echo "RESULT qemu-microvm \$(stamp /usr/bin/qemu-system-x86_64 -M microvm,accel=kvm,x-option-roms=off,rtc=off $QCOMMON $DISKS_MICRO -append '$CMDLINE')"
+# stamp <name> <command...>: one RESULT line; in initcall mode, also one INITCALL line per
+# initcall over 20 ms.
+stamp() {
+  local name=\$1 stop=; shift
+  [ "\$name" = firecracker ] && stop="--stop-after init"
+  echo "RESULT \$name \$(/bench stamp --timeout-s 600 --output /console.txt \$stop --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@")"
+  if [ $MODE = initcalls ]; then
+    sed -n 's/.*initcall \([^ ]*\) returned .* after \([0-9]*\) usecs.*/\1 \2/p' /console.txt |
+      while read -r fn us; do [ "\$us" -gt 20000 ] && echo "INITCALL \$name \$fn \$us"; done
+    grep -m1 -i "rtc" /console.txt | sed "s/^/CONSOLE \$name /"
+  fi
+}
+run() {
+  case \$1 in
+  stratus-vmm) stamp \$1 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 --disk path=/disk.img --cmdline '$CMDLINE' ;;
+  firecracker) stamp \$1 /firecracker --no-api --config-file /fc.json --enable-pci --no-seccomp ;;
+  cloud-hypervisor) stamp \$1 /cloud-hypervisor --kernel /vmlinux --initramfs /initrd --cmdline '$CMDLINE' --cpus boot=2 --memory size=512M --disk path=/disk.img,image_type=raw --serial tty --console off --seccomp false ;;
+  qemu-q35) stamp \$1 /usr/bin/qemu-system-x86_64 -M q35,accel=kvm $QCOMMON $DISKS_Q35 -append '$CMDLINE' ;;
+  qemu-microvm) stamp \$1 /usr/bin/qemu-system-x86_64 -M microvm,accel=kvm,x-option-roms=off,rtc=off $QCOMMON $DISKS_MICRO -append '$CMDLINE' ;;
+  esac
+}
+for r in \$(seq 1 $RUNS); do
+  for vmm in $VMMS; do run \$vmm; done
 done
 poweroff -f
 INIT
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
-CONSOLE=$NESTED_WORK/nested_boot.console.log
-log "running $RUNS alternated boots per VMM in L1 (console: $CONSOLE)"
-run_l1 "$W/outer.cpio.gz" "$CONSOLE" 3600
-python3 - "$CONSOLE" <<'PY'
+CONSOLE=$NESTED_WORK/nested_boot.$MODE.console.log
+log "running $RUNS alternated boots per VMM ($VMMS) in L1, mode $MODE (console: $CONSOLE)"
+run_l1 "$W/outer.cpio.gz" "$CONSOLE" 5400
+python3 - "$CONSOLE" "$MODE" "$VMMS" <<'PY'
 import json, statistics, sys
-rows = {}
-for line in open(sys.argv[1], errors="replace"):
+console, mode, vmms = sys.argv[1], sys.argv[2], sys.argv[3].split()
+rows, initcalls = {}, {}
+for line in open(console, errors="replace"):
+    line = line.rstrip("\r\n")
     if line.startswith("RESULT ") and "STAMP " in line:
         name = line.split()[1]
         rows.setdefault(name, []).append(json.loads(line.split("STAMP ", 1)[1]))
+    elif line.startswith("INITCALL "):
+        _, name, fn, us = line.split()
+        initcalls.setdefault(fn, {}).setdefault(name, []).append(int(us))
 if "stratus-vmm" not in rows:
     sys.exit("no stratus-vmm results in the console log")
+
 def med(name, key):
-    vals = [r[key] for r in rows[name] if r.get(key) is not None]
-    if len(vals) != len(rows[name]):
-        sys.exit(f"{name}: {key} missing in some runs: {rows[name]}")
-    return statistics.median(vals)
-print(f"| nested boot, Debian {''} kernel, 2 vCPUs / 512 MiB, medians of {len(rows['stratus-vmm'])} (L1 ms) | kernel start | /init | exit after power-off |")
+    vals = [r[key] for r in rows.get(name, []) if r.get(key) is not None]
+    return statistics.median(vals) if vals and len(vals) == len(rows[name]) else None
+
+if mode == "initcalls":
+    print(f"| initcall over 20 ms (median ms of {len(rows['stratus-vmm'])} boots with initcall_debug) | " + " | ".join(vmms) + " |")
+    print("|---|" + "---|" * len(vmms))
+    order = sorted(initcalls, key=lambda fn: -max(statistics.median(v) for v in initcalls[fn].values()))
+    for fn in order:
+        cells = []
+        for name in vmms:
+            v = initcalls[fn].get(name)
+            cells.append(f"{statistics.median(v) / 1000:.0f}" if v else "< 20")
+        print(f"| `{fn}` | " + " | ".join(cells) + " |")
+    print("| **/init (ms, with initcall_debug)** | " + " | ".join(
+        "failed" if med(n, "init") is None else f"{med(n, 'init'):.0f}" for n in vmms) + " |")
+    sys.exit(0)
+
+runs = len(rows["stratus-vmm"])
+print(f"| nested boot, 2 vCPUs / 512 MiB, medians of {runs} alternated runs (L1 ms; in brackets stratus-vmm's time / this VMM's) | kernel start | /init | exit after power-off |")
 print("|---|---|---|---|")
 base = {k: med("stratus-vmm", k) for k in ("kernel", "init", "exit")}
-for name in ("stratus-vmm", "qemu-q35", "qemu-microvm"):
-    if name not in rows:
-        print(f"| {name} | failed | failed | failed |"); continue
+for name in vmms:
     cells = []
     for k in ("kernel", "init", "exit"):
         v = med(name, k)
-        cells.append(f"{v:.0f} ms" + ("" if name == "stratus-vmm" else f" ({v / base[k]:.2f}×)"))
+        if v is None:
+            cells.append("n/a (stopped at /init)" if name == "firecracker" and k == "exit" else "failed")
+        elif name == "stratus-vmm" or not base[k]:
+            cells.append(f"{v:.0f} ms")
+        else:
+            cells.append(f"{v:.0f} ms ({base[k] / v:.2f})")
     print(f"| {name} | " + " | ".join(cells) + " |")
+peers = [med(n, "init") for n in ("firecracker", "cloud-hypervisor") if med(n, "init")]
+if peers and base["init"]:
+    print(f"\nstratus-vmm /init time / fastest of Firecracker and Cloud Hypervisor: {base['init'] / min(peers):.2f} (goal <= 0.85)")
 PY

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh scripts/test-packages.txt scripts/runtime-packages.txt
 
 step() { echo; echo "=== $* ==="; }
+step "external tools found"
+bash scripts/tool-versions.sh
+step "install-deps.sh's own check"
+bash scripts/tests/install_deps.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"

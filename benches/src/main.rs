@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use stratus_benches::guest::{guest_code, pvh_elf, READY_BYTE};
-use stratus_benches::measure::{median, parse_smaps, time_process, Residency};
+use stratus_benches::measure::{median, parse_smaps, time_process, time_process_until, Residency};
 
 #[derive(Parser)]
 #[command(name = "stratus-bench", version)]
@@ -87,6 +87,12 @@ enum Cmd {
         /// Output lines starting with this prefix are copied into the JSON ("captured").
         #[arg(long)]
         capture: Option<String>,
+        /// Kill the command once this marker (by name) appears; "exit" is then null.
+        #[arg(long)]
+        stop_after: Option<String>,
+        /// Write everything the command printed to this file.
+        #[arg(long)]
+        output: Option<PathBuf>,
         #[arg(trailing_var_arg = true, required = true)]
         command: Vec<String>,
     },
@@ -245,12 +251,20 @@ fn memory(vmm: &Path, qemu: &Path) -> Result<()> {
     Ok(())
 }
 
-fn stamp(
-    markers: &[String],
+struct StampOptions<'a> {
     timeout_s: u64,
-    capture: Option<&str>,
-    command: &[String],
-) -> Result<()> {
+    capture: Option<&'a str>,
+    stop_after: Option<&'a str>,
+    output: Option<&'a Path>,
+}
+
+fn stamp(markers: &[String], options: StampOptions, command: &[String]) -> Result<()> {
+    let StampOptions {
+        timeout_s,
+        capture,
+        stop_after,
+        output,
+    } = options;
     let parsed: Vec<(&str, &str)> = markers
         .iter()
         .map(|m| m.split_once('=').context("--marker takes name=text"))
@@ -258,7 +272,19 @@ fn stamp(
     let needles: Vec<&[u8]> = parsed.iter().map(|(_, t)| t.as_bytes()).collect();
     let mut cmd = Command::new(&command[0]);
     cmd.args(&command[1..]);
-    let t = time_process(cmd, &needles, Duration::from_secs(timeout_s))?;
+    let stop_after = stop_after
+        .map(|name| {
+            parsed
+                .iter()
+                .position(|(n, _)| *n == name)
+                .with_context(|| format!("--stop-after {name}: no marker of that name"))
+        })
+        .transpose()?;
+    let t = time_process_until(cmd, &needles, Duration::from_secs(timeout_s), stop_after)?;
+    if let Some(path) = output {
+        std::fs::write(path, &t.output)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let mut json = serde_json::Map::new();
     for ((name, _), at) in parsed.iter().zip(&t.markers) {
         json.insert((*name).into(), at.map(ms).into());
@@ -272,7 +298,8 @@ fn stamp(
             .collect();
         json.insert("captured".into(), lines.into());
     }
-    json.insert("exit".into(), ms(t.exited).into());
+    let exit = (!t.stopped).then(|| ms(t.exited));
+    json.insert("exit".into(), exit.into());
     json.insert("status".into(), t.status.into());
     println!("STAMP {}", serde_json::Value::Object(json));
     Ok(())
@@ -464,7 +491,18 @@ fn main() -> Result<()> {
             markers,
             timeout_s,
             capture,
+            stop_after,
+            output,
             command,
-        } => stamp(&markers, timeout_s, capture.as_deref(), &command),
+        } => stamp(
+            &markers,
+            StampOptions {
+                timeout_s,
+                capture: capture.as_deref(),
+                stop_after: stop_after.as_deref(),
+                output: output.as_deref(),
+            },
+            &command,
+        ),
     }
 }

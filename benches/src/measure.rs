@@ -14,10 +14,23 @@ pub struct Timing {
     pub exited: Duration,
     pub status: Option<i32>,
     pub output: Vec<u8>,
+    /// Killed once the `stop_after` marker appeared (it would not have exited by itself).
+    pub stopped: bool,
 }
 
 /// Runs `cmd`, watching stdout for `markers`; kills it after `limit`.
-pub fn time_process(mut cmd: Command, markers: &[&[u8]], limit: Duration) -> Result<Timing> {
+pub fn time_process(cmd: Command, markers: &[&[u8]], limit: Duration) -> Result<Timing> {
+    time_process_until(cmd, markers, limit, None)
+}
+
+/// As [`time_process`], and kills the process as soon as marker `stop_after` appears (for
+/// a VMM that does not exit when its guest powers off).
+pub fn time_process_until(
+    mut cmd: Command,
+    markers: &[&[u8]],
+    limit: Duration,
+    stop_after: Option<usize>,
+) -> Result<Timing> {
     let start = Instant::now();
     let mut child: Child = cmd
         .stdin(Stdio::null())
@@ -29,6 +42,7 @@ pub fn time_process(mut cmd: Command, markers: &[&[u8]], limit: Duration) -> Res
     let mut seen = vec![None; markers.len()];
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
+    let mut stopped = false;
     loop {
         let n = stdout
             .read(&mut buf)
@@ -42,6 +56,11 @@ pub fn time_process(mut cmd: Command, markers: &[&[u8]], limit: Duration) -> Res
             if seen[i].is_none() && output.windows(m.len()).any(|w| w == *m) {
                 seen[i] = Some(at);
             }
+        }
+        if stop_after.is_some_and(|i| seen.get(i).is_some_and(Option::is_some)) {
+            let _ = child.kill();
+            stopped = true;
+            break;
         }
         if start.elapsed() > limit {
             let _ = child.kill();
@@ -63,6 +82,7 @@ pub fn time_process(mut cmd: Command, markers: &[&[u8]], limit: Duration) -> Res
         exited: start.elapsed(),
         status: status.code(),
         output,
+        stopped,
     })
 }
 

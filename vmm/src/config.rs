@@ -17,23 +17,62 @@ pub enum ConsoleConfig {
     /// The VMM's standard output (and standard input when it is a terminal).
     #[default]
     Stdout,
-    /// Append the console to this file.
-    File(PathBuf),
+    /// Append the console to a file capped at `max_bytes` (rotated once to `PATH.1`).
+    File(ConsoleFile),
     /// Discard console output.
     Off,
 }
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleFile {
+    pub path: PathBuf,
+    #[serde(default = "default_console_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_console_max_bytes() -> u64 {
+    crate::console_log::DEFAULT_MAX_BYTES
+}
+
+const CONSOLE_SHAPE: &str = "--console takes stdout, off or file=PATH[,max=BYTES]";
 
 impl FromStr for ConsoleConfig {
     type Err = ConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "" => Err(ConfigError::Invalid(
-                "--console needs 'stdout', 'off' or a file path".into(),
-            )),
+            "" => Err(ConfigError::Invalid(CONSOLE_SHAPE.into())),
             "stdout" => Ok(ConsoleConfig::Stdout),
             "off" => Ok(ConsoleConfig::Off),
-            path => Ok(ConsoleConfig::File(path.into())),
+            spec if spec.starts_with("file=") => {
+                let mut path = None;
+                let mut max_bytes = default_console_max_bytes();
+                for item in spec.split(',') {
+                    match item.split_once('=') {
+                        Some(("file", value)) if !value.is_empty() => path = Some(value.into()),
+                        Some(("max", value)) => {
+                            max_bytes = value.parse().ok().filter(|v| *v > 0).ok_or_else(|| {
+                                ConfigError::Invalid(format!(
+                                    "--console max= takes a positive number of bytes, not '{value}'"
+                                ))
+                            })?;
+                        }
+                        _ => {
+                            return Err(ConfigError::Invalid(format!(
+                                "{CONSOLE_SHAPE}; '{item}' is not one of those"
+                            )))
+                        }
+                    }
+                }
+                let path = path.ok_or_else(|| ConfigError::Invalid(CONSOLE_SHAPE.into()))?;
+                Ok(ConsoleConfig::File(ConsoleFile { path, max_bytes }))
+            }
+            // A bare path, as before file= existed.
+            path => Ok(ConsoleConfig::File(ConsoleFile {
+                path: path.into(),
+                max_bytes: default_console_max_bytes(),
+            })),
         }
     }
 }
@@ -311,6 +350,39 @@ mod tests {
     }
 
     #[test]
+    fn console_flag_forms() {
+        let file = |path: &str, max_bytes: u64| {
+            ConsoleConfig::File(ConsoleFile {
+                path: path.into(),
+                max_bytes,
+            })
+        };
+        assert_eq!(
+            "stdout".parse::<ConsoleConfig>().unwrap(),
+            ConsoleConfig::Stdout
+        );
+        assert_eq!("off".parse::<ConsoleConfig>().unwrap(), ConsoleConfig::Off);
+        assert_eq!(
+            "file=/var/log/c,max=4096".parse::<ConsoleConfig>().unwrap(),
+            file("/var/log/c", 4096)
+        );
+        assert_eq!(
+            "/var/log/c".parse::<ConsoleConfig>().unwrap(),
+            file("/var/log/c", crate::console_log::DEFAULT_MAX_BYTES)
+        );
+        for bad in [
+            "",
+            "file=",
+            "file=/c,max=0",
+            "file=/c,max=x",
+            "file=/c,size=1",
+        ] {
+            let e = bad.parse::<ConsoleConfig>().unwrap_err().to_string();
+            assert!(e.contains("--console"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn json_config_matches_flags_and_rejects_unknown_fields() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("vm.json");
@@ -318,7 +390,7 @@ mod tests {
             &path,
             r#"{"kernel":"/k","cmdline":"console=ttyS0","cpus":2,"memory_mib":256,
                "disks":[{"path":"/d.img","read_only":true,"serial":"s1"}],
-               "console":{"file":"/tmp/c.log"}}"#,
+               "console":{"file":{"path":"/tmp/c.log"}}}"#,
         )
         .unwrap();
         let c = VmConfig::from_json_file(&path).unwrap();
@@ -329,6 +401,7 @@ mod tests {
             parse_disk("path=/d.img,ro=on,serial=s1").unwrap()
         );
         assert_eq!(c.console, "/tmp/c.log".parse().unwrap());
+        assert_eq!(c.console, "file=/tmp/c.log".parse().unwrap());
         assert_eq!(c.api_socket, None);
         std::fs::write(
             &path,

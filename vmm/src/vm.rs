@@ -17,7 +17,9 @@ use crate::arch::layout::*;
 use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsoleConfig, VmConfig};
+use crate::console_log::{ConsoleLog, ConsoleLogError};
 use crate::devices::legacy::acpi_pm::AcpiPmDevice;
+use crate::devices::legacy::cmos::{self, Cmos, MemorySizes, SystemClock};
 use crate::devices::legacy::debug_port::{BootProgress, DebugPort};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::pvpanic::PvPanic;
@@ -79,11 +81,8 @@ pub enum VmError {
     Disk { path: PathBuf, source: DiskError },
     #[error("network device on TAP {tap}: {source}")]
     Net { tap: String, source: NetError },
-    #[error("cannot open console file {path}: {source}")]
-    Console {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Console(#[from] ConsoleLogError),
     #[error("{what}: {source}")]
     Io {
         what: &'static str,
@@ -132,16 +131,9 @@ impl VmResources {
         let (console, console_input): (Box<dyn Write + Send>, bool) = match &config.console {
             ConsoleConfig::Stdout => (Box::new(std::io::stdout()), true),
             ConsoleConfig::Off => (Box::new(std::io::sink()), false),
-            ConsoleConfig::File(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| VmError::Console {
-                        path: path.clone(),
-                        source,
-                    })?;
-                (Box::new(file), false)
+            ConsoleConfig::File(file) => {
+                let log = ConsoleLog::open(&file.path, file.max_bytes)?;
+                (Box::new(log), false)
             }
         };
         Ok(VmResources {
@@ -243,6 +235,25 @@ impl Vm {
             Arc::new(Mutex::new(AcpiPmDevice::new(exit.clone()))),
             u64::from(ACPI_SLEEP_CONTROL_PORT),
             AcpiPmDevice::LEN,
+        )?;
+        let rtc_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the RTC interrupt"))?;
+        vm.register_irqfd(&rtc_irq, cmos::IRQ)
+            .map_err(kvm_err("bind the RTC interrupt"))?;
+        let ram = resources.memory_mib << 20;
+        let rtc = Cmos::new(
+            MemorySizes {
+                below_4g: ram.min(MMIO32_HOLE_START),
+                above_4g: ram.saturating_sub(MMIO32_HOLE_START),
+            },
+            rtc_irq,
+            Box::new(SystemClock),
+        )
+        .map_err(io_err("start the RTC timer thread"))?;
+        pio.insert(
+            Arc::new(Mutex::new(rtc)),
+            u64::from(cmos::INDEX_PORT),
+            cmos::PORTS,
         )?;
         pio.insert(
             Arc::new(Mutex::new(PvPanic::new(exit.clone()))),

@@ -1,5 +1,6 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced, with sleep and reset registers so the
-//! guest can power off and reboot), DSDT (PCI root bridge, pvpanic, S5), MADT and MCFG.
+//! guest can power off and reboot), DSDT (PCI root bridge, COM1, CMOS RTC, pvpanic, S5), MADT
+//! and MCFG.
 
 use acpi_tables::aml::{
     self, AddressSpace, AddressSpaceCacheable, EISAName, Name, Path, ResourceTemplate,
@@ -14,6 +15,7 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::*;
+use crate::devices::legacy::cmos;
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"STRTUS";
@@ -96,6 +98,23 @@ pub fn dsdt_aml() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut bytes);
+    // The CMOS clock, so the guest's rtc_cmos driver binds to it through PNP; the FADT
+    // names its century byte and leaves IAPC_BOOT_ARCH's "no CMOS RTC" flag clear.
+    aml::Device::new(
+        "_SB_.RTC_".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0B00")),
+            &Name::new("_UID".into(), &zero),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![
+                    &aml::IO::new(cmos::INDEX_PORT, cmos::INDEX_PORT, 1, cmos::PORTS as u8),
+                    &aml::Interrupt::new(true, true, false, false, cmos::IRQ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
     let five: u8 = 5;
     Name::new(
         Path::new("_S5_"),
@@ -132,6 +151,7 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     builder.sleep_status_reg = io_byte(ACPI_SLEEP_STATUS_PORT);
     builder.reset_reg = io_byte(ACPI_RESET_PORT);
     builder.reset_value = ACPI_RESET_VALUE;
+    builder.century = cmos::CENTURY;
     builder.hypervisor_vendor_identity = u64::from_le_bytes(*b"STRATUS\0").into();
     to_bytes(&builder.finalize())
 }
@@ -244,6 +264,9 @@ mod tests {
                 // Hardware-reduced flag (bit 20) and the sleep control register at 0x600.
                 let flags = u32::from_le_bytes(table[112..116].try_into().unwrap());
                 assert_ne!(flags & (1 << 20), 0);
+                // Century byte index, and IAPC_BOOT_ARCH without "no CMOS RTC" (bit 5).
+                assert_eq!(table[108], cmos::CENTURY);
+                assert_eq!(u16::from_le_bytes([table[109], table[110]]) & (1 << 5), 0);
                 assert_eq!(
                     u64::from_le_bytes(table[248..256].try_into().unwrap()),
                     0x600
@@ -268,6 +291,10 @@ mod tests {
         assert!(contains(b"PCI0"));
         assert!(contains(b"QEMU0001"));
         assert!(contains(b"_S5_"));
+        // PNP0B00 as a compressed EISA id, then the RTC's I/O range at 0x70.
+        assert!(contains(b"RTC_"));
+        assert!(contains(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        assert!(contains(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
         assert!(contains(b"_CRS"));
     }
 }

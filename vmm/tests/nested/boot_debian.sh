@@ -165,6 +165,17 @@ echo "STRATUS-MAC \$(cat /sys/class/net/eth0/address)"
 echo "STRATUS-NICS \$(cat /sys/class/net/eth0/address) \$(cat /sys/class/net/eth1/address 2>/dev/null)"
 ping -c 3 -W 5 $HOST_IP >/dev/null && echo "STRATUS-PING-OK"
 wget -q -O /got http://$HOST_IP/l1file && echo "STRATUS-DOWNLOAD \$(sha256sum /got | cut -d' ' -f1)"
+# The CMOS clock: rtc_cmos bound to it, and both the RTC and the system clock (set from it
+# at boot) agree with L1's clock, read over HTTP between two readings of the guest's own.
+echo "STRATUS-RTC-NAME \$(cut -d' ' -f1 /sys/class/rtc/rtc0/name 2>/dev/null)"
+rtc0=\$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null); sys0=\$(date +%s)
+l1now=\$(wget -q -O - http://$HOST_IP/cgi-bin/now)
+rtc1=\$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null); sys1=\$(date +%s)
+echo "STRATUS-CLOCKS rtc=\$rtc0..\$rtc1 system=\$sys0..\$sys1 l1=\$l1now"
+within() { [ -n "\$1" ] && [ -n "\$3" ] && [ "\$3" -ge \$((\$1 - 1)) ] && [ "\$3" -le \$((\$2 + 1)) ]; }
+within "\$rtc0" "\$rtc1" "\$l1now" && echo "STRATUS-RTC-MATCHES-HOST"
+within "\$sys0" "\$sys1" "\$l1now" && echo "STRATUS-DATE-MATCHES-HOST"
+hwclock -r -u >/dev/null && echo "STRATUS-HWCLOCK-OK"
 nc -w 5 $HOST_IP 5000 < /pattern && echo "STRATUS-UPLOAD-SENT"
 # poweroff -f does not wait for TCP to drain the socket buffer.
 sleep 2
@@ -205,6 +216,9 @@ qemu-img convert -O raw /fio.qcow2 /fio.img" ;;
 *) log "FIO_DISK_FORMAT must be raw or qcow2, not $FIO_DISK_FORMAT"; exit 1 ;;
 esac
 mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
+mkdir -p "$W/outer/www/cgi-bin"
+printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\ndate +%%s\n' > "$W/outer/www/cgi-bin/now"
+chmod +x "$W/outer/www/cgi-bin/now"
 cp "$DHCP_SERVER" "$W/outer/dhcp_server"
 cat > "$W/outer/pool.json" <<POOL
 {"kind": "public", "subnet": "198.18.0.0/24", "gateway": "$HOST_IP",
@@ -305,6 +319,10 @@ check "DHCP options from the pool reach the guest" "STRATUS-DHCP-OPTIONS hostnam
 check "guest pings the L1 host" "STRATUS-PING-OK"
 check "file from L1 arrives intact" "STRATUS-DOWNLOAD $L1FILE_SHA"
 check "file from the guest arrives intact" "L1-UPLOAD $PATTERN_SHA"
+check "the stock rtc_cmos driver binds to the CMOS clock" "STRATUS-RTC-NAME rtc_cmos"
+check "the guest's RTC reads L1's time within a second" "STRATUS-RTC-MATCHES-HOST"
+check "the guest's date after boot matches L1's within a second" "STRATUS-DATE-MATCHES-HOST"
+check "hwclock -r reads the RTC" "STRATUS-HWCLOCK-OK"
 check "bzImage guest boots with 1 vCPU" "STRATUS2-INIT nproc=1"
 check "read-only disk is read-only in the guest" "STRATUS2-RO-FLAG"
 check "guest write to the read-only disk fails" "STRATUS2-WRITE-REFUSED"

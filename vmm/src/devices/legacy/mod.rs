@@ -1,6 +1,7 @@
 //! Legacy PC devices on port I/O.
 
 pub mod acpi_pm;
+pub mod cmos;
 pub mod debug_port;
 pub mod i8042;
 pub mod pvpanic;
