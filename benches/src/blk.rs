@@ -141,7 +141,8 @@ pub fn run_stratus(
         kill: kill.try_clone()?,
         engine: io_engine,
         limiter: None,
-    });
+        counters: Default::default(),
+    })?;
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         // SAFETY: gettid has no side effects.

@@ -1,11 +1,13 @@
 //! The VMM control API: HTTP/1.1 with JSON bodies on a Unix socket, one per VM, for the
-//! node agent (`--api-socket`). It reports the VM, changes disk and NIC rate limits while
-//! the guest runs, and stops the VM.
+//! node agent (`--api-socket`). It reports the VM and its I/O counters, hands out the
+//! console's tail, changes disk and NIC rate limits, hot-plugs and unplugs disks and NICs,
+//! pauses and resumes the vCPUs, presses the power button and stops the VM.
 //!
 //! The server runs on its own thread with a current-thread tokio runtime, so the vCPU and
-//! device threads never share a scheduler with it; handlers only touch limiter handles and
-//! the exit signal, which are built for use from any thread.
+//! device threads never share a scheduler with it. Handlers change the VM only through the
+//! control thread (`control.rs`).
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -21,10 +23,17 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::config::VmConfig;
-use crate::devices::rate_limiter::{RateLimit, RateLimiter};
-use crate::devices::virtio::net::device::NetRateLimiters;
+use crate::config::{ConsoleConfig, ConsoleFile, VmConfig};
+use crate::console_log;
+use crate::control::{ControlHandle, VmStopping};
+use crate::device_manager::DeviceError;
+use crate::devices::rate_limiter::RateLimit;
+use crate::devices::virtio::block::counters::BlockCountersReport;
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::event_handler::NetCountersReport;
+use crate::devices::virtio::net::NetConfig;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::vcpu::PauseError;
 use crate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -194,31 +203,14 @@ impl ApiServer {
     }
 }
 
-/// A disk as the API sees it.
-#[derive(Clone, Debug)]
-pub struct DiskEntry {
-    pub path: PathBuf,
-    pub read_only: bool,
-    pub limiter: RateLimiter,
-}
-
-/// A NIC as the API sees it.
-#[derive(Clone, Debug)]
-pub struct NetEntry {
-    pub tap: String,
-    pub mac: String,
-    pub limiters: NetRateLimiters,
-}
-
-/// What the handlers work on: the VM's shape and handles into the running devices.
+/// What the handlers work on: the VM's fixed shape, and the control thread for the rest.
 #[derive(Clone)]
 pub struct ApiState {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub kernel: PathBuf,
-    /// Indexed as in the configuration.
-    pub disks: Vec<DiskEntry>,
-    pub nets: Vec<NetEntry>,
+    pub console: Option<ConsoleFile>,
+    pub control: ControlHandle,
     pub exit: ExitSignal,
 }
 
@@ -228,62 +220,30 @@ impl ApiState {
             vcpus: config.cpus,
             memory_mib: config.memory_mib,
             kernel: config.kernel.clone(),
-            disks: config
-                .disks
-                .iter()
-                .zip(vm.disk_rate_limiters())
-                .map(|(disk, limiter)| DiskEntry {
-                    path: disk.path.clone(),
-                    read_only: disk.read_only,
-                    limiter,
-                })
-                .collect(),
-            nets: config
-                .nets
-                .iter()
-                .zip(vm.net_rate_limiters())
-                .map(|(net, limiters)| NetEntry {
-                    tap: net.tap.clone(),
-                    mac: net.mac.clone(),
-                    limiters,
-                })
-                .collect(),
+            console: match &config.console {
+                ConsoleConfig::File(file) => Some(file.clone()),
+                _ => None,
+            },
+            control: vm.control(),
             exit: vm.exit_signal(),
         }
     }
 
-    fn disk_info(&self, index: usize) -> DiskInfo {
-        let disk = &self.disks[index];
-        DiskInfo {
-            index,
-            path: disk.path.clone(),
-            read_only: disk.read_only,
-            rate_limit: disk.limiter.limit(),
-        }
-    }
-
-    fn net_info(&self, index: usize) -> NetInfo {
-        let net = &self.nets[index];
-        NetInfo {
-            index,
-            tap: net.tap.clone(),
-            mac: net.mac.clone(),
-            rate_limit: net.limiters.limit(),
-        }
-    }
-
-    fn info(&self) -> VmInfo {
+    /// The VM as it is now. Once the control thread has stopped serving (the VMM is on its
+    /// way out) only the fixed shape is known.
+    async fn info(&self) -> VmInfo {
+        let devices = self
+            .control
+            .call(|c| (c.state(), c.devices.disks(), c.devices.nets()))
+            .await;
+        let (state, disks, nets) = devices.unwrap_or((VmState::Stopping, Vec::new(), Vec::new()));
         VmInfo {
-            state: if self.exit.is_requested() {
-                VmState::Stopping
-            } else {
-                VmState::Running
-            },
+            state,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             kernel: self.kernel.clone(),
-            disks: (0..self.disks.len()).map(|i| self.disk_info(i)).collect(),
-            nets: (0..self.nets.len()).map(|i| self.net_info(i)).collect(),
+            disks,
+            nets,
         }
     }
 }
@@ -292,8 +252,18 @@ impl ApiState {
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     Running,
+    /// The vCPUs are stopped outside guest code (`pause`); devices keep their state.
+    Paused,
     /// A stop reason was raised; the process is about to exit.
     Stopping,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    Active,
+    /// The guest was asked to eject it and has not yet.
+    Removing,
 }
 
 /// `GET /vm`.
@@ -309,22 +279,39 @@ pub struct VmInfo {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskInfo {
+    /// What the API calls the disk (`PATCH /vm/disks/{id}`).
+    pub id: String,
+    /// Order in which the disk was added (configuration order for disks given at start).
     pub index: usize,
+    /// PCI slot on bus 0.
+    pub slot: u8,
     pub path: PathBuf,
     pub read_only: bool,
+    pub serial: Option<String>,
     pub rate_limit: RateLimit,
+    pub state: DeviceState,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetInfo {
+    pub id: String,
     pub index: usize,
+    pub slot: u8,
     pub tap: String,
     pub mac: String,
     /// Applied to each direction separately, as in the configuration.
     pub rate_limit: RateLimit,
+    pub state: DeviceState,
 }
 
-/// Body of `PATCH /vm/disks/{index}` and `PATCH /vm/nets/{index}`.
+/// `GET /vm/counters`: per device id, totals since the device was added.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersReport {
+    pub disks: BTreeMap<String, BlockCountersReport>,
+    pub nets: BTreeMap<String, NetCountersReport>,
+}
+
+/// Body of `PATCH /vm/disks/{id}` and `PATCH /vm/nets/{id}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
@@ -378,6 +365,11 @@ pub struct ActionRequest {
 pub enum Action {
     /// End the VM now; the VMM exits with status 6.
     Stop,
+    /// Press the ACPI power button; a guest that handles it powers off (exit status 0).
+    Shutdown,
+    /// Stop the vCPUs outside guest code; devices keep their state.
+    Pause,
+    Resume,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -385,18 +377,24 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// Bodies are a few dozen bytes; anything near this is a mistake.
+/// Bodies are a few hundred bytes; anything near this is a mistake.
 const MAX_BODY: usize = 64 * 1024;
 
 const PATCH_SHAPE: &str = r#"{"rate_limit": {"bytes_per_sec": N|null, "ops_per_sec": N|null}}"#;
-const ACTION_SHAPE: &str = r#"{"action": "stop"}"#;
+const ACTION_SHAPE: &str = r#"{"action": "stop"|"shutdown"|"pause"|"resume"}"#;
+const DISK_SHAPE: &str = r#"{"id": "...", "path": "...", "format": "raw"|"qcow2", "read_only": bool, "serial": "...", "cache": "writeback"|"none", "engine": "io_uring"|"sync", "rate_limit": {...}}"#;
+const NET_SHAPE: &str = r#"{"id": "...", "tap": "...", "mac": "02:00:...", "rate_limit": {...}}"#;
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/vm", get(get_vm))
-        .route("/vm/disks/{index}", patch(patch_disk))
-        .route("/vm/nets/{index}", patch(patch_net))
         .route("/vm/actions", put(put_action))
+        .route("/vm/counters", get(get_counters))
+        .route("/vm/console", get(get_console))
+        .route("/vm/disks", put(put_disk))
+        .route("/vm/disks/{id}", patch(patch_disk).delete(delete_disk))
+        .route("/vm/nets", put(put_net))
+        .route("/vm/nets/{id}", patch(patch_net).delete(delete_net))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .with_state(state)
@@ -458,75 +456,249 @@ async fn read_json<T: DeserializeOwned>(body: Body, shape: &str) -> Result<T, Re
     })
 }
 
-fn device_index(kind: &str, raw: &str, count: usize) -> Result<usize, Refusal> {
-    match raw.parse::<usize>() {
-        Ok(index) if index < count => Ok(index),
-        _ if count == 0 => Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            format!("no {kind} {raw}: this VM has no {kind}s"),
-        )),
-        _ => Err(Refusal::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no {kind} {raw}: this VM's {kind}s are numbered 0 to {}",
-                count - 1
-            ),
-        )),
+impl From<VmStopping> for Refusal {
+    fn from(e: VmStopping) -> Self {
+        Refusal::new(StatusCode::CONFLICT, e.to_string())
+    }
+}
+
+impl From<DeviceError> for Refusal {
+    fn from(e: DeviceError) -> Self {
+        let status = if e.is_not_found() {
+            StatusCode::NOT_FOUND
+        } else if e.is_conflict() {
+            StatusCode::CONFLICT
+        } else if e.is_bad_request() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        // The whole chain: "cannot open disk image /x: No such file or directory".
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !reason.contains(&text) {
+                reason = format!("{reason}: {text}");
+            }
+            source = s.source();
+        }
+        Refusal::new(status, reason)
+    }
+}
+
+impl From<PauseError> for Refusal {
+    fn from(e: PauseError) -> Self {
+        Refusal::new(StatusCode::CONFLICT, e.to_string())
     }
 }
 
 async fn get_vm(State(api): State<Arc<ApiState>>) -> Response {
-    json(StatusCode::OK, &api.info())
+    json(StatusCode::OK, &api.info().await)
+}
+
+async fn get_counters(State(api): State<Arc<ApiState>>) -> Result<Response, Refusal> {
+    let report = api
+        .control
+        .call(|c| CountersReport {
+            disks: c.devices.disk_counters().into_iter().collect(),
+            nets: c.devices.net_counters().into_iter().collect(),
+        })
+        .await?;
+    Ok(json(StatusCode::OK, &report))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    bytes: Option<u64>,
+}
+
+/// The console's last `bytes` bytes (default 64 KiB, at most 1 MiB), as the guest wrote
+/// them.
+async fn get_console(State(api): State<Arc<ApiState>>, uri: Uri) -> Result<Response, Refusal> {
+    let query: ConsoleQuery =
+        serde_urlencoded::from_str(uri.query().unwrap_or("")).map_err(|e| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                format!("bad query: {e}; expected ?bytes=N"),
+            )
+        })?;
+    let bytes = query.bytes.unwrap_or(64 << 10);
+    if bytes == 0 || bytes > console_log::MAX_TAIL_BYTES {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "bytes must be between 1 and {}",
+                console_log::MAX_TAIL_BYTES
+            ),
+        ));
+    }
+    let Some(console) = api.console.clone() else {
+        return Err(Refusal::new(
+            StatusCode::CONFLICT,
+            "this VM's console does not go to a file; start it with --console file=PATH",
+        ));
+    };
+    let tail = tokio::task::spawn_blocking(move || console_log::tail(&console.path, bytes))
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        tail,
+    )
+        .into_response())
 }
 
 async fn patch_disk(
     State(api): State<Arc<ApiState>>,
-    UrlPath(index): UrlPath<String>,
+    UrlPath(id): UrlPath<String>,
     body: Body,
 ) -> Result<Response, Refusal> {
-    let index = device_index("disk", &index, api.disks.len())?;
     let patch: DevicePatch = read_json(body, PATCH_SHAPE).await?;
-    let limiter = &api.disks[index].limiter;
-    let limit = patch
-        .rate_limit
-        .apply(limiter.limit())
-        .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
-    limiter.update(limit);
-    tracing::info!("disk {index}: rate limit set to {limit:?} through the API");
-    Ok(json(StatusCode::OK, &api.disk_info(index)))
+    let info = api
+        .control
+        .call(move |c| {
+            let disk = c.devices.disk(&id)?;
+            let limit = patch
+                .rate_limit
+                .apply(disk.rate_limit)
+                .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+            tracing::info!("disk '{id}': rate limit set to {limit:?} through the API");
+            Ok::<_, Refusal>(c.devices.set_disk_limit(&id, limit)?)
+        })
+        .await??;
+    Ok(json(StatusCode::OK, &info))
 }
 
 async fn patch_net(
     State(api): State<Arc<ApiState>>,
-    UrlPath(index): UrlPath<String>,
+    UrlPath(id): UrlPath<String>,
     body: Body,
 ) -> Result<Response, Refusal> {
-    let index = device_index("net", &index, api.nets.len())?;
     let patch: DevicePatch = read_json(body, PATCH_SHAPE).await?;
-    let limiters = &api.nets[index].limiters;
-    let limit = patch
-        .rate_limit
-        .apply(limiters.limit())
-        .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
-    limiters.update(limit);
-    tracing::info!("net {index}: rate limit set to {limit:?} through the API");
-    Ok(json(StatusCode::OK, &api.net_info(index)))
+    let info = api
+        .control
+        .call(move |c| {
+            let net = c.devices.net(&id)?;
+            let limit = patch
+                .rate_limit
+                .apply(net.rate_limit)
+                .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+            tracing::info!("NIC '{id}': rate limit set to {limit:?} through the API");
+            Ok::<_, Refusal>(c.devices.set_net_limit(&id, limit)?)
+        })
+        .await??;
+    Ok(json(StatusCode::OK, &info))
+}
+
+/// Hot-plugs a disk: 201 once the device is on the bus and the guest has been told.
+async fn put_disk(State(api): State<Arc<ApiState>>, body: Body) -> Result<Response, Refusal> {
+    let config: BlockConfig = read_json(body, DISK_SHAPE).await?;
+    if config.id.is_none() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("a hot-plugged disk needs an id; expected {DISK_SHAPE}"),
+        ));
+    }
+    VmConfig::validate_disk(&config)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let info = api
+        .control
+        .call(move |c| c.devices.add_disk(config, true))
+        .await??;
+    Ok(json(StatusCode::CREATED, &info))
+}
+
+async fn put_net(State(api): State<Arc<ApiState>>, body: Body) -> Result<Response, Refusal> {
+    let config: NetConfig = read_json(body, NET_SHAPE).await?;
+    if config.id.is_none() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("a hot-plugged NIC needs an id; expected {NET_SHAPE}"),
+        ));
+    }
+    if config.fd.is_some() {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "fd is only for NICs given at start (an inherited descriptor); name the TAP instead",
+        ));
+    }
+    VmConfig::validate_net(&config)
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let info = api
+        .control
+        .call(move |c| c.devices.add_net(config, true))
+        .await??;
+    Ok(json(StatusCode::CREATED, &info))
+}
+
+/// Asks the guest to eject the disk: 202; `GET /vm` shows it `removing` until it is gone.
+async fn delete_disk(
+    State(api): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, Refusal> {
+    let info = api
+        .control
+        .call(move |c| c.devices.remove_disk(&id))
+        .await??;
+    Ok(json(StatusCode::ACCEPTED, &info))
+}
+
+async fn delete_net(
+    State(api): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Response, Refusal> {
+    let info = api
+        .control
+        .call(move |c| c.devices.remove_net(&id))
+        .await??;
+    Ok(json(StatusCode::ACCEPTED, &info))
 }
 
 async fn put_action(State(api): State<Arc<ApiState>>, body: Body) -> Result<Response, Refusal> {
     let request: ActionRequest = read_json(body, ACTION_SHAPE).await?;
-    match request.action {
+    let status = match request.action {
         Action::Stop => {
             tracing::info!("stop requested through the API");
-            // The main thread wakes, stops the vCPUs and shuts this server down gracefully,
-            // so this answer is still delivered.
+            let mut info = api.info().await;
+            // The main thread wakes, stops the vCPUs and shuts this server down
+            // gracefully, so this answer is still delivered.
             api.exit.request(ExitReason::Stopped);
-            Ok(json(StatusCode::ACCEPTED, &api.info()))
+            info.state = VmState::Stopping;
+            return Ok(json(StatusCode::ACCEPTED, &info));
         }
-    }
+        Action::Shutdown => {
+            tracing::info!("power button pressed through the API");
+            api.control
+                .call(|c| c.press_power_button())
+                .await?
+                .map_err(|e| {
+                    Refusal::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot press the power button: {e}"),
+                    )
+                })?;
+            StatusCode::ACCEPTED
+        }
+        Action::Pause => {
+            api.control.call(|c| c.pause()).await??;
+            tracing::info!("VM paused through the API");
+            StatusCode::OK
+        }
+        Action::Resume => {
+            api.control.call(|c| c.resume()).await??;
+            tracing::info!("VM resumed through the API");
+            StatusCode::OK
+        }
+    };
+    Ok(json(status, &api.info().await))
 }
 
-const ENDPOINTS: &str = "GET /vm, PATCH /vm/disks/{index}, PATCH /vm/nets/{index}, PUT /vm/actions";
+const ENDPOINTS: &str = "GET /vm, PUT /vm/actions, GET /vm/counters, GET /vm/console, \
+PUT /vm/disks, PATCH|DELETE /vm/disks/{id}, PUT /vm/nets, PATCH|DELETE /vm/nets/{id}";
 
 async fn not_found(method: Method, uri: Uri) -> Refusal {
     Refusal::new(
@@ -551,221 +723,49 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower::ServiceExt;
-
-    fn state() -> ApiState {
-        ApiState {
-            vcpus: 2,
-            memory_mib: 256,
-            kernel: "/boot/vmlinux".into(),
-            disks: vec![
-                DiskEntry {
-                    path: "/d0.img".into(),
-                    read_only: false,
-                    limiter: RateLimiter::new(RateLimit::default()),
-                },
-                DiskEntry {
-                    path: "/d1.img".into(),
-                    read_only: true,
-                    limiter: RateLimiter::new(RateLimit {
-                        bytes_per_sec: Some(1 << 20),
-                        ops_per_sec: None,
-                    }),
-                },
-            ],
-            nets: vec![NetEntry {
-                tap: "tap0".into(),
-                mac: "02:00:c6:12:00:0a".into(),
-                limiters: NetRateLimiters::new(RateLimit::default()),
-            }],
-            exit: ExitSignal::new(),
-        }
-    }
-
-    fn call(state: &ApiState, method: &str, path: &str, body: &str) -> (StatusCode, Response) {
-        let request = axum::http::Request::builder()
-            .method(method)
-            .uri(path)
-            .body(Body::from(body.to_owned()))
-            .unwrap();
-        let app = router(Arc::new(state.clone()));
-        let response = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(app.oneshot(request))
-            .unwrap();
-        (response.status(), response)
-    }
-
-    fn body<T: DeserializeOwned>(response: Response) -> T {
-        let bytes = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(axum::body::to_bytes(response.into_body(), MAX_BODY))
-            .unwrap();
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&bytes)))
-    }
-
-    fn error_of(state: &ApiState, method: &str, path: &str, req: &str) -> (StatusCode, String) {
-        let (status, response) = call(state, method, path, req);
-        (status, body::<ErrorBody>(response).error)
-    }
 
     #[test]
-    fn get_vm_reports_the_shape_and_current_limits() {
-        let s = state();
-        let (status, response) = call(&s, "GET", "/vm", "");
-        assert_eq!(status, StatusCode::OK);
-        let info: VmInfo = body(response);
-        assert_eq!(info.state, VmState::Running);
-        assert_eq!((info.vcpus, info.memory_mib), (2, 256));
-        assert_eq!(info.kernel, PathBuf::from("/boot/vmlinux"));
-        assert_eq!(info.disks.len(), 2);
-        assert_eq!(info.disks[1].index, 1);
-        assert!(info.disks[1].read_only);
-        assert_eq!(info.disks[1].rate_limit.bytes_per_sec, Some(1 << 20));
-        assert_eq!(info.nets[0].tap, "tap0");
-        assert!(info.nets[0].rate_limit.is_unlimited());
-    }
-
-    #[test]
-    fn patching_a_disk_merges_into_its_limits_and_reaches_the_device_handle() {
-        let s = state();
-        let (status, response) = call(
-            &s,
-            "PATCH",
-            "/vm/disks/1",
-            r#"{"rate_limit": {"ops_per_sec": 100}}"#,
-        );
-        assert_eq!(status, StatusCode::OK);
-        let disk: DiskInfo = body(response);
-        let want = RateLimit {
-            bytes_per_sec: Some(1 << 20),
-            ops_per_sec: Some(100),
+    fn rate_limit_patches_merge_and_refuse_zero() {
+        let now = RateLimit {
+            bytes_per_sec: Some(100),
+            ops_per_sec: Some(5),
         };
-        assert_eq!(disk.rate_limit, want, "an omitted field keeps its value");
-        assert_eq!(s.disks[1].limiter.limit(), want);
-        let (status, _) = call(
-            &s,
-            "PATCH",
-            "/vm/disks/1",
-            r#"{"rate_limit": {"bytes_per_sec": null}}"#,
-        );
-        assert_eq!(status, StatusCode::OK);
+        let patch: RateLimitPatch = serde_json::from_str(r#"{"ops_per_sec": null}"#).unwrap();
         assert_eq!(
-            s.disks[1].limiter.limit(),
+            patch.apply(now).unwrap(),
             RateLimit {
-                bytes_per_sec: None,
-                ops_per_sec: Some(100)
+                bytes_per_sec: Some(100),
+                ops_per_sec: None
+            }
+        );
+        let patch: RateLimitPatch = serde_json::from_str(r#"{"bytes_per_sec": 7}"#).unwrap();
+        assert_eq!(patch.apply(now).unwrap().bytes_per_sec, Some(7));
+        let patch: RateLimitPatch = serde_json::from_str(r#"{"bytes_per_sec": 0}"#).unwrap();
+        assert!(patch.apply(now).unwrap_err().contains("0 is not allowed"));
+        assert!(serde_json::from_str::<RateLimitPatch>(r#"{"iops": 1}"#).is_err());
+    }
+
+    #[test]
+    fn device_errors_map_to_statuses_with_their_whole_reason() {
+        let r = Refusal::from(DeviceError::NoDisk("d9".into()));
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        let r = Refusal::from(DeviceError::DuplicateId("d1".into()));
+        assert_eq!(r.status, StatusCode::CONFLICT);
+        let r = Refusal::from(DeviceError::NoFreeSlot { last: 9 });
+        assert_eq!(r.status, StatusCode::CONFLICT);
+        assert!(r.reason.contains("no free PCI slot"), "{}", r.reason);
+        let r = Refusal::from(DeviceError::Disk {
+            path: "/missing".into(),
+            source: crate::devices::virtio::block::io::DiskError::Open {
+                path: "/missing".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENOENT),
             },
-            "null removes that limit"
-        );
-        assert!(
-            s.disks[0].limiter.is_unlimited(),
-            "other disks are untouched"
-        );
-    }
-
-    #[test]
-    fn patching_a_nic_sets_both_directions() {
-        let s = state();
-        let (status, response) = call(
-            &s,
-            "PATCH",
-            "/vm/nets/0",
-            r#"{"rate_limit": {"bytes_per_sec": 125000000, "ops_per_sec": 10000}}"#,
-        );
-        assert_eq!(status, StatusCode::OK);
-        let net: NetInfo = body(response);
-        let want = RateLimit {
-            bytes_per_sec: Some(125_000_000),
-            ops_per_sec: Some(10_000),
-        };
-        assert_eq!(net.rate_limit, want);
-        assert_eq!(s.nets[0].limiters.rx.limit(), want);
-        assert_eq!(s.nets[0].limiters.tx.limit(), want);
-        let (status, _) = call(
-            &s,
-            "PATCH",
-            "/vm/nets/0",
-            r#"{"rate_limit": {"bytes_per_sec": null, "ops_per_sec": null}}"#,
-        );
-        assert_eq!(status, StatusCode::OK);
-        assert!(s.nets[0].limiters.rx.is_unlimited());
-        assert!(s.nets[0].limiters.tx.is_unlimited());
-    }
-
-    #[test]
-    fn bad_patches_are_refused_with_a_reason_and_change_nothing() {
-        let s = state();
-        let before = s.disks[1].limiter.limit();
-        for (body, expect) in [
-            (
-                r#"{"rate_limit": {"bytes_per_sec": 0}}"#,
-                "0 is not allowed",
-            ),
-            (r#"{"rate_limit": {"ops_per_sec": -5}}"#, "invalid value"),
-            (r#"{"rate_limit": {"bps": 5}}"#, "unknown field `bps`"),
-            (r#"{"rate_limit": {}, "x": 1}"#, "unknown field `x`"),
-            (r#"{}"#, "missing field `rate_limit`"),
-            ("", "expected {\"rate_limit\""),
-            ("not json", "invalid request body"),
-        ] {
-            let (status, reason) = error_of(&s, "PATCH", "/vm/disks/1", body);
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {reason}");
-            assert!(reason.contains(expect), "{body}: {reason}");
-        }
-        assert_eq!(s.disks[1].limiter.limit(), before);
-        let (status, reason) = error_of(
-            &s,
-            "PATCH",
-            "/vm/nets/0",
-            r#"{"rate_limit": {"ops_per_sec": 0}}"#,
-        );
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(reason.contains("rate_limit.ops_per_sec"), "{reason}");
-    }
-
-    #[test]
-    fn unknown_devices_paths_and_methods_get_json_errors() {
-        let mut s = state();
-        let patch = r#"{"rate_limit": {}}"#;
-        let (status, reason) = error_of(&s, "PATCH", "/vm/disks/2", patch);
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(reason.contains("numbered 0 to 1"), "{reason}");
-        let (status, _) = error_of(&s, "PATCH", "/vm/disks/first", patch);
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        let (status, reason) = error_of(&s, "PATCH", "/vm/nets/1", patch);
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(reason.contains("numbered 0 to 0"), "{reason}");
-        s.nets.clear();
-        let (_, reason) = error_of(&s, "PATCH", "/vm/nets/0", patch);
-        assert!(reason.contains("this VM has no nets"), "{reason}");
-        let (status, reason) = error_of(&s, "GET", "/vms", "");
-        assert_eq!(status, StatusCode::NOT_FOUND);
-        assert!(reason.contains("GET /vm,"), "{reason}");
-        let (status, reason) = error_of(&s, "DELETE", "/vm", "");
-        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-        assert!(reason.contains("DELETE is not allowed on /vm"), "{reason}");
-        let (status, _) = error_of(&s, "GET", "/vm/disks/0", "");
-        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
-    }
-
-    #[test]
-    fn stop_raises_the_api_exit_reason_and_other_actions_are_refused() {
-        let s = state();
-        let (status, reason) = error_of(&s, "PUT", "/vm/actions", r#"{"action": "reboot"}"#);
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(reason.contains("unknown variant `reboot`"), "{reason}");
-        assert!(!s.exit.is_requested());
-        let (status, response) = call(&s, "PUT", "/vm/actions", r#"{"action": "stop"}"#);
-        assert_eq!(status, StatusCode::ACCEPTED);
-        assert_eq!(body::<VmInfo>(response).state, VmState::Stopping);
-        assert_eq!(
-            s.exit.wait_timeout(Duration::ZERO),
-            Some(ExitReason::Stopped)
-        );
+        });
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.reason.contains("/missing"), "{}", r.reason);
+        assert!(r.reason.contains("No such file"), "{}", r.reason);
+        let r = Refusal::from(PauseError::AlreadyPaused);
+        assert_eq!(r.status, StatusCode::CONFLICT);
     }
 
     #[test]

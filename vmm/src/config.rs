@@ -106,6 +106,13 @@ pub struct VmConfig {
     /// Unix socket for the VMM control API (`--api-socket`); no API without it.
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// PCI slots kept free for hot-plugged disks and NICs (`--pci-slots`).
+    #[serde(default = "default_pci_slots")]
+    pub pci_slots: u8,
+}
+
+fn default_pci_slots() -> u8 {
+    crate::device_manager::DEFAULT_SPARE_SLOTS
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,35 +157,55 @@ impl VmConfig {
                 self.cpus
             )));
         }
-        // The flags refuse a rate of 0 (it would read as "no limit"); so does the JSON form.
-        let zero_rate = |what: &str, limit: &RateLimit| {
-            if limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0) {
-                Err(ConfigError::Invalid(format!(
-                    "{what} rate limits take a positive number per second, not 0 (leave the field out for no limit)"
-                )))
-            } else {
-                Ok(())
-            }
-        };
         for disk in &self.disks {
-            zero_rate(&format!("disk {}", disk.path.display()), &disk.rate_limit)?;
-            if let Some(serial) = &disk.serial {
-                if serial.len() > VIRTIO_BLK_ID_BYTES {
-                    return Err(ConfigError::Invalid(format!(
-                        "disk serial '{serial}' is longer than {VIRTIO_BLK_ID_BYTES} bytes"
-                    )));
-                }
-            }
+            Self::validate_disk(disk)?;
+        }
+        let devices = self.disks.len() + self.nets.len();
+        let slots = usize::from(crate::device_manager::MAX_SLOT);
+        if devices + usize::from(self.pci_slots) > slots {
+            return Err(ConfigError::Invalid(format!(
+                "{devices} disks and NICs plus --pci-slots {} spare slots need more than the {slots} PCI slots there are",
+                self.pci_slots
+            )));
         }
         for net in &self.nets {
-            zero_rate(&format!("NIC {}", net.tap), &net.rate_limit)?;
-            if parse_mac(&net.mac).is_none() {
+            Self::validate_net(net)?;
+        }
+        Ok(())
+    }
+
+    /// What a disk's fields must satisfy beyond their types (also for hot-plugged disks).
+    pub fn validate_disk(disk: &BlockConfig) -> Result<(), ConfigError> {
+        zero_rate(&format!("disk {}", disk.path.display()), &disk.rate_limit)?;
+        if let Some(serial) = &disk.serial {
+            if serial.len() > VIRTIO_BLK_ID_BYTES {
                 return Err(ConfigError::Invalid(format!(
-                    "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",
-                    net.mac
+                    "disk serial '{serial}' is longer than {VIRTIO_BLK_ID_BYTES} bytes"
                 )));
             }
         }
+        Ok(())
+    }
+
+    pub fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
+        zero_rate(&format!("NIC {}", net.tap), &net.rate_limit)?;
+        if parse_mac(&net.mac).is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",
+                net.mac
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The flags refuse a rate of 0 (it would read as "no limit"); so does the JSON form.
+fn zero_rate(what: &str, limit: &RateLimit) -> Result<(), ConfigError> {
+    if limit.bytes_per_sec == Some(0) || limit.ops_per_sec == Some(0) {
+        Err(ConfigError::Invalid(format!(
+            "{what} rate limits take a positive number per second, not 0 (leave the field out for no limit)"
+        )))
+    } else {
         Ok(())
     }
 }
@@ -188,12 +215,14 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut tap = None;
     let mut mac = None;
     let mut fd = None;
+    let mut id = None;
     let mut rate_limit = RateLimit::default();
     for item in spec.split(',') {
         let (key, value) = item
             .split_once('=')
             .ok_or_else(|| ConfigError::Invalid(format!("--net item '{item}' is not key=value")))?;
         match key {
+            "id" => id = Some(value.to_string()),
             "tap" => tap = Some(value.to_string()),
             "mac" => mac = Some(value.to_string()),
             "fd" => {
@@ -207,7 +236,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
             "pps" => rate_limit.ops_per_sec = Some(parse_rate("--net", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--net has no option '{other}' (known: tap, mac, fd, bps, pps)"
+                    "--net has no option '{other}' (known: id, tap, mac, fd, bps, pps)"
                 )))
             }
         }
@@ -222,6 +251,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
         )));
     }
     Ok(NetConfig {
+        id,
         tap,
         mac,
         fd,
@@ -256,11 +286,13 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut cache = CacheMode::default();
     let mut engine = None;
     let mut rate_limit = RateLimit::default();
+    let mut id = None;
     for item in spec.split(',') {
         let (key, value) = item.split_once('=').ok_or_else(|| {
             ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
         })?;
         match key {
+            "id" => id = Some(value.to_string()),
             "path" => path = Some(PathBuf::from(value)),
             "format" => {
                 format = value
@@ -285,7 +317,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
             "iops" => rate_limit.ops_per_sec = Some(parse_rate("--disk", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: path, format, ro, serial, cache, engine, bps, iops)"
+                    "--disk has no option '{other}' (known: id, path, format, ro, serial, cache, engine, bps, iops)"
                 )))
             }
         }
@@ -294,6 +326,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         .filter(|p| !p.as_os_str().is_empty())
         .ok_or_else(|| ConfigError::Invalid(format!("--disk '{spec}' needs path=")))?;
     Ok(BlockConfig {
+        id,
         path,
         format,
         read_only,
@@ -473,10 +506,22 @@ mod tests {
             nets: vec![],
             console: ConsoleConfig::Off,
             api_socket: None,
+            pci_slots: 8,
         };
         assert!(c.validate().is_err());
         c.cpus = 2;
         assert!(c.validate().is_ok());
+        // 31 slots on bus 0 besides the host bridge: devices plus spare slots must fit.
+        c.pci_slots = 31;
+        assert!(c.validate().is_ok());
+        c.disks.push(parse_disk("path=/x").unwrap());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("31 PCI slots"));
+        c.disks.clear();
+        c.pci_slots = 8;
         c.disks
             .push(parse_disk("path=/x,serial=123456789012345678901").unwrap());
         assert!(c

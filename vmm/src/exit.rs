@@ -57,9 +57,13 @@ impl std::fmt::Display for ExitReason {
     }
 }
 
+type Waker = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Default)]
 struct ExitState {
     reason: Option<ExitReason>,
+    /// Called once a reason is set, for a thread that waits on something else as well.
+    waker: Option<Waker>,
 }
 
 /// First reason wins; later ones are ignored (a panic is followed by a reset, for example).
@@ -84,6 +88,23 @@ impl ExitSignal {
         if state.reason.is_none() {
             state.reason = Some(reason);
             cvar.notify_all();
+            let waker = state.waker.clone();
+            drop(state);
+            if let Some(wake) = waker {
+                wake();
+            }
+        }
+    }
+
+    /// `wake` is called when a reason is set (at once if one already is).
+    pub fn set_waker(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let wake: Waker = Arc::new(wake);
+        let mut state = self.state.0.lock().expect("exit lock poisoned");
+        state.waker = Some(wake.clone());
+        let already = state.reason.is_some();
+        drop(state);
+        if already {
+            wake();
         }
     }
 

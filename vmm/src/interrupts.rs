@@ -37,6 +37,8 @@ const MAX_GSI: u32 = 4096;
 struct RoutingState {
     msi_routes: BTreeMap<u32, MsiMessage>,
     next_gsi: u32,
+    /// GSIs of unplugged devices, handed out again first.
+    free_gsis: Vec<u32>,
 }
 
 /// Shared by all devices that raise MSIs; cheap to clone.
@@ -94,6 +96,7 @@ impl GsiRouter {
             state: Arc::new(Mutex::new(RoutingState {
                 msi_routes: BTreeMap::new(),
                 next_gsi: MSI_GSI_START,
+                free_gsis: Vec::new(),
             })),
         }
     }
@@ -104,12 +107,26 @@ impl GsiRouter {
 
     pub fn allocate_gsi(&self) -> Result<u32, InterruptError> {
         let mut state = self.state.lock().expect("routing lock poisoned");
+        if let Some(gsi) = state.free_gsis.pop() {
+            return Ok(gsi);
+        }
         if state.next_gsi >= MAX_GSI {
             return Err(InterruptError::OutOfGsis);
         }
         let gsi = state.next_gsi;
         state.next_gsi += 1;
         Ok(gsi)
+    }
+
+    /// Unbinds `irqfd` from `gsi` and frees the GSI. Its route leaves KVM's table with the
+    /// next commit: until a new device routes the GSI, nothing signals it.
+    pub fn release_gsi(&self, gsi: u32, irqfd: &vmm_sys_util::eventfd::EventFd) {
+        if let Err(e) = self.vm.unregister_irqfd(irqfd, gsi) {
+            tracing::warn!("cannot unbind the irqfd of GSI {gsi}: {e}");
+        }
+        let mut state = self.state.lock().expect("routing lock poisoned");
+        state.msi_routes.remove(&gsi);
+        state.free_gsis.push(gsi);
     }
 
     /// Points `gsi` at `msg` (or removes the route with `None`) and commits the table.

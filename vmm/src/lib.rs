@@ -8,6 +8,8 @@ pub mod arch;
 pub mod bus;
 pub mod config;
 pub mod console_log;
+pub mod control;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod interrupts;

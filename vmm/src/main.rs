@@ -16,7 +16,7 @@ use stratus_vmm::{Vm, VmResources};
 #[command(name = "stratus-vmm", version)]
 struct Cli {
     /// JSON VM configuration (same fields as the flags); excludes the other VM flags.
-    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "console", "api_socket"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "disk", "net", "console", "api_socket", "pci_slots"])]
     config: Option<PathBuf>,
     /// Kernel: uncompressed ELF vmlinux or bzImage.
     #[arg(long, required_unless_present = "config")]
@@ -33,20 +33,26 @@ struct Cli {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 512)]
     memory: u64,
-    /// virtio-blk disk: path=FILE[,format=raw|qcow2][,ro=on|off][,serial=ID]
+    /// virtio-blk disk: path=FILE[,id=NAME][,format=raw|qcow2][,ro=on|off][,serial=ID]
     /// [,cache=writeback|none][,engine=io_uring|sync][,bps=N][,iops=N]; repeat for more disks.
     #[arg(long)]
     disk: Vec<String>,
-    /// virtio-net NIC on a TAP device: tap=NAME,mac=02:00:…; repeat for more NICs.
+    /// virtio-net NIC on a TAP device: tap=NAME,mac=02:00:…[,id=NAME][,fd=N][,bps=N][,pps=N];
+    /// repeat for more NICs.
     #[arg(long)]
     net: Vec<String>,
-    /// Serial console: stdout, off, or a file to append to.
+    /// Serial console: stdout, off, or file=PATH[,max=BYTES] (a capped log, rotated once
+    /// to PATH.1; 8 MiB by default).
     #[arg(long, default_value = "stdout")]
     console: String,
-    /// Serve the control API (HTTP/JSON: GET /vm, PATCH /vm/disks/N, PATCH /vm/nets/N,
-    /// PUT /vm/actions) on this Unix socket; removed on exit.
+    /// Serve the control API (HTTP/JSON: GET /vm, PUT /vm/actions, GET /vm/counters,
+    /// GET /vm/console, PUT /vm/disks, PATCH|DELETE /vm/disks/ID, PUT /vm/nets,
+    /// PATCH|DELETE /vm/nets/ID) on this Unix socket; removed on exit.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// PCI slots kept free for disks and NICs hot-plugged through the API.
+    #[arg(long, default_value_t = stratus_vmm::device_manager::DEFAULT_SPARE_SLOTS)]
+    pci_slots: u8,
 }
 
 fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -73,6 +79,7 @@ fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
         nets,
         console: cli.console.parse::<ConsoleConfig>()?,
         api_socket: cli.api_socket,
+        pci_slots: cli.pci_slots,
     };
     config.validate()?;
     Ok(config)

@@ -1,7 +1,8 @@
 //! vCPU threads: set up each vCPU, run it, and dispatch its exits to the buses.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -27,12 +28,114 @@ pub fn install_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PauseError {
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("the VM is stopping")]
+    Stopping,
+}
+
+#[derive(Default)]
+struct RunState {
+    paused: bool,
+    /// vCPU threads waiting outside KVM_RUN because of a pause.
+    parked: usize,
+}
+
+/// Pauses and resumes the vCPUs: a paused vCPU thread leaves KVM_RUN (knocked out with the
+/// kick signal) and waits here; devices and their threads keep running and keep their state.
+#[derive(Default)]
+pub struct RunControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+impl RunControl {
+    fn lock(&self) -> MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Returns once every vCPU in `handles` is parked (or has ended).
+    pub fn pause(&self, handles: &[JoinHandle<()>], exit: &ExitSignal) -> Result<(), PauseError> {
+        {
+            let mut state = self.lock();
+            if state.paused {
+                return Err(PauseError::AlreadyPaused);
+            }
+            state.paused = true;
+        }
+        loop {
+            if exit.is_requested() {
+                return Err(PauseError::Stopping);
+            }
+            let running: Vec<&JoinHandle<()>> =
+                handles.iter().filter(|h| !h.is_finished()).collect();
+            let state = self.lock();
+            if state.parked >= running.len() {
+                return Ok(());
+            }
+            drop(state);
+            // A kick that lands just before a thread enters KVM_RUN is lost; repeat it.
+            for h in running {
+                let _ = h.kill(kick_signal());
+            }
+            let state = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(1))
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut state = self.lock();
+        if !state.paused {
+            return Err(PauseError::NotPaused);
+        }
+        state.paused = false;
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Lets parked vCPUs see that the VM is stopping.
+    pub fn release_all(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    /// Called by a vCPU thread between two KVM_RUNs: waits while the VM is paused.
+    fn park_if_paused(&self, exit: &ExitSignal) {
+        let mut state = self.lock();
+        if !state.paused {
+            return;
+        }
+        state.parked += 1;
+        self.changed.notify_all();
+        while state.paused && !exit.is_requested() {
+            state = self
+                .changed
+                .wait_timeout(state, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.parked -= 1;
+    }
+}
+
 pub struct Vcpu {
     pub id: u8,
     pub fd: VcpuFd,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: ExitSignal,
+    pub run_control: Arc<RunControl>,
 }
 
 impl Vcpu {
@@ -40,6 +143,10 @@ impl Vcpu {
     pub fn run(mut self) {
         let id = self.id;
         while !self.exit.is_requested() {
+            self.run_control.park_if_paused(&self.exit);
+            if self.exit.is_requested() {
+                break;
+            }
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.pio.read(u64::from(port), data);

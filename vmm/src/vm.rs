@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -18,29 +18,29 @@ use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::console_log::{ConsoleLog, ConsoleLogError};
+use crate::control::{ControlHandle, ControlMessage, Controller};
+use crate::device_manager::{DeviceError, DeviceManager, DeviceManagerParts, MAX_SLOT};
 use crate::devices::legacy::acpi_pm::AcpiPmDevice;
 use crate::devices::legacy::cmos::{self, Cmos, MemorySizes, SystemClock};
 use crate::devices::legacy::debug_port::{BootProgress, DebugPort};
+use crate::devices::legacy::ged::{self, Ged, GedNotifier};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::pvpanic::PvPanic;
 use crate::devices::legacy::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::legacy::EventFdTrigger;
 use crate::devices::pci::host_bridge::HostBridge;
-use crate::devices::pci::msix::{Msix, MsixError};
+use crate::devices::pci::hotplug::{self, PciHotplug};
+use crate::devices::pci::msix::MsixError;
 use crate::devices::pci::root::PciRootError;
 use crate::devices::pci::{PciConfigIo, PciConfigMmio, PciRoot};
-use crate::devices::rate_limiter::RateLimiter;
-use crate::devices::virtio::block::io::DiskError;
-use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
-use crate::devices::virtio::net::device::{NetError, NetRateLimiters};
-use crate::devices::virtio::net::{NetConfig, VirtioNet};
-use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
-use crate::devices::virtio::VirtioDevice;
+use crate::devices::virtio::block::BlockConfig;
+use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::transport::pci::VirtioPciError;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::interrupts::{GsiRouter, InterruptError};
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, GuestMemoryMmap, MemoryError};
-use crate::vcpu::{install_kick_handler, stop_vcpus, Vcpu};
+use crate::vcpu::{install_kick_handler, stop_vcpus, RunControl, Vcpu};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -77,10 +77,8 @@ pub enum VmError {
     Msix(#[from] MsixError),
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
-    #[error("{source}")]
-    Disk { path: PathBuf, source: DiskError },
-    #[error("network device on TAP {tap}: {source}")]
-    Net { tap: String, source: NetError },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
     #[error(transparent)]
     Console(#[from] ConsoleLogError),
     #[error("{what}: {source}")]
@@ -123,6 +121,8 @@ pub struct VmResources {
     pub console: Box<dyn Write + Send>,
     /// Forward the VMM's terminal input to the serial port.
     pub console_input: bool,
+    /// PCI slots kept free for hot-plugged devices.
+    pub pci_slots: u8,
 }
 
 impl VmResources {
@@ -148,6 +148,7 @@ impl VmResources {
             nets: config.nets.clone(),
             console,
             console_input,
+            pci_slots: config.pci_slots,
         })
     }
 }
@@ -156,13 +157,15 @@ pub struct Vm {
     // Field order matters for drop: vCPUs and devices go before the VM fd and memory.
     vcpus: Vec<Vcpu>,
     serial: Arc<Mutex<SerialDevice>>,
-    _pci_root: Arc<Mutex<PciRoot>>,
+    /// Until `run` hands it to the control thread.
+    devices: Option<DeviceManager>,
     exit: ExitSignal,
     progress: BootProgress,
     console_input: bool,
-    /// In `resources.disks` / `resources.nets` order, for the VMM API.
-    disk_limiters: Vec<RateLimiter>,
-    net_limiters: Vec<NetRateLimiters>,
+    run_control: Arc<RunControl>,
+    ged: GedNotifier,
+    control_tx: mpsc::Sender<ControlMessage>,
+    control_rx: mpsc::Receiver<ControlMessage>,
     _router: GsiRouter,
     _vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
@@ -171,10 +174,9 @@ pub struct Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // The vCPUs are stopped (run() joins them); taking the devices off the buses lets
-        // them shut down in order: workers drained and joined, disks flushed and closed.
-        if let Ok(mut root) = self._pci_root.lock() {
-            root.remove_all();
+        // A VM that never ran still takes its devices down in order.
+        if let Some(devices) = self.devices.as_mut() {
+            devices.shut_down();
         }
     }
 }
@@ -208,6 +210,7 @@ impl Vm {
         let router = GsiRouter::new(vm.clone());
 
         let exit = ExitSignal::new();
+        let run_control = Arc::new(RunControl::default());
         let progress = BootProgress::new(start);
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -261,44 +264,47 @@ impl Vm {
             1,
         )?;
 
+        let (control_tx, control_rx) = mpsc::channel();
+        let ged_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the GED interrupt"))?;
+        vm.register_irqfd(&ged_irq, GED_IRQ)
+            .map_err(kvm_err("bind the GED interrupt"))?;
+        let (ged, ged_notifier) = Ged::new(ged_irq);
+        pio.insert(Arc::new(Mutex::new(ged)), u64::from(GED_PORT), ged::LEN)?;
+        let eject_tx = Mutex::new(control_tx.clone());
+        let (hotplug, hotplug_slots) = PciHotplug::new(Box::new(move |slots| {
+            let tx = eject_tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send(ControlMessage::Ejected(slots));
+        }));
+        pio.insert(
+            Arc::new(Mutex::new(hotplug)),
+            u64::from(PCI_HOTPLUG_PORT),
+            hotplug::LEN,
+        )?;
+
         let pci_root = Arc::new(Mutex::new(PciRoot::new(mmio.clone())));
         pci_root
             .lock()
             .expect("PCI root lock poisoned")
             .add_device(Arc::new(Mutex::new(HostBridge::new())), None)?;
-        let mut next_bar = PCI_MMIO32_START;
-        let mut disk_limiters = Vec::with_capacity(resources.disks.len());
-        let mut net_limiters = Vec::with_capacity(resources.nets.len());
-        for disk in &resources.disks {
-            let queues = u16::from(resources.cpus);
-            let block = VirtioBlock::new(disk, queues).map_err(|source| VmError::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
-            disk_limiters.push(block.rate_limiter());
-            attach_virtio_pci(
-                &pci_root,
-                &router,
-                &mem,
-                &vm,
-                &mut next_bar,
-                Box::new(block),
-            )?;
+        let boot_devices = resources.disks.len() + resources.nets.len();
+        let last_slot =
+            (boot_devices + usize::from(resources.pci_slots)).min(usize::from(MAX_SLOT)) as u8;
+        let mut devices = DeviceManager::new(DeviceManagerParts {
+            pci_root: pci_root.clone(),
+            router: router.clone(),
+            mem: mem.clone(),
+            vm: vm.clone(),
+            queues_per_disk: u16::from(resources.cpus),
+            last_slot,
+            hotplug: hotplug_slots,
+            ged: ged_notifier.clone(),
+        });
+        for disk in resources.disks {
+            devices.add_disk(disk, false)?;
         }
-        for net in &resources.nets {
-            let device = VirtioNet::new(net).map_err(|source| VmError::Net {
-                tap: net.tap.clone(),
-                source,
-            })?;
-            net_limiters.push(device.rate_limiters());
-            attach_virtio_pci(
-                &pci_root,
-                &router,
-                &mem,
-                &vm,
-                &mut next_bar,
-                Box::new(device),
-            )?;
+        for net in resources.nets {
+            devices.add_net(net, false)?;
         }
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone()))),
@@ -311,7 +317,7 @@ impl Vm {
             PCI_ECAM_SIZE,
         )?;
 
-        let rsdp = create_acpi_tables(&mem, resources.cpus)?;
+        let rsdp = create_acpi_tables(&mem, resources.cpus, last_slot)?;
         let (entry, mode, boot_info) = match resources.boot {
             BootSource::Kernel {
                 kernel,
@@ -387,18 +393,21 @@ impl Vm {
                 pio: pio.clone(),
                 mmio: mmio.clone(),
                 exit: exit.clone(),
+                run_control: run_control.clone(),
             });
         }
 
         Ok(Vm {
             vcpus,
             serial,
-            _pci_root: pci_root,
+            devices: Some(devices),
             exit,
             progress,
             console_input: resources.console_input,
-            disk_limiters,
-            net_limiters,
+            run_control,
+            ged: ged_notifier,
+            control_tx,
+            control_rx,
             _router: router,
             _vm: vm,
             mem,
@@ -418,18 +427,13 @@ impl Vm {
         self.exit.clone()
     }
 
-    /// One limiter handle per disk, in configuration order; changing one changes the
-    /// running device's limits.
-    pub fn disk_rate_limiters(&self) -> Vec<RateLimiter> {
-        self.disk_limiters.clone()
+    /// The handle the API (or a test) changes the running VM with.
+    pub fn control(&self) -> ControlHandle {
+        ControlHandle::new(self.control_tx.clone())
     }
 
-    /// One pair of limiter handles per NIC, in configuration order.
-    pub fn net_rate_limiters(&self) -> Vec<NetRateLimiters> {
-        self.net_limiters.clone()
-    }
-
-    /// Runs the guest until it stops; returns why.
+    /// Runs the guest until it stops; returns why. The calling thread becomes the
+    /// control thread that serves `control()` requests meanwhile.
     pub fn run(mut self) -> ExitReason {
         if let Err(e) = install_kick_handler() {
             return ExitReason::VmmError(format!("cannot install the vCPU kick handler: {e}"));
@@ -449,37 +453,29 @@ impl Vm {
         if self.console_input {
             spawn_console_input(self.serial.clone(), self.exit.clone());
         }
-        let reason = self.exit.wait();
-        stop_vcpus(handles);
-        reason
+        let wake = Mutex::new(self.control_tx.clone());
+        self.exit.set_waker(move || {
+            let tx = wake.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send(ControlMessage::Wake);
+        });
+        let Some(devices) = self.devices.take() else {
+            return ExitReason::VmmError("the VM was already run".into());
+        };
+        let mut controller = Controller::new(
+            devices,
+            self.run_control.clone(),
+            handles,
+            self.ged.clone(),
+            self.exit.clone(),
+        );
+        let (_, rx) = mpsc::channel();
+        let rx = std::mem::replace(&mut self.control_rx, rx);
+        controller.serve(rx);
+        stop_vcpus(controller.release_vcpus());
+        // vCPUs first, then the devices: workers drained and joined, disks flushed.
+        controller.devices.shut_down();
+        self.exit.wait()
     }
-}
-
-/// Puts a virtio device on the PCI bus behind its own BAR, with one MSI-X vector per queue
-/// plus one for configuration changes.
-fn attach_virtio_pci(
-    pci_root: &Mutex<PciRoot>,
-    router: &GsiRouter,
-    mem: &GuestMemoryMmap,
-    vm: &Arc<VmFd>,
-    next_bar: &mut u64,
-    device: Box<dyn VirtioDevice>,
-) -> Result<(), VmError> {
-    let vectors = device.queue_max_sizes().len() as u16 + 1;
-    let msix = Msix::with_kvm(router, vectors)?;
-    let device = Arc::new(Mutex::new(VirtioPciDevice::new(
-        device,
-        mem.clone(),
-        msix,
-        *next_bar,
-        Some(vm.clone()),
-    )?));
-    *next_bar += BAR0_SIZE;
-    pci_root
-        .lock()
-        .expect("PCI root lock poisoned")
-        .add_device(device.clone(), Some(device))?;
-    Ok(())
 }
 
 /// Forwards terminal input to the serial port, for interactive use.

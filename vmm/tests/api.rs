@@ -17,18 +17,64 @@ const LOAD_ADDR: u64 = 0x10_0000;
 /// Generous: ring-0 guest code is emulated on a PVM host, and CI machines are slow.
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// Long-mode code: print `up\n` on COM1, then either halt forever (the in-kernel LAPIC
-/// keeps HLT inside KVM, so the guest stays running without spinning) or power off.
-fn guest_code(power_off: bool) -> Vec<u8> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    /// Prints `up` and halts for good (HLT stays inside KVM: no spinning).
+    Halt,
+    /// Prints `up` and powers off through ACPI S5.
+    PowerOff,
+    /// Prints `up`, then loops doing what a stock guest's ACPI drivers do: powers off when
+    /// the Generic Event Device reports the power button, ejects every slot the hot-plug
+    /// registers ask it to, and prints a `.` every few thousand rounds (so a paused guest
+    /// is seen to stop).
+    EventLoop,
+}
+
+const ROUNDS_PER_DOT: u32 = 4000;
+
+/// Long-mode code for `guest`.
+fn guest_code(guest: Guest) -> Vec<u8> {
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for b in b"up\n" {
         code.extend([0xb0, *b, 0xee]); // mov al, b; out dx, al
     }
-    if power_off {
-        // ACPI S5 through the sleep control register: mov dx, 0x600; mov al, 0x34; out
-        code.extend([0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee]);
+    match guest {
+        Guest::Halt => code.extend([0xf4, 0xeb, 0xfd]), // hlt; jmp back to hlt
+        Guest::PowerOff => {
+            // ACPI S5 through the sleep control register: mov dx, 0x600; mov al, 0x34; out
+            code.extend([0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd]);
+        }
+        Guest::EventLoop => {
+            let n = ROUNDS_PER_DOT.to_le_bytes();
+            let event_loop: Vec<u8> = [
+                &[0xb9][..],
+                &n,                        // 0: mov ecx, N
+                &[0x66, 0xba, 0x10, 0x06], // 5: loop: mov dx, 0x610 (GED events)
+                &[0xec],                   // 9: in al, dx
+                &[0xa8, 0x02],             // 10: test al, power button
+                &[0x75, 0x20],             // 12: jnz poweroff (46)
+                &[0x66, 0xba, 0x24, 0x06], // 14: mov dx, 0x624 (PCID)
+                &[0xed],                   // 18: in eax, dx
+                &[0x85, 0xc0],             // 19: test eax, eax
+                &[0x74, 0x05],             // 21: jz 28
+                &[0x66, 0xba, 0x28, 0x06], // 23: mov dx, 0x628 (B0EJ)
+                &[0xef],                   // 27: out dx, eax: eject them
+                &[0xff, 0xc9],             // 28: dec ecx
+                &[0x75, 0xe5],             // 30: jnz loop
+                &[0xb9],
+                &n,                        // 32: mov ecx, N
+                &[0x66, 0xba, 0xf8, 0x03], // 37: mov dx, 0x3f8
+                &[0xb0, b'.', 0xee],       // 41: mov al, '.'; out dx, al
+                &[0xeb, 0xd7],             // 44: jmp loop
+                &[0x66, 0xba, 0x00, 0x06], // 46: poweroff: mov dx, 0x600
+                &[0xb0, 0x34, 0xee],       // 50: mov al, S5|SLP_EN; out dx, al
+                &[0xf4, 0xeb, 0xfd],       // 53: hlt; jmp hlt
+            ]
+            .concat();
+            assert_eq!(event_loop.len(), 56);
+            code.extend(event_loop);
+        }
     }
-    code.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp back to hlt
     code
 }
 
@@ -74,17 +120,31 @@ struct Vmm {
 }
 
 impl Vmm {
-    fn start(dir: &Path, power_off: bool, extra: &[&str]) -> Vmm {
+    fn start(dir: &Path, guest: Guest, extra: &[&str]) -> Vmm {
+        Self::start_with(dir, guest, extra, &[])
+    }
+
+    /// `wrapper` runs the VMM (e.g. `unshare --net` for a network namespace of its own).
+    fn start_with(dir: &Path, guest: Guest, extra: &[&str], wrapper: &[&str]) -> Vmm {
         let kernel = dir.join("vmlinux");
-        std::fs::write(&kernel, tiny_vmlinux(&guest_code(power_off))).unwrap();
+        std::fs::write(&kernel, tiny_vmlinux(&guest_code(guest))).unwrap();
         let socket = dir.join("api.sock");
         let console = dir.join("console.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
+        let vmm = env!("CARGO_BIN_EXE_stratus-vmm");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(vmm);
+                c
+            }
+            None => Command::new(vmm),
+        };
+        let child = command
             .arg("--kernel")
             .arg(&kernel)
             .args(["--memory", "64"])
             .arg("--console")
-            .arg(&console)
+            .arg(format!("file={},max=65536", console.display()))
             .arg("--api-socket")
             .arg(&socket)
             .args(extra)
@@ -120,7 +180,7 @@ impl Vmm {
     fn wait_until_running(&mut self) {
         self.wait_for("API socket", |v| UnixStream::connect(&v.socket).is_ok());
         self.wait_for("guest output", |v| {
-            std::fs::read(&v.console).is_ok_and(|c| c == b"up\n")
+            std::fs::read(&v.console).is_ok_and(|c| c.starts_with(b"up\n"))
         });
     }
 
@@ -152,6 +212,24 @@ impl Drop for Vmm {
 
 /// One request on its own connection; returns the status code and the JSON body.
 fn http(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let (status, head, body) = http_raw(socket, method, path, body);
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let json = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&body)));
+    (status, json)
+}
+
+/// One request; returns the status code, the response head and the raw body.
+fn http_raw(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String, Vec<u8>) {
     let mut stream = UnixStream::connect(socket).expect("connect to the API socket");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     let body = body.map(Value::to_string).unwrap_or_default();
@@ -162,23 +240,20 @@ fn http(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, 
         body.len()
     )
     .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
         .unwrap_or_else(|| panic!("no header end in {response:?}"));
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let body = response[split + 4..].to_vec();
     let status = head
         .split(' ')
         .nth(1)
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("content-type: application/json"),
-        "{head}"
-    );
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    (status, json)
+    (status, head, body)
 }
 
 fn error_text(response: &Value) -> &str {
@@ -198,7 +273,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     // A socket file left by a VMM that was killed: replaced, not refused.
     drop(std::os::unix::net::UnixListener::bind(dir.path().join("api.sock")).unwrap());
     let disk_spec = format!("path={},bps=1048576", disk.display());
-    let mut vmm = Vmm::start(dir.path(), false, &["--disk", &disk_spec]);
+    let mut vmm = Vmm::start(dir.path(), Guest::Halt, &["--disk", &disk_spec]);
     vmm.wait_until_running();
     let socket = vmm.socket.clone();
 
@@ -212,10 +287,14 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     assert_eq!(
         vm["disks"],
         json!([{
+            "id": "disk0",
             "index": 0,
+            "slot": 1,
             "path": disk.to_str().unwrap(),
             "read_only": false,
-            "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": null}
+            "serial": null,
+            "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": null},
+            "state": "active"
         }])
     );
 
@@ -234,7 +313,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     let (status, disk0) = http(
         &socket,
         "PATCH",
-        "/vm/disks/0",
+        "/vm/disks/disk0",
         Some(&json!({"rate_limit": {"ops_per_sec": 200}})),
     );
     assert_eq!(status, 200, "{disk0}");
@@ -245,7 +324,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     let (status, disk0) = http(
         &socket,
         "PATCH",
-        "/vm/disks/0",
+        "/vm/disks/disk0",
         Some(&json!({"rate_limit": {"bytes_per_sec": null}})),
     );
     assert_eq!(status, 200, "{disk0}");
@@ -259,7 +338,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     let (status, e) = http(
         &socket,
         "PATCH",
-        "/vm/disks/0",
+        "/vm/disks/disk0",
         Some(&json!({"rate_limit": {"bytes_per_sec": 0}})),
     );
     assert_eq!(status, 400);
@@ -267,7 +346,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     let (status, e) = http(
         &socket,
         "PATCH",
-        "/vm/disks/0",
+        "/vm/disks/disk0",
         Some(&json!({"rate_limit": {"iops": 5}})),
     );
     assert_eq!(status, 400);
@@ -275,11 +354,11 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
     let (status, e) = http(
         &socket,
         "PATCH",
-        "/vm/disks/1",
+        "/vm/disks/disk1",
         Some(&json!({"rate_limit": {}})),
     );
     assert_eq!(status, 404);
-    assert!(error_text(&e).contains("no disk 1"), "{e}");
+    assert!(error_text(&e).contains("no disk 'disk1'"), "{e}");
     let (status, e) = http(
         &socket,
         "PATCH",
@@ -287,7 +366,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
         Some(&json!({"rate_limit": {}})),
     );
     assert_eq!(status, 404);
-    assert!(error_text(&e).contains("this VM has no nets"), "{e}");
+    assert!(error_text(&e).contains("no NIC '0'"), "{e}");
     let (status, e) = http(&socket, "GET", "/v1/vm", None);
     assert_eq!(status, 404);
     assert!(error_text(&e).contains("no endpoint GET /v1/vm"), "{e}");
@@ -298,10 +377,10 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
         &socket,
         "PUT",
         "/vm/actions",
-        Some(&json!({"action": "pause"})),
+        Some(&json!({"action": "reboot"})),
     );
     assert_eq!(status, 400);
-    assert!(error_text(&e).contains("unknown variant `pause`"), "{e}");
+    assert!(error_text(&e).contains("unknown variant `reboot`"), "{e}");
     let (_, vm) = http(&socket, "GET", "/vm", None);
     assert_eq!(
         vm["disks"][0]["rate_limit"],
@@ -326,7 +405,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
 #[test]
 fn a_guest_that_powers_off_by_itself_also_takes_the_socket_away() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = Vmm::start(dir.path(), true, &[]);
+    let mut vmm = Vmm::start(dir.path(), Guest::PowerOff, &[]);
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("guest powered off"), "{stderr}");
@@ -347,7 +426,7 @@ fn sigterm_stops_the_vm_in_order_like_an_api_stop() {
     )
     .unwrap();
     let disk = format!("path={},format=qcow2", overlay.display());
-    let mut vmm = Vmm::start(dir.path(), false, &["--disk", &disk]);
+    let mut vmm = Vmm::start(dir.path(), Guest::Halt, &["--disk", &disk]);
     vmm.wait_until_running();
     let pid = vmm.child().id() as libc::pid_t;
     // SAFETY: signals our own child process, which is still running (not yet reaped).
@@ -361,4 +440,311 @@ fn sigterm_stops_the_vm_in_order_like_an_api_stop() {
         "{stderr}"
     );
     assert!(!vmm.socket.exists(), "the socket is removed on exit");
+}
+
+fn console_len(vmm: &Vmm) -> usize {
+    std::fs::metadata(&vmm.console).map_or(0, |m| m.len() as usize)
+}
+
+/// Open descriptors (other than sockets: API connections come and go) and threads of the
+/// VMM process, to show a refused request left nothing.
+fn process_resources(vmm: &mut Vmm) -> (usize, usize) {
+    let fds = fd_targets(vmm)
+        .iter()
+        .filter(|t| !t.to_string_lossy().starts_with("socket:"))
+        .count();
+    let pid = vmm.child().id();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .count();
+    (fds, threads)
+}
+
+fn fd_targets(vmm: &mut Vmm) -> Vec<PathBuf> {
+    let pid = vmm.child().id();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .collect()
+}
+
+fn action(socket: &Path, action: &str) -> (u16, Value) {
+    http(
+        socket,
+        "PUT",
+        "/vm/actions",
+        Some(&json!({ "action": action })),
+    )
+}
+
+#[test]
+fn pause_stops_the_guest_resume_restarts_it_and_the_power_button_powers_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), Guest::EventLoop, &[]);
+    vmm.wait_until_running();
+    let socket = vmm.socket.clone();
+    vmm.wait_for("dots from the guest", |v| console_len(v) > 5);
+
+    let (status, vm) = action(&socket, "pause");
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "paused");
+    let (status, e) = action(&socket, "pause");
+    assert_eq!(status, 409);
+    assert!(error_text(&e).contains("already paused"), "{e}");
+    let (_, vm) = http(&socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "paused");
+    let paused_at = console_len(&vmm);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(console_len(&vmm), paused_at, "a paused guest printed");
+
+    let (status, vm) = action(&socket, "resume");
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "running");
+    let (status, e) = action(&socket, "resume");
+    assert_eq!(status, 409);
+    assert!(error_text(&e).contains("not paused"), "{e}");
+    vmm.wait_for("dots after resume", |v| console_len(v) > paused_at + 2);
+
+    // The console's tail, as the guest wrote it.
+    let (status, _, tail) = http_raw(&socket, "GET", "/vm/console?bytes=3", None);
+    assert_eq!(status, 200);
+    assert_eq!(tail, b"...");
+    let (status, _, all) = http_raw(&socket, "GET", "/vm/console?bytes=1048576", None);
+    assert_eq!(status, 200);
+    assert!(all.starts_with(b"up\n."), "{:?}", &all[..all.len().min(10)]);
+    for bad in ["bytes=0", "bytes=1048577", "bytes=many", "lines=3"] {
+        let (status, e) = http(&socket, "GET", &format!("/vm/console?{bad}"), None);
+        assert_eq!(status, 400, "{bad}: {e}");
+    }
+
+    // The guest powers off when it sees the button: a clean exit, status 0.
+    let (status, vm) = action(&socket, "shutdown");
+    assert_eq!(status, 202, "{vm}");
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("guest powered off"), "{stderr}");
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_keeps_running_and_stop_still_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), Guest::Halt, &[]);
+    vmm.wait_until_running();
+    let socket = vmm.socket.clone();
+    for _ in 0..3 {
+        assert_eq!(action(&socket, "shutdown").0, 202);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, vm) = http(&socket, "GET", "/vm", None);
+    assert_eq!(vm["state"], "running");
+    // Paused, then stopped: the stop does not wait for a resume.
+    assert_eq!(action(&socket, "pause").0, 200);
+    assert_eq!(action(&socket, "stop").0, 202);
+    let (code, stderr) = vmm.wait_exit();
+    assert_eq!(code, 6, "{stderr}");
+}
+
+#[test]
+fn disks_are_hot_plugged_and_leave_only_when_the_guest_ejects_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        path
+    };
+    let boot = make("boot.img");
+    let data1 = make("data1.img");
+    let data2 = make("data2.img");
+    let boot_spec = format!("id=boot,path={},serial=boot-disk", boot.display());
+    let mut vmm = Vmm::start(
+        dir.path(),
+        Guest::EventLoop,
+        &["--disk", &boot_spec, "--pci-slots", "1"],
+    );
+    vmm.wait_until_running();
+    let socket = vmm.socket.clone();
+
+    let (status, disk) = http(
+        &socket,
+        "PUT",
+        "/vm/disks",
+        Some(
+            &json!({"id": "data1", "path": data1, "serial": "data-1", "rate_limit": {"ops_per_sec": 100}}),
+        ),
+    );
+    assert_eq!(status, 201, "{disk}");
+    assert_eq!(disk["id"], "data1");
+    assert_eq!(disk["slot"], 2);
+    assert_eq!(disk["state"], "active");
+    assert_eq!(disk["serial"], "data-1");
+    assert_eq!(disk["rate_limit"]["ops_per_sec"], 100);
+    let (_, vm) = http(&socket, "GET", "/vm", None);
+    let ids: Vec<&str> = vm["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["boot", "data1"]);
+    let (status, counters) = http(&socket, "GET", "/vm/counters", None);
+    assert_eq!(status, 200, "{counters}");
+    assert_eq!(counters["disks"]["data1"]["read_ops"], 0);
+    assert!(counters["disks"]["boot"].is_object(), "{counters}");
+    assert_eq!(counters["nets"], json!({}));
+
+    // Refused requests leave nothing behind: no slot, no open file, no thread.
+    let before = process_resources(&mut vmm);
+    let refusals = [
+        (
+            json!({"id": "data1", "path": data2}),
+            409,
+            "already attached",
+        ),
+        (
+            json!({"id": "other", "path": data1}),
+            409,
+            "already attached as disk 'data1'",
+        ),
+        (
+            json!({"id": "x", "path": dir.path().join("missing.img")}),
+            400,
+            "missing.img",
+        ),
+        (
+            json!({"id": "x", "path": dir.path().join("missing.img")}),
+            400,
+            "No such file",
+        ),
+        (json!({"path": data2}), 400, "needs an id"),
+        (
+            json!({"id": "bad/id", "path": data2}),
+            400,
+            "not a valid device id",
+        ),
+        (
+            json!({"id": "x", "path": data2, "size": 1}),
+            400,
+            "unknown field `size`",
+        ),
+        (
+            json!({"id": "x", "path": data2, "serial": "012345678901234567890"}),
+            400,
+            "longer than 20 bytes",
+        ),
+        (
+            json!({"id": "data2", "path": data2}),
+            409,
+            "no free PCI slot",
+        ),
+    ];
+    for (body, want, text) in refusals {
+        let (status, e) = http(&socket, "PUT", "/vm/disks", Some(&body));
+        assert_eq!(status, want, "{body}: {e}");
+        assert!(error_text(&e).contains(text), "{body}: {e}");
+    }
+    assert_eq!(process_resources(&mut vmm), before);
+    let (_, vm) = http(&socket, "GET", "/vm", None);
+    assert_eq!(vm["disks"].as_array().unwrap().len(), 2);
+
+    let (status, e) = http(&socket, "DELETE", "/vm/disks/nope", None);
+    assert_eq!(status, 404, "{e}");
+    let (status, disk) = http(&socket, "DELETE", "/vm/disks/data1", None);
+    assert_eq!(status, 202, "{disk}");
+    assert_eq!(disk["state"], "removing");
+    vmm.wait_for("the guest to eject data1", |v| {
+        let (_, vm) = http(&v.socket, "GET", "/vm", None);
+        vm["disks"].as_array().unwrap().len() == 1
+    });
+    assert!(
+        !fd_targets(&mut vmm).contains(&data1),
+        "the ejected disk's file is closed"
+    );
+    let (status, _) = http(
+        &socket,
+        "PATCH",
+        "/vm/disks/data1",
+        Some(&json!({"rate_limit": {}})),
+    );
+    assert_eq!(status, 404);
+
+    // The slot is free again, and disks given at start come out the same way.
+    let (status, disk) = http(
+        &socket,
+        "PUT",
+        "/vm/disks",
+        Some(&json!({"id": "data2", "path": data2})),
+    );
+    assert_eq!(status, 201, "{disk}");
+    assert_eq!(disk["slot"], 2);
+    let (status, _) = http(&socket, "DELETE", "/vm/disks/boot", None);
+    assert_eq!(status, 202);
+    vmm.wait_for("the guest to eject the boot disk", |v| {
+        let (_, vm) = http(&v.socket, "GET", "/vm", None);
+        vm["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["id"] != "boot")
+    });
+    assert!(!fd_targets(&mut vmm).contains(&boot));
+    assert_eq!(action(&socket, "stop").0, 202);
+    assert_eq!(vmm.wait_exit().0, 6);
+}
+
+#[test]
+fn nics_are_hot_plugged_and_unplugged_in_the_vmm_s_own_network_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start_with(dir.path(), Guest::EventLoop, &[], &["unshare", "--net"]);
+    vmm.wait_until_running();
+    let socket = vmm.socket.clone();
+    let nic = json!({"id": "n1", "tap": "sttap1", "mac": "02:00:c6:12:00:33"});
+    let (status, info) = http(&socket, "PUT", "/vm/nets", Some(&nic));
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["tap"], "sttap1");
+    assert_eq!(info["state"], "active");
+    let (status, e) = http(&socket, "PUT", "/vm/nets", Some(&nic));
+    assert_eq!(status, 409, "{e}");
+    for (body, text) in [
+        (
+            json!({"id": "n2", "tap": "sttap2", "mac": "01:00:c6:12:00:33"}),
+            "unicast",
+        ),
+        (
+            json!({"id": "n2", "tap": "sttap2", "mac": "02:00:c6:12:00:34", "fd": 3}),
+            "name the TAP",
+        ),
+        (
+            json!({"tap": "sttap2", "mac": "02:00:c6:12:00:34"}),
+            "needs an id",
+        ),
+        (
+            json!({"id": "n2", "tap": "a-name-longer-than-ifnamsiz", "mac": "02:00:c6:12:00:34"}),
+            "TAP",
+        ),
+    ] {
+        let (status, e) = http(&socket, "PUT", "/vm/nets", Some(&body));
+        assert_eq!(status, 400, "{body}: {e}");
+        assert!(error_text(&e).contains(text), "{body}: {e}");
+    }
+    let (status, info) = http(
+        &socket,
+        "PATCH",
+        "/vm/nets/n1",
+        Some(&json!({"rate_limit": {"bytes_per_sec": 1000000}})),
+    );
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["rate_limit"]["bytes_per_sec"], 1_000_000);
+    let (_, counters) = http(&socket, "GET", "/vm/counters", None);
+    assert_eq!(counters["nets"]["n1"]["tx_frames"], 0, "{counters}");
+    assert_eq!(http(&socket, "DELETE", "/vm/nets/n1", None).0, 202);
+    vmm.wait_for("the guest to eject n1", |v| {
+        let (_, vm) = http(&v.socket, "GET", "/vm", None);
+        vm["nets"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(http(&socket, "DELETE", "/vm/nets/n1", None).0, 404);
+    assert_eq!(action(&socket, "stop").0, 202);
+    assert_eq!(vmm.wait_exit().0, 6);
 }

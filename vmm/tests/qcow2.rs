@@ -185,7 +185,9 @@ fn worker(
         kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         engine: create_engine(engine, disk, u32::from(QUEUE_SIZE)).unwrap(),
         limiter: None,
+        counters: Default::default(),
     })
+    .expect("worker")
 }
 
 /// Serves every batch on its own queue, all queues at once; checks every status is OK

@@ -118,7 +118,9 @@ fn a_throttled_queue_resumes_at_once_when_the_limit_is_lifted_through_the_device
         kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         engine,
         limiter: Some(handle.clone()),
-    });
+        counters: Default::default(),
+    })
+    .expect("worker");
     assert_eq!(worker.process_queue(), 1);
     worker.drain();
     assert!(worker.throttled());

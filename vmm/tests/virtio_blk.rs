@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
+use stratus_vmm::devices::virtio::block::counters::{BlockCounters, BlockCountersReport};
 use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 mod blk_common;
 
@@ -54,6 +55,8 @@ struct Fixture {
     engine: IoEngine,
     cache: CacheMode,
     format: ImageFormat,
+    /// Shared by every worker the fixture makes, like a device's queues share them.
+    counters: Arc<BlockCounters>,
 }
 
 /// Every engine with every cache mode and every format.
@@ -94,6 +97,7 @@ impl Fixture {
             engine,
             cache,
             format,
+            counters: Arc::default(),
         }
     }
 
@@ -124,7 +128,9 @@ impl Fixture {
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             engine,
             limiter,
+            counters: self.counters.clone(),
         })
+        .expect("worker")
     }
 
     /// Takes every chain, then waits until all their I/O has completed.
@@ -257,6 +263,57 @@ fn write_then_read_back_across_two_data_descriptors() {
             .unwrap();
         assert_eq!(back, payload);
         assert!(f.interrupt.0.load(Ordering::SeqCst) >= 1);
+    }
+}
+
+#[test]
+fn counters_follow_completed_and_failed_requests() {
+    for f in fixtures().into_iter().filter_map(Fixture::raw_only) {
+        eprintln!("engine/cache: {}", f.name());
+        f.header(HEADER, VIRTIO_BLK_T_OUT, 0);
+        f.header(HEADER + 16, VIRTIO_BLK_T_IN, 4);
+        f.header(HEADER + 32, VIRTIO_BLK_T_FLUSH, 0);
+        f.header(HEADER + 48, VIRTIO_BLK_T_DISCARD, 0);
+        range_segment(&f, DATA + 0x8000, 8, 4, 0);
+        // Past the end of the disk: refused.
+        f.header(HEADER + 64, VIRTIO_BLK_T_IN, DISK_SECTORS);
+        let results = f.serve(
+            &[
+                vec![(HEADER, 16, R), (DATA, 1024, R), (STATUS, 1, W)],
+                vec![
+                    (HEADER + 16, 16, R),
+                    (DATA + 0x1000, 512, W),
+                    (STATUS + 16, 1, W),
+                ],
+                vec![(HEADER + 32, 16, R), (STATUS + 32, 1, W)],
+                vec![
+                    (HEADER + 48, 16, R),
+                    (DATA + 0x8000, 16, R),
+                    (STATUS + 48, 1, W),
+                ],
+                vec![
+                    (HEADER + 64, 16, R),
+                    (DATA + 0x2000, 512, W),
+                    (STATUS + 64, 1, W),
+                ],
+            ],
+            false,
+        );
+        assert_eq!(results[4].0, VIRTIO_BLK_S_IOERR, "{results:?}");
+        assert_eq!(
+            f.counters.report(),
+            BlockCountersReport {
+                read_ops: 1,
+                read_bytes: 512,
+                write_ops: 1,
+                write_bytes: 1024,
+                flush_ops: 1,
+                discard_ops: 1,
+                discard_bytes: 4 * 512,
+                errors: 1,
+                ..Default::default()
+            }
+        );
     }
 }
 

@@ -107,7 +107,8 @@ impl<'a> Net<'a> {
             stats: stats.clone(),
             rx_limiter: limiters.as_ref().map(|l| l.rx.clone()),
             tx_limiter: limiters.as_ref().map(|l| l.tx.clone()),
-        });
+        })
+        .expect("worker");
         Net {
             rx,
             tx,
@@ -218,6 +219,12 @@ fn tx_frame_reaches_the_tap_with_its_header() {
     assert_eq!(net.peer_recv().unwrap(), p);
     assert_eq!(net.used(false), vec![(0, 0)]);
     assert_eq!(net.stats.tx_frames.load(Ordering::SeqCst), 1);
+    // The API's counters: the frame's bytes, without the virtio-net header.
+    let report = net.stats.report();
+    assert_eq!(
+        (report.tx_frames, report.tx_bytes, report.tx_dropped),
+        (1, 1000, 0)
+    );
     assert_eq!(net.irqs.1.load(Ordering::SeqCst), 1);
 }
 
@@ -242,6 +249,7 @@ fn malformed_tx_chains_are_dropped_counted_and_returned() {
     );
     assert_eq!(net.stats.tx_dropped.load(Ordering::SeqCst), 4);
     assert_eq!(net.stats.tx_frames.load(Ordering::SeqCst), 0);
+    assert_eq!(net.stats.report().tx_bytes, 0);
 }
 
 #[test]
@@ -265,6 +273,7 @@ fn rx_frame_spreads_over_mergeable_buffers() {
     assert_eq!(got[..10], p[..10]);
     assert_eq!(got[12..], p[12..]);
     assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 1);
+    assert_eq!(net.stats.report().rx_bytes, 3000);
     assert_eq!(net.irqs.0.load(Ordering::SeqCst), 1);
 }
 

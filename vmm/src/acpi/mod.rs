@@ -15,7 +15,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::layout::*;
-use crate::devices::legacy::cmos;
+use crate::devices::legacy::{cmos, ged};
+use crate::devices::pci::hotplug;
 use crate::memory::GuestMemoryMmap;
 
 const OEM_ID: [u8; 6] = *b"STRTUS";
@@ -36,12 +37,144 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT's AML: the PCI host bridge and its windows, pvpanic and the S5 sleep state.
-pub fn dsdt_aml() -> Vec<u8> {
+/// AML name of hot-pluggable slot `n` under `\_SB_.PCI0`.
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// The PCI hot-plug part of `\_SB_.PCI0`: slots 1..=`last_slot` with `_ADR`, `_SUN` and
+/// `_EJ0` (which writes the slot's bit to `B0EJ`), and `PCNT`, which the GED calls to
+/// notify the slots in `PCIU` (device check: rescan) and `PCID` (eject request).
+fn pci_hotplug_aml(last_slot: u8) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let port = u64::from(PCI_HOTPLUG_PORT);
+    let len = hotplug::LEN;
+    aml::OpRegion::new("PCST".into(), aml::OpRegionSpace::SystemIO, &port, &len)
+        .to_aml_bytes(&mut bytes);
+    aml::Field::new(
+        "PCST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![
+            aml::FieldEntry::Named(*b"PCIU", 32),
+            aml::FieldEntry::Named(*b"PCID", 32),
+            aml::FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    let b0ej = Path::new("B0EJ");
+    for slot in 1..=last_slot {
+        let adr = u32::from(slot) << 16;
+        let sun = u32::from(slot);
+        let bit = 1u32 << slot;
+        let store = aml::Store::new(&b0ej, &bit);
+        aml::Device::new(
+            slot_name(slot).as_str().into(),
+            vec![
+                &Name::new("_ADR".into(), &adr),
+                &Name::new("_SUN".into(), &sun),
+                &aml::Method::new("_EJ0".into(), 1, false, vec![&store]),
+            ],
+        )
+        .to_aml_bytes(&mut bytes);
+    }
+    // DVNT(slots, type): Notify(Sxx, type) for every slot bit set in `slots`.
+    let mut body = Vec::new();
+    for slot in 1..=last_slot {
+        let bit = 1u32 << slot;
+        let target = Path::new(&slot_name(slot));
+        let test = aml::And::new(&aml::ZERO, &aml::Arg(0), &bit);
+        let notify = aml::Notify::new(&target, &aml::Arg(1));
+        aml::If::new(&test, vec![&notify]).to_aml_bytes(&mut body);
+    }
+    let body = RawBytes(body);
+    aml::Method::new("DVNT".into(), 2, false, vec![&body]).to_aml_bytes(&mut bytes);
+    let device_check: u8 = 1;
+    let eject_request: u8 = 3;
+    let pciu = Path::new("PCIU");
+    let pcid = Path::new("PCID");
+    let up = aml::MethodCall::new("DVNT".into(), vec![&pciu, &device_check]);
+    let down = aml::MethodCall::new("DVNT".into(), vec![&pcid, &eject_request]);
+    aml::Method::new("PCNT".into(), 0, true, vec![&up, &down]).to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// The Generic Event Device and the power button it notifies.
+fn ged_aml() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    let zero = aml::ZERO;
+    let hid: aml::AmlStr = "ACPI0013";
+    let port = u64::from(GED_PORT);
+    let len = ged::LEN;
+    let region = aml::OpRegion::new("GDST".into(), aml::OpRegionSpace::SystemIO, &port, &len);
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = Path::new("GDAT");
+    let local0 = aml::Local(0);
+    let read = aml::Store::new(&local0, &gdat);
+    let hotplug_bit = ged::EVENT_PCI_HOTPLUG;
+    let button_bit = ged::EVENT_POWER_BUTTON;
+    let is_hotplug = aml::And::new(&aml::ZERO, &local0, &hotplug_bit);
+    let pcnt = aml::MethodCall::new(r"\_SB_.PCI0.PCNT".into(), vec![]);
+    let on_hotplug = aml::If::new(&is_hotplug, vec![&pcnt]);
+    let is_button = aml::And::new(&aml::ZERO, &local0, &button_bit);
+    let pwrb = Path::new(r"\_SB_.PWRB");
+    let pressed: u8 = 0x80;
+    let notify = aml::Notify::new(&pwrb, &pressed);
+    let on_button = aml::If::new(&is_button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &on_hotplug, &on_button]);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &Name::new("_HID".into(), &hid),
+            &Name::new("_UID".into(), &zero),
+            &Name::new(
+                "_CRS".into(),
+                &ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_IRQ,
+                )]),
+            ),
+            &region,
+            &field,
+            &evt,
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0C0C")),
+            &Name::new("_UID".into(), &zero),
+        ],
+    )
+    .to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Already-serialised AML objects, spliced in where a builder wants one child.
+struct RawBytes(Vec<u8>);
+
+impl Aml for RawBytes {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The DSDT's AML: the PCI host bridge and its windows with hot-pluggable slots 1 to
+/// `last_slot`, COM1, the CMOS RTC, pvpanic, the Generic Event Device with the power
+/// button, and the S5 sleep state.
+pub fn dsdt_aml(last_slot: u8) -> Vec<u8> {
     // The AML builders borrow their children, so each object is built and serialised in
     // one statement.
     let mut bytes = Vec::new();
     let zero = aml::ZERO;
+    let hotplug = RawBytes(pci_hotplug_aml(last_slot));
     aml::Device::new(
         "_SB_.PCI0".into(),
         vec![
@@ -67,9 +200,11 @@ pub fn dsdt_aml() -> Vec<u8> {
                     ),
                 ]),
             ),
+            &hotplug,
         ],
     )
     .to_aml_bytes(&mut bytes);
+    bytes.extend(ged_aml());
     let pvpanic_hid: aml::AmlStr = "QEMU0001";
     aml::Device::new(
         "_SB_.PVPN".into(),
@@ -124,9 +259,9 @@ pub fn dsdt_aml() -> Vec<u8> {
     bytes
 }
 
-fn dsdt() -> Vec<u8> {
+fn dsdt(last_slot: u8) -> Vec<u8> {
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    table.append_slice(&dsdt_aml());
+    table.append_slice(&dsdt_aml(last_slot));
     table.update_checksum();
     table.as_slice().to_vec()
 }
@@ -182,15 +317,20 @@ fn mcfg() -> Vec<u8> {
     to_bytes(&table)
 }
 
-/// Writes all tables into the BIOS area; returns the RSDP address.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<u64, AcpiError> {
+/// Writes all tables into the BIOS area; returns the RSDP address. PCI slots 1 to
+/// `last_slot` are described as hot-pluggable.
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    last_slot: u8,
+) -> Result<u64, AcpiError> {
     let align = |addr: u64| (addr + 7) & !7;
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align(rsdp_addr + Rsdp::len() as u64);
 
     // Tables after the XSDT, in the order they are placed; the XSDT has three entries.
     let after_xsdt = align(xsdt_addr + 36 + 3 * 8);
-    let dsdt_bytes = dsdt();
+    let dsdt_bytes = dsdt(last_slot);
     let dsdt_addr = after_xsdt;
     let fadt_addr = align(dsdt_addr + dsdt_bytes.len() as u64);
     let fadt_bytes = fadt(dsdt_addr);
@@ -241,7 +381,7 @@ mod tests {
     #[test]
     fn tables_chain_from_rsdp_with_valid_checksums() {
         let mem = GuestMemoryMmap::from_ranges(&ram_ranges(128 << 20)).unwrap();
-        let rsdp = create_acpi_tables(&mem, 2).unwrap();
+        let rsdp = create_acpi_tables(&mem, 2, 8).unwrap();
         let mut rsdp_bytes = [0u8; 36];
         mem.read_slice(&mut rsdp_bytes, GuestAddress(rsdp)).unwrap();
         assert_eq!(&rsdp_bytes[..8], b"RSD PTR ");
@@ -286,7 +426,7 @@ mod tests {
 
     #[test]
     fn dsdt_names_the_pci_root_bridge_pvpanic_and_s5() {
-        let aml = dsdt_aml();
+        let aml = dsdt_aml(8);
         let contains = |needle: &[u8]| aml.windows(needle.len()).any(|w| w == needle);
         assert!(contains(b"PCI0"));
         assert!(contains(b"QEMU0001"));
@@ -296,5 +436,67 @@ mod tests {
         assert!(contains(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
         assert!(contains(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
         assert!(contains(b"_CRS"));
+    }
+
+    /// ACPICA's disassembler reads the DSDT back; the devices and methods the guest
+    /// relies on are in it.
+    #[test]
+    fn dsdt_disassembles_cleanly_with_iasl() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dsdt.dat");
+        std::fs::write(&path, dsdt(12)).unwrap();
+        let out = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .expect("run iasl (install acpica-tools)");
+        let log = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "iasl -d failed: {log}");
+        assert!(!log.contains("Error"), "{log}");
+        let dsl = std::fs::read_to_string(dir.path().join("dsdt.dsl")).unwrap();
+        for needle in [
+            "Device (_SB.PCI0)",
+            "Name (_HID, EisaId (\"PNP0A08\")",
+            "OperationRegion (PCST, SystemIO, 0x0620, 0x0C)",
+            "PCIU,   32",
+            "PCID,   32",
+            "B0EJ,   32",
+            "Device (S01)",
+            "Device (S0C)",
+            "Name (_ADR, 0x000C0000)",
+            "Name (_SUN, 0x0C)",
+            "Method (_EJ0, 1, NotSerialized)",
+            "B0EJ = 0x1000",
+            "Method (DVNT, 2, NotSerialized)",
+            "Notify (S0C, Arg1)",
+            "Method (PCNT, 0, Serialized)",
+            "DVNT (PCIU, One)",
+            "DVNT (PCID, 0x03)",
+            "Device (_SB.GED)",
+            "Name (_HID, \"ACPI0013\"",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )\n            {\n                0x00000005,",
+            "OperationRegion (GDST, SystemIO, 0x0610, One)",
+            "Method (_EVT, 1, Serialized)",
+            "Local0 = GDAT",
+            "\\_SB.PCI0.PCNT ()",
+            "Notify (\\_SB.PWRB, 0x80)",
+            "Device (_SB.PWRB)",
+            "Name (_HID, EisaId (\"PNP0C0C\")",
+            "Device (_SB.RTC)",
+            "Name (_HID, EisaId (\"PNP0B00\")",
+            "0x0070,             // Range Minimum",
+            "0x00000008,",
+            "Device (_SB.COM1)",
+            "Name (_HID, \"QEMU0001\")",
+            "Name (_S5, Package (0x04)",
+        ] {
+            assert!(dsl.contains(needle), "disassembly lacks {needle:?}:\n{dsl}");
+        }
+        assert!(
+            !dsl.contains("Device (S0D)"),
+            "slot 13 is not hot-pluggable here"
+        );
     }
 }

@@ -52,6 +52,11 @@ pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x600;
 pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x601;
 pub const ACPI_RESET_PORT: u16 = 0x602;
 pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// ACPI Generic Event Device: one byte of pending events (read clears), and its interrupt.
+pub const GED_PORT: u16 = 0x610;
+pub const GED_IRQ: u32 = 5;
+/// ACPI PCI hot-plug registers: slots up (u32), slots down (u32), slots ejected (u32).
+pub const PCI_HOTPLUG_PORT: u16 = 0x620;
 /// QEMU-compatible pvpanic port; Linux's pvpanic driver binds to ACPI id QEMU0001.
 pub const PVPANIC_PORT: u16 = 0x505;
 

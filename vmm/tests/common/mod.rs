@@ -50,6 +50,7 @@ pub fn run_guest(
             nets: vec![],
             console: Box::new(console.clone()),
             console_input: false,
+            pci_slots: 8,
         },
         Instant::now(),
     )

@@ -3,6 +3,7 @@
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_port;
+pub mod ged;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;

@@ -3,6 +3,7 @@
 
 pub mod configuration;
 pub mod host_bridge;
+pub mod hotplug;
 pub mod msix;
 pub mod root;
 

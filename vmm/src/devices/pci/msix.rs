@@ -39,11 +39,17 @@ impl TableEntry {
 /// Where the GSI routes and irqfds live; absent in device tests without KVM.
 pub trait MsiSink: Send {
     fn route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError>;
+    /// The vector's device is gone: unbind `irqfd` and let `gsi` be handed out again.
+    fn release(&self, _gsi: u32, _irqfd: &EventFd) {}
 }
 
 impl MsiSink for GsiRouter {
     fn route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
         self.set_msi_route(gsi, msg)
+    }
+
+    fn release(&self, gsi: u32, irqfd: &EventFd) {
+        self.release_gsi(gsi, irqfd);
     }
 }
 
@@ -260,6 +266,14 @@ impl Msix {
             .irqfds
             .get(vector as usize)
             .and_then(|f| f.try_clone().ok())
+    }
+}
+
+impl Drop for MsixState {
+    fn drop(&mut self) {
+        for (gsi, irqfd) in self.gsis.iter().zip(&self.irqfds) {
+            self.sink.release(*gsi, irqfd);
+        }
     }
 }
 

@@ -37,6 +37,8 @@ struct Slot {
 pub enum PciRootError {
     #[error("all {MAX_DEVICES} PCI slots are taken")]
     NoFreeSlot,
+    #[error("PCI slot {0} is taken or does not exist")]
+    SlotTaken(usize),
     #[error("cannot map BAR {bar} of device {slot:02x} at {addr:#x}: {source}")]
     MapBar {
         slot: usize,
@@ -47,55 +49,89 @@ pub enum PciRootError {
 }
 
 pub struct PciRoot {
-    slots: Vec<Slot>,
+    /// Indexed by slot (device number on bus 0); `None` is an empty slot.
+    slots: Vec<Option<Slot>>,
     mmio_bus: Arc<Bus>,
 }
 
 impl PciRoot {
     pub fn new(mmio_bus: Arc<Bus>) -> Self {
         PciRoot {
-            slots: Vec::new(),
+            slots: (0..MAX_DEVICES).map(|_| None).collect(),
             mmio_bus,
         }
     }
 
-    pub fn next_slot(&self) -> usize {
-        self.slots.len()
+    pub fn is_free(&self, slot: usize) -> bool {
+        matches!(self.slots.get(slot), Some(None))
     }
 
-    /// Adds a device at the next slot and maps its BARs as configured.
+    /// Adds a device at the first free slot and maps its BARs as configured.
     pub fn add_device(
         &mut self,
         device: Arc<Mutex<dyn PciDevice>>,
         bar_target: Option<Arc<Mutex<dyn BusDevice>>>,
     ) -> Result<usize, PciRootError> {
-        if self.slots.len() >= MAX_DEVICES {
-            return Err(PciRootError::NoFreeSlot);
+        let slot = (0..MAX_DEVICES)
+            .find(|&s| self.is_free(s))
+            .ok_or(PciRootError::NoFreeSlot)?;
+        self.add_device_at(slot, device, bar_target)?;
+        Ok(slot)
+    }
+
+    /// Adds a device at `slot` and maps its BARs; on failure the slot stays empty.
+    pub fn add_device_at(
+        &mut self,
+        slot: usize,
+        device: Arc<Mutex<dyn PciDevice>>,
+        bar_target: Option<Arc<Mutex<dyn BusDevice>>>,
+    ) -> Result<(), PciRootError> {
+        if !self.is_free(slot) {
+            return Err(PciRootError::SlotTaken(slot));
         }
-        let slot = self.slots.len();
-        self.slots.push(Slot {
+        self.slots[slot] = Some(Slot {
             device,
             bar_target,
             mapped: [None; NUM_BARS],
         });
-        self.reconcile_bars(slot)?;
-        Ok(slot)
+        if let Err(e) = self.reconcile_bars(slot) {
+            self.remove_device(slot);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Takes the device out of `slot`: its BARs are unmapped (and the device told, so it
+    /// drops its ioeventfds) and the root's reference to it is dropped.
+    pub fn remove_device(&mut self, slot: usize) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        let taken = self.slots.get_mut(slot)?.take()?;
+        let mut device = taken.device.lock().expect("PCI device lock poisoned");
+        for (bar, addr) in taken.mapped.iter().enumerate() {
+            if let Some(addr) = addr {
+                let _ = self.mmio_bus.remove(*addr);
+                device.bar_moved(bar, Some(*addr), None);
+            }
+        }
+        drop(device);
+        Some(taken.device)
     }
 
     /// Unmaps and drops every device. The root, its MMIO bus and the ECAM window on that
     /// bus refer to each other, so the devices would otherwise outlive the VM and never
     /// shut down (a qcow2 disk would not write its metadata).
     pub fn remove_all(&mut self) {
-        for slot in self.slots.drain(..) {
-            for addr in slot.mapped.into_iter().flatten() {
-                let _ = self.mmio_bus.remove(addr);
+        for slot in self.slots.iter_mut() {
+            if let Some(slot) = slot.take() {
+                for addr in slot.mapped.into_iter().flatten() {
+                    let _ = self.mmio_bus.remove(addr);
+                }
             }
         }
     }
 
     pub fn read_config(&self, device: usize, function: usize, reg: usize) -> u32 {
         match self.slots.get(device) {
-            Some(slot) if function == 0 => slot
+            Some(Some(slot)) if function == 0 => slot
                 .device
                 .lock()
                 .expect("PCI device lock poisoned")
@@ -112,11 +148,10 @@ impl PciRoot {
         offset: u64,
         data: &[u8],
     ) {
-        if function != 0 || device >= self.slots.len() {
+        let Some(Some(slot)) = self.slots.get(device).filter(|_| function == 0) else {
             return;
-        }
-        self.slots[device]
-            .device
+        };
+        slot.device
             .lock()
             .expect("PCI device lock poisoned")
             .write_config_register(reg, offset, data);
@@ -127,7 +162,9 @@ impl PciRoot {
 
     /// Makes the MMIO bus match where the device decodes its BARs now.
     fn reconcile_bars(&mut self, index: usize) -> Result<(), PciRootError> {
-        let slot = &mut self.slots[index];
+        let Some(Some(slot)) = self.slots.get_mut(index) else {
+            return Ok(());
+        };
         let Some(target) = slot.bar_target.clone() else {
             return Ok(());
         };
@@ -144,14 +181,17 @@ impl PciRoot {
             slot.mapped[bar] = None;
             if let Some(addr) = wanted {
                 let size = device.config().bar_size(bar);
-                self.mmio_bus
-                    .insert(target.clone(), addr, size)
-                    .map_err(|source| PciRootError::MapBar {
+                if let Err(source) = self.mmio_bus.insert(target.clone(), addr, size) {
+                    // The BAR decodes nowhere now: the device must drop what it had
+                    // registered at the old address (its ioeventfds).
+                    device.bar_moved(bar, current, None);
+                    return Err(PciRootError::MapBar {
                         slot: index,
                         bar,
                         addr,
                         source,
-                    })?;
+                    });
+                }
                 slot.mapped[bar] = Some(addr);
             }
             device.bar_moved(bar, current, slot.mapped[bar]);
@@ -398,5 +438,54 @@ mod tests {
                 (None, Some(0xc010_0000))
             ]
         );
+    }
+
+    /// Regression: a BAR moved onto a taken range used to leave the device believing it
+    /// was still mapped at the old address (its ioeventfds stayed registered there).
+    #[test]
+    fn a_bar_moved_where_it_cannot_be_mapped_is_unmapped_and_the_device_told() {
+        let (bus, root, dev) = setup();
+        struct Blocker;
+        impl BusDevice for Blocker {
+            fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+            fn write(&mut self, _offset: u64, _data: &[u8]) {}
+        }
+        bus.insert(Arc::new(Mutex::new(Blocker)), 0xc020_0000, 0x1000)
+            .unwrap();
+        let mut ecam = PciConfigMmio::new(root);
+        ecam.write((1 << 15) | 0x10, &0xc020_0000u32.to_le_bytes());
+        let moves = dev.lock().unwrap().moves.clone();
+        assert_eq!(
+            moves,
+            vec![(None, Some(0xc000_0000)), (Some(0xc000_0000), None)]
+        );
+        let mut data = [0u8; 1];
+        assert!(!bus.read(0xc000_0000, &mut data));
+    }
+
+    #[test]
+    fn devices_are_added_at_chosen_slots_and_removed_with_their_bars() {
+        let (bus, root, dev) = setup();
+        let mut root = root.lock().unwrap();
+        assert!(!root.is_free(1));
+        assert!(matches!(
+            root.add_device_at(1, dev.clone(), Some(dev.clone())),
+            Err(PciRootError::SlotTaken(1))
+        ));
+        assert!(root.remove_device(1).is_some());
+        assert!(root.is_free(1));
+        assert!(root.remove_device(1).is_none());
+        let mut data = [0u8; 1];
+        assert!(!bus.read(0xc000_0000, &mut data));
+        assert_eq!(
+            dev.lock().unwrap().moves.last(),
+            Some(&(Some(0xc000_0000), None))
+        );
+        assert_eq!(root.read_config(1, 0, 0), 0xffff_ffff);
+        root.add_device_at(7, dev.clone(), Some(dev.clone()))
+            .unwrap();
+        assert_eq!(root.read_config(7, 0, 0), 0x1042_1af4);
+        assert!(bus.read(0xc000_0000, &mut data));
+        assert!(root.add_device_at(MAX_DEVICES, dev.clone(), None).is_err());
     }
 }

@@ -6,6 +6,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::counters::BlockCounters;
 use super::event_handler::{QueueWorker, QueueWorkerParts};
 use super::io::{
     create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
@@ -20,6 +21,9 @@ use crate::devices::virtio::{
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockConfig {
+    /// How the VMM API names the disk; `disk<N>` when not given.
+    #[serde(default)]
+    pub id: Option<String>,
     pub path: PathBuf,
     /// Image format; never guessed from the file (see `ImageFormat`).
     #[serde(default)]
@@ -41,6 +45,7 @@ pub struct BlockConfig {
 impl BlockConfig {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         BlockConfig {
+            id: None,
             path: path.into(),
             format: ImageFormat::Raw,
             read_only: false,
@@ -63,6 +68,7 @@ pub struct VirtioBlock {
     /// Always present (unlimited costs one atomic load per request), so the VMM API can
     /// change the limits at run time.
     limiter: RateLimiter,
+    counters: Arc<BlockCounters>,
 }
 
 impl VirtioBlock {
@@ -102,7 +108,13 @@ impl VirtioBlock {
             workers: Vec::new(),
             kill: None,
             limiter: RateLimiter::new(config.rate_limit),
+            counters: Arc::new(BlockCounters::default()),
         })
+    }
+
+    /// The disk's I/O counters (all queues, since the device was created).
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
     }
 
     pub fn engine(&self) -> IoEngine {
@@ -132,6 +144,35 @@ impl VirtioBlock {
         put32(&mut cfg, 52, MAX_DISCARD_SEGMENTS);
         cfg[56] = 1; // write_zeroes_may_unmap
         cfg
+    }
+
+    fn start_workers(&mut self, ctx: ActivateContext, kill: &EventFd) -> Result<(), ActivateError> {
+        for (index, (queue, queue_event)) in
+            ctx.queues.into_iter().zip(ctx.queue_events).enumerate()
+        {
+            let engine = create_engine(self.engine, &self.disk, u32::from(QUEUE_SIZE))
+                .map_err(|e| ActivateError::Worker(std::io::Error::other(e)))?;
+            let worker = QueueWorker::new(QueueWorkerParts {
+                mem: ctx.mem.clone(),
+                disk: self.disk.clone(),
+                serial: self.serial.clone(),
+                queue,
+                queue_index: index as u16,
+                queue_event,
+                interrupt: ctx.interrupt.clone(),
+                kill: kill.try_clone().map_err(ActivateError::Worker)?,
+                engine,
+                limiter: Some(self.limiter.clone()),
+                counters: self.counters.clone(),
+            })
+            .map_err(ActivateError::Worker)?;
+            let handle = std::thread::Builder::new()
+                .name(format!("virtio-blk-q{index}"))
+                .spawn(move || worker.run())
+                .map_err(ActivateError::Worker)?;
+            self.workers.push(handle);
+        }
+        Ok(())
     }
 
     fn stop_workers(&mut self) {
@@ -169,33 +210,15 @@ impl VirtioDevice for VirtioBlock {
             });
         }
         let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        for (index, (queue, queue_event)) in
-            ctx.queues.into_iter().zip(ctx.queue_events).enumerate()
-        {
-            let engine = create_engine(self.engine, &self.disk, u32::from(QUEUE_SIZE))
-                .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))?;
-            let worker = QueueWorker::new(QueueWorkerParts {
-                mem: ctx.mem.clone(),
-                disk: self.disk.clone(),
-                serial: self.serial.clone(),
-                queue,
-                queue_index: index as u16,
-                queue_event,
-                interrupt: ctx.interrupt.clone(),
-                kill: kill.try_clone().map_err(ActivateError::Worker)?,
-                engine,
-                limiter: Some(self.limiter.clone()),
-            });
-            let handle = std::thread::Builder::new()
-                .name(format!("virtio-blk-q{index}"))
-                .spawn(move || worker.run())
-                .map_err(ActivateError::Worker)?;
-            self.workers.push(handle);
+        self.kill = Some(kill.try_clone().map_err(ActivateError::Worker)?);
+        let started = self.start_workers(ctx, &kill);
+        if started.is_err() {
+            // Workers already running would otherwise serve a device the guest was told
+            // failed.
+            self.stop_workers();
         }
-        self.kill = Some(kill);
-        Ok(())
+        started
     }
-
     fn reset(&mut self) {
         self.stop_workers();
     }

@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::counters::{BlockCounters, CountedOp};
 use super::io::{AsyncIo, Completion, DiskFile, DiskOp, DIRECT_IO_ALIGNMENT};
 use super::request::{parse, write_device_id, Request, RequestType};
 use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -65,6 +66,7 @@ struct InFlight {
     _iovecs: Vec<libc::iovec>,
     read_bounce: Option<Bounce>,
     _write_bounce: Option<Bounce>,
+    counted: CountedOp,
 }
 
 // SAFETY: the iovecs point into guest memory or into this struct's own bounce buffers; they
@@ -89,6 +91,9 @@ pub struct QueueWorker {
     /// Fires when a throttled queue may go on.
     throttle_timer: TimerFd,
     throttled: bool,
+    /// When the queue was last throttled, for the counters.
+    throttled_since: Option<Instant>,
+    counters: Arc<BlockCounters>,
     /// Written by the limiter when its limits change (VMM API).
     limit_changed: Arc<EventFd>,
     /// Current polling window (see POLL_WINDOW); zero while polling does not pay.
@@ -127,15 +132,19 @@ pub struct QueueWorkerParts {
     pub engine: Box<dyn AsyncIo>,
     /// Shared by all queues of the device.
     pub limiter: Option<RateLimiter>,
+    /// Shared by all queues of the device.
+    pub counters: Arc<BlockCounters>,
 }
 
 impl QueueWorker {
-    pub fn new(parts: QueueWorkerParts) -> Self {
-        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+    /// Fails only when the host is out of eventfds or timerfds.
+    pub fn new(parts: QueueWorkerParts) -> std::io::Result<Self> {
+        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let throttle_timer = TimerFd::new()?;
         if let Some(limiter) = &parts.limiter {
             limiter.watch(&limit_changed);
         }
-        QueueWorker {
+        Ok(QueueWorker {
             mem: parts.mem,
             disk: parts.disk,
             serial: parts.serial,
@@ -149,12 +158,14 @@ impl QueueWorker {
             free_slots: Vec::new(),
             used_pending: false,
             limiter: parts.limiter,
-            throttle_timer: TimerFd::new().expect("timerfd"),
+            throttle_timer,
             throttled: false,
+            throttled_since: None,
+            counters: parts.counters,
             poll_window: Duration::ZERO,
             polling_allowed: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             limit_changed,
-        }
+        })
     }
 
     /// True while the rate limiter holds the queue back.
@@ -187,6 +198,7 @@ impl QueueWorker {
                         // Leave the request in the ring until the tokens are back.
                         self.queue.go_to_previous_position();
                         self.throttled = true;
+                        self.throttled_since.get_or_insert_with(Instant::now);
                         if let Err(e) = self.throttle_timer.reset(wait, None) {
                             tracing::error!("virtio-blk: cannot arm the throttle timer: {e}");
                         }
@@ -237,6 +249,9 @@ impl QueueWorker {
     pub fn unthrottle(&mut self) -> usize {
         let _ = self.throttle_timer.wait();
         self.throttled = false;
+        if let Some(since) = self.throttled_since.take() {
+            self.counters.throttled_for(since.elapsed());
+        }
         self.process_queue()
     }
 
@@ -257,6 +272,9 @@ impl QueueWorker {
     }
 
     fn complete(&mut self, head: u16, status_addr: Option<GuestAddress>, status: u8, written: u32) {
+        if status != VIRTIO_BLK_S_OK {
+            self.counters.failed();
+        }
         let used_len = match status_addr {
             Some(addr) if self.mem.write_obj(status, addr).is_ok() => written + 1,
             _ => 0,
@@ -324,11 +342,17 @@ impl QueueWorker {
             _iovecs: Vec::new(),
             read_bounce: None,
             _write_bounce: None,
+            counted: CountedOp::Flush,
         };
         match request.request_type {
             RequestType::In | RequestType::Out => {
                 inflight.expected = u64::from(data_len);
                 let is_read = request.request_type == RequestType::In;
+                inflight.counted = if is_read {
+                    CountedOp::Read(u64::from(data_len))
+                } else {
+                    CountedOp::Write(u64::from(data_len))
+                };
                 if is_read {
                     inflight.written_to_guest = data_len;
                 }
@@ -381,8 +405,10 @@ impl QueueWorker {
                     u64::from(range.num_sectors) << SECTOR_SHIFT,
                 );
                 if request.request_type == RequestType::Discard {
+                    inflight.counted = CountedOp::Discard(len);
                     DiskOp::Discard { offset, len }
                 } else {
+                    inflight.counted = CountedOp::WriteZeroes(len);
                     DiskOp::WriteZeroes {
                         offset,
                         len,
@@ -441,6 +467,9 @@ impl QueueWorker {
                     at += len as usize;
                 }
             }
+        }
+        if status == VIRTIO_BLK_S_OK {
+            self.counters.completed(inflight.counted);
         }
         let written = if status == VIRTIO_BLK_S_OK {
             inflight.written_to_guest

@@ -1,5 +1,6 @@
 //! virtio-blk: request parsing, the device, its worker thread and its disk I/O engines.
 
+pub mod counters;
 pub mod device;
 pub mod event_handler;
 pub mod io;

@@ -20,6 +20,9 @@ pub const VIRTIO_ID_NET: u32 = 1;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
+    /// How the VMM API names the NIC; `net<N>` when not given.
+    #[serde(default)]
+    pub id: Option<String>,
     /// TAP device to open (created if it does not exist), or the name of `fd`'s TAP.
     pub tap: String,
     /// Guest MAC, e.g. 02:00:c6:12:00:0a.
@@ -222,7 +225,8 @@ impl VirtioDevice for VirtioNet {
             stats: self.stats.clone(),
             rx_limiter: Some(self.limiters.rx.clone()),
             tx_limiter: Some(self.limiters.tx.clone()),
-        });
+        })
+        .map_err(ActivateError::Worker)?;
         let handle = std::thread::Builder::new()
             .name(format!("virtio-net-{}", self.tap.name()))
             .spawn(move || worker.run())

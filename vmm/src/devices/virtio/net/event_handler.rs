@@ -25,6 +25,40 @@ pub struct NetStats {
     pub tx_dropped: AtomicU64,
     pub rx_frames: AtomicU64,
     pub rx_dropped: AtomicU64,
+    /// Frame bytes without the virtio-net header.
+    pub tx_bytes: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    pub throttled_us: AtomicU64,
+}
+
+/// `GET /vm/counters`, per NIC: totals since the device was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetCountersReport {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    /// Frames from the TAP that could not be delivered (malformed RX chains, oversized).
+    pub rx_dropped: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Guest frames refused (malformed chains, oversized) or refused by the TAP.
+    pub tx_dropped: u64,
+    /// Time the rate limiter held either direction back.
+    pub throttled_us: u64,
+}
+
+impl NetStats {
+    pub fn report(&self) -> NetCountersReport {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NetCountersReport {
+            rx_frames: get(&self.rx_frames),
+            rx_bytes: get(&self.rx_bytes),
+            rx_dropped: get(&self.rx_dropped),
+            tx_frames: get(&self.tx_frames),
+            tx_bytes: get(&self.tx_bytes),
+            tx_dropped: get(&self.tx_dropped),
+            throttled_us: get(&self.throttled_us),
+        }
+    }
 }
 
 pub struct NetWorkerParts {
@@ -60,6 +94,8 @@ pub struct NetWorker {
     throttle_timer: TimerFd,
     rx_throttled: bool,
     tx_throttled: bool,
+    /// When a direction was last throttled, for the counters.
+    throttled_since: Option<std::time::Instant>,
     /// Written by either limiter when its limits change (VMM API).
     limit_changed: Arc<EventFd>,
 }
@@ -72,26 +108,31 @@ const THROTTLE_TOKEN: u64 = 4;
 const LIMIT_TOKEN: u64 = 5;
 
 impl NetWorker {
-    pub fn new(parts: NetWorkerParts) -> Self {
-        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"));
+    /// Fails only when the host is out of eventfds or timerfds.
+    pub fn new(parts: NetWorkerParts) -> std::io::Result<Self> {
+        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        let throttle_timer = TimerFd::new()?;
         for limiter in [&parts.rx_limiter, &parts.tx_limiter].into_iter().flatten() {
             limiter.watch(&limit_changed);
         }
-        NetWorker {
+        Ok(NetWorker {
             p: parts,
             frame: vec![0; MAX_PACKET_LEN],
             rx_reserve: std::collections::VecDeque::new(),
             pending: None,
             rx_used: false,
             tx_used: false,
-            throttle_timer: TimerFd::new().expect("timerfd"),
+            throttle_timer,
             rx_throttled: false,
             tx_throttled: false,
+            throttled_since: None,
             limit_changed,
-        }
+        })
     }
 
     fn throttle(&mut self, wait: std::time::Duration) {
+        self.throttled_since
+            .get_or_insert_with(std::time::Instant::now);
         if let Err(e) = self.throttle_timer.reset(wait, None) {
             tracing::error!("virtio-net: cannot arm the throttle timer: {e}");
         }
@@ -122,6 +163,10 @@ impl NetWorker {
         let _ = self.throttle_timer.wait();
         self.rx_throttled = false;
         self.tx_throttled = false;
+        if let Some(since) = self.throttled_since.take() {
+            let us = since.elapsed().as_micros() as u64;
+            self.p.stats.throttled_us.fetch_add(us, Ordering::Relaxed);
+        }
         self.process_tx();
         self.process_rx()
     }
@@ -181,12 +226,13 @@ impl NetWorker {
                 if !valid {
                     tracing::debug!("virtio-net: dropping a malformed {total}-byte TX chain");
                 }
-                let counter = if sent {
-                    &self.p.stats.tx_frames
+                if sent {
+                    self.p.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                    let payload = total.saturating_sub(VNET_HDR_LEN) as u64;
+                    self.p.stats.tx_bytes.fetch_add(payload, Ordering::Relaxed);
                 } else {
-                    &self.p.stats.tx_dropped
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
+                    self.p.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                }
                 // TX buffers are only read: the used length is 0 either way.
                 if self.p.tx.add_used(&mem, head, 0).is_err() {
                     tracing::error!("virtio-net: cannot return TX buffer {head}");
@@ -237,6 +283,8 @@ impl NetWorker {
             match self.deliver(len) {
                 Delivery::Done => {
                     self.p.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    let payload = (len - VNET_HDR_LEN) as u64;
+                    self.p.stats.rx_bytes.fetch_add(payload, Ordering::Relaxed);
                     self.pending = None;
                 }
                 Delivery::Dropped => {
