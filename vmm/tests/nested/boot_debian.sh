@@ -19,7 +19,16 @@
 # --verify_only (same job and seed, psync) and checks every block's offset and checksum.
 # The guest also writes a random file generated here with dd oflag=direct at 48 MiB, and L1
 # compares the SHA-256 of everything past fio's area (the file, zeros around it).
-# The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs and pvpanic modules.
+# 3. the vmlinux again, with no devices and an API socket: L1 drives it through the VMM's
+#    control API (static api_call helper): a disk hot-plugged after boot appears with its
+#    serial (the stock acpiphp), the guest writes to it, DELETE makes the guest eject it and
+#    the data is in the host file; a hot-plugged NIC gets its DHCP lease; pause stops the
+#    guest's once-a-second output and resume restarts it; the power button (GED -> the stock
+#    button driver -> an evdev key press this init waits for) powers it off, exit status 0.
+# The first guest also checks the CMOS RTC: rtc_cmos binds, and both the RTC and the system
+# clock agree with L1's clock (read over HTTP) within a second.
+# The guests load the stock virtio-pci, virtio-blk, virtio-net, isofs, pvpanic, button and
+# evdev modules.
 # Prints "nested: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
@@ -29,6 +38,9 @@ build_static_vmm
 (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
     --target x86_64-unknown-linux-gnu -p stratus-nodeagent --example dhcp_server)
 DHCP_SERVER=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/dhcp_server
+(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+    --target x86_64-unknown-linux-gnu -p stratus-vmm --example api_call)
+API_CALL=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/api_call
 
 W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
 trap 'rm -rf "$W"' EXIT
@@ -94,9 +106,12 @@ HOSTILE='it is "quoted" $(echo not-run) `id`'
 
 # Inner (L2) initramfs.
 busybox_root "$W/inner"
-copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk virtio_net pvpanic_mmio isofs
+copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk virtio_net pvpanic_mmio isofs button evdev
 GUEST_MAC=02:00:c6:12:00:0a
 GUEST_IP=198.18.0.10
+# The third guest's hot-plugged NIC: the pool's second fixed address and its MAC.
+HOT_IP=198.18.0.11
+HOT_MAC=02:00:c6:12:00:0b
 HOST_IP=198.18.0.1
 head -c 200000 /dev/urandom > "$W/l1file"
 L1FILE_SHA=$(sha256sum "$W/l1file" | cut -d' ' -f1)
@@ -114,6 +129,35 @@ copy_fio_into "$W/inner"
 cp "$W/fio-verify.job" "$W/inner/"
 cp "$W/dd-payload" "$W/inner/"
 write_init "$W/inner" <<INIT
+if grep -q stratus_test=live /proc/cmdline; then
+    echo "STRATUS3-INIT"
+    # The power button: the stock button driver turns the ACPI notification into a key
+    # press on its "Power Button" input device (evdev); this init powers off on it.
+    pb=
+    for e in /sys/class/input/event*; do
+        [ "\$(cat \$e/device/name 2>/dev/null)" = "Power Button" ] && pb=/dev/\${e##*/}
+    done
+    echo "STRATUS3-POWER-BUTTON-DEVICE \$pb"
+    ( [ -c "\$pb" ] && dd if=\$pb bs=24 count=1 of=/dev/null 2>/dev/null &&
+        echo "STRATUS3-POWER-BUTTON" && sync && poweroff -f ) &
+    ( while :; do echo "STRATUS3-TICK"; sleep 1; done ) &
+    echo "STRATUS3-READY"
+    dev=; i=0
+    while [ -z "\$dev" ] && [ \$i -lt 600 ]; do
+        for b in /sys/block/vd*; do [ "\$(cat \$b/serial 2>/dev/null)" = hot-disk-1 ] && dev=\${b##*/}; done
+        sleep 0.2; i=\$((i+1))
+    done
+    echo "STRATUS3-HOT-DISK \$dev \$(cat /sys/block/\$dev/size 2>/dev/null)"
+    dd if=/pattern of=/dev/\$dev bs=4096 seek=2 conv=fsync 2>/dev/null && echo "STRATUS3-HOT-WROTE"
+    i=0; while [ -e /sys/block/\$dev ] && [ \$i -lt 600 ]; do sleep 0.2; i=\$((i+1)); done
+    [ -e /sys/block/\$dev ] || echo "STRATUS3-HOT-DISK-GONE"
+    i=0; while [ ! -e /sys/class/net/eth0 ] && [ \$i -lt 600 ]; do sleep 0.2; i=\$((i+1)); done
+    echo "STRATUS3-HOT-NIC \$(cat /sys/class/net/eth0/address 2>/dev/null)"
+    ip link set eth0 up
+    udhcpc -i eth0 -q -n -t 10 -s /udhcpc.sh
+    echo "STRATUS3-NIC-DONE"
+    wait
+fi
 if grep -q stratus_test=panic /proc/cmdline; then
     echo "STRATUS2-INIT nproc=\$(nproc)"
     i=0; while [ ! -b /dev/vda ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
@@ -220,10 +264,12 @@ mkdir -p "$W/outer/www/cgi-bin"
 printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\ndate +%%s\n' > "$W/outer/www/cgi-bin/now"
 chmod +x "$W/outer/www/cgi-bin/now"
 cp "$DHCP_SERVER" "$W/outer/dhcp_server"
+cp "$API_CALL" "$W/outer/api_call"
 cat > "$W/outer/pool.json" <<POOL
 {"kind": "public", "subnet": "198.18.0.0/24", "gateway": "$HOST_IP",
  "dns_servers": ["198.18.0.2"], "domain": "nested.stratus.test",
- "addresses": {"fixed": [{"ip": "$GUEST_IP", "hostname": "nested-guest"}]}}
+ "addresses": {"fixed": [{"ip": "$GUEST_IP", "hostname": "nested-guest"},
+                        {"ip": "$HOT_IP", "hostname": "nested-hot"}]}}
 POOL
 write_init "$W/outer" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
@@ -264,6 +310,38 @@ echo "L1-UPLOAD \$(sha256sum /from_guest | cut -d' ' -f1) \$(wc -c < /from_guest
   --cmdline "console=ttyS0 panic=-1 loglevel=4 stratus_test=panic"
 echo "VMM2-EXIT rc=\$?"
 echo "L1-RO-DISK-SHA256 \$(sha256sum /ro.img | cut -d' ' -f1)"
+# Third guest: live control through the VMM's API (hot-plug, pause, power button).
+truncate -s 1M /hot.img
+tunctl -t tap5 >/dev/null; brctl addif br0 tap5; ip link set tap5 up
+/vmm --kernel /vmlinux --initrd /initrd --cpus 1 --memory 256 --api-socket /api.sock \
+  --console file=/con3.log --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4 stratus_test=live" \
+  > /vmm3.out 2>&1 &
+VMM3=\$!
+waitcon() { i=0; while ! grep -q "\$1" /con3.log 2>/dev/null; do [ \$i -ge \$2 ] && return 1; sleep 1; i=\$((i+1)); done; }
+api() { /api_call /api.sock "\$@"; }
+waitcon STRATUS3-READY 300 && echo "L1-LIVE-READY"
+api PUT /vm/disks '{"id":"hot1","path":"/hot.img","serial":"hot-disk-1"}' | sed 's/^/L1-API-PUT-DISK /'
+waitcon STRATUS3-HOT-WROTE 120
+api DELETE /vm/disks/hot1 | sed 's/^/L1-API-DELETE-DISK /'
+waitcon STRATUS3-HOT-DISK-GONE 120
+i=0; while api GET /vm | grep -q '"hot1"' && [ \$i -lt 60 ]; do sleep 1; i=\$((i+1)); done
+api GET /vm | grep -q '"hot1"' || echo "L1-HOT1-EJECTED"
+echo "L1-HOT-SHA256 \$(dd if=/hot.img bs=4096 skip=2 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)"
+api PUT /vm/nets '{"id":"hotnet","tap":"tap5","mac":"$HOT_MAC"}' | sed 's/^/L1-API-PUT-NET /'
+waitcon STRATUS3-NIC-DONE 120
+api GET /vm/counters | sed 's/^/L1-COUNTERS /'
+api PUT /vm/actions '{"action":"pause"}' | sed 's/^/L1-API-PAUSE /'
+t1=\$(grep -c STRATUS3-TICK /con3.log); sleep 5; t2=\$(grep -c STRATUS3-TICK /con3.log)
+[ "\$t1" = "\$t2" ] && echo "L1-PAUSE-HELD \$t1"
+api PUT /vm/actions '{"action":"resume"}' | sed 's/^/L1-API-RESUME /'
+sleep 5; t3=\$(grep -c STRATUS3-TICK /con3.log)
+[ "\$t3" -gt "\$t2" ] && echo "L1-RESUME-TICKS \$t2 \$t3"
+api PUT /vm/actions '{"action":"shutdown"}' | sed 's/^/L1-API-SHUTDOWN /'
+i=0; while kill -0 \$VMM3 2>/dev/null && [ \$i -lt 120 ]; do sleep 1; i=\$((i+1)); done
+kill -0 \$VMM3 2>/dev/null && { echo "VMM3-STILL-RUNNING"; kill \$VMM3; }
+wait \$VMM3; echo "VMM3-EXIT rc=\$?"
+grep -v STRATUS3-TICK /con3.log | sed 's/^/L1-CON3 /'
+sed 's/^/L1-VMM3 /' /vmm3.out
 poweroff -f
 INIT
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
@@ -330,6 +408,25 @@ check "guest panic ends the VMM with status 2" "VMM2-EXIT rc=2"
 check "VMM reports the panic" "stratus-vmm: guest kernel panicked"
 check "the stock pvpanic driver reported it" "guest reported a kernel panic through pvpanic"
 check "read-only disk file is unchanged" "L1-RO-DISK-SHA256 $(head -c 1M /dev/zero | sha256sum | cut -d' ' -f1)"
+check "live-control guest boots with the API socket" "L1-LIVE-READY"
+check "the stock button driver gives the power button an input device" "STRATUS3-POWER-BUTTON-DEVICE /dev/input/event"
+check "hot-plugging a disk is answered 201" "L1-API-PUT-DISK 201"
+check "the hot-plugged disk appears in the guest with its serial (acpiphp)" "STRATUS3-HOT-DISK vda 2048"
+check "the guest writes to the hot-plugged disk" "STRATUS3-HOT-WROTE"
+check "unplugging is answered 202" "L1-API-DELETE-DISK 202"
+check "the guest sees the disk vanish after DELETE" "STRATUS3-HOT-DISK-GONE"
+check "the VMM drops the disk once the guest ejected it" "L1-HOT1-EJECTED"
+check "the guest's writes are in the host file after unplug" "L1-HOT-SHA256 $PATTERN_SHA"
+check "hot-plugging a NIC is answered 201" "L1-API-PUT-NET 201"
+check "the hot-plugged NIC appears with its MAC" "STRATUS3-HOT-NIC $HOT_MAC"
+check "the hot-plugged NIC gets its DHCP lease" "STRATUS-LEASE $HOT_IP router=$HOST_IP"
+check "the counters show the hot NIC's DHCP traffic" 'L1-COUNTERS 200 {"disks":{},"nets":{"hotnet":{"rx_frames":'
+check "pause answered" 'L1-API-PAUSE 200 {"state":"paused"'
+check "a paused guest's clock-driven output stops" "L1-PAUSE-HELD"
+check "resume restarts it" "L1-RESUME-TICKS"
+check "the power button is answered 202" "L1-API-SHUTDOWN 202"
+check "the guest sees the power button press" "STRATUS3-POWER-BUTTON"
+check "the guest powers off and the VMM exits 0" "VMM3-EXIT rc=0"
 if grep -q "STRATUS2-STILL-ALIVE" "$CONSOLE"; then
     failed=$((failed + 1)); echo "FAIL - the guest survived its own panic"
 fi
