@@ -7,6 +7,7 @@
 //! down when the guest ejects the slot, so a guest that still uses a disk never has it
 //! pulled from under it. Everything here runs on the VMM's control thread.
 
+use std::os::unix::io::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -283,14 +284,21 @@ impl DeviceManager {
     }
 
     /// Adds a virtio-net NIC in the first free slot; with `hotplug`, the guest is told.
-    pub fn add_net(&mut self, config: NetConfig, hotplug: bool) -> Result<NetInfo, DeviceError> {
+    /// `passed` is a TAP descriptor handed over the API socket, used instead of the name.
+    pub fn add_net(
+        &mut self,
+        config: NetConfig,
+        passed: Option<OwnedFd>,
+        hotplug: bool,
+    ) -> Result<NetInfo, DeviceError> {
         let index = self.next_net_index;
         let id = self.choose_id(config.id.as_deref(), "net", index)?;
         let slot = self.free_slot()?;
-        let device = VirtioNet::new(&config).map_err(|source| DeviceError::Net {
-            tap: config.tap.clone(),
-            source,
-        })?;
+        let device =
+            VirtioNet::with_passed_fd(&config, passed).map_err(|source| DeviceError::Net {
+                tap: config.tap.clone(),
+                source,
+            })?;
         let limiters = device.rate_limiters();
         let stats = device.stats();
         self.plug(slot, Box::new(device))?;

@@ -116,6 +116,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    raise_file_limit();
     // Blocked before any thread exists, so every thread inherits the mask and the signals
     // wait for the thread that turns them into an orderly stop.
     let stop_signals = block_stop_signals();
@@ -134,6 +135,28 @@ fn main() -> ExitCode {
     let code = reason.exit_code();
     eprintln!("stratus-vmm: {reason}");
     ExitCode::from(code as u8)
+}
+
+/// Disks, NICs, io_uring rings, eventfds and API connections all take descriptors: take
+/// the hard limit the host allows rather than the default soft one.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct given, which lives for the call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }
 
 /// SIGTERM and SIGINT, blocked in the calling thread (and in threads it creates later).

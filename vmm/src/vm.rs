@@ -304,7 +304,7 @@ impl Vm {
             devices.add_disk(disk, false)?;
         }
         for net in resources.nets {
-            devices.add_net(net, false)?;
+            devices.add_net(net, None, false)?;
         }
         pio.insert(
             Arc::new(Mutex::new(PciConfigIo::new(pci_root.clone()))),

@@ -6,6 +6,7 @@
 //! vmlinux without one.
 
 use std::io::{Read, Write};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -254,6 +255,86 @@ fn http_raw(
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
     (status, head, body)
+}
+
+/// One request sent with `fd` attached (SCM_RIGHTS), as the node agent hands a VMM the
+/// TAP of a hot-plugged NIC.
+fn http_with_fd(socket: &Path, path: &str, body: &Value, fd: RawFd) -> (u16, Value) {
+    let stream = UnixStream::connect(socket).expect("connect to the API socket");
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let body = body.to_string();
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut control = [0u64; 4];
+    let mut iov = libc::iovec {
+        iov_base: request.as_ptr() as *mut libc::c_void,
+        iov_len: request.len(),
+    };
+    // SAFETY: msghdr is plain data; the iovec, the control buffer and the descriptor array
+    // written into it live until sendmsg returns; CMSG_* stay within the control buffer.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        let sent = libc::sendmsg(stream.as_raw_fd(), &msg, 0);
+        assert_eq!(
+            sent,
+            request.len() as isize,
+            "{}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut response = Vec::new();
+    (&stream).read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+/// A TAP in a network namespace of its own; the namespace lives until the sender is
+/// dropped (its thread waits on it).
+fn tap_in_own_netns(name: &str) -> (OwnedFd, std::sync::mpsc::Sender<()>) {
+    let (fd_tx, fd_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        // SAFETY: unshare changes only this thread's network namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .unwrap();
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; 16],
+            flags: libc::c_short,
+            _pad: [u8; 22],
+        }
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads an ifreq-sized struct that lives for the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        fd_tx.send(OwnedFd::from(file)).unwrap();
+        let _ = done_rx.recv();
+    });
+    (fd_rx.recv().unwrap(), done_tx)
 }
 
 fn error_text(response: &Value) -> &str {
@@ -729,6 +810,28 @@ fn nics_are_hot_plugged_and_unplugged_in_the_vmm_s_own_network_namespace() {
         assert_eq!(status, 400, "{body}: {e}");
         assert!(error_text(&e).contains(text), "{body}: {e}");
     }
+    // A TAP descriptor passed with the request, from another network namespace.
+    let (tap, _netns) = tap_in_own_netns("stpass");
+    let passed = json!({"id": "passed", "tap": "stpass", "mac": "02:00:c6:12:00:35"});
+    let (status, info) = http_with_fd(&socket, "/vm/nets", &passed, tap.as_raw_fd());
+    assert_eq!(status, 201, "{info}");
+    assert_eq!(info["tap"], "stpass");
+    // Anything but a TAP is refused, and nothing is added.
+    let file = std::fs::File::open(dir.path().join("vmlinux")).unwrap();
+    let fake = json!({"id": "fake", "tap": "nothing", "mac": "02:00:c6:12:00:36"});
+    let (status, e) = http_with_fd(&socket, "/vm/nets", &fake, file.as_raw_fd());
+    assert_eq!(status, 400, "{e}");
+    assert!(error_text(&e).contains("not an open /dev/net/tun"), "{e}");
+    let (_, vm) = http(&socket, "GET", "/vm", None);
+    let ids: Vec<&str> = vm["nets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["n1", "passed"]);
+    assert_eq!(http(&socket, "DELETE", "/vm/nets/passed", None).0, 202);
+
     let (status, info) = http(
         &socket,
         "PATCH",
@@ -747,4 +850,41 @@ fn nics_are_hot_plugged_and_unplugged_in_the_vmm_s_own_network_namespace() {
     assert_eq!(http(&socket, "DELETE", "/vm/nets/n1", None).0, 404);
     assert_eq!(action(&socket, "stop").0, 202);
     assert_eq!(vmm.wait_exit().0, 6);
+}
+
+#[test]
+fn idle_clients_are_capped_and_closed_after_the_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vmm = Vmm::start(dir.path(), Guest::Halt, &[]);
+    vmm.wait_until_running();
+    let socket = vmm.socket.clone();
+    // Clients that connect and never send a request.
+    let idle: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let sockets = fd_targets(&mut vmm)
+        .iter()
+        .filter(|t| t.to_string_lossy().starts_with("socket:"))
+        .count();
+    // 32 connections served at once, plus the listener; the rest wait in the backlog.
+    assert!(sockets <= 33, "the VMM holds {sockets} sockets");
+    // The head-read deadline closes them, so a real request still gets through.
+    let start = Instant::now();
+    let (status, _) = http(&socket, "GET", "/vm", None);
+    assert_eq!(status, 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        start.elapsed()
+    );
+    let mut first = &idle[0];
+    first.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = first.read(&mut buf).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        n == 0 || answer.contains("408"),
+        "an idle client got {answer:?}"
+    );
 }

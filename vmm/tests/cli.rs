@@ -123,7 +123,7 @@ fn a_net_descriptor_that_is_no_tap_is_refused() {
     ]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("descriptor 0 is not an open /dev/net/tun descriptor"),
+        err.contains("descriptor 0 is not an open /dev/net/tun (TAP) descriptor"),
         "{err}"
     );
     let (code, err) = vmm(&["--kernel", "/k", "--net", "tap=t,mac=ff:00:00:00:00:01"]);

@@ -57,22 +57,36 @@ pub enum NetError {
     BadMac(String),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("descriptor {0} is not an open /dev/net/tun descriptor")]
+    #[error("descriptor {0} is not an open /dev/net/tun (TAP) descriptor")]
     NotTap(i32),
 }
 
-/// Takes over an inherited descriptor after checking it really is a TAP queue.
+/// Takes over an inherited descriptor number after checking it really is a TAP queue.
 fn inherited_tap(fd: i32, name: &str) -> Result<Tap, NetError> {
     use std::os::unix::io::{FromRawFd, OwnedFd};
-    let target =
-        std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|_| NetError::NotTap(fd))?;
-    if fd < 3 || target != std::path::Path::new("/dev/net/tun") {
+    if fd < 3 || !is_tun(fd) {
         return Err(NetError::NotTap(fd));
     }
     // SAFETY: the descriptor is open (it resolved above), refers to /dev/net/tun and was
     // handed to this process to own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(Tap::from_fd(owned, name)?)
+}
+
+/// Takes over a descriptor handed over the API socket; anything but a TAP queue is closed
+/// and refused.
+fn passed_tap(fd: std::os::unix::io::OwnedFd, name: &str) -> Result<Tap, NetError> {
+    use std::os::unix::io::AsRawFd;
+    let raw = fd.as_raw_fd();
+    if !is_tun(raw) {
+        return Err(NetError::NotTap(raw));
+    }
+    Ok(Tap::from_fd(fd, name)?)
+}
+
+fn is_tun(fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|target| target == std::path::Path::new("/dev/net/tun"))
 }
 
 /// A NIC's two limiters: `rate_limit` (config, `--net bps=,pps=`, the API) applies to each
@@ -113,10 +127,20 @@ pub struct VirtioNet {
 
 impl VirtioNet {
     pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        Self::with_passed_fd(config, None)
+    }
+
+    /// `passed` is a TAP descriptor handed over the API socket (SCM_RIGHTS); it takes the
+    /// place of `config.fd` and of opening the TAP by name.
+    pub fn with_passed_fd(
+        config: &NetConfig,
+        passed: Option<std::os::unix::io::OwnedFd>,
+    ) -> Result<Self, NetError> {
         let mac = parse_mac(&config.mac).ok_or_else(|| NetError::BadMac(config.mac.clone()))?;
-        let tap = match config.fd {
-            Some(fd) => inherited_tap(fd, &config.tap)?,
-            None => Tap::open(&config.tap)?,
+        let tap = match (passed, config.fd) {
+            (Some(fd), _) => passed_tap(fd, &config.tap)?,
+            (None, Some(fd)) => inherited_tap(fd, &config.tap)?,
+            (None, None) => Tap::open(&config.tap)?,
         };
         Ok(VirtioNet {
             tap: Arc::new(tap),

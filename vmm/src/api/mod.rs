@@ -7,8 +7,10 @@
 //! device threads never share a scheduler with it. Handlers change the VM only through the
 //! control thread (`control.rs`).
 
+mod connection;
+
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
@@ -19,10 +21,12 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, put};
+use axum::Extension;
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use self::connection::PassedFds;
 use crate::config::{ConsoleConfig, ConsoleFile, VmConfig};
 use crate::console_log;
 use crate::control::{ControlHandle, VmStopping};
@@ -45,6 +49,11 @@ pub enum ApiError {
          stop it or choose another --api-socket path"
     )]
     InUse { path: PathBuf },
+    #[error(
+        "refusing to create the API socket {path}: directory {dir} is writable by other users \
+         and not sticky"
+    )]
+    UnsafeDirectory { path: PathBuf, dir: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it with the API socket")]
     NotASocket { path: PathBuf },
     #[error("cannot create the API socket {path}: {source}")]
@@ -112,7 +121,28 @@ impl ApiSocket {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(bind_err(e)),
         }
-        let listener = StdUnixListener::bind(path).map_err(|source| {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let Ok(meta) = std::fs::metadata(dir) {
+            // Anyone who may create files there could swap the socket for their own.
+            if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+                return Err(ApiError::UnsafeDirectory {
+                    path: path.to_owned(),
+                    dir: dir.to_owned(),
+                });
+            }
+        }
+        // Whoever can connect can stop the VM: the socket is born owner-only (the umask
+        // applies to bind), never widened and then narrowed. Nothing else runs yet, so the
+        // process-wide umask is ours to change for the call.
+        // SAFETY: umask only swaps the process's file-creation mask.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = StdUnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.map_err(|source| {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             match dir {
                 Some(dir) if source.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {
@@ -130,8 +160,6 @@ impl ApiSocket {
             dev: meta.dev(),
             ino: meta.ino(),
         };
-        // Whoever can connect can stop the VM: owner only.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
         Ok(ApiSocket { listener, file })
     }
 
@@ -160,16 +188,9 @@ impl ApiSocket {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                let served = runtime.block_on(async move {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = shutdown_rx.await;
-                        })
-                        .await
-                });
-                if let Err(e) = served {
-                    tracing::error!("the API server stopped: {e}");
-                }
+                runtime.block_on(connection::serve(listener, app, async move {
+                    let _ = shutdown_rx.await;
+                }));
                 let _ = done_tx.send(());
             })
             .map_err(ApiError::Start)?;
@@ -612,7 +633,13 @@ async fn put_disk(State(api): State<Arc<ApiState>>, body: Body) -> Result<Respon
     Ok(json(StatusCode::CREATED, &info))
 }
 
-async fn put_net(State(api): State<Arc<ApiState>>, body: Body) -> Result<Response, Refusal> {
+/// Hot-plugs a NIC on the TAP named in the body, or on a TAP descriptor passed with the
+/// request (`SCM_RIGHTS` on the same connection), which the VMM then owns.
+async fn put_net(
+    State(api): State<Arc<ApiState>>,
+    Extension(passed): Extension<PassedFds>,
+    body: Body,
+) -> Result<Response, Refusal> {
     let config: NetConfig = read_json(body, NET_SHAPE).await?;
     if config.id.is_none() {
         return Err(Refusal::new(
@@ -623,14 +650,16 @@ async fn put_net(State(api): State<Arc<ApiState>>, body: Body) -> Result<Respons
     if config.fd.is_some() {
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "fd is only for NICs given at start (an inherited descriptor); name the TAP instead",
+            "fd is only for NICs given at start (an inherited descriptor); name the TAP, or \
+             pass its descriptor with the request (SCM_RIGHTS)",
         ));
     }
     VmConfig::validate_net(&config)
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let tap = passed.take();
     let info = api
         .control
-        .call(move |c| c.devices.add_net(config, true))
+        .call(move |c| c.devices.add_net(config, tap, true))
         .await??;
     Ok(json(StatusCode::CREATED, &info))
 }
@@ -723,6 +752,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn rate_limit_patches_merge_and_refuse_zero() {
@@ -793,5 +823,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("does not exist"), "{e}");
+
+        // Regression: a symbolic link in the socket's place is never followed, a shared
+        // directory without the sticky bit is refused, and a sticky one (like /tmp) is fine.
+        let target = dir.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(ApiSocket::bind(&link).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = ApiSocket::bind(&shared.join("api.sock"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("writable by other users"), "{e}");
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let socket = ApiSocket::bind(&shared.join("api.sock")).unwrap();
+        let mode = std::fs::metadata(shared.join("api.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(socket);
     }
 }
