@@ -135,7 +135,7 @@ if grep -q stratus_test=live /proc/cmdline; then
     # press on its "Power Button" input device (evdev); this init powers off on it.
     pb=
     for e in /sys/class/input/event*; do
-        [ "\$(cat \$e/device/name 2>/dev/null)" = "Power Button" ] && pb=/dev/\${e##*/}
+        [ "\$(cat \$e/device/name 2>/dev/null)" = "Power Button" ] && pb=/dev/input/\${e##*/}
     done
     echo "STRATUS3-POWER-BUTTON-DEVICE \$pb"
     ( [ -c "\$pb" ] && dd if=\$pb bs=24 count=1 of=/dev/null 2>/dev/null &&
