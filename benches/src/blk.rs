@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::io::{
     create_engine, CacheMode, DiskFile, ImageFormat, IoEngine,
 };
+use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;

@@ -25,7 +25,7 @@ use crate::devices::virtio::block::counters::{BlockCounters, BlockCountersReport
 use crate::devices::virtio::block::io::DiskError;
 use crate::devices::virtio::block::{BlockConfig, VirtioBlock};
 use crate::devices::virtio::net::device::{NetError, NetRateLimiters};
-use crate::devices::virtio::net::event_handler::{NetCountersReport, NetStats};
+use crate::devices::virtio::net::worker::{NetCountersReport, NetStats};
 use crate::devices::virtio::net::{NetConfig, VirtioNet};
 use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
 use crate::devices::virtio::VirtioDevice;

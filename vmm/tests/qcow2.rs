@@ -11,11 +11,11 @@ use std::path::Path;
 use blk_common::{assert_qcow2_holds, chain, qemu_img_check, tool, Rng};
 use std::sync::Arc;
 
-use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
 use stratus_vmm::devices::virtio::block::io::{
     create_engine, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
 };
+use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::*;
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use blk_common::chain;
 use stratus_vmm::devices::rate_limiter::RateLimit;
-use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::io::{create_engine, CacheMode, DiskFile, IoEngine};
+use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::*;
 use stratus_vmm::devices::virtio::{
     ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
 use stratus_vmm::devices::virtio::block::counters::{BlockCounters, BlockCountersReport};
-use stratus_vmm::devices::virtio::block::event_handler::{QueueWorker, QueueWorkerParts};
+use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 mod blk_common;
 
 use blk_common::{chain, qemu_img_check, tool, Rng};

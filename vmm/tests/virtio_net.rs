@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use stratus_vmm::devices::rate_limiter::RateLimit;
 use stratus_vmm::devices::virtio::net::device::NetRateLimiters;
-use stratus_vmm::devices::virtio::net::event_handler::{NetStats, NetWorker, NetWorkerParts};
 use stratus_vmm::devices::virtio::net::tap::Tap;
+use stratus_vmm::devices::virtio::net::worker::{NetStats, NetWorker, NetWorkerParts};
 use stratus_vmm::devices::virtio::net::*;
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;

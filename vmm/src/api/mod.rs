@@ -34,7 +34,7 @@ use crate::device_manager::DeviceError;
 use crate::devices::rate_limiter::RateLimit;
 use crate::devices::virtio::block::counters::BlockCountersReport;
 use crate::devices::virtio::block::BlockConfig;
-use crate::devices::virtio::net::event_handler::NetCountersReport;
+use crate::devices::virtio::net::worker::NetCountersReport;
 use crate::devices::virtio::net::NetConfig;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vcpu::PauseError;

@@ -144,7 +144,9 @@ if grep -q stratus_test=live /proc/cmdline; then
     echo "STRATUS3-READY"
     dev=; i=0
     while [ -z "\$dev" ] && [ \$i -lt 600 ]; do
-        for b in /sys/block/vd*; do [ "\$(cat \$b/serial 2>/dev/null)" = hot-disk-1 ] && dev=\${b##*/}; done
+        for b in /sys/block/vd?; do
+            [ -e "\$b/serial" ] && [ "\$(cat "\$b/serial")" = hot-disk-1 ] && dev=\${b##*/}
+        done
         sleep 0.2; i=\$((i+1))
     done
     echo "STRATUS3-HOT-DISK \$dev \$(cat /sys/block/\$dev/size 2>/dev/null)"

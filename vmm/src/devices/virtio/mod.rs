@@ -3,6 +3,7 @@
 pub mod block;
 pub mod net;
 pub mod transport;
+pub mod worker;
 
 use std::sync::Arc;
 

@@ -7,10 +7,10 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::BlockCounters;
-use super::event_handler::{QueueWorker, QueueWorkerParts};
 use super::io::{
     create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
 };
+use super::worker::{QueueWorker, QueueWorkerParts};
 use super::*;
 use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{

@@ -2,9 +2,9 @@
 
 pub mod counters;
 pub mod device;
-pub mod event_handler;
 pub mod io;
 pub mod request;
+pub mod worker;
 
 pub use device::{BlockConfig, VirtioBlock};
 

@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::event_handler::{NetStats, NetWorker, NetWorkerParts};
 use super::tap::{Tap, TapError};
+use super::worker::{NetStats, NetWorker, NetWorkerParts};
 use super::*;
 use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{

@@ -2,8 +2,8 @@
 //! and TSO offloads through the TAP's virtio-net header.
 
 pub mod device;
-pub mod event_handler;
 pub mod tap;
+pub mod worker;
 
 pub use device::{NetConfig, VirtioNet};
 

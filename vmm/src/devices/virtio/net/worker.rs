@@ -8,13 +8,12 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::tap::Tap;
 use super::*;
 use crate::devices::rate_limiter::RateLimiter;
+use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
@@ -91,30 +90,24 @@ pub struct NetWorker {
     pending: Option<usize>,
     rx_used: bool,
     tx_used: bool,
-    throttle_timer: TimerFd,
+    throttle: Throttle,
     rx_throttled: bool,
     tx_throttled: bool,
-    /// When a direction was last throttled, for the counters.
-    throttled_since: Option<std::time::Instant>,
-    /// Written by either limiter when its limits change (VMM API).
-    limit_changed: Arc<EventFd>,
+    /// The TAP is watched only while there is somewhere to put what it delivers;
+    /// otherwise a readable TAP would wake the worker in a loop.
+    tap_watched: bool,
 }
 
 const TAP_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
 const TX_TOKEN: u64 = 2;
-const KILL_TOKEN: u64 = 3;
-const THROTTLE_TOKEN: u64 = 4;
-const LIMIT_TOKEN: u64 = 5;
+const THROTTLE_TOKEN: u64 = 3;
+const LIMIT_TOKEN: u64 = 4;
 
 impl NetWorker {
     /// Fails only when the host is out of eventfds or timerfds.
     pub fn new(parts: NetWorkerParts) -> std::io::Result<Self> {
-        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let throttle_timer = TimerFd::new()?;
-        for limiter in [&parts.rx_limiter, &parts.tx_limiter].into_iter().flatten() {
-            limiter.watch(&limit_changed);
-        }
+        let throttle = Throttle::new([&parts.rx_limiter, &parts.tx_limiter].into_iter().flatten())?;
         Ok(NetWorker {
             p: parts,
             frame: vec![0; MAX_PACKET_LEN],
@@ -122,51 +115,35 @@ impl NetWorker {
             pending: None,
             rx_used: false,
             tx_used: false,
-            throttle_timer,
+            throttle,
             rx_throttled: false,
             tx_throttled: false,
-            throttled_since: None,
-            limit_changed,
+            tap_watched: true,
         })
     }
 
     fn throttle(&mut self, wait: std::time::Duration) {
-        self.throttled_since
-            .get_or_insert_with(std::time::Instant::now);
-        if let Err(e) = self.throttle_timer.reset(wait, None) {
-            tracing::error!("virtio-net: cannot arm the throttle timer: {e}");
-        }
+        self.throttle.hold(wait, "virtio-net");
     }
 
     pub fn throttled(&self) -> (bool, bool) {
         (self.rx_throttled, self.tx_throttled)
     }
 
-    /// A limiter's limits changed. A throttled direction does not wait for the deadline
-    /// the old limits gave it: the throttle timer is set to fire now, and `unthrottle`
-    /// (the timer's handler) retries under the new limits. Returns whether a change was
-    /// pending.
+    /// A limiter's limits changed: a throttled direction retries at once under the new
+    /// limits (through the throttle timer). Returns whether a change was pending.
     pub fn limits_changed(&mut self) -> bool {
-        if self.limit_changed.read().is_err() {
-            return false;
-        }
-        // Through the timer, so that its handler stays the only way out of the throttled
-        // state and never blocks on a disarmed timer. (A zero duration would disarm it.)
-        if self.rx_throttled || self.tx_throttled {
-            self.throttle(std::time::Duration::from_nanos(1));
-        }
-        true
+        let held = self.rx_throttled || self.tx_throttled;
+        self.throttle.limits_changed(held, "virtio-net")
     }
 
     /// The throttle timer fired: both directions may go on.
     pub fn unthrottle(&mut self) -> bool {
-        let _ = self.throttle_timer.wait();
+        let held = self.throttle.released();
         self.rx_throttled = false;
         self.tx_throttled = false;
-        if let Some(since) = self.throttled_since.take() {
-            let us = since.elapsed().as_micros() as u64;
-            self.p.stats.throttled_us.fetch_add(us, Ordering::Relaxed);
-        }
+        let us = held.as_micros() as u64;
+        self.p.stats.throttled_us.fetch_add(us, Ordering::Relaxed);
         self.process_tx();
         self.process_rx()
     }
@@ -420,86 +397,17 @@ impl NetWorker {
         self.tx_used = false;
     }
 
+    /// Moves frames until the kill event fires.
     pub fn run(mut self) {
-        let epoll = match Epoll::new() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("virtio-net worker cannot create epoll: {e}");
-                return;
-            }
-        };
         let fds = [
             (self.p.tap.fd(), TAP_TOKEN),
             (self.p.rx_event.as_raw_fd(), RX_TOKEN),
             (self.p.tx_event.as_raw_fd(), TX_TOKEN),
-            (self.p.kill.as_raw_fd(), KILL_TOKEN),
-            (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
-            (self.limit_changed.as_raw_fd(), LIMIT_TOKEN),
+            (self.throttle.timer_fd(), THROTTLE_TOKEN),
+            (self.throttle.limit_changed_fd(), LIMIT_TOKEN),
         ];
-        for (fd, token) in fds {
-            if let Err(e) = epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            ) {
-                tracing::error!("virtio-net worker cannot watch fd {fd}: {e}");
-                return;
-            }
-        }
-        // The TAP is watched only while there is somewhere to put what it delivers;
-        // otherwise a readable TAP would wake the worker in a loop.
-        let mut tap_watched = true;
-        let mut events = [EpollEvent::default(); 6];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-net worker epoll failed: {e}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TAP_TOKEN | RX_TOKEN | THROTTLE_TOKEN => {
-                        if event.data() == RX_TOKEN {
-                            let _ = self.p.rx_event.read();
-                        }
-                        let all = if event.data() == THROTTLE_TOKEN {
-                            self.unthrottle()
-                        } else if self.rx_throttled {
-                            false
-                        } else {
-                            self.process_rx()
-                        };
-                        let want = (all || self.pending.is_none()) && !self.rx_throttled;
-                        if want != tap_watched {
-                            let set = if want {
-                                EventSet::IN
-                            } else {
-                                EventSet::empty()
-                            };
-                            let _ = epoll.ctl(
-                                ControlOperation::Modify,
-                                self.p.tap.fd(),
-                                EpollEvent::new(set, TAP_TOKEN),
-                            );
-                            tap_watched = want;
-                        }
-                    }
-                    TX_TOKEN => {
-                        let _ = self.p.tx_event.read();
-                        if !self.tx_throttled {
-                            self.process_tx();
-                        }
-                    }
-                    LIMIT_TOKEN => {
-                        self.limits_changed();
-                    }
-                    _ => return,
-                }
-            }
-        }
+        let kill = self.p.kill.as_raw_fd();
+        run_worker("virtio-net", kill, &fds, &mut self);
     }
 }
 
@@ -507,4 +415,38 @@ enum Delivery {
     Done,
     Dropped,
     NoBuffers,
+}
+
+impl WorkerHandler for NetWorker {
+    fn handle(&mut self, token: u64, epoll: &WorkerEpoll) {
+        match token {
+            TAP_TOKEN | RX_TOKEN | THROTTLE_TOKEN => {
+                if token == RX_TOKEN {
+                    let _ = self.p.rx_event.read();
+                }
+                let all = if token == THROTTLE_TOKEN {
+                    self.unthrottle()
+                } else if self.rx_throttled {
+                    false
+                } else {
+                    self.process_rx()
+                };
+                let want = (all || self.pending.is_none()) && !self.rx_throttled;
+                if want != self.tap_watched {
+                    epoll.set_watched(self.p.tap.fd(), TAP_TOKEN, want);
+                    self.tap_watched = want;
+                }
+            }
+            TX_TOKEN => {
+                let _ = self.p.tx_event.read();
+                if !self.tx_throttled {
+                    self.process_tx();
+                }
+            }
+            LIMIT_TOKEN => {
+                self.limits_changed();
+            }
+            _ => {}
+        }
+    }
 }

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -20,6 +19,7 @@ use super::io::{AsyncIo, Completion, DiskFile, DiskOp, DIRECT_IO_ALIGNMENT};
 use super::request::{parse, write_device_id, Request, RequestType};
 use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
+use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
@@ -88,14 +88,9 @@ pub struct QueueWorker {
     /// A used entry was added since the guest was last notified.
     used_pending: bool,
     limiter: Option<RateLimiter>,
-    /// Fires when a throttled queue may go on.
-    throttle_timer: TimerFd,
+    throttle: Throttle,
     throttled: bool,
-    /// When the queue was last throttled, for the counters.
-    throttled_since: Option<Instant>,
     counters: Arc<BlockCounters>,
-    /// Written by the limiter when its limits change (VMM API).
-    limit_changed: Arc<EventFd>,
     /// Current polling window (see POLL_WINDOW); zero while polling does not pay.
     poll_window: Duration,
     /// False on a single-CPU host, where spinning only takes time from the vCPUs.
@@ -116,9 +111,8 @@ const POLL_MAX: Duration = Duration::from_micros(500);
 
 const QUEUE_TOKEN: u64 = 0;
 const ENGINE_TOKEN: u64 = 1;
-const KILL_TOKEN: u64 = 2;
-const THROTTLE_TOKEN: u64 = 3;
-const LIMIT_TOKEN: u64 = 4;
+const THROTTLE_TOKEN: u64 = 2;
+const LIMIT_TOKEN: u64 = 3;
 
 pub struct QueueWorkerParts {
     pub mem: GuestMemoryMmap,
@@ -139,11 +133,7 @@ pub struct QueueWorkerParts {
 impl QueueWorker {
     /// Fails only when the host is out of eventfds or timerfds.
     pub fn new(parts: QueueWorkerParts) -> std::io::Result<Self> {
-        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
-        let throttle_timer = TimerFd::new()?;
-        if let Some(limiter) = &parts.limiter {
-            limiter.watch(&limit_changed);
-        }
+        let throttle = Throttle::new(parts.limiter.iter())?;
         Ok(QueueWorker {
             mem: parts.mem,
             disk: parts.disk,
@@ -158,13 +148,11 @@ impl QueueWorker {
             free_slots: Vec::new(),
             used_pending: false,
             limiter: parts.limiter,
-            throttle_timer,
+            throttle,
             throttled: false,
-            throttled_since: None,
             counters: parts.counters,
             poll_window: Duration::ZERO,
             polling_allowed: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
-            limit_changed,
         })
     }
 
@@ -175,7 +163,7 @@ impl QueueWorker {
 
     /// The throttle timer, for callers that drive the worker by hand.
     pub fn throttle_timer(&mut self) -> &mut TimerFd {
-        &mut self.throttle_timer
+        self.throttle.timer()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -198,10 +186,7 @@ impl QueueWorker {
                         // Leave the request in the ring until the tokens are back.
                         self.queue.go_to_previous_position();
                         self.throttled = true;
-                        self.throttled_since.get_or_insert_with(Instant::now);
-                        if let Err(e) = self.throttle_timer.reset(wait, None) {
-                            tracing::error!("virtio-blk: cannot arm the throttle timer: {e}");
-                        }
+                        self.throttle.hold(wait, "virtio-blk");
                         break;
                     }
                 }
@@ -227,31 +212,17 @@ impl QueueWorker {
         taken
     }
 
-    /// The limiter's limits changed. A throttled queue does not wait for the deadline the
-    /// old limits gave it: its throttle timer is set to fire now, and `unthrottle` (the
-    /// timer's handler) retries under the new limits. Returns whether a change was pending.
+    /// The limiter's limits changed: a throttled queue retries at once under the new
+    /// limits (through its throttle timer). Returns whether a change was pending.
     pub fn limits_changed(&mut self) -> bool {
-        if self.limit_changed.read().is_err() {
-            return false;
-        }
-        // Through the timer rather than retrying here, so that the timer is the only way
-        // out of the throttled state and its handler never blocks on a disarmed timer.
-        // (A zero duration would disarm it.)
-        if self.throttled {
-            if let Err(e) = self.throttle_timer.reset(Duration::from_nanos(1), None) {
-                tracing::error!("virtio-blk: cannot re-arm the throttle timer: {e}");
-            }
-        }
-        true
+        self.throttle.limits_changed(self.throttled, "virtio-blk")
     }
 
     /// The throttle timer fired: take requests again.
     pub fn unthrottle(&mut self) -> usize {
-        let _ = self.throttle_timer.wait();
+        let held = self.throttle.released();
+        self.counters.throttled_for(held);
         self.throttled = false;
-        if let Some(since) = self.throttled_since.take() {
-            self.counters.throttled_for(since.elapsed());
-        }
         self.process_queue()
     }
 
@@ -481,59 +452,16 @@ impl QueueWorker {
 
     /// Serves the queue until the kill event fires; in-flight I/O is drained first.
     pub fn run(mut self) {
-        let epoll = match self.register() {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("virtio-blk worker cannot set up epoll: {e}");
-                return;
-            }
-        };
-        let mut events = [EpollEvent::default(); 5];
-        loop {
-            let slept_at = Instant::now();
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("virtio-blk worker epoll failed: {e}");
-                    return;
-                }
-            };
-            let slept = slept_at.elapsed();
-            for event in &events[..n] {
-                match event.data() {
-                    QUEUE_TOKEN => {
-                        let _ = self.queue_event.read();
-                        if !self.throttled {
-                            self.process_queue();
-                        }
-                    }
-                    THROTTLE_TOKEN => {
-                        self.unthrottle();
-                    }
-                    LIMIT_TOKEN => {
-                        self.limits_changed();
-                    }
-                    ENGINE_TOKEN => {
-                        let _ = self.engine.notifier().read();
-                        self.reap();
-                    }
-                    _ => {
-                        self.drain();
-                        return;
-                    }
-                }
-            }
-            // Woken within one full window of going to sleep: polling would have caught it.
-            if self.polling_allowed && slept < POLL_WINDOW {
-                self.poll_window = (self.poll_window * 2).clamp(POLL_WINDOW_MIN, POLL_WINDOW);
-            }
-            self.poll_briefly();
-        }
+        let fds = [
+            (self.queue_event.as_raw_fd(), QUEUE_TOKEN),
+            (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
+            (self.throttle.timer_fd(), THROTTLE_TOKEN),
+            (self.throttle.limit_changed_fd(), LIMIT_TOKEN),
+        ];
+        let kill = self.kill.as_raw_fd();
+        run_worker("virtio-blk", kill, &fds, &mut self);
     }
 
-    /// Keeps serving completions and new requests without sleeping while they keep
-    /// coming (see POLL_WINDOW).
     fn poll_briefly(&mut self) {
         if self.poll_window.is_zero() {
             return;
@@ -592,22 +520,40 @@ impl QueueWorker {
             self.reap();
         }
     }
+}
 
-    fn register(&self) -> std::io::Result<Epoll> {
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (self.queue_event.as_raw_fd(), QUEUE_TOKEN),
-            (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
-            (self.kill.as_raw_fd(), KILL_TOKEN),
-            (self.throttle_timer.as_raw_fd(), THROTTLE_TOKEN),
-            (self.limit_changed.as_raw_fd(), LIMIT_TOKEN),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
+impl WorkerHandler for QueueWorker {
+    fn handle(&mut self, token: u64, _epoll: &WorkerEpoll) {
+        match token {
+            QUEUE_TOKEN => {
+                let _ = self.queue_event.read();
+                if !self.throttled {
+                    self.process_queue();
+                }
+            }
+            THROTTLE_TOKEN => {
+                self.unthrottle();
+            }
+            LIMIT_TOKEN => {
+                self.limits_changed();
+            }
+            ENGINE_TOKEN => {
+                let _ = self.engine.notifier().read();
+                self.reap();
+            }
+            _ => {}
         }
-        Ok(epoll)
+    }
+
+    fn after_events(&mut self, slept: Duration) {
+        // Woken within one full window of going to sleep: polling would have caught it.
+        if self.polling_allowed && slept < POLL_WINDOW {
+            self.poll_window = (self.poll_window * 2).clamp(POLL_WINDOW_MIN, POLL_WINDOW);
+        }
+        self.poll_briefly();
+    }
+
+    fn stopping(&mut self) {
+        self.drain();
     }
 }

@@ -1,0 +1,158 @@
+//! What every virtio device thread shares: the epoll loop (EINTR retried, the kill event
+//! ending it) and the rate limiter's throttle timer. A device only says what its own
+//! events mean (`WorkerHandler`); starting and ending its threads on demand (activation,
+//! reset, hot-unplug) is then the same for every device.
+
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::devices::rate_limiter::RateLimiter;
+
+/// Token of the kill event; device tokens must differ from it.
+pub const KILL_TOKEN: u64 = u64::MAX;
+
+/// The epoll set a worker sleeps in, for handlers that watch a descriptor only part of the
+/// time (a TAP while the guest has no RX buffers).
+pub struct WorkerEpoll(Epoll);
+
+impl WorkerEpoll {
+    pub fn set_watched(&self, fd: RawFd, token: u64, watched: bool) {
+        let set = if watched {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        if let Err(e) = self
+            .0
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(set, token))
+        {
+            tracing::warn!("cannot change what a device worker watches: {e}");
+        }
+    }
+}
+
+/// A device thread's reactions to its events.
+pub trait WorkerHandler {
+    /// Handles the event of `token`.
+    fn handle(&mut self, token: u64, epoll: &WorkerEpoll);
+    /// After each batch of events; `slept` is how long the thread waited for it.
+    fn after_events(&mut self, _slept: Duration) {}
+    /// The kill event fired: last work before the thread ends.
+    fn stopping(&mut self) {}
+}
+
+/// Sleeps on `fds` (each with its token) and the `kill` eventfd, handing every event to
+/// `handler`, until `kill` fires. `name` is for the log.
+pub fn run_worker(name: &str, kill: RawFd, fds: &[(RawFd, u64)], handler: &mut impl WorkerHandler) {
+    let epoll = match register(kill, fds) {
+        Ok(e) => WorkerEpoll(e),
+        Err(e) => {
+            tracing::error!("{name} worker cannot set up epoll: {e}");
+            return;
+        }
+    };
+    let mut events = vec![EpollEvent::default(); fds.len() + 1];
+    loop {
+        let slept_at = Instant::now();
+        let n = match epoll.0.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("{name} worker epoll failed: {e}");
+                return;
+            }
+        };
+        let slept = slept_at.elapsed();
+        for event in &events[..n] {
+            if event.data() == KILL_TOKEN {
+                handler.stopping();
+                return;
+            }
+            handler.handle(event.data(), &epoll);
+        }
+        handler.after_events(slept);
+    }
+}
+
+fn register(kill: RawFd, fds: &[(RawFd, u64)]) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for &(fd, token) in fds.iter().chain([(kill, KILL_TOKEN)].iter()) {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    Ok(epoll)
+}
+
+/// A worker's side of rate limiting: the timer that ends a throttled stretch, the event
+/// its limiters raise when the API changes their limits, and the time spent throttled.
+pub struct Throttle {
+    timer: TimerFd,
+    limit_changed: Arc<EventFd>,
+    since: Option<Instant>,
+}
+
+impl Throttle {
+    /// Fails only when the host is out of eventfds or timerfds.
+    pub fn new<'a>(limiters: impl IntoIterator<Item = &'a RateLimiter>) -> std::io::Result<Self> {
+        let limit_changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+        for limiter in limiters {
+            limiter.watch(&limit_changed);
+        }
+        Ok(Throttle {
+            timer: TimerFd::new()?,
+            limit_changed,
+            since: None,
+        })
+    }
+
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    pub fn limit_changed_fd(&self) -> RawFd {
+        self.limit_changed.as_raw_fd()
+    }
+
+    /// The timer, for callers that drive a worker by hand.
+    pub fn timer(&mut self) -> &mut TimerFd {
+        &mut self.timer
+    }
+
+    /// Holds the worker back for `wait`.
+    pub fn hold(&mut self, wait: Duration, device: &str) {
+        self.since.get_or_insert_with(Instant::now);
+        if let Err(e) = self.timer.reset(wait, None) {
+            tracing::error!("{device}: cannot arm the throttle timer: {e}");
+        }
+    }
+
+    /// The limits changed (API). A held worker does not wait for the deadline the old
+    /// limits gave it: the timer fires now, and its handler, the only way out of the
+    /// throttled state, retries under the new limits. Returns whether a change was pending.
+    pub fn limits_changed(&mut self, held: bool, device: &str) -> bool {
+        if self.limit_changed.read().is_err() {
+            return false;
+        }
+        // A zero duration would disarm the timer rather than fire it.
+        if held {
+            if let Err(e) = self.timer.reset(Duration::from_nanos(1), None) {
+                tracing::error!("{device}: cannot re-arm the throttle timer: {e}");
+            }
+        }
+        true
+    }
+
+    /// The timer fired: returns how long the worker was held back.
+    pub fn released(&mut self) -> Duration {
+        let _ = self.timer.wait();
+        self.since.take().map_or(Duration::ZERO, |s| s.elapsed())
+    }
+}
