@@ -59,6 +59,32 @@ impl std::fmt::Display for ExitReason {
 
 type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// What `--status-file` holds once the VMM has exited: for a supervisor that is not the
+/// VMM's parent (a node agent restarted while its VMs ran) and cannot read the exit code.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExitStatusFile {
+    pub code: i32,
+    pub reason: String,
+}
+
+impl ExitStatusFile {
+    /// Written next to `path` and renamed over it, so a reader sees all of it or nothing.
+    pub fn write(&self, path: &std::path::Path) -> std::io::Result<()> {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        let body = serde_json::to_vec(self).map_err(std::io::Error::other)?;
+        std::fs::write(&tmp, body)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    }
+
+    pub fn read(path: &std::path::Path) -> std::io::Result<Self> {
+        let body = std::fs::read(path)?;
+        serde_json::from_slice(&body).map_err(std::io::Error::other)
+    }
+}
+
 #[derive(Default)]
 struct ExitState {
     reason: Option<ExitReason>,
@@ -182,6 +208,29 @@ mod tests {
         assert_eq!(codes.len(), count, "{codes:?}");
         assert_eq!(ExitReason::Stopped.exit_code(), 6);
         assert_eq!(ExitReason::Reset.exit_code(), 7);
+    }
+
+    #[test]
+    fn the_status_file_round_trips_and_is_replaced_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.status");
+        let status = ExitStatusFile {
+            code: 2,
+            reason: ExitReason::GuestPanic.to_string(),
+        };
+        status.write(&path).unwrap();
+        assert_eq!(ExitStatusFile::read(&path).unwrap(), status);
+        let again = ExitStatusFile {
+            code: 0,
+            reason: "guest powered off".into(),
+        };
+        again.write(&path).unwrap();
+        assert_eq!(ExitStatusFile::read(&path).unwrap(), again);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
     }
 
     #[test]

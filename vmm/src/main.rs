@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 use stratus_vmm::api::{ApiServer, ApiSocket, ApiState};
 use stratus_vmm::config::{parse_disk, parse_net, ConsoleConfig, VmConfig};
-use stratus_vmm::exit::{ExitReason, ExitSignal};
+use stratus_vmm::exit::{ExitReason, ExitSignal, ExitStatusFile};
 use stratus_vmm::{Vm, VmResources};
 
 /// Boot a Linux kernel directly on KVM with virtio-pci devices.
@@ -50,6 +50,10 @@ struct Cli {
     /// PATCH|DELETE /vm/nets/ID) on this Unix socket; removed on exit.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// On exit, write the exit code and reason here as JSON (`{"code": N, "reason": …}`),
+    /// for a supervisor that cannot wait for this process. Allowed with --config.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
     /// PCI slots kept free for disks and NICs hot-plugged through the API.
     #[arg(long, default_value_t = stratus_vmm::device_manager::DEFAULT_SPARE_SLOTS)]
     pci_slots: u8,
@@ -116,6 +120,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let status_file = cli.status_file.clone();
+    let finish = |code: i32, reason: &str| {
+        if let Some(path) = &status_file {
+            let status = ExitStatusFile {
+                code,
+                reason: reason.to_owned(),
+            };
+            if let Err(e) = status.write(path) {
+                eprintln!("stratus-vmm: cannot write {}: {e}", path.display());
+            }
+        }
+        ExitCode::from(code as u8)
+    };
     raise_file_limit();
     // Blocked before any thread exists, so every thread inherits the mask and the signals
     // wait for the thread that turns them into an orderly stop.
@@ -124,7 +141,7 @@ fn main() -> ExitCode {
         Ok(ready) => ready,
         Err(e) => {
             eprintln!("stratus-vmm: error: {e}");
-            return ExitCode::from(1);
+            return finish(1, &format!("error: {e}"));
         }
     };
     spawn_stop_on_signal(stop_signals, vm.exit_signal());
@@ -132,9 +149,8 @@ fn main() -> ExitCode {
     if let Some(api) = api {
         api.shutdown(API_GRACE);
     }
-    let code = reason.exit_code();
     eprintln!("stratus-vmm: {reason}");
-    ExitCode::from(code as u8)
+    finish(reason.exit_code(), &reason.to_string())
 }
 
 /// Disks, NICs, io_uring rings, eventfds and API connections all take descriptors: take

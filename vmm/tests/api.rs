@@ -486,10 +486,36 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
 #[test]
 fn a_guest_that_powers_off_by_itself_also_takes_the_socket_away() {
     let dir = tempfile::tempdir().unwrap();
-    let mut vmm = Vmm::start(dir.path(), Guest::PowerOff, &[]);
+    let status = dir.path().join("vm.status");
+    let status_arg = status.to_str().unwrap().to_owned();
+    let mut vmm = Vmm::start(dir.path(), Guest::PowerOff, &["--status-file", &status_arg]);
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("guest powered off"), "{stderr}");
+    // For a supervisor that is not the VMM's parent.
+    let written: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    assert_eq!(written, json!({"code": 0, "reason": "guest powered off"}));
+    // A configuration error is recorded too.
+    let second = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
+        .args([
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--status-file",
+            &status_arg,
+        ])
+        .env("STRATUS_LOG", "off")
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let written: Value = serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    assert_eq!(written["code"], 1);
+    assert!(
+        written["reason"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/vmlinux"),
+        "{written}"
+    );
     assert_eq!(std::fs::read(&vmm.console).unwrap(), b"up\n");
     assert!(!vmm.socket.exists());
 }
