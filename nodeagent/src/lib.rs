@@ -1,3 +1,12 @@
-//! stratus-nodeagent: the per-host agent that prepares what a VM needs on its node.
+//! stratus-nodeagent: the per-host daemon that runs the host's VMs for the orchestrator —
+//! one stratus-vmm process per VM, driven through its control API — and prepares what they
+//! need on the node (disks, networking).
 
+pub mod api;
+pub mod config;
+pub mod host;
+pub mod metrics;
 pub mod network;
+pub mod supervisor;
+pub mod vmm_client;
+pub mod vms;

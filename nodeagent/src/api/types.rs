@@ -1,0 +1,163 @@
+//! The agent's wire types: served here, imported by the orchestrator.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Everything a VM is made of. `PUT /vms/{id}` with the same spec again is a no-op.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub vcpus: u8,
+    pub memory_mib: u64,
+    pub boot: BootSpec,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+}
+
+/// How the VM boots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    /// A kernel on this host (ELF vmlinux or bzImage).
+    #[schema(value_type = String)]
+    pub kernel: PathBuf,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// The disk's name in the VMM (and in `PUT/DELETE /vms/{id}/disks/{disk}`).
+    pub id: String,
+    pub source: DiskSource,
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DiskSource {
+    /// A file or block device on this host that outlives the VM (a persistent volume).
+    File {
+        #[schema(value_type = String)]
+        path: PathBuf,
+    },
+    /// A sparse raw disk of this many GiB made on the node for this VM and deleted with it.
+    Volatile { size_gib: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// The VMM is being started.
+    Starting,
+    Running,
+    Paused,
+    /// A shutdown or kill is under way.
+    Stopping,
+    /// The VMM exited: the guest powered off, or it was stopped on purpose.
+    Stopped,
+    /// The VMM exited with an error (guest panic, VMM error, killed from outside).
+    Failed,
+}
+
+impl VmState {
+    /// Whether a VMM process exists (or is about to) for a VM in this state.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping
+        )
+    }
+}
+
+/// How the VMM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmExit {
+    /// The VMM's exit status (see stratus-vmm); absent when it was killed by a signal.
+    pub code: Option<i32>,
+    pub reason: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// `GET /vms/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: VmState,
+    pub spec: VmSpec,
+    /// The VMM's process id while it runs.
+    pub pid: Option<u32>,
+    pub exit: Option<VmExit>,
+    /// Guest reboots the agent has restarted the VM for.
+    pub restarts: u32,
+    pub created: chrono::DateTime<chrono::Utc>,
+    /// Per-device counters from the VMM (running VMs only).
+    #[schema(value_type = Option<Object>)]
+    pub counters: Option<stratus_vmm::api::CountersReport>,
+}
+
+/// `GET /vms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub vms: Vec<VmInfo>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    /// Takes new VMs.
+    Enabled,
+    /// Takes no new VMs; running ones go on.
+    Disabled,
+    /// Takes no new VMs (being serviced).
+    Maintenance,
+}
+
+/// `PUT /host/state`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostStateRequest {
+    pub state: HostState,
+}
+
+/// `GET /host`: the columns of StratusLab's host table and a little more.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    pub hostname: String,
+    pub state: HostState,
+    pub agent_version: String,
+    pub running_vms: usize,
+    pub vms_by_state: BTreeMap<String, usize>,
+    /// vCPUs the host offers (CPUs × overcommit), handed out, and free.
+    pub cpu_total: u64,
+    pub cpu_allocated: u64,
+    pub cpu_free: u64,
+    /// Guest memory (MiB) the host offers, handed out, and free.
+    pub memory_total_mib: u64,
+    pub memory_allocated_mib: u64,
+    pub memory_free_mib: u64,
+    /// 1-minute load average.
+    pub load_1m: f64,
+    /// The filesystem holding VM disks and records.
+    pub state_disk_total_bytes: u64,
+    pub state_disk_free_bytes: u64,
+    /// Whether `/dev/kvm` is there, and what kind (PVM, VT-x, AMD-V).
+    pub hypervisor: String,
+}
+
+/// Every error: `{"error": "<reason>"}`.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}

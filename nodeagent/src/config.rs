@@ -1,0 +1,258 @@
+//! The agent's configuration file (TOML). Every key has a default except `token_file`;
+//! `stratus-nodeagent --check-config FILE` reads it, checks it and prints it with the
+//! defaults filled in.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("cannot read the API token from {path}: {source}")]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the API token file {path} is empty")]
+    EmptyToken { path: PathBuf },
+    #[error("the API token file {path} is readable by other users (mode {mode:o}); chmod 600 it")]
+    TokenMode { path: PathBuf, mode: u32 },
+}
+
+/// `/etc/stratus/nodeagent.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Address the HTTP API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token every request must carry (mode 0600).
+    pub token_file: PathBuf,
+    /// VM records, per-VM disks and console logs live here; it must survive reboots.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// The VMMs' API sockets.
+    #[serde(default = "default_run_dir")]
+    pub run_dir: PathBuf,
+    /// The VMM binary to run, one process per VM.
+    #[serde(default = "default_vmm_binary")]
+    pub vmm_binary: PathBuf,
+    /// Seconds a graceful shutdown waits for the guest before a hard stop.
+    #[serde(default = "default_shutdown_timeout_s")]
+    pub shutdown_timeout_s: u64,
+    /// Largest console log kept per VM, in bytes (rotated once).
+    #[serde(default = "default_console_max_bytes")]
+    pub console_max_bytes: u64,
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+}
+
+/// What the host offers to VMs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    /// vCPUs handed out per host CPU.
+    #[serde(default = "one")]
+    pub cpu_overcommit: f64,
+    /// Guest memory handed out per MiB of host memory (after the reserve).
+    #[serde(default = "one")]
+    pub memory_overcommit: f64,
+    /// Host memory kept for the host itself and the VMMs' own overhead.
+    #[serde(default = "default_memory_reserve_mib")]
+    pub memory_reserve_mib: u64,
+    /// Host CPUs offered (default: what the host has).
+    #[serde(default)]
+    pub cpus: Option<u32>,
+    /// Host memory offered in MiB (default: what the host has).
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        CapacityConfig {
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            memory_reserve_mib: default_memory_reserve_mib(),
+            cpus: None,
+            memory_mib: None,
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8776))
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/stratus/nodeagent".into()
+}
+fn default_run_dir() -> PathBuf {
+    "/run/stratus".into()
+}
+fn default_vmm_binary() -> PathBuf {
+    "/usr/bin/stratus-vmm".into()
+}
+fn default_shutdown_timeout_s() -> u64 {
+    120
+}
+fn default_console_max_bytes() -> u64 {
+    stratus_vmm::console_log::DEFAULT_MAX_BYTES
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_memory_reserve_mib() -> u64 {
+    1024
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: AgentConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        };
+        let c = &config.capacity;
+        for (name, ratio) in [
+            ("capacity.cpu_overcommit", c.cpu_overcommit),
+            ("capacity.memory_overcommit", c.memory_overcommit),
+        ] {
+            if !(ratio.is_finite() && ratio > 0.0 && ratio <= 64.0) {
+                return Err(invalid(format!(
+                    "{name} must be between 0 and 64, not {ratio}"
+                )));
+            }
+        }
+        if config.shutdown_timeout_s == 0 {
+            return Err(invalid("shutdown_timeout_s must be at least 1".into()));
+        }
+        for (name, dir) in [
+            ("state_dir", &config.state_dir),
+            ("run_dir", &config.run_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(invalid(format!(
+                    "{name} must be an absolute path, not {}",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(config)
+    }
+
+    /// The bearer token, from a file only its owner may read.
+    pub fn read_token(&self) -> Result<String, ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = &self.token_file;
+        let token_err = |source| ConfigError::Token {
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(token_err)?;
+        if meta.mode() & 0o077 != 0 {
+            return Err(ConfigError::TokenMode {
+                path: path.clone(),
+                mode: meta.mode() & 0o777,
+            });
+        }
+        let token = std::fs::read_to_string(path)
+            .map_err(token_err)?
+            .trim()
+            .to_owned();
+        if token.is_empty() {
+            return Err(ConfigError::EmptyToken { path: path.clone() });
+        }
+        Ok(token)
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir.join("vms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_everything_but_the_token_file() {
+        let c = AgentConfig::parse("token_file = \"/etc/stratus/token\"\n", Path::new("a.toml"))
+            .unwrap();
+        assert_eq!(c.listen, default_listen());
+        assert_eq!(c.shutdown_timeout_s, 120);
+        assert_eq!(c.capacity.cpu_overcommit, 1.0);
+        assert_eq!(c.capacity.memory_reserve_mib, 1024);
+        let e = AgentConfig::parse("", Path::new("a.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token_file"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_and_unknown_keys_are_refused_with_their_names() {
+        let base = "token_file = \"/t\"\n";
+        for (extra, needle) in [
+            (
+                "[capacity]\ncpu_overcommit = 0.0\n",
+                "capacity.cpu_overcommit",
+            ),
+            (
+                "[capacity]\nmemory_overcommit = -1.0\n",
+                "capacity.memory_overcommit",
+            ),
+            ("shutdown_timeout_s = 0\n", "shutdown_timeout_s"),
+            ("state_dir = \"relative\"\n", "state_dir"),
+            ("listen = \"nowhere\"\n", "listen"),
+            ("colour = \"blue\"\n", "colour"),
+        ] {
+            let e = AgentConfig::parse(&format!("{base}{extra}"), Path::new("a.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_token_file_must_be_private_and_not_empty() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c = AgentConfig::parse("token_file = \"/t\"\n", Path::new("a.toml")).unwrap();
+        c.token_file = path.clone();
+        assert!(c
+            .read_token()
+            .unwrap_err()
+            .to_string()
+            .contains("chmod 600"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(c.read_token().unwrap(), "s3cret");
+        std::fs::write(&path, "\n").unwrap();
+        assert!(c.read_token().unwrap_err().to_string().contains("empty"));
+    }
+}

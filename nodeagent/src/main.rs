@@ -1,0 +1,109 @@
+//! `stratus-nodeagent`: the per-host daemon (a systemd service).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use stratus_nodeagent::api::{router, AppState};
+use stratus_nodeagent::config::AgentConfig;
+use stratus_nodeagent::metrics::Metrics;
+use stratus_nodeagent::vms::VmManager;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Runs this host's VMs for the Stratus orchestrator.
+#[derive(Parser, Debug)]
+#[command(name = "stratus-nodeagent", version)]
+struct Cli {
+    /// The configuration file (TOML).
+    #[arg(short, long, default_value = "/etc/stratus/nodeagent.toml")]
+    config: PathBuf,
+    /// Check the configuration (and the token file), print it with its defaults, and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stratus-nodeagent: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = AgentConfig::load(&cli.config)?;
+    let token = config.read_token()?;
+    if cli.check_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("cannot print the configuration")?
+        );
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(serve(Arc::new(config), token))
+}
+
+async fn serve(config: Arc<AgentConfig>, token: String) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let vms = VmManager::recover(config.clone(), metrics.clone()).await?;
+    let state = Arc::new(AppState {
+        vms,
+        token,
+        shutdown_timeout: Duration::from_secs(config.shutdown_timeout_s),
+        metrics,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!("listening on {}", config.listen);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop_signal())
+        .await
+        .context("the API server failed")?;
+    // The VMs go on: each VMM is in a process group of its own, and the next start of the
+    // agent adopts them.
+    tracing::info!("stopping; the VMs keep running");
+    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,197 @@
+//! One stratus-vmm process per VM: started in a process group of its own (so that signals
+//! to the agent never reach the VMs, and the VMs outlive an agent restart), and waited for
+//! either as the agent's child or, after the agent restarted, through a pidfd.
+
+use std::os::unix::io::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::unix::AsyncFd;
+
+/// How one VMM process is to be started.
+#[derive(Clone, Debug)]
+pub struct VmmLaunch {
+    pub vmm_binary: PathBuf,
+    /// Everything after the binary.
+    pub args: Vec<String>,
+    /// The VMM's own messages (its exit reason among them) are appended here.
+    pub log: PathBuf,
+}
+
+/// How the process ended, as far as its watcher can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ended {
+    /// Exit status; `None` for an adopted process (not our child) or one killed by a signal.
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+pub enum VmmProcess {
+    Child(tokio::process::Child),
+    /// A VMM started by an earlier run of the agent.
+    Adopted {
+        pid: u32,
+        pidfd: AsyncFd<OwnedFd>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("cannot start {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open the VMM log {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl VmmProcess {
+    pub fn spawn(launch: &VmmLaunch) -> Result<VmmProcess, SupervisorError> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&launch.log)
+            .map_err(|source| SupervisorError::Log {
+                path: launch.log.clone(),
+                source,
+            })?;
+        let child = tokio::process::Command::new(&launch.vmm_binary)
+            .args(&launch.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("STRATUS_LOG", "stratus_vmm=info")
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| SupervisorError::Spawn {
+                binary: launch.vmm_binary.clone(),
+                source,
+            })?;
+        Ok(VmmProcess::Child(child))
+    }
+
+    /// Takes over the VMM `pid` if it is still the process that was started at
+    /// `start_time` (not a new process that reused the number).
+    pub fn adopt(pid: u32, start_time: u64) -> Option<VmmProcess> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: the descriptor was just created for us and is owned by nobody else.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // Checked after the pidfd exists: from here on the number cannot be reused under us.
+        if process_start_time(pid) != Some(start_time) {
+            return None;
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same descriptor
+        // until the AsyncFd is dropped.
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+                .ok()?;
+        Some(VmmProcess::Adopted { pid, pidfd })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            VmmProcess::Child(child) => child.id(),
+            VmmProcess::Adopted { pid, .. } => Some(*pid),
+        }
+    }
+
+    /// Waits for the process to end.
+    pub async fn wait(self) -> Ended {
+        match self {
+            VmmProcess::Child(mut child) => match child.wait().await {
+                Ok(status) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    Ended {
+                        code: status.code(),
+                        signal: status.signal(),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot wait for a VMM: {e}");
+                    Ended {
+                        code: None,
+                        signal: None,
+                    }
+                }
+            },
+            VmmProcess::Adopted { pidfd, .. } => {
+                // A pidfd becomes readable when its process exits.
+                if let Ok(mut guard) = pidfd.readable().await {
+                    guard.retain_ready();
+                }
+                Ended {
+                    code: None,
+                    signal: None,
+                }
+            }
+        }
+    }
+}
+
+/// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22), to tell a
+/// process from a later one with the same number.
+pub fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and parentheses: fields restart after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Sends `signal` to `pid` if it is still the process that started at `start_time`.
+pub fn signal_if_same(pid: u32, start_time: u64, signal: i32) -> bool {
+    if process_start_time(pid) != Some(start_time) {
+        return false;
+    }
+    // SAFETY: kill only sends a signal; the pid was checked to be the VMM just above.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}
+
+/// Whether `path` is a socket something listens on.
+pub fn socket_answers(path: &Path) -> bool {
+    std::os::unix::net::UnixStream::connect(path).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_times_tell_processes_apart() {
+        let me = std::process::id();
+        let t = process_start_time(me).expect("our own start time");
+        assert!(t > 0);
+        assert_eq!(process_start_time(me), Some(t));
+        assert!(
+            VmmProcess::adopt(me, t + 1).is_none(),
+            "a different start time is another process"
+        );
+        assert!(process_start_time(u32::MAX >> 1).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_adopted_process_is_seen_to_end() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let t = process_start_time(pid).unwrap();
+        let adopted = VmmProcess::adopt(pid, t).expect("adoptable");
+        assert_eq!(adopted.pid(), Some(pid));
+        let reaper = std::thread::spawn(move || child.wait());
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(10), adopted.wait())
+            .await
+            .expect("the pidfd fires when the process ends");
+        assert_eq!(ended.code, None);
+        reaper.join().unwrap().unwrap();
+    }
+}

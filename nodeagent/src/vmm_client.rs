@@ -1,0 +1,173 @@
+//! A VMM's control API (its Unix socket) as a typed client. The request and response types
+//! are stratus-vmm's own, so a change on either side is a compile error.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use stratus_vmm::api::{CountersReport, VmInfo as VmmInfo};
+
+/// How long one call to a VMM may take; a VMM that does not answer in time is treated as
+/// gone for that call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmClientError {
+    #[error("cannot reach the VMM at {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the VMM at {socket} did not answer within {CALL_TIMEOUT:?}")]
+    Timeout { socket: PathBuf },
+    #[error("talking to the VMM at {socket}: {source}")]
+    Http {
+        socket: PathBuf,
+        source: hyper::Error,
+    },
+    #[error("the VMM refused {what} ({status}): {reason}")]
+    Refused {
+        what: String,
+        status: StatusCode,
+        reason: String,
+    },
+    #[error("the VMM's answer to {what} is not what the agent expects: {source}")]
+    Decode {
+        what: String,
+        source: serde_json::Error,
+    },
+}
+
+impl VmmClientError {
+    /// The VMM answered 409: the request conflicts with the VM's state.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, VmmClientError::Refused { status, .. } if *status == StatusCode::CONFLICT)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct VmmClient {
+    socket: PathBuf,
+}
+
+impl VmmClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        VmmClient {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, VmmClientError> {
+        let what = format!("{method} {path}");
+        let request = async {
+            let stream = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| VmmClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+            let http = |source| VmmClientError::Http {
+                socket: self.socket.clone(),
+                source,
+            };
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(http)?;
+            tokio::spawn(connection);
+            let body =
+                match body {
+                    Some(b) => Bytes::from(serde_json::to_vec(b).map_err(|source| {
+                        VmmClientError::Decode {
+                            what: what.clone(),
+                            source,
+                        }
+                    })?),
+                    None => Bytes::new(),
+                };
+            let request = Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .header(hyper::header::HOST, "localhost")
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(body))
+                .expect("a request built from valid parts");
+            let response = sender.send_request(request).await.map_err(http)?;
+            let status = response.status();
+            let bytes = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(http)?
+                .to_bytes();
+            if !status.is_success() {
+                let reason = serde_json::from_slice::<stratus_vmm::api::ErrorBody>(&bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(VmmClientError::Refused {
+                    what: what.clone(),
+                    status,
+                    reason,
+                });
+            }
+            serde_json::from_slice(&bytes).map_err(|source| VmmClientError::Decode {
+                what: what.clone(),
+                source,
+            })
+        };
+        tokio::time::timeout(CALL_TIMEOUT, request)
+            .await
+            .map_err(|_| VmmClientError::Timeout {
+                socket: self.socket.clone(),
+            })?
+    }
+
+    pub async fn info(&self) -> Result<VmmInfo, VmmClientError> {
+        self.call(Method::GET, "/vm", None::<&()>).await
+    }
+
+    pub async fn counters(&self) -> Result<CountersReport, VmmClientError> {
+        self.call(Method::GET, "/vm/counters", None::<&()>).await
+    }
+
+    async fn action(&self, action: &str) -> Result<VmmInfo, VmmClientError> {
+        self.call(
+            Method::PUT,
+            "/vm/actions",
+            Some(&serde_json::json!({ "action": action })),
+        )
+        .await
+    }
+
+    /// The hard stop: the VMM ends at once (exit status 6).
+    pub async fn stop(&self) -> Result<VmmInfo, VmmClientError> {
+        self.action("stop").await
+    }
+
+    /// The ACPI power button.
+    pub async fn press_power_button(&self) -> Result<VmmInfo, VmmClientError> {
+        self.action("shutdown").await
+    }
+
+    pub async fn pause(&self) -> Result<VmmInfo, VmmClientError> {
+        self.action("pause").await
+    }
+
+    pub async fn resume(&self) -> Result<VmmInfo, VmmClientError> {
+        self.action("resume").await
+    }
+}

@@ -1,0 +1,847 @@
+//! The host's VMs: created from a spec, started as stratus-vmm processes, watched until they
+//! end, and found again after the agent itself was restarted or killed.
+//!
+//! The records on disk are the host's truth. A record is written before anything else is
+//! done for a VM (so a crash leaves something to finish), and again at every change of
+//! state. Capacity is reserved under one lock when a VM is admitted, so concurrent creates
+//! never hand out more than the host offers.
+
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use self::record::{RecordError, VmRecord};
+use crate::api::types::{DiskSource, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState};
+use crate::config::AgentConfig;
+use crate::host::{self, Capacity};
+use crate::metrics::Metrics;
+use crate::supervisor::{self, Ended, SupervisorError, VmmLaunch, VmmProcess};
+use crate::vmm_client::{VmmClient, VmmClientError};
+
+/// Longest a VM's id may be (it names files and a socket).
+const MAX_ID_LEN: usize = 64;
+/// How long a new VMM has to answer on its API socket.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long `kill` waits for the VMM to be gone.
+const KILL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Exit status of a guest reboot: the agent starts the VM again.
+const EXIT_REBOOT: i32 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("no VM '{0}' on this host")]
+    NotFound(String),
+    #[error("'{0}' is not a valid VM id: use 1 to {MAX_ID_LEN} letters, digits, '.', '_' or '-', not starting with '.'")]
+    BadId(String),
+    #[error("invalid VM spec: {0}")]
+    BadSpec(String),
+    #[error("VM '{0}' exists with a different spec; delete it first or use another id")]
+    SpecConflict(String),
+    #[error("this host is {0:?} and takes no new VMs")]
+    HostNotEnabled(HostState),
+    #[error(
+        "not enough capacity: the VM needs {cpu} vCPUs and {memory_mib} MiB; the host has \
+         {cpu_free} vCPUs and {memory_free_mib} MiB free of {cpu_total} and {memory_total_mib}"
+    )]
+    NoCapacity {
+        cpu: u64,
+        memory_mib: u64,
+        cpu_free: u64,
+        memory_free_mib: u64,
+        cpu_total: u64,
+        memory_total_mib: u64,
+    },
+    #[error("VM '{id}' is {state:?}; {what}")]
+    WrongState {
+        id: String,
+        state: VmState,
+        what: &'static str,
+    },
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Vmm(#[from] VmmClientError),
+}
+
+/// A VM's changing part.
+#[derive(Clone, Debug)]
+struct Status {
+    state: VmState,
+    pid: Option<u32>,
+    pid_start_time: Option<u64>,
+    exit: Option<VmExit>,
+    restarts: u32,
+    /// The agent asked the VMM to end (kill or shutdown): its exit is not a failure.
+    stop_requested: bool,
+}
+
+pub struct Vm {
+    id: String,
+    spec: VmSpec,
+    created: chrono::DateTime<chrono::Utc>,
+    dir: PathBuf,
+    socket: PathBuf,
+    status: Mutex<Status>,
+    /// Woken at every change of status.
+    changed: Notify,
+}
+
+impl Vm {
+    fn status(&self) -> MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn state(&self) -> VmState {
+        self.status().state
+    }
+
+    fn client(&self) -> VmmClient {
+        VmmClient::new(&self.socket)
+    }
+
+    fn record(&self) -> VmRecord {
+        let s = self.status();
+        VmRecord {
+            id: self.id.clone(),
+            spec: self.spec.clone(),
+            state: s.state,
+            pid: s.pid,
+            pid_start_time: s.pid_start_time,
+            exit: s.exit.clone(),
+            restarts: s.restarts,
+            created: self.created,
+        }
+    }
+
+    fn info(&self) -> VmInfo {
+        let s = self.status();
+        VmInfo {
+            id: self.id.clone(),
+            state: s.state,
+            spec: self.spec.clone(),
+            pid: s.pid.filter(|_| s.state.is_active()),
+            exit: s.exit.clone(),
+            restarts: s.restarts,
+            created: self.created,
+            counters: None,
+        }
+    }
+
+    fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    fn status_file(&self) -> PathBuf {
+        self.dir.join("vmm-status.json")
+    }
+
+    fn volatile_path(&self, disk_id: &str) -> PathBuf {
+        self.dir.join(format!("volatile-{disk_id}.img"))
+    }
+
+    /// Waits until `done` holds for the status, or `timeout` passes; returns whether it held.
+    async fn wait_until(&self, timeout: Duration, done: impl Fn(&Status) -> bool) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.changed.notified();
+                if done(&self.status()) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+}
+
+pub struct VmManager {
+    config: Arc<AgentConfig>,
+    metrics: Arc<Metrics>,
+    capacity: Capacity,
+    vms: Mutex<BTreeMap<String, Arc<Vm>>>,
+    host_state: Mutex<HostState>,
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
+    let bad = |reason: String| Err(VmError::BadSpec(reason));
+    if spec.vcpus == 0 || spec.vcpus > stratus_vmm::config::MAX_VCPUS {
+        return bad(format!(
+            "vcpus must be between 1 and {}, not {}",
+            stratus_vmm::config::MAX_VCPUS,
+            spec.vcpus
+        ));
+    }
+    if spec.memory_mib < stratus_vmm::memory::MIN_MEMORY_MIB {
+        return bad(format!(
+            "memory_mib must be at least {}, not {}",
+            stratus_vmm::memory::MIN_MEMORY_MIB,
+            spec.memory_mib
+        ));
+    }
+    for path in std::iter::once(&spec.boot.kernel).chain(spec.boot.initrd.iter()) {
+        if !path.is_absolute() {
+            return bad(format!("boot paths must be absolute: {}", path.display()));
+        }
+        if !path.is_file() {
+            return bad(format!("{} does not exist on this host", path.display()));
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for disk in &spec.disks {
+        if !ids.insert(disk.id.as_str()) {
+            return bad(format!("disk id '{}' is used twice", disk.id));
+        }
+        if !valid_id(&disk.id) {
+            return bad(format!("disk id '{}' is not valid", disk.id));
+        }
+        if disk.serial.as_ref().is_some_and(|s| s.len() > 20) {
+            return bad(format!(
+                "disk '{}': serial is longer than 20 bytes",
+                disk.id
+            ));
+        }
+        match &disk.source {
+            DiskSource::File { path } if !path.is_absolute() => {
+                return bad(format!("disk '{}': path must be absolute", disk.id))
+            }
+            DiskSource::File { path } if !path.exists() => {
+                return bad(format!(
+                    "disk '{}': {} does not exist on this host",
+                    disk.id,
+                    path.display()
+                ))
+            }
+            DiskSource::Volatile { size_gib } if *size_gib == 0 || *size_gib > 1024 => {
+                return bad(format!(
+                    "disk '{}': size_gib must be between 1 and 1024",
+                    disk.id
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The exit as the VMM reported it (status file), or as the process was seen to end.
+fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
+    let written = stratus_vmm::exit::ExitStatusFile::read(status_file).ok();
+    let code = ended.code.or(written.as_ref().map(|w| w.code));
+    let reason = match (written, ended.signal) {
+        (Some(w), _) => w.reason,
+        (None, Some(signal)) => format!("the VMM was killed by signal {signal}"),
+        (None, None) if ended.code.is_some() => "the VMM exited without a reason".into(),
+        (None, None) => "the VMM ended while the agent was not watching it (no exit status)".into(),
+    };
+    VmExit {
+        code,
+        reason,
+        at: chrono::Utc::now(),
+    }
+}
+
+impl VmManager {
+    /// Loads the records and takes every VM back: running VMMs are adopted, VMs whose VMM
+    /// ended meanwhile get their end state, and creates that were cut short are finished.
+    pub async fn recover(
+        config: Arc<AgentConfig>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<VmManager>, VmError> {
+        let io = |what: &str, source| VmError::Io {
+            what: what.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(config.vms_dir())
+            .map_err(|e| io("cannot create the VM directory", e))?;
+        std::fs::create_dir_all(&config.run_dir)
+            .map_err(|e| io("cannot create the run directory", e))?;
+        let host_state = read_host_state(&config.state_dir);
+        let manager = Arc::new(VmManager {
+            metrics,
+            capacity: Capacity::from_config(&config.capacity),
+            config,
+            vms: Mutex::new(BTreeMap::new()),
+            host_state: Mutex::new(host_state),
+        });
+        for record in record::load_all(&manager.config.vms_dir())? {
+            manager.take_back(record).await;
+        }
+        Ok(manager)
+    }
+
+    fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn new_vm(
+        &self,
+        id: &str,
+        spec: VmSpec,
+        status: Status,
+        created: chrono::DateTime<chrono::Utc>,
+    ) -> Arc<Vm> {
+        Arc::new(Vm {
+            id: id.to_owned(),
+            spec,
+            created,
+            dir: self.config.vms_dir().join(id),
+            socket: self.config.run_dir.join(format!("{id}.sock")),
+            status: Mutex::new(status),
+            changed: Notify::new(),
+        })
+    }
+
+    async fn take_back(self: &Arc<Self>, record: VmRecord) {
+        let status = Status {
+            state: record.state,
+            pid: record.pid,
+            pid_start_time: record.pid_start_time,
+            exit: record.exit.clone(),
+            restarts: record.restarts,
+            stop_requested: false,
+        };
+        let vm = self.new_vm(&record.id, record.spec.clone(), status, record.created);
+        self.vms().insert(record.id.clone(), vm.clone());
+        if !record.state.is_active() {
+            return;
+        }
+        // The VMM serving the VM's socket is the VM's, whatever the record says about pids.
+        let peer = socket_peer_pid(&vm.socket);
+        let adopted = peer
+            .or(record.pid)
+            .and_then(|pid| Some((pid, supervisor::process_start_time(pid)?)))
+            .filter(|(pid, start)| peer == Some(*pid) || record.pid_start_time == Some(*start))
+            .and_then(|(pid, start)| Some((pid, start, VmmProcess::adopt(pid, start)?)));
+        match adopted {
+            Some((pid, start, process)) => {
+                tracing::info!("VM {}: adopted its running VMM (pid {pid})", vm.id);
+                {
+                    let mut s = vm.status();
+                    s.pid = Some(pid);
+                    s.pid_start_time = Some(start);
+                    if s.state == VmState::Starting {
+                        s.state = VmState::Running;
+                    }
+                }
+                self.save(&vm);
+                self.watch(vm, process);
+            }
+            None if record.state == VmState::Starting && record.pid.is_none() => {
+                tracing::info!("VM {}: finishing a create cut short", vm.id);
+                if let Err(e) = self.start(&vm).await {
+                    self.mark_ended(
+                        &vm,
+                        VmState::Failed,
+                        VmExit {
+                            code: None,
+                            reason: format!("cannot start the VMM: {e}"),
+                            at: chrono::Utc::now(),
+                        },
+                    );
+                }
+            }
+            None => {
+                let exit = describe_exit(
+                    Ended {
+                        code: None,
+                        signal: None,
+                    },
+                    &vm.status_file(),
+                );
+                tracing::info!(
+                    "VM {}: its VMM ended while the agent was down: {}",
+                    vm.id,
+                    exit.reason
+                );
+                self.vmm_ended(&vm, exit).await;
+            }
+        }
+    }
+
+    fn save(&self, vm: &Vm) {
+        if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
+            tracing::error!("{e}");
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Vm>, VmError> {
+        self.vms()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| VmError::NotFound(id.to_owned()))
+    }
+
+    /// The VM as the API shows it, with the VMM's counters while it runs.
+    pub async fn info(&self, vm: &Vm) -> VmInfo {
+        let mut info = vm.info();
+        if matches!(info.state, VmState::Running | VmState::Paused) {
+            info.counters = vm.client().counters().await.ok();
+        }
+        info
+    }
+
+    pub async fn list(&self) -> Vec<VmInfo> {
+        let vms: Vec<Arc<Vm>> = self.vms().values().cloned().collect();
+        let mut infos = Vec::with_capacity(vms.len());
+        for vm in vms {
+            infos.push(self.info(&vm).await);
+        }
+        infos
+    }
+
+    fn allocated(vms: &BTreeMap<String, Arc<Vm>>) -> (u64, u64) {
+        vms.values()
+            .filter(|vm| vm.state().is_active())
+            .fold((0, 0), |(cpu, mem), vm| {
+                (cpu + u64::from(vm.spec.vcpus), mem + vm.spec.memory_mib)
+            })
+    }
+
+    /// Creates and starts a VM. The same id and spec again answers with the VM as it is
+    /// (`false`: nothing was created).
+    pub async fn create(
+        self: &Arc<Self>,
+        id: &str,
+        spec: VmSpec,
+    ) -> Result<(VmInfo, bool), VmError> {
+        if !valid_id(id) {
+            return Err(VmError::BadId(id.to_owned()));
+        }
+        validate_spec(&spec)?;
+        let vm = {
+            let mut vms = self.vms();
+            if let Some(existing) = vms.get(id) {
+                if existing.spec == spec {
+                    return Ok((existing.info(), false));
+                }
+                return Err(VmError::SpecConflict(id.to_owned()));
+            }
+            let host_state = *self.host_state.lock().unwrap_or_else(|e| e.into_inner());
+            if host_state != HostState::Enabled {
+                return Err(VmError::HostNotEnabled(host_state));
+            }
+            let (cpu_used, mem_used) = Self::allocated(&vms);
+            let (cpu, memory_mib) = (u64::from(spec.vcpus), spec.memory_mib);
+            let cap = self.capacity;
+            if cpu_used + cpu > cap.cpu_total || mem_used + memory_mib > cap.memory_total_mib {
+                return Err(VmError::NoCapacity {
+                    cpu,
+                    memory_mib,
+                    cpu_free: cap.cpu_total.saturating_sub(cpu_used),
+                    memory_free_mib: cap.memory_total_mib.saturating_sub(mem_used),
+                    cpu_total: cap.cpu_total,
+                    memory_total_mib: cap.memory_total_mib,
+                });
+            }
+            let status = Status {
+                state: VmState::Starting,
+                pid: None,
+                pid_start_time: None,
+                exit: None,
+                restarts: 0,
+                stop_requested: false,
+            };
+            let vm = self.new_vm(id, spec, status, chrono::Utc::now());
+            vms.insert(id.to_owned(), vm.clone());
+            vm
+        };
+        // The record goes first: from here a crash leaves a create to finish.
+        if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
+            self.vms().remove(id);
+            return Err(e.into());
+        }
+        if let Err(e) = self.start(&vm).await {
+            self.roll_back(&vm);
+            return Err(e);
+        }
+        Ok((self.info(&vm).await, true))
+    }
+
+    /// Undoes a create that could not start: nothing of the VM is left.
+    fn roll_back(&self, vm: &Vm) {
+        self.vms().remove(&vm.id);
+        let _ = std::fs::remove_dir_all(&vm.dir);
+        let _ = std::fs::remove_file(&vm.socket);
+        if let Err(e) = record::remove(&self.config.vms_dir(), &vm.id) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// Makes the VM's files (idempotent) and starts its VMM; returns once the VMM answers
+    /// on its socket, or has already ended.
+    async fn start(self: &Arc<Self>, vm: &Arc<Vm>) -> Result<(), VmError> {
+        let io = |what: String| move |source| VmError::Io { what, source };
+        std::fs::create_dir_all(&vm.dir)
+            .map_err(io(format!("cannot create {}", vm.dir.display())))?;
+        let mut args = vec![
+            "--kernel".to_owned(),
+            vm.spec.boot.kernel.display().to_string(),
+            "--cmdline".to_owned(),
+            vm.spec.boot.cmdline.clone(),
+            "--cpus".to_owned(),
+            vm.spec.vcpus.to_string(),
+            "--memory".to_owned(),
+            vm.spec.memory_mib.to_string(),
+            "--console".to_owned(),
+            format!(
+                "file={},max={}",
+                vm.console_path().display(),
+                self.config.console_max_bytes
+            ),
+            "--api-socket".to_owned(),
+            vm.socket.display().to_string(),
+            "--status-file".to_owned(),
+            vm.status_file().display().to_string(),
+        ];
+        if let Some(initrd) = &vm.spec.boot.initrd {
+            args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
+        }
+        for disk in &vm.spec.disks {
+            let path = match &disk.source {
+                DiskSource::File { path } => path.clone(),
+                DiskSource::Volatile { size_gib } => {
+                    let path = vm.volatile_path(&disk.id);
+                    if !path.exists() {
+                        let file = std::fs::File::create(&path)
+                            .map_err(io(format!("cannot create {}", path.display())))?;
+                        file.set_len(size_gib << 30)
+                            .map_err(io(format!("cannot size {}", path.display())))?;
+                    }
+                    path
+                }
+            };
+            let mut spec = format!("id={},path={}", disk.id, path.display());
+            if disk.read_only {
+                spec.push_str(",ro=on");
+            }
+            if let Some(serial) = &disk.serial {
+                spec.push_str(&format!(",serial={serial}"));
+            }
+            args.extend(["--disk".to_owned(), spec]);
+        }
+        let _ = std::fs::remove_file(vm.status_file());
+        let launch = VmmLaunch {
+            vmm_binary: self.config.vmm_binary.clone(),
+            args,
+            log: vm.dir.join("vmm.log"),
+        };
+        let process = VmmProcess::spawn(&launch)?;
+        let pid = process.pid();
+        {
+            let mut s = vm.status();
+            s.pid = pid;
+            s.pid_start_time = pid.and_then(supervisor::process_start_time);
+            s.state = VmState::Starting;
+            s.exit = None;
+            s.stop_requested = false;
+        }
+        self.save(vm);
+        self.watch(vm.clone(), process);
+        // Ready once the VMM answers on its socket (it binds it before building the VM).
+        let client = vm.client();
+        let ready = async {
+            loop {
+                if !vm.state().is_active() {
+                    return;
+                }
+                if client.info().await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        if tokio::time::timeout(START_TIMEOUT, ready).await.is_err() {
+            tracing::warn!(
+                "VM {}: the VMM did not answer within {START_TIMEOUT:?}",
+                vm.id
+            );
+        }
+        {
+            let mut s = vm.status();
+            if s.state == VmState::Starting {
+                s.state = VmState::Running;
+            }
+        }
+        self.save(vm);
+        vm.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Watches the VMM until it ends, then records how.
+    fn watch(self: &Arc<Self>, vm: Arc<Vm>, process: VmmProcess) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let ended = process.wait().await;
+            let exit = describe_exit(ended, &vm.status_file());
+            manager.vmm_ended(&vm, exit).await;
+        });
+    }
+
+    async fn vmm_ended(self: &Arc<Self>, vm: &Arc<Vm>, exit: VmExit) {
+        let stop_requested = vm.status().stop_requested;
+        if exit.code == Some(EXIT_REBOOT) && !stop_requested {
+            tracing::info!("VM {}: the guest rebooted; starting it again", vm.id);
+            vm.status().restarts += 1;
+            if let Err(e) = Box::pin(self.start(vm)).await {
+                self.mark_ended(
+                    vm,
+                    VmState::Failed,
+                    VmExit {
+                        code: None,
+                        reason: format!("cannot restart the VMM after a guest reboot: {e}"),
+                        at: chrono::Utc::now(),
+                    },
+                );
+            }
+            return;
+        }
+        let state = match exit.code {
+            Some(0) | Some(6) => VmState::Stopped,
+            _ if stop_requested => VmState::Stopped,
+            _ => VmState::Failed,
+        };
+        tracing::info!("VM {}: {} ({:?})", vm.id, exit.reason, state);
+        self.metrics.vmm_exited(exit.code);
+        self.mark_ended(vm, state, exit);
+    }
+
+    fn mark_ended(&self, vm: &Vm, state: VmState, exit: VmExit) {
+        {
+            let mut s = vm.status();
+            s.state = state;
+            s.exit = Some(exit);
+            s.pid = None;
+            s.pid_start_time = None;
+        }
+        self.save(vm);
+        vm.changed.notify_waiters();
+    }
+
+    fn require_active(vm: &Vm, what: &'static str) -> Result<(), VmError> {
+        let state = vm.state();
+        if state.is_active() {
+            Ok(())
+        } else {
+            Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state,
+                what,
+            })
+        }
+    }
+
+    /// Ends the VM at once; returns when its VMM is gone.
+    pub async fn kill(self: &Arc<Self>, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "there is nothing to kill")?;
+        vm.status().stop_requested = true;
+        if let Err(e) = vm.client().stop().await {
+            // A VMM that does not answer is ended by signal.
+            tracing::warn!("VM {}: {e}; sending SIGKILL", vm.id);
+            let s = vm.status().clone();
+            if let (Some(pid), Some(start)) = (s.pid, s.pid_start_time) {
+                supervisor::signal_if_same(pid, start, libc::SIGKILL);
+            }
+        }
+        if !vm.wait_until(KILL_TIMEOUT, |s| !s.state.is_active()).await {
+            let s = vm.status().clone();
+            if let (Some(pid), Some(start)) = (s.pid, s.pid_start_time) {
+                supervisor::signal_if_same(pid, start, libc::SIGKILL);
+            }
+            vm.wait_until(KILL_TIMEOUT, |s| !s.state.is_active()).await;
+        }
+        Ok(self.info(vm).await)
+    }
+
+    /// Presses the power button; after `timeout` a guest that has not powered off is
+    /// stopped hard. Returns at once.
+    pub async fn shutdown(
+        self: &Arc<Self>,
+        vm: &Arc<Vm>,
+        timeout: Duration,
+    ) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "there is nothing to shut down")?;
+        vm.client().press_power_button().await?;
+        {
+            let mut s = vm.status();
+            s.stop_requested = true;
+            s.state = VmState::Stopping;
+        }
+        self.save(vm);
+        let manager = self.clone();
+        let watched = vm.clone();
+        tokio::spawn(async move {
+            if !watched.wait_until(timeout, |s| !s.state.is_active()).await {
+                tracing::info!(
+                    "VM {}: no power-off after {timeout:?}; stopping it",
+                    watched.id
+                );
+                if let Err(e) = manager.kill(&watched).await {
+                    tracing::error!("VM {}: {e}", watched.id);
+                }
+            }
+        });
+        Ok(self.info(vm).await)
+    }
+
+    pub async fn pause(&self, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "only a running VM can be paused")?;
+        vm.client().pause().await?;
+        vm.status().state = VmState::Paused;
+        self.save(vm);
+        Ok(self.info(vm).await)
+    }
+
+    pub async fn resume(&self, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "only a paused VM can be resumed")?;
+        vm.client().resume().await?;
+        vm.status().state = VmState::Running;
+        self.save(vm);
+        Ok(self.info(vm).await)
+    }
+
+    /// The console's last `bytes` bytes (also after the VM ended).
+    pub fn console(&self, vm: &Vm, bytes: u64) -> Result<Vec<u8>, VmError> {
+        stratus_vmm::console_log::tail(&vm.console_path(), bytes).map_err(|e| VmError::Io {
+            what: "cannot read the console".into(),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    /// Forgets an ended VM and removes what the agent made for it (volatile disks,
+    /// console, socket, record). Persistent volumes (file disks) are never touched.
+    pub fn delete(&self, vm: &Vm) -> Result<(), VmError> {
+        let state = vm.state();
+        if state.is_active() {
+            return Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state,
+                what: "kill or shut it down first",
+            });
+        }
+        self.vms().remove(&vm.id);
+        if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("VM {}: cannot remove {}: {e}", vm.id, vm.dir.display());
+            }
+        }
+        let _ = std::fs::remove_file(&vm.socket);
+        record::remove(&self.config.vms_dir(), &vm.id)?;
+        Ok(())
+    }
+
+    pub fn set_host_state(&self, state: HostState) -> Result<(), VmError> {
+        write_host_state(&self.config.state_dir, state).map_err(|source| VmError::Io {
+            what: "cannot record the host state".into(),
+            source,
+        })?;
+        *self.host_state.lock().unwrap_or_else(|e| e.into_inner()) = state;
+        Ok(())
+    }
+
+    pub fn host_info(&self) -> HostInfo {
+        let vms = self.vms();
+        let (cpu_allocated, memory_allocated_mib) = Self::allocated(&vms);
+        let mut vms_by_state = BTreeMap::new();
+        for vm in vms.values() {
+            let state = serde_json::to_value(vm.state())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            *vms_by_state.entry(state).or_insert(0) += 1;
+        }
+        let running_vms = vms.values().filter(|vm| vm.state().is_active()).count();
+        let (disk_total, disk_free) = host::filesystem_space(&self.config.state_dir);
+        HostInfo {
+            hostname: host::hostname(),
+            state: *self.host_state.lock().unwrap_or_else(|e| e.into_inner()),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            running_vms,
+            vms_by_state,
+            cpu_total: self.capacity.cpu_total,
+            cpu_allocated,
+            cpu_free: self.capacity.cpu_total.saturating_sub(cpu_allocated),
+            memory_total_mib: self.capacity.memory_total_mib,
+            memory_allocated_mib,
+            memory_free_mib: self
+                .capacity
+                .memory_total_mib
+                .saturating_sub(memory_allocated_mib),
+            load_1m: host::load_1m(),
+            state_disk_total_bytes: disk_total,
+            state_disk_free_bytes: disk_free,
+            hypervisor: host::hypervisor(),
+        }
+    }
+
+    /// The full info of one VM, by id.
+    pub async fn info_of(&self, id: &str) -> Result<VmInfo, VmError> {
+        let vm = self.get(id)?;
+        Ok(self.info(&vm).await)
+    }
+}
+
+fn host_state_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("host-state.json")
+}
+
+fn read_host_state(state_dir: &Path) -> HostState {
+    std::fs::read(host_state_path(state_dir))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(HostState::Enabled)
+}
+
+fn write_host_state(state_dir: &Path, state: HostState) -> std::io::Result<()> {
+    let path = host_state_path(state_dir);
+    let tmp = state_dir.join(".host-state.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&state).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// The process serving the Unix socket at `path`, from the kernel's peer credentials.
+fn socket_peer_pid(path: &Path) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a ucred into the buffer given, whose size is passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+}

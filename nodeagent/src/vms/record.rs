@@ -1,0 +1,164 @@
+//! One record per VM on disk: all the agent needs to come back after it was killed. A
+//! record is replaced whole (temporary file, fsync, rename, fsync of the directory), so a
+//! crash leaves the old record or the new one, never half of one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::types::{VmExit, VmSpec, VmState};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub id: String,
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// The VMM process, and when it started (to tell it from a later process with the
+    /// same number).
+    pub pid: Option<u32>,
+    pub pid_start_time: Option<u64>,
+    pub exit: Option<VmExit>,
+    pub restarts: u32,
+    pub created: chrono::DateTime<chrono::Utc>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot write VM record {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read VM record {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("VM record {path} is damaged: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+pub fn record_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.json"))
+}
+
+/// Writes `record` into `dir` atomically and durably.
+pub fn save(dir: &Path, record: &VmRecord) -> Result<(), RecordError> {
+    let path = record_path(dir, &record.id);
+    let write_err = |source| RecordError::Write {
+        path: path.clone(),
+        source,
+    };
+    let tmp = dir.join(format!(".{}.json.tmp", record.id));
+    let body =
+        serde_json::to_vec_pretty(record).map_err(|e| write_err(std::io::Error::other(e)))?;
+    let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+    file.write_all(&body).map_err(write_err)?;
+    file.sync_all().map_err(write_err)?;
+    std::fs::rename(&tmp, &path).map_err(write_err)?;
+    sync_dir(dir).map_err(write_err)
+}
+
+pub fn remove(dir: &Path, id: &str) -> Result<(), RecordError> {
+    let path = record_path(dir, id);
+    match std::fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir).map_err(|source| RecordError::Write { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(RecordError::Write { path, source }),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Every record in `dir`. Leftover temporary files (a crash between write and rename) are
+/// removed; a damaged record is reported and skipped, never guessed at.
+pub fn load_all(dir: &Path) -> Result<Vec<VmRecord>, RecordError> {
+    let read_err = |source| RecordError::Read {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_err)? {
+        let path = entry.map_err(read_err)?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let body = std::fs::read(&path).map_err(|source| RecordError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        match serde_json::from_slice(&body) {
+            Ok(record) => records.push(record),
+            Err(source) => {
+                let e = RecordError::Parse { path, source };
+                tracing::error!("{e}; skipping it");
+            }
+        }
+    }
+    records.sort_by(|a: &VmRecord, b| a.id.cmp(&b.id));
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::BootSpec;
+
+    fn record(id: &str) -> VmRecord {
+        VmRecord {
+            id: id.into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 64,
+                boot: BootSpec {
+                    kernel: "/k".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                disks: vec![],
+            },
+            state: VmState::Running,
+            pid: Some(42),
+            pid_start_time: Some(7),
+            exit: None,
+            restarts: 0,
+            created: chrono::Utc::now(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_leftovers_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &record("b")).unwrap();
+        save(dir.path(), &record("a")).unwrap();
+        let mut changed = record("a");
+        changed.state = VmState::Stopped;
+        save(dir.path(), &changed).unwrap();
+        std::fs::write(dir.path().join(".c.json.tmp"), b"{half").unwrap();
+        std::fs::write(dir.path().join("d.json"), b"{damaged").unwrap();
+        let all = load_all(dir.path()).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(all[0].state, VmState::Stopped);
+        assert!(!dir.path().join(".c.json.tmp").exists());
+        remove(dir.path(), "a").unwrap();
+        remove(dir.path(), "a").unwrap();
+        assert_eq!(load_all(dir.path()).unwrap().len(), 1);
+    }
+}

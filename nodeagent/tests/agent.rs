@@ -1,0 +1,605 @@
+//! The node agent end to end: the real `stratus-nodeagent` binary, driven over HTTP, runs
+//! real `stratus-vmm` processes with tiny guests on this host's `/dev/kvm`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const TOKEN: &str = "test-token-0123456789";
+
+/// The stratus-vmm binary of this workspace, built if `cargo test -p stratus-nodeagent` did
+/// not build it.
+fn vmm_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let vmm = dir.join("stratus-vmm");
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "stratus-vmm",
+                "--bin",
+                "stratus-vmm",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build stratus-vmm");
+    });
+    vmm
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Agent {
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// An agent offering `cpus` vCPUs and `memory_mib` MiB.
+    fn start(cpus: u32, memory_mib: u64) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
+                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\n\n[capacity]\ncpus = {cpus}\n\
+                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n",
+                token.display(),
+                dir.path().join("state").display(),
+                dir.path().join("run").display(),
+                vmm_binary().display(),
+            ),
+        )
+        .unwrap();
+        let mut agent = Agent {
+            dir,
+            addr,
+            config,
+            child: None,
+        };
+        agent.launch();
+        agent
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_stratus-nodeagent"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("STRATUS_LOG", "stratus_nodeagent=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run stratus-nodeagent");
+        self.child = Some(child);
+        let start = Instant::now();
+        while TcpStream::connect(self.addr).is_err() {
+            assert!(start.elapsed() < DEADLINE, "the agent did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9, as a crash would.
+    fn crash(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn kernel(&self, guest: Guest) -> PathBuf {
+        let path = self.dir.path().join(format!("vmlinux-{guest:?}"));
+        if !path.exists() {
+            std::fs::write(&path, tiny_vmlinux(&guest_code(guest))).unwrap();
+        }
+        path
+    }
+
+    fn spec(&self, guest: Guest) -> Value {
+        json!({"vcpus": 1, "memory_mib": 64, "boot": {"kernel": self.kernel(guest)}})
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        self.call_as(
+            Some(TOKEN),
+            method,
+            path,
+            body.map(Value::to_string).as_deref(),
+        )
+    }
+
+    fn call_as(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let (status, body) = self.raw(token, method, path, body);
+        let json = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body)))
+        };
+        (status, json)
+    }
+
+    fn raw(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Vec<u8>) {
+        let mut stream = TcpStream::connect(self.addr).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let body = body.unwrap_or("");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n{auth}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).unwrap();
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&response[..split]).to_string();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut body = response[split + 4..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, body)
+    }
+
+    fn wait_state(&self, id: &str, state: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (_, vm) = self.call("GET", &format!("/vms/{id}"), None);
+            if vm["state"] == state {
+                return vm;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "VM {id} never became {state}: {vm}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // Stop every VMM this agent started (they outlive the agent by design).
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let run = self.dir.path().join("run");
+        for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+            if let Some(pid) = socket_pid(&entry.path()) {
+                // SAFETY: sends SIGKILL to the VMM serving our own test's socket.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+/// The process serving a VMM socket (SO_PEERCRED).
+fn socket_pid(path: &Path) -> Option<u32> {
+    use std::os::unix::io::AsRawFd;
+    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes a ucred into the buffer given, whose size is passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cred.pid as u32)
+}
+
+fn alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn error(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
+}
+
+#[test]
+fn a_vm_lives_its_whole_life_through_the_api() {
+    let agent = Agent::start(4, 1024);
+    let volume = agent.dir.path().join("volume.img");
+    std::fs::write(&volume, vec![0x5a; 1 << 20]).unwrap();
+    let mut spec = agent.spec(Guest::EventLoop);
+    spec["disks"] = json!([
+        {"id": "scratch", "source": {"volatile": {"size_gib": 1}}},
+        {"id": "vol", "source": {"file": {"path": volume}}, "serial": "vol-1"}
+    ]);
+    let (status, vm) = agent.call("PUT", "/vms/vm-1", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    assert_eq!(vm["state"], "running");
+    let pid = vm["pid"].as_u64().expect("a VMM pid");
+    assert!(alive(pid));
+    let scratch = agent.dir.path().join("state/vms/vm-1/volatile-scratch.img");
+    assert_eq!(std::fs::metadata(&scratch).unwrap().len(), 1 << 30);
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&scratch).unwrap()) < 64,
+        "sparse"
+    );
+
+    // The same request again changes nothing; another spec under the id is refused.
+    let (status, again) = agent.call("PUT", "/vms/vm-1", Some(&spec));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["pid"], vm["pid"]);
+    let mut other = spec.clone();
+    other["vcpus"] = json!(2);
+    let (status, e) = agent.call("PUT", "/vms/vm-1", Some(&other));
+    assert_eq!(status, 409);
+    assert!(error(&e).contains("different spec"), "{e}");
+
+    let (_, list) = agent.call("GET", "/vms", None);
+    assert_eq!(list["vms"].as_array().unwrap().len(), 1);
+    let (_, vm) = agent.call("GET", "/vms/vm-1", None);
+    assert!(vm["counters"]["disks"]["vol"].is_object(), "{vm}");
+    let (_, host) = agent.call("GET", "/host", None);
+    assert_eq!(host["cpu_allocated"], 1);
+    assert_eq!(host["memory_allocated_mib"], 64);
+    assert_eq!(host["running_vms"], 1);
+
+    // The console, through the agent.
+    let start = Instant::now();
+    loop {
+        let (status, console) = agent.raw(Some(TOKEN), "GET", "/vms/vm-1/console?bytes=64", None);
+        assert_eq!(status, 200);
+        if console.starts_with(b"up\n") || console.contains(&b'.') {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "no console output");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let (status, vm) = agent.call("POST", "/vms/vm-1/pause", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "paused");
+    let (status, e) = agent.call("POST", "/vms/vm-1/pause", None);
+    assert_eq!(status, 409, "{e}");
+    let (status, vm) = agent.call("POST", "/vms/vm-1/resume", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "running");
+
+    // A running VM cannot be deleted.
+    let (status, e) = agent.call("DELETE", "/vms/vm-1", None);
+    assert_eq!(status, 409);
+    assert!(error(&e).contains("kill or shut it down first"), "{e}");
+
+    // The guest handles the power button: a clean power-off.
+    let (status, vm) = agent.call("POST", "/vms/vm-1/shutdown", None);
+    assert_eq!(status, 202, "{vm}");
+    let vm = agent.wait_state("vm-1", "stopped");
+    assert_eq!(vm["exit"]["code"], 0, "{vm}");
+    assert_eq!(vm["exit"]["reason"], "guest powered off");
+    assert!(vm["pid"].is_null());
+    assert!(!alive(pid));
+    let (_, host) = agent.call("GET", "/host", None);
+    assert_eq!(host["cpu_allocated"], 0);
+
+    let (status, _) = agent.call("DELETE", "/vms/vm-1", None);
+    assert_eq!(status, 204);
+    assert!(!scratch.exists(), "the volatile disk goes with the VM");
+    assert_eq!(
+        std::fs::read(&volume).unwrap(),
+        vec![0x5a; 1 << 20],
+        "volumes are never touched"
+    );
+    assert!(!agent.dir.path().join("state/vms/vm-1.json").exists());
+    assert!(!agent.dir.path().join("run/vm-1.sock").exists());
+    assert_eq!(agent.call("GET", "/vms/vm-1", None).0, 404);
+}
+
+#[test]
+fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
+    let agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/stubborn", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    let (status, vm) = agent.call("POST", "/vms/stubborn/shutdown?timeout=1", None);
+    assert_eq!(status, 202, "{vm}");
+    assert_eq!(vm["state"], "stopping");
+    let vm = agent.wait_state("stubborn", "stopped");
+    assert_eq!(vm["exit"]["code"], 6, "the hard stop: {vm}");
+    let (status, e) = agent.call("POST", "/vms/stubborn/kill", None);
+    assert_eq!(status, 409, "{e}");
+    let (status, e) = agent.call("POST", "/vms/stubborn/shutdown?timeout=soon", None);
+    assert_eq!(status, 400, "{e}");
+}
+
+#[test]
+fn kill_ends_a_vm_at_once_and_a_reboot_starts_it_again() {
+    let agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/k", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    let (status, vm) = agent.call("POST", "/vms/k/kill", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "stopped");
+    assert_eq!(vm["exit"]["code"], 6);
+
+    // A guest that resets: the agent starts it again each time.
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/r", Some(&agent.spec(Guest::Reboot)))
+            .0,
+        201
+    );
+    let start = Instant::now();
+    loop {
+        let (_, vm) = agent.call("GET", "/vms/r", None);
+        if vm["restarts"].as_u64().unwrap() >= 2 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "no restarts: {vm}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, vm) = agent.call("POST", "/vms/r/kill", None);
+    assert_eq!(vm["state"], "stopped", "{vm}");
+}
+
+#[test]
+fn a_vmm_killed_from_outside_is_reported_failed_with_its_reason() {
+    let agent = Agent::start(4, 1024);
+    let (_, vm) = agent.call("PUT", "/vms/victim", Some(&agent.spec(Guest::Halt)));
+    let pid = vm["pid"].as_u64().unwrap();
+    // SAFETY: SIGKILL to the VMM this test's agent just started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let vm = agent.wait_state("victim", "failed");
+    assert!(
+        vm["exit"]["reason"].as_str().unwrap().contains("signal 9"),
+        "{vm}"
+    );
+    assert!(vm["exit"]["code"].is_null());
+    // Never restarted on its own.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.call("GET", "/vms/victim", None).1["state"], "failed");
+}
+
+#[test]
+fn bad_requests_are_refused_before_anything_is_done() {
+    let agent = Agent::start(4, 1024);
+    let body = agent.spec(Guest::Halt).to_string();
+    let (status, e) = agent.call_as(None, "PUT", "/vms/x", Some(&body));
+    assert_eq!(status, 401, "{e}");
+    assert!(error(&e).contains("bearer token"), "{e}");
+    let (status, _) = agent.call_as(Some("wrong-token-9876543210"), "GET", "/vms", None);
+    assert_eq!(status, 401);
+    let (status, _) = agent.call_as(Some("short"), "GET", "/host", None);
+    assert_eq!(status, 401);
+    for (body, needle) in [
+        ("{not json".to_owned(), "invalid request body"),
+        (
+            r#"{"vcpus": 1, "memory_mib": 64, "boot": {"kernel": "/k"}, "gpu": true}"#.to_owned(),
+            "unknown field `gpu`",
+        ),
+        (
+            r#"{"vcpus": 0, "memory_mib": 64, "boot": {"kernel": "/k"}}"#.to_owned(),
+            "vcpus",
+        ),
+        (
+            format!(
+                r#"{{"vcpus": 1, "memory_mib": 8, "boot": {{"kernel": "{}"}}}}"#,
+                agent.kernel(Guest::Halt).display()
+            ),
+            "memory_mib",
+        ),
+        (
+            r#"{"vcpus": 1, "memory_mib": 64, "boot": {"kernel": "/no/such/kernel"}}"#.to_owned(),
+            "does not exist",
+        ),
+        (
+            format!(
+                r#"{{"vcpus": 1, "memory_mib": 64, "boot": {{"kernel": "{}"}}, "disks": [{{"id": "d", "source": {{"file": {{"path": "/no/such.img"}}}}}}]}}"#,
+                agent.kernel(Guest::Halt).display()
+            ),
+            "does not exist",
+        ),
+    ] {
+        let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/x", Some(&body));
+        assert_eq!(status, 400, "{body}: {e}");
+        assert!(error(&e).contains(needle), "{body}: {e}");
+    }
+    let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/..hidden", Some(&body));
+    assert_eq!(status, 400, "{e}");
+    let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(400 * 1024));
+    let (status, _) = agent.call_as(Some(TOKEN), "PUT", "/vms/x", Some(&huge));
+    assert_eq!(status, 413);
+    assert_eq!(
+        agent.call("GET", "/vms/x", None).0,
+        404,
+        "nothing was created"
+    );
+    let (_, list) = agent.call("GET", "/vms", None);
+    assert_eq!(list["vms"], json!([]));
+    let (status, e) = agent.call("GET", "/nowhere", None);
+    assert_eq!(status, 404, "{e}");
+    let (status, doc) = agent.call("GET", "/openapi.json", None);
+    assert_eq!(status, 200);
+    assert!(doc["paths"]["/vms/{id}"]["put"].is_object(), "{doc}");
+    let (status, metrics) = agent.raw(Some(TOKEN), "GET", "/metrics", None);
+    assert_eq!(status, 200);
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("stratus_nodeagent_api_request_duration_seconds"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_disabled_host_and_a_full_host_take_no_new_vms() {
+    let agent = Agent::start(2, 1024);
+    let (status, host) = agent.call("PUT", "/host/state", Some(&json!({"state": "maintenance"})));
+    assert_eq!(status, 200, "{host}");
+    assert_eq!(host["state"], "maintenance");
+    let (status, e) = agent.call("PUT", "/vms/a", Some(&agent.spec(Guest::Halt)));
+    assert_eq!(status, 409);
+    assert!(error(&e).contains("Maintenance"), "{e}");
+    assert_eq!(
+        agent
+            .call("PUT", "/host/state", Some(&json!({"state": "enabled"})))
+            .0,
+        200
+    );
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/a", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/b", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    let (status, e) = agent.call("PUT", "/vms/c", Some(&agent.spec(Guest::Halt)));
+    assert_eq!(status, 409);
+    assert!(
+        error(&e).contains("needs 1 vCPUs and 64 MiB; the host has 0 vCPUs"),
+        "{e}"
+    );
+}
+
+#[test]
+fn fifty_concurrent_creates_on_a_host_sized_for_twenty_admit_exactly_twenty() {
+    let agent = std::sync::Arc::new(Agent::start(20, 20 * 64));
+    let spec = agent.spec(Guest::Halt);
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            let agent = agent.clone();
+            let spec = spec.clone();
+            std::thread::spawn(move || agent.call("PUT", &format!("/vms/c{i}"), Some(&spec)).0)
+        })
+        .collect();
+    let statuses: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 201).count(),
+        20,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 409).count(),
+        30,
+        "{statuses:?}"
+    );
+    let (_, host) = agent.call("GET", "/host", None);
+    assert_eq!(host["cpu_allocated"], 20);
+    assert_eq!(host["running_vms"], 20);
+}
+
+#[test]
+fn after_a_kill_9_the_agent_takes_its_vms_back() {
+    let mut agent = Agent::start(4, 1024);
+    let (_, kept) = agent.call("PUT", "/vms/kept", Some(&agent.spec(Guest::EventLoop)));
+    let kept_pid = kept["pid"].as_u64().unwrap();
+    let (_, ended) = agent.call("PUT", "/vms/ended", Some(&agent.spec(Guest::Halt)));
+    let ended_pid = ended["pid"].as_u64().unwrap();
+    agent.crash();
+    // While the agent is down, one VM keeps running and the other is stopped through its
+    // VMM's own socket.
+    let socket = agent.dir.path().join("run/ended.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let body = r#"{"action": "stop"}"#;
+    write!(
+        stream,
+        "PUT /vm/actions HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let start = Instant::now();
+    while alive(ended_pid) {
+        assert!(start.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent.launch();
+    let (_, vm) = agent.call("GET", "/vms/kept", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["pid"].as_u64(), Some(kept_pid), "the same VMM, adopted");
+    let (_, vm) = agent.call("GET", "/vms/ended", None);
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert_eq!(vm["exit"]["code"], 6, "from the VMM's status file: {vm}");
+    // The adopted VM is still controllable, and its end is seen through the pidfd.
+    let (status, vm) = agent.call("POST", "/vms/kept/shutdown", None);
+    assert_eq!(status, 202, "{vm}");
+    let vm = agent.wait_state("kept", "stopped");
+    assert_eq!(vm["exit"]["code"], 0, "{vm}");
+    assert!(!alive(kept_pid));
+}
