@@ -10,7 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use stratus_vmm::api::{CountersReport, VmInfo as VmmInfo};
+use stratus_vmm::api::{CountersReport, DiskInfo, VmInfo as VmmInfo};
+use stratus_vmm::devices::virtio::block::BlockConfig;
 
 /// How long one call to a VMM may take; a VMM that does not answer in time is treated as
 /// gone for that call.
@@ -169,5 +170,16 @@ impl VmmClient {
 
     pub async fn resume(&self) -> Result<VmmInfo, VmmClientError> {
         self.action("resume").await
+    }
+
+    /// Hot-plugs a disk (its `id` must be set).
+    pub async fn add_disk(&self, disk: &BlockConfig) -> Result<DiskInfo, VmmClientError> {
+        self.call(Method::PUT, "/vm/disks", Some(disk)).await
+    }
+
+    /// Asks the guest to eject a disk; the VMM drops it once the guest has.
+    pub async fn remove_disk(&self, id: &str) -> Result<DiskInfo, VmmClientError> {
+        self.call(Method::DELETE, &format!("/vm/disks/{id}"), None::<&()>)
+            .await
     }
 }

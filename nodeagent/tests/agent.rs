@@ -603,3 +603,85 @@ fn after_a_kill_9_the_agent_takes_its_vms_back() {
     assert_eq!(vm["exit"]["code"], 0, "{vm}");
     assert!(!alive(kept_pid));
 }
+
+#[test]
+fn disks_are_hot_attached_and_detached_on_a_running_vm() {
+    let agent = Agent::start(4, 1024);
+    let volume = agent.dir.path().join("attach.img");
+    std::fs::write(&volume, vec![0u8; 1 << 20]).unwrap();
+    let mut spec = agent.spec(Guest::EventLoop);
+    spec["disks"] = json!([{"id": "root", "source": {"volatile": {"size_gib": 1}}}]);
+    assert_eq!(agent.call("PUT", "/vms/h", Some(&spec)).0, 201);
+
+    let attach = json!({"source": {"file": {"path": volume}}, "serial": "vol-7"});
+    let (status, vm) = agent.call("PUT", "/vms/h/disks/vol-7", Some(&attach));
+    assert_eq!(status, 201, "{vm}");
+    assert_eq!(vm["attached"][0]["id"], "vol-7");
+    let (status, e) = agent.call("PUT", "/vms/h/disks/vol-7", Some(&attach));
+    assert_eq!(status, 409, "{e}");
+    let (status, e) = agent.call("PUT", "/vms/h/disks/root", Some(&attach));
+    assert_eq!(status, 409, "{e}");
+    let missing = json!({"source": {"file": {"path": "/no/such/volume.img"}}});
+    let (status, e) = agent.call("PUT", "/vms/h/disks/vol-8", Some(&missing));
+    assert_eq!(status, 400, "{e}");
+    // The VMM refuses the same file under a second name: nothing is recorded.
+    let (status, e) = agent.call("PUT", "/vms/h/disks/again", Some(&attach));
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("already attached"), "{e}");
+    let scratch = json!({"source": {"volatile": {"size_gib": 2}}});
+    let (status, vm) = agent.call("PUT", "/vms/h/disks/scratch", Some(&scratch));
+    assert_eq!(status, 201, "{vm}");
+    let scratch_file = agent.dir.path().join("state/vms/h/volatile-scratch.img");
+    assert_eq!(std::fs::metadata(&scratch_file).unwrap().len(), 2 << 30);
+    let (_, vm) = agent.call("GET", "/vms/h", None);
+    let attached: Vec<&str> = vm["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(attached, ["vol-7", "scratch"]);
+    assert!(vm["counters"]["disks"]["vol-7"].is_object(), "{vm}");
+
+    // Disks given at creation are not hot-plugged ones.
+    let (status, e) = agent.call("DELETE", "/vms/h/disks/root", None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("not hot-plugged"), "{e}");
+    assert_eq!(agent.call("DELETE", "/vms/h/disks/nope", None).0, 404);
+    // The guest ejects: the call answers once it has.
+    let (status, vm) = agent.call("DELETE", "/vms/h/disks/vol-7", None);
+    assert_eq!(status, 200, "{vm}");
+    assert!(vm["counters"]["disks"]["vol-7"].is_null(), "{vm}");
+    let (status, vm) = agent.call("DELETE", "/vms/h/disks/scratch", None);
+    assert_eq!(status, 200, "{vm}");
+    assert!(
+        !scratch_file.exists(),
+        "a detached volatile disk is deleted"
+    );
+    assert!(volume.exists(), "a volume is never deleted");
+    assert_eq!(vm["attached"], json!([]));
+    let (_, vm) = agent.call("POST", "/vms/h/kill", None);
+    assert_eq!(vm["state"], "stopped");
+    let (status, e) = agent.call("PUT", "/vms/h/disks/late", Some(&attach));
+    assert_eq!(status, 409, "{e}");
+}
+
+#[test]
+fn a_guest_that_never_ejects_keeps_its_disk_and_the_agent_says_so() {
+    let agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/g", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    let volume = agent.dir.path().join("kept.img");
+    std::fs::write(&volume, vec![0u8; 4096]).unwrap();
+    let attach = json!({"source": {"file": {"path": volume}}});
+    assert_eq!(agent.call("PUT", "/vms/g/disks/v", Some(&attach)).0, 201);
+    let (status, e) = agent.call("DELETE", "/vms/g/disks/v?timeout=1", None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("has not let go"), "{e}");
+    let (_, vm) = agent.call("GET", "/vms/g", None);
+    assert_eq!(vm["attached"][0]["id"], "v", "still attached: {vm}");
+}

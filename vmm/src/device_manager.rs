@@ -95,8 +95,15 @@ impl DeviceError {
     }
 }
 
+type PciFunction = Arc<Mutex<VirtioPciDevice>>;
+
+fn driver_ready(function: &PciFunction) -> bool {
+    function.lock().is_ok_and(|f| f.is_activated())
+}
+
 struct Disk {
     id: String,
+    function: PciFunction,
     index: usize,
     slot: u8,
     config: BlockConfig,
@@ -109,6 +116,7 @@ struct Disk {
 
 struct Nic {
     id: String,
+    function: PciFunction,
     index: usize,
     slot: u8,
     config: NetConfig,
@@ -200,7 +208,11 @@ impl DeviceManager {
     }
 
     /// Puts `device` on the bus at `slot` behind its own MSI-X vectors.
-    fn plug(&mut self, slot: u8, device: Box<dyn VirtioDevice>) -> Result<(), DeviceError> {
+    fn plug(
+        &mut self,
+        slot: u8,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<PciFunction, DeviceError> {
         let vectors = device.queue_max_sizes().len() as u16 + 1;
         let msix = Msix::with_kvm(&self.p.router, vectors)?;
         let device = Arc::new(Mutex::new(VirtioPciDevice::new(
@@ -214,8 +226,8 @@ impl DeviceManager {
             .pci_root
             .lock()
             .expect("PCI root lock poisoned")
-            .add_device_at(usize::from(slot), device.clone(), Some(device))?;
-        Ok(())
+            .add_device_at(usize::from(slot), device.clone(), Some(device.clone()))?;
+        Ok(device)
     }
 
     fn announce(&self, slot: u8, hotplug: bool) -> Result<(), DeviceError> {
@@ -258,10 +270,11 @@ impl DeviceManager {
         let block = VirtioBlock::new(&config, self.p.queues_per_disk).map_err(disk_err)?;
         let limiter = block.rate_limiter();
         let counters = block.counters();
-        self.plug(slot, Box::new(block))?;
+        let function = self.plug(slot, Box::new(block))?;
         self.next_disk_index += 1;
         self.disks.push(Disk {
             id,
+            function,
             index,
             slot,
             config,
@@ -301,10 +314,11 @@ impl DeviceManager {
             })?;
         let limiters = device.rate_limiters();
         let stats = device.stats();
-        self.plug(slot, Box::new(device))?;
+        let function = self.plug(slot, Box::new(device))?;
         self.next_net_index += 1;
         self.nets.push(Nic {
             id,
+            function,
             index,
             slot,
             config,
@@ -398,6 +412,7 @@ impl DeviceManager {
             read_only: d.config.read_only,
             serial: d.config.serial.clone(),
             rate_limit: d.limiter.limit(),
+            driver_ready: driver_ready(&d.function),
             state: if d.removing {
                 DeviceState::Removing
             } else {
@@ -415,6 +430,7 @@ impl DeviceManager {
             tap: n.config.tap.clone(),
             mac: n.config.mac.clone(),
             rate_limit: n.limiters.limit(),
+            driver_ready: driver_ready(&n.function),
             state: if n.removing {
                 DeviceState::Removing
             } else {

@@ -280,6 +280,7 @@ fn the_api_reports_the_vm_changes_disk_limits_refuses_bad_requests_and_stops_it(
             "read_only": false,
             "serial": null,
             "rate_limit": {"bytes_per_sec": 1048576, "ops_per_sec": null},
+            "driver_ready": false,
             "state": "active"
         }])
     );

@@ -78,6 +78,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{id}/pause", post(pause_vm))
         .route("/vms/{id}/resume", post(resume_vm))
         .route("/vms/{id}/console", get(get_console))
+        .route(
+            "/vms/{id}/disks/{disk}",
+            put(attach_disk).delete(detach_disk),
+        )
         .route("/host", get(get_host))
         .route("/host/state", put(put_host_state))
         .route("/openapi.json", get(openapi))
@@ -117,6 +121,7 @@ impl From<VmError> for Refusal {
             VmError::NotFound(_) => StatusCode::NOT_FOUND,
             VmError::BadId(_) | VmError::BadSpec(_) => StatusCode::BAD_REQUEST,
             VmError::SpecConflict(_)
+            | VmError::DiskConflict(_)
             | VmError::HostNotEnabled(_)
             | VmError::NoCapacity { .. }
             | VmError::WrongState { .. } => StatusCode::CONFLICT,
@@ -345,6 +350,57 @@ async fn get_console(
         tail,
     )
         .into_response())
+}
+
+/// Hot-plugs a disk (a persistent volume by path, or a new volatile disk) into the running
+/// VM; answers once the VMM has put it on the bus and told the guest.
+#[utoipa::path(put, path = "/vms/{id}/disks/{disk}", request_body = AttachDisk,
+    params(("id" = String, Path), ("disk" = String, Path)),
+    responses((status = 201, body = VmInfo), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "the VM does not run, has a disk of that id, or has no free slot", body = ErrorBody)))]
+async fn attach_disk(
+    State(state): State<Arc<AppState>>,
+    Path((id, disk)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let attach: AttachDisk = read_json(body).await?;
+    let vm = state.vms.get(&id)?;
+    let spec = DiskSpec {
+        id: disk,
+        source: attach.source,
+        read_only: attach.read_only,
+        serial: attach.serial,
+    };
+    Ok(json(
+        StatusCode::CREATED,
+        &state.vms.attach(&vm, spec).await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct DetachQuery {
+    /// Seconds to wait for the guest to let go of the disk (default 30).
+    timeout: Option<u64>,
+}
+
+/// Unplugs a hot-plugged disk; answers once the guest has let go of it (409 if it has not
+/// within `timeout`; the request stands and the disk goes when the guest ejects it).
+#[utoipa::path(delete, path = "/vms/{id}/disks/{disk}",
+    params(("id" = String, Path), ("disk" = String, Path), DetachQuery),
+    responses((status = 200, body = VmInfo), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn detach_disk(
+    State(state): State<Arc<AppState>>,
+    Path((id, disk)): Path<(String, String)>,
+    query: Result<Query<DetachQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Refusal> {
+    let Query(query) = query.map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let timeout = Duration::from_secs(query.timeout.unwrap_or(30));
+    let vm = state.vms.get(&id)?;
+    Ok(json(
+        StatusCode::OK,
+        &state.vms.detach(&vm, &disk, timeout).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/host", responses((status = 200, body = HostInfo)))]

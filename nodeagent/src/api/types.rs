@@ -90,12 +90,25 @@ pub struct VmExit {
     pub at: chrono::DateTime<chrono::Utc>,
 }
 
+/// `PUT /vms/{id}/disks/{disk}`: a disk to hot-plug into the running VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachDisk {
+    pub source: DiskSource,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
 /// `GET /vms/{id}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
     pub id: String,
     pub state: VmState,
     pub spec: VmSpec,
+    /// Disks hot-plugged since the VM was created (kept across guest reboots).
+    pub attached: Vec<DiskSpec>,
     /// The VMM's process id while it runs.
     pub pid: Option<u32>,
     pub exit: Option<VmExit>,

@@ -13,10 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use stratus_vmm::devices::virtio::block::BlockConfig;
 use tokio::sync::Notify;
 
 use self::record::{RecordError, VmRecord};
-use crate::api::types::{DiskSource, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState};
+use crate::api::types::{
+    DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState,
+};
 use crate::config::AgentConfig;
 use crate::host::{self, Capacity};
 use crate::metrics::Metrics;
@@ -42,6 +45,8 @@ pub enum VmError {
     BadSpec(String),
     #[error("VM '{0}' exists with a different spec; delete it first or use another id")]
     SpecConflict(String),
+    #[error("{0}")]
+    DiskConflict(String),
     #[error("this host is {0:?} and takes no new VMs")]
     HostNotEnabled(HostState),
     #[error(
@@ -85,6 +90,8 @@ struct Status {
     restarts: u32,
     /// The agent asked the VMM to end (kill or shutdown): its exit is not a failure.
     stop_requested: bool,
+    /// Disks hot-plugged since creation.
+    attached: Vec<DiskSpec>,
 }
 
 pub struct Vm {
@@ -122,6 +129,7 @@ impl Vm {
             exit: s.exit.clone(),
             restarts: s.restarts,
             created: self.created,
+            attached: s.attached.clone(),
         }
     }
 
@@ -131,6 +139,7 @@ impl Vm {
             id: self.id.clone(),
             state: s.state,
             spec: self.spec.clone(),
+            attached: s.attached.clone(),
             pid: s.pid.filter(|_| s.state.is_active()),
             exit: s.exit.clone(),
             restarts: s.restarts,
@@ -212,36 +221,37 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         if !ids.insert(disk.id.as_str()) {
             return bad(format!("disk id '{}' is used twice", disk.id));
         }
-        if !valid_id(&disk.id) {
-            return bad(format!("disk id '{}' is not valid", disk.id));
-        }
-        if disk.serial.as_ref().is_some_and(|s| s.len() > 20) {
-            return bad(format!(
-                "disk '{}': serial is longer than 20 bytes",
-                disk.id
-            ));
-        }
-        match &disk.source {
-            DiskSource::File { path } if !path.is_absolute() => {
-                return bad(format!("disk '{}': path must be absolute", disk.id))
-            }
-            DiskSource::File { path } if !path.exists() => {
-                return bad(format!(
-                    "disk '{}': {} does not exist on this host",
-                    disk.id,
-                    path.display()
-                ))
-            }
-            DiskSource::Volatile { size_gib } if *size_gib == 0 || *size_gib > 1024 => {
-                return bad(format!(
-                    "disk '{}': size_gib must be between 1 and 1024",
-                    disk.id
-                ))
-            }
-            _ => {}
-        }
+        validate_disk(disk)?;
     }
     Ok(())
+}
+
+fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
+    let bad = |reason: String| Err(VmError::BadSpec(reason));
+    if !valid_id(&disk.id) {
+        return bad(format!("disk id '{}' is not valid", disk.id));
+    }
+    if disk.serial.as_ref().is_some_and(|s| s.len() > 20) {
+        return bad(format!(
+            "disk '{}': serial is longer than 20 bytes",
+            disk.id
+        ));
+    }
+    match &disk.source {
+        DiskSource::File { path } if !path.is_absolute() => {
+            bad(format!("disk '{}': path must be absolute", disk.id))
+        }
+        DiskSource::File { path } if !path.exists() => bad(format!(
+            "disk '{}': {} does not exist on this host",
+            disk.id,
+            path.display()
+        )),
+        DiskSource::Volatile { size_gib } if *size_gib == 0 || *size_gib > 1024 => bad(format!(
+            "disk '{}': size_gib must be between 1 and 1024",
+            disk.id
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The exit as the VMM reported it (status file), or as the process was seen to end.
@@ -320,6 +330,7 @@ impl VmManager {
             exit: record.exit.clone(),
             restarts: record.restarts,
             stop_requested: false,
+            attached: record.attached.clone(),
         };
         let vm = self.new_vm(&record.id, record.spec.clone(), status, record.created);
         self.vms().insert(record.id.clone(), vm.clone());
@@ -461,6 +472,7 @@ impl VmManager {
                 exit: None,
                 restarts: 0,
                 stop_requested: false,
+                attached: Vec::new(),
             };
             let vm = self.new_vm(id, spec, status, chrono::Utc::now());
             vms.insert(id.to_owned(), vm.clone());
@@ -517,21 +529,10 @@ impl VmManager {
         if let Some(initrd) = &vm.spec.boot.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
         }
-        for disk in &vm.spec.disks {
-            let path = match &disk.source {
-                DiskSource::File { path } => path.clone(),
-                DiskSource::Volatile { size_gib } => {
-                    let path = vm.volatile_path(&disk.id);
-                    if !path.exists() {
-                        let file = std::fs::File::create(&path)
-                            .map_err(io(format!("cannot create {}", path.display())))?;
-                        file.set_len(size_gib << 30)
-                            .map_err(io(format!("cannot size {}", path.display())))?;
-                    }
-                    path
-                }
-            };
-            let mut spec = format!("id={},path={}", disk.id, path.display());
+        let attached = vm.status().attached.clone();
+        for disk in vm.spec.disks.iter().chain(&attached) {
+            let config = Self::block_config(vm, disk)?;
+            let mut spec = format!("id={},path={}", disk.id, config.path.display());
             if disk.read_only {
                 spec.push_str(",ro=on");
             }
@@ -649,6 +650,108 @@ impl VmManager {
                 what,
             })
         }
+    }
+
+    /// The VMM's view of `disk`; a volatile disk's file is made here (sparse) if missing.
+    fn block_config(vm: &Vm, disk: &DiskSpec) -> Result<BlockConfig, VmError> {
+        let path = match &disk.source {
+            DiskSource::File { path } => path.clone(),
+            DiskSource::Volatile { size_gib } => {
+                let path = vm.volatile_path(&disk.id);
+                if !path.exists() {
+                    let io = |source| VmError::Io {
+                        what: format!("cannot create {}", path.display()),
+                        source,
+                    };
+                    std::fs::create_dir_all(&vm.dir).map_err(io)?;
+                    let file = std::fs::File::create(&path).map_err(io)?;
+                    file.set_len(size_gib << 30).map_err(io)?;
+                }
+                path
+            }
+        };
+        let mut config = BlockConfig::new(path);
+        config.id = Some(disk.id.clone());
+        config.read_only = disk.read_only;
+        config.serial = disk.serial.clone();
+        Ok(config)
+    }
+
+    /// Hot-plugs a disk into the running VM; answers once the VMM has it on the bus and
+    /// has told the guest (`driver_ready` in the VMM's view shows when the guest took it).
+    pub async fn attach(&self, vm: &Arc<Vm>, disk: DiskSpec) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "only a running VM takes a disk")?;
+        validate_disk(&disk)?;
+        let taken = vm
+            .spec
+            .disks
+            .iter()
+            .chain(vm.status().attached.iter())
+            .any(|d| d.id == disk.id);
+        if taken {
+            return Err(VmError::DiskConflict(format!(
+                "VM '{}' already has a disk '{}'",
+                vm.id, disk.id
+            )));
+        }
+        let config = Self::block_config(vm, &disk)?;
+        if let Err(e) = vm.client().add_disk(&config).await {
+            if matches!(disk.source, DiskSource::Volatile { .. }) {
+                let _ = std::fs::remove_file(vm.volatile_path(&disk.id));
+            }
+            return Err(e.into());
+        }
+        vm.status().attached.push(disk);
+        self.save(vm);
+        Ok(self.info(vm).await)
+    }
+
+    /// Asks the guest to let go of a hot-plugged disk; answers once it has (the VMM
+    /// dropped the disk), or 409 after `timeout` if it has not.
+    pub async fn detach(
+        &self,
+        vm: &Arc<Vm>,
+        disk_id: &str,
+        timeout: Duration,
+    ) -> Result<VmInfo, VmError> {
+        Self::require_active(vm, "a stopped VM has no disks plugged")?;
+        if vm.spec.disks.iter().any(|d| d.id == disk_id) {
+            return Err(VmError::DiskConflict(format!(
+                "disk '{disk_id}' was given when VM '{}' was created, not hot-plugged; it stays until the VM ends",
+                vm.id
+            )));
+        }
+        let Some(disk) = vm
+            .status()
+            .attached
+            .iter()
+            .find(|d| d.id == disk_id)
+            .cloned()
+        else {
+            return Err(VmError::NotFound(format!("{}/disks/{disk_id}", vm.id)));
+        };
+        let client = vm.client();
+        client.remove_disk(disk_id).await?;
+        let gone = async {
+            loop {
+                match client.info().await {
+                    Ok(info) if info.disks.iter().all(|d| d.id != disk_id) => return,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        };
+        if tokio::time::timeout(timeout, gone).await.is_err() {
+            return Err(VmError::DiskConflict(format!(
+                "the guest of VM '{}' has not let go of disk '{disk_id}' within {timeout:?}; it is still being removed",
+                vm.id
+            )));
+        }
+        vm.status().attached.retain(|d| d.id != disk_id);
+        if matches!(disk.source, DiskSource::Volatile { .. }) {
+            let _ = std::fs::remove_file(vm.volatile_path(disk_id));
+        }
+        self.save(vm);
+        Ok(self.info(vm).await)
     }
 
     /// Ends the VM at once; returns when its VMM is gone.

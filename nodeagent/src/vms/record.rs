@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::types::{VmExit, VmSpec, VmState};
+use crate::api::types::{DiskSpec, VmExit, VmSpec, VmState};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,6 +22,8 @@ pub struct VmRecord {
     pub exit: Option<VmExit>,
     pub restarts: u32,
     pub created: chrono::DateTime<chrono::Utc>,
+    #[serde(default)]
+    pub attached: Vec<DiskSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,7 @@ mod tests {
             exit: None,
             restarts: 0,
             created: chrono::Utc::now(),
+            attached: vec![],
         }
     }
 

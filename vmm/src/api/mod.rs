@@ -310,6 +310,8 @@ pub struct DiskInfo {
     pub read_only: bool,
     pub serial: Option<String>,
     pub rate_limit: RateLimit,
+    /// A guest driver has set the disk up and it serves requests.
+    pub driver_ready: bool,
     pub state: DeviceState,
 }
 
@@ -322,6 +324,8 @@ pub struct NetInfo {
     pub mac: String,
     /// Applied to each direction separately, as in the configuration.
     pub rate_limit: RateLimit,
+    /// A guest driver has set the NIC up.
+    pub driver_ready: bool,
     pub state: DeviceState,
 }
 

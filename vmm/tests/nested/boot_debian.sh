@@ -324,6 +324,7 @@ api() { /api_call /api.sock "\$@"; }
 waitcon STRATUS3-READY 300 && echo "L1-LIVE-READY"
 api PUT /vm/disks '{"id":"hot1","path":"/hot.img","serial":"hot-disk-1"}' | sed 's/^/L1-API-PUT-DISK /'
 waitcon STRATUS3-HOT-WROTE 120
+api GET /vm | grep -q '"id":"hot1".*"driver_ready":true' && echo "L1-HOT1-DRIVER-READY"
 api DELETE /vm/disks/hot1 | sed 's/^/L1-API-DELETE-DISK /'
 waitcon STRATUS3-HOT-DISK-GONE 120
 i=0; while api GET /vm | grep -q '"hot1"' && [ \$i -lt 60 ]; do sleep 1; i=\$((i+1)); done
@@ -415,6 +416,7 @@ check "the stock button driver gives the power button an input device" "STRATUS3
 check "hot-plugging a disk is answered 201" "L1-API-PUT-DISK 201"
 check "the hot-plugged disk appears in the guest with its serial (acpiphp)" "STRATUS3-HOT-DISK vda 2048"
 check "the guest writes to the hot-plugged disk" "STRATUS3-HOT-WROTE"
+check "GET /vm shows the guest's driver took the disk" "L1-HOT1-DRIVER-READY"
 check "unplugging is answered 202" "L1-API-DELETE-DISK 202"
 check "the guest sees the disk vanish after DELETE" "STRATUS3-HOT-DISK-GONE"
 check "the VMM drops the disk once the guest ejected it" "L1-HOT1-EJECTED"

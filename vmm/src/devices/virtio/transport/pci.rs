@@ -220,6 +220,11 @@ impl VirtioPciDevice {
         self.status
     }
 
+    /// Whether a guest driver has set the device up (DRIVER_OK) and it is serving.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
     pub fn queue_event(&self, index: usize) -> Option<&EventFd> {
         self.queue_events.get(index)
     }
