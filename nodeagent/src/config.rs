@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub console_max_bytes: u64,
     #[serde(default)]
     pub capacity: CapacityConfig,
+    /// The guest networks VMs' NICs join.
+    #[serde(default)]
+    pub networks: Vec<crate::networks::NetworkConfig>,
 }
 
 /// What the host offers to VMs.
@@ -144,6 +147,27 @@ impl AgentConfig {
             if !(ratio.is_finite() && ratio > 0.0 && ratio <= 64.0) {
                 return Err(invalid(format!(
                     "{name} must be between 0 and 64, not {ratio}"
+                )));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for network in &config.networks {
+            if !names.insert(network.name.as_str()) {
+                return Err(invalid(format!(
+                    "network '{}' is defined twice",
+                    network.name
+                )));
+            }
+            if !network.subnet.is_host(network.address) {
+                return Err(invalid(format!(
+                    "network '{}': address {} is not in its subnet",
+                    network.name, network.address
+                )));
+            }
+            if network.bridge.is_empty() || network.bridge.len() >= libc::IFNAMSIZ {
+                return Err(invalid(format!(
+                    "network '{}': bridge name must be 1 to 15 bytes",
+                    network.name
                 )));
             }
         }

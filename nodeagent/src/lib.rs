@@ -7,6 +7,7 @@ pub mod config;
 pub mod host;
 pub mod metrics;
 pub mod network;
+pub mod networks;
 pub mod supervisor;
 pub mod vmm_client;
 pub mod vms;

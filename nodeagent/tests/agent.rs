@@ -57,6 +57,11 @@ struct Agent {
 impl Agent {
     /// An agent offering `cpus` vCPUs and `memory_mib` MiB.
     fn start(cpus: u32, memory_mib: u64) -> Agent {
+        Self::start_with(cpus, memory_mib, "")
+    }
+
+    /// As `start`, with `extra` appended to the configuration file.
+    fn start_with(cpus: u32, memory_mib: u64, extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
@@ -68,7 +73,7 @@ impl Agent {
             format!(
                 "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
                  vmm_binary = \"{}\"\nshutdown_timeout_s = 30\n\n[capacity]\ncpus = {cpus}\n\
-                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n",
+                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n{extra}",
                 token.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
@@ -684,4 +689,175 @@ fn a_guest_that_never_ejects_keeps_its_disk_and_the_agent_says_so() {
     assert!(error(&e).contains("has not let go"), "{e}");
     let (_, vm) = agent.call("GET", "/vms/g", None);
     assert_eq!(vm["attached"][0]["id"], "v", "still attached: {vm}");
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// busybox udhcpc on `interface`: the address it was offered, if any.
+fn dhcp_lease(dir: &Path, interface: &str) -> Option<String> {
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"LEASE $ip $router $hostname\"\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("busybox")
+        .args([
+            "udhcpc", "-f", "-q", "-n", "-t", "3", "-T", "1", "-i", interface, "-s",
+        ])
+        .arg(&script)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("LEASE ").map(str::to_owned))
+}
+
+#[test]
+fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace() {
+    // This test thread, the agent and its VMMs live in a network namespace of their own.
+    // SAFETY: unshare changes only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "needs root"
+    );
+    run("ip", &["link", "set", "lo", "up"]);
+    let networks = "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
+                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\ndomain = \"cloud.test\"\n";
+    let mut agent = Agent::start_with(4, 1024, networks);
+    let mut spec = agent.spec(Guest::Halt);
+    spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0a", "ip": "198.18.5.10"}]);
+    let (status, vm) = agent.call("PUT", "/vms/net-1", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    let taps: Vec<&str> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap())
+        .collect();
+    assert_eq!(taps.len(), 1, "one TAP on the bridge: {links}");
+    let tap = taps[0].to_owned();
+
+    // A port on the bridge with the guest's MAC gets the guest's address, and only it.
+    run(
+        "ip",
+        &[
+            "link", "add", "vguest", "type", "veth", "peer", "name", "vbridge",
+        ],
+    );
+    run("ip", &["link", "set", "vbridge", "master", "stbr0", "up"]);
+    run(
+        "ip",
+        &[
+            "link",
+            "set",
+            "vguest",
+            "address",
+            "02:00:c6:12:05:0a",
+            "up",
+        ],
+    );
+    assert_eq!(
+        dhcp_lease(agent.dir.path(), "vguest").as_deref(),
+        Some("198.18.5.10 198.18.5.1 net-1"),
+        "the agent's DHCP server answers the leased MAC"
+    );
+    run(
+        "ip",
+        &["link", "set", "vguest", "address", "02:00:c6:12:05:63"],
+    );
+    assert_eq!(
+        dhcp_lease(agent.dir.path(), "vguest"),
+        None,
+        "an unknown MAC gets nothing"
+    );
+    run(
+        "ip",
+        &["link", "set", "vguest", "address", "02:00:c6:12:05:0a"],
+    );
+
+    for (nic, status, text) in [
+        (
+            json!({"id": "eth0", "network": "nowhere", "mac": "02:00:c6:12:05:0b", "ip": "198.18.5.11"}),
+            400,
+            "no network 'nowhere'",
+        ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0b", "ip": "198.18.6.11"}),
+            400,
+            "not a guest address",
+        ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0b", "ip": "198.18.5.1"}),
+            400,
+            "not a guest address",
+        ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "bogus", "ip": "198.18.5.11"}),
+            400,
+            "MAC",
+        ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0a", "ip": "198.18.5.11"}),
+            409,
+            "already leased",
+        ),
+    ] {
+        let mut other = agent.spec(Guest::Halt);
+        other["nics"] = json!([nic]);
+        let (got, e) = agent.call("PUT", "/vms/net-2", Some(&other));
+        assert_eq!(got, status, "{nic}: {e}");
+        assert!(error(&e).contains(text), "{nic}: {e}");
+    }
+    assert_eq!(agent.call("GET", "/vms/net-2", None).0, 404);
+
+    // After a crash the agent puts back what went missing meanwhile.
+    agent.crash();
+    run("ip", &["link", "del", &tap]);
+    agent.launch();
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    assert!(
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ifname"] == tap.as_str()),
+        "{links}"
+    );
+    assert_eq!(
+        dhcp_lease(agent.dir.path(), "vguest").as_deref(),
+        Some("198.18.5.10 198.18.5.1 net-1")
+    );
+
+    // Deleting the VM takes its TAP and its lease away.
+    assert_eq!(agent.call("POST", "/vms/net-1/kill", None).0, 200);
+    assert_eq!(agent.call("DELETE", "/vms/net-1", None).0, 204);
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    assert!(
+        links
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["ifname"] != tap.as_str()),
+        "{links}"
+    );
+    assert_eq!(
+        dhcp_lease(agent.dir.path(), "vguest"),
+        None,
+        "the lease is gone"
+    );
 }

@@ -21,6 +21,7 @@ use utoipa::OpenApi;
 
 use self::types::*;
 use crate::metrics::Metrics;
+use crate::networks::NetworkError;
 use crate::vms::{VmError, VmManager};
 
 /// VM specs are a few KiB at most.
@@ -126,6 +127,11 @@ impl From<VmError> for Refusal {
             | VmError::NoCapacity { .. }
             | VmError::WrongState { .. } => StatusCode::CONFLICT,
             VmError::Vmm(v) if v.is_conflict() => StatusCode::CONFLICT,
+            VmError::Network(NetworkError::Unknown(..) | NetworkError::BadNic { .. }) => {
+                StatusCode::BAD_REQUEST
+            }
+            VmError::Network(NetworkError::MacInUse { .. }) => StatusCode::CONFLICT,
+            VmError::Network(_) => StatusCode::INTERNAL_SERVER_ERROR,
             VmError::Vmm(_) => StatusCode::BAD_GATEWAY,
             VmError::Record(_) | VmError::Supervisor(_) | VmError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -255,7 +261,7 @@ async fn delete_vm(
     Path(id): Path<String>,
 ) -> Result<Response, Refusal> {
     let vm = state.vms.get(&id)?;
-    state.vms.delete(&vm)?;
+    state.vms.delete(&vm).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

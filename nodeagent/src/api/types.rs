@@ -15,6 +15,25 @@ pub struct VmSpec {
     pub boot: BootSpec,
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+}
+
+/// A NIC on one of the host's networks, with the address the orchestrator leased for it:
+/// the agent makes its TAP on the network's bridge and has DHCP answer its MAC with `ip`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    pub id: String,
+    /// A network of the agent's configuration (`public`, `local`, `private`, …).
+    pub network: String,
+    /// StratusLab's convention is `02:00` followed by the four bytes of the address.
+    pub mac: String,
+    #[schema(value_type = String)]
+    pub ip: std::net::Ipv4Addr,
+    /// The name DHCP gives the guest (default: the VM's id).
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// How the VM boots.

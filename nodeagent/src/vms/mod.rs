@@ -23,6 +23,7 @@ use crate::api::types::{
 use crate::config::AgentConfig;
 use crate::host::{self, Capacity};
 use crate::metrics::Metrics;
+use crate::networks::{tap_name, NetworkError, Networks};
 use crate::supervisor::{self, Ended, SupervisorError, VmmLaunch, VmmProcess};
 use crate::vmm_client::{VmmClient, VmmClientError};
 
@@ -78,6 +79,8 @@ pub enum VmError {
     },
     #[error(transparent)]
     Vmm(#[from] VmmClientError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// A VM's changing part.
@@ -178,6 +181,7 @@ impl Vm {
 pub struct VmManager {
     config: Arc<AgentConfig>,
     metrics: Arc<Metrics>,
+    networks: Networks,
     capacity: Capacity,
     vms: Mutex<BTreeMap<String, Arc<Vm>>>,
     host_state: Mutex<HostState>,
@@ -217,6 +221,11 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         }
     }
     let mut ids = std::collections::HashSet::new();
+    for nic in &spec.nics {
+        if !valid_id(&nic.id) || !ids.insert(nic.id.as_str()) {
+            return bad(format!("NIC id '{}' is not valid or used twice", nic.id));
+        }
+    }
     for disk in &spec.disks {
         if !ids.insert(disk.id.as_str()) {
             return bad(format!("disk id '{}' is used twice", disk.id));
@@ -278,6 +287,7 @@ impl VmManager {
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<VmManager>, VmError> {
+        let networks = Networks::start(&config.networks).await?;
         let io = |what: &str, source| VmError::Io {
             what: what.to_owned(),
             source,
@@ -289,6 +299,7 @@ impl VmManager {
         let host_state = read_host_state(&config.state_dir);
         let manager = Arc::new(VmManager {
             metrics,
+            networks,
             capacity: Capacity::from_config(&config.capacity),
             config,
             vms: Mutex::new(BTreeMap::new()),
@@ -334,6 +345,10 @@ impl VmManager {
         };
         let vm = self.new_vm(&record.id, record.spec.clone(), status, record.created);
         self.vms().insert(record.id.clone(), vm.clone());
+        // TAPs and leases live until the VM is deleted; make sure they are all there.
+        if let Err(e) = self.plug_nics(&vm).await {
+            tracing::error!("VM {}: cannot restore its NICs: {e}", vm.id);
+        }
         if !record.state.is_active() {
             return;
         }
@@ -440,6 +455,9 @@ impl VmManager {
             return Err(VmError::BadId(id.to_owned()));
         }
         validate_spec(&spec)?;
+        for nic in &spec.nics {
+            self.networks.check(nic, id)?;
+        }
         let vm = {
             let mut vms = self.vms();
             if let Some(existing) = vms.get(id) {
@@ -483,11 +501,29 @@ impl VmManager {
             self.vms().remove(id);
             return Err(e.into());
         }
-        if let Err(e) = self.start(&vm).await {
+        let started = match self.plug_nics(&vm).await {
+            Ok(()) => self.start(&vm).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
+            self.unplug_nics(&vm).await;
             self.roll_back(&vm);
             return Err(e);
         }
         Ok((self.info(&vm).await, true))
+    }
+
+    async fn plug_nics(&self, vm: &Vm) -> Result<(), VmError> {
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            self.networks.plug(&vm.id, index, nic).await?;
+        }
+        Ok(())
+    }
+
+    async fn unplug_nics(&self, vm: &Vm) {
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            self.networks.unplug(&vm.id, index, nic).await;
+        }
     }
 
     /// Undoes a create that could not start: nothing of the VM is left.
@@ -540,6 +576,17 @@ impl VmManager {
                 spec.push_str(&format!(",serial={serial}"));
             }
             args.extend(["--disk".to_owned(), spec]);
+        }
+        for (index, nic) in vm.spec.nics.iter().enumerate() {
+            args.extend([
+                "--net".to_owned(),
+                format!(
+                    "id={},tap={},mac={}",
+                    nic.id,
+                    tap_name(&vm.id, index),
+                    nic.mac
+                ),
+            ]);
         }
         let _ = std::fs::remove_file(vm.status_file());
         let launch = VmmLaunch {
@@ -833,7 +880,7 @@ impl VmManager {
 
     /// Forgets an ended VM and removes what the agent made for it (volatile disks,
     /// console, socket, record). Persistent volumes (file disks) are never touched.
-    pub fn delete(&self, vm: &Vm) -> Result<(), VmError> {
+    pub async fn delete(&self, vm: &Vm) -> Result<(), VmError> {
         let state = vm.state();
         if state.is_active() {
             return Err(VmError::WrongState {
@@ -843,6 +890,7 @@ impl VmManager {
             });
         }
         self.vms().remove(&vm.id);
+        self.unplug_nics(vm).await;
         if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!("VM {}: cannot remove {}: {e}", vm.id, vm.dir.display());

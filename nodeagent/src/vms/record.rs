@@ -132,6 +132,7 @@ mod tests {
                     cmdline: String::new(),
                 },
                 disks: vec![],
+                nics: vec![],
             },
             state: VmState::Running,
             pid: Some(42),

@@ -1,0 +1,263 @@
+//! The host's guest networks: one Linux bridge each, with the host's address on it and a
+//! DHCP server that answers only the MACs the orchestrator leased (StratusLab's fixed
+//! MAC → IP model). A VM's NIC is a TAP on its network's bridge plus a lease in that
+//! server's table; both are made when the VM is created and removed when it is deleted.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::types::NicSpec;
+use crate::network::{
+    BridgeConfig, DhcpHost, DhcpServer, DhcpTable, Ipv4Subnet, LinkError, MacAddr, Netlink,
+    TapConfig,
+};
+
+/// One `[[networks]]` entry of the agent's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The name VM specs use (StratusLab's `public`, `local`, `private`).
+    pub name: String,
+    /// The bridge the VMs' TAPs join (created if missing).
+    pub bridge: String,
+    /// The guests' subnet, e.g. "198.18.0.0/24".
+    pub subnet: Ipv4Subnet,
+    /// The host's address on the bridge; the DHCP server answers from it.
+    pub address: Ipv4Addr,
+    /// The guests' default route (default: `address`).
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dns_servers: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub domain: Option<String>,
+    #[serde(default = "default_lease_time")]
+    pub lease_time_secs: u32,
+}
+
+fn default_lease_time() -> u32 {
+    3600
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("no network '{0}' on this host (configured: {1})")]
+    Unknown(String, String),
+    #[error("NIC '{nic}': {reason}")]
+    BadNic { nic: String, reason: String },
+    #[error("MAC {mac} is already leased on network '{network}' to another VM")]
+    MacInUse { mac: MacAddr, network: String },
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("cannot start the DHCP server on {bridge}: {reason}")]
+    Dhcp { bridge: String, reason: String },
+}
+
+struct Network {
+    config: NetworkConfig,
+    table: Arc<RwLock<DhcpTable>>,
+}
+
+pub struct Networks {
+    netlink: Option<Netlink>,
+    networks: BTreeMap<String, Network>,
+}
+
+/// The TAP of a VM's NIC: short (IFNAMSIZ) and the same every time for the same VM and NIC.
+pub fn tap_name(vm_id: &str, nic_index: usize) -> String {
+    // FNV-1a: stable across runs and builds, unlike the std hasher.
+    let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("st{:08x}n{nic_index}", hash as u32)
+}
+
+impl Networks {
+    /// No networks (a host whose VMs have no NICs).
+    pub fn none() -> Networks {
+        Networks {
+            netlink: None,
+            networks: BTreeMap::new(),
+        }
+    }
+
+    /// Makes every configured bridge (idempotently) and starts its DHCP server.
+    pub async fn start(configs: &[NetworkConfig]) -> Result<Networks, NetworkError> {
+        if configs.is_empty() {
+            return Ok(Networks::none());
+        }
+        let netlink = Netlink::connect()?;
+        let mut networks = BTreeMap::new();
+        for config in configs {
+            netlink
+                .ensure_bridge(&BridgeConfig {
+                    name: config.bridge.clone(),
+                    mtu: None,
+                    address: Some((config.address, config.subnet.prefix())),
+                })
+                .await?;
+            let bound = DhcpServer::new(config.address, DhcpTable::default())
+                .bind(&config.bridge)
+                .map_err(|e| NetworkError::Dhcp {
+                    bridge: config.bridge.clone(),
+                    reason: e.to_string(),
+                })?;
+            let table = bound.server().table();
+            let bridge = config.bridge.clone();
+            tokio::spawn(async move {
+                if let Err(e) = bound.run(std::future::pending()).await {
+                    tracing::error!("DHCP server on {bridge} stopped: {e}");
+                }
+            });
+            tracing::info!(
+                "network '{}': bridge {} at {}/{}, DHCP on",
+                config.name,
+                config.bridge,
+                config.address,
+                config.subnet.prefix()
+            );
+            networks.insert(
+                config.name.clone(),
+                Network {
+                    config: config.clone(),
+                    table,
+                },
+            );
+        }
+        Ok(Networks {
+            netlink: Some(netlink),
+            networks,
+        })
+    }
+
+    fn network(&self, name: &str) -> Result<&Network, NetworkError> {
+        self.networks.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.networks.keys().map(String::as_str).collect();
+            NetworkError::Unknown(
+                name.to_owned(),
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                },
+            )
+        })
+    }
+
+    /// Checks a NIC against its network before anything is made for it.
+    pub fn check(&self, nic: &NicSpec, vm_id: &str) -> Result<(), NetworkError> {
+        let network = self.network(&nic.network)?;
+        let bad = |reason: String| NetworkError::BadNic {
+            nic: nic.id.clone(),
+            reason,
+        };
+        let mac: MacAddr = nic
+            .mac
+            .parse()
+            .map_err(|e| bad(format!("MAC '{}': {e}", nic.mac)))?;
+        let subnet = network.config.subnet;
+        if !subnet.is_host(nic.ip) || nic.ip == network.config.address {
+            return Err(bad(format!(
+                "{} is not a guest address of network '{}' ({}/{})",
+                nic.ip,
+                nic.network,
+                subnet.network(),
+                subnet.prefix()
+            )));
+        }
+        let table = network.table.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = table.get(mac) {
+            if host.hostname.as_deref() != Some(vm_id) {
+                return Err(NetworkError::MacInUse {
+                    mac,
+                    network: nic.network.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The NIC's TAP on its bridge and its lease in the DHCP server (both idempotent, so
+    /// this also repairs after a restart).
+    pub async fn plug(
+        &self,
+        vm_id: &str,
+        index: usize,
+        nic: &NicSpec,
+    ) -> Result<String, NetworkError> {
+        self.check(nic, vm_id)?;
+        let network = self.network(&nic.network)?;
+        let netlink = self
+            .netlink
+            .as_ref()
+            .expect("networks without netlink are empty");
+        let tap = tap_name(vm_id, index);
+        netlink
+            .ensure_tap(&TapConfig {
+                name: tap.clone(),
+                bridge: Some(network.config.bridge.clone()),
+                mtu: None,
+                owner: None,
+                group: None,
+            })
+            .await?;
+        let config = &network.config;
+        let mac: MacAddr = nic.mac.parse().map_err(|e| NetworkError::BadNic {
+            nic: nic.id.clone(),
+            reason: format!("{e}"),
+        })?;
+        network
+            .table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(DhcpHost {
+                mac,
+                ip: nic.ip,
+                subnet: config.subnet,
+                router: config.gateway.or(Some(config.address)),
+                dns_servers: config.dns_servers.clone(),
+                domain: config.domain.clone(),
+                hostname: Some(nic.hostname.clone().unwrap_or_else(|| vm_id.to_owned())),
+                lease_time_secs: config.lease_time_secs,
+            });
+        Ok(tap)
+    }
+
+    /// Removes the NIC's TAP and lease (deleting twice is not an error).
+    pub async fn unplug(&self, vm_id: &str, index: usize, nic: &NicSpec) {
+        let Ok(network) = self.network(&nic.network) else {
+            return;
+        };
+        if let Ok(mac) = nic.mac.parse::<MacAddr>() {
+            network
+                .table
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(mac);
+        }
+        if let Some(netlink) = &self.netlink {
+            let tap = tap_name(vm_id, index);
+            if let Err(e) = netlink.delete_tap(&tap).await {
+                tracing::warn!("cannot delete TAP {tap}: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_are_short_and_stable() {
+        let a = tap_name("vm-42", 0);
+        assert_eq!(a, tap_name("vm-42", 0));
+        assert_ne!(a, tap_name("vm-43", 0));
+        assert_ne!(a, tap_name("vm-42", 1));
+        assert!(a.len() < libc::IFNAMSIZ, "{a}");
+        assert!(tap_name(&"x".repeat(64), 9).len() < libc::IFNAMSIZ);
+    }
+}
