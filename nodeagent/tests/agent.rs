@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use stratus_nodeagent::supervisor::socket_peer_pid;
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -213,7 +214,7 @@ impl Drop for Agent {
         }
         let run = self.dir.path().join("run");
         for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
-            if let Some(pid) = socket_pid(&entry.path()) {
+            if let Some(pid) = socket_peer_pid(&entry.path()) {
                 // SAFETY: sends SIGKILL to the VMM serving our own test's socket.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
@@ -235,29 +236,6 @@ fn dechunk(mut body: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&body[..size]);
         body = &body[size + 2..];
     }
-}
-
-/// The process serving a VMM socket (SO_PEERCRED).
-fn socket_pid(path: &Path) -> Option<u32> {
-    use std::os::unix::io::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes a ucred into the buffer given, whose size is passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then_some(cred.pid as u32)
 }
 
 fn alive(pid: u64) -> bool {
@@ -860,4 +838,76 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         None,
         "the lease is gone"
     );
+}
+
+#[test]
+fn the_context_disk_is_made_on_the_node_and_attached_read_only() {
+    let agent = Agent::start(4, 1024);
+    let mut spec = agent.spec(Guest::Halt);
+    spec["context"] = json!({
+        "public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIStratusAgentTest user@test",
+        "pairs": {"WEBSITE": "https://example.org", "MESSAGE": "it is \"quoted\" $(not run)"}
+    });
+    let (status, vm) = agent.call("PUT", "/vms/ctx", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    let image = agent.dir.path().join("state/vms/ctx/context.img");
+    let label = run("isoinfo", &["-d", "-i", image.to_str().unwrap()]);
+    assert!(label.contains("Volume id: _STRATUSLAB"), "{label}");
+    let context_sh = run(
+        "isoinfo",
+        &["-R", "-x", "/context.sh", "-i", image.to_str().unwrap()],
+    );
+    assert!(
+        context_sh.contains(
+            "PUBLIC_KEY=\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIStratusAgentTest user@test\""
+        ),
+        "{context_sh}"
+    );
+    assert!(
+        context_sh.contains("WEBSITE=\"https://example.org\""),
+        "{context_sh}"
+    );
+    let (_, vm) = agent.call("GET", "/vms/ctx", None);
+    assert!(
+        vm["counters"]["disks"]["context"].is_object(),
+        "attached: {vm}"
+    );
+    // The VMM has it read-only.
+    let socket = agent.dir.path().join("run/ctx.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    write!(
+        stream,
+        "GET /vm HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let context = body["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "context")
+        .unwrap();
+    assert_eq!(context["read_only"], true, "{body}");
+
+    for (context, needle) in [
+        (json!({"method": "floppy"}), "floppy"),
+        (json!({"pairs": {"bad key": "x"}}), "bad key"),
+        (
+            json!({"method": "one", "colour": "red"}),
+            "unknown field `colour`",
+        ),
+    ] {
+        let mut bad = agent.spec(Guest::Halt);
+        bad["context"] = context.clone();
+        let (status, e) = agent.call("PUT", "/vms/ctx-bad", Some(&bad));
+        assert_eq!(status, 400, "{context}: {e}");
+        assert!(error(&e).contains(needle), "{context}: {e}");
+    }
+    let mut clash = agent.spec(Guest::Halt);
+    clash["context"] = json!({});
+    clash["disks"] = json!([{"id": "context", "source": {"volatile": {"size_gib": 1}}}]);
+    let (status, e) = agent.call("PUT", "/vms/ctx-bad", Some(&clash));
+    assert_eq!(status, 400, "{e}");
 }

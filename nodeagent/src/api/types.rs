@@ -17,6 +17,36 @@ pub struct VmSpec {
     pub disks: Vec<DiskSpec>,
     #[serde(default)]
     pub nics: Vec<NicSpec>,
+    /// The context disk the guest reads its key, hostname and pairs from.
+    #[serde(default)]
+    pub context: Option<ContextSpec>,
+}
+
+/// What goes on the VM's context disk (made on the node by stratus-contextualizer and
+/// attached read-only as the disk `context`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ContextSpec {
+    /// `one` (HEPiX CD, StratusLab's default), `cloud-init` (StratusLab's VFAT disk) or
+    /// `nocloud` (cloud-init's NoCloud seed).
+    #[serde(default = "default_context_method")]
+    pub method: String,
+    /// Default: the VM's id.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The user's SSH public key.
+    #[serde(default)]
+    pub public_key: Option<String>,
+    /// The user's context pairs (`--context K=V`).
+    #[serde(default)]
+    pub pairs: BTreeMap<String, String>,
+    /// cloud-init user data.
+    #[serde(default)]
+    pub user_data: Option<String>,
+}
+
+fn default_context_method() -> String {
+    "one".into()
 }
 
 /// A NIC on one of the host's networks, with the address the orchestrator leased for it:

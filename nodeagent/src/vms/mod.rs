@@ -17,8 +17,10 @@ use stratus_vmm::devices::virtio::block::BlockConfig;
 use tokio::sync::Notify;
 
 use self::record::{RecordError, VmRecord};
+use stratus_contextualizer::{Context, ContextMethod};
+
 use crate::api::types::{
-    DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState,
+    ContextSpec, DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState,
 };
 use crate::config::AgentConfig;
 use crate::host::{self, Capacity};
@@ -220,11 +222,18 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             return bad(format!("{} does not exist on this host", path.display()));
         }
     }
+    if let Some(context) = &spec.context {
+        build_context("validation", context)
+            .map_err(|e| VmError::BadSpec(format!("context: {e}")))?;
+    }
     let mut ids = std::collections::HashSet::new();
     for nic in &spec.nics {
         if !valid_id(&nic.id) || !ids.insert(nic.id.as_str()) {
             return bad(format!("NIC id '{}' is not valid or used twice", nic.id));
         }
+    }
+    if spec.context.is_some() {
+        ids.insert(CONTEXT_DISK_ID);
     }
     for disk in &spec.disks {
         if !ids.insert(disk.id.as_str()) {
@@ -233,6 +242,26 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         validate_disk(disk)?;
     }
     Ok(())
+}
+
+/// The disk id the context disk gets.
+pub const CONTEXT_DISK_ID: &str = "context";
+
+fn build_context(
+    vm_id: &str,
+    spec: &ContextSpec,
+) -> Result<(Context, ContextMethod), stratus_contextualizer::ContextError> {
+    let method: ContextMethod = spec.method.parse()?;
+    let mut context = Context::new(vm_id, spec.hostname.as_deref().unwrap_or(vm_id))
+        .with_pairs(spec.pairs.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(key) = &spec.public_key {
+        context = context.with_public_key(key.as_str());
+    }
+    if let Some(data) = &spec.user_data {
+        context = context.with_user_data(data.as_bytes().to_vec());
+    }
+    context.validate()?;
+    Ok((context, method))
 }
 
 fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
@@ -353,7 +382,7 @@ impl VmManager {
             return;
         }
         // The VMM serving the VM's socket is the VM's, whatever the record says about pids.
-        let peer = socket_peer_pid(&vm.socket);
+        let peer = supervisor::socket_peer_pid(&vm.socket);
         let adopted = peer
             .or(record.pid)
             .and_then(|pid| Some((pid, supervisor::process_start_time(pid)?)))
@@ -576,6 +605,21 @@ impl VmManager {
                 spec.push_str(&format!(",serial={serial}"));
             }
             args.extend(["--disk".to_owned(), spec]);
+        }
+        if let Some(context) = &vm.spec.context {
+            let path = vm.dir.join("context.img");
+            let (ctx, method) = build_context(&vm.id, context)
+                .map_err(|e| VmError::BadSpec(format!("context: {e}")))?;
+            stratus_contextualizer::write_context_disk(&ctx, method, &path).map_err(|e| {
+                VmError::Io {
+                    what: format!("cannot write the context disk {}", path.display()),
+                    source: std::io::Error::other(e),
+                }
+            })?;
+            args.extend([
+                "--disk".to_owned(),
+                format!("id={CONTEXT_DISK_ID},path={},ro=on", path.display()),
+            ]);
         }
         for (index, nic) in vm.spec.nics.iter().enumerate() {
             args.extend([
@@ -972,27 +1016,4 @@ fn write_host_state(state_dir: &Path, state: HostState) -> std::io::Result<()> {
     )?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, &path)
-}
-
-/// The process serving the Unix socket at `path`, from the kernel's peer credentials.
-fn socket_peer_pid(path: &Path) -> Option<u32> {
-    use std::os::unix::io::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes a ucred into the buffer given, whose size is passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }

@@ -586,11 +586,7 @@ async fn patch_disk(
     let info = api
         .control
         .call(move |c| {
-            let disk = c.devices.disk(&id)?;
-            let limit = patch
-                .rate_limit
-                .apply(disk.rate_limit)
-                .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+            let limit = patched_limit(&patch, c.devices.disk(&id)?.rate_limit)?;
             tracing::info!("disk '{id}': rate limit set to {limit:?} through the API");
             Ok::<_, Refusal>(c.devices.set_disk_limit(&id, limit)?)
         })
@@ -607,16 +603,19 @@ async fn patch_net(
     let info = api
         .control
         .call(move |c| {
-            let net = c.devices.net(&id)?;
-            let limit = patch
-                .rate_limit
-                .apply(net.rate_limit)
-                .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))?;
+            let limit = patched_limit(&patch, c.devices.net(&id)?.rate_limit)?;
             tracing::info!("NIC '{id}': rate limit set to {limit:?} through the API");
             Ok::<_, Refusal>(c.devices.set_net_limit(&id, limit)?)
         })
         .await??;
     Ok(json(StatusCode::OK, &info))
+}
+
+fn patched_limit(patch: &DevicePatch, current: RateLimit) -> Result<RateLimit, Refusal> {
+    patch
+        .rate_limit
+        .apply(current)
+        .map_err(|reason| Refusal::new(StatusCode::BAD_REQUEST, reason))
 }
 
 /// Hot-plugs a disk: 201 once the device is on the bus and the guest has been told.

@@ -39,6 +39,18 @@ const STATUS_B: u8 = 0x0b;
 const STATUS_C: u8 = 0x0c;
 const STATUS_D: u8 = 0x0d;
 
+/// The registers that show the running clock.
+const TIME_REGISTERS: [u8; 8] = [
+    SECONDS,
+    MINUTES,
+    HOURS,
+    DAY_OF_WEEK,
+    DAY_OF_MONTH,
+    MONTH,
+    YEAR,
+    CENTURY,
+];
+
 const A_UIP: u8 = 0x80;
 const A_RATE_MASK: u8 = 0x0f;
 /// 32.768 kHz time base, oscillator running (what firmware programs).
@@ -152,9 +164,7 @@ impl Cmos {
         let guest_ns = guest_ns(state, now);
         let b = state.nvram[STATUS_B as usize];
         match index {
-            SECONDS | MINUTES | HOURS | DAY_OF_WEEK | DAY_OF_MONTH | MONTH | YEAR | CENTURY
-                if b & B_SET == 0 =>
-            {
+            reg if TIME_REGISTERS.contains(&reg) && b & B_SET == 0 => {
                 time_register(index, guest_ns, b)
             }
             STATUS_A => {
@@ -201,18 +211,7 @@ impl Cmos {
                     // Freeze: the time registers now hold the current time in the old
                     // format, for the guest to overwrite.
                     let guest = guest_ns(state, now);
-                    for reg in [
-                        SECONDS,
-                        MINUTES,
-                        HOURS,
-                        DAY_OF_WEEK,
-                        DAY_OF_MONTH,
-                        MONTH,
-                        YEAR,
-                        CENTURY,
-                    ] {
-                        state.nvram[reg as usize] = time_register(reg, guest, old);
-                    }
+                    snapshot_time(&mut state.nvram, guest, old);
                 }
                 // Binary/BCD and 12/24-hour changes take effect as written; the time
                 // registers are read in the format in force when SET is cleared.
@@ -229,9 +228,7 @@ impl Cmos {
                 self.shared.changed.notify_all();
             }
             STATUS_C | STATUS_D => {}
-            SECONDS | MINUTES | HOURS | DAY_OF_WEEK | DAY_OF_MONTH | MONTH | YEAR | CENTURY
-                if state.nvram[STATUS_B as usize] & B_SET == 0 =>
-            {
+            reg if TIME_REGISTERS.contains(&reg) && state.nvram[STATUS_B as usize] & B_SET == 0 => {
                 // The chip takes writes to running time registers as an immediate set of
                 // that field; Linux always sets SET first, so keep it simple and exact:
                 // apply the one field to the current time.
@@ -239,18 +236,7 @@ impl Cmos {
                 let now = self.shared.clock.now();
                 let guest = guest_ns(state, now);
                 let mut regs = state.nvram;
-                for reg in [
-                    SECONDS,
-                    MINUTES,
-                    HOURS,
-                    DAY_OF_WEEK,
-                    DAY_OF_MONTH,
-                    MONTH,
-                    YEAR,
-                    CENTURY,
-                ] {
-                    regs[reg as usize] = time_register(reg, guest, b);
-                }
+                snapshot_time(&mut regs, guest, b);
                 regs[index as usize] = value;
                 if let Some(secs) = frozen_time(&regs, b) {
                     let into_second = guest.rem_euclid(1_000_000_000);
@@ -328,6 +314,13 @@ fn write_memory_sizes(nvram: &mut [u8; 128], memory: MemorySizes) {
 
 fn guest_ns(state: &State, now: Duration) -> i128 {
     now.as_nanos() as i128 + state.offset_ns
+}
+
+/// Writes the clock at `guest_ns` into the time registers of `nvram`, in the format of `b`.
+fn snapshot_time(nvram: &mut [u8; 128], guest_ns: i128, b: u8) {
+    for reg in TIME_REGISTERS {
+        nvram[reg as usize] = time_register(reg, guest_ns, b);
+    }
 }
 
 fn to_bcd(v: u8) -> u8 {
