@@ -133,6 +133,7 @@ mod tests {
                 },
                 disks: vec![],
                 nics: vec![],
+                context: None,
             },
             state: VmState::Running,
             pid: Some(42),
