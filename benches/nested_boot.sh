@@ -67,7 +67,7 @@ truncate -s 8M /disk.img
 stamp() {
   local name=\$1 stop=; shift
   [ "\$name" = firecracker ] && stop="--stop-after init"
-  echo "RESULT \$name \$(/bench stamp --timeout-s 150 --output /console.txt \$stop --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@")"
+  echo "RESULT \$name \$(/bench stamp --timeout-s 90 --output /console.txt \$stop --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@")"
   if [ $MODE = initcalls ]; then
     sed -n 's/.*initcall \([^ ]*\) returned .* after \([0-9]*\) usecs.*/\1 \2/p' /console.txt |
       while read -r fn us; do [ "\$us" -gt 20000 ] && echo "INITCALL \$name \$fn \$us"; done

@@ -39,6 +39,26 @@ pub fn time_process_until(
         .spawn()
         .context("cannot start the command")?;
     let mut stdout = child.stdout.take().expect("piped stdout");
+    // A process that hangs without printing would block the read below forever: a watchdog
+    // kills it at the limit, which ends the read.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let finished = finished.clone();
+        let pid = child.id() as libc::pid_t;
+        std::thread::spawn(move || {
+            while start.elapsed() < limit {
+                if finished.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !finished.load(std::sync::atomic::Ordering::Acquire) {
+                // SAFETY: kill only sends a signal. The child is reaped only just before
+                // `finished` is set, and a pid is not reused within those microseconds.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        })
+    };
     let mut seen = vec![None; markers.len()];
     let mut output = Vec::new();
     let mut buf = [0u8; 4096];
@@ -77,9 +97,12 @@ pub fn time_process_until(
         }
         std::thread::sleep(Duration::from_micros(200));
     };
+    let exited = start.elapsed();
+    finished.store(true, std::sync::atomic::Ordering::Release);
+    let _ = watchdog.join();
     Ok(Timing {
         markers: seen,
-        exited: start.elapsed(),
+        exited,
         status: status.code(),
         output,
         stopped,
