@@ -14,7 +14,7 @@
 //! - [`policy::Policy`]: site white/black lists;
 //! - [`cache::ImageCache`]: per-host image cache with shared concurrent downloads;
 //! - [`boot`]: find the kernel, initrd and root UUID inside a disk image for direct boot;
-//! - [`marketplace`]: the Marketplace REST server (axum + SQLite).
+//! - `marketplace`: the Marketplace REST server (axum + SQLite; feature `marketplace-server`).
 
 pub mod boot;
 pub mod cache;
@@ -23,6 +23,7 @@ pub mod download;
 pub mod dsig;
 mod error;
 pub mod identifier;
+#[cfg(feature = "marketplace-server")]
 pub mod marketplace;
 pub mod metadata;
 pub mod ops;

@@ -53,6 +53,13 @@ pub struct AgentConfig {
     /// Seconds a graceful shutdown waits for the guest before a hard stop.
     #[serde(default = "default_shutdown_timeout_s")]
     pub shutdown_timeout_s: u64,
+    /// Where Marketplace images are cached (default: `state_dir/images`).
+    #[serde(default)]
+    pub image_cache_dir: Option<PathBuf>,
+    /// The site's image policy (endorser, checksum and identifier white/black lists);
+    /// none by default.
+    #[serde(default)]
+    pub image_policy: Option<PathBuf>,
     /// Largest console log kept per VM, in bytes (rotated once).
     #[serde(default = "default_console_max_bytes")]
     pub console_max_bytes: u64,
@@ -215,6 +222,12 @@ impl AgentConfig {
 
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
+    }
+
+    pub fn image_cache_dir(&self) -> PathBuf {
+        self.image_cache_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("images"))
     }
 }
 

@@ -911,3 +911,122 @@ fn the_context_disk_is_made_on_the_node_and_attached_read_only() {
     let (status, e) = agent.call("PUT", "/vms/ctx-bad", Some(&clash));
     assert_eq!(status, 400, "{e}");
 }
+
+/// A bootable disk image (a bare ext4 filesystem with the tiny guest as its kernel) and its
+/// Marketplace entry, with a file:// location.
+fn marketplace_image(dir: &Path) -> Value {
+    let tree = dir.join("image-tree");
+    std::fs::create_dir_all(tree.join("boot")).unwrap();
+    std::fs::write(
+        tree.join("boot/vmlinuz-6.1.0-99-amd64"),
+        tiny_vmlinux(&guest_code(Guest::EventLoop)),
+    )
+    .unwrap();
+    let image = dir.join("appliance.img");
+    run(
+        "mke2fs",
+        &[
+            "-q",
+            "-t",
+            "ext4",
+            "-d",
+            tree.to_str().unwrap(),
+            image.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let endorser = stratus_images::Endorser {
+        email: "images@stratus.test".into(),
+        subject: "CN=Stratus Test".into(),
+        issuer: "CN=Stratus Test CA".into(),
+    };
+    let mut entry = stratus_images::ops::build(&image, endorser, "machine").unwrap();
+    entry.locations = vec![format!("file://{}", image.display())];
+    serde_json::to_value(&entry).unwrap()
+}
+
+#[test]
+fn a_marketplace_image_boots_from_the_cache_with_a_copy_on_write_root() {
+    let agent = Agent::start(4, 1024);
+    let entry = marketplace_image(agent.dir.path());
+    let image = agent.dir.path().join("appliance.img");
+    let image_sha = run("sha256sum", &[image.to_str().unwrap()]);
+    let spec =
+        json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry, "cmdline": "console=ttyS0"}});
+    let (status, vm) = agent.call("PUT", "/vms/img-1", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    assert_eq!(vm["state"], "running");
+    let (status, vm2) = agent.call("PUT", "/vms/img-2", Some(&spec));
+    assert_eq!(status, 201, "{vm2}");
+
+    // One cached copy, and each VM's root is an overlay on it.
+    let cache = agent.dir.path().join("state/images");
+    let id = entry["identifier"].as_str().unwrap();
+    assert!(cache.join(id).exists());
+    for vm in ["img-1", "img-2"] {
+        let overlay = agent.dir.path().join(format!("state/vms/{vm}/root.qcow2"));
+        let info: Value = serde_json::from_str(&run(
+            "qemu-img",
+            &["info", "--output=json", "-U", overlay.to_str().unwrap()],
+        ))
+        .unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(
+            info["backing-filename"],
+            cache.join(id).to_str().unwrap(),
+            "{info}"
+        );
+    }
+    // The kernel came out of the image, and the root filesystem is named by its UUID.
+    let pid = vm["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!("--kernel {}.vmlinuz", cache.join(id).display())),
+        "{cmdline}"
+    );
+    assert!(cmdline.contains("root=UUID="), "{cmdline}");
+    assert!(
+        cmdline.contains("path=") && cmdline.contains("root.qcow2,format=qcow2"),
+        "{cmdline}"
+    );
+    let (_, got) = agent.call("GET", "/vms/img-1", None);
+    assert!(got["counters"]["disks"]["root"].is_object(), "{got}");
+    let (_, killed) = agent.call("POST", "/vms/img-1/kill", None);
+    assert_eq!(killed["state"], "stopped");
+    assert_eq!(
+        run("sha256sum", &[image.to_str().unwrap()]),
+        image_sha,
+        "the image is never written"
+    );
+
+    // An entry whose image cannot be had, or that has expired, is refused with nothing made.
+    let other = agent.dir.path().join("other.img");
+    std::fs::write(&other, vec![7u8; 1 << 20]).unwrap();
+    let endorser = stratus_images::Endorser {
+        email: "images@stratus.test".into(),
+        subject: "CN=Stratus Test".into(),
+        issuer: "CN=Stratus Test CA".into(),
+    };
+    let mut unreachable = stratus_images::ops::build(&other, endorser, "machine").unwrap();
+    unreachable.locations = vec!["gopher://images.test/other.img".into()];
+    let unreachable = serde_json::to_value(&unreachable).unwrap();
+    let (status, e) = agent.call(
+        "PUT",
+        "/vms/img-bad",
+        Some(&json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": unreachable}})),
+    );
+    assert!(status == 400 || status == 502, "{status}: {e}");
+    assert_eq!(agent.call("GET", "/vms/img-bad", None).0, 404);
+    assert!(!agent.dir.path().join("state/vms/img-bad").exists());
+    let mut expired = entry.clone();
+    expired["valid"] = json!("2001-01-01T00:00:00Z");
+    let (status, e) = agent.call(
+        "PUT",
+        "/vms/img-old",
+        Some(&json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": expired}})),
+    );
+    assert_eq!(status, 400, "{e}");
+    let both = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry, "kernel": "/k"}});
+    assert_eq!(agent.call("PUT", "/vms/img-both", Some(&both)).0, 400);
+}

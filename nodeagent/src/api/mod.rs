@@ -132,6 +132,16 @@ impl From<VmError> for Refusal {
             }
             VmError::Network(NetworkError::MacInUse { .. }) => StatusCode::CONFLICT,
             VmError::Network(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            VmError::Image(
+                stratus_images::Error::PolicyRefused { .. }
+                | stratus_images::Error::Expired { .. }
+                | stratus_images::Error::Deprecated { .. }
+                | stratus_images::Error::NotBootable { .. }
+                | stratus_images::Error::UnsafeImage { .. }
+                | stratus_images::Error::InvalidMetadata(_)
+                | stratus_images::Error::UnsupportedLocation(_),
+            ) => StatusCode::BAD_REQUEST,
+            VmError::Image(_) => StatusCode::BAD_GATEWAY,
             VmError::Vmm(_) => StatusCode::BAD_GATEWAY,
             VmError::Record(_) | VmError::Supervisor(_) | VmError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

@@ -66,18 +66,26 @@ pub struct NicSpec {
     pub hostname: Option<String>,
 }
 
-/// How the VM boots.
+/// How the VM boots: a kernel on this host, or a Marketplace image (its kernel and initrd
+/// are found inside it, and its root disk is a copy-on-write overlay on the cached image).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BootSpec {
     /// A kernel on this host (ELF vmlinux or bzImage).
-    #[schema(value_type = String)]
-    pub kernel: PathBuf,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub kernel: Option<PathBuf>,
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub initrd: Option<PathBuf>,
+    /// Kernel command line (for an image, after its `root=UUID=…`).
     #[serde(default)]
     pub cmdline: String,
+    /// The Marketplace entry (JSON form) of the image to boot; the node caches the image
+    /// once (checked against the site policy, its size and every checksum).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub image: Option<stratus_images::Metadata>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -18,6 +18,10 @@ use tokio::sync::Notify;
 
 use self::record::{RecordError, VmRecord};
 use stratus_contextualizer::{Context, ContextMethod};
+use stratus_images::cache::ImageCache;
+use stratus_images::policy::Policy;
+use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
+use stratus_vmm::devices::virtio::block::io::ImageFormat as VmmImageFormat;
 
 use crate::api::types::{
     ContextSpec, DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState,
@@ -83,6 +87,8 @@ pub enum VmError {
     Vmm(#[from] VmmClientError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Image(#[from] stratus_images::Error),
 }
 
 /// A VM's changing part.
@@ -180,7 +186,16 @@ impl Vm {
     }
 }
 
+/// What one start of a VM's VMM boots.
+struct BootFiles {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+    root_overlay: Option<PathBuf>,
+}
+
 pub struct VmManager {
+    images: Arc<ImageCache>,
     config: Arc<AgentConfig>,
     metrics: Arc<Metrics>,
     networks: Networks,
@@ -214,7 +229,29 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             spec.memory_mib
         ));
     }
-    for path in std::iter::once(&spec.boot.kernel).chain(spec.boot.initrd.iter()) {
+    match (&spec.boot.kernel, &spec.boot.image) {
+        (Some(_), None) => {}
+        (None, Some(image)) => {
+            if spec.boot.initrd.is_some() {
+                return bad(
+                    "an image brings its own initrd; boot.initrd is for boot.kernel".into(),
+                );
+            }
+            image
+                .check_usable(chrono::Utc::now())
+                .map_err(|e| VmError::BadSpec(format!("image: {e}")))?;
+        }
+        _ => {
+            return bad(
+                "boot needs either kernel (a file on this host) or image (a Marketplace entry)"
+                    .into(),
+            )
+        }
+    }
+    if spec.disks.iter().any(|d| d.id == ROOT_DISK_ID) && spec.boot.image.is_some() {
+        return bad(format!("disk id '{ROOT_DISK_ID}' is the image's root disk"));
+    }
+    for path in spec.boot.kernel.iter().chain(spec.boot.initrd.iter()) {
         if !path.is_absolute() {
             return bad(format!("boot paths must be absolute: {}", path.display()));
         }
@@ -243,6 +280,9 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
     }
     Ok(())
 }
+
+/// The disk id of an image's root overlay.
+pub const ROOT_DISK_ID: &str = "root";
 
 /// The disk id the context disk gets.
 pub const CONTEXT_DISK_ID: &str = "context";
@@ -317,6 +357,11 @@ impl VmManager {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<VmManager>, VmError> {
         let networks = Networks::start(&config.networks).await?;
+        let policy = match &config.image_policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::default(),
+        };
+        let images = Arc::new(ImageCache::new(config.image_cache_dir(), policy)?);
         let io = |what: &str, source| VmError::Io {
             what: what.to_owned(),
             source,
@@ -327,6 +372,7 @@ impl VmManager {
             .map_err(|e| io("cannot create the run directory", e))?;
         let host_state = read_host_state(&config.state_dir);
         let manager = Arc::new(VmManager {
+            images,
             metrics,
             networks,
             capacity: Capacity::from_config(&config.capacity),
@@ -571,11 +617,12 @@ impl VmManager {
         let io = |what: String| move |source| VmError::Io { what, source };
         std::fs::create_dir_all(&vm.dir)
             .map_err(io(format!("cannot create {}", vm.dir.display())))?;
+        let boot = self.boot_files(vm).await?;
         let mut args = vec![
             "--kernel".to_owned(),
-            vm.spec.boot.kernel.display().to_string(),
+            boot.kernel.display().to_string(),
             "--cmdline".to_owned(),
-            vm.spec.boot.cmdline.clone(),
+            boot.cmdline,
             "--cpus".to_owned(),
             vm.spec.vcpus.to_string(),
             "--memory".to_owned(),
@@ -591,8 +638,14 @@ impl VmManager {
             "--status-file".to_owned(),
             vm.status_file().display().to_string(),
         ];
-        if let Some(initrd) = &vm.spec.boot.initrd {
+        if let Some(initrd) = &boot.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
+        }
+        if let Some(root) = &boot.root_overlay {
+            args.extend([
+                "--disk".to_owned(),
+                format!("id={ROOT_DISK_ID},path={},format=qcow2", root.display()),
+            ]);
         }
         let attached = vm.status().attached.clone();
         for disk in vm.spec.disks.iter().chain(&attached) {
@@ -741,6 +794,51 @@ impl VmManager {
                 what,
             })
         }
+    }
+
+    /// What the VMM boots: the kernel given, or the image's (cached once on this host) with
+    /// a copy-on-write root overlay made for this VM (kept across restarts).
+    async fn boot_files(&self, vm: &Vm) -> Result<BootFiles, VmError> {
+        let boot = &vm.spec.boot;
+        let Some(image) = &boot.image else {
+            return Ok(BootFiles {
+                kernel: boot.kernel.clone().unwrap_or_default(),
+                initrd: boot.initrd.clone(),
+                cmdline: boot.cmdline.clone(),
+                root_overlay: None,
+            });
+        };
+        let cache = self.images.clone();
+        let entry = image.clone();
+        let (base, info) =
+            tokio::task::spawn_blocking(move || cache.prepare_boot(&entry, &mut |_| {}))
+                .await
+                .map_err(|e| VmError::Io {
+                    what: "the image preparation failed".into(),
+                    source: std::io::Error::other(e),
+                })??;
+        let overlay = vm.dir.join("root.qcow2");
+        if !overlay.exists() {
+            let format = match image.format {
+                Some(stratus_images::ImageFormat::Qcow2) => VmmImageFormat::Qcow2,
+                _ => VmmImageFormat::Raw,
+            };
+            create_overlay(&overlay, &base, format).map_err(|e| VmError::Io {
+                what: format!("cannot create the root overlay {}", overlay.display()),
+                source: std::io::Error::other(e),
+            })?;
+        }
+        let cmdline = [info.root_arg(), boot.cmdline.clone()]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        Ok(BootFiles {
+            kernel: info.kernel,
+            initrd: info.initrd,
+            cmdline,
+            root_overlay: Some(overlay),
+        })
     }
 
     /// The VMM's view of `disk`; a volatile disk's file is made here (sparse) if missing.

@@ -127,9 +127,10 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 64,
                 boot: BootSpec {
-                    kernel: "/k".into(),
+                    kernel: Some("/k".into()),
                     initrd: None,
                     cmdline: String::new(),
+                    image: None,
                 },
                 disks: vec![],
                 nics: vec![],
