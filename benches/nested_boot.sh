@@ -92,7 +92,8 @@ pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
 CONSOLE=$NESTED_WORK/nested_boot.$MODE.console.log
 log "running $RUNS alternated boots per VMM ($VMMS) in L1, mode $MODE (console: $CONSOLE)"
-run_l1 "$W/outer.cpio.gz" "$CONSOLE" 5400
+# Five VMMs and QEMU's libraries make a large initramfs: give L1 time to unpack it.
+NESTED_SILENT_S=${NESTED_SILENT_S:-240} run_l1 "$W/outer.cpio.gz" "$CONSOLE" 5400
 python3 - "$CONSOLE" "$MODE" "$VMMS" <<'PY'
 import json, statistics, sys
 console, mode, vmms = sys.argv[1], sys.argv[2], sys.argv[3].split()

@@ -114,6 +114,8 @@ host_tsc_khz() {
 # stops growing for idle-s seconds is taken as hung, killed, and run_l1 returns 2.
 run_l1() {
     local initrd=$1 console=$2 timeout_s=$3 idle_s=${4:-0} attempt size last_size idle
+    # A large initramfs takes TCG a while to unpack before L1's init prints anything.
+    local silent_s=${NESTED_SILENT_S:-60}
     for attempt in 1 2; do
         : > "$console"
         timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
@@ -124,8 +126,8 @@ run_l1() {
         last_size=0; idle=0
         while kill -0 $qemu 2>/dev/null; do
             sleep 1; waited=$((waited + 1))
-            if [ $waited -eq 60 ] && [ ! -s "$console" ]; then
-                log "L1 printed nothing in 60 s (attempt $attempt); killing it"
+            if [ $waited -eq "$silent_s" ] && [ ! -s "$console" ]; then
+                log "L1 printed nothing in $silent_s s (attempt $attempt); killing it"
                 kill $qemu 2>/dev/null; wait $qemu 2>/dev/null
                 continue 2
             fi
