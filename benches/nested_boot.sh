@@ -19,6 +19,8 @@ if [ "${1:-}" = --initcalls ]; then MODE=initcalls; shift; fi
 RUNS=${1:-3}
 cd "$(dirname "$0")/.."
 source scripts/nested/lib.sh
+# Five VMMs and QEMU's libraries: gzip -1 makes an initrd QEMU's microvm places badly.
+export NESTED_COMPRESS=${NESTED_COMPRESS:-xz -T2 -3 --check=crc32}
 PEERS=${PEERS:-$REPO_ROOT/../shared/peers}
 prepare_bench
 

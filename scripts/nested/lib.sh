@@ -93,8 +93,11 @@ PREAMBLE
 }
 
 # pack_initramfs <root-dir> <out.cpio.gz>
+# NESTED_COMPRESS picks the compressor (default gzip -1: fastest to unpack under TCG). A
+# large L1 initramfs needs a smaller one: QEMU's microvm places a big initrd where L1's
+# kernel then finds its ACPI tables damaged and most of its RAM missing.
 pack_initramfs() {
-    (cd "$1" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$2")
+    (cd "$1" && find . | cpio -o -H newc 2>/dev/null | ${NESTED_COMPRESS:-gzip -1} > "$2")
 }
 
 # busybox_root <dir>: a root with busybox and the usual mount points.
