@@ -137,6 +137,9 @@ for name in vmms:
     cells = []
     for k in ("kernel", "init", "exit"):
         v = med(name, k)
+        if med(name, "init") is None:
+            # Never reached /init: its exit was the timeout's kill.
+            v = None
         if v is None:
             cells.append("n/a (stopped at /init)" if name == "firecracker" and k == "exit" else "failed")
         elif name == "stratus-vmm" or not base[k]:
