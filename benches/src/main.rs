@@ -117,7 +117,7 @@ fn qemu_cmd(qemu: &Path, kernel: &Path) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-M",
-        "microvm,x-option-roms=off,rtc=off",
+        "microvm,rtc=off",
         "-accel",
         "kvm",
         "-m",

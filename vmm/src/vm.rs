@@ -27,7 +27,7 @@ use crate::devices::legacy::ged::{self, Ged, GedNotifier};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::pvpanic::PvPanic;
 use crate::devices::legacy::serial::{ConsoleWriter, SerialDevice};
-use crate::devices::legacy::EventFdTrigger;
+use crate::devices::legacy::{EventFdTrigger, IrqLine};
 use crate::devices::pci::host_bridge::HostBridge;
 use crate::devices::pci::hotplug::{self, PciHotplug};
 use crate::devices::pci::msix::MsixError;
@@ -239,17 +239,13 @@ impl Vm {
             u64::from(ACPI_SLEEP_CONTROL_PORT),
             AcpiPmDevice::LEN,
         )?;
-        let rtc_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the RTC interrupt"))?;
-        vm.register_irqfd(&rtc_irq, cmos::IRQ)
-            .map_err(kvm_err("bind the RTC interrupt"))?;
         let ram = resources.memory_mib << 20;
         let rtc = Cmos::new(
             MemorySizes {
                 below_4g: ram.min(MMIO32_HOLE_START),
                 above_4g: ram.saturating_sub(MMIO32_HOLE_START),
             },
-            rtc_irq,
+            Box::new(IrqLine::new(vm.clone(), cmos::IRQ)),
             Box::new(SystemClock),
         )
         .map_err(io_err("start the RTC timer thread"))?;
@@ -265,11 +261,7 @@ impl Vm {
         )?;
 
         let (control_tx, control_rx) = mpsc::channel();
-        let ged_irq =
-            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("create the GED interrupt"))?;
-        vm.register_irqfd(&ged_irq, GED_IRQ)
-            .map_err(kvm_err("bind the GED interrupt"))?;
-        let (ged, ged_notifier) = Ged::new(ged_irq);
+        let (ged, ged_notifier) = Ged::new(Box::new(IrqLine::new(vm.clone(), GED_IRQ)));
         pio.insert(Arc::new(Mutex::new(ged)), u64::from(GED_PORT), ged::LEN)?;
         let eject_tx = Mutex::new(control_tx.clone());
         let (hotplug, hotplug_slots) = PciHotplug::new(Box::new(move |slots| {

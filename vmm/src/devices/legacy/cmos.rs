@@ -12,10 +12,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, Datelike, NaiveDate, Timelike};
-use vmm_sys_util::eventfd::EventFd;
-
+use super::IrqTrigger;
 use crate::bus::BusDevice;
+use chrono::{DateTime, Datelike, NaiveDate, Timelike};
 
 pub const INDEX_PORT: u16 = 0x70;
 pub const PORTS: u64 = 2;
@@ -112,7 +111,7 @@ struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     clock: Box<dyn WallClock>,
-    irq: EventFd,
+    irq: Box<dyn IrqTrigger>,
 }
 
 pub struct Cmos {
@@ -123,7 +122,7 @@ pub struct Cmos {
 impl Cmos {
     pub fn new(
         memory: MemorySizes,
-        irq: EventFd,
+        irq: Box<dyn IrqTrigger>,
         clock: Box<dyn WallClock>,
     ) -> std::io::Result<Cmos> {
         let mut nvram = [0u8; 128];
@@ -492,7 +491,7 @@ fn timer_loop(shared: &Shared) {
             }
             state.nvram[STATUS_C as usize] = new_c;
             if new_c & C_IRQF != 0 && !was_signalled {
-                if let Err(e) = shared.irq.write(1) {
+                if let Err(e) = shared.irq.trigger() {
                     tracing::warn!("cannot raise the RTC interrupt: {e}");
                 }
             }
@@ -529,6 +528,7 @@ fn timer_loop(shared: &Shared) {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use vmm_sys_util::eventfd::EventFd;
 
     /// A clock the test moves by hand.
     #[derive(Clone)]
@@ -562,7 +562,7 @@ mod tests {
     fn cmos(clock: &TestClock) -> Cmos {
         Cmos::new(
             mem(),
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Box::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
             Box::new(clock.clone()),
         )
         .unwrap()
@@ -762,7 +762,12 @@ mod tests {
     #[test]
     fn update_interrupts_are_raised_on_irq_8_each_second() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = Cmos::new(mem(), irq.try_clone().unwrap(), Box::new(SystemClock)).unwrap();
+        let mut dev = Cmos::new(
+            mem(),
+            Box::new(irq.try_clone().unwrap()),
+            Box::new(SystemClock),
+        )
+        .unwrap();
         std::thread::sleep(Duration::from_millis(1100));
         assert!(irq.read().is_err(), "no interrupt while none is enabled");
         set(&mut dev, STATUS_B, B_24H | B_UIE);
@@ -786,7 +791,12 @@ mod tests {
         assert_eq!(periodic_period(0x0f), Some(Duration::from_millis(500)));
         assert_eq!(periodic_period(0x01), periodic_period(0x08));
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut dev = Cmos::new(mem(), irq.try_clone().unwrap(), Box::new(SystemClock)).unwrap();
+        let mut dev = Cmos::new(
+            mem(),
+            Box::new(irq.try_clone().unwrap()),
+            Box::new(SystemClock),
+        )
+        .unwrap();
         set(&mut dev, STATUS_A, 0x20 | 0x0f); // 2 Hz
         set(&mut dev, STATUS_B, B_24H | B_PIE);
         std::thread::sleep(Duration::from_millis(700));

@@ -6,8 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::EventFd;
-
+use super::IrqTrigger;
 use crate::bus::BusDevice;
 
 /// Bits of the event register, as the DSDT's `_EVT` reads them.
@@ -17,7 +16,7 @@ pub const LEN: u64 = 1;
 
 struct Inner {
     pending: AtomicU8,
-    irq: EventFd,
+    irq: Box<dyn IrqTrigger>,
 }
 
 /// The handle the VMM raises events with; cheap to clone.
@@ -27,7 +26,7 @@ pub struct GedNotifier(Arc<Inner>);
 impl GedNotifier {
     pub fn notify(&self, event: u8) -> std::io::Result<()> {
         self.0.pending.fetch_or(event, Ordering::AcqRel);
-        self.0.irq.write(1)
+        self.0.irq.trigger()
     }
 }
 
@@ -35,8 +34,8 @@ impl GedNotifier {
 pub struct Ged(Arc<Inner>);
 
 impl Ged {
-    /// `irq` must be bound (irqfd) to the GSI the DSDT names.
-    pub fn new(irq: EventFd) -> (Ged, GedNotifier) {
+    /// `irq` must raise the GSI the DSDT names.
+    pub fn new(irq: Box<dyn IrqTrigger>) -> (Ged, GedNotifier) {
         let inner = Arc::new(Inner {
             pending: AtomicU8::new(0),
             irq,
@@ -59,11 +58,12 @@ impl BusDevice for Ged {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EventFd;
 
     #[test]
     fn events_accumulate_raise_the_interrupt_and_clear_on_read() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let (mut ged, notifier) = Ged::new(irq.try_clone().unwrap());
+        let (mut ged, notifier) = Ged::new(Box::new(irq.try_clone().unwrap()));
         notifier.notify(EVENT_POWER_BUTTON).unwrap();
         notifier.notify(EVENT_PCI_HOTPLUG).unwrap();
         assert_eq!(irq.read().unwrap(), 2);
