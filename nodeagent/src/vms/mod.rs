@@ -693,13 +693,20 @@ impl VmManager {
         };
         let process = VmmProcess::spawn(&launch)?;
         let pid = process.pid();
-        {
+        let stop_requested = {
             let mut s = vm.status();
             s.pid = pid;
             s.pid_start_time = pid.and_then(supervisor::process_start_time);
             s.state = VmState::Starting;
             s.exit = None;
-            s.stop_requested = false;
+            s.stop_requested
+        };
+        // A kill that came while the VMM was being restarted (guest reboot) may have
+        // signalled the process that just ended: it applies to this one.
+        if stop_requested {
+            if let (Some(pid), Some(start)) = (pid, pid.and_then(supervisor::process_start_time)) {
+                supervisor::signal_if_same(pid, start, libc::SIGKILL);
+            }
         }
         self.save(vm);
         self.watch(vm.clone(), process);
