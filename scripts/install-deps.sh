@@ -4,8 +4,9 @@
 #   scripts/install-deps.sh LIST...               install what is missing, then check
 #   scripts/install-deps.sh --check-only LIST...  only check (changes nothing)
 #
-# A list has one package per line, then the commands that package must put on PATH
-# ("qemu-utils qemu-img qemu-io"); '#' starts a comment. Safe to re-run.
+# A list has one package per line; '#' starts a comment, and a comment of the form
+# "# provides: CMD..." names the commands that package must put on PATH
+# ("qemu-utils  # provides: qemu-img qemu-io"). Safe to re-run.
 #
 # Every QEMU package comes from one suite: on Debian 12 from bookworm-backports (QEMU 10),
 # pinned together (with the firmware it needs) so that apt can never satisfy one QEMU
@@ -22,10 +23,8 @@ for list in "$@"; do
     [ -r "$list" ] || { echo "[ERROR] package list $list cannot be read" >&2; exit 2; }
 done
 
-# "package command..." lines without comments or blank lines.
-entries=$(sed -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$@" | grep -v '^$' || true)
-packages=$(awk '{print $1}' <<<"$entries" | sort -u)
-commands=$(awk '{for (i = 2; i <= NF; i++) print $i}' <<<"$entries" | sort -u)
+packages=$(sed -e 's/#.*//' "$@" | awk 'NF {print $1}' | sort -u)
+commands=$(sed -n 's/^[^#[:space:]][^#]*#[[:space:]]*provides:\(.*\)/\1/p' "$@" | tr -s ' \t' '\n' | grep -v '^$' | sort -u || true)
 
 # The QEMU packages installed now must all be of one version.
 qemu_versions() {

@@ -24,13 +24,13 @@ expect() {
     ok "$name"
 }
 
-expect "installed package and its command pass" 0 "" "coreutils ls cat  # comment"
+expect "installed package and its commands pass" 0 "" "coreutils  # provides: ls cat"
 expect "a package that is not installed is named" 1 "packages not installed: stratus-no-such-package" \
-    $'# header\ncoreutils ls\nstratus-no-such-package'
+    $'# header\ncoreutils # provides: ls\nstratus-no-such-package'
 expect "a missing command is named" 1 "commands not on PATH: stratus-no-such-command" \
-    "coreutils ls stratus-no-such-command"
+    "coreutils  # provides: ls stratus-no-such-command"
 expect "both are named in one line" 1 "stratus-no-such-command" \
-    $'stratus-no-such-package\ncoreutils stratus-no-such-command'
+    $'stratus-no-such-package\ncoreutils  # provides: stratus-no-such-command'
 
 # A machine where apt mixed QEMU suites: fake dpkg-query reports every package installed but
 # two different qemu-* versions.
@@ -44,7 +44,7 @@ esac
 FAKE
 chmod +x "$T/mixed/dpkg-query"
 expect "mixed QEMU versions are refused" 1 "QEMU packages of different versions installed: 1:10.0.2 1:7.2" \
-    "qemu-utils ls" "$T/bin:$T/mixed"
+    "qemu-utils  # provides: ls" "$T/bin:$T/mixed"
 
 if [ -e "$T/apt-get-called" ]; then fail "--check-only called apt-get"; else ok "--check-only never calls apt-get"; fi
 bash scripts/install-deps.sh --check-only "$T/does-not-exist" 2>/dev/null
