@@ -155,11 +155,6 @@ pub fn signal_if_same(pid: u32, start_time: u64, signal: i32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
 
-/// Whether `path` is a socket something listens on.
-pub fn socket_answers(path: &Path) -> bool {
-    std::os::unix::net::UnixStream::connect(path).is_ok()
-}
-
 /// The process serving the Unix socket at `path`, from the kernel's peer credentials.
 pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     use std::os::unix::io::AsRawFd;

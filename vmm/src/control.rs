@@ -56,20 +56,6 @@ impl ControlHandle {
             .map_err(|_| VmStopping)?;
         rx.await.map_err(|_| VmStopping)
     }
-
-    /// As `call`, for a caller that is not async (tests, the benchmark).
-    pub fn call_blocking<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Controller) -> R + Send + 'static,
-    ) -> Result<R, VmStopping> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(ControlMessage::Call(Box::new(move |c| {
-                let _ = tx.send(f(c));
-            })))
-            .map_err(|_| VmStopping)?;
-        rx.recv().map_err(|_| VmStopping)
-    }
 }
 
 /// What requests work on, owned by the control thread.

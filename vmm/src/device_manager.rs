@@ -8,7 +8,7 @@
 //! pulled from under it. Everything here runs on the VMM's control thread.
 
 use std::os::unix::io::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -170,10 +170,6 @@ impl DeviceManager {
             next_disk_index: 0,
             next_net_index: 0,
         }
-    }
-
-    pub fn last_slot(&self) -> u8 {
-        self.p.last_slot
     }
 
     fn id_taken(&self, id: &str) -> bool {
@@ -479,11 +475,6 @@ impl DeviceManager {
             .iter()
             .map(|n| (n.id.clone(), n.stats.report()))
             .collect()
-    }
-
-    /// Whether a disk with this file is attached (any name for it).
-    pub fn has_disk_file(&self, path: &Path) -> bool {
-        std::fs::canonicalize(path).is_ok_and(|c| self.disks.iter().any(|d| d.canonical == c))
     }
 
     /// Takes every device off the bus, in order, at VM exit.
