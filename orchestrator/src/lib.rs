@@ -1,1 +1,61 @@
-//! stratus-orchestrator
+//! stratus-orchestrator: the cloud's entry point. Users and the `stratus-*` CLI talk to it;
+//! it keeps the cloud's truth in a database (SQLite or PostgreSQL), places VMs on nodes and
+//! drives the node agents. A request is written to the database first; job workers (in
+//! every replica) claim it and carry it out, so any replica can be killed at any time.
+
+pub mod agent_client;
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod instance_types;
+pub mod jobs;
+pub mod marketplace;
+pub mod metrics;
+pub mod networks;
+pub mod nodes;
+pub mod placement;
+pub mod quotas;
+pub mod users;
+pub mod vms;
+
+use std::sync::Arc;
+
+use config::Config;
+use db::Db;
+use instance_types::InstanceType;
+
+/// What every request handler and job worker of one replica shares.
+pub struct Cloud {
+    pub db: Db,
+    pub config: Arc<Config>,
+    pub types: Vec<InstanceType>,
+    /// Calls to node agents and the Marketplace.
+    pub http: reqwest::Client,
+    pub policy: Option<stratus_images::policy::Policy>,
+    pub auth: users::Authenticator,
+    /// This replica's name in job claims.
+    pub replica: String,
+    /// Wakes this replica's job workers when a request queues a job.
+    pub jobs_queued: tokio::sync::Notify,
+    pub metrics: metrics::Metrics,
+}
+
+impl Cloud {
+    pub fn new(
+        db: Db,
+        config: Arc<Config>,
+        policy: Option<stratus_images::policy::Policy>,
+    ) -> Cloud {
+        Cloud {
+            types: instance_types::all(&config.instance_types),
+            replica: config.replica_name(),
+            db,
+            config,
+            http: agent_client::AgentClient::http(),
+            policy,
+            auth: users::Authenticator::default(),
+            jobs_queued: tokio::sync::Notify::new(),
+            metrics: metrics::Metrics::default(),
+        }
+    }
+}

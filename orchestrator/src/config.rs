@@ -1,0 +1,226 @@
+//! The orchestrator's configuration file (TOML). Every key has a default;
+//! `stratus-orchestrator --check-config` prints the file with the defaults filled in.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// `/etc/stratus/orchestrator.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the REST API listens on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// `sqlite://PATH` (one orchestrator) or `postgres://USER@HOST/DB` (replicas).
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// This replica's name in job claims (default: hostname and process id).
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// The Marketplace that run requests' image identifiers are looked up in.
+    #[serde(default)]
+    pub marketplace_endpoint: Option<String>,
+    /// The site's image policy (endorser, checksum and identifier white/black lists).
+    #[serde(default)]
+    pub image_policy: Option<PathBuf>,
+    /// A file holding the first `admin` user's password; without it a password is made
+    /// up and printed once, when the database is created.
+    #[serde(default)]
+    pub admin_password_file: Option<PathBuf>,
+    /// Seconds between two polls of each node agent (StratusLab: 60).
+    #[serde(default = "default_poll_interval_s")]
+    pub poll_interval_s: u64,
+    /// A node that has not answered for this many seconds is down: it gets no new VMs and
+    /// its VMs are Unknown.
+    #[serde(default = "default_node_timeout_s")]
+    pub node_timeout_s: u64,
+    /// Jobs this replica works on at once.
+    #[serde(default = "default_job_workers")]
+    pub job_workers: usize,
+    /// Seconds a graceful shutdown waits for the guest before the node stops it hard.
+    #[serde(default = "default_shutdown_timeout_s")]
+    pub shutdown_timeout_s: u64,
+    /// `spread` (StratusLab's default: the node with the fewest running VMs) or `pack`
+    /// (the fullest node that fits).
+    #[serde(default)]
+    pub rank: Rank,
+    /// Quotas of users who have none of their own.
+    #[serde(default)]
+    pub quotas: QuotaConfig,
+    /// Instance types beyond StratusLab's seven (a name of theirs replaces it).
+    #[serde(default)]
+    pub instance_types: Vec<InstanceTypeConfig>,
+    /// The networks VMs are given addresses on; node agents serve them under the same
+    /// names.
+    #[serde(default)]
+    pub networks: Vec<NetworkConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rank {
+    #[default]
+    Spread,
+    Pack,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// vCPUs of a user's VMs together (StratusLab: 20).
+    #[serde(default = "default_cpu_quota")]
+    pub cpu: i64,
+    /// MiB of memory of a user's VMs together (0: no limit).
+    #[serde(default)]
+    pub memory_mib: i64,
+    /// Number of VMs (0: no limit).
+    #[serde(default)]
+    pub vms: i64,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        QuotaConfig {
+            cpu: default_cpu_quota(),
+            memory_mib: 0,
+            vms: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceTypeConfig {
+    pub name: String,
+    pub cpu: u8,
+    pub ram_mib: u64,
+    pub swap_mib: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkKind {
+    /// Fixed IP/MAC pairs reachable from outside.
+    Public,
+    /// Fixed IP/MAC pairs on the site's internal network.
+    Local,
+    /// A private range (StratusLab: 172.16.0.0/16).
+    Private,
+}
+
+/// One `[[networks]]` entry: either a fixed list of addresses (`public`, `local`) or a
+/// range (`private`). MACs default to StratusLab's `02:00` + the four address bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    pub name: String,
+    pub kind: NetworkKind,
+    /// Fixed addresses, each `"IP"` or `"IP MAC"`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// First and last address of a range, inclusive.
+    #[serde(default)]
+    pub range: Option<(Ipv4Addr, Ipv4Addr)>,
+}
+
+/// The most addresses one network may hold (a /16).
+pub const MAX_NETWORK_ADDRESSES: u32 = 65_536;
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8775))
+}
+fn default_database() -> String {
+    "sqlite:///var/lib/stratus/orchestrator.db".into()
+}
+fn default_poll_interval_s() -> u64 {
+    60
+}
+fn default_node_timeout_s() -> u64 {
+    180
+}
+fn default_job_workers() -> usize {
+    8
+}
+fn default_shutdown_timeout_s() -> u64 {
+    120
+}
+fn default_cpu_quota() -> i64 {
+    20
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.check().map_err(|reason| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.poll_interval_s == 0 || self.node_timeout_s == 0 {
+            return Err("poll_interval_s and node_timeout_s must be at least 1".into());
+        }
+        if self.job_workers == 0 {
+            return Err("job_workers must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for network in &self.networks {
+            if !names.insert(network.name.as_str()) {
+                return Err(format!("network '{}' is defined twice", network.name));
+            }
+            crate::networks::addresses_of(network)
+                .map_err(|e| format!("network '{}': {e}", network.name))?;
+        }
+        for t in &self.instance_types {
+            if t.cpu == 0 || t.ram_mib == 0 {
+                return Err(format!(
+                    "instance type '{}' needs at least 1 CPU and 1 MiB",
+                    t.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn replica_name(&self) -> String {
+        self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "orchestrator".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("every key has a default")
+    }
+}

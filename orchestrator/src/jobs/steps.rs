@@ -1,0 +1,369 @@
+//! What each job does. Every step reads the VM's row afresh and is safe to run again from
+//! the start after a crash: the node agent's create is idempotent, and kill/delete of what
+//! is gone already succeed.
+
+use std::time::Duration;
+
+use stratus_nodeagent::api::types::{
+    BootSpec, ContextSpec, DiskSource, DiskSpec, NicSpec, VmSpec, VmState as AgentVmState,
+};
+
+use super::{Action, Claimed, Outcome};
+use crate::agent_client::AgentError;
+use crate::api::types::VmState;
+use crate::db::DbError;
+use crate::networks::{self, Lease};
+use crate::placement::{self, Requirements};
+use crate::vms::{self, Deployment, VmError, VmRow};
+use crate::{nodes, Cloud};
+
+/// After this many attempts a node that does not answer a create gives up the VM.
+const MAX_DEPLOY_ATTEMPTS: i64 = 5;
+/// How long a VM waits for room before placement is tried again.
+const NO_ROOM_RETRY: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+impl From<sqlx::Error> for StepError {
+    fn from(e: sqlx::Error) -> Self {
+        StepError::Db(e.into())
+    }
+}
+
+pub async fn run(cloud: &Cloud, job: &Claimed) -> Result<Outcome, StepError> {
+    let row = {
+        let mut conn = cloud.db.pool.acquire().await?;
+        match vms::load(&mut conn, job.vm).await {
+            Ok(row) => row,
+            Err(VmError::NotFound(_)) => return Ok(Outcome::Failed("the VM is gone".into())),
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if row.holds == 0 {
+        // Released already (an earlier run of this job got that far).
+        return Ok(Outcome::Done);
+    }
+    match job.action {
+        Action::Deploy => deploy(cloud, job, row).await,
+        Action::Kill => stop(cloud, row, false).await,
+        Action::Shutdown => stop(cloud, row, true).await,
+        Action::Epilog => epilog(cloud, row).await,
+    }
+}
+
+fn backoff(attempts: i64) -> Duration {
+    Duration::from_secs(1 << attempts.clamp(0, 5))
+}
+
+async fn set_state(
+    cloud: &Cloud,
+    vm: i64,
+    state: VmState,
+    reason: Option<&str>,
+) -> Result<(), StepError> {
+    let mut conn = cloud.db.pool.acquire().await?;
+    vms::set_state(&mut conn, vm, state, reason).await?;
+    Ok(())
+}
+
+/// Releases the VM's quota, addresses and node room; `state` is its final state (None:
+/// keep the one it has, e.g. Failed with its reason).
+async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Result<(), StepError> {
+    let mut tx = cloud.db.pool.begin().await?;
+    vms::release(&mut tx, vm, state).await?;
+    tx.commit().await?;
+    cloud.metrics.vm_released.inc();
+    Ok(())
+}
+
+/// The node agent's spec for the VM.
+fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease]) -> VmSpec {
+    let request = &deployment.request;
+    let mut disks = Vec::new();
+    if row.swap_mib > 0 {
+        disks.push(DiskSpec {
+            id: "swap".into(),
+            source: DiskSource::Volatile {
+                size_gib: (row.swap_mib as u64).div_ceil(1024),
+            },
+            read_only: false,
+            serial: Some("swap".into()),
+        });
+    }
+    if let Some(size_gib) = request.volatile_disk_gib {
+        disks.push(DiskSpec {
+            id: "volatile".into(),
+            source: DiskSource::Volatile { size_gib },
+            read_only: false,
+            serial: Some("volatile".into()),
+        });
+    }
+    let nics = leases
+        .iter()
+        .enumerate()
+        .map(|(i, lease)| NicSpec {
+            id: format!("eth{i}"),
+            network: lease.network.clone(),
+            mac: lease.mac.clone(),
+            ip: lease.ip,
+            hostname: Some(row.name.clone()),
+        })
+        .collect();
+    VmSpec {
+        vcpus: row.vcpus.clamp(1, 255) as u8,
+        memory_mib: row.memory_mib.max(1) as u64,
+        boot: BootSpec {
+            kernel: None,
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+            image: Some(deployment.image.clone()),
+        },
+        disks,
+        nics,
+        context: Some(ContextSpec {
+            method: deployment.context_method.clone(),
+            hostname: Some(row.name.clone()),
+            public_key: request.public_key.clone(),
+            pairs: request.context.clone(),
+            user_data: request.user_data.clone(),
+        }),
+    }
+}
+
+/// Places the VM (if it has no node yet) and has its node start it; a node that refuses
+/// (it filled up meanwhile, or was disabled) hands it to the next candidate.
+async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome, StepError> {
+    let state = row.state()?;
+    if matches!(state, VmState::Running | VmState::Unknown) {
+        return Ok(Outcome::Done);
+    }
+    let deployment = row.deployment()?;
+    let requirements = deployment
+        .request
+        .requirements
+        .as_deref()
+        .map(Requirements::parse)
+        .transpose()
+        .map_err(VmError::BadRequest)?;
+    let mut refused_by = Vec::new();
+    loop {
+        let node_id = match row.node_id {
+            Some(n) => n,
+            None => match place(cloud, &row, requirements.as_ref(), &refused_by).await? {
+                Ok(n) => n,
+                Err(why) => {
+                    if state != VmState::Pending || row.reason.as_deref() != Some(why.as_str()) {
+                        set_state(cloud, row.id, VmState::Pending, Some(&why)).await?;
+                    }
+                    return Ok(Outcome::Retry(NO_ROOM_RETRY, why));
+                }
+            },
+        };
+        let (node, leases) = {
+            let mut conn = cloud.db.pool.acquire().await?;
+            (
+                nodes::load(&mut conn, node_id).await?,
+                networks::leases_of(&mut conn, row.id)
+                    .await
+                    .map_err(VmError::from)?,
+            )
+        };
+        let spec = spec_of(&row, &deployment, &leases);
+        let client = node.client(&cloud.http);
+        match client.put_vm(&row.id.to_string(), &spec).await {
+            Ok(info) => {
+                if info.state == AgentVmState::Starting {
+                    set_state(cloud, row.id, VmState::Boot, None).await?;
+                }
+                set_state(
+                    cloud,
+                    row.id,
+                    VmState::Running,
+                    Some(&format!("running on {}", node.name)),
+                )
+                .await?;
+                cloud.metrics.placements.inc();
+                return Ok(Outcome::Done);
+            }
+            Err(AgentError::Refused {
+                status: 409,
+                reason,
+                ..
+            }) => {
+                let why = format!("node {} refused it: {reason}", node.name);
+                let mut tx = cloud.db.pool.begin().await?;
+                sqlx::query("UPDATE vms SET node_id = NULL WHERE id = $1")
+                    .bind(row.id)
+                    .execute(&mut *tx)
+                    .await?;
+                vms::set_state(&mut tx, row.id, VmState::Pending, Some(&why)).await?;
+                tx.commit().await?;
+                refused_by.push(node_id);
+                row.node_id = None;
+            }
+            Err(AgentError::Refused { status, reason, .. }) if (400..500).contains(&status) => {
+                // The node cannot make this VM (its image, context, network): it is the
+                // request's fault, and another node would refuse it too.
+                let why = format!("node {} cannot start it: {reason}", node.name);
+                let _ = client.delete(&row.id.to_string()).await;
+                set_state(cloud, row.id, VmState::Failed, Some(&why)).await?;
+                release(cloud, row.id, None).await?;
+                return Ok(Outcome::Failed(why));
+            }
+            Err(e) => {
+                if job.attempts >= MAX_DEPLOY_ATTEMPTS {
+                    // The node may have made part of it: the epilog undoes that once the
+                    // node answers again.
+                    let why = format!("gave up after {} attempts: {e}", job.attempts);
+                    let mut tx = cloud.db.pool.begin().await?;
+                    vms::set_state(&mut tx, row.id, VmState::Failed, Some(&why)).await?;
+                    super::enqueue(&mut tx, row.id, Action::Epilog, &row.owner).await?;
+                    tx.commit().await?;
+                    return Ok(Outcome::Failed(why));
+                }
+                return Ok(Outcome::Retry(backoff(job.attempts), e.to_string()));
+            }
+        }
+    }
+}
+
+/// Takes room for the VM on the best candidate node and records it there (Prolog).
+/// The inner error says why no node could take it.
+async fn place(
+    cloud: &Cloud,
+    row: &VmRow,
+    requirements: Option<&Requirements>,
+    refused_by: &[i64],
+) -> Result<Result<i64, String>, StepError> {
+    let db = &cloud.db;
+    let mut tx = db.pool.begin().await?;
+    let (fit, refusals) = placement::candidates(
+        &mut tx,
+        row.vcpus,
+        row.memory_mib,
+        requirements,
+        cloud.config.rank,
+        refused_by,
+    )
+    .await?;
+    for room in fit {
+        if placement::reserve(db, &mut tx, room.node.id, row.id, row.vcpus, row.memory_mib).await? {
+            vms::set_state(
+                &mut tx,
+                row.id,
+                VmState::Prolog,
+                Some(&format!("placed on {}", room.node.name)),
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(Ok(room.node.id));
+        }
+    }
+    tx.commit().await?;
+    Ok(Err(refusals.to_string()))
+}
+
+/// Kill (at once) or shutdown (power button, then a hard stop after the timeout), then
+/// the node's resources are released and the VM is Done.
+async fn stop(cloud: &Cloud, row: VmRow, graceful: bool) -> Result<Outcome, StepError> {
+    let what = if graceful { "shut down" } else { "killed" };
+    let Some(node_id) = row.node_id else {
+        release(
+            cloud,
+            row.id,
+            Some((VmState::Done, &format!("{what} before it was placed"))),
+        )
+        .await?;
+        return Ok(Outcome::Done);
+    };
+    let node = {
+        let mut conn = cloud.db.pool.acquire().await?;
+        nodes::load(&mut conn, node_id).await?
+    };
+    let client = node.client(&cloud.http);
+    let id = row.id.to_string();
+    if graceful {
+        if row.state()? != VmState::Shutdown {
+            set_state(cloud, row.id, VmState::Shutdown, Some("shutdown requested")).await?;
+        }
+        let timeout = Duration::from_secs(cloud.config.shutdown_timeout_s);
+        if let Err(e) = tolerate_gone(client.shutdown(&id, timeout).await) {
+            return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string()));
+        }
+        // The node stops it hard after the timeout; allow for that and a little more.
+        let deadline = tokio::time::Instant::now() + timeout + Duration::from_secs(30);
+        loop {
+            match client.vm(&id).await {
+                Ok(Some(info)) if info.state.is_active() => {}
+                Ok(_) => break,
+                Err(e) => return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string())),
+            }
+            if tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    // Also after a shutdown: a guest that outlived the deadline is stopped now.
+    if let Err(e) = tolerate_gone(client.kill(&id).await) {
+        return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string()));
+    }
+    set_state(cloud, row.id, VmState::Epilog, Some(what)).await?;
+    if let Err(e) = client.delete(&id).await {
+        return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string()));
+    }
+    release(cloud, row.id, Some((VmState::Done, what))).await?;
+    Ok(Outcome::Done)
+}
+
+/// A kill or shutdown of a VM that has ended or that the node does not know is no error.
+fn tolerate_gone<T>(result: Result<T, AgentError>) -> Result<(), AgentError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.status(), Some(404 | 409)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The VM ended on its own (powered off, failed, lost): release what the node holds for
+/// it. A Failed VM stays Failed with its reason.
+async fn epilog(cloud: &Cloud, row: VmRow) -> Result<Outcome, StepError> {
+    let state = row.state()?;
+    if let Some(node_id) = row.node_id {
+        let node = {
+            let mut conn = cloud.db.pool.acquire().await?;
+            nodes::load(&mut conn, node_id).await?
+        };
+        let client = node.client(&cloud.http);
+        let id = row.id.to_string();
+        let cleaned = async {
+            if let Some(info) = client.vm(&id).await? {
+                if info.state.is_active() {
+                    tolerate_gone(client.kill(&id).await)?;
+                }
+            }
+            client.delete(&id).await
+        }
+        .await;
+        if let Err(e) = cleaned {
+            return Ok(Outcome::Retry(Duration::from_secs(5), e.to_string()));
+        }
+    }
+    if state == VmState::Failed {
+        release(cloud, row.id, None).await?;
+    } else {
+        release(
+            cloud,
+            row.id,
+            Some((VmState::Done, "its node resources are released")),
+        )
+        .await?;
+    }
+    Ok(Outcome::Done)
+}

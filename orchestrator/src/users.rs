@@ -1,0 +1,348 @@
+//! Users, their password hashes (Argon2id) and roles. StratusLab's roles: `::ADMIN` (sees
+//! and controls everything), `::USER` (any authenticated user: their own VMs and volumes),
+//! `::ANON` (nobody logged in: nothing but the entry point).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::db::{Db, DbError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("user '{0}' already exists")]
+    Exists(String),
+    #[error("no user '{0}'")]
+    Unknown(String),
+    #[error("'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '_', '-' or '@'")]
+    BadName(String),
+    #[error("the password must not be empty")]
+    EmptyPassword,
+    #[error("cannot hash the password: {0}")]
+    Hash(argon2::password_hash::Error),
+    #[error("cannot delete user '{user}': they still have {vms} VM(s); kill them first")]
+    HasVms { user: String, vms: i64 },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for UserError {
+    fn from(e: sqlx::Error) -> Self {
+        UserError::Db(e.into())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::User => "user",
+        }
+    }
+
+    fn parse(text: &str) -> Result<Role, DbError> {
+        match text {
+            "admin" => Ok(Role::Admin),
+            "user" => Ok(Role::User),
+            other => Err(DbError::Corrupt {
+                what: "users.role",
+                value: other.to_owned(),
+            }),
+        }
+    }
+
+    /// StratusLab's name for the role.
+    pub fn stratuslab_name(self) -> &'static str {
+        match self {
+            Role::Admin => "::ADMIN",
+            Role::User => "::USER",
+        }
+    }
+}
+
+/// Who a request comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Principal {
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+}
+
+pub fn hash_password(password: &str) -> Result<String, UserError> {
+    if password.is_empty() {
+        return Err(UserError::EmptyPassword);
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(UserError::Hash)
+}
+
+/// A password for a new account: 18 random bytes, URL-safe base64.
+pub fn generate_password() -> String {
+    let mut bytes = [0u8; 18];
+    OsRng.fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub async fn add(db: &Db, name: &str, password: &str, role: Role) -> Result<(), UserError> {
+    if !valid_name(name) {
+        return Err(UserError::BadName(name.to_owned()));
+    }
+    let hash = hash_password(password)?;
+    let mut tx = db.pool.begin().await?;
+    let exists: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if exists.is_some() {
+        return Err(UserError::Exists(name.to_owned()));
+    }
+    sqlx::query("INSERT INTO users (name, password_hash, role, created) VALUES ($1, $2, $3, $4)")
+        .bind(name)
+        .bind(hash)
+        .bind(role.as_str())
+        .bind(crate::db::now())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn set_password(db: &Db, name: &str, password: &str) -> Result<(), UserError> {
+    let hash = hash_password(password)?;
+    let changed = sqlx::query("UPDATE users SET password_hash = $1 WHERE name = $2")
+        .bind(hash)
+        .bind(name)
+        .execute(&db.pool)
+        .await?
+        .rows_affected();
+    if changed == 0 {
+        return Err(UserError::Unknown(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Deletes a user who holds no VMs (their Done VMs' records go with them).
+pub async fn delete(db: &Db, name: &str) -> Result<(), UserError> {
+    let mut tx = db.pool.begin().await?;
+    let (vms,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms WHERE owner = $1 AND holds = 1")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    if vms > 0 {
+        return Err(UserError::HasVms {
+            user: name.to_owned(),
+            vms,
+        });
+    }
+    let gone = sqlx::query("DELETE FROM users WHERE name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if gone == 0 {
+        return Err(UserError::Unknown(name.to_owned()));
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserInfo {
+    pub name: String,
+    pub role: Role,
+    /// Quotas of their own (absent: the cloud's defaults).
+    pub cpu_quota: Option<i64>,
+    pub memory_quota_mib: Option<i64>,
+    pub vm_quota: Option<i64>,
+    pub created: String,
+}
+
+/// One row of `users`, without its hash.
+#[derive(sqlx::FromRow)]
+struct UserRow {
+    name: String,
+    role: String,
+    cpu_quota: Option<i64>,
+    memory_quota_mib: Option<i64>,
+    vm_quota: Option<i64>,
+    created: String,
+}
+
+pub async fn list(db: &Db) -> Result<Vec<UserInfo>, UserError> {
+    let rows: Vec<UserRow> = sqlx::query_as(
+        "SELECT name, role, cpu_quota, memory_quota_mib, vm_quota, created FROM users ORDER BY name",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    rows.into_iter()
+        .map(|u| {
+            Ok(UserInfo {
+                role: Role::parse(&u.role)?,
+                name: u.name,
+                cpu_quota: u.cpu_quota,
+                memory_quota_mib: u.memory_quota_mib,
+                vm_quota: u.vm_quota,
+                created: u.created,
+            })
+        })
+        .collect()
+}
+
+pub async fn set_quotas(
+    db: &Db,
+    name: &str,
+    cpu: Option<i64>,
+    memory_mib: Option<i64>,
+    vms: Option<i64>,
+) -> Result<(), UserError> {
+    let changed = sqlx::query(
+        "UPDATE users SET cpu_quota = $1, memory_quota_mib = $2, vm_quota = $3 WHERE name = $4",
+    )
+    .bind(cpu)
+    .bind(memory_mib)
+    .bind(vms)
+    .bind(name)
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    if changed == 0 {
+        return Err(UserError::Unknown(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// On a database without users: creates `admin` with the given password or a made-up
+/// one, which is returned so it can be shown once.
+pub async fn ensure_admin(db: &Db, password: Option<String>) -> Result<Option<String>, UserError> {
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM users")
+        .fetch_one(&db.pool)
+        .await?;
+    if count > 0 {
+        return Ok(None);
+    }
+    let generated = password.is_none();
+    let password = password.unwrap_or_else(generate_password);
+    match add(db, "admin", &password, Role::Admin).await {
+        // Another replica made it first.
+        Err(UserError::Exists(_)) => Ok(None),
+        Err(e) => Err(e),
+        Ok(()) => Ok(generated.then_some(password)),
+    }
+}
+
+/// Checks user names and passwords. Argon2 is slow on purpose; a successful check is
+/// remembered for a minute (keyed by a hash of the name, the password and the stored hash,
+/// so a password change ends it at once).
+#[derive(Default)]
+pub struct Authenticator {
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+}
+
+const REMEMBER: Duration = Duration::from_secs(60);
+
+impl Authenticator {
+    pub async fn check(
+        &self,
+        db: &Db,
+        name: &str,
+        password: &str,
+    ) -> Result<Option<Principal>, UserError> {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT password_hash, role FROM users WHERE name = $1")
+                .bind(name)
+                .fetch_optional(&db.pool)
+                .await?;
+        let Some((stored, role)) = row else {
+            return Ok(None);
+        };
+        let role = Role::parse(&role)?;
+        let key: [u8; 32] = Sha256::new()
+            .chain_update(name.as_bytes())
+            .chain_update([0])
+            .chain_update(password.as_bytes())
+            .chain_update([0])
+            .chain_update(stored.as_bytes())
+            .finalize()
+            .into();
+        let principal = Principal {
+            name: name.to_owned(),
+            role,
+        };
+        {
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            verified.retain(|_, at| at.elapsed() < REMEMBER);
+            if verified.contains_key(&key) {
+                return Ok(Some(principal));
+            }
+        }
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&stored)
+                .map(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            return Ok(None);
+        }
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, Instant::now());
+        Ok(Some(principal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_passwords_hashed_with_a_salt() {
+        assert!(valid_name("alice@example.org"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(&"x".repeat(65)));
+        let a = hash_password("secret").unwrap();
+        let b = hash_password("secret").unwrap();
+        assert_ne!(a, b, "salted");
+        assert!(a.starts_with("$argon2id$"));
+        assert!(matches!(hash_password(""), Err(UserError::EmptyPassword)));
+        assert_eq!(generate_password().len(), 24);
+    }
+}

@@ -1,0 +1,669 @@
+//! The orchestrator end to end: the real binary on SQLite, driving real node agents that
+//! run real `stratus-vmm` processes with tiny guests on this host's `/dev/kvm`, booted
+//! from signed entries of a real Marketplace.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+use stratus_vmm::test_guest::Guest;
+
+fn states(vm: &Value) -> Vec<String> {
+    vm["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn run_vm(cloud: &Orchestrator, user: (&str, &str), request: Value) -> i64 {
+    let (status, accepted) = cloud.call_as(user, "POST", "/vms", Some(&request));
+    assert_eq!(status, 201, "{accepted}");
+    accepted["vm"]["id"].as_i64().unwrap()
+}
+
+#[test]
+fn a_vm_lives_its_whole_life_through_the_cloud() {
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let a = Agent::start(4, 4096, "");
+    let b = Agent::start(4, 4096, "");
+    let cloud = Orchestrator::start(&market, "");
+    cloud.add_node("node-a", &a);
+    cloud.add_node("node-b", &b);
+    let alice = cloud.add_user("alice", "alice-password");
+    let bob = cloud.add_user("bob", "bob-password");
+
+    let request = json!({"image": image, "instance_type": "t1.micro",
+        "context": {"GREETING": "hello"}, "public_key": "ssh-ed25519 AAAA alice"});
+    let (status, accepted) = cloud.call_as(alice, "POST", "/vms", Some(&request));
+    assert_eq!(status, 201, "{accepted}");
+    assert_eq!(accepted["vm"]["state"], "Pending");
+    let id = accepted["vm"]["id"].as_i64().unwrap();
+    assert_eq!(accepted["vm"]["name"], format!("one-{id}"));
+    assert_eq!(accepted["vm"]["owner"], "alice");
+
+    let vm = cloud.wait_state(id, "Running");
+    let node = vm["node"].as_str().unwrap().to_owned();
+    let agent = if node == "node-a" { &a } else { &b };
+    assert!(agent.vm_ids().contains(&id.to_string()), "{node}");
+    // The node got the VM as the request and the type say.
+    let (_, on_node) = agent.call("GET", &format!("/vms/{id}"));
+    assert_eq!(on_node["state"], "running");
+    assert_eq!(on_node["spec"]["vcpus"], 1);
+    assert_eq!(on_node["spec"]["memory_mib"], 512);
+    assert_eq!(
+        on_node["spec"]["disks"][0],
+        json!({"id": "swap", "source": {"volatile": {"size_gib": 1}}, "read_only": false, "serial": "swap"})
+    );
+    assert_eq!(on_node["spec"]["context"]["pairs"]["GREETING"], "hello");
+    assert_eq!(
+        on_node["spec"]["context"]["public_key"],
+        "ssh-ed25519 AAAA alice"
+    );
+    assert_eq!(
+        on_node["spec"]["boot"]["image"]["identifier"], image,
+        "the Marketplace entry goes to the node"
+    );
+
+    // Alice sees her VM (not its node); Bob sees nothing of it and cannot touch it.
+    let (status, mine) = cloud.call_as(alice, "GET", &format!("/vms/{id}"), None);
+    assert_eq!(status, 200);
+    assert!(mine["node"].is_null(), "{mine}");
+    let (status, e) = cloud.call_as(bob, "GET", &format!("/vms/{id}"), None);
+    assert_eq!(status, 403);
+    assert_eq!(error(&e), format!("VM {id} belongs to another user"));
+    let (status, e) = cloud.call_as(bob, "POST", &format!("/vms/{id}/kill"), None);
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(cloud.call_as(bob, "GET", "/vms", None).1["count"], 0);
+    assert_eq!(cloud.call_as(alice, "GET", "/vms", None).1["count"], 1);
+
+    // The console comes from the node.
+    let (status, console) = cloud.call_as(
+        alice,
+        "GET",
+        &format!("/vms/{id}/console?bytes=1048576"),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert!(console.as_str().unwrap().starts_with("up\n"), "{console}");
+
+    let (status, killed) = cloud.call_as(alice, "POST", &format!("/vms/{id}/kill"), None);
+    assert_eq!(status, 202, "{killed}");
+    let vm = cloud.wait_state(id, "Done");
+    assert_eq!(vm["holds_resources"], false);
+    assert_eq!(vm["reason"], "killed");
+    assert_eq!(
+        states(&vm),
+        ["Pending", "Prolog", "Running", "Epilog", "Done"],
+        "{vm}"
+    );
+    assert!(agent.vm_ids().is_empty(), "the node forgot it");
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/vms/{id}/kill"), None);
+    assert_eq!(status, 409);
+    assert_eq!(error(&e), format!("VM {id} is Done already"));
+    // The job that did it is there to see.
+    let job = killed["job"].as_i64().unwrap();
+    let (status, j) = cloud.call_as(alice, "GET", &format!("/jobs/{job}"), None);
+    assert_eq!(status, 200);
+    assert_eq!(j["state"], "success");
+    assert_eq!(j["action"], "kill");
+    assert_eq!(
+        cloud.call_as(bob, "GET", &format!("/jobs/{job}"), None).0,
+        403
+    );
+
+    assert_eq!(
+        cloud.call_as(bob, "DELETE", &format!("/vms/{id}"), None).0,
+        403
+    );
+    assert_eq!(
+        cloud
+            .call_as(alice, "DELETE", &format!("/vms/{id}"), None)
+            .0,
+        204
+    );
+    assert_eq!(
+        cloud.call_as(alice, "GET", &format!("/vms/{id}"), None).0,
+        404
+    );
+}
+
+#[test]
+fn placement_spreads_obeys_requirements_and_shutdowns_are_graceful() {
+    let market = Marketplace::start();
+    let looping = market.publish(Guest::EventLoop, |_| {});
+    let powers_off = market.publish(Guest::PowerOff, |_| {});
+    let a = Agent::start(4, 4096, "");
+    let b = Agent::start(4, 4096, "");
+    let cloud = Orchestrator::start(&market, "");
+    cloud.add_node("node-a", &a);
+    cloud.add_node("node-b", &b);
+    let alice = cloud.add_user("alice", "alice-password");
+
+    // Spread: the second VM goes to the other node.
+    let request = json!({"image": looping, "instance_type": "t1.micro"});
+    let first = run_vm(&cloud, alice, request.clone());
+    let n1 = cloud.wait_state(first, "Running")["node"].clone();
+    let second = run_vm(&cloud, alice, request.clone());
+    let n2 = cloud.wait_state(second, "Running")["node"].clone();
+    assert_ne!(n1, n2, "spread over both nodes");
+
+    // A graceful shutdown: the guest handles the power button.
+    let (status, _) = cloud.call_as(alice, "POST", &format!("/vms/{first}/shutdown"), None);
+    assert_eq!(status, 202);
+    let vm = cloud.wait_state(first, "Done");
+    assert_eq!(vm["reason"], "shut down");
+    assert!(states(&vm).contains(&"Shutdown".to_owned()), "{vm}");
+
+    // A guest that powers off by itself is Done once its node resources are released.
+    let gone = run_vm(
+        &cloud,
+        alice,
+        json!({"image": powers_off, "instance_type": "t1.micro"}),
+    );
+    let vm = cloud.wait_vm(gone, "Done", |vm| vm["state"] == "Done");
+    let history = vm["history"].as_array().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|e| e["state"] == "Epilog" && e["reason"] == "the guest powered off"),
+        "{vm}"
+    );
+    assert_eq!(vm["holds_resources"], false);
+
+    // Requirements pick the node; impossible ones leave the VM waiting, with the reason.
+    let mut wanted = request.clone();
+    wanted["requirements"] = json!(r#"name = "node-b" & cpu_free >= 1"#);
+    let on_b = run_vm(&cloud, alice, wanted);
+    assert_eq!(cloud.wait_state(on_b, "Running")["node"], "node-b");
+    let mut impossible = request.clone();
+    impossible["requirements"] = json!(r#"name = "nowhere""#);
+    let waiting = run_vm(&cloud, alice, impossible);
+    let vm = cloud.wait_vm(waiting, "refused by every node", |vm| {
+        vm["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("does not meet the requirements"))
+    });
+    assert_eq!(vm["state"], "Pending");
+    let (status, _) = cloud.call_as(alice, "POST", &format!("/vms/{waiting}/kill"), None);
+    assert_eq!(status, 202);
+    assert_eq!(
+        cloud.wait_state(waiting, "Done")["reason"],
+        "killed before it was placed"
+    );
+
+    // A disabled node gets no new VMs.
+    let (status, _) = cloud.admin(
+        "PUT",
+        "/nodes/node-a/state",
+        Some(&json!({"state": "disabled"})),
+    );
+    assert_eq!(status, 200);
+    for _ in 0..2 {
+        let id = run_vm(&cloud, alice, request.clone());
+        assert_eq!(cloud.wait_state(id, "Running")["node"], "node-b");
+    }
+    let (_, nodes) = cloud.admin("GET", "/nodes", None);
+    let a_row = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "node-a")
+        .unwrap();
+    assert_eq!(a_row["state"], "disabled");
+    assert_eq!(a_row["health"], "up");
+    assert_eq!(a_row["cpu_total"], 4);
+}
+
+#[test]
+fn quotas_and_bad_requests_are_refused_with_reasons_and_nothing_is_made() {
+    let market = Marketplace::start();
+    let image = market.publish(Guest::Halt, |_| {});
+    let a = Agent::start(8, 8192, "");
+    let cloud = Orchestrator::start(&market, "");
+    cloud.add_node("node-a", &a);
+    let alice = cloud.add_user("alice", "alice-password");
+    let bob = cloud.add_user("bob", "bob-password");
+    let micro = json!({"image": image, "instance_type": "t1.micro"});
+
+    let (status, _) = cloud.admin("PUT", "/users/alice/quotas", Some(&json!({"cpu": 2})));
+    assert_eq!(status, 200);
+    let (status, _) = cloud.admin(
+        "PUT",
+        "/users/bob/quotas",
+        Some(&json!({"memory_mib": 1000, "vms": 5})),
+    );
+    assert_eq!(status, 200);
+    run_vm(&cloud, alice, micro.clone());
+    run_vm(&cloud, alice, micro.clone());
+    let (status, e) = cloud.call_as(alice, "POST", "/vms", Some(&micro));
+    assert_eq!(status, 403);
+    assert_eq!(
+        error(&e),
+        "CPU quota exceeded (Quota: 2, Used: 2, Requested: 1)."
+    );
+    run_vm(&cloud, bob, micro.clone());
+    let (status, e) = cloud.call_as(bob, "POST", "/vms", Some(&micro));
+    assert_eq!(status, 403);
+    assert_eq!(
+        error(&e),
+        "Memory quota exceeded (Quota: 1000, Used: 512, Requested: 512)."
+    );
+    let (_, q) = cloud.call_as(alice, "GET", "/quotas", None);
+    assert_eq!(
+        (
+            q["cpu"].as_i64(),
+            q["cpu_used"].as_i64(),
+            q["vms_used"].as_i64()
+        ),
+        (Some(2), Some(2), Some(2))
+    );
+
+    // Who is asking.
+    let (status, body) = http(cloud.addr, "GET", "/vms", None, "application/json", b"");
+    assert_eq!(status, 401);
+    assert!(error(&parse(&body)).contains("log in"));
+    let (status, e) = cloud.call_as(("alice", "wrong"), "GET", "/vms", None);
+    assert_eq!((status, error(&e)), (401, "wrong user name or password"));
+    let (status, e) = cloud.call_as(alice, "GET", "/nodes", None);
+    assert_eq!(status, 403);
+    assert!(error(&e).contains("::ADMIN"), "{e}");
+
+    // What is asked.
+    let carol = cloud.add_user("carol", "carol-password");
+    for (request, status, needle) in [
+        (
+            json!({"image": image, "instance_type": "x9.giant"}),
+            400,
+            "unknown instance type 'x9.giant'",
+        ),
+        (
+            json!({"image": "not-an-id"}),
+            400,
+            "not a Marketplace image identifier",
+        ),
+        (
+            json!({"image": "AAAAAAAAAAAAAAAAAAAAAAAAAAA"}),
+            400,
+            "no Marketplace entry for image AAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ),
+        (
+            json!({"image": image, "colour": "red"}),
+            400,
+            "unknown field `colour`",
+        ),
+        (json!({"image": image, "cpu": 0}), 400, "cpu must be"),
+        (
+            json!({"image": image, "network": "dmz"}),
+            400,
+            "no network 'dmz'",
+        ),
+        (
+            json!({"image": image, "context_method": "carrier-pigeon"}),
+            400,
+            "unknown context method",
+        ),
+        (
+            json!({"image": image, "requirements": "cpu_free >> 2"}),
+            400,
+            "number or",
+        ),
+        (
+            json!({"image": image, "volatile_disk_gib": 5000}),
+            400,
+            "volatile disk",
+        ),
+    ] {
+        let (got, e) = cloud.call_as(carol, "POST", "/vms", Some(&request));
+        assert_eq!(got, status, "{request}: {e}");
+        assert!(error(&e).contains(needle), "{request}: {e}");
+    }
+    let huge = vec![b'x'; 200 * 1024];
+    let (status, _) = http(
+        cloud.addr,
+        "POST",
+        "/vms",
+        Some(&basic(carol.0, carol.1)),
+        "application/json",
+        &huge,
+    );
+    assert_eq!(status, 413);
+    let (status, e) = cloud.call_as(carol, "GET", "/vms/abc", None);
+    assert_eq!((status, error(&e)), (400, "'abc' is not a VM id"));
+    let (status, e) = cloud.call_as(carol, "GET", "/vms/999", None);
+    assert_eq!((status, error(&e)), (404, "no VM 999"));
+    let (status, e) = cloud.call_as(carol, "GET", "/nowhere", None);
+    assert_eq!(status, 404);
+    assert!(error(&e).contains("no endpoint /nowhere"));
+    // None of that made a VM.
+    assert_eq!(cloud.admin("GET", "/vms", None).1["count"], 3);
+    assert_eq!(cloud.call_as(carol, "GET", "/vms", None).1["count"], 0);
+
+    // The OpenAPI document describes the API.
+    let (status, body) = http(
+        cloud.addr,
+        "GET",
+        "/openapi.json",
+        None,
+        "application/json",
+        b"",
+    );
+    assert_eq!(status, 200);
+    let doc = parse(&body);
+    assert!(doc["paths"]["/vms"]["post"].is_object());
+    assert!(doc["components"]["schemas"]["RunRequest"].is_object());
+    // The admin's metrics.
+    let (status, metrics) = cloud.admin("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("stratus_orchestrator_vms"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn the_admins_command_line_manages_users_and_nodes() {
+    let market = Marketplace::start();
+    let a = Agent::start(2, 2048, "");
+    let cloud = Orchestrator::start(&market, "");
+    let (ok, out) = cloud.admin_command(&["user", "add", "dave"], "dave-password\n");
+    assert!(ok, "{out}");
+    assert_eq!(
+        cloud
+            .call_as(("dave", "dave-password"), "GET", "/vms", None)
+            .0,
+        200
+    );
+    let (ok, out) = cloud.admin_command(&["user", "add", "dave"], "x\n");
+    assert!(!ok);
+    assert!(out.contains("user 'dave' already exists"), "{out}");
+    let (ok, _) = cloud.admin_command(&["user", "passwd", "dave"], "new-password\n");
+    assert!(ok);
+    assert_eq!(
+        cloud
+            .call_as(("dave", "dave-password"), "GET", "/vms", None)
+            .0,
+        401
+    );
+    assert_eq!(
+        cloud
+            .call_as(("dave", "new-password"), "GET", "/vms", None)
+            .0,
+        200
+    );
+    let token = cloud.dir.path().join("agent-token");
+    std::fs::write(&token, AGENT_TOKEN).unwrap();
+    let (ok, out) = cloud.admin_command(
+        &[
+            "node",
+            "add",
+            &a.url(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--name",
+            "n1",
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = cloud.admin_command(
+        &[
+            "node",
+            "add",
+            "ftp://x",
+            "--token-file",
+            token.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(!ok);
+    assert!(out.contains("not a node agent URL"), "{out}");
+    // The running orchestrator polls the node it did not register itself.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, nodes) = cloud.admin("GET", "/nodes", None);
+        if nodes[0]["health"] == "up" {
+            assert_eq!(nodes[0]["cpu_total"], 2);
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{nodes}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (ok, out) = cloud.admin_command(&["node", "list"], "");
+    assert!(ok);
+    assert!(
+        out.starts_with(
+            "ID NAME RVM TCPU FCPU ACPU TMEM FMEM AMEM STAT\n1 n1 0 2 2 0 2048 2048 0 enabled"
+        ),
+        "{out}"
+    );
+    let (ok, _) = cloud.admin_command(&["user", "del", "dave"], "");
+    assert!(ok);
+    assert_eq!(
+        cloud
+            .call_as(("dave", "new-password"), "GET", "/vms", None)
+            .0,
+        401
+    );
+}
+
+#[test]
+fn a_node_that_stops_answering_has_its_vms_unknown_until_it_is_back() {
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let mut a = Agent::start(4, 4096, "");
+    let b = Agent::start(4, 4096, "");
+    let cloud = Orchestrator::start(&market, "");
+    cloud.add_node("node-a", &a);
+    let alice = cloud.add_user("alice", "alice-password");
+    let request = json!({"image": image, "instance_type": "t1.micro"});
+    let id = run_vm(&cloud, alice, request.clone());
+    assert_eq!(cloud.wait_state(id, "Running")["node"], "node-a");
+    cloud.add_node("node-b", &b);
+
+    a.crash();
+    let vm = cloud.wait_state(id, "Unknown");
+    assert_eq!(vm["reason"], "node node-a does not answer");
+    // New VMs go elsewhere meanwhile.
+    let other = run_vm(&cloud, alice, request.clone());
+    assert_eq!(cloud.wait_state(other, "Running")["node"], "node-b");
+
+    // The agent comes back (its VM ran on), and so does the VM.
+    a.launch();
+    let vm = cloud.wait_state(id, "Running");
+    assert_eq!(vm["reason"], "its node answers");
+    let (status, _) = cloud.call_as(alice, "POST", &format!("/vms/{id}/kill"), None);
+    assert_eq!(status, 202);
+    cloud.wait_state(id, "Done");
+    assert!(a.vm_ids().is_empty());
+}
+
+/// Runs the test body in a network namespace of its own (the agents' bridges and DHCP
+/// servers live there, and so does everything the body starts).
+fn in_own_network_namespace() {
+    // SAFETY: unshare changes only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "needs root"
+    );
+    run(
+        "ip",
+        &["link", "set", "lo", "up"],
+        std::path::Path::new("/"),
+    );
+}
+
+fn agent_network(bridge: &str, address: &str) -> String {
+    format!(
+        "\n[[networks]]\nname = \"public\"\nbridge = \"{bridge}\"\nsubnet = \"198.18.7.0/24\"\n\
+         address = \"{address}\"\n"
+    )
+}
+
+#[test]
+fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_crash() {
+    in_own_network_namespace();
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    // Each node has room for three t1.micro VMs.
+    let a = Agent::start(3, 8192, &agent_network("stbra", "198.18.7.1"));
+    let b = Agent::start(3, 8192, &agent_network("stbrb", "198.18.7.2"));
+    let addresses: Vec<String> = (10..30).map(|i| format!("198.18.7.{i}")).collect();
+    let mut cloud = Orchestrator::start(
+        &market,
+        &format!(
+            "[[networks]]\nname = \"public\"\nkind = \"public\"\naddresses = {}\n",
+            serde_json::to_string(&addresses).unwrap()
+        ),
+    );
+    cloud.add_node("node-a", &a);
+    cloud.add_node("node-b", &b);
+    let users = [
+        cloud.add_user("u1", "password-1"),
+        cloud.add_user("u2", "password-2"),
+        cloud.add_user("u3", "password-3"),
+    ];
+    for (name, _) in users {
+        let (status, _) = cloud.admin(
+            "PUT",
+            &format!("/users/{name}/quotas"),
+            Some(&json!({"cpu": 4})),
+        );
+        assert_eq!(status, 200);
+    }
+
+    // 30 requests at once, 10 per user: 4 each fit the quota; 6 of the 12 fit the nodes.
+    let request = json!({"image": image, "instance_type": "t1.micro"});
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..30)
+            .map(|i| {
+                let user = users[i % 3];
+                let cloud = &cloud;
+                let request = &request;
+                s.spawn(move || cloud.call_as(user, "POST", "/vms", Some(request)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let accepted: Vec<i64> = answers
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, a)| a["vm"]["id"].as_i64().unwrap())
+        .collect();
+    for (status, body) in &answers {
+        if *status != 201 {
+            assert_eq!(*status, 403, "{body}");
+            assert!(
+                error(body).starts_with("CPU quota exceeded (Quota: 4, Used: 4, Requested: 1).")
+            );
+        }
+    }
+    assert_eq!(accepted.len(), 12);
+
+    // Six run, six wait for room; every address is leased once.
+    let start = std::time::Instant::now();
+    let (running, waiting) = loop {
+        let (_, list) = cloud.admin("GET", "/vms", None);
+        let vms = list["vms"].as_array().unwrap().clone();
+        let running: Vec<Value> = vms
+            .iter()
+            .filter(|v| v["state"] == "Running")
+            .cloned()
+            .collect();
+        let waiting: Vec<Value> = vms
+            .iter()
+            .filter(|v| {
+                v["state"] == "Pending"
+                    && v["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("no node can take it"))
+            })
+            .cloned()
+            .collect();
+        if running.len() == 6 && waiting.len() == 6 {
+            break (running, waiting);
+        }
+        assert!(start.elapsed() < DEADLINE, "{list}\n{}", cloud.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for vm in &running {
+        *per_node
+            .entry(vm["node"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        per_node.values().copied().collect::<Vec<_>>(),
+        [3, 3],
+        "{per_node:?}"
+    );
+    assert_eq!(a.vm_ids().len() + b.vm_ids().len(), 6);
+    let leases: Vec<String> = running
+        .iter()
+        .chain(&waiting)
+        .map(|v| v["leases"][0]["ip"].as_str().unwrap().to_owned())
+        .collect();
+    let distinct: BTreeSet<&String> = leases.iter().collect();
+    assert_eq!(distinct.len(), 12, "{leases:?}");
+    for vm in &running {
+        let id = vm["id"].as_i64().unwrap();
+        let agent = if vm["node"] == "node-a" { &a } else { &b };
+        let (_, on_node) = agent.call("GET", &format!("/vms/{id}"));
+        assert_eq!(on_node["spec"]["nics"][0]["ip"], vm["leases"][0]["ip"]);
+        assert_eq!(on_node["spec"]["nics"][0]["mac"], vm["leases"][0]["mac"]);
+    }
+
+    // Killing three running VMs makes room for three waiting ones.
+    for vm in &running[..3] {
+        let owner = users.iter().find(|u| u.0 == vm["owner"]).unwrap();
+        let (status, _) = cloud.call_as(*owner, "POST", &format!("/vms/{}/kill", vm["id"]), None);
+        assert_eq!(status, 202);
+    }
+    for vm in &running[..3] {
+        cloud.wait_state(vm["id"].as_i64().unwrap(), "Done");
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let (_, list) = cloud.admin("GET", "/vms", None);
+        let n = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["state"] == "Running")
+            .count();
+        if n == 6 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{list}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Kill everything, and crash the orchestrator while it works: the restarted one
+    // finishes every accepted request.
+    for id in &accepted {
+        let (_, vm) = cloud.admin("GET", &format!("/vms/{id}"), None);
+        if vm["holds_resources"] == true {
+            let (status, e) = cloud.admin("POST", &format!("/vms/{id}/kill"), None);
+            assert_eq!(status, 202, "{e}");
+        }
+    }
+    cloud.crash();
+    cloud.launch();
+    for id in &accepted {
+        let vm = cloud.wait_state(*id, "Done");
+        assert_eq!(vm["holds_resources"], false);
+    }
+    assert!(a.vm_ids().is_empty() && b.vm_ids().is_empty());
+    let (_, networks) = cloud.admin("GET", "/networks", None);
+    assert_eq!(networks[0]["free"], 20, "{networks}");
+    assert_eq!(networks[0]["leases"], json!([]));
+}

@@ -1,0 +1,574 @@
+//! A whole cloud on this host for the tests: a real Marketplace (`stratus-marketplace`)
+//! holding signed entries for bootable images whose kernel is a tiny test guest, real node
+//! agents (`stratus-nodeagent`, each with its own state directory and port) running real
+//! `stratus-vmm` processes on `/dev/kvm`, and the real `stratus-orchestrator` binary.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
+
+pub const DEADLINE: Duration = Duration::from_secs(90);
+pub const AGENT_TOKEN: &str = "agent-token-0123456789";
+pub const ADMIN_PASSWORD: &str = "admin-password-42";
+
+/// A binary of this workspace, built once per test process if missing or stale.
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == bin) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build {bin}");
+        built.push(bin.to_owned());
+    }
+    dir.join(bin)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn run(program: &str, args: &[&str], dir: &Path) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
+    let start = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited: {status}");
+        }
+        assert!(start.elapsed() < DEADLINE, "{what} did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// An HTTP/1.1 exchange; returns the status and the body.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let auth = auth
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{auth}\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may answer (e.g. 401, 413) before reading all of a large body.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP answer to {method} {path}"));
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = response[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = body.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&body[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[end + 2..end + 2 + size]);
+        body = &body[end + 2 + size + 2..];
+    }
+}
+
+pub fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// A node agent offering `cpus` vCPUs and `memory_mib`.
+pub struct Agent {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    pub fn start(cpus: u32, memory_mib: u64, extra: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{AGENT_TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
+                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\n{extra}\n[capacity]\ncpus = {cpus}\n\
+                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n",
+                token.display(),
+                dir.path().join("state").display(),
+                dir.path().join("run").display(),
+                workspace_binary("stratus-vmm", "stratus-vmm").display(),
+            ),
+        )
+        .unwrap();
+        let mut agent = Agent {
+            dir,
+            addr,
+            config,
+            child: None,
+        };
+        agent.launch();
+        agent
+    }
+
+    pub fn launch(&mut self) {
+        let mut child = Command::new(workspace_binary("stratus-nodeagent", "stratus-nodeagent"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run stratus-nodeagent");
+        wait_listening(self.addr, &mut child, "the node agent");
+        self.child = Some(child);
+    }
+
+    /// kill -9, as a crash would (its VMs run on).
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn call(&self, method: &str, path: &str) -> (u16, Value) {
+        let (status, body) = http(
+            self.addr,
+            method,
+            path,
+            Some(&format!("Bearer {AGENT_TOKEN}")),
+            "application/json",
+            b"",
+        );
+        (status, parse(&body))
+    }
+
+    /// The ids of the VMs this agent has.
+    pub fn vm_ids(&self) -> Vec<String> {
+        let (_, list) = self.call("GET", "/vms");
+        list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The VMMs outlive their agent on purpose; the test's end is theirs too.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.dir.path().display().to_string()])
+            .status();
+    }
+}
+
+pub fn parse(body: &[u8]) -> Value {
+    if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()))
+    }
+}
+
+/// The Marketplace with signed entries for bootable test images.
+pub struct Marketplace {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Marketplace {
+    pub fn start() -> Marketplace {
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(workspace_binary("stratus-images", "stratus-marketplace"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--db")
+            .arg(format!(
+                "sqlite://{}",
+                dir.path().join("market.db").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run stratus-marketplace");
+        wait_listening(addr, &mut child, "the Marketplace");
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let subject = "/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress=jane@stratus.test";
+        for args in [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/C=EU/O=StratusLab/CN=Test CA",
+            ],
+            vec![
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "endorser.key",
+                "-out",
+                "endorser.csr",
+                "-subj",
+                subject,
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                "endorser.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "endorser.pem",
+                "-days",
+                "30",
+            ],
+        ] {
+            run("openssl", &args, &pki);
+        }
+        Marketplace { dir, addr, child }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Publishes a bootable image whose kernel is `guest` (a bare ext4 filesystem with
+    /// `/boot/vmlinuz-…`) and returns its Marketplace identifier. `tweak` may change the
+    /// entry before it is signed.
+    pub fn publish(
+        &self,
+        guest: Guest,
+        tweak: impl FnOnce(&mut stratus_images::Metadata),
+    ) -> String {
+        let name = format!("{guest:?}-{}", free_port());
+        let tree = self.dir.path().join(format!("{name}-tree"));
+        std::fs::create_dir_all(tree.join("boot")).unwrap();
+        std::fs::write(
+            tree.join("boot/vmlinuz-6.1.0-99-amd64"),
+            tiny_vmlinux(&guest_code(guest)),
+        )
+        .unwrap();
+        // A different file each time, so each entry has its own identifier.
+        std::fs::write(tree.join("stamp"), &name).unwrap();
+        let image = self.dir.path().join(format!("{name}.img"));
+        run(
+            "mke2fs",
+            &[
+                "-q",
+                "-t",
+                "ext4",
+                "-d",
+                tree.to_str().unwrap(),
+                image.to_str().unwrap(),
+                "16M",
+            ],
+            self.dir.path(),
+        );
+        let pki = self.dir.path().join("pki");
+        let signer = stratus_images::dsig::Signer::from_pem(
+            &std::fs::read_to_string(pki.join("endorser.key")).unwrap(),
+            &std::fs::read_to_string(pki.join("endorser.pem")).unwrap(),
+        )
+        .unwrap();
+        let endorser = stratus_images::ops::endorser_of(&signer).unwrap();
+        let mut entry = stratus_images::ops::build(&image, endorser, "machine").unwrap();
+        entry.locations = vec![format!("file://{}", image.display())];
+        tweak(&mut entry);
+        let xml = stratus_images::ops::sign(&entry, &signer, &Default::default()).unwrap();
+        let (status, body) = http(
+            self.addr,
+            "POST",
+            "/metadata",
+            None,
+            "application/rdf+xml",
+            xml.as_bytes(),
+        );
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+        entry.identifier.to_string()
+    }
+}
+
+impl Drop for Marketplace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The orchestrator, on SQLite in its own directory (or on `database`).
+pub struct Orchestrator {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Orchestrator {
+    pub fn start(marketplace: &Marketplace, extra: &str) -> Orchestrator {
+        let dir = tempfile::tempdir().unwrap();
+        let database = format!("sqlite://{}", dir.path().join("cloud.db").display());
+        Self::start_on(marketplace, &database, extra, dir)
+    }
+
+    pub fn start_on(
+        marketplace: &Marketplace,
+        database: &str,
+        extra: &str,
+        dir: tempfile::TempDir,
+    ) -> Orchestrator {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let password = dir.path().join("admin-password");
+        std::fs::write(&password, ADMIN_PASSWORD).unwrap();
+        let config = dir.path().join("orchestrator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"{addr}\"\ndatabase = \"{database}\"\nmarketplace_endpoint = \"{}\"\n\
+                 admin_password_file = \"{}\"\npoll_interval_s = 1\nnode_timeout_s = 3\n\
+                 shutdown_timeout_s = 10\n{extra}",
+                marketplace.url(),
+                password.display()
+            ),
+        )
+        .unwrap();
+        let mut o = Orchestrator {
+            dir,
+            addr,
+            config,
+            child: None,
+        };
+        o.launch();
+        o
+    }
+
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("orchestrator.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stratus-orchestrator"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("STRATUS_LOG", "stratus_orchestrator=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run stratus-orchestrator");
+        wait_listening(self.addr, &mut child, "the orchestrator");
+        self.child = Some(child);
+    }
+
+    /// kill -9, as a crash would.
+    pub fn crash(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The admin's command line on the same database.
+    pub fn admin_command(&self, args: &[&str], stdin: &str) -> (bool, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stratus-orchestrator"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub fn call_as(
+        &self,
+        user: (&str, &str),
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let (status, body) = http(
+            self.addr,
+            method,
+            path,
+            Some(&basic(user.0, user.1)),
+            "application/json",
+            body.as_bytes(),
+        );
+        (status, parse(&body))
+    }
+
+    pub fn admin(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        self.call_as(("admin", ADMIN_PASSWORD), method, path, body)
+    }
+
+    pub fn add_node(&self, name: &str, agent: &Agent) {
+        let (status, body) = self.admin(
+            "POST",
+            "/nodes",
+            Some(&json!({"name": name, "url": agent.url(), "token": AGENT_TOKEN})),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+
+    /// Adds a user with `password` and returns their credentials.
+    pub fn add_user(
+        &self,
+        name: &'static str,
+        password: &'static str,
+    ) -> (&'static str, &'static str) {
+        let (status, body) = self.admin(
+            "POST",
+            "/users",
+            Some(&json!({"name": name, "password": password})),
+        );
+        assert_eq!(status, 201, "{body}");
+        (name, password)
+    }
+
+    /// Polls the VM until `done(vm)`; panics with the VM after the deadline.
+    pub fn wait_vm(&self, id: i64, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, vm) = self.admin("GET", &format!("/vms/{id}"), None);
+            assert_eq!(status, 200, "{vm}");
+            if done(&vm) {
+                return vm;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "VM {id} never became {what}: {vm}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_state(&self, id: i64, state: &str) -> Value {
+        self.wait_vm(id, state, |vm| vm["state"] == state)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("orchestrator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn error(v: &Value) -> &str {
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {v}"))
+}
