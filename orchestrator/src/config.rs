@@ -55,6 +55,10 @@ pub struct Config {
     /// Jobs this replica works on at once.
     #[serde(default = "default_job_workers")]
     pub job_workers: usize,
+    /// Seconds a claimed job stays this replica's without renewal; after that (the replica
+    /// died) another replica takes it up.
+    #[serde(default = "default_job_lease_s")]
+    pub job_lease_s: u64,
     /// Seconds a graceful shutdown waits for the guest before the node stops it hard.
     #[serde(default = "default_shutdown_timeout_s")]
     pub shutdown_timeout_s: u64,
@@ -159,6 +163,9 @@ fn default_node_timeout_s() -> u64 {
 fn default_job_workers() -> usize {
     8
 }
+fn default_job_lease_s() -> u64 {
+    30
+}
 fn default_shutdown_timeout_s() -> u64 {
     120
 }
@@ -186,6 +193,9 @@ impl Config {
     fn check(&self) -> Result<(), String> {
         if self.poll_interval_s == 0 || self.node_timeout_s == 0 {
             return Err("poll_interval_s and node_timeout_s must be at least 1".into());
+        }
+        if self.job_lease_s < 2 {
+            return Err("job_lease_s must be at least 2".into());
         }
         if self.job_workers == 0 {
             return Err("job_workers must be at least 1".into());

@@ -27,12 +27,22 @@ fn run_vm(cloud: &Orchestrator, user: (&str, &str), request: Value) -> i64 {
 }
 
 #[test]
-fn a_vm_lives_its_whole_life_through_the_cloud() {
+fn a_vm_lives_its_whole_life_through_the_cloud_on_sqlite() {
+    a_vm_lives_its_whole_life(Backend::Sqlite);
+}
+
+#[test]
+fn a_vm_lives_its_whole_life_through_the_cloud_on_postgres() {
+    a_vm_lives_its_whole_life(Backend::Postgres);
+}
+
+fn a_vm_lives_its_whole_life(backend: Backend) {
     let market = Marketplace::start();
     let image = market.publish(Guest::EventLoop, |_| {});
     let a = Agent::start(4, 4096, "");
     let b = Agent::start(4, 4096, "");
-    let cloud = Orchestrator::start(&market, "");
+    let database = Database::new(backend);
+    let cloud = Orchestrator::start_with(&market, &database, "");
     cloud.add_node("node-a", &a);
     cloud.add_node("node-b", &b);
     let alice = cloud.add_user("alice", "alice-password");
@@ -221,11 +231,21 @@ fn placement_spreads_obeys_requirements_and_shutdowns_are_graceful() {
 }
 
 #[test]
-fn quotas_and_bad_requests_are_refused_with_reasons_and_nothing_is_made() {
+fn quotas_and_bad_requests_are_refused_with_reasons_and_nothing_is_made_on_sqlite() {
+    quotas_and_bad_requests(Backend::Sqlite);
+}
+
+#[test]
+fn quotas_and_bad_requests_are_refused_with_reasons_and_nothing_is_made_on_postgres() {
+    quotas_and_bad_requests(Backend::Postgres);
+}
+
+fn quotas_and_bad_requests(backend: Backend) {
     let market = Marketplace::start();
     let image = market.publish(Guest::Halt, |_| {});
     let a = Agent::start(8, 8192, "");
-    let cloud = Orchestrator::start(&market, "");
+    let database = Database::new(backend);
+    let cloud = Orchestrator::start_with(&market, &database, "");
     cloud.add_node("node-a", &a);
     let alice = cloud.add_user("alice", "alice-password");
     let bob = cloud.add_user("bob", "bob-password");
@@ -511,6 +531,17 @@ fn agent_network(bridge: &str, address: &str) -> String {
 
 #[test]
 fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_crash() {
+    concurrent_runs(Backend::Sqlite);
+}
+
+/// The same with two orchestrator replicas on one PostgreSQL database: requests go to
+/// both, and one of them is killed while it works; the other finishes its jobs.
+#[test]
+fn two_replicas_on_postgres_share_the_work_and_survive_one_being_killed() {
+    concurrent_runs(Backend::Postgres);
+}
+
+fn concurrent_runs(backend: Backend) {
     in_own_network_namespace();
     let market = Marketplace::start();
     let image = market.publish(Guest::EventLoop, |_| {});
@@ -518,13 +549,16 @@ fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_cra
     let a = Agent::start(3, 8192, &agent_network("stbra", "198.18.7.1"));
     let b = Agent::start(3, 8192, &agent_network("stbrb", "198.18.7.2"));
     let addresses: Vec<String> = (10..30).map(|i| format!("198.18.7.{i}")).collect();
-    let mut cloud = Orchestrator::start(
-        &market,
-        &format!(
-            "[[networks]]\nname = \"public\"\nkind = \"public\"\naddresses = {}\n",
-            serde_json::to_string(&addresses).unwrap()
-        ),
+    let config = format!(
+        "job_lease_s = 3\n[[networks]]\nname = \"public\"\nkind = \"public\"\naddresses = {}\n",
+        serde_json::to_string(&addresses).unwrap()
     );
+    let database = Database::new(backend);
+    let replicas = if backend == Backend::Postgres { 2 } else { 1 };
+    let mut clouds: Vec<Orchestrator> = (0..replicas)
+        .map(|_| Orchestrator::start_with(&market, &database, &config))
+        .collect();
+    let cloud = &clouds[0];
     cloud.add_node("node-a", &a);
     cloud.add_node("node-b", &b);
     let users = [
@@ -547,9 +581,9 @@ fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_cra
         let handles: Vec<_> = (0..30)
             .map(|i| {
                 let user = users[i % 3];
-                let cloud = &cloud;
+                let replica = &clouds[i % clouds.len()];
                 let request = &request;
-                s.spawn(move || cloud.call_as(user, "POST", "/vms", Some(request)))
+                s.spawn(move || replica.call_as(user, "POST", "/vms", Some(request)))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -568,6 +602,12 @@ fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_cra
         }
     }
     assert_eq!(accepted.len(), 12);
+    // A crash while the deploys are under way loses none of them (on PostgreSQL the other
+    // replica goes on meanwhile).
+    let last = clouds.len() - 1;
+    clouds[last].crash();
+    clouds[last].launch();
+    let cloud = &clouds[0];
 
     // Six run, six wait for room; every address is leased once.
     let start = std::time::Instant::now();
@@ -647,8 +687,8 @@ fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_cra
         std::thread::sleep(Duration::from_millis(200));
     }
 
-    // Kill everything, and crash the orchestrator while it works: the restarted one
-    // finishes every accepted request.
+    // Kill everything, and crash an orchestrator while it works: the restarted one (on
+    // SQLite) or the other replica (on PostgreSQL) finishes every accepted request.
     for id in &accepted {
         let (_, vm) = cloud.admin("GET", &format!("/vms/{id}"), None);
         if vm["holds_resources"] == true {
@@ -656,8 +696,13 @@ fn concurrent_runs_never_overcommit_a_node_or_share_an_address_and_survive_a_cra
             assert_eq!(status, 202, "{e}");
         }
     }
-    cloud.crash();
-    cloud.launch();
+    clouds[0].crash();
+    if backend == Backend::Sqlite {
+        clouds[0].launch();
+    } else {
+        clouds.remove(0);
+    }
+    let cloud = &clouds[0];
     for id in &accepted {
         let vm = cloud.wait_state(*id, "Done");
         assert_eq!(vm["holds_resources"], false);

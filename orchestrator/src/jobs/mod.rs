@@ -51,11 +51,13 @@ impl Action {
     }
 }
 
-/// How long a claim holds without renewal.
-const LEASE: Duration = Duration::from_secs(30);
-const RENEW_EVERY: Duration = Duration::from_secs(5);
 /// How often an idle worker looks for jobs queued by other replicas.
 const IDLE_POLL: Duration = Duration::from_millis(500);
+
+/// How long a claim holds without renewal; it is renewed three times as often.
+fn lease(cloud: &Cloud) -> Duration {
+    Duration::from_secs(cloud.config.job_lease_s)
+}
 
 fn later(d: Duration) -> String {
     db::timestamp(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
@@ -246,7 +248,7 @@ async fn claim(cloud: &Cloud) -> Result<Option<Claimed>, DbError> {
              attempts = attempts + 1, updated = $3 WHERE id = $4",
         )
         .bind(&cloud.replica)
-        .bind(later(LEASE))
+        .bind(later(lease(cloud)))
         .bind(&now)
         .bind(id)
         .execute(&mut *tx)
@@ -268,7 +270,7 @@ async fn renew(cloud: &Cloud, job: i64) -> Result<(), DbError> {
     sqlx::query(
         "UPDATE jobs SET lease_until = $1 WHERE id = $2 AND state = 'running' AND claimed_by = $3",
     )
-    .bind(later(LEASE))
+    .bind(later(lease(cloud)))
     .bind(job)
     .bind(&cloud.replica)
     .execute(&cloud.db.pool)
@@ -344,7 +346,7 @@ async fn worker(cloud: Arc<Cloud>) {
             let id = job.id;
             tokio::spawn(async move {
                 loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
+                    tokio::time::sleep(lease(&cloud) / 3).await;
                     if let Err(e) = renew(&cloud, id).await {
                         tracing::warn!(job = id, "cannot renew the job's lease: {e}");
                     }

@@ -15,6 +15,8 @@ use base64::Engine;
 use serde_json::{json, Value};
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
 
+pub mod postgres;
+
 pub const DEADLINE: Duration = Duration::from_secs(90);
 pub const AGENT_TOKEN: &str = "agent-token-0123456789";
 pub const ADMIN_PASSWORD: &str = "admin-password-42";
@@ -393,11 +395,51 @@ pub struct Orchestrator {
     child: Option<Child>,
 }
 
+/// Which database a test's cloud keeps its truth in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A cloud's database: a SQLite file in the orchestrator's directory, or a throw-away
+/// PostgreSQL server that replicas share.
+pub struct Database {
+    pub url: Option<String>,
+    _server: Option<postgres::Postgres>,
+}
+
+impl Database {
+    pub fn new(backend: Backend) -> Database {
+        match backend {
+            Backend::Sqlite => Database {
+                url: None,
+                _server: None,
+            },
+            Backend::Postgres => {
+                let server = postgres::Postgres::start();
+                Database {
+                    url: Some(server.url()),
+                    _server: Some(server),
+                }
+            }
+        }
+    }
+}
+
 impl Orchestrator {
     pub fn start(marketplace: &Marketplace, extra: &str) -> Orchestrator {
+        Self::start_with(marketplace, &Database::new(Backend::Sqlite), extra)
+    }
+
+    /// An orchestrator (a replica, when several share a PostgreSQL database).
+    pub fn start_with(marketplace: &Marketplace, database: &Database, extra: &str) -> Orchestrator {
         let dir = tempfile::tempdir().unwrap();
-        let database = format!("sqlite://{}", dir.path().join("cloud.db").display());
-        Self::start_on(marketplace, &database, extra, dir)
+        let url = database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", dir.path().join("cloud.db").display()));
+        Self::start_on(marketplace, &url, extra, dir)
     }
 
     pub fn start_on(
