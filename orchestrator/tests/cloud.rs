@@ -92,6 +92,33 @@ fn a_vm_lives_its_whole_life(backend: Backend) {
     assert_eq!(cloud.call_as(bob, "GET", "/vms", None).1["count"], 0);
     assert_eq!(cloud.call_as(alice, "GET", "/vms", None).1["count"], 1);
 
+    // The CIMI views: the entry point is open to all, the collections are the caller's.
+    let (status, body) = http(cloud.addr, "GET", "/cimi", None, "application/json", b"");
+    assert_eq!(status, 200);
+    let entry = parse(&body);
+    assert_eq!(
+        entry["resourceURI"],
+        "http://schemas.dmtf.org/cimi/1/CloudEntryPoint"
+    );
+    assert_eq!(entry["machines"]["href"], "machine");
+    let (_, machines) = cloud.call_as(alice, "GET", "/cimi/machine", None);
+    assert_eq!(machines["count"], 1, "{machines}");
+    assert_eq!(machines["machines"][0]["id"], format!("machine/{id}"));
+    assert_eq!(machines["machines"][0]["state"], "STARTED");
+    assert_eq!(machines["machines"][0]["memory"], 512 * 1024);
+    assert_eq!(
+        cloud.call_as(bob, "GET", "/cimi/machine", None).1["count"],
+        0
+    );
+    assert_eq!(
+        cloud
+            .call_as(bob, "GET", &format!("/cimi/machine/{id}"), None)
+            .0,
+        403
+    );
+    let (_, configs) = cloud.call_as(bob, "GET", "/cimi/machineConfiguration", None);
+    assert_eq!(configs["count"], 7);
+
     // The console comes from the node.
     let (status, console) = cloud.call_as(
         alice,
@@ -125,6 +152,14 @@ fn a_vm_lives_its_whole_life(backend: Backend) {
     assert_eq!(
         cloud.call_as(bob, "GET", &format!("/jobs/{job}"), None).0,
         403
+    );
+    let (_, cimi_jobs) = cloud.call_as(alice, "GET", "/cimi/job", None);
+    assert_eq!(cimi_jobs["count"], 2, "deploy and kill: {cimi_jobs}");
+    assert_eq!(cimi_jobs["jobs"][0]["id"], format!("job/{job}"));
+    assert_eq!(cimi_jobs["jobs"][0]["state"], "SUCCESS");
+    assert_eq!(
+        cimi_jobs["jobs"][0]["targetResource"]["href"],
+        format!("machine/{id}")
     );
 
     assert_eq!(

@@ -3,6 +3,7 @@
 //! bodies are capped; unknown fields are refused with the field named; every error is
 //! `{"error": "<reason>"}`. `/openapi.json` is generated from the handlers below.
 
+mod cimi;
 pub mod types;
 
 use std::sync::Arc;
@@ -106,9 +107,18 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/users/{name}/quotas", put(put_user_quotas))
         .route("/networks", get(list_networks))
         .route("/metrics", get(get_metrics))
+        .route("/cimi/machine", get(cimi::machines))
+        .route("/cimi/machine/{id}", get(cimi::one_machine))
+        .route(
+            "/cimi/machineConfiguration",
+            get(cimi::machine_configurations),
+        )
+        .route("/cimi/job", get(cimi::jobs_collection))
+        .route("/cimi/job/{id}", get(cimi::one_job))
         .layer(middleware::from_fn_with_state(cloud.clone(), authenticate));
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/cimi", get(cimi::cloud_entry_point))
         .merge(authenticated)
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
@@ -671,7 +681,8 @@ async fn get_metrics(
 const ENDPOINTS: &str = "POST|GET /vms, GET|DELETE /vms/{id}, POST /vms/{id}/kill|shutdown, \
 GET /vms/{id}/console, GET /jobs/{id}, GET /types, GET /quotas, GET|POST /nodes, \
 DELETE /nodes/{name}, PUT /nodes/{name}/state, GET|POST /users, DELETE /users/{name}, \
-PUT /users/{name}/quotas, GET /networks, GET /metrics, GET /openapi.json";
+PUT /users/{name}/quotas, GET /networks, GET /metrics, GET /openapi.json, GET /cimi, \
+GET /cimi/machine[/{id}], GET /cimi/machineConfiguration, GET /cimi/job[/{id}]";
 
 async fn not_found(uri: axum::http::Uri) -> Refusal {
     Refusal::new(

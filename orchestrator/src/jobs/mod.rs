@@ -149,43 +149,82 @@ struct JobRow {
     updated: String,
 }
 
+const JOB_COLUMNS: &str =
+    "id, vm_id, action, state, owner, progress, attempts, error, created, updated";
+
+impl JobRow {
+    fn view(self) -> Result<(JobView, String), DbError> {
+        let state = match self.state.as_str() {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "success" => JobState::Success,
+            "failed" => JobState::Failed,
+            other => {
+                return Err(DbError::Corrupt {
+                    what: "jobs.state",
+                    value: other.to_owned(),
+                })
+            }
+        };
+        Ok((
+            JobView {
+                id: self.id,
+                vm: self.vm_id,
+                action: self.action,
+                state,
+                progress: self.progress,
+                attempts: self.attempts,
+                error: self.error,
+                created: self.created,
+                updated: self.updated,
+            },
+            self.owner,
+        ))
+    }
+}
+
+/// A job and the user it works for.
 pub async fn get(cloud: &Cloud, id: i64) -> Result<Option<(JobView, String)>, DbError> {
-    let job = sqlx::query_as::<_, JobRow>(
-        "SELECT id, vm_id, action, state, owner, progress, attempts, error, created, updated \
-         FROM jobs WHERE id = $1",
-    )
+    let job = sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"
+    )))
     .bind(id)
     .fetch_optional(&cloud.db.pool)
     .await?;
-    let Some(job) = job else {
-        return Ok(None);
+    job.map(JobRow::view).transpose()
+}
+
+/// One page of the jobs of `owner` (None: everyone's), newest first, and how many there
+/// are in all.
+pub async fn list(
+    cloud: &Cloud,
+    owner: Option<&str>,
+    offset: i64,
+    limit: i64,
+) -> Result<(i64, Vec<JobView>), DbError> {
+    let mut conn = cloud.db.pool.acquire().await?;
+    let (filter, first) = match owner {
+        Some(_) => (" WHERE owner = $1", 2),
+        None => ("", 1),
     };
-    let state = match job.state.as_str() {
-        "queued" => JobState::Queued,
-        "running" => JobState::Running,
-        "success" => JobState::Success,
-        "failed" => JobState::Failed,
-        other => {
-            return Err(DbError::Corrupt {
-                what: "jobs.state",
-                value: other.to_owned(),
-            })
-        }
-    };
-    Ok(Some((
-        JobView {
-            id: job.id,
-            vm: job.vm_id,
-            action: job.action,
-            state,
-            progress: job.progress,
-            attempts: job.attempts,
-            error: job.error,
-            created: job.created,
-            updated: job.updated,
-        },
-        job.owner,
-    )))
+    let mut count = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM jobs{filter}"
+    )));
+    let mut page = sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS} FROM jobs{filter} ORDER BY id DESC LIMIT ${first} OFFSET ${}",
+        first + 1
+    )));
+    if let Some(o) = owner {
+        count = count.bind(o);
+        page = page.bind(o);
+    }
+    let (count,) = count.fetch_one(&mut *conn).await?;
+    let rows = page.bind(limit).bind(offset).fetch_all(&mut *conn).await?;
+    let jobs = rows
+        .into_iter()
+        .map(|r| r.view().map(|(v, _)| v))
+        .collect::<Result<_, _>>()?;
+    Ok((count, jobs))
 }
 
 /// A job this replica holds.

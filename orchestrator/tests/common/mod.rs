@@ -29,7 +29,24 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == bin) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        // Only the environment a shell would give it: the variables cargo sets for this
+        // test would make build scripts think their inputs changed and rebuild half the
+        // workspace, over and over.
+        let mut build = Command::new(cargo);
+        build.env_clear();
+        for keep in [
+            "PATH",
+            "HOME",
+            "CARGO_HOME",
+            "RUSTUP_HOME",
+            "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
+        ] {
+            if let Some(v) = std::env::var_os(keep) {
+                build.env(keep, v);
+            }
+        }
+        let status = build
             .args(["build", "--quiet", "-p", package, "--bin", bin])
             .status()
             .expect("run cargo build");
