@@ -20,3 +20,5 @@ step "cargo test"
 cargo test --workspace 2>&1 | tee target/cargo-test.log
 step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
 bash vmm/tests/nested/boot_debian.sh
+step "nested: the cloud with a node agent in a real second host (L1), booting Debian from a Marketplace image"
+bash orchestrator/tests/nested/cloud_in_l1.sh

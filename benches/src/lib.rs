@@ -2,6 +2,7 @@
 //! markers, medians, and VMM memory overhead from /proc.
 
 pub mod blk;
+pub mod cloud;
 pub mod download;
 pub mod guest;
 pub mod measure;

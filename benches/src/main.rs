@@ -69,6 +69,26 @@ enum Cmd {
         #[arg(long, default_value = "target/bench-download")]
         dir: PathBuf,
     },
+    /// Control plane: run-instance (POST /vms) latency and placements per second of
+    /// stratus-orchestrator, all requests at once, against node agents with the no-VM
+    /// hypervisor.
+    Cloud {
+        #[arg(long, default_value = "target/release/stratus-orchestrator")]
+        orchestrator: PathBuf,
+        #[arg(long, default_value = "target/release/stratus-nodeagent")]
+        agent: PathBuf,
+        #[arg(long, default_value = "target/release/stratus-marketplace")]
+        marketplace: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        agents: usize,
+        #[arg(long, default_value_t = 1000)]
+        requests: usize,
+        #[arg(long, value_enum, default_value = "sqlite")]
+        database: stratus_benches::cloud::Database,
+        /// Scratch directory (emptied first).
+        #[arg(long, default_value = "target/bench-cloud")]
+        dir: PathBuf,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -485,6 +505,28 @@ fn main() -> Result<()> {
             runs,
             dir,
         } => download(&fetch, size_mib, runs, &dir),
+        Cmd::Cloud {
+            orchestrator,
+            agent,
+            marketplace,
+            agents,
+            requests,
+            database,
+            dir,
+        } => {
+            let _ = std::fs::remove_dir_all(&dir);
+            let report = stratus_benches::cloud::bench(&stratus_benches::cloud::Options {
+                orchestrator,
+                agent,
+                marketplace,
+                agents,
+                requests,
+                database,
+                dir,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Cmd::TinyGuest { out, halt } => std::fs::write(&out, pvh_elf(&guest_code(!halt)))
             .with_context(|| format!("cannot write {}", out.display())),
         Cmd::Stamp {

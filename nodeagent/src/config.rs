@@ -65,9 +65,24 @@ pub struct AgentConfig {
     pub console_max_bytes: u64,
     #[serde(default)]
     pub capacity: CapacityConfig,
+    /// `kvm` (the default): every VM is a `stratus-vmm` process. `none`: for control-plane
+    /// benchmarks only (as Nova's fake driver) — VMs are accepted, recorded and reported
+    /// but never started, and nothing is made for them on the host; the agent refuses to
+    /// start with it unless run with `--allow-no-vm-hypervisor`.
+    #[serde(default)]
+    pub hypervisor: Hypervisor,
     /// The guest networks VMs' NICs join.
     #[serde(default)]
     pub networks: Vec<crate::networks::NetworkConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    #[default]
+    Kvm,
+    /// No VMs at all: the benchmarks' stand-in for a host.
+    None,
 }
 
 /// What the host offers to VMs.

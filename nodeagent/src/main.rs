@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use stratus_nodeagent::api::{router, AppState};
-use stratus_nodeagent::config::AgentConfig;
+use stratus_nodeagent::config::{AgentConfig, Hypervisor};
 use stratus_nodeagent::metrics::Metrics;
 use stratus_nodeagent::vms::VmManager;
 
@@ -30,6 +30,10 @@ struct Cli {
     check_config: bool,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Allow `hypervisor = "none"` (benchmarks of the control plane: VMs are recorded and
+    /// reported, never started).
+    #[arg(long)]
+    allow_no_vm_hypervisor: bool,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = AgentConfig::load(&cli.config)?;
     let token = config.read_token()?;
+    if config.hypervisor == Hypervisor::None {
+        anyhow::ensure!(
+            cli.allow_no_vm_hypervisor,
+            "hypervisor = \"none\" starts no VMs (it is for benchmarks of the control plane); \
+             run with --allow-no-vm-hypervisor if that is what you want"
+        );
+        tracing::warn!("hypervisor \"none\": VMs are recorded and reported but never started");
+    }
     if cli.check_config {
         print!(
             "{}",

@@ -93,9 +93,14 @@ impl Agent {
     }
 
     fn launch(&mut self) {
+        self.launch_with(&[]);
+    }
+
+    fn launch_with(&mut self, args: &[&str]) {
         let child = Command::new(env!("CARGO_BIN_EXE_stratus-nodeagent"))
             .arg("--config")
             .arg(&self.config)
+            .args(args)
             .env("STRATUS_LOG", "stratus_nodeagent=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -1029,4 +1034,53 @@ fn a_marketplace_image_boots_from_the_cache_with_a_copy_on_write_root() {
     assert_eq!(status, 400, "{e}");
     let both = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry, "kernel": "/k"}});
     assert_eq!(agent.call("PUT", "/vms/img-both", Some(&both)).0, 400);
+}
+
+#[test]
+fn the_no_vm_hypervisor_is_refused_unless_asked_for_and_then_starts_nothing() {
+    let mut agent = Agent::start(2, 1024);
+    agent.crash();
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        config.replace("[capacity]", "hypervisor = \"none\"\n\n[capacity]"),
+    )
+    .unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_stratus-nodeagent"))
+        .arg("--config")
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--allow-no-vm-hypervisor"), "{stderr}");
+
+    agent.launch_with(&["--allow-no-vm-hypervisor"]);
+    let mut spec = agent.spec(Guest::Halt);
+    spec["memory_mib"] = json!(512);
+    let (status, vm) = agent.call("PUT", "/vms/fake-1", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    assert_eq!(vm["state"], "running");
+    assert!(vm["pid"].is_null(), "no VMM: {vm}");
+    assert!(!agent.dir.path().join("run/fake-1.sock").exists());
+    // Admission still counts it.
+    let (_, host) = agent.call("GET", "/host", None);
+    assert_eq!(host["cpu_allocated"], 1);
+    assert_eq!(host["running_vms"], 1);
+    let (status, _) = agent.call("PUT", "/vms/fake-2", Some(&spec));
+    assert_eq!(status, 201);
+    let (status, e) = agent.call("PUT", "/vms/fake-3", Some(&spec));
+    assert_eq!(status, 409, "{e}");
+    // It survives a restart as it was, and ends when asked.
+    agent.crash();
+    agent.launch_with(&["--allow-no-vm-hypervisor"]);
+    assert_eq!(agent.call("GET", "/vms/fake-1", None).1["state"], "running");
+    let (status, vm) = agent.call("POST", "/vms/fake-1/kill", None);
+    assert_eq!(status, 200);
+    assert_eq!(vm["state"], "stopped");
+    let (status, vm) = agent.call("POST", "/vms/fake-2/shutdown", None);
+    assert_eq!(status, 202);
+    assert_eq!(vm["state"], "stopped");
+    assert_eq!(agent.call("DELETE", "/vms/fake-1", None).0, 204);
+    assert_eq!(agent.call("GET", "/vms/fake-1", None).0, 404);
 }

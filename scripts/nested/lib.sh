@@ -115,6 +115,7 @@ host_tsc_khz() {
 # under QEMU TCG with SVM) and waits for it to power off. A silent L1 (no output in 60 s) is
 # killed and retried once, and the retry is reported. With idle-s, an L1 whose console then
 # stops growing for idle-s seconds is taken as hung, killed, and run_l1 returns 2.
+# NESTED_QEMU_ARGS (a bash array, if set) adds QEMU options, e.g. a NIC.
 run_l1() {
     local initrd=$1 console=$2 timeout_s=$3 idle_s=${4:-0} attempt size last_size idle
     # A large initramfs takes TCG a while to unpack before L1's init prints anything.
@@ -124,7 +125,8 @@ run_l1() {
         timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
             -display none -serial "file:$console" -monitor none -no-reboot \
             -kernel "$VMLINUX" -initrd "$initrd" \
-            -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$(host_tsc_khz)" &
+            -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$(host_tsc_khz)" \
+            ${NESTED_QEMU_ARGS[@]+"${NESTED_QEMU_ARGS[@]}"} &
         local qemu=$! waited=0
         last_size=0; idle=0
         while kill -0 $qemu 2>/dev/null; do

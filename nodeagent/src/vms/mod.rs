@@ -386,6 +386,26 @@ impl VmManager {
         Ok(manager)
     }
 
+    /// `hypervisor = "none"`: VMs are recorded and reported, never started.
+    fn no_vm(&self) -> bool {
+        self.config.hypervisor == crate::config::Hypervisor::None
+    }
+
+    /// Ends a VM of the no-VM hypervisor, which has nothing to stop.
+    fn end_without_vmm(&self, vm: &Vm) {
+        {
+            let mut s = vm.status();
+            s.state = VmState::Stopped;
+            s.exit = Some(VmExit {
+                code: Some(0),
+                reason: "stopped (hypervisor \"none\" runs no VMM)".into(),
+                at: chrono::Utc::now(),
+            });
+        }
+        vm.changed.notify_waiters();
+        self.save(vm);
+    }
+
     fn vms(&self) -> MutexGuard<'_, BTreeMap<String, Arc<Vm>>> {
         self.vms.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -420,6 +440,9 @@ impl VmManager {
         };
         let vm = self.new_vm(&record.id, record.spec.clone(), status, record.created);
         self.vms().insert(record.id.clone(), vm.clone());
+        if self.no_vm() {
+            return;
+        }
         // TAPs and leases live until the VM is deleted; make sure they are all there.
         if let Err(e) = self.plug_nics(&vm).await {
             tracing::error!("VM {}: cannot restore its NICs: {e}", vm.id);
@@ -496,7 +519,7 @@ impl VmManager {
     /// The VM as the API shows it, with the VMM's counters while it runs.
     pub async fn info(&self, vm: &Vm) -> VmInfo {
         let mut info = vm.info();
-        if matches!(info.state, VmState::Running | VmState::Paused) {
+        if matches!(info.state, VmState::Running | VmState::Paused) && !self.no_vm() {
             info.counters = vm.client().counters().await.ok();
         }
         info
@@ -575,6 +598,11 @@ impl VmManager {
         if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
             self.vms().remove(id);
             return Err(e.into());
+        }
+        if self.no_vm() {
+            vm.status().state = VmState::Running;
+            self.save(&vm);
+            return Ok((self.info(&vm).await, true));
         }
         let started = match self.plug_nics(&vm).await {
             Ok(()) => self.start(&vm).await,
@@ -953,6 +981,10 @@ impl VmManager {
     /// Ends the VM at once; returns when its VMM is gone.
     pub async fn kill(self: &Arc<Self>, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
         Self::require_active(vm, "there is nothing to kill")?;
+        if self.no_vm() {
+            self.end_without_vmm(vm);
+            return Ok(self.info(vm).await);
+        }
         vm.status().stop_requested = true;
         if let Err(e) = vm.client().stop().await {
             // A VMM that does not answer is ended by signal.
@@ -980,6 +1012,10 @@ impl VmManager {
         timeout: Duration,
     ) -> Result<VmInfo, VmError> {
         Self::require_active(vm, "there is nothing to shut down")?;
+        if self.no_vm() {
+            self.end_without_vmm(vm);
+            return Ok(self.info(vm).await);
+        }
         vm.client().press_power_button().await?;
         {
             let mut s = vm.status();
@@ -1005,7 +1041,9 @@ impl VmManager {
 
     pub async fn pause(&self, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
         Self::require_active(vm, "only a running VM can be paused")?;
-        vm.client().pause().await?;
+        if !self.no_vm() {
+            vm.client().pause().await?;
+        }
         vm.status().state = VmState::Paused;
         self.save(vm);
         Ok(self.info(vm).await)
@@ -1013,7 +1051,9 @@ impl VmManager {
 
     pub async fn resume(&self, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
         Self::require_active(vm, "only a paused VM can be resumed")?;
-        vm.client().resume().await?;
+        if !self.no_vm() {
+            vm.client().resume().await?;
+        }
         vm.status().state = VmState::Running;
         self.save(vm);
         Ok(self.info(vm).await)
