@@ -515,6 +515,9 @@ fn main() -> Result<()> {
             dir,
         } => {
             let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            // The agents' and the orchestrator's configurations need absolute paths.
+            let dir = std::fs::canonicalize(&dir)?;
             let report = stratus_benches::cloud::bench(&stratus_benches::cloud::Options {
                 orchestrator,
                 agent,

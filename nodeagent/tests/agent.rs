@@ -1034,6 +1034,32 @@ fn a_marketplace_image_boots_from_the_cache_with_a_copy_on_write_root() {
     assert_eq!(status, 400, "{e}");
     let both = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry, "kernel": "/k"}});
     assert_eq!(agent.call("PUT", "/vms/img-both", Some(&both)).0, 400);
+
+    // The image as a read-only disk of another VM: the cached copy, attached read-only.
+    let mut with_disk = agent.spec(Guest::Halt);
+    with_disk["disks"] =
+        json!([{"id": "ro", "source": {"image": {"entry": entry}}, "read_only": true}]);
+    let (status, vm) = agent.call("PUT", "/vms/img-disk", Some(&with_disk));
+    assert_eq!(status, 201, "{vm}");
+    let pid = vm["pid"].as_u64().unwrap();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!(
+            "--disk id=ro,path={},ro=on",
+            cache.join(id).display()
+        )),
+        "{cmdline}"
+    );
+    with_disk["disks"][0]["read_only"] = json!(false);
+    let (status, e) = agent.call("PUT", "/vms/img-disk-rw", Some(&with_disk));
+    assert_eq!(status, 400);
+    assert!(error(&e).contains("read-only"), "{e}");
+    assert_eq!(
+        run("sha256sum", &[image.to_str().unwrap()]),
+        image_sha,
+        "the image is never written"
+    );
 }
 
 #[test]

@@ -206,6 +206,23 @@ pub async fn room(conn: &mut AnyConnection, node: NodeRow) -> Result<Room, DbErr
     })
 }
 
+/// VMs, vCPUs and memory the database holds on every node, in one query.
+async fn usage_by_node(
+    conn: &mut AnyConnection,
+) -> Result<std::collections::HashMap<i64, (i64, i64, i64)>, DbError> {
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT node_id, COUNT(*), CAST(COALESCE(SUM(vcpus), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(memory_mib), 0) AS BIGINT) FROM vms \
+         WHERE node_id IS NOT NULL AND holds = 1 GROUP BY node_id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(node, vms, cpu, memory)| (node, (vms, cpu, memory)))
+        .collect())
+}
+
 /// Why no node took a VM, for its reason line.
 #[derive(Debug, Default)]
 pub struct Refusals(Vec<String>);
@@ -219,18 +236,20 @@ impl std::fmt::Display for Refusals {
     }
 }
 
-/// Nodes that could take a VM of `cpu` vCPUs and `memory_mib`, best first, and why the
-/// others cannot.
+/// Nodes that could take a VM of `cpu` vCPUs and `memory_mib` whose image needs
+/// `disk_bytes` in the node's cache, best first, and why the others cannot.
 pub async fn candidates(
     conn: &mut AnyConnection,
     cpu: i64,
     memory_mib: i64,
+    disk_bytes: i64,
     requirements: Option<&Requirements>,
     rank: Rank,
     exclude: &[i64],
 ) -> Result<(Vec<Room>, Refusals), DbError> {
     let mut fit = Vec::new();
     let mut refusals = Refusals::default();
+    let mut used = usage_by_node(conn).await?;
     for node in nodes::all(conn).await? {
         let name = node.name.clone();
         if exclude.contains(&node.id) {
@@ -245,7 +264,13 @@ pub async fn candidates(
             refusals.0.push(format!("{name} is not answering"));
             continue;
         }
-        let room = room(conn, node).await?;
+        let (vms, cpu_used, memory_used_mib) = used.remove(&node.id).unwrap_or_default();
+        let room = Room {
+            node,
+            vms,
+            cpu_used,
+            memory_used_mib,
+        };
         if room.cpu_free() < cpu {
             refusals.0.push(format!(
                 "{name} has {} free vCPUs, {cpu} needed",
@@ -257,6 +282,14 @@ pub async fn candidates(
             refusals.0.push(format!(
                 "{name} has {} MiB free, {memory_mib} needed",
                 room.memory_free_mib()
+            ));
+            continue;
+        }
+        if room.node.disk_free_bytes < disk_bytes {
+            refusals.0.push(format!(
+                "{name} has {} MiB of free disk, {} MiB needed",
+                room.node.disk_free_bytes >> 20,
+                disk_bytes >> 20
             ));
             continue;
         }

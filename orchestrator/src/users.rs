@@ -3,7 +3,7 @@
 //! `::ANON` (nobody logged in: nothing but the entry point).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
@@ -266,6 +266,9 @@ pub async fn ensure_admin(db: &Db, password: Option<String>) -> Result<Option<St
 #[derive(Default)]
 pub struct Authenticator {
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// One Argon2 check at a time per credential: concurrent requests with the same
+    /// credentials wait for the first one's verdict instead of each paying for it.
+    verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 const REMEMBER: Duration = Duration::from_secs(60);
@@ -298,12 +301,19 @@ impl Authenticator {
             name: name.to_owned(),
             role,
         };
-        {
-            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            verified.retain(|_, at| at.elapsed() < REMEMBER);
-            if verified.contains_key(&key) {
-                return Ok(Some(principal));
-            }
+        if self.remembers(&key) {
+            return Ok(Some(principal));
+        }
+        let turn = self
+            .verifying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        if self.remembers(&key) {
+            return Ok(Some(principal));
         }
         let password = password.to_owned();
         let ok = tokio::task::spawn_blocking(move || {
@@ -317,14 +327,24 @@ impl Authenticator {
         })
         .await
         .unwrap_or(false);
-        if !ok {
-            return Ok(None);
+        if ok {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, Instant::now());
         }
-        self.verified
+        self.verifying
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Instant::now());
-        Ok(Some(principal))
+            .remove(&key);
+        Ok(ok.then_some(principal))
+    }
+
+    /// Whether these credentials passed a check less than a minute ago.
+    fn remembers(&self, key: &[u8; 32]) -> bool {
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        verified.retain(|_, at| at.elapsed() < REMEMBER);
+        verified.contains_key(key)
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Deployment {
     pub context_method: String,
     /// The Marketplace entry chosen at request time.
     pub image: Metadata,
+    /// The entries of the read-only disks, in the request's order.
+    #[serde(default)]
+    pub readonly_images: Vec<Metadata>,
 }
 
 /// One row of `vms`.
@@ -95,6 +98,7 @@ const MAX_NAME: usize = 64;
 const MAX_CONTEXT_PAIRS: usize = 128;
 const MAX_USER_DATA: usize = 32 * 1024;
 const MAX_VOLATILE_GIB: u64 = 1024;
+const MAX_READONLY_DISKS: usize = 4;
 
 /// A request's values after defaults and limits.
 struct Checked {
@@ -176,6 +180,9 @@ fn check(cloud: &Cloud, r: &RunRequest) -> Result<Checked, VmError> {
             ));
         }
     }
+    if r.readonly_disks.len() > MAX_READONLY_DISKS {
+        return bad(format!("at most {MAX_READONLY_DISKS} read-only disks"));
+    }
     if let Some(expr) = &r.requirements {
         Requirements::parse(expr).map_err(VmError::BadRequest)?;
     }
@@ -221,10 +228,23 @@ pub async fn create(
         &request.image,
     )
     .await?;
+    let mut readonly_images = Vec::with_capacity(request.readonly_disks.len());
+    for id in &request.readonly_disks {
+        readonly_images.push(
+            marketplace::resolve(
+                &cloud.http,
+                cloud.config.marketplace_endpoint.as_deref(),
+                cloud.policy.as_ref(),
+                id,
+            )
+            .await?,
+        );
+    }
     let deployment = Deployment {
         request: request.clone(),
         context_method: checked.context_method.clone(),
         image,
+        readonly_images,
     };
     let stored = serde_json::to_string(&deployment)
         .map_err(|e| VmError::BadRequest(format!("cannot store the request: {e}")))?;
@@ -415,10 +435,65 @@ pub async fn list(
         page = page.bind(o);
     }
     let rows = page.bind(limit).bind(offset).fetch_all(&mut *conn).await?;
-    let mut vms = Vec::with_capacity(rows.len());
-    for row in &rows {
-        vms.push(view(&mut conn, row, who.is_admin(), false).await?);
+    // The page's leases and node names in two queries, not two per VM.
+    let (Some(first), Some(last)) = (rows.last(), rows.first()) else {
+        return Ok(VmList {
+            vms: Vec::new(),
+            count,
+        });
+    };
+    let leases: Vec<(i64, String, String, String)> = sqlx::query_as(
+        "SELECT vm_id, network, ip, mac FROM addresses WHERE vm_id >= $1 AND vm_id <= $2 \
+         ORDER BY network, seq",
+    )
+    .bind(first.id)
+    .bind(last.id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut leases_of: std::collections::HashMap<i64, Vec<networks::Lease>> =
+        std::collections::HashMap::new();
+    for (vm, network, ip, mac) in leases {
+        let ip = ip.parse().map_err(|_| DbError::Corrupt {
+            what: "addresses.ip",
+            value: ip.clone(),
+        })?;
+        leases_of
+            .entry(vm)
+            .or_default()
+            .push(networks::Lease { network, ip, mac });
     }
+    let node_names: std::collections::HashMap<i64, String> = if who.is_admin() {
+        sqlx::query_as::<_, (i64, String)>("SELECT id, name FROM nodes")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect()
+    } else {
+        Default::default()
+    };
+    let vms = rows
+        .iter()
+        .map(|row| {
+            Ok(VmView {
+                id: row.id,
+                name: row.name.clone(),
+                owner: row.owner.clone(),
+                state: row.state()?,
+                reason: row.reason.clone(),
+                instance_type: row.instance_type.clone(),
+                cpu: row.vcpus,
+                ram_mib: row.memory_mib,
+                swap_mib: row.swap_mib,
+                image: row.image.clone(),
+                node: row.node_id.and_then(|n| node_names.get(&n).cloned()),
+                leases: leases_of.remove(&row.id).unwrap_or_default(),
+                holds_resources: row.holds == 1,
+                created: row.created.clone(),
+                updated: row.updated.clone(),
+                history: Vec::new(),
+            })
+        })
+        .collect::<Result<Vec<_>, DbError>>()?;
     Ok(VmList { vms, count })
 }
 

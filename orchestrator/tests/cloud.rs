@@ -221,6 +221,53 @@ fn placement_spreads_obeys_requirements_and_shutdowns_are_graceful() {
     );
     assert_eq!(vm["holds_resources"], false);
 
+    // A read-only disk from another Marketplace image, cached on the node.
+    let with_disk = run_vm(
+        &cloud,
+        alice,
+        json!({"image": looping, "instance_type": "t1.micro", "readonly_disks": [powers_off]}),
+    );
+    let vm = cloud.wait_state(with_disk, "Running");
+    let agent = if vm["node"] == "node-a" { &a } else { &b };
+    let (_, on_node) = agent.call("GET", &format!("/vms/{with_disk}"));
+    let disk = &on_node["spec"]["disks"][1];
+    assert_eq!(disk["id"], "readonly0", "{on_node}");
+    assert_eq!(disk["read_only"], true);
+    assert_eq!(disk["source"]["image"]["entry"]["identifier"], powers_off);
+    let pid = on_node["pid"].as_u64().unwrap();
+    let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        cmdline.contains(&format!(
+            "id=readonly0,path={}",
+            agent
+                .dir
+                .path()
+                .join("state/images")
+                .join(&powers_off)
+                .display()
+        )) && cmdline.contains("ro=on,serial=readonly-0"),
+        "{cmdline}"
+    );
+    let (status, e) = cloud.call_as(
+        alice,
+        "POST",
+        "/vms",
+        Some(&json!({"image": looping, "readonly_disks": ["AAAAAAAAAAAAAAAAAAAAAAAAAAA"]})),
+    );
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        error(&e).contains("no Marketplace entry for image AAAA"),
+        "{e}"
+    );
+    assert_eq!(
+        cloud
+            .call_as(alice, "POST", &format!("/vms/{with_disk}/kill"), None)
+            .0,
+        202
+    );
+    cloud.wait_state(with_disk, "Done");
+
     // Requirements pick the node; impossible ones leave the VM waiting, with the reason.
     let mut wanted = request.clone();
     wanted["requirements"] = json!(r#"name = "node-b" & cpu_free >= 1"#);
@@ -378,6 +425,13 @@ fn quotas_and_bad_requests(backend: Backend) {
         assert_eq!(got, status, "{request}: {e}");
         assert!(error(&e).contains(needle), "{request}: {e}");
     }
+    // A deprecated image is refused with the endorser's reason.
+    let old = market.publish(Guest::Halt, |e| {
+        e.deprecated = Some("superseded by a newer release".into())
+    });
+    let (status, e) = cloud.call_as(carol, "POST", "/vms", Some(&json!({"image": old})));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("superseded by a newer release"), "{e}");
     let huge = vec![b'x'; 200 * 1024];
     let (status, _) = http(
         cloud.addr,

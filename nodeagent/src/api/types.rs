@@ -111,6 +111,12 @@ pub enum DiskSource {
     },
     /// A sparse raw disk of this many GiB made on the node for this VM and deleted with it.
     Volatile { size_gib: u64 },
+    /// A Marketplace image (its entry, JSON form), cached once on this host and attached
+    /// read-only (StratusLab's `--readonly-disk`).
+    Image {
+        #[schema(value_type = Object)]
+        entry: Box<stratus_images::Metadata>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

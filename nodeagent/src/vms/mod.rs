@@ -328,6 +328,13 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
             "disk '{}': size_gib must be between 1 and 1024",
             disk.id
         )),
+        DiskSource::Image { .. } if !disk.read_only => bad(format!(
+            "disk '{}': a Marketplace image disk is attached read-only (set read_only)",
+            disk.id
+        )),
+        DiskSource::Image { entry } => entry
+            .check()
+            .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id))),
         _ => Ok(()),
     }
 }
@@ -677,8 +684,11 @@ impl VmManager {
         }
         let attached = vm.status().attached.clone();
         for disk in vm.spec.disks.iter().chain(&attached) {
-            let config = Self::block_config(vm, disk)?;
+            let config = self.block_config(vm, disk).await?;
             let mut spec = format!("id={},path={}", disk.id, config.path.display());
+            if config.format == VmmImageFormat::Qcow2 {
+                spec.push_str(",format=qcow2");
+            }
             if disk.read_only {
                 spec.push_str(",ro=on");
             }
@@ -876,10 +886,25 @@ impl VmManager {
         })
     }
 
-    /// The VMM's view of `disk`; a volatile disk's file is made here (sparse) if missing.
-    fn block_config(vm: &Vm, disk: &DiskSpec) -> Result<BlockConfig, VmError> {
+    /// The VMM's view of `disk`; a volatile disk's file is made here (sparse) if missing,
+    /// and an image disk's image is fetched into the cache if it is not there.
+    async fn block_config(&self, vm: &Vm, disk: &DiskSpec) -> Result<BlockConfig, VmError> {
+        let mut format = VmmImageFormat::Raw;
         let path = match &disk.source {
             DiskSource::File { path } => path.clone(),
+            DiskSource::Image { entry } => {
+                if entry.format == Some(stratus_images::ImageFormat::Qcow2) {
+                    format = VmmImageFormat::Qcow2;
+                }
+                let cache = self.images.clone();
+                let entry = entry.clone();
+                tokio::task::spawn_blocking(move || cache.get(&entry, &mut |_| {}))
+                    .await
+                    .map_err(|e| VmError::Io {
+                        what: "the image download failed".into(),
+                        source: std::io::Error::other(e),
+                    })??
+            }
             DiskSource::Volatile { size_gib } => {
                 let path = vm.volatile_path(&disk.id);
                 if !path.exists() {
@@ -896,6 +921,7 @@ impl VmManager {
         };
         let mut config = BlockConfig::new(path);
         config.id = Some(disk.id.clone());
+        config.format = format;
         config.read_only = disk.read_only;
         config.serial = disk.serial.clone();
         Ok(config)
@@ -918,7 +944,7 @@ impl VmManager {
                 vm.id, disk.id
             )));
         }
-        let config = Self::block_config(vm, &disk)?;
+        let config = self.block_config(vm, &disk).await?;
         if let Err(e) = vm.client().add_disk(&config).await {
             if matches!(disk.source, DiskSource::Volatile { .. }) {
                 let _ = std::fs::remove_file(vm.volatile_path(&disk.id));

@@ -50,6 +50,9 @@ pub struct RunRequest {
     #[serde(default)]
     #[schema(value_type = Option<String>)]
     pub address: Option<Ipv4Addr>,
+    /// Marketplace images attached read-only (`--readonly-disk`), cached on the node.
+    #[serde(default)]
+    pub readonly_disks: Vec<String>,
     /// A volatile disk of this many GiB (`--volatile-disk`).
     #[serde(default)]
     pub volatile_disk_gib: Option<u64>,

@@ -104,6 +104,16 @@ fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease]) -> VmSpec {
             serial: Some("volatile".into()),
         });
     }
+    for (i, image) in deployment.readonly_images.iter().enumerate() {
+        disks.push(DiskSpec {
+            id: format!("readonly{i}"),
+            source: DiskSource::Image {
+                entry: Box::new(image.clone()),
+            },
+            read_only: true,
+            serial: Some(format!("readonly-{i}")),
+        });
+    }
     let nics = leases
         .iter()
         .enumerate()
@@ -155,7 +165,20 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
     loop {
         let node_id = match row.node_id {
             Some(n) => n,
-            None => match place(cloud, &row, requirements.as_ref(), &refused_by).await? {
+            None => match place(
+                cloud,
+                &row,
+                deployment
+                    .readonly_images
+                    .iter()
+                    .chain([&deployment.image])
+                    .map(|m| m.bytes as i64)
+                    .sum(),
+                requirements.as_ref(),
+                &refused_by,
+            )
+            .await?
+            {
                 Ok(n) => n,
                 Err(why) => {
                     if state != VmState::Pending || row.reason.as_deref() != Some(why.as_str()) {
@@ -238,6 +261,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
 async fn place(
     cloud: &Cloud,
     row: &VmRow,
+    image_bytes: i64,
     requirements: Option<&Requirements>,
     refused_by: &[i64],
 ) -> Result<Result<i64, String>, StepError> {
@@ -247,6 +271,7 @@ async fn place(
         &mut tx,
         row.vcpus,
         row.memory_mib,
+        image_bytes,
         requirements,
         cloud.config.rank,
         refused_by,
