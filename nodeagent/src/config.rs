@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// none by default.
     #[serde(default)]
     pub image_policy: Option<PathBuf>,
+    /// The Marketplace `POST /images {"identifier": …}` looks identifiers up in.
+    #[serde(default)]
+    pub marketplace_endpoint: Option<String>,
     /// Largest console log kept per VM, in bytes (rotated once).
     #[serde(default = "default_console_max_bytes")]
     pub console_max_bytes: u64,

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod host;
+pub mod images;
 pub mod metrics;
 pub mod network;
 pub mod networks;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use stratus_nodeagent::api::{router, AppState};
 use stratus_nodeagent::config::{AgentConfig, Hypervisor};
+use stratus_nodeagent::images::Images;
 use stratus_nodeagent::metrics::Metrics;
 use stratus_nodeagent::vms::VmManager;
 
@@ -85,7 +86,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config: Arc<AgentConfig>, token: String) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let vms = VmManager::recover(config.clone(), metrics.clone()).await?;
+    let images = Arc::new(Images::new(vms.image_cache(), &config.image_cache_dir()));
     let state = Arc::new(AppState {
+        images,
+        marketplace_endpoint: config.marketplace_endpoint.clone(),
         vms,
         token,
         shutdown_timeout: Duration::from_secs(config.shutdown_timeout_s),

@@ -1110,3 +1110,95 @@ fn the_no_vm_hypervisor_is_refused_unless_asked_for_and_then_starts_nothing() {
     assert_eq!(agent.call("DELETE", "/vms/fake-1", None).0, 204);
     assert_eq!(agent.call("GET", "/vms/fake-1", None).0, 404);
 }
+
+#[test]
+fn images_are_prefetched_listed_and_removed_only_when_no_vm_needs_them() {
+    let agent = Agent::start(4, 1024);
+    let entry = marketplace_image(agent.dir.path());
+    let id = entry["identifier"].as_str().unwrap().to_owned();
+    let request = json!({"entry": entry});
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| agent.call("POST", "/images", Some(&request))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (status, info) in &answers {
+        assert!(*status == 202 || *status == 200, "{status}: {info}");
+        assert_eq!(info["identifier"], id.as_str());
+    }
+    let start = Instant::now();
+    let info = loop {
+        let (status, info) = agent.call("GET", &format!("/images/{id}"), None);
+        assert_eq!(status, 200, "{info}");
+        if info["state"] == "ready" {
+            break info;
+        }
+        assert_ne!(info["state"], "failed", "{info}");
+        assert!(start.elapsed() < DEADLINE, "{info}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(info["bytes"], entry["bytes"]);
+    let cache = agent.dir.path().join("state/images");
+    let files: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        files,
+        std::slice::from_ref(&id),
+        "one copy, nothing half-made beside it"
+    );
+    let (_, list) = agent.call("GET", "/images", None);
+    assert_eq!(list["images"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["images"][0]["state"], "ready");
+    // Posting it again is answered from the cache.
+    assert_eq!(agent.call("POST", "/images", Some(&request)).0, 200);
+
+    // A VM booting from it keeps it.
+    let spec =
+        json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry, "cmdline": "console=ttyS0"}});
+    assert_eq!(agent.call("PUT", "/vms/img-user", Some(&spec)).0, 201);
+    let (status, e) = agent.call("DELETE", &format!("/images/{id}"), None);
+    assert_eq!(status, 409);
+    assert!(error(&e).contains("img-user"), "{e}");
+    assert_eq!(
+        agent.call("GET", &format!("/images/{id}"), None).1["used_by"],
+        json!(["img-user"])
+    );
+    agent.call("POST", "/vms/img-user/kill", None);
+    assert_eq!(agent.call("DELETE", "/vms/img-user", None).0, 204);
+    assert_eq!(agent.call("DELETE", &format!("/images/{id}"), None).0, 204);
+    assert_eq!(agent.call("GET", &format!("/images/{id}"), None).0, 404);
+    assert!(
+        std::fs::read_dir(&cache).unwrap().next().is_none(),
+        "the image and its kernel and initrd are gone"
+    );
+
+    for (body, status, needle) in [
+        (json!({}), 400, "exactly one"),
+        (
+            json!({"identifier": "nope"}),
+            400,
+            "not a Marketplace image identifier",
+        ),
+        (json!({"identifier": id}), 400, "marketplace_endpoint"),
+        (
+            json!({"url": "http://127.0.0.1:1/metadata"}),
+            502,
+            "cannot fetch",
+        ),
+        (
+            json!({"entry": entry, "url": "http://x"}),
+            400,
+            "exactly one",
+        ),
+        (json!({"colour": 1}), 400, "unknown field"),
+    ] {
+        let (got, e) = agent.call("POST", "/images", Some(&body));
+        assert_eq!(got, status, "{body}: {e}");
+        assert!(error(&e).contains(needle), "{body}: {e}");
+    }
+    assert_eq!(agent.call("DELETE", "/images/not-an-id", None).0, 400);
+    assert_eq!(agent.call("DELETE", &format!("/images/{id}"), None).0, 404);
+}

@@ -86,6 +86,33 @@ impl VmRow {
         })
     }
 
+    /// The VM as users see it, with what the caller looked up beside the row.
+    fn to_view(
+        &self,
+        node: Option<String>,
+        leases: Vec<networks::Lease>,
+        history: Vec<VmEvent>,
+    ) -> Result<VmView, DbError> {
+        Ok(VmView {
+            id: self.id,
+            name: self.name.clone(),
+            owner: self.owner.clone(),
+            state: self.state()?,
+            reason: self.reason.clone(),
+            instance_type: self.instance_type.clone(),
+            cpu: self.vcpus,
+            ram_mib: self.memory_mib,
+            swap_mib: self.swap_mib,
+            image: self.image.clone(),
+            node,
+            leases,
+            holds_resources: self.holds == 1,
+            created: self.created.clone(),
+            updated: self.updated.clone(),
+            history,
+        })
+    }
+
     pub fn deployment(&self) -> Result<Deployment, DbError> {
         serde_json::from_str(&self.request).map_err(|_| DbError::Corrupt {
             what: "vms.request",
@@ -380,24 +407,8 @@ pub async fn view(
     } else {
         Vec::new()
     };
-    Ok(VmView {
-        id: row.id,
-        name: row.name.clone(),
-        owner: row.owner.clone(),
-        state: row.state()?,
-        reason: row.reason.clone(),
-        instance_type: row.instance_type.clone(),
-        cpu: row.vcpus,
-        ram_mib: row.memory_mib,
-        swap_mib: row.swap_mib,
-        image: row.image.clone(),
-        node,
-        leases: networks::leases_of(conn, row.id).await?,
-        holds_resources: row.holds == 1,
-        created: row.created.clone(),
-        updated: row.updated.clone(),
-        history,
-    })
+    let leases = networks::leases_of(conn, row.id).await?;
+    Ok(row.to_view(node, leases, history)?)
 }
 
 pub async fn get(cloud: &Cloud, who: &Principal, id: i64) -> Result<VmView, VmError> {
@@ -474,24 +485,11 @@ pub async fn list(
     let vms = rows
         .iter()
         .map(|row| {
-            Ok(VmView {
-                id: row.id,
-                name: row.name.clone(),
-                owner: row.owner.clone(),
-                state: row.state()?,
-                reason: row.reason.clone(),
-                instance_type: row.instance_type.clone(),
-                cpu: row.vcpus,
-                ram_mib: row.memory_mib,
-                swap_mib: row.swap_mib,
-                image: row.image.clone(),
-                node: row.node_id.and_then(|n| node_names.get(&n).cloned()),
-                leases: leases_of.remove(&row.id).unwrap_or_default(),
-                holds_resources: row.holds == 1,
-                created: row.created.clone(),
-                updated: row.updated.clone(),
-                history: Vec::new(),
-            })
+            row.to_view(
+                row.node_id.and_then(|n| node_names.get(&n).cloned()),
+                leases_of.remove(&row.id).unwrap_or_default(),
+                Vec::new(),
+            )
         })
         .collect::<Result<Vec<_>, DbError>>()?;
     Ok(VmList { vms, count })

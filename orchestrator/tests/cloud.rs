@@ -481,7 +481,25 @@ fn quotas_and_bad_requests(backend: Backend) {
 #[test]
 fn the_admins_command_line_manages_users_and_nodes() {
     let market = Marketplace::start();
-    let a = Agent::start(2, 2048, "");
+    let a = Agent::start(
+        2,
+        2048,
+        &format!("marketplace_endpoint = \"{}\"\n", market.url()),
+    );
+    // The agent prefetches an image by its identifier, looked up in the Marketplace, and
+    // by the URL of its entry.
+    let image = market.publish(Guest::Halt, |_| {});
+    let (status, info) = a.call_with("POST", "/images", &json!({"identifier": image}));
+    assert_eq!(status, 202, "{info}");
+    let start = std::time::Instant::now();
+    while a.call("GET", &format!("/images/{image}")).1["state"] != "ready" {
+        assert!(start.elapsed() < DEADLINE);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("{}/metadata?identifier={image}", market.url());
+    let (status, info) = a.call_with("POST", "/images", &json!({"url": url}));
+    assert_eq!((status, &info["state"]), (200, &json!("ready")), "{info}");
+
     let cloud = Orchestrator::start(&market, "");
     let (ok, out) = cloud.admin_command(&["user", "add", "dave"], "dave-password\n");
     assert!(ok, "{out}");

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::OpenApi;
 
 use self::types::*;
+use crate::images::{ImageError, Images};
 use crate::metrics::Metrics;
 use crate::networks::NetworkError;
 use crate::vms::{VmError, VmManager};
@@ -29,6 +30,9 @@ pub const MAX_BODY: usize = 256 * 1024;
 
 pub struct AppState {
     pub vms: Arc<VmManager>,
+    pub images: Arc<Images>,
+    /// Where `POST /images {"identifier": …}` looks entries up.
+    pub marketplace_endpoint: Option<String>,
     pub token: String,
     pub shutdown_timeout: Duration,
     pub metrics: Arc<Metrics>,
@@ -51,7 +55,11 @@ pub struct AppState {
         resume_vm,
         get_console,
         get_host,
-        put_host_state
+        put_host_state,
+        list_images,
+        get_image,
+        prefetch_image,
+        delete_image
     ),
     components(schemas(
         VmSpec,
@@ -65,6 +73,10 @@ pub struct AppState {
         HostState,
         HostStateRequest,
         HostInfo,
+        ImageState,
+        ImageInfo,
+        ImageList,
+        PrefetchRequest,
         ErrorBody
     ))
 )]
@@ -83,6 +95,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/vms/{id}/disks/{disk}",
             put(attach_disk).delete(detach_disk),
         )
+        .route("/images", get(list_images).post(prefetch_image))
+        .route("/images/{id}", get(get_image).delete(delete_image))
         .route("/host", get(get_host))
         .route("/host/state", put(put_host_state))
         .route("/openapi.json", get(openapi))
@@ -146,6 +160,20 @@ impl From<VmError> for Refusal {
             VmError::Record(_) | VmError::Supervisor(_) | VmError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+        };
+        Refusal::new(status, e.to_string())
+    }
+}
+
+impl From<ImageError> for Refusal {
+    fn from(e: ImageError) -> Self {
+        let status = match &e {
+            ImageError::BadIdentifier(_) | ImageError::NoMarketplace => StatusCode::BAD_REQUEST,
+            ImageError::NotFound(_) => StatusCode::NOT_FOUND,
+            ImageError::InUse { .. } | ImageError::Downloading(_) => StatusCode::CONFLICT,
+            ImageError::Entry { .. } => StatusCode::BAD_GATEWAY,
+            ImageError::Image(stratus_images::Error::InvalidMetadata(_)) => StatusCode::BAD_REQUEST,
+            ImageError::Image(_) | ImageError::Remove { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Refusal::new(status, e.to_string())
     }
@@ -436,6 +464,97 @@ async fn put_host_state(
     Ok(json(StatusCode::OK, &state.vms.host_info()))
 }
 
+/// The images in this host's cache, and those on their way.
+#[utoipa::path(get, path = "/images", responses((status = 200, body = ImageList)))]
+async fn list_images(State(state): State<Arc<AppState>>) -> Response {
+    let images = state
+        .images
+        .identifiers()
+        .into_iter()
+        .filter_map(|id| {
+            let used_by = state.vms.vms_using(&id);
+            state.images.info(&id, used_by).ok()
+        })
+        .collect();
+    json(StatusCode::OK, &ImageList { images })
+}
+
+/// One image: downloading (with the bytes written so far), ready, or failed (why).
+#[utoipa::path(get, path = "/images/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = ImageInfo), (status = 404, body = ErrorBody)))]
+async fn get_image(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    let used_by = state.vms.vms_using(&id);
+    Ok(json(StatusCode::OK, &state.images.info(&id, used_by)?))
+}
+
+/// Fetches an image into the cache ahead of the VMs that will need it: by its entry, the
+/// URL of its entry, or its identifier. One download per image however many ask.
+#[utoipa::path(post, path = "/images", request_body = PrefetchRequest,
+    responses((status = 202, description = "on its way", body = ImageInfo),
+        (status = 200, description = "cached already", body = ImageInfo),
+        (status = 400, body = ErrorBody), (status = 502, body = ErrorBody)))]
+async fn prefetch_image(
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Result<Response, Refusal> {
+    let request: PrefetchRequest = read_json(body).await?;
+    let entry = match (request.entry, request.url, request.identifier) {
+        (Some(entry), None, None) => *entry,
+        (None, Some(url), None) => fetch(url).await?,
+        (None, None, Some(id)) => {
+            if id.parse::<stratus_images::Identifier>().is_err() {
+                return Err(ImageError::BadIdentifier(id).into());
+            }
+            let Some(endpoint) = &state.marketplace_endpoint else {
+                return Err(ImageError::NoMarketplace.into());
+            };
+            fetch(format!(
+                "{}/metadata?identifier={id}",
+                endpoint.trim_end_matches('/')
+            ))
+            .await?
+        }
+        _ => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of entry, url and identifier",
+            ))
+        }
+    };
+    let id = entry.identifier.to_string();
+    let started = state.images.prefetch(entry)?;
+    let info = state.images.info(&id, state.vms.vms_using(&id))?;
+    let status = if started || info.state == ImageState::Downloading {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &info))
+}
+
+async fn fetch(url: String) -> Result<stratus_images::Metadata, Refusal> {
+    tokio::task::spawn_blocking(move || crate::images::fetch_entry(&url))
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Refusal::from)
+}
+
+/// Removes an image no VM needs (and its extracted kernel and initrd).
+#[utoipa::path(delete, path = "/images/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody),
+        (status = 409, description = "a VM uses it, or it is being downloaded", body = ErrorBody)))]
+async fn delete_image(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, Refusal> {
+    let used_by = state.vms.vms_using(&id);
+    state.images.remove(&id, used_by)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 async fn openapi() -> Response {
     json(StatusCode::OK, &ApiDoc::openapi())
 }
@@ -455,7 +574,8 @@ async fn get_metrics(State(state): State<Arc<AppState>>) -> Response {
 
 const ENDPOINTS: &str =
     "PUT|GET|DELETE /vms/{id}, GET /vms, POST /vms/{id}/kill|shutdown|pause|resume, \
-GET /vms/{id}/console, GET /host, PUT /host/state, GET /openapi.json, GET /metrics";
+GET /vms/{id}/console, GET|POST /images, GET|DELETE /images/{id}, GET /host, PUT /host/state, \
+GET /openapi.json, GET /metrics";
 
 async fn not_found(uri: axum::http::Uri) -> Refusal {
     Refusal::new(

@@ -232,6 +232,49 @@ pub struct HostInfo {
     pub hypervisor: String,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    Downloading,
+    Ready,
+    Failed,
+}
+
+/// `GET /images/{id}`: an image in the host's cache, or on its way there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    pub identifier: String,
+    pub state: ImageState,
+    /// The image's size (uncompressed).
+    pub bytes: u64,
+    /// Bytes written to the cache so far.
+    pub written: u64,
+    /// Why a prefetch failed.
+    pub error: Option<String>,
+    /// VMs whose root overlay or disks use it.
+    pub used_by: Vec<String>,
+}
+
+/// `GET /images`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageList {
+    pub images: Vec<ImageInfo>,
+}
+
+/// `POST /images`: what to prefetch — a Marketplace entry, the URL of one, or an
+/// identifier looked up in the agent's `marketplace_endpoint`. Exactly one.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PrefetchRequest {
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub entry: Option<Box<stratus_images::Metadata>>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub identifier: Option<String>,
+}
+
 /// Every error: `{"error": "<reason>"}`.
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {

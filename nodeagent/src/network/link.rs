@@ -6,16 +6,17 @@
 //! device kind first so a typo in a name can never take down the host's uplink.
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
+
+use stratus_vmm::devices::virtio::net::tap::{attach_tap, TapError};
 
 use super::mac::MacAddr;
 
@@ -162,20 +163,6 @@ impl AsFd for Tap {
     }
 }
 
-// From <linux/if_tun.h>: _IOW('T', nr, int).
-const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
-const TUNSETOWNER: libc::c_ulong = 0x4004_54cc;
-const TUNSETGROUP: libc::c_ulong = 0x4004_54ce;
-
-/// The `ifr_name` + `ifr_flags` view of `struct ifreq`, padded to its full 40 bytes.
-#[repr(C)]
-struct IfReqFlags {
-    name: [u8; libc::IFNAMSIZ],
-    flags: libc::c_short,
-    _pad: [u8; 22],
-}
-
 fn validate_name(name: &str) -> Result<(), LinkError> {
     let ok = !name.is_empty()
         && name.len() < libc::IFNAMSIZ
@@ -198,23 +185,13 @@ fn open_tap(cfg: &TapConfig) -> Result<File, LinkError> {
         op,
         source,
     };
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| tun_err("open /dev/net/tun", e))?;
-    let mut req = IfReqFlags {
-        name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-        _pad: [0; 22],
-    };
-    req.name[..cfg.name.len()].copy_from_slice(cfg.name.as_bytes());
+    let file = attach_tap(&cfg.name, false).map_err(|e| match e {
+        TapError::OpenTun(source) => tun_err("open /dev/net/tun", source),
+        TapError::Attach { source, .. } => tun_err("TUNSETIFF", source),
+        TapError::BadName(name) => LinkError::InvalidName(name),
+        TapError::Ioctl { what, source } => tun_err(what, source),
+    })?;
     let fd = file.as_raw_fd();
-    // SAFETY: fd is open; req is a properly sized, initialised ifreq the kernel may write.
-    if unsafe { libc::ioctl(fd, TUNSETIFF, &mut req as *mut IfReqFlags) } < 0 {
-        return Err(tun_err("TUNSETIFF", io::Error::last_os_error()));
-    }
     let set = |request, value: libc::c_ulong, op| {
         // SAFETY: these TUNSET* requests take their argument by value, not as a pointer.
         if unsafe { libc::ioctl(fd, request, value) } < 0 {
@@ -224,12 +201,12 @@ fn open_tap(cfg: &TapConfig) -> Result<File, LinkError> {
         }
     };
     // Persistent so the device outlives this fd and a VMM can open it by name later.
-    set(TUNSETPERSIST, 1, "TUNSETPERSIST")?;
+    set(libc::TUNSETPERSIST, 1, "TUNSETPERSIST")?;
     if let Some(uid) = cfg.owner {
-        set(TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER")?;
+        set(libc::TUNSETOWNER, libc::c_ulong::from(uid), "TUNSETOWNER")?;
     }
     if let Some(gid) = cfg.group {
-        set(TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP")?;
+        set(libc::TUNSETGROUP, libc::c_ulong::from(gid), "TUNSETGROUP")?;
     }
     Ok(file)
 }

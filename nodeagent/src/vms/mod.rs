@@ -1160,6 +1160,34 @@ impl VmManager {
         }
     }
 
+    /// The host's image cache.
+    pub fn image_cache(&self) -> Arc<ImageCache> {
+        self.images.clone()
+    }
+
+    /// The VMs (not deleted) whose root overlay or disks need image `id`.
+    pub fn vms_using(&self, id: &str) -> Vec<String> {
+        self.vms()
+            .values()
+            .filter(|vm| {
+                let boot = vm.spec.boot.image.iter().map(|m| &m.identifier);
+                let disks: Vec<DiskSpec> = vm
+                    .spec
+                    .disks
+                    .iter()
+                    .chain(vm.status().attached.iter())
+                    .cloned()
+                    .collect();
+                boot.chain(disks.iter().filter_map(|d| match &d.source {
+                    DiskSource::Image { entry } => Some(&entry.identifier),
+                    _ => None,
+                }))
+                .any(|i| i.as_str() == id)
+            })
+            .map(|vm| vm.id.clone())
+            .collect()
+    }
+
     /// The full info of one VM, by id.
     pub async fn info_of(&self, id: &str) -> Result<VmInfo, VmError> {
         let vm = self.get(id)?;

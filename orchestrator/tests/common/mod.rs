@@ -226,6 +226,18 @@ impl Agent {
         (status, parse(&body))
     }
 
+    pub fn call_with(&self, method: &str, path: &str, body: &Value) -> (u16, Value) {
+        let (status, body) = http(
+            self.addr,
+            method,
+            path,
+            Some(&format!("Bearer {AGENT_TOKEN}")),
+            "application/json",
+            body.to_string().as_bytes(),
+        );
+        (status, parse(&body))
+    }
+
     /// The ids of the VMs this agent has.
     pub fn vm_ids(&self) -> Vec<String> {
         let (_, list) = self.call("GET", "/vms");

@@ -37,32 +37,44 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Opens `/dev/net/tun` attached to the TAP `name` (created if missing) with a virtio-net
+/// header and no packet information: the one place TUNSETIFF is done, for the VMM and for
+/// the node agent (which makes its VMs' TAPs persistent).
+pub fn attach_tap(name: &str, nonblocking: bool) -> Result<File, TapError> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+        return Err(TapError::BadName(name.into()));
+    }
+    let mut flags = libc::O_CLOEXEC;
+    if nonblocking {
+        flags |= libc::O_NONBLOCK;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(flags)
+        .open("/dev/net/tun")
+        .map_err(TapError::OpenTun)?;
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        _pad: [0; 22],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: TUNSETIFF reads an ifreq-sized struct that lives for the call.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc < 0 {
+        return Err(TapError::Attach {
+            name: name.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(file)
+}
+
 impl Tap {
     /// Opens (or creates) the TAP `name` with a virtio-net header, non-blocking.
     pub fn open(name: &str) -> Result<Self, TapError> {
-        if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(TapError::BadName(name.into()));
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(TapError::OpenTun)?;
-        let mut req = IfReq {
-            name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
-            _pad: [0; 22],
-        };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads an ifreq-sized struct that lives for the call.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::Attach {
-                name: name.into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        let file = attach_tap(name, true)?;
         let tap = Tap {
             file,
             name: name.into(),
