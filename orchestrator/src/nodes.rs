@@ -303,6 +303,7 @@ async fn poll(cloud: &Cloud, node: NodeRow) -> Result<(), DbError> {
     .await?;
     cloud.metrics.node_polled(&node.name, true);
     let reported: HashMap<String, _> = list.vms.into_iter().map(|v| (v.id.clone(), v)).collect();
+    remove_orphans(cloud, &node, &client, reported.keys(), &asked).await?;
     reconcile(cloud, &node, &asked, |id| {
         Some(match reported.get(id) {
             None => Report::Missing,
@@ -319,6 +320,58 @@ async fn poll(cloud: &Cloud, node: NodeRow) -> Result<(), DbError> {
         })
     })
     .await
+}
+
+/// Removes from the node the VMs the cloud does not have there: released or forgotten
+/// ones, and the copy a worker made before another one, which had taken its job over,
+/// placed the VM elsewhere. VMs a job is working on, or that changed since the node was
+/// asked, are left for the next poll.
+async fn remove_orphans<'a>(
+    cloud: &Cloud,
+    node: &NodeRow,
+    client: &crate::agent_client::AgentClient,
+    reported: impl Iterator<Item = &'a String>,
+    asked: &str,
+) -> Result<(), DbError> {
+    let mut orphans = Vec::new();
+    {
+        let mut conn = cloud.db.pool.acquire().await?;
+        for id in reported {
+            // Ids that are not numbers were not made by an orchestrator.
+            let Ok(vm) = id.parse::<i64>() else {
+                continue;
+            };
+            let row: Option<(Option<i64>, i64, String)> =
+                sqlx::query_as("SELECT node_id, holds, updated FROM vms WHERE id = $1")
+                    .bind(vm)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+            let theirs = match &row {
+                Some((placed, holds, updated)) => {
+                    (*placed == Some(node.id) && *holds == 1) || updated.as_str() >= asked
+                }
+                None => false,
+            };
+            if theirs || jobs::open_job(&mut conn, vm).await?.is_some() {
+                continue;
+            }
+            orphans.push(id.clone());
+        }
+    }
+    for id in orphans {
+        tracing::warn!(node = %node.name, "VM {id} is on the node but not the cloud's there: removing it");
+        let killed = client.kill(&id).await;
+        if let Err(e) = killed.as_ref() {
+            if !matches!(e.status(), Some(404 | 409)) {
+                tracing::warn!(node = %node.name, "cannot stop orphan VM {id}: {e}");
+                continue;
+            }
+        }
+        if let Err(e) = client.delete(&id).await {
+            tracing::warn!(node = %node.name, "cannot remove orphan VM {id}: {e}");
+        }
+    }
+    Ok(())
 }
 
 /// What a node's agent says about one VM.

@@ -310,8 +310,21 @@ pub async fn candidates(
     Ok((fit, refusals))
 }
 
+/// What [`reserve`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reservation {
+    /// The VM now has its room on the node.
+    Taken,
+    /// The node filled up meanwhile.
+    Full,
+    /// Another worker placed this VM meanwhile (a job taken over after its claim ran out):
+    /// it is on this node now.
+    PlacedElsewhere(i64),
+}
+
 /// Takes room for the VM on `node` if it still has it: locks the node's row, counts again
-/// and records the VM's node in the caller's transaction.
+/// and records the VM's node in the caller's transaction — only if the VM has no node yet,
+/// so two workers can never place one VM twice.
 pub async fn reserve(
     db: &Db,
     conn: &mut AnyConnection,
@@ -319,18 +332,26 @@ pub async fn reserve(
     vm: i64,
     cpu: i64,
     memory_mib: i64,
-) -> Result<bool, DbError> {
+) -> Result<Reservation, DbError> {
     let row = nodes::load_locked(db, conn, node).await?;
     let room = room(conn, row).await?;
     if room.cpu_free() < cpu || room.memory_free_mib() < memory_mib {
-        return Ok(false);
+        return Ok(Reservation::Full);
     }
-    sqlx::query("UPDATE vms SET node_id = $1 WHERE id = $2")
+    let taken = sqlx::query("UPDATE vms SET node_id = $1 WHERE id = $2 AND node_id IS NULL")
         .bind(node)
         .bind(vm)
         .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if taken == 1 {
+        return Ok(Reservation::Taken);
+    }
+    let (placed,): (Option<i64>,) = sqlx::query_as("SELECT node_id FROM vms WHERE id = $1")
+        .bind(vm)
+        .fetch_one(&mut *conn)
         .await?;
-    Ok(true)
+    Ok(placed.map_or(Reservation::Full, Reservation::PlacedElsewhere))
 }
 
 #[cfg(test)]

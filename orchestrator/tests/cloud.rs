@@ -611,6 +611,27 @@ fn a_node_that_stops_answering_has_its_vms_unknown_until_it_is_back() {
     assert_eq!(status, 202);
     cloud.wait_state(id, "Done");
     assert!(a.vm_ids().is_empty());
+
+    // A VM on a node that the cloud does not have there is removed by the poller; VMs
+    // whose ids no orchestrator makes are left alone.
+    let kernel = a.dir.path().join("vmlinux");
+    std::fs::write(
+        &kernel,
+        stratus_vmm::test_guest::tiny_vmlinux(&stratus_vmm::test_guest::guest_code(Guest::Halt)),
+    )
+    .unwrap();
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"kernel": kernel}});
+    for id in ["9999", "not-the-clouds"] {
+        let (status, body) = a.call_with("PUT", &format!("/vms/{id}"), &spec);
+        assert_eq!(status, 201, "{body}");
+    }
+    let start = std::time::Instant::now();
+    while a.vm_ids().contains(&"9999".to_owned()) {
+        assert!(start.elapsed() < DEADLINE, "{:?}", a.vm_ids());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(a.vm_ids(), ["not-the-clouds"]);
 }
 
 /// Runs the test body in a network namespace of its own (the agents' bridges and DHCP

@@ -13,7 +13,7 @@ use crate::agent_client::AgentError;
 use crate::api::types::VmState;
 use crate::db::DbError;
 use crate::networks::{self, Lease};
-use crate::placement::{self, Requirements};
+use crate::placement::{self, Requirements, Reservation};
 use crate::vms::{self, Deployment, VmError, VmRow};
 use crate::{nodes, Cloud};
 
@@ -201,6 +201,18 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
         let client = node.client(&cloud.http);
         match client.put_vm(&row.id.to_string(), &spec).await {
             Ok(info) => {
+                let placed = {
+                    let mut conn = cloud.db.pool.acquire().await?;
+                    vms::load(&mut conn, row.id).await?.node_id
+                };
+                if placed != Some(node_id) {
+                    // A worker that took this job over placed the VM elsewhere meanwhile:
+                    // this copy is the duplicate, and that worker records the VM's state.
+                    let id = row.id.to_string();
+                    let _ = tolerate_gone(client.kill(&id).await);
+                    let _ = client.delete(&id).await;
+                    return Ok(Outcome::Done);
+                }
                 if info.state == AgentVmState::Starting {
                     set_state(cloud, row.id, VmState::Boot, None).await?;
                 }
@@ -221,14 +233,24 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
             }) => {
                 let why = format!("node {} refused it: {reason}", node.name);
                 let mut tx = cloud.db.pool.begin().await?;
-                sqlx::query("UPDATE vms SET node_id = NULL WHERE id = $1")
-                    .bind(row.id)
-                    .execute(&mut *tx)
-                    .await?;
-                vms::set_state(&mut tx, row.id, VmState::Pending, Some(&why)).await?;
+                // Only if it is still placed there: a worker that took this job over may
+                // have moved it meanwhile.
+                let unplaced =
+                    sqlx::query("UPDATE vms SET node_id = NULL WHERE id = $1 AND node_id = $2")
+                        .bind(row.id)
+                        .bind(node_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                if unplaced == 1 {
+                    vms::set_state(&mut tx, row.id, VmState::Pending, Some(&why)).await?;
+                }
                 tx.commit().await?;
                 refused_by.push(node_id);
-                row.node_id = None;
+                row = {
+                    let mut conn = cloud.db.pool.acquire().await?;
+                    vms::load(&mut conn, row.id).await?
+                };
             }
             Err(AgentError::Refused { status, reason, .. }) if (400..500).contains(&status) => {
                 // The node cannot make this VM (its image, context, network): it is the
@@ -277,20 +299,35 @@ async fn place(
         refused_by,
     )
     .await?;
+    let fitted = !fit.is_empty();
     for room in fit {
-        if placement::reserve(db, &mut tx, room.node.id, row.id, row.vcpus, row.memory_mib).await? {
-            vms::set_state(
-                &mut tx,
-                row.id,
-                VmState::Prolog,
-                Some(&format!("placed on {}", room.node.name)),
-            )
-            .await?;
-            tx.commit().await?;
-            return Ok(Ok(room.node.id));
+        match placement::reserve(db, &mut tx, room.node.id, row.id, row.vcpus, row.memory_mib)
+            .await?
+        {
+            Reservation::Taken => {
+                vms::set_state(
+                    &mut tx,
+                    row.id,
+                    VmState::Prolog,
+                    Some(&format!("placed on {}", room.node.name)),
+                )
+                .await?;
+                tx.commit().await?;
+                return Ok(Ok(room.node.id));
+            }
+            Reservation::PlacedElsewhere(node) => {
+                tx.commit().await?;
+                return Ok(Ok(node));
+            }
+            Reservation::Full => {}
         }
     }
     tx.commit().await?;
+    if fitted {
+        return Ok(Err(
+            "every node that had room for it filled up meanwhile".into()
+        ));
+    }
     Ok(Err(refusals.to_string()))
 }
 
