@@ -632,6 +632,22 @@ fn a_node_that_stops_answering_has_its_vms_unknown_until_it_is_back() {
     }
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(a.vm_ids(), ["not-the-clouds"]);
+
+    // Node A filled up behind the cloud's back: it refuses the next VM with 409, and the
+    // VM goes to the next candidate.
+    for i in 0..3 {
+        let (status, body) = a.call_with("PUT", &format!("/vms/foreign-{i}"), &spec);
+        assert_eq!(status, 201, "{body}");
+    }
+    let moved = run_vm(&cloud, alice, request.clone());
+    let vm = cloud.wait_state(moved, "Running");
+    assert_eq!(vm["node"], "node-b", "{vm}");
+    assert!(
+        vm["history"].as_array().unwrap().iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("node node-a refused it"))),
+        "{vm}"
+    );
 }
 
 /// Runs the test body in a network namespace of its own (the agents' bridges and DHCP
