@@ -108,7 +108,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     api.with_state(state)
 }
 
-/// An HTTP status and a reason, sent as `{"error": reason}`.
+/// An HTTP status and a reason, sent as `{"error": reason}`: the error shape of every
+/// Stratus HTTP API (the orchestrator's too).
 #[derive(Debug)]
 pub struct Refusal {
     status: StatusCode,
@@ -116,7 +117,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> Self {
         Refusal {
             status,
             reason: reason.into(),
@@ -179,7 +180,7 @@ impl From<ImageError> for Refusal {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, axum::Json(value)).into_response()
 }
 
@@ -234,10 +235,16 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
 }
 
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, Refusal> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
+    read_json_capped(body, MAX_BODY).await
+}
+
+/// A JSON request body of at most `max` bytes: 413 beyond it, 400 naming what is wrong
+/// (an unknown field, a missing one, a bad value).
+pub async fn read_json_capped<T: DeserializeOwned>(body: Body, max: usize) -> Result<T, Refusal> {
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
+            format!("cannot read the request body (at most {max} bytes): {e}"),
         )
     })?;
     serde_json::from_slice(&bytes).map_err(|e| {

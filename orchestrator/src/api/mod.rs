@@ -18,8 +18,11 @@ use axum::routing::{get, post, put};
 use axum::{Extension, Router};
 use base64::Engine;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use utoipa::OpenApi;
+
+pub use stratus_nodeagent::api::Refusal;
+use stratus_nodeagent::api::{json, read_json_capped};
 
 use self::types::*;
 use crate::jobs::Action;
@@ -126,31 +129,10 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .with_state(cloud)
 }
 
-/// An HTTP status and a reason, sent as `{"error": reason}`.
-#[derive(Debug)]
-pub struct Refusal {
-    status: StatusCode,
-    reason: String,
-}
-
-impl Refusal {
-    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
-        Refusal {
-            status,
-            reason: reason.into(),
-        }
-    }
-
-    fn internal(e: impl std::fmt::Display) -> Self {
-        tracing::error!("{e}");
-        Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-    }
-}
-
-impl IntoResponse for Refusal {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(ErrorBody { error: self.reason })).into_response()
-    }
+/// A 500: the reason is logged and sent.
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    tracing::error!("{e}");
+    Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
 impl From<VmError> for Refusal {
@@ -174,7 +156,7 @@ impl From<VmError> for Refusal {
             }
             VmError::Network(NetworkError::Db(_))
             | VmError::Quota(QuotaError::Db(_))
-            | VmError::Db(_) => return Refusal::internal(e),
+            | VmError::Db(_) => return internal(e),
         };
         Refusal::new(status, e.to_string())
     }
@@ -188,7 +170,7 @@ impl From<NodeError> for Refusal {
             NodeError::BadName(_) | NodeError::BadUrl(_) | NodeError::EmptyToken => {
                 StatusCode::BAD_REQUEST
             }
-            NodeError::Db(_) => return Refusal::internal(e),
+            NodeError::Db(_) => return internal(e),
         };
         Refusal::new(status, e.to_string())
     }
@@ -200,7 +182,7 @@ impl From<UserError> for Refusal {
             UserError::Exists(_) | UserError::HasVms { .. } => StatusCode::CONFLICT,
             UserError::Unknown(_) => StatusCode::NOT_FOUND,
             UserError::BadName(_) | UserError::EmptyPassword => StatusCode::BAD_REQUEST,
-            UserError::Hash(_) | UserError::Db(_) => return Refusal::internal(e),
+            UserError::Hash(_) | UserError::Db(_) => return internal(e),
         };
         Refusal::new(status, e.to_string())
     }
@@ -208,7 +190,7 @@ impl From<UserError> for Refusal {
 
 impl From<crate::db::DbError> for Refusal {
     fn from(e: crate::db::DbError) -> Self {
-        Refusal::internal(e)
+        internal(e)
     }
 }
 
@@ -216,10 +198,6 @@ impl From<QuotaError> for Refusal {
     fn from(e: QuotaError) -> Self {
         Refusal::from(VmError::from(e))
     }
-}
-
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
-    (status, axum::Json(value)).into_response()
 }
 
 fn admin_only(who: &Principal) -> Result<(), Refusal> {
@@ -274,7 +252,7 @@ async fn authenticate(
             next.run(request).await
         }
         Ok(None) => refused("wrong user name or password"),
-        Err(e) => Refusal::internal(e).into_response(),
+        Err(e) => internal(e).into_response(),
     }
 }
 
@@ -295,18 +273,7 @@ async fn observe(State(cloud): State<Arc<Cloud>>, request: Request, next: Next) 
 }
 
 async fn read_json<T: DeserializeOwned>(body: Body) -> Result<T, Refusal> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|e| {
-        Refusal::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
-        )
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        Refusal::new(
-            StatusCode::BAD_REQUEST,
-            format!("invalid request body: {e}"),
-        )
-    })
+    read_json_capped(body, MAX_BODY).await
 }
 
 fn vm_id(text: &str) -> Result<i64, Refusal> {
@@ -492,7 +459,7 @@ async fn get_quotas(
     State(cloud): State<Arc<Cloud>>,
     Extension(who): Extension<Principal>,
 ) -> Result<Response, Refusal> {
-    let mut conn = cloud.db.pool.acquire().await.map_err(Refusal::internal)?;
+    let mut conn = cloud.db.pool.acquire().await.map_err(internal)?;
     let usage = quotas::usage(&cloud.db, &mut conn, &cloud.config.quotas, &who.name, false).await?;
     Ok(json(StatusCode::OK, &usage))
 }
@@ -627,7 +594,7 @@ async fn list_networks(
         sqlx::query_as("SELECT name, kind FROM networks ORDER BY name")
             .fetch_all(pool)
             .await
-            .map_err(Refusal::internal)?;
+            .map_err(internal)?;
     let mut out = Vec::new();
     for (name, kind) in networks {
         let (addresses,): (i64,) =
@@ -635,14 +602,14 @@ async fn list_networks(
                 .bind(&name)
                 .fetch_one(pool)
                 .await
-                .map_err(Refusal::internal)?;
+                .map_err(internal)?;
         let leases: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT ip, mac, vm_id FROM addresses WHERE network = $1 AND vm_id IS NOT NULL ORDER BY seq",
         )
         .bind(&name)
         .fetch_all(pool)
         .await
-        .map_err(Refusal::internal)?;
+        .map_err(internal)?;
         out.push(NetworkView {
             free: addresses - leases.len() as i64,
             addresses,
