@@ -89,6 +89,25 @@ enum Cmd {
         #[arg(long, default_value = "target/bench-cloud")]
         dir: PathBuf,
     },
+    /// Node agent: create-to-running and delete (kill + DELETE) latency of real VMs with a
+    /// tiny guest on /dev/kvm, the agent's RSS with 0 and 100 VMs, and image-cache-hit →
+    /// copy-on-write root time for a 10 MiB and a large sparse image.
+    Agent {
+        #[arg(long, default_value = "target/release/stratus-nodeagent")]
+        agent: PathBuf,
+        #[arg(long, default_value = "target/release/stratus-vmm")]
+        vmm: PathBuf,
+        #[arg(long, default_value_t = 200)]
+        vms: usize,
+        #[arg(long, default_value_t = 10)]
+        concurrency: usize,
+        /// Size of the large image, GiB.
+        #[arg(long, default_value_t = 10)]
+        big_gib: u64,
+        /// Scratch directory (emptied first).
+        #[arg(long, default_value = "target/bench-agent")]
+        dir: PathBuf,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -505,6 +524,28 @@ fn main() -> Result<()> {
             runs,
             dir,
         } => download(&fetch, size_mib, runs, &dir),
+        Cmd::Agent {
+            agent,
+            vmm,
+            vms,
+            concurrency,
+            big_gib,
+            dir,
+        } => {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let dir = std::fs::canonicalize(&dir)?;
+            let report = stratus_benches::agent::bench(&stratus_benches::agent::Options {
+                agent: std::fs::canonicalize(&agent)?,
+                vmm: std::fs::canonicalize(&vmm)?,
+                vms,
+                concurrency,
+                big_gib,
+                dir,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Cmd::Cloud {
             orchestrator,
             agent,
