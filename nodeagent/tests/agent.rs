@@ -1202,3 +1202,28 @@ fn images_are_prefetched_listed_and_removed_only_when_no_vm_needs_them() {
     assert_eq!(agent.call("DELETE", "/images/not-an-id", None).0, 400);
     assert_eq!(agent.call("DELETE", &format!("/images/{id}"), None).0, 404);
 }
+
+#[test]
+fn a_create_whose_client_hangs_up_is_finished_all_the_same() {
+    let agent = Agent::start(4, 1024);
+    // A Marketplace image makes the create slow enough (download, checks, kernel
+    // extraction) for the hang-up to land in the middle of it.
+    let entry = marketplace_image(agent.dir.path());
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry}}).to_string();
+    let mut stream = TcpStream::connect(agent.addr).unwrap();
+    write!(
+        stream,
+        "PUT /vms/hung-up HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{spec}",
+        spec.len()
+    )
+    .unwrap();
+    stream.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(stream);
+    let vm = agent.wait_state("hung-up", "running");
+    assert!(vm["pid"].as_u64().is_some(), "a VMM runs it: {vm}");
+    let (status, _) = agent.call("POST", "/vms/hung-up/kill", None);
+    assert_eq!(status, 200);
+    assert_eq!(agent.call("DELETE", "/vms/hung-up", None).0, 204);
+}

@@ -352,7 +352,14 @@ async fn remove_orphans<'a>(
                 }
                 None => false,
             };
-            if theirs || jobs::open_job(&mut conn, vm).await?.is_some() {
+            // A job working on the VM right now may be placing it here; a queued one
+            // (waiting for room) is not.
+            let (working,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM jobs WHERE vm_id = $1 AND state = 'running'")
+                    .bind(vm)
+                    .fetch_one(&mut *conn)
+                    .await?;
+            if theirs || working > 0 {
                 continue;
             }
             orphans.push(id.clone());

@@ -767,16 +767,22 @@ fn concurrent_runs(backend: Backend) {
             .iter()
             .filter(|v| {
                 v["state"] == "Pending"
-                    && v["reason"]
-                        .as_str()
-                        .is_some_and(|r| r.contains("no node can take it"))
+                    && v["reason"].as_str().is_some_and(|r| {
+                        r.contains("no node can take it") || r.contains("filled up meanwhile")
+                    })
             })
             .cloned()
             .collect();
         if running.len() == 6 && waiting.len() == 6 {
             break (running, waiting);
         }
-        assert!(start.elapsed() < DEADLINE, "{list}\n{}", cloud.log());
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{list}\nnode-a: {}\nnode-b: {}\n{}",
+            a.call("GET", "/vms").1,
+            b.call("GET", "/vms").1,
+            cloud.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     };
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();

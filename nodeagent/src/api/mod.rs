@@ -180,6 +180,18 @@ impl From<ImageError> for Refusal {
     }
 }
 
+/// Runs a change to a VM to its end even if the client hangs up: axum drops a handler's
+/// future when its connection closes, which would leave the change half-made (a create
+/// holding capacity with no VMM behind it).
+async fn to_completion<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, VmError>> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(Refusal::from)
+}
+
 pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, axum::Json(value)).into_response()
 }
@@ -269,7 +281,8 @@ async fn put_vm(
     body: Body,
 ) -> Result<Response, Refusal> {
     let spec: VmSpec = read_json(body).await?;
-    let (info, created) = state.vms.create(&id, spec).await?;
+    let vms = state.vms.clone();
+    let (info, created) = to_completion(async move { vms.create(&id, spec).await }).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -306,7 +319,8 @@ async fn delete_vm(
     Path(id): Path<String>,
 ) -> Result<Response, Refusal> {
     let vm = state.vms.get(&id)?;
-    state.vms.delete(&vm).await?;
+    let vms = state.vms.clone();
+    to_completion(async move { vms.delete(&vm).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -318,7 +332,9 @@ async fn kill_vm(
     Path(id): Path<String>,
 ) -> Result<Response, Refusal> {
     let vm = state.vms.get(&id)?;
-    Ok(json(StatusCode::OK, &state.vms.kill(&vm).await?))
+    let vms = state.vms.clone();
+    let info = to_completion(async move { vms.kill(&vm).await }).await?;
+    Ok(json(StatusCode::OK, &info))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -343,10 +359,10 @@ async fn shutdown_vm(
         .map(Duration::from_secs)
         .unwrap_or(state.shutdown_timeout);
     let vm = state.vms.get(&id)?;
-    Ok(json(
-        StatusCode::ACCEPTED,
-        &state.vms.shutdown(&vm, timeout).await?,
-    ))
+    Ok(json(StatusCode::ACCEPTED, &{
+        let vms = state.vms.clone();
+        to_completion(async move { vms.shutdown(&vm, timeout).await }).await?
+    }))
 }
 
 #[utoipa::path(post, path = "/vms/{id}/pause", params(("id" = String, Path)),
@@ -422,10 +438,10 @@ async fn attach_disk(
         read_only: attach.read_only,
         serial: attach.serial,
     };
-    Ok(json(
-        StatusCode::CREATED,
-        &state.vms.attach(&vm, spec).await?,
-    ))
+    Ok(json(StatusCode::CREATED, &{
+        let vms = state.vms.clone();
+        to_completion(async move { vms.attach(&vm, spec).await }).await?
+    }))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -448,10 +464,10 @@ async fn detach_disk(
     let Query(query) = query.map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let timeout = Duration::from_secs(query.timeout.unwrap_or(30));
     let vm = state.vms.get(&id)?;
-    Ok(json(
-        StatusCode::OK,
-        &state.vms.detach(&vm, &disk, timeout).await?,
-    ))
+    Ok(json(StatusCode::OK, &{
+        let vms = state.vms.clone();
+        to_completion(async move { vms.detach(&vm, &disk, timeout).await }).await?
+    }))
 }
 
 #[utoipa::path(get, path = "/host", responses((status = 200, body = HostInfo)))]
