@@ -66,6 +66,7 @@ impl Metrics {
             Outcome::Done => "success",
             Outcome::Failed(_) => "failed",
             Outcome::Retry(..) => "retry",
+            Outcome::Wait(..) => "wait",
         };
         self.jobs
             .get_or_create(&labels(&[("action", action), ("outcome", outcome)]))

@@ -263,8 +263,10 @@ pub async fn ensure_admin(db: &Db, password: Option<String>) -> Result<Option<St
 /// Checks user names and passwords. Argon2 is slow on purpose; a successful check is
 /// remembered for a minute (keyed by a hash of the name, the password and the stored hash,
 /// so a password change ends it at once).
-#[derive(Default)]
 pub struct Authenticator {
+    /// Argon2 is meant to be slow and takes 19 MiB: at most this many checks at once, so
+    /// a flood of wrong passwords cannot take the whole machine.
+    checks: tokio::sync::Semaphore,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     /// One Argon2 check at a time per credential: concurrent requests with the same
     /// credentials wait for the first one's verdict instead of each paying for it.
@@ -272,6 +274,17 @@ pub struct Authenticator {
 }
 
 const REMEMBER: Duration = Duration::from_secs(60);
+const CONCURRENT_CHECKS: usize = 4;
+
+impl Default for Authenticator {
+    fn default() -> Self {
+        Authenticator {
+            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
+            verified: Mutex::default(),
+            verifying: Mutex::default(),
+        }
+    }
+}
 
 impl Authenticator {
     pub async fn check(
@@ -315,6 +328,9 @@ impl Authenticator {
         if self.remembers(&key) {
             return Ok(Some(principal));
         }
+        let Ok(_permit) = self.checks.acquire().await else {
+            return Ok(None);
+        };
         let password = password.to_owned();
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&stored)

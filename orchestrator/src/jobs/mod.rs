@@ -241,10 +241,16 @@ async fn claim(cloud: &Cloud) -> Result<Option<Claimed>, DbError> {
     let db = &cloud.db;
     let now = db::now();
     let mut tx = db.pool.begin().await?;
+    // Jobs waiting behind another job of their VM are left out here, so a run of them
+    // can never hide the runnable ones behind them.
     let candidates: Vec<(i64, i64, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT id, vm_id, action, attempts FROM jobs \
-         WHERE (state = 'queued' AND not_before <= $1) OR (state = 'running' AND lease_until < $1) \
-         ORDER BY id LIMIT 16{}",
+        "SELECT j.id, j.vm_id, j.action, j.attempts FROM jobs j \
+         WHERE ((j.state = 'queued' AND j.not_before <= $1) \
+                OR (j.state = 'running' AND j.lease_until < $1)) \
+         AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.vm_id = j.vm_id AND b.id <> j.id AND \
+             ((b.state = 'running' AND b.lease_until >= $1) \
+              OR (b.state IN ('queued', 'running') AND b.id < j.id))) \
+         ORDER BY j.id LIMIT 16{}",
         db.skip_locked()
     )))
     .bind(&now)
@@ -321,8 +327,11 @@ async fn renew(cloud: &Cloud, job: i64) -> Result<(), DbError> {
 pub enum Outcome {
     Done,
     Failed(String),
-    /// Try again after this long (a node that does not answer, no room anywhere yet).
+    /// Try again after this long (a node that does not answer); counts as an attempt.
     Retry(Duration, String),
+    /// Look again after this long (no room anywhere yet); waiting is not failing, so the
+    /// job's attempts start again from zero.
+    Wait(Duration, String),
 }
 
 async fn finish(cloud: &Cloud, job: &Claimed, outcome: &Outcome) -> Result<(), DbError> {
@@ -346,6 +355,12 @@ async fn finish(cloud: &Cloud, job: &Claimed, outcome: &Outcome) -> Result<(), D
             Some(e.clone()),
             later(*after),
         ),
+        Outcome::Wait(after, e) => (
+            "UPDATE jobs SET state = 'queued', error = $1, updated = $2, not_before = $3, \
+             lease_until = NULL, claimed_by = NULL, attempts = 0 WHERE id = $4 AND claimed_by = $5",
+            Some(e.clone()),
+            later(*after),
+        ),
     };
     sqlx::query(sql)
         .bind(error)
@@ -356,6 +371,15 @@ async fn finish(cloud: &Cloud, job: &Claimed, outcome: &Outcome) -> Result<(), D
         .execute(&cloud.db.pool)
         .await?;
     Ok(())
+}
+
+/// The task renewing a claim; it stops with the step, however the step ends.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One worker: claims jobs and carries them out until the process ends.
@@ -383,17 +407,17 @@ async fn worker(cloud: Arc<Cloud>) {
         let renewing = {
             let cloud = cloud.clone();
             let id = job.id;
-            tokio::spawn(async move {
+            Renewal(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(lease(&cloud) / 3).await;
                     if let Err(e) = renew(&cloud, id).await {
                         tracing::warn!(job = id, "cannot renew the job's lease: {e}");
                     }
                 }
-            })
+            }))
         };
         let outcome = steps::run(&cloud, &job).await;
-        renewing.abort();
+        drop(renewing);
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => Outcome::Retry(Duration::from_secs(2), e.to_string()),
@@ -411,7 +435,7 @@ async fn worker(cloud: Arc<Cloud>) {
                 action = job.action.as_str(),
                 "failed: {e}"
             ),
-            Outcome::Retry(after, e) => tracing::info!(
+            Outcome::Retry(after, e) | Outcome::Wait(after, e) => tracing::info!(
                 job = job.id,
                 vm = job.vm,
                 action = job.action.as_str(),

@@ -150,7 +150,11 @@ fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease]) -> VmSpec {
 /// (it filled up meanwhile, or was disabled) hands it to the next candidate.
 async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome, StepError> {
     let state = row.state()?;
-    if matches!(state, VmState::Running | VmState::Unknown) {
+    if state.is_final() || matches!(state, VmState::Running | VmState::Unknown) {
+        return Ok(Outcome::Done);
+    }
+    if stop_requested(cloud, row.id).await? {
+        // The kill or shutdown queued behind this job releases the VM.
         return Ok(Outcome::Done);
     }
     let deployment = row.deployment()?;
@@ -184,7 +188,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                     if state != VmState::Pending || row.reason.as_deref() != Some(why.as_str()) {
                         set_state(cloud, row.id, VmState::Pending, Some(&why)).await?;
                     }
-                    return Ok(Outcome::Retry(NO_ROOM_RETRY, why));
+                    return Ok(Outcome::Wait(NO_ROOM_RETRY, why));
                 }
             },
         };
@@ -276,6 +280,12 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
             }
         }
     }
+}
+
+/// Whether the user asked for the VM to end while its deploy waited.
+async fn stop_requested(cloud: &Cloud, vm: i64) -> Result<bool, StepError> {
+    let mut conn = cloud.db.pool.acquire().await?;
+    Ok(super::has_open(&mut conn, vm, &[Action::Kill, Action::Shutdown]).await?)
 }
 
 /// Takes room for the VM on the best candidate node and records it there (Prolog).
