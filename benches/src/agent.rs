@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+
+use crate::measure::percentile;
 use serde_json::json;
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
 use stratus_vmm::devices::virtio::block::io::ImageFormat;
@@ -48,14 +50,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 fn rss_kib(pid: u32) -> Result<u64> {

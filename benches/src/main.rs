@@ -137,6 +137,14 @@ enum Cmd {
     },
 }
 
+/// An emptied scratch directory, as an absolute path (the agents' and the orchestrator's
+/// configurations need absolute paths).
+fn fresh_dir(dir: &Path) -> Result<PathBuf> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
 const GUEST_MIB: u64 = 128;
 
 fn stratus_cmd(vmm: &Path, kernel: &Path) -> Command {
@@ -532,9 +540,7 @@ fn main() -> Result<()> {
             big_gib,
             dir,
         } => {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            let dir = std::fs::canonicalize(&dir)?;
+            let dir = fresh_dir(&dir)?;
             let report = stratus_benches::agent::bench(&stratus_benches::agent::Options {
                 agent: std::fs::canonicalize(&agent)?,
                 vmm: std::fs::canonicalize(&vmm)?,
@@ -555,10 +561,7 @@ fn main() -> Result<()> {
             database,
             dir,
         } => {
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir)?;
-            // The agents' and the orchestrator's configurations need absolute paths.
-            let dir = std::fs::canonicalize(&dir)?;
+            let dir = fresh_dir(&dir)?;
             let report = stratus_benches::cloud::bench(&stratus_benches::cloud::Options {
                 orchestrator,
                 agent,
