@@ -1,0 +1,179 @@
+//! The orchestrator's and the Marketplace's HTTP APIs as the CLI calls them: Basic
+//! authentication, `endpoint_timeout`, and every refusal turned into its `{"error"}` reason.
+
+use std::time::Duration;
+
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{endpoint} did not answer within {seconds} s (endpoint_timeout)")]
+    Timeout { endpoint: String, seconds: u64 },
+    #[error("cannot reach {endpoint}")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The service's own reason (`{"error": …}`).
+    #[error("{reason}")]
+    Refused { status: StatusCode, reason: String },
+    #[error("{endpoint} answered {status} with something that is not its API's answer")]
+    BadAnswer {
+        endpoint: String,
+        status: StatusCode,
+        #[source]
+        source: Option<serde_json::Error>,
+    },
+    #[error("cannot set up the HTTP client")]
+    Setup(#[source] reqwest::Error),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            ClientError::Refused { status, .. } | ClientError::BadAnswer { status, .. } => {
+                Some(*status)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// One service endpoint, with the caller's credentials when it needs them.
+pub struct Service {
+    http: Client,
+    base: String,
+    credentials: Option<(String, String)>,
+    timeout: Duration,
+}
+
+impl Service {
+    pub fn new(
+        base: &str,
+        credentials: Option<(String, String)>,
+        timeout: Duration,
+    ) -> Result<Service, ClientError> {
+        let http = Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(ClientError::Setup)?;
+        Ok(Service {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            credentials,
+            timeout,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        let builder = self.http.request(method, format!("{}{path}", self.base));
+        match &self.credentials {
+            Some((user, password)) => builder.basic_auth(user, Some(password)),
+            None => builder,
+        }
+    }
+
+    fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
+        let response = builder.send().map_err(|source| self.transport(source))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.bytes().map_err(|source| self.transport(source))?;
+        #[derive(serde::Deserialize)]
+        struct ErrorBody {
+            error: String,
+        }
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Refused {
+                status,
+                reason: e.error,
+            }),
+            Err(source) => Err(ClientError::BadAnswer {
+                endpoint: self.base.clone(),
+                status,
+                source: Some(source),
+            }),
+        }
+    }
+
+    fn transport(&self, source: reqwest::Error) -> ClientError {
+        if source.is_timeout() {
+            ClientError::Timeout {
+                endpoint: self.base.clone(),
+                seconds: self.timeout.as_secs(),
+            }
+        } else {
+            ClientError::Unreachable {
+                endpoint: self.base.clone(),
+                source,
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(&self, response: Response) -> Result<T, ClientError> {
+        let status = response.status();
+        let body = response.bytes().map_err(|source| self.transport(source))?;
+        serde_json::from_slice(&body).map_err(|source| ClientError::BadAnswer {
+            endpoint: self.base.clone(),
+            status,
+            source: Some(source),
+        })
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self.send(self.request(reqwest::Method::GET, path))?;
+        self.decode(response)
+    }
+
+    pub fn get_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, ClientError> {
+        let response = self.send(self.request(reqwest::Method::GET, path).query(query))?;
+        self.decode(response)
+    }
+
+    pub fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let mut builder = self.request(reqwest::Method::POST, path);
+        if let Some(body) = body {
+            builder = builder.json(body);
+        }
+        let response = self.send(builder)?;
+        self.decode(response)
+    }
+
+    /// POSTs a document as-is (signed Marketplace entries must not be re-encoded).
+    pub fn post_document(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: String,
+    ) -> Result<Option<String>, ClientError> {
+        let response = self.send(
+            self.request(reqwest::Method::POST, path)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .body(body),
+        )?;
+        Ok(response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_owned))
+    }
+}

@@ -1,0 +1,722 @@
+//! run-instance, describe-instance, kill-instance, shutdown-instance, connect-instance.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use stratus_contextualizer::{parse_context_arg, parse_context_file};
+use stratus_orchestrator::api::types::{
+    InstanceType, RunRequest, VmAccepted, VmList, VmState, VmView,
+};
+
+use crate::config::Source;
+use crate::session::Session;
+use crate::Common;
+
+/// StratusLab's default type, marked `*` by `--list-types`.
+const DEFAULT_TYPE: &str = "m1.small";
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The image: its 27-character Marketplace identifier.
+    #[arg(required_unless_present = "list_types")]
+    pub image: Option<String>,
+    /// The SSH public key put into the machine (default ~/.ssh/id_rsa.pub).
+    #[arg(short, long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The instance type.
+    #[arg(short = 't', long = "type", value_name = "TYPE")]
+    pub instance_type: Option<String>,
+    /// List the instance types (the selected one marked with *).
+    #[arg(short = 'l', long)]
+    pub list_types: bool,
+    /// vCPUs, instead of the type's.
+    #[arg(long)]
+    pub cpu: Option<u8>,
+    /// Memory in MiB, instead of the type's.
+    #[arg(long, value_name = "MiB")]
+    pub ram: Option<u64>,
+    /// Swap in MiB, instead of the type's.
+    #[arg(long, value_name = "MiB")]
+    pub swap: Option<u64>,
+    /// Context pairs: 'KEY=VALUE#KEY2=VALUE2'.
+    #[arg(long, value_name = "PAIRS")]
+    pub context: Vec<String>,
+    /// A file of KEY=VALUE lines (as stratus-prepare-context writes).
+    #[arg(long, value_name = "FILE")]
+    pub context_file: Option<PathBuf>,
+    /// one (HEPiX CD, default), cloud-init or nocloud.
+    #[arg(long, value_name = "METHOD")]
+    pub context_method: Option<String>,
+    /// cloud-init parts 'mime,file#mime,file' ("" = your SSH key only).
+    #[arg(long, value_name = "PAIRS")]
+    pub cloud_init: Option<String>,
+    /// A requirement on the node, e.g. 'cpu_free >= 4'.
+    #[arg(long, value_name = "EXPR")]
+    pub vm_requirements: Option<String>,
+    /// How many machines.
+    #[arg(short = 'n', long, default_value_t = 1)]
+    pub number: u32,
+    /// An address on the local network instead of the public one.
+    #[arg(long, conflicts_with = "private_ip")]
+    pub local_ip: bool,
+    /// An address on the private network instead of the public one.
+    #[arg(long)]
+    pub private_ip: bool,
+    /// This address (on the chosen network).
+    #[arg(long, value_name = "IP")]
+    pub address: Option<Ipv4Addr>,
+    /// A volatile disk of this many GiB.
+    #[arg(long, value_name = "GiB")]
+    pub volatile_disk: Option<u64>,
+    /// A Marketplace image attached read-only (repeatable).
+    #[arg(long, value_name = "MARKETPLACE_ID")]
+    pub readonly_disk: Vec<String>,
+    /// A persistent volume attached at boot.
+    #[arg(long, value_name = "UUID")]
+    pub persistent_disk: Vec<String>,
+    /// The machine's name (default one-<id>).
+    #[arg(long, value_name = "NAME")]
+    pub vm_name: Option<String>,
+    /// Also write 'ID, IP' lines to this file (for kill-instance -i).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Wait until the machines run (at most this many seconds, default 600).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "600")]
+    pub wait: Option<u64>,
+    /// Save the machine as a new image when it stops (not available in Stratus yet).
+    #[arg(long)]
+    pub save: bool,
+    /// A VNC console port (Stratus machines have a serial console instead).
+    #[arg(long, value_name = "PORT")]
+    pub vnc_port: Option<u16>,
+    /// The VNC console's listen address (see --vnc-port).
+    #[arg(long, value_name = "IP")]
+    pub vnc_listen: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct DescribeArgs {
+    /// Machine ids (default: all of yours).
+    pub ids: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Machine ids.
+    #[arg(required_unless_present = "input")]
+    pub ids: Vec<String>,
+    /// Read the ids from a file ('ID' or 'ID, IP' per line, as run-instance -o writes).
+    #[arg(short = 'i', long = "input", value_name = "FILE")]
+    pub input: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ShutdownArgs {
+    #[command(flatten)]
+    pub stop: StopArgs,
+    /// Save the machine's disk as a new image (not available in Stratus yet).
+    #[arg(long)]
+    pub save: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConnectArgs {
+    /// The machine's id.
+    pub id: String,
+    /// A command to run instead of an interactive shell.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
+    /// The SSH public key whose private key logs in (default: as run-instance).
+    #[arg(short, long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
+pub fn vm_id(text: &str) -> anyhow::Result<i64> {
+    text.trim()
+        .parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .with_context(|| format!("'{text}' is not a machine id (a positive number)"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// The first address of a machine, with its network.
+fn first_address(vm: &VmView) -> Option<(&str, Ipv4Addr)> {
+    vm.leases.first().map(|l| (l.network.as_str(), l.ip))
+}
+
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+fn list_types(session: &Session, args: &RunArgs) -> anyhow::Result<ExitCode> {
+    let mut types: Vec<InstanceType> = session.cloud()?.get("/types")?;
+    types.sort_by(|a, b| a.name.cmp(&b.name));
+    if session.common.json {
+        print_json(&types)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let selected = args.instance_type.as_deref().unwrap_or(DEFAULT_TYPE);
+    let mut out = String::from("  Type             CPU       RAM      SWAP\n");
+    for t in &types {
+        let mark = if t.name == selected { '*' } else { ' ' };
+        out.push_str(&format!(
+            "{mark} {:<15} {} CPU {:>7} MB {:>7} MB\n",
+            t.name, t.cpu, t.ram_mib, t.swap_mib
+        ));
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The run request, checked and assembled before anything is sent.
+fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> {
+    let image = args.image.as_deref().unwrap_or_default().trim();
+    let is_identifier = image.len() == 27
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !is_identifier {
+        if image.contains("://") {
+            bail!(
+                "images by URL are not available in Stratus yet: publish the image's metadata \
+                 in the Marketplace and give its identifier"
+            );
+        }
+        if image.len() == 36 && image.bytes().filter(|b| *b == b'-').count() == 4 {
+            bail!("booting from a persistent volume ({image}) is not available in Stratus yet");
+        }
+        bail!("'{image}' is not a Marketplace image identifier (27 characters: A-Z a-z 0-9 _ -)");
+    }
+    if args.save {
+        bail!("saving machines as images (--save) is not available in Stratus yet");
+    }
+    if args.vnc_port.is_some() || args.vnc_listen.is_some() {
+        bail!(
+            "Stratus machines have no VNC console: their serial console is shown by \
+             the web console and GET /vms/<id>/console"
+        );
+    }
+    if !args.persistent_disk.is_empty() {
+        bail!("persistent volumes (--persistent-disk) are not available in Stratus yet");
+    }
+    if args.number == 0 || args.number > 100 {
+        bail!("-n/--number must be between 1 and 100");
+    }
+    if args.number > 1 && args.address.is_some() {
+        bail!("--address gives one address: it cannot be used with -n/--number above 1");
+    }
+    let mut context: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(file) = &args.context_file {
+        let bytes = std::fs::read(file)
+            .with_context(|| format!("cannot read the context file {}", file.display()))?;
+        context.extend(parse_context_file(&bytes)?);
+    }
+    for pairs in &args.context {
+        context.extend(parse_context_arg(pairs)?);
+    }
+    let (key_file, key_source) = session.public_key_file(args.key.as_deref())?;
+    let public_key = match std::fs::read_to_string(&key_file) {
+        Ok(text) => Some(text.trim().to_owned()).filter(|k| !k.is_empty()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && key_source == Source::Default => {
+            tracing::warn!(file = %key_file.display(), "no SSH key: the machine gets none");
+            None
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the SSH key file {}", key_file.display()))
+        }
+    };
+    if let Some(parts) = &args.cloud_init {
+        let key = public_key.is_some().then_some(key_file.as_path());
+        let prepared = stratus_contextualizer::prepare_context(parts, key)?;
+        context.extend(prepared.pairs());
+    }
+    // A context file from prepare-context names its method; an explicit option wins.
+    let from_context = context.remove("CONTEXT_METHOD");
+    let context_method = match &args.context_method {
+        Some(m) => Some(m.clone()),
+        None => from_context.or(session.setting("default_context_method", None)?),
+    };
+    if let Some(m) = &context_method {
+        m.parse::<stratus_contextualizer::ContextMethod>()?;
+    }
+    let network = if args.local_ip {
+        Some("local".to_owned())
+    } else if args.private_ip {
+        Some("private".to_owned())
+    } else {
+        None
+    };
+    // A type of the user's own (`[instance_types]`) travels as explicit sizes.
+    let (mut instance_type, mut cpu, mut ram_mib, mut swap_mib) =
+        (args.instance_type.clone(), args.cpu, args.ram, args.swap);
+    if let Some(name) = &args.instance_type {
+        if let Some((c, r, s)) = session.file.instance_type(name)? {
+            instance_type = None;
+            cpu = cpu.or(Some(c));
+            ram_mib = ram_mib.or(Some(r));
+            swap_mib = swap_mib.or(Some(s));
+        }
+    }
+    Ok(RunRequest {
+        image: image.to_owned(),
+        instance_type,
+        cpu,
+        ram_mib,
+        swap_mib,
+        name: args.vm_name.clone(),
+        public_key,
+        context,
+        context_method,
+        user_data: None,
+        network,
+        address: args.address,
+        readonly_disks: args.readonly_disk.clone(),
+        volatile_disk_gib: args.volatile_disk,
+        requirements: args.vm_requirements.clone(),
+    })
+}
+
+pub fn run_instance(common: &Common, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let session = Session::load(common)?;
+    if args.list_types {
+        return list_types(&session, &args);
+    }
+    let request = run_request(&session, &args)?;
+    let cloud = session.cloud()?;
+    let talk = common.quiet == 0 && !common.json;
+    let mut started: Vec<VmView> = Vec::new();
+    let mut lines = String::new();
+    for n in 1..=args.number {
+        let accepted: VmAccepted = cloud.post("/vms", Some(&request))?;
+        // The banner waits for the cloud's first yes, so a refusal is one error line.
+        if talk && n == 1 {
+            println!(" :::::::::::::::::::::::::");
+            println!(" :: Starting machine(s) ::");
+            println!(" :::::::::::::::::::::::::");
+            let plural = if args.number == 1 { "" } else { "s" };
+            println!(" :: Starting {} machine{plural}", args.number);
+        }
+        let vm = accepted.vm;
+        let address = first_address(&vm);
+        let ip = address.map(|(_, ip)| ip.to_string()).unwrap_or_default();
+        lines.push_str(&format!("{}, {ip}\n", vm.id));
+        if talk {
+            println!(" :: Machine {n} (vm ID: {})", vm.id);
+            match address {
+                Some((network, ip)) => println!(" \t{} ip: {ip}", capitalised(network)),
+                None => println!(" \tno address"),
+            }
+        } else if !common.json {
+            println!("{}, {ip}", vm.id);
+        }
+        started.push(vm);
+    }
+    if let Some(path) = &args.output {
+        std::fs::write(path, &lines)
+            .with_context(|| format!("cannot write the machine list to {}", path.display()))?;
+    }
+    if let Some(seconds) = args.wait {
+        for vm in &mut started {
+            *vm = wait_running(&cloud, vm.id, Duration::from_secs(seconds), talk)?;
+        }
+    }
+    if common.json {
+        print_json(&started)?;
+    } else if talk {
+        println!(" :: Done!");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Polls a machine until it runs; a machine that fails or ends first is an error.
+fn wait_running(
+    cloud: &crate::client::Service,
+    id: i64,
+    limit: Duration,
+    talk: bool,
+) -> anyhow::Result<VmView> {
+    let start = Instant::now();
+    let terminal = talk && std::io::stderr().is_terminal();
+    let mut last: Option<VmState> = None;
+    loop {
+        let vm: VmView = cloud.get(&format!("/vms/{id}"))?;
+        if terminal && last != Some(vm.state) {
+            eprintln!(
+                " :: Machine {id}: {} ({} s)",
+                vm.state.as_str(),
+                start.elapsed().as_secs()
+            );
+        }
+        last = Some(vm.state);
+        match vm.state {
+            VmState::Running => return Ok(vm),
+            s if s.is_final() || s == VmState::Epilog || s == VmState::Shutdown => bail!(
+                "machine {id} is {} instead of Running{}",
+                s.as_str(),
+                vm.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            ),
+            _ => {}
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "machine {id} is still {} after {} s{}",
+                vm.state.as_str(),
+                limit.as_secs(),
+                vm.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// StratusLab's table: `id state vcpu memory cpu% host/ip name`, columns as wide as
+/// their widest cell.
+pub fn instance_table(vms: &[VmView]) -> String {
+    let rows: Vec<[String; 7]> = vms
+        .iter()
+        .map(|vm| {
+            [
+                vm.id.to_string(),
+                vm.state.as_str().to_owned(),
+                vm.cpu.to_string(),
+                // Memory in KiB, as OpenNebula reported it.
+                (vm.ram_mib * 1024).to_string(),
+                // Guest CPU use is not measured yet.
+                "-".to_owned(),
+                first_address(vm)
+                    .map(|(_, ip)| ip.to_string())
+                    .unwrap_or_default(),
+                vm.name.clone(),
+            ]
+        })
+        .collect();
+    let header = ["id", "state", "vcpu", "memory", "cpu%", "host/ip", "name"];
+    let minimum = [3, 9, 4, 9, 4, 23, 0];
+    let mut widths = [0usize; 7];
+    for c in 0..7 {
+        widths[c] = rows
+            .iter()
+            .map(|r| r[c].len())
+            .chain([minimum[c], header[c].len()])
+            .max()
+            .unwrap_or(0);
+    }
+    let line = |cells: [&str; 7]| {
+        let mut s = String::new();
+        for (c, cell) in cells.iter().enumerate() {
+            if c == 6 {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$} ", w = widths[c]));
+            }
+        }
+        s.trim_end().to_owned() + "\n"
+    };
+    let mut out = line(header);
+    for r in &rows {
+        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
+    }
+    out
+}
+
+/// `-vvv` on one machine: every attribute, then its history.
+fn attributes(vm: &VmView) -> String {
+    let mut out = String::new();
+    let mut field = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
+    field("id", vm.id.to_string());
+    field("name", vm.name.clone());
+    field("owner", vm.owner.clone());
+    field("state", vm.state.as_str().into());
+    field("reason", vm.reason.clone().unwrap_or_default());
+    field("type", vm.instance_type.clone());
+    field("vcpu", vm.cpu.to_string());
+    field("ram_mib", vm.ram_mib.to_string());
+    field("swap_mib", vm.swap_mib.to_string());
+    field("image", vm.image.clone());
+    field("node", vm.node.clone().unwrap_or_default());
+    for l in &vm.leases {
+        field("address", format!("{} {} ({})", l.ip, l.mac, l.network));
+    }
+    field("created", vm.created.clone());
+    field("updated", vm.updated.clone());
+    for e in &vm.history {
+        field(
+            "history",
+            format!(
+                "{} {}{}",
+                e.at,
+                e.state.as_str(),
+                e.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    out
+}
+
+pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode> {
+    let ids: Vec<i64> = args
+        .ids
+        .iter()
+        .map(|t| vm_id(t))
+        .collect::<anyhow::Result<_>>()?;
+    let session = Session::load(common)?;
+    let cloud = session.cloud()?;
+    let mut vms: Vec<VmView> = if ids.is_empty() {
+        let list: VmList = cloud.get("/vms")?;
+        list.vms
+    } else {
+        ids.iter()
+            .map(|id| cloud.get(&format!("/vms/{id}")))
+            .collect::<Result<_, _>>()?
+    };
+    vms.sort_by_key(|vm| vm.id);
+    if common.json {
+        print_json(&vms)?;
+    } else if common.verbose >= 3 && vms.len() == 1 {
+        print!("{}", attributes(&vms[0]));
+    } else if common.quiet > 0 {
+        for vm in &vms {
+            println!("{} {}", vm.id, vm.state.as_str());
+        }
+    } else {
+        print!("{}", instance_table(&vms));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub enum Stop {
+    Kill,
+    Shutdown,
+}
+
+fn ids_of(args: &StopArgs) -> anyhow::Result<Vec<i64>> {
+    let mut texts: Vec<String> = args.ids.clone();
+    if let Some(file) = &args.input {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read machine ids from {}", file.display()))?;
+        texts.extend(
+            text.lines()
+                .map(|l| l.split(',').next().unwrap_or_default().trim().to_owned())
+                .filter(|l| !l.is_empty()),
+        );
+    }
+    if texts.is_empty() {
+        bail!("no machine id given");
+    }
+    texts.iter().map(|t| vm_id(t)).collect()
+}
+
+pub fn stop(common: &Common, args: StopArgs, how: Stop) -> anyhow::Result<ExitCode> {
+    let ids = ids_of(&args)?;
+    let session = Session::load(common)?;
+    let cloud = session.cloud()?;
+    let action = match how {
+        Stop::Kill => "kill",
+        Stop::Shutdown => "shutdown",
+    };
+    let mut done = Vec::new();
+    let mut failures = 0;
+    for id in ids {
+        match cloud.post::<(), VmAccepted>(&format!("/vms/{id}/{action}"), None) {
+            Ok(accepted) => done.push(accepted),
+            Err(e) => {
+                // The others are still stopped: one refusal does not stop the batch.
+                eprintln!("  [ERROR] machine {id}: {e}");
+                failures += 1;
+            }
+        }
+    }
+    if common.json {
+        print_json(&done)?;
+    } else if common.verbose > 0 {
+        for a in &done {
+            println!(
+                " :: Machine {} ({action} requested, job {})",
+                a.vm.id, a.job
+            );
+        }
+    }
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+pub fn shutdown(common: &Common, args: ShutdownArgs) -> anyhow::Result<ExitCode> {
+    if args.save {
+        bail!("saving machines as images (--save) is not available in Stratus yet");
+    }
+    stop(common, args.stop, Stop::Shutdown)
+}
+
+/// The ssh command line that logs into `ip` as root with the private key beside `public`.
+pub fn ssh_command(public: &std::path::Path, ip: Ipv4Addr, command: &[String]) -> Vec<String> {
+    let mut argv = vec!["ssh".to_owned()];
+    let private = public.with_extension("");
+    if public.extension().is_some_and(|e| e == "pub") && private.exists() {
+        argv.extend(["-i".to_owned(), private.display().to_string()]);
+    }
+    // Addresses are reused by the next machine, with new host keys: remembering them
+    // would make every later connection fail.
+    argv.extend(
+        [
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        .map(str::to_owned),
+    );
+    argv.push(format!("root@{ip}"));
+    argv.extend(command.iter().cloned());
+    argv
+}
+
+pub fn connect(common: &Common, args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    let id = vm_id(&args.id)?;
+    let session = Session::load(common)?;
+    let vm: VmView = session.cloud()?.get(&format!("/vms/{id}"))?;
+    if vm.state != VmState::Running {
+        bail!("machine {id} is {}, not Running", vm.state.as_str());
+    }
+    let Some((_, ip)) = first_address(&vm) else {
+        bail!("machine {id} has no network address");
+    };
+    let (key, _) = session.public_key_file(args.key.as_deref())?;
+    let argv = ssh_command(&key, ip, &args.command);
+    tracing::info!(?argv, "connecting");
+    let status = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .status()
+        .with_context(|| format!("cannot run {}", argv[0]))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::from(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stratus_orchestrator::api::types::Lease;
+
+    fn vm(id: i64, state: VmState, ip: Option<&str>) -> VmView {
+        VmView {
+            id,
+            name: format!("one-{id}"),
+            owner: "alice".into(),
+            state,
+            reason: None,
+            instance_type: "m1.small".into(),
+            cpu: 1,
+            ram_mib: 128,
+            swap_mib: 0,
+            image: "x".into(),
+            node: None,
+            leases: ip
+                .map(|ip| {
+                    vec![Lease {
+                        network: "public".into(),
+                        ip: ip.parse().unwrap(),
+                        mac: "02:00:00:00:00:01".into(),
+                    }]
+                })
+                .unwrap_or_default(),
+            holds_resources: true,
+            created: String::new(),
+            updated: String::new(),
+            history: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_empty_table_is_stratuslabs_header() {
+        assert_eq!(
+            instance_table(&[]),
+            "id  state     vcpu memory    cpu% host/ip                 name\n"
+        );
+    }
+
+    #[test]
+    fn columns_grow_with_their_cells() {
+        let t = instance_table(&[
+            vm(165, VmState::Running, Some("198.18.0.10")),
+            vm(1660, VmState::Pending, None),
+        ]);
+        assert_eq!(
+            t,
+            "id   state     vcpu memory    cpu% host/ip                 name\n\
+             165  Running   1    131072    -    198.18.0.10             one-165\n\
+             1660 Pending   1    131072    -                            one-1660\n"
+        );
+    }
+
+    #[test]
+    fn ssh_uses_the_private_key_beside_the_public_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let public = dir.path().join("id_ed25519.pub");
+        std::fs::write(&public, "ssh-ed25519 AAAA").unwrap();
+        let ip: Ipv4Addr = "198.18.0.5".parse().unwrap();
+        let argv = ssh_command(&public, ip, &["hostname".into()]);
+        assert_eq!(argv[0], "ssh");
+        assert!(
+            !argv.contains(&"-i".to_owned()),
+            "no private key yet: {argv:?}"
+        );
+        std::fs::write(dir.path().join("id_ed25519"), "private").unwrap();
+        let argv = ssh_command(&public, ip, &["hostname".into()]);
+        assert_eq!(
+            argv[1..3],
+            [
+                "-i".to_owned(),
+                dir.path().join("id_ed25519").display().to_string()
+            ]
+        );
+        assert_eq!(
+            argv[argv.len() - 2..],
+            ["root@198.18.0.5".to_owned(), "hostname".to_owned()]
+        );
+    }
+
+    #[test]
+    fn machine_ids_are_positive_numbers() {
+        assert_eq!(vm_id(" 42 ").unwrap(), 42);
+        for bad in ["0", "-1", "abc", ""] {
+            assert!(vm_id(bad)
+                .unwrap_err()
+                .to_string()
+                .contains("is not a machine id"));
+        }
+    }
+}

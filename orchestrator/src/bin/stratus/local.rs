@@ -1,0 +1,150 @@
+//! Commands that need no service: prepare-context, copy-config, hash-password, and the
+//! installation helpers (man pages, `stratus-*` links).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, CommandFactory};
+use stratus_contextualizer::{prepare_context_parts, CloudInitPart};
+
+use crate::config;
+use crate::session::{self, Session};
+use crate::{Cli, Common};
+
+#[derive(Args, Debug)]
+pub struct PrepareContextArgs {
+    /// `mime,file` pairs: ssh,KEY.pub  x-shellscript,run.sh  cloud-config,conf.yaml …
+    pub pairs: Vec<String>,
+    /// Where to write the context file.
+    #[arg(short, long, value_name = "FILE", default_value = "cloud-init.txt")]
+    pub output: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct CopyConfigArgs {
+    /// Where to write it (default ~/.stratuslab/stratuslab-user.cfg).
+    pub destination: Option<PathBuf>,
+    /// Replace an existing file.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct HashPasswordArgs {}
+
+pub fn prepare_context(common: &Common, args: PrepareContextArgs) -> anyhow::Result<ExitCode> {
+    let parts: Vec<CloudInitPart> = args
+        .pairs
+        .iter()
+        .map(|p| CloudInitPart::parse(p))
+        .collect::<Result<_, _>>()?;
+    let session = Session::load(common)?;
+    let (key, _) = session.public_key_file(None)?;
+    let default_key = key.exists().then_some(key.as_path());
+    let prepared = prepare_context_parts(&parts, default_key)?;
+    std::fs::write(&args.output, prepared.to_string())
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    if common.quiet == 0 {
+        println!(" :: Context written to {}", args.output.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn copy_config(common: &Common, args: CopyConfigArgs) -> anyhow::Result<ExitCode> {
+    let dest = match args.destination {
+        Some(d) => d,
+        None => session::home()?.join(config::DEFAULT_FILE),
+    };
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // The file will hold a password: only its owner may read it.
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).mode(0o600);
+    if args.force {
+        open.create(true).truncate(true);
+    } else {
+        open.create_new(true);
+    }
+    let mut file = match open.open(&dest) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "{} exists already: edit it, or give --force to replace it",
+            dest.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot write {}", dest.display())),
+    };
+    file.write_all(config::REFERENCE.as_bytes())
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    if common.quiet == 0 {
+        println!(" :: Configuration template written to {}", dest.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn hash_password(_common: &Common, _args: HashPasswordArgs) -> anyhow::Result<ExitCode> {
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Password again: ")?;
+        if first != again {
+            bail!("the two passwords differ");
+        }
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    };
+    if password.is_empty() {
+        bail!("the password is empty");
+    }
+    println!("{}", stratus_orchestrator::users::hash_password(&password)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn man_pages(dir: &Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let root = Cli::command();
+    let write = |name: &str, command: clap::Command| -> anyhow::Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(command.display_name(name.to_owned())).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))
+    };
+    write("stratus", root.clone())?;
+    for sub in root.get_subcommands() {
+        if sub.get_name() == "help" {
+            continue;
+        }
+        write(&format!("stratus-{}", sub.get_name()), sub.clone())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn install_links(dir: &Path) -> anyhow::Result<ExitCode> {
+    let program = std::env::current_exe().context("cannot find this program's path")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let names = crate::command_names()
+        .into_iter()
+        .map(|n| format!("stratus-{n}"));
+    for name in std::iter::once("stratus".to_owned()).chain(names) {
+        let link = dir.join(&name);
+        if link == program {
+            continue;
+        }
+        match std::fs::remove_file(&link) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot replace {}", link.display())),
+        }
+        std::os::unix::fs::symlink(&program, &link)
+            .with_context(|| format!("cannot make {}", link.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,609 @@
+//! The `stratus-*` commands as users type them: through their links, with a configuration
+//! file in a home directory of their own, against a real cloud (Marketplace, node agent,
+//! orchestrator) running tiny guests on this host's `/dev/kvm`.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+use stratus_vmm::test_guest::Guest;
+
+struct User {
+    home: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl User {
+    /// A home directory with the `stratus-*` links on its PATH and an SSH key.
+    fn new() -> User {
+        let home = tempfile::tempdir().unwrap();
+        let bin = home.path().join("bin");
+        let status = Command::new(env!("CARGO_BIN_EXE_stratus"))
+            .arg("install-links")
+            .arg(&bin)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::create_dir_all(home.path().join(".ssh")).unwrap();
+        std::fs::write(
+            home.path().join(".ssh/id_ed25519.pub"),
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlicesKey alice@laptop\n",
+        )
+        .unwrap();
+        std::fs::write(home.path().join(".ssh/id_ed25519"), "private\n").unwrap();
+        User { home, bin }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.home.path().join(rel)
+    }
+
+    fn config(&self, text: &str) {
+        std::fs::create_dir_all(self.path(".stratuslab")).unwrap();
+        std::fs::write(self.path(".stratuslab/stratuslab-user.cfg"), text).unwrap();
+    }
+
+    fn run_with(&self, command: &str, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
+        let mut child = Command::new(self.bin.join(command))
+            .args(args)
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", self.bin.display()))
+            .env("HOME", self.home.path())
+            .envs(env.iter().copied())
+            .current_dir(self.home.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("run {command}: {e}"));
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(out.stdout).unwrap(),
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        }
+    }
+
+    fn run(&self, command: &str, args: &[&str]) -> Output {
+        self.run_with(command, args, &[], "")
+    }
+
+    /// A command that must succeed; its standard output.
+    fn ok(&self, command: &str, args: &[&str]) -> String {
+        let out = self.run(command, args);
+        assert_eq!(
+            out.code, 0,
+            "{command} {args:?} failed:\n{}{}",
+            out.stdout, out.stderr
+        );
+        out.stdout
+    }
+
+    /// A command that must fail with one `[ERROR]` line; that line's message.
+    fn error(&self, command: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.run_with(command, args, env, "");
+        assert_eq!(
+            out.code, 1,
+            "{command} {args:?}: {}{}",
+            out.stdout, out.stderr
+        );
+        assert_eq!(out.stdout, "", "{command} {args:?}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{command} {args:?}: {}", out.stderr);
+        lines[0]
+            .strip_prefix("  [ERROR] ")
+            .unwrap_or_else(|| panic!("not an [ERROR] line: {}", out.stderr))
+            .to_owned()
+    }
+}
+
+fn in_own_network_namespace() {
+    // SAFETY: unshare changes only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "needs root"
+    );
+    run("ip", &["link", "set", "lo", "up"], Path::new("/"));
+}
+
+/// A cloud with one node whose `public` network has a bridge and addresses.
+fn cloud() -> (Marketplace, Agent, Orchestrator) {
+    in_own_network_namespace();
+    let market = Marketplace::start();
+    let agent = Agent::start(
+        4,
+        4096,
+        "\n[[networks]]\nname = \"public\"\nbridge = \"stclibr\"\nsubnet = \"198.18.9.0/24\"\n\
+         address = \"198.18.9.1\"\n",
+    );
+    let cloud = Orchestrator::start(
+        &market,
+        "[[networks]]\nname = \"public\"\nkind = \"public\"\n\
+         addresses = [\"198.18.9.10\", \"198.18.9.11\", \"198.18.9.12\", \"198.18.9.13\"]\n",
+    );
+    cloud.add_node("node-1", &agent);
+    cloud.add_user("alice", "alice-password");
+    (market, agent, cloud)
+}
+
+fn user_config(cloud: &Orchestrator, market: &Marketplace, user: &User) -> String {
+    format!(
+        "[default]\nselected_section = test-cloud\nendpoint_timeout = 5\n\n\
+         [test-cloud]\nendpoint = http://{}\nmarketplace_endpoint = {}\n\
+         username = alice\npassword = alice-password\nuser_public_key_file = {}\n",
+        cloud.addr,
+        market.url(),
+        user.path(".ssh/id_ed25519.pub").display()
+    )
+}
+
+fn vm_count(cloud: &Orchestrator) -> i64 {
+    let (status, list) = cloud.admin("GET", "/vms", None);
+    assert_eq!(status, 200, "{list}");
+    list["count"].as_i64().unwrap()
+}
+
+#[test]
+fn the_tutorial_through_the_stratus_links() {
+    let (market, agent, cloud) = cloud();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+
+    // copy-config writes the commented reference, readable by its owner only, once.
+    let out = user.ok("stratus-copy-config", &[]);
+    let file = user.path(".stratuslab/stratuslab-user.cfg");
+    assert_eq!(
+        out,
+        format!(" :: Configuration template written to {}\n", file.display())
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("#endpoint_timeout = 5"));
+    let e = user.error("stratus-copy-config", &[], &[]);
+    assert_eq!(
+        e,
+        format!(
+            "{} exists already: edit it, or give --force to replace it",
+            file.display()
+        )
+    );
+    user.config(&user_config(&cloud, &market, &user));
+
+    // Nothing yet.
+    assert_eq!(
+        user.ok("stratus-describe-instance", &[]),
+        "id  state     vcpu memory    cpu% host/ip                 name\n"
+    );
+    let images = user.ok("stratus-list-images", &[]);
+    assert!(images.starts_with("identifier "), "{images}");
+    assert!(images.contains(&image), "{images}");
+
+    // The types, the selected one marked.
+    let types = user.ok("stratus-run-instance", &["--list-types"]);
+    assert_eq!(
+        types,
+        "  Type             CPU       RAM      SWAP\n\
+         \x20 c1.medium       2 CPU    1536 MB    1536 MB\n\
+         \x20 c1.xlarge       4 CPU    6144 MB    6144 MB\n\
+         \x20 m1.large        2 CPU    6144 MB    6144 MB\n\
+         \x20 m1.medium       1 CPU    3072 MB    3072 MB\n\
+         * m1.small        1 CPU    1536 MB    1536 MB\n\
+         \x20 m1.xlarge       4 CPU    8192 MB    8192 MB\n\
+         \x20 t1.micro        1 CPU     512 MB     512 MB\n"
+    );
+    let types = user.ok("stratus-run-instance", &["-l", "-t", "t1.micro"]);
+    assert!(types.contains("* t1.micro "), "{types}");
+    assert!(types.contains("  m1.small "), "{types}");
+
+    // One machine, StratusLab's banner, the address the cloud leased.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-t",
+            "t1.micro",
+            "--context",
+            "GREETING=hello#ROLE=worker",
+            &image,
+        ],
+    );
+    let (_, list) = cloud.admin("GET", "/vms", None);
+    let first = &list["vms"][0];
+    let id = first["id"].as_i64().unwrap();
+    let ip = first["leases"][0]["ip"].as_str().unwrap().to_owned();
+    assert_eq!(
+        out,
+        format!(
+            " :::::::::::::::::::::::::\n :: Starting machine(s) ::\n :::::::::::::::::::::::::\n\
+             \x20:: Starting 1 machine\n :: Machine 1 (vm ID: {id})\n \tPublic ip: {ip}\n :: Done!\n"
+        )
+    );
+    assert_eq!(first["owner"], "alice");
+    assert_eq!(first["instance_type"], "t1.micro");
+    cloud.wait_state(id, "Running");
+    let (_, on_node) = agent.call("GET", &format!("/vms/{id}"));
+    let context = &on_node["spec"]["context"];
+    assert_eq!(context["pairs"]["GREETING"], "hello", "{on_node}");
+    assert_eq!(context["pairs"]["ROLE"], "worker");
+    assert_eq!(
+        context["public_key"],
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAlicesKey alice@laptop"
+    );
+
+    // -q: "ID, IP"; -o keeps the same lines for kill-instance -i; --wait returns running.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "-o",
+            "machines.txt",
+            "--wait",
+            "60",
+            &image,
+        ],
+    );
+    let (second, second_ip) = out.trim_end().split_once(", ").unwrap();
+    let second: i64 = second.parse().unwrap();
+    assert_eq!(out, format!("{second}, {second_ip}\n"));
+    assert_eq!(
+        std::fs::read_to_string(user.path("machines.txt")).unwrap(),
+        out
+    );
+    assert_eq!(
+        cloud.admin("GET", &format!("/vms/{second}"), None).1["state"],
+        "Running"
+    );
+
+    // describe-instance: the table, one machine, every attribute, JSON.
+    let table = user.ok("stratus-describe-instance", &[]);
+    assert_eq!(
+        table,
+        format!(
+            "id  state     vcpu memory    cpu% host/ip                 name\n\
+             {id:<3} Running   1    524288    -    {ip:<23} one-{id}\n\
+             {second:<3} Running   1    524288    -    {second_ip:<23} one-{second}\n"
+        )
+    );
+    let one = user.ok("stratus-describe-instance", &[&id.to_string()]);
+    assert_eq!(one.lines().count(), 2, "{one}");
+    let all = user.ok("stratus-describe-instance", &["-vvv", &id.to_string()]);
+    assert!(all.contains("state           Running\n"), "{all}");
+    assert!(all.contains(&format!("address         {ip} ")), "{all}");
+    assert!(all.contains(" Pending"), "the history is shown: {all}");
+    let json: Value =
+        serde_json::from_str(&user.ok("stratus-describe-instance", &["--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert_eq!(json[0]["id"], id);
+    assert_eq!(json[0]["state"], "Running");
+
+    // connect-instance runs ssh as root on the machine's address with the user's key.
+    std::fs::write(
+        user.bin.join("ssh"),
+        format!(
+            "#!/bin/sh\necho \"$@\" > {}\necho guest-says-hi\n",
+            user.path("ssh-args").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        user.bin.join("ssh"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = user.ok("stratus-connect-instance", &[&id.to_string(), "hostname"]);
+    assert_eq!(out, "guest-says-hi\n");
+    let args = std::fs::read_to_string(user.path("ssh-args")).unwrap();
+    assert_eq!(
+        args.trim_end(),
+        format!(
+            "-i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
+             root@{ip} hostname",
+            user.path(".ssh/id_ed25519").display()
+        )
+    );
+
+    // Commands Stratus does not do yet say so.
+    let e = user.error("stratus-create-volume", &["-s", "1"], &[]);
+    assert_eq!(
+        e,
+        "persistent volumes (the pdisk service) is not available in Stratus yet"
+    );
+    let e = user.error("stratus-run-cluster", &[], &[]);
+    assert_eq!(e, "running clusters is not available in Stratus yet");
+    let e = user.error(
+        "stratus-shutdown-instance",
+        &["--save", &id.to_string()],
+        &[],
+    );
+    assert_eq!(
+        e,
+        "saving machines as images (--save) is not available in Stratus yet"
+    );
+
+    // Shut one down, kill the other from the -o file: both end Done, and say nothing.
+    assert_eq!(user.ok("stratus-shutdown-instance", &[&id.to_string()]), "");
+    assert_eq!(
+        user.ok("stratus-kill-instance", &["-i", "machines.txt"]),
+        ""
+    );
+    cloud.wait_state(id, "Done");
+    cloud.wait_state(second, "Done");
+    let table = user.ok("stratus-describe-instance", &[]);
+    assert!(table.contains(&format!("{id:<3} Done ")), "{table}");
+    assert!(table.contains(&format!("{second:<3} Done ")), "{table}");
+
+    // Killing an ended machine is refused by the cloud, with its reason, and exits 1.
+    let out = user.run("stratus-kill-instance", &[&id.to_string()]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.starts_with(&format!("  [ERROR] machine {id}: ")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn bad_input_is_one_error_line_and_creates_nothing() {
+    let (market, _agent, cloud) = cloud();
+    let image = market.publish(Guest::Halt, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let run = "stratus-run-instance";
+
+    let e = user.error(run, &["-t", "m9.giant", &image], &[]);
+    assert!(e.contains("m9.giant"), "{e}");
+    let e = user.error(run, &["AAAAAAAAAAAAAAAAAAAAAAAAAAA"], &[]);
+    assert!(e.contains("AAAAAAAAAAAAAAAAAAAAAAAAAAA"), "{e}");
+    let e = user.error(run, &["not-an-image"], &[]);
+    assert_eq!(
+        e,
+        "'not-an-image' is not a Marketplace image identifier (27 characters: A-Z a-z 0-9 _ -)"
+    );
+    let e = user.error(run, &["--context", "no equals sign", &image], &[]);
+    assert!(e.contains("no equals sign"), "{e}");
+    let e = user.error(run, &["--key", "/nonexistent.pub", &image], &[]);
+    assert!(
+        e.starts_with("cannot read the SSH key file /nonexistent.pub"),
+        "{e}"
+    );
+    let e = user.error(
+        run,
+        &[
+            "--persistent-disk",
+            "1d2c3b4a-0000-4000-8000-000000000000",
+            &image,
+        ],
+        &[],
+    );
+    assert_eq!(
+        e,
+        "persistent volumes (--persistent-disk) are not available in Stratus yet"
+    );
+    let e = user.error(run, &["-p", "wrong", &image], &[]);
+    assert!(e.to_lowercase().contains("password"), "{e}");
+    let e = user.error("stratus-describe-instance", &["abc"], &[]);
+    assert_eq!(e, "'abc' is not a machine id (a positive number)");
+    let e = user.error("stratus-describe-instance", &["999"], &[]);
+    assert!(e.contains("999"), "{e}");
+
+    // A service that accepts connections but never answers: endpoint_timeout applies.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let e = user.error(
+        run,
+        &[&image],
+        &[
+            ("STRATUSLAB_ENDPOINT", &endpoint),
+            ("STRATUSLAB_ENDPOINT_TIMEOUT", "1"),
+        ],
+    );
+    assert_eq!(
+        e,
+        format!("{endpoint} did not answer within 1 s (endpoint_timeout)")
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Nobody listening.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let e = user.error(run, &["--endpoint", &closed, &image], &[]);
+    assert!(e.starts_with(&format!("cannot reach {closed}")), "{e}");
+
+    assert_eq!(vm_count(&cloud), 0, "nothing was created");
+
+    // Precedence: the command line beats the environment, which beats the file.
+    user.config(&user_config(&cloud, &market, &user).replace("alice-password", "stale"));
+    let e = user.error("stratus-describe-instance", &[], &[]);
+    assert!(e.to_lowercase().contains("password"), "{e}");
+    let env = [("STRATUSLAB_PASSWORD", "alice-password")];
+    let out = user.run_with("stratus-describe-instance", &[], &env, "");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let e = user.error("stratus-describe-instance", &["-p", "stale"], &env);
+    assert!(e.to_lowercase().contains("password"), "{e}");
+    // A section that does not exist, chosen by the environment.
+    let e = user.error(
+        "stratus-describe-instance",
+        &[],
+        &[("STRATUSLAB_USER_CONFIG_SECTION", "elsewhere")],
+    );
+    assert!(
+        e.ends_with("has no section [elsewhere] (selected by STRATUSLAB_USER_CONFIG_SECTION)"),
+        "{e}"
+    );
+    // No password anywhere and no terminal to ask on.
+    user.config(&user_config(&cloud, &market, &user).replace("password = alice-password\n", ""));
+    let e = user.error("stratus-describe-instance", &[], &[]);
+    assert!(
+        e.starts_with("no password for alice: give -p/--password"),
+        "{e}"
+    );
+}
+
+#[test]
+fn metadata_is_built_signed_validated_uploaded_and_deprecated() {
+    let market = Marketplace::start();
+    let user = User::new();
+    let pki = market.dir.path().join("pki");
+    // The endorser's key pair, from the configuration file this time.
+    user.config(&format!(
+        "[default]\nmarketplace_endpoint = {}\npem_certificate = {}\npem_key = {}\n",
+        market.url(),
+        pki.join("endorser.pem").display(),
+        pki.join("endorser.key").display()
+    ));
+    let image = user.path("disk.img");
+    std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();
+    user.ok(
+        "stratus-build-metadata",
+        &[
+            image.to_str().unwrap(),
+            "--os",
+            "Debian",
+            "--os-version",
+            "12",
+            "--title",
+            "A test disk",
+            "--location",
+            "http://198.18.0.1/disk.img",
+            "-o",
+            "entry.xml",
+        ],
+    );
+    // Unsigned: not valid yet.
+    let out = user.run("stratus-validate-metadata", &["entry.xml"]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stderr.starts_with("  [ERROR] entry.xml: "),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        user.ok("stratus-sign-metadata", &["entry.xml"]),
+        " :: Signed entry.xml\n"
+    );
+    let valid = user.ok("stratus-validate-metadata", &["entry.xml"]);
+    assert!(valid.starts_with("entry.xml: valid (image "), "{valid}");
+    let identifier = valid
+        .split("image ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert_eq!(identifier.len(), 27);
+    let up = user.ok("stratus-upload-metadata", &["entry.xml"]);
+    assert!(
+        up.starts_with(&format!(
+            "UPLOADED entry.xml {}/metadata/{identifier}/",
+            market.url()
+        )),
+        "{up}"
+    );
+
+    let listed = user.ok("stratus-list-images", &[]);
+    assert!(
+        listed.contains(&identifier) && listed.contains("Debian 12"),
+        "{listed}"
+    );
+    let shown = user.ok("stratus-show-image", &[&identifier]);
+    assert!(shown.contains("title         A test disk\n"), "{shown}");
+    assert_eq!(
+        user.ok("stratus-search-image", &["-q", "test disk"]),
+        format!("{identifier}\n")
+    );
+
+    assert_eq!(
+        user.ok(
+            "stratus-deprecate-metadata",
+            &[&identifier, "--reason", "superseded"]
+        ),
+        format!("DEPRECATED {identifier}\n")
+    );
+    assert_eq!(user.ok("stratus-list-images", &[]), "No image to show\n");
+    let shown = user.ok("stratus-show-image", &[&identifier]);
+    assert!(shown.contains("deprecated    superseded\n"), "{shown}");
+    let json: Value =
+        serde_json::from_str(&user.ok("stratus-list-images", &["--json", "--status", "all"]))
+            .unwrap();
+    assert_eq!(json[0]["deprecated"], "superseded");
+}
+
+#[test]
+fn local_commands_hash_prepare_and_install() {
+    let user = User::new();
+    let out = user.run_with("stratus-hash-password", &[], &[], "s3cret\n");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let hash = out.stdout.trim_end();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    use argon2::PasswordVerifier;
+    let parsed = argon2::PasswordHash::new(hash).unwrap();
+    assert!(argon2::Argon2::default()
+        .verify_password(b"s3cret", &parsed)
+        .is_ok());
+    assert!(argon2::Argon2::default()
+        .verify_password(b"other", &parsed)
+        .is_err());
+
+    std::fs::write(user.path("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+    let key = user.path(".ssh/id_ed25519.pub");
+    user.config(&format!(
+        "[default]\nuser_public_key_file = {}\n",
+        key.display()
+    ));
+    let out = user.ok("stratus-prepare-context", &["x-shellscript,run.sh"]);
+    assert_eq!(out, " :: Context written to cloud-init.txt\n");
+    let text = std::fs::read_to_string(user.path("cloud-init.txt")).unwrap();
+    let keys: Vec<&str> = text.lines().map(|l| l.split('=').next().unwrap()).collect();
+    assert_eq!(keys[0], "CONTEXT_METHOD");
+    assert!(text.starts_with("CONTEXT_METHOD=cloud-init\n"), "{text}");
+    assert_eq!(
+        keys.len(),
+        3,
+        "the method, the key and the user data: {text}"
+    );
+    let e = user.error("stratus-prepare-context", &["nocomma"], &[]);
+    assert!(e.contains("nocomma"), "{e}");
+
+    let bash = user.ok("stratus", &["completion", "bash"]);
+    assert!(
+        bash.contains("run-instance") && bash.contains("--list-types"),
+        "completion"
+    );
+    user.ok("stratus", &["man", "man"]);
+    let page = std::fs::read_to_string(user.path("man/stratus-run-instance.1")).unwrap();
+    assert!(page.contains("list\\-types"), "{page}");
+    // Every link is the same program under a StratusLab name.
+    for name in [
+        "stratus-run-instance",
+        "stratus-describe-volumes",
+        "stratus-hash-password",
+    ] {
+        let target = std::fs::read_link(user.bin.join(name)).unwrap();
+        assert!(target.ends_with("stratus"), "{name} → {}", target.display());
+    }
+    let help = user.ok("stratus-describe-instance", &["--help"]);
+    assert!(help.contains("Usage: stratus describe-instance"), "{help}");
+    let version = user.ok("stratus-run-instance", &["--version"]);
+    assert!(version.starts_with("stratus"), "{version}");
+}
