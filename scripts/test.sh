@@ -22,3 +22,5 @@ step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
 bash vmm/tests/nested/boot_debian.sh
 step "nested: the cloud with a node agent in a real second host (L1), booting Debian from a Marketplace image"
 bash orchestrator/tests/nested/cloud_in_l1.sh
+step "nested: StratusLab's tutorial through the stratus-* commands on the cloud in one box (scripts/demo.sh)"
+bash orchestrator/tests/nested/tutorial.sh

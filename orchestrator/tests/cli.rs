@@ -318,7 +318,7 @@ fn the_tutorial_through_the_stratus_links() {
         args.trim_end(),
         format!(
             "-i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR \
-             root@{ip} hostname",
+             -o ConnectTimeout=10 root@{ip} hostname",
             user.path(".ssh/id_ed25519").display()
         )
     );

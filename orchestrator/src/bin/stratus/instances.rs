@@ -594,6 +594,8 @@ pub fn ssh_command(public: &std::path::Path, ip: Ipv4Addr, command: &[String]) -
             "UserKnownHostsFile=/dev/null",
             "-o",
             "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=10",
         ]
         .map(str::to_owned),
     );
