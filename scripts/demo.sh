@@ -143,6 +143,10 @@ poll_interval_s = 2
 node_timeout_s = 300
 # A nested node is slow to boot its guests and to see them power off.
 shutdown_timeout_s = 300
+# Persistent volumes (pdisk's file backend): files the node opens at the same path, so
+# they attach to VMs of a node on this machine; a nested node cannot see them (it will
+# reach volumes over iSCSI).
+volume_dir = "$STATE/volumes"
 
 [[networks]]
 name = "public"

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use stratus_nodeagent::api::types::{ErrorBody, HostInfo, VmInfo, VmList, VmSpec};
+use stratus_nodeagent::api::types::{AttachDisk, ErrorBody, HostInfo, VmInfo, VmList, VmSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -185,6 +185,36 @@ impl AgentClient {
             Err(e) if e.status() == Some(404) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// Hot-plugs a disk; answers when the guest has it.
+    pub async fn attach_disk(
+        &self,
+        id: &str,
+        disk: &str,
+        attach: &AttachDisk,
+    ) -> Result<VmInfo, AgentError> {
+        let r = self
+            .send(
+                self.http
+                    .put(self.url(&format!("/vms/{id}/disks/{disk}")))
+                    .json(attach),
+                CREATE_TIMEOUT,
+            )
+            .await?;
+        self.read(r).await
+    }
+
+    /// Unplugs a hot-plugged disk; answers when the guest has let it go.
+    pub async fn detach_disk(&self, id: &str, disk: &str) -> Result<VmInfo, AgentError> {
+        let r = self
+            .send(
+                self.http
+                    .delete(self.url(&format!("/vms/{id}/disks/{disk}"))),
+                CREATE_TIMEOUT,
+            )
+            .await?;
+        self.read(r).await
     }
 
     pub async fn console(&self, id: &str, bytes: u64) -> Result<Vec<u8>, AgentError> {

@@ -72,6 +72,11 @@ pub struct Config {
     /// Instance types beyond StratusLab's seven (a name of theirs replaces it).
     #[serde(default)]
     pub instance_types: Vec<InstanceTypeConfig>,
+    /// Where persistent volumes are kept (pdisk's file backend: sparse raw files the nodes
+    /// open at the same path, so this host or a filesystem they share). Without it, the
+    /// cloud has no volumes.
+    #[serde(default)]
+    pub volume_dir: Option<PathBuf>,
     /// The networks VMs are given addresses on; node agents serve them under the same
     /// names.
     #[serde(default)]
@@ -98,6 +103,9 @@ pub struct QuotaConfig {
     /// Number of VMs (0: no limit).
     #[serde(default)]
     pub vms: i64,
+    /// GiB of persistent volumes (0: no limit).
+    #[serde(default)]
+    pub volume_gib: i64,
 }
 
 impl Default for QuotaConfig {
@@ -105,6 +113,7 @@ impl Default for QuotaConfig {
         QuotaConfig {
             cpu: default_cpu_quota(),
             memory_mib: 0,
+            volume_gib: 0,
             vms: 0,
         }
     }

@@ -13,6 +13,7 @@ pub mod marketplace;
 pub mod metrics;
 pub mod networks;
 pub mod nodes;
+pub mod pdisk;
 pub mod placement;
 pub mod quotas;
 pub mod users;
@@ -38,6 +39,8 @@ pub struct Cloud {
     /// Wakes this replica's job workers when a request queues a job.
     pub jobs_queued: tokio::sync::Notify,
     pub metrics: metrics::Metrics,
+    /// pdisk's storage (`volume_dir`), if the cloud has volumes.
+    pub volumes: Option<pdisk::file::FileBackend>,
 }
 
 impl Cloud {
@@ -56,6 +59,7 @@ impl Cloud {
             auth: users::Authenticator::default(),
             jobs_queued: tokio::sync::Notify::new(),
             metrics: metrics::Metrics::default(),
+            volumes: None,
         }
     }
 }

@@ -268,7 +268,19 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listen = config.listen;
-    let cloud = Arc::new(Cloud::new(db, Arc::new(config), policy));
+    let volumes = match &config.volume_dir {
+        Some(dir) => Some(
+            stratus_orchestrator::pdisk::file::FileBackend::open(dir)
+                .with_context(|| format!("volume_dir {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let mut cloud = Cloud::new(db, Arc::new(config), policy);
+    cloud.volumes = volumes;
+    let cloud = Arc::new(cloud);
+    stratus_orchestrator::pdisk::recover(&cloud)
+        .await
+        .context("cannot finish the volume changes a previous run left")?;
     jobs::start_workers(&cloud);
     tokio::spawn(nodes::poller(cloud.clone()));
     let listener = tokio::net::TcpListener::bind(listen)

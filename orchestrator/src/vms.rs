@@ -34,6 +34,15 @@ pub enum VmError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Db(#[from] DbError),
+    /// A persistent volume of the request cannot be attached.
+    #[error(transparent)]
+    Volume(Box<crate::pdisk::VolumeError>),
+}
+
+impl From<crate::pdisk::VolumeError> for VmError {
+    fn from(e: crate::pdisk::VolumeError) -> Self {
+        VmError::Volume(Box::new(e))
+    }
 }
 
 impl From<sqlx::Error> for VmError {
@@ -126,6 +135,8 @@ const MAX_CONTEXT_PAIRS: usize = 128;
 const MAX_USER_DATA: usize = 32 * 1024;
 const MAX_VOLATILE_GIB: u64 = 1024;
 const MAX_READONLY_DISKS: usize = 4;
+/// Persistent volumes attached at boot (StratusLab's guests name them vda…vdz).
+const MAX_PERSISTENT_DISKS: usize = 16;
 
 /// A request's values after defaults and limits.
 struct Checked {
@@ -209,6 +220,17 @@ fn check(cloud: &Cloud, r: &RunRequest) -> Result<Checked, VmError> {
     }
     if r.readonly_disks.len() > MAX_READONLY_DISKS {
         return bad(format!("at most {MAX_READONLY_DISKS} read-only disks"));
+    }
+    if r.persistent_disks.len() > MAX_PERSISTENT_DISKS {
+        return bad(format!("at most {MAX_PERSISTENT_DISKS} persistent disks"));
+    }
+    let mut volumes = std::collections::BTreeSet::new();
+    for uuid in &r.persistent_disks {
+        let uuid =
+            crate::pdisk::parse_uuid(uuid).map_err(|e| VmError::BadRequest(e.to_string()))?;
+        if !volumes.insert(uuid.clone()) {
+            return bad(format!("disk {uuid} is given twice"));
+        }
     }
     if let Some(expr) = &r.requirements {
         Requirements::parse(expr).map_err(VmError::BadRequest)?;
@@ -309,6 +331,7 @@ pub async fn create(
     if let Some(network) = &checked.network {
         networks::allocate(db, &mut tx, network, id, request.address).await?;
     }
+    crate::pdisk::take_at_deploy(db, &mut tx, who, id, &request.persistent_disks).await?;
     let job = jobs::enqueue(&mut tx, id, Action::Deploy, &who.name).await?;
     let row = load(&mut tx, id).await?;
     let vm = view(&mut tx, &row, who.is_admin(), false).await?;
@@ -326,6 +349,28 @@ pub async fn load(conn: &mut AnyConnection, id: i64) -> Result<VmRow, VmError> {
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(VmError::NotFound(id))
+}
+
+/// The VM, if `who` may change it, its row locked until the transaction ends
+/// (PostgreSQL; SQLite has one writer).
+pub async fn load_for_update(
+    db: &crate::db::Db,
+    conn: &mut AnyConnection,
+    who: &Principal,
+    id: i64,
+) -> Result<VmRow, VmError> {
+    let row = sqlx::query_as::<_, VmRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {VM_COLUMNS} FROM vms WHERE id = $1{}",
+        db.for_update()
+    )))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or(VmError::NotFound(id))?;
+    if row.owner != who.name && !who.is_admin() {
+        return Err(VmError::NotYours(id));
+    }
+    Ok(row)
 }
 
 /// The VM, if `who` may see it.
@@ -578,6 +623,7 @@ pub async fn release(
     state: Option<(VmState, &str)>,
 ) -> Result<(), VmError> {
     networks::release(conn, id).await?;
+    crate::pdisk::release(conn, id).await?;
     sqlx::query("UPDATE vms SET holds = 0, updated = $1 WHERE id = $2")
         .bind(db::now())
         .bind(id)

@@ -125,6 +125,11 @@ fn in_own_network_namespace() {
 
 /// A cloud with one node whose `public` network has a bridge and addresses.
 fn cloud() -> (Marketplace, Agent, Orchestrator) {
+    let (market, agent, cloud, _) = cloud_on(Backend::Sqlite);
+    (market, agent, cloud)
+}
+
+fn cloud_on(backend: Backend) -> (Marketplace, Agent, Orchestrator, Database) {
     in_own_network_namespace();
     let market = Marketplace::start();
     let agent = Agent::start(
@@ -133,14 +138,16 @@ fn cloud() -> (Marketplace, Agent, Orchestrator) {
         "\n[[networks]]\nname = \"public\"\nbridge = \"stclibr\"\nsubnet = \"198.18.9.0/24\"\n\
          address = \"198.18.9.1\"\n",
     );
-    let cloud = Orchestrator::start(
+    let database = Database::new(backend);
+    let cloud = Orchestrator::start_with(
         &market,
+        &database,
         "[[networks]]\nname = \"public\"\nkind = \"public\"\n\
          addresses = [\"198.18.9.10\", \"198.18.9.11\", \"198.18.9.12\", \"198.18.9.13\"]\n",
     );
     cloud.add_node("node-1", &agent);
     cloud.add_user("alice", "alice-password");
-    (market, agent, cloud)
+    (market, agent, cloud, database)
 }
 
 fn user_config(cloud: &Orchestrator, market: &Marketplace, user: &User) -> String {
@@ -324,11 +331,6 @@ fn the_tutorial_through_the_stratus_links() {
     );
 
     // Commands Stratus does not do yet say so.
-    let e = user.error("stratus-create-volume", &["-s", "1"], &[]);
-    assert_eq!(
-        e,
-        "persistent volumes (the pdisk service) is not available in Stratus yet"
-    );
     let e = user.error("stratus-run-cluster", &[], &[]);
     assert_eq!(e, "running clusters is not available in Stratus yet");
     let e = user.error(
@@ -396,10 +398,9 @@ fn bad_input_is_one_error_line_and_creates_nothing() {
         ],
         &[],
     );
-    assert_eq!(
-        e,
-        "persistent volumes (--persistent-disk) are not available in Stratus yet"
-    );
+    assert_eq!(e, "no disk 1d2c3b4a-0000-4000-8000-000000000000");
+    let e = user.error(run, &["--persistent-disk", "not-a-uuid", &image], &[]);
+    assert_eq!(e, "'not-a-uuid' is not a disk UUID");
     let e = user.error(run, &["-p", "wrong", &image], &[]);
     assert!(e.to_lowercase().contains("password"), "{e}");
     let e = user.error("stratus-describe-instance", &["abc"], &[]);
@@ -606,4 +607,250 @@ fn local_commands_hash_prepare_and_install() {
     assert!(help.contains("Usage: stratus describe-instance"), "{help}");
     let version = user.ok("stratus-run-instance", &["--version"]);
     assert!(version.starts_with("stratus"), "{version}");
+}
+
+/// The lines of a describe-volumes block but its creation time.
+fn without_created(block: &str) -> String {
+    block
+        .lines()
+        .filter(|l| !l.starts_with("\tcreated: "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[test]
+fn volumes_are_created_attached_and_detached_through_the_stratus_links() {
+    volumes_through_the_links(Backend::Sqlite);
+}
+
+/// The same with PostgreSQL deciding the attach race.
+#[test]
+fn volumes_are_created_attached_and_detached_on_postgres() {
+    volumes_through_the_links(Backend::Postgres);
+}
+
+fn volumes_through_the_links(backend: Backend) {
+    use std::os::unix::fs::MetadataExt;
+    let (market, agent, cloud, _database) = cloud_on(backend);
+    let image = market.publish(Guest::EventLoop, |_| {});
+    cloud.add_user("bob", "bob-password");
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let bob = ["-u", "bob", "-p", "bob-password"];
+
+    assert_eq!(
+        user.ok("stratus-describe-volumes", &[]),
+        "No disk to show\n"
+    );
+    let out = user.ok("stratus-create-volume", &["-s", "2", "-t", "my data"]);
+    let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    assert_eq!(out, format!("DISK {data}\n"));
+    let file = cloud.dir.path().join("volumes").join(format!("{data}.img"));
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len(), 2 << 30);
+    assert!(
+        meta.blocks() < 64,
+        "a new volume allocates nothing: {} blocks",
+        meta.blocks()
+    );
+    assert_eq!(
+        without_created(&user.ok("stratus-describe-volumes", &[])),
+        format!(
+            ":: DISK {data}\n\tcount: 0\n\towner: alice\n\ttag: my data\n\tsize: 2\n\
+             \tvisibility: private\n\ttype: DATA_IMAGE_RAW_READ_WRITE\n\tstate: available\n"
+        )
+    );
+    assert_eq!(
+        user.ok(
+            "stratus-update-volume",
+            &[&data, "--public", "-t", "shared"]
+        ),
+        format!("DISK {data}\n")
+    );
+    let shown = user.ok(
+        "stratus-describe-volumes",
+        &["-f", "tag:^sha", "-f", "visibility:public"],
+    );
+    assert!(shown.starts_with(&format!(":: DISK {data}\n")), "{shown}");
+    assert_eq!(
+        user.ok("stratus-describe-volumes", &["-f", "tag:^zzz"]),
+        "No disk to show\n"
+    );
+    let boot = user.ok("stratus-create-volume", &["--size", "1", "--tag", "boot"]);
+    let boot = boot.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+
+    // Bad input and other users' volumes.
+    let e = user.error("stratus-create-volume", &["-s", "0"], &[]);
+    assert_eq!(e, "the size must be between 1 and 1024 GiB, not 0");
+    let e = user.error("stratus-create-volume", &["-s", "1025"], &[]);
+    assert_eq!(e, "the size must be between 1 and 1024 GiB, not 1025");
+    let e = user.error(
+        "stratus-create-volume",
+        &["-s", "1", "-t", &"x".repeat(41)],
+        &[],
+    );
+    assert_eq!(e, "the tag is longer than 40 characters");
+    let e = user.error("stratus-describe-volumes", &["nope"], &[]);
+    assert_eq!(e, "'nope' is not a disk UUID");
+    let e = user.error("stratus-describe-volumes", &["-f", "colour:red"], &[]);
+    assert!(
+        e.starts_with("filter 'colour:red': no field 'colour'"),
+        "{e}"
+    );
+    let e = user.error(
+        "stratus-delete-volume",
+        &[&boot, "-u", "bob", "-p", "bob-password"],
+        &[],
+    );
+    assert_eq!(e, "Service error: Not enough rights to delete disk");
+    let seen_by_bob = user.ok(
+        "stratus-describe-volumes",
+        &[&["-q"][..], &bob[..]].concat(),
+    );
+    assert_eq!(
+        seen_by_bob,
+        format!("{data}\n"),
+        "bob sees the public volume only"
+    );
+
+    // Attached at boot: the node gets the file; the volume is held.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            &boot,
+            &image,
+        ],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    let disk = on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == boot[..20])
+        .unwrap_or_else(|| panic!("no volume in {on_node}"))
+        .clone();
+    assert_eq!(
+        disk["source"]["file"]["path"],
+        cloud
+            .dir
+            .path()
+            .join("volumes")
+            .join(format!("{boot}.img"))
+            .display()
+            .to_string()
+    );
+    let shown = user.ok("stratus-describe-volumes", &[&boot]);
+    assert!(shown.contains("\tcount: 1\n"), "{shown}");
+    assert!(
+        shown.contains(&format!("\tmount: VM {vm} on /dev/vda since ")),
+        "{shown}"
+    );
+    let e = user.error("stratus-delete-volume", &[&boot], &[]);
+    assert_eq!(
+        e,
+        format!("Service error: disk {boot} is attached to VM {vm}: detach it first")
+    );
+    let e = user.error(
+        "stratus-detach-volume",
+        &["-i", &vm.to_string(), &boot],
+        &[],
+    );
+    assert_eq!(e, format!("DISK {boot}: Disk have not been hot-plugged"));
+
+    // Hot-plugged into the running VM, and out again.
+    assert_eq!(
+        user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &data]),
+        format!("ATTACHED {data} in VM {vm} on /dev/vdz\n")
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    assert_eq!(
+        on_node["attached"].as_array().unwrap().len(),
+        1,
+        "{on_node}"
+    );
+    assert_eq!(on_node["attached"][0]["serial"], data[..20]);
+
+    // 100 attach requests for one volume at once: one wins, the others name the holder.
+    let other = user.ok(
+        "stratus-run-instance",
+        &["-q", "-t", "t1.micro", "--wait", "60", &image],
+    );
+    let other: i64 = other.split(',').next().unwrap().parse().unwrap();
+    let spare = user.ok("stratus-create-volume", &["-s", "1"]);
+    let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    let alice = ("alice", "alice-password");
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let (cloud, spare) = (&cloud, &spare);
+                let target = if i % 2 == 0 { vm } else { other };
+                s.spawn(move || {
+                    cloud.call_as(
+                        alice,
+                        "POST",
+                        &format!("/disks/{spare}/mounts"),
+                        Some(&serde_json::json!({ "vm_id": target })),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(winners.len(), 1, "{answers:?}");
+    let holder = winners[0]["vm_id"].as_i64().unwrap();
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 202) {
+        assert_eq!(*status, 409, "{body}");
+        assert_eq!(
+            error(body),
+            format!("disk {spare} is attached to VM {holder}")
+        );
+    }
+
+    assert_eq!(
+        user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &data]),
+        format!("DETACHED {data} from VM {vm} on /dev/vdz\n")
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    let serials: Vec<&Value> = on_node["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["serial"])
+        .collect();
+    assert!(!serials.contains(&&Value::from(&data[..20])), "{on_node}");
+    assert!(user
+        .ok("stratus-describe-volumes", &[&data])
+        .contains("\tcount: 0\n"));
+
+    // When the VMs end, their volumes are free; deleting them removes their files.
+    user.ok(
+        "stratus-kill-instance",
+        &[&vm.to_string(), &other.to_string()],
+    );
+    cloud.wait_state(vm, "Done");
+    cloud.wait_state(other, "Done");
+    assert!(user
+        .ok("stratus-describe-volumes", &[&boot])
+        .contains("\tcount: 0\n"));
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&boot, &data, &spare]),
+        format!("DELETED {boot}\nDELETED {data}\nDELETED {spare}\n")
+    );
+    assert!(!file.exists());
+    assert_eq!(
+        user.ok("stratus-describe-volumes", &[]),
+        "No disk to show\n"
+    );
 }

@@ -4,6 +4,7 @@
 //! `{"error": "<reason>"}`. `/openapi.json` is generated from the handlers below.
 
 mod cimi;
+mod disks;
 pub mod types;
 
 use std::sync::Arc;
@@ -63,7 +64,15 @@ pub const MAX_PAGE: i64 = 1000;
         add_user,
         delete_user,
         put_user_quotas,
-        list_networks
+        list_networks,
+        disks::list_disks,
+        disks::create_disk,
+        disks::get_disk,
+        disks::update_disk,
+        disks::delete_disk,
+        disks::list_mounts,
+        disks::attach_disk,
+        disks::detach_disk
     ),
     components(schemas(
         RunRequest,
@@ -87,7 +96,15 @@ pub const MAX_PAGE: i64 = 1000;
         QuotaUpdate,
         NetworkView,
         LeaseHolder,
-        ErrorBody
+        ErrorBody,
+        crate::pdisk::VolumeCreate,
+        crate::pdisk::VolumeUpdate,
+        crate::pdisk::VolumeView,
+        crate::pdisk::MountView,
+        crate::pdisk::MountRequest,
+        crate::pdisk::MountAccepted,
+        crate::pdisk::Visibility,
+        crate::pdisk::VolumeKind
     ))
 )]
 pub struct ApiDoc;
@@ -109,6 +126,22 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/users/{name}", axum::routing::delete(delete_user))
         .route("/users/{name}/quotas", put(put_user_quotas))
         .route("/networks", get(list_networks))
+        .route("/disks", get(disks::list_disks).post(disks::create_disk))
+        .route("/disks/", get(disks::list_disks).post(disks::create_disk))
+        .route(
+            "/disks/{uuid}",
+            get(disks::get_disk)
+                .put(disks::update_disk)
+                .delete(disks::delete_disk),
+        )
+        .route(
+            "/disks/{uuid}/mounts",
+            get(disks::list_mounts).post(disks::attach_disk),
+        )
+        .route(
+            "/disks/{uuid}/mounts/{vm}",
+            axum::routing::delete(disks::detach_disk),
+        )
         .route("/metrics", get(get_metrics))
         .route("/cimi/machine", get(cimi::machines))
         .route("/cimi/machine/{id}", get(cimi::one_machine))
@@ -135,9 +168,35 @@ fn internal(e: impl std::fmt::Display) -> Refusal {
     Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
+impl From<crate::pdisk::VolumeError> for Refusal {
+    fn from(e: crate::pdisk::VolumeError) -> Self {
+        use crate::pdisk::VolumeError;
+        let status = match &e {
+            VolumeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            VolumeError::NotFound(_) => StatusCode::NOT_FOUND,
+            VolumeError::NotYours { .. } | VolumeError::Quota { .. } => StatusCode::FORBIDDEN,
+            VolumeError::Conflict(_) => StatusCode::CONFLICT,
+            VolumeError::Vm(_) => {
+                let VolumeError::Vm(vm) = e else {
+                    return internal(e);
+                };
+                return vm.into();
+            }
+            VolumeError::Storage(_) | VolumeError::Db(_) => return internal(e),
+        };
+        Refusal::new(status, e.to_string())
+    }
+}
+
 impl From<VmError> for Refusal {
     fn from(e: VmError) -> Self {
         let status = match &e {
+            VmError::Volume(_) => {
+                let VmError::Volume(v) = e else {
+                    return internal(e);
+                };
+                return (*v).into();
+            }
             VmError::BadRequest(_) => StatusCode::BAD_REQUEST,
             VmError::NotYours(_) => StatusCode::FORBIDDEN,
             VmError::NotFound(_) => StatusCode::NOT_FOUND,

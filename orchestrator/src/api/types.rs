@@ -53,6 +53,10 @@ pub struct RunRequest {
     /// Marketplace images attached read-only (`--readonly-disk`), cached on the node.
     #[serde(default)]
     pub readonly_disks: Vec<String>,
+    /// Persistent volumes attached at boot (`--persistent-disk`), by UUID: each must be
+    /// the caller's (or public) and attached to no other VM.
+    #[serde(default)]
+    pub persistent_disks: Vec<String>,
     /// A volatile disk of this many GiB (`--volatile-disk`).
     #[serde(default)]
     pub volatile_disk_gib: Option<u64>,

@@ -27,6 +27,10 @@ pub enum Action {
     Shutdown,
     /// It has ended on its own: release its node resources.
     Epilog,
+    /// Hot-plug its volumes that are being attached.
+    Attach,
+    /// Unplug its volumes that are being detached.
+    Detach,
 }
 
 impl Action {
@@ -36,6 +40,8 @@ impl Action {
             Action::Kill => "kill",
             Action::Shutdown => "shutdown",
             Action::Epilog => "epilog",
+            Action::Attach => "attach",
+            Action::Detach => "detach",
         }
     }
 
@@ -45,6 +51,8 @@ impl Action {
             Action::Kill,
             Action::Shutdown,
             Action::Epilog,
+            Action::Attach,
+            Action::Detach,
         ]
         .into_iter()
         .find(|a| a.as_str() == text)

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use stratus_nodeagent::api::types::{
-    BootSpec, ContextSpec, DiskSource, DiskSpec, NicSpec, VmSpec, VmState as AgentVmState,
+    AttachDisk, BootSpec, ContextSpec, DiskSource, DiskSpec, NicSpec, VmSpec,
+    VmState as AgentVmState,
 };
 
 use super::{Action, Claimed, Outcome};
@@ -13,6 +14,7 @@ use crate::agent_client::AgentError;
 use crate::api::types::VmState;
 use crate::db::DbError;
 use crate::networks::{self, Lease};
+use crate::pdisk::{self, NodeDisk};
 use crate::placement::{self, Requirements, Reservation};
 use crate::vms::{self, Deployment, VmError, VmRow};
 use crate::{nodes, Cloud};
@@ -28,6 +30,8 @@ pub enum StepError {
     Db(#[from] DbError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Volume(#[from] pdisk::VolumeError),
 }
 
 impl From<sqlx::Error> for StepError {
@@ -54,6 +58,8 @@ pub async fn run(cloud: &Cloud, job: &Claimed) -> Result<Outcome, StepError> {
         Action::Kill => stop(cloud, row, false).await,
         Action::Shutdown => stop(cloud, row, true).await,
         Action::Epilog => epilog(cloud, row).await,
+        Action::Attach => hotplug(cloud, row, true).await,
+        Action::Detach => hotplug(cloud, row, false).await,
     }
 }
 
@@ -82,8 +88,23 @@ async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Resu
     Ok(())
 }
 
+/// How the node agent sees a persistent volume: the file, and a serial the guest can find
+/// it by (`/dev/disk/by-id/virtio-<first 20 characters of the UUID>`).
+fn volume_disk(volume: &NodeDisk) -> (String, AttachDisk) {
+    (
+        pdisk::disk_id(&volume.uuid),
+        AttachDisk {
+            source: DiskSource::File {
+                path: volume.path.clone(),
+            },
+            read_only: volume.read_only,
+            serial: Some(volume.uuid.chars().take(20).collect()),
+        },
+    )
+}
+
 /// The node agent's spec for the VM.
-fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease]) -> VmSpec {
+fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease], volumes: &[NodeDisk]) -> VmSpec {
     let request = &deployment.request;
     let mut disks = Vec::new();
     if row.swap_mib > 0 {
@@ -112,6 +133,15 @@ fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease]) -> VmSpec {
             },
             read_only: true,
             serial: Some(format!("readonly-{i}")),
+        });
+    }
+    for volume in volumes {
+        let (id, disk) = volume_disk(volume);
+        disks.push(DiskSpec {
+            id,
+            source: disk.source,
+            read_only: disk.read_only,
+            serial: disk.serial,
         });
     }
     let nics = leases
@@ -192,16 +222,17 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 }
             },
         };
-        let (node, leases) = {
+        let (node, leases, volumes) = {
             let mut conn = cloud.db.pool.acquire().await?;
             (
                 nodes::load(&mut conn, node_id).await?,
                 networks::leases_of(&mut conn, row.id)
                     .await
                     .map_err(VmError::from)?,
+                pdisk::disks_of(&mut conn, row.id, &["attached"]).await?,
             )
         };
-        let spec = spec_of(&row, &deployment, &leases);
+        let spec = spec_of(&row, &deployment, &leases, &volumes);
         let client = node.client(&cloud.http);
         match client.put_vm(&row.id.to_string(), &spec).await {
             Ok(info) => {
@@ -436,6 +467,94 @@ async fn epilog(cloud: &Cloud, row: VmRow) -> Result<Outcome, StepError> {
             Some((VmState::Done, "its node resources are released")),
         )
         .await?;
+    }
+    Ok(Outcome::Done)
+}
+
+/// Hot-plugs the VM's volumes being attached, or unplugs those being detached. A retry
+/// after a crash finds what the node did already (the VM's hot-plugged disks).
+async fn hotplug(cloud: &Cloud, row: VmRow, attach: bool) -> Result<Outcome, StepError> {
+    let wanted = if attach { "attaching" } else { "detaching" };
+    let pending = {
+        let mut conn = cloud.db.pool.acquire().await?;
+        pdisk::disks_of(&mut conn, row.id, &[wanted]).await?
+    };
+    if pending.is_empty() {
+        return Ok(Outcome::Done);
+    }
+    let state = row.state()?;
+    let node_id = match row.node_id {
+        Some(n) if state == VmState::Running => n,
+        _ => {
+            let why = format!("VM {} is {}, not Running", row.id, state.as_str());
+            let mut tx = cloud.db.pool.begin().await?;
+            for volume in &pending {
+                // An attach that cannot happen is undone; a detach of a VM that is not
+                // running needs nothing: its volumes are released when it ends.
+                if attach {
+                    pdisk::settle(&mut tx, &volume.uuid, false).await?;
+                }
+            }
+            tx.commit().await?;
+            return Ok(Outcome::Failed(why));
+        }
+    };
+    let node = {
+        let mut conn = cloud.db.pool.acquire().await?;
+        nodes::load(&mut conn, node_id).await?
+    };
+    let client = node.client(&cloud.http);
+    let id = row.id.to_string();
+    let plugged: Vec<String> = match client.vm(&id).await {
+        Ok(Some(info)) => info.attached.into_iter().map(|d| d.id).collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string())),
+    };
+    for volume in &pending {
+        let (disk, spec) = volume_disk(volume);
+        let result = if attach {
+            if plugged.contains(&disk) {
+                Ok(())
+            } else {
+                client.attach_disk(&id, &disk, &spec).await.map(|_| ())
+            }
+        } else if plugged.contains(&disk) {
+            client.detach_disk(&id, &disk).await.map(|_| ())
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => {
+                let mut conn = cloud.db.pool.acquire().await?;
+                pdisk::settle(&mut conn, &volume.uuid, attach).await?;
+            }
+            // The guest has not let go yet: the node keeps the request; look again.
+            Err(AgentError::Refused { status: 409, .. }) if !attach => {
+                return Ok(Outcome::Retry(
+                    Duration::from_secs(2),
+                    format!("the guest has not released {} yet", volume.device),
+                ));
+            }
+            Err(AgentError::Refused { status, reason, .. }) if (400..500).contains(&status) => {
+                let why = format!(
+                    "node {} cannot {} disk {}: {reason}",
+                    node.name,
+                    if attach { "attach" } else { "detach" },
+                    volume.uuid
+                );
+                let mut conn = cloud.db.pool.acquire().await?;
+                if attach {
+                    pdisk::settle(&mut conn, &volume.uuid, false).await?;
+                } else {
+                    sqlx::query("UPDATE mounts SET state = 'attached' WHERE volume_uuid = $1")
+                        .bind(&volume.uuid)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                return Ok(Outcome::Failed(why));
+            }
+            Err(e) => return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string())),
+        }
     }
     Ok(Outcome::Done)
 }

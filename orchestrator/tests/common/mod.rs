@@ -486,9 +486,10 @@ impl Orchestrator {
             format!(
                 "listen = \"{addr}\"\ndatabase = \"{database}\"\nmarketplace_endpoint = \"{}\"\n\
                  admin_password_file = \"{}\"\npoll_interval_s = 1\nnode_timeout_s = 3\n\
-                 shutdown_timeout_s = 10\n{extra}",
+                 shutdown_timeout_s = 10\nvolume_dir = \"{}\"\n{extra}",
                 marketplace.url(),
-                password.display()
+                password.display(),
+                dir.path().join("volumes").display()
             ),
         )
         .unwrap();

@@ -48,10 +48,14 @@ printf 'user_public_key_file = %s\n' "$HOME/.ssh/id_ed25519.pub" >> "$HOME/.stra
 expect "stratus-describe-instance shows no machine yet" \
     "id  state     vcpu memory    cpu% host/ip                 name" stratus-describe-instance
 if stratus-list-images | grep -q "^$IMAGE .*Debian 12 x86_64"; then ok "stratus-list-images shows the appliance"; else fail "stratus-list-images shows the appliance"; fi
-if out=$(stratus-create-volume --size 1 2>&1); then fail "stratus-create-volume (pdisk does not exist yet)"; else
-    [ "$out" = "  [ERROR] persistent volumes (the pdisk service) is not available in Stratus yet" ] \
-        && ok "stratus-create-volume says pdisk is not there yet" || fail "stratus-create-volume's message: $out"
-fi
+expect "stratus-describe-volumes shows no volume yet" "No disk to show" stratus-describe-volumes
+DISK=$(stratus-create-volume --size 1 --tag "tutorial data" | sed -n 's/^DISK //p')
+[ -n "$DISK" ] && ok "stratus-create-volume makes a 1 GiB volume ($DISK)" || fail "stratus-create-volume"
+if stratus-describe-volumes "$DISK" | grep -qx "$(printf '\ttag: tutorial data')"; then ok "stratus-describe-volumes shows its tag"; else fail "stratus-describe-volumes"; fi
+expect "stratus-update-volume makes it public" "DISK $DISK" stratus-update-volume --public "$DISK"
+if stratus-describe-volumes "$DISK" | grep -qx "$(printf '\tvisibility: public')"; then ok "... and describe-volumes shows it public"; else fail "update-volume's change is not shown"; fi
+expect "stratus-delete-volume deletes it" "DELETED $DISK" stratus-delete-volume "$DISK"
+expect "... and it is gone" "No disk to show" stratus-describe-volumes
 
 stratus-run-instance -t t1.micro --wait 1800 "$IMAGE" > "$W/run.txt" 2>&1 || true
 VM=$(sed -n 's/.*(vm ID: \([0-9]*\)).*/\1/p' "$W/run.txt")

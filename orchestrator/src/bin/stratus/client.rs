@@ -158,6 +158,27 @@ impl Service {
         self.decode(response)
     }
 
+    pub fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        let response = self.send(self.request(reqwest::Method::PUT, path).json(body))?;
+        self.decode(response)
+    }
+
+    /// A DELETE answered with no body.
+    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        self.send(self.request(reqwest::Method::DELETE, path))?;
+        Ok(())
+    }
+
+    /// A DELETE answered with a JSON body.
+    pub fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let response = self.send(self.request(reqwest::Method::DELETE, path))?;
+        self.decode(response)
+    }
+
     /// POSTs a document as-is (signed Marketplace entries must not be re-encoded).
     pub fn post_document(
         &self,

@@ -213,9 +213,6 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
              the web console and GET /vms/<id>/console"
         );
     }
-    if !args.persistent_disk.is_empty() {
-        bail!("persistent volumes (--persistent-disk) are not available in Stratus yet");
-    }
     if args.number == 0 || args.number > 100 {
         bail!("-n/--number must be between 1 and 100");
     }
@@ -289,6 +286,7 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
         network,
         address: args.address,
         readonly_disks: args.readonly_disk.clone(),
+        persistent_disks: args.persistent_disk.clone(),
         volatile_disk_gib: args.volatile_disk,
         requirements: args.vm_requirements.clone(),
     })

@@ -9,6 +9,7 @@ mod instances;
 mod local;
 mod nodes;
 mod session;
+mod volumes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -102,6 +103,18 @@ pub enum Command {
     UploadMetadata(images::UploadArgs),
     /// Deprecate an image with a newer signed entry saying why.
     DeprecateMetadata(images::DeprecateArgs),
+    /// Create a persistent volume.
+    CreateVolume(volumes::CreateArgs),
+    /// Show persistent volumes, where they are attached and since when.
+    DescribeVolumes(volumes::DescribeArgs),
+    /// Change a volume's tag, visibility or type.
+    UpdateVolume(volumes::UpdateArgs),
+    /// Delete volumes and their data.
+    DeleteVolume(volumes::DeleteArgs),
+    /// Hot-plug volumes into a running machine.
+    AttachVolume(volumes::MountArgs),
+    /// Unplug hot-plugged volumes from a running machine.
+    DetachVolume(volumes::MountArgs),
     /// Turn `mime,file` pairs into a cloud-init context file for --context-file.
     PrepareContext(local::PrepareContextArgs),
     /// Write a commented reference configuration file.
@@ -131,18 +144,6 @@ pub enum NotYet {
     CreateImage(Ignored),
     /// Not available in Stratus yet: upload an image file to the cloud's storage.
     UploadImage(Ignored),
-    /// Not available in Stratus yet: create a persistent volume.
-    CreateVolume(Ignored),
-    /// Not available in Stratus yet: show persistent volumes.
-    DescribeVolumes(Ignored),
-    /// Not available in Stratus yet: change a persistent volume.
-    UpdateVolume(Ignored),
-    /// Not available in Stratus yet: delete a persistent volume.
-    DeleteVolume(Ignored),
-    /// Not available in Stratus yet: attach persistent volumes to a machine.
-    AttachVolume(Ignored),
-    /// Not available in Stratus yet: detach persistent volumes from a machine.
-    DetachVolume(Ignored),
 }
 
 #[derive(Args, Debug)]
@@ -157,7 +158,6 @@ impl NotYet {
             NotYet::RunCluster(_) => "running clusters",
             NotYet::CreateImage(_) => "saving machines as images",
             NotYet::UploadImage(_) => "uploading images to the cloud's storage",
-            _ => "persistent volumes (the pdisk service)",
         }
     }
 }
@@ -245,6 +245,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ValidateMetadata(a) => images::validate(&common, a),
         Command::UploadMetadata(a) => images::upload(&common, a),
         Command::DeprecateMetadata(a) => images::deprecate(&common, a),
+        Command::CreateVolume(a) => volumes::create(&common, a),
+        Command::DescribeVolumes(a) => volumes::describe(&common, a),
+        Command::UpdateVolume(a) => volumes::update(&common, a),
+        Command::DeleteVolume(a) => volumes::delete(&common, a),
+        Command::AttachVolume(a) => volumes::attach(&common, a, true),
+        Command::DetachVolume(a) => volumes::attach(&common, a, false),
         Command::PrepareContext(a) => local::prepare_context(&common, a),
         Command::CopyConfig(a) => local::copy_config(&common, a),
         Command::HashPassword(a) => local::hash_password(&common, a),

@@ -1,0 +1,678 @@
+//! pdisk, StratusLab's persistent disk service, as part of the orchestrator: volumes that
+//! outlive VMs, owned by users, private or public, attached to at most one VM at a time —
+//! at deploy time or while the VM runs (the node agent's hot-plug).
+//!
+//! A volume is a row first: it is made `creating`, its storage is made, then it is
+//! `available`; deleting goes `deleting` → storage removed → row removed. A restart
+//! finishes whatever a killed orchestrator left in between ([`recover`]). Attach and
+//! detach on a running VM are jobs of that VM, run in order with its other jobs.
+
+pub mod file;
+pub mod types;
+
+use sqlx::AnyConnection;
+
+use crate::api::types::VmState;
+use crate::db::{self, DbError};
+use crate::jobs::{self, Action};
+use crate::users::Principal;
+use crate::vms::{self, VmError};
+use crate::Cloud;
+pub use types::*;
+
+/// StratusLab's limits.
+pub const MAX_SIZE_GIB: i64 = 1024;
+pub const MAX_TAG_CHARS: usize = 40;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no disk {0}")]
+    NotFound(String),
+    /// StratusLab's text for another user's disk (`uuid` is in the request already).
+    #[error("Not enough rights to {action} disk")]
+    NotYours { action: &'static str, uuid: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(
+        "volume quota exceeded (Quota: {quota} GiB, Used: {used} GiB, Requested: {requested} GiB)."
+    )]
+    Quota {
+        quota: i64,
+        used: i64,
+        requested: i64,
+    },
+    #[error("the volume storage failed")]
+    Storage(#[source] std::io::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+impl From<sqlx::Error> for VolumeError {
+    fn from(e: sqlx::Error) -> Self {
+        VolumeError::Db(e.into())
+    }
+}
+
+/// One row of `volumes`.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct VolumeRow {
+    pub uuid: String,
+    pub owner: String,
+    pub tag: String,
+    pub size_gib: i64,
+    pub visibility: String,
+    pub kind: String,
+    pub identifier: Option<String>,
+    pub seed: i64,
+    pub base_uuid: Option<String>,
+    pub quarantine: Option<String>,
+    pub pool: String,
+    pub state: String,
+    pub location: String,
+    pub created: String,
+    pub updated: String,
+}
+
+const VOLUME_COLUMNS: &str = "uuid, owner, tag, size_gib, visibility, kind, identifier, seed, \
+    base_uuid, quarantine, pool, state, location, created, updated";
+
+#[derive(Clone, Debug, sqlx::FromRow)]
+struct MountRow {
+    vm_id: i64,
+    device: String,
+    hotplugged: i64,
+    state: String,
+    created: String,
+}
+
+/// A volume id as StratusLab made them (a UUID), normalised to lower case.
+pub fn parse_uuid(text: &str) -> Result<String, VolumeError> {
+    uuid::Uuid::parse_str(text.trim())
+        .map(|u| u.hyphenated().to_string())
+        .map_err(|_| VolumeError::BadRequest(format!("'{text}' is not a disk UUID")))
+}
+
+fn check_tag(tag: &str) -> Result<(), VolumeError> {
+    if tag.chars().count() > MAX_TAG_CHARS {
+        return Err(VolumeError::BadRequest(format!(
+            "the tag is longer than {MAX_TAG_CHARS} characters"
+        )));
+    }
+    if tag.chars().any(char::is_control) {
+        return Err(VolumeError::BadRequest(
+            "the tag contains control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn load(conn: &mut AnyConnection, uuid: &str) -> Result<VolumeRow, VolumeError> {
+    load_with(conn, uuid, "").await
+}
+
+/// The volume's row, locked until the transaction ends (PostgreSQL; SQLite has one
+/// writer): attach and delete of one volume take their turns.
+async fn load_locked(
+    db: &crate::db::Db,
+    conn: &mut AnyConnection,
+    uuid: &str,
+) -> Result<VolumeRow, VolumeError> {
+    load_with(conn, uuid, db.for_update()).await
+}
+
+async fn load_with(
+    conn: &mut AnyConnection,
+    uuid: &str,
+    lock: &str,
+) -> Result<VolumeRow, VolumeError> {
+    sqlx::query_as::<_, VolumeRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE uuid = $1{lock}"
+    )))
+    .bind(uuid)
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| VolumeError::NotFound(uuid.to_owned()))
+}
+
+/// The volume, if `who` may see it: their own, public ones, or any for admins.
+async fn load_visible(
+    conn: &mut AnyConnection,
+    who: &Principal,
+    uuid: &str,
+    action: &'static str,
+) -> Result<VolumeRow, VolumeError> {
+    let row = load(conn, uuid).await?;
+    if row.owner != who.name && row.visibility != "public" && !who.is_admin() {
+        return Err(VolumeError::NotYours {
+            action,
+            uuid: uuid.to_owned(),
+        });
+    }
+    Ok(row)
+}
+
+/// The volume, if `who` may change it: their own, or any for admins.
+async fn load_owned(
+    conn: &mut AnyConnection,
+    who: &Principal,
+    uuid: &str,
+    action: &'static str,
+) -> Result<VolumeRow, VolumeError> {
+    let row = load(conn, uuid).await?;
+    if row.owner != who.name && !who.is_admin() {
+        return Err(VolumeError::NotYours {
+            action,
+            uuid: uuid.to_owned(),
+        });
+    }
+    Ok(row)
+}
+
+async fn mounts_of_volume(
+    conn: &mut AnyConnection,
+    uuid: &str,
+) -> Result<Vec<MountRow>, VolumeError> {
+    Ok(sqlx::query_as::<_, MountRow>(
+        "SELECT vm_id, device, hotplugged, state, created FROM mounts \
+         WHERE volume_uuid = $1",
+    )
+    .bind(uuid)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, VolumeError> {
+    let mounts: Vec<MountView> = mounts_of_volume(conn, &row.uuid)
+        .await?
+        .into_iter()
+        .map(|m| MountView {
+            vm_id: m.vm_id,
+            device: m.device,
+            hotplugged: m.hotplugged != 0,
+            state: m.state,
+            since: m.created,
+        })
+        .collect();
+    Ok(VolumeView {
+        count: mounts.len() as i64,
+        uuid: row.uuid,
+        owner: row.owner,
+        tag: row.tag,
+        size_gib: row.size_gib,
+        visibility: row.visibility,
+        kind: row.kind,
+        identifier: row.identifier,
+        seed: row.seed != 0,
+        base_uuid: row.base_uuid,
+        quarantine: row.quarantine,
+        state: row.state,
+        mounts,
+        created: row.created,
+        updated: row.updated,
+    })
+}
+
+/// GiB of volumes `owner` holds.
+async fn used_gib(conn: &mut AnyConnection, owner: &str) -> Result<i64, VolumeError> {
+    let (used,): (i64,) = sqlx::query_as(
+        "SELECT CAST(COALESCE(SUM(size_gib), 0) AS BIGINT) FROM volumes WHERE owner = $1",
+    )
+    .bind(owner)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(used)
+}
+
+pub async fn create(
+    cloud: &Cloud,
+    who: &Principal,
+    request: VolumeCreate,
+) -> Result<VolumeView, VolumeError> {
+    if !(1..=MAX_SIZE_GIB).contains(&request.size_gib) {
+        return Err(VolumeError::BadRequest(format!(
+            "the size must be between 1 and {MAX_SIZE_GIB} GiB, not {}",
+            request.size_gib
+        )));
+    }
+    let tag = request.tag.unwrap_or_default();
+    check_tag(&tag)?;
+    let visibility = request.visibility.unwrap_or(Visibility::Private);
+    let kind = request.kind.unwrap_or(VolumeKind::DataImageRawReadWrite);
+    let backend = cloud.volumes.as_ref().ok_or_else(|| {
+        VolumeError::Conflict("this cloud has no volume storage (set volume_dir)".into())
+    })?;
+    let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
+    let location = backend.location(&uuid);
+    let now = db::now();
+    {
+        let mut tx = cloud.db.pool.begin().await?;
+        // The owner's row serialises their creations, so the quota holds under races.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT name FROM users WHERE name = $1{}",
+            cloud.db.for_update()
+        )))
+        .bind(&who.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let quota = cloud.config.quotas.volume_gib;
+        if quota > 0 {
+            let used = used_gib(&mut tx, &who.name).await?;
+            if used + request.size_gib > quota {
+                return Err(VolumeError::Quota {
+                    quota,
+                    used,
+                    requested: request.size_gib,
+                });
+            }
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES \
+             ($1, $2, $3, $4, $5, $6, NULL, 0, NULL, NULL, $7, 'creating', $8, $9, $9)"
+        )))
+        .bind(&uuid)
+        .bind(&who.name)
+        .bind(&tag)
+        .bind(request.size_gib)
+        .bind(visibility.as_str())
+        .bind(kind.as_str())
+        .bind(backend.pool())
+        .bind(location.to_string_lossy().as_ref())
+        .bind(&now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    }
+    finish_create(cloud, &uuid, request.size_gib, &location).await?;
+    let mut conn = cloud.db.pool.acquire().await?;
+    let row = load(&mut conn, &uuid).await?;
+    view(&mut conn, row).await
+}
+
+async fn finish_create(
+    cloud: &Cloud,
+    uuid: &str,
+    size_gib: i64,
+    location: &std::path::Path,
+) -> Result<(), VolumeError> {
+    let backend = cloud
+        .volumes
+        .as_ref()
+        .ok_or_else(|| VolumeError::Conflict("this cloud has no volume storage".into()))?;
+    backend
+        .create(location, size_gib as u64)
+        .map_err(VolumeError::Storage)?;
+    sqlx::query(
+        "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
+    )
+    .bind(db::now())
+    .bind(uuid)
+    .execute(&cloud.db.pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn list(cloud: &Cloud, who: &Principal) -> Result<Vec<VolumeView>, VolumeError> {
+    let mut conn = cloud.db.pool.acquire().await?;
+    let rows = if who.is_admin() {
+        sqlx::query_as::<_, VolumeRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY created, uuid"
+        )))
+        .fetch_all(&mut *conn)
+        .await?
+    } else {
+        sqlx::query_as::<_, VolumeRow>(sqlx::AssertSqlSafe(format!(
+            "SELECT {VOLUME_COLUMNS} FROM volumes WHERE owner = $1 OR visibility = 'public' \
+             ORDER BY created, uuid"
+        )))
+        .bind(&who.name)
+        .fetch_all(&mut *conn)
+        .await?
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(view(&mut conn, row).await?);
+    }
+    Ok(out)
+}
+
+pub async fn get(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<VolumeView, VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    let mut conn = cloud.db.pool.acquire().await?;
+    let row = load_visible(&mut conn, who, &uuid, "see").await?;
+    view(&mut conn, row).await
+}
+
+pub async fn update(
+    cloud: &Cloud,
+    who: &Principal,
+    uuid: &str,
+    request: VolumeUpdate,
+) -> Result<VolumeView, VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    if let Some(tag) = &request.tag {
+        check_tag(tag)?;
+    }
+    let mut tx = cloud.db.pool.begin().await?;
+    let row = load_owned(&mut tx, who, &uuid, "update").await?;
+    sqlx::query(
+        "UPDATE volumes SET tag = $1, visibility = $2, kind = $3, updated = $4 WHERE uuid = $5",
+    )
+    .bind(request.tag.as_deref().unwrap_or(&row.tag))
+    .bind(
+        request
+            .visibility
+            .map(Visibility::as_str)
+            .unwrap_or(&row.visibility),
+    )
+    .bind(request.kind.map(VolumeKind::as_str).unwrap_or(&row.kind))
+    .bind(db::now())
+    .bind(&uuid)
+    .execute(&mut *tx)
+    .await?;
+    let row = load(&mut tx, &uuid).await?;
+    let view = view(&mut tx, row).await?;
+    tx.commit().await?;
+    Ok(view)
+}
+
+pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    let location = {
+        let mut tx = cloud.db.pool.begin().await?;
+        load_owned(&mut tx, who, &uuid, "delete").await?;
+        // Locked: an attach of this volume waits for this transaction, or this one for
+        // the attach's, and the mounts are read after the lock is held — never both win.
+        let row = load_locked(&cloud.db, &mut tx, &uuid).await?;
+        if let Some(m) = mounts_of_volume(&mut tx, &uuid).await?.first() {
+            return Err(VolumeError::Conflict(format!(
+                "disk {uuid} is attached to VM {}: detach it first",
+                m.vm_id
+            )));
+        }
+        match row.state.as_str() {
+            "available" => {
+                sqlx::query("UPDATE volumes SET state = 'deleting', updated = $1 WHERE uuid = $2")
+                    .bind(db::now())
+                    .bind(&uuid)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // A delete that a crash interrupted: finished now.
+            "deleting" => {}
+            other => {
+                return Err(VolumeError::Conflict(format!(
+                    "disk {uuid} is {other}; try again in a moment"
+                )))
+            }
+        }
+        tx.commit().await?;
+        row.location
+    };
+    finish_delete(cloud, &uuid, std::path::Path::new(&location)).await
+}
+
+async fn finish_delete(
+    cloud: &Cloud,
+    uuid: &str,
+    location: &std::path::Path,
+) -> Result<(), VolumeError> {
+    if let Some(backend) = &cloud.volumes {
+        backend.delete(location).map_err(VolumeError::Storage)?;
+    }
+    sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'deleting'")
+        .bind(uuid)
+        .execute(&cloud.db.pool)
+        .await?;
+    Ok(())
+}
+
+/// Finishes the creations and deletions a killed orchestrator left half-done.
+pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
+    let rows = sqlx::query_as::<_, VolumeRow>(sqlx::AssertSqlSafe(format!(
+        "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state IN ('creating', 'deleting')"
+    )))
+    .fetch_all(&cloud.db.pool)
+    .await?;
+    for row in rows {
+        let location = std::path::PathBuf::from(&row.location);
+        let result = if row.state == "creating" {
+            finish_create(cloud, &row.uuid, row.size_gib, &location).await
+        } else {
+            finish_delete(cloud, &row.uuid, &location).await
+        };
+        match result {
+            Ok(()) => tracing::info!(volume = %row.uuid, was = %row.state, "finished"),
+            Err(e) => tracing::warn!(volume = %row.uuid, error = %e, "cannot finish it yet"),
+        }
+    }
+    Ok(())
+}
+
+/// The next free guest device of a VM: from `vda` up for disks attached at boot, from
+/// `vdz` down for hot-plugged ones (as StratusLab's pdisk counted).
+async fn next_device(
+    conn: &mut AnyConnection,
+    vm: i64,
+    hotplug: bool,
+) -> Result<String, VolumeError> {
+    let taken: Vec<(String,)> = sqlx::query_as("SELECT device FROM mounts WHERE vm_id = $1")
+        .bind(vm)
+        .fetch_all(&mut *conn)
+        .await?;
+    let letters: Vec<char> = if hotplug {
+        ('a'..='z').rev().collect()
+    } else {
+        ('a'..='z').collect()
+    };
+    letters
+        .into_iter()
+        .map(|c| format!("vd{c}"))
+        .find(|d| !taken.iter().any(|(t,)| t == d))
+        .ok_or_else(|| VolumeError::Conflict(format!("VM {vm} has no free disk slot")))
+}
+
+/// Takes `uuid` for `vm`: the one insert that decides who has it.
+async fn take(
+    db: &crate::db::Db,
+    conn: &mut AnyConnection,
+    who: &Principal,
+    uuid: &str,
+    vm: i64,
+    hotplug: bool,
+) -> Result<(VolumeRow, String), VolumeError> {
+    load_visible(conn, who, uuid, "attach").await?;
+    let row = load_locked(db, conn, uuid).await?;
+    if row.state != "available" {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is {}, not available",
+            row.state
+        )));
+    }
+    let device = next_device(conn, vm, hotplug).await?;
+    let state = if hotplug { "attaching" } else { "attached" };
+    let inserted = sqlx::query(
+        "INSERT INTO mounts (volume_uuid, vm_id, device, hotplugged, state, created) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (volume_uuid) DO NOTHING",
+    )
+    .bind(uuid)
+    .bind(vm)
+    .bind(&device)
+    .bind(i64::from(hotplug))
+    .bind(state)
+    .bind(db::now())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
+        let holder = mounts_of_volume(conn, uuid)
+            .await?
+            .first()
+            .map(|m| m.vm_id.to_string())
+            .unwrap_or_else(|| "another VM".into());
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is attached to VM {holder}"
+        )));
+    }
+    Ok((row, device))
+}
+
+/// At deploy time (inside the run request's transaction): the VM's persistent disks.
+pub async fn take_at_deploy(
+    db: &crate::db::Db,
+    conn: &mut AnyConnection,
+    who: &Principal,
+    vm: i64,
+    uuids: &[String],
+) -> Result<(), VolumeError> {
+    for uuid in uuids {
+        take(db, conn, who, &parse_uuid(uuid)?, vm, false).await?;
+    }
+    Ok(())
+}
+
+/// What the node agent gets for each of a VM's volumes in `state`.
+pub async fn disks_of(
+    conn: &mut AnyConnection,
+    vm: i64,
+    states: &[&str],
+) -> Result<Vec<NodeDisk>, VolumeError> {
+    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
+        "SELECT m.volume_uuid, m.device, m.state, v.location, v.kind FROM mounts m \
+         JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 ORDER BY m.created, m.device",
+    )
+    .bind(vm)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, _, state, _, _)| states.contains(&state.as_str()))
+        .map(|(uuid, device, _, location, kind)| NodeDisk {
+            read_only: kind == VolumeKind::DataImageRawReadonly.as_str(),
+            uuid,
+            device,
+            path: location.into(),
+        })
+        .collect())
+}
+
+/// When a VM ends: its volumes are free again.
+pub async fn release(conn: &mut AnyConnection, vm: i64) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM mounts WHERE vm_id = $1")
+        .bind(vm)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A running VM of `who`'s, locked for the change.
+async fn running_vm(
+    cloud: &Cloud,
+    conn: &mut AnyConnection,
+    who: &Principal,
+    vm: i64,
+) -> Result<vms::VmRow, VolumeError> {
+    let row = vms::load_for_update(&cloud.db, conn, who, vm).await?;
+    if row.state()? != VmState::Running {
+        return Err(VolumeError::Conflict(format!(
+            "VM {vm} is {}: volumes are hot-plugged into running VMs only",
+            row.state
+        )));
+    }
+    Ok(row)
+}
+
+/// `POST /disks/{uuid}/mounts`: attach to a running VM (a job of that VM).
+pub async fn attach(
+    cloud: &Cloud,
+    who: &Principal,
+    uuid: &str,
+    vm: i64,
+) -> Result<MountAccepted, VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    let mut tx = cloud.db.pool.begin().await?;
+    running_vm(cloud, &mut tx, who, vm).await?;
+    let (_, device) = take(&cloud.db, &mut tx, who, &uuid, vm, true).await?;
+    let job = jobs::enqueue(&mut tx, vm, Action::Attach, &who.name).await?;
+    tx.commit().await?;
+    cloud.jobs_queued.notify_waiters();
+    Ok(MountAccepted {
+        uuid,
+        vm_id: vm,
+        device,
+        job,
+    })
+}
+
+/// `DELETE /disks/{uuid}/mounts/{vm}`: detach from a running VM (a job of that VM).
+pub async fn detach(
+    cloud: &Cloud,
+    who: &Principal,
+    uuid: &str,
+    vm: i64,
+) -> Result<MountAccepted, VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    let mut tx = cloud.db.pool.begin().await?;
+    running_vm(cloud, &mut tx, who, vm).await?;
+    load_visible(&mut tx, who, &uuid, "detach").await?;
+    let Some(mount) = mounts_of_volume(&mut tx, &uuid)
+        .await?
+        .into_iter()
+        .find(|m| m.vm_id == vm)
+    else {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is not attached to VM {vm}"
+        )));
+    };
+    if mount.hotplugged == 0 {
+        // StratusLab's words.
+        return Err(VolumeError::Conflict(format!(
+            "DISK {uuid}: Disk have not been hot-plugged"
+        )));
+    }
+    if mount.state != "attached" {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is {} on VM {vm}; try again in a moment",
+            mount.state
+        )));
+    }
+    sqlx::query("UPDATE mounts SET state = 'detaching' WHERE volume_uuid = $1")
+        .bind(&uuid)
+        .execute(&mut *tx)
+        .await?;
+    let job = jobs::enqueue(&mut tx, vm, Action::Detach, &who.name).await?;
+    tx.commit().await?;
+    cloud.jobs_queued.notify_waiters();
+    Ok(MountAccepted {
+        uuid,
+        vm_id: vm,
+        device: mount.device,
+        job,
+    })
+}
+
+/// The agent's disk id for a volume: its UUID without dashes would be 32 characters;
+/// the first 18 hex digits are unique enough within one VM and fit the agent's limits.
+pub fn disk_id(uuid: &str) -> String {
+    let hex: String = uuid.chars().filter(|c| *c != '-').take(18).collect();
+    format!("v{hex}")
+}
+
+/// Marks a hot-plug done or undone (by the job that carried it out).
+pub async fn settle(conn: &mut AnyConnection, uuid: &str, attached: bool) -> Result<(), DbError> {
+    if attached {
+        sqlx::query("UPDATE mounts SET state = 'attached' WHERE volume_uuid = $1")
+            .bind(uuid)
+            .execute(&mut *conn)
+            .await?;
+    } else {
+        sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
+            .bind(uuid)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}

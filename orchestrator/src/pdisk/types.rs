@@ -1,0 +1,136 @@
+//! pdisk's wire types: served by the orchestrator, imported by the CLI.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    Private,
+    Public,
+}
+
+impl Visibility {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Visibility::Private => "private",
+            Visibility::Public => "public",
+        }
+    }
+}
+
+/// StratusLab's six volume types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VolumeKind {
+    MachineImageOrigin,
+    MachineImageLive,
+    DataImageOrigin,
+    DataImageLive,
+    DataImageRawReadonly,
+    DataImageRawReadWrite,
+}
+
+impl VolumeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeKind::MachineImageOrigin => "MACHINE_IMAGE_ORIGIN",
+            VolumeKind::MachineImageLive => "MACHINE_IMAGE_LIVE",
+            VolumeKind::DataImageOrigin => "DATA_IMAGE_ORIGIN",
+            VolumeKind::DataImageLive => "DATA_IMAGE_LIVE",
+            VolumeKind::DataImageRawReadonly => "DATA_IMAGE_RAW_READONLY",
+            VolumeKind::DataImageRawReadWrite => "DATA_IMAGE_RAW_READ_WRITE",
+        }
+    }
+}
+
+/// `POST /disks` (`stratus-create-volume`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// 1 to 1024.
+    pub size_gib: i64,
+    /// At most 40 characters.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// private (default) or public.
+    #[serde(default)]
+    pub visibility: Option<Visibility>,
+    /// Default DATA_IMAGE_RAW_READ_WRITE.
+    #[serde(default, rename = "type")]
+    pub kind: Option<VolumeKind>,
+}
+
+/// `PUT /disks/{uuid}` (`stratus-update-volume`): absent fields are kept.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeUpdate {
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub visibility: Option<Visibility>,
+    #[serde(default, rename = "type")]
+    pub kind: Option<VolumeKind>,
+}
+
+/// Where a volume is attached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MountView {
+    pub vm_id: i64,
+    /// The guest device StratusLab named it by (`vda`…, `vdz` downwards when hot-plugged).
+    pub device: String,
+    pub hotplugged: bool,
+    /// attaching | attached | detaching
+    pub state: String,
+    pub since: String,
+}
+
+/// A volume as `stratus-describe-volumes` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeView {
+    pub uuid: String,
+    pub owner: String,
+    pub tag: String,
+    pub size_gib: i64,
+    pub visibility: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub identifier: Option<String>,
+    pub seed: bool,
+    pub base_uuid: Option<String>,
+    pub quarantine: Option<String>,
+    /// creating | available | deleting
+    pub state: String,
+    /// The number of VMs it is attached to (0 or 1).
+    pub count: i64,
+    pub mounts: Vec<MountView>,
+    pub created: String,
+    pub updated: String,
+}
+
+/// `POST /disks/{uuid}/mounts` (`stratus-attach-volume`).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    pub vm_id: i64,
+}
+
+/// An attach or detach accepted: the job that carries it out on the VM's node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MountAccepted {
+    pub uuid: String,
+    pub vm_id: i64,
+    pub device: String,
+    pub job: i64,
+}
+
+/// A volume as the node agent gets it.
+#[derive(Clone, Debug)]
+pub struct NodeDisk {
+    pub uuid: String,
+    pub device: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+}
