@@ -124,6 +124,8 @@ INIT
     # One ext4 partition from 1 MiB on, in an MBR disk, without a loop device.
     local size_mib=$(( $(du -sm "$tree" | cut -f1) + 48 ))
     mke2fs -q -t ext4 -L stratus-root -d "$tree" "$w/root.ext4" "${size_mib}M" > /dev/null
+    # A fresh file: dd's sparse copy skips zero blocks, so old bytes must not be there.
+    rm -f "$out.tmp"
     truncate -s $(( (size_mib + 1) * 1024 * 1024 )) "$out.tmp"
     printf 'label: dos\nstart=2048, type=83, bootable\n' | sfdisk -q "$out.tmp" > /dev/null
     dd if="$w/root.ext4" of="$out.tmp" bs=1M seek=1 conv=notrunc,sparse status=none

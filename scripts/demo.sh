@@ -47,6 +47,8 @@ stop_pid() {
 
 down() {
     [ -d "$STATE" ] || { say "nothing to stop ($STATE does not exist)"; return 0; }
+    # Only a directory this script made is removed, whatever STRATUS_CLOUD_DIR says.
+    [ -f "$STATE/.stratus-cloud-in-a-box" ] || die "$STATE was not made by $0: not touching it"
     say "stopping the cloud in $STATE"
     # The node first: with it go its VMs (their stratus-vmm processes outlive an agent).
     if [ -f "$STATE/pids/agent.pid" ]; then
@@ -95,7 +97,11 @@ RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
     --target x86_64-unknown-linux-gnu -p stratus-nodeagent --bin stratus-nodeagent
 STATIC_AGENT=$REPO/target/x86_64-unknown-linux-gnu/release/stratus-nodeagent
 
+if [ -e "$STATE" ] && [ ! -f "$STATE/.stratus-cloud-in-a-box" ]; then
+    die "$STATE exists and was not made by $0: choose another STRATUS_CLOUD_DIR"
+fi
 mkdir -p "$STATE"/{pids,logs,www,bin,.ssh}
+touch "$STATE/.stratus-cloud-in-a-box"
 chmod 700 "$STATE"
 "$BIN/stratus" install-links "$STATE/bin"
 
@@ -143,9 +149,9 @@ poll_interval_s = 2
 node_timeout_s = 300
 # A nested node is slow to boot its guests and to see them power off.
 shutdown_timeout_s = 300
-# Persistent volumes (pdisk's file backend): files the node opens at the same path, so
-# they attach to VMs of a node on this machine; a nested node cannot see them (it will
-# reach volumes over iSCSI).
+# Persistent volumes (pdisk's file backend): files the node opens at the same path — a
+# node on this machine directly, the nested node through a 9p share of this directory
+# (as a site would share it over NFS).
 volume_dir = "$STATE/volumes"
 
 [[networks]]
@@ -190,8 +196,13 @@ export PATH="$STATE/bin:\$PATH"
 export STRATUSLAB_CONFIG="$STATE/stratuslab-user.cfg"
 ENV
 export PATH="$STATE/bin:$PATH" STRATUSLAB_CONFIG="$STATE/stratuslab-user.cfg"
-admin() { curl -sS -u "admin:$ADMIN_PASSWORD" -H 'Content-Type: application/json' -X "$1" "http://127.0.0.1:$CLOUD_PORT$2" ${3:+-d "$3"}; }
-admin POST /users "{\"name\":\"demo\",\"password\":\"$DEMO_PASSWORD\"}" > "$STATE/logs/user.json"
+# Secrets go to curl in files only this user can read, never on a command line (ps).
+( umask 077; printf 'user = "admin:%s"\n' "$ADMIN_PASSWORD" > "$STATE/admin.curl" )
+# admin <method> <path> [<file with the JSON body>]
+admin() { curl -sS -K "$STATE/admin.curl" -H 'Content-Type: application/json' -X "$1" "http://127.0.0.1:$CLOUD_PORT$2" ${3:+--data-binary "@$3"}; }
+( umask 077; printf '{"name":"demo","password":"%s"}' "$DEMO_PASSWORD" > "$STATE/user.json" )
+admin POST /users "$STATE/user.json" > "$STATE/logs/user.json"
+rm -f "$STATE/user.json"
 grep -q '"name":"demo"' "$STATE/logs/user.json" || die "cannot create the demo user: $(cat "$STATE/logs/user.json")"
 
 AGENT_TOKEN=$(head -c 24 /dev/urandom | base64 | tr '/+' '_-')
@@ -245,7 +256,8 @@ else
     say "building the node VM (QEMU-TCG, nested SVM; console: $STATE/logs/node-console.log)"
     L1=$STATE/node-root
     busybox_root "$L1"
-    copy_modules "$L1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net
+    copy_modules "$L1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net 9p 9pnet_virtio
+    echo "$STATE/volumes" > "$L1/volume-dir"
     cp "$STATIC_VMM" "$L1/vmm"; cp "$STATIC_AGENT" "$L1/agent"
     ( umask 077; echo "$AGENT_TOKEN" > "$L1/token" )
     node_config "0.0.0.0:8776" /var/lib/stratus /run/stratus /vmm /token stbr0 > "$L1/agent.toml"
@@ -256,6 +268,9 @@ UP=$(nic 02:00:c6:12:40:0f); GUESTS=$(nic 02:00:c6:12:42:fe)
 ip link set lo up
 ip link set "$UP" up; ip addr add 198.18.64.15/24 dev "$UP"
 mkdir -p /var/lib/stratus /run/stratus
+# The cloud's volume directory, shared by the outer machine at the same path.
+VOLUMES=$(cat /volume-dir); mkdir -p "$VOLUMES"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 volumes "$VOLUMES" && echo "NODE-VOLUMES-SHARED"
 /agent --config /agent.toml > /dev/console 2>&1 &
 echo "NODE-AGENT-STARTED"
 # The guests' bridge joins the NIC that leads to the outer machine's TAP.
@@ -267,6 +282,7 @@ while :; do sleep 3600; done
 INIT
     NESTED_COMPRESS="xz -T1 --check=crc32" pack_initramfs "$L1" "$STATE/node.cpio.xz"
     rm -rf "$L1"
+    mkdir -p "$STATE/volumes"
     ip tuntap add dev "$TAP" mode tap 2>/dev/null || die "cannot create the TAP $TAP (run as root; is another cloud up?)"
     echo "$TAP" > "$STATE/tap"
     ip addr add "$GUEST_NET.254/24" dev "$TAP"
@@ -283,7 +299,9 @@ INIT
             -netdev "user,id=up,net=198.18.64.0/24,host=198.18.64.2,restrict=on,hostfwd=tcp:127.0.0.1:$AGENT_PORT-198.18.64.15:8776,guestfwd=tcp:198.18.64.100:8080-cmd:busybox nc 127.0.0.1 $FILES_PORT" \
             -device virtio-net-device,netdev=up,mac=02:00:c6:12:40:0f \
             -netdev "tap,id=guests,ifname=$TAP,script=no,downscript=no" \
-            -device virtio-net-device,netdev=guests,mac=02:00:c6:12:42:fe
+            -device virtio-net-device,netdev=guests,mac=02:00:c6:12:42:fe \
+            -fsdev "local,id=volumes,path=$STATE/volumes,security_model=none" \
+            -device virtio-9p-device,fsdev=volumes,mount_tag=volumes
         for _ in $(seq 120); do [ -s "$STATE/logs/node-console.log" ] && break; sleep 0.5; done
         [ -s "$STATE/logs/node-console.log" ] && break
         stop_pid "$STATE/pids/node.pid"
@@ -292,14 +310,17 @@ INIT
     AGENT_WAIT=1800
 fi
 say "waiting for the node agent"
-wait_for "$AGENT_WAIT" "the node agent" curl -sf -H "Authorization: Bearer $AGENT_TOKEN" "http://127.0.0.1:$AGENT_PORT/host"
-admin POST /nodes "{\"name\":\"node-1\",\"url\":\"http://127.0.0.1:$AGENT_PORT\",\"token\":\"$AGENT_TOKEN\"}" > "$STATE/logs/node.json"
+( umask 077; printf 'header = "Authorization: Bearer %s"\n' "$AGENT_TOKEN" > "$STATE/agent.curl"
+  printf '{"name":"node-1","url":"http://127.0.0.1:%s","token":"%s"}' "$AGENT_PORT" "$AGENT_TOKEN" > "$STATE/node.json" )
+wait_for "$AGENT_WAIT" "the node agent" curl -sf -K "$STATE/agent.curl" "http://127.0.0.1:$AGENT_PORT/host"
+admin POST /nodes "$STATE/node.json" > "$STATE/logs/node.json"
+rm -f "$STATE/node.json"
 grep -q '"health":"up"' "$STATE/logs/node.json" || die "the orchestrator cannot use the node: $(cat "$STATE/logs/node.json")"
 if [ "$MODE" = nested ]; then
     wait_for 120 "the node's guest network" grep -q NODE-GUEST-NETWORK-UP "$STATE/logs/node-console.log"
 fi
 say "node-1 is up"
-stratus-describe-nodes -u admin -p "$ADMIN_PASSWORD"
+STRATUSLAB_USERNAME=admin STRATUSLAB_PASSWORD=$ADMIN_PASSWORD stratus-describe-nodes
 
 if [ "${STRATUS_DEMO_VM:-1}" != 0 ]; then
     say "starting a demo VM: stratus-run-instance -t t1.micro --wait $IMAGE"

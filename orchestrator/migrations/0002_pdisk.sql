@@ -34,6 +34,10 @@ CREATE TABLE mounts (
     hotplugged BIGINT NOT NULL,
     -- attaching | attached | detaching
     state TEXT NOT NULL,
+    -- 1 for another user's public volume: they may read it, never write it.
+    read_only BIGINT NOT NULL,
+    -- The attach or detach job working on it (each job carries out its own volume only).
+    job BIGINT,
     created TEXT NOT NULL
 );
 CREATE INDEX mounts_vm ON mounts (vm_id);

@@ -29,6 +29,9 @@ pub enum UserError {
     Hash(argon2::password_hash::Error),
     #[error("cannot delete user '{user}': they still have {vms} VM(s); kill them first")]
     HasVms { user: String, vms: i64 },
+    /// A new user of the same name would otherwise own them.
+    #[error("cannot delete user '{user}': they still own {volumes} volume(s); delete them first")]
+    HasVolumes { user: String, volumes: i64 },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -162,6 +165,16 @@ pub async fn delete(db: &Db, name: &str) -> Result<(), UserError> {
         return Err(UserError::HasVms {
             user: name.to_owned(),
             vms,
+        });
+    }
+    let (volumes,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM volumes WHERE owner = $1")
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+    if volumes > 0 {
+        return Err(UserError::HasVolumes {
+            user: name.to_owned(),
+            volumes,
         });
     }
     let gone = sqlx::query("DELETE FROM users WHERE name = $1")

@@ -351,13 +351,14 @@ pub async fn load(conn: &mut AnyConnection, id: i64) -> Result<VmRow, VmError> {
     .ok_or(VmError::NotFound(id))
 }
 
-/// The VM, if `who` may change it, its row locked until the transaction ends
-/// (PostgreSQL; SQLite has one writer).
+/// The VM, if `who` may change it (or whoever owns it, with `any_owner`), its row locked
+/// until the transaction ends (PostgreSQL; SQLite has one writer).
 pub async fn load_for_update(
     db: &crate::db::Db,
     conn: &mut AnyConnection,
     who: &Principal,
     id: i64,
+    any_owner: bool,
 ) -> Result<VmRow, VmError> {
     let row = sqlx::query_as::<_, VmRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {VM_COLUMNS} FROM vms WHERE id = $1{}",
@@ -367,7 +368,7 @@ pub async fn load_for_update(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or(VmError::NotFound(id))?;
-    if row.owner != who.name && !who.is_admin() {
+    if row.owner != who.name && !who.is_admin() && !any_owner {
         return Err(VmError::NotYours(id));
     }
     Ok(row)
@@ -578,14 +579,11 @@ pub async fn request_stop(
         tx.commit().await?;
         return Ok(VmAccepted { vm, job });
     }
-    // A deploy that has not started is withdrawn rather than run and undone.
-    jobs::cancel_queued(
-        &mut tx,
-        id,
-        Action::Deploy,
-        "withdrawn by a kill or shutdown",
-    )
-    .await?;
+    // A deploy or hot-plug that has not started is withdrawn rather than run and undone
+    // (its volumes are freed with the VM).
+    for queued in [Action::Deploy, Action::Attach, Action::Detach] {
+        jobs::cancel_queued(&mut tx, id, queued, "withdrawn by a kill or shutdown").await?;
+    }
     let job = jobs::enqueue(&mut tx, id, action, &who.name).await?;
     let row = load(&mut tx, id).await?;
     let vm = view(&mut tx, &row, who.is_admin(), false).await?;

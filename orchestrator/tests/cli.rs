@@ -603,6 +603,37 @@ fn local_commands_hash_prepare_and_install() {
         let target = std::fs::read_link(user.bin.join(name)).unwrap();
         assert!(target.ends_with("stratus"), "{name} → {}", target.display());
     }
+    // Links are remade; a file that is not a link is left alone.
+    user.ok("stratus", &["install-links", user.bin.to_str().unwrap()]);
+    std::fs::remove_file(user.bin.join("stratus-list-users")).unwrap();
+    std::fs::write(user.bin.join("stratus-list-users"), "mine").unwrap();
+    let e = user.error(
+        "stratus",
+        &["install-links", user.bin.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(
+        e,
+        format!(
+            "{} exists and is not a link: not replaced",
+            user.bin.join("stratus-list-users").display()
+        )
+    );
+    assert_eq!(
+        std::fs::read_to_string(user.bin.join("stratus-list-users")).unwrap(),
+        "mine"
+    );
+    // copy-config --force replaces a readable file with one only its owner may read.
+    let cfg = user.path(".stratuslab/stratuslab-user.cfg");
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    user.ok("stratus-copy-config", &["--force"]);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cfg).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("#endpoint_timeout = 5"));
+
     let help = user.ok("stratus-describe-instance", &["--help"]);
     assert!(help.contains("Usage: stratus describe-instance"), "{help}");
     let version = user.ok("stratus-run-instance", &["--version"]);
@@ -833,6 +864,65 @@ fn volumes_through_the_links(backend: Backend) {
     assert!(user
         .ok("stratus-describe-volumes", &[&data])
         .contains("\tcount: 0\n"));
+
+    // Another user's public volume is theirs to read only, and its owner can take it back.
+    let as_bob = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(bob.iter())
+            .map(|a| a.to_string())
+            .collect()
+    };
+    let bobs = user.ok(
+        "stratus-run-instance",
+        &as_bob(&["-q", "-t", "t1.micro", "--wait", "60", &image])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let bobs: i64 = bobs.split(',').next().unwrap().parse().unwrap();
+    let attach = as_bob(&["-i", &bobs.to_string(), &data]);
+    assert_eq!(
+        user.ok(
+            "stratus-attach-volume",
+            &attach.iter().map(String::as_str).collect::<Vec<_>>()
+        ),
+        format!("ATTACHED {data} in VM {bobs} on /dev/vdz\n")
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{bobs}"));
+    assert_eq!(on_node["attached"][0]["read_only"], true, "{on_node}");
+    assert_eq!(
+        user.ok("stratus-detach-volume", &["-i", &bobs.to_string(), &data]),
+        format!("DETACHED {data} from VM {bobs} on /dev/vdz\n")
+    );
+    // A user who still owns volumes is not deleted (a new user of that name would own them).
+    let create = as_bob(&["-s", "1"]);
+    let bobs_volume = user.ok(
+        "stratus-create-volume",
+        &create.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let bobs_volume = bobs_volume
+        .strip_prefix("DISK ")
+        .unwrap()
+        .trim_end()
+        .to_owned();
+    let kill = as_bob(&[&bobs.to_string()]);
+    user.ok(
+        "stratus-kill-instance",
+        &kill.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    cloud.wait_state(bobs, "Done");
+    let (status, body) = cloud.admin("DELETE", "/users/bob", None);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        error(&body),
+        "cannot delete user 'bob': they still own 1 volume(s); delete them first"
+    );
+    let delete = as_bob(&[&bobs_volume]);
+    user.ok(
+        "stratus-delete-volume",
+        &delete.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert_eq!(cloud.admin("DELETE", "/users/bob", None).0, 204);
 
     // When the VMs end, their volumes are free; deleting them removes their files.
     user.ok(

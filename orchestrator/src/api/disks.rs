@@ -33,10 +33,11 @@ pub async fn create_disk(
     body: Body,
 ) -> Result<Response, Refusal> {
     let request: VolumeCreate = read_json(body).await?;
-    Ok(json(
-        StatusCode::CREATED,
-        &pdisk::create(&cloud, &who, request).await?,
-    ))
+    // In a task of its own: a client that hangs up does not cut the creation in half.
+    let created = tokio::spawn(async move { pdisk::create(&cloud, &who, request).await })
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(json(StatusCode::CREATED, &created))
 }
 
 #[utoipa::path(get, path = "/disks/{uuid}", params(("uuid" = String, Path)),
@@ -77,7 +78,10 @@ pub async fn delete_disk(
     Extension(who): Extension<Principal>,
     Path(uuid): Path<String>,
 ) -> Result<Response, Refusal> {
-    pdisk::delete(&cloud, &who, &uuid).await?;
+    // In a task of its own: a client that hangs up does not cut the deletion in half.
+    tokio::spawn(async move { pdisk::delete(&cloud, &who, &uuid).await })
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -238,7 +238,9 @@ impl From<NodeError> for Refusal {
 impl From<UserError> for Refusal {
     fn from(e: UserError) -> Self {
         let status = match &e {
-            UserError::Exists(_) | UserError::HasVms { .. } => StatusCode::CONFLICT,
+            UserError::Exists(_) | UserError::HasVms { .. } | UserError::HasVolumes { .. } => {
+                StatusCode::CONFLICT
+            }
             UserError::Unknown(_) => StatusCode::NOT_FOUND,
             UserError::BadName(_) | UserError::EmptyPassword => StatusCode::BAD_REQUEST,
             UserError::Hash(_) | UserError::Db(_) => return internal(e),

@@ -21,6 +21,8 @@ use crate::{nodes, Cloud};
 
 /// After this many attempts a node that does not answer a create gives up the VM.
 const MAX_DEPLOY_ATTEMPTS: i64 = 5;
+/// Tries of a hot-plug job (2 s apart) before it gives up.
+const MAX_HOTPLUG_ATTEMPTS: i64 = 30;
 /// How long a VM waits for room before placement is tried again.
 const NO_ROOM_RETRY: Duration = Duration::from_secs(2);
 
@@ -58,8 +60,8 @@ pub async fn run(cloud: &Cloud, job: &Claimed) -> Result<Outcome, StepError> {
         Action::Kill => stop(cloud, row, false).await,
         Action::Shutdown => stop(cloud, row, true).await,
         Action::Epilog => epilog(cloud, row).await,
-        Action::Attach => hotplug(cloud, row, true).await,
-        Action::Detach => hotplug(cloud, row, false).await,
+        Action::Attach => hotplug(cloud, job, row, true).await,
+        Action::Detach => hotplug(cloud, job, row, false).await,
     }
 }
 
@@ -473,11 +475,15 @@ async fn epilog(cloud: &Cloud, row: VmRow) -> Result<Outcome, StepError> {
 
 /// Hot-plugs the VM's volumes being attached, or unplugs those being detached. A retry
 /// after a crash finds what the node did already (the VM's hot-plugged disks).
-async fn hotplug(cloud: &Cloud, row: VmRow, attach: bool) -> Result<Outcome, StepError> {
-    let wanted = if attach { "attaching" } else { "detaching" };
+async fn hotplug(
+    cloud: &Cloud,
+    job: &Claimed,
+    row: VmRow,
+    attach: bool,
+) -> Result<Outcome, StepError> {
     let pending = {
         let mut conn = cloud.db.pool.acquire().await?;
-        pdisk::disks_of(&mut conn, row.id, &[wanted]).await?
+        pdisk::disks_of_job(&mut conn, row.id, job.id).await?
     };
     if pending.is_empty() {
         return Ok(Outcome::Done);
@@ -505,10 +511,27 @@ async fn hotplug(cloud: &Cloud, row: VmRow, attach: bool) -> Result<Outcome, Ste
     };
     let client = node.client(&cloud.http);
     let id = row.id.to_string();
+    // A node or guest that never answers must not hold the VM's later jobs (a kill) forever:
+    // after this many tries the volume stays with the VM, which may have it.
+    let (held, vm_id) = (&pending, row.id);
+    let retry = |why: String| async move {
+        if job.attempts < MAX_HOTPLUG_ATTEMPTS {
+            return Ok::<_, StepError>(Outcome::Retry(Duration::from_secs(2), why));
+        }
+        let mut conn = cloud.db.pool.acquire().await?;
+        for volume in held {
+            pdisk::keep_attached(&mut conn, &volume.uuid).await?;
+        }
+        Ok(Outcome::Failed(format!(
+            "gave up after {} attempts ({why}): the volume stays with VM {vm_id}; detach it \
+             again or it is freed when the VM ends",
+            job.attempts
+        )))
+    };
     let plugged: Vec<String> = match client.vm(&id).await {
         Ok(Some(info)) => info.attached.into_iter().map(|d| d.id).collect(),
         Ok(None) => Vec::new(),
-        Err(e) => return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string())),
+        Err(e) => return retry(e.to_string()).await,
     };
     for volume in &pending {
         let (disk, spec) = volume_disk(volume);
@@ -530,10 +553,7 @@ async fn hotplug(cloud: &Cloud, row: VmRow, attach: bool) -> Result<Outcome, Ste
             }
             // The guest has not let go yet: the node keeps the request; look again.
             Err(AgentError::Refused { status: 409, .. }) if !attach => {
-                return Ok(Outcome::Retry(
-                    Duration::from_secs(2),
-                    format!("the guest has not released {} yet", volume.device),
-                ));
+                return retry(format!("the guest has not released {} yet", volume.device)).await;
             }
             Err(AgentError::Refused { status, reason, .. }) if (400..500).contains(&status) => {
                 let why = format!(
@@ -546,14 +566,11 @@ async fn hotplug(cloud: &Cloud, row: VmRow, attach: bool) -> Result<Outcome, Ste
                 if attach {
                     pdisk::settle(&mut conn, &volume.uuid, false).await?;
                 } else {
-                    sqlx::query("UPDATE mounts SET state = 'attached' WHERE volume_uuid = $1")
-                        .bind(&volume.uuid)
-                        .execute(&mut *conn)
-                        .await?;
+                    pdisk::keep_attached(&mut conn, &volume.uuid).await?;
                 }
                 return Ok(Outcome::Failed(why));
             }
-            Err(e) => return Ok(Outcome::Retry(Duration::from_secs(2), e.to_string())),
+            Err(e) => return retry(e.to_string()).await,
         }
     }
     Ok(Outcome::Done)

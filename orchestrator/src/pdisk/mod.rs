@@ -286,7 +286,17 @@ pub async fn create(
         .await?;
         tx.commit().await?;
     }
-    finish_create(cloud, &uuid, request.size_gib, &location).await?;
+    if let Err(e) = finish_create(cloud, &uuid, request.size_gib, &location).await {
+        // Undone, so a failed creation neither lingers nor counts against the quota.
+        if let Some(backend) = &cloud.volumes {
+            let _ = backend.delete(&location);
+        }
+        let _ = sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
+            .bind(&uuid)
+            .execute(&cloud.db.pool)
+            .await;
+        return Err(e);
+    }
     let mut conn = cloud.db.pool.acquire().await?;
     let row = load(&mut conn, &uuid).await?;
     view(&mut conn, row).await
@@ -494,15 +504,18 @@ async fn take(
     }
     let device = next_device(conn, vm, hotplug).await?;
     let state = if hotplug { "attaching" } else { "attached" };
+    // Another user's public volume is theirs to read, never to write.
+    let read_only = row.owner != who.name && !who.is_admin();
     let inserted = sqlx::query(
-        "INSERT INTO mounts (volume_uuid, vm_id, device, hotplugged, state, created) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (volume_uuid) DO NOTHING",
+        "INSERT INTO mounts (volume_uuid, vm_id, device, hotplugged, state, read_only, job, created) \
+         VALUES ($1, $2, $3, $4, $5, $6, NULL, $7) ON CONFLICT (volume_uuid) DO NOTHING",
     )
     .bind(uuid)
     .bind(vm)
     .bind(&device)
     .bind(i64::from(hotplug))
     .bind(state)
+    .bind(i64::from(read_only))
     .bind(db::now())
     .execute(&mut *conn)
     .await?
@@ -540,23 +553,64 @@ pub async fn disks_of(
     vm: i64,
     states: &[&str],
 ) -> Result<Vec<NodeDisk>, VolumeError> {
-    let rows: Vec<(String, String, String, String, String)> = sqlx::query_as(
-        "SELECT m.volume_uuid, m.device, m.state, v.location, v.kind FROM mounts m \
-         JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 ORDER BY m.created, m.device",
+    let rows: Vec<MountedRow> = sqlx::query_as(
+        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind \
+         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 \
+         ORDER BY m.created, m.device",
     )
     .bind(vm)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
         .into_iter()
-        .filter(|(_, _, state, _, _)| states.contains(&state.as_str()))
-        .map(|(uuid, device, _, location, kind)| NodeDisk {
-            read_only: kind == VolumeKind::DataImageRawReadonly.as_str(),
-            uuid,
-            device,
-            path: location.into(),
-        })
+        .filter(|m| states.contains(&m.state.as_str()))
+        .map(MountedRow::into_node_disk)
         .collect())
+}
+
+/// The volume an attach or detach job was queued for.
+pub async fn disks_of_job(
+    conn: &mut AnyConnection,
+    vm: i64,
+    job: i64,
+) -> Result<Vec<NodeDisk>, VolumeError> {
+    let rows: Vec<MountedRow> = sqlx::query_as(
+        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind \
+         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 AND m.job = $2",
+    )
+    .bind(vm)
+    .bind(job)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|m| matches!(m.state.as_str(), "attaching" | "detaching"))
+        .map(MountedRow::into_node_disk)
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct MountedRow {
+    volume_uuid: String,
+    device: String,
+    state: String,
+    read_only: i64,
+    #[allow(dead_code)]
+    job: Option<i64>,
+    location: String,
+    kind: String,
+}
+
+impl MountedRow {
+    fn into_node_disk(self) -> NodeDisk {
+        NodeDisk {
+            read_only: self.read_only != 0
+                || self.kind == VolumeKind::DataImageRawReadonly.as_str(),
+            uuid: self.volume_uuid,
+            device: self.device,
+            path: self.location.into(),
+        }
+    }
 }
 
 /// When a VM ends: its volumes are free again.
@@ -574,8 +628,9 @@ async fn running_vm(
     conn: &mut AnyConnection,
     who: &Principal,
     vm: i64,
+    any_owner: bool,
 ) -> Result<vms::VmRow, VolumeError> {
-    let row = vms::load_for_update(&cloud.db, conn, who, vm).await?;
+    let row = vms::load_for_update(&cloud.db, conn, who, vm, any_owner).await?;
     if row.state()? != VmState::Running {
         return Err(VolumeError::Conflict(format!(
             "VM {vm} is {}: volumes are hot-plugged into running VMs only",
@@ -594,9 +649,14 @@ pub async fn attach(
 ) -> Result<MountAccepted, VolumeError> {
     let uuid = parse_uuid(uuid)?;
     let mut tx = cloud.db.pool.begin().await?;
-    running_vm(cloud, &mut tx, who, vm).await?;
+    running_vm(cloud, &mut tx, who, vm, false).await?;
     let (_, device) = take(&cloud.db, &mut tx, who, &uuid, vm, true).await?;
     let job = jobs::enqueue(&mut tx, vm, Action::Attach, &who.name).await?;
+    sqlx::query("UPDATE mounts SET job = $1 WHERE volume_uuid = $2")
+        .bind(job)
+        .bind(&uuid)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     cloud.jobs_queued.notify_waiters();
     Ok(MountAccepted {
@@ -616,8 +676,9 @@ pub async fn detach(
 ) -> Result<MountAccepted, VolumeError> {
     let uuid = parse_uuid(uuid)?;
     let mut tx = cloud.db.pool.begin().await?;
-    running_vm(cloud, &mut tx, who, vm).await?;
-    load_visible(&mut tx, who, &uuid, "detach").await?;
+    let volume = load_visible(&mut tx, who, &uuid, "detach").await?;
+    // The volume's owner may take it back from whichever VM holds it.
+    running_vm(cloud, &mut tx, who, vm, volume.owner == who.name).await?;
     let Some(mount) = mounts_of_volume(&mut tx, &uuid)
         .await?
         .into_iter()
@@ -639,11 +700,12 @@ pub async fn detach(
             mount.state
         )));
     }
-    sqlx::query("UPDATE mounts SET state = 'detaching' WHERE volume_uuid = $1")
+    let job = jobs::enqueue(&mut tx, vm, Action::Detach, &who.name).await?;
+    sqlx::query("UPDATE mounts SET state = 'detaching', job = $1 WHERE volume_uuid = $2")
+        .bind(job)
         .bind(&uuid)
         .execute(&mut *tx)
         .await?;
-    let job = jobs::enqueue(&mut tx, vm, Action::Detach, &who.name).await?;
     tx.commit().await?;
     cloud.jobs_queued.notify_waiters();
     Ok(MountAccepted {
@@ -661,13 +723,20 @@ pub fn disk_id(uuid: &str) -> String {
     format!("v{hex}")
 }
 
+/// Keeps a volume with its VM (a detach that did not happen, an attach the node never
+/// confirmed: the VM may have it, so nobody else may take it).
+pub async fn keep_attached(conn: &mut AnyConnection, uuid: &str) -> Result<(), DbError> {
+    sqlx::query("UPDATE mounts SET state = 'attached', job = NULL WHERE volume_uuid = $1")
+        .bind(uuid)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Marks a hot-plug done or undone (by the job that carried it out).
 pub async fn settle(conn: &mut AnyConnection, uuid: &str, attached: bool) -> Result<(), DbError> {
     if attached {
-        sqlx::query("UPDATE mounts SET state = 'attached' WHERE volume_uuid = $1")
-            .bind(uuid)
-            .execute(&mut *conn)
-            .await?;
+        keep_attached(conn, uuid).await?;
     } else {
         sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
             .bind(uuid)

@@ -75,6 +75,23 @@ expect "the user's key is root's authorized key, from the context CD" "$(cat "$H
 expect "the guest runs the stock Debian kernel" "$(cd "$REPO" && ls target/nested | sed -n 's/^kernel-//p' | head -1)" \
     stratus-connect-instance "$VM" uname -r
 
+# A volume hot-plugged into the running guest, written there, unplugged: the data is in
+# the volume.
+DATA=$(stratus-create-volume --size 1 --tag "results" | sed -n 's/^DISK //p')
+expect "stratus-attach-volume hot-plugs a volume into the running guest" \
+    "ATTACHED $DATA in VM $VM on /dev/vdz" stratus-attach-volume -i "$VM" "$DATA"
+SERIAL=$(printf %.20s "$DATA")
+guest_dev() { stratus-connect-instance "$VM" "for b in /sys/block/vd*; do [ \"\$(cat \$b/serial)\" = $SERIAL ] && echo \${b##*/}; done; true"; }
+DEV=$(guest_dev 2>/dev/null || true)
+[ -n "$DEV" ] && ok "the guest sees it as /dev/$DEV (serial $SERIAL)" || fail "the guest has no disk with serial $SERIAL"
+expect "the guest writes to it" "" stratus-connect-instance "$VM" \
+    "echo stratus-tutorial-was-here | dd of=/dev/$DEV bs=512 conv=sync,fsync 2>/dev/null"
+if stratus-describe-volumes "$DATA" | grep -q "mount: VM $VM on /dev/vdz since .*(attached, hot-plugged)"; then ok "stratus-describe-volumes shows where it is attached"; else fail "describe-volumes shows the mount"; stratus-describe-volumes "$DATA"; fi
+expect "stratus-detach-volume unplugs it" "DETACHED $DATA from VM $VM on /dev/vdz" stratus-detach-volume -i "$VM" "$DATA"
+expect "the guest no longer has it" "" guest_dev
+if head -c 512 "$STRATUS_CLOUD_DIR/volumes/$DATA.img" | grep -aq stratus-tutorial-was-here; then ok "what the guest wrote is in the volume"; else fail "the guest's data is not in the volume"; fi
+expect "the detached volume can be deleted" "DELETED $DATA" stratus-delete-volume "$DATA"
+
 expect "stratus-shutdown-instance says nothing" "" stratus-shutdown-instance "$VM"
 done_() { stratus-describe-instance "$VM" | grep -qE "^$VM +Done "; }
 i=0; until done_ || [ $i -ge 300 ]; do sleep 2; i=$((i + 1)); done

@@ -216,6 +216,11 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
     if args.number == 0 || args.number > 100 {
         bail!("-n/--number must be between 1 and 100");
     }
+    if args.number > 1 && !args.persistent_disk.is_empty() {
+        bail!(
+            "a persistent disk is attached to one VM: it cannot be used with -n/--number above 1"
+        );
+    }
     if args.number > 1 && args.address.is_some() {
         bail!("--address gives one address: it cannot be used with -n/--number above 1");
     }
@@ -303,7 +308,16 @@ pub fn run_instance(common: &Common, args: RunArgs) -> anyhow::Result<ExitCode> 
     let mut started: Vec<VmView> = Vec::new();
     let mut lines = String::new();
     for n in 1..=args.number {
-        let accepted: VmAccepted = cloud.post("/vms", Some(&request))?;
+        let accepted: VmAccepted = match cloud.post("/vms", Some(&request)) {
+            Ok(a) => a,
+            Err(e) => {
+                // Those started are still listed, so kill-instance -i can find them.
+                if let (Some(path), false) = (&args.output, lines.is_empty()) {
+                    let _ = std::fs::write(path, &lines);
+                }
+                return Err(e.into());
+            }
+        };
         // The banner waits for the cloud's first yes, so a refusal is one error line.
         if talk && n == 1 {
             println!(" :::::::::::::::::::::::::");

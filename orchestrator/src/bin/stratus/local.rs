@@ -2,7 +2,7 @@
 //! installation helpers (man pages, `stratus-*` links).
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -61,24 +61,37 @@ pub fn copy_config(common: &Common, args: CopyConfigArgs) -> anyhow::Result<Exit
     if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    // The file will hold a password: only its owner may read it.
-    let mut open = std::fs::OpenOptions::new();
-    open.write(true).mode(0o600);
-    if args.force {
-        open.create(true).truncate(true);
-    } else {
-        open.create_new(true);
-    }
-    let mut file = match open.open(&dest) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+    if !args.force && std::fs::symlink_metadata(&dest).is_ok() {
+        bail!(
             "{} exists already: edit it, or give --force to replace it",
             dest.display()
-        ),
-        Err(e) => return Err(e).with_context(|| format!("cannot write {}", dest.display())),
-    };
-    file.write_all(config::REFERENCE.as_bytes())
+        );
+    }
+    // The file will hold a password: written as a new file only its owner may read, then
+    // renamed over the old one (never written through a link or into an open file).
+    let dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    tmp.write_all(config::REFERENCE.as_bytes())
         .with_context(|| format!("cannot write {}", dest.display()))?;
+    if args.force {
+        tmp.persist(&dest)
+            .with_context(|| format!("cannot write {}", dest.display()))?;
+    } else {
+        // Not over a file that appeared meanwhile.
+        tmp.persist_noclobber(&dest).map_err(|e| {
+            anyhow::anyhow!(
+                "{} exists already: edit it, or give --force to replace it ({})",
+                dest.display(),
+                e.error
+            )
+        })?;
+    }
     if common.quiet == 0 {
         println!(" :: Configuration template written to {}", dest.display());
     }
@@ -128,20 +141,23 @@ pub fn man_pages(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 pub fn install_links(dir: &Path) -> anyhow::Result<ExitCode> {
-    let program = std::env::current_exe().context("cannot find this program's path")?;
+    let program = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .context("cannot find this program's path")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let names = crate::command_names()
         .into_iter()
         .map(|n| format!("stratus-{n}"));
     for name in std::iter::once("stratus".to_owned()).chain(names) {
         let link = dir.join(&name);
-        if link == program {
-            continue;
-        }
-        match std::fs::remove_file(&link) {
-            Ok(()) => {}
+        match std::fs::symlink_metadata(&link) {
+            Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(&link)
+                .with_context(|| format!("cannot replace {}", link.display()))?,
+            // This program itself, or a file of someone else's: left alone.
+            Ok(_) if std::fs::canonicalize(&link).ok().as_ref() == Some(&program) => continue,
+            Ok(_) => bail!("{} exists and is not a link: not replaced", link.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("cannot replace {}", link.display())),
+            Err(e) => return Err(e).with_context(|| format!("cannot look at {}", link.display())),
         }
         std::os::unix::fs::symlink(&program, &link)
             .with_context(|| format!("cannot make {}", link.display()))?;
