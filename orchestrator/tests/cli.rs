@@ -944,3 +944,111 @@ fn volumes_through_the_links(backend: Backend) {
         "No disk to show\n"
     );
 }
+
+/// `--json` on every command that talks to a service: one JSON document with the API's
+/// field names; `-q`: identifiers only.
+#[test]
+fn every_command_speaks_json_and_quiet() {
+    let (market, _agent, cloud) = cloud();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let json = |command: &str, args: &[&str]| -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = user.ok(command, &all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{command} --json: {e}: {out}"))
+    };
+
+    assert_eq!(
+        json("stratus-describe-instance", &[]),
+        serde_json::json!([])
+    );
+    assert_eq!(user.ok("stratus-describe-instance", &["-q"]), "");
+    let types = json("stratus-run-instance", &["--list-types"]);
+    assert_eq!(types.as_array().unwrap().len(), 7);
+    assert_eq!(types[0]["name"], "c1.medium");
+    assert_eq!(types[0]["ram_mib"], 1536);
+
+    let started = json(
+        "stratus-run-instance",
+        &["-t", "t1.micro", "--wait", "60", &image],
+    );
+    let vm = started[0]["id"].as_i64().unwrap();
+    assert_eq!(started[0]["state"], "Running");
+    assert_eq!(started[0]["instance_type"], "t1.micro");
+    assert_eq!(started[0]["leases"][0]["network"], "public");
+    assert_eq!(
+        user.ok("stratus-describe-instance", &["-q"]),
+        format!("{vm} Running\n")
+    );
+    let one = json("stratus-describe-instance", &[&vm.to_string()]);
+    assert_eq!(one[0]["history"][0]["state"], "Pending");
+
+    let images = json("stratus-list-images", &[]);
+    assert_eq!(images[0]["identifier"], image);
+    assert_eq!(
+        user.ok("stratus-list-images", &["-q"]),
+        format!("{image}\n")
+    );
+    assert_eq!(json("stratus-show-image", &[&image])["identifier"], image);
+
+    let volume = json("stratus-create-volume", &["-s", "1", "-t", "j"]);
+    let uuid = volume["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(volume["size_gib"], 1);
+    assert_eq!(volume["type"], "DATA_IMAGE_RAW_READ_WRITE");
+    assert_eq!(
+        json("stratus-update-volume", &[&uuid, "--public"])["visibility"],
+        "public"
+    );
+    assert_eq!(
+        user.ok("stratus-describe-volumes", &["-q"]),
+        format!("{uuid}\n")
+    );
+    let attached = json("stratus-attach-volume", &["-i", &vm.to_string(), &uuid]);
+    assert_eq!(attached[0]["device"], "vdz");
+    assert_eq!(attached[0]["vm_id"], vm);
+    let listed = json("stratus-describe-volumes", &[]);
+    assert_eq!(listed[0]["mounts"][0]["vm_id"], vm);
+    assert_eq!(listed[0]["mounts"][0]["hotplugged"], true);
+    let detached = json("stratus-detach-volume", &["-i", &vm.to_string(), &uuid]);
+    assert_eq!(detached[0]["uuid"], uuid);
+    assert_eq!(
+        json("stratus-delete-volume", &[&uuid]),
+        serde_json::json!([uuid])
+    );
+
+    let killed = json("stratus-kill-instance", &[&vm.to_string()]);
+    assert_eq!(killed[0]["vm"]["id"], vm);
+    assert!(killed[0]["job"].as_i64().unwrap() > 0);
+    cloud.wait_state(vm, "Done");
+
+    // The administrators' views.
+    let admin = ["-u", "admin", "-p", ADMIN_PASSWORD];
+    let nodes: Value = serde_json::from_str(&user.ok(
+        "stratus-describe-nodes",
+        &[&["--json"][..], &admin[..]].concat(),
+    ))
+    .unwrap();
+    assert_eq!(nodes[0]["name"], "node-1");
+    assert_eq!(nodes[0]["cpu_total"], 4);
+    let table = user.ok("stratus-describe-nodes", &admin);
+    assert!(table.starts_with("ID NAME   RVM TCPU FCPU ACPU TMEM FMEM AMEM STAT\n1  node-1 0   4    4    0    4096 4096 0    on\n"), "{table}");
+    let users: Value = serde_json::from_str(&user.ok(
+        "stratus-list-users",
+        &[&["--json"][..], &admin[..]].concat(),
+    ))
+    .unwrap();
+    let names: Vec<&str> = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin", "alice"]);
+    let e = user.error("stratus-describe-nodes", &[], &[]);
+    assert_eq!(
+        e,
+        "only administrators (::ADMIN) may do this; alice is ::USER"
+    );
+}
