@@ -11,6 +11,7 @@ use stratus_images::dsig::SignOptions;
 use stratus_images::{ops, Endorser, Metadata};
 
 use crate::client::{ClientError, Service};
+use crate::output::print_json;
 use crate::session::Session;
 use crate::Common;
 
@@ -105,13 +106,6 @@ pub struct DeprecateArgs {
     pub reason: String,
 }
 
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
-}
-
 /// `GET /metadata`; the Marketplace's 404 for an empty result is an empty list here.
 fn query_marketplace(market: &Service, query: &[(&str, &str)]) -> anyhow::Result<Vec<Metadata>> {
     match market.get_with::<Vec<Metadata>>("/metadata", query) {
@@ -150,28 +144,11 @@ fn image_table(entries: &[Metadata]) -> String {
             ]
         })
         .collect();
-    let header = ["identifier", "os", "endorser", "created", "title"];
-    let mut widths = [0usize; 5];
-    for (c, w) in widths.iter_mut().enumerate() {
-        *w = rows
-            .iter()
-            .map(|r| r[c].len())
-            .chain([header[c].len()])
-            .max()
-            .unwrap_or(0);
-    }
-    let line = |cells: [&str; 5]| {
-        let mut s = String::new();
-        for (c, cell) in cells.iter().enumerate() {
-            s.push_str(&format!("{cell:<w$} ", w = widths[c]));
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header);
-    for r in &rows {
-        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
-    }
-    out
+    crate::output::table(
+        ["identifier", "os", "endorser", "created", "title"],
+        [0; 5],
+        &rows,
+    )
 }
 
 fn list_query<'a>(args: &'a ListArgs, q: Option<&'a str>) -> Vec<(&'static str, &'a str)> {

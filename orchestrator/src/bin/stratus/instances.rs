@@ -1,7 +1,7 @@
 //! run-instance, describe-instance, kill-instance, shutdown-instance, connect-instance.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +15,7 @@ use stratus_orchestrator::api::types::{
 };
 
 use crate::config::Source;
+use crate::output::print_json;
 use crate::session::Session;
 use crate::Common;
 
@@ -143,13 +144,6 @@ pub fn vm_id(text: &str) -> anyhow::Result<i64> {
         .ok()
         .filter(|id| *id > 0)
         .with_context(|| format!("'{text}' is not a machine id (a positive number)"))
-}
-
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
 }
 
 /// The first address of a machine, with its network.
@@ -426,33 +420,12 @@ pub fn instance_table(vms: &[VmView]) -> String {
             ]
         })
         .collect();
-    let header = ["id", "state", "vcpu", "memory", "cpu%", "host/ip", "name"];
-    let minimum = [3, 9, 4, 9, 4, 23, 0];
-    let mut widths = [0usize; 7];
-    for c in 0..7 {
-        widths[c] = rows
-            .iter()
-            .map(|r| r[c].len())
-            .chain([minimum[c], header[c].len()])
-            .max()
-            .unwrap_or(0);
-    }
-    let line = |cells: [&str; 7]| {
-        let mut s = String::new();
-        for (c, cell) in cells.iter().enumerate() {
-            if c == 6 {
-                s.push_str(cell);
-            } else {
-                s.push_str(&format!("{cell:<w$} ", w = widths[c]));
-            }
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header);
-    for r in &rows {
-        out.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]));
-    }
-    out
+    crate::output::table(
+        ["id", "state", "vcpu", "memory", "cpu%", "host/ip", "name"],
+        // StratusLab's header, even with no machine to show.
+        [3, 9, 4, 9, 4, 23, 0],
+        &rows,
+    )
 }
 
 /// `-vvv` on one machine: every attribute, then its history.

@@ -8,6 +8,7 @@ mod images;
 mod instances;
 mod local;
 mod nodes;
+mod output;
 mod session;
 mod volumes;
 

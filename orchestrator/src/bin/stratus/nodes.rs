@@ -1,44 +1,12 @@
 //! The administrators' views: describe-nodes (StratusLab's host table) and list-users.
 
-use std::io::Write;
 use std::process::ExitCode;
 
 use stratus_orchestrator::api::types::{NodeView, UserInfo};
 
+use crate::output::{print_json, table};
 use crate::session::Session;
 use crate::Common;
-
-/// Left-aligned columns as wide as their widest cell.
-pub fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
-    for (c, w) in widths.iter_mut().enumerate() {
-        *w = rows
-            .iter()
-            .map(|r| r[c].len())
-            .chain([header[c].len()])
-            .max()
-            .unwrap_or(0);
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = String::new();
-        for (c, cell) in cells.iter().enumerate() {
-            s.push_str(&format!("{cell:<w$} ", w = widths[c]));
-        }
-        s.trim_end().to_owned() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for r in rows {
-        out.push_str(&line(r.iter().map(String::as_str).collect()));
-    }
-    out
-}
-
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
-}
 
 pub fn node_table(nodes: &[NodeView]) -> String {
     let rows: Vec<[String; 10]> = nodes
@@ -67,6 +35,7 @@ pub fn node_table(nodes: &[NodeView]) -> String {
         [
             "ID", "NAME", "RVM", "TCPU", "FCPU", "ACPU", "TMEM", "FMEM", "AMEM", "STAT",
         ],
+        [0; 10],
         &rows,
     )
 }
@@ -107,6 +76,7 @@ pub fn list_users(common: &Common) -> anyhow::Result<ExitCode> {
         "{}",
         table(
             ["NAME", "ROLE", "CPU", "MEMORY_MIB", "VMS", "CREATED"],
+            [0; 6],
             &rows
         )
     );

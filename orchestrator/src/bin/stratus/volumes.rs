@@ -1,7 +1,6 @@
 //! The persistent volume commands (pdisk): create-volume, describe-volumes, update-volume,
 //! delete-volume, attach-volume, detach-volume.
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use stratus_orchestrator::pdisk::{
 
 use crate::client::Service;
 use crate::instances::vm_id;
+use crate::output::print_json;
 use crate::session::Session;
 use crate::Common;
 
@@ -72,13 +72,6 @@ pub struct MountArgs {
     /// Seconds to wait for the guest (default 300).
     #[arg(long, default_value_t = 300)]
     pub wait: u64,
-}
-
-fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value)?;
-    writeln!(out)?;
-    Ok(())
 }
 
 fn visibility(private: bool, public: bool) -> Option<Visibility> {
