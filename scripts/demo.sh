@@ -163,14 +163,7 @@ start orchestrator "$BIN/stratus-orchestrator" --config "$STATE/orchestrator.tom
 wait_for 60 "the orchestrator" curl -sf "http://127.0.0.1:$CLOUD_PORT/cimi"
 
 # The endorser who signs the appliance: a CA of this box and a certificate it issued.
-mkdir -p "$STATE/pki"
-(cd "$STATE/pki" &&
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 365 \
-        -subj "/C=EU/O=Stratus in a box/CN=Stratus Demo CA" 2>/dev/null &&
-    openssl req -new -newkey rsa:2048 -nodes -keyout endorser.key -out endorser.csr \
-        -subj "/C=EU/O=Stratus in a box/CN=Demo Endorser/emailAddress=demo@stratus.test" 2>/dev/null &&
-    openssl x509 -req -in endorser.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out endorser.pem -days 365 2>/dev/null)
+make_endorser "$STATE/pki" "Stratus in a box" "Demo Endorser" demo@stratus.test 365
 
 # The user: a fresh SSH key and the StratusLab configuration file.
 ssh-keygen -q -t ed25519 -N '' -C "demo@stratus-in-a-box" -f "$STATE/.ssh/id_ed25519"

@@ -100,6 +100,21 @@ pack_initramfs() {
     (cd "$1" && find . | cpio -o -H newc 2>/dev/null | ${NESTED_COMPRESS:-gzip -1} > "$2")
 }
 
+# make_endorser <dir> <organisation> <endorser-name> <email> <days>: a throw-away CA
+# (ca.pem, ca.key) and the Marketplace endorser certificate it issued (endorser.pem,
+# endorser.key) for that name and email.
+make_endorser() {
+    local dir=$1 org=$2 name=$3 email=$4 days=$5
+    mkdir -p "$dir"
+    (cd "$dir" &&
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days "$days" \
+            -subj "/C=EU/O=$org/CN=$org CA" 2>/dev/null &&
+        openssl req -new -newkey rsa:2048 -nodes -keyout endorser.key -out endorser.csr \
+            -subj "/C=EU/O=$org/CN=$name/emailAddress=$email" 2>/dev/null &&
+        openssl x509 -req -in endorser.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out endorser.pem -days "$days" 2>/dev/null)
+}
+
 # busybox_root <dir>: a root with busybox and the usual mount points.
 busybox_root() {
     mkdir -p "$1"/{bin,proc,sys,dev,lib/modules,tmp,mnt}

@@ -113,14 +113,7 @@ python3 -m http.server --bind 127.0.0.1 --directory "$W/www" "$FILES_PORT" > "$W
 PIDS+=($!)
 "$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$W/market.db" > "$W/market.log" 2>&1 &
 PIDS+=($!)
-mkdir -p "$W/pki"
-(cd "$W/pki" &&
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 30 \
-        -subj "/C=EU/O=StratusLab/CN=Nested Test CA" 2>/dev/null &&
-    openssl req -new -newkey rsa:2048 -nodes -keyout endorser.key -out endorser.csr \
-        -subj "/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress=jane@stratus.test" 2>/dev/null &&
-    openssl x509 -req -in endorser.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out endorser.pem -days 30 2>/dev/null)
+make_endorser "$W/pki" StratusLab "Jane Endorser" jane@stratus.test 30
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$MARKET_PORT/endorsers" >/dev/null && break; sleep 0.1; done
 IMAGE_ID=$("$BIN/examples/publish_image" "$W/www/debian.img" "http://$IMAGE_HOST:8080/debian.img" \
     "http://127.0.0.1:$MARKET_PORT" "$W/pki/endorser.key" "$W/pki/endorser.pem")
