@@ -1227,3 +1227,113 @@ fn a_create_whose_client_hangs_up_is_finished_all_the_same() {
     assert_eq!(status, 200);
     assert_eq!(agent.call("DELETE", "/vms/hung-up", None).0, 204);
 }
+
+/// A tgtd of the test's own on loopback (scripts/iscsi-target.sh), stopped when dropped.
+struct IscsiTarget {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl IscsiTarget {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/iscsi-target.sh")
+    }
+
+    fn run(args: &[&str]) {
+        let out = std::process::Command::new("bash")
+            .arg(Self::script())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iscsi-target.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::run(&["start", dir.path().to_str().unwrap()]);
+        let port = std::fs::read_to_string(dir.path().join("port"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        IscsiTarget { dir, port }
+    }
+
+    /// A 1 MiB LUN; returns its iscsi:// URL (with the CHAP user, if any).
+    fn add(&self, name: &str, chap: Option<(&str, &str)>) -> String {
+        let file = self.dir.path().join(format!("{name}.img"));
+        std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
+        let iqn = format!("iqn.2026-12.eu.stratuslab.agent:{name}");
+        let dir = self.dir.path().to_str().unwrap();
+        let mut args = vec!["add", dir, &iqn, file.to_str().unwrap()];
+        if let Some((user, secret)) = chap {
+            args.extend([user, secret]);
+        }
+        Self::run(&args);
+        let user = chap.map(|(u, _)| format!("{u}@")).unwrap_or_default();
+        format!("iscsi://{user}127.0.0.1:{}/{iqn}/1", self.port)
+    }
+}
+
+impl Drop for IscsiTarget {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::script())
+            .args(["stop", self.dir.path().to_str().unwrap()])
+            .status();
+    }
+}
+
+#[test]
+fn iscsi_volumes_are_attached_at_creation_and_hot_plugged_with_chap() {
+    let target = IscsiTarget::start();
+    let plain = target.add("plain", None);
+    let guarded = target.add("guarded", Some(("carol", "carols-chap-secret")));
+    let agent = Agent::start(4, 1024);
+    let mut spec = agent.spec(Guest::EventLoop);
+    spec["disks"] = json!([{"id": "vol", "source": {"iscsi": {"url": plain}}, "serial": "lun-1"}]);
+    let (status, vm) = agent.call("PUT", "/vms/i", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    let vm = agent.wait_state("i", "running");
+    assert!(vm["counters"]["disks"]["vol"].is_object(), "{vm}");
+
+    // CHAP: the secret comes from a 0600 file on the node, never from the request.
+    let secret = agent.dir.path().join("carol.secret");
+    std::fs::write(&secret, "carols-chap-secret\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let no_secret = json!({"source": {"iscsi": {"url": guarded}}});
+    let (status, e) = agent.call("PUT", "/vms/i/disks/g", Some(&no_secret));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("secret_file"), "{e}");
+    let in_url = json!({"source": {"iscsi": {"url": guarded.replace("carol@", "carol:pw@")}}});
+    let (status, e) = agent.call("PUT", "/vms/i/disks/g", Some(&in_url));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("use secret-file="), "{e}");
+    let attach =
+        json!({"source": {"iscsi": {"url": guarded, "secret_file": secret, "timeout_secs": 5}}});
+    let (status, vm) = agent.call("PUT", "/vms/i/disks/g", Some(&attach));
+    assert_eq!(status, 201, "{vm}");
+    assert!(vm["counters"]["disks"]["g"].is_object(), "{vm}");
+    // The same LUN twice is refused by the VMM, whatever the name.
+    let (status, e) = agent.call("PUT", "/vms/i/disks/g2", Some(&attach));
+    assert_eq!(status, 409, "{e}");
+    // A wrong secret: the VMM cannot log in, and says so.
+    std::fs::write(&secret, "not-the-secret\n").unwrap();
+    let other = target.add("other", Some(("carol", "carols-chap-secret")));
+    let wrong = json!({"source": {"iscsi": {"url": other, "secret_file": secret}}});
+    let (status, e) = agent.call("PUT", "/vms/i/disks/w", Some(&wrong));
+    assert!(status >= 400, "{status} {e}");
+    assert!(error(&e).contains("cannot log in"), "{e}");
+    assert!(!error(&e).contains("not-the-secret"), "{e}");
+
+    let (status, vm) = agent.call("DELETE", "/vms/i/disks/g", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["attached"], json!([]));
+    let (_, vm) = agent.call("POST", "/vms/i/kill", None);
+    assert_eq!(vm["state"], "stopped");
+    assert_eq!(agent.call("DELETE", "/vms/i", None).0, 204);
+}

@@ -153,6 +153,13 @@ run_l1() {
             fi
             size=$(stat -c %s "$console" 2>/dev/null || echo 0)
             if [ "$size" != "$last_size" ]; then last_size=$size; idle=0; else idle=$((idle + 1)); fi
+            # An L1 whose ACPI tables did not survive a large initrd (see pack_initramfs)
+            # cannot power off and halts instead; QEMU would then wait for the timeout.
+            if [ $idle -ge 3 ] && tail -n 1 "$console" | grep -q 'reboot: System halted'; then
+                log "L1 halted instead of powering off; stopping its QEMU"
+                kill $qemu 2>/dev/null; wait $qemu 2>/dev/null
+                return 0
+            fi
             if [ "$idle_s" -gt 0 ] && [ "$size" -gt 0 ] && [ $idle -ge "$idle_s" ]; then
                 log "L1 printed nothing for $idle_s s after $waited s (hung?); killing it"
                 kill $qemu 2>/dev/null; wait $qemu 2>/dev/null

@@ -6,6 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::rate_limiter::RateLimit;
+use crate::devices::virtio::block::io::iscsi::{IscsiSource, IscsiUrl, DEFAULT_TIMEOUT_SECS};
 use crate::devices::virtio::block::io::{CacheMode, ImageFormat, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 use crate::devices::virtio::net::device::parse_mac;
@@ -176,7 +177,31 @@ impl VmConfig {
 
     /// What a disk's fields must satisfy beyond their types (also for hot-plugged disks).
     pub fn validate_disk(disk: &BlockConfig) -> Result<(), ConfigError> {
-        zero_rate(&format!("disk {}", disk.path.display()), &disk.rate_limit)?;
+        let name = disk.source_name();
+        match (&disk.iscsi, disk.path.as_os_str().is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::Invalid(format!(
+                    "disk {}: give path or iscsi, not both",
+                    name.display()
+                )))
+            }
+            (None, true) => {
+                return Err(ConfigError::Invalid(
+                    "a disk needs path (a file or block device) or iscsi (a LUN)".into(),
+                ))
+            }
+            (Some(source), true) => {
+                IscsiUrl::parse(&source.url).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+                if disk.format != ImageFormat::Raw {
+                    return Err(ConfigError::Invalid(format!(
+                        "disk {}: an iSCSI disk is raw; qcow2 needs a file",
+                        name.display()
+                    )));
+                }
+            }
+            (None, false) => {}
+        }
+        zero_rate(&format!("disk {}", name.display()), &disk.rate_limit)?;
         if let Some(serial) = &disk.serial {
             if serial.len() > VIRTIO_BLK_ID_BYTES {
                 return Err(ConfigError::Invalid(format!(
@@ -277,9 +302,24 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
-/// Parses `path=/img,ro=on|off,serial=ID,cache=writeback|none,engine=io_uring|sync`.
+/// Parses `path=/img,ro=on|off,serial=ID,cache=writeback|none,engine=io_uring|sync`, or
+/// `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN[,initiator=IQN,secret-file=PATH,timeout=SECS]`
+/// followed by the same options.
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut path = None;
+    let mut iscsi = None;
+    let mut spec_items = spec;
+    if spec.starts_with("iscsi://") {
+        let (url, rest) = spec.split_once(',').unwrap_or((spec, ""));
+        IscsiUrl::parse(url).map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?;
+        iscsi = Some(IscsiSource {
+            url: url.to_owned(),
+            initiator: None,
+            secret_file: None,
+            timeout_secs: DEFAULT_TIMEOUT_SECS,
+        });
+        spec_items = rest;
+    }
     let mut format = ImageFormat::Raw;
     let mut read_only = false;
     let mut serial = None;
@@ -287,11 +327,30 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut engine = None;
     let mut rate_limit = RateLimit::default();
     let mut id = None;
-    for item in spec.split(',') {
+    let network = iscsi.is_some();
+    for item in spec_items.split(',').filter(|i| !(i.is_empty() && network)) {
         let (key, value) = item.split_once('=').ok_or_else(|| {
             ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
         })?;
+        fn network_only<'a>(
+            source: &'a mut Option<IscsiSource>,
+            key: &str,
+        ) -> Result<&'a mut IscsiSource, ConfigError> {
+            source.as_mut().ok_or_else(|| {
+                ConfigError::Invalid(format!("--disk {key}= is for iscsi:// disks only"))
+            })
+        }
         match key {
+            "initiator" => network_only(&mut iscsi, key)?.initiator = Some(value.to_string()),
+            "secret-file" => network_only(&mut iscsi, key)?.secret_file = Some(value.into()),
+            "timeout" => {
+                network_only(&mut iscsi, key)?.timeout_secs =
+                    value.parse().ok().filter(|t| *t > 0).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "--disk timeout= takes a positive number of seconds, not '{value}'"
+                        ))
+                    })?
+            }
             "id" => id = Some(value.to_string()),
             "path" => path = Some(PathBuf::from(value)),
             "format" => {
@@ -317,17 +376,26 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
             "iops" => rate_limit.ops_per_sec = Some(parse_rate("--disk", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: id, path, format, ro, serial, cache, engine, bps, iops)"
+                    "--disk has no option '{other}' (known: id, path, format, ro, serial, cache, engine, bps, iops; for iscsi:// also initiator, secret-file, timeout)"
                 )))
             }
         }
     }
-    let path = path
-        .filter(|p| !p.as_os_str().is_empty())
-        .ok_or_else(|| ConfigError::Invalid(format!("--disk '{spec}' needs path=")))?;
+    let path = match (&iscsi, path) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid(
+                "--disk takes path= or an iscsi:// URL, not both".into(),
+            ))
+        }
+        (Some(_), None) => PathBuf::new(),
+        (None, path) => path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
+            ConfigError::Invalid(format!("--disk '{spec}' needs path= or an iscsi:// URL"))
+        })?,
+    };
     Ok(BlockConfig {
         id,
         path,
+        iscsi,
         format,
         read_only,
         serial,

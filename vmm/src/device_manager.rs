@@ -247,18 +247,13 @@ impl DeviceManager {
         let index = self.next_disk_index;
         let id = self.choose_id(config.id.as_deref(), "disk", index)?;
         let disk_err = |source| DeviceError::Disk {
-            path: config.path.clone(),
+            path: config.source_name(),
             source,
         };
-        let canonical = std::fs::canonicalize(&config.path).map_err(|source| {
-            disk_err(DiskError::Open {
-                path: config.path.clone(),
-                source,
-            })
-        })?;
+        let canonical = config.identity().map_err(disk_err)?;
         if let Some(other) = self.disks.iter().find(|d| d.canonical == canonical) {
             return Err(DeviceError::PathInUse {
-                path: config.path.clone(),
+                path: config.source_name(),
                 id: other.id.clone(),
             });
         }
@@ -404,7 +399,7 @@ impl DeviceManager {
             id: d.id.clone(),
             index: d.index,
             slot: d.slot,
-            path: d.config.path.clone(),
+            path: d.config.source_name(),
             read_only: d.config.read_only,
             serial: d.config.serial.clone(),
             rate_limit: d.limiter.limit(),

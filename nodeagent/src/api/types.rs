@@ -111,6 +111,20 @@ pub enum DiskSource {
     },
     /// A sparse raw disk of this many GiB made on the node for this VM and deleted with it.
     Volatile { size_gib: u64 },
+    /// An iSCSI LUN the VMM logs in to itself (no kernel initiator on the node), as
+    /// `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN`. A CHAP secret comes from `secret_file`
+    /// on this host (mode 0600), never from the request.
+    Iscsi {
+        url: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        initiator: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        secret_file: Option<PathBuf>,
+        /// Seconds a request may wait for the target before the guest gets an I/O error.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u32>,
+    },
     /// A Marketplace image (its entry, JSON form), cached once on this host and attached
     /// read-only (StratusLab's `--readonly-disk`).
     Image {

@@ -20,6 +20,7 @@ use self::record::{RecordError, VmRecord};
 use stratus_contextualizer::{Context, ContextMethod};
 use stratus_images::cache::ImageCache;
 use stratus_images::policy::Policy;
+use stratus_vmm::devices::virtio::block::io::iscsi::{IscsiSource, IscsiUrl, DEFAULT_TIMEOUT_SECS};
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
 use stratus_vmm::devices::virtio::block::io::ImageFormat as VmmImageFormat;
 
@@ -335,6 +336,41 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
         DiskSource::Image { entry } => entry
             .check()
             .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id))),
+        DiskSource::Iscsi {
+            url,
+            secret_file,
+            timeout_secs,
+            initiator,
+        } => {
+            let parsed = IscsiUrl::parse(url)
+                .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id)))?;
+            // The URL and options end up in a --disk flag: commas would split them.
+            let texts = [Some(url.as_str()), initiator.as_deref()]
+                .into_iter()
+                .flatten()
+                .chain(secret_file.iter().filter_map(|p| p.to_str()));
+            if texts.clone().any(|t| t.contains(','))
+                || secret_file.iter().any(|p| p.to_str().is_none())
+            {
+                return bad(format!(
+                    "disk '{}': the iSCSI source may not contain commas",
+                    disk.id
+                ));
+            }
+            if parsed.user.is_some() != secret_file.is_some() {
+                return bad(format!(
+                    "disk '{}': a CHAP user in the URL and secret_file go together",
+                    disk.id
+                ));
+            }
+            if timeout_secs == &Some(0) {
+                return bad(format!(
+                    "disk '{}': timeout_secs must be at least 1",
+                    disk.id
+                ));
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -685,7 +721,20 @@ impl VmManager {
         let attached = vm.status().attached.clone();
         for disk in vm.spec.disks.iter().chain(&attached) {
             let config = self.block_config(vm, disk).await?;
-            let mut spec = format!("id={},path={}", disk.id, config.path.display());
+            let mut spec = match &config.iscsi {
+                Some(iscsi) => {
+                    let mut spec = format!("{},id={}", iscsi.url, disk.id);
+                    if let Some(initiator) = &iscsi.initiator {
+                        spec.push_str(&format!(",initiator={initiator}"));
+                    }
+                    if let Some(secret) = &iscsi.secret_file {
+                        spec.push_str(&format!(",secret-file={}", secret.display()));
+                    }
+                    spec.push_str(&format!(",timeout={}", iscsi.timeout_secs));
+                    spec
+                }
+                None => format!("id={},path={}", disk.id, config.path.display()),
+            };
             if config.format == VmmImageFormat::Qcow2 {
                 spec.push_str(",format=qcow2");
             }
@@ -892,6 +941,24 @@ impl VmManager {
         let mut format = VmmImageFormat::Raw;
         let path = match &disk.source {
             DiskSource::File { path } => path.clone(),
+            DiskSource::Iscsi {
+                url,
+                initiator,
+                secret_file,
+                timeout_secs,
+            } => {
+                let mut config = BlockConfig::new("");
+                config.iscsi = Some(IscsiSource {
+                    url: url.clone(),
+                    initiator: initiator.clone(),
+                    secret_file: secret_file.clone(),
+                    timeout_secs: timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS),
+                });
+                config.id = Some(disk.id.clone());
+                config.read_only = disk.read_only;
+                config.serial = disk.serial.clone();
+                return Ok(config);
+            }
             DiskSource::Image { entry } => {
                 if entry.format == Some(stratus_images::ImageFormat::Qcow2) {
                     format = VmmImageFormat::Qcow2;

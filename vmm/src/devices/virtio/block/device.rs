@@ -7,8 +7,10 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::BlockCounters;
+use super::io::iscsi::{IscsiSource, IscsiUrl};
 use super::io::{
     create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
+    Topology,
 };
 use super::worker::{QueueWorker, QueueWorkerParts};
 use super::*;
@@ -24,7 +26,12 @@ pub struct BlockConfig {
     /// How the VMM API names the disk; `disk<N>` when not given.
     #[serde(default)]
     pub id: Option<String>,
+    /// A file or host block device; empty for a network disk.
+    #[serde(default)]
     pub path: PathBuf,
+    /// An iSCSI LUN instead of `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi: Option<IscsiSource>,
     /// Image format; never guessed from the file (see `ImageFormat`).
     #[serde(default)]
     pub format: ImageFormat,
@@ -43,10 +50,33 @@ pub struct BlockConfig {
 }
 
 impl BlockConfig {
+    /// The disk as logs and the API show it: the file's path, or the URL (no secret).
+    pub fn source_name(&self) -> PathBuf {
+        match &self.iscsi {
+            Some(source) => match IscsiUrl::parse(&source.url) {
+                Ok(url) => PathBuf::from(url.display()),
+                Err(_) => PathBuf::from("iscsi://(invalid)"),
+            },
+            None => self.path.clone(),
+        }
+    }
+
+    /// What two disks must not share: the canonical file, or the LUN.
+    pub fn identity(&self) -> Result<PathBuf, DiskError> {
+        match &self.iscsi {
+            Some(source) => Ok(PathBuf::from(IscsiUrl::parse(&source.url)?.identity())),
+            None => std::fs::canonicalize(&self.path).map_err(|source| DiskError::Open {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
     pub fn new(path: impl Into<PathBuf>) -> Self {
         BlockConfig {
             id: None,
             path: path.into(),
+            iscsi: None,
             format: ImageFormat::Raw,
             read_only: false,
             serial: None,
@@ -74,8 +104,7 @@ pub struct VirtioBlock {
 impl VirtioBlock {
     /// `num_queues` request queues (one per vCPU lets every CPU submit without sharing).
     pub fn new(config: &BlockConfig, num_queues: u16) -> Result<Self, DiskError> {
-        let disk =
-            DiskFile::open_format(&config.path, config.format, config.read_only, config.cache)?;
+        let disk = DiskFile::open_config(config)?;
         let engine = match config.engine {
             Some(engine) => engine,
             None if io_uring_supported() => IoEngine::IoUring,
@@ -91,8 +120,15 @@ impl VirtioBlock {
             | VIRTIO_RING_F_EVENT_IDX;
         if config.read_only {
             features |= VIRTIO_BLK_F_RO;
-        } else {
-            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if disk.can_discard() {
+            features |= VIRTIO_BLK_F_DISCARD;
+        }
+        if disk.can_write_zeroes() {
+            features |= VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        if disk.topology() != Topology::default() {
+            features |= VIRTIO_BLK_F_TOPOLOGY;
         }
         Ok(VirtioBlock {
             disk: Arc::new(disk),
@@ -132,17 +168,22 @@ impl VirtioBlock {
         let put32 = |cfg: &mut [u8; 60], at: usize, v: u32| {
             cfg[at..at + 4].copy_from_slice(&v.to_le_bytes())
         };
+        let topology = self.disk.topology();
         cfg[0..8].copy_from_slice(&(self.disk.size() >> SECTOR_SHIFT).to_le_bytes());
         put32(&mut cfg, 12, SEG_MAX);
-        put32(&mut cfg, 20, SECTOR_SIZE as u32);
+        put32(&mut cfg, 20, topology.logical_block_size);
+        cfg[24] = topology.physical_block_exp;
+        // min_io_size in logical blocks: one physical block.
+        cfg[26..28].copy_from_slice(&(1u16 << topology.physical_block_exp.min(15)).to_le_bytes());
         cfg[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         put32(&mut cfg, 36, MAX_DISCARD_SECTORS);
         put32(&mut cfg, 40, MAX_DISCARD_SEGMENTS);
-        // Discards are cheapest in whole host pages.
-        put32(&mut cfg, 44, 8);
+        // Discards are cheapest in whole host pages (or blocks, when larger).
+        let block_sectors = topology.logical_block_size >> SECTOR_SHIFT;
+        put32(&mut cfg, 44, block_sectors.max(8));
         put32(&mut cfg, 48, MAX_DISCARD_SECTORS);
         put32(&mut cfg, 52, MAX_DISCARD_SEGMENTS);
-        cfg[56] = 1; // write_zeroes_may_unmap
+        cfg[56] = u8::from(self.disk.can_discard()); // write_zeroes_may_unmap
         cfg
     }
 

@@ -454,7 +454,7 @@ impl QueueWorker {
     pub fn run(mut self) {
         let fds = [
             (self.queue_event.as_raw_fd(), QUEUE_TOKEN),
-            (self.engine.notifier().as_raw_fd(), ENGINE_TOKEN),
+            (self.engine.event_fd(), ENGINE_TOKEN),
             (self.throttle.timer_fd(), THROTTLE_TOKEN),
             (self.throttle.limit_changed_fd(), LIMIT_TOKEN),
         ];
@@ -510,13 +510,13 @@ impl QueueWorker {
     pub fn drain(&mut self) {
         while self.in_flight() > 0 {
             let mut fds = [libc::pollfd {
-                fd: self.engine.notifier().as_raw_fd(),
+                fd: self.engine.event_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             }];
             // SAFETY: polls one valid descriptor we own, with a bounded timeout.
             unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
-            let _ = self.engine.notifier().read();
+            self.engine.process_events();
             self.reap();
         }
     }
@@ -538,7 +538,7 @@ impl WorkerHandler for QueueWorker {
                 self.limits_changed();
             }
             ENGINE_TOKEN => {
-                let _ = self.engine.notifier().read();
+                self.engine.process_events();
                 self.reap();
             }
             _ => {}

@@ -4,12 +4,14 @@
 //! `uring` keeps many in flight with io_uring. `qcow2` sits in front of either: it maps
 //! guest offsets to host files and offsets, then hands the data transfers to them.
 
+pub mod iscsi;
+mod libiscsi;
 pub mod qcow2;
 pub mod sync_io;
 pub mod uring;
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
@@ -48,6 +50,12 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("a network disk is raw; qcow2 images are opened from files only")]
+    FormatOnNetwork,
+    #[error("a network disk has no file to open")]
+    NotAFile,
+    #[error(transparent)]
+    Iscsi(#[from] iscsi::IscsiError),
     #[error("cannot create qcow2 image {path}: {reason}")]
     Qcow2Create { path: PathBuf, reason: String },
 }
@@ -130,13 +138,106 @@ impl std::str::FromStr for IoEngine {
 /// Alignment O_DIRECT needs for buffers, offsets and lengths.
 pub const DIRECT_IO_ALIGNMENT: u64 = 512;
 
-/// The open disk image: a raw file, or a qcow2 image with its backing chain.
+/// The open disk: a raw file or host block device, a qcow2 image with its backing chain,
+/// or an iSCSI LUN. Each kind makes its own per-queue engine (`create_engine`); the queue
+/// worker never branches on the kind.
 pub struct DiskFile {
-    file: File,
     size: u64,
     read_only: bool,
-    direct: bool,
-    qcow2: Option<Arc<Qcow2Image>>,
+    topology: Topology,
+    /// The backend can deallocate ranges; without it the guest is not offered DISCARD.
+    can_discard: bool,
+    /// The backend can zero ranges; without it the guest is not offered WRITE_ZEROES.
+    can_write_zeroes: bool,
+    backend: Backend,
+}
+
+enum Backend {
+    File {
+        file: File,
+        direct: bool,
+        qcow2: Option<Arc<Qcow2Image>>,
+        block_device: bool,
+    },
+    Iscsi(Arc<iscsi::IscsiLun>),
+}
+
+/// Block sizes the guest should use, from the host device or the iSCSI LUN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Smallest addressable unit (virtio-blk's blk_size); a power of two, >= 512.
+    pub logical_block_size: u32,
+    /// log2(physical / logical block size).
+    pub physical_block_exp: u8,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            logical_block_size: super::SECTOR_SIZE as u32,
+            physical_block_exp: 0,
+        }
+    }
+}
+
+// From <linux/fs.h>: _IOR(0x12, 114, size_t), _IO(0x12, 104), _IO(0x12, 123).
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+
+/// Size and block sizes of a host block device (file metadata says 0 for them).
+fn block_device_geometry(file: &File) -> std::io::Result<(u64, Topology)> {
+    let fd = file.as_raw_fd();
+    let mut size: u64 = 0;
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    // SAFETY: each ioctl writes one integer of the type given into a local we own; the
+    // descriptor is an open block device.
+    let results = unsafe {
+        [
+            libc::ioctl(fd, BLKGETSIZE64 as _, &mut size as *mut u64),
+            libc::ioctl(fd, BLKSSZGET as _, &mut logical as *mut libc::c_int),
+            libc::ioctl(fd, BLKPBSZGET as _, &mut physical as *mut libc::c_uint),
+        ]
+    };
+    if results.iter().any(|r| *r < 0) {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((size, topology_from(logical as u32, physical)))
+}
+
+/// A topology from a device's logical and physical block sizes; odd values (not powers of
+/// two, below 512) fall back to 512-byte sectors rather than confuse the guest.
+pub fn topology_from(logical: u32, physical: u32) -> Topology {
+    let logical = if logical.is_power_of_two() && logical >= super::SECTOR_SIZE as u32 {
+        logical
+    } else {
+        super::SECTOR_SIZE as u32
+    };
+    let physical_block_exp = if physical.is_power_of_two() && physical > logical {
+        (physical / logical).trailing_zeros() as u8
+    } else {
+        0
+    };
+    Topology {
+        logical_block_size: logical,
+        physical_block_exp,
+    }
+}
+
+/// Whether a block device's queue takes discards (sysfs: queue/discard_max_bytes > 0).
+fn device_discards(metadata: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = metadata.rdev();
+    let path = format!(
+        "/sys/dev/block/{}:{}/queue/discard_max_bytes",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|max| max > 0)
 }
 
 impl DiskFile {
@@ -154,9 +255,33 @@ impl DiskFile {
         if format == ImageFormat::Qcow2 {
             let image = Qcow2Image::open(path, read_only, cache)?;
             disk.size = image.size();
-            disk.qcow2 = Some(Arc::new(image));
+            if let Backend::File { qcow2, .. } = &mut disk.backend {
+                *qcow2 = Some(Arc::new(image));
+            }
         }
         Ok(disk)
+    }
+
+    /// Opens whatever the disk's configuration names: a file or block device, or an
+    /// iSCSI LUN (logged in once here, so a bad target fails at start-up).
+    pub fn open_config(config: &super::BlockConfig) -> Result<Self, DiskError> {
+        match &config.iscsi {
+            Some(source) => {
+                if config.format != ImageFormat::Raw {
+                    return Err(DiskError::FormatOnNetwork);
+                }
+                let lun = iscsi::IscsiLun::connect(source)?;
+                Ok(DiskFile {
+                    size: lun.size(),
+                    read_only: config.read_only,
+                    topology: lun.topology(),
+                    can_discard: lun.can_discard(),
+                    can_write_zeroes: lun.can_write_zeroes(),
+                    backend: Backend::Iscsi(Arc::new(lun)),
+                })
+            }
+            None => Self::open_format(&config.path, config.format, config.read_only, config.cache),
+        }
     }
 
     fn open_raw(path: &Path, read_only: bool, cache: CacheMode) -> Result<Self, DiskError> {
@@ -179,49 +304,77 @@ impl DiskFile {
                 open_err(source)
             }
         })?;
-        let size = file.metadata().map_err(open_err)?.len();
-        if size < super::SECTOR_SIZE {
+        let metadata = file.metadata().map_err(open_err)?;
+        let block_device = metadata.file_type().is_block_device();
+        let (size, topology) = if block_device {
+            block_device_geometry(&file).map_err(open_err)?
+        } else {
+            (metadata.len(), Topology::default())
+        };
+        if size < u64::from(topology.logical_block_size).max(super::SECTOR_SIZE) {
             return Err(DiskError::Empty {
                 path: path.to_owned(),
             });
         }
         Ok(DiskFile {
-            file,
             size,
             read_only,
-            direct: cache == CacheMode::None,
-            qcow2: None,
+            topology,
+            // Files take both through fallocate; a block device discards only when its
+            // queue says it can (zeroing falls back to writing zeroes).
+            can_discard: !block_device || device_discards(&metadata),
+            can_write_zeroes: true,
+            backend: Backend::File {
+                file,
+                direct: cache == CacheMode::None,
+                qcow2: None,
+                block_device,
+            },
         })
     }
 
     pub fn format(&self) -> ImageFormat {
-        match self.qcow2 {
-            Some(_) => ImageFormat::Qcow2,
-            None => ImageFormat::Raw,
+        match self.backend {
+            Backend::File { qcow2: Some(_), .. } => ImageFormat::Qcow2,
+            _ => ImageFormat::Raw,
         }
     }
 
-    /// Size in bytes; a trailing partial sector is not exposed.
+    /// Size in bytes; a trailing partial block is not exposed.
     pub fn size(&self) -> u64 {
-        self.size & !(super::SECTOR_SIZE - 1)
+        self.size & !(u64::from(self.topology.logical_block_size) - 1)
     }
 
     pub fn read_only(&self) -> bool {
         self.read_only
     }
 
-    /// True when buffers must be aligned (cache=none).
-    pub fn direct(&self) -> bool {
-        self.direct
+    pub fn topology(&self) -> Topology {
+        self.topology
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    /// Whether DISCARD can be offered to the guest.
+    pub fn can_discard(&self) -> bool {
+        self.can_discard && !self.read_only
+    }
+
+    /// Whether WRITE_ZEROES can be offered to the guest.
+    pub fn can_write_zeroes(&self) -> bool {
+        self.can_write_zeroes && !self.read_only
+    }
+
+    /// True when buffers must be aligned (cache=none).
+    pub fn direct(&self) -> bool {
+        matches!(self.backend, Backend::File { direct: true, .. })
     }
 
     /// Each engine instance gets its own descriptor, so queues never share file state.
-    pub fn try_clone_file(&self) -> std::io::Result<File> {
-        self.file.try_clone()
+    /// Network disks have no file.
+    pub fn try_clone_file(&self) -> Result<File, DiskError> {
+        match &self.backend {
+            Backend::File { file, .. } => Ok(file.try_clone()?),
+            Backend::Iscsi(_) => Err(DiskError::NotAFile),
+        }
     }
 }
 
@@ -253,8 +406,12 @@ pub struct Completion {
 }
 
 pub trait AsyncIo: Send {
-    /// Readable when completions are waiting.
-    fn notifier(&self) -> &EventFd;
+    /// Readable when the engine has something to do: completions to collect, or for a
+    /// network disk, its connection or timer to serve. The queue worker polls it.
+    fn event_fd(&self) -> RawFd;
+    /// Called after `event_fd` was readable: clears it and does what it signalled
+    /// (completions then come from `next_completion`).
+    fn process_events(&mut self);
     /// Queues an operation; it may not start before `submit`.
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError>;
     /// Starts everything queued since the last call.
@@ -262,14 +419,41 @@ pub trait AsyncIo: Send {
     fn next_completion(&mut self) -> Option<Completion>;
 }
 
-pub fn fallocate_mode(op: &DiskOp<'_>) -> Option<(i32, u64, u64)> {
+/// How a discard or write-zeroes is carried out on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeCall {
+    Fallocate {
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    /// ioctl(BLKDISCARD): Linux's fallocate on a block device only zeroes (a hole punch
+    /// there needs the device's write-zeroes support); a plain discard is this ioctl.
+    BlkDiscard {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// The host call for a discard or write-zeroes; None for other operations. On a block
+/// device a write-zeroes is a zero-out that falls back to writing zeroes.
+pub fn range_call(op: &DiskOp<'_>, block_device: bool) -> Option<RangeCall> {
+    let fallocate = |mode, offset, len| RangeCall::Fallocate { mode, offset, len };
     match *op {
-        DiskOp::Discard { offset, len } => Some((
+        DiskOp::Discard { offset, len } if block_device => {
+            Some(RangeCall::BlkDiscard { offset, len })
+        }
+        DiskOp::WriteZeroes { offset, len, .. } if block_device => Some(fallocate(
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        )),
+        DiskOp::Discard { offset, len } => Some(fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
             len,
         )),
-        DiskOp::WriteZeroes { offset, len, unmap } => Some((
+        DiskOp::WriteZeroes { offset, len, unmap } => Some(fallocate(
             if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
@@ -282,21 +466,55 @@ pub fn fallocate_mode(op: &DiskOp<'_>) -> Option<(i32, u64, u64)> {
     }
 }
 
+// From <linux/fs.h>: _IO(0x12, 119).
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Runs a range call on `fd` at once: 0, or a negated errno.
+pub fn run_range_call(fd: RawFd, call: RangeCall) -> i64 {
+    let result = match call {
+        RangeCall::Fallocate { mode, offset, len } => {
+            // SAFETY: fallocate only takes a descriptor we own and plain integers.
+            unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) }
+        }
+        RangeCall::BlkDiscard { offset, len } => {
+            let range: [u64; 2] = [offset, len];
+            // SAFETY: BLKDISCARD reads two u64 (start, length) from the local array.
+            unsafe { libc::ioctl(fd, BLKDISCARD as _, range.as_ptr()) }
+        }
+    };
+    if result < 0 {
+        -i64::from(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        )
+    } else {
+        0
+    }
+}
+
 pub fn create_engine(
     kind: IoEngine,
     disk: &DiskFile,
     depth: u32,
 ) -> Result<Box<dyn AsyncIo>, DiskError> {
-    if let Some(image) = &disk.qcow2 {
-        let data = DataEngine::new(kind, image.data_files()?, depth)?;
-        return Ok(Box::new(Qcow2Io::new(image.clone(), data)));
+    match &disk.backend {
+        Backend::Iscsi(lun) => Ok(Box::new(iscsi::IscsiIo::new(lun.clone(), depth)?)),
+        Backend::File {
+            qcow2: Some(image), ..
+        } => {
+            let data = DataEngine::new(kind, image.data_files()?, depth, false)?;
+            Ok(Box::new(Qcow2Io::new(image.clone(), data)))
+        }
+        Backend::File {
+            file, block_device, ..
+        } => Ok(
+            match DataEngine::new(kind, vec![file.try_clone()?], depth, *block_device)? {
+                DataEngine::Sync(engine) => Box::new(engine),
+                DataEngine::IoUring(engine) => engine,
+            },
+        ),
     }
-    Ok(
-        match DataEngine::new(kind, vec![disk.try_clone_file()?], depth)? {
-            DataEngine::Sync(engine) => Box::new(engine),
-            DataEngine::IoUring(engine) => engine,
-        },
-    )
 }
 
 /// An engine over several files, for formats that spread a disk across them.
@@ -306,11 +524,17 @@ pub enum DataEngine {
 }
 
 impl DataEngine {
-    pub fn new(kind: IoEngine, files: Vec<File>, depth: u32) -> Result<Self, DiskError> {
+    /// `block_device`: the files are host block devices (see `fallocate_mode`).
+    pub fn new(
+        kind: IoEngine,
+        files: Vec<File>,
+        depth: u32,
+        block_device: bool,
+    ) -> Result<Self, DiskError> {
         Ok(match kind {
-            IoEngine::Sync => DataEngine::Sync(sync_io::SyncIo::new(files)?),
+            IoEngine::Sync => DataEngine::Sync(sync_io::SyncIo::new(files, block_device)?),
             IoEngine::IoUring => {
-                DataEngine::IoUring(Box::new(uring::IoUringIo::new(files, depth)?))
+                DataEngine::IoUring(Box::new(uring::IoUringIo::new(files, depth, block_device)?))
             }
         })
     }
@@ -334,10 +558,11 @@ impl DataEngine {
         }
     }
 
-    pub fn engine_ref(&self) -> &dyn AsyncIo {
+    /// The eventfd both file engines signal completions on.
+    pub fn notifier(&self) -> &EventFd {
         match self {
-            DataEngine::Sync(engine) => engine,
-            DataEngine::IoUring(engine) => engine.as_ref(),
+            DataEngine::Sync(engine) => engine.notifier(),
+            DataEngine::IoUring(engine) => engine.notifier(),
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +20,6 @@ use imago::{
     FormatAccess, FormatCreateBuilder, FormatDriverBuilder, Mapping, PermissiveImplicitOpenGate,
     Storage, StorageCreateOptions, StorageOpenOptions,
 };
-use vmm_sys_util::eventfd::EventFd;
 
 use super::{AsyncIo, CacheMode, Completion, DataEngine, DiskError, DiskOp, ImageFormat};
 
@@ -439,7 +438,7 @@ impl Qcow2Io {
             match self.data.engine().next_completion() {
                 Some(completion) => self.account(completion),
                 None => {
-                    let notifier = self.data.engine_ref().notifier();
+                    let notifier = self.data.notifier();
                     let mut fds = [libc::pollfd {
                         fd: notifier.as_raw_fd(),
                         events: libc::POLLIN,
@@ -456,8 +455,12 @@ impl Qcow2Io {
 }
 
 impl AsyncIo for Qcow2Io {
-    fn notifier(&self) -> &EventFd {
-        self.data.engine_ref().notifier()
+    fn event_fd(&self) -> RawFd {
+        self.data.notifier().as_raw_fd()
+    }
+
+    fn process_events(&mut self) {
+        self.data.engine().process_events();
     }
 
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
@@ -501,7 +504,7 @@ impl AsyncIo for Qcow2Io {
     fn submit(&mut self) -> Result<(), DiskError> {
         self.data.engine().submit()?;
         if !self.ready.is_empty() {
-            self.notifier().write(1).map_err(DiskError::EventFd)?;
+            self.data.notifier().write(1).map_err(DiskError::EventFd)?;
         }
         Ok(())
     }

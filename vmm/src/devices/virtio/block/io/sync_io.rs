@@ -4,22 +4,25 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{fallocate_mode, AsyncIo, Completion, DiskError, DiskOp};
+use super::{range_call, run_range_call, AsyncIo, Completion, DiskError, DiskOp};
 
 pub struct SyncIo {
     files: Vec<File>,
+    /// The files are host block devices (see `fallocate_mode`).
+    block_device: bool,
     completions: VecDeque<Completion>,
     notifier: EventFd,
 }
 
 impl SyncIo {
-    pub fn new(files: Vec<File>) -> Result<Self, DiskError> {
+    pub fn new(files: Vec<File>, block_device: bool) -> Result<Self, DiskError> {
         Ok(SyncIo {
             files,
+            block_device,
             completions: VecDeque::new(),
             notifier: EventFd::new(libc::EFD_NONBLOCK).map_err(DiskError::EventFd)?,
         })
@@ -37,21 +40,22 @@ impl SyncIo {
             .get(file)
             .ok_or(DiskError::NoSuchFile(file))?
             .as_raw_fd();
-        let result = Self::run(fd, &op);
+        let result = Self::run(fd, &op, self.block_device);
         self.completions.push_back(Completion { user_data, result });
         Ok(())
     }
 
-    fn run(fd: i32, op: &DiskOp<'_>) -> i64 {
+    fn run(fd: i32, op: &DiskOp<'_>, block_device: bool) -> i64 {
         let result = match *op {
             DiskOp::Read { offset, iovecs } => rw_all(fd, iovecs, offset, false),
             DiskOp::Write { offset, iovecs } => rw_all(fd, iovecs, offset, true),
             // SAFETY: fdatasync only takes a file descriptor we own.
             DiskOp::Flush => i64::from(unsafe { libc::fdatasync(fd) }),
-            _ => {
-                let (mode, offset, len) = fallocate_mode(op).expect("fallocate op");
-                // SAFETY: fallocate only takes a descriptor we own and plain integers.
-                unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) as i64 }
+            DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => {
+                match range_call(op, block_device) {
+                    Some(call) => return run_range_call(fd, call),
+                    None => return -i64::from(libc::EINVAL),
+                }
             }
         };
         if result < 0 {
@@ -124,9 +128,21 @@ fn rw_all(fd: i32, iovecs: &[libc::iovec], offset: u64, write: bool) -> i64 {
     done as i64
 }
 
-impl AsyncIo for SyncIo {
-    fn notifier(&self) -> &EventFd {
+impl SyncIo {
+    /// The eventfd completions are signalled on (qcow2 signals its own through it too).
+    pub fn notifier(&self) -> &EventFd {
         &self.notifier
+    }
+}
+
+impl AsyncIo for SyncIo {
+    fn event_fd(&self) -> RawFd {
+        self.notifier.as_raw_fd()
+    }
+
+    fn process_events(&mut self) {
+        // Only a count of wake-ups; the completions themselves are read below.
+        let _ = self.notifier.read();
     }
 
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {

@@ -4,22 +4,28 @@
 //! the ring has completed: a flush never overtakes the writes it must make durable.
 
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{fallocate_mode, AsyncIo, Completion, DiskError, DiskOp};
+use std::collections::VecDeque;
+
+use super::{range_call, run_range_call, AsyncIo, Completion, DiskError, DiskOp, RangeCall};
 
 pub struct IoUringIo {
     ring: IoUring,
     // Kept open for as long as the ring refers to them as fixed files.
     files: Vec<File>,
+    /// The files are host block devices (see `fallocate_mode`).
+    block_device: bool,
+    /// Completions of operations carried out without the ring.
+    ready: VecDeque<Completion>,
     notifier: EventFd,
 }
 
 impl IoUringIo {
-    pub fn new(files: Vec<File>, depth: u32) -> Result<Self, DiskError> {
+    pub fn new(files: Vec<File>, depth: u32, block_device: bool) -> Result<Self, DiskError> {
         let ring =
             IoUring::new(depth.max(2).next_power_of_two()).map_err(DiskError::IoUringSetup)?;
         let fds: Vec<i32> = files.iter().map(AsRawFd::as_raw_fd).collect();
@@ -33,6 +39,8 @@ impl IoUringIo {
         Ok(IoUringIo {
             ring,
             files,
+            block_device,
+            ready: VecDeque::new(),
             notifier,
         })
     }
@@ -63,13 +71,24 @@ impl IoUringIo {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
                 .flags(squeue::Flags::IO_DRAIN),
-            ref other => {
-                let (mode, offset, len) = fallocate_mode(other).expect("fallocate op");
-                opcode::Fallocate::new(fd, len)
+            ref other => match range_call(other, self.block_device) {
+                Some(RangeCall::Fallocate { mode, offset, len }) => opcode::Fallocate::new(fd, len)
                     .offset(offset)
                     .mode(mode)
-                    .build()
-            }
+                    .build(),
+                // io_uring has no BLKDISCARD: it runs here, and its completion waits
+                // beside the ring's.
+                Some(call) => {
+                    let result = run_range_call(self.files[file].as_raw_fd(), call);
+                    self.ready.push_back(Completion { user_data, result });
+                    return Ok(());
+                }
+                None => {
+                    return Err(DiskError::Io(std::io::Error::from_raw_os_error(
+                        libc::EINVAL,
+                    )))
+                }
+            },
         }
         .user_data(user_data);
         // SAFETY: the entry's buffers (iovec arrays and what they point to) are kept alive by
@@ -86,9 +105,21 @@ impl IoUringIo {
     }
 }
 
-impl AsyncIo for IoUringIo {
-    fn notifier(&self) -> &EventFd {
+impl IoUringIo {
+    /// The eventfd completions are signalled on (qcow2 signals its own through it too).
+    pub fn notifier(&self) -> &EventFd {
         &self.notifier
+    }
+}
+
+impl AsyncIo for IoUringIo {
+    fn event_fd(&self) -> RawFd {
+        self.notifier.as_raw_fd()
+    }
+
+    fn process_events(&mut self) {
+        // Only a count of wake-ups; the completions themselves are read below.
+        let _ = self.notifier.read();
     }
 
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
@@ -96,6 +127,9 @@ impl AsyncIo for IoUringIo {
     }
 
     fn submit(&mut self) -> Result<(), DiskError> {
+        if !self.ready.is_empty() {
+            self.notifier.write(1).map_err(DiskError::EventFd)?;
+        }
         loop {
             match self.ring.submit() {
                 Ok(_) => return Ok(()),
@@ -109,6 +143,9 @@ impl AsyncIo for IoUringIo {
     }
 
     fn next_completion(&mut self) -> Option<Completion> {
+        if let Some(done) = self.ready.pop_front() {
+            return Some(done);
+        }
         self.ring.completion().next().map(|cqe| Completion {
             user_data: cqe.user_data(),
             result: i64::from(cqe.result()),
