@@ -77,6 +77,10 @@ pub struct Config {
     /// cloud has no volumes.
     #[serde(default)]
     pub volume_dir: Option<PathBuf>,
+    /// Export volumes over iSCSI from this host's tgtd instead (their files still live in
+    /// `volume_dir`): nodes need no shared filesystem, their VMMs log in to the LUNs.
+    #[serde(default)]
+    pub volume_iscsi: Option<crate::pdisk::iscsi::IscsiPoolConfig>,
     /// The networks VMs are given addresses on; node agents serve them under the same
     /// names.
     #[serde(default)]

@@ -269,10 +269,17 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
     };
     let listen = config.listen;
     let volumes = match &config.volume_dir {
-        Some(dir) => Some(
-            stratus_orchestrator::pdisk::file::FileBackend::open(dir)
+        Some(dir) => Some(stratus_orchestrator::pdisk::Storage {
+            files: stratus_orchestrator::pdisk::file::FileBackend::open(dir)
                 .with_context(|| format!("volume_dir {}", dir.display()))?,
-        ),
+            iscsi: config
+                .volume_iscsi
+                .clone()
+                .map(stratus_orchestrator::pdisk::iscsi::IscsiExport::new),
+        }),
+        None if config.volume_iscsi.is_some() => {
+            anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
+        }
         None => None,
     };
     let mut cloud = Cloud::new(db, Arc::new(config), policy);

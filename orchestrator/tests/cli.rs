@@ -1052,3 +1052,169 @@ fn every_command_speaks_json_and_quiet() {
         "only administrators (::ADMIN) may do this; alice is ::USER"
     );
 }
+
+/// A tgtd of the test's own (scripts/iscsi-target.sh), stopped when dropped.
+struct Tgtd {
+    dir: tempfile::TempDir,
+}
+
+impl Tgtd {
+    fn script(args: &[&str]) -> String {
+        let out = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/iscsi-target.sh"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "iscsi-target.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn start() -> Tgtd {
+        let dir = tempfile::tempdir().unwrap();
+        Self::script(&["start", dir.path().to_str().unwrap()]);
+        Tgtd { dir }
+    }
+
+    fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// Killed and started again on the same ports: it has forgotten every target.
+    fn restart(&self) {
+        Self::script(&["restart", self.dir.path().to_str().unwrap()]);
+    }
+
+    fn targets(&self) -> String {
+        let out = Command::new("tgtadm")
+            .args([
+                "-C",
+                &self.read("control"),
+                "--lld",
+                "iscsi",
+                "--op",
+                "show",
+            ])
+            .args(["--mode", "target"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/iscsi-target.sh"))
+            .args(["stop", self.dir.path().to_str().unwrap()])
+            .status();
+    }
+}
+
+/// pdisk's iSCSI pool: volumes are LUNs of this host's tgtd, nodes get their URL and the
+/// VMM logs in itself; a restarted tgtd serves them again as soon as a VM needs them.
+#[test]
+fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
+    in_own_network_namespace();
+    let tgtd = Tgtd::start();
+    let market = Marketplace::start();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "[volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n",
+            tgtd.read("port"),
+            tgtd.read("control")
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    cloud.add_user("alice", "alice-password");
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+
+    let out = user.ok("stratus-create-volume", &["-s", "1", "-t", "on iscsi"]);
+    let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    let target = format!("iqn.2026-12.eu.stratuslab.pdisk:{data}");
+    assert!(tgtd.targets().contains(&target), "{}", tgtd.targets());
+    let file = cloud.dir.path().join("volumes").join(format!("{data}.img"));
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30);
+
+    // At boot: the node gets the LUN's URL, and the VMM only starts if it logged in.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            &data,
+            &image,
+        ],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    assert_eq!(on_node["state"], "running", "{on_node}");
+    let url = format!("iscsi://127.0.0.1:{}/{target}/1", tgtd.read("port"));
+    let disk = on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == data[..20])
+        .unwrap_or_else(|| panic!("no volume in {on_node}"))
+        .clone();
+    assert_eq!(disk["source"]["iscsi"]["url"], url, "{disk}");
+    let disk_id = disk["id"].as_str().unwrap();
+    assert!(
+        on_node["counters"]["disks"][disk_id].is_object(),
+        "the VMM has the LUN as a disk: {on_node}"
+    );
+
+    // tgtd restarted: it has no targets; hot-plugging a new volume exports it again first.
+    let spare = user.ok("stratus-create-volume", &["-s", "1"]);
+    let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    tgtd.restart();
+    assert!(!tgtd.targets().contains(&spare));
+    assert_eq!(
+        user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]),
+        format!("ATTACHED {spare} in VM {vm} on /dev/vdz\n")
+    );
+    assert!(tgtd.targets().contains(&format!("pdisk:{spare}")));
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    assert_eq!(on_node["attached"][0]["serial"], spare[..20], "{on_node}");
+    assert_eq!(
+        user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]),
+        format!("DETACHED {spare} from VM {vm} on /dev/vdz\n")
+    );
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+
+    // Deleted: the target goes from tgtd, the file from the pool.
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&spare]),
+        format!("DELETED {spare}\n")
+    );
+    assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
+    assert!(!cloud
+        .dir
+        .path()
+        .join("volumes")
+        .join(format!("{spare}.img"))
+        .exists());
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&data]),
+        format!("DELETED {data}\n")
+    );
+    assert!(!file.exists());
+}

@@ -96,8 +96,17 @@ fn volume_disk(volume: &NodeDisk) -> (String, AttachDisk) {
     (
         pdisk::disk_id(&volume.uuid),
         AttachDisk {
-            source: DiskSource::File {
-                path: volume.path.clone(),
+            source: if volume.location.starts_with("iscsi://") {
+                DiskSource::Iscsi {
+                    url: volume.location.clone(),
+                    initiator: None,
+                    secret_file: None,
+                    timeout_secs: None,
+                }
+            } else {
+                DiskSource::File {
+                    path: volume.location.clone().into(),
+                }
             },
             read_only: volume.read_only,
             serial: Some(volume.uuid.chars().take(20).collect()),
@@ -234,6 +243,11 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 pdisk::disks_of(&mut conn, row.id, &["attached"]).await?,
             )
         };
+        if let Some(storage) = &cloud.volumes {
+            for volume in &volumes {
+                storage.prepare(volume).await?;
+            }
+        }
         let spec = spec_of(&row, &deployment, &leases, &volumes);
         let client = node.client(&cloud.http);
         match client.put_vm(&row.id.to_string(), &spec).await {
@@ -534,6 +548,13 @@ async fn hotplug(
         Err(e) => return retry(e.to_string()).await,
     };
     for volume in &pending {
+        if attach {
+            if let Some(storage) = &cloud.volumes {
+                if let Err(e) = storage.prepare(volume).await {
+                    return retry(e.to_string()).await;
+                }
+            }
+        }
         let (disk, spec) = volume_disk(volume);
         let result = if attach {
             if plugged.contains(&disk) {

@@ -8,6 +8,7 @@
 //! detach on a running VM are jobs of that VM, run in order with its other jobs.
 
 pub mod file;
+pub mod iscsi;
 pub mod types;
 
 use sqlx::AnyConnection;
@@ -54,6 +55,89 @@ pub enum VolumeError {
 impl From<sqlx::Error> for VolumeError {
     fn from(e: sqlx::Error) -> Self {
         VolumeError::Db(e.into())
+    }
+}
+
+/// Where volumes live: sparse files in `volume_dir`, which nodes open at the same path,
+/// or the same files exported over iSCSI by this host's tgtd (`[volume_iscsi]`), which
+/// nodes' VMMs log in to.
+pub struct Storage {
+    pub files: file::FileBackend,
+    pub iscsi: Option<iscsi::IscsiExport>,
+}
+
+impl Storage {
+    pub fn pool(&self) -> &str {
+        match self.iscsi {
+            Some(_) => "iscsi",
+            None => self.files.pool(),
+        }
+    }
+
+    /// What nodes are given for a new volume: the file's path or the LUN's URL.
+    pub fn location(&self, uuid: &str) -> String {
+        match &self.iscsi {
+            Some(export) => export.url(uuid),
+            None => self.files.location(uuid).to_string_lossy().into_owned(),
+        }
+    }
+
+    fn exported(location: &str) -> bool {
+        location.starts_with("iscsi://")
+    }
+
+    fn export_of(&self, location: &str) -> Result<Option<&iscsi::IscsiExport>, VolumeError> {
+        match (&self.iscsi, Self::exported(location)) {
+            (Some(export), true) => Ok(Some(export)),
+            (None, true) => Err(VolumeError::Conflict(format!(
+                "volume at {location} is on iSCSI, but [volume_iscsi] is not configured"
+            ))),
+            (_, false) => Ok(None),
+        }
+    }
+
+    /// Makes the volume's storage; done again after a crash, it keeps existing data.
+    async fn make(&self, uuid: &str, location: &str, size_gib: u64) -> Result<(), VolumeError> {
+        let file = self.files.location(uuid);
+        self.files
+            .create(&file, size_gib)
+            .map_err(VolumeError::Storage)?;
+        if let Some(export) = self.export_of(location)? {
+            export
+                .export(uuid, &file)
+                .await
+                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the volume's storage; done again, it does nothing.
+    async fn remove(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
+        if let Some(export) = self.export_of(location)? {
+            export
+                .unexport(uuid)
+                .await
+                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
+            self.files
+                .delete(&self.files.location(uuid))
+                .map_err(VolumeError::Storage)
+        } else {
+            self.files
+                .delete(std::path::Path::new(location))
+                .map_err(VolumeError::Storage)
+        }
+    }
+
+    /// Makes sure a node can reach the volume now (tgtd forgets its targets when it
+    /// restarts).
+    pub async fn prepare(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
+        if let Some(export) = self.export_of(&volume.location)? {
+            export
+                .export(&volume.uuid, &self.files.location(&volume.uuid))
+                .await
+                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
+        }
+        Ok(())
     }
 }
 
@@ -280,7 +364,7 @@ pub async fn create(
         .bind(visibility.as_str())
         .bind(kind.as_str())
         .bind(backend.pool())
-        .bind(location.to_string_lossy().as_ref())
+        .bind(&location)
         .bind(&now)
         .execute(&mut *tx)
         .await?;
@@ -289,7 +373,7 @@ pub async fn create(
     if let Err(e) = finish_create(cloud, &uuid, request.size_gib, &location).await {
         // Undone, so a failed creation neither lingers nor counts against the quota.
         if let Some(backend) = &cloud.volumes {
-            let _ = backend.delete(&location);
+            let _ = backend.remove(&uuid, &location).await;
         }
         let _ = sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
             .bind(&uuid)
@@ -306,15 +390,13 @@ async fn finish_create(
     cloud: &Cloud,
     uuid: &str,
     size_gib: i64,
-    location: &std::path::Path,
+    location: &str,
 ) -> Result<(), VolumeError> {
     let backend = cloud
         .volumes
         .as_ref()
         .ok_or_else(|| VolumeError::Conflict("this cloud has no volume storage".into()))?;
-    backend
-        .create(location, size_gib as u64)
-        .map_err(VolumeError::Storage)?;
+    backend.make(uuid, location, size_gib as u64).await?;
     sqlx::query(
         "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
     )
@@ -422,16 +504,12 @@ pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), Vo
         tx.commit().await?;
         row.location
     };
-    finish_delete(cloud, &uuid, std::path::Path::new(&location)).await
+    finish_delete(cloud, &uuid, &location).await
 }
 
-async fn finish_delete(
-    cloud: &Cloud,
-    uuid: &str,
-    location: &std::path::Path,
-) -> Result<(), VolumeError> {
+async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), VolumeError> {
     if let Some(backend) = &cloud.volumes {
-        backend.delete(location).map_err(VolumeError::Storage)?;
+        backend.remove(uuid, location).await?;
     }
     sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'deleting'")
         .bind(uuid)
@@ -448,11 +526,11 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
     .fetch_all(&cloud.db.pool)
     .await?;
     for row in rows {
-        let location = std::path::PathBuf::from(&row.location);
+        let location = &row.location;
         let result = if row.state == "creating" {
-            finish_create(cloud, &row.uuid, row.size_gib, &location).await
+            finish_create(cloud, &row.uuid, row.size_gib, location).await
         } else {
-            finish_delete(cloud, &row.uuid, &location).await
+            finish_delete(cloud, &row.uuid, location).await
         };
         match result {
             Ok(()) => tracing::info!(volume = %row.uuid, was = %row.state, "finished"),
@@ -608,7 +686,7 @@ impl MountedRow {
                 || self.kind == VolumeKind::DataImageRawReadonly.as_str(),
             uuid: self.volume_uuid,
             device: self.device,
-            path: self.location.into(),
+            location: self.location,
         }
     }
 }

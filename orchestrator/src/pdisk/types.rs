@@ -1,7 +1,5 @@
 //! pdisk's wire types: served by the orchestrator, imported by the CLI.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -131,6 +129,7 @@ pub struct MountAccepted {
 pub struct NodeDisk {
     pub uuid: String,
     pub device: String,
-    pub path: PathBuf,
+    /// The volume's file, or its LUN's `iscsi://` URL.
+    pub location: String,
     pub read_only: bool,
 }

@@ -110,8 +110,11 @@ impl VirtioBlock {
             None if io_uring_supported() => IoEngine::IoUring,
             None => IoEngine::Sync,
         };
-        // Fail at start-up, not when the guest first touches the disk.
-        drop(create_engine(engine, &disk, u32::from(QUEUE_SIZE))?);
+        // Fail at start-up, not when the guest first touches the disk (a network disk
+        // logged in once when it was opened).
+        if !disk.is_network() {
+            drop(create_engine(engine, &disk, u32::from(QUEUE_SIZE))?);
+        }
         let mut features = VIRTIO_BLK_F_FLUSH
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
@@ -176,12 +179,18 @@ impl VirtioBlock {
         // min_io_size in logical blocks: one physical block.
         cfg[26..28].copy_from_slice(&(1u16 << topology.physical_block_exp.min(15)).to_le_bytes());
         cfg[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        put32(&mut cfg, 36, MAX_DISCARD_SECTORS);
+        let (discard_limit, zeroes_limit) = self.disk.range_limits();
+        let limit = |l: Option<u64>| {
+            l.map_or(MAX_DISCARD_SECTORS, |l| {
+                l.clamp(1, u64::from(MAX_DISCARD_SECTORS)) as u32
+            })
+        };
+        put32(&mut cfg, 36, limit(discard_limit));
         put32(&mut cfg, 40, MAX_DISCARD_SEGMENTS);
         // Discards are cheapest in whole host pages (or blocks, when larger).
         let block_sectors = topology.logical_block_size >> SECTOR_SHIFT;
         put32(&mut cfg, 44, block_sectors.max(8));
-        put32(&mut cfg, 48, MAX_DISCARD_SECTORS);
+        put32(&mut cfg, 48, limit(zeroes_limit));
         put32(&mut cfg, 52, MAX_DISCARD_SEGMENTS);
         cfg[56] = u8::from(self.disk.can_discard()); // write_zeroes_may_unmap
         cfg

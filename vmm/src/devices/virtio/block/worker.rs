@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::{BlockCounters, CountedOp};
-use super::io::{AsyncIo, Completion, DiskFile, DiskOp, DIRECT_IO_ALIGNMENT};
+use super::io::{AsyncIo, Completion, DiskFile, DiskOp};
 use super::request::{parse, write_device_id, Request, RequestType};
 use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
@@ -33,8 +33,7 @@ struct Bounce {
 }
 
 impl Bounce {
-    fn new(len: usize, segments: Vec<(GuestAddress, u32)>) -> Self {
-        let align = DIRECT_IO_ALIGNMENT as usize;
+    fn new(len: usize, segments: Vec<(GuestAddress, u32)>, align: usize) -> Self {
         let storage = vec![0u8; len + align];
         let offset = storage.as_ptr().align_offset(align);
         Bounce {
@@ -108,6 +107,10 @@ const POLL_WINDOW_MIN: Duration = Duration::from_micros(4);
 /// Longest stretch spent polling without passing through epoll, so the kill, throttle and
 /// limit events are never starved by a busy queue.
 const POLL_MAX: Duration = Duration::from_micros(500);
+
+/// How long a reset or shutdown waits for in-flight I/O before the engine gives up on it
+/// (a network disk whose target is gone would otherwise hold it for its whole timeout).
+const DRAIN_PATIENCE: Duration = Duration::from_secs(5);
 
 const QUEUE_TOKEN: u64 = 0;
 const ENGINE_TOKEN: u64 = 1;
@@ -287,9 +290,10 @@ impl QueueWorker {
             for slice in GuestMemoryBackend::get_slices(&self.mem, addr, len as usize) {
                 let slice = slice.map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 let ptr = slice.ptr_guard_mut().as_ptr();
+                let align = self.disk.direct_alignment();
                 if self.disk.direct()
-                    && (!(ptr as u64).is_multiple_of(DIRECT_IO_ALIGNMENT)
-                        || !(slice.len() as u64).is_multiple_of(DIRECT_IO_ALIGNMENT))
+                    && (!(ptr as u64).is_multiple_of(align)
+                        || !(slice.len() as u64).is_multiple_of(align))
                 {
                     return Ok(None);
                 }
@@ -330,7 +334,11 @@ impl QueueWorker {
                 inflight._iovecs = match self.guest_iovecs(request)? {
                     Some(iovecs) => iovecs,
                     None => {
-                        let mut bounce = Bounce::new(data_len as usize, request.data.clone());
+                        let mut bounce = Bounce::new(
+                            data_len as usize,
+                            request.data.clone(),
+                            self.disk.direct_alignment() as usize,
+                        );
                         if !is_read {
                             let mut at = 0usize;
                             for &(addr, len) in &request.data {
@@ -508,7 +516,19 @@ impl QueueWorker {
 
     /// Waits for every in-flight operation: guest memory must not be written after reset.
     pub fn drain(&mut self) {
+        let started = Instant::now();
+        let mut aborted = false;
         while self.in_flight() > 0 {
+            if !aborted && started.elapsed() > DRAIN_PATIENCE {
+                tracing::warn!(
+                    "virtio-blk queue {}: {} request(s) still in flight after {:?}; giving up on them",
+                    self.queue_index,
+                    self.in_flight(),
+                    DRAIN_PATIENCE
+                );
+                self.engine.abort();
+                aborted = true;
+            }
             let mut fds = [libc::pollfd {
                 fd: self.engine.event_fd(),
                 events: libc::POLLIN,

@@ -81,6 +81,22 @@ pub enum IscsiError {
     Events { url: String, source: std::io::Error },
 }
 
+/// The URL as errors may show it: anything between the user and the @ (a password the
+/// URL should not hold) is left out.
+fn redacted(url: &str) -> String {
+    let Some(rest) = url.strip_prefix("iscsi://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split([':', '%']).next().unwrap_or("");
+            format!("iscsi://{user}:…{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
 /// The parts of an `iscsi://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IscsiUrl {
@@ -94,7 +110,7 @@ pub struct IscsiUrl {
 impl IscsiUrl {
     pub fn parse(url: &str) -> Result<Self, IscsiError> {
         let bad = |reason| IscsiError::BadUrl {
-            url: url.to_owned(),
+            url: redacted(url),
             reason,
         };
         let rest = url
@@ -300,8 +316,9 @@ impl IscsiLun {
         Ok(lun)
     }
 
-    fn login_params(&self) -> Login<'_> {
+    fn login_params(&self, isid: u32) -> Login<'_> {
         Login {
+            isid,
             initiator: &self.initiator,
             target: &self.url.target,
             portal: &self.portal,
@@ -312,7 +329,7 @@ impl IscsiLun {
     }
 
     fn login(&self) -> Result<Session, IscsiError> {
-        Session::login(&self.login_params()).map_err(|e| IscsiError::Login {
+        Session::login(&self.login_params(libiscsi::random_isid())).map_err(|e| IscsiError::Login {
             url: self.url.display(),
             reason: e.to_string(),
         })
@@ -341,6 +358,19 @@ impl IscsiLun {
     /// WRITE_ZEROES is WRITE SAME(16), which the block limits page says the LUN takes.
     pub fn can_write_zeroes(&self) -> bool {
         self.geometry.has_block_limits
+    }
+
+    /// Largest DISCARD the LUN takes in one UNMAP, in 512-byte sectors (None: no limit).
+    pub fn max_discard_sectors(&self) -> Option<u64> {
+        let blocks = u64::from(self.geometry.max_unmap_blocks);
+        (blocks > 0 && blocks != u64::from(u32::MAX))
+            .then(|| blocks * u64::from(self.geometry.block_size) / 512)
+    }
+
+    /// Largest WRITE_ZEROES the LUN takes in one WRITE SAME, in sectors (None: no limit).
+    pub fn max_write_zeroes_sectors(&self) -> Option<u64> {
+        let blocks = self.geometry.max_write_same_blocks;
+        (blocks > 0).then(|| blocks.saturating_mul(u64::from(self.geometry.block_size)) / 512)
     }
 }
 
@@ -403,10 +433,16 @@ const TICK: Duration = Duration::from_millis(250);
 const BUSY_RETRY: Duration = Duration::from_millis(100);
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long past its deadline a command libiscsi still has may stay before the session is
+/// dropped (libiscsi's own timeout should have ended it by then).
+const STUCK_GRACE: Duration = Duration::from_secs(5);
 
 /// One queue's engine: its own session, its own epoll set.
 pub struct IscsiIo {
     lun: Arc<IscsiLun>,
+    /// The same on every login of this queue, so that a new session reinstates (and the
+    /// target cleans up) the old one instead of leaving its commands running beside it.
+    isid: u32,
     link: Link,
     epoll: Epoll,
     tick: TimerFd,
@@ -432,7 +468,8 @@ impl IscsiIo {
     /// was checked when it was opened).
     pub fn new(lun: Arc<IscsiLun>, depth: u32) -> Result<Self, DiskError> {
         let now = Instant::now();
-        let link = match Session::start_login(&lun.login_params()) {
+        let isid = libiscsi::random_isid();
+        let link = match Session::start_login(&lun.login_params(isid)) {
             Ok(session) => Link::LoggingIn(session, now),
             Err(e) => {
                 tracing::warn!("iSCSI disk {}: cannot log in: {e}", lun.url.display());
@@ -463,6 +500,7 @@ impl IscsiIo {
         }
         let mut engine = IscsiIo {
             lun,
+            isid,
             link,
             epoll,
             tick,
@@ -685,6 +723,7 @@ impl IscsiIo {
         session.take_outcomes(&mut outcomes);
         let now = Instant::now();
         let mut broken = None;
+        let mut refused = Vec::new();
         for &(ticket, status) in &outcomes {
             if ticket == libiscsi::LOGIN_TICKET {
                 if status == libiscsi::SCSI_STATUS_GOOD {
@@ -706,11 +745,21 @@ impl IscsiIo {
             let Some(request) = self.requests.get_mut(slot).and_then(Option::as_mut) else {
                 continue;
             };
+            // A command with data to send (write, WRITE SAME, UNMAP's list) may still have
+            // data PDUs queued when the target answers early; they refer to the task and
+            // the guest's buffers, so such a command is let go only with its session.
+            let sends_data = !matches!(request.command, Command::Read { .. } | Command::Flush);
             match status {
                 libiscsi::SCSI_STATUS_GOOD => {
                     self.sending = self.sending.saturating_sub(1);
                     let bytes = request.bytes;
                     self.finish(slot, bytes);
+                }
+                libiscsi::SCSI_STATUS_BUSY | libiscsi::SCSI_STATUS_TASK_SET_FULL
+                    if sends_data && now < request.deadline =>
+                {
+                    // Sent again on the new session.
+                    broken = Some("the target was busy".to_owned());
                 }
                 libiscsi::SCSI_STATUS_BUSY | libiscsi::SCSI_STATUS_TASK_SET_FULL
                     if now < request.deadline =>
@@ -737,13 +786,18 @@ impl IscsiIo {
                     });
                 }
                 _ => {
-                    self.sending = self.sending.saturating_sub(1);
                     let reason = match &mut self.link {
                         Link::Up(session) => session.last_error(),
                         _ => String::new(),
                     };
                     tracing::warn!("iSCSI disk {}: a command failed: {reason}", self.url());
-                    self.finish(slot, -i64::from(libc::EIO));
+                    if sends_data {
+                        refused.push(slot);
+                        broken = Some("the target refused a write".to_owned());
+                    } else {
+                        self.sending = self.sending.saturating_sub(1);
+                        self.finish(slot, -i64::from(libc::EIO));
+                    }
                 }
             }
         }
@@ -751,6 +805,10 @@ impl IscsiIo {
         self.outcomes = outcomes;
         if let Some(why) = broken {
             self.reset(&why);
+            for slot in refused {
+                self.pending.retain(|s| *s != slot);
+                self.finish(slot, -i64::from(libc::EIO));
+            }
             self.fail_overdue();
         }
         self.pump();
@@ -793,6 +851,15 @@ impl IscsiIo {
                 // libiscsi's own timeouts run inside service.
                 if let Err(reason) = session.service(0) {
                     self.reset(&format!("the connection failed: {reason}"));
+                } else if self
+                    .requests
+                    .iter()
+                    .flatten()
+                    .any(|r| r.task.is_some() && now >= r.deadline + STUCK_GRACE)
+                {
+                    // libiscsi lost them (e.g. a logout the target asked for): starting
+                    // over is the only safe way to let their buffers go.
+                    self.reset("commands outlived their timeout");
                 }
             }
             Link::LoggingIn(session, since) => {
@@ -804,7 +871,7 @@ impl IscsiIo {
                 }
             }
             Link::Down { retry_at } if now >= *retry_at => {
-                match Session::start_login(&self.lun.login_params()) {
+                match Session::start_login(&self.lun.login_params(self.isid)) {
                     Ok(session) => self.link = Link::LoggingIn(session, now),
                     Err(e) => {
                         tracing::debug!("iSCSI disk {}: cannot log in yet: {e}", self.url());
@@ -916,7 +983,9 @@ impl AsyncIo for IscsiIo {
                     DiskOp::WriteZeroes { unmap, .. } => Command::WriteZeroes {
                         lba,
                         blocks,
-                        unmap: unmap && self.lun.can_discard(),
+                        unmap: unmap
+                            && self.lun.can_discard()
+                            && self.lun.geometry.write_same_unmap,
                     },
                     _ => Command::Unmap { lba, blocks },
                 };
@@ -944,9 +1013,10 @@ impl AsyncIo for IscsiIo {
     fn submit(&mut self) -> Result<(), DiskError> {
         self.pump();
         // Write what libiscsi queued now rather than after a round through epoll.
-        let wants_out = self
-            .session()
-            .is_some_and(|s| s.which_events() & libc::POLLOUT != 0);
+        let wants_out = match &self.link {
+            Link::Up(session) => session.which_events() & libc::POLLOUT != 0,
+            _ => false,
+        };
         if wants_out {
             self.service(libc::POLLOUT);
         }
@@ -955,6 +1025,19 @@ impl AsyncIo for IscsiIo {
             self.wake.write(1).map_err(DiskError::EventFd)?;
         }
         Ok(())
+    }
+
+    fn abort(&mut self) {
+        if self.in_engine() == 0 {
+            return;
+        }
+        self.reset("the disk is being stopped");
+        self.link = Link::Down {
+            retry_at: Instant::now() + Duration::from_secs(3600),
+        };
+        for slot in std::mem::take(&mut self.pending) {
+            self.finish(slot, -i64::from(libc::EIO));
+        }
     }
 
     fn next_completion(&mut self) -> Option<Completion> {
@@ -1029,7 +1112,15 @@ mod tests {
         ] {
             let e = IscsiUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(reason), "{url}: {e}");
+            assert!(!e.contains("pw@"), "a password shown: {e}");
         }
+        let e = IscsiUrl::parse("iscsi://bob:hunter2@h/x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'iscsi://bob:…@h/x'") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -291,7 +291,18 @@ pub struct Session {
 // time (it is owned by one queue's engine and every method takes &mut self).
 unsafe impl Send for Session {}
 
+/// A random initiator session id for `Login::isid` (24 bits are random).
+pub fn random_isid() -> u32 {
+    let mut random = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into the local array.
+    unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    u32::from_ne_bytes(random) & 0x00ff_ffff
+}
+
 pub struct Login<'a> {
+    /// The session's ISID (random part): two sessions of one initiator to one target
+    /// must differ in it, or the target takes the second for a reinstatement of the first.
+    pub isid: u32,
     pub initiator: &'a str,
     pub target: &'a str,
     /// host:port
@@ -328,15 +339,10 @@ impl Session {
             outcomes: Box::new(Mutex::new(Vec::new())),
             zero_block: Vec::new(),
         };
-        // Two sessions of one initiator to one target must differ in their ISID, or the
-        // target takes the second for a reinstatement of the first and drops it; libiscsi's
-        // own choice repeats in forked processes.
-        let mut random = [0u8; 4];
-        // SAFETY: getrandom writes at most 4 bytes into the local array.
-        unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
         // SAFETY: ctx is a live context; libiscsi copies the strings.
         unsafe {
-            iscsi_set_isid_random(ctx, u32::from_ne_bytes(random) & 0x00ff_ffff, 0);
+            // libiscsi's own ISID choice repeats in forked processes: ours is explicit.
+            iscsi_set_isid_random(ctx, login.isid, 0);
             iscsi_set_targetname(ctx, target.as_ptr());
             iscsi_set_session_type(ctx, ISCSI_SESSION_NORMAL);
             iscsi_set_header_digest(ctx, ISCSI_HEADER_DIGEST_NONE_CRC32C);

@@ -234,10 +234,18 @@ fn device_discards(metadata: &std::fs::Metadata) -> bool {
         libc::major(rdev),
         libc::minor(rdev)
     );
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .is_some_and(|max| max > 0)
+    // A partition has no queue of its own: its disk's is one directory up.
+    let parent = format!(
+        "/sys/dev/block/{}:{}/../queue/discard_max_bytes",
+        libc::major(rdev),
+        libc::minor(rdev)
+    );
+    [path, parent].iter().any(|p| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|max| max > 0)
+    })
 }
 
 impl DiskFile {
@@ -358,9 +366,28 @@ impl DiskFile {
         self.can_discard && !self.read_only
     }
 
+    /// Largest DISCARD and WRITE_ZEROES ranges the backend takes, in 512-byte sectors.
+    pub fn range_limits(&self) -> (Option<u64>, Option<u64>) {
+        match &self.backend {
+            Backend::Iscsi(lun) => (lun.max_discard_sectors(), lun.max_write_zeroes_sectors()),
+            Backend::File { .. } => (None, None),
+        }
+    }
+
+    /// Whether the disk is on the network (its engines log in themselves).
+    pub fn is_network(&self) -> bool {
+        matches!(self.backend, Backend::Iscsi(_))
+    }
+
     /// Whether WRITE_ZEROES can be offered to the guest.
     pub fn can_write_zeroes(&self) -> bool {
         self.can_write_zeroes && !self.read_only
+    }
+
+    /// The alignment O_DIRECT needs of buffers and their lengths: the device's logical
+    /// block (4 KiB on a 4Kn disk), at least 512 bytes.
+    pub fn direct_alignment(&self) -> u64 {
+        u64::from(self.topology.logical_block_size).max(DIRECT_IO_ALIGNMENT)
     }
 
     /// True when buffers must be aligned (cache=none).
@@ -416,6 +443,11 @@ pub trait AsyncIo: Send {
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError>;
     /// Starts everything queued since the last call.
     fn submit(&mut self) -> Result<(), DiskError>;
+    /// Gives up on what is in flight, when waiting for it would block a device reset for
+    /// too long (a network disk whose target is gone): every operation still queued
+    /// completes, with an error, and no buffer is referred to afterwards. Local engines
+    /// always finish on their own.
+    fn abort(&mut self) {}
     fn next_completion(&mut self) -> Option<Completion>;
 }
 
