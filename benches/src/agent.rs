@@ -156,7 +156,7 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
             .context("starting stratus-nodeagent")?,
     );
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !crate::listening(port) {
         ensure!(
             start.elapsed() < Duration::from_secs(30),
             "the agent did not listen"

@@ -69,7 +69,7 @@ fn free_port() -> Result<u16> {
 
 fn wait_listening(port: u16, what: &str) -> Result<()> {
     let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !crate::listening(port) {
         ensure!(
             start.elapsed() < Duration::from_secs(60),
             "{what} did not listen"

@@ -108,7 +108,7 @@ impl Agent {
             .expect("run stratus-nodeagent");
         self.child = Some(child);
         let start = Instant::now();
-        while TcpStream::connect(self.addr).is_err() {
+        while !listening(self.addr) {
             assert!(start.elapsed() < DEADLINE, "the agent did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -225,6 +225,13 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// Whether something listens at `addr`. A connect to a port nobody listens on can connect
+/// the socket to itself (TCP simultaneous open, when the kernel picks that very port as
+/// the source port): that is not a listener.
+fn listening(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
 }
 
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
@@ -1336,4 +1343,93 @@ fn iscsi_volumes_are_attached_at_creation_and_hot_plugged_with_chap() {
     let (_, vm) = agent.call("POST", "/vms/i/kill", None);
     assert_eq!(vm["state"], "stopped");
     assert_eq!(agent.call("DELETE", "/vms/i", None).0, 204);
+}
+
+/// A throw-away Ceph cluster (scripts/ceph-cluster.sh), stopped when dropped.
+struct CephCluster {
+    dir: tempfile::TempDir,
+}
+
+impl CephCluster {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-cluster.sh")
+    }
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("bash")
+            .arg(Self::script())
+            .args(["start", dir.path().to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ceph-cluster.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CephCluster { dir }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("ceph.conf")
+    }
+
+    fn rbd(&self, args: &[&str]) {
+        let out = std::process::Command::new("rbd")
+            .arg("-c")
+            .arg(self.conf())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for CephCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::script())
+            .args(["stop", self.dir.path().to_str().unwrap()])
+            .status();
+    }
+}
+
+#[test]
+fn rbd_images_are_attached_at_creation_and_hot_plugged() {
+    let cluster = CephCluster::start();
+    cluster.rbd(&["create", "rbd/vol", "--size", "4"]);
+    cluster.rbd(&["create", "rbd/base", "--size", "4"]);
+    cluster.rbd(&["snap", "create", "rbd/base@golden"]);
+    let keyring = cluster.dir.path().join("client.stratus.keyring");
+    let agent = Agent::start(4, 1024);
+    let mut spec = agent.spec(Guest::EventLoop);
+    spec["disks"] = json!([{"id": "vol", "serial": "rbd-vol", "source": {"rbd": {
+        "image": "rbd/vol", "conf": cluster.conf(), "id": "stratus", "keyring": keyring}}}]);
+    let (status, vm) = agent.call("PUT", "/vms/r", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    let vm = agent.wait_state("r", "running");
+    assert!(vm["counters"]["disks"]["vol"].is_object(), "{vm}");
+
+    // A snapshot, hot-plugged read-only.
+    let snap = json!({"read_only": true, "source": {"rbd": {"image": "rbd/base@golden", "conf": cluster.conf()}}});
+    let (status, vm) = agent.call("PUT", "/vms/r/disks/golden", Some(&snap));
+    assert_eq!(status, 201, "{vm}");
+    // Bad names are refused before the VMM sees them; a missing image by the VMM.
+    let bad = json!({"source": {"rbd": {"image": "no-pool-here", "conf": cluster.conf()}}});
+    let (status, e) = agent.call("PUT", "/vms/r/disks/bad", Some(&bad));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("names no pool"), "{e}");
+    let missing = json!({"source": {"rbd": {"image": "rbd/missing", "conf": cluster.conf()}}});
+    let (status, e) = agent.call("PUT", "/vms/r/disks/missing", Some(&missing));
+    assert!(status >= 400, "{status} {e}");
+    assert!(error(&e).contains("cannot open image rbd/missing"), "{e}");
+    let (status, vm) = agent.call("DELETE", "/vms/r/disks/golden", None);
+    assert_eq!(status, 200, "{vm}");
+    let (_, vm) = agent.call("POST", "/vms/r/kill", None);
+    assert_eq!(vm["state"], "stopped");
+    assert_eq!(agent.call("DELETE", "/vms/r", None).0, 204);
 }

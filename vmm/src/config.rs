@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::devices::rate_limiter::RateLimit;
 use crate::devices::virtio::block::io::iscsi::{IscsiSource, IscsiUrl, DEFAULT_TIMEOUT_SECS};
+use crate::devices::virtio::block::io::rbd::{
+    RbdName, RbdSource, DEFAULT_TIMEOUT_SECS as RBD_DEFAULT_TIMEOUT_SECS,
+};
 use crate::devices::virtio::block::io::{CacheMode, ImageFormat, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 use crate::devices::virtio::net::device::parse_mac;
@@ -178,6 +181,22 @@ impl VmConfig {
     /// What a disk's fields must satisfy beyond their types (also for hot-plugged disks).
     pub fn validate_disk(disk: &BlockConfig) -> Result<(), ConfigError> {
         let name = disk.source_name();
+        if let Some(source) = &disk.rbd {
+            if disk.iscsi.is_some() || !disk.path.as_os_str().is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "disk {}: give one of path, iscsi and rbd",
+                    name.display()
+                )));
+            }
+            RbdName::parse(&source.image).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if disk.format != ImageFormat::Raw {
+                return Err(ConfigError::Invalid(format!(
+                    "disk {}: an RBD disk is raw; qcow2 needs a file",
+                    name.display()
+                )));
+            }
+            return zero_rate(&format!("disk {}", name.display()), &disk.rate_limit);
+        }
         match (&disk.iscsi, disk.path.as_os_str().is_empty()) {
             (Some(_), false) => {
                 return Err(ConfigError::Invalid(format!(
@@ -308,8 +327,20 @@ fn parse_switch(key: &str, value: &str) -> Result<bool, ConfigError> {
 pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut path = None;
     let mut iscsi = None;
+    let mut rbd = None;
     let mut spec_items = spec;
-    if spec.starts_with("iscsi://") {
+    if let Some(rest) = spec.strip_prefix("rbd:") {
+        let (name, rest) = rest.split_once(',').unwrap_or((rest, ""));
+        RbdName::parse(name).map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?;
+        rbd = Some(RbdSource {
+            image: name.to_owned(),
+            conf: None,
+            id: None,
+            keyring: None,
+            timeout_secs: RBD_DEFAULT_TIMEOUT_SECS,
+        });
+        spec_items = rest;
+    } else if spec.starts_with("iscsi://") {
         let (url, rest) = spec.split_once(',').unwrap_or((spec, ""));
         IscsiUrl::parse(url).map_err(|e| ConfigError::Invalid(format!("--disk {e}")))?;
         iscsi = Some(IscsiSource {
@@ -327,7 +358,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
     let mut engine = None;
     let mut rate_limit = RateLimit::default();
     let mut id = None;
-    let network = iscsi.is_some();
+    let network = iscsi.is_some() || rbd.is_some();
     for item in spec_items.split(',').filter(|i| !(i.is_empty() && network)) {
         let (key, value) = item.split_once('=').ok_or_else(|| {
             ConfigError::Invalid(format!("--disk item '{item}' is not key=value"))
@@ -340,7 +371,26 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
                 ConfigError::Invalid(format!("--disk {key}= is for iscsi:// disks only"))
             })
         }
+        fn rbd_only<'a>(
+            source: &'a mut Option<RbdSource>,
+            key: &str,
+        ) -> Result<&'a mut RbdSource, ConfigError> {
+            source.as_mut().ok_or_else(|| {
+                ConfigError::Invalid(format!("--disk {key}= is for rbd: disks only"))
+            })
+        }
         match key {
+            "conf" => rbd_only(&mut rbd, key)?.conf = Some(value.into()),
+            "keyring" => rbd_only(&mut rbd, key)?.keyring = Some(value.into()),
+            "id" if rbd.is_some() => rbd_only(&mut rbd, key)?.id = Some(value.to_string()),
+            "timeout" if rbd.is_some() => {
+                rbd_only(&mut rbd, key)?.timeout_secs =
+                    value.parse().ok().filter(|t| *t > 0).ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "--disk timeout= takes a positive number of seconds, not '{value}'"
+                        ))
+                    })?
+            }
             "initiator" => network_only(&mut iscsi, key)?.initiator = Some(value.to_string()),
             "secret-file" => network_only(&mut iscsi, key)?.secret_file = Some(value.into()),
             "timeout" => {
@@ -351,7 +401,9 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
                         ))
                     })?
             }
-            "id" => id = Some(value.to_string()),
+            // On an rbd: disk, id= names the Ceph client (as in Ceph's own tools), so the
+            // device's id has a name of its own too.
+            "id" | "device-id" => id = Some(value.to_string()),
             "path" => path = Some(PathBuf::from(value)),
             "format" => {
                 format = value
@@ -376,19 +428,19 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
             "iops" => rate_limit.ops_per_sec = Some(parse_rate("--disk", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--disk has no option '{other}' (known: id, path, format, ro, serial, cache, engine, bps, iops; for iscsi:// also initiator, secret-file, timeout)"
+                    "--disk has no option '{other}' (known: id, device-id, path, format, ro, serial, cache, engine, bps, iops; for iscsi:// also initiator, secret-file, timeout; for rbd: also conf, id (the Ceph client), keyring, timeout)"
                 )))
             }
         }
     }
-    let path = match (&iscsi, path) {
-        (Some(_), Some(_)) => {
+    let path = match (iscsi.is_some() || rbd.is_some(), path) {
+        (true, Some(_)) => {
             return Err(ConfigError::Invalid(
-                "--disk takes path= or an iscsi:// URL, not both".into(),
+                "--disk takes path=, an iscsi:// URL or an rbd: image, one of them".into(),
             ))
         }
-        (Some(_), None) => PathBuf::new(),
-        (None, path) => path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
+        (true, None) => PathBuf::new(),
+        (false, path) => path.filter(|p| !p.as_os_str().is_empty()).ok_or_else(|| {
             ConfigError::Invalid(format!("--disk '{spec}' needs path= or an iscsi:// URL"))
         })?,
     };
@@ -396,6 +448,7 @@ pub fn parse_disk(spec: &str) -> Result<BlockConfig, ConfigError> {
         id,
         path,
         iscsi,
+        rbd,
         format,
         read_only,
         serial,

@@ -125,6 +125,22 @@ pub enum DiskSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u32>,
     },
+    /// A Ceph RBD image (`POOL/IMAGE`, or `POOL/IMAGE@SNAP`, read-only) the VMM opens
+    /// itself through librbd, with the cluster's `conf` and the client `id`/`keyring` on
+    /// this host.
+    Rbd {
+        image: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        conf: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        keyring: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u32>,
+    },
     /// A Marketplace image (its entry, JSON form), cached once on this host and attached
     /// read-only (StratusLab's `--readonly-disk`).
     Image {

@@ -22,6 +22,9 @@ use stratus_images::cache::ImageCache;
 use stratus_images::policy::Policy;
 use stratus_vmm::devices::virtio::block::io::iscsi::{IscsiSource, IscsiUrl, DEFAULT_TIMEOUT_SECS};
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
+use stratus_vmm::devices::virtio::block::io::rbd::{
+    RbdName, RbdSource, DEFAULT_TIMEOUT_SECS as RBD_DEFAULT_TIMEOUT_SECS,
+};
 use stratus_vmm::devices::virtio::block::io::ImageFormat as VmmImageFormat;
 
 use crate::api::types::{
@@ -360,6 +363,36 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
             if parsed.user.is_some() != secret_file.is_some() {
                 return bad(format!(
                     "disk '{}': a CHAP user in the URL and secret_file go together",
+                    disk.id
+                ));
+            }
+            if timeout_secs == &Some(0) {
+                return bad(format!(
+                    "disk '{}': timeout_secs must be at least 1",
+                    disk.id
+                ));
+            }
+            Ok(())
+        }
+        DiskSource::Rbd {
+            image,
+            conf,
+            id,
+            keyring,
+            timeout_secs,
+        } => {
+            RbdName::parse(image)
+                .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id)))?;
+            let paths = [conf, keyring].into_iter().flatten();
+            if id
+                .as_deref()
+                .is_some_and(|i| i.contains(',') || i.is_empty())
+                || paths
+                    .clone()
+                    .any(|p| p.to_str().is_none_or(|s| s.contains(',')))
+            {
+                return bad(format!(
+                    "disk '{}': the RBD client id and paths may not contain commas",
                     disk.id
                 ));
             }
@@ -721,8 +754,23 @@ impl VmManager {
         let attached = vm.status().attached.clone();
         for disk in vm.spec.disks.iter().chain(&attached) {
             let config = self.block_config(vm, disk).await?;
-            let mut spec = match &config.iscsi {
-                Some(iscsi) => {
+            let mut spec = match (&config.iscsi, &config.rbd) {
+                (_, Some(rbd)) => {
+                    // id= is the Ceph client on an rbd: disk; the device's is device-id=.
+                    let mut spec = format!("rbd:{},device-id={}", rbd.image, disk.id);
+                    if let Some(conf) = &rbd.conf {
+                        spec.push_str(&format!(",conf={}", conf.display()));
+                    }
+                    if let Some(id) = &rbd.id {
+                        spec.push_str(&format!(",id={id}"));
+                    }
+                    if let Some(keyring) = &rbd.keyring {
+                        spec.push_str(&format!(",keyring={}", keyring.display()));
+                    }
+                    spec.push_str(&format!(",timeout={}", rbd.timeout_secs));
+                    spec
+                }
+                (Some(iscsi), None) => {
                     let mut spec = format!("{},id={}", iscsi.url, disk.id);
                     if let Some(initiator) = &iscsi.initiator {
                         spec.push_str(&format!(",initiator={initiator}"));
@@ -733,7 +781,7 @@ impl VmManager {
                     spec.push_str(&format!(",timeout={}", iscsi.timeout_secs));
                     spec
                 }
-                None => format!("id={},path={}", disk.id, config.path.display()),
+                (None, None) => format!("id={},path={}", disk.id, config.path.display()),
             };
             if config.format == VmmImageFormat::Qcow2 {
                 spec.push_str(",format=qcow2");
@@ -941,6 +989,26 @@ impl VmManager {
         let mut format = VmmImageFormat::Raw;
         let path = match &disk.source {
             DiskSource::File { path } => path.clone(),
+            DiskSource::Rbd {
+                image,
+                conf,
+                id,
+                keyring,
+                timeout_secs,
+            } => {
+                let mut config = BlockConfig::new("");
+                config.rbd = Some(RbdSource {
+                    image: image.clone(),
+                    conf: conf.clone(),
+                    id: id.clone(),
+                    keyring: keyring.clone(),
+                    timeout_secs: timeout_secs.unwrap_or(RBD_DEFAULT_TIMEOUT_SECS),
+                });
+                config.id = Some(disk.id.clone());
+                config.read_only = disk.read_only;
+                config.serial = disk.serial.clone();
+                return Ok(config);
+            }
             DiskSource::Iscsi {
                 url,
                 initiator,

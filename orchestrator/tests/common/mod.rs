@@ -78,9 +78,16 @@ pub fn run(program: &str, args: &[&str], dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether something listens at `addr`. A connect to a port nobody listens on can connect
+/// the socket to itself (TCP simultaneous open, when the kernel picks that very port as
+/// the source port): that is not a listener.
+fn listening(addr: SocketAddr) -> bool {
+    TcpStream::connect(addr).is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+}
+
 fn wait_listening(addr: SocketAddr, child: &mut Child, what: &str) {
     let start = Instant::now();
-    while TcpStream::connect(addr).is_err() {
+    while !listening(addr) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{what} exited: {status}");
         }

@@ -8,6 +8,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::BlockCounters;
 use super::io::iscsi::{IscsiSource, IscsiUrl};
+use super::io::rbd::{RbdName, RbdSource};
 use super::io::{
     create_engine, io_uring_supported, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
     Topology,
@@ -32,6 +33,9 @@ pub struct BlockConfig {
     /// An iSCSI LUN instead of `path`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi: Option<IscsiSource>,
+    /// A Ceph RBD image instead of `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdSource>,
     /// Image format; never guessed from the file (see `ImageFormat`).
     #[serde(default)]
     pub format: ImageFormat,
@@ -52,6 +56,9 @@ pub struct BlockConfig {
 impl BlockConfig {
     /// The disk as logs and the API show it: the file's path, or the URL (no secret).
     pub fn source_name(&self) -> PathBuf {
+        if let Some(source) = &self.rbd {
+            return PathBuf::from(format!("rbd:{}", source.image));
+        }
         match &self.iscsi {
             Some(source) => match IscsiUrl::parse(&source.url) {
                 Ok(url) => PathBuf::from(url.display()),
@@ -63,6 +70,16 @@ impl BlockConfig {
 
     /// What two disks must not share: the canonical file, or the LUN.
     pub fn identity(&self) -> Result<PathBuf, DiskError> {
+        if let Some(source) = &self.rbd {
+            // The image itself (a snapshot is another image's past: it may be shared).
+            let name = RbdName::parse(&source.image)?;
+            let conf = source.conf.as_deref().map(|c| c.display().to_string());
+            return Ok(PathBuf::from(format!(
+                "rbd:{}@{}",
+                name.display(),
+                conf.unwrap_or_default()
+            )));
+        }
         match &self.iscsi {
             Some(source) => Ok(PathBuf::from(IscsiUrl::parse(&source.url)?.identity())),
             None => std::fs::canonicalize(&self.path).map_err(|source| DiskError::Open {
@@ -77,6 +94,7 @@ impl BlockConfig {
             id: None,
             path: path.into(),
             iscsi: None,
+            rbd: None,
             format: ImageFormat::Raw,
             read_only: false,
             serial: None,
@@ -105,6 +123,7 @@ impl VirtioBlock {
     /// `num_queues` request queues (one per vCPU lets every CPU submit without sharing).
     pub fn new(config: &BlockConfig, num_queues: u16) -> Result<Self, DiskError> {
         let disk = DiskFile::open_config(config)?;
+        let max_queues = disk.max_queues();
         let engine = match config.engine {
             Some(engine) => engine,
             None if io_uring_supported() => IoEngine::IoUring,
@@ -121,7 +140,8 @@ impl VirtioBlock {
             | VIRTIO_BLK_F_MQ
             | VIRTIO_F_RING_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX;
-        if config.read_only {
+        // The disk may be read-only when the configuration did not say so (a snapshot).
+        if disk.read_only() {
             features |= VIRTIO_BLK_F_RO;
         }
         if disk.can_discard() {
@@ -142,7 +162,7 @@ impl VirtioBlock {
                 .into_bytes()
                 .into(),
             engine,
-            num_queues: num_queues.max(1),
+            num_queues: num_queues.clamp(1, max_queues),
             features,
             workers: Vec::new(),
             kill: None,

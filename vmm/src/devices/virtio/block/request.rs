@@ -86,14 +86,29 @@ pub struct SectorRange {
     pub unmap: bool,
 }
 
+/// What a parsed request asks for, with what only that kind carries: the worker and the
+/// engines match on it, so a new kind or backend adds no "cannot happen" paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Into the guest's buffers, from this sector.
+    Read {
+        sector: u64,
+    },
+    /// From the guest's buffers, to this sector.
+    Write {
+        sector: u64,
+    },
+    Flush,
+    GetDeviceId,
+    Discard(SectorRange),
+    WriteZeroes(SectorRange),
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
-    pub request_type: RequestType,
-    pub sector: u64,
+    pub kind: RequestKind,
     pub data: Vec<(GuestAddress, u32)>,
     pub status: GuestAddress,
-    /// For discard and write-zeroes.
-    pub range: Option<SectorRange>,
 }
 
 impl Request {
@@ -183,8 +198,7 @@ pub fn parse(
         data.push((d.addr(), d.len()));
     }
 
-    let mut range = None;
-    match request_type {
+    let kind = match request_type {
         RequestType::In | RequestType::Out => {
             if request_type == RequestType::Out && read_only {
                 return fail(RequestError::ReadOnly);
@@ -195,6 +209,11 @@ pub fn parse(
             let end = sector.checked_add(total >> SECTOR_SHIFT);
             if end.is_none_or(|end| end > disk_sectors) {
                 return fail(RequestError::BeyondEnd);
+            }
+            if request_type == RequestType::In {
+                RequestKind::Read { sector }
+            } else {
+                RequestKind::Write { sector }
             }
         }
         RequestType::Discard | RequestType::WriteZeroes => {
@@ -227,22 +246,22 @@ pub fn parse(
             if end.is_none_or(|end| end > disk_sectors) {
                 return fail(RequestError::BeyondEnd);
             }
-            range = Some(SectorRange {
+            let range = SectorRange {
                 sector: start,
                 num_sectors,
                 unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
-            });
+            };
+            if request_type == RequestType::Discard {
+                RequestKind::Discard(range)
+            } else {
+                RequestKind::WriteZeroes(range)
+            }
         }
         RequestType::Unsupported(t) => return fail(RequestError::Unsupported(t)),
-        RequestType::Flush | RequestType::GetDeviceId => {}
-    }
-    Ok(Request {
-        request_type,
-        sector,
-        data,
-        status,
-        range,
-    })
+        RequestType::Flush => RequestKind::Flush,
+        RequestType::GetDeviceId => RequestKind::GetDeviceId,
+    };
+    Ok(Request { kind, data, status })
 }
 
 /// Answers GET_ID: the serial, zero-padded to 20 bytes, cut to the guest's buffers.

@@ -16,7 +16,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::counters::{BlockCounters, CountedOp};
 use super::io::{AsyncIo, Completion, DiskFile, DiskOp};
-use super::request::{parse, write_device_id, Request, RequestType};
+use super::request::{parse, write_device_id, Request, RequestKind, SectorRange};
 use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
@@ -270,8 +270,8 @@ impl QueueWorker {
                 return;
             }
         };
-        match request.request_type {
-            RequestType::GetDeviceId => {
+        match request.kind {
+            RequestKind::GetDeviceId => {
                 let written = write_device_id(&request, &self.mem, &self.serial);
                 self.complete(head, Some(request.status), VIRTIO_BLK_S_OK, written);
             }
@@ -307,7 +307,6 @@ impl QueueWorker {
     }
 
     fn submit_io(&mut self, head: u16, request: &Request) -> Result<(), u8> {
-        let offset = request.sector << SECTOR_SHIFT;
         let data_len = request.data_len();
         let mut inflight = InFlight {
             head,
@@ -319,10 +318,10 @@ impl QueueWorker {
             _write_bounce: None,
             counted: CountedOp::Flush,
         };
-        match request.request_type {
-            RequestType::In | RequestType::Out => {
+        match request.kind {
+            RequestKind::Read { .. } | RequestKind::Write { .. } => {
                 inflight.expected = u64::from(data_len);
-                let is_read = request.request_type == RequestType::In;
+                let is_read = matches!(request.kind, RequestKind::Read { .. });
                 inflight.counted = if is_read {
                     CountedOp::Read(u64::from(data_len))
                 } else {
@@ -362,41 +361,49 @@ impl QueueWorker {
                     }
                 };
             }
-            RequestType::Flush => {}
-            RequestType::Discard | RequestType::WriteZeroes => {}
-            RequestType::GetDeviceId | RequestType::Unsupported(_) => {
-                return Err(VIRTIO_BLK_S_IOERR)
-            }
+            // GET_ID is answered by the worker itself (see `start`), never by an engine.
+            RequestKind::Flush
+            | RequestKind::Discard(_)
+            | RequestKind::WriteZeroes(_)
+            | RequestKind::GetDeviceId => {}
         }
+        let iovecs = inflight._iovecs.as_slice();
+        let bytes = |range: SectorRange| {
+            (
+                range.sector << SECTOR_SHIFT,
+                u64::from(range.num_sectors) << SECTOR_SHIFT,
+            )
+        };
+        let op = match request.kind {
+            RequestKind::Read { sector } => DiskOp::Read {
+                offset: sector << SECTOR_SHIFT,
+                iovecs,
+            },
+            RequestKind::Write { sector } => DiskOp::Write {
+                offset: sector << SECTOR_SHIFT,
+                iovecs,
+            },
+            RequestKind::Flush => DiskOp::Flush,
+            RequestKind::GetDeviceId => return Err(VIRTIO_BLK_S_IOERR),
+            RequestKind::Discard(range) => {
+                let (offset, len) = bytes(range);
+                inflight.counted = CountedOp::Discard(len);
+                DiskOp::Discard { offset, len }
+            }
+            RequestKind::WriteZeroes(range) => {
+                let (offset, len) = bytes(range);
+                inflight.counted = CountedOp::WriteZeroes(len);
+                DiskOp::WriteZeroes {
+                    offset,
+                    len,
+                    unmap: range.unmap,
+                }
+            }
+        };
         let slot = self.free_slots.pop().unwrap_or_else(|| {
             self.inflight.push(None);
             self.inflight.len() - 1
         });
-        let iovecs = inflight._iovecs.as_slice();
-        let op = match request.request_type {
-            RequestType::In => DiskOp::Read { offset, iovecs },
-            RequestType::Out => DiskOp::Write { offset, iovecs },
-            RequestType::Flush => DiskOp::Flush,
-            RequestType::Discard | RequestType::WriteZeroes => {
-                let range = request.range.expect("parsed range");
-                let (offset, len) = (
-                    range.sector << SECTOR_SHIFT,
-                    u64::from(range.num_sectors) << SECTOR_SHIFT,
-                );
-                if request.request_type == RequestType::Discard {
-                    inflight.counted = CountedOp::Discard(len);
-                    DiskOp::Discard { offset, len }
-                } else {
-                    inflight.counted = CountedOp::WriteZeroes(len);
-                    DiskOp::WriteZeroes {
-                        offset,
-                        len,
-                        unmap: range.unmap,
-                    }
-                }
-            }
-            RequestType::GetDeviceId | RequestType::Unsupported(_) => unreachable!("handled above"),
-        };
         let queued = self.engine.queue(op, slot as u64);
         match queued {
             Ok(()) => {

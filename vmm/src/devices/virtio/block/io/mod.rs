@@ -6,7 +6,9 @@
 
 pub mod iscsi;
 mod libiscsi;
+mod librbd;
 pub mod qcow2;
+pub mod rbd;
 pub mod sync_io;
 pub mod uring;
 
@@ -56,6 +58,8 @@ pub enum DiskError {
     NotAFile,
     #[error(transparent)]
     Iscsi(#[from] iscsi::IscsiError),
+    #[error(transparent)]
+    Rbd(#[from] rbd::RbdDiskError),
     #[error("cannot create qcow2 image {path}: {reason}")]
     Qcow2Create { path: PathBuf, reason: String },
 }
@@ -160,6 +164,7 @@ enum Backend {
         block_device: bool,
     },
     Iscsi(Arc<iscsi::IscsiLun>),
+    Rbd(Arc<rbd::RbdDisk>),
 }
 
 /// Block sizes the guest should use, from the host device or the iSCSI LUN.
@@ -273,6 +278,20 @@ impl DiskFile {
     /// Opens whatever the disk's configuration names: a file or block device, or an
     /// iSCSI LUN (logged in once here, so a bad target fails at start-up).
     pub fn open_config(config: &super::BlockConfig) -> Result<Self, DiskError> {
+        if let Some(source) = &config.rbd {
+            if config.format != ImageFormat::Raw {
+                return Err(DiskError::FormatOnNetwork);
+            }
+            let disk = rbd::RbdDisk::open(source, config.read_only)?;
+            return Ok(DiskFile {
+                size: disk.size(),
+                read_only: disk.read_only(),
+                topology: Topology::default(),
+                can_discard: true,
+                can_write_zeroes: true,
+                backend: Backend::Rbd(Arc::new(disk)),
+            });
+        }
         match &config.iscsi {
             Some(source) => {
                 if config.format != ImageFormat::Raw {
@@ -370,13 +389,22 @@ impl DiskFile {
     pub fn range_limits(&self) -> (Option<u64>, Option<u64>) {
         match &self.backend {
             Backend::Iscsi(lun) => (lun.max_discard_sectors(), lun.max_write_zeroes_sectors()),
-            Backend::File { .. } => (None, None),
+            Backend::File { .. } | Backend::Rbd(_) => (None, None),
+        }
+    }
+
+    /// How many request queues the disk can serve: an RBD image has one completion
+    /// receiver, so one queue.
+    pub fn max_queues(&self) -> u16 {
+        match self.backend {
+            Backend::Rbd(_) => 1,
+            _ => u16::MAX,
         }
     }
 
     /// Whether the disk is on the network (its engines log in themselves).
     pub fn is_network(&self) -> bool {
-        matches!(self.backend, Backend::Iscsi(_))
+        matches!(self.backend, Backend::Iscsi(_) | Backend::Rbd(_))
     }
 
     /// Whether WRITE_ZEROES can be offered to the guest.
@@ -400,7 +428,7 @@ impl DiskFile {
     pub fn try_clone_file(&self) -> Result<File, DiskError> {
         match &self.backend {
             Backend::File { file, .. } => Ok(file.try_clone()?),
-            Backend::Iscsi(_) => Err(DiskError::NotAFile),
+            Backend::Iscsi(_) | Backend::Rbd(_) => Err(DiskError::NotAFile),
         }
     }
 }
@@ -532,6 +560,7 @@ pub fn create_engine(
 ) -> Result<Box<dyn AsyncIo>, DiskError> {
     match &disk.backend {
         Backend::Iscsi(lun) => Ok(Box::new(iscsi::IscsiIo::new(lun.clone(), depth)?)),
+        Backend::Rbd(disk) => Ok(Box::new(rbd::RbdIo::new(disk.clone())?)),
         Backend::File {
             qcow2: Some(image), ..
         } => {
