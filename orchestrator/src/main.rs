@@ -288,6 +288,10 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
     stratus_orchestrator::pdisk::recover(&cloud)
         .await
         .context("cannot finish the volume changes a previous run left")?;
+    stratus_orchestrator::pdisk::reexport(&cloud)
+        .await
+        .context("cannot export the iSCSI volumes")?;
+    tokio::spawn(stratus_orchestrator::pdisk::keep_exported(cloud.clone()));
     jobs::start_workers(&cloud);
     tokio::spawn(nodes::poller(cloud.clone()));
     let listener = tokio::net::TcpListener::bind(listen)

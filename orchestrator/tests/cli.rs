@@ -1181,11 +1181,22 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
         "the VMM has the LUN as a disk: {on_node}"
     );
 
-    // tgtd restarted: it has no targets; hot-plugging a new volume exports it again first.
+    // tgtd restarted: it has forgotten every target; the orchestrator exports them again
+    // within seconds (the running VM's VMM reconnects well within its timeout), and a
+    // hot-plug exports its volume first in any case.
     let spare = user.ok("stratus-create-volume", &["-s", "1"]);
     let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
     tgtd.restart();
-    assert!(!tgtd.targets().contains(&spare));
+    let restarted = std::time::Instant::now();
+    while !(tgtd.targets().contains(&target) && tgtd.targets().contains(&spare)) {
+        assert!(
+            restarted.elapsed() < std::time::Duration::from_secs(30),
+            "not exported again: {}",
+            tgtd.targets()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    tgtd.restart();
     assert_eq!(
         user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]),
         format!("ATTACHED {spare} in VM {vm} on /dev/vdz\n")

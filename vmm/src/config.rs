@@ -195,9 +195,9 @@ impl VmConfig {
                     name.display()
                 )));
             }
-            return zero_rate(&format!("disk {}", name.display()), &disk.rate_limit);
         }
         match (&disk.iscsi, disk.path.as_os_str().is_empty()) {
+            _ if disk.rbd.is_some() => {}
             (Some(_), false) => {
                 return Err(ConfigError::Invalid(format!(
                     "disk {}: give path or iscsi, not both",

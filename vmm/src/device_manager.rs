@@ -111,6 +111,8 @@ struct Disk {
     canonical: PathBuf,
     limiter: RateLimiter,
     counters: Arc<BlockCounters>,
+    /// As opened: an RBD snapshot is read-only whatever the configuration says.
+    read_only: bool,
     removing: bool,
 }
 
@@ -261,6 +263,7 @@ impl DeviceManager {
         let block = VirtioBlock::new(&config, self.p.queues_per_disk).map_err(disk_err)?;
         let limiter = block.rate_limiter();
         let counters = block.counters();
+        let read_only = block.read_only();
         let function = self.plug(slot, Box::new(block))?;
         self.next_disk_index += 1;
         self.disks.push(Disk {
@@ -272,6 +275,7 @@ impl DeviceManager {
             canonical,
             limiter,
             counters,
+            read_only,
             removing: false,
         });
         let info = self.disk_info(self.disks.len() - 1);
@@ -400,7 +404,7 @@ impl DeviceManager {
             index: d.index,
             slot: d.slot,
             path: d.config.source_name(),
-            read_only: d.config.read_only,
+            read_only: d.read_only,
             serial: d.config.serial.clone(),
             rate_limit: d.limiter.limit(),
             driver_ready: driver_ready(&d.function),

@@ -7,33 +7,20 @@
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod blk_common;
 
+use blk_common::guest::{vmm, Batch, Guest, DATA, HEADER, R, STATUS, W};
 use blk_common::{chain, Rng};
-use stratus_vmm::devices::virtio::block::counters::BlockCounters;
 use stratus_vmm::devices::virtio::block::io::iscsi::IscsiSource;
-use stratus_vmm::devices::virtio::block::io::{create_engine, DiskFile, IoEngine};
-use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
+use stratus_vmm::devices::virtio::block::io::DiskFile;
 use stratus_vmm::devices::virtio::block::*;
-use stratus_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
-use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+use stratus_vmm::devices::virtio::VirtioDevice;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
-const MEM_SIZE: usize = 16 << 20;
-const HEADER: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x60_0000;
 const LUN_BYTES: u64 = 4 << 20;
-const R: u32 = 0;
-const W: u32 = VRING_DESC_F_WRITE;
 
 /// A tgtd instance of its own, stopped (killed) when dropped.
 struct Target {
@@ -142,173 +129,6 @@ fn config(source: IscsiSource) -> BlockConfig {
     config
 }
 
-#[derive(Default)]
-struct CountingInterrupt(AtomicUsize);
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: VirtioInterruptType) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-struct Guest {
-    mem: GuestMemoryMmap,
-    disk: Arc<DiskFile>,
-}
-
-impl Guest {
-    fn new(config: &BlockConfig) -> Self {
-        Guest {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
-            disk: Arc::new(DiskFile::open_config(config).unwrap()),
-        }
-    }
-
-    fn worker(&self, queue: Queue) -> QueueWorker {
-        let engine = create_engine(IoEngine::Sync, &self.disk, u32::from(QUEUE_SIZE)).unwrap();
-        QueueWorker::new(QueueWorkerParts {
-            mem: self.mem.clone(),
-            disk: self.disk.clone(),
-            serial: Arc::from(&b"iscsi"[..]),
-            queue,
-            queue_index: 0,
-            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(CountingInterrupt::default()),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            engine,
-            limiter: None,
-            counters: Arc::new(BlockCounters::default()),
-        })
-        .unwrap()
-    }
-
-    fn header(&self, at: u64, request_type: u32, sector: u64) {
-        self.mem
-            .write_obj(request_type.to_le(), GuestAddress(at))
-            .unwrap();
-        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
-        self.mem
-            .write_obj(sector.to_le(), GuestAddress(at + 8))
-            .unwrap();
-    }
-
-    fn range(&self, at: u64, sector: u64, num_sectors: u32, flags: u32) {
-        self.mem
-            .write_obj(sector.to_le(), GuestAddress(at))
-            .unwrap();
-        self.mem
-            .write_obj(num_sectors.to_le(), GuestAddress(at + 8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), GuestAddress(at + 12))
-            .unwrap();
-    }
-}
-
-/// One batch of non-overlapping requests and what they must produce.
-struct Batch {
-    mock_chains: Vec<Vec<(u64, u32, u32)>>,
-    statuses: Vec<u64>,
-    reads: Vec<(u64, Vec<u8>)>,
-}
-
-/// Builds a random batch (writes, reads, write-zeroes, and discards where `discard`)
-/// against `shadow`, updating it.
-fn random_batch(g: &Guest, rng: &mut Rng, shadow: &mut [u8], discard: bool) -> Batch {
-    let sectors = shadow.len() as u64 / 512;
-    let mut taken = vec![false; sectors as usize];
-    let mut batch = Batch {
-        mock_chains: Vec::new(),
-        statuses: Vec::new(),
-        reads: Vec::new(),
-    };
-    for i in 0..48u64 {
-        let len = 1 + rng.below(64);
-        let sector = rng.below(sectors - len + 1);
-        let span = sector as usize..(sector + len) as usize;
-        if taken[span.clone()].iter().any(|t| *t) {
-            continue;
-        }
-        taken[span].fill(true);
-        let header = HEADER + i * 16;
-        let status = STATUS + i * 16;
-        let buffer = DATA + i * 0x8000;
-        let bytes = (len * 512) as usize;
-        let range = sector as usize * 512..sector as usize * 512 + bytes;
-        let descs = match rng.below(if discard { 5 } else { 4 }) {
-            0 | 1 => {
-                let data = rng.bytes(bytes);
-                g.mem.write_slice(&data, GuestAddress(buffer)).unwrap();
-                shadow[range].copy_from_slice(&data);
-                g.header(header, VIRTIO_BLK_T_OUT, sector);
-                let split = 512 * (1 + rng.below(len)) as u32;
-                let mut d = vec![(header, 16, R), (buffer, split, R)];
-                if split < bytes as u32 {
-                    d.push((buffer + u64::from(split), bytes as u32 - split, R));
-                }
-                d.push((status, 1, W));
-                d
-            }
-            2 => {
-                g.header(header, VIRTIO_BLK_T_IN, sector);
-                batch.reads.push((buffer, shadow[range].to_vec()));
-                vec![(header, 16, R), (buffer, bytes as u32, W), (status, 1, W)]
-            }
-            3 => {
-                g.header(header, VIRTIO_BLK_T_WRITE_ZEROES, 0);
-                let unmap = if discard { rng.below(2) as u32 } else { 0 };
-                g.range(buffer, sector, len as u32, unmap);
-                shadow[range].fill(0);
-                vec![(header, 16, R), (buffer, 16, R), (status, 1, W)]
-            }
-            _ => {
-                // tgtd's UNMAP punches a hole in the backing file: it reads back as zeroes.
-                g.header(header, VIRTIO_BLK_T_DISCARD, 0);
-                g.range(buffer, sector, len as u32, 0);
-                shadow[range].fill(0);
-                vec![(header, 16, R), (buffer, 16, R), (status, 1, W)]
-            }
-        };
-        g.mem.write_obj(0xaau8, GuestAddress(status)).unwrap();
-        batch.statuses.push(status);
-        batch.mock_chains.push(descs);
-    }
-    batch
-}
-
-/// Serves a batch on a fresh queue; returns the status byte of every request.
-fn serve(g: &Guest, batch: &Batch, before_drain: impl FnOnce()) -> Vec<u8> {
-    let mock = MockSplitQueue::create(&g.mem, GuestAddress(0), QUEUE_SIZE);
-    let mut next = 0u16;
-    for c in &batch.mock_chains {
-        mock.add_desc_chains(&chain(c, next), next).unwrap();
-        next += c.len() as u16;
-    }
-    let queue: Queue = mock.create_queue().unwrap();
-    let mut worker = g.worker(queue);
-    assert_eq!(worker.process_queue(), batch.mock_chains.len());
-    before_drain();
-    worker.drain();
-    assert_eq!(
-        mock.used().idx().load() as usize,
-        batch.mock_chains.len(),
-        "every request is answered"
-    );
-    batch
-        .statuses
-        .iter()
-        .map(|s| g.mem.read_obj::<u8>(GuestAddress(*s)).unwrap())
-        .collect()
-}
-
-fn check_reads(g: &Guest, batch: &Batch) {
-    for (buffer, want) in &batch.reads {
-        let mut got = vec![0u8; want.len()];
-        g.mem.read_slice(&mut got, GuestAddress(*buffer)).unwrap();
-        assert!(got == *want, "read at {buffer:#x} differs from the shadow");
-    }
-}
-
 fn backing_bytes(file: &Path) -> Vec<u8> {
     let mut buf = vec![0u8; LUN_BYTES as usize];
     std::fs::File::open(file)
@@ -329,13 +149,13 @@ fn random_workload_on_thin_and_thick_luns_matches_the_backing_file() {
         let mut shadow = backing_bytes(&file);
         let mut rng = Rng(0x15c5_1000 + u64::from(thin));
         for round in 0..12 {
-            let batch = random_batch(&g, &mut rng, &mut shadow, thin);
-            let statuses = serve(&g, &batch, || {});
+            let batch = g.random_batch(&mut rng, &mut shadow, thin);
+            let statuses = g.serve_batch(&batch, || {});
             assert!(
                 statuses.iter().all(|s| *s == VIRTIO_BLK_S_OK),
                 "thin={thin} round {round}: {statuses:?}"
             );
-            check_reads(&g, &batch);
+            g.check_reads(&batch);
         }
         assert!(
             backing_bytes(&file) == shadow,
@@ -383,11 +203,11 @@ fn a_read_only_iscsi_disk_refuses_writes_and_leaves_the_lun_alone() {
     g.header(HEADER, VIRTIO_BLK_T_OUT, 8);
     g.mem.write_obj(0xaau8, GuestAddress(STATUS)).unwrap();
     let batch = Batch {
-        mock_chains: vec![vec![(HEADER, 16, R), (DATA, 4096, R), (STATUS, 1, W)]],
+        chains: vec![vec![(HEADER, 16, R), (DATA, 4096, R), (STATUS, 1, W)]],
         statuses: vec![STATUS],
         reads: Vec::new(),
     };
-    assert_eq!(serve(&g, &batch, || {}), vec![VIRTIO_BLK_S_IOERR]);
+    assert_eq!(g.serve_batch(&batch, || {}), vec![VIRTIO_BLK_S_IOERR]);
     assert!(backing_bytes(&file) == before);
 }
 
@@ -470,19 +290,19 @@ fn a_target_restarted_with_io_in_flight_loses_no_request() {
         assert_eq!(worker.process_queue(), 1);
         worker.drain();
         // The target stops answering: the requests go out and stay in flight...
-        let batch = random_batch(&g, &mut rng, &mut shadow, true);
+        let batch = g.random_batch(&mut rng, &mut shadow, true);
         target.freeze();
         let mut next = warm_up.len() as u16;
-        for c in &batch.mock_chains {
+        for c in &batch.chains {
             mock.add_desc_chains(&chain(c, next), next).unwrap();
             next += c.len() as u16;
         }
-        assert_eq!(worker.process_queue(), batch.mock_chains.len());
+        assert_eq!(worker.process_queue(), batch.chains.len());
         std::thread::sleep(Duration::from_millis(300));
         worker.reap();
         assert_eq!(
             worker.in_flight(),
-            batch.mock_chains.len(),
+            batch.chains.len(),
             "round {round}: a request finished on a frozen target"
         );
         // ...until it is killed and started again: they are sent again and all succeed.
@@ -490,14 +310,14 @@ fn a_target_restarted_with_io_in_flight_loses_no_request() {
         worker.drain();
         assert_eq!(
             mock.used().idx().load() as usize,
-            batch.mock_chains.len() + 1,
+            batch.chains.len() + 1,
             "round {round}"
         );
         for status in &batch.statuses {
             let status: u8 = g.mem.read_obj(GuestAddress(*status)).unwrap();
             assert_eq!(status, VIRTIO_BLK_S_OK, "round {round}");
         }
-        check_reads(&g, &batch);
+        g.check_reads(&batch);
     }
     assert!(backing_bytes(&file) == shadow, "data lost across restarts");
 }
@@ -511,9 +331,9 @@ fn a_target_gone_past_the_timeout_fails_requests_and_the_disk_recovers_when_it_r
     let g = Guest::new(&config(s));
     let mut shadow = backing_bytes(&file);
     let mut rng = Rng(7);
-    let batch = random_batch(&g, &mut rng, &mut shadow, false);
+    let batch = g.random_batch(&mut rng, &mut shadow, false);
     let started = Instant::now();
-    let statuses = serve(&g, &batch, || target.stop());
+    let statuses = g.serve_batch(&batch, || target.stop());
     let waited = started.elapsed();
     // Requests the target finished before it went are fine; none hangs, the rest fail.
     assert!(statuses
@@ -526,8 +346,8 @@ fn a_target_gone_past_the_timeout_fails_requests_and_the_disk_recovers_when_it_r
     assert!(waited < Duration::from_secs(30), "failing took {waited:?}");
     // Later requests on the same queue also fail while it is away...
     let mut scratch = shadow.clone();
-    let batch = random_batch(&g, &mut rng, &mut scratch, false);
-    let statuses = serve(&g, &batch, || {});
+    let batch = g.random_batch(&mut rng, &mut scratch, false);
+    let statuses = g.serve_batch(&batch, || {});
     assert!(
         statuses.iter().all(|s| *s == VIRTIO_BLK_S_IOERR),
         "{statuses:?}"
@@ -535,13 +355,13 @@ fn a_target_gone_past_the_timeout_fails_requests_and_the_disk_recovers_when_it_r
     // ...and succeed once it is back.
     target.restart();
     let mut shadow = backing_bytes(&file);
-    let batch = random_batch(&g, &mut rng, &mut shadow, false);
-    let statuses = serve(&g, &batch, || {});
+    let batch = g.random_batch(&mut rng, &mut shadow, false);
+    let statuses = g.serve_batch(&batch, || {});
     assert!(
         statuses.iter().all(|s| *s == VIRTIO_BLK_S_OK),
         "{statuses:?}"
     );
-    check_reads(&g, &batch);
+    g.check_reads(&batch);
     assert!(backing_bytes(&file) == shadow);
 }
 
@@ -577,18 +397,6 @@ fn chap_logs_in_with_the_right_secret_and_names_the_url_without_it_otherwise() {
     // Without credentials the target refuses too.
     let e = open_error(&config(source(target.url(&iqn))));
     assert!(e.contains("cannot log in"), "{e}");
-}
-
-fn vmm(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
-        .args(args)
-        .env("STRATUS_LOG", "off")
-        .output()
-        .expect("run stratus-vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

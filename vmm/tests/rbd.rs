@@ -8,31 +8,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 mod blk_common;
 
-use blk_common::{chain, Rng};
-use stratus_vmm::devices::virtio::block::counters::BlockCounters;
+use blk_common::guest::{vmm, Guest, DATA, HEADER, R, STATUS, W};
+use blk_common::Rng;
 use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
-use stratus_vmm::devices::virtio::block::io::{create_engine, DiskFile, IoEngine};
-use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
+use stratus_vmm::devices::virtio::block::io::DiskFile;
 use stratus_vmm::devices::virtio::block::*;
-use stratus_vmm::devices::virtio::{VirtioDevice, VirtioInterrupt, VirtioInterruptType};
-use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
-use virtio_queue::mock::MockSplitQueue;
+use stratus_vmm::devices::virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EventFd;
 
-const MEM_SIZE: usize = 16 << 20;
-const HEADER: u64 = 0x10_0000;
-const DATA: u64 = 0x20_0000;
-const STATUS: u64 = 0x60_0000;
 const IMAGE_MIB: u64 = 8;
-const R: u32 = 0;
-const W: u32 = VRING_DESC_F_WRITE;
 
 struct Cluster {
     dir: tempfile::TempDir,
@@ -112,155 +99,6 @@ fn config(source: RbdSource) -> BlockConfig {
     config
 }
 
-#[derive(Default)]
-struct CountingInterrupt(AtomicUsize);
-
-impl VirtioInterrupt for CountingInterrupt {
-    fn trigger(&self, _kind: VirtioInterruptType) {
-        self.0.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-struct Guest {
-    mem: GuestMemoryMmap,
-    disk: Arc<DiskFile>,
-}
-
-impl Guest {
-    fn new(config: &BlockConfig) -> Self {
-        Guest {
-            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap(),
-            disk: Arc::new(DiskFile::open_config(config).unwrap()),
-        }
-    }
-
-    fn header(&self, at: u64, request_type: u32, sector: u64) {
-        self.mem
-            .write_obj(request_type.to_le(), GuestAddress(at))
-            .unwrap();
-        self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
-        self.mem
-            .write_obj(sector.to_le(), GuestAddress(at + 8))
-            .unwrap();
-    }
-
-    fn range(&self, at: u64, sector: u64, num_sectors: u32, flags: u32) {
-        self.mem
-            .write_obj(sector.to_le(), GuestAddress(at))
-            .unwrap();
-        self.mem
-            .write_obj(num_sectors.to_le(), GuestAddress(at + 8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), GuestAddress(at + 12))
-            .unwrap();
-    }
-
-    /// Serves the chains on a fresh queue; returns the used ring's head order and every
-    /// request's status byte.
-    fn serve(&self, chains: &[Vec<(u64, u32, u32)>], statuses: &[u64]) -> (Vec<u32>, Vec<u8>) {
-        let mock = MockSplitQueue::create(&self.mem, GuestAddress(0), QUEUE_SIZE);
-        let mut next = 0u16;
-        for c in chains {
-            mock.add_desc_chains(&chain(c, next), next).unwrap();
-            next += c.len() as u16;
-        }
-        let engine = create_engine(IoEngine::Sync, &self.disk, u32::from(QUEUE_SIZE)).unwrap();
-        let mut worker = QueueWorker::new(QueueWorkerParts {
-            mem: self.mem.clone(),
-            disk: self.disk.clone(),
-            serial: Arc::from(&b"rbd"[..]),
-            queue: mock.create_queue().unwrap(),
-            queue_index: 0,
-            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(CountingInterrupt::default()),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            engine,
-            limiter: None,
-            counters: Arc::new(BlockCounters::default()),
-        })
-        .unwrap();
-        assert_eq!(worker.process_queue(), chains.len());
-        worker.drain();
-        let used = mock.used();
-        assert_eq!(
-            used.idx().load() as usize,
-            chains.len(),
-            "every request answered"
-        );
-        let order = (0..chains.len())
-            .map(|i| used.ring().ref_at(i).unwrap().load().id())
-            .collect();
-        let statuses = statuses
-            .iter()
-            .map(|s| self.mem.read_obj::<u8>(GuestAddress(*s)).unwrap())
-            .collect();
-        (order, statuses)
-    }
-}
-
-/// A random batch of non-overlapping writes, reads, write-zeroes and discards against the
-/// shadow; returns the chains, their status addresses and the reads' expected bytes.
-#[allow(clippy::type_complexity)]
-fn random_batch(
-    g: &Guest,
-    rng: &mut Rng,
-    shadow: &mut [u8],
-) -> (Vec<Vec<(u64, u32, u32)>>, Vec<u64>, Vec<(u64, Vec<u8>)>) {
-    let sectors = shadow.len() as u64 / 512;
-    let mut taken = vec![false; sectors as usize];
-    let (mut chains, mut statuses, mut reads) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..48u64 {
-        let len = 1 + rng.below(64);
-        let sector = rng.below(sectors - len + 1);
-        let span = sector as usize..(sector + len) as usize;
-        if taken[span.clone()].iter().any(|t| *t) {
-            continue;
-        }
-        taken[span].fill(true);
-        let (header, status, buffer) = (HEADER + i * 16, STATUS + i * 16, DATA + i * 0x8000);
-        let bytes = (len * 512) as usize;
-        let range = sector as usize * 512..sector as usize * 512 + bytes;
-        let descs = match rng.below(5) {
-            0 | 1 => {
-                let data = rng.bytes(bytes);
-                g.mem.write_slice(&data, GuestAddress(buffer)).unwrap();
-                shadow[range].copy_from_slice(&data);
-                g.header(header, VIRTIO_BLK_T_OUT, sector);
-                vec![(header, 16, R), (buffer, bytes as u32, R), (status, 1, W)]
-            }
-            2 => {
-                g.header(header, VIRTIO_BLK_T_IN, sector);
-                reads.push((buffer, shadow[range].to_vec()));
-                vec![(header, 16, R), (buffer, bytes as u32, W), (status, 1, W)]
-            }
-            kind => {
-                let request = if kind == 3 {
-                    VIRTIO_BLK_T_WRITE_ZEROES
-                } else {
-                    VIRTIO_BLK_T_DISCARD
-                };
-                g.header(header, request, 0);
-                g.range(buffer, sector, len as u32, 0);
-                shadow[range].fill(0);
-                vec![(header, 16, R), (buffer, 16, R), (status, 1, W)]
-            }
-        };
-        g.mem.write_obj(0xaau8, GuestAddress(status)).unwrap();
-        chains.push(descs);
-        statuses.push(status);
-    }
-    (chains, statuses, reads)
-}
-
-fn check_reads(g: &Guest, reads: &[(u64, Vec<u8>)]) {
-    for (buffer, want) in reads {
-        let mut got = vec![0u8; want.len()];
-        g.mem.read_slice(&mut got, GuestAddress(*buffer)).unwrap();
-        assert!(got == *want, "read at {buffer:#x} differs from the shadow");
-    }
-}
-
 fn open_error(config: &BlockConfig) -> String {
     match DiskFile::open_config(config) {
         Ok(_) => panic!("{:?} opened", config.rbd),
@@ -282,13 +120,13 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
         assert_eq!(g.disk.size(), IMAGE_MIB << 20);
         assert!(!g.disk.read_only());
         for round in 0..10 {
-            let (chains, statuses, reads) = random_batch(&g, &mut rng, &mut shadow);
-            let (_, got) = g.serve(&chains, &statuses);
+            let batch = g.random_batch(&mut rng, &mut shadow, true);
+            let got = g.serve_batch(&batch, || {});
             assert!(
                 got.iter().all(|s| *s == VIRTIO_BLK_S_OK),
                 "round {round}: {got:?}"
             );
-            check_reads(&g, &reads);
+            g.check_reads(&batch);
         }
         // A flush is answered after every write queued before it.
         let mut chains = Vec::new();
@@ -311,7 +149,7 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
         g.header(HEADER + 0x1000, VIRTIO_BLK_T_FLUSH, 0);
         chains.push(vec![(HEADER + 0x1000, 16, R), (STATUS + 0x1000, 1, W)]);
         statuses.push(STATUS + 0x1000);
-        let (order, got) = g.serve(&chains, &statuses);
+        let (order, got) = g.serve(&chains, &statuses, || {});
         assert!(got.iter().all(|s| *s == VIRTIO_BLK_S_OK), "{got:?}");
         assert_eq!(
             *order.last().unwrap(),
@@ -330,8 +168,8 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     let at_snapshot = shadow.clone();
     {
         let g = Guest::new(&config(cluster.source("rbd/disk1")));
-        let (chains, statuses, _) = random_batch(&g, &mut rng, &mut shadow);
-        let (_, got) = g.serve(&chains, &statuses);
+        let batch = g.random_batch(&mut rng, &mut shadow, true);
+        let got = g.serve_batch(&batch, || {});
         assert!(got.iter().all(|s| *s == VIRTIO_BLK_S_OK), "{got:?}");
     }
     let snap = config(cluster.source("rbd/disk1@s1"));
@@ -349,7 +187,7 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
             (STATUS + 16, 1, W),
         ],
     ];
-    let (_, got) = g.serve(&chains, &[STATUS, STATUS + 16]);
+    let (_, got) = g.serve(&chains, &[STATUS, STATUS + 16], || {});
     assert_eq!(got, vec![VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK]);
     let mut read = vec![0u8; 8192];
     g.mem
@@ -391,19 +229,9 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     let kernel = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(kernel.path(), b"\x7fELF").unwrap();
     let spec = format!("rbd:nopool/disk1,conf={}", cluster.conf().display());
-    let out = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
-        .args([
-            "--kernel",
-            kernel.path().to_str().unwrap(),
-            "--console",
-            "off",
-        ])
-        .args(["--disk", &spec])
-        .env("STRATUS_LOG", "off")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    let kernel = kernel.path().to_str().unwrap();
+    let (code, err) = vmm(&["--kernel", kernel, "--console", "off", "--disk", &spec]);
+    assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("rbd:nopool/disk1") && err.contains("no pool"),
         "{err}"

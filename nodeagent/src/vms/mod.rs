@@ -986,9 +986,9 @@ impl VmManager {
     /// The VMM's view of `disk`; a volatile disk's file is made here (sparse) if missing,
     /// and an image disk's image is fetched into the cache if it is not there.
     async fn block_config(&self, vm: &Vm, disk: &DiskSpec) -> Result<BlockConfig, VmError> {
-        let mut format = VmmImageFormat::Raw;
-        let path = match &disk.source {
-            DiskSource::File { path } => path.clone(),
+        let mut config = BlockConfig::new("");
+        match &disk.source {
+            DiskSource::File { path } => config.path = path.clone(),
             DiskSource::Rbd {
                 image,
                 conf,
@@ -996,18 +996,13 @@ impl VmManager {
                 keyring,
                 timeout_secs,
             } => {
-                let mut config = BlockConfig::new("");
                 config.rbd = Some(RbdSource {
                     image: image.clone(),
                     conf: conf.clone(),
                     id: id.clone(),
                     keyring: keyring.clone(),
                     timeout_secs: timeout_secs.unwrap_or(RBD_DEFAULT_TIMEOUT_SECS),
-                });
-                config.id = Some(disk.id.clone());
-                config.read_only = disk.read_only;
-                config.serial = disk.serial.clone();
-                return Ok(config);
+                })
             }
             DiskSource::Iscsi {
                 url,
@@ -1015,25 +1010,20 @@ impl VmManager {
                 secret_file,
                 timeout_secs,
             } => {
-                let mut config = BlockConfig::new("");
                 config.iscsi = Some(IscsiSource {
                     url: url.clone(),
                     initiator: initiator.clone(),
                     secret_file: secret_file.clone(),
                     timeout_secs: timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS),
-                });
-                config.id = Some(disk.id.clone());
-                config.read_only = disk.read_only;
-                config.serial = disk.serial.clone();
-                return Ok(config);
+                })
             }
             DiskSource::Image { entry } => {
                 if entry.format == Some(stratus_images::ImageFormat::Qcow2) {
-                    format = VmmImageFormat::Qcow2;
+                    config.format = VmmImageFormat::Qcow2;
                 }
                 let cache = self.images.clone();
                 let entry = entry.clone();
-                tokio::task::spawn_blocking(move || cache.get(&entry, &mut |_| {}))
+                config.path = tokio::task::spawn_blocking(move || cache.get(&entry, &mut |_| {}))
                     .await
                     .map_err(|e| VmError::Io {
                         what: "the image download failed".into(),
@@ -1051,12 +1041,10 @@ impl VmManager {
                     let file = std::fs::File::create(&path).map_err(io)?;
                     file.set_len(size_gib << 30).map_err(io)?;
                 }
-                path
+                config.path = path
             }
-        };
-        let mut config = BlockConfig::new(path);
+        }
         config.id = Some(disk.id.clone());
-        config.format = format;
         config.read_only = disk.read_only;
         config.serial = disk.serial.clone();
         Ok(config)

@@ -245,7 +245,20 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
         };
         if let Some(storage) = &cloud.volumes {
             for volume in &volumes {
-                storage.prepare(volume).await?;
+                if let Err(e) = storage.prepare(volume).await {
+                    let why = format!("volume {} cannot be served: {e}", volume.uuid);
+                    // Retried like a node that does not answer; a volume the storage can
+                    // never serve (its pool is gone) fails the VM at once.
+                    let permanent = matches!(e, pdisk::VolumeError::Conflict(_));
+                    if permanent || job.attempts >= MAX_DEPLOY_ATTEMPTS {
+                        let mut tx = cloud.db.pool.begin().await?;
+                        vms::set_state(&mut tx, row.id, VmState::Failed, Some(&why)).await?;
+                        super::enqueue(&mut tx, row.id, Action::Epilog, &row.owner).await?;
+                        tx.commit().await?;
+                        return Ok(Outcome::Failed(why));
+                    }
+                    return Ok(Outcome::Retry(backoff(job.attempts), why));
+                }
             }
         }
         let spec = spec_of(&row, &deployment, &leases, &volumes);

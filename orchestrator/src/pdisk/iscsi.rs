@@ -38,7 +38,11 @@ pub enum ExportError {
     Tgtadm { args: String, stderr: String },
     #[error("tgtd has no free target id")]
     NoTid,
+    #[error("tgtadm {0} got no answer from tgtd in time")]
+    Timeout(String),
 }
+
+const TGTADM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub struct IscsiExport {
     config: IscsiPoolConfig,
@@ -65,11 +69,15 @@ impl IscsiExport {
 
     async fn tgtadm(&self, args: &[&str]) -> Result<String, ExportError> {
         let control = self.config.control_port.to_string();
-        let out = tokio::process::Command::new("tgtadm")
+        let run = tokio::process::Command::new("tgtadm")
             .args(["-C", &control, "--lld", "iscsi"])
             .args(args)
-            .output()
+            .kill_on_drop(true)
+            .output();
+        // A hung tgtd must not hold every volume operation behind this lock.
+        let out = tokio::time::timeout(TGTADM_TIMEOUT, run)
             .await
+            .map_err(|_| ExportError::Timeout(args.join(" ")))?
             .map_err(ExportError::Spawn)?;
         if !out.status.success() {
             return Err(ExportError::Tgtadm {
@@ -113,37 +121,38 @@ impl IscsiExport {
         ])
         .await?;
         let file = file.to_string_lossy();
+        // The LUN comes last: a crash in between leaves a target without it, which the
+        // next export makes again; a target with its LUN is complete.
         let made = async {
-            self.tgtadm(&[
-                "--op",
-                "new",
-                "--mode",
-                "logicalunit",
-                "--tid",
-                &tid,
-                "--lun",
-                "1",
-                "-b",
-                &file,
-            ])
+            let target = ["--tid", tid.as_str()];
+            let lun = ["--tid", tid.as_str(), "--lun", "1"];
+            self.tgtadm(
+                &[
+                    &["--op", "bind", "--mode", "target"][..],
+                    &target,
+                    &["-I", "ALL"],
+                ]
+                .concat(),
+            )
+            .await?;
+            self.tgtadm(
+                &[
+                    &["--op", "new", "--mode", "logicalunit"][..],
+                    &lun,
+                    &["-b", &file],
+                ]
+                .concat(),
+            )
             .await?;
             // Thin: the guest's discards punch holes in the backing file.
-            self.tgtadm(&[
-                "--op",
-                "update",
-                "--mode",
-                "logicalunit",
-                "--tid",
-                &tid,
-                "--lun",
-                "1",
-                "--params",
-                "thin_provisioning=1",
-            ])
-            .await?;
-            self.tgtadm(&[
-                "--op", "bind", "--mode", "target", "--tid", &tid, "-I", "ALL",
-            ])
+            self.tgtadm(
+                &[
+                    &["--op", "update", "--mode", "logicalunit"][..],
+                    &lun,
+                    &["--params", "thin_provisioning=1"],
+                ]
+                .concat(),
+            )
             .await
         }
         .await;

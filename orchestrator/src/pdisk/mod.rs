@@ -44,7 +44,7 @@ pub enum VolumeError {
         used: i64,
         requested: i64,
     },
-    #[error("the volume storage failed")]
+    #[error("the volume storage failed: {0}")]
     Storage(#[source] std::io::Error),
     #[error(transparent)]
     Db(#[from] DbError),
@@ -131,9 +131,13 @@ impl Storage {
     /// Makes sure a node can reach the volume now (tgtd forgets its targets when it
     /// restarts).
     pub async fn prepare(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
-        if let Some(export) = self.export_of(&volume.location)? {
+        self.export_again(&volume.uuid, &volume.location).await
+    }
+
+    async fn export_again(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
+        if let Some(export) = self.export_of(location)? {
             export
-                .export(&volume.uuid, &self.files.location(&volume.uuid))
+                .export(uuid, &self.files.location(uuid))
                 .await
                 .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
         }
@@ -516,6 +520,36 @@ async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), 
         .execute(&cloud.db.pool)
         .await?;
     Ok(())
+}
+
+/// Exports every iSCSI volume again that tgtd has forgotten (it keeps targets in memory
+/// only): run at start and then every few seconds, so VMs running on a volume find their
+/// target again well within their VMM's timeout after tgtd restarts.
+pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
+    let Some(storage) = cloud.volumes.as_ref().filter(|s| s.iscsi.is_some()) else {
+        return Ok(());
+    };
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT uuid, location FROM volumes WHERE state = 'available' AND location LIKE 'iscsi://%'",
+    )
+    .fetch_all(&cloud.db.pool)
+    .await?;
+    for (uuid, location) in rows {
+        if let Err(e) = storage.export_again(&uuid, &location).await {
+            tracing::warn!(volume = %uuid, error = %e, "cannot export it again");
+        }
+    }
+    Ok(())
+}
+
+/// Keeps tgtd serving every iSCSI volume (see [`reexport`]).
+pub async fn keep_exported(cloud: std::sync::Arc<Cloud>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        if let Err(e) = reexport(&cloud).await {
+            tracing::warn!(error = %e, "cannot check the iSCSI exports");
+        }
+    }
 }
 
 /// Finishes the creations and deletions a killed orchestrator left half-done.

@@ -176,6 +176,11 @@ impl VirtioBlock {
         self.counters.clone()
     }
 
+    /// Whether the guest may not write (configured so, or an RBD snapshot).
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+
     pub fn engine(&self) -> IoEngine {
         self.engine
     }

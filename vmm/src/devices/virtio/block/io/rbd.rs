@@ -195,8 +195,8 @@ impl RbdDisk {
 /// The queue's engine: requests go to librbd, completions come back on `notifier`.
 pub struct RbdIo {
     disk: Arc<RbdDisk>,
-    /// Bytes each request in librbd reports on success, by tag.
-    expected: HashMap<u64, i64>,
+    /// Bytes each request in librbd reports on success, and whether it is a read, by tag.
+    expected: HashMap<u64, (i64, bool)>,
     completions: VecDeque<Completion>,
     polled: Vec<(u64, i64)>,
 }
@@ -214,11 +214,12 @@ impl RbdIo {
     fn poll(&mut self) {
         self.disk.image.poll_completions(&mut self.polled);
         for (tag, result) in self.polled.drain(..) {
-            let Some(expected) = self.expected.remove(&tag) else {
+            let Some((expected, read)) = self.expected.remove(&tag) else {
                 continue;
             };
-            // librbd answers a read with the bytes read and other operations with 0.
-            let result = if result >= 0 { expected } else { result };
+            // librbd answers a read with the bytes read (fewer at the end of an image
+            // shrunk from outside: the worker then fails it) and other operations with 0.
+            let result = if result < 0 || read { result } else { expected };
             self.completions.push_back(Completion {
                 user_data: tag,
                 result,
@@ -239,6 +240,7 @@ impl AsyncIo for RbdIo {
 
     fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
         let bytes = |iovecs: &[libc::iovec]| iovecs.iter().map(|v| v.iov_len as i64).sum();
+        let read = matches!(op, DiskOp::Read { .. });
         let (op, expected) = match op {
             DiskOp::Read { offset, iovecs } => (
                 RbdOp::Read {
@@ -260,7 +262,7 @@ impl AsyncIo for RbdIo {
             DiskOp::Discard { offset, len } => (RbdOp::Discard { offset, len }, 0),
             DiskOp::WriteZeroes { offset, len, .. } => (RbdOp::WriteZeroes { offset, len }, 0),
         };
-        self.expected.insert(user_data, expected);
+        self.expected.insert(user_data, (expected, read));
         if let Err(e) = self.disk.image.start(op, user_data) {
             tracing::warn!("RBD disk rbd:{}: {e}", self.disk.name.display());
             self.expected.remove(&user_data);
