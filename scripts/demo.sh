@@ -257,7 +257,13 @@ else
     write_init "$L1" <<'INIT'
 [ -c /dev/kvm ] && echo "NODE-KVM-READY"
 nic() { for n in /sys/class/net/*; do [ "$(cat $n/address)" = "$1" ] && echo ${n##*/}; done; }
-UP=$(nic 02:00:c6:12:40:0f); GUESTS=$(nic 02:00:c6:12:42:fe)
+# virtio-net probes in the background after insmod: under TCG the NICs can appear seconds
+# later, and configuring a NIC that is not there yet leaves the agent unreachable.
+i=0
+until UP=$(nic 02:00:c6:12:40:0f); GUESTS=$(nic 02:00:c6:12:42:fe); [ -n "$UP" ] && [ -n "$GUESTS" ]; do
+    [ $i -ge 240 ] && { echo "NODE-NICS-MISSING up=$UP guests=$GUESTS"; break; }
+    sleep 0.5; i=$((i+1))
+done
 ip link set lo up
 ip link set "$UP" up; ip addr add 198.18.64.15/24 dev "$UP"
 mkdir -p /var/lib/stratus /run/stratus

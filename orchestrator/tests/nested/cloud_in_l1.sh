@@ -150,6 +150,8 @@ TOML
 write_init "$W/l1" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 ip link set lo up
+# virtio-net probes in the background after insmod: wait for the NIC under TCG.
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ \$i -lt 240 ]; do sleep 0.5; i=\$((i+1)); done
 ip link set eth0 up
 ip addr add $L1_IP/24 dev eth0
 mkdir -p /var/lib/stratus /run/stratus
