@@ -1241,22 +1241,27 @@ struct IscsiTarget {
     port: u16,
 }
 
-impl IscsiTarget {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/iscsi-target.sh")
-    }
+/// Runs one of the project's service helpers (scripts/<name>); `must` asserts success
+/// (stopping in Drop does not).
+fn project_script(name: &str, args: &[&str], must: bool) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../scripts")
+        .join(name);
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        !must || out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
+impl IscsiTarget {
     fn run(args: &[&str]) {
-        let out = std::process::Command::new("bash")
-            .arg(Self::script())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "iscsi-target.sh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        project_script("iscsi-target.sh", args, true);
     }
 
     fn start() -> Self {
@@ -1288,10 +1293,11 @@ impl IscsiTarget {
 
 impl Drop for IscsiTarget {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(Self::script())
-            .args(["stop", self.dir.path().to_str().unwrap()])
-            .status();
+        project_script(
+            "iscsi-target.sh",
+            &["stop", self.dir.path().to_str().unwrap()],
+            false,
+        );
     }
 }
 
@@ -1351,21 +1357,12 @@ struct CephCluster {
 }
 
 impl CephCluster {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-cluster.sh")
-    }
-
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("bash")
-            .arg(Self::script())
-            .args(["start", dir.path().to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ceph-cluster.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
+        project_script(
+            "ceph-cluster.sh",
+            &["start", dir.path().to_str().unwrap()],
+            true,
         );
         CephCluster { dir }
     }
@@ -1391,10 +1388,11 @@ impl CephCluster {
 
 impl Drop for CephCluster {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(Self::script())
-            .args(["stop", self.dir.path().to_str().unwrap()])
-            .status();
+        project_script(
+            "ceph-cluster.sh",
+            &["stop", self.dir.path().to_str().unwrap()],
+            false,
+        );
     }
 }
 

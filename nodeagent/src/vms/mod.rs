@@ -308,6 +308,29 @@ fn build_context(
     Ok((context, method))
 }
 
+/// Whether texts and paths can go into a VMM `--disk` flag: commas would split it, and a
+/// path must be UTF-8 to be written there at all.
+fn fits_disk_flag(texts: &[Option<&str>], paths: &[&Option<PathBuf>]) -> bool {
+    let paths = paths.iter().filter_map(|p| p.as_ref()).map(|p| p.to_str());
+    texts
+        .iter()
+        .copied()
+        .chain(paths.map(|p| p.or(Some(","))))
+        .flatten()
+        .all(|t| !t.contains(','))
+}
+
+/// A network disk's timeout, when given, is at least a second.
+fn check_timeout(disk: &DiskSpec, timeout_secs: Option<u32>) -> Result<(), VmError> {
+    if timeout_secs == Some(0) {
+        return Err(VmError::BadSpec(format!(
+            "disk '{}': timeout_secs must be at least 1",
+            disk.id
+        )));
+    }
+    Ok(())
+}
+
 fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
     let bad = |reason: String| Err(VmError::BadSpec(reason));
     if !valid_id(&disk.id) {
@@ -347,14 +370,7 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
         } => {
             let parsed = IscsiUrl::parse(url)
                 .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id)))?;
-            // The URL and options end up in a --disk flag: commas would split them.
-            let texts = [Some(url.as_str()), initiator.as_deref()]
-                .into_iter()
-                .flatten()
-                .chain(secret_file.iter().filter_map(|p| p.to_str()));
-            if texts.clone().any(|t| t.contains(','))
-                || secret_file.iter().any(|p| p.to_str().is_none())
-            {
+            if !fits_disk_flag(&[Some(url), initiator.as_deref()], &[secret_file]) {
                 return bad(format!(
                     "disk '{}': the iSCSI source may not contain commas",
                     disk.id
@@ -366,13 +382,7 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
                     disk.id
                 ));
             }
-            if timeout_secs == &Some(0) {
-                return bad(format!(
-                    "disk '{}': timeout_secs must be at least 1",
-                    disk.id
-                ));
-            }
-            Ok(())
+            check_timeout(disk, *timeout_secs)
         }
         DiskSource::Rbd {
             image,
@@ -383,26 +393,13 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
         } => {
             RbdName::parse(image)
                 .map_err(|e| VmError::BadSpec(format!("disk '{}': {e}", disk.id)))?;
-            let paths = [conf, keyring].into_iter().flatten();
-            if id
-                .as_deref()
-                .is_some_and(|i| i.contains(',') || i.is_empty())
-                || paths
-                    .clone()
-                    .any(|p| p.to_str().is_none_or(|s| s.contains(',')))
-            {
+            if id.as_deref() == Some("") || !fits_disk_flag(&[id.as_deref()], &[conf, keyring]) {
                 return bad(format!(
                     "disk '{}': the RBD client id and paths may not contain commas",
                     disk.id
                 ));
             }
-            if timeout_secs == &Some(0) {
-                return bad(format!(
-                    "disk '{}': timeout_secs must be at least 1",
-                    disk.id
-                ));
-            }
-            Ok(())
+            check_timeout(disk, *timeout_secs)
         }
         _ => Ok(()),
     }
