@@ -21,15 +21,33 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
-    #[error("cannot read the API token from {path}: {source}")]
-    Token {
+    #[error("cannot read {what} from {path}: {source}")]
+    ReadFile {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("the API token file {path} is empty")]
     EmptyToken { path: PathBuf },
-    #[error("the API token file {path} is readable by other users (mode {mode:o}); chmod 600 it")]
-    TokenMode { path: PathBuf, mode: u32 },
+    #[error("{what} file {path} is readable by other users (mode {mode:o}); chmod 600 it")]
+    PrivateFileMode {
+        what: &'static str,
+        path: PathBuf,
+        mode: u32,
+    },
+    #[error("the TLS certificate file {path} holds no PEM certificate")]
+    NoCertificate { path: PathBuf },
+    #[error("the TLS file {path} is not valid PEM: {source}")]
+    Pem {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the TLS certificate {cert} and key {key} do not make a server identity: {source}")]
+    TlsIdentity {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
 }
 
 /// `/etc/stratus/nodeagent.toml`.
@@ -77,6 +95,20 @@ pub struct AgentConfig {
     /// The guest networks VMs' NICs join.
     #[serde(default)]
     pub networks: Vec<crate::networks::NetworkConfig>,
+    /// Serve the API over HTTPS with this certificate; plain HTTP when absent (then keep
+    /// `listen` on an address only the orchestrator reaches).
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[tls]`: the agent's server certificate, as PEM files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain, the agent's own certificate first.
+    pub cert_file: PathBuf,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1), mode 0600.
+    pub key_file: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +176,30 @@ fn one() -> f64 {
 }
 fn default_memory_reserve_mib() -> u64 {
     1024
+}
+
+/// A secret's file, refused when anyone but its owner may read it.
+pub(crate) fn read_private_file(what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let read_err = |source| ConfigError::ReadFile {
+        what,
+        path: path.to_owned(),
+        source,
+    };
+    // Checked on the opened file, so a swap between the check and the read cannot pass.
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mode = file.metadata().map_err(read_err)?.mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::PrivateFileMode {
+            what,
+            path: path.to_owned(),
+            mode: mode & 0o777,
+        });
+    }
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    Ok(bytes)
 }
 
 impl AgentConfig {
@@ -215,23 +271,9 @@ impl AgentConfig {
 
     /// The bearer token, from a file only its owner may read.
     pub fn read_token(&self) -> Result<String, ConfigError> {
-        use std::os::unix::fs::MetadataExt;
         let path = &self.token_file;
-        let token_err = |source| ConfigError::Token {
-            path: path.clone(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(token_err)?;
-        if meta.mode() & 0o077 != 0 {
-            return Err(ConfigError::TokenMode {
-                path: path.clone(),
-                mode: meta.mode() & 0o777,
-            });
-        }
-        let token = std::fs::read_to_string(path)
-            .map_err(token_err)?
-            .trim()
-            .to_owned();
+        let bytes = read_private_file("the API token", path)?;
+        let token = String::from_utf8_lossy(&bytes).trim().to_owned();
         if token.is_empty() {
             return Err(ConfigError::EmptyToken { path: path.clone() });
         }

@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod network;
 pub mod networks;
 pub mod supervisor;
+pub mod tls;
 pub mod vmm_client;
 pub mod vms;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum_server::tls_rustls::RustlsConfig;
 use clap::{Parser, ValueEnum};
 use stratus_nodeagent::api::{router, AppState};
 use stratus_nodeagent::config::{AgentConfig, Hypervisor};
@@ -60,6 +61,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let config = AgentConfig::load(&cli.config)?;
     let token = config.read_token()?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(stratus_nodeagent::tls::server_config)
+        .transpose()?;
     if config.hypervisor == Hypervisor::None {
         anyhow::ensure!(
             cli.allow_no_vm_hypervisor,
@@ -80,10 +86,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    runtime.block_on(serve(Arc::new(config), token))
+    runtime.block_on(serve(Arc::new(config), token, tls))
 }
 
-async fn serve(config: Arc<AgentConfig>, token: String) -> anyhow::Result<()> {
+async fn serve(
+    config: Arc<AgentConfig>,
+    token: String,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let vms = VmManager::recover(config.clone(), metrics.clone()).await?;
     let images = Arc::new(Images::new(vms.image_cache(), &config.image_cache_dir()));
@@ -98,11 +108,34 @@ async fn serve(config: Arc<AgentConfig>, token: String) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!("listening on {}", config.listen);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(stop_signal())
-        .await
-        .context("the API server failed")?;
+    let app = router(state);
+    match tls {
+        None => {
+            tracing::info!("listening on http://{}", config.listen);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop_signal())
+                .await
+                .context("the API server failed")?;
+        }
+        Some(tls) => {
+            tracing::info!("listening on https://{}", config.listen);
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                stop_signal().await;
+                stopper.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let listener = listener
+                .into_std()
+                .context("cannot hand the listening socket to the TLS server")?;
+            axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(tls))
+                .context("cannot serve TLS on the listening socket")?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .context("the API server failed")?;
+        }
+    }
     // The VMs go on: each VMM is in a process group of its own, and the next start of the
     // agent adopts them.
     tracing::info!("stopping; the VMs keep running");

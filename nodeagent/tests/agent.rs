@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 use stratus_nodeagent::supervisor::socket_peer_pid;
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
 
+#[path = "support/pki.rs"]
+mod pki;
+
 const DEADLINE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789";
 
@@ -1430,4 +1433,110 @@ fn rbd_images_are_attached_at_creation_and_hot_plugged() {
     let (_, vm) = agent.call("POST", "/vms/r/kill", None);
     assert_eq!(vm["state"], "stopped");
     assert_eq!(agent.call("DELETE", "/vms/r", None).0, 204);
+}
+
+/// One HTTPS exchange with the agent, trusting only `ca_pem`; the raw answer, or the
+/// client's TLS error.
+fn https(addr: SocketAddr, ca_pem: &str, request: &str) -> Result<String, std::io::Error> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let connection = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut tls = rustls::StreamOwned::new(connection, stream);
+    tls.write_all(request.as_bytes())?;
+    let mut answer = Vec::new();
+    match tls.read_to_end(&mut answer) {
+        // A server may close without close_notify once it has answered.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+        other => {
+            other?;
+        }
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+#[test]
+fn with_a_certificate_the_api_is_https_only_and_a_bad_key_stops_the_agent() {
+    let files = tempfile::tempdir().unwrap();
+    let site = pki::pki("Stratus site CA", &["localhost", "127.0.0.1"]);
+    let cert = files.path().join("agent.crt");
+    let key = files.path().join("agent.key");
+    std::fs::write(&cert, &site.chain_pem).unwrap();
+    std::fs::write(&key, &site.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut agent = Agent::start_with(
+        2,
+        512,
+        &format!(
+            "\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let get = |token: &str| {
+        format!(
+            "GET /host HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        )
+    };
+    let answer = https(agent.addr, &site.ca_pem, &get(TOKEN)).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"cpu_total\""), "{answer}");
+    let answer = https(agent.addr, &site.ca_pem, &get("wrong")).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // A VM's whole life goes over TLS like any other call.
+    let spec = agent.spec(Guest::Halt).to_string();
+    let put = format!(
+        "PUT /vms/tls-1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{spec}",
+        spec.len()
+    );
+    let answer = https(agent.addr, &site.ca_pem, &put).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+
+    // Plain HTTP gets no answer at all, and a client trusting another CA refuses the agent.
+    let mut plain = TcpStream::connect(agent.addr).unwrap();
+    plain.set_read_timeout(Some(DEADLINE)).unwrap();
+    plain.write_all(get(TOKEN).as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(!answer.starts_with(b"HTTP/1.1 2"), "{answer:?}");
+    let stranger = pki::pki("Some other CA", &["localhost"]);
+    let refused = https(agent.addr, &stranger.ca_pem, &get(TOKEN)).unwrap_err();
+    assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
+
+    // A key others may read, a key of another certificate, or no certificate at all
+    // stops the agent (and its systemd ExecStartPre check) with the reason.
+    agent.crash();
+    let check = |want: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_stratus-nodeagent"))
+            .arg("--config")
+            .arg(&agent.config)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "accepted; wanted '{want}'");
+        assert!(stderr.contains(want), "{stderr}");
+    };
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    check("the TLS private key file");
+    check("chmod 600");
+    std::fs::write(&key, &stranger.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    check("do not make a server identity");
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    check("holds no PEM certificate");
 }

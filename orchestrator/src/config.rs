@@ -45,6 +45,11 @@ pub struct Config {
     /// up and printed once, when the database is created.
     #[serde(default)]
     pub admin_password_file: Option<PathBuf>,
+    /// PEM bundle of the CA(s) that sign the node agents' certificates: nodes added with an
+    /// `https://` URL must present a certificate for their host name chained to one of
+    /// these. Without it, the system's trusted roots.
+    #[serde(default)]
+    pub agent_ca_file: Option<PathBuf>,
     /// Seconds between two polls of each node agent (StratusLab: 60).
     #[serde(default = "default_poll_interval_s")]
     pub poll_interval_s: u64,

@@ -48,18 +48,19 @@ impl Cloud {
         db: Db,
         config: Arc<Config>,
         policy: Option<stratus_images::policy::Policy>,
-    ) -> Cloud {
-        Cloud {
+    ) -> Result<Cloud, agent_client::AgentTlsError> {
+        let http = agent_client::AgentClient::http(config.agent_ca_file.as_deref())?;
+        Ok(Cloud {
             types: instance_types::all(&config.instance_types),
             replica: config.replica_name(),
             db,
             config,
-            http: agent_client::AgentClient::http(),
+            http,
             policy,
             auth: users::Authenticator::default(),
             jobs_queued: tokio::sync::Notify::new(),
             metrics: metrics::Metrics::default(),
             volumes: None,
-        }
+        })
     }
 }

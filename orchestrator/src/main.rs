@@ -282,7 +282,7 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let mut cloud = Cloud::new(db, Arc::new(config), policy);
+    let mut cloud = Cloud::new(db, Arc::new(config), policy)?;
     cloud.volumes = volumes;
     let cloud = Arc::new(cloud);
     stratus_orchestrator::pdisk::recover(&cloud)

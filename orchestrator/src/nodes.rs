@@ -277,7 +277,7 @@ async fn poll(cloud: &Cloud, node: NodeRow) -> Result<(), DbError> {
     .await;
     let (host, list) = match answer {
         Ok(a) => a,
-        Err(e) => return node_silent(cloud, &node, &e.to_string()).await,
+        Err(e) => return node_silent(cloud, &node, &e.with_causes()).await,
     };
     sqlx::query(
         "UPDATE nodes SET health = 'up', cpu_total = $1, memory_total_mib = $2, running_vms = $3, \

@@ -3,6 +3,8 @@
 //! from signed entries of a real Marketplace.
 
 mod common;
+#[path = "../../nodeagent/tests/support/pki.rs"]
+mod pki;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -647,6 +649,97 @@ fn a_node_that_stops_answering_has_its_vms_unknown_until_it_is_back() {
             .as_str()
             .is_some_and(|r| r.starts_with("node node-a refused it"))),
         "{vm}"
+    );
+}
+
+/// A node agent serving HTTPS with a certificate of `pki`, and the URL the cloud reaches it by.
+fn https_agent(pki: &pki::Pki, dir: &std::path::Path) -> (Agent, String) {
+    let cert = dir.join(format!("{}.crt", free_port()));
+    let key = cert.with_extension("key");
+    std::fs::write(&cert, &pki.chain_pem).unwrap();
+    std::fs::write(&key, &pki.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let agent = Agent::start(
+        4,
+        4096,
+        &format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let url = format!("https://localhost:{}", agent.addr.port());
+    (agent, url)
+}
+
+#[test]
+fn agents_on_https_are_trusted_through_the_sites_ca_only() {
+    let files = tempfile::tempdir().unwrap();
+    let site = pki::pki("Stratus site CA", &["localhost"]);
+    let ca = files.path().join("site-ca.pem");
+    std::fs::write(&ca, &site.ca_pem).unwrap();
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let (_trusted, trusted_url) = https_agent(&site, files.path());
+    let stranger = pki::pki("Somebody else's CA", &["localhost"]);
+    let (_untrusted, untrusted_url) = https_agent(&stranger, files.path());
+    let cloud = Orchestrator::start(&market, &format!("agent_ca_file = \"{}\"\n", ca.display()));
+    for (name, url) in [("trusted", &trusted_url), ("untrusted", &untrusted_url)] {
+        let (status, body) = cloud.admin(
+            "POST",
+            "/nodes",
+            Some(&json!({"name": name, "url": url, "token": AGENT_TOKEN})),
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let start = std::time::Instant::now();
+    loop {
+        let (_, nodes) = cloud.admin("GET", "/nodes", None);
+        let node = |name: &str| {
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        let (good, bad) = (node("trusted"), node("untrusted"));
+        // The reason a node is silent names the certificate, not just "does not answer".
+        if good["health"] == "up" && bad["last_error"].is_string() {
+            assert_ne!(bad["health"], "up", "{bad}");
+            let error = bad["last_error"].as_str().unwrap();
+            assert!(error.contains("UnknownIssuer"), "{error}");
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "{nodes}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let alice = cloud.add_user("alice", "alice-password");
+    let id = run_vm(
+        &cloud,
+        alice,
+        json!({"image": image, "instance_type": "t1.micro"}),
+    );
+    assert_eq!(cloud.wait_state(id, "Running")["node"], "trusted");
+    let (status, _) = cloud.call_as(alice, "POST", &format!("/vms/{id}/kill"), None);
+    assert_eq!(status, 202);
+    cloud.wait_state(id, "Done");
+
+    // A CA file that holds no certificate stops the orchestrator with the reason.
+    let mut cloud = cloud;
+    cloud.crash();
+    std::fs::write(&ca, "nothing here\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stratus-orchestrator"))
+        .arg("--config")
+        .arg(&cloud.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("holds no usable CA certificate"),
+        "{stderr}"
     );
 }
 

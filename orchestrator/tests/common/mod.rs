@@ -427,7 +427,7 @@ impl Drop for Marketplace {
 pub struct Orchestrator {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
-    config: PathBuf,
+    pub config: PathBuf,
     child: Option<Child>,
 }
 
