@@ -93,9 +93,7 @@ cargo build --quiet "${profile_flag[@]}" -p stratus-orchestrator --bin stratus -
 cargo build --quiet "${profile_flag[@]}" -p stratus-images --bin stratus-marketplace
 BIN=$REPO/target/$PROFILE
 build_static_vmm
-RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-    --target x86_64-unknown-linux-gnu -p stratus-nodeagent --bin stratus-nodeagent
-STATIC_AGENT=$REPO/target/x86_64-unknown-linux-gnu/release/stratus-nodeagent
+build_static_agent
 
 if [ -e "$STATE" ] && [ ! -f "$STATE/.stratus-cloud-in-a-box" ]; then
     die "$STATE exists and was not made by $0: choose another STRATUS_CLOUD_DIR"

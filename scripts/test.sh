@@ -22,6 +22,8 @@ step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
 bash vmm/tests/nested/boot_debian.sh
 step "nested: iSCSI (tgtd in L1) and host block device disks under Debian, fio-verified on both sides"
 bash vmm/tests/nested/network_disks.sh
+step "nested: the packaged systemd unit under a real systemd (debootstrapped Debian L1): start, VM, restart, kill -9"
+bash nodeagent/tests/nested/systemd_host.sh
 step "nested: the cloud with a node agent in a real second host (L1), booting Debian from a Marketplace image"
 bash orchestrator/tests/nested/cloud_in_l1.sh
 step "nested: StratusLab's tutorial through the stratus-* commands on the cloud in one box (scripts/demo.sh)"

@@ -45,6 +45,13 @@ build_static_vmm() {
     file "$STATIC_VMM" | grep -Eq 'static(-pie)? linked' || { log "$STATIC_VMM is not static"; return 1; }
 }
 
+# Builds a statically linked stratus-nodeagent for L1 hosts. Sets STATIC_AGENT.
+build_static_agent() {
+    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
+        --target x86_64-unknown-linux-gnu -p stratus-nodeagent --bin stratus-nodeagent)
+    STATIC_AGENT=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-nodeagent
+}
+
 # Builds a statically linked stratus-bench for timing VMMs inside L1. Sets STATIC_BENCH.
 build_static_bench() {
     (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
@@ -93,11 +100,18 @@ PREAMBLE
 }
 
 # pack_initramfs <root-dir> <out.cpio.gz>
-# NESTED_COMPRESS picks the compressor (default gzip -1: fastest to unpack under TCG). A
-# large L1 initramfs needs a smaller one: QEMU's microvm places a big initrd where L1's
-# kernel then finds its ACPI tables damaged and most of its RAM missing.
+# NESTED_COMPRESS picks the compressor (default gzip -1: fastest to unpack under TCG).
+# QEMU's microvm loads the initrd at the very top of low memory, rounded down to a page,
+# on top of the ACPI tables its firmware keeps there: only the rounding's slack spares
+# them. An initrd whose size falls just short of a page boundary overwrote L1's XSDT and
+# DSDT, and L1 lost its virtio-mmio devices (found through ACPI) or hung before printing.
+# So the file is padded with zeros (the kernel skips zeros after an archive) to 4 bytes past
+# a page boundary: 4092 bytes of slack.
 pack_initramfs() {
     (cd "$1" && find . | cpio -o -H newc 2>/dev/null | ${NESTED_COMPRESS:-gzip -1} > "$2")
+    local size
+    size=$(stat -c %s "$2")
+    head -c $(( (4 - size % 4096 + 4096) % 4096 )) /dev/zero >> "$2"
 }
 
 # make_endorser <dir> <organisation> <endorser-name> <email> <days>: a throw-away CA

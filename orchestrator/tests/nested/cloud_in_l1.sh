@@ -23,9 +23,7 @@ source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
 build_static_vmm
-(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-    --target x86_64-unknown-linux-gnu -p stratus-nodeagent --bin stratus-nodeagent)
-STATIC_AGENT=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-nodeagent
+build_static_agent
 (cd "$REPO_ROOT" && cargo build --quiet -p stratus-orchestrator --bin stratus-orchestrator \
     --example publish_image && cargo build --quiet -p stratus-images --bin stratus-marketplace)
 BIN=$REPO_ROOT/target/debug
