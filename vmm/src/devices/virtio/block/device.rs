@@ -135,6 +135,7 @@ impl VirtioBlock {
             drop(create_engine(engine, &disk, u32::from(QUEUE_SIZE))?);
         }
         let mut features = VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_SIZE_MAX
             | VIRTIO_BLK_F_SEG_MAX
             | VIRTIO_BLK_F_BLK_SIZE
             | VIRTIO_BLK_F_MQ
@@ -198,6 +199,7 @@ impl VirtioBlock {
         };
         let topology = self.disk.topology();
         cfg[0..8].copy_from_slice(&(self.disk.size() >> SECTOR_SHIFT).to_le_bytes());
+        put32(&mut cfg, 8, SIZE_MAX);
         put32(&mut cfg, 12, SEG_MAX);
         put32(&mut cfg, 20, topology.logical_block_size);
         cfg[24] = topology.physical_block_exp;

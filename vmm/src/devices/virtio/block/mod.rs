@@ -14,9 +14,14 @@ pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request (the queue size less the header and status descriptors).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Longest data segment (descriptor) of a read or write, offered as SIZE_MAX: with SEG_MAX
+/// it bounds a request at 254 MiB, which the worker bounces (when O_DIRECT needs it) in
+/// pieces of at most this size.
+pub const SIZE_MAX: u32 = 1 << 20;
 /// GET_ID answers with at most this many bytes.
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 
+pub const VIRTIO_BLK_F_SIZE_MAX: u64 = 1 << 1;
 pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;

@@ -52,6 +52,8 @@ pub enum RequestError {
     BadStatusDescriptor,
     #[error("data descriptor has the wrong direction for this request")]
     WrongDirection,
+    #[error("data segment of {0} bytes is longer than SIZE_MAX ({SIZE_MAX})")]
+    SegmentTooLong(u32),
     #[error("request length {0} is not a multiple of 512")]
     UnalignedLength(u64),
     #[error("request covers sectors beyond the end of the disk")]
@@ -112,9 +114,10 @@ pub struct Request {
 }
 
 impl Request {
-    /// Bytes of guest buffers the request reads or writes.
-    pub fn data_len(&self) -> u32 {
-        self.data.iter().map(|(_, len)| len).sum()
+    /// Bytes of guest buffers the request reads or writes (u64: SEG_MAX segments of up to
+    /// 4 GiB each would overflow a u32 before SIZE_MAX is checked).
+    pub fn data_len(&self) -> u64 {
+        self.data.iter().map(|&(_, len)| u64::from(len)).sum()
     }
 }
 
@@ -193,6 +196,9 @@ pub fn parse(
             if d.is_write_only() != w {
                 return fail(RequestError::WrongDirection);
             }
+        }
+        if matches!(request_type, RequestType::In | RequestType::Out) && d.len() > SIZE_MAX {
+            return fail(RequestError::SegmentTooLong(d.len()));
         }
         total += u64::from(d.len());
         data.push((d.addr(), d.len()));

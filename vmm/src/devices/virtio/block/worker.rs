@@ -17,54 +17,127 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::counters::{BlockCounters, CountedOp};
 use super::io::{AsyncIo, Completion, DiskFile, DiskOp};
 use super::request::{parse, write_device_id, Request, RequestKind, SectorRange};
-use super::{SECTOR_SHIFT, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use super::{SECTOR_SHIFT, SIZE_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
 use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
-/// An aligned scratch buffer for guest buffers O_DIRECT cannot use in place.
+fn range_bytes(range: SectorRange) -> (u64, u64) {
+    (
+        range.sector << SECTOR_SHIFT,
+        u64::from(range.num_sectors) << SECTOR_SHIFT,
+    )
+}
+
+/// An aligned scratch buffer for a request whose guest buffers O_DIRECT cannot use in
+/// place. It holds one piece of the request at a time (at most BOUNCE_PIECE bytes): a
+/// guest cannot make the VMM allocate as much as its requests claim (descriptors may all
+/// alias the same few guest pages).
 struct Bounce {
     storage: Vec<u8>,
     offset: usize,
-    len: usize,
-    /// Guest segments to fill from (reads) or that were copied into (writes) the buffer.
+    /// Bytes the buffer holds: the longest piece.
+    capacity: usize,
+    /// The request's guest segments; a piece is a byte range of their concatenation.
     segments: Vec<(GuestAddress, u32)>,
+    /// Where the request's data starts on the disk, and its length.
+    disk_offset: u64,
+    total: u64,
+    /// Bytes of the request done before the piece in the buffer, and that piece's length.
+    done: u64,
+    piece: usize,
+    is_read: bool,
 }
 
 impl Bounce {
-    fn new(len: usize, segments: Vec<(GuestAddress, u32)>, align: usize) -> Self {
-        let storage = vec![0u8; len + align];
+    fn new(
+        request_len: u64,
+        segments: Vec<(GuestAddress, u32)>,
+        disk_offset: u64,
+        is_read: bool,
+        align: usize,
+    ) -> Self {
+        let capacity = request_len.min(BOUNCE_PIECE) as usize;
+        let storage = vec![0u8; capacity + align];
         let offset = storage.as_ptr().align_offset(align);
         Bounce {
             storage,
             offset,
-            len,
+            capacity,
             segments,
+            disk_offset,
+            total: request_len,
+            done: 0,
+            piece: 0,
+            is_read,
         }
     }
 
-    fn bytes(&self) -> &[u8] {
-        &self.storage[self.offset..self.offset + self.len]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.storage[self.offset..self.offset + self.piece]
     }
 
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.storage[self.offset..self.offset + self.len]
+    /// Copies the piece between the buffer and guest memory (into the guest after a read,
+    /// out of it before a write).
+    fn copy_piece(&mut self, mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+        let mut skip = self.done;
+        let mut at = 0usize;
+        let (to_guest, piece) = (self.is_read, self.piece);
+        let segments = std::mem::take(&mut self.segments);
+        let mut result = Ok(());
+        for &(addr, len) in &segments {
+            if at == piece {
+                break;
+            }
+            let len = u64::from(len);
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = ((len - skip) as usize).min(piece - at);
+            let guest = GuestAddress(addr.0 + skip);
+            skip = 0;
+            let range = self.offset + at..self.offset + at + n;
+            result = if to_guest {
+                mem.write_slice(&self.storage[range], guest)
+            } else {
+                mem.read_slice(&mut self.storage[range], guest)
+            };
+            if result.is_err() {
+                break;
+            }
+            at += n;
+        }
+        self.segments = segments;
+        result
     }
+}
+
+/// The longest piece of a bounced request in flight at once.
+const BOUNCE_PIECE: u64 = SIZE_MAX as u64;
+/// Bounce bytes one queue may hold; a request that would pass it waits in the ring until
+/// bounced requests finish (one request is always let through, so each makes progress).
+const BOUNCE_BUDGET: usize = 16 * BOUNCE_PIECE as usize;
+
+/// What became of a request handed to the engine.
+enum Submitted {
+    Queued,
+    /// The queue's bounce budget is spent: it stays in the ring for later.
+    Deferred,
 }
 
 /// A request whose I/O is in the engine.
 struct InFlight {
     head: u16,
     status: GuestAddress,
-    /// Bytes the engine must report for success.
+    /// Bytes the engine must report for success (of the current piece, when bounced).
     expected: u64,
     /// Bytes of guest buffers the device wrote (reported in the used ring before the status).
     written_to_guest: u32,
     // Referenced by the engine until completion; never read here.
     _iovecs: Vec<libc::iovec>,
-    read_bounce: Option<Bounce>,
-    _write_bounce: Option<Bounce>,
+    bounce: Option<Bounce>,
     counted: CountedOp,
 }
 
@@ -94,6 +167,12 @@ pub struct QueueWorker {
     poll_window: Duration,
     /// False on a single-CPU host, where spinning only takes time from the vCPUs.
     polling_allowed: bool,
+    /// Bounce buffer bytes held by requests in flight.
+    bounce_bytes: usize,
+    /// A request waits in the ring for bounce budget.
+    bounce_waiting: bool,
+    /// Budget came back while a request waited: take requests again.
+    retry_queue: bool,
 }
 
 /// How long a worker keeps looking for disk completions and new requests before it goes
@@ -156,6 +235,9 @@ impl QueueWorker {
             counters: parts.counters,
             poll_window: Duration::ZERO,
             polling_allowed: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            bounce_bytes: 0,
+            bounce_waiting: false,
+            retry_queue: false,
         })
     }
 
@@ -193,7 +275,11 @@ impl QueueWorker {
                         break;
                     }
                 }
-                self.start(chain);
+                if !self.start(chain) {
+                    self.queue.go_to_previous_position();
+                    self.bounce_waiting = true;
+                    break;
+                }
                 taken += 1;
             }
             if let Err(e) = self.engine.submit() {
@@ -205,6 +291,7 @@ impl QueueWorker {
             // With EVENT_IDX, re-enabling notifications races with the driver adding more
             // requests; enable_notification reports those so none is left behind.
             if self.throttled
+                || self.bounce_waiting
                 || !self.queue.event_idx_enabled()
                 || !self.queue.enable_notification(&self.mem).unwrap_or(false)
             {
@@ -231,10 +318,24 @@ impl QueueWorker {
 
     /// Collects finished I/O and completes those requests; notifies the guest once.
     pub fn reap(&mut self) {
+        let mut more_pieces = false;
         while let Some(completion) = self.engine.next_completion() {
-            self.finish(completion);
+            more_pieces |= self.finish(completion);
+        }
+        if more_pieces {
+            if let Err(e) = self.engine.submit() {
+                tracing::error!(
+                    "virtio-blk queue {}: cannot submit I/O: {e}",
+                    self.queue_index
+                );
+            }
         }
         self.notify_if_needed();
+    }
+
+    /// Whether the worker may take requests from the ring now.
+    fn taking(&self) -> bool {
+        !self.throttled && !self.bounce_waiting
     }
 
     fn notify_if_needed(&mut self) {
@@ -259,7 +360,8 @@ impl QueueWorker {
         self.used_pending = true;
     }
 
-    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
+    /// Parses and starts one request; false when it must wait in the ring for bounce budget.
+    fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> bool {
         let head = chain.head_index();
         let sectors = self.disk.size() >> SECTOR_SHIFT;
         let request = match parse(chain, &self.mem, sectors, self.disk.read_only()) {
@@ -267,7 +369,7 @@ impl QueueWorker {
             Err((error, status_addr)) => {
                 tracing::debug!("refusing virtio-blk request: {error}");
                 self.complete(head, status_addr, error.status(), 0);
-                return;
+                return true;
             }
         };
         match request.kind {
@@ -275,12 +377,13 @@ impl QueueWorker {
                 let written = write_device_id(&request, &self.mem, &self.serial);
                 self.complete(head, Some(request.status), VIRTIO_BLK_S_OK, written);
             }
-            _ => {
-                if let Err(status) = self.submit_io(head, &request) {
-                    self.complete(head, Some(request.status), status, 0);
-                }
-            }
+            _ => match self.submit_io(head, &request) {
+                Ok(Submitted::Queued) => {}
+                Ok(Submitted::Deferred) => return false,
+                Err(status) => self.complete(head, Some(request.status), status, 0),
+            },
         }
+        true
     }
 
     /// Host iovecs for the request's guest buffers, or None when O_DIRECT needs a bounce.
@@ -306,7 +409,7 @@ impl QueueWorker {
         Ok(Some(iovecs))
     }
 
-    fn submit_io(&mut self, head: u16, request: &Request) -> Result<(), u8> {
+    fn submit_io(&mut self, head: u16, request: &Request) -> Result<Submitted, u8> {
         let data_len = request.data_len();
         let mut inflight = InFlight {
             head,
@@ -314,84 +417,64 @@ impl QueueWorker {
             expected: 0,
             written_to_guest: 0,
             _iovecs: Vec::new(),
-            read_bounce: None,
-            _write_bounce: None,
+            bounce: None,
             counted: CountedOp::Flush,
         };
-        match request.kind {
-            RequestKind::Read { .. } | RequestKind::Write { .. } => {
-                inflight.expected = u64::from(data_len);
+        let op = match request.kind {
+            RequestKind::Read { sector } | RequestKind::Write { sector } => {
                 let is_read = matches!(request.kind, RequestKind::Read { .. });
+                inflight.expected = data_len;
                 inflight.counted = if is_read {
-                    CountedOp::Read(u64::from(data_len))
+                    CountedOp::Read(data_len)
                 } else {
-                    CountedOp::Write(u64::from(data_len))
+                    CountedOp::Write(data_len)
                 };
                 if is_read {
-                    inflight.written_to_guest = data_len;
+                    // At most SEG_MAX segments of SIZE_MAX bytes: it fits.
+                    inflight.written_to_guest = u32::try_from(data_len).unwrap_or(u32::MAX);
                 }
-                inflight._iovecs = match self.guest_iovecs(request)? {
-                    Some(iovecs) => iovecs,
-                    None => {
-                        let mut bounce = Bounce::new(
-                            data_len as usize,
-                            request.data.clone(),
-                            self.disk.direct_alignment() as usize,
-                        );
-                        if !is_read {
-                            let mut at = 0usize;
-                            for &(addr, len) in &request.data {
-                                let dst = &mut bounce.bytes_mut()[at..at + len as usize];
-                                self.mem
-                                    .read_slice(dst, addr)
-                                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                                at += len as usize;
-                            }
-                        }
-                        let iovec = libc::iovec {
-                            iov_base: bounce.bytes().as_ptr() as *mut libc::c_void,
-                            iov_len: bounce.len,
-                        };
+                let offset = sector << SECTOR_SHIFT;
+                match self.guest_iovecs(request)? {
+                    Some(iovecs) => {
+                        inflight._iovecs = iovecs;
+                        let iovecs = inflight._iovecs.as_slice();
                         if is_read {
-                            inflight.read_bounce = Some(bounce);
+                            DiskOp::Read { offset, iovecs }
                         } else {
-                            inflight._write_bounce = Some(bounce);
+                            DiskOp::Write { offset, iovecs }
                         }
-                        vec![iovec]
                     }
-                };
+                    None => {
+                        let capacity = data_len.min(BOUNCE_PIECE) as usize;
+                        if self.bounce_bytes > 0 && self.bounce_bytes + capacity > BOUNCE_BUDGET {
+                            return Ok(Submitted::Deferred);
+                        }
+                        inflight.bounce = Some(Bounce::new(
+                            data_len,
+                            request.data.clone(),
+                            offset,
+                            is_read,
+                            self.disk.direct_alignment() as usize,
+                        ));
+                        self.bounce_bytes += capacity;
+                        let slot = self.take_slot();
+                        return match self.queue_piece(slot, inflight) {
+                            Ok(()) => Ok(Submitted::Queued),
+                            Err(_) => Err(VIRTIO_BLK_S_IOERR),
+                        };
+                    }
+                }
             }
-            // GET_ID is answered by the worker itself (see `start`), never by an engine.
-            RequestKind::Flush
-            | RequestKind::Discard(_)
-            | RequestKind::WriteZeroes(_)
-            | RequestKind::GetDeviceId => {}
-        }
-        let iovecs = inflight._iovecs.as_slice();
-        let bytes = |range: SectorRange| {
-            (
-                range.sector << SECTOR_SHIFT,
-                u64::from(range.num_sectors) << SECTOR_SHIFT,
-            )
-        };
-        let op = match request.kind {
-            RequestKind::Read { sector } => DiskOp::Read {
-                offset: sector << SECTOR_SHIFT,
-                iovecs,
-            },
-            RequestKind::Write { sector } => DiskOp::Write {
-                offset: sector << SECTOR_SHIFT,
-                iovecs,
-            },
             RequestKind::Flush => DiskOp::Flush,
+            // GET_ID is answered by the worker itself (see `start`), never by an engine.
             RequestKind::GetDeviceId => return Err(VIRTIO_BLK_S_IOERR),
             RequestKind::Discard(range) => {
-                let (offset, len) = bytes(range);
+                let (offset, len) = range_bytes(range);
                 inflight.counted = CountedOp::Discard(len);
                 DiskOp::Discard { offset, len }
             }
             RequestKind::WriteZeroes(range) => {
-                let (offset, len) = bytes(range);
+                let (offset, len) = range_bytes(range);
                 inflight.counted = CountedOp::WriteZeroes(len);
                 DiskOp::WriteZeroes {
                     offset,
@@ -400,15 +483,11 @@ impl QueueWorker {
                 }
             }
         };
-        let slot = self.free_slots.pop().unwrap_or_else(|| {
-            self.inflight.push(None);
-            self.inflight.len() - 1
-        });
-        let queued = self.engine.queue(op, slot as u64);
-        match queued {
+        let slot = self.take_slot();
+        match self.engine.queue(op, slot as u64) {
             Ok(()) => {
                 self.inflight[slot] = Some(inflight);
-                Ok(())
+                Ok(Submitted::Queued)
             }
             Err(e) => {
                 tracing::warn!("virtio-blk: cannot queue I/O: {e}");
@@ -418,13 +497,84 @@ impl QueueWorker {
         }
     }
 
-    fn finish(&mut self, completion: Completion) {
-        let slot = completion.user_data as usize;
-        let Some(inflight) = self.inflight.get_mut(slot).and_then(Option::take) else {
-            tracing::error!("virtio-blk: completion for unknown request {slot}");
-            return;
+    fn take_slot(&mut self) -> usize {
+        self.free_slots.pop().unwrap_or_else(|| {
+            self.inflight.push(None);
+            self.inflight.len() - 1
+        })
+    }
+
+    /// Queues the next piece of a bounced request in `slot`. On failure the slot is free
+    /// again and the request's bounce budget given back; the caller completes it (its head
+    /// and status address are returned).
+    fn queue_piece(
+        &mut self,
+        slot: usize,
+        mut inflight: InFlight,
+    ) -> Result<(), (u16, GuestAddress)> {
+        let queued = match inflight.bounce.as_mut() {
+            Some(bounce) => {
+                bounce.piece = (bounce.total - bounce.done).min(BOUNCE_PIECE) as usize;
+                let copied = if bounce.is_read {
+                    Ok(())
+                } else {
+                    bounce.copy_piece(&self.mem)
+                };
+                inflight.expected = bounce.piece as u64;
+                inflight._iovecs = vec![libc::iovec {
+                    iov_base: bounce.bytes_mut().as_mut_ptr().cast(),
+                    iov_len: bounce.piece,
+                }];
+                let offset = bounce.disk_offset + bounce.done;
+                let iovecs = inflight._iovecs.as_slice();
+                let op = if bounce.is_read {
+                    DiskOp::Read { offset, iovecs }
+                } else {
+                    DiskOp::Write { offset, iovecs }
+                };
+                match copied {
+                    Ok(()) => self.engine.queue(op, slot as u64).map_err(|e| {
+                        tracing::warn!("virtio-blk: cannot queue I/O: {e}");
+                    }),
+                    Err(e) => {
+                        tracing::debug!("virtio-blk: bad guest buffer in a write: {e}");
+                        Err(())
+                    }
+                }
+            }
+            None => Err(()),
         };
-        self.free_slots.push(slot);
+        match queued {
+            Ok(()) => {
+                self.inflight[slot] = Some(inflight);
+                Ok(())
+            }
+            Err(()) => {
+                self.free_slots.push(slot);
+                self.release_bounce(&inflight);
+                Err((inflight.head, inflight.status))
+            }
+        }
+    }
+
+    fn release_bounce(&mut self, inflight: &InFlight) {
+        if let Some(bounce) = &inflight.bounce {
+            self.bounce_bytes -= bounce.capacity;
+            if self.bounce_waiting {
+                self.bounce_waiting = false;
+                self.retry_queue = true;
+            }
+        }
+    }
+
+    /// Completes the request of one engine completion, or queues the next piece of a
+    /// bounced one (then returns true: the engine has I/O to submit).
+    fn finish(&mut self, completion: Completion) -> bool {
+        let slot = completion.user_data as usize;
+        let Some(mut inflight) = self.inflight.get_mut(slot).and_then(Option::take) else {
+            tracing::error!("virtio-blk: completion for unknown request {slot}");
+            return false;
+        };
         let ok = completion.result >= 0 && completion.result as u64 == inflight.expected;
         if !ok {
             tracing::warn!(
@@ -438,22 +588,24 @@ impl QueueWorker {
         } else {
             VIRTIO_BLK_S_IOERR
         };
-        if ok {
-            if let Some(bounce) = &inflight.read_bounce {
-                let mut at = 0usize;
-                for &(addr, len) in &bounce.segments {
-                    if self
-                        .mem
-                        .write_slice(&bounce.bytes()[at..at + len as usize], addr)
-                        .is_err()
-                    {
-                        status = VIRTIO_BLK_S_IOERR;
-                        break;
-                    }
-                    at += len as usize;
+        if let Some(bounce) = inflight.bounce.as_mut().filter(|_| ok) {
+            if bounce.is_read && bounce.copy_piece(&self.mem).is_err() {
+                status = VIRTIO_BLK_S_IOERR;
+            } else {
+                bounce.done += bounce.piece as u64;
+                if bounce.done < bounce.total {
+                    return match self.queue_piece(slot, inflight) {
+                        Ok(()) => true,
+                        Err((head, status)) => {
+                            self.complete(head, Some(status), VIRTIO_BLK_S_IOERR, 0);
+                            false
+                        }
+                    };
                 }
             }
         }
+        self.free_slots.push(slot);
+        self.release_bounce(&inflight);
         if status == VIRTIO_BLK_S_OK {
             self.counters.completed(inflight.counted);
         }
@@ -463,6 +615,7 @@ impl QueueWorker {
             0
         };
         self.complete(inflight.head, Some(inflight.status), status, written);
+        false
     }
 
     /// Serves the queue until the kill event fires; in-flight I/O is drained first.
@@ -493,7 +646,7 @@ impl QueueWorker {
                     progressed = true;
                 }
             }
-            if !self.throttled && self.has_new_requests() {
+            if self.taking() && self.has_new_requests() {
                 self.process_queue();
                 progressed = true;
             }
@@ -554,7 +707,7 @@ impl WorkerHandler for QueueWorker {
         match token {
             QUEUE_TOKEN => {
                 let _ = self.queue_event.read();
-                if !self.throttled {
+                if self.taking() {
                     self.process_queue();
                 }
             }
@@ -567,6 +720,9 @@ impl WorkerHandler for QueueWorker {
             ENGINE_TOKEN => {
                 self.engine.process_events();
                 self.reap();
+                if std::mem::take(&mut self.retry_queue) && self.taking() {
+                    self.process_queue();
+                }
             }
             _ => {}
         }
