@@ -508,6 +508,9 @@ fn download(fetch: &Path, size_mib: u64, runs: usize, dir: &Path) -> Result<()> 
 }
 
 fn main() -> Result<()> {
+    // reqwest's TLS (enabled workspace-wide by the orchestrator) takes the process's
+    // rustls provider; the workspace uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match Cli::parse().command {
         Cmd::BootKvm { vmm, qemu, runs } => boot_kvm(&vmm, &qemu, runs),
         Cmd::Memory { vmm, qemu } => memory(&vmm, &qemu),

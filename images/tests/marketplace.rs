@@ -8,8 +8,9 @@ use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION};
 use reqwest::StatusCode;
 use serde_json::Value;
 use stratus_images::checksum::hash_reader;
+use stratus_images::dsig::TrustedCas;
 use stratus_images::dsig::{SignOptions, Signer};
-use stratus_images::marketplace::{router, EndorserSummary, Store};
+use stratus_images::marketplace::{router, EndorserSummary, Store, Uploads, MAX_ENTRY_BYTES};
 use stratus_images::metadata::format_date;
 use stratus_images::{ops, Endorser, Metadata};
 
@@ -20,12 +21,31 @@ struct Server {
     store: Store,
 }
 
-async fn start(db: &str) -> Server {
+/// What uploads carry (`Authorization: Bearer`).
+const UPLOAD_TOKEN: &str = "upload-token-0123456789";
+
+/// A Marketplace trusting the CAs of `trusted`, with uploads open to UPLOAD_TOKEN.
+async fn start(db: &str, trusted: &[&Pki]) -> Server {
+    start_with(db, trusted, Some(UPLOAD_TOKEN)).await
+}
+
+async fn start_with(db: &str, trusted: &[&Pki], token: Option<&str>) -> Server {
+    // reqwest's TLS (enabled workspace-wide by the orchestrator) takes the process's
+    // rustls provider; the workspace uses ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let store = Store::open(db).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let app = router(store.clone());
+    let bundle: String = trusted
+        .iter()
+        .map(|p| std::fs::read_to_string(&p.ca_cert).unwrap())
+        .collect();
+    let uploads = Uploads {
+        trusted: std::sync::Arc::new(TrustedCas::from_pem(&bundle, "the test CAs").unwrap()),
+        token: token.map(str::to_owned),
+    };
+    let app = router(store.clone(), uploads);
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -54,8 +74,16 @@ impl Server {
     }
 
     async fn post(&self, xml: &str) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(self.url("/metadata"))
+        self.post_as(Some(UPLOAD_TOKEN), xml).await
+    }
+
+    async fn post_as(&self, token: Option<&str>, xml: &str) -> reqwest::Response {
+        let request = reqwest::Client::new().post(self.url("/metadata"));
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        request
             .header(CONTENT_TYPE, "application/rdf+xml")
             .body(xml.to_string())
             .send()
@@ -153,8 +181,9 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn upload_then_fetch_as_json_and_xml() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = Pki::new(dir.path()).signer();
-    let server = start("sqlite::memory:").await;
+    let pki = Pki::new(dir.path());
+    let signer = pki.signer();
+    let server = start("sqlite::memory:", &[&pki]).await;
     let created = now() - Duration::minutes(1);
     let mut m = entry(1, created);
     m.os = Some("ttylinux".into());
@@ -205,14 +234,15 @@ async fn upload_then_fetch_as_json_and_xml() {
 #[tokio::test(flavor = "multi_thread")]
 async fn duplicate_and_older_entries_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let jane = Pki::new(&dir.path().join("jane").tap_mkdir()).signer();
-    let bob = Pki::for_endorser(
+    let jane_pki = Pki::new(&dir.path().join("jane").tap_mkdir());
+    let jane = jane_pki.signer();
+    let bob_pki = Pki::for_endorser(
         &dir.path().join("bob").tap_mkdir(),
         "Bob Builder",
         "bob@example.org",
-    )
-    .signer();
-    let server = start("sqlite::memory:").await;
+    );
+    let bob = bob_pki.signer();
+    let server = start("sqlite::memory:", &[&jane_pki, &bob_pki]).await;
     let t = now() - Duration::hours(1);
     let mut m = entry(2, t);
     m.title = Some("v1".into());
@@ -271,8 +301,9 @@ impl Mkdir for std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_entries_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = Pki::new(dir.path()).signer();
-    let server = start("sqlite::memory:").await;
+    let pki = Pki::new(dir.path());
+    let signer = pki.signer();
+    let server = start("sqlite::memory:", &[&pki]).await;
     let mut m = entry(3, now());
     m.title = Some("honest".into());
     let signed = sign(&m, &signer);
@@ -318,11 +349,56 @@ async fn invalid_entries_are_refused_with_the_reason() {
     server.shutdown().await;
 }
 
+// Found by a review: one 140 KB POST nested 20 000 deep overflowed the stack and aborted
+// the whole server (this test process, here) before any signature check.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_bodies_are_refused_and_the_server_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let server = start("sqlite::memory:", &[&pki]).await;
+    let deep = |levels: usize| {
+        format!(
+            "<?xml version=\"1.0\"?>{}{}",
+            "<a>".repeat(levels),
+            "</a>".repeat(levels)
+        )
+    };
+    // The review's 140 KB document is over the body limit; one just under it still nests
+    // 9000 deep, and the parser refuses it.
+    let (status, msg) = message(server.post(&deep(20_000)).await).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{msg}");
+    let (status, msg) = message(server.post(&deep(9_000)).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("nested deeper than 64"), "{msg}");
+    // 30 declarations on each of 10 nested elements.
+    let level = |l: usize| -> String {
+        let decls: String = (0..30)
+            .map(|i| format!(" xmlns:p{i}=\"urn:{l}:{i}\""))
+            .collect();
+        format!("<a{decls}>")
+    };
+    let nested: String = (0..10).map(level).collect();
+    let namespaces = format!("{nested}{}", "</a>".repeat(10));
+    let (status, msg) = message(server.post(&namespaces).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("namespace declarations"), "{msg}");
+    let huge = format!("<r>{}</r>", "x".repeat(MAX_ENTRY_BYTES));
+    let (status, msg) = message(server.post(&huge).await).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(msg.contains("larger than 65536 bytes"), "{msg}");
+    // Still serving.
+    let (status, msg) = message(server.get("/metadata?status=all", "*/*").await).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(msg, "no metadata matching query found");
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_and_attribute_filters() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = Pki::new(dir.path()).signer();
-    let server = start("sqlite::memory:").await;
+    let pki = Pki::new(dir.path());
+    let signer = pki.signer();
+    let server = start("sqlite::memory:", &[&pki]).await;
     let t = now();
 
     let mut a = entry(10, t - Duration::minutes(10));
@@ -424,8 +500,9 @@ async fn status_and_attribute_filters() {
 #[tokio::test(flavor = "multi_thread")]
 async fn paging_is_newest_first_with_a_total() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = Pki::new(dir.path()).signer();
-    let server = start("sqlite::memory:").await;
+    let pki = Pki::new(dir.path());
+    let signer = pki.signer();
+    let server = start("sqlite::memory:", &[&pki]).await;
     let t = now();
     let entries: Vec<Metadata> = (0..5)
         .map(|k| entry(20 + k, t - Duration::minutes(i64::from(k) + 1)))
@@ -461,14 +538,15 @@ async fn paging_is_newest_first_with_a_total() {
 #[tokio::test(flavor = "multi_thread")]
 async fn missing_entries_and_endorser_summaries() {
     let dir = tempfile::tempdir().unwrap();
-    let jane = Pki::new(&dir.path().join("jane").tap_mkdir()).signer();
-    let bob = Pki::for_endorser(
+    let jane_pki = Pki::new(&dir.path().join("jane").tap_mkdir());
+    let jane = jane_pki.signer();
+    let bob_pki = Pki::for_endorser(
         &dir.path().join("bob").tap_mkdir(),
         "Bob Builder",
         "bob@example.org",
-    )
-    .signer();
-    let server = start("sqlite::memory:").await;
+    );
+    let bob = bob_pki.signer();
+    let server = start("sqlite::memory:", &[&jane_pki, &bob_pki]).await;
     let t = now() - Duration::hours(2);
     let x = entry(30, t);
     let mut x2 = x.clone();
@@ -508,16 +586,17 @@ async fn missing_entries_and_endorser_summaries() {
 #[tokio::test(flavor = "multi_thread")]
 async fn entries_persist_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let signer = Pki::new(dir.path()).signer();
+    let pki = Pki::new(dir.path());
+    let signer = pki.signer();
     let db = format!("sqlite://{}", dir.path().join("mp.db").display());
     let m = entry(40, now() - Duration::minutes(3));
     let signed = sign(&m, &signer);
 
-    let server = start(&db).await;
+    let server = start(&db, &[&pki]).await;
     let location = server.post_ok(&signed).await;
     server.shutdown().await;
 
-    let server = start(&db).await;
+    let server = start(&db, &[&pki]).await;
     let r = server.get(&location, "application/xml").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.text().await.unwrap(), signed);
@@ -527,4 +606,70 @@ async fn entries_persist_across_a_restart() {
     assert_eq!(total, Some(1));
     assert_eq!(list[0].identifier, m.identifier);
     server.shutdown().await;
+}
+
+// Found by a review: the signature was checked against whatever certificate the entry
+// carried, so a throw-away CA claiming Jane's name and email deprecated her entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_endorsers_certified_by_a_trusted_ca_and_token_holders_may_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let jane_pki = Pki::new(&dir.path().join("jane").tap_mkdir());
+    let jane = jane_pki.signer();
+    // The same name and email, from a CA of the attacker's own.
+    let mallory = Pki::new(&dir.path().join("mallory").tap_mkdir()).signer();
+    let server = start("sqlite::memory:", &[&jane_pki]).await;
+    let m = entry(50, now() - Duration::hours(1));
+    let signed = sign(&m, &jane);
+    server.post_ok(&signed).await;
+
+    let fake = ops::deprecate(&m, "hijacked", &mallory, &SignOptions::default(), now()).unwrap();
+    ops::validate(&fake).unwrap();
+    let (status, msg) = message(server.post(&fake).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("is not trusted"), "{msg}");
+    assert!(msg.contains("not issued by a CA this site trusts"), "{msg}");
+    assert_eq!(server.ids("").await, [m.identifier.to_string()]);
+
+    // No token, a wrong one: 401 before the entry is looked at; Jane's own deprecation
+    // with the token goes through.
+    let real = ops::deprecate(&m, "superseded", &jane, &SignOptions::default(), now()).unwrap();
+    let (status, msg) = message(server.post_as(None, &real).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(msg.contains("upload token"), "{msg}");
+    let (status, _) = message(server.post_as(Some("guess"), &real).await).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    server.post_ok(&real).await;
+    assert!(server.ids("").await.is_empty());
+    server.shutdown().await;
+
+    // A Marketplace without an upload token is read-only.
+    let server = start_with("sqlite::memory:", &[&jane_pki], None).await;
+    let (status, msg) = message(server.post(&signed).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(msg.contains("uploads are disabled"), "{msg}");
+    server.shutdown().await;
+}
+
+#[test]
+fn an_endorser_certificate_is_trusted_only_while_it_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let trusted =
+        TrustedCas::from_pem(&std::fs::read_to_string(&pki.ca_cert).unwrap(), "ca.pem").unwrap();
+    let signed = sign(&entry(51, now()), &pki.signer());
+    ops::validate_trusted(&signed, &trusted, Utc::now()).unwrap();
+    // The test certificates are valid for 30 days.
+    let later = ops::validate_trusted(&signed, &trusted, Utc::now() + Duration::days(31))
+        .unwrap_err()
+        .to_string();
+    assert!(later.contains("has expired"), "{later}");
+    let before = ops::validate_trusted(&signed, &trusted, Utc::now() - Duration::days(2))
+        .unwrap_err()
+        .to_string();
+    assert!(before.contains("not valid yet"), "{before}");
+    // A bundle without certificates is no trust at all.
+    let none = TrustedCas::from_pem("", "empty.pem")
+        .unwrap_err()
+        .to_string();
+    assert!(none.contains("holds no CA certificate"), "{none}");
 }

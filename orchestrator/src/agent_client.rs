@@ -1,8 +1,6 @@
 //! The node agents' HTTP API as a typed client. The types are the agent's own
 //! (`stratus_nodeagent::api::types`), so a change on the wire is a compile error here.
 
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use stratus_nodeagent::api::types::{AttachDisk, ErrorBody, HostInfo, VmInfo, VmList, VmSpec};
@@ -55,50 +53,6 @@ impl AgentError {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AgentTlsError {
-    #[error("cannot read agent_ca_file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("agent_ca_file {path} is not valid PEM: {source}")]
-    Pem {
-        path: PathBuf,
-        source: rustls::pki_types::pem::Error,
-    },
-    #[error("agent_ca_file {path} holds no usable CA certificate")]
-    NoCa { path: PathBuf },
-    #[error("cannot set up TLS towards the node agents: {source}")]
-    Tls { source: rustls::Error },
-    #[error("cannot make the HTTP client for the node agents: {source}")]
-    Client { source: reqwest::Error },
-}
-
-/// The trust anchors in a PEM bundle.
-fn read_cas(path: &Path) -> Result<rustls::RootCertStore, AgentTlsError> {
-    use rustls::pki_types::pem::PemObject;
-    let pem = std::fs::read(path).map_err(|source| AgentTlsError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|source| AgentTlsError::Pem {
-            path: path.to_owned(),
-            source,
-        })?;
-        // A certificate webpki cannot use as an anchor counts as none, said below.
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        return Err(AgentTlsError::NoCa {
-            path: path.to_owned(),
-        });
-    }
-    Ok(roots)
-}
-
 /// Calls one node agent. Cheap to clone; connections are pooled.
 #[derive(Clone, Debug)]
 pub struct AgentClient {
@@ -118,35 +72,6 @@ impl AgentClient {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
         }
-    }
-
-    /// A client for the orchestrator's calls to every agent. `https://` agents are checked
-    /// against the CAs in `ca_file` only (a site's own CA for its nodes), or against the
-    /// system's trusted roots without it.
-    pub fn http(ca_file: Option<&Path>) -> Result<reqwest::Client, AgentTlsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .map_err(|source| AgentTlsError::Tls { source })?;
-        let mut tls = match ca_file {
-            Some(path) => builder
-                .with_root_certificates(read_cas(path)?)
-                .with_no_client_auth(),
-            None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(
-                    rustls_platform_verifier::Verifier::new(provider)
-                        .map_err(|source| AgentTlsError::Tls { source })?,
-                ))
-                .with_no_client_auth(),
-        };
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .tls_backend_preconfigured(tls)
-            .build()
-            .map_err(|source| AgentTlsError::Client { source })
     }
 
     async fn send(

@@ -16,6 +16,7 @@ pub mod nodes;
 pub mod pdisk;
 pub mod placement;
 pub mod quotas;
+pub mod tls;
 pub mod users;
 pub mod vms;
 
@@ -30,8 +31,10 @@ pub struct Cloud {
     pub db: Db,
     pub config: Arc<Config>,
     pub types: Vec<InstanceType>,
-    /// Calls to node agents and the Marketplace.
+    /// Calls to the Marketplace (the system's trusted roots).
     pub http: reqwest::Client,
+    /// Calls to node agents (`agent_ca_file`'s CAs for `https://` nodes).
+    pub agents: reqwest::Client,
     pub policy: Option<stratus_images::policy::Policy>,
     pub auth: users::Authenticator,
     /// This replica's name in job claims.
@@ -48,14 +51,16 @@ impl Cloud {
         db: Db,
         config: Arc<Config>,
         policy: Option<stratus_images::policy::Policy>,
-    ) -> Result<Cloud, agent_client::AgentTlsError> {
-        let http = agent_client::AgentClient::http(config.agent_ca_file.as_deref())?;
+    ) -> Result<Cloud, tls::TlsError> {
+        let agents = tls::client(config.agent_ca_file.as_deref())?;
+        let http = tls::client(None)?;
         Ok(Cloud {
             types: instance_types::all(&config.instance_types),
             replica: config.replica_name(),
             db,
             config,
             http,
+            agents,
             policy,
             auth: users::Authenticator::default(),
             jobs_queued: tokio::sync::Notify::new(),

@@ -267,7 +267,7 @@ pub async fn poll_all(cloud: &Cloud) -> Result<(), DbError> {
 
 /// One node: its capacity and health, then its VMs.
 async fn poll(cloud: &Cloud, node: NodeRow) -> Result<(), DbError> {
-    let client = node.client(&cloud.http);
+    let client = node.client(&cloud.agents);
     let asked = db::now();
     let answer = async {
         let host = client.host().await?;

@@ -655,7 +655,7 @@ pub async fn console(
             row.id
         )));
     };
-    node.client(&cloud.http)
+    node.client(&cloud.agents)
         .console(&row.id.to_string(), bytes)
         .await
         .map_err(|e| VmError::Conflict(format!("VM {id}'s console cannot be read: {e}")))

@@ -262,7 +262,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
             }
         }
         let spec = spec_of(&row, &deployment, &leases, &volumes);
-        let client = node.client(&cloud.http);
+        let client = node.client(&cloud.agents);
         match client.put_vm(&row.id.to_string(), &spec).await {
             Ok(info) => {
                 let placed = {
@@ -418,7 +418,7 @@ async fn stop(cloud: &Cloud, row: VmRow, graceful: bool) -> Result<Outcome, Step
         let mut conn = cloud.db.pool.acquire().await?;
         nodes::load(&mut conn, node_id).await?
     };
-    let client = node.client(&cloud.http);
+    let client = node.client(&cloud.agents);
     let id = row.id.to_string();
     if graceful {
         if row.state()? != VmState::Shutdown {
@@ -472,7 +472,7 @@ async fn epilog(cloud: &Cloud, row: VmRow) -> Result<Outcome, StepError> {
             let mut conn = cloud.db.pool.acquire().await?;
             nodes::load(&mut conn, node_id).await?
         };
-        let client = node.client(&cloud.http);
+        let client = node.client(&cloud.agents);
         let id = row.id.to_string();
         let cleaned = async {
             if let Some(info) = client.vm(&id).await? {
@@ -536,7 +536,7 @@ async fn hotplug(
         let mut conn = cloud.db.pool.acquire().await?;
         nodes::load(&mut conn, node_id).await?
     };
-    let client = node.client(&cloud.http);
+    let client = node.client(&cloud.agents);
     let id = row.id.to_string();
     // A node or guest that never answers must not hold the VM's later jobs (a kill) forever:
     // after this many tries the volume stays with the VM, which may have it.

@@ -30,6 +30,8 @@ pub enum ClientError {
     },
     #[error("cannot set up the HTTP client")]
     Setup(#[source] reqwest::Error),
+    #[error("cannot set up TLS")]
+    Tls(#[source] stratus_orchestrator::tls::TlsError),
 }
 
 impl ClientError {
@@ -48,6 +50,7 @@ pub struct Service {
     http: Client,
     base: String,
     credentials: Option<(String, String)>,
+    bearer: Option<String>,
     timeout: Duration,
 }
 
@@ -57,7 +60,9 @@ impl Service {
         credentials: Option<(String, String)>,
         timeout: Duration,
     ) -> Result<Service, ClientError> {
+        let tls = stratus_orchestrator::tls::client_config(None).map_err(ClientError::Tls)?;
         let http = Client::builder()
+            .tls_backend_preconfigured(tls)
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
@@ -67,8 +72,15 @@ impl Service {
             http,
             base: base.trim_end_matches('/').to_owned(),
             credentials,
+            bearer: None,
             timeout,
         })
+    }
+
+    /// Requests carry `Authorization: Bearer <token>` (the Marketplace's upload token).
+    pub fn with_bearer(mut self, token: String) -> Service {
+        self.bearer = Some(token);
+        self
     }
 
     pub fn endpoint(&self) -> &str {
@@ -77,9 +89,10 @@ impl Service {
 
     fn request(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
         let builder = self.http.request(method, format!("{}{path}", self.base));
-        match &self.credentials {
-            Some((user, password)) => builder.basic_auth(user, Some(password)),
-            None => builder,
+        match (&self.credentials, &self.bearer) {
+            (Some((user, password)), _) => builder.basic_auth(user, Some(password)),
+            (None, Some(token)) => builder.bearer_auth(token),
+            (None, None) => builder,
         }
     }
 
