@@ -132,7 +132,11 @@ wait_for() {
 
 say "starting the Marketplace and the image file server"
 start files python3 -m http.server --bind 127.0.0.1 --directory "$STATE/www" "$FILES_PORT"
-start marketplace "$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$STATE/marketplace.db"
+# The endorser who signs the appliance: a CA of this box (the one the Marketplace trusts)
+# and a certificate it issued; and the Marketplace's upload token.
+[ -f "$STATE/pki/endorser.pem" ] || make_endorser "$STATE/pki" "Stratus in a box" "Demo Endorser" demo@stratus.test 365
+start marketplace "$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$STATE/marketplace.db" \
+    --trusted-cas "$STATE/pki/ca.pem" --upload-token-file "$STATE/pki/upload-token"
 wait_for 30 "the Marketplace" curl -sf "http://127.0.0.1:$MARKET_PORT/endorsers"
 
 say "starting the orchestrator (SQLite: $STATE/cloud.db)"
@@ -160,8 +164,6 @@ TOML
 start orchestrator "$BIN/stratus-orchestrator" --config "$STATE/orchestrator.toml"
 wait_for 60 "the orchestrator" curl -sf "http://127.0.0.1:$CLOUD_PORT/cimi"
 
-# The endorser who signs the appliance: a CA of this box and a certificate it issued.
-make_endorser "$STATE/pki" "Stratus in a box" "Demo Endorser" demo@stratus.test 365
 
 # The user: a fresh SSH key and the StratusLab configuration file.
 ssh-keygen -q -t ed25519 -N '' -C "demo@stratus-in-a-box" -f "$STATE/.ssh/id_ed25519"
@@ -179,6 +181,7 @@ password = $DEMO_PASSWORD
 user_public_key_file = $STATE/.ssh/id_ed25519.pub
 pem_certificate = $STATE/pki/endorser.pem
 pem_key = $STATE/pki/endorser.key
+marketplace_token_file = $STATE/pki/upload-token
 CFG
 )
 cat > "$STATE/env" <<ENV

@@ -137,7 +137,7 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\n\
-             run_dir = \"{}\"\nvmm_binary = \"{}\"\n\n[capacity]\ncpus = 1024\n\
+             run_dir = \"{}\"\nvmm_binary = \"{}\"\nallow_file_locations = true\n\n[capacity]\ncpus = 1024\n\
              memory_mib = 1048576\nmemory_reserve_mib = 0\n",
             token.display(),
             dir.join("state").display(),
@@ -245,10 +245,13 @@ fn cow_root(opts: &Options, name: &str, size: &str) -> Result<(String, f64, f64)
     let dir = opts.dir.join(format!("cow-{name}"));
     std::fs::create_dir_all(&dir)?;
     let entry = bootable_image(&dir, name, size)?;
-    let cache = Arc::new(stratus_images::cache::ImageCache::new(
-        dir.join("cache"),
-        stratus_images::policy::Policy::default(),
-    )?);
+    let cache = Arc::new(
+        stratus_images::cache::ImageCache::new(
+            dir.join("cache"),
+            stratus_images::policy::Policy::default(),
+        )?
+        .allowing_file_locations(true),
+    );
     // The first VM fills the cache (download, verification, kernel extraction).
     cache.prepare_boot(&entry, &mut |_| {})?;
     let mut times = Vec::new();

@@ -227,23 +227,15 @@ fn start_agents(opts: &Options, children: &mut Children) -> Result<Vec<u16>> {
 /// A Marketplace with one signed entry (the image itself is never fetched: the agents
 /// start no VMs). Returns the image's identifier.
 fn start_marketplace(opts: &Options, children: &mut Children) -> Result<(u16, String)> {
-    let port = free_port()?;
-    children.0.push(
-        Command::new(&opts.marketplace)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--db")
-            .arg(format!("sqlite://{}", opts.dir.join("market.db").display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting stratus-marketplace")?,
-    );
-    wait_listening(port, "the Marketplace")?;
+    // A CA the Marketplace trusts and the endorser certificate it issued.
     let pki = opts.dir.join("pki");
     std::fs::create_dir_all(&pki)?;
-    run(
-        "openssl",
+    std::fs::write(
+        pki.join("endorser.ext"),
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = emailProtection\nsubjectAltName = email:bench@stratus.test\n",
+    )?;
+    for args in [
         &[
             "req",
             "-x509",
@@ -251,16 +243,68 @@ fn start_marketplace(opts: &Options, children: &mut Children) -> Result<(u16, St
             "rsa:2048",
             "-nodes",
             "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "30",
+            "-subj",
+            "/C=EU/O=StratusLab/CN=Bench CA",
+        ][..],
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
             "endorser.key",
+            "-out",
+            "endorser.csr",
+            "-subj",
+            "/C=EU/O=StratusLab/CN=Bench Endorser/emailAddress=bench@stratus.test",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "endorser.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
             "-out",
             "endorser.pem",
             "-days",
             "30",
-            "-subj",
-            "/C=EU/O=StratusLab/CN=Bench Endorser/emailAddress=bench@stratus.test",
+            "-extfile",
+            "endorser.ext",
         ],
-        &pki,
-    )?;
+    ] {
+        run("openssl", args, &pki)?;
+    }
+    let token = "bench-upload-token";
+    let token_file = pki.join("upload-token");
+    std::fs::write(&token_file, token)?;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+    let port = free_port()?;
+    children.0.push(
+        Command::new(&opts.marketplace)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--db")
+            .arg(format!("sqlite://{}", opts.dir.join("market.db").display()))
+            .arg("--trusted-cas")
+            .arg(pki.join("ca.pem"))
+            .arg("--upload-token-file")
+            .arg(&token_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting stratus-marketplace")?,
+    );
+    wait_listening(port, "the Marketplace")?;
     let image = opts.dir.join("image.img");
     std::fs::write(&image, vec![0x5au8; 1 << 20])?;
     let signer = stratus_images::dsig::Signer::from_pem(
@@ -276,6 +320,7 @@ fn start_marketplace(opts: &Options, children: &mut Children) -> Result<(u16, St
     let xml = stratus_images::ops::sign(&entry, &signer, &Default::default())?;
     let response = reqwest::blocking::Client::new()
         .post(format!("http://127.0.0.1:{port}/metadata"))
+        .bearer_auth(token)
         .header("content-type", "application/rdf+xml")
         .body(xml)
         .send()?;

@@ -33,6 +33,9 @@ pub struct ImageCache {
     verified: Mutex<HashMap<String, (u64, SystemTime)>>,
     /// Serialises kernel/initrd extraction.
     boot_lock: Mutex<()>,
+    /// Whether `file://` locations in metadata are followed.
+    file_locations: bool,
+    timeouts: download::Timeouts,
 }
 
 impl ImageCache {
@@ -46,7 +49,23 @@ impl ImageCache {
             inflight: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
             boot_lock: Mutex::new(()),
+            file_locations: false,
+            timeouts: download::Timeouts::default(),
         })
+    }
+
+    /// Follow `file://` locations in metadata entries too. Off by default: an entry's
+    /// endorser, not the site, chooses its locations, and a `file://` one would have the
+    /// host copy any file it can read into a VM's disk.
+    pub fn allowing_file_locations(mut self, allow: bool) -> Self {
+        self.file_locations = allow;
+        self
+    }
+
+    /// How long downloads may wait on a server (see [`download::Timeouts`]).
+    pub fn with_timeouts(mut self, timeouts: download::Timeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Where the image with this entry is (or would be) stored.
@@ -179,6 +198,12 @@ impl ImageCache {
         let mut reasons = Vec::new();
         let mut last_err = None;
         for loc in &m.locations {
+            if loc.starts_with("file://") && !self.file_locations {
+                reasons.push(format!(
+                    "{loc}: file:// locations are not followed on this host (the site enables them with allow_file_locations)"
+                ));
+                continue;
+            }
             if !(loc.starts_with("http://")
                 || loc.starts_with("https://")
                 || loc.starts_with("file://"))
@@ -186,7 +211,7 @@ impl ImageCache {
                 reasons.push(format!("{loc}: unsupported location"));
                 continue;
             }
-            match download::download(loc, &path, &expected, progress) {
+            match download::download_with(loc, &path, &expected, &self.timeouts, progress) {
                 Ok(d) => {
                     // Checked before the image is served: its checksums only prove it is
                     // what the endorser signed, not that it is safe to open on this host.

@@ -16,6 +16,42 @@ use crate::error::{Error, Result};
 use crate::metadata::{Compression, ImageFormat, Metadata};
 use crate::ops::decompressor;
 
+/// How long a download may wait on its server. Without them one server that stops
+/// answering would hold every VM waiting on its image for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connecting, and then the answer's status and headers.
+    pub response: Duration,
+    /// The body of an image of known size may take this long plus its size at
+    /// `min_bytes_per_s`; then the attempt fails (and resumes, as after a lost connection).
+    pub body_floor: Duration,
+    pub min_bytes_per_s: u64,
+    /// The body of a download of unknown size.
+    pub unknown_body: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            response: Duration::from_secs(60),
+            body_floor: Duration::from_secs(300),
+            min_bytes_per_s: 128 << 10,
+            unknown_body: Duration::from_secs(6 * 3600),
+        }
+    }
+}
+
+impl Timeouts {
+    fn body(&self, bytes: Option<u64>) -> Duration {
+        match bytes {
+            Some(bytes) => {
+                self.body_floor + Duration::from_secs(bytes / self.min_bytes_per_s.max(1))
+            }
+            None => self.unknown_body,
+        }
+    }
+}
+
 /// What the downloaded (decompressed) image must be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Expected {
@@ -73,13 +109,21 @@ fn is_loopback(host: &str) -> bool {
 
 /// Open a location for reading: (reader, announced length).
 pub fn open_location(url: &str) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
+    open_location_with(url, &Timeouts::default(), None)
+}
+
+fn open_location_with(
+    url: &str,
+    timeouts: &Timeouts,
+    bytes: Option<u64>,
+) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
     if let Some(path) = url.strip_prefix("file://") {
         let f = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = f.metadata().ok().map(|m| m.len());
         return Ok((Box::new(f), len));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
-        let agent = http_agent(url);
+        let agent = http_agent(url, timeouts, bytes);
         let resp = agent.get(url).call().map_err(|e| Error::Transport {
             url: url.into(),
             reason: e.to_string(),
@@ -142,11 +186,22 @@ pub fn download(
     expected: &Expected,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Downloaded> {
+    download_with(url, dest, expected, &Timeouts::default(), progress)
+}
+
+/// [`download`] with its own limits on how long the server may take.
+pub fn download_with(
+    url: &str,
+    dest: &Path,
+    expected: &Expected,
+    timeouts: &Timeouts,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Downloaded> {
     let part = partial_path(dest);
     let r = if url.starts_with("http://") || url.starts_with("https://") {
-        download_http(url, dest, &part, expected, progress)
+        download_http(url, dest, &part, expected, timeouts, progress)
     } else {
-        let (raw, total) = open_location(url)?;
+        let (raw, total) = open_location_with(url, timeouts, expected.bytes)?;
         let shared = Arc::new(Shared::new(total));
         let counting = Counting {
             inner: raw,
@@ -299,7 +354,7 @@ enum Answer {
     NotSatisfiable(Option<u64>),
 }
 
-fn http_agent(url: &str) -> ureq::Agent {
+fn http_agent(url: &str, timeouts: &Timeouts, body_bytes: Option<u64>) -> ureq::Agent {
     let rest = url.split_once("://").map(|x| x.1).unwrap_or("");
     let authority = rest.split('/').next().unwrap_or("");
     let host = match authority.rsplit_once(':') {
@@ -308,8 +363,9 @@ fn http_agent(url: &str) -> ureq::Agent {
     };
     let mut cfg = ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_connect(Some(Duration::from_secs(30)))
-        .timeout_recv_body(None);
+        .timeout_connect(Some(timeouts.response))
+        .timeout_recv_response(Some(timeouts.response))
+        .timeout_recv_body(Some(timeouts.body(body_bytes)));
     if is_loopback(host) {
         cfg = cfg.proxy(None);
     }
@@ -522,9 +578,10 @@ fn download_http(
     dest: &Path,
     part: &Path,
     expected: &Expected,
+    timeouts: &Timeouts,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Downloaded> {
-    let agent = http_agent(url);
+    let agent = http_agent(url, timeouts, expected.bytes);
     let saved = resume_path(dest);
     let meta_path = resume_meta_path(dest);
     let shared = Arc::new(Shared::new(None));

@@ -387,6 +387,10 @@ pub fn cert_identity(cert: &Certificate) -> Result<CertIdentity> {
 #[derive(Clone, Debug)]
 pub struct Verified {
     pub certificate: Certificate,
+    /// The signing certificate as it came (DER), and the other certificates of the
+    /// signature's `X509Data` (intermediates towards a CA).
+    pub certificate_der: Vec<u8>,
+    pub chain_der: Vec<Vec<u8>>,
     pub identity: CertIdentity,
     pub hash: HashAlg,
     pub c14n: String,
@@ -506,8 +510,14 @@ pub fn verify(document: &str) -> Result<Verified> {
     // Key and certificate.
     let (_, ki) = child(sig, "KeyInfo")?;
     let (_, xd) = child(ki, "X509Data")?;
-    let (_, xc) = child(xd, "X509Certificate")?;
-    let cert_der = b64_decode(&xc.text(), "ds:X509Certificate")?;
+    let mut ders = xd
+        .child_elements()
+        .filter(|(_, c)| c.is(DSIG_NS, "X509Certificate"))
+        .map(|(_, c)| b64_decode(&c.text(), "ds:X509Certificate"));
+    let cert_der = ders
+        .next()
+        .ok_or_else(|| Error::Signature("missing ds:X509Certificate in ds:X509Data".into()))??;
+    let chain_der = ders.collect::<Result<Vec<_>>>()?;
     let certificate = Certificate::from_der(&cert_der)
         .map_err(|e| Error::Certificate(format!("ds:X509Certificate: {e}")))?;
     let public = cert_public_key(&certificate)?;
@@ -540,6 +550,8 @@ pub fn verify(document: &str) -> Result<Verified> {
     tracing::debug!(subject = %identity.subject, "signature verified");
     Ok(Verified {
         certificate,
+        certificate_der: cert_der,
+        chain_der,
         identity,
         hash: sig_hash,
         c14n: si_c14n.uri().to_string(),
@@ -583,5 +595,106 @@ mod tests {
     fn escaping_dn_values() {
         assert_eq!(escape_dn_value("a,b"), "a\\,b");
         assert_eq!(escape_dn_value("#x "), "\\#x\\ ");
+    }
+}
+
+/// ExtendedKeyUsage id-kp-emailProtection (1.3.6.1.5.5.7.3.4): an endorser's certificate
+/// that lists purposes must list this one.
+const EMAIL_PROTECTION: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x04];
+
+/// The certificate authorities a site trusts to vouch for endorsers (StratusLab's sites
+/// trusted the grid's IGTF CAs). A signature proves nothing about who made it unless its
+/// certificate chains to one of them: anyone can make a certificate naming anyone.
+#[derive(Clone, Debug)]
+pub struct TrustedCas {
+    certificates: Vec<rustls_pki_types::CertificateDer<'static>>,
+}
+
+impl TrustedCas {
+    /// The CA certificates of a PEM bundle (`origin` names it in errors).
+    pub fn from_pem(pem: &str, origin: &str) -> Result<TrustedCas> {
+        use rustls_pki_types::pem::PemObject;
+        let certificates = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| Error::Certificate(format!("{origin}: {e}")))?;
+        if certificates.is_empty() {
+            return Err(Error::Certificate(format!(
+                "{origin} holds no CA certificate"
+            )));
+        }
+        for c in &certificates {
+            webpki::anchor_from_trusted_cert(c).map_err(|e| {
+                Error::Certificate(format!("{origin}: a certificate that cannot be a CA: {e}"))
+            })?;
+        }
+        Ok(TrustedCas { certificates })
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<TrustedCas> {
+        let pem = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_pem(&pem, &path.display().to_string())
+    }
+
+    /// Whether the signature's certificate chains to one of these CAs (through the
+    /// signature's other certificates) and every certificate on the way is valid at `now`.
+    pub fn check(&self, verified: &Verified, now: chrono::DateTime<chrono::Utc>) -> Result<()> {
+        let anchors: Vec<_> = self
+            .certificates
+            .iter()
+            .filter_map(|c| webpki::anchor_from_trusted_cert(c).ok())
+            .collect();
+        let untrusted = |reason: String| Error::UntrustedEndorser {
+            subject: verified.identity.subject.clone(),
+            reason,
+        };
+        let end_entity =
+            rustls_pki_types::CertificateDer::from(verified.certificate_der.as_slice());
+        let end_entity = webpki::EndEntityCert::try_from(&end_entity).map_err(|e| {
+            untrusted(format!(
+                "it cannot be read as an X.509 v3 certificate ({e})"
+            ))
+        })?;
+        let intermediates: Vec<_> = verified
+            .chain_der
+            .iter()
+            .map(|d| rustls_pki_types::CertificateDer::from(d.as_slice()))
+            .collect();
+        let time = rustls_pki_types::UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(now.timestamp()).unwrap_or(0),
+        ));
+        end_entity
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &intermediates,
+                time,
+                webpki::KeyUsage::required_if_present(EMAIL_PROTECTION),
+                None,
+                None,
+            )
+            .map(|_| ())
+            .map_err(|e| untrusted(explain_untrusted(&e)))
+    }
+}
+
+fn explain_untrusted(e: &webpki::Error) -> String {
+    match e {
+        webpki::Error::UnknownIssuer => {
+            "it was not issued by a CA this site trusts (the Marketplace's trusted CA bundle)"
+                .into()
+        }
+        // A CA with a trusted CA's name but another key: a forgery.
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "it was not issued by a CA this site trusts (its issuer has a trusted CA's name \
+             but not its key)"
+                .into()
+        }
+        webpki::Error::CertExpired { .. } => "it (or a CA certificate above it) has expired".into(),
+        webpki::Error::CertNotValidYet { .. } => "it is not valid yet".into(),
+        webpki::Error::CaUsedAsEndEntity => "it is a CA certificate, not an endorser's".into(),
+        webpki::Error::UnsupportedCertVersion => {
+            "it is an X.509 v1 certificate; endorsers need v3 certificates".into()
+        }
+        other => format!("{other:?}"),
     }
 }

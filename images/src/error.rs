@@ -18,6 +18,8 @@ pub enum Error {
     Certificate(String),
     #[error("invalid key: {0}")]
     Key(String),
+    #[error("the endorser's certificate ({subject}) is not trusted: {reason}")]
+    UntrustedEndorser { subject: String, reason: String },
     #[error("endorser {field} '{in_entry}' does not match the certificate's '{in_certificate}'")]
     EndorserMismatch {
         field: &'static str,

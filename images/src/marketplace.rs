@@ -1,8 +1,10 @@
 //! The Marketplace REST server: signed metadata entries stored in SQLite (sqlx).
 //!
 //! Routes (as the StratusLab Marketplace):
-//! - `POST /metadata`: a signed RDF/XML entry; its signature and metadata are validated
-//!   (see [`crate::ops::validate`]); `201 Created` with `Location:
+//! - `POST /metadata`: a signed RDF/XML entry, from a holder of the upload token
+//!   (`Authorization: Bearer`; 401 without it, 403 when uploads are off); its signature,
+//!   metadata and endorser certificate are validated, the certificate against the site's
+//!   trusted CAs (see [`crate::ops::validate_trusted`]); `201 Created` with `Location:
 //!   /metadata/{identifier}/{email}/{created}`; `400 invalid metadata: <reason>`; an entry
 //!   not newer than the latest one of the same (identifier, endorser email) gets `409`.
 //! - `GET /metadata`: the latest entry per (identifier, endorser) matching the query
@@ -24,7 +26,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -34,11 +36,14 @@ use serde::{Deserialize, Serialize};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
+use crate::dsig::TrustedCas;
 use crate::metadata::{format_date, parse_date, Metadata};
 
 /// Default and maximum page sizes of `GET /metadata`.
 pub const DEFAULT_LIMIT: u32 = 100;
 pub const MAX_LIMIT: u32 = 1000;
+/// Largest `POST /metadata` body. A signed entry with its certificate is ~5–15 KiB.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
 /// Errors of the Marketplace; each maps to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +61,18 @@ pub enum MarketError {
     },
     #[error("{0}")]
     NotFound(String),
+    #[error(
+        "the entry is larger than {MAX_ENTRY_BYTES} bytes; a signed metadata entry is a few KiB"
+    )]
+    TooLarge,
+    #[error("POST /metadata needs the Marketplace's upload token (Authorization: Bearer <token>)")]
+    Unauthorized,
+    #[error(
+        "uploads are disabled on this Marketplace (it was started without --upload-token-file)"
+    )]
+    UploadsDisabled,
+    #[error("cannot read the request body: {0}")]
+    Body(#[source] axum::extract::rejection::BytesRejection),
     #[error("invalid query parameter {name}='{value}': {reason}")]
     BadQuery {
         name: &'static str,
@@ -79,6 +96,10 @@ impl MarketError {
             }
             MarketError::NotNewer { .. } => StatusCode::CONFLICT,
             MarketError::NotFound(_) => StatusCode::NOT_FOUND,
+            MarketError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            MarketError::Unauthorized => StatusCode::UNAUTHORIZED,
+            MarketError::UploadsDisabled => StatusCode::FORBIDDEN,
+            MarketError::Body(e) => e.status(),
             MarketError::Database { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -230,20 +251,26 @@ impl Store {
         })
     }
 
-    /// Validate a signed entry (signature, metadata rules, endorser = certificate) and
-    /// store it; it must be newer than the latest entry of the same identifier and
-    /// endorser.
-    pub async fn insert_signed(&self, xml: &str) -> Result<StoredEntry, MarketError> {
+    /// Validate a signed entry (signature, metadata rules, endorser = certificate, the
+    /// certificate issued by one of the `trusted` CAs) and store it; it must be newer
+    /// than the latest entry of the same identifier and endorser.
+    pub async fn insert_signed(
+        &self,
+        xml: &str,
+        trusted: Arc<TrustedCas>,
+    ) -> Result<StoredEntry, MarketError> {
         let text = xml.to_string();
-        let validated = tokio::task::spawn_blocking(move || crate::ops::validate(&text))
-            .await
-            .map_err(|e| MarketError::InvalidMetadata(format!("validation aborted: {e}")))?
-            .map_err(|e| {
-                MarketError::InvalidMetadata(match e {
-                    crate::Error::InvalidMetadata(reason) => reason,
-                    other => other.to_string(),
-                })
-            })?;
+        let validated = tokio::task::spawn_blocking(move || {
+            crate::ops::validate_trusted(&text, &trusted, Utc::now())
+        })
+        .await
+        .map_err(|e| MarketError::InvalidMetadata(format!("validation aborted: {e}")))?
+        .map_err(|e| {
+            MarketError::InvalidMetadata(match e {
+                crate::Error::InvalidMetadata(reason) => reason,
+                other => other.to_string(),
+            })
+        })?;
         let m = validated.metadata;
         let identifier = m.identifier.to_string();
         let email = m.endorsement.endorser.email.trim().to_ascii_lowercase();
@@ -520,7 +547,39 @@ fn filters(
     Ok(())
 }
 
-type Shared = State<Arc<Store>>;
+/// Who may add entries: holders of the upload token, with entries signed under a trusted
+/// CA. Reading needs nothing.
+pub struct Uploads {
+    pub trusted: Arc<TrustedCas>,
+    /// `None`: nobody may upload.
+    pub token: Option<String>,
+}
+
+impl Uploads {
+    fn admit(&self, headers: &HeaderMap) -> Result<(), MarketError> {
+        use subtle::ConstantTimeEq;
+        let Some(token) = &self.token else {
+            return Err(MarketError::UploadsDisabled);
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            Ok(())
+        } else {
+            Err(MarketError::Unauthorized)
+        }
+    }
+}
+
+struct Market {
+    store: Store,
+    uploads: Uploads,
+}
+
+type Shared = State<Arc<Market>>;
 
 fn wants_xml(headers: &HeaderMap) -> bool {
     let accept = headers
@@ -559,7 +618,17 @@ fn without_declaration(xml: &str) -> &str {
     t
 }
 
-async fn post_metadata(State(store): Shared, body: Bytes) -> Result<Response, MarketError> {
+async fn post_metadata(
+    State(market): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, MarketError> {
+    // Before the entry is parsed or verified.
+    market.uploads.admit(&headers)?;
+    let body = body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => MarketError::TooLarge,
+        _ => MarketError::Body(e),
+    })?;
     let xml = std::str::from_utf8(&body)
         .map_err(|e| MarketError::InvalidMetadata(format!("the body is not UTF-8 text: {e}")))?;
     if xml.trim().is_empty() {
@@ -567,7 +636,10 @@ async fn post_metadata(State(store): Shared, body: Bytes) -> Result<Response, Ma
             "the body is empty; expected a signed RDF/XML entry".into(),
         ));
     }
-    let entry = store.insert_signed(xml).await?;
+    let entry = market
+        .store
+        .insert_signed(xml, market.uploads.trusted.clone())
+        .await?;
     let location = entry.path();
     let mut resp = (StatusCode::CREATED, Json(&entry.metadata)).into_response();
     resp.headers_mut().insert(
@@ -580,11 +652,11 @@ async fn post_metadata(State(store): Shared, body: Bytes) -> Result<Response, Ma
 }
 
 async fn list_metadata(
-    State(store): Shared,
+    State(market): Shared,
     headers: HeaderMap,
     Query(q): Query<MetadataQuery>,
 ) -> Result<Response, MarketError> {
-    let page = store.search(&q, Utc::now()).await?;
+    let page = market.store.search(&q, Utc::now()).await?;
     if page.total == 0 {
         return Err(MarketError::NotFound(
             "no metadata matching query found".into(),
@@ -612,11 +684,11 @@ async fn list_metadata(
 }
 
 async fn get_entry(
-    State(store): Shared,
+    State(market): Shared,
     headers: HeaderMap,
     Path((identifier, email, created)): Path<(String, String, String)>,
 ) -> Result<Response, MarketError> {
-    let entry = store.get(&identifier, &email, &created).await?;
+    let entry = market.store.get(&identifier, &email, &created).await?;
     Ok(if wants_xml(&headers) {
         xml_response(StatusCode::OK, entry.xml)
     } else {
@@ -624,8 +696,8 @@ async fn get_entry(
     })
 }
 
-async fn list_endorsers(State(store): Shared) -> Result<Response, MarketError> {
-    Ok(Json(store.endorsers().await?).into_response())
+async fn list_endorsers(State(market): Shared) -> Result<Response, MarketError> {
+    Ok(Json(market.store.endorsers().await?).into_response())
 }
 
 async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> MarketError {
@@ -633,11 +705,16 @@ async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> MarketErr
 }
 
 /// The Marketplace routes over `store`, to serve alone or mount in another router.
-pub fn router(store: Store) -> Router {
+pub fn router(store: Store, uploads: Uploads) -> Router {
     Router::new()
-        .route("/metadata", get(list_metadata).post(post_metadata))
+        .route(
+            "/metadata",
+            get(list_metadata)
+                .post(post_metadata)
+                .layer(DefaultBodyLimit::max(MAX_ENTRY_BYTES)),
+        )
         .route("/metadata/{identifier}/{email}/{created}", get(get_entry))
         .route("/endorsers", get(list_endorsers))
         .fallback(no_route)
-        .with_state(Arc::new(store))
+        .with_state(Arc::new(Market { store, uploads }))
 }

@@ -140,6 +140,18 @@ pub fn validate(xml: &str) -> Result<Validated> {
     })
 }
 
+/// [`validate`], and the signature's certificate chains to one of the site's trusted CAs
+/// and is valid at `now`: what a Marketplace must check before it stores an entry.
+pub fn validate_trusted(
+    xml: &str,
+    trusted: &dsig::TrustedCas,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Validated> {
+    let validated = validate(xml)?;
+    trusted.check(&validated.signature, now)?;
+    Ok(validated)
+}
+
 /// A signed deprecation of `meta`: the same entry with `slterms:deprecated` set to
 /// `reason` and a creation date after the original's (so it supersedes it).
 pub fn deprecate(

@@ -147,14 +147,42 @@ fn attr_value(raw: &str) -> Result<String> {
         .map_err(|e| Error::Xml(format!("attribute value '{raw}': {e}")))
 }
 
+/// Limits on a document's shape. Real Marketplace entries with their signature are
+/// ~10 elements deep, a few hundred elements, a handful of namespaces; a hostile one must
+/// not make the parser (or the recursive code working on its tree) use the stack or
+/// memory without bound.
+pub const MAX_DEPTH: usize = 64;
+pub const MAX_ELEMENTS: usize = 10_000;
+pub const MAX_ATTRIBUTES: usize = 64;
+pub const MAX_NAMESPACE_DECLARATIONS: usize = 256;
+
+/// The namespace declarations in scope: one stack for the whole document, each open
+/// element's declarations pushed on top (and popped with it), the innermost winning.
+#[derive(Default)]
+struct NamespaceStack {
+    declared: Vec<(String, String)>,
+}
+
+impl NamespaceStack {
+    fn get(&self, prefix: &str) -> Option<&str> {
+        self.declared
+            .iter()
+            .rev()
+            .find(|(p, _)| p == prefix)
+            .map(|(_, u)| u.as_str())
+    }
+}
+
+/// Prefixes in scope and their URIs, as canonicalisation tracks them.
 type Scope = BTreeMap<String, String>;
 
-fn resolve_prefix(scope: &Scope, prefix: &str, what: &str) -> Result<String> {
+/// The URI of `prefix`, given what the scope binds it to.
+fn resolve_prefix(bound: Option<&str>, prefix: &str, what: &str) -> Result<String> {
     if prefix == "xml" {
         return Ok(XML_NS.to_string());
     }
-    match scope.get(prefix) {
-        Some(u) => Ok(u.clone()),
+    match bound {
+        Some(u) => Ok(u.to_owned()),
         None if prefix.is_empty() => Ok(String::new()),
         None => Err(Error::Xml(format!(
             "undeclared namespace prefix '{prefix}' in {what}"
@@ -169,14 +197,16 @@ pub fn parse(input: &str) -> Result<Document> {
     reader.config_mut().expand_empty_elements = true;
     reader.config_mut().check_end_names = true;
 
-    // Stack of open elements with their namespace scope.
-    let mut stack: Vec<(Element, Scope)> = Vec::new();
+    // Open elements, each with the height of the namespace stack below its declarations.
+    let mut stack: Vec<(Element, usize)> = Vec::new();
+    let mut scope = NamespaceStack::default();
+    let mut elements = 0usize;
     let mut prolog = Vec::new();
     let mut epilog = Vec::new();
     let mut root: Option<Element> = None;
 
     fn push_node(
-        stack: &mut [(Element, Scope)],
+        stack: &mut [(Element, usize)],
         root: &Option<Element>,
         prolog: &mut Vec<Node>,
         epilog: &mut Vec<Node>,
@@ -216,6 +246,15 @@ pub fn parse(input: &str) -> Result<Document> {
                 if root.is_some() {
                     return Err(Error::Xml("more than one document element".into()));
                 }
+                if stack.len() >= MAX_DEPTH {
+                    return Err(Error::Xml(format!(
+                        "elements nested deeper than {MAX_DEPTH}"
+                    )));
+                }
+                elements += 1;
+                if elements > MAX_ELEMENTS {
+                    return Err(Error::Xml(format!("more than {MAX_ELEMENTS} elements")));
+                }
                 let name = std::str::from_utf8(s.name().as_ref())
                     .map_err(xml_err)?
                     .to_string();
@@ -227,8 +266,13 @@ pub fn parse(input: &str) -> Result<Document> {
                         .to_string();
                     let raw = std::str::from_utf8(&a.value).map_err(xml_err)?;
                     attrs.push((key, attr_value(raw)?));
+                    if attrs.len() > MAX_ATTRIBUTES {
+                        return Err(Error::Xml(format!(
+                            "more than {MAX_ATTRIBUTES} attributes on <{name}>"
+                        )));
+                    }
                 }
-                let mut scope = stack.last().map(|(_, s)| s.clone()).unwrap_or_default();
+                let outer = scope.declared.len();
                 let mut el = Element {
                     name,
                     ns: String::new(),
@@ -245,21 +289,35 @@ pub fn parse(input: &str) -> Result<Document> {
                             el.name
                         )));
                     }
-                    scope.insert(p.to_string(), u.to_string());
+                    if scope.declared.len() >= MAX_NAMESPACE_DECLARATIONS {
+                        return Err(Error::Xml(format!(
+                            "more than {MAX_NAMESPACE_DECLARATIONS} namespace declarations in scope"
+                        )));
+                    }
+                    scope.declared.push((p.to_string(), u.to_string()));
                 }
-                el.ns = resolve_prefix(&scope, el.prefix(), &format!("<{}>", el.name))?;
+                el.ns = resolve_prefix(
+                    scope.get(el.prefix()),
+                    el.prefix(),
+                    &format!("<{}>", el.name),
+                )?;
                 for (n, _) in &el.attrs {
                     let (p, _) = split_qname(n);
                     if !p.is_empty() && p != "xmlns" {
-                        resolve_prefix(&scope, p, &format!("attribute {n} of <{}>", el.name))?;
+                        resolve_prefix(
+                            scope.get(p),
+                            p,
+                            &format!("attribute {n} of <{}>", el.name),
+                        )?;
                     }
                 }
-                stack.push((el, scope));
+                stack.push((el, outer));
             }
             Event::End(_) => {
-                let (el, _) = stack
+                let (el, outer) = stack
                     .pop()
                     .ok_or_else(|| Error::Xml("unbalanced end tag".into()))?;
+                scope.declared.truncate(outer);
                 if let Some((parent, _)) = stack.last_mut() {
                     parent.children.push(Node::Element(el));
                 } else {
@@ -613,7 +671,7 @@ impl Canon<'_> {
             let uri = if p.is_empty() {
                 String::new()
             } else {
-                resolve_prefix(&scope, p, n)?
+                resolve_prefix(scope.get(p).map(String::as_str), p, n)?
             };
             attrs.push((uri, l.to_string(), n.as_str(), v.as_str()));
         }
@@ -788,5 +846,71 @@ mod tests {
         assert!(parse("<a>&foo;</a>").is_err());
         assert!(parse("<p:a/>").is_err());
         assert!(parse("<a/><b/>").is_err());
+    }
+
+    fn error_of(input: &str) -> String {
+        match parse(input) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    // A review's attack: 20 000 nested elements in 140 KB overflowed the stack (the tree's
+    // recursive drop, find_path) and took the whole Marketplace server down.
+    #[test]
+    fn a_deeply_nested_document_is_refused_not_a_crash() {
+        let deep = format!("{}{}", "<a>".repeat(20_000), "</a>".repeat(20_000));
+        assert!(deep.len() < 150_000);
+        assert!(error_of(&deep).contains("nested deeper than 64"));
+        // Right at the limit it is an ordinary document.
+        let ok = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        let doc = parse(&ok).unwrap();
+        assert_eq!(find_path(&doc.root, "", "b"), None);
+    }
+
+    // The other attack: a thousand xmlns declarations deep down made every element copy
+    // the whole namespace map (~900 MB for 57 KB). Declarations in scope are now capped,
+    // and the scope is one stack, not a copy per element.
+    #[test]
+    fn namespace_declarations_are_bounded() {
+        let decls: String = (0..1000)
+            .map(|i| format!(" xmlns:p{i}=\"urn:{i}\""))
+            .collect();
+        let input = format!("<r{decls}>{}{}</r>", "<a>".repeat(50), "</a>".repeat(50));
+        assert!(error_of(&input).contains("more than 64 attributes"));
+        // Spread over the levels, capped in total.
+        let spread: String = (0..MAX_DEPTH)
+            .map(|i| {
+                let d: String = (0..5)
+                    .map(|j| format!(" xmlns:q{j}=\"urn:{i}:{j}\""))
+                    .collect();
+                format!("<a{d}>")
+            })
+            .collect();
+        let input = format!("{spread}{}", "</a>".repeat(MAX_DEPTH));
+        assert!(error_of(&input).contains("namespace declarations"));
+        // Popped with their element: 20 siblings declaring 60 each (1200 in all) parse.
+        let one: String = (0..60)
+            .map(|j| format!(" xmlns:s{j}=\"urn:{j}\""))
+            .collect();
+        let siblings = format!("<r>{}</r>", format!("<s0:e{one}/>").repeat(20));
+        let doc = parse(&siblings).unwrap();
+        assert_eq!(doc.root.children.len(), 20);
+        let Node::Element(first) = &doc.root.children[0] else {
+            panic!("not an element")
+        };
+        assert_eq!(first.ns, "urn:0");
+    }
+
+    #[test]
+    fn element_and_attribute_counts_are_bounded() {
+        let many = format!("<r>{}</r>", "<e/>".repeat(MAX_ELEMENTS));
+        assert!(error_of(&many).contains("more than 10000 elements"));
+        let fine = format!("<r>{}</r>", "<e/>".repeat(MAX_ELEMENTS - 1));
+        assert!(parse(&fine).is_ok());
+        let attrs: String = (0..=MAX_ATTRIBUTES)
+            .map(|i| format!(" a{i}=\"v\""))
+            .collect();
+        assert!(error_of(&format!("<r{attrs}/>")).contains("more than 64 attributes"));
     }
 }

@@ -353,7 +353,9 @@ fn the_cache_prepares_boot_files_beside_the_image_and_refuses_unbootable_ones() 
     let mut m = ops::build(&disk, endorser(), "machine").unwrap();
     m.locations = vec![format!("file://{}", disk.display())];
     let cache_dir = fx.dir.join("cache");
-    let cache = ImageCache::new(&cache_dir, Policy::default()).unwrap();
+    let cache = ImageCache::new(&cache_dir, Policy::default())
+        .unwrap()
+        .allowing_file_locations(true);
     let (image, info) = cache.prepare_boot(&m, &mut |_| {}).unwrap();
     let id = m.identifier.as_str();
     assert_eq!(image, cache_dir.join(id));

@@ -9,7 +9,7 @@ use chrono::{Duration, Utc};
 use common::{compress_with, image_bytes, Request, Route, TestServer};
 use stratus_images::cache::ImageCache;
 use stratus_images::checksum::hash_reader;
-use stratus_images::download::{self, Expected};
+use stratus_images::download::{self, Expected, Timeouts};
 use stratus_images::policy::Policy;
 use stratus_images::{Algorithm, Compression, Endorser, Error, Metadata};
 
@@ -593,13 +593,30 @@ fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
         let data = std::fs::read(path(name)).unwrap();
         let m = entry(&data, vec![format!("file://{}", path(name))]);
         let dir = tempfile::tempdir().unwrap();
-        let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+        let cache = ImageCache::new(dir.path(), Policy::default())
+            .unwrap()
+            .allowing_file_locations(true);
         let got = cache.get(&m, &mut |_| {});
         (
             got.map(|p| std::fs::read(p).unwrap() == data),
             files_in(dir.path()),
         )
     };
+    // A file:// location is the endorser's choice, not the site's: refused unless the
+    // site allows them.
+    let data = std::fs::read(path("alone.qcow2")).unwrap();
+    let m = entry(&data, vec![format!("file://{}", path("alone.qcow2"))]);
+    let dir = tempfile::tempdir().unwrap();
+    let refused = ImageCache::new(dir.path(), Policy::default())
+        .unwrap()
+        .get(&m, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("file:// locations are not followed"),
+        "{refused}"
+    );
+    assert!(files_in(dir.path()).is_empty());
     let (ok, files) = fetch("alone.qcow2");
     assert!(
         ok.unwrap(),
@@ -619,5 +636,61 @@ fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
             files.is_empty(),
             "{name}: nothing may stay in the cache: {files:?}"
         );
+    }
+}
+
+/// A server that takes connections and then stops: silent before its headers (`/silent`),
+/// or after its headers and 1 KiB of the body (`/stalled`). It holds every connection.
+fn stopping_server() -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            if line.contains("/stalled") {
+                let mut stream = &stream;
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {LEN}\r\n\r\n{}",
+                    "x".repeat(1024)
+                );
+            }
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+// Found by a review: with no receive timeout one server that stopped answering hung every
+// VM waiting on its image.
+#[test]
+fn a_server_that_stops_answering_fails_the_download_instead_of_hanging_it() {
+    let addr = stopping_server();
+    let data = image_bytes(LEN, 9);
+    let timeouts = Timeouts {
+        response: std::time::Duration::from_secs(1),
+        body_floor: std::time::Duration::from_secs(1),
+        min_bytes_per_s: 1 << 30,
+        unknown_body: std::time::Duration::from_secs(1),
+    };
+    for path in ["silent", "stalled"] {
+        let m = entry(&data, vec![format!("http://{addr}/{path}")]);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::new(dir.path(), Policy::default())
+            .unwrap()
+            .with_timeouts(timeouts);
+        let started = std::time::Instant::now();
+        let e = cache.get(&m, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.to_lowercase().contains("timeout"), "{path}: {e}");
+        // Resumed a few times, each attempt within its deadline; never for good.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{path}"
+        );
+        assert!(!dir.path().join(m.identifier.as_str()).exists());
     }
 }

@@ -78,6 +78,11 @@ pub struct AgentConfig {
     /// none by default.
     #[serde(default)]
     pub image_policy: Option<PathBuf>,
+    /// Follow `file://` locations of Marketplace entries (images on a filesystem every node
+    /// mounts). Off by default: an entry's locations are its endorser's choice, and a
+    /// `file://` one would have the agent copy any file it can read into a VM's disk.
+    #[serde(default)]
+    pub allow_file_locations: bool,
     /// The Marketplace `POST /images {"identifier": …}` looks identifiers up in.
     #[serde(default)]
     pub marketplace_endpoint: Option<String>,

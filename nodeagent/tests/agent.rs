@@ -76,7 +76,7 @@ impl Agent {
             &config,
             format!(
                 "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
-                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\n\n[capacity]\ncpus = {cpus}\n\
+                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\nallow_file_locations = true\n\n[capacity]\ncpus = {cpus}\n\
                  memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n{extra}",
                 token.display(),
                 dir.path().join("state").display(),

@@ -2,15 +2,21 @@
 //! certificate, and posts it to a Marketplace; prints the image's identifier. Used by the
 //! nested end-to-end run (`tests/nested/cloud_in_l1.sh`).
 //!
-//! publish_image IMAGE LOCATION-URL MARKETPLACE-URL KEY.pem CERT.pem
+//! publish_image IMAGE LOCATION-URL MARKETPLACE-URL KEY.pem CERT.pem UPLOAD-TOKEN-FILE
 
 use anyhow::{bail, Context};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [image, location, marketplace, key, cert] = args.as_slice() else {
-        bail!("usage: publish_image IMAGE LOCATION-URL MARKETPLACE-URL KEY.pem CERT.pem");
+    let [image, location, marketplace, key, cert, token_file] = args.as_slice() else {
+        bail!(
+            "usage: publish_image IMAGE LOCATION-URL MARKETPLACE-URL KEY.pem CERT.pem UPLOAD-TOKEN-FILE"
+        );
     };
+    let token = std::fs::read_to_string(token_file)
+        .with_context(|| format!("reading {token_file}"))?
+        .trim()
+        .to_owned();
     let signer = stratus_images::dsig::Signer::from_pem(
         &std::fs::read_to_string(key).with_context(|| format!("reading {key}"))?,
         &std::fs::read_to_string(cert).with_context(|| format!("reading {cert}"))?,
@@ -23,9 +29,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let response = reqwest::Client::new()
+        let response = stratus_orchestrator::tls::client(None)?
             .post(format!("{}/metadata", marketplace.trim_end_matches('/')))
             .header("content-type", "application/rdf+xml")
+            .bearer_auth(&token)
             .body(xml)
             .send()
             .await

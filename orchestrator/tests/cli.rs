@@ -467,10 +467,12 @@ fn metadata_is_built_signed_validated_uploaded_and_deprecated() {
     let pki = market.dir.path().join("pki");
     // The endorser's key pair, from the configuration file this time.
     user.config(&format!(
-        "[default]\nmarketplace_endpoint = {}\npem_certificate = {}\npem_key = {}\n",
+        "[default]\nmarketplace_endpoint = {}\npem_certificate = {}\npem_key = {}\n\
+         marketplace_token_file = {}\n",
         market.url(),
         pki.join("endorser.pem").display(),
-        pki.join("endorser.key").display()
+        pki.join("endorser.key").display(),
+        market.token_file().display()
     ));
     let image = user.path("disk.img");
     std::fs::write(&image, vec![7u8; 1 << 20]).unwrap();

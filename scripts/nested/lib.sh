@@ -115,18 +115,22 @@ pack_initramfs() {
 }
 
 # make_endorser <dir> <organisation> <endorser-name> <email> <days>: a throw-away CA
-# (ca.pem, ca.key) and the Marketplace endorser certificate it issued (endorser.pem,
-# endorser.key) for that name and email.
+# (ca.pem, ca.key: what the Marketplace is told to trust) and the X.509 v3 endorser
+# certificate it issued (endorser.pem, endorser.key) for that name and email; and
+# upload-token (mode 0600), the token the Marketplace takes uploads with.
 make_endorser() {
     local dir=$1 org=$2 name=$3 email=$4 days=$5
     mkdir -p "$dir"
+    ( umask 077; head -c 24 /dev/urandom | base64 | tr '/+' '_-' > "$dir/upload-token" )
+    printf '%s\n' "basicConstraints = critical, CA:FALSE" "keyUsage = critical, digitalSignature" \
+        "extendedKeyUsage = emailProtection, clientAuth" "subjectAltName = email:$email" > "$dir/endorser.ext"
     (cd "$dir" &&
         openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days "$days" \
             -subj "/C=EU/O=$org/CN=$org CA" 2>/dev/null &&
         openssl req -new -newkey rsa:2048 -nodes -keyout endorser.key -out endorser.csr \
             -subj "/C=EU/O=$org/CN=$name/emailAddress=$email" 2>/dev/null &&
         openssl x509 -req -in endorser.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-            -out endorser.pem -days "$days" 2>/dev/null)
+            -extfile endorser.ext -out endorser.pem -days "$days" 2>/dev/null)
 }
 
 # busybox_root <dir>: a root with busybox and the usual mount points.

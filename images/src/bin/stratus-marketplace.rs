@@ -1,10 +1,13 @@
 //! `stratus-marketplace`: the Marketplace REST server (signed image metadata entries).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use stratus_images::marketplace::{router, Store};
+use stratus_images::dsig::TrustedCas;
+use stratus_images::marketplace::{router, Store, Uploads};
 
 /// Serve the StratusLab Marketplace API: POST/GET /metadata, GET /endorsers.
 #[derive(Debug, Parser)]
@@ -16,6 +19,38 @@ struct Args {
     /// Database URL (`sqlite://PATH`; the file is created if missing).
     #[arg(long, default_value = "sqlite://marketplace.db")]
     db: String,
+    /// PEM bundle of the CAs whose endorser certificates this Marketplace accepts (a grid
+    /// site: its IGTF CAs). Entries signed with any other certificate are refused.
+    #[arg(long)]
+    trusted_cas: PathBuf,
+    /// File (mode 0600) holding the token uploads must carry (`Authorization: Bearer`).
+    /// Without it the Marketplace is read-only.
+    #[arg(long)]
+    upload_token_file: Option<PathBuf>,
+}
+
+/// The upload token, from a file only its owner may read.
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(path)
+        .with_context(|| format!("cannot read the upload token file {}", path.display()))?
+        .mode();
+    anyhow::ensure!(
+        mode & 0o077 == 0,
+        "the upload token file {} is readable by other users (mode {:o}); chmod 600 it",
+        path.display(),
+        mode & 0o777
+    );
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the upload token file {}", path.display()))?
+        .trim()
+        .to_owned();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "the upload token file {} is empty",
+        path.display()
+    );
+    Ok(token)
 }
 
 #[tokio::main]
@@ -27,6 +62,16 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let trusted = TrustedCas::load(&args.trusted_cas)
+        .with_context(|| format!("--trusted-cas {}", args.trusted_cas.display()))?;
+    let token = args
+        .upload_token_file
+        .as_deref()
+        .map(read_token)
+        .transpose()?;
+    if token.is_none() {
+        tracing::warn!("no --upload-token-file: the Marketplace is read-only");
+    }
     let store = Store::open(&args.db)
         .await
         .with_context(|| format!("opening the database {}", args.db))?;
@@ -34,7 +79,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, db = %args.db, "marketplace serving");
-    axum::serve(listener, router(store.clone()))
+    let uploads = Uploads {
+        trusted: Arc::new(trusted),
+        token,
+    };
+    axum::serve(listener, router(store.clone(), uploads))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;

@@ -38,6 +38,14 @@ pub fn run_status(program: &str, args: &[&str], dir: &Path) -> (bool, String) {
     )
 }
 
+/// The extensions of an endorser's certificate (`openssl x509 -req -extfile`).
+pub fn endorser_extensions(email: &str) -> String {
+    format!(
+        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, nonRepudiation\n\
+         extendedKeyUsage = emailProtection, clientAuth\nsubjectAltName = email:{email}\n"
+    )
+}
+
 /// A test PKI made with openssl: a CA and an endorser certificate issued by it.
 pub struct Pki {
     pub dir: PathBuf,
@@ -90,6 +98,8 @@ impl Pki {
             ],
             dir,
         );
+        // An X.509 v3 personal certificate, as grid CAs issue them.
+        std::fs::write(dir.join("endorser.ext"), endorser_extensions(email)).unwrap();
         run(
             "openssl",
             &[
@@ -106,6 +116,8 @@ impl Pki {
                 "endorser.pem",
                 "-days",
                 "30",
+                "-extfile",
+                "endorser.ext",
             ],
             dir,
         );

@@ -434,7 +434,10 @@ impl VmManager {
             Some(path) => Policy::load(path)?,
             None => Policy::default(),
         };
-        let images = Arc::new(ImageCache::new(config.image_cache_dir(), policy)?);
+        let images = Arc::new(
+            ImageCache::new(config.image_cache_dir(), policy)?
+                .allowing_file_locations(config.allow_file_locations),
+        );
         let io = |what: &str, source| VmError::Io {
             what: what.to_owned(),
             source,

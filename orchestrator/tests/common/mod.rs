@@ -19,6 +19,8 @@ pub mod postgres;
 
 pub const DEADLINE: Duration = Duration::from_secs(90);
 pub const AGENT_TOKEN: &str = "agent-token-0123456789";
+/// What uploads to the test Marketplace carry.
+pub const MARKETPLACE_TOKEN: &str = "marketplace-token-0123456789";
 pub const ADMIN_PASSWORD: &str = "admin-password-42";
 
 /// A binary of this workspace, built once per test process if missing or stale.
@@ -179,7 +181,7 @@ impl Agent {
             &config,
             format!(
                 "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
-                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\n{extra}\n[capacity]\ncpus = {cpus}\n\
+                 vmm_binary = \"{}\"\nshutdown_timeout_s = 30\nallow_file_locations = true\n{extra}\n[capacity]\ncpus = {cpus}\n\
                  memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n",
                 token.display(),
                 dir.path().join("state").display(),
@@ -289,23 +291,19 @@ pub struct Marketplace {
 impl Marketplace {
     pub fn start() -> Marketplace {
         let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(workspace_binary("stratus-images", "stratus-marketplace"))
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--db")
-            .arg(format!(
-                "sqlite://{}",
-                dir.path().join("market.db").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run stratus-marketplace");
-        wait_listening(addr, &mut child, "the Marketplace");
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
-        let subject = "/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress=jane@stratus.test";
+        let email = "jane@stratus.test";
+        let subject = format!("/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress={email}");
+        // An X.509 v3 personal certificate, as grid CAs issue them.
+        std::fs::write(
+            pki.join("endorser.ext"),
+            format!(
+                "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+                 extendedKeyUsage = emailProtection, clientAuth\nsubjectAltName = email:{email}\n"
+            ),
+        )
+        .unwrap();
         for args in [
             vec![
                 "req",
@@ -333,7 +331,7 @@ impl Marketplace {
                 "-out",
                 "endorser.csr",
                 "-subj",
-                subject,
+                &subject,
             ],
             vec![
                 "x509",
@@ -349,11 +347,39 @@ impl Marketplace {
                 "endorser.pem",
                 "-days",
                 "30",
+                "-extfile",
+                "endorser.ext",
             ],
         ] {
             run("openssl", &args, &pki);
         }
+        let token = dir.path().join("upload-token");
+        std::fs::write(&token, format!("{MARKETPLACE_TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = Command::new(workspace_binary("stratus-images", "stratus-marketplace"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--db")
+            .arg(format!(
+                "sqlite://{}",
+                dir.path().join("market.db").display()
+            ))
+            .arg("--trusted-cas")
+            .arg(pki.join("ca.pem"))
+            .arg("--upload-token-file")
+            .arg(&token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run stratus-marketplace");
+        wait_listening(addr, &mut child, "the Marketplace");
         Marketplace { dir, addr, child }
+    }
+
+    /// The file holding the upload token.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.path().join("upload-token")
     }
 
     pub fn url(&self) -> String {
@@ -407,7 +433,7 @@ impl Marketplace {
             self.addr,
             "POST",
             "/metadata",
-            None,
+            Some(&format!("Bearer {MARKETPLACE_TOKEN}")),
             "application/rdf+xml",
             xml.as_bytes(),
         );

@@ -109,12 +109,13 @@ IMAGE_SHA=$(sha256sum "$W/www/debian.img" | cut -d' ' -f1)
 # The outer machine's services, all on loopback.
 python3 -m http.server --bind 127.0.0.1 --directory "$W/www" "$FILES_PORT" > "$W/files.log" 2>&1 &
 PIDS+=($!)
-"$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$W/market.db" > "$W/market.log" 2>&1 &
-PIDS+=($!)
 make_endorser "$W/pki" StratusLab "Jane Endorser" jane@stratus.test 30
+"$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$W/market.db" \
+    --trusted-cas "$W/pki/ca.pem" --upload-token-file "$W/pki/upload-token" > "$W/market.log" 2>&1 &
+PIDS+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$MARKET_PORT/endorsers" >/dev/null && break; sleep 0.1; done
 IMAGE_ID=$("$BIN/examples/publish_image" "$W/www/debian.img" "http://$IMAGE_HOST:8080/debian.img" \
-    "http://127.0.0.1:$MARKET_PORT" "$W/pki/endorser.key" "$W/pki/endorser.pem")
+    "http://127.0.0.1:$MARKET_PORT" "$W/pki/endorser.key" "$W/pki/endorser.pem" "$W/pki/upload-token")
 log "image $IMAGE_ID published"
 
 # L1: KVM, the user network to this machine, the node agent with its own guest network.

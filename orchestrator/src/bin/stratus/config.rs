@@ -258,6 +258,9 @@ pub const REFERENCE: &str = r#"# The Stratus (StratusLab) user configuration.
 
 # The Marketplace the images are described in.
 #marketplace_endpoint = http://marketplace.example.org:8780
+# The Marketplace's upload token (a file), for stratus-upload-metadata and
+# stratus-deprecate-metadata.
+#marketplace_token_file = ~/.stratuslab/marketplace-token
 
 # Your account on the cloud. Without password, the commands ask for it.
 #username = alice

@@ -347,7 +347,7 @@ fn upload_signed(market: &Service, xml: String) -> Result<Option<String>, Client
 
 pub fn upload(common: &Common, args: UploadArgs) -> anyhow::Result<ExitCode> {
     let session = Session::load(common)?;
-    let market = session.marketplace()?;
+    let market = session.marketplace_uploader()?;
     for file in &args.files {
         let xml = std::fs::read_to_string(file)
             .with_context(|| format!("cannot read {}", file.display()))?;
@@ -371,7 +371,7 @@ pub fn deprecate(common: &Common, args: DeprecateArgs) -> anyhow::Result<ExitCod
     let session = Session::load(common)?;
     let signer = session.signer()?;
     let me = ops::endorser_of(&signer)?;
-    let market = session.marketplace()?;
+    let market = session.marketplace_uploader()?;
     let entries = query_marketplace(
         &market,
         &[

@@ -52,6 +52,9 @@ pub struct Common {
     /// The Marketplace's URL.
     #[arg(long, global = true, value_name = "URL")]
     pub marketplace_endpoint: Option<String>,
+    /// File holding the Marketplace's upload token (for uploading and deprecating entries).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub marketplace_token_file: Option<PathBuf>,
     /// Seconds to wait for a service (default 5).
     #[arg(long, global = true, value_name = "SECONDS")]
     pub endpoint_timeout: Option<String>,

@@ -111,6 +111,31 @@ impl<'a> Session<'a> {
         Ok(Service::new(&endpoint, None, self.timeout()?)?)
     }
 
+    /// The Marketplace as an uploader: with the upload token from `--marketplace-token-file`
+    /// (or `marketplace_token_file`).
+    pub fn marketplace_uploader(&self) -> anyhow::Result<Service> {
+        let option = self
+            .common
+            .marketplace_token_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let file = expand(&self.required(
+            "marketplace_token_file",
+            option.as_deref(),
+            "--marketplace-token-file",
+        )?)?;
+        let token = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read the upload token {}", file.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(
+            !token.is_empty(),
+            "the upload token file {} is empty",
+            file.display()
+        );
+        Ok(self.marketplace()?.with_bearer(token))
+    }
+
     fn credentials(&self) -> anyhow::Result<(String, String)> {
         let user = self.required("username", self.common.username.as_deref(), "-u/--username")?;
         let password = match self.setting("password", self.common.password.as_deref())? {
