@@ -230,60 +230,13 @@ fn start_marketplace(opts: &Options, children: &mut Children) -> Result<(u16, St
     // A CA the Marketplace trusts and the endorser certificate it issued.
     let pki = opts.dir.join("pki");
     std::fs::create_dir_all(&pki)?;
-    std::fs::write(
-        pki.join("endorser.ext"),
-        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
-         extendedKeyUsage = emailProtection\nsubjectAltName = email:bench@stratus.test\n",
+    stratus_images::test_pki::TestPki::make(
+        &pki,
+        "StratusLab",
+        "Bench Endorser",
+        "bench@stratus.test",
+        30,
     )?;
-    for args in [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "30",
-            "-subj",
-            "/C=EU/O=StratusLab/CN=Bench CA",
-        ][..],
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "endorser.key",
-            "-out",
-            "endorser.csr",
-            "-subj",
-            "/C=EU/O=StratusLab/CN=Bench Endorser/emailAddress=bench@stratus.test",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "endorser.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "endorser.pem",
-            "-days",
-            "30",
-            "-extfile",
-            "endorser.ext",
-        ],
-    ] {
-        run("openssl", args, &pki)?;
-    }
     let token = "bench-upload-token";
     let token_file = pki.join("upload-token");
     std::fs::write(&token_file, token)?;

@@ -29,6 +29,7 @@ pub mod metadata;
 pub mod ops;
 pub mod policy;
 pub mod progress;
+pub mod test_pki;
 pub mod xml;
 
 pub use checksum::{Algorithm, Checksums};

@@ -38,15 +38,8 @@ pub fn run_status(program: &str, args: &[&str], dir: &Path) -> (bool, String) {
     )
 }
 
-/// The extensions of an endorser's certificate (`openssl x509 -req -extfile`).
-pub fn endorser_extensions(email: &str) -> String {
-    format!(
-        "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature, nonRepudiation\n\
-         extendedKeyUsage = emailProtection, clientAuth\nsubjectAltName = email:{email}\n"
-    )
-}
-
-/// A test PKI made with openssl: a CA and an endorser certificate issued by it.
+/// A test PKI: a CA and an endorser certificate issued by it (see
+/// `stratus_images::test_pki`).
 pub struct Pki {
     pub dir: PathBuf,
     pub ca_cert: PathBuf,
@@ -61,71 +54,13 @@ impl Pki {
 
     /// A CA and an endorser certificate for `name` <`email`>, in `dir`.
     pub fn for_endorser(dir: &Path, name: &str, email: &str) -> Pki {
-        let subject = format!("/C=EU/O=StratusLab/CN={name}/emailAddress={email}");
-        run(
-            "openssl",
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "30",
-                "-subj",
-                "/C=EU/O=StratusLab/CN=StratusLab Test CA",
-            ],
-            dir,
-        );
-        run(
-            "openssl",
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "endorser.key",
-                "-out",
-                "endorser.csr",
-                "-subj",
-                &subject,
-            ],
-            dir,
-        );
-        // An X.509 v3 personal certificate, as grid CAs issue them.
-        std::fs::write(dir.join("endorser.ext"), endorser_extensions(email)).unwrap();
-        run(
-            "openssl",
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "endorser.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "endorser.pem",
-                "-days",
-                "30",
-                "-extfile",
-                "endorser.ext",
-            ],
-            dir,
-        );
+        let made = stratus_images::test_pki::TestPki::make(dir, "StratusLab", name, email, 30)
+            .unwrap_or_else(|e| panic!("{e}"));
         Pki {
-            dir: dir.to_path_buf(),
-            ca_cert: dir.join("ca.pem"),
-            key: dir.join("endorser.key"),
-            cert: dir.join("endorser.pem"),
+            dir: made.dir,
+            ca_cert: made.ca_cert,
+            key: made.key,
+            cert: made.cert,
         }
     }
 

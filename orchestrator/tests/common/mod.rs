@@ -293,66 +293,14 @@ impl Marketplace {
         let dir = tempfile::tempdir().unwrap();
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
-        let email = "jane@stratus.test";
-        let subject = format!("/C=EU/O=StratusLab/CN=Jane Endorser/emailAddress={email}");
-        // An X.509 v3 personal certificate, as grid CAs issue them.
-        std::fs::write(
-            pki.join("endorser.ext"),
-            format!(
-                "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n\
-                 extendedKeyUsage = emailProtection, clientAuth\nsubjectAltName = email:{email}\n"
-            ),
+        stratus_images::test_pki::TestPki::make(
+            &pki,
+            "StratusLab",
+            "Jane Endorser",
+            "jane@stratus.test",
+            30,
         )
-        .unwrap();
-        for args in [
-            vec![
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "30",
-                "-subj",
-                "/C=EU/O=StratusLab/CN=Test CA",
-            ],
-            vec![
-                "req",
-                "-new",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "endorser.key",
-                "-out",
-                "endorser.csr",
-                "-subj",
-                &subject,
-            ],
-            vec![
-                "x509",
-                "-req",
-                "-in",
-                "endorser.csr",
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "endorser.pem",
-                "-days",
-                "30",
-                "-extfile",
-                "endorser.ext",
-            ],
-        ] {
-            run("openssl", &args, &pki);
-        }
+        .unwrap_or_else(|e| panic!("{e}"));
         let token = dir.path().join("upload-token");
         std::fs::write(&token, format!("{MARKETPLACE_TOKEN}\n")).unwrap();
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
