@@ -134,7 +134,7 @@ say "starting the Marketplace and the image file server"
 start files python3 -m http.server --bind 127.0.0.1 --directory "$STATE/www" "$FILES_PORT"
 # The endorser who signs the appliance: a CA of this box (the one the Marketplace trusts)
 # and a certificate it issued; and the Marketplace's upload token.
-[ -f "$STATE/pki/endorser.pem" ] || make_endorser "$STATE/pki" "Stratus in a box" "Demo Endorser" demo@stratus.test 365
+make_endorser "$STATE/pki" "Stratus in a box" "Demo Endorser" demo@stratus.test 365
 start marketplace "$BIN/stratus-marketplace" --listen "127.0.0.1:$MARKET_PORT" --db "sqlite://$STATE/marketplace.db" \
     --trusted-cas "$STATE/pki/ca.pem" --upload-token-file "$STATE/pki/upload-token"
 wait_for 30 "the Marketplace" curl -sf "http://127.0.0.1:$MARKET_PORT/endorsers"
