@@ -1,19 +1,10 @@
 //! The stratus-vmm binary refuses bad input with a clear message and a non-zero status,
 //! before any guest runs.
 
-use std::process::Command;
+#[path = "support/binary.rs"]
+mod binary;
 
-fn vmm(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
-        .args(args)
-        .env("STRATUS_LOG", "off")
-        .output()
-        .expect("run stratus-vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use binary::vmm;
 
 #[test]
 fn missing_kernel_is_named() {

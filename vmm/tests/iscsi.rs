@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 mod blk_common;
 
-use blk_common::guest::{vmm, Batch, Guest, DATA, HEADER, R, STATUS, W};
+use blk_common::binary::vmm;
+use blk_common::guest::{Batch, Guest, DATA, HEADER, R, STATUS, W};
 use blk_common::{chain, Rng};
 use stratus_vmm::devices::virtio::block::io::iscsi::IscsiSource;
 use stratus_vmm::devices::virtio::block::io::DiskFile;

@@ -11,7 +11,8 @@ use std::process::Command;
 
 mod blk_common;
 
-use blk_common::guest::{vmm, Guest, DATA, HEADER, R, STATUS, W};
+use blk_common::binary::vmm;
+use blk_common::guest::{Guest, DATA, HEADER, R, STATUS, W};
 use blk_common::Rng;
 use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
 use stratus_vmm::devices::virtio::block::io::DiskFile;

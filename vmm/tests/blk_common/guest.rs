@@ -216,16 +216,3 @@ impl Guest {
         }
     }
 }
-
-/// Runs the stratus-vmm binary; returns its exit code and standard error.
-pub fn vmm(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stratus-vmm"))
-        .args(args)
-        .env("STRATUS_LOG", "off")
-        .output()
-        .expect("run stratus-vmm");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}

@@ -2,6 +2,8 @@
 //! source, and QEMU's image tools as the independent judge of qcow2 images.
 #![allow(dead_code)]
 
+#[path = "../support/binary.rs"]
+pub mod binary;
 pub mod guest;
 
 use std::ffi::OsStr;
