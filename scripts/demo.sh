@@ -147,6 +147,8 @@ listen = "127.0.0.1:$CLOUD_PORT"
 database = "sqlite://$STATE/cloud.db"
 marketplace_endpoint = "http://127.0.0.1:$MARKET_PORT"
 admin_password_file = "$STATE/admin-password"
+# The web console forwards users' signed entries to the Marketplace with this token.
+marketplace_upload_token_file = "$STATE/pki/upload-token"
 poll_interval_s = 2
 node_timeout_s = 300
 # A nested node is slow to boot its guests and to see them power off.
@@ -341,6 +343,9 @@ NEXT
 [ -n "${VM:-}" ] && echo "    stratus-connect-instance $VM"
 cat <<NEXT
     stratus-run-instance -t t1.micro --wait $IMAGE
+
+  The web console: http://127.0.0.1:$CLOUD_PORT/ui/ (user demo, its password is in
+  $STATE/stratuslab-user.cfg; admin's in $STATE/admin-password)
 
   Stop it all and remove its state:  $0 --down
 NEXT

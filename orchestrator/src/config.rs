@@ -38,6 +38,15 @@ pub struct Config {
     /// The Marketplace that run requests' image identifiers are looked up in.
     #[serde(default)]
     pub marketplace_endpoint: Option<String>,
+    /// A file holding the Marketplace's upload token (`stratus-marketplace
+    /// --upload-token-file`): the web console forwards users' signed entries with it.
+    /// Without it the console's upload form is off.
+    #[serde(default)]
+    pub marketplace_upload_token_file: Option<PathBuf>,
+    /// The web console's cookies get `Secure` (sent over HTTPS only): set it when users
+    /// reach the console through an HTTPS proxy, as they should from outside the site.
+    #[serde(default)]
+    pub console_secure_cookies: bool,
     /// The site's image policy (endorser, checksum and identifier white/black lists).
     #[serde(default)]
     pub image_policy: Option<PathBuf>,

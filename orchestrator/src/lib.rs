@@ -19,6 +19,7 @@ pub mod quotas;
 pub mod tls;
 pub mod users;
 pub mod vms;
+pub mod web;
 
 use std::sync::Arc;
 

@@ -151,6 +151,11 @@ pub async fn set_password(db: &Db, name: &str, password: &str) -> Result<(), Use
     if changed == 0 {
         return Err(UserError::Unknown(name.to_owned()));
     }
+    // Whoever knew the old password may be logged in to the web console.
+    sqlx::query("DELETE FROM web_sessions WHERE user_name = $1")
+        .bind(name)
+        .execute(&db.pool)
+        .await?;
     Ok(())
 }
 
@@ -185,6 +190,11 @@ pub async fn delete(db: &Db, name: &str) -> Result<(), UserError> {
     if gone == 0 {
         return Err(UserError::Unknown(name.to_owned()));
     }
+    // A new user of the same name must not inherit these logins.
+    sqlx::query("DELETE FROM web_sessions WHERE user_name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(())
 }

@@ -123,6 +123,15 @@ impl Refusal {
             reason: reason.into(),
         }
     }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What the caller is told (the web console shows it beside the form).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
 }
 
 impl IntoResponse for Refusal {

@@ -156,6 +156,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/cimi", get(cimi::cloud_entry_point))
         .merge(authenticated)
+        .merge(crate::web::router(cloud.clone()))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(cloud.clone(), observe))
@@ -650,6 +651,11 @@ async fn list_networks(
     Extension(who): Extension<Principal>,
 ) -> Result<Response, Refusal> {
     admin_only(&who)?;
+    Ok(json(StatusCode::OK, &network_views(&cloud).await?))
+}
+
+/// Every network with its leases (the API's and the console's view).
+pub async fn network_views(cloud: &Cloud) -> Result<Vec<NetworkView>, Refusal> {
     let pool = &cloud.db.pool;
     let networks: Vec<(String, String)> =
         sqlx::query_as("SELECT name, kind FROM networks ORDER BY name")
@@ -682,7 +688,7 @@ async fn list_networks(
             kind,
         });
     }
-    Ok(json(StatusCode::OK, &out))
+    Ok(out)
 }
 
 async fn openapi() -> Response {
@@ -710,7 +716,8 @@ const ENDPOINTS: &str = "POST|GET /vms, GET|DELETE /vms/{id}, POST /vms/{id}/kil
 GET /vms/{id}/console, GET /jobs/{id}, GET /types, GET /quotas, GET|POST /nodes, \
 DELETE /nodes/{name}, PUT /nodes/{name}/state, GET|POST /users, DELETE /users/{name}, \
 PUT /users/{name}/quotas, GET /networks, GET /metrics, GET /openapi.json, GET /cimi, \
-GET /cimi/machine[/{id}], GET /cimi/machineConfiguration, GET /cimi/job[/{id}]";
+GET /cimi/machine[/{id}], GET /cimi/machineConfiguration, GET /cimi/job[/{id}]; \
+the web console is at /ui/";
 
 async fn not_found(uri: axum::http::Uri) -> Refusal {
     Refusal::new(
