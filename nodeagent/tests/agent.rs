@@ -427,6 +427,18 @@ fn a_vmm_killed_from_outside_is_reported_failed_with_its_reason() {
     // Never restarted on its own.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(agent.call("GET", "/vms/victim", None).1["state"], "failed");
+    // SIGSYS is how the kernel ends a VMM whose thread broke its seccomp filter: the
+    // reason says so.
+    let (_, vm) = agent.call("PUT", "/vms/victim2", Some(&agent.spec(Guest::Halt)));
+    let pid = vm["pid"].as_u64().unwrap();
+    // SAFETY: SIGSYS to the VMM this test's agent just started.
+    unsafe { libc::kill(pid as i32, libc::SIGSYS) };
+    let vm = agent.wait_state("victim2", "failed");
+    let reason = vm["exit"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("signal 31 (SIGSYS)") && reason.contains("seccomp"),
+        "{vm}"
+    );
 }
 
 #[test]

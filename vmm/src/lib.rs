@@ -15,6 +15,7 @@ pub mod exit;
 pub mod interrupts;
 pub mod loader;
 pub mod memory;
+pub mod seccomp;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;

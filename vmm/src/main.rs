@@ -9,7 +9,7 @@ use clap::Parser;
 use stratus_vmm::api::{ApiServer, ApiSocket, ApiState};
 use stratus_vmm::config::{parse_disk, parse_net, ConsoleConfig, VmConfig};
 use stratus_vmm::exit::{ExitReason, ExitSignal, ExitStatusFile};
-use stratus_vmm::{Vm, VmResources};
+use stratus_vmm::{seccomp, Vm, VmResources};
 
 /// Boot a Linux kernel directly on KVM with virtio-pci devices.
 #[derive(Parser, Debug)]
@@ -57,6 +57,10 @@ struct Cli {
     /// PCI slots kept free for disks and NICs hot-plugged through the API.
     #[arg(long, default_value_t = stratus_vmm::device_manager::DEFAULT_SPARE_SLOTS)]
     pci_slots: u8,
+    /// What a thread's forbidden system call does: kill the VMM (SIGSYS), only log it
+    /// (kernel log), or no filters at all. Allowed with --config.
+    #[arg(long, value_enum, default_value_t = seccomp::Mode::Kill)]
+    seccomp: seccomp::Mode,
 }
 
 fn config_from_cli(cli: Cli) -> anyhow::Result<VmConfig> {
@@ -120,6 +124,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before any thread exists: every thread confines itself as it starts.
+    seccomp::set_mode(cli.seccomp);
     let status_file = cli.status_file.clone();
     let finish = |code: i32, reason: &str| {
         if let Some(path) = &status_file {
@@ -145,6 +151,11 @@ fn main() -> ExitCode {
         }
     };
     spawn_stop_on_signal(stop_signals, vm.exit_signal());
+    // Set-up is done; from here on the guest drives the VMM.
+    if let Err(e) = seccomp::confine(seccomp::ThreadKind::Main) {
+        eprintln!("stratus-vmm: error: {e}");
+        return finish(1, &format!("error: {e}"));
+    }
     let reason = vm.run();
     if let Some(api) = api {
         api.shutdown(API_GRACE);
@@ -195,6 +206,7 @@ fn spawn_stop_on_signal(set: libc::sigset_t, exit: ExitSignal) {
     let spawned = std::thread::Builder::new()
         .name("stop-signals".into())
         .spawn(move || {
+            seccomp::confine_or_abort(seccomp::ThreadKind::Signals);
             let mut signal = 0;
             // SAFETY: `set` is an initialised signal set and `signal` a valid out pointer;
             // the signals in it are blocked in every thread, so sigwait receives them.

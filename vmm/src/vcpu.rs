@@ -220,7 +220,10 @@ impl Vcpu {
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name(format!("vcpu{}", self.id))
-            .spawn(move || self.run())
+            .spawn(move || {
+                crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::Vcpu);
+                self.run()
+            })
     }
 }
 

@@ -479,6 +479,7 @@ fn spawn_console_input(serial: Arc<Mutex<SerialDevice>>, exit: ExitSignal) {
     let _ = std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::ConsoleIn);
             let mut buf = [0u8; 64];
             while !exit.is_requested() {
                 let n = match std::io::Read::read(&mut std::io::stdin(), &mut buf) {

@@ -497,6 +497,25 @@ fn pause_stops_the_guest_resume_restarts_it_and_the_power_button_powers_it_off()
     vmm.wait_until_running();
     let socket = vmm.socket.clone();
     vmm.wait_for("dots from the guest", |v| console_len(v) > 5);
+    // Every thread of the running VMM is under its seccomp filter (mode 2).
+    let pid = vmm.child().id();
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap();
+        // KVM's own kernel worker lives in the process's thread group.
+        if name.starts_with("kvm-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap();
+        assert!(status.contains("Seccomp:\t2"), "{name}: {status}");
+        names.push(name.trim().to_owned());
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["api", "rtc", "stop-signals", "stratus-vmm", "vcpu0"]
+    );
 
     let (status, vm) = action(&socket, "pause");
     assert_eq!(status, 200, "{vm}");

@@ -198,6 +198,8 @@ fn serve(mem: &GuestMemoryMmap, disk: &Arc<DiskFile>, engine: IoEngine, batches:
             scope.spawn(move || {
                 let (mock, queue) = batch.queue(mem);
                 let mut worker = worker(mem, disk, engine, queue, index as u16);
+                // Under the queue worker's seccomp filter, as in the VMM.
+                blk_common::confine_as_worker();
                 assert_eq!(worker.process_queue(), batch.descs.len());
                 worker.drain();
                 assert_eq!(usize::from(mock.used().idx().load()), batch.descs.len());

@@ -414,3 +414,35 @@ fn lifting_the_nic_limit_through_its_handles_releases_both_directions_at_once() 
     assert!(net.peer_recv().is_some());
     assert!(net.peer_recv().is_some());
 }
+
+#[test]
+fn frames_pass_both_ways_under_the_queue_worker_s_seccomp_filter() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    let out = packet(1000, 5);
+    mem.write_slice(&out, GuestAddress(BUF)).unwrap();
+    net.add_tx(&[(BUF, out.len() as u32, R)]);
+    net.add_rx(&[(BUF + 0x4000, 1526, W)]);
+    let back = packet(700, 6);
+    net.peer_send(&back);
+    let worker = &mut net.worker;
+    // As the VMM runs it: a call the worker makes that its filter lacks kills this test
+    // process with SIGSYS.
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                use stratus_vmm::seccomp::{self, Mode, ThreadKind};
+                seccomp::set_mode(Mode::Kill);
+                seccomp::confine(ThreadKind::NetWorker).unwrap();
+                assert_eq!(worker.process_tx(), 1);
+                assert!(worker.process_rx());
+            })
+            .join()
+            .unwrap()
+    });
+    assert_eq!(net.peer_recv().unwrap(), out);
+    let mut got = vec![0u8; back.len()];
+    mem.read_slice(&mut got, GuestAddress(BUF + 0x4000))
+        .unwrap();
+    assert_eq!(got[12..], back[12..]);
+}

@@ -411,6 +411,11 @@ fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
     let code = ended.code.or(written.as_ref().map(|w| w.code));
     let reason = match (written, ended.signal) {
         (Some(w), _) => w.reason,
+        (None, Some(signal)) if signal == libc::SIGSYS => format!(
+            "the VMM was killed by signal {signal} (SIGSYS): one of its threads made a system \
+             call its seccomp filter forbids (the kernel log names it); a guest may have \
+             attacked it, or the VMM needs a call its filter lacks"
+        ),
         (None, Some(signal)) => format!("the VMM was killed by signal {signal}"),
         (None, None) if ended.code.is_some() => "the VMM exited without a reason".into(),
         (None, None) => "the VMM ended while the agent was not watching it (no exit status)".into(),

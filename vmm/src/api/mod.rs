@@ -188,6 +188,7 @@ impl ApiSocket {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::Api);
                 runtime.block_on(connection::serve(listener, app, async move {
                     let _ = shutdown_rx.await;
                 }));

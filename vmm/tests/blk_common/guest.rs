@@ -181,10 +181,31 @@ impl Guest {
             mock.add_desc_chains(&chain(c, next), next).unwrap();
             next += c.len() as u16;
         }
+        // Made here, as a vCPU enabling the device makes it; served on a thread under the
+        // queue worker's seccomp filter, as in the VMM: a call the engine makes that the
+        // filter lacks kills this test process with SIGSYS.
+        // `before_drain` is the test's own doing (it may stop the target with a script),
+        // so it runs here while the worker waits.
         let mut worker = self.worker(mock.create_queue().unwrap());
-        assert_eq!(worker.process_queue(), chains.len());
-        before_drain();
-        worker.drain();
+        let (taken_tx, taken_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let worker = &mut worker;
+            let served = scope.spawn(move || {
+                super::confine_as_worker();
+                taken_tx.send(worker.process_queue()).unwrap();
+                let _ = go_rx.recv();
+                worker.drain();
+            });
+            if let Ok(taken) = taken_rx.recv() {
+                assert_eq!(taken, chains.len());
+                before_drain();
+            }
+            drop(go_tx);
+            served
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
         let used = mock.used();
         assert_eq!(
             used.idx().load() as usize,

@@ -99,3 +99,10 @@ pub fn assert_qcow2_holds(image: &Path, expected: &[u8], scratch: &Path) {
         ],
     );
 }
+
+/// Puts the calling thread under the virtio-blk queue worker's seccomp filter (kill).
+pub fn confine_as_worker() {
+    use stratus_vmm::seccomp::{self, Mode, ThreadKind};
+    seccomp::set_mode(Mode::Kill);
+    seccomp::confine(ThreadKind::BlockWorker).expect("seccomp filter");
+}

@@ -146,7 +146,10 @@ impl Cmos {
         let thread_shared = shared.clone();
         let timer = std::thread::Builder::new()
             .name("rtc".into())
-            .spawn(move || timer_loop(&thread_shared))?;
+            .spawn(move || {
+                crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::Clock);
+                timer_loop(&thread_shared)
+            })?;
         Ok(Cmos {
             shared,
             timer: Some(timer),

@@ -245,7 +245,10 @@ impl VirtioBlock {
             .map_err(ActivateError::Worker)?;
             let handle = std::thread::Builder::new()
                 .name(format!("virtio-blk-q{index}"))
-                .spawn(move || worker.run())
+                .spawn(move || {
+                    crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::BlockWorker);
+                    worker.run()
+                })
                 .map_err(ActivateError::Worker)?;
             self.workers.push(handle);
         }

@@ -253,7 +253,10 @@ impl VirtioDevice for VirtioNet {
         .map_err(ActivateError::Worker)?;
         let handle = std::thread::Builder::new()
             .name(format!("virtio-net-{}", self.tap.name()))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::NetWorker);
+                worker.run()
+            })
             .map_err(ActivateError::Worker)?;
         self.worker = Some((kill, handle));
         Ok(())
