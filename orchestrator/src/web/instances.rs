@@ -148,16 +148,20 @@ pub struct LaunchQuery {
 }
 
 /// The user's volumes no VM holds (what can be attached at launch or hot-plugged).
-async fn free_volumes(cloud: &Cloud, user: &WebUser) -> Vec<VolumeView> {
-    if cloud.volumes.is_none() {
-        return Vec::new();
-    }
-    pdisk::list(cloud, &user.principal)
-        .await
-        .unwrap_or_default()
-        .into_iter()
+fn free_volumes(volumes: &[VolumeView], user: &WebUser) -> Vec<VolumeView> {
+    volumes
+        .iter()
         .filter(|v| v.owner == user.principal.name && v.mounts.is_empty() && v.state == "available")
+        .cloned()
         .collect()
+}
+
+/// The volumes the user may see (none when the cloud keeps no volumes).
+async fn visible_volumes(cloud: &Cloud, user: &WebUser) -> Result<Vec<VolumeView>, Refusal> {
+    if cloud.volumes.is_none() {
+        return Ok(Vec::new());
+    }
+    Ok(pdisk::list(cloud, &user.principal).await?)
 }
 
 async fn launch_page(
@@ -168,13 +172,17 @@ async fn launch_page(
     error: Option<String>,
 ) -> Response {
     let images = super::market::machine_images(cloud).await;
+    let volumes = match visible_volumes(cloud, user).await {
+        Ok(all) => free_volumes(&all, user),
+        Err(e) => return refused(user, e),
+    };
     render(
         status,
         &LaunchPage {
             nav: Nav::new(user, "instances"),
             form,
             types: cloud.types.clone(),
-            volumes: free_volumes(cloud, user).await,
+            volumes,
             images,
             error,
         },
@@ -306,15 +314,11 @@ struct ConsoleFragment {
 }
 
 /// The VM's volumes (those mounted on it).
-async fn mounted_on(cloud: &Cloud, user: &WebUser, vm: i64) -> Vec<VolumeView> {
-    if cloud.volumes.is_none() {
-        return Vec::new();
-    }
-    pdisk::list(cloud, &user.principal)
-        .await
-        .unwrap_or_default()
-        .into_iter()
+fn mounted_on(volumes: &[VolumeView], vm: i64) -> Vec<VolumeView> {
+    volumes
+        .iter()
         .filter(|v| v.mounts.iter().any(|m| m.vm_id == vm))
+        .cloned()
         .collect()
 }
 
@@ -342,9 +346,13 @@ pub async fn detail(
         Ok(vm) => vm,
         Err(e) => return refused(&user, e),
     };
-    let mounted = mounted_on(&cloud, &user, vm.id).await;
+    let volumes = match visible_volumes(&cloud, &user).await {
+        Ok(volumes) => volumes,
+        Err(e) => return refused(&user, e),
+    };
+    let mounted = mounted_on(&volumes, vm.id);
     let attachable = if vm.state == VmState::Running && vm.owner == user.principal.name {
-        free_volumes(&cloud, &user).await
+        free_volumes(&volumes, &user)
     } else {
         Vec::new()
     };
@@ -374,7 +382,10 @@ pub async fn status(
         Ok(vm) => vm,
         Err(e) => return refused(&user, e),
     };
-    let mounted = mounted_on(&cloud, &user, vm.id).await;
+    let mounted = match visible_volumes(&cloud, &user).await {
+        Ok(volumes) => mounted_on(&volumes, vm.id),
+        Err(e) => return refused(&user, e),
+    };
     fragment(q.seen.as_deref(), |version| StatusFragment {
         nav: Nav::new(&user, "instances"),
         vm: vm.clone(),
