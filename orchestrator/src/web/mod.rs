@@ -385,14 +385,7 @@ fn login_page(
             error,
         },
     );
-    if let Ok(cookie) = HeaderValue::from_str(&session::set_cookie(
-        session::LOGIN_COOKIE,
-        &csrf,
-        3600,
-        cloud.config.console_secure_cookies,
-    )) {
-        response.headers_mut().append(header::SET_COOKIE, cookie);
-    }
+    add_cookie(&mut response, cloud, session::LOGIN_COOKIE, &csrf, 3600);
     response
 }
 
@@ -441,20 +434,9 @@ async fn login(
         Ok(Some(principal)) => match session::start(&cloud.db, &principal.name).await {
             Ok(token) => {
                 let mut response = see_other(&next);
-                let secure = cloud.config.console_secure_cookies;
-                for cookie in [
-                    session::set_cookie(
-                        session::COOKIE,
-                        &token,
-                        session::LIFETIME.num_seconds(),
-                        secure,
-                    ),
-                    session::set_cookie(session::LOGIN_COOKIE, "", 0, secure),
-                ] {
-                    if let Ok(v) = HeaderValue::from_str(&cookie) {
-                        response.headers_mut().append(header::SET_COOKIE, v);
-                    }
-                }
+                let lifetime = session::LIFETIME.num_seconds();
+                add_cookie(&mut response, &cloud, session::COOKIE, &token, lifetime);
+                add_cookie(&mut response, &cloud, session::LOGIN_COOKIE, "", 0);
                 response
             }
             Err(e) => {
@@ -481,14 +463,7 @@ async fn logout(State(cloud): State<Arc<Cloud>>, Extension(user): Extension<WebU
         tracing::error!("web logout: {e}");
     }
     let mut response = see_other("/ui/login");
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(
-        session::COOKIE,
-        "",
-        0,
-        cloud.config.console_secure_cookies,
-    )) {
-        response.headers_mut().append(header::SET_COOKIE, v);
-    }
+    add_cookie(&mut response, &cloud, session::COOKIE, "", 0);
     response
 }
 
@@ -505,6 +480,14 @@ pub async fn mount(
     } else {
         crate::pdisk::detach(cloud, &user.principal, uuid, vm).await?
     })
+}
+
+/// Sets (or, with `max_age_s` 0, removes) one of the console's cookies on `response`.
+fn add_cookie(response: &mut Response, cloud: &Cloud, name: &str, value: &str, max_age_s: i64) {
+    let secure = cloud.config.console_secure_cookies;
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(name, value, max_age_s, secure)) {
+        response.headers_mut().append(header::SET_COOKIE, v);
+    }
 }
 
 /// A form's number field: empty is absent; anything else must be a whole number.
