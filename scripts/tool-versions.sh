@@ -12,3 +12,5 @@ printf '%-22s %s\n' qemu-system-x86_64 "$(first_line qemu-system-x86_64 --versio
 printf '%-22s %s\n' qemu-img "$(first_line qemu-img --version)"
 printf '%-22s %s\n' fio "$(first_line fio --version)"
 printf '%-22s %s\n' linux "$(uname -r)"
+# A full disk shows up as a linker killed by SIGBUS; the free space makes that readable.
+printf '%-22s %s\n' "disk free (target)" "$(df -h --output=avail "${CARGO_TARGET_DIR:-target}" 2>/dev/null | tail -1 || df -h --output=avail . | tail -1)"
