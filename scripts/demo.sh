@@ -252,7 +252,8 @@ else
     say "building the node VM (QEMU-TCG, nested SVM; console: $STATE/logs/node-console.log)"
     L1=$STATE/node-root
     busybox_root "$L1"
-    copy_modules "$L1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net 9p 9pnet_virtio
+    copy_modules "$L1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net 9p 9pnet_virtio $NFT_MODULES
+    copy_program "$L1" nft
     echo "$STATE/volumes" > "$L1/volume-dir"
     cp "$STATIC_VMM" "$L1/vmm"; cp "$STATIC_AGENT" "$L1/agent"
     ( umask 077; echo "$AGENT_TOKEN" > "$L1/token" )

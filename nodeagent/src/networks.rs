@@ -2,6 +2,8 @@
 //! DHCP server that answers only the MACs the orchestrator leased (StratusLab's fixed
 //! MAC → IP model). A VM's NIC is a TAP on its network's bridge plus a lease in that
 //! server's table; both are made when the VM is created and removed when it is deleted.
+//! Unless a network says otherwise, the TAP is guarded first: its guest may only send as
+//! its own MAC and leased address (`network::antispoof`).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -10,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::api::types::NicSpec;
+use crate::network::antispoof::{AntiSpoofError, AntiSpoofing, GuestPort};
 use crate::network::{
     BridgeConfig, DhcpHost, DhcpServer, DhcpTable, Ipv4Subnet, LinkError, MacAddr, Netlink,
     TapConfig,
@@ -36,10 +39,19 @@ pub struct NetworkConfig {
     pub domain: Option<String>,
     #[serde(default = "default_lease_time")]
     pub lease_time_secs: u32,
+    /// Per-TAP nftables rules that hold each guest to its own MAC and leased address.
+    /// Only a network whose guests must forward others' traffic (a guest router) turns
+    /// them off.
+    #[serde(default = "default_anti_spoofing")]
+    pub anti_spoofing: bool,
 }
 
 fn default_lease_time() -> u32 {
     3600
+}
+
+fn default_anti_spoofing() -> bool {
+    true
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +66,8 @@ pub enum NetworkError {
     Link(#[from] LinkError),
     #[error("cannot start the DHCP server on {bridge}: {reason}")]
     Dhcp { bridge: String, reason: String },
+    #[error(transparent)]
+    AntiSpoof(#[from] AntiSpoofError),
 }
 
 struct Network {
@@ -63,6 +77,7 @@ struct Network {
 
 pub struct Networks {
     netlink: Option<Netlink>,
+    guard: AntiSpoofing,
     networks: BTreeMap<String, Network>,
 }
 
@@ -80,6 +95,7 @@ impl Networks {
     pub fn none() -> Networks {
         Networks {
             netlink: None,
+            guard: AntiSpoofing::default(),
             networks: BTreeMap::new(),
         }
     }
@@ -90,6 +106,11 @@ impl Networks {
             return Ok(Networks::none());
         }
         let netlink = Netlink::connect()?;
+        let guard = AntiSpoofing::default();
+        if configs.iter().any(|config| config.anti_spoofing) {
+            // Here rather than at the first VM: a host without nftables fails at start.
+            guard.ensure_table().await?;
+        }
         let mut networks = BTreeMap::new();
         for config in configs {
             netlink
@@ -113,11 +134,12 @@ impl Networks {
                 }
             });
             tracing::info!(
-                "network '{}': bridge {} at {}/{}, DHCP on",
+                "network '{}': bridge {} at {}/{}, DHCP on, anti-spoofing {}",
                 config.name,
                 config.bridge,
                 config.address,
-                config.subnet.prefix()
+                config.subnet.prefix(),
+                if config.anti_spoofing { "on" } else { "off" }
             );
             networks.insert(
                 config.name.clone(),
@@ -129,6 +151,7 @@ impl Networks {
         }
         Ok(Networks {
             netlink: Some(netlink),
+            guard,
             networks,
         })
     }
@@ -195,6 +218,20 @@ impl Networks {
             .as_ref()
             .expect("networks without netlink are empty");
         let tap = tap_name(vm_id, index);
+        let mac: MacAddr = nic.mac.parse().map_err(|e| NetworkError::BadNic {
+            nic: nic.id.clone(),
+            reason: format!("{e}"),
+        })?;
+        if network.config.anti_spoofing {
+            // Before the TAP joins the bridge: its first frame is already checked.
+            self.guard
+                .protect(&GuestPort {
+                    tap: &tap,
+                    mac,
+                    ip: nic.ip,
+                })
+                .await?;
+        }
         netlink
             .ensure_tap(&TapConfig {
                 name: tap.clone(),
@@ -205,10 +242,6 @@ impl Networks {
             })
             .await?;
         let config = &network.config;
-        let mac: MacAddr = nic.mac.parse().map_err(|e| NetworkError::BadNic {
-            nic: nic.id.clone(),
-            reason: format!("{e}"),
-        })?;
         network
             .table
             .write()
@@ -242,6 +275,13 @@ impl Networks {
             let tap = tap_name(vm_id, index);
             if let Err(e) = netlink.delete_tap(&tap).await {
                 tracing::warn!("cannot delete TAP {tap}: {e}");
+                // Its guard stays while the TAP may still be on the bridge.
+                return;
+            }
+            if network.config.anti_spoofing {
+                if let Err(e) = self.guard.release(&tap).await {
+                    tracing::warn!("cannot remove the anti-spoofing rules of TAP {tap}: {e}");
+                }
             }
         }
     }

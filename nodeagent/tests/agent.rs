@@ -754,6 +754,11 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         .collect();
     assert_eq!(taps.len(), 1, "one TAP on the bridge: {links}");
     let tap = taps[0].to_owned();
+    let guarded = |tap: &str| {
+        run("nft", &["list", "map", "bridge", "stratus", "ports"])
+            .contains(&format!("\"{tap}\" : jump guest-{tap}"))
+    };
+    assert!(guarded(&tap), "the VM's TAP has its anti-spoofing chain");
 
     // A port on the bridge with the guest's MAC gets the guest's address, and only it.
     run(
@@ -847,9 +852,12 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         Some("198.18.5.10 198.18.5.1 net-1")
     );
 
-    // Deleting the VM takes its TAP and its lease away.
+    assert!(guarded(&tap), "a restarted agent keeps the TAP guarded");
+
+    // Deleting the VM takes its TAP, its lease and its rules away.
     assert_eq!(agent.call("POST", "/vms/net-1/kill", None).0, 200);
     assert_eq!(agent.call("DELETE", "/vms/net-1", None).0, 204);
+    assert!(!guarded(&tap), "the deleted VM's chain is gone");
     let links: Value =
         serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
     assert!(

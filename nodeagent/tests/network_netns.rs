@@ -476,3 +476,340 @@ fn guest_gets_its_fixed_lease_and_strangers_get_nothing() {
         assert!(nl.delete_bridge(BRIDGE).await.unwrap());
     });
 }
+
+/// Frames as a guest's virtio-net writes them into its TAP, and what the TAP hands back.
+mod frames {
+    use std::fs::File;
+    use std::io::{ErrorKind, Read, Write};
+    use std::net::Ipv4Addr;
+    use std::time::{Duration, Instant};
+
+    use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode};
+    use dhcproto::{Decodable, Encodable};
+
+    /// The TAP's default virtio-net header (no offloads): all zeros on the way in.
+    const VNET_HDR_LEN: usize = 10;
+    pub const BROADCAST_MAC: [u8; 6] = [0xff; 6];
+
+    pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(14 + payload.len());
+        frame.extend_from_slice(&dst);
+        frame.extend_from_slice(&src);
+        frame.extend_from_slice(&ethertype.to_be_bytes());
+        frame.extend_from_slice(payload);
+        frame
+    }
+
+    /// An IPv4/UDP datagram (UDP checksum 0: none, which IPv4 allows).
+    pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + data.len();
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+        ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        ip.extend_from_slice(&src.octets());
+        ip.extend_from_slice(&dst.octets());
+        let sum = ip
+            .chunks(2)
+            .fold(0u32, |s, w| s + u32::from(u16::from_be_bytes([w[0], w[1]])));
+        let folded = !(((sum & 0xffff) + (sum >> 16)) as u16);
+        ip[10..12].copy_from_slice(&folded.to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+        ip.extend_from_slice(&[0, 0]);
+        ip.extend_from_slice(data);
+        ip
+    }
+
+    /// An ARP reply announcing that `ip` is at `mac`.
+    pub fn arp_announce(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+        let mut arp = vec![0, 1, 0x08, 0, 6, 4, 0, 2];
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&ip.octets());
+        arp.extend_from_slice(&BROADCAST_MAC);
+        arp.extend_from_slice(&ip.octets());
+        ethernet(BROADCAST_MAC, mac, 0x0806, &arp)
+    }
+
+    pub fn dhcp_discover(src_mac: [u8; 6], chaddr: [u8; 6], xid: u32) -> Vec<u8> {
+        let mut msg = Message::default();
+        msg.set_opcode(Opcode::BootRequest)
+            .set_xid(xid)
+            .set_flags(Flags::default().set_broadcast())
+            .set_chaddr(&chaddr);
+        msg.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
+        let body = msg.to_vec().unwrap();
+        let datagram = udp(Ipv4Addr::UNSPECIFIED, Ipv4Addr::BROADCAST, 68, 67, &body);
+        ethernet(BROADCAST_MAC, src_mac, 0x0800, &datagram)
+    }
+
+    /// The xid of a DHCP offer in a frame, if it is one.
+    pub fn dhcp_offer_xid(frame: &[u8]) -> Option<u32> {
+        if frame.len() < 14 + 28 || frame[12..14] != [0x08, 0x00] || frame[14 + 9] != 17 {
+            return None;
+        }
+        let ihl = usize::from(frame[14] & 0x0f) * 4;
+        let udp = frame.get(14 + ihl..)?;
+        if udp.len() < 8 || udp[0..2] != 67u16.to_be_bytes() {
+            return None;
+        }
+        let msg = Message::decode(&mut dhcproto::Decoder::new(&udp[8..])).ok()?;
+        matches!(msg.opts().msg_type(), Some(MessageType::Offer)).then_some(msg.xid())
+    }
+
+    pub fn send(tap: &mut File, frame: &[u8]) {
+        let mut buf = vec![0u8; VNET_HDR_LEN];
+        buf.extend_from_slice(frame);
+        tap.write_all(&buf).expect("write a frame into the TAP");
+    }
+
+    /// Every frame the TAP delivers to its guest until `until` returns true for one, or the
+    /// time is up. Async: the agent's DHCP server runs on the same runtime.
+    pub async fn receive_until(
+        tap: &mut File,
+        within: Duration,
+        mut until: impl FnMut(&[u8]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + within;
+        let mut frames = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            match tap.read(&mut buf) {
+                Ok(n) if n > VNET_HDR_LEN => {
+                    let frame = buf[VNET_HDR_LEN..n].to_vec();
+                    let done = until(&frame);
+                    frames.push(frame);
+                    if done {
+                        break;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    tokio::time::sleep(Duration::from_millis(5)).await
+                }
+                Err(e) => panic!("read from TAP: {e}"),
+            }
+        }
+        frames
+    }
+
+    pub fn contains(frames: &[Vec<u8>], marker: &[u8]) -> bool {
+        frames
+            .iter()
+            .any(|f| f.windows(marker.len()).any(|w| w == marker))
+    }
+}
+
+#[test]
+fn guests_can_only_send_as_their_own_mac_and_address() {
+    use frames::*;
+    use stratus_nodeagent::api::types::NicSpec;
+    use stratus_nodeagent::networks::{NetworkConfig, Networks};
+    use stratus_vmm::devices::virtio::net::tap::attach_tap;
+
+    let host = NetNs::new("spoof");
+    let ns_name = host.name.clone();
+    host.run(move || async move {
+        let in_ns = |args: &[&str]| {
+            let mut full = vec!["netns", "exec", ns_name.as_str()];
+            full.extend_from_slice(args);
+            run("ip", &full)
+        };
+        let config = NetworkConfig {
+            name: "public".into(),
+            bridge: BRIDGE.into(),
+            subnet: "198.18.0.0/24".parse().unwrap(),
+            address: GATEWAY,
+            gateway: None,
+            dns_servers: vec![],
+            domain: None,
+            lease_time_secs: 600,
+            anti_spoofing: true,
+        };
+        let networks = Networks::start(&[config]).await.unwrap();
+        let nic = |mac: &str, ip: [u8; 4]| NicSpec {
+            id: "eth0".into(),
+            network: "public".into(),
+            mac: mac.into(),
+            ip: Ipv4Addr::from(ip),
+            hostname: None,
+        };
+        let (mac_a, ip_a) = ([2, 0, 0xc6, 0x12, 0, 10], Ipv4Addr::new(198, 18, 0, 10));
+        let (mac_b, ip_b) = ([2, 0, 0xc6, 0x12, 0, 11], Ipv4Addr::new(198, 18, 0, 11));
+        let nic_a = nic("02:00:c6:12:00:0a", ip_a.octets());
+        let nic_b = nic("02:00:c6:12:00:0b", ip_b.octets());
+        let tap_a = networks.plug("vm-a", 0, &nic_a).await.unwrap();
+        let tap_b = networks.plug("vm-b", 0, &nic_b).await.unwrap();
+        let mut a = attach_tap(&tap_a, true).unwrap();
+        let mut b = attach_tap(&tap_b, true).unwrap();
+        for tap in [&tap_a, &tap_b] {
+            let out = in_ns(&["ip", "link", "set", tap, "up"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Ports of a fresh bridge learn and forward only once STP's forward delay is over.
+        let settle = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let probe = ethernet(
+                BROADCAST_MAC,
+                mac_a,
+                0x0800,
+                &udp(ip_a, Ipv4Addr::new(198, 18, 0, 255), 9, 9, b"settle"),
+            );
+            send(&mut a, &probe);
+            if contains(
+                &receive_until(&mut b, Duration::from_millis(200), |f| {
+                    f.ends_with(b"settle")
+                })
+                .await,
+                b"settle",
+            ) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < settle,
+                "the bridge never forwarded A's frames to B"
+            );
+        }
+
+        // Each spoofed frame is followed by a legitimate one: once B has the legitimate
+        // frame, the spoofed one would have arrived before it.
+        let broadcast_ip = Ipv4Addr::new(198, 18, 0, 255);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            (
+                "another guest's MAC",
+                ethernet(
+                    BROADCAST_MAC,
+                    mac_b,
+                    0x0800,
+                    &udp(ip_b, broadcast_ip, 9, 9, b"spoof-mac"),
+                ),
+            ),
+            (
+                "another guest's IPv4 address",
+                ethernet(
+                    BROADCAST_MAC,
+                    mac_a,
+                    0x0800,
+                    &udp(ip_b, broadcast_ip, 9, 9, b"spoof-ip"),
+                ),
+            ),
+            (
+                "an address outside its lease",
+                ethernet(
+                    BROADCAST_MAC,
+                    mac_a,
+                    0x0800,
+                    &udp(
+                        Ipv4Addr::new(198, 18, 0, 99),
+                        broadcast_ip,
+                        9,
+                        9,
+                        b"spoof-free-ip",
+                    ),
+                ),
+            ),
+            (
+                "an ARP claim on another guest's address",
+                arp_announce(mac_a, ip_b),
+            ),
+            (
+                "IPv6, which Stratus does not lease",
+                ethernet(
+                    BROADCAST_MAC,
+                    mac_a,
+                    0x86dd,
+                    b"spoof-ipv6-payload-with-some-bytes",
+                ),
+            ),
+        ];
+        for (what, spoofed) in cases {
+            send(&mut a, &spoofed);
+            let legit = udp(ip_a, broadcast_ip, 9, 9, what.as_bytes());
+            send(&mut a, &ethernet(BROADCAST_MAC, mac_a, 0x0800, &legit));
+            let seen = receive_until(&mut b, Duration::from_secs(5), |f| {
+                f.ends_with(what.as_bytes())
+            })
+            .await;
+            assert!(
+                contains(&seen, what.as_bytes()),
+                "{what}: the legitimate frame after it never arrived"
+            );
+            assert!(
+                !seen.iter().any(|f| f == &spoofed),
+                "{what}: the spoofed frame reached the other guest"
+            );
+        }
+        let own_arp = arp_announce(mac_a, ip_a);
+        send(&mut a, &own_arp);
+        let seen = receive_until(&mut b, Duration::from_secs(5), |f| f == own_arp.as_slice()).await;
+        assert!(
+            seen.iter().any(|f| f == &own_arp),
+            "A's ARP for its own address must pass"
+        );
+
+        // DHCP: a request for another guest's lease gets no offer, its own does.
+        send(&mut a, &dhcp_discover(mac_a, mac_b, 0xbad));
+        send(&mut a, &dhcp_discover(mac_a, mac_a, 0x600d));
+        let seen = receive_until(&mut a, Duration::from_secs(5), |f| {
+            dhcp_offer_xid(f) == Some(0x600d)
+        })
+        .await;
+        let offers: Vec<u32> = seen.iter().filter_map(|f| dhcp_offer_xid(f)).collect();
+        assert!(
+            offers.contains(&0x600d),
+            "A's own DISCOVER got no offer: {offers:x?}"
+        );
+        assert!(
+            !offers.contains(&0xbad),
+            "A got B's lease offered: {offers:x?}"
+        );
+
+        // A flood of DHCP is cut to the port's rate: 5/s with a burst of 20.
+        for xid in 0..100u32 {
+            send(&mut a, &dhcp_discover(mac_a, mac_a, 0x1000 + xid));
+        }
+        let seen = receive_until(&mut a, Duration::from_secs(2), |_| false).await;
+        let answered = seen
+            .iter()
+            .filter_map(|f| dhcp_offer_xid(f))
+            .filter(|xid| (0x1000..0x1000 + 100).contains(xid))
+            .count();
+        assert!(
+            (1..=40).contains(&answered),
+            "{answered} of 100 DISCOVERs sent at once were answered"
+        );
+
+        // Taking a VM away takes its rules; the other guest's stay, and a second
+        // unplug (the agent repeating a delete after a crash) is harmless.
+        drop(a);
+        networks.unplug("vm-a", 0, &nic_a).await;
+        networks.unplug("vm-a", 0, &nic_a).await;
+        let chain_a = format!("guest-{tap_a}");
+        let chain_b = format!("guest-{tap_b}");
+        let listed =
+            String::from_utf8_lossy(&in_ns(&["nft", "list", "table", "bridge", "stratus"]).stdout)
+                .into_owned();
+        assert!(!listed.contains(&chain_a), "{listed}");
+        assert!(
+            listed.contains(&format!("\"{tap_b}\" : jump {chain_b}")),
+            "{listed}"
+        );
+        // An agent that starts again keeps the running guests' rules.
+        stratus_nodeagent::network::AntiSpoofing::default()
+            .ensure_table()
+            .await
+            .unwrap();
+        let listed =
+            String::from_utf8_lossy(&in_ns(&["nft", "list", "table", "bridge", "stratus"]).stdout)
+                .into_owned();
+        assert!(
+            listed.contains(&format!("\"{tap_b}\" : jump {chain_b}")),
+            "{listed}"
+        );
+        drop(b);
+    });
+}

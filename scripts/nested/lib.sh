@@ -80,6 +80,23 @@ copy_modules() {
     done < <(python3 "$NESTED_LIB_DIR/modules.py" "$KMOD_DIR" "$@")
 }
 
+# copy_program <root-dir> <command>: the command and the shared libraries it loads, at the
+# paths the dynamic loader looks for them (a busybox root has no package manager).
+copy_program() {
+    local root=$1 path lib
+    path=$(command -v "$2") || { log "$2 is not installed"; return 1; }
+    mkdir -p "$root$(dirname "$path")"
+    cp "$path" "$root$path"
+    while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done < <(ldd "$path" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+}
+
+# The guests' anti-spoofing rules in a nested node: nft and the kernel modules it drives
+# (a busybox root has no modprobe to load them on demand).
+NFT_MODULES="nf_tables nft_limit"
+
 # write_init <root-dir>: writes <root-dir>/init as the preamble every guest here shares
 # (busybox applets, /proc, /sys, /dev, the modules listed in lib/modules/order) followed by
 # the script body read from standard input. A module that fails to load is reported as
@@ -89,6 +106,7 @@ write_init() {
         cat <<'PREAMBLE'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 if [ -f /lib/modules/order ]; then
     for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "INSMOD-FAILED $m"; done

@@ -5,11 +5,13 @@
 //! server answers only MACs it has a fixed lease for. The pieces here are independent so the
 //! agent can persist pool state (JSON) and rebuild the DHCP table from it after a restart.
 
+pub mod antispoof;
 pub mod dhcp;
 pub mod link;
 pub mod mac;
 pub mod pool;
 
+pub use antispoof::{AntiSpoofError, AntiSpoofing, GuestPort};
 pub use dhcp::{BoundDhcpServer, DhcpError, DhcpHost, DhcpReply, DhcpServer, DhcpTable};
 pub use link::{BridgeConfig, LinkError, LinkKind, LinkState, Netlink, Tap, TapConfig};
 pub use mac::{MacAddr, MacError};

@@ -120,7 +120,8 @@ log "image $IMAGE_ID published"
 
 # L1: KVM, the user network to this machine, the node agent with its own guest network.
 busybox_root "$W/l1"
-copy_modules "$W/l1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net
+copy_modules "$W/l1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net $NFT_MODULES
+copy_program "$W/l1" nft
 cp "$STATIC_VMM" "$W/l1/vmm"
 cp "$STATIC_AGENT" "$W/l1/agent"
 printf '%s\n' "$TOKEN" > "$W/l1/token"
