@@ -255,7 +255,7 @@ else
     copy_modules "$L1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net 9p 9pnet_virtio $NFT_MODULES
     copy_program "$L1" nft
     echo "$STATE/volumes" > "$L1/volume-dir"
-    cp "$STATIC_VMM" "$L1/vmm"; cp "$STATIC_AGENT" "$L1/agent"
+    cp "$STATIC_VMM" "$L1/vmm"; cp "$STATIC_JAILER" "$L1/stratus-jailer"; cp "$STATIC_AGENT" "$L1/agent"
     ( umask 077; echo "$AGENT_TOKEN" > "$L1/token" )
     node_config "0.0.0.0:8776" /var/lib/stratus /run/stratus /vmm /token stbr0 > "$L1/agent.toml"
     write_init "$L1" <<'INIT'

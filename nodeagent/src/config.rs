@@ -62,7 +62,7 @@ pub struct AgentConfig {
     /// VM records, per-VM disks and console logs live here; it must survive reboots.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// The VMMs' API sockets.
+    /// The jails' root directories (empty mount points; gone with the jails).
     #[serde(default = "default_run_dir")]
     pub run_dir: PathBuf,
     /// The VMM binary to run, one process per VM.
@@ -104,6 +104,79 @@ pub struct AgentConfig {
     /// `listen` on an address only the orchestrator reaches).
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    #[serde(default)]
+    pub jailer: JailerConfig,
+}
+
+/// `[jailer]`: how each VMM is confined (`stratus-jailer`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JailerConfig {
+    /// Start every VMM through the jailer. Off, VMMs run as the agent's user (root) in the
+    /// host's namespaces, with only their seccomp filters.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Default: `stratus-jailer` beside `vmm_binary`.
+    #[serde(default)]
+    pub binary: Option<PathBuf>,
+    /// VM number n runs as uid and gid `uid_base + n`; keep the range clear of the host's
+    /// users and of subordinate id ranges.
+    #[serde(default = "default_uid_base")]
+    pub uid_base: u32,
+    #[serde(default = "default_uid_count")]
+    pub uid_count: u32,
+    /// Put each VMM in a cgroup with limits (v2, or v1's memory/pids/cpu controllers).
+    #[serde(default = "yes")]
+    pub cgroups: bool,
+    #[serde(default = "default_cgroup_parent")]
+    pub cgroup_parent: String,
+    #[serde(default = "default_cgroup_root")]
+    pub cgroup_root: PathBuf,
+    /// Memory a VMM may use beyond its guest's RAM (its own code, queues, bounce buffers,
+    /// librbd's caches).
+    #[serde(default = "default_memory_overhead_mib")]
+    pub memory_overhead_mib: u64,
+    /// Threads a VMM may have (vCPUs, device workers, librbd's threads).
+    #[serde(default = "default_pids_max")]
+    pub pids_max: u64,
+}
+
+impl Default for JailerConfig {
+    fn default() -> Self {
+        JailerConfig {
+            enabled: true,
+            binary: None,
+            uid_base: default_uid_base(),
+            uid_count: default_uid_count(),
+            cgroups: true,
+            cgroup_parent: default_cgroup_parent(),
+            cgroup_root: default_cgroup_root(),
+            memory_overhead_mib: default_memory_overhead_mib(),
+            pids_max: default_pids_max(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_uid_base() -> u32 {
+    1_900_000_000
+}
+fn default_uid_count() -> u32 {
+    65_536
+}
+fn default_cgroup_parent() -> String {
+    "stratus".into()
+}
+fn default_cgroup_root() -> PathBuf {
+    "/sys/fs/cgroup".into()
+}
+fn default_memory_overhead_mib() -> u64 {
+    256
+}
+fn default_pids_max() -> u64 {
+    1024
 }
 
 /// `[tls]`: the agent's server certificate, as PEM files.
@@ -260,6 +333,17 @@ impl AgentConfig {
         if config.shutdown_timeout_s == 0 {
             return Err(invalid("shutdown_timeout_s must be at least 1".into()));
         }
+        let jailer = &config.jailer;
+        if jailer.uid_base == 0
+            || jailer.uid_count == 0
+            || jailer.uid_base.checked_add(jailer.uid_count).is_none()
+        {
+            return Err(invalid(format!(
+                "jailer.uid_base ({}) and jailer.uid_count ({}) must give a non-empty range of \
+                 non-root ids below 2^32",
+                jailer.uid_base, jailer.uid_count
+            )));
+        }
         for (name, dir) in [
             ("state_dir", &config.state_dir),
             ("run_dir", &config.run_dir),
@@ -287,6 +371,18 @@ impl AgentConfig {
 
     pub fn vms_dir(&self) -> PathBuf {
         self.state_dir.join("vms")
+    }
+
+    /// Where the jail of VM `id` has its root while the VM runs.
+    pub fn jail_root(&self, id: &str) -> PathBuf {
+        self.run_dir.join("jails").join(id)
+    }
+
+    pub fn jailer_binary(&self) -> PathBuf {
+        self.jailer
+            .binary
+            .clone()
+            .unwrap_or_else(|| self.vmm_binary.with_file_name("stratus-jailer"))
     }
 
     pub fn image_cache_dir(&self) -> PathBuf {

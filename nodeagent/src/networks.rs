@@ -205,11 +205,13 @@ impl Networks {
 
     /// The NIC's TAP on its bridge and its lease in the DHCP server (both idempotent, so
     /// this also repairs after a restart).
+    /// `owner`: the user a jailed VMM that opens the TAP runs as.
     pub async fn plug(
         &self,
         vm_id: &str,
         index: usize,
         nic: &NicSpec,
+        owner: Option<u32>,
     ) -> Result<String, NetworkError> {
         self.check(nic, vm_id)?;
         let network = self.network(&nic.network)?;
@@ -237,8 +239,8 @@ impl Networks {
                 name: tap.clone(),
                 bridge: Some(network.config.bridge.clone()),
                 mtu: None,
-                owner: None,
-                group: None,
+                owner,
+                group: owner,
             })
             .await?;
         let config = &network.config;

@@ -156,6 +156,14 @@ pub fn signal_if_same(pid: u32, start_time: u64, signal: i32) -> bool {
 }
 
 /// The process serving the Unix socket at `path`, from the kernel's peer credentials.
+/// The parent of process `pid` (`/proc/PID/stat` field 4).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: skip past its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
 pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     use std::os::unix::io::AsRawFd;
     let stream = std::os::unix::net::UnixStream::connect(path).ok()?;

@@ -54,13 +54,23 @@ impl VmmClientError {
 #[derive(Clone, Debug)]
 pub struct VmmClient {
     socket: PathBuf,
+    peer_uid: Option<u32>,
 }
 
 impl VmmClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         VmmClient {
             socket: socket.into(),
+            peer_uid: None,
         }
+    }
+
+    /// Talks only to a VMM running as `uid`. A jailed VMM owns the directory of its socket
+    /// and could put a link to another service's socket in its place; the kernel's record
+    /// of who listens on the other end cannot be forged.
+    pub fn with_peer_uid(mut self, uid: u32) -> Self {
+        self.peer_uid = Some(uid);
+        self
     }
 
     pub fn socket(&self) -> &Path {
@@ -75,12 +85,21 @@ impl VmmClient {
     ) -> Result<T, VmmClientError> {
         let what = format!("{method} {path}");
         let request = async {
+            let connect_error = |source| VmmClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            };
             let stream = tokio::net::UnixStream::connect(&self.socket)
                 .await
-                .map_err(|source| VmmClientError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
+                .map_err(connect_error)?;
+            if let Some(expected) = self.peer_uid {
+                let peer = stream.peer_cred().map_err(connect_error)?.uid();
+                if peer != expected {
+                    return Err(connect_error(std::io::Error::other(format!(
+                        "the socket's server runs as uid {peer}, not as the VM's user {expected}"
+                    ))));
+                }
+            }
             let http = |source| VmmClientError::Http {
                 socket: self.socket.clone(),
                 source,

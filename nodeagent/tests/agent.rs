@@ -18,8 +18,8 @@ mod pki;
 const DEADLINE: Duration = Duration::from_secs(60);
 const TOKEN: &str = "test-token-0123456789";
 
-/// The stratus-vmm binary of this workspace, built if `cargo test -p stratus-nodeagent` did
-/// not build it.
+/// The stratus-vmm binary of this workspace (and the jailer beside it, which the agent
+/// starts every VMM through), built if `cargo test -p stratus-nodeagent` did not build them.
 fn vmm_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
@@ -35,6 +35,10 @@ fn vmm_binary() -> PathBuf {
                 "stratus-vmm",
                 "--bin",
                 "stratus-vmm",
+                "-p",
+                "stratus-jailer",
+                "--bin",
+                "stratus-jailer",
             ])
             .status()
             .expect("run cargo build");
@@ -56,7 +60,17 @@ struct Agent {
     addr: SocketAddr,
     config: PathBuf,
     child: Option<Child>,
+    /// Each test agent's VMs get cgroups under a parent of their own: tests run in
+    /// parallel and reuse VM ids.
+    cgroup_parent: String,
 }
+
+const CGROUP_ROOTS: [&str; 4] = [
+    "/sys/fs/cgroup",
+    "/sys/fs/cgroup/memory",
+    "/sys/fs/cgroup/pids",
+    "/sys/fs/cgroup/cpu",
+];
 
 impl Agent {
     /// An agent offering `cpus` vCPUs and `memory_mib` MiB.
@@ -72,12 +86,18 @@ impl Agent {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("agent.toml");
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cgroup_parent = format!(
+            "stratus-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         std::fs::write(
             &config,
             format!(
                 "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
                  vmm_binary = \"{}\"\nshutdown_timeout_s = 30\nallow_file_locations = true\n\n[capacity]\ncpus = {cpus}\n\
-                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n{extra}",
+                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n\n[jailer]\ncgroup_parent = \"{cgroup_parent}\"\n{extra}",
                 token.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
@@ -90,6 +110,7 @@ impl Agent {
             addr,
             config,
             child: None,
+            cgroup_parent,
         };
         agent.launch();
         agent
@@ -220,11 +241,27 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let run = self.dir.path().join("run");
-        for entry in std::fs::read_dir(&run).into_iter().flatten().flatten() {
-            if let Some(pid) = socket_peer_pid(&entry.path()) {
+        let vms = self.dir.path().join("state/vms");
+        for entry in std::fs::read_dir(&vms).into_iter().flatten().flatten() {
+            if let Some(pid) = socket_peer_pid(&entry.path().join("vmm/api.sock")) {
                 // SAFETY: sends SIGKILL to the VMM serving our own test's socket.
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+        // The jailers remove their VMs' cgroups as the VMMs end; then the parent goes.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for root in CGROUP_ROOTS {
+            let parent = Path::new(root).join(&self.cgroup_parent);
+            while parent.exists() {
+                for vm in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                    if vm.path().is_dir() {
+                        let _ = std::fs::remove_dir(vm.path());
+                    }
+                }
+                if std::fs::remove_dir(&parent).is_ok() || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
@@ -353,7 +390,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "volumes are never touched"
     );
     assert!(!agent.dir.path().join("state/vms/vm-1.json").exists());
-    assert!(!agent.dir.path().join("run/vm-1.sock").exists());
+    assert!(!agent.dir.path().join("state/vms/vm-1").exists());
     assert_eq!(agent.call("GET", "/vms/vm-1", None).0, 404);
 }
 
@@ -583,7 +620,7 @@ fn after_a_kill_9_the_agent_takes_its_vms_back() {
     agent.crash();
     // While the agent is down, one VM keeps running and the other is stopped through its
     // VMM's own socket.
-    let socket = agent.dir.path().join("run/ended.sock");
+    let socket = agent.dir.path().join("state/vms/ended/vmm/api.sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     let body = r#"{"action": "stop"}"#;
     write!(
@@ -908,7 +945,7 @@ fn the_context_disk_is_made_on_the_node_and_attached_read_only() {
         "attached: {vm}"
     );
     // The VMM has it read-only.
-    let socket = agent.dir.path().join("run/ctx.sock");
+    let socket = agent.dir.path().join("state/vms/ctx/vmm/api.sock");
     let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     write!(
         stream,
@@ -1118,7 +1155,11 @@ fn the_no_vm_hypervisor_is_refused_unless_asked_for_and_then_starts_nothing() {
     assert_eq!(status, 201, "{vm}");
     assert_eq!(vm["state"], "running");
     assert!(vm["pid"].is_null(), "no VMM: {vm}");
-    assert!(!agent.dir.path().join("run/fake-1.sock").exists());
+    assert!(!agent
+        .dir
+        .path()
+        .join("state/vms/fake-1/vmm/api.sock")
+        .exists());
     // Admission still counts it.
     let (_, host) = agent.call("GET", "/host", None);
     assert_eq!(host["cpu_allocated"], 1);
@@ -1435,8 +1476,14 @@ fn rbd_images_are_attached_at_creation_and_hot_plugged() {
     let vm = agent.wait_state("r", "running");
     assert!(vm["counters"]["disks"]["vol"].is_object(), "{vm}");
 
+    // A jailed VMM reads only the files a disk names: Ceph's defaults are out of reach.
+    let admin = json!({"read_only": true, "source": {"rbd": {"image": "rbd/base@golden", "conf": cluster.conf()}}});
+    let (status, e) = agent.call("PUT", "/vms/r/disks/golden", Some(&admin));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("give the Ceph client's keyring"), "{e}");
     // A snapshot, hot-plugged read-only.
-    let snap = json!({"read_only": true, "source": {"rbd": {"image": "rbd/base@golden", "conf": cluster.conf()}}});
+    let snap = json!({"read_only": true, "source": {"rbd": {"image": "rbd/base@golden",
+        "conf": cluster.conf(), "id": "stratus", "keyring": keyring}}});
     let (status, vm) = agent.call("PUT", "/vms/r/disks/golden", Some(&snap));
     assert_eq!(status, 201, "{vm}");
     // Bad names are refused before the VMM sees them; a missing image by the VMM.
@@ -1444,7 +1491,8 @@ fn rbd_images_are_attached_at_creation_and_hot_plugged() {
     let (status, e) = agent.call("PUT", "/vms/r/disks/bad", Some(&bad));
     assert_eq!(status, 400, "{e}");
     assert!(error(&e).contains("names no pool"), "{e}");
-    let missing = json!({"source": {"rbd": {"image": "rbd/missing", "conf": cluster.conf()}}});
+    let missing = json!({"source": {"rbd": {"image": "rbd/missing", "conf": cluster.conf(),
+        "id": "stratus", "keyring": keyring}}});
     let (status, e) = agent.call("PUT", "/vms/r/disks/missing", Some(&missing));
     assert!(status >= 400, "{status} {e}");
     assert!(error(&e).contains("cannot open image rbd/missing"), "{e}");
@@ -1559,4 +1607,124 @@ fn with_a_certificate_the_api_is_https_only_and_a_bad_key_stops_the_agent() {
     check("do not make a server identity");
     std::fs::write(&cert, "not a certificate\n").unwrap();
     check("holds no PEM certificate");
+}
+
+/// `/proc/PID/status` lines of a process, by name.
+fn proc_status(pid: u64) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+#[test]
+fn every_vmm_runs_jailed_as_its_own_user_and_sees_only_its_own_vm() {
+    let agent = Agent::start(4, 1024);
+    let mut vmms = Vec::new();
+    for id in ["jail-a", "jail-b"] {
+        let (status, vm) = agent.call(
+            "PUT",
+            &format!("/vms/{id}"),
+            Some(&agent.spec(Guest::EventLoop)),
+        );
+        assert_eq!(status, 201, "{vm}");
+        let jailer = vm["pid"].as_u64().unwrap();
+        let children =
+            std::fs::read_to_string(format!("/proc/{jailer}/task/{jailer}/children")).unwrap();
+        let vmm: u64 = children
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("jailer {jailer} has children {children:?}"));
+        vmms.push((id, vmm));
+    }
+    let mut uids = Vec::new();
+    for (id, vmm) in &vmms {
+        let status = proc_status(*vmm);
+        let uid: u32 = status["Uid"]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(uid >= 1_900_000_000, "VM {id}'s VMM runs as uid {uid}");
+        assert!(
+            status["Uid"]
+                .split_whitespace()
+                .all(|u| u == uid.to_string()),
+            "{status:?}"
+        );
+        assert_eq!(status["CapEff"], "0000000000000000", "{status:?}");
+        assert_eq!(status["CapBnd"], "0000000000000000", "{status:?}");
+        assert_eq!(status["NoNewPrivs"], "1");
+        assert_eq!(status["Seccomp"], "2", "its own filters still apply");
+        // PID 1 of a PID namespace of its own.
+        assert!(
+            status["NSpid"].ends_with(" 1") || status["NSpid"].ends_with("\t1"),
+            "{status:?}"
+        );
+        uids.push(uid);
+
+        // What the VMM sees as `/`: its own VM's directory, not the other's, nor the
+        // agent's state or the host's files.
+        let root = PathBuf::from(format!("/proc/{vmm}/root"));
+        let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap());
+        let state = agent.dir.path().join("state");
+        assert!(inside(&state.join("vms").join(id).join("vmm/api.sock")).exists());
+        for (other, _) in vmms.iter().filter(|(o, _)| o != id) {
+            assert!(
+                !inside(&state.join("vms").join(other)).exists(),
+                "{id} sees {other}"
+            );
+        }
+        assert!(
+            !inside(&state.join(format!("vms/{id}.json"))).exists(),
+            "its record is the agent's"
+        );
+        assert!(
+            !inside(&agent.dir.path().join("token")).exists(),
+            "the agent's token"
+        );
+        assert!(!inside(Path::new("/etc/passwd")).exists());
+        assert!(!inside(Path::new("/root")).exists());
+        assert!(inside(Path::new("/dev/kvm")).exists());
+
+        // Held to guest RAM + the allowance (64 + 256 MiB), in a cgroup of its own.
+        let cgroup = std::fs::read_to_string(format!("/proc/{vmm}/cgroup")).unwrap();
+        let own = format!("/{}/{id}", agent.cgroup_parent);
+        assert!(cgroup.lines().any(|l| l.ends_with(&own)), "{cgroup}");
+        let limit = CGROUP_ROOTS
+            .iter()
+            .flat_map(|root| {
+                let dir = Path::new(root).join(&agent.cgroup_parent).join(id);
+                [dir.join("memory.max"), dir.join("memory.limit_in_bytes")]
+            })
+            .find_map(|f| std::fs::read_to_string(f).ok())
+            .expect("a memory limit file");
+        assert_eq!(limit.trim(), ((64u64 + 256) << 20).to_string());
+    }
+    assert_ne!(uids[0], uids[1], "each VM has its own user");
+
+    // A VMM that dies takes its cgroup and jail root with it, and the VM reports why.
+    let (id, vmm) = vmms[0];
+    // SAFETY: SIGKILL to this test's own VMM.
+    unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    let vm = agent.wait_state(id, "failed");
+    assert!(
+        vm["exit"]["reason"].as_str().unwrap().contains("signal 9"),
+        "{vm}"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while CGROUP_ROOTS
+        .iter()
+        .any(|root| Path::new(root).join(&agent.cgroup_parent).join(id).exists())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the ended VM's cgroup is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!agent.dir.path().join("run/jails").join(id).exists());
 }

@@ -638,8 +638,8 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
         let (mac_b, ip_b) = ([2, 0, 0xc6, 0x12, 0, 11], Ipv4Addr::new(198, 18, 0, 11));
         let nic_a = nic("02:00:c6:12:00:0a", ip_a.octets());
         let nic_b = nic("02:00:c6:12:00:0b", ip_b.octets());
-        let tap_a = networks.plug("vm-a", 0, &nic_a).await.unwrap();
-        let tap_b = networks.plug("vm-b", 0, &nic_b).await.unwrap();
+        let tap_a = networks.plug("vm-a", 0, &nic_a, None).await.unwrap();
+        let tap_b = networks.plug("vm-b", 0, &nic_b, None).await.unwrap();
         let mut a = attach_tap(&tap_a, true).unwrap();
         let mut b = attach_tap(&tap_b, true).unwrap();
         for tap in [&tap_a, &tap_b] {

@@ -40,8 +40,11 @@ PY
 build_static_vmm() {
     local target=x86_64-unknown-linux-gnu
     (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-        cargo build --quiet --release --target $target -p stratus-vmm --bin stratus-vmm)
+        cargo build --quiet --release --target $target -p stratus-vmm --bin stratus-vmm \
+            -p stratus-jailer --bin stratus-jailer)
     STATIC_VMM=$REPO_ROOT/target/$target/release/stratus-vmm
+    # The node agent starts each VMM through the jailer beside it.
+    STATIC_JAILER=$REPO_ROOT/target/$target/release/stratus-jailer
     file "$STATIC_VMM" | grep -Eq 'static(-pie)? linked' || { log "$STATIC_VMM is not static"; return 1; }
 }
 
@@ -107,6 +110,8 @@ write_init() {
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+# cgroup v2 for the jailer's per-VM limits (a busybox root has no systemd to mount it).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 if [ -f /lib/modules/order ]; then
     for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "INSMOD-FAILED $m"; done

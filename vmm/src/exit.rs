@@ -79,8 +79,23 @@ impl ExitStatusFile {
         std::fs::rename(&tmp, path)
     }
 
+    /// Read by the node agent from a directory a jailed VMM may write: no link is
+    /// followed, no FIFO waited on, nothing but a small regular file read.
     pub fn read(path: &std::path::Path) -> std::io::Result<Self> {
-        let body = std::fs::read(path)?;
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        const MAX_LEN: u64 = 64 * 1024;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other(
+                "the status file is not a regular file",
+            ));
+        }
+        let mut body = Vec::new();
+        file.take(MAX_LEN).read_to_end(&mut body)?;
         serde_json::from_slice(&body).map_err(std::io::Error::other)
     }
 }

@@ -167,7 +167,11 @@ impl From<VmError> for Refusal {
             ) => StatusCode::BAD_REQUEST,
             VmError::Image(_) => StatusCode::BAD_GATEWAY,
             VmError::Vmm(_) => StatusCode::BAD_GATEWAY,
-            VmError::Record(_) | VmError::Supervisor(_) | VmError::Io { .. } => {
+            VmError::Jail(crate::vms::jail::JailPrepError::Unreadable(_)) => {
+                StatusCode::BAD_REQUEST
+            }
+            VmError::Jail(crate::vms::jail::JailPrepError::NoUid(_)) => StatusCode::CONFLICT,
+            VmError::Record(_) | VmError::Supervisor(_) | VmError::Io { .. } | VmError::Jail(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };

@@ -6,16 +6,18 @@
 //! state. Capacity is reserved under one lock when a VM is admitted, so concurrent creates
 //! never hand out more than the host offers.
 
+pub mod jail;
 pub mod record;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use stratus_vmm::devices::virtio::block::BlockConfig;
 use tokio::sync::Notify;
 
+use self::jail::{JailPlan, JailPrepError};
 use self::record::{RecordError, VmRecord};
 use stratus_contextualizer::{Context, ContextMethod};
 use stratus_images::cache::ImageCache;
@@ -93,6 +95,8 @@ pub enum VmError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Image(#[from] stratus_images::Error),
+    #[error(transparent)]
+    Jail(#[from] JailPrepError),
 }
 
 /// A VM's changing part.
@@ -115,6 +119,8 @@ pub struct Vm {
     created: chrono::DateTime<chrono::Utc>,
     dir: PathBuf,
     socket: PathBuf,
+    /// The user and group its jailed VMM runs as; kept for the VM's whole life.
+    jail_uid: OnceLock<u32>,
     status: Mutex<Status>,
     /// Woken at every change of status.
     changed: Notify,
@@ -130,7 +136,11 @@ impl Vm {
     }
 
     fn client(&self) -> VmmClient {
-        VmmClient::new(&self.socket)
+        let client = VmmClient::new(&self.socket);
+        match self.jail_uid.get() {
+            Some(uid) => client.with_peer_uid(*uid),
+            None => client,
+        }
     }
 
     fn record(&self) -> VmRecord {
@@ -145,6 +155,7 @@ impl Vm {
             restarts: s.restarts,
             created: self.created,
             attached: s.attached.clone(),
+            jail_uid: self.jail_uid.get().copied(),
         }
     }
 
@@ -163,12 +174,18 @@ impl Vm {
         }
     }
 
+    /// What the VMM itself writes (its socket, status and console): the only directory
+    /// a jailed VMM may write in, so the agent reads nothing there through a link.
+    fn vmm_dir(&self) -> PathBuf {
+        self.dir.join("vmm")
+    }
+
     fn console_path(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.vmm_dir().join("console.log")
     }
 
     fn status_file(&self) -> PathBuf {
-        self.dir.join("vmm-status.json")
+        self.vmm_dir().join("status.json")
     }
 
     fn volatile_path(&self, disk_id: &str) -> PathBuf {
@@ -196,6 +213,8 @@ struct BootFiles {
     initrd: Option<PathBuf>,
     cmdline: String,
     root_overlay: Option<PathBuf>,
+    /// The image the root overlay reads through to.
+    root_base: Option<PathBuf>,
 }
 
 pub struct VmManager {
@@ -405,6 +424,32 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
     }
 }
 
+/// A jailed VMM sees only the files a disk names: Ceph's own defaults (the keyring
+/// `ceph.conf` points at, /etc/ceph's admin keyring) are out of its reach.
+fn check_jailed_rbd(disk_id: &str, rbd: &RbdSource) -> Result<(), VmError> {
+    if rbd.keyring.is_none() {
+        return Err(VmError::BadSpec(format!(
+            "disk '{disk_id}': the VMM runs jailed and reads only the files the disk names: \
+             give the Ceph client's keyring (and its id unless it is client.admin)"
+        )));
+    }
+    Ok(())
+}
+
+/// Where the VMM reads a secret of disk `disk_id`: a jailed VMM from its own copy.
+fn vmm_secret(
+    jail: &Option<JailPlan>,
+    path: &Path,
+    vmm_dir: &Path,
+    disk_id: &str,
+    kind: &str,
+) -> Result<PathBuf, VmError> {
+    match jail {
+        Some(jail) => Ok(jail.private_copy(path, vmm_dir, &format!("{disk_id}.{kind}"))?),
+        None => Ok(path.to_owned()),
+    }
+}
+
 /// The exit as the VMM reported it (status file), or as the process was seen to end.
 fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
     let written = stratus_vmm::exit::ExitStatusFile::read(status_file).ok();
@@ -417,6 +462,11 @@ fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
              attacked it, or the VMM needs a call its filter lacks"
         ),
         (None, Some(signal)) => format!("the VMM was killed by signal {signal}"),
+        (None, None) if ended.code == Some(stratus_jailer::run::SETUP_FAILED) => {
+            "the VMM's jail could not be set up (stratus-jailer's reason is in the VM's \
+             vmm.log)"
+                .into()
+        }
         (None, None) if ended.code.is_some() => "the VMM exited without a reason".into(),
         (None, None) => "the VMM ended while the agent was not watching it (no exit status)".into(),
     };
@@ -497,16 +547,39 @@ impl VmManager {
         spec: VmSpec,
         status: Status,
         created: chrono::DateTime<chrono::Utc>,
+        jail_uid: Option<u32>,
     ) -> Arc<Vm> {
+        let dir = self.config.vms_dir().join(id);
+        let jail = OnceLock::new();
+        if let Some(uid) = jail_uid {
+            let _ = jail.set(uid);
+        }
         Arc::new(Vm {
             id: id.to_owned(),
             spec,
             created,
-            dir: self.config.vms_dir().join(id),
-            socket: self.config.run_dir.join(format!("{id}.sock")),
+            socket: dir.join("vmm").join("api.sock"),
+            dir,
+            jail_uid: jail,
             status: Mutex::new(status),
             changed: Notify::new(),
         })
+    }
+
+    fn jailed(&self) -> bool {
+        self.config.jailer.enabled && !self.no_vm()
+    }
+
+    /// The VM's own user, chosen (the lowest free one) the first time it is needed and
+    /// recorded with the VM.
+    fn jail_uid(&self, vm: &Vm) -> Result<u32, VmError> {
+        if let Some(uid) = vm.jail_uid.get() {
+            return Ok(*uid);
+        }
+        let vms = self.vms();
+        let taken = vms.values().filter_map(|v| v.jail_uid.get().copied());
+        let uid = jail::free_uid(&self.config.jailer, taken)?;
+        Ok(*vm.jail_uid.get_or_init(|| uid))
     }
 
     async fn take_back(self: &Arc<Self>, record: VmRecord) {
@@ -519,7 +592,13 @@ impl VmManager {
             stop_requested: false,
             attached: record.attached.clone(),
         };
-        let vm = self.new_vm(&record.id, record.spec.clone(), status, record.created);
+        let vm = self.new_vm(
+            &record.id,
+            record.spec.clone(),
+            status,
+            record.created,
+            record.jail_uid,
+        );
         self.vms().insert(record.id.clone(), vm.clone());
         if self.no_vm() {
             return;
@@ -531,8 +610,14 @@ impl VmManager {
         if !record.state.is_active() {
             return;
         }
-        // The VMM serving the VM's socket is the VM's, whatever the record says about pids.
-        let peer = supervisor::socket_peer_pid(&vm.socket);
+        // The VMM serving the VM's socket is the VM's, whatever the record says about pids;
+        // a jailed one is watched through its jailer.
+        let peer = supervisor::socket_peer_pid(&vm.socket).map(|pid| {
+            match (vm.jail_uid.get(), supervisor::parent_pid(pid)) {
+                (Some(_), Some(jailer)) if record.pid == Some(jailer) => jailer,
+                _ => pid,
+            }
+        });
         let adopted = peer
             .or(record.pid)
             .and_then(|pid| Some((pid, supervisor::process_start_time(pid)?)))
@@ -671,7 +756,7 @@ impl VmManager {
                 stop_requested: false,
                 attached: Vec::new(),
             };
-            let vm = self.new_vm(id, spec, status, chrono::Utc::now());
+            let vm = self.new_vm(id, spec, status, chrono::Utc::now(), None);
             vms.insert(id.to_owned(), vm.clone());
             vm
         };
@@ -698,8 +783,13 @@ impl VmManager {
     }
 
     async fn plug_nics(&self, vm: &Vm) -> Result<(), VmError> {
+        // A jailed VMM opens its TAPs by name as its own user: they must be its.
+        let owner = match self.jailed() && !vm.spec.nics.is_empty() {
+            true => Some(self.jail_uid(vm)?),
+            false => None,
+        };
         for (index, nic) in vm.spec.nics.iter().enumerate() {
-            self.networks.plug(&vm.id, index, nic).await?;
+            self.networks.plug(&vm.id, index, nic, owner).await?;
         }
         Ok(())
     }
@@ -714,7 +804,6 @@ impl VmManager {
     fn roll_back(&self, vm: &Vm) {
         self.vms().remove(&vm.id);
         let _ = std::fs::remove_dir_all(&vm.dir);
-        let _ = std::fs::remove_file(&vm.socket);
         if let Err(e) = record::remove(&self.config.vms_dir(), &vm.id) {
             tracing::error!("{e}");
         }
@@ -727,6 +816,13 @@ impl VmManager {
         std::fs::create_dir_all(&vm.dir)
             .map_err(io(format!("cannot create {}", vm.dir.display())))?;
         let boot = self.boot_files(vm).await?;
+        let vmm_dir = vm.vmm_dir();
+        std::fs::create_dir_all(&vmm_dir)
+            .map_err(io(format!("cannot create {}", vmm_dir.display())))?;
+        let mut jail = match self.jailed() {
+            true => Some(JailPlan::new(self.jail_uid(vm)?, &vm.dir, &vmm_dir)?),
+            false => None,
+        };
         let mut args = vec![
             "--kernel".to_owned(),
             boot.kernel.display().to_string(),
@@ -747,6 +843,21 @@ impl VmManager {
             "--status-file".to_owned(),
             vm.status_file().display().to_string(),
         ];
+        if let Some(jail) = &mut jail {
+            let from_cache = vm.spec.boot.image.is_some();
+            for read_only in std::iter::once(&boot.kernel)
+                .chain(&boot.initrd)
+                .chain(&boot.root_base)
+            {
+                match from_cache {
+                    true => jail.share_public(read_only)?,
+                    false => jail.share_readable(read_only)?,
+                }
+            }
+            if let Some(overlay) = &boot.root_overlay {
+                jail.share(overlay, false)?;
+            }
+        }
         if let Some(initrd) = &boot.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
         }
@@ -761,15 +872,27 @@ impl VmManager {
             let config = self.block_config(vm, disk).await?;
             let mut spec = match (&config.iscsi, &config.rbd) {
                 (_, Some(rbd)) => {
+                    if jail.is_some() {
+                        check_jailed_rbd(&disk.id, rbd)?;
+                    }
                     // id= is the Ceph client on an rbd: disk; the device's is device-id=.
                     let mut spec = format!("rbd:{},device-id={}", rbd.image, disk.id);
-                    if let Some(conf) = &rbd.conf {
-                        spec.push_str(&format!(",conf={}", conf.display()));
+                    match &rbd.conf {
+                        Some(conf) => {
+                            let conf = vmm_secret(&jail, conf, &vmm_dir, &disk.id, "conf")?;
+                            spec.push_str(&format!(",conf={}", conf.display()));
+                        }
+                        None => {
+                            if let Some(jail) = &mut jail {
+                                jail.share_if_present(Path::new("/etc/ceph"));
+                            }
+                        }
                     }
                     if let Some(id) = &rbd.id {
                         spec.push_str(&format!(",id={id}"));
                     }
                     if let Some(keyring) = &rbd.keyring {
+                        let keyring = vmm_secret(&jail, keyring, &vmm_dir, &disk.id, "keyring")?;
                         spec.push_str(&format!(",keyring={}", keyring.display()));
                     }
                     spec.push_str(&format!(",timeout={}", rbd.timeout_secs));
@@ -780,14 +903,32 @@ impl VmManager {
                     if let Some(initiator) = &iscsi.initiator {
                         spec.push_str(&format!(",initiator={initiator}"));
                     }
-                    if let Some(secret) = &iscsi.secret_file {
-                        spec.push_str(&format!(",secret-file={}", secret.display()));
+                    if let Some(path) = &iscsi.secret_file {
+                        let path = vmm_secret(&jail, path, &vmm_dir, &disk.id, "secret")?;
+                        spec.push_str(&format!(",secret-file={}", path.display()));
                     }
                     spec.push_str(&format!(",timeout={}", iscsi.timeout_secs));
                     spec
                 }
-                (None, None) => format!("id={},path={}", disk.id, config.path.display()),
+                (None, None) => {
+                    if let Some(jail) = &mut jail {
+                        // A cached image is shared by VMs: never handed to one of them.
+                        match disk.source {
+                            DiskSource::Image { .. } => jail.share_public(&config.path)?,
+                            _ => jail.share(&config.path, disk.read_only)?,
+                        }
+                    }
+                    format!("id={},path={}", disk.id, config.path.display())
+                }
             };
+            if config.iscsi.is_some() || config.rbd.is_some() {
+                if let Some(jail) = &mut jail {
+                    // Monitors and portals may be given by name.
+                    for file in ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"] {
+                        jail.share_if_present(Path::new(file));
+                    }
+                }
+            }
             if config.format == VmmImageFormat::Qcow2 {
                 spec.push_str(",format=qcow2");
             }
@@ -809,6 +950,10 @@ impl VmManager {
                     source: std::io::Error::other(e),
                 }
             })?;
+            if jail.is_some() {
+                // The context may carry secrets of the user's: the VM's user only.
+                jail::give(&path, self.jail_uid(vm)?, 0o400)?;
+            }
             args.extend([
                 "--disk".to_owned(),
                 format!("id={CONTEXT_DISK_ID},path={},ro=on", path.display()),
@@ -826,10 +971,29 @@ impl VmManager {
             ]);
         }
         let _ = std::fs::remove_file(vm.status_file());
-        let launch = VmmLaunch {
-            vmm_binary: self.config.vmm_binary.clone(),
-            args,
-            log: vm.dir.join("vmm.log"),
+        let launch = match jail {
+            Some(jail) => {
+                let mut command = vec![self.config.vmm_binary.display().to_string()];
+                command.extend(args);
+                let spec = jail.into_spec(
+                    &self.config.jailer,
+                    &vm.id,
+                    self.config.jail_root(&vm.id),
+                    vm.spec.memory_mib,
+                    u32::from(vm.spec.vcpus),
+                    command,
+                );
+                VmmLaunch {
+                    vmm_binary: self.config.jailer_binary(),
+                    args: spec.to_args(),
+                    log: vm.dir.join("vmm.log"),
+                }
+            }
+            None => VmmLaunch {
+                vmm_binary: self.config.vmm_binary.clone(),
+                args,
+                log: vm.dir.join("vmm.log"),
+            },
         };
         let process = VmmProcess::spawn(&launch)?;
         let pid = process.pid();
@@ -890,7 +1054,19 @@ impl VmManager {
         });
     }
 
+    /// What a jail left when its jailer could not clean up (it was killed): done before
+    /// the VM's next start, which makes the same cgroup and root again.
+    async fn clean_up_jail(&self, vm: &Vm) {
+        let config = self.config.jailer.clone();
+        let id = vm.id.clone();
+        let root = self.config.jail_root(&vm.id);
+        let _ = tokio::task::spawn_blocking(move || jail::clean_up(&config, &id, &root)).await;
+    }
+
     async fn vmm_ended(self: &Arc<Self>, vm: &Arc<Vm>, exit: VmExit) {
+        if self.jailed() {
+            self.clean_up_jail(vm).await;
+        }
         let stop_requested = vm.status().stop_requested;
         if exit.code == Some(EXIT_REBOOT) && !stop_requested {
             tracing::info!("VM {}: the guest rebooted; starting it again", vm.id);
@@ -953,6 +1129,7 @@ impl VmManager {
                 initrd: boot.initrd.clone(),
                 cmdline: boot.cmdline.clone(),
                 root_overlay: None,
+                root_base: None,
             });
         };
         let cache = self.images.clone();
@@ -985,6 +1162,7 @@ impl VmManager {
             initrd: info.initrd,
             cmdline,
             root_overlay: Some(overlay),
+            root_base: Some(base),
         })
     }
 
@@ -1072,7 +1250,10 @@ impl VmManager {
                 vm.id, disk.id
             )));
         }
-        let config = self.block_config(vm, &disk).await?;
+        let mut config = self.block_config(vm, &disk).await?;
+        if let Some(uid) = vm.jail_uid.get() {
+            self.show_to_jail(vm, *uid, &disk, &mut config).await?;
+        }
         if let Err(e) = vm.client().add_disk(&config).await {
             if matches!(disk.source, DiskSource::Volatile { .. }) {
                 let _ = std::fs::remove_file(vm.volatile_path(&disk.id));
@@ -1082,6 +1263,65 @@ impl VmManager {
         vm.status().attached.push(disk);
         self.save(vm);
         Ok(self.info(vm).await)
+    }
+
+    /// Makes a hot-plugged disk reachable in the VM's running jail: a file or device is
+    /// shown at its path; a network disk's secrets are copied where the VM's user reads
+    /// them, and the VMM is pointed at the copies.
+    async fn show_to_jail(
+        &self,
+        vm: &Vm,
+        uid: u32,
+        disk: &DiskSpec,
+        config: &mut BlockConfig,
+    ) -> Result<(), VmError> {
+        let vmm_dir = vm.vmm_dir();
+        if let Some(rbd) = &config.rbd {
+            check_jailed_rbd(&disk.id, rbd)?;
+        }
+        if config.iscsi.is_some() || config.rbd.is_some() {
+            let plan = Some(JailPlan::new(uid, &vm.dir, &vmm_dir)?);
+            let copy = |path: &mut PathBuf, kind: &str| -> Result<(), VmError> {
+                *path = vmm_secret(&plan, path, &vmm_dir, &disk.id, kind)?;
+                Ok(())
+            };
+            if let Some(path) = config.iscsi.as_mut().and_then(|i| i.secret_file.as_mut()) {
+                copy(path, "secret")?;
+            }
+            if let Some(rbd) = config.rbd.as_mut() {
+                if let Some(path) = rbd.conf.as_mut() {
+                    copy(path, "conf")?;
+                }
+                if let Some(path) = rbd.keyring.as_mut() {
+                    copy(path, "keyring")?;
+                }
+            }
+            return Ok(());
+        }
+        let path = config.path.clone();
+        let path = path.as_path();
+        let pid = vm.status().pid;
+        let Some(pid) = pid else {
+            return Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state: vm.state(),
+                what: "its VMM is not running",
+            });
+        };
+        let shared = matches!(disk.source, DiskSource::Image { .. });
+        let read_only = disk.read_only || shared;
+        if path.starts_with(&vm.dir) {
+            // Volatile disks: made in the VM's directory, which the jail has.
+            jail::give(path, uid, 0o600)?;
+            return Ok(());
+        }
+        let mut plan = JailPlan::new(uid, &vm.dir, &vm.vmm_dir())?;
+        match shared {
+            true => plan.share_public(path)?,
+            false => plan.share(path, read_only)?,
+        }
+        jail::show_to_running(&self.config.jailer_binary(), pid, uid, path, read_only).await?;
+        Ok(())
     }
 
     /// Asks the guest to let go of a hot-plugged disk; answers once it has (the VMM
@@ -1239,7 +1479,9 @@ impl VmManager {
                 tracing::warn!("VM {}: cannot remove {}: {e}", vm.id, vm.dir.display());
             }
         }
-        let _ = std::fs::remove_file(&vm.socket);
+        if self.jailed() {
+            self.clean_up_jail(vm).await;
+        }
         record::remove(&self.config.vms_dir(), &vm.id)?;
         Ok(())
     }

@@ -24,6 +24,9 @@ pub struct VmRecord {
     pub created: chrono::DateTime<chrono::Utc>,
     #[serde(default)]
     pub attached: Vec<DiskSpec>,
+    /// The user and group of the VM's jailed VMM.
+    #[serde(default)]
+    pub jail_uid: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +146,7 @@ mod tests {
             restarts: 0,
             created: chrono::Utc::now(),
             attached: vec![],
+            jail_uid: Some(1_900_000_000),
         }
     }
 

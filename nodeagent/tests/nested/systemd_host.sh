@@ -45,6 +45,7 @@ echo stratus-node > "$R/etc/hostname"
 echo "/dev/vda / ext4 rw 0 0" > "$R/etc/fstab"
 install -m 0755 "$STATIC_AGENT" "$R/usr/bin/stratus-nodeagent"
 install -m 0755 "$STATIC_VMM" "$R/usr/bin/stratus-vmm"
+install -m 0755 "$STATIC_JAILER" "$R/usr/bin/stratus-jailer"
 mkdir -p "$R/srv/stratus" "$R/etc/stratus"
 cp "$REPO_ROOT/packaging/stratus-nodeagent.service" "$R/srv/stratus/"
 "$REPO_ROOT/target/debug/examples/test_guest" "$R/srv/stratus/event-loop.vmlinux" event-loop

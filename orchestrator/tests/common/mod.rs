@@ -213,6 +213,7 @@ pub struct Agent {
     pub addr: SocketAddr,
     config: PathBuf,
     child: Option<Child>,
+    cgroup_parent: String,
 }
 
 impl Agent {
@@ -223,12 +224,21 @@ impl Agent {
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("agent.toml");
+        // The agent starts its VMMs through the jailer beside the VMM.
+        workspace_binary("stratus-jailer", "stratus-jailer");
+        // Tests run agents in parallel with the same VM ids: cgroups of their own.
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let cgroup_parent = format!(
+            "stratus-test-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
         std::fs::write(
             &config,
             format!(
                 "listen = \"{addr}\"\ntoken_file = \"{}\"\nstate_dir = \"{}\"\nrun_dir = \"{}\"\n\
                  vmm_binary = \"{}\"\nshutdown_timeout_s = 30\nallow_file_locations = true\n{extra}\n[capacity]\ncpus = {cpus}\n\
-                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n",
+                 memory_mib = {memory_mib}\nmemory_reserve_mib = 0\n\n[jailer]\ncgroup_parent = \"{cgroup_parent}\"\n",
                 token.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
@@ -241,6 +251,7 @@ impl Agent {
             addr,
             config,
             child: None,
+            cgroup_parent,
         };
         agent.launch();
         agent
@@ -315,6 +326,27 @@ impl Drop for Agent {
         let _ = Command::new("pkill")
             .args(["-KILL", "-f", &self.dir.path().display().to_string()])
             .status();
+        // Killed jailers leave their VMs' cgroups behind.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for root in [
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/memory",
+            "/sys/fs/cgroup/pids",
+            "/sys/fs/cgroup/cpu",
+        ] {
+            let parent = std::path::Path::new(root).join(&self.cgroup_parent);
+            while parent.exists() {
+                for vm in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                    if vm.path().is_dir() {
+                        let _ = std::fs::remove_dir(vm.path());
+                    }
+                }
+                if std::fs::remove_dir(&parent).is_ok() || std::time::Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
     }
 }
 

@@ -124,6 +124,7 @@ copy_modules "$W/l1/lib/modules" kvm_amd tun bridge virtio_mmio virtio_net $NFT_
 copy_program "$W/l1" nft
 cp "$STATIC_VMM" "$W/l1/vmm"
 cp "$STATIC_AGENT" "$W/l1/agent"
+cp "$STATIC_JAILER" "$W/l1/stratus-jailer"
 printf '%s\n' "$TOKEN" > "$W/l1/token"
 chmod 600 "$W/l1/token"
 cat > "$W/l1/agent.toml" <<TOML

@@ -1,0 +1,365 @@
+//! The jailer against the real kernel: a static busybox stands in for the VMM and reports
+//! what it can see and do from inside. Needs root (CI runs as root) and busybox-static.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const JAILER: &str = env!("CARGO_BIN_EXE_stratus-jailer");
+const BUSYBOX: &str = "/bin/busybox";
+const UID: u32 = 1_900_000_101;
+
+struct Jail {
+    dir: tempfile::TempDir,
+    id: String,
+}
+
+impl Jail {
+    fn new(tag: &str) -> Jail {
+        Jail {
+            dir: tempfile::tempdir().unwrap(),
+            id: format!("jail-test-{tag}-{}", std::process::id()),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn root(&self) -> PathBuf {
+        self.path("root")
+    }
+
+    /// busybox `applet` with `args` as the jail's program.
+    fn applet(&self, extra: &[&str], applet: &[&str]) -> Command {
+        let mut cmd = Command::new(JAILER);
+        cmd.args(["run", "--id", &self.id, "--uid", &UID.to_string()])
+            .args(["--gid", &UID.to_string(), "--root"])
+            .arg(self.root())
+            .args(extra)
+            .args(["--", BUSYBOX])
+            .args(applet);
+        cmd
+    }
+
+    fn command(&self, extra: &[&str], script: &str) -> Command {
+        self.applet(extra, &["sh", "-c", script])
+    }
+
+    fn run(&self, extra: &[&str], script: &str) -> Output {
+        self.command(extra, script)
+            .output()
+            .expect("run stratus-jailer")
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+    [
+        "/sys/fs/cgroup/stratus",
+        "/sys/fs/cgroup/memory/stratus",
+        "/sys/fs/cgroup/pids/stratus",
+        "/sys/fs/cgroup/cpu/stratus",
+    ]
+    .iter()
+    .map(|parent| Path::new(parent).join(id))
+    .collect()
+}
+
+#[test]
+fn the_jailed_program_sees_only_what_it_was_given_as_its_own_user_without_privileges() {
+    let jail = Jail::new("view");
+    let vm_dir = jail.path("vm");
+    std::fs::create_dir(&vm_dir).unwrap();
+    std::fs::write(vm_dir.join("disk.img"), "the VM's disk").unwrap();
+    std::os::unix::fs::chown(&vm_dir, Some(UID), Some(UID)).unwrap();
+    let kernel = jail.path("vmlinux");
+    std::fs::write(&kernel, "kernel").unwrap();
+    let other_vm = jail.path("other-vm");
+    std::fs::create_dir(&other_vm).unwrap();
+    std::fs::write(other_vm.join("disk.img"), "another VM's disk").unwrap();
+
+    let script = format!(
+        "echo ROOT $(ls / | tr '\\n' ' ')\n\
+         echo DEV $(ls /dev | tr '\\n' ' ')\n\
+         cat {vm}/disk.img; echo\n\
+         echo written > {vm}/new && echo WROTE-OWN\n\
+         cat {kernel}; echo\n\
+         echo x > {kernel} || echo KERNEL-READ-ONLY\n\
+         cat {other}/disk.img || echo NO-OTHER-VM\n\
+         ls /etc/shadow /root /home || echo NO-HOST-PATHS\n\
+         touch /planted || echo ROOT-READ-ONLY\n\
+         echo PID $$\n\
+         grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status\n\
+         ls -ln /dev/kvm\n\
+         cat /proc/self/cgroup",
+        vm = vm_dir.display(),
+        kernel = kernel.display(),
+        other = other_vm.display(),
+    );
+    let out = jail.run(
+        &[
+            "--bind",
+            vm_dir.to_str().unwrap(),
+            "--bind-ro",
+            kernel.to_str().unwrap(),
+            "--memory-max",
+            &(256u64 << 20).to_string(),
+            "--pids-max",
+            "64",
+        ],
+        &script,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let root_line = stdout.lines().find(|l| l.starts_with("ROOT ")).unwrap();
+    let mut root: Vec<&str> = root_line.split_whitespace().skip(1).collect();
+    root.sort();
+    // The VM's files are under the temporary directory's top (/tmp): only that chain.
+    let top = vm_dir
+        .components()
+        .nth(1)
+        .unwrap()
+        .as_os_str()
+        .to_str()
+        .unwrap();
+    let mut expected: Vec<&str> = ["dev", "lib", "proc", "usr", top]
+        .into_iter()
+        .chain(Path::new("/lib64").is_dir().then_some("lib64"))
+        .collect();
+    expected.sort();
+    expected.dedup();
+    assert_eq!(root, expected, "{stdout}");
+    for want in [
+        "DEV kvm net null random urandom zero",
+        "the VM's disk",
+        "WROTE-OWN",
+        "kernel",
+        "KERNEL-READ-ONLY",
+        "NO-OTHER-VM",
+        "NO-HOST-PATHS",
+        "ROOT-READ-ONLY",
+        "PID 1",
+        "NoNewPrivs:\t1",
+        "CapEff:\t0000000000000000",
+        "CapPrm:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+    assert!(
+        stdout.contains(&format!("Uid:\t{UID}\t{UID}\t{UID}\t{UID}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{UID} {UID}")),
+        "/dev/kvm is the VM's: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("/stratus/{}", jail.id)),
+        "in its own cgroup: {stdout}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(vm_dir.join("new")).unwrap(),
+        "written\n"
+    );
+    // Afterwards: no jail root, no cgroup left behind.
+    assert!(!jail.root().exists(), "the jail root was removed");
+    for dir in cgroup_dirs(&jail.id) {
+        assert!(!dir.exists(), "{} was removed", dir.display());
+    }
+}
+
+#[test]
+fn the_memory_limit_holds_and_the_end_is_reported_as_it_happened() {
+    let jail = Jail::new("mem");
+    let limit = (64u64 << 20).to_string();
+    // 200 MiB touched at once in a 64 MiB jail: the kernel kills it, and the jailer ends
+    // the same way.
+    let dd = ["dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"];
+    let out = jail
+        .applet(&["--memory-max", &limit], &dd)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "{:?} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    // Control: the same under a limit it fits in.
+    let out = jail
+        .applet(&["--memory-max", &(512u64 << 20).to_string()], &dd)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = jail.run(&[], "exit 7");
+    assert_eq!(out.status.code(), Some(7));
+    // A setup failure is the jailer's own code, with the reason.
+    let out = jail.run(&["--bind-ro", "/nonexistent/stratus"], "exit 0");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/stratus"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn killing_the_jailer_kills_the_vmm_and_stop_signals_are_passed_on() {
+    let jail = Jail::new("signals");
+    let marker = jail.path("marker");
+    std::fs::create_dir(&marker).unwrap();
+    std::os::unix::fs::chown(&marker, Some(UID), Some(UID)).unwrap();
+    let script = format!(
+        "trap 'echo TERM > {m}/term; exit 3' TERM; echo $$ > {m}/started; \
+         while :; do sleep 0.05; done",
+        m = marker.display()
+    );
+    let wait_for = |path: &Path| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !path.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{} never appeared",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let bind = ["--bind", marker.to_str().unwrap()];
+    let mut child = jail
+        .command(&bind, &script)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&marker.join("started"));
+    // SAFETY: kill(2) with a pid and a signal number.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the VMM's own exit after its handler ran"
+    );
+    assert!(marker.join("term").exists());
+
+    std::fs::remove_file(marker.join("started")).unwrap();
+    let mut child = jail
+        .command(&bind, &script)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&marker.join("started"));
+    let vmm = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap()
+        .trim()
+        .parse::<u32>()
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{vmm}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{vmm}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(Instant::now() < deadline, "the VMM outlived its jailer");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A killed jailer cannot clean up; the agent removes what it left.
+    let limits = stratus_jailer::CgroupLimits {
+        parent: "stratus".into(),
+        root: "/sys/fs/cgroup".into(),
+        memory_max: None,
+        pids_max: None,
+        cpu_millis: None,
+    };
+    let left = stratus_jailer::cgroup::VmCgroup::existing(&limits, &jail.id);
+    assert!(
+        !left.dirs().is_empty(),
+        "the killed jailer's cgroup is still there"
+    );
+    left.remove().unwrap();
+    for dir in cgroup_dirs(&jail.id) {
+        assert!(!dir.exists(), "{} was removed", dir.display());
+    }
+}
+
+#[test]
+fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() {
+    let jail = Jail::new("enter");
+    let volume = jail.path("volume");
+    std::fs::create_dir(&volume).unwrap();
+    std::fs::write(volume.join("data"), "hot-plugged").unwrap();
+    let out_dir = jail.path("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    std::os::unix::fs::chown(&out_dir, Some(UID), Some(UID)).unwrap();
+    let script = format!(
+        "until [ -e {v}/data ] && [ -e /dev/full ]; do sleep 0.05; done; \
+         cat {v}/data > {o}/seen; echo x > {v}/data || echo RO > {o}/ro; \
+         ls -ln /dev/full > {o}/dev",
+        v = volume.display(),
+        o = out_dir.display()
+    );
+    let mut child = jail
+        .command(&["--bind", out_dir.to_str().unwrap()], &script)
+        .spawn()
+        .unwrap();
+    let enter = |args: &[&str]| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = Command::new(JAILER)
+                .args(["enter", "--pid", &child.id().to_string()])
+                .args(["--uid", &UID.to_string(), "--gid", &UID.to_string()])
+                .args(args)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            // Until the VMM exists there is nothing to enter.
+            assert!(
+                Instant::now() < deadline && text(&out.stderr).contains("has no VMM"),
+                "{}",
+                text(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    enter(&["--bind-ro", volume.to_str().unwrap()]);
+    enter(&["--device", "/dev/full"]);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("seen")).unwrap(),
+        "hot-plugged"
+    );
+    assert!(
+        out_dir.join("ro").exists(),
+        "the read-only disk stayed read-only"
+    );
+    assert!(
+        std::fs::read_to_string(out_dir.join("dev"))
+            .unwrap()
+            .contains(&format!("{UID} {UID}")),
+        "the device node is the VM's"
+    );
+    assert_eq!(
+        std::fs::read_to_string(volume.join("data")).unwrap(),
+        "hot-plugged"
+    );
+
+    // The host's own mount namespace is never the target.
+    let out = Command::new(JAILER)
+        .args(["enter", "--pid", &std::process::id().to_string()])
+        .args(["--uid", "7", "--gid", "7", "--bind-ro", "/etc"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
