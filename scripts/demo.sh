@@ -290,6 +290,8 @@ INIT
     echo "$TAP" > "$STATE/tap"
     ip addr add "$GUEST_NET.254/24" dev "$TAP"
     ip link set "$TAP" up
+    # The volumes are shared with passthrough ownership: the node agent hands each
+    # attached volume to its VM's own user, and the jailed VMM opens it as that user.
     # A TCG L1 kernel now and then hangs before printing anything (see run_l1 in
     # scripts/nested/lib.sh): a node VM silent for 60 s is started again.
     for attempt in 1 2 3; do
@@ -303,7 +305,7 @@ INIT
             -device virtio-net-device,netdev=up,mac=02:00:c6:12:40:0f \
             -netdev "tap,id=guests,ifname=$TAP,script=no,downscript=no" \
             -device virtio-net-device,netdev=guests,mac=02:00:c6:12:42:fe \
-            -fsdev "local,id=volumes,path=$STATE/volumes,security_model=none" \
+            -fsdev "local,id=volumes,path=$STATE/volumes,security_model=passthrough" \
             -device virtio-9p-device,fsdev=volumes,mount_tag=volumes
         for _ in $(seq 120); do [ -s "$STATE/logs/node-console.log" ] && break; sleep 0.5; done
         [ -s "$STATE/logs/node-console.log" ] && break

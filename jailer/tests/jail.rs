@@ -31,6 +31,14 @@ impl Jail {
         self.path("root")
     }
 
+    /// A directory of the host that the jailed program's user owns.
+    fn owned_dir(&self, name: &str) -> PathBuf {
+        let dir = self.path(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(UID), Some(UID)).unwrap();
+        dir
+    }
+
     /// busybox `applet` with `args` as the jail's program.
     fn applet(&self, extra: &[&str], applet: &[&str]) -> Command {
         let mut cmd = Command::new(JAILER);
@@ -73,10 +81,8 @@ fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
 #[test]
 fn the_jailed_program_sees_only_what_it_was_given_as_its_own_user_without_privileges() {
     let jail = Jail::new("view");
-    let vm_dir = jail.path("vm");
-    std::fs::create_dir(&vm_dir).unwrap();
+    let vm_dir = jail.owned_dir("vm");
     std::fs::write(vm_dir.join("disk.img"), "the VM's disk").unwrap();
-    std::os::unix::fs::chown(&vm_dir, Some(UID), Some(UID)).unwrap();
     let kernel = jail.path("vmlinux");
     std::fs::write(&kernel, "kernel").unwrap();
     let other_vm = jail.path("other-vm");
@@ -213,9 +219,7 @@ fn the_memory_limit_holds_and_the_end_is_reported_as_it_happened() {
 #[test]
 fn killing_the_jailer_kills_the_vmm_and_stop_signals_are_passed_on() {
     let jail = Jail::new("signals");
-    let marker = jail.path("marker");
-    std::fs::create_dir(&marker).unwrap();
-    std::os::unix::fs::chown(&marker, Some(UID), Some(UID)).unwrap();
+    let marker = jail.owned_dir("marker");
     let script = format!(
         "trap 'echo TERM > {m}/term; exit 3' TERM; echo $$ > {m}/started; \
          while :; do sleep 0.05; done",
@@ -297,9 +301,7 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
     let volume = jail.path("volume");
     std::fs::create_dir(&volume).unwrap();
     std::fs::write(volume.join("data"), "hot-plugged").unwrap();
-    let out_dir = jail.path("out");
-    std::fs::create_dir(&out_dir).unwrap();
-    std::os::unix::fs::chown(&out_dir, Some(UID), Some(UID)).unwrap();
+    let out_dir = jail.owned_dir("out");
     let script = format!(
         "until [ -e {v}/data ] && [ -e /dev/full ]; do sleep 0.05; done; \
          cat {v}/data > {o}/seen; echo x > {v}/data || echo RO > {o}/ro; \

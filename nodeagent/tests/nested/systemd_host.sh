@@ -117,8 +117,15 @@ say CREATED "$code"
 wait_vm running || { say NOT-RUNNING "$(cat /tmp/body)"; finish; }
 pid=$(field pid)
 say RUNNING pid="$pid" alive="$(kill -0 "$pid" && echo yes)"
-say VMM-CGROUP "$(cut -d: -f3 /proc/"$pid"/cgroup)"
-[ -S /run/stratus/sd-1.sock ] && say SOCKET-IN-RUNTIME-DIRECTORY
+# The agent's child is the VM's jailer; the VMM is the jailer's child.
+say JAILER-CGROUP "$(cut -d: -f3 /proc/"$pid"/cgroup)"
+vmm=$(awk '{print $1}' /proc/"$pid"/task/"$pid"/children)
+say VMM-CGROUP "$(cut -d: -f3 /proc/"$vmm"/cgroup)" memory.max="$(cat /sys/fs/cgroup/stratus/sd-1/memory.max)"
+say VMM-USER uid="$(awk '/^Uid:/{print $2}' /proc/"$vmm"/status)" \
+    caps="$(awk '/^CapEff:/{print $2}' /proc/"$vmm"/status)" nspid="$(awk '/^NSpid:/{print $3}' /proc/"$vmm"/status)"
+say VMM-ROOT "$(ls /proc/"$vmm"/root/ | tr '\n' ' ')"
+[ -S /var/lib/stratus/nodeagent/vms/sd-1/vmm/api.sock ] && say SOCKET-IN-VM-DIRECTORY
+[ -d /run/stratus/jails/sd-1 ] && say JAIL-IN-RUNTIME-DIRECTORY
 [ -d /var/lib/stratus/nodeagent/vms ] && say STATE-IN-STATE-DIRECTORY
 
 systemctl restart stratus-nodeagent.service
@@ -141,7 +148,8 @@ say RESUME "$(api POST /vms/sd-1/resume)" "$(field state)"
 say SHUTDOWN "$(api POST /vms/sd-1/shutdown)"
 wait_vm stopped && say STOPPED "$(cat /tmp/body | grep -o '"reason":"[^"]*"' | head -1)"
 say DELETE "$(api DELETE /vms/sd-1)" gone="$(api GET /vms/sd-1)"
-kill -0 "$pid" 2>/dev/null || say VMM-GONE
+kill -0 "$pid" 2>/dev/null || kill -0 "$vmm" 2>/dev/null || say VMM-GONE
+[ -e /sys/fs/cgroup/stratus/sd-1 ] || [ -e /run/stratus/jails/sd-1 ] || say JAIL-GONE
 systemctl stop stratus-nodeagent.service
 say STOP "$(systemctl is-active stratus-nodeagent)"
 finish
@@ -189,8 +197,14 @@ check "the agent answers on its default address" "SD-TEST API-UP"
 check "the unit is active" "SD-TEST ACTIVE active"
 check "a VM is created through the agent" "SD-TEST CREATED 201"
 check "the VM runs (its VMM is alive)" "SD-TEST RUNNING pid=[0-9]+ alive=yes"
-check "the VMM runs in the agent's cgroup" "SD-TEST VMM-CGROUP /system.slice/stratus-nodeagent.service"
-check "the VMM's socket is in RuntimeDirectory=" "SD-TEST SOCKET-IN-RUNTIME-DIRECTORY"
+check "the VM's jailer runs in the agent's cgroup" "SD-TEST JAILER-CGROUP /system.slice/stratus-nodeagent.service"
+check "the VMM runs in its own cgroup, held to guest RAM + 256 MiB" \
+    "SD-TEST VMM-CGROUP /stratus/sd-1 memory.max=335544320"
+check "the VMM runs as the VM's own user, without capabilities, as PID 1 of its namespace" \
+    "SD-TEST VMM-USER uid=1900000000 caps=0000000000000000 nspid=1"
+check "the VMM's root holds only its jail (under the unit's UMask=0077)" "SD-TEST VMM-ROOT dev lib lib64 proc srv usr var[[:space:]]*$"
+check "the VMM's socket is in the VM's directory" "SD-TEST SOCKET-IN-VM-DIRECTORY"
+check "the jail's root is in RuntimeDirectory=" "SD-TEST JAIL-IN-RUNTIME-DIRECTORY"
 check "the VM's record is in StateDirectory=" "SD-TEST STATE-IN-STATE-DIRECTORY"
 pid=$(grep -oE "SD-TEST RUNNING pid=[0-9]+" "$CONSOLE" | head -1 | cut -d= -f2 || true)
 check "systemctl restart: the VM is still running, the same VMM process" \
@@ -203,6 +217,7 @@ check "a graceful shutdown is accepted" "SD-TEST SHUTDOWN 202"
 check "the guest powers off on the power button" 'SD-TEST STOPPED "reason":"guest powered off'
 check "the ended VM is deleted" "SD-TEST DELETE 204 gone=404"
 check "its VMM is gone" "SD-TEST VMM-GONE"
+check "its cgroup and jail root are gone" "SD-TEST JAIL-GONE"
 check "systemctl stop stops the agent" "SD-TEST STOP (inactive|failed)"
 check "the test ran to its end and L1 powered off" "SD-TEST DONE"
 
