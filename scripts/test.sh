@@ -20,6 +20,8 @@ step "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "cargo test"
 cargo test --workspace 2>&1 | tee target/cargo-test.log
+step "fuzz: every libFuzzer target (fuzz/) for 10 s from its checked-in seeds"
+bash scripts/fuzz.sh 10
 step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
 bash vmm/tests/nested/boot_debian.sh
 step "nested: iSCSI (tgtd in L1) and host block device disks under Debian, fio-verified on both sides"

@@ -20,7 +20,7 @@ use super::request::{parse, write_device_id, Request, RequestKind, SectorRange};
 use super::{SECTOR_SHIFT, SIZE_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
-use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use crate::devices::virtio::{enable_notification_checked, VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
 fn range_bytes(range: SectorRange) -> (u64, u64) {
@@ -289,11 +289,11 @@ impl QueueWorker {
                 );
             }
             // With EVENT_IDX, re-enabling notifications races with the driver adding more
-            // requests; enable_notification reports those so none is left behind.
+            // requests; enable_notification_checked reports those so none is left behind.
             if self.throttled
                 || self.bounce_waiting
                 || !self.queue.event_idx_enabled()
-                || !self.queue.enable_notification(&self.mem).unwrap_or(false)
+                || !enable_notification_checked(&mut self.queue, &self.mem)
             {
                 break;
             }
@@ -738,5 +738,52 @@ impl WorkerHandler for QueueWorker {
 
     fn stopping(&mut self) {
         self.drain();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::block::io::{create_engine, CacheMode, IoEngine};
+    use crate::devices::virtio::block::QUEUE_SIZE;
+    use virtio_queue::mock::MockSplitQueue;
+
+    struct NoInterrupt;
+
+    impl VirtioInterrupt for NoInterrupt {
+        fn trigger(&self, _kind: VirtioInterruptType) {}
+    }
+
+    /// Regression (found by fuzz/blk_request): with EVENT_IDX, an available index more than
+    /// a queue ahead made `process_queue` loop forever; the queue is now left alone.
+    #[test]
+    fn a_ring_index_more_than_a_queue_ahead_does_not_hang_the_worker() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let disk = Arc::new(DiskFile::open(file.path(), false, CacheMode::Writeback).unwrap());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut queue: Queue = mock.create_queue().unwrap();
+        queue.set_event_idx(true);
+        mock.avail().idx().store(17);
+        let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
+        let mut worker = QueueWorker::new(QueueWorkerParts {
+            mem: mem.clone(),
+            disk,
+            serial: Arc::from(&b"serial"[..]),
+            queue,
+            queue_index: 0,
+            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(NoInterrupt),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            engine,
+            limiter: None,
+            counters: Arc::default(),
+        })
+        .unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(worker.process_queue()).unwrap());
+        let taken = finished.recv_timeout(Duration::from_secs(10));
+        assert_eq!(taken, Ok(0), "the worker spins on a broken ring");
     }
 }

@@ -14,7 +14,7 @@ use super::tap::Tap;
 use super::*;
 use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
-use crate::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
+use crate::devices::virtio::{enable_notification_checked, VirtioInterrupt, VirtioInterruptType};
 use crate::memory::GuestMemoryMmap;
 
 /// Counters a test or the VMM API can read.
@@ -218,7 +218,7 @@ impl NetWorker {
                 consumed += 1;
             }
             if !self.p.tx.event_idx_enabled()
-                || !self.p.tx.enable_notification(&self.p.mem).unwrap_or(false)
+                || !enable_notification_checked(&mut self.p.tx, &self.p.mem)
             {
                 break;
             }
@@ -272,7 +272,7 @@ impl NetWorker {
                     // With EVENT_IDX the driver only kicks when asked to: ask now, and
                     // catch buffers that arrived while we were asking.
                     if self.p.rx.event_idx_enabled()
-                        && self.p.rx.enable_notification(&self.p.mem).unwrap_or(false)
+                        && enable_notification_checked(&mut self.p.rx, &self.p.mem)
                     {
                         self.pending = Some(len);
                         continue;
@@ -448,5 +448,61 @@ impl WorkerHandler for NetWorker {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::IntoRawFd;
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+    use virtio_queue::mock::MockSplitQueue;
+
+    struct NoInterrupt;
+
+    impl VirtioInterrupt for NoInterrupt {
+        fn trigger(&self, _kind: VirtioInterruptType) {}
+    }
+
+    /// Regression (found by fuzz/net_tx and fuzz/net_rx): with EVENT_IDX, an available
+    /// index more than a queue ahead made TX, and RX with a frame waiting, loop forever.
+    #[test]
+    fn a_ring_index_more_than_a_queue_ahead_does_not_hang_the_worker() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
+        let mut queues: [Queue; 2] = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+        for (queue, mock) in queues.iter_mut().zip([&rx, &tx]) {
+            queue.set_event_idx(true);
+            mock.avail().idx().store(17);
+        }
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.send(&[0u8; 64]).unwrap();
+        let [rx, tx] = queues;
+        let mut worker = NetWorker::new(NetWorkerParts {
+            mem: mem.clone(),
+            tap: Arc::new(Tap::from_raw_datagram_fd(ours.into_raw_fd(), "test0")),
+            rx,
+            tx,
+            rx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            tx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(NoInterrupt),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            mergeable_rx: true,
+            stats: Arc::default(),
+            rx_limiter: None,
+            tx_limiter: None,
+        })
+        .unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let sent = worker.process_tx();
+            let delivered = worker.process_rx();
+            done.send((sent, delivered)).unwrap();
+        });
+        let result = finished.recv_timeout(Duration::from_secs(10));
+        assert_eq!(result, Ok((0, false)), "the worker spins on a broken ring");
     }
 }
