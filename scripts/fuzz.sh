@@ -4,6 +4,7 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   default: 30 s, every target
 #   scripts/fuzz.sh --campaign [TARGET...]              10^7 executions per target
+#                                                       (FUZZ_CAMPAIGN_RUNS=N: N instead)
 #   scripts/fuzz.sh --build-only                        build and stop
 #
 # Prints one line per target, `fuzz <target>: <execs> execs, <cov> cov, <n> crashes`, and
@@ -38,7 +39,7 @@ max_len() {
 }
 
 usage() {
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -85,7 +86,7 @@ for target in "${targets[@]}"; do
     # checked-in seeds only change by hand.
     cp -n "$seeds"/* "$work"/ 2>/dev/null || true
     if $campaign; then
-        limit=(-runs=10000000)
+        limit=(-runs="${FUZZ_CAMPAIGN_RUNS:-10000000}")
     else
         limit=(-max_total_time="$seconds")
     fi

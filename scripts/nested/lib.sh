@@ -97,8 +97,9 @@ copy_program() {
 }
 
 # The guests' anti-spoofing rules in a nested node: nft and the kernel modules it drives
-# (a busybox root has no modprobe to load them on demand).
-NFT_MODULES="nf_tables nft_limit"
+# (a busybox root has no modprobe to load them on demand; the bridge family takes its
+# meta expression, for iifname, from nft_meta_bridge).
+NFT_MODULES="crc32c_generic nf_tables nft_limit nft_meta_bridge"
 
 # write_init <root-dir>: writes <root-dir>/init as the preamble every guest here shares
 # (busybox applets, /proc, /sys, /dev, the modules listed in lib/modules/order) followed by
