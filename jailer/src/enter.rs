@@ -201,11 +201,20 @@ pub fn enter(spec: &EnterSpec) -> Result<(), EnterError> {
         return Err(EnterError::NotJailed(vmm));
     }
     let namespace = File::open(&ns_path).map_err(io_error("open", &ns_path))?;
+    // The VMM's own root: the namespace's, or a chroot in it (a host on an initramfs).
+    let root_path = PathBuf::from(format!("/proc/{vmm}/root"));
+    let jail_root = File::open(&root_path).map_err(io_error("open", &root_path))?;
     let enter_namespace = || {
         setns(&namespace, CloneFlags::CLONE_NEWNS).map_err(|source| EnterError::Sys {
             what: "enter the jail's mount namespace",
             source,
-        })
+        })?;
+        nix::unistd::fchdir(&jail_root)
+            .and_then(|()| nix::unistd::chroot("."))
+            .map_err(|source| EnterError::Sys {
+                what: "enter the jail's root",
+                source,
+            })
     };
     if let Some(device) = &spec.device {
         // Read on the host; made in the jail's own /dev, a tmpfs the root may write.

@@ -218,10 +218,21 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     )
     .map_err(sys("mount the jail's /proc"))?;
 
-    // pivot_root(".", "."): the old root ends up on top of the new one and is detached.
     chdir(root.as_path()).map_err(sys(format!("enter {}", root.display())))?;
-    pivot_root(".", ".").map_err(sys("pivot_root into the jail"))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(sys("detach the host's root"))?;
+    match pivot_root(".", ".") {
+        // The old root ends up on top of the new one and is detached.
+        Ok(()) => umount2(".", MntFlags::MNT_DETACH).map_err(sys("detach the host's root"))?,
+        // A host running from its initramfs (rootfs) cannot pivot away from it: the jail
+        // is moved over it and becomes the root by chroot, as runc does there. Without
+        // capabilities the VMM cannot leave a chroot, and the host's root is no longer
+        // reachable from the namespace's "/".
+        Err(nix::Error::EINVAL) => {
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .map_err(sys("move the jail over the host's initramfs root"))?;
+            nix::unistd::chroot(".").map_err(sys("chroot into the jail"))?;
+        }
+        Err(e) => return Err(sys("pivot_root into the jail")(e)),
+    }
     chdir("/").map_err(sys("chdir /"))?;
     // The mount points of the root itself: nothing the VMM writes goes there.
     mount(

@@ -1728,3 +1728,17 @@ fn every_vmm_runs_jailed_as_its_own_user_and_sees_only_its_own_vm() {
     }
     assert!(!agent.dir.path().join("run/jails").join(id).exists());
 }
+
+#[test]
+fn a_jail_that_cannot_be_built_fails_the_vm_with_the_jailers_reason() {
+    // `extra` lands in the agent's [jailer] table: a host without that cgroup hierarchy.
+    let agent = Agent::start_with(2, 512, "cgroup_root = \"/nonexistent/cgroups\"\n");
+    let (status, vm) = agent.call("PUT", "/vms/nojail", Some(&agent.spec(Guest::EventLoop)));
+    assert!(status == 201 || status >= 400, "{status} {vm}");
+    let vm = agent.wait_state("nojail", "failed");
+    let reason = vm["exit"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("jail could not be set up") && reason.contains("/nonexistent/cgroups"),
+        "{vm}"
+    );
+}

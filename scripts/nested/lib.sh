@@ -111,9 +111,9 @@ write_init() {
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/sbin:/usr/sbin:/bin:/usr/bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 # cgroup v2 for the jailer's per-VM limits (a busybox root has no systemd to mount it).
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 if [ -f /lib/modules/order ]; then
     for m in $(cat /lib/modules/order); do insmod /lib/modules/$m || echo "INSMOD-FAILED $m"; done
 fi

@@ -188,6 +188,11 @@ impl Vm {
         self.vmm_dir().join("status.json")
     }
 
+    /// The VMM's (and its jailer's) standard error, opened by the agent.
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
     fn volatile_path(&self, disk_id: &str) -> PathBuf {
         self.dir.join(format!("volatile-{disk_id}.img"))
     }
@@ -451,7 +456,7 @@ fn vmm_secret(
 }
 
 /// The exit as the VMM reported it (status file), or as the process was seen to end.
-fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
+fn describe_exit(ended: Ended, status_file: &Path, log: &Path) -> VmExit {
     let written = stratus_vmm::exit::ExitStatusFile::read(status_file).ok();
     let code = ended.code.or(written.as_ref().map(|w| w.code));
     let reason = match (written, ended.signal) {
@@ -463,9 +468,16 @@ fn describe_exit(ended: Ended, status_file: &Path) -> VmExit {
         ),
         (None, Some(signal)) => format!("the VMM was killed by signal {signal}"),
         (None, None) if ended.code == Some(stratus_jailer::run::SETUP_FAILED) => {
-            "the VMM's jail could not be set up (stratus-jailer's reason is in the VM's \
-             vmm.log)"
-                .into()
+            // The jailer's own line in the log the agent opened for it.
+            let said = std::fs::read_to_string(log).ok().and_then(|text| {
+                text.lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("stratus-jailer: ").map(str::to_owned))
+            });
+            format!(
+                "the VMM's jail could not be set up: {}",
+                said.as_deref().unwrap_or("(no reason in the VM's vmm.log)")
+            )
         }
         (None, None) if ended.code.is_some() => "the VMM exited without a reason".into(),
         (None, None) => "the VMM ended while the agent was not watching it (no exit status)".into(),
@@ -658,6 +670,7 @@ impl VmManager {
                         signal: None,
                     },
                     &vm.status_file(),
+                    &vm.log_path(),
                 );
                 tracing::info!(
                     "VM {}: its VMM ended while the agent was down: {}",
@@ -986,13 +999,13 @@ impl VmManager {
                 VmmLaunch {
                     vmm_binary: self.config.jailer_binary(),
                     args: spec.to_args(),
-                    log: vm.dir.join("vmm.log"),
+                    log: vm.log_path(),
                 }
             }
             None => VmmLaunch {
                 vmm_binary: self.config.vmm_binary.clone(),
                 args,
-                log: vm.dir.join("vmm.log"),
+                log: vm.log_path(),
             },
         };
         let process = VmmProcess::spawn(&launch)?;
@@ -1049,7 +1062,7 @@ impl VmManager {
         let manager = self.clone();
         tokio::spawn(async move {
             let ended = process.wait().await;
-            let exit = describe_exit(ended, &vm.status_file());
+            let exit = describe_exit(ended, &vm.status_file(), &vm.log_path());
             manager.vmm_ended(&vm, exit).await;
         });
     }
