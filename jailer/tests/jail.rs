@@ -237,15 +237,20 @@ fn killing_the_jailer_kills_the_vmm_and_stop_signals_are_passed_on() {
         }
     };
     let bind = ["--bind", marker.to_str().unwrap()];
-    let mut child = jail
-        .command(&bind, &script)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&marker.join("started"));
+    let start = || {
+        let _ = std::fs::remove_file(marker.join("started"));
+        let child = jail
+            .command(&bind, &script)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(&marker.join("started"));
+        child
+    };
+    let child = start();
     // SAFETY: kill(2) with a pid and a signal number.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = child.wait().unwrap();
+    let status = child.wait_with_output().unwrap().status;
     assert_eq!(
         status.code(),
         Some(3),
@@ -253,13 +258,7 @@ fn killing_the_jailer_kills_the_vmm_and_stop_signals_are_passed_on() {
     );
     assert!(marker.join("term").exists());
 
-    std::fs::remove_file(marker.join("started")).unwrap();
-    let mut child = jail
-        .command(&bind, &script)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for(&marker.join("started"));
+    let mut child = start();
     let vmm = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
         .unwrap()
         .trim()
