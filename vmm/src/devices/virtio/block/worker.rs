@@ -748,11 +748,7 @@ mod tests {
     use crate::devices::virtio::block::QUEUE_SIZE;
     use virtio_queue::mock::MockSplitQueue;
 
-    struct NoInterrupt;
-
-    impl VirtioInterrupt for NoInterrupt {
-        fn trigger(&self, _kind: VirtioInterruptType) {}
-    }
+    use crate::devices::virtio::NoInterrupt;
 
     /// Regression (found by fuzz/blk_request): with EVENT_IDX, an available index more than
     /// a queue ahead made `process_queue` loop forever; the queue is now left alone.

@@ -459,11 +459,7 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
 
-    struct NoInterrupt;
-
-    impl VirtioInterrupt for NoInterrupt {
-        fn trigger(&self, _kind: VirtioInterruptType) {}
-    }
+    use crate::devices::virtio::NoInterrupt;
 
     /// Regression (found by fuzz/net_tx and fuzz/net_rx): with EVENT_IDX, an available
     /// index more than a queue ahead made TX, and RX with a frame waiting, loop forever.
