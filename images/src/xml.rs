@@ -131,6 +131,42 @@ impl Element {
     }
 }
 
+/// XML 1.0's NameStartChar, without ':' (namespaces make names colon-separated NCNames).
+fn is_name_start_char(c: char) -> bool {
+    matches!(c,
+        'A'..='Z' | '_' | 'a'..='z' | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}'
+        | '\u{F8}'..='\u{2FF}' | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}'
+        | '\u{200C}'..='\u{200D}' | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}'
+        | '\u{3001}'..='\u{D7FF}' | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}'
+        | '\u{10000}'..='\u{EFFFF}')
+}
+
+fn is_name_char(c: char) -> bool {
+    is_name_start_char(c)
+        || matches!(c, '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
+}
+
+/// quick-xml takes any bytes up to whitespace, '/' or '>' as a name, so `<$//>` would be an
+/// element named `$/` whose canonical form (`<$/></$/>`) no parser reads back. A name must
+/// be a QName: one NCName, or two joined by a single ':'.
+fn check_qname(name: &str, what: &str) -> Result<()> {
+    let ncname = |part: &str| {
+        let mut chars = part.chars();
+        chars.next().is_some_and(is_name_start_char) && chars.all(is_name_char)
+    };
+    let valid = match name.split_once(':') {
+        None => ncname(name),
+        Some((prefix, local)) => ncname(prefix) && ncname(local),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::Xml(format!(
+            "'{name}' is not a valid XML {what} name"
+        )))
+    }
+}
+
 fn xml_err(e: impl std::fmt::Display) -> Error {
     Error::Xml(e.to_string())
 }
@@ -258,12 +294,14 @@ pub fn parse(input: &str) -> Result<Document> {
                 let name = std::str::from_utf8(s.name().as_ref())
                     .map_err(xml_err)?
                     .to_string();
+                check_qname(&name, "element")?;
                 let mut attrs = Vec::new();
                 for a in s.attributes().with_checks(true) {
                     let a = a.map_err(xml_err)?;
                     let key = std::str::from_utf8(a.key.as_ref())
                         .map_err(xml_err)?
                         .to_string();
+                    check_qname(&key, "attribute")?;
                     let raw = std::str::from_utf8(&a.value).map_err(xml_err)?;
                     attrs.push((key, attr_value(raw)?));
                     if attrs.len() > MAX_ATTRIBUTES {
@@ -373,6 +411,7 @@ pub fn parse(input: &str) -> Result<Document> {
                 let target = std::str::from_utf8(p.target())
                     .map_err(xml_err)?
                     .to_string();
+                check_qname(&target, "processing instruction")?;
                 let content = std::str::from_utf8(p.content())
                     .map_err(xml_err)?
                     .trim_start()
@@ -846,6 +885,32 @@ mod tests {
         assert!(parse("<a>&foo;</a>").is_err());
         assert!(parse("<p:a/>").is_err());
         assert!(parse("<a/><b/>").is_err());
+    }
+
+    // Found by fuzzing (fuzz/fuzz_targets/marketplace_xml.rs): `<$//>` parsed as an element
+    // named `$/`, and its canonical form did not parse again.
+    #[test]
+    fn names_that_are_not_xml_names_are_refused() {
+        assert!(error_of("<$//>").contains("'$/' is not a valid XML element name"));
+        assert!(error_of("<a 1b=\"v\"/>").contains("'1b' is not a valid XML attribute name"));
+        assert!(parse("<?$ x?><a/>").is_err());
+        for bad in [
+            "<:a/>",
+            "<a:/>",
+            "<a:b:c xmlns:a=\"urn:a\"/>",
+            "<-a/>",
+            "<a\u{2}/>",
+        ] {
+            assert!(parse(bad).is_err(), "{bad} was accepted");
+        }
+        for good in [
+            "<a.b-c_d/>",
+            "<_x/>",
+            "<\u{e9}t\u{e9}/>",
+            "<p:a xmlns:p=\"urn:p\" p:b-1=\"v\"/>",
+        ] {
+            assert!(parse(good).is_ok(), "{good} was refused");
+        }
     }
 
     fn error_of(input: &str) -> String {

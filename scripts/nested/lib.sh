@@ -129,13 +129,16 @@ PREAMBLE
 # on top of the ACPI tables its firmware keeps there: only the rounding's slack spares
 # them. An initrd whose size falls just short of a page boundary overwrote L1's XSDT and
 # DSDT, and L1 lost its virtio-mmio devices (found through ACPI) or hung before printing.
-# So the file is padded with zeros (the kernel skips zeros after an archive) to 4 bytes past
-# a page boundary: 4092 bytes of slack.
+# So the file is padded with zeros (the kernel skips zeros after an archive) to a whole
+# number of pages: QEMU then places it to end one page below the top (its limit is the
+# top minus one byte), and the firmware's last page, the tables and whatever it keeps
+# next to them, stays untouched.
 pack_initramfs() {
     (cd "$1" && find . | cpio -o -H newc 2>/dev/null | ${NESTED_COMPRESS:-gzip -1} > "$2")
     local size
     size=$(stat -c %s "$2")
-    head -c $(( (4 - size % 4096 + 4096) % 4096 )) /dev/zero >> "$2"
+    head -c $(( (4096 - size % 4096) % 4096 )) /dev/zero >> "$2"
+    log "initramfs $(basename "$2"): $(( $(stat -c %s "$2") / 1024 )) KiB"
 }
 
 # make_endorser <dir> <organisation> <endorser-name> <email> <days>: a throw-away CA
@@ -185,8 +188,8 @@ run_l1() {
         timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
             -display none -serial "file:$console" -monitor none -no-reboot \
             -kernel "$VMLINUX" -initrd "$initrd" \
-            -append "console=ttyS0 panic=-1 ${NESTED_KERNEL_DEBUG:-quiet} tsc_early_khz=$(host_tsc_khz)" \
-            ${NESTED_QEMU_ARGS[@]+"${NESTED_QEMU_ARGS[@]}"} &
+            -append "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 ${NESTED_KERNEL_DEBUG:-quiet} tsc_early_khz=$(host_tsc_khz)" \
+            ${NESTED_QEMU_ARGS[@]+"${NESTED_QEMU_ARGS[@]}"} 2> "$console.qemu-stderr" &
         local qemu=$! waited=0
         last_size=0; idle=0
         while kill -0 $qemu 2>/dev/null; do
@@ -216,8 +219,13 @@ run_l1() {
         # reset, which -no-reboot turns into an exit). Booted again like a silent L1.
         if [ ! -s "$console" ] && [ $waited -le 10 ]; then
             log "L1 ended after $waited s without a word (attempt $attempt); booting it again"
+            # What a later look needs: QEMU's own words, and whether memory or disk ran out.
+            sed 's/^/[nested]   qemu: /' "$console.qemu-stderr" >&2
+            log "  initrd $(stat -c %s "$initrd") bytes; $(free -m | awk '/^Mem:/{print $7}') MiB available;" \
+                "$(df -h --output=avail "$(dirname "$console")" | tail -1 | tr -d ' ') free on disk"
             continue
         fi
+        [ -s "$console.qemu-stderr" ] && sed 's/^/[nested]   qemu: /' "$console.qemu-stderr" >&2
         [ "$attempt" != 1 ] && log "L1 needed $attempt boots (silent before)"
         return 0
     done
