@@ -77,7 +77,7 @@ pub struct Outcome {
     pub cpu_us_per_io: f64,
 }
 
-struct EventInterrupt(EventFd);
+pub(crate) struct EventInterrupt(pub(crate) EventFd);
 
 impl VirtioInterrupt for EventInterrupt {
     fn trigger(&self, _kind: VirtioInterruptType) {
@@ -85,7 +85,7 @@ impl VirtioInterrupt for EventInterrupt {
     }
 }
 
-fn thread_cpu(tid: i32) -> Result<Duration> {
+pub(crate) fn thread_cpu(tid: i32) -> Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
     let after = stat.rsplit_once(')').context("stat format")?.1;
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -96,7 +96,7 @@ fn thread_cpu(tid: i32) -> Result<Duration> {
     Ok(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

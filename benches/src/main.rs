@@ -55,6 +55,22 @@ enum Cmd {
         #[arg(long)]
         polling_driver: bool,
     },
+    /// virtio-net device throughput and latency against the raw TAP limit: a simulated
+    /// Linux driver through real virtqueues, a TAP in a network namespace of its own, an
+    /// AF_PACKET peer on the other side; raw and stratus alternated. Runs as root.
+    Net {
+        #[arg(long, default_value_t = 2000)]
+        runtime_ms: u64,
+        /// Only the rows whose label contains this (e.g. "TX 64 B").
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds per row; rows show medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Round trips in the request/response row.
+        #[arg(long, default_value_t = 20000)]
+        round_trips: u64,
+    },
     /// Image download throughput: stratus-image-fetch (HTTP, xz, checksums, writing the
     /// image) vs `curl | xz -d | sha1sum`, from a server in this process on 127.0.0.1,
     /// alternated.
@@ -462,6 +478,97 @@ fn blk(
     Ok(())
 }
 
+fn net(runtime_ms: u64, only: Option<&str>, runs: usize, round_trips: u64) -> Result<()> {
+    use stratus_benches::net::{
+        enter_private_netns, latency, run_raw, run_stratus, Direction, Job,
+    };
+    enter_private_netns()?;
+    let runtime = Duration::from_millis(runtime_ms);
+    let rows = [
+        (Direction::Tx, 65534usize, "TX 64 KiB TSO"),
+        (Direction::Tx, 1514, "TX 1514 B"),
+        (Direction::Tx, 64, "TX 64 B"),
+        (Direction::Rx, 65534, "RX 64 KiB TSO"),
+        (Direction::Rx, 1514, "RX 1514 B"),
+        (Direction::Rx, 64, "RX 64 B"),
+    ];
+    println!("| virtio-net device vs the raw TAP (same AF_PACKET peer, {runtime_ms} ms each, medians of {runs} alternated rounds) | raw TAP | stratus | ratio | CPU µs/frame raw / stratus | frames lost raw / stratus |");
+    println!("|---|---|---|---|---|---|");
+    let cell = |o: &stratus_benches::net::Outcome, len: usize| {
+        if len >= 1514 {
+            format!("{:.0} MiB/s", o.mib_s)
+        } else {
+            format!("{:.0} kpps", o.frames_per_s / 1000.0)
+        }
+    };
+    for (direction, frame_len, label) in rows {
+        if only.is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
+        let job = Job {
+            direction,
+            frame_len,
+            runtime,
+        };
+        let (mut raw, mut ours) = (vec![], vec![]);
+        for round in 0..runs.max(1) {
+            if round % 2 == 0 {
+                raw.push(run_raw(job)?);
+                ours.push(run_stratus(job)?);
+            } else {
+                ours.push(run_stratus(job)?);
+                raw.push(run_raw(job)?);
+            }
+        }
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(&raw)
+            .map(|(o, r)| o.frames_per_s / r.frames_per_s)
+            .collect();
+        let ratio = median(&mut ratios);
+        let med = |side: &[stratus_benches::net::Outcome],
+                   f: fn(&stratus_benches::net::Outcome) -> f64| {
+            median(&mut side.iter().map(f).collect::<Vec<_>>())
+        };
+        let summary = |side: &[stratus_benches::net::Outcome]| stratus_benches::net::Outcome {
+            frames_per_s: med(side, |o| o.frames_per_s),
+            mib_s: med(side, |o| o.mib_s),
+            cpu_us_per_frame: med(side, |o| o.cpu_us_per_frame),
+            lost: side.iter().map(|o| o.lost).sum(),
+        };
+        let (r, o) = (summary(&raw), summary(&ours));
+        println!(
+            "| {label} | {} | {} | {ratio:.2} | {:.2} / {:.2} | {} / {} |",
+            cell(&r, frame_len),
+            cell(&o, frame_len),
+            r.cpu_us_per_frame,
+            o.cpu_us_per_frame,
+            r.lost,
+            o.lost
+        );
+    }
+    if only.is_none_or(|o| "request/response".contains(o)) {
+        let (mut raw, mut ours) = (vec![], vec![]);
+        for _ in 0..runs.max(1) {
+            raw.push(latency(true, round_trips)?);
+            ours.push(latency(false, round_trips)?);
+        }
+        let p = |side: &[stratus_benches::net::Latency],
+                 f: fn(&stratus_benches::net::Latency) -> f64| {
+            median(&mut side.iter().map(f).collect::<Vec<_>>())
+        };
+        println!(
+            "| request/response 64 B, p50 / p99 µs ({round_trips} round trips) | {:.1} / {:.1} | {:.1} / {:.1} | {:.2} | | |",
+            p(&raw, |l| l.p50_us),
+            p(&raw, |l| l.p99_us),
+            p(&ours, |l| l.p50_us),
+            p(&ours, |l| l.p99_us),
+            p(&raw, |l| l.p50_us) / p(&ours, |l| l.p50_us),
+        );
+    }
+    Ok(())
+}
+
 /// Field-wise medians over the rounds.
 fn median_outcome(runs: &[stratus_benches::blk::Outcome]) -> stratus_benches::blk::Outcome {
     let field = |f: fn(&stratus_benches::blk::Outcome) -> f64| {
@@ -514,6 +621,12 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::BootKvm { vmm, qemu, runs } => boot_kvm(&vmm, &qemu, runs),
         Cmd::Memory { vmm, qemu } => memory(&vmm, &qemu),
+        Cmd::Net {
+            runtime_ms,
+            only,
+            runs,
+            round_trips,
+        } => net(runtime_ms, only.as_deref(), runs, round_trips),
         Cmd::Blk {
             file,
             size_mib,

@@ -329,6 +329,107 @@ fn without_mergeable_buffers_a_frame_too_big_for_one_chain_is_dropped() {
     assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 1);
 }
 
+/// The frames in the RX used ring, in order, reassembled from their buffers (chain `i`'s
+/// buffer is at `BUF + i * stride`); num_buffers is checked and zeroed.
+fn received_frames(net: &Net, mem: &GuestMemoryMmap, stride: u64) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut used = net.used(true).into_iter();
+    while let Some((id, len)) = used.next() {
+        let mut frame = vec![0u8; len as usize];
+        mem.read_slice(&mut frame, GuestAddress(BUF + u64::from(id) * stride))
+            .unwrap();
+        let num_buffers = u16::from_le_bytes([frame[10], frame[11]]);
+        assert!(num_buffers >= 1, "num_buffers 0 in chain {id}");
+        for _ in 1..num_buffers {
+            let (id, len) = used.next().expect("a chain num_buffers promised");
+            let mut more = vec![0u8; len as usize];
+            mem.read_slice(&mut more, GuestAddress(BUF + u64::from(id) * stride))
+                .unwrap();
+            frame.extend(more);
+        }
+        frame[10..12].fill(0);
+        frames.push(frame);
+    }
+    frames
+}
+
+#[test]
+fn with_room_for_the_largest_frame_frames_are_read_straight_into_the_buffers() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    // 50 chains of 1526 bytes: more than a 64 KiB frame needs.
+    for i in 0..50u64 {
+        net.add_rx(&[(BUF + i * 0x800, 1526, W)]);
+    }
+    let sent = [packet(100, 1), packet(3000, 2), packet(MAX_FRAME_LEN, 3)];
+    for p in &sent {
+        net.peer_send(p);
+    }
+    assert!(net.worker.process_rx());
+    let used = net.used(true);
+    // One chain, two chains, then as many as the largest frame needs; the rest stay
+    // with the device for the next frame.
+    let big_chains = (MAX_PACKET_LEN).div_ceil(1526);
+    assert_eq!(used.len(), 1 + 2 + big_chains);
+    assert_eq!(used[0], (0, 112));
+    assert_eq!(used[1], (1, 1526));
+    assert_eq!(used[2], (2, (3012 - 1526) as u32));
+    assert_eq!(used.last().unwrap().0 as usize, 2 + big_chains);
+    assert_eq!(received_frames(&net, &mem, 0x800), sent);
+    assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        net.stats.report().rx_bytes,
+        (100 + 3000 + MAX_FRAME_LEN) as u64
+    );
+    // A runt (shorter than the header) is dropped and takes no buffer.
+    net.peer_send(&[1, 2, 3]);
+    net.peer_send(&packet(200, 4));
+    assert!(net.worker.process_rx());
+    let frames = received_frames(&net, &mem, 0x800);
+    assert_eq!(frames.len(), 4);
+    assert_eq!(frames[3], packet(200, 4));
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 1);
+}
+
+// Buffers run out and come back a few at a time while frames of every size keep coming:
+// the direct reads and the copies through the frame buffer take turns, and every frame
+// arrives once, whole, in the order sent.
+#[test]
+fn frames_arrive_whole_and_in_order_while_rx_buffers_run_out_and_come_back() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    let sent: Vec<Vec<u8>> = (0..60usize)
+        .map(|i| packet(60 + (i * 7919) % 2500, i as u8))
+        .collect();
+    // Room for the largest frame at first (direct reads), then only what trickles in.
+    for chains in 0..50u64 {
+        net.add_rx(&[(BUF + chains * 0x800, 1526, W)]);
+    }
+    let mut chains = 50u64;
+    for batch in sent.chunks(20) {
+        for p in batch {
+            net.peer_send(p);
+        }
+        // Buffers trickle in, ten at a time, until this batch is through.
+        loop {
+            let all = net.worker.process_rx();
+            if all {
+                break;
+            }
+            // virtio-queue's mock lays the used ring over the available ring's second
+            // half: stay below 128 entries.
+            assert!(chains < 120, "ran out of descriptors");
+            for _ in 0..10 {
+                net.add_rx(&[(BUF + chains * 0x800, 1526, W)]);
+                chains += 1;
+            }
+        }
+    }
+    assert_eq!(received_frames(&net, &mem, 0x800), sent);
+    assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 60);
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 0);
+}
+
 #[test]
 fn with_event_idx_a_starved_rx_queue_asks_the_driver_for_a_kick() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();

@@ -165,6 +165,22 @@ impl Tap {
         Ok(Some(n as usize))
     }
 
+    /// Reads one frame (with its header) scattered over `iovecs`; `Ok(None)` when nothing
+    /// is waiting.
+    pub fn read_frame_vectored(&self, iovecs: &[libc::iovec]) -> std::io::Result<Option<usize>> {
+        // SAFETY: the iovecs point into guest memory validated by the caller, which nothing
+        // else writes while the worker holds the buffers.
+        let n = unsafe { libc::readv(self.fd(), iovecs.as_ptr(), iovecs.len() as i32) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(n as usize))
+    }
+
     /// Writes one frame (header included) gathered from `iovecs`.
     pub fn write_frame(&self, iovecs: &[libc::iovec]) -> std::io::Result<usize> {
         // SAFETY: the iovecs point into guest memory validated by the caller.

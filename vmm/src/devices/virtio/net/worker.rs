@@ -1,13 +1,15 @@
 //! The virtio-net worker: TX chains are written to the TAP as they come; frames read from
-//! the TAP are spread over as many RX buffers as they need (mergeable buffers). Nothing
-//! polls: the worker sleeps in epoll on the TAP, both queue notifications and its kill event.
+//! the TAP are spread over as many RX buffers as they need (mergeable buffers), read
+//! straight into them when enough are reserved for the largest frame, copied through a
+//! frame buffer otherwise. Nothing polls: the worker sleeps in epoll on the TAP, both
+//! queue notifications and its kill event.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::Tap;
@@ -80,12 +82,41 @@ struct RxChain {
     head: u16,
     buffers: Vec<(GuestAddress, usize)>,
     capacity: usize,
+    /// How many entries of `rx_iovecs` are this chain's.
+    iovecs: usize,
+}
+
+/// iovecs pointing into guest memory.
+#[derive(Default)]
+struct GuestIoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are into the guest memory mappings the worker's own GuestMemoryMmap
+// keeps alive; the list belongs to the worker and is used by one thread at a time.
+unsafe impl Send for GuestIoVecs {}
+
+impl std::ops::Deref for GuestIoVecs {
+    type Target = Vec<libc::iovec>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for GuestIoVecs {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 pub struct NetWorker {
     p: NetWorkerParts,
     frame: Vec<u8>,
     rx_reserve: std::collections::VecDeque<RxChain>,
+    /// The reserve's buffers as host iovecs, chain after chain: frames are read straight
+    /// into them when the reserve can hold the largest frame.
+    rx_iovecs: GuestIoVecs,
+    rx_reserved_bytes: usize,
+    /// Scratch list for gathering a TX chain, kept to avoid an allocation per frame.
+    tx_iovecs: GuestIoVecs,
     /// Length of a frame read from the TAP that found no room in the RX queue yet.
     pending: Option<usize>,
     rx_used: bool,
@@ -97,6 +128,9 @@ pub struct NetWorker {
     /// otherwise a readable TAP would wake the worker in a loop.
     tap_watched: bool,
 }
+
+/// readv's limit (IOV_MAX): a guest posting tiny buffers gets its frames copied instead.
+const MAX_RX_IOVECS: usize = 1024;
 
 const TAP_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
@@ -112,6 +146,9 @@ impl NetWorker {
             p: parts,
             frame: vec![0; MAX_PACKET_LEN],
             rx_reserve: std::collections::VecDeque::new(),
+            rx_iovecs: GuestIoVecs::default(),
+            rx_reserved_bytes: 0,
+            tx_iovecs: GuestIoVecs::default(),
             pending: None,
             rx_used: false,
             tx_used: false,
@@ -151,12 +188,13 @@ impl NetWorker {
     /// Sends every frame the guest queued; returns how many chains were consumed.
     pub fn process_tx(&mut self) -> usize {
         let mut consumed = 0;
+        let (mut frames, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
+        let mut iovecs = std::mem::take(&mut self.tx_iovecs);
         loop {
             if self.p.tx.event_idx_enabled() {
                 let _ = self.p.tx.disable_notification(&self.p.mem);
             }
-            let mem = self.p.mem.clone();
-            while let Some(chain) = self.p.tx.pop_descriptor_chain(&mem) {
+            while let Some(chain) = self.p.tx.pop_descriptor_chain(&self.p.mem) {
                 // An unlimited limiter is skipped before the chain is walked for its length.
                 if let Some(limiter) = self.p.tx_limiter.as_ref().filter(|l| !l.is_unlimited()) {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
@@ -168,7 +206,7 @@ impl NetWorker {
                     }
                 }
                 let head = chain.head_index();
-                let mut iovecs = Vec::new();
+                iovecs.clear();
                 let mut total = 0usize;
                 let mut valid = true;
                 let mut last_has_next = false;
@@ -179,7 +217,9 @@ impl NetWorker {
                         valid = false;
                         break;
                     }
-                    for slice in GuestMemoryBackend::get_slices(&mem, d.addr(), d.len() as usize) {
+                    for slice in
+                        GuestMemoryBackend::get_slices(&self.p.mem, d.addr(), d.len() as usize)
+                    {
                         match slice {
                             Ok(s) => iovecs.push(libc::iovec {
                                 iov_base: s.ptr_guard_mut().as_ptr().cast(),
@@ -204,14 +244,13 @@ impl NetWorker {
                     tracing::debug!("virtio-net: dropping a malformed {total}-byte TX chain");
                 }
                 if sent {
-                    self.p.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    let payload = total.saturating_sub(VNET_HDR_LEN) as u64;
-                    self.p.stats.tx_bytes.fetch_add(payload, Ordering::Relaxed);
+                    frames += 1;
+                    bytes += total.saturating_sub(VNET_HDR_LEN) as u64;
                 } else {
-                    self.p.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
                 }
                 // TX buffers are only read: the used length is 0 either way.
-                if self.p.tx.add_used(&mem, head, 0).is_err() {
+                if self.p.tx.add_used(&self.p.mem, head, 0).is_err() {
                     tracing::error!("virtio-net: cannot return TX buffer {head}");
                 }
                 self.tx_used = true;
@@ -223,6 +262,15 @@ impl NetWorker {
                 break;
             }
         }
+        self.tx_iovecs = iovecs;
+        let stats = &self.p.stats;
+        if frames > 0 {
+            stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
+            stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            stats.tx_dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
         self.notify();
         consumed
     }
@@ -231,7 +279,31 @@ impl NetWorker {
     /// the guest has no buffers left (the frame stays pending).
     pub fn process_rx(&mut self) -> bool {
         let mut delivered_all = true;
+        let (mut frames, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
         loop {
+            // Straight into the guest's buffers, with no copy: when no frame waits in
+            // `frame`, no limiter needs the length before the read, and the reserve can
+            // take the largest frame the TAP may deliver.
+            if self.pending.is_none()
+                && self.p.mergeable_rx
+                && self.rx_unlimited()
+                && self.reserve_rx(MAX_PACKET_LEN)
+                && self.rx_iovecs.len() <= MAX_RX_IOVECS
+            {
+                match self.read_into_reserve() {
+                    Ok(DirectRead::Delivered(len)) => {
+                        frames += 1;
+                        bytes += (len - VNET_HDR_LEN) as u64;
+                    }
+                    Ok(DirectRead::Runt) => dropped += 1,
+                    Ok(DirectRead::Empty) => break,
+                    Err(e) => {
+                        tracing::warn!("virtio-net: TAP read failed: {e}");
+                        break;
+                    }
+                }
+                continue;
+            }
             let len = match self.pending {
                 Some(len) => len,
                 None => match self.p.tap.read_frame(&mut self.frame) {
@@ -244,7 +316,7 @@ impl NetWorker {
                 },
             };
             if len < VNET_HDR_LEN {
-                self.p.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                dropped += 1;
                 self.pending = None;
                 continue;
             }
@@ -259,13 +331,12 @@ impl NetWorker {
             }
             match self.deliver(len) {
                 Delivery::Done => {
-                    self.p.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    let payload = (len - VNET_HDR_LEN) as u64;
-                    self.p.stats.rx_bytes.fetch_add(payload, Ordering::Relaxed);
+                    frames += 1;
+                    bytes += (len - VNET_HDR_LEN) as u64;
                     self.pending = None;
                 }
                 Delivery::Dropped => {
-                    self.p.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    dropped += 1;
                     self.pending = None;
                 }
                 Delivery::NoBuffers => {
@@ -283,37 +354,104 @@ impl NetWorker {
                 }
             }
         }
+        let stats = &self.p.stats;
+        if frames > 0 {
+            stats.rx_frames.fetch_add(frames, Ordering::Relaxed);
+            stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+        if dropped > 0 {
+            stats.rx_dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
         self.notify();
         delivered_all
+    }
+
+    fn rx_unlimited(&self) -> bool {
+        self.p.rx_limiter.as_ref().is_none_or(|l| l.is_unlimited())
+    }
+
+    /// Reads one frame from the TAP into the reserved chains' buffers and hands the chains
+    /// it fills to the guest; the rest stay reserved. The caller made sure the reserve
+    /// holds at least MAX_PACKET_LEN bytes, more than any read can return.
+    fn read_into_reserve(&mut self) -> std::io::Result<DirectRead> {
+        let Some(len) = self.p.tap.read_frame_vectored(&self.rx_iovecs)? else {
+            return Ok(DirectRead::Empty);
+        };
+        if len < VNET_HDR_LEN {
+            // Nothing is handed back: the chains stay reserved for the next frame.
+            return Ok(DirectRead::Runt);
+        }
+        let mut count = 0usize;
+        let mut room = 0usize;
+        for c in &self.rx_reserve {
+            count += 1;
+            room += c.capacity;
+            if room >= len {
+                break;
+            }
+        }
+        // reserve_rx made sure the first buffer holds the whole header.
+        if let Some(first) = self.rx_reserve.front().and_then(|c| c.buffers.first()) {
+            let at = first.0.unchecked_add(VNET_HDR_NUM_BUFFERS as u64);
+            let _ = self.p.mem.write_slice(&(count as u16).to_le_bytes(), at);
+        }
+        let mut left = len;
+        for _ in 0..count {
+            let Some(chain) = self.take_reserved() else {
+                break;
+            };
+            let written = chain.capacity.min(left);
+            left -= written;
+            let _ = self.p.rx.add_used(&self.p.mem, chain.head, written as u32);
+        }
+        self.rx_used = true;
+        Ok(DirectRead::Delivered(len))
+    }
+
+    fn take_reserved(&mut self) -> Option<RxChain> {
+        let chain = self.rx_reserve.pop_front()?;
+        self.rx_iovecs.drain(..chain.iovecs);
+        self.rx_reserved_bytes -= chain.capacity;
+        Some(chain)
     }
 
     /// Takes RX chains into the reserve until they can hold `len` bytes (or, without
     /// mergeable buffers, until there is one chain). Malformed chains go back unused.
     fn reserve_rx(&mut self, len: usize) -> bool {
-        let mem = self.p.mem.clone();
         loop {
-            let capacity: usize = self.rx_reserve.iter().map(|c| c.capacity).sum();
             let enough = if self.p.mergeable_rx {
-                capacity >= len
+                self.rx_reserved_bytes >= len
             } else {
                 !self.rx_reserve.is_empty()
             };
             if enough {
                 return true;
             }
-            let Some(chain) = self.p.rx.pop_descriptor_chain(&mem) else {
+            let Some(chain) = self.p.rx.pop_descriptor_chain(&self.p.mem) else {
                 return false;
             };
             let head = chain.head_index();
+            let mark = self.rx_iovecs.len();
             let mut buffers = Vec::new();
             let mut valid = true;
             let mut last_has_next = false;
             for d in chain {
                 last_has_next = d.has_next();
-                if !d.is_write_only()
-                    || !GuestMemoryBackend::check_range(&mem, d.addr(), d.len() as usize)
-                {
+                if !d.is_write_only() {
                     valid = false;
+                    break;
+                }
+                for slice in GuestMemoryBackend::get_slices(&self.p.mem, d.addr(), d.len() as usize)
+                {
+                    match slice {
+                        Ok(s) => self.rx_iovecs.push(libc::iovec {
+                            iov_base: s.ptr_guard_mut().as_ptr().cast(),
+                            iov_len: s.len(),
+                        }),
+                        Err(_) => valid = false,
+                    }
+                }
+                if !valid {
                     break;
                 }
                 buffers.push((d.addr(), d.len() as usize));
@@ -321,15 +459,18 @@ impl NetWorker {
             // Each chain's first buffer must hold a whole header: num_buffers lives there.
             if !valid || last_has_next || buffers.first().is_none_or(|b| b.1 < VNET_HDR_LEN) {
                 tracing::debug!("virtio-net: returning a malformed RX chain {head}");
-                let _ = self.p.rx.add_used(&mem, head, 0);
+                self.rx_iovecs.truncate(mark);
+                let _ = self.p.rx.add_used(&self.p.mem, head, 0);
                 self.rx_used = true;
                 continue;
             }
-            let capacity = buffers.iter().map(|b| b.1).sum();
+            let capacity: usize = buffers.iter().map(|b| b.1).sum();
+            self.rx_reserved_bytes += capacity;
             self.rx_reserve.push_back(RxChain {
                 head,
                 buffers,
                 capacity,
+                iovecs: self.rx_iovecs.len() - mark,
             });
         }
     }
@@ -338,11 +479,11 @@ impl NetWorker {
         if !self.reserve_rx(len) {
             return Delivery::NoBuffers;
         }
-        let mem = self.p.mem.clone();
         if !self.p.mergeable_rx && self.rx_reserve.front().is_some_and(|c| c.capacity < len) {
             // Without mergeable buffers one chain must hold the frame.
-            let chain = self.rx_reserve.pop_front().expect("reserved chain");
-            let _ = self.p.rx.add_used(&mem, chain.head, 0);
+            if let Some(chain) = self.take_reserved() {
+                let _ = self.p.rx.add_used(&self.p.mem, chain.head, 0);
+            }
             self.rx_used = true;
             return Delivery::Dropped;
         }
@@ -360,14 +501,18 @@ impl NetWorker {
             .copy_from_slice(&(count as u16).to_le_bytes());
         let mut copied = 0usize;
         for _ in 0..count {
-            let chain = self.rx_reserve.pop_front().expect("counted chain");
+            let Some(chain) = self.take_reserved() else {
+                break;
+            };
             let mut written = 0usize;
             for &(addr, blen) in &chain.buffers {
                 if copied == len {
                     break;
                 }
                 let take = blen.min(len - copied);
-                if mem
+                if self
+                    .p
+                    .mem
                     .write_slice(&self.frame[copied..copied + take], addr)
                     .is_err()
                 {
@@ -376,7 +521,7 @@ impl NetWorker {
                 copied += take;
                 written += take;
             }
-            let _ = self.p.rx.add_used(&mem, chain.head, written as u32);
+            let _ = self.p.rx.add_used(&self.p.mem, chain.head, written as u32);
         }
         self.rx_used = true;
         Delivery::Done
@@ -415,6 +560,15 @@ enum Delivery {
     Done,
     Dropped,
     NoBuffers,
+}
+
+enum DirectRead {
+    /// The TAP had nothing to read.
+    Empty,
+    /// Shorter than a virtio-net header: dropped.
+    Runt,
+    /// A frame of this length (header included) went to the guest.
+    Delivered(usize),
 }
 
 impl WorkerHandler for NetWorker {
