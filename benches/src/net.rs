@@ -444,17 +444,7 @@ pub fn run_raw(job: Job) -> Result<Outcome> {
             }
             let elapsed = started.elapsed();
             let cpu = thread_cpu(tid)? - cpu_before;
-            // What is still in flight to the peer arrives within a moment.
-            std::thread::sleep(Duration::from_millis(100));
-            stop_peer(&stop, peer)?;
-            let got = count.frames.load(Ordering::Relaxed);
-            Ok(outcome(
-                written,
-                job.frame_len,
-                elapsed,
-                cpu,
-                written.saturating_sub(got),
-            ))
+            finish_tx(&job, written, elapsed, cpu, &stop, peer, &count)
         }
         Direction::Rx => {
             let (count, peer) = spawn_source(ifindex, job, stop.clone())?;
@@ -780,6 +770,19 @@ fn stratus_tx(
     let elapsed = started.elapsed();
     let cpu = thread_cpu(dev.tid)? - cpu_before;
     let written = dev.stats.report().tx_frames;
+    finish_tx(job, written, elapsed, cpu, stop, peer, &count)
+}
+
+/// Lets what is still in flight reach the sink, stops it, and counts what it missed.
+fn finish_tx(
+    job: &Job,
+    written: u64,
+    elapsed: Duration,
+    cpu: Duration,
+    stop: &AtomicBool,
+    peer: std::thread::JoinHandle<Result<()>>,
+    count: &PeerCount,
+) -> Result<Outcome> {
     std::thread::sleep(Duration::from_millis(100));
     stop_peer(stop, peer)?;
     let got = count.frames.load(Ordering::Relaxed);

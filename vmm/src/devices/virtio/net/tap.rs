@@ -155,14 +155,7 @@ impl Tap {
     pub fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
         // SAFETY: read writes at most buf.len() bytes into buf.
         let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.kind() {
-                std::io::ErrorKind::WouldBlock => Ok(None),
-                _ => Err(e),
-            };
-        }
-        Ok(Some(n as usize))
+        read_result(n)
     }
 
     /// Reads one frame (with its header) scattered over `iovecs`; `Ok(None)` when nothing
@@ -171,14 +164,7 @@ impl Tap {
         // SAFETY: the iovecs point into guest memory validated by the caller, which nothing
         // else writes while the worker holds the buffers.
         let n = unsafe { libc::readv(self.fd(), iovecs.as_ptr(), iovecs.len() as i32) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            return match e.kind() {
-                std::io::ErrorKind::WouldBlock => Ok(None),
-                _ => Err(e),
-            };
-        }
-        Ok(Some(n as usize))
+        read_result(n)
     }
 
     /// Writes one frame (header included) gathered from `iovecs`.
@@ -190,4 +176,16 @@ impl Tap {
         }
         Ok(n as usize)
     }
+}
+
+/// A read's return value: the length, or None when the non-blocking TAP had nothing.
+fn read_result(n: isize) -> std::io::Result<Option<usize>> {
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.kind() {
+            std::io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(n as usize))
 }

@@ -77,6 +77,34 @@ pub struct NetWorkerParts {
     pub tx_limiter: Option<RateLimiter>,
 }
 
+/// What one pass over a queue moved: added to the shared counters once per pass rather
+/// than once per frame.
+#[derive(Default)]
+struct PassCount {
+    frames: u64,
+    /// Frame bytes without the virtio-net header.
+    bytes: u64,
+    dropped: u64,
+}
+
+impl PassCount {
+    /// A frame of `len` bytes, header included, went through.
+    fn frame(&mut self, len: usize) {
+        self.frames += 1;
+        self.bytes += len.saturating_sub(VNET_HDR_LEN) as u64;
+    }
+
+    fn add_to(&self, frames: &AtomicU64, bytes: &AtomicU64, dropped: &AtomicU64) {
+        if self.frames > 0 {
+            frames.fetch_add(self.frames, Ordering::Relaxed);
+            bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        if self.dropped > 0 {
+            dropped.fetch_add(self.dropped, Ordering::Relaxed);
+        }
+    }
+}
+
 /// An RX chain taken from the queue and checked, waiting for a frame.
 struct RxChain {
     head: u16,
@@ -188,7 +216,7 @@ impl NetWorker {
     /// Sends every frame the guest queued; returns how many chains were consumed.
     pub fn process_tx(&mut self) -> usize {
         let mut consumed = 0;
-        let (mut frames, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
+        let mut pass = PassCount::default();
         let mut iovecs = std::mem::take(&mut self.tx_iovecs);
         loop {
             if self.p.tx.event_idx_enabled() {
@@ -244,10 +272,9 @@ impl NetWorker {
                     tracing::debug!("virtio-net: dropping a malformed {total}-byte TX chain");
                 }
                 if sent {
-                    frames += 1;
-                    bytes += total.saturating_sub(VNET_HDR_LEN) as u64;
+                    pass.frame(total);
                 } else {
-                    dropped += 1;
+                    pass.dropped += 1;
                 }
                 // TX buffers are only read: the used length is 0 either way.
                 if self.p.tx.add_used(&self.p.mem, head, 0).is_err() {
@@ -264,13 +291,7 @@ impl NetWorker {
         }
         self.tx_iovecs = iovecs;
         let stats = &self.p.stats;
-        if frames > 0 {
-            stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
-            stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
-        if dropped > 0 {
-            stats.tx_dropped.fetch_add(dropped, Ordering::Relaxed);
-        }
+        pass.add_to(&stats.tx_frames, &stats.tx_bytes, &stats.tx_dropped);
         self.notify();
         consumed
     }
@@ -279,7 +300,7 @@ impl NetWorker {
     /// the guest has no buffers left (the frame stays pending).
     pub fn process_rx(&mut self) -> bool {
         let mut delivered_all = true;
-        let (mut frames, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
+        let mut pass = PassCount::default();
         loop {
             // Straight into the guest's buffers, with no copy: when no frame waits in
             // `frame`, no limiter needs the length before the read, and the reserve can
@@ -291,11 +312,8 @@ impl NetWorker {
                 && self.rx_iovecs.len() <= MAX_RX_IOVECS
             {
                 match self.read_into_reserve() {
-                    Ok(DirectRead::Delivered(len)) => {
-                        frames += 1;
-                        bytes += (len - VNET_HDR_LEN) as u64;
-                    }
-                    Ok(DirectRead::Runt) => dropped += 1,
+                    Ok(DirectRead::Delivered(len)) => pass.frame(len),
+                    Ok(DirectRead::Runt) => pass.dropped += 1,
                     Ok(DirectRead::Empty) => break,
                     Err(e) => {
                         tracing::warn!("virtio-net: TAP read failed: {e}");
@@ -316,7 +334,7 @@ impl NetWorker {
                 },
             };
             if len < VNET_HDR_LEN {
-                dropped += 1;
+                pass.dropped += 1;
                 self.pending = None;
                 continue;
             }
@@ -331,12 +349,11 @@ impl NetWorker {
             }
             match self.deliver(len) {
                 Delivery::Done => {
-                    frames += 1;
-                    bytes += (len - VNET_HDR_LEN) as u64;
+                    pass.frame(len);
                     self.pending = None;
                 }
                 Delivery::Dropped => {
-                    dropped += 1;
+                    pass.dropped += 1;
                     self.pending = None;
                 }
                 Delivery::NoBuffers => {
@@ -355,13 +372,7 @@ impl NetWorker {
             }
         }
         let stats = &self.p.stats;
-        if frames > 0 {
-            stats.rx_frames.fetch_add(frames, Ordering::Relaxed);
-            stats.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
-        if dropped > 0 {
-            stats.rx_dropped.fetch_add(dropped, Ordering::Relaxed);
-        }
+        pass.add_to(&stats.rx_frames, &stats.rx_bytes, &stats.rx_dropped);
         self.notify();
         delivered_all
     }
@@ -381,15 +392,7 @@ impl NetWorker {
             // Nothing is handed back: the chains stay reserved for the next frame.
             return Ok(DirectRead::Runt);
         }
-        let mut count = 0usize;
-        let mut room = 0usize;
-        for c in &self.rx_reserve {
-            count += 1;
-            room += c.capacity;
-            if room >= len {
-                break;
-            }
-        }
+        let count = self.chains_for(len);
         // reserve_rx made sure the first buffer holds the whole header.
         if let Some(first) = self.rx_reserve.front().and_then(|c| c.buffers.first()) {
             let at = first.0.unchecked_add(VNET_HDR_NUM_BUFFERS as u64);
@@ -406,6 +409,20 @@ impl NetWorker {
         }
         self.rx_used = true;
         Ok(DirectRead::Delivered(len))
+    }
+
+    /// How many reserved chains, from the front, a frame of `len` bytes spans.
+    fn chains_for(&self, len: usize) -> usize {
+        let mut room = 0usize;
+        let mut count = 0usize;
+        for c in &self.rx_reserve {
+            count += 1;
+            room += c.capacity;
+            if room >= len {
+                break;
+            }
+        }
+        count
     }
 
     fn take_reserved(&mut self) -> Option<RxChain> {
@@ -488,15 +505,7 @@ impl NetWorker {
             return Delivery::Dropped;
         }
         // How many chains the frame spans.
-        let mut count = 0usize;
-        let mut room = 0usize;
-        for c in &self.rx_reserve {
-            count += 1;
-            room += c.capacity;
-            if room >= len {
-                break;
-            }
-        }
+        let count = self.chains_for(len);
         self.frame[VNET_HDR_NUM_BUFFERS..VNET_HDR_NUM_BUFFERS + 2]
             .copy_from_slice(&(count as u16).to_le_bytes());
         let mut copied = 0usize;
