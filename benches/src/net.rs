@@ -91,7 +91,6 @@ pub struct Outcome {
 pub struct Latency {
     pub p50_us: f64,
     pub p99_us: f64,
-    pub round_trips: u64,
 }
 
 /// Moves this process into a network namespace of its own (before any thread starts, so
@@ -926,6 +925,5 @@ pub fn latency(raw: bool, rounds: u64) -> Result<Latency> {
     Ok(Latency {
         p50_us: percentile(&samples, 0.50),
         p99_us: percentile(&samples, 0.99),
-        round_trips: rounds,
     })
 }
