@@ -5,12 +5,41 @@
 # stratus-vmm in the nested harness.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each step shows the disk space left (a full disk fails in ways that name something else)
+# and the minutes since the start; the steps' durations are listed at the end, also when a
+# step fails, so a slow CI machine's log says where its time went.
+suite_started=$(date +%s)
+step_started=$suite_started
+step_name=""
+step_times=()
+end_step() {
+    local now
+    now=$(date +%s)
+    [ -n "$step_name" ] && step_times+=("$(printf '%5d s  %s' $((now - step_started)) "$step_name")")
+    step_started=$now
+}
+step() {
+    end_step
+    step_name=$*
+    echo
+    echo "=== $* === ($(df -h --output=avail . | tail -1 | tr -d ' ') free," \
+        "$((($(date +%s) - suite_started) / 60)) min in)"
+}
+durations() {
+    local status=$?
+    end_step
+    step_name=""
+    echo
+    echo "=== durations (exit $status) ==="
+    printf '%s\n' "${step_times[@]}"
+    printf '%5d s  total\n' $(($(date +%s) - suite_started))
+}
+trap durations EXIT
+step "install what the tests need"
 bash scripts/install-deps.sh scripts/test-packages.txt scripts/runtime-packages.txt
 # One build from scratch: incremental caches would only double what the disk holds.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-# Each step shows the disk space left: a full disk fails in ways that name something else.
-step() { echo; echo "=== $* === ($(df -h --output=avail . | tail -1 | tr -d ' ') free)"; }
 step "external tools found"
 bash scripts/tool-versions.sh
 step "install-deps.sh's own check"

@@ -607,11 +607,28 @@ impl Browser {
     }
 
     fn click(&self, css: &str) {
-        self.run(self.find(css).click());
+        self.on_element(css, |element| async move { element.click().await })
     }
 
     fn text(&self, css: &str) -> String {
-        self.run(self.find(css).text())
+        self.on_element(css, |element| async move { element.text().await })
+    }
+
+    /// Runs `action` on the element. htmx swaps the refreshing parts of a page every 2–3 s,
+    /// so the element found can be gone by the time `action` reaches it: then it is found
+    /// again (a click on a gone element did nothing, so it is safe to repeat).
+    fn on_element<T, F>(&self, css: &str, action: impl Fn(fantoccini::elements::Element) -> F) -> T
+    where
+        F: std::future::Future<Output = Result<T, fantoccini::error::CmdError>>,
+    {
+        let start = Instant::now();
+        loop {
+            match self.runtime.block_on(action(self.find(css))) {
+                Ok(value) => return value,
+                Err(e) if e.is_stale_element_reference() && start.elapsed() < DEADLINE => {}
+                Err(e) => panic!("browser: {e}"),
+            }
+        }
     }
 
     fn has(&self, css: &str) -> bool {
