@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use stratus_nodeagent::supervisor::socket_peer_pid;
+use stratus_vmm::test_ceph::CephCluster;
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
 
 #[path = "support/pki.rs"]
@@ -1415,58 +1416,13 @@ fn iscsi_volumes_are_attached_at_creation_and_hot_plugged_with_chap() {
     assert_eq!(agent.call("DELETE", "/vms/i", None).0, 204);
 }
 
-/// A throw-away Ceph cluster (scripts/ceph-cluster.sh), stopped when dropped.
-struct CephCluster {
-    dir: tempfile::TempDir,
-}
-
-impl CephCluster {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        project_script(
-            "ceph-cluster.sh",
-            &["start", dir.path().to_str().unwrap()],
-            true,
-        );
-        CephCluster { dir }
-    }
-
-    fn conf(&self) -> PathBuf {
-        self.dir.path().join("ceph.conf")
-    }
-
-    fn rbd(&self, args: &[&str]) {
-        let out = std::process::Command::new("rbd")
-            .arg("-c")
-            .arg(self.conf())
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rbd {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for CephCluster {
-    fn drop(&mut self) {
-        project_script(
-            "ceph-cluster.sh",
-            &["stop", self.dir.path().to_str().unwrap()],
-            false,
-        );
-    }
-}
-
 #[test]
 fn rbd_images_are_attached_at_creation_and_hot_plugged() {
     let cluster = CephCluster::start();
     cluster.rbd(&["create", "rbd/vol", "--size", "4"]);
     cluster.rbd(&["create", "rbd/base", "--size", "4"]);
     cluster.rbd(&["snap", "create", "rbd/base@golden"]);
-    let keyring = cluster.dir.path().join("client.stratus.keyring");
+    let keyring = cluster.keyring();
     let agent = Agent::start(4, 1024);
     let mut spec = agent.spec(Guest::EventLoop);
     spec["disks"] = json!([{"id": "vol", "serial": "rbd-vol", "source": {"rbd": {

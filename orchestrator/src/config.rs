@@ -95,6 +95,11 @@ pub struct Config {
     /// `volume_dir`): nodes need no shared filesystem, their VMMs log in to the LUNs.
     #[serde(default)]
     pub volume_iscsi: Option<crate::pdisk::iscsi::IscsiPoolConfig>,
+    /// Make new volumes as images in a Ceph pool instead (no `volume_dir` needed): nodes'
+    /// VMMs open them through librbd with the configuration and keyring given here, which
+    /// must be at the same paths on every node.
+    #[serde(default)]
+    pub volume_rbd: Option<crate::pdisk::rbd::RbdPoolConfig>,
     /// The networks VMs are given addresses on; node agents serve them under the same
     /// names.
     #[serde(default)]

@@ -43,7 +43,7 @@ pub struct Cloud {
     /// Wakes this replica's job workers when a request queues a job.
     pub jobs_queued: tokio::sync::Notify,
     pub metrics: metrics::Metrics,
-    /// pdisk's storage (`volume_dir`, `[volume_iscsi]`), if the cloud has volumes.
+    /// pdisk's storage (`volume_dir`, `[volume_iscsi]`, `[volume_rbd]`), if the cloud has volumes.
     pub volumes: Option<pdisk::Storage>,
 }
 

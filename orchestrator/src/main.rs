@@ -268,19 +268,31 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listen = config.listen;
-    let volumes = match &config.volume_dir {
-        Some(dir) => Some(stratus_orchestrator::pdisk::Storage {
-            files: stratus_orchestrator::pdisk::file::FileBackend::open(dir)
-                .with_context(|| format!("volume_dir {}", dir.display()))?,
+    let volumes = {
+        use stratus_orchestrator::pdisk;
+        let files = match &config.volume_dir {
+            Some(dir) => Some(
+                pdisk::file::FileBackend::open(dir)
+                    .with_context(|| format!("volume_dir {}", dir.display()))?,
+            ),
+            None if config.volume_iscsi.is_some() => {
+                anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
+            }
+            None => None,
+        };
+        let rbd = config
+            .volume_rbd
+            .clone()
+            .map(pdisk::rbd::RbdPool::new)
+            .transpose()?;
+        (files.is_some() || rbd.is_some()).then(|| pdisk::Storage {
+            files,
             iscsi: config
                 .volume_iscsi
                 .clone()
-                .map(stratus_orchestrator::pdisk::iscsi::IscsiExport::new),
-        }),
-        None if config.volume_iscsi.is_some() => {
-            anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
-        }
-        None => None,
+                .map(pdisk::iscsi::IscsiExport::new),
+            rbd,
+        })
     };
     let mut cloud = Cloud::new(db, Arc::new(config), policy)?;
     cloud.volumes = volumes;

@@ -1120,6 +1120,137 @@ impl Drop for Tgtd {
     }
 }
 
+/// pdisk's RBD pool: volumes are thin images in a Ceph pool (a throw-away cluster here);
+/// nodes get the image's name with the cluster's configuration and client credentials and
+/// the VMM opens it through librbd, at boot and by hot-plug. Ceph keeping an image (it has
+/// a snapshot) refuses the delete with Ceph's reason and leaves the volume usable.
+#[test]
+fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
+    let cluster = stratus_vmm::test_ceph::CephCluster::start();
+    let market = Marketplace::start();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+            cluster.conf().display(),
+            cluster.keyring().display()
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    let alice = cloud.add_user("alice", "alice-password");
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+
+    let out = user.ok("stratus-create-volume", &["-s", "2", "-t", "on rbd"]);
+    let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    let info: Value =
+        serde_json::from_str(&cluster.rbd(&["info", "--format", "json", &format!("rbd/{data}")]))
+            .unwrap();
+    assert_eq!(info["size"], 2u64 << 30, "{info}");
+    assert!(
+        !cloud
+            .dir
+            .path()
+            .join("volumes")
+            .join(format!("{data}.img"))
+            .exists(),
+        "an RBD volume has no file"
+    );
+
+    // At boot: the node gets the image with the credentials, and the VMM only starts if
+    // librbd opened it.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            &data,
+            &image,
+        ],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    assert_eq!(on_node["state"], "running", "{on_node}");
+    let disk = on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == data[..20])
+        .unwrap_or_else(|| panic!("no volume in {on_node}"))
+        .clone();
+    assert_eq!(
+        disk["source"]["rbd"],
+        serde_json::json!({
+            "image": format!("rbd/{data}"),
+            "conf": cluster.conf(),
+            "id": "stratus",
+            "keyring": cluster.keyring(),
+        }),
+        "{disk}"
+    );
+    let disk_id = disk["id"].as_str().unwrap();
+    assert!(
+        on_node["counters"]["disks"][disk_id].is_object(),
+        "the VMM has the image as a disk: {on_node}"
+    );
+
+    // Hot-plugged and unplugged while the VM runs.
+    let spare = user.ok("stratus-create-volume", &["-s", "1"]);
+    let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    assert_eq!(
+        user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]),
+        format!("ATTACHED {spare} in VM {vm} on /dev/vdz\n")
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    assert_eq!(on_node["attached"][0]["serial"], spare[..20], "{on_node}");
+    assert_eq!(
+        on_node["attached"][0]["source"]["rbd"]["image"],
+        format!("rbd/{spare}"),
+        "{on_node}"
+    );
+    assert_eq!(
+        user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]),
+        format!("DETACHED {spare} from VM {vm} on /dev/vdz\n")
+    );
+
+    // Ceph keeps an image with a snapshot: the delete is refused with its reason and the
+    // volume stays usable; without the snapshot it goes.
+    cluster.rbd(&["snap", "create", &format!("rbd/{spare}@kept")]);
+    let e = user.error("stratus-delete-volume", &[&spare], &[]);
+    assert!(e.contains("image has snapshots"), "{e}");
+    let (status, volume) = cloud.call_as(alice, "GET", &format!("/disks/{spare}"), None);
+    assert_eq!(status, 200, "{volume}");
+    assert_eq!(volume["state"], "available", "{volume}");
+    cluster.rbd(&["snap", "purge", "--no-progress", &format!("rbd/{spare}")]);
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&spare]),
+        format!("DELETED {spare}\n")
+    );
+    assert!(!cluster
+        .try_rbd(&["info", &format!("rbd/{spare}")])
+        .status
+        .success());
+
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&data]),
+        format!("DELETED {data}\n")
+    );
+    assert!(!cluster
+        .try_rbd(&["info", &format!("rbd/{data}")])
+        .status
+        .success());
+}
+
 /// pdisk's iSCSI pool: volumes are LUNs of this host's tgtd, nodes get their URL and the
 /// VMM logs in itself; a restarted tgtd serves them again as soon as a VM needs them.
 #[test]

@@ -16,6 +16,7 @@ pub mod interrupts;
 pub mod loader;
 pub mod memory;
 pub mod seccomp;
+pub mod test_ceph;
 pub mod test_guest;
 pub mod vcpu;
 pub mod vm;

@@ -6,9 +6,6 @@
 //! keyring is refused with the reason. One cluster serves the whole file (it takes a few
 //! seconds to start), so the checks run in one test, in order.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 mod blk_common;
 
 use blk_common::binary::vmm;
@@ -18,79 +15,18 @@ use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
 use stratus_vmm::devices::virtio::block::io::DiskFile;
 use stratus_vmm::devices::virtio::block::*;
 use stratus_vmm::devices::virtio::VirtioDevice;
+use stratus_vmm::test_ceph::CephCluster;
 use vm_memory::{Bytes, GuestAddress};
 
 const IMAGE_MIB: u64 = 8;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-}
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ceph-cluster.sh")
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-        let out = Command::new("bash")
-            .arg(script())
-            .args(["start", dir.path().to_str().unwrap()])
-            .output()
-            .expect("run scripts/ceph-cluster.sh");
-        assert!(
-            out.status.success(),
-            "ceph-cluster.sh start: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Cluster { dir }
-    }
-
-    fn conf(&self) -> PathBuf {
-        self.dir.path().join("ceph.conf")
-    }
-
-    fn rbd(&self, args: &[&str]) -> String {
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(self.conf())
-            .args(args)
-            .output()
-            .expect("run rbd");
-        assert!(
-            out.status.success(),
-            "rbd {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The image's bytes as `rbd export` reads them.
-    fn export(&self, image: &str) -> Vec<u8> {
-        let out = self.dir.path().join("export.raw");
-        let _ = std::fs::remove_file(&out);
-        self.rbd(&["export", image, out.to_str().unwrap()]);
-        std::fs::read(out).unwrap()
-    }
-
-    fn source(&self, image: &str) -> RbdSource {
-        RbdSource {
-            image: image.into(),
-            conf: Some(self.conf()),
-            id: None,
-            keyring: None,
-            timeout_secs: 30,
-        }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .args(["stop", self.dir.path().to_str().unwrap()])
-            .status();
+fn source(cluster: &CephCluster, image: &str) -> RbdSource {
+    RbdSource {
+        image: image.into(),
+        conf: Some(cluster.conf()),
+        id: None,
+        keyring: None,
+        timeout_secs: 30,
     }
 }
 
@@ -109,7 +45,7 @@ fn open_error(config: &BlockConfig) -> String {
 
 #[test]
 fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
-    let cluster = Cluster::start();
+    let cluster = CephCluster::start();
     let size = IMAGE_MIB.to_string();
     cluster.rbd(&["create", "rbd/disk1", "--size", &size]);
 
@@ -117,7 +53,7 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     let mut shadow = vec![0u8; (IMAGE_MIB << 20) as usize];
     let mut rng = Rng(0x0c3f_0001);
     {
-        let g = Guest::new(&config(cluster.source("rbd/disk1")));
+        let g = Guest::new(&config(source(&cluster, "rbd/disk1")));
         assert_eq!(g.disk.size(), IMAGE_MIB << 20);
         assert!(!g.disk.read_only());
         for round in 0..10 {
@@ -168,12 +104,12 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     cluster.rbd(&["snap", "create", "rbd/disk1@s1"]);
     let at_snapshot = shadow.clone();
     {
-        let g = Guest::new(&config(cluster.source("rbd/disk1")));
+        let g = Guest::new(&config(source(&cluster, "rbd/disk1")));
         let batch = g.random_batch(&mut rng, &mut shadow, true);
         let got = g.serve_batch(&batch, || {});
         assert!(got.iter().all(|s| *s == VIRTIO_BLK_S_OK), "{got:?}");
     }
-    let snap = config(cluster.source("rbd/disk1@s1"));
+    let snap = config(source(&cluster, "rbd/disk1@s1"));
     let features = VirtioBlock::new(&snap, 2).unwrap().available_features();
     assert_ne!(features & VIRTIO_BLK_F_RO, 0, "a snapshot is read-only");
     let g = Guest::new(&snap);
@@ -203,25 +139,25 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     assert!(cluster.export("rbd/disk1") == shadow);
 
     // Another client with its own keyring (caps for the rbd pool only).
-    let mut own = cluster.source("rbd/disk1");
+    let mut own = source(&cluster, "rbd/disk1");
     own.id = Some("stratus".into());
-    own.keyring = Some(cluster.dir.path().join("client.stratus.keyring"));
+    own.keyring = Some(cluster.keyring());
     assert_eq!(
         DiskFile::open_config(&config(own.clone())).unwrap().size(),
         IMAGE_MIB << 20
     );
 
     // Refusals name the image and the reason.
-    let e = open_error(&config(cluster.source("nopool/disk1")));
+    let e = open_error(&config(source(&cluster, "nopool/disk1")));
     assert!(
         e.contains("rbd:nopool/disk1") && e.contains("no pool nopool"),
         "{e}"
     );
-    let e = open_error(&config(cluster.source("rbd/nothere")));
+    let e = open_error(&config(source(&cluster, "rbd/nothere")));
     assert!(e.contains("cannot open image rbd/nothere"), "{e}");
-    let e = open_error(&config(cluster.source("rbd/disk1@nosnap")));
+    let e = open_error(&config(source(&cluster, "rbd/disk1@nosnap")));
     assert!(e.contains("cannot open image rbd/disk1@nosnap"), "{e}");
-    own.keyring = Some(cluster.dir.path().join("no-such.keyring"));
+    own.keyring = Some(cluster.dir().join("no-such.keyring"));
     own.timeout_secs = 5;
     let e = open_error(&config(own));
     assert!(e.contains("rbd:rbd/disk1"), "{e}");

@@ -90,24 +90,14 @@ async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Resu
     Ok(())
 }
 
-/// How the node agent sees a persistent volume: the file, and a serial the guest can find
-/// it by (`/dev/disk/by-id/virtio-<first 20 characters of the UUID>`).
-fn volume_disk(volume: &NodeDisk) -> (String, AttachDisk) {
+/// How the node agent sees a persistent volume: where its VMM opens it, and a serial the
+/// guest can find it by (`/dev/disk/by-id/virtio-<first 20 characters of the UUID>`).
+fn volume_disk(cloud: &Cloud, volume: &NodeDisk) -> (String, AttachDisk) {
+    let rbd = cloud.volumes.as_ref().and_then(|s| s.rbd.as_ref());
     (
         pdisk::disk_id(&volume.uuid),
         AttachDisk {
-            source: if volume.location.starts_with("iscsi://") {
-                DiskSource::Iscsi {
-                    url: volume.location.clone(),
-                    initiator: None,
-                    secret_file: None,
-                    timeout_secs: None,
-                }
-            } else {
-                DiskSource::File {
-                    path: volume.location.clone().into(),
-                }
-            },
+            source: pdisk::node_source(rbd, &volume.location),
             read_only: volume.read_only,
             serial: Some(volume.uuid.chars().take(20).collect()),
         },
@@ -115,7 +105,13 @@ fn volume_disk(volume: &NodeDisk) -> (String, AttachDisk) {
 }
 
 /// The node agent's spec for the VM.
-fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease], volumes: &[NodeDisk]) -> VmSpec {
+fn spec_of(
+    cloud: &Cloud,
+    row: &VmRow,
+    deployment: &Deployment,
+    leases: &[Lease],
+    volumes: &[NodeDisk],
+) -> VmSpec {
     let request = &deployment.request;
     let mut disks = Vec::new();
     if row.swap_mib > 0 {
@@ -147,7 +143,7 @@ fn spec_of(row: &VmRow, deployment: &Deployment, leases: &[Lease], volumes: &[No
         });
     }
     for volume in volumes {
-        let (id, disk) = volume_disk(volume);
+        let (id, disk) = volume_disk(cloud, volume);
         disks.push(DiskSpec {
             id,
             source: disk.source,
@@ -261,7 +257,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 }
             }
         }
-        let spec = spec_of(&row, &deployment, &leases, &volumes);
+        let spec = spec_of(cloud, &row, &deployment, &leases, &volumes);
         let client = node.client(&cloud.agents);
         match client.put_vm(&row.id.to_string(), &spec).await {
             Ok(info) => {
@@ -568,7 +564,7 @@ async fn hotplug(
                 }
             }
         }
-        let (disk, spec) = volume_disk(volume);
+        let (disk, spec) = volume_disk(cloud, volume);
         let result = if attach {
             if plugged.contains(&disk) {
                 Ok(())

@@ -20,17 +20,13 @@ impl FileBackend {
         })
     }
 
-    pub fn pool(&self) -> &str {
-        "file"
-    }
-
     pub fn location(&self, uuid: &str) -> PathBuf {
         self.dir.join(format!("{uuid}.img"))
     }
 
     /// A sparse file of `size_gib`: no data blocks until the guest writes. Done again
     /// after a crash, it leaves an existing file's data alone.
-    pub fn create(&self, path: &Path, size_gib: u64) -> std::io::Result<()> {
+    pub fn create(path: &Path, size_gib: u64) -> std::io::Result<()> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -40,7 +36,7 @@ impl FileBackend {
         file.sync_all()
     }
 
-    pub fn delete(&self, path: &Path) -> std::io::Result<()> {
+    pub fn delete(path: &Path) -> std::io::Result<()> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             other => other,

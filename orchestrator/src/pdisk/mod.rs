@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod iscsi;
+pub mod rbd;
 pub mod types;
 
 use sqlx::AnyConnection;
@@ -58,90 +59,148 @@ impl From<sqlx::Error> for VolumeError {
     }
 }
 
-/// Where volumes live: sparse files in `volume_dir`, which nodes open at the same path,
-/// or the same files exported over iSCSI by this host's tgtd (`[volume_iscsi]`), which
-/// nodes' VMMs log in to.
+/// Where volumes live: sparse files in `volume_dir`, which nodes open at the same path;
+/// the same files exported over iSCSI by this host's tgtd (`[volume_iscsi]`), which nodes'
+/// VMMs log in to; or images in a Ceph pool (`[volume_rbd]`), which nodes' VMMs open
+/// through librbd. New volumes go to RBD if it is configured, else iSCSI, else files; a
+/// volume stays where it was made (its location says where), so a cloud that changes its
+/// configuration keeps serving the volumes it has as long as their storage stays
+/// configured.
 pub struct Storage {
-    pub files: file::FileBackend,
+    pub files: Option<file::FileBackend>,
     pub iscsi: Option<iscsi::IscsiExport>,
+    pub rbd: Option<rbd::RbdPool>,
+}
+
+/// Where one volume lives, read from its location.
+enum Backing<'a> {
+    File(&'a std::path::Path),
+    Iscsi(&'a iscsi::IscsiExport, &'a file::FileBackend),
+    Rbd(&'a rbd::RbdPool),
+}
+
+fn storage_error(e: impl std::error::Error + Send + Sync + 'static) -> VolumeError {
+    VolumeError::Storage(std::io::Error::other(e))
 }
 
 impl Storage {
     pub fn pool(&self) -> &str {
-        match self.iscsi {
-            Some(_) => "iscsi",
-            None => self.files.pool(),
+        match (&self.rbd, &self.iscsi, &self.files) {
+            (Some(_), _, _) => "rbd",
+            (None, Some(_), _) => "iscsi",
+            (None, None, _) => "file",
         }
     }
 
-    /// What nodes are given for a new volume: the file's path or the LUN's URL.
+    /// What nodes are given for a new volume: the file's path, the LUN's URL or the
+    /// image's `rbd:` name.
     pub fn location(&self, uuid: &str) -> String {
-        match &self.iscsi {
-            Some(export) => export.url(uuid),
-            None => self.files.location(uuid).to_string_lossy().into_owned(),
+        match (&self.rbd, &self.iscsi, &self.files) {
+            (Some(pool), _, _) => pool.location(uuid),
+            (None, Some(export), _) => export.url(uuid),
+            (None, None, Some(files)) => files.location(uuid).to_string_lossy().into_owned(),
+            // Refused when the configuration is read: a cloud with volumes has storage.
+            (None, None, None) => String::new(),
         }
     }
 
-    fn exported(location: &str) -> bool {
-        location.starts_with("iscsi://")
-    }
-
-    fn export_of(&self, location: &str) -> Result<Option<&iscsi::IscsiExport>, VolumeError> {
-        match (&self.iscsi, Self::exported(location)) {
-            (Some(export), true) => Ok(Some(export)),
-            (None, true) => Err(VolumeError::Conflict(format!(
-                "volume at {location} is on iSCSI, but [volume_iscsi] is not configured"
-            ))),
-            (_, false) => Ok(None),
+    fn backing<'a>(&'a self, location: &'a str) -> Result<Backing<'a>, VolumeError> {
+        let missing = |what: &str, setting: &str| {
+            VolumeError::Conflict(format!(
+                "volume at {location} is {what}, but {setting} is not configured"
+            ))
+        };
+        if location.starts_with("iscsi://") {
+            match (&self.iscsi, &self.files) {
+                (Some(export), Some(files)) => Ok(Backing::Iscsi(export, files)),
+                _ => Err(missing("on iSCSI", "[volume_iscsi]")),
+            }
+        } else if location.starts_with("rbd:") {
+            self.rbd
+                .as_ref()
+                .map(Backing::Rbd)
+                .ok_or_else(|| missing("on Ceph RBD", "[volume_rbd]"))
+        } else if self.files.is_some() {
+            Ok(Backing::File(std::path::Path::new(location)))
+        } else {
+            Err(missing("a file", "volume_dir"))
         }
     }
 
     /// Makes the volume's storage; done again after a crash, it keeps existing data.
     async fn make(&self, uuid: &str, location: &str, size_gib: u64) -> Result<(), VolumeError> {
-        let file = self.files.location(uuid);
-        self.files
-            .create(&file, size_gib)
-            .map_err(VolumeError::Storage)?;
-        if let Some(export) = self.export_of(location)? {
-            export
-                .export(uuid, &file)
-                .await
-                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
+        match self.backing(location)? {
+            Backing::File(path) => {
+                file::FileBackend::create(path, size_gib).map_err(VolumeError::Storage)
+            }
+            Backing::Iscsi(export, files) => {
+                let path = files.location(uuid);
+                file::FileBackend::create(&path, size_gib).map_err(VolumeError::Storage)?;
+                export.export(uuid, &path).await.map_err(storage_error)
+            }
+            Backing::Rbd(pool) => pool.create(uuid, size_gib).await.map_err(storage_error),
         }
-        Ok(())
     }
 
     /// Removes the volume's storage; done again, it does nothing.
     async fn remove(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
-        if let Some(export) = self.export_of(location)? {
-            export
-                .unexport(uuid)
-                .await
-                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
-            self.files
-                .delete(&self.files.location(uuid))
-                .map_err(VolumeError::Storage)
-        } else {
-            self.files
-                .delete(std::path::Path::new(location))
-                .map_err(VolumeError::Storage)
+        match self.backing(location)? {
+            Backing::File(path) => file::FileBackend::delete(path).map_err(VolumeError::Storage),
+            Backing::Iscsi(export, files) => {
+                export.unexport(uuid).await.map_err(storage_error)?;
+                file::FileBackend::delete(&files.location(uuid)).map_err(VolumeError::Storage)
+            }
+            Backing::Rbd(pool) => pool.delete(uuid).await.map_err(|e| match e {
+                rbd::RbdError::InUse(_) => VolumeError::Conflict(format!("disk {uuid}: {e}")),
+                e => storage_error(e),
+            }),
         }
     }
 
     /// Makes sure a node can reach the volume now (tgtd forgets its targets when it
-    /// restarts).
+    /// restarts), and that this cloud still has the volume's storage configured.
     pub async fn prepare(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
         self.export_again(&volume.uuid, &volume.location).await
     }
 
     async fn export_again(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
-        if let Some(export) = self.export_of(location)? {
+        if let Backing::Iscsi(export, files) = self.backing(location)? {
             export
-                .export(uuid, &self.files.location(uuid))
+                .export(uuid, &files.location(uuid))
                 .await
-                .map_err(|e| VolumeError::Storage(std::io::Error::other(e)))?;
+                .map_err(storage_error)?;
         }
         Ok(())
+    }
+}
+
+/// How a node's VMM opens the volume at `location`. An RBD volume comes with the cluster's
+/// configuration and credentials as the nodes have them (`rbd`: this cloud's RBD pool).
+pub fn node_source(
+    rbd: Option<&rbd::RbdPool>,
+    location: &str,
+) -> stratus_nodeagent::api::types::DiskSource {
+    use stratus_nodeagent::api::types::DiskSource;
+    if location.starts_with("iscsi://") {
+        DiskSource::Iscsi {
+            url: location.to_owned(),
+            initiator: None,
+            secret_file: None,
+            timeout_secs: None,
+        }
+    } else if let Some(image) = location.strip_prefix("rbd:") {
+        let config = rbd.map(rbd::RbdPool::config);
+        DiskSource::Rbd {
+            image: image.to_owned(),
+            conf: config.map(|c| c.conf.clone()),
+            id: config.map(|c| c.id.clone()),
+            keyring: config.map(|c| c.keyring.clone()),
+            timeout_secs: None,
+        }
+    } else {
+        DiskSource::File {
+            path: location.into(),
+        }
     }
 }
 
@@ -331,7 +390,9 @@ pub async fn create(
     let visibility = request.visibility.unwrap_or(Visibility::Private);
     let kind = request.kind.unwrap_or(VolumeKind::DataImageRawReadWrite);
     let backend = cloud.volumes.as_ref().ok_or_else(|| {
-        VolumeError::Conflict("this cloud has no volume storage (set volume_dir)".into())
+        VolumeError::Conflict(
+            "this cloud has no volume storage (set volume_dir or [volume_rbd])".into(),
+        )
     })?;
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
     let location = backend.location(&uuid);
@@ -513,7 +574,21 @@ pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), Vo
 
 async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), VolumeError> {
     if let Some(backend) = &cloud.volumes {
-        backend.remove(uuid, location).await?;
+        if let Err(e) = backend.remove(uuid, location).await {
+            if let VolumeError::Conflict(_) = e {
+                // The storage refused and kept everything (Ceph keeps an image with
+                // snapshots): the volume is as usable as before the request.
+                sqlx::query(
+                    "UPDATE volumes SET state = 'available', updated = $1 \
+                     WHERE uuid = $2 AND state = 'deleting'",
+                )
+                .bind(db::now())
+                .bind(uuid)
+                .execute(&cloud.db.pool)
+                .await?;
+            }
+            return Err(e);
+        }
     }
     sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'deleting'")
         .bind(uuid)

@@ -1,0 +1,223 @@
+//! The RBD pool: each volume an image of its own, named by its UUID, in one Ceph pool, as
+//! StratusLab's pdisk kept them on Ceph. Images are thin: a new volume takes no space until
+//! the guest writes. Nodes get the image's name and the cluster's configuration and
+//! credentials; their VMMs open the image themselves through librbd, so the nodes need no
+//! kernel RBD client, no shared filesystem and nothing from this host while the VM runs.
+//!
+//! Images are made and removed with Ceph's own `rbd` command, as the iSCSI pool drives
+//! tgtd through `tgtadm`: no RADOS protocol code here.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// `[volume_rbd]` in the orchestrator's configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RbdPoolConfig {
+    /// The Ceph pool the volumes' images are made in.
+    #[serde(default = "default_pool")]
+    pub pool: String,
+    /// The cluster's `ceph.conf`, at this path on this host and on every node.
+    pub conf: PathBuf,
+    /// The cephx user (without `client.`) this host and the nodes' VMMs act as; it needs
+    /// `profile rbd` on the pool.
+    pub id: String,
+    /// That user's keyring, at this path on this host and on every node.
+    pub keyring: PathBuf,
+}
+
+fn default_pool() -> String {
+    "rbd".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("[volume_rbd] {field} {value:?} cannot be used: {why}")]
+    Config {
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("cannot run rbd (install Debian's ceph-common): {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("rbd {args} failed: {stderr}")]
+    Rbd { args: String, stderr: String },
+    #[error("rbd {0} got no answer from the Ceph cluster in time")]
+    Timeout(String),
+    /// The image has snapshots (or clones of them) or a client still has it open.
+    #[error("Ceph keeps the image: {0}")]
+    InUse(String),
+}
+
+/// Ceph can leave a client waiting for as long as no monitor answers; a volume operation
+/// must fail with a reason instead.
+const RBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `rbd` exits with the errno of what failed.
+const EXISTS: i32 = 17;
+const NOT_FOUND: i32 = 2;
+const BUSY: i32 = 16;
+const HAS_SNAPSHOTS: i32 = 39;
+
+pub struct RbdPool {
+    config: RbdPoolConfig,
+}
+
+impl RbdPool {
+    /// Refuses names that would not survive the trip into a VMM's `--disk rbd:...` flag.
+    pub fn new(config: RbdPoolConfig) -> Result<Self, RbdError> {
+        let pool_ok = !config.pool.is_empty()
+            && config
+                .pool
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !pool_ok {
+            return Err(RbdError::Config {
+                field: "pool",
+                value: config.pool,
+                why: "a pool name here is letters, digits, '.', '_' and '-'",
+            });
+        }
+        if config.id.is_empty() || config.id.bytes().any(|b| b",=:/@ ".contains(&b)) {
+            return Err(RbdError::Config {
+                field: "id",
+                value: config.id,
+                why: "a cephx user name without ',', '=', ':', '/', '@' or spaces",
+            });
+        }
+        for (field, path) in [("conf", &config.conf), ("keyring", &config.keyring)] {
+            let text = path.to_string_lossy();
+            if !path.is_absolute() || text.contains(',') || text.contains('=') {
+                return Err(RbdError::Config {
+                    field,
+                    value: text.into_owned(),
+                    why: "an absolute path without ',' or '='",
+                });
+            }
+        }
+        Ok(RbdPool { config })
+    }
+
+    pub fn config(&self) -> &RbdPoolConfig {
+        &self.config
+    }
+
+    /// `POOL/UUID`, as librbd and the `rbd` command name it.
+    pub fn image(&self, uuid: &str) -> String {
+        format!("{}/{uuid}", self.config.pool)
+    }
+
+    /// What the volume's row keeps as its location.
+    pub fn location(&self, uuid: &str) -> String {
+        format!("rbd:{}", self.image(uuid))
+    }
+
+    async fn rbd(&self, args: &[&str]) -> Result<(), (Option<i32>, RbdError)> {
+        let run = tokio::process::Command::new("rbd")
+            .arg("-c")
+            .arg(&self.config.conf)
+            .args(["--id", &self.config.id, "--keyring"])
+            .arg(&self.config.keyring)
+            .arg("--no-progress")
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(RBD_TIMEOUT, run)
+            .await
+            .map_err(|_| (None, RbdError::Timeout(args.join(" "))))?
+            .map_err(|e| (None, RbdError::Spawn(e)))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // librbd's log lines come first; the last line is rbd's own reason.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let reason = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no reason given")
+            .trim()
+            .to_owned();
+        Err((
+            out.status.code(),
+            RbdError::Rbd {
+                args: args.join(" "),
+                stderr: reason,
+            },
+        ))
+    }
+
+    /// A thin image of `size_gib`. Done again after a crash, it keeps the existing image
+    /// and its data.
+    pub async fn create(&self, uuid: &str, size_gib: u64) -> Result<(), RbdError> {
+        let size = format!("{size_gib}G");
+        match self
+            .rbd(&["create", "--size", &size, &self.image(uuid)])
+            .await
+        {
+            Err((Some(EXISTS), _)) => Ok(()),
+            other => other.map_err(|(_, e)| e),
+        }
+    }
+
+    /// Removes the image; done again, it does nothing. An image with snapshots, or one a
+    /// client still has open, is refused with Ceph's reason and left alone.
+    pub async fn delete(&self, uuid: &str) -> Result<(), RbdError> {
+        match self.rbd(&["rm", &self.image(uuid)]).await {
+            Err((Some(NOT_FOUND), _)) => Ok(()),
+            Err((Some(BUSY | HAS_SNAPSHOTS), RbdError::Rbd { stderr, .. })) => {
+                Err(RbdError::InUse(stderr))
+            }
+            other => other.map_err(|(_, e)| e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> RbdPoolConfig {
+        RbdPoolConfig {
+            pool: "rbd".into(),
+            conf: "/etc/ceph/ceph.conf".into(),
+            id: "stratus".into(),
+            keyring: "/etc/ceph/ceph.client.stratus.keyring".into(),
+        }
+    }
+
+    #[test]
+    fn names_that_would_break_a_disk_flag_are_refused() {
+        let pool = RbdPool::new(config()).unwrap();
+        assert_eq!(pool.location("u-1"), "rbd:rbd/u-1");
+        for bad in ["", "a/b", "a,b", "a@b", "a b"] {
+            let e = RbdPool::new(RbdPoolConfig {
+                pool: bad.into(),
+                ..config()
+            })
+            .err()
+            .unwrap_or_else(|| panic!("pool {bad:?} accepted"));
+            assert!(e.to_string().contains("pool"), "{e}");
+        }
+        for bad in ["", "a,b", "a=b", "a:b"] {
+            assert!(RbdPool::new(RbdPoolConfig {
+                id: bad.into(),
+                ..config()
+            })
+            .is_err());
+        }
+        for bad in ["ceph.conf", "/etc/ceph/a,b", "/etc/ceph/a=b"] {
+            assert!(RbdPool::new(RbdPoolConfig {
+                keyring: bad.into(),
+                ..config()
+            })
+            .is_err());
+            assert!(RbdPool::new(RbdPoolConfig {
+                conf: bad.into(),
+                ..config()
+            })
+            .is_err());
+        }
+    }
+}
