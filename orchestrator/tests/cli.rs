@@ -681,6 +681,26 @@ fn volumes_through_the_links(backend: Backend) {
     let file = cloud.dir.path().join("volumes").join(format!("{data}.img"));
     let meta = std::fs::metadata(&file).unwrap();
     assert_eq!(meta.len(), 2 << 30);
+    // The file pool takes no snapshots (yet): refused with the reason, nothing made.
+    let (status, origin) = cloud.admin(
+        "POST",
+        "/disks",
+        Some(&serde_json::json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"})),
+    );
+    assert_eq!(status, 201, "{origin}");
+    let origin = origin["uuid"].as_str().unwrap().to_owned();
+    let (status, e) = cloud.admin("POST", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("need the RBD pool"),
+        "{e}"
+    );
+    let (_, all) = cloud.admin("GET", "/disks", None);
+    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
+    assert_eq!(
+        cloud.admin("DELETE", &format!("/disks/{origin}"), None).0,
+        204
+    );
     assert!(
         meta.blocks() < 64,
         "a new volume allocates nothing: {} blocks",
@@ -1249,6 +1269,186 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
         .try_rbd(&["info", &format!("rbd/{data}")])
         .status
         .success());
+}
+
+/// The first MiB of an RBD image, hashed as `rbd export` reads it (what the tests write
+/// lies there; a whole export would read the empty rest of the GiB too).
+fn rbd_head_sha256(cluster: &stratus_vmm::test_ceph::CephCluster, image: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rbd -c '{}' export --no-progress {image} - 2>/dev/null | head -c 1048576 | sha256sum",
+            cluster.conf().display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// StratusLab's `POST /disks/{uuid}` on the RBD pool: an ORIGIN's LIVE snapshot is a clone
+/// made without copying (no data used), writes to it never reach the ORIGIN, the ORIGIN
+/// cannot go while the LIVE needs it and is attached read-only; a LIVE is rebased into an
+/// ORIGIN of its own (a full copy, no parent) only while no VM has it.
+#[test]
+fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
+    let cluster = stratus_vmm::test_ceph::CephCluster::start();
+    let market = Marketplace::start();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+            cluster.conf().display(),
+            cluster.keyring().display()
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    let alice = cloud.add_user("alice", "alice-password");
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let bench = |image: &str, bytes: &str| {
+        cluster.rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4096",
+            "--io-threads",
+            "1",
+            "--io-pattern",
+            "seq",
+            "--io-total",
+            bytes,
+            image,
+        ]);
+    };
+
+    let (status, origin) = cloud.call_as(
+        alice,
+        "POST",
+        "/disks",
+        Some(&serde_json::json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"})),
+    );
+    assert_eq!(status, 201, "{origin}");
+    let origin = origin["uuid"].as_str().unwrap().to_owned();
+    bench(&format!("rbd/{origin}"), "64K");
+    let origin_sum = rbd_head_sha256(&cluster, &format!("rbd/{origin}"));
+
+    // A plain data volume has neither snapshots nor rebases.
+    let (_, data) = cloud.call_as(
+        alice,
+        "POST",
+        "/disks",
+        Some(&serde_json::json!({"size_gib": 1})),
+    );
+    let data = data["uuid"].as_str().unwrap().to_owned();
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{data}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("only ORIGIN volumes have snapshots"),
+        "{e}"
+    );
+
+    // The snapshot: a clone of the ORIGIN's base snapshot, holding no data of its own.
+    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 201, "{live}");
+    assert_eq!(live["type"], "MACHINE_IMAGE_LIVE", "{live}");
+    assert_eq!(live["identifier"], format!("snapshot:{origin}"), "{live}");
+    assert_eq!(live["base_uuid"], origin.as_str(), "{live}");
+    assert_eq!(live["state"], "available", "{live}");
+    let live = live["uuid"].as_str().unwrap().to_owned();
+    let info: Value =
+        serde_json::from_str(&cluster.rbd(&["info", "--format", "json", &format!("rbd/{live}")]))
+            .unwrap();
+    assert_eq!(info["parent"]["image"], origin.as_str(), "{info}");
+    assert_eq!(info["parent"]["snapshot"], "stratus-base", "{info}");
+    let du: Value =
+        serde_json::from_str(&cluster.rbd(&["du", "--format", "json", &format!("rbd/{live}")]))
+            .unwrap();
+    assert_eq!(du["images"][0]["used_size"], 0, "{du}");
+    assert_eq!(
+        rbd_head_sha256(&cluster, &format!("rbd/{live}")),
+        origin_sum
+    );
+    let (_, shown) = cloud.call_as(alice, "GET", &format!("/disks/{origin}"), None);
+    assert_eq!(shown["count"], 1, "an ORIGIN counts its snapshots: {shown}");
+
+    // Written through the LIVE: the ORIGIN keeps its data, and cannot go while the LIVE
+    // needs it.
+    bench(&format!("rbd/{live}"), "128K");
+    let live_sum = rbd_head_sha256(&cluster, &format!("rbd/{live}"));
+    assert_ne!(live_sum, origin_sum);
+    assert_eq!(
+        rbd_head_sha256(&cluster, &format!("rbd/{origin}")),
+        origin_sum
+    );
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains(&live), "{e}");
+
+    // On a VM: the ORIGIN only read-only; the LIVE is not rebased while attached.
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            &origin,
+            &image,
+        ],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    let disk = on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == origin[..20])
+        .unwrap_or_else(|| panic!("no ORIGIN in {on_node}"))
+        .clone();
+    assert_eq!(disk["read_only"], true, "{disk}");
+    user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &live]);
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("detach it"), "{e}");
+    user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &live]);
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+
+    // The rebase: a new ORIGIN with the LIVE's data and no parent.
+    let (status, rebased) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 201, "{rebased}");
+    assert_eq!(rebased["type"], "MACHINE_IMAGE_ORIGIN", "{rebased}");
+    assert_eq!(rebased["base_uuid"], live.as_str(), "{rebased}");
+    let rebased = rebased["uuid"].as_str().unwrap().to_owned();
+    let info: Value = serde_json::from_str(&cluster.rbd(&[
+        "info",
+        "--format",
+        "json",
+        &format!("rbd/{rebased}"),
+    ]))
+    .unwrap();
+    assert!(info.get("parent").is_none(), "{info}");
+    assert_eq!(
+        rbd_head_sha256(&cluster, &format!("rbd/{rebased}")),
+        live_sum
+    );
+
+    // Everything goes, the LIVE first; the ORIGIN's base snapshot with it.
+    for uuid in [&live, &origin, &rebased, &data] {
+        let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
+        assert_eq!(status, 204, "{uuid}: {e}");
+    }
+    assert_eq!(cluster.rbd(&["ls", "rbd"]).trim(), "", "images left");
 }
 
 /// pdisk's iSCSI pool: volumes are LUNs of this host's tgtd, nodes get their URL and the

@@ -69,6 +69,23 @@ pub async fn update_disk(
     ))
 }
 
+/// StratusLab's snapshot and rebase: on an ORIGIN, a new LIVE copy-on-write snapshot of
+/// it; on a LIVE, a new ORIGIN holding its data. The new volume is the caller's.
+#[utoipa::path(post, path = "/disks/{uuid}", params(("uuid" = String, Path)),
+    responses((status = 201, body = VolumeView), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn derive_disk(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(who): Extension<Principal>,
+    Path(uuid): Path<String>,
+) -> Result<Response, Refusal> {
+    // In a task of its own: a client that hangs up does not cut the copy in half.
+    let made = tokio::spawn(async move { pdisk::derive(&cloud, &who, &uuid).await })
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(json(StatusCode::CREATED, &made))
+}
+
 /// Deletes a volume and its data; refused while it is attached.
 #[utoipa::path(delete, path = "/disks/{uuid}", params(("uuid" = String, Path)),
     responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),

@@ -70,6 +70,7 @@ pub const MAX_PAGE: i64 = 1000;
         disks::get_disk,
         disks::update_disk,
         disks::delete_disk,
+        disks::derive_disk,
         disks::list_mounts,
         disks::attach_disk,
         disks::detach_disk
@@ -131,6 +132,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route(
             "/disks/{uuid}",
             get(disks::get_disk)
+                .post(disks::derive_disk)
                 .put(disks::update_disk)
                 .delete(disks::delete_disk),
         )

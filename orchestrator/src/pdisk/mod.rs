@@ -76,8 +76,23 @@ pub struct Storage {
 enum Backing<'a> {
     File(&'a std::path::Path),
     Iscsi(&'a iscsi::IscsiExport, &'a file::FileBackend),
-    Rbd(&'a rbd::RbdPool),
+    Rbd(&'a rbd::RbdPool, &'a str),
 }
+
+/// What a new volume's storage starts with.
+#[derive(Clone, Copy, Debug)]
+enum Content<'a> {
+    /// Zeros: a volume a user created.
+    Empty,
+    /// A copy-on-write snapshot of the volume at this location (a LIVE of an ORIGIN).
+    SnapshotOf(&'a str),
+    /// A full, independent copy of the volume at this location (an ORIGIN rebased from a
+    /// LIVE).
+    CopyOf(&'a str),
+}
+
+const NO_SNAPSHOTS: &str =
+    "snapshots and rebases need the RBD pool ([volume_rbd]): the file and iSCSI pools make none yet";
 
 fn storage_error(e: impl std::error::Error + Send + Sync + 'static) -> VolumeError {
     VolumeError::Storage(std::io::Error::other(e))
@@ -115,10 +130,10 @@ impl Storage {
                 (Some(export), Some(files)) => Ok(Backing::Iscsi(export, files)),
                 _ => Err(missing("on iSCSI", "[volume_iscsi]")),
             }
-        } else if location.starts_with("rbd:") {
+        } else if let Some(image) = rbd::RbdPool::image_at(location) {
             self.rbd
                 .as_ref()
-                .map(Backing::Rbd)
+                .map(|pool| Backing::Rbd(pool, image))
                 .ok_or_else(|| missing("on Ceph RBD", "[volume_rbd]"))
         } else if self.files.is_some() {
             Ok(Backing::File(std::path::Path::new(location)))
@@ -127,9 +142,30 @@ impl Storage {
         }
     }
 
+    /// Where a volume derived from the one at `source` (a snapshot or a rebase) goes.
+    fn location_beside(&self, source: &str, uuid: &str) -> Result<String, VolumeError> {
+        match self.backing(source)? {
+            Backing::Rbd(..) => rbd::RbdPool::location_beside(source, uuid)
+                .ok_or_else(|| VolumeError::Conflict(format!("{source} names no RBD image"))),
+            Backing::File(_) | Backing::Iscsi(..) => {
+                Err(VolumeError::Conflict(NO_SNAPSHOTS.into()))
+            }
+        }
+    }
+
     /// Makes the volume's storage; done again after a crash, it keeps existing data.
-    async fn make(&self, uuid: &str, location: &str, size_gib: u64) -> Result<(), VolumeError> {
-        match self.backing(location)? {
+    async fn make(
+        &self,
+        uuid: &str,
+        location: &str,
+        size_gib: u64,
+        content: Content<'_>,
+    ) -> Result<(), VolumeError> {
+        let backing = self.backing(location)?;
+        if !matches!(content, Content::Empty) && !matches!(backing, Backing::Rbd(..)) {
+            return Err(VolumeError::Conflict(NO_SNAPSHOTS.into()));
+        }
+        match backing {
             Backing::File(path) => {
                 file::FileBackend::create(path, size_gib).map_err(VolumeError::Storage)
             }
@@ -138,7 +174,23 @@ impl Storage {
                 file::FileBackend::create(&path, size_gib).map_err(VolumeError::Storage)?;
                 export.export(uuid, &path).await.map_err(storage_error)
             }
-            Backing::Rbd(pool) => pool.create(uuid, size_gib).await.map_err(storage_error),
+            Backing::Rbd(pool, image) => {
+                let source_image = |source: &str| {
+                    rbd::RbdPool::image_at(source)
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            VolumeError::Conflict(format!("{source} is not on the RBD pool"))
+                        })
+                };
+                match content {
+                    Content::Empty => pool.create(image, size_gib).await,
+                    Content::SnapshotOf(source) => {
+                        pool.clone_of(&source_image(source)?, image).await
+                    }
+                    Content::CopyOf(source) => pool.copy_of(&source_image(source)?, image).await,
+                }
+                .map_err(storage_error)
+            }
         }
     }
 
@@ -150,7 +202,7 @@ impl Storage {
                 export.unexport(uuid).await.map_err(storage_error)?;
                 file::FileBackend::delete(&files.location(uuid)).map_err(VolumeError::Storage)
             }
-            Backing::Rbd(pool) => pool.delete(uuid).await.map_err(|e| match e {
+            Backing::Rbd(pool, image) => pool.delete(image).await.map_err(|e| match e {
                 rbd::RbdError::InUse(_) => VolumeError::Conflict(format!("disk {uuid}: {e}")),
                 e => storage_error(e),
             }),
@@ -332,6 +384,20 @@ async fn mounts_of_volume(
     .await?)
 }
 
+/// The volumes that need `uuid`'s data: its LIVE snapshots, and rebases of it still being
+/// made.
+async fn snapshots_of(conn: &mut AnyConnection, uuid: &str) -> Result<Vec<String>, VolumeError> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT uuid FROM volumes WHERE base_uuid = $1 \
+         AND (kind IN ('MACHINE_IMAGE_LIVE', 'DATA_IMAGE_LIVE') OR state = 'creating') \
+         ORDER BY created, uuid",
+    )
+    .bind(uuid)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows.into_iter().map(|(u,)| u).collect())
+}
+
 async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, VolumeError> {
     let mounts: Vec<MountView> = mounts_of_volume(conn, &row.uuid)
         .await?
@@ -344,8 +410,14 @@ async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, Vo
             since: m.created,
         })
         .collect();
+    // StratusLab counted an ORIGIN's snapshots, any other volume's mounts.
+    let count = if VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_origin) {
+        snapshots_of(conn, &row.uuid).await?.len() as i64
+    } else {
+        mounts.len() as i64
+    };
     Ok(VolumeView {
-        count: mounts.len() as i64,
+        count,
         uuid: row.uuid,
         owner: row.owner,
         tag: row.tag,
@@ -374,6 +446,100 @@ async fn used_gib(conn: &mut AnyConnection, owner: &str) -> Result<i64, VolumeEr
     Ok(used)
 }
 
+fn no_storage() -> VolumeError {
+    VolumeError::Conflict(
+        "this cloud has no volume storage (set volume_dir or [volume_rbd])".into(),
+    )
+}
+
+/// Locks the owner's row, which serialises their creations so the quota holds under
+/// races, and checks that `size_gib` more fits in it.
+async fn reserve(
+    cloud: &Cloud,
+    tx: &mut AnyConnection,
+    who: &Principal,
+    size_gib: i64,
+) -> Result<(), VolumeError> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT name FROM users WHERE name = $1{}",
+        cloud.db.for_update()
+    )))
+    .bind(&who.name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let quota = cloud.config.quotas.volume_gib;
+    if quota > 0 {
+        let used = used_gib(tx, &who.name).await?;
+        if used + size_gib > quota {
+            return Err(VolumeError::Quota {
+                quota,
+                used,
+                requested: size_gib,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A volume's row before its storage exists.
+struct NewVolume<'a> {
+    uuid: &'a str,
+    owner: &'a str,
+    tag: &'a str,
+    size_gib: i64,
+    visibility: Visibility,
+    kind: VolumeKind,
+    identifier: Option<&'a str>,
+    base_uuid: Option<&'a str>,
+    pool: &'a str,
+    location: &'a str,
+}
+
+async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<(), VolumeError> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, 0, $8, NULL, $9, 'creating', $10, $11, $11)"
+    )))
+    .bind(new.uuid)
+    .bind(new.owner)
+    .bind(new.tag)
+    .bind(new.size_gib)
+    .bind(new.visibility.as_str())
+    .bind(new.kind.as_str())
+    .bind(new.identifier)
+    .bind(new.base_uuid)
+    .bind(new.pool)
+    .bind(new.location)
+    .bind(db::now())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Makes the storage of a volume whose row is `creating`, and shows the volume. A failure
+/// undoes both, so a failed creation neither lingers nor counts against the quota.
+async fn make_and_show(
+    cloud: &Cloud,
+    uuid: &str,
+    size_gib: i64,
+    location: &str,
+    content: Content<'_>,
+) -> Result<VolumeView, VolumeError> {
+    if let Err(e) = finish_create(cloud, uuid, size_gib, location, content).await {
+        if let Some(backend) = &cloud.volumes {
+            let _ = backend.remove(uuid, location).await;
+        }
+        let _ = sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
+            .bind(uuid)
+            .execute(&cloud.db.pool)
+            .await;
+        return Err(e);
+    }
+    let mut conn = cloud.db.pool.acquire().await?;
+    let row = load(&mut conn, uuid).await?;
+    view(&mut conn, row).await
+}
+
 pub async fn create(
     cloud: &Cloud,
     who: &Principal,
@@ -387,68 +553,88 @@ pub async fn create(
     }
     let tag = request.tag.unwrap_or_default();
     check_tag(&tag)?;
-    let visibility = request.visibility.unwrap_or(Visibility::Private);
-    let kind = request.kind.unwrap_or(VolumeKind::DataImageRawReadWrite);
-    let backend = cloud.volumes.as_ref().ok_or_else(|| {
-        VolumeError::Conflict(
-            "this cloud has no volume storage (set volume_dir or [volume_rbd])".into(),
-        )
-    })?;
+    let backend = cloud.volumes.as_ref().ok_or_else(no_storage)?;
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
     let location = backend.location(&uuid);
-    let now = db::now();
-    {
-        let mut tx = cloud.db.pool.begin().await?;
-        // The owner's row serialises their creations, so the quota holds under races.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT name FROM users WHERE name = $1{}",
-            cloud.db.for_update()
-        )))
-        .bind(&who.name)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let quota = cloud.config.quotas.volume_gib;
-        if quota > 0 {
-            let used = used_gib(&mut tx, &who.name).await?;
-            if used + request.size_gib > quota {
-                return Err(VolumeError::Quota {
-                    quota,
-                    used,
-                    requested: request.size_gib,
-                });
+    let mut tx = cloud.db.pool.begin().await?;
+    reserve(cloud, &mut tx, who, request.size_gib).await?;
+    let new = NewVolume {
+        uuid: &uuid,
+        owner: &who.name,
+        tag: &tag,
+        size_gib: request.size_gib,
+        visibility: request.visibility.unwrap_or(Visibility::Private),
+        kind: request.kind.unwrap_or(VolumeKind::DataImageRawReadWrite),
+        identifier: None,
+        base_uuid: None,
+        pool: backend.pool(),
+        location: &location,
+    };
+    insert_creating(&mut tx, &new).await?;
+    tx.commit().await?;
+    make_and_show(cloud, &uuid, request.size_gib, &location, Content::Empty).await
+}
+
+/// `POST /disks/{uuid}`, as StratusLab's pdisk answered it: on an ORIGIN, a new LIVE
+/// copy-on-write snapshot of it (identifier `snapshot:<origin>`, made in constant time);
+/// on a LIVE, a rebase into a new ORIGIN that holds the LIVE's data on its own. Either is
+/// a new private volume of the caller's, counted in their quota; the source is unchanged.
+pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<VolumeView, VolumeError> {
+    let uuid = parse_uuid(uuid)?;
+    let storage = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+    let new_uuid = uuid::Uuid::new_v4().hyphenated().to_string();
+    let mut tx = cloud.db.pool.begin().await?;
+    load_visible(&mut tx, who, &uuid, "snapshot").await?;
+    let source = load_locked(&cloud.db, &mut tx, &uuid).await?;
+    if source.state != "available" {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is {}, not available",
+            source.state
+        )));
+    }
+    let kind = VolumeKind::from_name(&source.kind);
+    let (new_kind, identifier, snapshot) = match kind {
+        Some(kind) if kind.is_origin() => (kind.live(), Some(format!("snapshot:{uuid}")), true),
+        Some(kind) if kind.is_live() => {
+            // A copy of a disk a guest is writing would be torn.
+            if let Some(m) = mounts_of_volume(&mut tx, &uuid).await?.first() {
+                return Err(VolumeError::Conflict(format!(
+                    "disk {uuid} is attached to VM {}: detach it before rebasing it",
+                    m.vm_id
+                )));
             }
+            (kind.origin(), None, false)
         }
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, NULL, 0, NULL, NULL, $7, 'creating', $8, $9, $9)"
-        )))
-        .bind(&uuid)
-        .bind(&who.name)
-        .bind(&tag)
-        .bind(request.size_gib)
-        .bind(visibility.as_str())
-        .bind(kind.as_str())
-        .bind(backend.pool())
-        .bind(&location)
-        .bind(&now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-    }
-    if let Err(e) = finish_create(cloud, &uuid, request.size_gib, &location).await {
-        // Undone, so a failed creation neither lingers nor counts against the quota.
-        if let Some(backend) = &cloud.volumes {
-            let _ = backend.remove(&uuid, &location).await;
+        _ => {
+            return Err(VolumeError::Conflict(format!(
+                "disk {uuid} is {}: only ORIGIN volumes have snapshots and only LIVE ones are \
+                 rebased",
+                source.kind
+            )))
         }
-        let _ = sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
-            .bind(&uuid)
-            .execute(&cloud.db.pool)
-            .await;
-        return Err(e);
-    }
-    let mut conn = cloud.db.pool.acquire().await?;
-    let row = load(&mut conn, &uuid).await?;
-    view(&mut conn, row).await
+    };
+    let location = storage.location_beside(&source.location, &new_uuid)?;
+    reserve(cloud, &mut tx, who, source.size_gib).await?;
+    let new = NewVolume {
+        uuid: &new_uuid,
+        owner: &who.name,
+        tag: "",
+        size_gib: source.size_gib,
+        visibility: Visibility::Private,
+        kind: new_kind,
+        identifier: identifier.as_deref(),
+        base_uuid: Some(&uuid),
+        pool: &source.pool,
+        location: &location,
+    };
+    insert_creating(&mut tx, &new).await?;
+    tx.commit().await?;
+    let content = if snapshot {
+        Content::SnapshotOf(&source.location)
+    } else {
+        Content::CopyOf(&source.location)
+    };
+    make_and_show(cloud, &new_uuid, source.size_gib, &location, content).await
 }
 
 async fn finish_create(
@@ -456,12 +642,12 @@ async fn finish_create(
     uuid: &str,
     size_gib: i64,
     location: &str,
+    content: Content<'_>,
 ) -> Result<(), VolumeError> {
-    let backend = cloud
-        .volumes
-        .as_ref()
-        .ok_or_else(|| VolumeError::Conflict("this cloud has no volume storage".into()))?;
-    backend.make(uuid, location, size_gib as u64).await?;
+    let backend = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+    backend
+        .make(uuid, location, size_gib as u64, content)
+        .await?;
     sqlx::query(
         "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
     )
@@ -548,6 +734,13 @@ pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), Vo
             return Err(VolumeError::Conflict(format!(
                 "disk {uuid} is attached to VM {}: detach it first",
                 m.vm_id
+            )));
+        }
+        let needed_by = snapshots_of(&mut tx, &uuid).await?;
+        if !needed_by.is_empty() {
+            return Err(VolumeError::Conflict(format!(
+                "disk {uuid} is the base of {}: delete them first",
+                needed_by.join(", ")
             )));
         }
         match row.state.as_str() {
@@ -637,7 +830,29 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
     for row in rows {
         let location = &row.location;
         let result = if row.state == "creating" {
-            finish_create(cloud, &row.uuid, row.size_gib, location).await
+            // A snapshot or a rebase is made again from its source.
+            let source = match &row.base_uuid {
+                Some(base) => {
+                    let mut conn = cloud.db.pool.acquire().await?;
+                    Some(load(&mut conn, base).await.map(|r| r.location))
+                }
+                None => None,
+            };
+            match source {
+                None => {
+                    finish_create(cloud, &row.uuid, row.size_gib, location, Content::Empty).await
+                }
+                Some(Err(e)) => Err(e),
+                Some(Ok(source)) => {
+                    let live = VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_live);
+                    let content = if live {
+                        Content::SnapshotOf(&source)
+                    } else {
+                        Content::CopyOf(&source)
+                    };
+                    finish_create(cloud, &row.uuid, row.size_gib, location, content).await
+                }
+            }
         } else {
             finish_delete(cloud, &row.uuid, location).await
         };
@@ -687,6 +902,14 @@ async fn take(
         return Err(VolumeError::Conflict(format!(
             "disk {uuid} is {}, not available",
             row.state
+        )));
+    }
+    // A rebase copies the disk: a guest writing it meanwhile would tear the copy.
+    if !snapshots_of(conn, uuid).await?.is_empty()
+        && VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_live)
+    {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is being rebased; try again in a moment"
         )));
     }
     let device = next_device(conn, vm, hotplug).await?;
@@ -792,7 +1015,8 @@ impl MountedRow {
     fn into_node_disk(self) -> NodeDisk {
         NodeDisk {
             read_only: self.read_only != 0
-                || self.kind == VolumeKind::DataImageRawReadonly.as_str(),
+                || VolumeKind::from_name(&self.kind)
+                    .is_some_and(|k| k == VolumeKind::DataImageRawReadonly || k.is_origin()),
             uuid: self.volume_uuid,
             device: self.device,
             location: self.location,

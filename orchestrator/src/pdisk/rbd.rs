@@ -58,6 +58,7 @@ const RBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 const EXISTS: i32 = 17;
 const NOT_FOUND: i32 = 2;
 const BUSY: i32 = 16;
+const INVALID: i32 = 22;
 const HAS_SNAPSHOTS: i32 = 39;
 
 pub struct RbdPool {
@@ -113,13 +114,26 @@ impl RbdPool {
         format!("rbd:{}", self.image(uuid))
     }
 
+    /// The image a location names (`rbd:POOL/UUID` → `POOL/UUID`).
+    pub fn image_at(location: &str) -> Option<&str> {
+        location.strip_prefix("rbd:")
+    }
+
+    /// Where a volume derived from the one at `location` goes: the same pool, so a
+    /// clone stays beside its parent.
+    pub fn location_beside(location: &str, uuid: &str) -> Option<String> {
+        let (pool, _) = Self::image_at(location)?.split_once('/')?;
+        Some(format!("rbd:{pool}/{uuid}"))
+    }
+
+    /// Runs `rbd` as the pool's user. Commands that show progress are given `--no-progress`
+    /// by the caller (the others refuse the option).
     async fn rbd(&self, args: &[&str]) -> Result<(), (Option<i32>, RbdError)> {
         let run = tokio::process::Command::new("rbd")
             .arg("-c")
             .arg(&self.config.conf)
             .args(["--id", &self.config.id, "--keyring"])
             .arg(&self.config.keyring)
-            .arg("--no-progress")
             .args(args)
             .kill_on_drop(true)
             .output();
@@ -150,10 +164,10 @@ impl RbdPool {
 
     /// A thin image of `size_gib`. Done again after a crash, it keeps the existing image
     /// and its data.
-    pub async fn create(&self, uuid: &str, size_gib: u64) -> Result<(), RbdError> {
+    pub async fn create(&self, image: &str, size_gib: u64) -> Result<(), RbdError> {
         let size = format!("{size_gib}G");
         match self
-            .rbd(&["create", "--size", &size, &self.image(uuid)])
+            .rbd(&["create", "--no-progress", "--size", &size, image])
             .await
         {
             Err((Some(EXISTS), _)) => Ok(()),
@@ -161,18 +175,72 @@ impl RbdPool {
         }
     }
 
-    /// Removes the image; done again, it does nothing. An image with snapshots, or one a
-    /// client still has open, is refused with Ceph's reason and left alone.
-    pub async fn delete(&self, uuid: &str) -> Result<(), RbdError> {
-        match self.rbd(&["rm", &self.image(uuid)]).await {
-            Err((Some(NOT_FOUND), _)) => Ok(()),
-            Err((Some(BUSY | HAS_SNAPSHOTS), RbdError::Rbd { stderr, .. })) => {
-                Err(RbdError::InUse(stderr))
-            }
+    /// `image` as a copy-on-write clone of `origin`: of its snapshot [`BASE_SNAPSHOT`],
+    /// taken (and protected, so Ceph keeps it while clones need it) on the first clone.
+    /// The clone costs the same time and no data whatever the origin's size; writes to it
+    /// never reach the origin. Done again after a crash, it keeps what exists.
+    pub async fn clone_of(&self, origin: &str, image: &str) -> Result<(), RbdError> {
+        let base = format!("{origin}@{BASE_SNAPSHOT}");
+        match self.rbd(&["snap", "create", "--no-progress", &base]).await {
+            Err((Some(EXISTS), _)) => {}
+            other => other.map_err(|(_, e)| e)?,
+        }
+        match self.rbd(&["snap", "protect", &base]).await {
+            // Protected already.
+            Err((Some(BUSY), _)) => {}
+            other => other.map_err(|(_, e)| e)?,
+        }
+        match self.rbd(&["clone", &base, image]).await {
+            Err((Some(EXISTS), _)) => Ok(()),
             other => other.map_err(|(_, e)| e),
         }
     }
+
+    /// `image` as a full, independent copy of `source` (a clone's parent data included).
+    /// An `image` left by a crash in the middle is made again.
+    pub async fn copy_of(&self, source: &str, image: &str) -> Result<(), RbdError> {
+        self.delete(image).await?;
+        self.rbd(&["cp", "--no-progress", source, image])
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    /// Removes the image, and its [`BASE_SNAPSHOT`] if no clone needs it any more; done
+    /// again, it does nothing. An image with clones or other snapshots, or one a client
+    /// still has open, is refused with Ceph's reason and left alone.
+    pub async fn delete(&self, image: &str) -> Result<(), RbdError> {
+        let in_use = |e| match e {
+            RbdError::Rbd { stderr, .. } => RbdError::InUse(stderr),
+            e => e,
+        };
+        match self.rbd(&["rm", "--no-progress", image]).await {
+            Ok(()) | Err((Some(NOT_FOUND), _)) => return Ok(()),
+            Err((Some(HAS_SNAPSHOTS), e)) => {
+                let base = format!("{image}@{BASE_SNAPSHOT}");
+                match self.rbd(&["snap", "unprotect", &base]).await {
+                    // Not protected, or no such snapshot: rm below says what is left.
+                    Ok(()) | Err((Some(NOT_FOUND | INVALID), _)) => {}
+                    Err((Some(BUSY), e)) => return Err(in_use(e)),
+                    Err((_, e)) => return Err(e),
+                }
+                match self.rbd(&["snap", "rm", "--no-progress", &base]).await {
+                    Ok(()) | Err((Some(NOT_FOUND), _)) => {}
+                    Err((_, _)) => return Err(in_use(e)),
+                }
+            }
+            Err((Some(BUSY), e)) => return Err(in_use(e)),
+            Err((_, e)) => return Err(e),
+        }
+        match self.rbd(&["rm", "--no-progress", image]).await {
+            Ok(()) | Err((Some(NOT_FOUND), _)) => Ok(()),
+            Err((Some(BUSY | HAS_SNAPSHOTS), e)) => Err(in_use(e)),
+            Err((_, e)) => Err(e),
+        }
+    }
 }
+
+/// The snapshot of an ORIGIN image its LIVE clones are made from.
+pub const BASE_SNAPSHOT: &str = "stratus-base";
 
 #[cfg(test)]
 mod tests {

@@ -42,6 +42,55 @@ impl VolumeKind {
             VolumeKind::DataImageRawReadWrite => "DATA_IMAGE_RAW_READ_WRITE",
         }
     }
+
+    const ALL: [VolumeKind; 6] = [
+        VolumeKind::MachineImageOrigin,
+        VolumeKind::MachineImageLive,
+        VolumeKind::DataImageOrigin,
+        VolumeKind::DataImageLive,
+        VolumeKind::DataImageRawReadonly,
+        VolumeKind::DataImageRawReadWrite,
+    ];
+
+    /// The kind [`as_str`](Self::as_str) names.
+    pub fn from_name(name: &str) -> Option<VolumeKind> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// An image that snapshots are taken of: attached read-only, so they stay true to it.
+    pub fn is_origin(self) -> bool {
+        matches!(
+            self,
+            VolumeKind::MachineImageOrigin | VolumeKind::DataImageOrigin
+        )
+    }
+
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            VolumeKind::MachineImageLive | VolumeKind::DataImageLive
+        )
+    }
+
+    /// The kind of a snapshot of this ORIGIN (or of this LIVE's siblings).
+    pub fn live(self) -> VolumeKind {
+        match self {
+            VolumeKind::MachineImageOrigin | VolumeKind::MachineImageLive => {
+                VolumeKind::MachineImageLive
+            }
+            _ => VolumeKind::DataImageLive,
+        }
+    }
+
+    /// The kind of the ORIGIN a rebase of this LIVE makes.
+    pub fn origin(self) -> VolumeKind {
+        match self {
+            VolumeKind::MachineImageOrigin | VolumeKind::MachineImageLive => {
+                VolumeKind::MachineImageOrigin
+            }
+            _ => VolumeKind::DataImageOrigin,
+        }
+    }
 }
 
 /// `POST /disks` (`stratus-create-volume`).
