@@ -12,7 +12,7 @@ use stratus_vmm::devices::virtio::block::io::{
     create_engine, CacheMode, DiskFile, ImageFormat, IoEngine,
 };
 use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
-use stratus_vmm::devices::virtio::block::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use stratus_vmm::devices::virtio::block::{BlockConfig, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
@@ -96,6 +96,20 @@ pub(crate) fn thread_cpu(tid: i32) -> Result<Duration> {
     Ok(Duration::from_micros(ticks * 1_000_000 / hz))
 }
 
+/// CPU time of every thread of this process so far.
+fn process_cpu() -> Result<Duration> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Ok(Duration::from_micros(
+        micros(usage.ru_utime) + micros(usage.ru_stime),
+    ))
+}
+
 pub(crate) fn percentile(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -111,10 +125,20 @@ pub fn run_stratus(
     engine: IoEngine,
     job: Job,
 ) -> Result<Outcome> {
+    let disk = DiskFile::open_format(path, format, false, CacheMode::None)?;
+    run_stratus_on(disk, engine, job)
+}
+
+/// Runs `job` against a disk opened from its configuration (an RBD image, an iSCSI LUN).
+pub fn run_stratus_config(config: &BlockConfig, job: Job) -> Result<Outcome> {
+    let disk = DiskFile::open_config(config)?;
+    run_stratus_on(disk, IoEngine::IoUring, job)
+}
+
+fn run_stratus_on(disk: DiskFile, engine: IoEngine, job: Job) -> Result<Outcome> {
     let qd = job.queue_depth.min(QUEUE_SIZE);
     let mem_size = DATA_BASE as usize + qd as usize * job.block_size as usize;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)])?;
-    let disk = DiskFile::open_format(path, format, false, CacheMode::None)?;
     let disk_size = disk.size();
     let io_engine = create_engine(engine, &disk, u32::from(QUEUE_SIZE))?;
     let mut queue = Queue::new(QUEUE_SIZE).map_err(|e| anyhow::anyhow!("{e:?}"))?;
@@ -143,13 +167,7 @@ pub fn run_stratus(
         limiter: None,
         counters: Default::default(),
     })?;
-    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        // SAFETY: gettid has no side effects.
-        let _ = tid_tx.send(unsafe { libc::gettid() });
-        worker.run();
-    });
-    let worker_tid = tid_rx.recv()?;
+    let handle = std::thread::spawn(move || worker.run());
 
     // The driver side.
     let blocks = disk_size / job.block_size;
@@ -222,8 +240,14 @@ pub fn run_stratus(
         mem.write_obj(*avail_idx, GuestAddress(AVAIL_RING + 2))?;
         Ok(())
     };
+    // The device's CPU is the whole process's but the simulated driver's (this thread):
+    // the worker, and the threads of librbd or libiscsi where the disk is on the network.
+    // SAFETY: gettid has no side effects.
+    let driver_tid = unsafe { libc::gettid() };
+    let device_cpu =
+        || -> Result<Duration> { Ok(process_cpu()?.saturating_sub(thread_cpu(driver_tid)?)) };
     let started = Instant::now();
-    let cpu_before = thread_cpu(worker_tid)?;
+    let cpu_before = device_cpu()?;
     for slot in 0..qd {
         let offset = next_offset(&mut rng);
         submitted_at[slot as usize] = Instant::now();
@@ -270,7 +294,7 @@ pub fn run_stratus(
         }
     }
     let elapsed = started.elapsed();
-    let cpu = thread_cpu(worker_tid)? - cpu_before;
+    let cpu = device_cpu()?.saturating_sub(cpu_before);
     kill.write(1)?;
     handle
         .join()
@@ -288,17 +312,64 @@ pub fn run_stratus(
 
 /// The same job with fio (io_uring, O_DIRECT) on the same file.
 pub fn run_fio(path: &std::path::Path, job: Job) -> Result<Outcome> {
-    let out = std::process::Command::new("fio")
+    let mut fio = std::process::Command::new("fio");
+    fio.args(["--ioengine=io_uring", "--direct=1"])
+        .arg(format!("--filename={}", path.display()));
+    fio_job(fio, job, FioCpu::JobThread)
+}
+
+/// The same job with fio's own librbd engine on the same image (`POOL/IMAGE`), as the
+/// cephx user `id` of the cluster `conf`.
+pub fn run_fio_rbd(image: &str, conf: &std::path::Path, id: &str, job: Job) -> Result<Outcome> {
+    let (pool, name) = image
+        .split_once('/')
+        .context("the RBD image must be POOL/IMAGE")?;
+    let mut fio = std::process::Command::new("fio");
+    fio.env("CEPH_CONF", conf)
+        .arg("--ioengine=rbd")
+        .arg(format!("--clientname={id}"))
+        .arg(format!("--pool={pool}"))
+        .arg(format!("--rbdname={name}"));
+    fio_job(fio, job, FioCpu::WholeProcess)
+}
+
+/// Whose CPU time fio's I/Os are charged with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FioCpu {
+    /// fio's own figure, its job thread's: where the engine does all the work itself
+    /// (io_uring on a file).
+    JobThread,
+    /// The whole fio process's, from its resource usage when it has exited (start-up
+    /// included): where the engine's library does its work in threads of its own
+    /// (librbd), which fio's figure leaves out.
+    WholeProcess,
+}
+
+fn children_cpu() -> Result<Duration> {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(rusage_time(&usage))
+}
+
+fn rusage_time(usage: &libc::rusage) -> Duration {
+    let micros = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(micros(usage.ru_utime) + micros(usage.ru_stime))
+}
+
+fn fio_job(mut fio: std::process::Command, job: Job, cpu: FioCpu) -> Result<Outcome> {
+    let children_before = children_cpu()?;
+    let out = fio
         .args([
             "--name=host",
-            "--ioengine=io_uring",
-            "--direct=1",
             "--time_based",
             "--output-format=json",
             "--randrepeat=0",
             "--norandommap",
         ])
-        .arg(format!("--filename={}", path.display()))
         .arg(format!("--rw={}", job.pattern.fio_rw()))
         .arg(format!("--bs={}", job.block_size))
         .arg(format!("--iodepth={}", job.queue_depth))
@@ -319,6 +390,7 @@ pub fn run_fio(path: &std::path::Path, job: Job) -> Result<Outcome> {
     let clat = &side["clat_ns"]["percentile"];
     let pct = |k: &str| clat[k].as_f64().unwrap_or(f64::NAN) / 1000.0;
     let cpu_pct = j["usr_cpu"].as_f64().unwrap_or(0.0) + j["sys_cpu"].as_f64().unwrap_or(0.0);
+    let process_cpu = children_cpu()?.saturating_sub(children_before);
     let runtime_s = j["job_runtime"]
         .as_f64()
         .unwrap_or(job.runtime.as_millis() as f64)
@@ -329,7 +401,10 @@ pub fn run_fio(path: &std::path::Path, job: Job) -> Result<Outcome> {
         mib_s: side["bw_bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64,
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
-        cpu_us_per_io: cpu_pct / 100.0 * runtime_s * 1e6 / ios.max(1.0),
+        cpu_us_per_io: match cpu {
+            FioCpu::JobThread => cpu_pct / 100.0 * runtime_s * 1e6,
+            FioCpu::WholeProcess => process_cpu.as_secs_f64() * 1e6,
+        } / ios.max(1.0),
     })
 }
 

@@ -55,6 +55,29 @@ enum Cmd {
         #[arg(long)]
         polling_driver: bool,
     },
+    /// virtio-blk on a Ceph RBD image: the same simulated driver through stratus-vmm's
+    /// queue worker and its librbd engine, against fio's own rbd engine on the same image,
+    /// alternated. The image must exist and hold data (benches/blk_rbd.sh makes a
+    /// throw-away cluster and one).
+    BlkRbd {
+        /// POOL/IMAGE.
+        #[arg(long)]
+        image: String,
+        /// The cluster's ceph.conf.
+        #[arg(long)]
+        conf: PathBuf,
+        /// The cephx user (without `client.`); its keyring is found through the conf.
+        #[arg(long, default_value = "admin")]
+        id: String,
+        #[arg(long, default_value_t = 3000)]
+        runtime_ms: u64,
+        /// Only the jobs whose label contains this (e.g. "4k QD32").
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds per job; rows show medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// virtio-net device throughput and latency against the raw TAP limit: a simulated
     /// Linux driver through real virtqueues, a TAP in a network namespace of its own, an
     /// AF_PACKET peer on the other side; raw and stratus alternated. Runs as root.
@@ -570,6 +593,85 @@ fn net(runtime_ms: u64, only: Option<&str>, runs: usize, round_trips: u64) -> Re
 }
 
 /// Field-wise medians over the rounds.
+fn blk_rbd(
+    image: &str,
+    conf: &Path,
+    id: &str,
+    runtime_ms: u64,
+    only: Option<&str>,
+    runs: usize,
+) -> Result<()> {
+    use stratus_benches::blk::{run_fio_rbd, run_stratus_config, Job, Outcome, Pattern};
+    use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
+    use stratus_vmm::devices::virtio::block::BlockConfig;
+    let mut config = BlockConfig::new("");
+    config.rbd = Some(RbdSource {
+        image: image.to_owned(),
+        conf: Some(conf.to_owned()),
+        id: Some(id.to_owned()),
+        keyring: None,
+        timeout_secs: 60,
+    });
+    let jobs = [
+        (Pattern::RandRead, 4096u64, 1u16, "randread 4k QD1"),
+        (Pattern::RandRead, 4096, 32, "randread 4k QD32"),
+        (Pattern::RandWrite, 4096, 1, "randwrite 4k QD1"),
+        (Pattern::RandWrite, 4096, 32, "randwrite 4k QD32"),
+        (Pattern::SeqRead, 1 << 20, 8, "read 1M QD8"),
+        (Pattern::SeqWrite, 1 << 20, 8, "write 1M QD8"),
+    ];
+    let cell = |o: &Outcome, bs: u64| {
+        if bs <= 4096 {
+            format!("{:.0} IOPS", o.iops)
+        } else {
+            format!("{:.0} MiB/s", o.mib_s)
+        }
+    };
+    println!("| virtio-blk on RBD vs fio's rbd engine (same image, {runtime_ms} ms each, medians of {runs} alternated rounds) | fio rbd | stratus | ratio | p50 / p99 µs fio | p50 / p99 µs stratus | CPU µs/IO fio / stratus |");
+    println!("|---|---|---|---|---|---|---|");
+    for (pattern, bs, qd, label) in jobs {
+        if only.is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
+        let job = Job {
+            pattern,
+            block_size: bs,
+            queue_depth: qd,
+            runtime: Duration::from_millis(runtime_ms),
+            polling_driver: false,
+        };
+        let (mut fio, mut ours) = (vec![], vec![]);
+        for round in 0..runs.max(1) {
+            if round % 2 == 0 {
+                fio.push(run_fio_rbd(image, conf, id, job)?);
+                ours.push(run_stratus_config(&config, job)?);
+            } else {
+                ours.push(run_stratus_config(&config, job)?);
+                fio.push(run_fio_rbd(image, conf, id, job)?);
+            }
+        }
+        let mut ratios: Vec<f64> = ours
+            .iter()
+            .zip(&fio)
+            .map(|(o, f)| o.iops / f.iops)
+            .collect();
+        let ratio = median(&mut ratios);
+        let (fio, ours) = (median_outcome(&fio), median_outcome(&ours));
+        println!(
+            "| {label} | {} | {} | {ratio:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
+            cell(&fio, bs),
+            cell(&ours, bs),
+            fio.p50_us,
+            fio.p99_us,
+            ours.p50_us,
+            ours.p99_us,
+            fio.cpu_us_per_io,
+            ours.cpu_us_per_io
+        );
+    }
+    Ok(())
+}
+
 fn median_outcome(runs: &[stratus_benches::blk::Outcome]) -> stratus_benches::blk::Outcome {
     let field = |f: fn(&stratus_benches::blk::Outcome) -> f64| {
         median(&mut runs.iter().map(f).collect::<Vec<_>>())
@@ -627,6 +729,14 @@ fn main() -> Result<()> {
             runs,
             round_trips,
         } => net(runtime_ms, only.as_deref(), runs, round_trips),
+        Cmd::BlkRbd {
+            image,
+            conf,
+            id,
+            runtime_ms,
+            only,
+            runs,
+        } => blk_rbd(&image, &conf, &id, runtime_ms, only.as_deref(), runs),
         Cmd::Blk {
             file,
             size_mib,
