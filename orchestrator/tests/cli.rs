@@ -662,6 +662,35 @@ fn volumes_are_created_attached_and_detached_on_postgres() {
     volumes_through_the_links(Backend::Postgres);
 }
 
+/// Runs a t1.micro of `image` with the volume attached at boot; the VM's id.
+fn run_with_volume(user: &User, image: &str, volume: &str) -> i64 {
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            volume,
+            image,
+        ],
+    );
+    out.split(',').next().unwrap().parse().unwrap()
+}
+
+/// The disk of the node agent's VM spec that is `volume` (its serial).
+fn volume_on_node(on_node: &Value, volume: &str) -> Value {
+    on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == volume[..20])
+        .unwrap_or_else(|| panic!("no volume {volume} in {on_node}"))
+        .clone()
+}
+
 fn volumes_through_the_links(backend: Backend) {
     use std::os::unix::fs::MetadataExt;
     let (market, agent, cloud, _database) = cloud_on(backend);
@@ -767,28 +796,9 @@ fn volumes_through_the_links(backend: Backend) {
     );
 
     // Attached at boot: the node gets the file; the volume is held.
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            &boot,
-            &image,
-        ],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volume(&user, &image, &boot);
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
-    let disk = on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["serial"] == boot[..20])
-        .unwrap_or_else(|| panic!("no volume in {on_node}"))
-        .clone();
+    let disk = volume_on_node(&on_node, &boot);
     assert_eq!(
         disk["source"]["file"]["path"],
         cloud
@@ -1140,6 +1150,49 @@ impl Drop for Tgtd {
     }
 }
 
+/// A cloud whose volumes are on the RBD pool of `cluster`, with a node, alice and an
+/// image; `user` is alice's command line.
+struct RbdCloud {
+    _market: Marketplace,
+    agent: Agent,
+    cloud: Orchestrator,
+    _database: Database,
+    alice: (&'static str, &'static str),
+    image: String,
+    user: User,
+}
+
+impl RbdCloud {
+    fn start(cluster: &stratus_vmm::test_ceph::CephCluster) -> RbdCloud {
+        let market = Marketplace::start();
+        let agent = Agent::start(4, 4096, "");
+        let database = Database::new(Backend::Sqlite);
+        let cloud = Orchestrator::start_with(
+            &market,
+            &database,
+            &format!(
+                "[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+                cluster.conf().display(),
+                cluster.keyring().display()
+            ),
+        );
+        cloud.add_node("node-1", &agent);
+        let alice = cloud.add_user("alice", "alice-password");
+        let image = market.publish(Guest::EventLoop, |_| {});
+        let user = User::new();
+        user.config(&user_config(&cloud, &market, &user));
+        RbdCloud {
+            _market: market,
+            agent,
+            cloud,
+            _database: database,
+            alice,
+            image,
+            user,
+        }
+    }
+}
+
 /// pdisk's RBD pool: volumes are thin images in a Ceph pool (a throw-away cluster here);
 /// nodes get the image's name with the cluster's configuration and client credentials and
 /// the VMM opens it through librbd, at boot and by hot-plug. Ceph keeping an image (it has
@@ -1147,23 +1200,15 @@ impl Drop for Tgtd {
 #[test]
 fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
     let cluster = stratus_vmm::test_ceph::CephCluster::start();
-    let market = Marketplace::start();
-    let agent = Agent::start(4, 4096, "");
-    let database = Database::new(Backend::Sqlite);
-    let cloud = Orchestrator::start_with(
-        &market,
-        &database,
-        &format!(
-            "[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
-            cluster.conf().display(),
-            cluster.keyring().display()
-        ),
-    );
-    cloud.add_node("node-1", &agent);
-    let alice = cloud.add_user("alice", "alice-password");
-    let image = market.publish(Guest::EventLoop, |_| {});
-    let user = User::new();
-    user.config(&user_config(&cloud, &market, &user));
+    let RbdCloud {
+        _market,
+        agent,
+        cloud,
+        _database,
+        alice,
+        image,
+        user,
+    } = RbdCloud::start(&cluster);
 
     let out = user.ok("stratus-create-volume", &["-s", "2", "-t", "on rbd"]);
     let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
@@ -1183,29 +1228,10 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
 
     // At boot: the node gets the image with the credentials, and the VMM only starts if
     // librbd opened it.
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            &data,
-            &image,
-        ],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volume(&user, &image, &data);
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["state"], "running", "{on_node}");
-    let disk = on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["serial"] == data[..20])
-        .unwrap_or_else(|| panic!("no volume in {on_node}"))
-        .clone();
+    let disk = volume_on_node(&on_node, &data);
     assert_eq!(
         disk["source"]["rbd"],
         serde_json::json!({
@@ -1292,23 +1318,15 @@ fn rbd_head_sha256(cluster: &stratus_vmm::test_ceph::CephCluster, image: &str) -
 #[test]
 fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
     let cluster = stratus_vmm::test_ceph::CephCluster::start();
-    let market = Marketplace::start();
-    let agent = Agent::start(4, 4096, "");
-    let database = Database::new(Backend::Sqlite);
-    let cloud = Orchestrator::start_with(
-        &market,
-        &database,
-        &format!(
-            "[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
-            cluster.conf().display(),
-            cluster.keyring().display()
-        ),
-    );
-    cloud.add_node("node-1", &agent);
-    let alice = cloud.add_user("alice", "alice-password");
-    let image = market.publish(Guest::EventLoop, |_| {});
-    let user = User::new();
-    user.config(&user_config(&cloud, &market, &user));
+    let RbdCloud {
+        _market,
+        agent,
+        cloud,
+        _database,
+        alice,
+        image,
+        user,
+    } = RbdCloud::start(&cluster);
     let bench = |image: &str, bytes: &str| {
         cluster.rbd(&[
             "bench",
@@ -1393,28 +1411,9 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
     assert!(e["error"].as_str().unwrap().contains(&live), "{e}");
 
     // On a VM: the ORIGIN only read-only; the LIVE is not rebased while attached.
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            &origin,
-            &image,
-        ],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volume(&user, &image, &origin);
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
-    let disk = on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["serial"] == origin[..20])
-        .unwrap_or_else(|| panic!("no ORIGIN in {on_node}"))
-        .clone();
+    let disk = volume_on_node(&on_node, &origin);
     assert_eq!(disk["read_only"], true, "{disk}");
     user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &live]);
     let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
@@ -1483,30 +1482,11 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30);
 
     // At boot: the node gets the LUN's URL, and the VMM only starts if it logged in.
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            &data,
-            &image,
-        ],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volume(&user, &image, &data);
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["state"], "running", "{on_node}");
     let url = format!("iscsi://127.0.0.1:{}/{target}/1", tgtd.read("port"));
-    let disk = on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["serial"] == data[..20])
-        .unwrap_or_else(|| panic!("no volume in {on_node}"))
-        .clone();
+    let disk = volume_on_node(&on_node, &data);
     assert_eq!(disk["source"]["iscsi"]["url"], url, "{disk}");
     let disk_id = disk["id"].as_str().unwrap();
     assert!(
