@@ -240,7 +240,7 @@ pub fn node_source(
             secret_file: None,
             timeout_secs: None,
         }
-    } else if let Some(image) = location.strip_prefix("rbd:") {
+    } else if let Some(image) = rbd::RbdPool::image_at(location) {
         let config = rbd.map(rbd::RbdPool::config);
         DiskSource::Rbd {
             image: image.to_owned(),
