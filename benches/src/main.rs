@@ -418,13 +418,6 @@ fn blk(
         (Pattern::SeqRead, 1 << 20, 8),
         (Pattern::SeqWrite, 1 << 20, 8),
     ];
-    let cell = |o: &Outcome, bs: u64| {
-        if bs <= 4096 {
-            format!("{:.0} IOPS", o.iops)
-        } else {
-            format!("{:.0} MiB/s", o.mib_s)
-        }
-    };
     println!("| virtio-blk device vs fio on the host (O_DIRECT, same file, {runtime_ms} ms each, medians of {runs} alternated rounds) | host fio | stratus io_uring | ratio | stratus sync | ratio | stratus qcow2 io_uring | ratio | p50 / p99 µs host | p50 / p99 µs stratus | CPU µs/IO fio / stratus / qcow2 |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let label = |pattern: Pattern, bs: u64, qd: u16| {
@@ -464,14 +457,7 @@ fn blk(
                 }
             }
         }
-        let ratio = |side: &[Outcome]| {
-            let mut ratios: Vec<f64> = side
-                .iter()
-                .zip(&host)
-                .map(|(o, h)| o.iops / h.iops)
-                .collect();
-            median(&mut ratios)
-        };
+        let ratio = |side: &[Outcome]| median_ratio(side, &host);
         let (r_uring, r_sync, r_qcow) = (ratio(&uring), ratio(&sync), ratio(&qcow));
         let (host, uring, sync, qcow) = (
             median_outcome(&host),
@@ -482,12 +468,12 @@ fn blk(
         println!(
             "| {} | {} | {} | {:.2} | {} | {:.2} | {} | {:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} / {:.1} |",
             label(pattern, bs, qd),
-            cell(&host, bs),
-            cell(&uring, bs),
+            blk_cell(&host, bs),
+            blk_cell(&uring, bs),
             r_uring,
-            cell(&sync, bs),
+            blk_cell(&sync, bs),
             r_sync,
-            cell(&qcow, bs),
+            blk_cell(&qcow, bs),
             r_qcow,
             host.p50_us,
             host.p99_us,
@@ -601,7 +587,7 @@ fn blk_rbd(
     only: Option<&str>,
     runs: usize,
 ) -> Result<()> {
-    use stratus_benches::blk::{run_fio_rbd, run_stratus_config, Job, Outcome, Pattern};
+    use stratus_benches::blk::{run_fio_rbd, run_stratus_config, Job, Pattern};
     use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
     use stratus_vmm::devices::virtio::block::BlockConfig;
     let mut config = BlockConfig::new("");
@@ -620,13 +606,6 @@ fn blk_rbd(
         (Pattern::SeqRead, 1 << 20, 8, "read 1M QD8"),
         (Pattern::SeqWrite, 1 << 20, 8, "write 1M QD8"),
     ];
-    let cell = |o: &Outcome, bs: u64| {
-        if bs <= 4096 {
-            format!("{:.0} IOPS", o.iops)
-        } else {
-            format!("{:.0} MiB/s", o.mib_s)
-        }
-    };
     println!("| virtio-blk on RBD vs fio's rbd engine (same image, {runtime_ms} ms each, medians of {runs} alternated rounds) | fio rbd | stratus | ratio | p50 / p99 µs fio | p50 / p99 µs stratus | CPU µs/IO fio / stratus |");
     println!("|---|---|---|---|---|---|---|");
     for (pattern, bs, qd, label) in jobs {
@@ -650,17 +629,12 @@ fn blk_rbd(
                 fio.push(run_fio_rbd(image, conf, id, job)?);
             }
         }
-        let mut ratios: Vec<f64> = ours
-            .iter()
-            .zip(&fio)
-            .map(|(o, f)| o.iops / f.iops)
-            .collect();
-        let ratio = median(&mut ratios);
+        let ratio = median_ratio(&ours, &fio);
         let (fio, ours) = (median_outcome(&fio), median_outcome(&ours));
         println!(
             "| {label} | {} | {} | {ratio:.2} | {:.0} / {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
-            cell(&fio, bs),
-            cell(&ours, bs),
+            blk_cell(&fio, bs),
+            blk_cell(&ours, bs),
             fio.p50_us,
             fio.p99_us,
             ours.p50_us,
@@ -670,6 +644,29 @@ fn blk_rbd(
         );
     }
     Ok(())
+}
+
+/// A throughput cell: IOPS for small blocks, MiB/s for large ones.
+fn blk_cell(o: &stratus_benches::blk::Outcome, block_size: u64) -> String {
+    if block_size <= 4096 {
+        format!("{:.0} IOPS", o.iops)
+    } else {
+        format!("{:.0} MiB/s", o.mib_s)
+    }
+}
+
+/// The median of the per-round ratios `ours / peer` (rounds alternate, so each pair ran
+/// side by side).
+fn median_ratio(
+    ours: &[stratus_benches::blk::Outcome],
+    peer: &[stratus_benches::blk::Outcome],
+) -> f64 {
+    let mut ratios: Vec<f64> = ours
+        .iter()
+        .zip(peer)
+        .map(|(o, p)| o.iops / p.iops)
+        .collect();
+    median(&mut ratios)
 }
 
 fn median_outcome(runs: &[stratus_benches::blk::Outcome]) -> stratus_benches::blk::Outcome {
