@@ -21,7 +21,7 @@ MIB=${3:-256}
 cd "$(dirname "$0")/.."
 source scripts/nested/lib.sh
 fetch_kernel
-build_static_vmm
+build_static_programs
 
 W=$(mktemp -d "$NESTED_WORK/blkbench.XXXX")
 trap 'rm -rf "$W"' EXIT

@@ -88,12 +88,16 @@ case $MODE in host|nested) ;; *) die "STRATUS_NODE must be host or nested, not $
 say "node mode: $MODE ($WHY)"
 
 say "building the cloud's programs ($PROFILE)"
-profile_flag=(); [ "$PROFILE" = release ] && profile_flag=(--release)
-cargo build --quiet "${profile_flag[@]}" -p stratus-orchestrator --bin stratus --bin stratus-orchestrator
-cargo build --quiet "${profile_flag[@]}" -p stratus-images --bin stratus-marketplace
+if [ "$PROFILE" = release ]; then
+    # One invocation: built separately, the two packages would resolve their shared
+    # dependencies' features differently and compile them twice.
+    cargo build --quiet --release -p stratus-orchestrator -p stratus-images \
+        --bin stratus --bin stratus-orchestrator --bin stratus-marketplace
+else
+    build_workspace_debug
+fi
 BIN=$REPO/target/$PROFILE
-build_static_vmm
-build_static_agent
+build_static_programs
 
 if [ -e "$STATE" ] && [ ! -f "$STATE/.stratus-cloud-in-a-box" ]; then
     die "$STATE exists and was not made by $0: choose another STRATUS_CLOUD_DIR"

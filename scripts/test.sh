@@ -40,6 +40,10 @@ bash scripts/install-deps.sh scripts/test-packages.txt scripts/runtime-packages.
 # One build from scratch: incremental caches would only double what the disk holds.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
+step "a Debian root for the tests that boot one, made in the background (mostly downloading)"
+mkdir -p target
+bash scripts/debian-root.sh > target/debian-root.out 2>&1 &
+
 step "external tools found"
 bash scripts/tool-versions.sh
 step "install-deps.sh's own check"

@@ -387,57 +387,16 @@ fn the_cache_prepares_boot_files_beside_the_image_and_refuses_unbootable_ones() 
     assert!(!cache_dir.join(format!("{}.vmlinuz", m.identifier)).exists());
 }
 
-/// The Debian archive apt on this machine uses (debootstrap must fetch from the same one):
-/// `DEBIAN_MIRROR`, else the first `URIs:` of a deb822 source or `deb` line.
-fn apt_mirror() -> String {
-    if let Ok(m) = std::env::var("DEBIAN_MIRROR") {
-        return m;
-    }
-    let mut sources = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
-        for e in dir.flatten() {
-            if e.path().extension().is_some_and(|x| x == "sources") {
-                sources.push(std::fs::read_to_string(e.path()).unwrap_or_default());
-            }
-        }
-    }
-    sources.push(std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
-    for text in &sources {
-        for line in text.lines() {
-            let uri = line
-                .strip_prefix("URIs:")
-                .and_then(|u| u.split_whitespace().next())
-                .or_else(|| {
-                    line.strip_prefix("deb ")
-                        .and_then(|u| u.split_whitespace().find(|w| w.contains("://")))
-                });
-            if let Some(uri) = uri {
-                return uri.to_string();
-            }
-        }
-    }
-    panic!("no Debian archive configured for apt (set DEBIAN_MIRROR)");
-}
-
-/// A real Debian root made by `debootstrap --variant=minbase --include=linux-image-amd64
-/// bookworm` from the archive apt uses (about 2 minutes here), put in a GPT disk: the kernel
-/// and initrd chosen must be the ones Debian's own `/vmlinuz` and `/initrd.img` symlinks name.
+/// A real Debian root, made by `debootstrap --variant=minbase` with Debian's kernel
+/// (scripts/debian-root.sh, shared with the systemd host test and kept between runs), put
+/// in a GPT disk: the kernel and initrd chosen must be the ones Debian's own `/vmlinuz` and
+/// `/initrd.img` symlinks name.
 #[test]
 fn real_debootstrapped_debian_disk_boots_its_own_kernel() {
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("root");
-    let mirror = apt_mirror();
-    run(
-        "debootstrap",
-        &[
-            "--variant=minbase",
-            "--include=linux-image-amd64",
-            "bookworm",
-            tree.to_str().unwrap(),
-            &mirror,
-        ],
-        tmp.path(),
-    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/debian-root.sh");
+    let made = run("bash", &[script.to_str().unwrap()], tmp.path());
+    let tree = std::fs::canonicalize(String::from_utf8_lossy(&made.stdout).trim()).unwrap();
     let kernel = std::fs::canonicalize(tree.join("vmlinuz")).unwrap();
     let initrd = std::fs::canonicalize(tree.join("initrd.img")).unwrap();
     let du = run("du", &["-sm", tree.to_str().unwrap()], tmp.path());

@@ -21,6 +21,9 @@ const TOKEN: &str = "test-token-0123456789";
 
 /// The stratus-vmm binary of this workspace (and the jailer beside it, which the agent
 /// starts every VMM through), built if `cargo test -p stratus-nodeagent` did not build them.
+/// Built as `cargo test --workspace` builds them (`--workspace --bins --examples`): after
+/// the workspace's test build this is a no-op, where `-p stratus-vmm` would compile the VMM
+/// and its dependencies again with other features.
 fn vmm_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
@@ -29,18 +32,7 @@ fn vmm_binary() -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "stratus-vmm",
-                "--bin",
-                "stratus-vmm",
-                "-p",
-                "stratus-jailer",
-                "--bin",
-                "stratus-jailer",
-            ])
+            .args(["build", "--quiet", "--workspace", "--bins", "--examples"])
             .status()
             .expect("run cargo build");
         assert!(status.success(), "cannot build stratus-vmm");

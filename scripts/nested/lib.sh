@@ -36,26 +36,38 @@ PY
     log "kernel $KVER"
 }
 
-# Builds a statically linked stratus-vmm (musl cannot be installed here). Sets STATIC_VMM.
-build_static_vmm() {
-    local target=x86_64-unknown-linux-gnu
-    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-        cargo build --quiet --release --target $target -p stratus-vmm --bin stratus-vmm \
-            -p stratus-jailer --bin stratus-jailer)
-    STATIC_VMM=$REPO_ROOT/target/$target/release/stratus-vmm
-    # The node agent starts each VMM through the jailer beside it.
-    STATIC_JAILER=$REPO_ROOT/target/$target/release/stratus-jailer
+# Cargo resolves features per invocation: a program built alone can get other features for
+# its dependencies than the same program built beside others, and then the shared
+# dependencies are compiled again. So every build here names one fixed set of targets.
+
+# The debug builds the tests and scripts run (examples included): the same feature
+# resolution as `cargo test --workspace`, so after the test build this costs nothing.
+build_workspace_debug() {
+    (cd "$REPO_ROOT" && cargo build --quiet --workspace --bins --examples)
+}
+
+# Every statically linked program that goes into an L1 host (musl cannot be installed here,
+# so glibc's static libraries): stratus-vmm, the jailer the node agent starts each VMM
+# through, the node agent, and the api_call and dhcp_server examples the harness drives
+# them with: the first script of a run builds them all, the others find them built. Sets
+# STATIC_VMM, STATIC_JAILER, STATIC_AGENT, STATIC_API_CALL, STATIC_DHCP_SERVER.
+build_static_programs() {
+    local dir=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release
+    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet \
+        --release --target x86_64-unknown-linux-gnu \
+        -p stratus-vmm -p stratus-jailer -p stratus-nodeagent \
+        --bin stratus-vmm --bin stratus-jailer --bin stratus-nodeagent \
+        --example api_call --example dhcp_server)
+    STATIC_VMM=$dir/stratus-vmm
+    STATIC_JAILER=$dir/stratus-jailer
+    STATIC_AGENT=$dir/stratus-nodeagent
+    STATIC_API_CALL=$dir/examples/api_call
+    STATIC_DHCP_SERVER=$dir/examples/dhcp_server
     file "$STATIC_VMM" | grep -Eq 'static(-pie)? linked' || { log "$STATIC_VMM is not static"; return 1; }
 }
 
-# Builds a statically linked stratus-nodeagent for L1 hosts. Sets STATIC_AGENT.
-build_static_agent() {
-    (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-        --target x86_64-unknown-linux-gnu -p stratus-nodeagent --bin stratus-nodeagent)
-    STATIC_AGENT=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/stratus-nodeagent
-}
-
-# Builds a statically linked stratus-bench for timing VMMs inside L1. Sets STATIC_BENCH.
+# Builds a statically linked stratus-bench for timing VMMs inside L1 (benchmarks only, not
+# the test suite). Sets STATIC_BENCH.
 build_static_bench() {
     (cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
         --target x86_64-unknown-linux-gnu -p stratus-benches --bin stratus-bench)
@@ -65,7 +77,7 @@ build_static_bench() {
 # What every nested benchmark needs: the kernel, a static VMM and a static stratus-bench.
 prepare_bench() {
     fetch_kernel
-    build_static_vmm
+    build_static_programs
     build_static_bench
 }
 

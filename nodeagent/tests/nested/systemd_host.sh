@@ -9,38 +9,26 @@
 # brings it back), and checks after each that the VM is still there — the same VMM process —
 # and still controllable (pause, resume, graceful shutdown through the power button, delete).
 #
-# The debootstrapped root is kept in target/nested between runs (it takes a few minutes to
-# make). Prints "systemd-host: N passed, M failed" and exits non-zero on any failure.
+# The debootstrapped root (scripts/debian-root.sh) is kept between runs (it takes a few
+# minutes to make). Prints "systemd-host: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
-build_static_vmm
-build_static_agent
-(cd "$REPO_ROOT" && cargo build --quiet -p stratus-vmm --example test_guest)
+build_static_programs
+build_workspace_debug
 
 W=$(mktemp -d "$NESTED_WORK/systemd.XXXX")
 cleanup() { rm -rf "$W"; }
 trap cleanup EXIT
 
-# The Debian root, made once from the archive apt uses (as images/tests/boot.rs does).
-ROOT_CACHE=$NESTED_WORK/debian-systemd-root
-if [ ! -f "$ROOT_CACHE/.done" ]; then
-    mirror=${DEBIAN_MIRROR:-$(awk '/^URIs:/{print $2; exit} /^deb /{for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) {print $i; exit}}' \
-        /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null | head -1)}
-    [ -n "$mirror" ] || { log "no Debian archive configured for apt (set DEBIAN_MIRROR)"; exit 1; }
-    log "debootstrap bookworm (minbase + systemd) from $mirror"
-    rm -rf "$ROOT_CACHE"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,curl bookworm "$ROOT_CACHE" "$mirror" \
-        > "$NESTED_WORK/debootstrap.log" 2>&1 || { tail -n 20 "$NESTED_WORK/debootstrap.log"; exit 1; }
-    rm -rf "$ROOT_CACHE"/var/cache/apt/archives/*.deb "$ROOT_CACHE"/var/lib/apt/lists/*
-    touch "$ROOT_CACHE/.done"
-fi
-
-# This run's root: the cached one plus the agent, the VMM and the test unit.
+# This run's root: the shared Debian root plus the agent, the VMM and the test unit. Its
+# kernel and modules stay out: L1 boots the harness's kernel, with modules from the initramfs.
+ROOT_CACHE=$(bash "$REPO_ROOT/scripts/debian-root.sh")
 R=$W/root
-cp -a "$ROOT_CACHE" "$R"
-rm -f "$R/.done"
+mkdir "$R"
+tar -C "$ROOT_CACHE" --exclude=./.done --exclude=./boot --exclude=./usr/lib/modules \
+    --exclude=./lib/modules -cf - . | tar -C "$R" -xf -
 echo stratus-node > "$R/etc/hostname"
 echo "/dev/vda / ext4 rw 0 0" > "$R/etc/fstab"
 install -m 0755 "$STATIC_AGENT" "$R/usr/bin/stratus-nodeagent"

@@ -23,13 +23,16 @@ pub const AGENT_TOKEN: &str = "agent-token-0123456789";
 pub const MARKETPLACE_TOKEN: &str = "marketplace-token-0123456789";
 pub const ADMIN_PASSWORD: &str = "admin-password-42";
 
-/// A binary of this workspace, built once per test process if missing or stale.
-pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// A binary of this workspace, built once per test process if missing or stale. Every
+/// binary comes from one `cargo build --workspace --bins --examples`, the feature
+/// resolution of `cargo test --workspace`: after the workspace's test build it is a no-op,
+/// where `-p <package>` would compile the package and its dependencies again with other
+/// features (and the nested scripts would then compile them a third time).
+pub fn workspace_binary(bin: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == bin) {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         // Only the environment a shell would give it: the variables cargo sets for this
         // test would make build scripts think their inputs changed and rebuild half the
@@ -43,18 +46,20 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
             "RUSTUP_HOME",
             "RUSTUP_TOOLCHAIN",
             "CARGO_TARGET_DIR",
+            // Part of what cargo compares: without them every unit would be compiled again.
+            "CARGO_INCREMENTAL",
+            "RUSTFLAGS",
         ] {
             if let Some(v) = std::env::var_os(keep) {
                 build.env(keep, v);
             }
         }
         let status = build
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
+            .args(["build", "--quiet", "--workspace", "--bins", "--examples"])
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cannot build {bin}");
-        built.push(bin.to_owned());
-    }
+        assert!(status.success(), "cannot build the workspace's binaries");
+    });
     dir.join(bin)
 }
 
@@ -225,7 +230,7 @@ impl Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = dir.path().join("agent.toml");
         // The agent starts its VMMs through the jailer beside the VMM.
-        workspace_binary("stratus-jailer", "stratus-jailer");
+        workspace_binary("stratus-jailer");
         // Tests run agents in parallel with the same VM ids: cgroups of their own.
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let cgroup_parent = format!(
@@ -242,7 +247,7 @@ impl Agent {
                 token.display(),
                 dir.path().join("state").display(),
                 dir.path().join("run").display(),
-                workspace_binary("stratus-vmm", "stratus-vmm").display(),
+                workspace_binary("stratus-vmm").display(),
             ),
         )
         .unwrap();
@@ -258,7 +263,7 @@ impl Agent {
     }
 
     pub fn launch(&mut self) {
-        let mut child = Command::new(workspace_binary("stratus-nodeagent", "stratus-nodeagent"))
+        let mut child = Command::new(workspace_binary("stratus-nodeagent"))
             .arg("--config")
             .arg(&self.config)
             .stdout(Stdio::null())
@@ -383,7 +388,7 @@ impl Marketplace {
         std::fs::write(&token, format!("{MARKETPLACE_TOKEN}\n")).unwrap();
         std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut child = Command::new(workspace_binary("stratus-images", "stratus-marketplace"))
+        let mut child = Command::new(workspace_binary("stratus-marketplace"))
             .arg("--listen")
             .arg(addr.to_string())
             .arg("--db")

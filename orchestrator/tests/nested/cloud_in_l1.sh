@@ -22,10 +22,8 @@ set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
-build_static_vmm
-build_static_agent
-(cd "$REPO_ROOT" && cargo build --quiet -p stratus-orchestrator --bin stratus-orchestrator \
-    --example publish_image && cargo build --quiet -p stratus-images --bin stratus-marketplace)
+build_static_programs
+build_workspace_debug
 BIN=$REPO_ROOT/target/debug
 
 W=$(mktemp -d "$NESTED_WORK/cloud.XXXX")

@@ -34,13 +34,8 @@ set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 fetch_kernel
-build_static_vmm
-(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-    --target x86_64-unknown-linux-gnu -p stratus-nodeagent --example dhcp_server)
-DHCP_SERVER=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/dhcp_server
-(cd "$REPO_ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --quiet --release \
-    --target x86_64-unknown-linux-gnu -p stratus-vmm --example api_call)
-API_CALL=$REPO_ROOT/target/x86_64-unknown-linux-gnu/release/examples/api_call
+build_static_programs
+build_workspace_debug
 
 W=$(mktemp -d "$NESTED_WORK/boot.XXXX")
 trap 'rm -rf "$W"' EXIT
@@ -97,7 +92,6 @@ dd if="$W/pattern" of="$W/expected.img" bs=4096 seek=1 conv=notrunc status=none
 EXPECTED_SHA=$(sha256sum "$W/expected.img" | cut -d' ' -f1)
 
 # Context disks, written by stratus-contextualizer.
-(cd "$REPO_ROOT" && cargo build --quiet -p stratus-contextualizer --example context_disk)
 CONTEXT_DISK=$REPO_ROOT/target/debug/examples/context_disk
 PUBKEY="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIStratusNestedTestKey user@stratus"
 HOSTILE='it is "quoted" $(echo not-run) `id`'
@@ -251,8 +245,7 @@ raw)
 qcow2)
     command -v qemu-img >/dev/null || { log "FIO_DISK_FORMAT=qcow2 needs qemu-img (apt-get install qemu-utils)"; exit 1; }
     truncate -s ${FIO_DISK_MIB}M "$W/outer/fio-base.img"
-    (cd "$REPO_ROOT" && cargo run --quiet -p stratus-vmm --example create_overlay -- \
-        "$W/outer/fio.qcow2" fio-base.img raw)
+    "$REPO_ROOT/target/debug/examples/create_overlay" "$W/outer/fio.qcow2" fio-base.img raw
     copy_binary_with_libs qemu-img "$W/outer"
     FIO_DISK=path=/fio.qcow2,format=qcow2,serial=$FIO_SERIAL
     BASE_SHA=$(sha256sum "$W/outer/fio-base.img" | cut -d' ' -f1)
@@ -265,8 +258,8 @@ mkdir -p "$W/outer/www"; cp "$W/l1file" "$W/outer/www/l1file"
 mkdir -p "$W/outer/www/cgi-bin"
 printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\ndate +%%s\n' > "$W/outer/www/cgi-bin/now"
 chmod +x "$W/outer/www/cgi-bin/now"
-cp "$DHCP_SERVER" "$W/outer/dhcp_server"
-cp "$API_CALL" "$W/outer/api_call"
+cp "$STATIC_DHCP_SERVER" "$W/outer/dhcp_server"
+cp "$STATIC_API_CALL" "$W/outer/api_call"
 cat > "$W/outer/pool.json" <<POOL
 {"kind": "public", "subnet": "198.18.0.0/24", "gateway": "$HOST_IP",
  "dns_servers": ["198.18.0.2"], "domain": "nested.stratus.test",

@@ -15,7 +15,7 @@ source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 command -v tgtd >/dev/null || { log "tgtd not found (apt-get install tgt)"; exit 1; }
 fetch_kernel
-build_static_vmm
+build_static_programs
 
 W=$(mktemp -d "$NESTED_WORK/netdisks.XXXX")
 trap 'rm -rf "$W"' EXIT
