@@ -76,7 +76,33 @@ pub fn validate_size_mib(mib: u64) -> Result<(), MemoryError> {
 
 pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     validate_size_mib(mib)?;
-    Ok(GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))?)
+    let mem = GuestMemoryMmap::from_ranges(&ram_ranges(mib << 20))?;
+    advise_huge_pages(&mem);
+    Ok(mem)
+}
+
+/// Asks the host for transparent huge pages under guest RAM (Debian's kernels give them
+/// only where asked: `madvise`). Each host fault then maps 2 MiB instead of 4 KiB, so
+/// loading the kernel and the guest's first touches of its memory cost hundreds of faults
+/// instead of tens of thousands; on a nested host, where every fault is slow, that was most
+/// of the time before the guest's first output. Cloud Hypervisor does the same by default.
+/// Only a hint: a host without transparent huge pages ignores it, and guest RAM still
+/// never grows past its size.
+fn advise_huge_pages(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let Ok(addr) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        // SAFETY: the range is exactly one live mapping owned by `mem`; MADV_HUGEPAGE
+        // changes how the kernel backs it, never what it holds.
+        let rc = unsafe { libc::madvise(addr.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            tracing::debug!(
+                "guest RAM without transparent huge pages: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
 }
 
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
@@ -136,5 +162,33 @@ mod tests {
             Err(MemoryError::ExceedsHost { .. })
         ));
         assert!(validate_size_mib(128).is_ok());
+    }
+
+    /// `THPeligible` of the mapping that starts at `addr`, from /proc/self/smaps.
+    fn thp_eligible(addr: usize) -> Option<bool> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines.next()?;
+        lines
+            .take_while(|l| l.contains(':') && !l.contains('-'))
+            .find_map(|l| l.strip_prefix("THPeligible:"))
+            .map(|v| v.trim() == "1")
+    }
+
+    #[test]
+    fn guest_ram_asks_for_transparent_huge_pages() {
+        let setting = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if !setting.contains("[madvise]") {
+            // With `always` every mapping is eligible and with `never` none is: only the
+            // `madvise` setting (Debian's) shows whether the VMM asked.
+            eprintln!("transparent huge pages are not set to madvise here: {setting}");
+            return;
+        }
+        let mem = create_guest_memory(MIN_MEMORY_MIB).unwrap();
+        let region = mem.iter().next().unwrap();
+        let addr = mem.get_host_address(region.start_addr()).unwrap() as usize;
+        assert_eq!(thp_eligible(addr), Some(true));
     }
 }
