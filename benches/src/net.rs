@@ -602,6 +602,7 @@ impl Device {
         let stats = Arc::new(NetStats::default());
         let worker = NetWorker::new(NetWorkerParts {
             mem: mem.clone(),
+            pair: 0,
             tap: Arc::new(tap),
             rx: DriverQueue::device_queue(RX_RING)?,
             tx: DriverQueue::device_queue(TX_RING)?,
@@ -613,6 +614,7 @@ impl Device {
             stats: stats.clone(),
             rx_limiter: None,
             tx_limiter: None,
+            ctrl: None,
         })?;
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {

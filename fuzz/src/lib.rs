@@ -131,6 +131,7 @@ pub fn net_worker(
     let eventfd = || EventFd::new(libc::EFD_NONBLOCK).expect("harness: eventfd");
     let worker = NetWorker::new(NetWorkerParts {
         mem: mem.clone(),
+        pair: 0,
         tap: Arc::new(tap),
         rx,
         tx,
@@ -142,6 +143,7 @@ pub fn net_worker(
         stats: stats.clone(),
         rx_limiter: None,
         tx_limiter: None,
+        ctrl: None,
     })
     .expect("harness: cannot create the net worker");
     (worker, stats, peer)

@@ -640,8 +640,8 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
         let nic_b = nic("02:00:c6:12:00:0b", ip_b.octets());
         let tap_a = networks.plug("vm-a", 0, &nic_a, None).await.unwrap();
         let tap_b = networks.plug("vm-b", 0, &nic_b, None).await.unwrap();
-        let mut a = attach_tap(&tap_a, true).unwrap();
-        let mut b = attach_tap(&tap_b, true).unwrap();
+        let mut a = attach_tap(&tap_a, true, false).unwrap();
+        let mut b = attach_tap(&tap_b, true, false).unwrap();
         for tap in [&tap_a, &tap_b] {
             let out = in_ns(&["ip", "link", "set", tap, "up"]);
             assert!(

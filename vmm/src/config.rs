@@ -13,7 +13,7 @@ use crate::devices::virtio::block::io::rbd::{
 use crate::devices::virtio::block::io::{CacheMode, ImageFormat, IoEngine};
 use crate::devices::virtio::block::{BlockConfig, VIRTIO_BLK_ID_BYTES};
 use crate::devices::virtio::net::device::parse_mac;
-use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::net::{NetConfig, MAX_QUEUE_PAIRS};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -233,6 +233,18 @@ impl VmConfig {
 
     pub fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
         zero_rate(&format!("NIC {}", net.tap), &net.rate_limit)?;
+        if net.queues == 0 || net.queues > MAX_QUEUE_PAIRS {
+            return Err(ConfigError::Invalid(format!(
+                "NIC {}: queues is a number of queue pairs from 1 to {MAX_QUEUE_PAIRS}, not {}",
+                net.tap, net.queues
+            )));
+        }
+        if net.queues > 1 && net.fd.is_some() {
+            return Err(ConfigError::Invalid(format!(
+                "NIC {}: queues={} needs the VMM to open the TAP by name, not a descriptor (fd)",
+                net.tap, net.queues
+            )));
+        }
         if parse_mac(&net.mac).is_none() {
             return Err(ConfigError::Invalid(format!(
                 "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",
@@ -254,11 +266,12 @@ fn zero_rate(what: &str, limit: &RateLimit) -> Result<(), ConfigError> {
     }
 }
 
-/// Parses `tap=NAME,mac=02:00:…[,fd=N]`.
+/// Parses `tap=NAME,mac=02:00:…[,fd=N][,queues=N]`.
 pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
     let mut tap = None;
     let mut mac = None;
     let mut fd = None;
+    let mut queues = 1;
     let mut id = None;
     let mut rate_limit = RateLimit::default();
     for item in spec.split(',') {
@@ -276,11 +289,23 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
                     ))
                 })?)
             }
+            "queues" => {
+                queues = value
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|q| (1..=MAX_QUEUE_PAIRS).contains(q))
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "--net queues= takes a number of queue pairs from 1 to \
+                             {MAX_QUEUE_PAIRS}, not '{value}'"
+                        ))
+                    })?
+            }
             "bps" => rate_limit.bytes_per_sec = Some(parse_rate("--net", key, value)?),
             "pps" => rate_limit.ops_per_sec = Some(parse_rate("--net", key, value)?),
             other => {
                 return Err(ConfigError::Invalid(format!(
-                    "--net has no option '{other}' (known: id, tap, mac, fd, bps, pps)"
+                    "--net has no option '{other}' (known: id, tap, mac, fd, queues, bps, pps)"
                 )))
             }
         }
@@ -300,6 +325,7 @@ pub fn parse_net(spec: &str) -> Result<NetConfig, ConfigError> {
         mac,
         fd,
         rate_limit,
+        queues,
     })
 }
 
@@ -609,10 +635,24 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unicast"));
-        assert!(parse_net("tap=t,mac=02:00:00:00:00:01,queues=2")
+        assert!(parse_net("tap=t,mac=02:00:00:00:00:01,vhost=on")
             .unwrap_err()
             .to_string()
-            .contains("no option 'queues'"));
+            .contains("no option 'vhost'"));
+        assert_eq!(
+            parse_net("tap=t,mac=02:00:00:00:00:01,queues=4")
+                .unwrap()
+                .queues,
+            4
+        );
+        for bad in ["0", "17", "two"] {
+            assert!(
+                parse_net(&format!("tap=t,mac=02:00:00:00:00:01,queues={bad}"))
+                    .unwrap_err()
+                    .to_string()
+                    .contains("queues= takes a number of queue pairs from 1 to 16")
+            );
+        }
     }
 
     #[test]

@@ -376,6 +376,18 @@ fn allow_list(kind: ThreadKind, action: SeccompAction) -> Result<BpfProgram, Sec
         };
         rules.insert(call, call_rules);
     }
+    if kind == ThreadKind::NetWorker {
+        // One ioctl only: pair 0's worker attaches and detaches the queues of a multiqueue
+        // TAP when the driver changes how many queue pairs it uses.
+        let tunsetqueue =
+            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, TUNSETQUEUE)
+                .map_err(|e| build(seccompiler::Error::Backend(e)))?;
+        rules.insert(
+            SYS_ioctl,
+            vec![SeccompRule::new(vec![tunsetqueue])
+                .map_err(|e| build(seccompiler::Error::Backend(e)))?],
+        );
+    }
     let filter = SeccompFilter::new(rules, action, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| build(seccompiler::Error::Backend(e)))?;
     filter

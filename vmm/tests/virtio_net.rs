@@ -96,6 +96,7 @@ impl<'a> Net<'a> {
         tx_queue.set_event_idx(event_idx);
         let worker = NetWorker::new(NetWorkerParts {
             mem: mem.clone(),
+            pair: 0,
             tap: Arc::new(tap),
             rx: rx_queue,
             tx: tx_queue,
@@ -107,6 +108,7 @@ impl<'a> Net<'a> {
             stats: stats.clone(),
             rx_limiter: limiters.as_ref().map(|l| l.rx.clone()),
             tx_limiter: limiters.as_ref().map(|l| l.tx.clone()),
+            ctrl: None,
         })
         .expect("worker");
         Net {

@@ -185,7 +185,7 @@ fn open_tap(cfg: &TapConfig) -> Result<File, LinkError> {
         op,
         source,
     };
-    let file = attach_tap(&cfg.name, false).map_err(|e| match e {
+    let file = attach_tap(&cfg.name, false, false).map_err(|e| match e {
         TapError::OpenTun(source) => tun_err("open /dev/net/tun", source),
         TapError::Attach { source, .. } => tun_err("TUNSETIFF", source),
         TapError::BadName(name) => LinkError::InvalidName(name),

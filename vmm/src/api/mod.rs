@@ -409,7 +409,8 @@ const MAX_BODY: usize = 64 * 1024;
 const PATCH_SHAPE: &str = r#"{"rate_limit": {"bytes_per_sec": N|null, "ops_per_sec": N|null}}"#;
 const ACTION_SHAPE: &str = r#"{"action": "stop"|"shutdown"|"pause"|"resume"}"#;
 const DISK_SHAPE: &str = r#"{"id": "...", "path": "...", "format": "raw"|"qcow2", "read_only": bool, "serial": "...", "cache": "writeback"|"none", "engine": "io_uring"|"sync", "rate_limit": {...}}"#;
-const NET_SHAPE: &str = r#"{"id": "...", "tap": "...", "mac": "02:00:...", "rate_limit": {...}}"#;
+const NET_SHAPE: &str =
+    r#"{"id": "...", "tap": "...", "mac": "02:00:...", "queues": 1, "rate_limit": {...}}"#;
 
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()

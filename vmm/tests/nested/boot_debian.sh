@@ -9,9 +9,10 @@
 # The first guest also finds its context disks made by stratus-contextualizer (HEPiX CD
 # labelled _STRATUSLAB, NoCloud labelled cidata) by label, mounts them with the stock
 # isofs module and reads the values back.
-# It also has a virtio-net NIC on a TAP bridged in L1: it gets its fixed address by DHCP
-# from stratus-nodeagent's DHCP server running in L1 (from a StratusLab pool definition),
-# pings L1 and moves a file each way; the checksums are compared.
+# It also has a virtio-net NIC with two queue pairs on a multiqueue TAP bridged in L1 (the
+# guest's driver uses both, one per vCPU): it gets its fixed address by DHCP from
+# stratus-nodeagent's DHCP server running in L1 (from a StratusLab pool definition), pings
+# L1 and moves a file each way; the checksums are compared.
 # It also has a 64 MiB data disk for fio (found by its serial): Debian's fio runs in the
 # guest with O_DIRECT and io_uring at queue depth 32, random writes of 4-64 KiB over the
 # first 32 MiB with a crc32c verify header in every 4 KiB (its offset and checksum), and
@@ -203,6 +204,7 @@ ip link set eth0 up
 udhcpc -i eth0 -q -n -t 10 -s /udhcpc.sh
 echo "STRATUS-MAC \$(cat /sys/class/net/eth0/address)"
 echo "STRATUS-NICS \$(cat /sys/class/net/eth0/address) \$(cat /sys/class/net/eth1/address 2>/dev/null)"
+echo "STRATUS-NET-QUEUES \$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) \$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)"
 ping -c 3 -W 5 $HOST_IP >/dev/null && echo "STRATUS-PING-OK"
 wget -q -O /got http://$HOST_IP/l1file && echo "STRATUS-DOWNLOAD \$(sha256sum /got | cut -d' ' -f1)"
 # The CMOS clock: rtc_cmos bound to it, and both the RTC and the system clock (set from it
@@ -270,7 +272,9 @@ write_init "$W/outer" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 ip link set lo up
 brctl addbr br0; ip addr add $HOST_IP/24 dev br0; ip link set br0 up
-tunctl -t tap0 >/dev/null; brctl addif br0 tap0; ip link set tap0 up
+# tap0 is the VMM's own multiqueue TAP: bridged as soon as the VMM has made it.
+( i=0; while ! ip link show tap0 >/dev/null 2>&1 && [ \$i -lt 600 ]; do sleep 0.1; i=\$((i+1)); done
+  brctl addif br0 tap0; ip link set tap0 up ) &
 tunctl -t tap1 >/dev/null; ip link set tap1 up
 /dhcp_server br0 $HOST_IP /pool.json > /dhcp.log 2>&1 &
 httpd -p 80 -h /www
@@ -283,7 +287,7 @@ exec 3> /nc-in
 /vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk path=/data.img,serial=$SERIAL --disk path=/ctx.iso,ro=on --disk path=/nocloud.iso,ro=on \
   --disk $FIO_DISK \
-  --net tap=tap0,mac=$GUEST_MAC --net tap=tap1,mac=02:00:c6:12:01:0a \
+  --net tap=tap0,mac=$GUEST_MAC,queues=2 --net tap=tap1,mac=02:00:c6:12:01:0a \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 echo "L1-DISK-SHA256 \$(sha256sum /data.img | cut -d' ' -f1)"
@@ -388,6 +392,7 @@ check "NoCloud meta-data has instance id and hostname" 'STRATUS-NOCLOUD instance
 check "NoCloud user-data carries the key" "STRATUS-NOCLOUD-KEY-OK"
 check "guest NIC has the configured MAC" "STRATUS-MAC $GUEST_MAC"
 check "a second NIC is there with its own MAC" "STRATUS-NICS $GUEST_MAC 02:00:c6:12:01:0a"
+check "the guest's driver uses both queue pairs of the first NIC" "STRATUS-NET-QUEUES 2 2"
 check "guest gets its fixed address by DHCP" "STRATUS-LEASE $GUEST_IP router=$HOST_IP"
 check "DHCP options from the pool reach the guest" "STRATUS-DHCP-OPTIONS hostname=nested-guest dns=198.18.0.2 domain=nested.stratus.test"
 check "guest pings the L1 host" "STRATUS-PING-OK"

@@ -1,5 +1,5 @@
-//! The virtio-net device: MAC and link status in config space, offload negotiation with
-//! the TAP, and the worker's lifecycle.
+//! The virtio-net device: MAC, link status and queue pairs in config space, offload
+//! negotiation with the TAP, and the workers' lifecycle.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError};
-use super::worker::{NetStats, NetWorker, NetWorkerParts};
+use super::worker::{NetCtrl, NetStats, NetWorker, NetWorkerParts};
 use super::*;
 use crate::devices::rate_limiter::{RateLimit, RateLimiter};
 use crate::devices::virtio::{
@@ -33,6 +33,14 @@ pub struct NetConfig {
     /// Applied to each direction separately.
     #[serde(default)]
     pub rate_limit: RateLimit,
+    /// Queue pairs (VIRTIO_NET_F_MQ on a multiqueue TAP), 1 to 16: one per vCPU lets each
+    /// vCPU send and receive on its own. Needs the VMM to open the TAP by name.
+    #[serde(default = "one_queue_pair")]
+    pub queues: u16,
+}
+
+fn one_queue_pair() -> u16 {
+    1
 }
 
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
@@ -59,6 +67,13 @@ pub enum NetError {
     Tap(#[from] TapError),
     #[error("descriptor {0} is not an open /dev/net/tun (TAP) descriptor")]
     NotTap(i32),
+    #[error("queues={0}: a NIC has 1 to {MAX_QUEUE_PAIRS} queue pairs")]
+    BadQueues(u16),
+    #[error(
+        "queues={0}: a TAP descriptor handed to the VMM is one queue; for several, the VMM \
+         opens the TAP by name (leave fd out)"
+    )]
+    QueuesNeedTapName(u16),
 }
 
 /// Takes over an inherited descriptor number after checking it really is a TAP queue.
@@ -117,10 +132,11 @@ impl NetRateLimiters {
 }
 
 pub struct VirtioNet {
-    tap: Arc<Tap>,
+    /// One TAP queue per queue pair.
+    taps: Vec<Arc<Tap>>,
     mac: [u8; 6],
     stats: Arc<NetStats>,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    workers: Vec<(EventFd, JoinHandle<()>)>,
     /// Outlive activations, so that run-time changes survive a driver reset.
     limiters: NetRateLimiters,
 }
@@ -137,16 +153,23 @@ impl VirtioNet {
         passed: Option<std::os::unix::io::OwnedFd>,
     ) -> Result<Self, NetError> {
         let mac = parse_mac(&config.mac).ok_or_else(|| NetError::BadMac(config.mac.clone()))?;
-        let tap = match (passed, config.fd) {
-            (Some(fd), _) => passed_tap(fd, &config.tap)?,
-            (None, Some(fd)) => inherited_tap(fd, &config.tap)?,
-            (None, None) => Tap::open(&config.tap)?,
+        if config.queues == 0 || config.queues > MAX_QUEUE_PAIRS {
+            return Err(NetError::BadQueues(config.queues));
+        }
+        let handed_over = passed.is_some() || config.fd.is_some();
+        if config.queues > 1 && handed_over {
+            return Err(NetError::QueuesNeedTapName(config.queues));
+        }
+        let taps = match (passed, config.fd) {
+            (Some(fd), _) => vec![passed_tap(fd, &config.tap)?],
+            (None, Some(fd)) => vec![inherited_tap(fd, &config.tap)?],
+            (None, None) => Tap::open_queues(&config.tap, config.queues)?,
         };
         Ok(VirtioNet {
-            tap: Arc::new(tap),
+            taps: taps.into_iter().map(Arc::new).collect(),
             mac,
             stats: Arc::new(NetStats::default()),
-            worker: None,
+            workers: Vec::new(),
             limiters: NetRateLimiters::new(config.rate_limit),
         })
     }
@@ -161,10 +184,16 @@ impl VirtioNet {
     }
 
     fn stop(&mut self) {
-        if let Some((kill, handle)) = self.worker.take() {
+        for (kill, _) in &self.workers {
             let _ = kill.write(1);
+        }
+        for (_, handle) in self.workers.drain(..) {
             let _ = handle.join();
         }
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        self.taps.len() as u16
     }
 }
 
@@ -189,11 +218,21 @@ impl VirtioDevice for VirtioNet {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
+        let mut sizes = vec![QUEUE_SIZE; 2 * self.taps.len()];
+        if self.taps.len() > 1 {
+            sizes.push(CTRL_QUEUE_SIZE);
+        }
+        sizes
     }
 
     fn available_features(&self) -> u64 {
-        VIRTIO_NET_F_CSUM
+        let multi_queue = if self.taps.len() > 1 {
+            VIRTIO_NET_F_CTRL_VQ | VIRTIO_NET_F_MQ
+        } else {
+            0
+        };
+        multi_queue
+            | VIRTIO_NET_F_CSUM
             | VIRTIO_NET_F_GUEST_CSUM
             | VIRTIO_NET_F_GUEST_TSO4
             | VIRTIO_NET_F_GUEST_TSO6
@@ -211,54 +250,86 @@ impl VirtioDevice for VirtioNet {
         let mut cfg = [0u8; 10];
         cfg[..6].copy_from_slice(&self.mac);
         cfg[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        cfg[8..10].copy_from_slice(&1u16.to_le_bytes());
+        cfg[8..10].copy_from_slice(&self.queue_pairs().to_le_bytes());
         read_config_bytes(&cfg, offset, data);
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() < 2 {
+        let multi_queue = self.taps.len() > 1 && ctx.acked_features & VIRTIO_NET_F_MQ != 0;
+        let with_ctrl = ctx.acked_features & VIRTIO_NET_F_CTRL_VQ != 0;
+        let pairs = if multi_queue { self.taps.len() } else { 1 };
+        let needed = 2 * pairs + usize::from(with_ctrl);
+        if ctx.queues.len() < needed {
             return Err(ActivateError::QueueCount {
                 enabled: ctx.queues.len(),
-                needed: 2,
+                needed,
             });
         }
-        self.tap
-            .set_offload(tap_offload_flags(ctx.acked_features))
-            .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))?;
-        let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let worker_error = |e: TapError| ActivateError::Worker(std::io::Error::other(e));
+        let offloads = tap_offload_flags(ctx.acked_features);
+        for (index, tap) in self.taps.iter().enumerate() {
+            tap.set_offload(offloads).map_err(worker_error)?;
+            // Frames go to pair 0 until the driver asks for more (VQ_PAIRS_SET), and only
+            // ever to pairs it can use.
+            if self.taps.len() > 1 {
+                tap.set_queue_attached(index == 0).map_err(worker_error)?;
+            }
+        }
         let mut queues = ctx.queues.into_iter();
         let mut events = ctx.queue_events.into_iter();
-        let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) =
-            (queues.next(), queues.next(), events.next(), events.next())
-        else {
-            return Err(ActivateError::QueueCount {
-                enabled: 0,
-                needed: 2,
-            });
+        let mut pair_queues = Vec::with_capacity(pairs);
+        for _ in 0..pairs {
+            let (Some(rx), Some(tx), Some(rx_event), Some(tx_event)) =
+                (queues.next(), queues.next(), events.next(), events.next())
+            else {
+                return Err(ActivateError::QueueCount { enabled: 0, needed });
+            };
+            pair_queues.push((rx, tx, rx_event, tx_event));
+        }
+        let mut ctrl = match (with_ctrl, queues.next(), events.next()) {
+            (false, ..) => None,
+            (true, Some(queue), Some(event)) => Some(NetCtrl {
+                queue,
+                event,
+                index: (2 * pairs) as u16,
+                taps: self.taps[..pairs].to_vec(),
+            }),
+            (true, ..) => return Err(ActivateError::QueueCount { enabled: 0, needed }),
         };
-        let worker = NetWorker::new(NetWorkerParts {
-            mem: ctx.mem,
-            tap: self.tap.clone(),
-            rx,
-            tx,
-            rx_event,
-            tx_event,
-            interrupt: ctx.interrupt,
-            kill: kill.try_clone().map_err(ActivateError::Worker)?,
-            mergeable_rx: ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
-            stats: self.stats.clone(),
-            rx_limiter: Some(self.limiters.rx.clone()),
-            tx_limiter: Some(self.limiters.tx.clone()),
-        })
-        .map_err(ActivateError::Worker)?;
-        let handle = std::thread::Builder::new()
-            .name(format!("virtio-net-{}", self.tap.name()))
-            .spawn(move || {
-                crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::NetWorker);
-                worker.run()
+        for (pair, (rx, tx, rx_event, tx_event)) in pair_queues.into_iter().enumerate() {
+            let kill = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+            let tap = self.taps[pair].clone();
+            let worker = NetWorker::new(NetWorkerParts {
+                mem: ctx.mem.clone(),
+                pair: pair as u16,
+                tap: tap.clone(),
+                rx,
+                tx,
+                rx_event,
+                tx_event,
+                interrupt: ctx.interrupt.clone(),
+                kill: kill.try_clone().map_err(ActivateError::Worker)?,
+                mergeable_rx: ctx.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+                stats: self.stats.clone(),
+                rx_limiter: Some(self.limiters.rx.clone()),
+                tx_limiter: Some(self.limiters.tx.clone()),
+                ctrl: ctrl.take(),
             })
             .map_err(ActivateError::Worker)?;
-        self.worker = Some((kill, handle));
+            let name = if pairs > 1 {
+                format!("virtio-net-{}-{pair}", tap.name())
+            } else {
+                format!("virtio-net-{}", tap.name())
+            };
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    crate::seccomp::confine_or_abort(crate::seccomp::ThreadKind::NetWorker);
+                    worker.run()
+                })
+                .map_err(ActivateError::Worker)?;
+            self.workers.push((kill, handle));
+        }
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::VNET_HDR_LEN;
 
@@ -28,6 +29,10 @@ pub enum TapError {
 pub struct Tap {
     file: File,
     name: String,
+    /// Whether the kernel gives this queue of a multiqueue TAP frames (TUNSETQUEUE). A
+    /// queue is attached when opened; attaching it twice, or detaching it twice, is an
+    /// error for the kernel, so the state is kept here.
+    attached: AtomicBool,
 }
 
 #[repr(C)]
@@ -39,8 +44,9 @@ struct IfReq {
 
 /// Opens `/dev/net/tun` attached to the TAP `name` (created if missing) with a virtio-net
 /// header and no packet information: the one place TUNSETIFF is done, for the VMM and for
-/// the node agent (which makes its VMs' TAPs persistent).
-pub fn attach_tap(name: &str, nonblocking: bool) -> Result<File, TapError> {
+/// the node agent (which makes its VMs' TAPs persistent). `multi_queue` opens one queue of
+/// a multiqueue TAP (a TAP is made one or the other, and stays so).
+pub fn attach_tap(name: &str, nonblocking: bool, multi_queue: bool) -> Result<File, TapError> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(TapError::BadName(name.into()));
     }
@@ -54,9 +60,13 @@ pub fn attach_tap(name: &str, nonblocking: bool) -> Result<File, TapError> {
         .custom_flags(flags)
         .open("/dev/net/tun")
         .map_err(TapError::OpenTun)?;
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+    if multi_queue {
+        flags |= libc::IFF_MULTI_QUEUE;
+    }
     let mut req = IfReq {
         name: [0; libc::IFNAMSIZ],
-        flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+        flags: flags as libc::c_short,
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -74,10 +84,24 @@ pub fn attach_tap(name: &str, nonblocking: bool) -> Result<File, TapError> {
 impl Tap {
     /// Opens (or creates) the TAP `name` with a virtio-net header, non-blocking.
     pub fn open(name: &str) -> Result<Self, TapError> {
-        let file = attach_tap(name, true)?;
+        Self::attach(name, false)
+    }
+
+    /// Opens `queues` queues of the multiqueue TAP `name` (created if missing); one queue
+    /// is a plain TAP, as [`Tap::open`] makes it.
+    pub fn open_queues(name: &str, queues: u16) -> Result<Vec<Self>, TapError> {
+        if queues <= 1 {
+            return Ok(vec![Self::open(name)?]);
+        }
+        (0..queues).map(|_| Self::attach(name, true)).collect()
+    }
+
+    fn attach(name: &str, multi_queue: bool) -> Result<Self, TapError> {
+        let file = attach_tap(name, true, multi_queue)?;
         let tap = Tap {
             file,
             name: name.into(),
+            attached: AtomicBool::new(true),
         };
         tap.set_vnet_hdr_len()?;
         Ok(tap)
@@ -88,6 +112,7 @@ impl Tap {
         let tap = Tap {
             file: File::from(fd),
             name: name.into(),
+            attached: AtomicBool::new(true),
         };
         // SAFETY: F_SETFL with O_NONBLOCK on a descriptor we own.
         unsafe {
@@ -108,7 +133,40 @@ impl Tap {
         Tap {
             file: unsafe { File::from_raw_fd(fd) },
             name: name.into(),
+            attached: AtomicBool::new(true),
         }
+    }
+
+    /// Lets the kernel give this queue of a multiqueue TAP frames, or stops it: frames are
+    /// spread over the attached queues only, so a queue nobody reads must be detached.
+    pub fn set_queue_attached(&self, attached: bool) -> Result<(), TapError> {
+        if self.attached.load(Ordering::Acquire) == attached {
+            return Ok(());
+        }
+        let flags = if attached {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: flags as libc::c_short,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads an ifreq-sized struct that lives for the call.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req) };
+        if rc < 0 {
+            return Err(TapError::Ioctl {
+                what: "TUNSETQUEUE",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.attached.store(attached, Ordering::Release);
+        Ok(())
+    }
+
+    pub fn queue_attached(&self) -> bool {
+        self.attached.load(Ordering::Acquire)
     }
 
     fn set_vnet_hdr_len(&self) -> Result<(), TapError> {

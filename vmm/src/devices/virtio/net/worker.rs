@@ -2,7 +2,9 @@
 //! the TAP are spread over as many RX buffers as they need (mergeable buffers), read
 //! straight into them when enough are reserved for the largest frame, copied through a
 //! frame buffer otherwise. Nothing polls: the worker sleeps in epoll on the TAP, both
-//! queue notifications and its kill event.
+//! queue notifications and its kill event. A NIC with several queue pairs has one worker
+//! per pair, each on its own queue of a multiqueue TAP; pair 0's worker also serves the
+//! control queue, where the driver says how many pairs it uses.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +66,8 @@ impl NetStats {
 
 pub struct NetWorkerParts {
     pub mem: GuestMemoryMmap,
+    /// Which queue pair this worker serves: its queues are 2 × pair and 2 × pair + 1.
+    pub pair: u16,
     pub tap: Arc<Tap>,
     pub rx: Queue,
     pub tx: Queue,
@@ -75,6 +79,105 @@ pub struct NetWorkerParts {
     pub stats: Arc<NetStats>,
     pub rx_limiter: Option<RateLimiter>,
     pub tx_limiter: Option<RateLimiter>,
+    /// The control queue, for pair 0's worker when the driver accepted one.
+    pub ctrl: Option<NetCtrl>,
+}
+
+/// The control queue. The one command served is the number of queue pairs in use
+/// (VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET): the TAP then spreads received frames over those
+/// pairs' queues only, as the pairs above them get no RX buffers.
+pub struct NetCtrl {
+    pub queue: Queue,
+    pub event: EventFd,
+    /// The control queue's index, for its interrupt.
+    pub index: u16,
+    /// The TAP queue of every pair the driver may use, pair 0 first.
+    pub taps: Vec<Arc<Tap>>,
+}
+
+impl NetCtrl {
+    /// Answers every command the driver queued; returns whether any was answered.
+    fn process(&mut self, mem: &GuestMemoryMmap) -> bool {
+        let mut answered = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            // class, command and a command's data: VQ_PAIRS_SET's is a u16.
+            let mut command = [0u8; 4];
+            let mut read = 0usize;
+            let mut status_at = None;
+            let mut valid = true;
+            for d in chain {
+                if d.is_write_only() {
+                    if status_at.is_none() && d.len() >= 1 {
+                        status_at = Some(d.addr());
+                    }
+                } else if status_at.is_some() {
+                    // The device-readable part comes first.
+                    valid = false;
+                } else {
+                    let take = (d.len() as usize).min(command.len() - read);
+                    if mem
+                        .read_slice(&mut command[read..read + take], d.addr())
+                        .is_err()
+                    {
+                        valid = false;
+                    }
+                    read += take;
+                }
+            }
+            let used = match status_at {
+                Some(at) => {
+                    let status = if valid && read >= 2 {
+                        self.command(command[0], command[1], &command[2..read])
+                    } else {
+                        VIRTIO_NET_ERR
+                    };
+                    u32::from(mem.write_slice(&[status], at).is_ok())
+                }
+                None => {
+                    tracing::debug!("virtio-net: a control command {head} without a status byte");
+                    0
+                }
+            };
+            if self.queue.add_used(mem, head, used).is_err() {
+                tracing::error!("virtio-net: cannot return control buffer {head}");
+            }
+            answered = true;
+        }
+        answered
+    }
+
+    fn command(&self, class: u8, command: u8, data: &[u8]) -> u8 {
+        match (class, command, data) {
+            (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, [lo, hi]) => {
+                let pairs = usize::from(u16::from_le_bytes([*lo, *hi]));
+                if pairs == 0 || pairs > self.taps.len() {
+                    tracing::debug!("virtio-net: the driver asked for {pairs} queue pairs");
+                    return VIRTIO_NET_ERR;
+                }
+                self.use_pairs(pairs)
+            }
+            _ => {
+                tracing::debug!("virtio-net: unknown control command {class}/{command}");
+                VIRTIO_NET_ERR
+            }
+        }
+    }
+
+    /// Attaches the TAP queues of the first `pairs` pairs and detaches the others.
+    /// Attaching before detaching keeps at least one queue attached throughout.
+    fn use_pairs(&self, pairs: usize) -> u8 {
+        let (used, unused) = self.taps.split_at(pairs);
+        let attach = used.iter().map(|t| (t, true));
+        let detach = unused.iter().map(|t| (t, false));
+        for (tap, attached) in attach.chain(detach) {
+            if let Err(e) = tap.set_queue_attached(attached) {
+                tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
+                return VIRTIO_NET_ERR;
+            }
+        }
+        VIRTIO_NET_OK
+    }
 }
 
 /// What one pass over a queue moved: added to the shared counters once per pass rather
@@ -165,6 +268,7 @@ const RX_TOKEN: u64 = 1;
 const TX_TOKEN: u64 = 2;
 const THROTTLE_TOKEN: u64 = 3;
 const LIMIT_TOKEN: u64 = 4;
+const CTRL_TOKEN: u64 = 5;
 
 impl NetWorker {
     /// Fails only when the host is out of eventfds or timerfds.
@@ -537,29 +641,45 @@ impl NetWorker {
     }
 
     fn notify(&mut self) {
+        let rx_index = 2 * self.p.pair;
         if self.rx_used && self.p.rx.needs_notification(&self.p.mem).unwrap_or(true) {
             self.p
                 .interrupt
-                .trigger(VirtioInterruptType::Queue(RX_QUEUE as u16));
+                .trigger(VirtioInterruptType::Queue(rx_index));
         }
         if self.tx_used && self.p.tx.needs_notification(&self.p.mem).unwrap_or(true) {
             self.p
                 .interrupt
-                .trigger(VirtioInterruptType::Queue(TX_QUEUE as u16));
+                .trigger(VirtioInterruptType::Queue(rx_index + 1));
         }
         self.rx_used = false;
         self.tx_used = false;
     }
 
+    /// Answers the driver's control commands.
+    pub fn process_ctrl(&mut self) {
+        let Some(ctrl) = self.p.ctrl.as_mut() else {
+            return;
+        };
+        if ctrl.process(&self.p.mem) && ctrl.queue.needs_notification(&self.p.mem).unwrap_or(true) {
+            self.p
+                .interrupt
+                .trigger(VirtioInterruptType::Queue(ctrl.index));
+        }
+    }
+
     /// Moves frames until the kill event fires.
     pub fn run(mut self) {
-        let fds = [
+        let mut fds = vec![
             (self.p.tap.fd(), TAP_TOKEN),
             (self.p.rx_event.as_raw_fd(), RX_TOKEN),
             (self.p.tx_event.as_raw_fd(), TX_TOKEN),
             (self.throttle.timer_fd(), THROTTLE_TOKEN),
             (self.throttle.limit_changed_fd(), LIMIT_TOKEN),
         ];
+        if let Some(ctrl) = &self.p.ctrl {
+            fds.push((ctrl.event.as_raw_fd(), CTRL_TOKEN));
+        }
         let kill = self.p.kill.as_raw_fd();
         run_worker("virtio-net", kill, &fds, &mut self);
     }
@@ -609,6 +729,12 @@ impl WorkerHandler for NetWorker {
             LIMIT_TOKEN => {
                 self.limits_changed();
             }
+            CTRL_TOKEN => {
+                if let Some(ctrl) = &self.p.ctrl {
+                    let _ = ctrl.event.read();
+                }
+                self.process_ctrl();
+            }
             _ => {}
         }
     }
@@ -642,6 +768,7 @@ mod tests {
         let [rx, tx] = queues;
         let mut worker = NetWorker::new(NetWorkerParts {
             mem: mem.clone(),
+            pair: 0,
             tap: Arc::new(Tap::from_raw_datagram_fd(ours.into_raw_fd(), "test0")),
             rx,
             tx,
@@ -653,6 +780,7 @@ mod tests {
             stats: Arc::default(),
             rx_limiter: None,
             tx_limiter: None,
+            ctrl: None,
         })
         .unwrap();
         let (done, finished) = std::sync::mpsc::channel();
