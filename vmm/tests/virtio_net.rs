@@ -1,6 +1,9 @@
 //! virtio-net without KVM: frames through real RX/TX virtqueues in guest memory, with a
 //! datagram socket standing in for the TAP (it keeps frame boundaries the same way).
 
+#[path = "support/virtq.rs"]
+mod virtq;
+
 use std::os::unix::io::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,9 +15,7 @@ use stratus_vmm::devices::virtio::net::worker::{NetStats, NetWorker, NetWorkerPa
 use stratus_vmm::devices::virtio::net::*;
 use stratus_vmm::devices::virtio::{VirtioInterrupt, VirtioInterruptType};
 use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -129,24 +130,7 @@ impl<'a> Net<'a> {
         next: &mut u16,
         descs: &[(u64, u32, u32)],
     ) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i == descs.len() - 1;
-                let f = if last {
-                    flags
-                } else {
-                    flags | VRING_DESC_F_NEXT
-                };
-                RawDescriptor::from(SplitDescriptor::new(
-                    addr,
-                    len,
-                    f as u16,
-                    if last { 0 } else { *next + i as u16 + 1 },
-                ))
-            })
-            .collect();
+        let raw = virtq::chain(descs, *next);
         queue.add_desc_chains(&raw, *next).unwrap();
         *next += descs.len() as u16;
     }

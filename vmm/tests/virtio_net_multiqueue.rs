@@ -4,6 +4,9 @@
 //! the host's side. Frames for the guest are UDP flows, which the TAP spreads over its
 //! attached queues by flow hash.
 
+#[path = "support/virtq.rs"]
+mod virtq;
+
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -14,9 +17,7 @@ use stratus_vmm::devices::virtio::{
     ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
 };
 use stratus_vmm::memory::GuestMemoryMmap;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::desc::RawDescriptor;
+use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
@@ -60,20 +61,7 @@ struct DriverQueue<'a> {
 impl DriverQueue<'_> {
     fn add(&mut self, descs: &[(u64, u32, u32)]) -> u16 {
         let head = self.next;
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, flags))| {
-                let last = i == descs.len() - 1;
-                let f = if last {
-                    flags
-                } else {
-                    flags | VRING_DESC_F_NEXT
-                };
-                let next = if last { 0 } else { head + i as u16 + 1 };
-                RawDescriptor::from(SplitDescriptor::new(addr, len, f as u16, next))
-            })
-            .collect();
+        let raw = virtq::chain(descs, head);
         self.mock.add_desc_chains(&raw, head).unwrap();
         self.next += descs.len() as u16;
         head
@@ -333,19 +321,22 @@ impl Driver<'_> {
     }
 }
 
+fn nic(queues: u16, fd: Option<i32>) -> NetConfig {
+    NetConfig {
+        id: None,
+        tap: TAP.into(),
+        mac: "02:00:00:00:00:01".into(),
+        fd,
+        rate_limit: Default::default(),
+        queues,
+    }
+}
+
 #[test]
 fn two_queue_pairs_share_a_multiqueue_tap_as_the_driver_asks() {
     stratus_vmm::seccomp::set_mode(stratus_vmm::seccomp::Mode::Kill);
     in_own_netns(|| {
-        let config = NetConfig {
-            id: None,
-            tap: TAP.into(),
-            mac: "02:00:00:00:00:01".into(),
-            fd: None,
-            rate_limit: Default::default(),
-            queues: 2,
-        };
-        let mut device = VirtioNet::new(&config).unwrap();
+        let mut device = VirtioNet::new(&nic(2, None)).unwrap();
         assert_eq!(
             device.queue_max_sizes().len(),
             5,
@@ -482,26 +473,16 @@ fn two_queue_pairs_share_a_multiqueue_tap_as_the_driver_asks() {
 #[test]
 fn a_nic_refuses_queue_counts_it_cannot_have_before_opening_anything() {
     for queues in [0, MAX_QUEUE_PAIRS + 1] {
-        let config = NetConfig {
-            id: None,
-            tap: TAP.into(),
-            mac: "02:00:00:00:00:01".into(),
-            fd: None,
-            rate_limit: Default::default(),
-            queues,
-        };
-        let err = VirtioNet::new(&config).err().expect("refused").to_string();
+        let err = VirtioNet::new(&nic(queues, None))
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(err.contains("1 to 16 queue pairs"), "{err}");
     }
     // A descriptor handed over is one queue.
-    let config = NetConfig {
-        id: None,
-        tap: TAP.into(),
-        mac: "02:00:00:00:00:01".into(),
-        fd: Some(1000),
-        rate_limit: Default::default(),
-        queues: 2,
-    };
-    let err = VirtioNet::new(&config).err().expect("refused").to_string();
+    let err = VirtioNet::new(&nic(2, Some(1000)))
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(err.contains("opens the TAP by name"), "{err}");
 }
