@@ -605,7 +605,7 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
     use frames::*;
     use stratus_nodeagent::api::types::NicSpec;
     use stratus_nodeagent::networks::{NetworkConfig, Networks};
-    use stratus_vmm::devices::virtio::net::tap::attach_tap;
+    use stratus_vmm::devices::virtio::net::tap::{attach_tap, TapError};
 
     let host = NetNs::new("spoof");
     let ns_name = host.name.clone();
@@ -640,8 +640,23 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
         let nic_b = nic("02:00:c6:12:00:0b", ip_b.octets());
         let tap_a = networks.plug("vm-a", 0, &nic_a, None).await.unwrap();
         let tap_b = networks.plug("vm-b", 0, &nic_b, None).await.unwrap();
-        let mut a = attach_tap(&tap_a, true, false).unwrap();
-        let mut b = attach_tap(&tap_b, true, false).unwrap();
+        // As a VMM would: the agent's own descriptor may still be held for a moment by a
+        // fork of this test process (the other tests start `ip`), so EBUSY is retried.
+        let attach = |name: &str| {
+            for _ in 0..40 {
+                match attach_tap(name, true, false) {
+                    Err(TapError::Attach { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50))
+                    }
+                    other => return other.unwrap(),
+                }
+            }
+            panic!("{name} stayed busy");
+        };
+        let mut a = attach(&tap_a);
+        let mut b = attach(&tap_b);
         for tap in [&tap_a, &tap_b] {
             let out = in_ns(&["ip", "link", "set", tap, "up"]);
             assert!(
