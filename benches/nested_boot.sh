@@ -11,7 +11,8 @@
 #            lists, per VMM, every initcall that took over 20 ms in any of them, side by side)
 #
 # Firecracker and Cloud Hypervisor are the static builds in ../shared/peers (PEERS= to
-# point elsewhere); a missing one is left out of the table with a note. Firecracker does not
+# point elsewhere); a missing one is left out of the table with a note. NESTED_BOOT_QEMU=0
+# leaves QEMU out; NESTED_BOOT_THP=never|madvise|always sets L1's transparent huge pages. Firecracker does not
 # exit when its guest powers off, so it is stopped at /init and has no exit time.
 set -euo pipefail
 MODE=boot
@@ -50,6 +51,9 @@ for peer in firecracker cloud-hypervisor; do
     fi
 done
 VMMS="$VMMS qemu-q35 qemu-microvm"
+# NESTED_BOOT_QEMU=0 leaves QEMU out (a shorter run when only the race with Firecracker
+# and Cloud Hypervisor is wanted).
+[ "${NESTED_BOOT_QEMU:-1}" = 0 ] && VMMS=${VMMS% qemu-q35 qemu-microvm}
 
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 loglevel=6"
 BOOT_TIMEOUT_S=90
@@ -69,6 +73,8 @@ DISKS_MICRO="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-d
 QCOMMON="-cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel /vmlinux -initrd /initrd"
 write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
+[ -n "${NESTED_BOOT_THP:-}" ] && echo ${NESTED_BOOT_THP:-} > /sys/kernel/mm/transparent_hugepage/enabled
+echo "L1-THP \$(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 # stamp <name> <command...>: one RESULT line; in initcall mode, also one INITCALL line per
 # initcall over 20 ms.
 stamp() {
