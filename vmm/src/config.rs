@@ -233,18 +233,8 @@ impl VmConfig {
 
     pub fn validate_net(net: &NetConfig) -> Result<(), ConfigError> {
         zero_rate(&format!("NIC {}", net.tap), &net.rate_limit)?;
-        if net.queues == 0 || net.queues > MAX_QUEUE_PAIRS {
-            return Err(ConfigError::Invalid(format!(
-                "NIC {}: queues is a number of queue pairs from 1 to {MAX_QUEUE_PAIRS}, not {}",
-                net.tap, net.queues
-            )));
-        }
-        if net.queues > 1 && net.fd.is_some() {
-            return Err(ConfigError::Invalid(format!(
-                "NIC {}: queues={} needs the VMM to open the TAP by name, not a descriptor (fd)",
-                net.tap, net.queues
-            )));
-        }
+        net.check_queues(net.fd.is_some())
+            .map_err(|e| ConfigError::Invalid(format!("NIC {}: {e}", net.tap)))?;
         if parse_mac(&net.mac).is_none() {
             return Err(ConfigError::Invalid(format!(
                 "--net mac '{}' is not a unicast MAC address like 02:00:c6:12:00:0a",

@@ -43,6 +43,20 @@ fn one_queue_pair() -> u16 {
     1
 }
 
+impl NetConfig {
+    /// The queue count is possible: 1 to 16 pairs, and several only on a TAP the VMM
+    /// opens by name (`handed_over`: a descriptor passed to the VMM is one queue).
+    pub fn check_queues(&self, handed_over: bool) -> Result<(), NetError> {
+        if self.queues == 0 || self.queues > MAX_QUEUE_PAIRS {
+            return Err(NetError::BadQueues(self.queues));
+        }
+        if self.queues > 1 && handed_over {
+            return Err(NetError::QueuesNeedTapName(self.queues));
+        }
+        Ok(())
+    }
+}
+
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
@@ -153,13 +167,7 @@ impl VirtioNet {
         passed: Option<std::os::unix::io::OwnedFd>,
     ) -> Result<Self, NetError> {
         let mac = parse_mac(&config.mac).ok_or_else(|| NetError::BadMac(config.mac.clone()))?;
-        if config.queues == 0 || config.queues > MAX_QUEUE_PAIRS {
-            return Err(NetError::BadQueues(config.queues));
-        }
-        let handed_over = passed.is_some() || config.fd.is_some();
-        if config.queues > 1 && handed_over {
-            return Err(NetError::QueuesNeedTapName(config.queues));
-        }
+        config.check_queues(passed.is_some() || config.fd.is_some())?;
         let taps = match (passed, config.fd) {
             (Some(fd), _) => vec![passed_tap(fd, &config.tap)?],
             (None, Some(fd)) => vec![inherited_tap(fd, &config.tap)?],
@@ -266,12 +274,14 @@ impl VirtioDevice for VirtioNet {
             });
         }
         let worker_error = |e: TapError| ActivateError::Worker(std::io::Error::other(e));
-        let offloads = tap_offload_flags(ctx.acked_features);
-        for (index, tap) in self.taps.iter().enumerate() {
-            tap.set_offload(offloads).map_err(worker_error)?;
+        // Offloads are the TAP device's, whichever queue sets them.
+        self.taps[0]
+            .set_offload(tap_offload_flags(ctx.acked_features))
+            .map_err(worker_error)?;
+        if self.taps.len() > 1 {
             // Frames go to pair 0 until the driver asks for more (VQ_PAIRS_SET), and only
             // ever to pairs it can use.
-            if self.taps.len() > 1 {
+            for (index, tap) in self.taps.iter().enumerate() {
                 tap.set_queue_attached(index == 0).map_err(worker_error)?;
             }
         }

@@ -165,10 +165,6 @@ impl Tap {
         Ok(())
     }
 
-    pub fn queue_attached(&self) -> bool {
-        self.attached.load(Ordering::Acquire)
-    }
-
     fn set_vnet_hdr_len(&self) -> Result<(), TapError> {
         let len: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int that lives for the call.
