@@ -50,7 +50,7 @@ pub struct Report {
 
 /// Processes this benchmark started, killed when it ends.
 #[derive(Default)]
-struct Children(Vec<Child>);
+pub(crate) struct Children(pub(crate) Vec<Child>);
 
 impl Drop for Children {
     fn drop(&mut self) {
@@ -61,13 +61,13 @@ impl Drop for Children {
     }
 }
 
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn wait_listening(port: u16, what: &str) -> Result<()> {
+pub(crate) fn wait_listening(port: u16, what: &str) -> Result<()> {
     let start = Instant::now();
     while !crate::listening(port) {
         ensure!(
@@ -285,6 +285,61 @@ fn start_marketplace(opts: &Options, children: &mut Children) -> Result<(u16, St
     Ok((port, entry.identifier.to_string()))
 }
 
+/// A stratus-orchestrator of the benchmark's, listening on a free port of 127.0.0.1 with
+/// the benchmark's admin password; `settings` is the rest of its configuration. Returns
+/// its base URL once it listens.
+pub(crate) fn start_orchestrator(
+    binary: &Path,
+    dir: &Path,
+    settings: &str,
+    children: &mut Children,
+) -> Result<String> {
+    let port = free_port()?;
+    let password = dir.join("admin-password");
+    std::fs::write(&password, ADMIN_PASSWORD)?;
+    let config = dir.join("orchestrator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_password_file = \"{}\"\n{settings}",
+            password.display()
+        ),
+    )?;
+    children.0.push(
+        Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .env("STRATUS_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("orchestrator.log"))?)
+            .spawn()
+            .context("starting stratus-orchestrator")?,
+    );
+    wait_listening(port, "the orchestrator")?;
+    Ok(format!("http://127.0.0.1:{port}"))
+}
+
+/// One request as the admin: the JSON answer, or the status and the answer as the error.
+pub(crate) fn admin_call(
+    client: &reqwest::blocking::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let mut request = client
+        .request(method, format!("{base}{path}"))
+        .basic_auth("admin", Some(ADMIN_PASSWORD));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send()?;
+    let status = response.status();
+    let value: Value = response.json().unwrap_or(Value::Null);
+    ensure!(status.is_success(), "{path}: {status} {value}");
+    Ok(value)
+}
+
 pub fn bench(opts: &Options) -> Result<Report> {
     std::fs::create_dir_all(&opts.dir)?;
     let mut children = Children::default();
@@ -298,49 +353,22 @@ pub fn bench(opts: &Options) -> Result<Report> {
         Some(pg) => format!("postgres://stratus@127.0.0.1:{}/cloud", pg.port),
         None => format!("sqlite://{}", opts.dir.join("cloud.db").display()),
     };
-    let port = free_port()?;
-    let password = opts.dir.join("admin-password");
-    std::fs::write(&password, ADMIN_PASSWORD)?;
-    let config = opts.dir.join("orchestrator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen = \"127.0.0.1:{port}\"\ndatabase = \"{database}\"\n\
+    let base = start_orchestrator(
+        &opts.orchestrator,
+        &opts.dir,
+        &format!(
+            "database = \"{database}\"\n\
              marketplace_endpoint = \"http://127.0.0.1:{market_port}\"\n\
-             admin_password_file = \"{}\"\npoll_interval_s = 10\nnode_timeout_s = 120\n\n\
-             [quotas]\ncpu = 0\nmemory_mib = 0\nvms = 0\n",
-            password.display()
+             poll_interval_s = 10\nnode_timeout_s = 120\n\n\
+             [quotas]\ncpu = 0\nmemory_mib = 0\nvms = 0\n"
         ),
+        &mut children,
     )?;
-    children.0.push(
-        Command::new(&opts.orchestrator)
-            .arg("--config")
-            .arg(&config)
-            .env("STRATUS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(opts.dir.join("orchestrator.log"))?)
-            .spawn()
-            .context("starting stratus-orchestrator")?,
-    );
-    wait_listening(port, "the orchestrator")?;
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))
         .pool_max_idle_per_host(opts.requests)
         .build()?;
-    let admin = |method: reqwest::Method, path: &str, body: Option<Value>| -> Result<Value> {
-        let mut r = client
-            .request(method, format!("{base}{path}"))
-            .basic_auth("admin", Some(ADMIN_PASSWORD));
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let response = r.send()?;
-        let status = response.status();
-        let value: Value = response.json().unwrap_or(Value::Null);
-        ensure!(status.is_success(), "{path}: {status} {value}");
-        Ok(value)
-    };
+    let admin = |method, path: &str, body| admin_call(&client, &base, method, path, body);
     for (i, agent) in agent_ports.iter().enumerate() {
         admin(
             reqwest::Method::POST,

@@ -147,6 +147,17 @@ enum Cmd {
         #[arg(long, default_value = "target/bench-agent")]
         dir: PathBuf,
     },
+    /// pdisk: LIVE snapshot creation (`POST /disks/{origin}`) for a 1 GiB and a 1 TiB
+    /// ORIGIN on the file pool, against `qemu-img create -b` beside it, alternated.
+    Pdisk {
+        #[arg(long, default_value = "target/release/stratus-orchestrator")]
+        orchestrator: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Scratch directory (emptied first) on the filesystem under test.
+        #[arg(long, default_value = "target/bench-pdisk")]
+        dir: PathBuf,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -795,6 +806,33 @@ fn main() -> Result<()> {
                 dir,
             })?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
+        Cmd::Pdisk {
+            orchestrator,
+            runs,
+            dir,
+        } => {
+            let dir = fresh_dir(&dir)?;
+            let rows = stratus_benches::pdisk::bench(&stratus_benches::pdisk::Options {
+                orchestrator,
+                runs,
+                dir,
+            })?;
+            println!("| pool | ORIGIN | stratus p50 / max | tool | tool p50 / max |");
+            println!("|---|---|---|---|---|");
+            for row in &rows {
+                println!(
+                    "| {} | {} GiB | {:.1} / {:.1} ms | `{}` | {:.1} / {:.1} ms |",
+                    row.pool,
+                    row.origin_gib,
+                    row.stratus_p50_ms,
+                    row.stratus_max_ms,
+                    row.tool,
+                    row.tool_p50_ms,
+                    row.tool_max_ms
+                );
+            }
             Ok(())
         }
         Cmd::TinyGuest { out, halt } => std::fs::write(&out, pvh_elf(&guest_code(!halt)))

@@ -234,9 +234,23 @@ pub fn enter(spec: &EnterSpec) -> Result<(), EnterError> {
         (None, Some(path)) => (path, true),
         _ => return Err(EnterError::NothingToShow),
     };
-    let directory = fs::metadata(path).map_err(io_error("find", path))?.is_dir();
+    let source = fs::metadata(path).map_err(io_error("find", path))?;
     let tree = clone_tree(path, read_only)?;
     enter_namespace()?;
+    // Shown read-only already (a file every network disk needs, a backing image shared
+    // by several disks): the request adds nothing, and mounts do not pile up.
+    let shown = fs::metadata(path)
+        .is_ok_and(|inside| inside.dev() == source.dev() && inside.ino() == source.ino());
+    let shown_read_only = shown
+        && nix::sys::statvfs::statvfs(path).is_ok_and(|mount| {
+            mount
+                .flags()
+                .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
+        });
+    if read_only && shown_read_only {
+        return Ok(());
+    }
+    let directory = source.is_dir();
     remount_root(false)?;
     let attached = jail::make_mount_point(path, directory)
         .map_err(EnterError::from)

@@ -67,6 +67,11 @@ pub(crate) fn make_mount_point(target: &Path, directory: bool) -> Result<(), Jai
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent).map_err(path_error("create", parent))?;
     }
+    // Already there (a file shown before, perhaps read-only, which cannot be opened for
+    // writing): mounted over as it is. A link planted in its place still fails below.
+    if fs::symlink_metadata(target).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
     match OpenOptions::new()
         .write(true)
         .create(true)

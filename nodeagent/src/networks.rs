@@ -241,6 +241,7 @@ impl Networks {
                 mtu: None,
                 owner,
                 group: owner,
+                multi_queue: nic.queues > 1,
             })
             .await?;
         let config = &network.config;

@@ -854,6 +854,16 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
             409,
             "already leased",
         ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0b", "ip": "198.18.5.11", "queues": 2}),
+            400,
+            "queues must be between 1 and 1 (the VM's vCPUs",
+        ),
+        (
+            json!({"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0b", "ip": "198.18.5.11", "queues": 0}),
+            400,
+            "queues must be between 1 and 1",
+        ),
     ] {
         let mut other = agent.spec(Guest::Halt);
         other["nics"] = json!([nic]);
@@ -862,6 +872,54 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         assert!(error(&e).contains(text), "{nic}: {e}");
     }
     assert_eq!(agent.call("GET", "/vms/net-2", None).0, 404);
+
+    // Two queue pairs for a 2-vCPU VM: a multi-queue TAP, and the VMM holds one descriptor
+    // on it per pair.
+    let mut multi = agent.spec(Guest::Halt);
+    multi["vcpus"] = json!(2);
+    multi["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0c",
+                            "ip": "198.18.5.12", "queues": 2}]);
+    let (status, vm) = agent.call("PUT", "/vms/net-mq", Some(&multi));
+    assert_eq!(status, 201, "{vm}");
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    let mq_tap = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .find(|name| name != &tap && name != "vbridge")
+        .unwrap_or_else(|| panic!("no TAP for net-mq in {links}"));
+    // iproute2's view of the TAP (sysfs would show the host's namespace).
+    let tun_info = |name: &str| -> Value {
+        let links: Value =
+            serde_json::from_str(&run("ip", &["-d", "-j", "link", "show", "dev", name])).unwrap();
+        links[0]["linkinfo"]["info_data"].clone()
+    };
+    let info = tun_info(&mq_tap);
+    assert_eq!(info["multi_queue"], true, "{mq_tap}: {info}");
+    let queues = info["numqueues"].as_u64().unwrap() + info["numdisabled"].as_u64().unwrap();
+    assert_eq!(queues, 2, "{mq_tap}: {info}");
+    let info = tun_info(&tap);
+    assert_eq!(info["multi_queue"], false, "{tap}: {info}");
+    let launched = vm["pid"].as_u64().unwrap();
+    // Jailed, the VMM is the jailer's child.
+    let vmm = std::fs::read_to_string(format!("/proc/{launched}/task/{launched}/children"))
+        .ok()
+        .and_then(|c| c.trim().parse::<u64>().ok())
+        .unwrap_or(launched);
+    let queues_held = std::fs::read_dir(format!("/proc/{vmm}/fdinfo"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        // A queue the guest has not enabled is detached and shows no name.
+        .filter(|info| info.lines().any(|l| l.starts_with("iff:")))
+        .count();
+    assert_eq!(
+        queues_held, 2,
+        "VMM {vmm} holds one descriptor per queue pair"
+    );
+    assert_eq!(agent.call("POST", "/vms/net-mq/kill", None).0, 200);
+    assert_eq!(agent.call("DELETE", "/vms/net-mq", None).0, 204);
 
     // After a crash the agent puts back what went missing meanwhile.
     agent.crash();
@@ -1406,6 +1464,34 @@ fn iscsi_volumes_are_attached_at_creation_and_hot_plugged_with_chap() {
     let (_, vm) = agent.call("POST", "/vms/i/kill", None);
     assert_eq!(vm["state"], "stopped");
     assert_eq!(agent.call("DELETE", "/vms/i", None).0, 204);
+}
+
+/// A portal given by a name only this test's `/etc/hosts` knows, hot-plugged into a VM
+/// whose jail was made without any network disk (so without the host's resolver files).
+#[test]
+fn a_portal_given_by_name_is_found_from_a_jail_made_without_network_disks() {
+    // This thread and what it starts see their own /etc/hosts; nothing reaches the host's.
+    let hosts_dir = tempfile::tempdir().unwrap();
+    stratus_vmm::test_mounts::own_file_in_own_mount_namespace(
+        hosts_dir.path(),
+        "/etc/hosts",
+        "127.0.0.1 localhost\n127.0.0.1 portal.stratus.test\n",
+    );
+
+    let target = IscsiTarget::start();
+    let by_name = target
+        .add("byname", None)
+        .replace("127.0.0.1", "portal.stratus.test");
+    let agent = Agent::start(4, 1024);
+    let (status, vm) = agent.call("PUT", "/vms/n", Some(&agent.spec(Guest::EventLoop)));
+    assert_eq!(status, 201, "{vm}");
+    agent.wait_state("n", "running");
+    let attach = json!({"source": {"iscsi": {"url": by_name, "timeout_secs": 5}}});
+    let (status, vm) = agent.call("PUT", "/vms/n/disks/byname", Some(&attach));
+    assert_eq!(status, 201, "{vm}");
+    assert!(vm["counters"]["disks"]["byname"].is_object(), "{vm}");
+    agent.call("POST", "/vms/n/kill", None);
+    assert_eq!(agent.call("DELETE", "/vms/n", None).0, 204);
 }
 
 #[test]

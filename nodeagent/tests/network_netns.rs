@@ -131,6 +131,7 @@ fn tap_cfg() -> TapConfig {
         mtu: Some(1400),
         owner: Some(65534),
         group: Some(65534),
+        multi_queue: false,
     }
 }
 
@@ -633,6 +634,7 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
             mac: mac.into(),
             ip: Ipv4Addr::from(ip),
             hostname: None,
+            queues: 1,
         };
         let (mac_a, ip_a) = ([2, 0, 0xc6, 0x12, 0, 10], Ipv4Addr::new(198, 18, 0, 10));
         let (mac_b, ip_b) = ([2, 0, 0xc6, 0x12, 0, 11], Ipv4Addr::new(198, 18, 0, 11));

@@ -710,26 +710,6 @@ fn volumes_through_the_links(backend: Backend) {
     let file = cloud.dir.path().join("volumes").join(format!("{data}.img"));
     let meta = std::fs::metadata(&file).unwrap();
     assert_eq!(meta.len(), 2 << 30);
-    // The file pool takes no snapshots (yet): refused with the reason, nothing made.
-    let (status, origin) = cloud.admin(
-        "POST",
-        "/disks",
-        Some(&serde_json::json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"})),
-    );
-    assert_eq!(status, 201, "{origin}");
-    let origin = origin["uuid"].as_str().unwrap().to_owned();
-    let (status, e) = cloud.admin("POST", &format!("/disks/{origin}"), None);
-    assert_eq!(status, 409, "{e}");
-    assert!(
-        e["error"].as_str().unwrap().contains("need the RBD pool"),
-        "{e}"
-    );
-    let (_, all) = cloud.admin("GET", "/disks", None);
-    assert_eq!(all.as_array().unwrap().len(), 2, "{all}");
-    assert_eq!(
-        cloud.admin("DELETE", &format!("/disks/{origin}"), None).0,
-        204
-    );
     assert!(
         meta.blocks() < 64,
         "a new volume allocates nothing: {} blocks",
@@ -881,6 +861,63 @@ fn volumes_through_the_links(backend: Backend) {
         );
     }
 
+    // A delete and an attach of one volume at once: one of them, never both.
+    for _ in 0..8 {
+        let contested = user.ok("stratus-create-volume", &["-s", "1"]);
+        let contested = contested
+            .strip_prefix("DISK ")
+            .unwrap()
+            .trim_end()
+            .to_owned();
+        let barrier = std::sync::Barrier::new(2);
+        let ((deleted, why_not_deleted), (attached, why_not_attached)) = std::thread::scope(|s| {
+            let delete = s.spawn(|| {
+                barrier.wait();
+                cloud.call_as(alice, "DELETE", &format!("/disks/{contested}"), None)
+            });
+            let attach = s.spawn(|| {
+                barrier.wait();
+                cloud.call_as(
+                    alice,
+                    "POST",
+                    &format!("/disks/{contested}/mounts"),
+                    Some(&serde_json::json!({ "vm_id": other })),
+                )
+            });
+            (delete.join().unwrap(), attach.join().unwrap())
+        });
+        let (status, shown) = cloud.call_as(alice, "GET", &format!("/disks/{contested}"), None);
+        match (deleted, attached) {
+            (204, 404 | 409) => assert_eq!(status, 404, "deleted, yet {shown}"),
+            (409, 202) => {
+                assert!(
+                    error(&why_not_deleted).contains(&format!("attached to VM {other}")),
+                    "{why_not_deleted}"
+                );
+                assert_eq!(shown["mounts"][0]["vm_id"], other, "{shown}");
+                // Detached once the attach job is done, then deleted.
+                let unplug = format!("/disks/{contested}/mounts/{other}");
+                let started = std::time::Instant::now();
+                while cloud.call_as(alice, "DELETE", &unplug, None).0 != 202 {
+                    assert!(started.elapsed().as_secs() < 60, "never attached");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                while cloud
+                    .call_as(alice, "DELETE", &format!("/disks/{contested}"), None)
+                    .0
+                    != 204
+                {
+                    assert!(started.elapsed().as_secs() < 60, "never detached");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+            outcome => panic!(
+                "delete {} and attach {}: {why_not_deleted} {why_not_attached}",
+                outcome.0, outcome.1
+            ),
+        }
+    }
+
     assert_eq!(
         user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &data]),
         format!("DETACHED {data} from VM {vm} on /dev/vdz\n")
@@ -975,6 +1012,209 @@ fn volumes_through_the_links(backend: Backend) {
         user.ok("stratus-describe-volumes", &[]),
         "No disk to show\n"
     );
+}
+
+/// A new 1 GiB MACHINE_IMAGE_ORIGIN volume of `user`'s.
+fn new_origin(cloud: &Orchestrator, user: (&str, &str)) -> String {
+    let body = serde_json::json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"});
+    let (status, origin) = cloud.call_as(user, "POST", "/disks", Some(&body));
+    assert_eq!(status, 201, "{origin}");
+    origin["uuid"].as_str().unwrap().to_owned()
+}
+
+/// `POST /disks/{origin}`: a LIVE snapshot as StratusLab described it.
+fn live_snapshot(cloud: &Orchestrator, user: (&str, &str), origin: &str) -> String {
+    let (status, live) = cloud.call_as(user, "POST", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 201, "{live}");
+    assert_eq!(live["type"], "MACHINE_IMAGE_LIVE", "{live}");
+    assert_eq!(live["identifier"], format!("snapshot:{origin}"), "{live}");
+    assert_eq!(live["base_uuid"], origin, "{live}");
+    assert_eq!(live["state"], "available", "{live}");
+    live["uuid"].as_str().unwrap().to_owned()
+}
+
+/// The first MiB of what the disk image at `path` reads as (qemu-img's view, not ours).
+fn disk_head(path: &Path, format: &str) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = Command::new("qemu-img")
+        .args(["dd", "-f", format, "-O", "raw", "bs=1M", "count=1"])
+        .arg(format!("if={}", path.display()))
+        .arg(format!("of={}", out.path().display()))
+        .status()
+        .expect("qemu-img (install qemu-utils)");
+    assert!(status.success(), "qemu-img dd {}", path.display());
+    std::fs::read(out.path()).unwrap()
+}
+
+/// StratusLab's `POST /disks/{uuid}` on the file pool: an ORIGIN's LIVE snapshot is a
+/// qcow2 overlay beside it that names it and holds no data of its own; writes to it never
+/// reach the ORIGIN; jailed VMMs open it at boot and by hot-plug with the ORIGIN shown
+/// read-only beside it; the ORIGIN cannot go while the LIVE needs it; a LIVE is rebased
+/// into a raw ORIGIN of its own, but not when its header names any file but its ORIGIN.
+#[test]
+fn origins_have_live_snapshots_and_lives_are_rebased_on_a_file_pool() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let (market, agent, cloud) = cloud();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let alice = ("alice", "alice-password");
+    let pool = cloud.dir.path().join("volumes");
+    let set_type = |uuid: &str, kind: &str| {
+        let body = serde_json::json!({ "type": kind });
+        let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{uuid}"), Some(&body));
+        assert_eq!(status, 200, "{e}");
+    };
+
+    let origin = new_origin(&cloud, alice);
+    let origin_file = pool.join(format!("{origin}.img"));
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&origin_file)
+        .unwrap()
+        .write_all_at(&data, 4096)
+        .unwrap();
+    let origin_head = disk_head(&origin_file, "raw");
+
+    // The snapshot: an overlay naming the ORIGIN, no data of its own.
+    let live = live_snapshot(&cloud, alice, &origin);
+    let live_file = pool.join(format!("{live}.qcow2"));
+    let info: Value = serde_json::from_slice(
+        &Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(&live_file)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(info["virtual-size"], 1u64 << 30, "{info}");
+    assert_eq!(info["backing-filename"], format!("{origin}.img"), "{info}");
+    assert_eq!(info["backing-filename-format"], "raw", "{info}");
+    let allocated = std::fs::metadata(&live_file).unwrap().blocks() * 512;
+    assert!(
+        allocated < 1 << 20,
+        "a new LIVE holds tables only: {allocated} bytes"
+    );
+    assert_eq!(disk_head(&live_file, "qcow2"), origin_head);
+    let (_, shown) = cloud.call_as(alice, "GET", &format!("/disks/{origin}"), None);
+    assert_eq!(shown["count"], 1, "an ORIGIN counts its snapshots: {shown}");
+    // A snapshot of a snapshot would chain overlays: refused with the way out.
+    set_type(&live, "MACHINE_IMAGE_ORIGIN");
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("rebase it into an ORIGIN first"), "{e}");
+    // Whatever its type says, the overlay still needs its ORIGIN.
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains(&live), "{e}");
+    set_type(&live, "MACHINE_IMAGE_LIVE");
+
+    // Written through the LIVE: the ORIGIN keeps its data, and cannot go while the LIVE
+    // needs it.
+    let written = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 128k"])
+        .arg(&live_file)
+        .status()
+        .unwrap();
+    assert!(written.success());
+    let live_head = disk_head(&live_file, "qcow2");
+    assert_ne!(live_head, origin_head);
+    assert_eq!(disk_head(&origin_file, "raw"), origin_head);
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains(&live), "{e}");
+
+    // Jailed VMMs open the LIVE with its ORIGIN: at boot, and hot-plugged beside the
+    // ORIGIN itself (read-only).
+    let first = run_with_volume(&user, &image, &live);
+    let (_, on_node) = agent.call("GET", &format!("/vms/{first}"));
+    let disk = volume_on_node(&on_node, &live);
+    assert_eq!(disk["read_only"], false, "{disk}");
+    assert_eq!(disk["source"]["file"]["format"], "qcow2", "{disk}");
+    assert_eq!(
+        disk["source"]["file"]["backing"],
+        serde_json::json!([origin_file.display().to_string()]),
+        "{disk}"
+    );
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("detach it"), "{e}");
+    user.ok("stratus-kill-instance", &[&first.to_string()]);
+    cloud.wait_state(first, "Done");
+    // Given another type, the ORIGIN is still never written while a LIVE reads through it.
+    set_type(&origin, "DATA_IMAGE_RAW_READ_WRITE");
+    let second = run_with_volume(&user, &image, &origin);
+    let (_, on_node) = agent.call("GET", &format!("/vms/{second}"));
+    assert_eq!(volume_on_node(&on_node, &origin)["read_only"], true);
+    assert_eq!(
+        user.ok("stratus-attach-volume", &["-i", &second.to_string(), &live]),
+        format!("ATTACHED {live} in VM {second} on /dev/vdz\n")
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{second}"));
+    assert_eq!(on_node["state"], "running", "{on_node}");
+    assert_eq!(
+        on_node["attached"][0]["source"]["file"]["format"], "qcow2",
+        "{on_node}"
+    );
+    user.ok("stratus-detach-volume", &["-i", &second.to_string(), &live]);
+    user.ok("stratus-kill-instance", &[&second.to_string()]);
+    cloud.wait_state(second, "Done");
+    assert_eq!(
+        disk_head(&origin_file, "raw"),
+        origin_head,
+        "the VMs never wrote it"
+    );
+    set_type(&origin, "MACHINE_IMAGE_ORIGIN");
+
+    // The rebase: a raw ORIGIN with the LIVE's data, sparse.
+    let (status, rebased) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 201, "{rebased}");
+    assert_eq!(rebased["type"], "MACHINE_IMAGE_ORIGIN", "{rebased}");
+    assert_eq!(rebased["base_uuid"], live.as_str(), "{rebased}");
+    let rebased = rebased["uuid"].as_str().unwrap().to_owned();
+    let rebased_file = pool.join(format!("{rebased}.img"));
+    assert_eq!(std::fs::metadata(&rebased_file).unwrap().len(), 1 << 30);
+    assert!(std::fs::metadata(&rebased_file).unwrap().blocks() * 512 < 1 << 20);
+    assert_eq!(disk_head(&rebased_file, "raw"), live_head);
+
+    // A LIVE whose header was rewritten (by a VMM that could write it) to name a host
+    // file: its rebase is refused, nothing made.
+    let second_live = live_snapshot(&cloud, alice, &origin);
+    let rewritten = Command::new("qemu-img")
+        .args([
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            "/etc/hostname",
+        ])
+        .arg(pool.join(format!("{second_live}.qcow2")))
+        .status()
+        .unwrap();
+    assert!(rewritten.success());
+    let before: usize = std::fs::read_dir(&pool).unwrap().count();
+    let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{second_live}"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("/etc/hostname"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&pool).unwrap().count(),
+        before,
+        "nothing made"
+    );
+    let (_, all) = cloud.call_as(alice, "GET", "/disks", None);
+    assert_eq!(all.as_array().unwrap().len(), 4, "{all}");
+
+    // Everything goes, the LIVEs first.
+    for uuid in [&live, &second_live, &origin, &rebased] {
+        let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
+        assert_eq!(status, 204, "{uuid}: {e}");
+    }
+    assert_eq!(std::fs::read_dir(&pool).unwrap().count(), 0, "files left");
 }
 
 /// `--json` on every command that talks to a service: one JSON document with the API's
@@ -1344,14 +1584,7 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
         ]);
     };
 
-    let (status, origin) = cloud.call_as(
-        alice,
-        "POST",
-        "/disks",
-        Some(&serde_json::json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"})),
-    );
-    assert_eq!(status, 201, "{origin}");
-    let origin = origin["uuid"].as_str().unwrap().to_owned();
+    let origin = new_origin(&cloud, alice);
     bench(&format!("rbd/{origin}"), "64K");
     let origin_sum = rbd_head_sha256(&cluster, &format!("rbd/{origin}"));
 
@@ -1374,13 +1607,7 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
     );
 
     // The snapshot: a clone of the ORIGIN's base snapshot, holding no data of its own.
-    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{origin}"), None);
-    assert_eq!(status, 201, "{live}");
-    assert_eq!(live["type"], "MACHINE_IMAGE_LIVE", "{live}");
-    assert_eq!(live["identifier"], format!("snapshot:{origin}"), "{live}");
-    assert_eq!(live["base_uuid"], origin.as_str(), "{live}");
-    assert_eq!(live["state"], "available", "{live}");
-    let live = live["uuid"].as_str().unwrap().to_owned();
+    let live = live_snapshot(&cloud, alice, &origin);
     let info: Value =
         serde_json::from_str(&cluster.rbd(&["info", "--format", "json", &format!("rbd/{live}")]))
             .unwrap();

@@ -387,6 +387,51 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Snapshots from the volume page: an ORIGIN's LIVE, then that LIVE's rebase; a plain
+    // volume offers neither and is refused as the API refuses it.
+    let page = a.get(&format!("/ui/volumes/{uuid}")).text();
+    assert!(
+        !page.contains("id=\"derive\""),
+        "a data volume has no snapshot"
+    );
+    let (status, api) = cloud.call_as(alice, "POST", &format!("/disks/{uuid}"), None);
+    let refused = a.post(&format!("/ui/volumes/{uuid}/derive"), &[]);
+    assert_eq!((refused.status, status), (409, 409));
+    assert_eq!(element_text(&refused.text(), "error").unwrap(), error(&api));
+    let (_, origin) = cloud.call_as(
+        alice,
+        "POST",
+        "/disks",
+        Some(&json!({"size_gib": 1, "type": "MACHINE_IMAGE_ORIGIN"})),
+    );
+    let origin = origin["uuid"].as_str().unwrap().to_owned();
+    let page = a.get(&format!("/ui/volumes/{origin}")).text();
+    assert_eq!(
+        element_text(&page, "derive").unwrap(),
+        "Make a LIVE snapshot"
+    );
+    let mut made_from = origin.clone();
+    for (kind, next_button) in [
+        ("MACHINE_IMAGE_LIVE", Some("Rebase into a new ORIGIN")),
+        ("MACHINE_IMAGE_ORIGIN", Some("Make a LIVE snapshot")),
+    ] {
+        let derived = a.post(&format!("/ui/volumes/{made_from}/derive"), &[]);
+        assert_eq!(derived.status, 303, "{}", derived.text());
+        let location = derived.header("location").unwrap().to_owned();
+        let new = location
+            .strip_prefix("/ui/volumes/")
+            .and_then(|l| l.strip_suffix("?notice=derived"))
+            .unwrap()
+            .to_owned();
+        let (_, volume) = cloud.call_as(alice, "GET", &format!("/disks/{new}"), None);
+        assert_eq!(volume["type"], kind, "{volume}");
+        assert_eq!(volume["base_uuid"], made_from.as_str(), "{volume}");
+        let page = a.get(&location).text();
+        assert_eq!(element_text(&page, "volume-base").unwrap(), made_from);
+        assert_eq!(element_text(&page, "derive").as_deref(), next_button);
+        made_from = new;
+    }
+
     // Marketplace: search, the entry's page, its XML and JSON.
     let found = a
         .get("/ui/marketplace?email=jane%40stratus.test&status=all")

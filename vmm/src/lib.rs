@@ -18,6 +18,7 @@ pub mod memory;
 pub mod seccomp;
 pub mod test_ceph;
 pub mod test_guest;
+pub mod test_mounts;
 pub mod vcpu;
 pub mod vm;
 

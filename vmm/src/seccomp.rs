@@ -178,6 +178,8 @@ const BLOCK_WORKER: &[c_long] = &[
     SYS_getpeername,
     SYS_sendto,
     SYS_sendmsg,
+    // glibc's DNS client sends the A and AAAA queries together.
+    SYS_sendmmsg,
     SYS_recvfrom,
     SYS_recvmsg,
     SYS_shutdown,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
+use stratus_vmm::test_mounts::own_file_in_own_mount_namespace;
 
 /// Generous: ring-0 guest code is emulated on a PVM host, and CI machines are slow.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -574,6 +575,32 @@ fn a_guest_that_ignores_the_power_button_keeps_running_and_stop_still_works() {
     assert_eq!(action(&socket, "stop").0, 202);
     let (code, stderr) = vmm.wait_exit();
     assert_eq!(code, 6, "{stderr}");
+}
+
+/// A hot-plugged iSCSI disk whose portal only DNS could name: the lookup runs under the
+/// main thread's seccomp filter (glibc sends its two queries with one `sendmmsg`) and ends
+/// as the request's error, not as a SIGSYS for the whole VM. The resolver is this test's
+/// own: `nameserver 127.0.0.1`, where nothing answers, and a hosts file without the name.
+#[test]
+fn a_portal_name_only_dns_could_resolve_fails_the_request_not_the_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    own_file_in_own_mount_namespace(
+        dir.path(),
+        "/etc/resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    );
+    own_file_in_own_mount_namespace(dir.path(), "/etc/hosts", "127.0.0.1 localhost\n");
+    let mut vmm = Vmm::start(dir.path(), Guest::EventLoop, &[]);
+    vmm.wait_until_running();
+    let url = "iscsi://portal.stratus.invalid:3260/iqn.2026-12.eu.stratuslab.test:dns/1";
+    let body = json!({"id": "dns", "iscsi": {"url": url, "timeout_secs": 1}});
+    let (status, e) = http(&vmm.socket, "PUT", "/vm/disks", Some(&body));
+    assert!((400..600).contains(&status), "{status} {e}");
+    assert!(error_text(&e).contains(url), "{e}");
+    assert!(vmm.child().try_wait().unwrap().is_none(), "the VMM died");
+    let (status, vm) = http(&vmm.socket, "GET", "/vm", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["disks"], json!([]), "{vm}");
 }
 
 #[test]

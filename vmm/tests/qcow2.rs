@@ -11,7 +11,7 @@ use std::path::Path;
 use blk_common::{assert_qcow2_holds, chain, qemu_img_check, tool, Rng};
 use std::sync::Arc;
 
-use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
+use stratus_vmm::devices::virtio::block::io::qcow2::{create_overlay, flatten_to_raw};
 use stratus_vmm::devices::virtio::block::io::{
     create_engine, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
 };
@@ -609,6 +609,113 @@ fn bad_overlay_requests_fail_clearly_and_leave_nothing_behind() {
     create_overlay(&q, &base, ImageFormat::Raw).unwrap();
     let raw_view = DiskFile::open(&q, true, CacheMode::Writeback).unwrap();
     assert_eq!(raw_view.format(), ImageFormat::Raw);
+}
+
+/// A rebase's copy: the overlay's view, backing data included, lands in a sparse raw
+/// file; an overlay whose header names any file but the expected backing one is refused
+/// before anything is read or made.
+#[test]
+fn flattening_copies_the_chain_sparsely_and_opens_only_the_expected_backing_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = workdir();
+    let d = dir.path();
+    let base = d.join("origin.img");
+    let mut rng = Rng(0xf1a7);
+    let mut base_data = vec![0u8; 8 * MIB as usize];
+    base_data[..64 * 1024].copy_from_slice(&rng.bytes(64 * 1024));
+    base_data[4 * MIB as usize..4 * MIB as usize + 4096].copy_from_slice(&rng.bytes(4096));
+    std::fs::write(&base, &base_data).unwrap();
+    let live = d.join("live.qcow2");
+    create_overlay(&live, Path::new("origin.img"), ImageFormat::Raw).unwrap();
+    qemu_io_write(
+        &live,
+        "qcow2",
+        &[(0x5a, MIB, 128 * 1024), (0x33, 60 * 1024, 8192)],
+    );
+
+    let flat = d.join("rebased.img");
+    let size = flatten_to_raw(
+        &live,
+        ImageFormat::Qcow2,
+        std::slice::from_ref(&base),
+        &flat,
+    )
+    .unwrap();
+    assert_eq!(size, 8 * MIB);
+    let copied = std::fs::read(&flat).unwrap();
+    assert!(
+        copied == qemu_img_raw(&live, "qcow2", d),
+        "the copy reads as the overlay"
+    );
+    assert!(
+        copied != base_data,
+        "the overlay's own writes are in the copy"
+    );
+    assert_eq!(
+        std::fs::read(&base).unwrap(),
+        base_data,
+        "the origin is untouched"
+    );
+    let allocated = std::fs::metadata(&flat).unwrap().blocks() * 512;
+    assert!(
+        allocated < MIB,
+        "zeroes stay holes: {allocated} bytes allocated for ~200 KiB of data"
+    );
+    // Done again (a crash in the middle): the same copy, not an append.
+    flatten_to_raw(
+        &live,
+        ImageFormat::Qcow2,
+        std::slice::from_ref(&base),
+        &flat,
+    )
+    .unwrap();
+    assert!(std::fs::read(&flat).unwrap() == copied);
+    // A raw source copies as it is.
+    let plain = d.join("plain.img");
+    flatten_to_raw(&base, ImageFormat::Raw, &[], &plain).unwrap();
+    assert_eq!(std::fs::read(&plain).unwrap(), base_data);
+
+    // Headers naming another file: a host secret, a FIFO that would block an open.
+    let secret = d.join("secret");
+    std::fs::write(&secret, b"host secret").unwrap();
+    let fifo = d.join("fifo");
+    tool("mkfifo", &[p(&fifo)]);
+    for (name, named) in [("to-secret.qcow2", &secret), ("to-fifo.qcow2", &fifo)] {
+        let evil = d.join(name);
+        if named == &fifo {
+            // create_overlay reads the backing file's size: write the header by hand.
+            tool(
+                "qemu-img",
+                &[
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-u",
+                    "-b",
+                    p(named),
+                    "-F",
+                    "raw",
+                    p(&evil),
+                    "8M",
+                ],
+            );
+        } else {
+            create_overlay(&evil, named, ImageFormat::Raw).unwrap();
+        }
+        let dest = d.join(format!("{name}.img"));
+        let refused = flatten_to_raw(
+            &evil,
+            ImageFormat::Qcow2,
+            std::slice::from_ref(&base),
+            &dest,
+        );
+        assert!(
+            matches!(&refused, Err(DiskError::Flatten { source, .. })
+                if source.to_string().contains("not the one expected")),
+            "{name}: {refused:?}"
+        );
+        assert!(!dest.exists(), "{name}: nothing made");
+    }
 }
 
 #[test]

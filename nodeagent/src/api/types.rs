@@ -4,7 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+pub use stratus_vmm::devices::virtio::block::io::ImageFormat;
 use utoipa::ToSchema;
+
+fn is_raw(format: &ImageFormat) -> bool {
+    *format == ImageFormat::Raw
+}
 
 /// Everything a VM is made of. `PUT /vms/{id}` with the same spec again is a no-op.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -64,6 +69,18 @@ pub struct NicSpec {
     /// The name DHCP gives the guest (default: the VM's id).
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Queue pairs, at most the VM's vCPUs (up to 16): more than one makes the TAP
+    /// multi-queue, so the guest spreads its traffic over that many vCPUs and VMM threads.
+    #[serde(default = "one_queue", skip_serializing_if = "is_one_queue")]
+    pub queues: u16,
+}
+
+fn one_queue() -> u16 {
+    1
+}
+
+fn is_one_queue(queues: &u16) -> bool {
+    *queues == 1
 }
 
 /// How the VM boots: a kernel on this host, or a Marketplace image (its kernel and initrd
@@ -104,10 +121,18 @@ pub struct DiskSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum DiskSource {
-    /// A file or block device on this host that outlives the VM (a persistent volume).
+    /// A file or block device on this host that outlives the VM (a persistent volume):
+    /// raw, or a qcow2 overlay (a pdisk LIVE snapshot) that reads through the files in
+    /// `backing`, which the VMM is shown read-only and which must be all its header names.
     File {
         #[schema(value_type = String)]
         path: PathBuf,
+        #[serde(default, skip_serializing_if = "is_raw")]
+        #[schema(value_type = String, example = "raw")]
+        format: ImageFormat,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        #[schema(value_type = Vec<String>)]
+        backing: Vec<PathBuf>,
     },
     /// A sparse raw disk of this many GiB made on the node for this VM and deleted with it.
     Volatile { size_gib: u64 },

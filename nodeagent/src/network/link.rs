@@ -139,6 +139,9 @@ pub struct TapConfig {
     pub mtu: Option<u32>,
     pub owner: Option<u32>,
     pub group: Option<u32>,
+    /// IFF_MULTI_QUEUE: every open of the device must say the same, and a VMM then opens
+    /// one descriptor per queue pair.
+    pub multi_queue: bool,
 }
 
 /// A persistent TAP plus the queue fd this call opened (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR).
@@ -185,7 +188,7 @@ fn open_tap(cfg: &TapConfig) -> Result<File, LinkError> {
         op,
         source,
     };
-    let file = attach_tap(&cfg.name, false, false).map_err(|e| match e {
+    let file = attach_tap(&cfg.name, false, cfg.multi_queue).map_err(|e| match e {
         TapError::OpenTun(source) => tun_err("open /dev/net/tun", source),
         TapError::Attach { source, .. } => tun_err("TUNSETIFF", source),
         TapError::BadName(name) => LinkError::InvalidName(name),

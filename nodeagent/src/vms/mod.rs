@@ -296,6 +296,13 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         if !valid_id(&nic.id) || !ids.insert(nic.id.as_str()) {
             return bad(format!("NIC id '{}' is not valid or used twice", nic.id));
         }
+        let limit = u16::from(spec.vcpus).min(stratus_vmm::devices::virtio::net::MAX_QUEUE_PAIRS);
+        if nic.queues == 0 || nic.queues > limit {
+            return bad(format!(
+                "NIC '{}': queues must be between 1 and {limit} (the VM's vCPUs, at most 16), not {}",
+                nic.id, nic.queues
+            ));
+        }
     }
     if spec.context.is_some() {
         ids.insert(CONTEXT_DISK_ID);
@@ -355,6 +362,9 @@ fn check_timeout(disk: &DiskSpec, timeout_secs: Option<u32>) -> Result<(), VmErr
     Ok(())
 }
 
+/// What a VMM needs to find iSCSI portals and Ceph monitors given by name.
+const NAME_RESOLUTION_FILES: [&str; 3] = ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"];
+
 fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
     let bad = |reason: String| Err(VmError::BadSpec(reason));
     if !valid_id(&disk.id) {
@@ -367,14 +377,35 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
         ));
     }
     match &disk.source {
-        DiskSource::File { path } if !path.is_absolute() => {
-            bad(format!("disk '{}': path must be absolute", disk.id))
+        DiskSource::File {
+            path,
+            format,
+            backing,
+        } => {
+            for file in std::iter::once(path).chain(backing) {
+                if !file.is_absolute() {
+                    return bad(format!(
+                        "disk '{}': {} is not an absolute path",
+                        disk.id,
+                        file.display()
+                    ));
+                }
+                if !file.exists() {
+                    return bad(format!(
+                        "disk '{}': {} does not exist on this host",
+                        disk.id,
+                        file.display()
+                    ));
+                }
+            }
+            if *format == VmmImageFormat::Raw && !backing.is_empty() {
+                return bad(format!(
+                    "disk '{}': a raw disk reads through no backing file (format qcow2?)",
+                    disk.id
+                ));
+            }
+            Ok(())
         }
-        DiskSource::File { path } if !path.exists() => bad(format!(
-            "disk '{}': {} does not exist on this host",
-            disk.id,
-            path.display()
-        )),
         DiskSource::Volatile { size_gib } if *size_gib == 0 || *size_gib > 1024 => bad(format!(
             "disk '{}': size_gib must be between 1 and 1024",
             disk.id
@@ -926,8 +957,15 @@ impl VmManager {
                 (None, None) => {
                     if let Some(jail) = &mut jail {
                         // A cached image is shared by VMs: never handed to one of them.
-                        match disk.source {
+                        match &disk.source {
                             DiskSource::Image { .. } => jail.share_public(&config.path)?,
+                            DiskSource::File { backing, .. } => {
+                                jail.share(&config.path, disk.read_only)?;
+                                // An ORIGIN's LIVE snapshots may be on several VMs at once.
+                                for file in backing {
+                                    jail.share_public(file)?;
+                                }
+                            }
                             _ => jail.share(&config.path, disk.read_only)?,
                         }
                     }
@@ -937,7 +975,7 @@ impl VmManager {
             if config.iscsi.is_some() || config.rbd.is_some() {
                 if let Some(jail) = &mut jail {
                     // Monitors and portals may be given by name.
-                    for file in ["/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf"] {
+                    for file in NAME_RESOLUTION_FILES {
                         jail.share_if_present(Path::new(file));
                     }
                 }
@@ -973,15 +1011,16 @@ impl VmManager {
             ]);
         }
         for (index, nic) in vm.spec.nics.iter().enumerate() {
-            args.extend([
-                "--net".to_owned(),
-                format!(
-                    "id={},tap={},mac={}",
-                    nic.id,
-                    tap_name(&vm.id, index),
-                    nic.mac
-                ),
-            ]);
+            let mut net = format!(
+                "id={},tap={},mac={}",
+                nic.id,
+                tap_name(&vm.id, index),
+                nic.mac
+            );
+            if nic.queues > 1 {
+                net.push_str(&format!(",queues={}", nic.queues));
+            }
+            args.extend(["--net".to_owned(), net]);
         }
         let _ = std::fs::remove_file(vm.status_file());
         let launch = match jail {
@@ -1184,7 +1223,10 @@ impl VmManager {
     async fn block_config(&self, vm: &Vm, disk: &DiskSpec) -> Result<BlockConfig, VmError> {
         let mut config = BlockConfig::new("");
         match &disk.source {
-            DiskSource::File { path } => config.path = path.clone(),
+            DiskSource::File { path, format, .. } => {
+                config.path = path.clone();
+                config.format = *format;
+            }
             DiskSource::Rbd {
                 image,
                 conf,
@@ -1292,7 +1334,23 @@ impl VmManager {
         if let Some(rbd) = &config.rbd {
             check_jailed_rbd(&disk.id, rbd)?;
         }
+        let pid = vm.status().pid;
+        let Some(pid) = pid else {
+            return Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state: vm.state(),
+                what: "its VMM is not running",
+            });
+        };
         if config.iscsi.is_some() || config.rbd.is_some() {
+            // Portals and monitors may be given by name, and a VM started without network
+            // disks has no resolver files in its jail yet.
+            for file in NAME_RESOLUTION_FILES.map(Path::new) {
+                if file.exists() {
+                    jail::show_to_running(&self.config.jailer_binary(), pid, uid, file, true)
+                        .await?;
+                }
+            }
             let plan = Some(JailPlan::new(uid, &vm.dir, &vmm_dir)?);
             let copy = |path: &mut PathBuf, kind: &str| -> Result<(), VmError> {
                 *path = vmm_secret(&plan, path, &vmm_dir, &disk.id, kind)?;
@@ -1313,14 +1371,6 @@ impl VmManager {
         }
         let path = config.path.clone();
         let path = path.as_path();
-        let pid = vm.status().pid;
-        let Some(pid) = pid else {
-            return Err(VmError::WrongState {
-                id: vm.id.clone(),
-                state: vm.state(),
-                what: "its VMM is not running",
-            });
-        };
         let shared = matches!(disk.source, DiskSource::Image { .. });
         let read_only = disk.read_only || shared;
         if path.starts_with(&vm.dir) {
@@ -1329,6 +1379,14 @@ impl VmManager {
             return Ok(());
         }
         let mut plan = JailPlan::new(uid, &vm.dir, &vm.vmm_dir())?;
+        let backing = match &disk.source {
+            DiskSource::File { backing, .. } => backing.as_slice(),
+            _ => &[],
+        };
+        for file in backing {
+            plan.share_public(file)?;
+            jail::show_to_running(&self.config.jailer_binary(), pid, uid, file, true).await?;
+        }
         match shared {
             true => plan.share_public(path)?,
             false => plan.share(path, read_only)?,

@@ -97,7 +97,7 @@ fn volume_disk(cloud: &Cloud, volume: &NodeDisk) -> (String, AttachDisk) {
     (
         pdisk::disk_id(&volume.uuid),
         AttachDisk {
-            source: pdisk::node_source(rbd, &volume.location),
+            source: pdisk::node_source(rbd, &volume.location, volume.base_location.as_deref()),
             read_only: volume.read_only,
             serial: Some(volume.uuid.chars().take(20).collect()),
         },
@@ -160,6 +160,8 @@ fn spec_of(
             mac: lease.mac.clone(),
             ip: lease.ip,
             hostname: Some(row.name.clone()),
+            // One pair until the nested benchmark shows that more pay off in a guest.
+            queues: 1,
         })
         .collect();
     VmSpec {

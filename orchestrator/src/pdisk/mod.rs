@@ -12,7 +12,10 @@ pub mod iscsi;
 pub mod rbd;
 pub mod types;
 
+use std::path::{Path, PathBuf};
+
 use sqlx::AnyConnection;
+use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
 use crate::api::types::VmState;
 use crate::db::{self, DbError};
@@ -87,12 +90,33 @@ enum Content<'a> {
     /// A copy-on-write snapshot of the volume at this location (a LIVE of an ORIGIN).
     SnapshotOf(&'a str),
     /// A full, independent copy of the volume at this location (an ORIGIN rebased from a
-    /// LIVE).
-    CopyOf(&'a str),
+    /// LIVE), which reads through the file at the second location if it is a LIVE on the
+    /// file pool.
+    CopyOf(&'a str, Option<&'a str>),
 }
 
-const NO_SNAPSHOTS: &str =
-    "snapshots and rebases need the RBD pool ([volume_rbd]): the file and iSCSI pools make none yet";
+const NO_ISCSI_SNAPSHOTS: &str = "the iSCSI pool makes no snapshots or rebases: tgtd serves \
+     raw LUNs only (the file and RBD pools make them)";
+
+/// A file volume's qcow2 overlay (a LIVE) cannot be the ORIGIN of another.
+fn no_overlay_of_overlay(source: &str) -> VolumeError {
+    VolumeError::Conflict(format!(
+        "the volume at {source} is itself a snapshot: rebase it into an ORIGIN first"
+    ))
+}
+
+/// A failed copy: refused (a header naming an unexpected file) or broken storage.
+fn copy_error(e: stratus_vmm::devices::virtio::block::io::DiskError) -> VolumeError {
+    use stratus_vmm::devices::virtio::block::io::DiskError;
+    match e {
+        DiskError::Flatten { ref source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            VolumeError::Conflict(e.to_string())
+        }
+        e => storage_error(e),
+    }
+}
 
 fn storage_error(e: impl std::error::Error + Send + Sync + 'static) -> VolumeError {
     VolumeError::Storage(std::io::Error::other(e))
@@ -142,14 +166,25 @@ impl Storage {
         }
     }
 
-    /// Where a volume derived from the one at `source` (a snapshot or a rebase) goes.
-    fn location_beside(&self, source: &str, uuid: &str) -> Result<String, VolumeError> {
+    /// Where a volume derived from the one at `source` (a `snapshot` or a rebase) goes.
+    fn location_beside(
+        &self,
+        source: &str,
+        uuid: &str,
+        snapshot: bool,
+    ) -> Result<String, VolumeError> {
         match self.backing(source)? {
             Backing::Rbd(..) => rbd::RbdPool::location_beside(source, uuid)
                 .ok_or_else(|| VolumeError::Conflict(format!("{source} names no RBD image"))),
-            Backing::File(_) | Backing::Iscsi(..) => {
-                Err(VolumeError::Conflict(NO_SNAPSHOTS.into()))
+            Backing::File(path) => {
+                if snapshot && file::format_of(source) == ImageFormat::Qcow2 {
+                    return Err(no_overlay_of_overlay(source));
+                }
+                Ok(file::FileBackend::location_beside(path, uuid, snapshot)
+                    .to_string_lossy()
+                    .into_owned())
             }
+            Backing::Iscsi(..) => Err(VolumeError::Conflict(NO_ISCSI_SNAPSHOTS.into())),
         }
     }
 
@@ -162,13 +197,32 @@ impl Storage {
         content: Content<'_>,
     ) -> Result<(), VolumeError> {
         let backing = self.backing(location)?;
-        if !matches!(content, Content::Empty) && !matches!(backing, Backing::Rbd(..)) {
-            return Err(VolumeError::Conflict(NO_SNAPSHOTS.into()));
+        if !matches!(content, Content::Empty) && matches!(backing, Backing::Iscsi(..)) {
+            return Err(VolumeError::Conflict(NO_ISCSI_SNAPSHOTS.into()));
         }
         match backing {
-            Backing::File(path) => {
-                file::FileBackend::create(path, size_gib).map_err(VolumeError::Storage)
-            }
+            Backing::File(path) => match content {
+                Content::Empty => {
+                    file::FileBackend::create(path, size_gib).map_err(VolumeError::Storage)
+                }
+                Content::SnapshotOf(origin) => {
+                    if file::format_of(origin) == ImageFormat::Qcow2 {
+                        return Err(no_overlay_of_overlay(origin));
+                    }
+                    file::FileBackend::snapshot(path, Path::new(origin)).map_err(storage_error)
+                }
+                Content::CopyOf(source, source_backing) => {
+                    let (path, source) = (path.to_owned(), PathBuf::from(source));
+                    let source_backing = source_backing.map(PathBuf::from);
+                    // A copy of up to a TiB: off the async threads.
+                    tokio::task::spawn_blocking(move || {
+                        file::FileBackend::copy(&path, &source, source_backing.as_deref())
+                    })
+                    .await
+                    .map_err(storage_error)?
+                    .map_err(copy_error)
+                }
+            },
             Backing::Iscsi(export, files) => {
                 let path = files.location(uuid);
                 file::FileBackend::create(&path, size_gib).map_err(VolumeError::Storage)?;
@@ -187,7 +241,7 @@ impl Storage {
                     Content::SnapshotOf(source) => {
                         pool.clone_of(&source_image(source)?, image).await
                     }
-                    Content::CopyOf(source) => pool.copy_of(&source_image(source)?, image).await,
+                    Content::CopyOf(source, _) => pool.copy_of(&source_image(source)?, image).await,
                 }
                 .map_err(storage_error)
             }
@@ -227,10 +281,12 @@ impl Storage {
 }
 
 /// How a node's VMM opens the volume at `location`. An RBD volume comes with the cluster's
-/// configuration and credentials as the nodes have them (`rbd`: this cloud's RBD pool).
+/// configuration and credentials as the nodes have them (`rbd`: this cloud's RBD pool); a
+/// LIVE on the file pool with its ORIGIN's file (`backing`).
 pub fn node_source(
     rbd: Option<&rbd::RbdPool>,
     location: &str,
+    backing: Option<&str>,
 ) -> stratus_nodeagent::api::types::DiskSource {
     use stratus_nodeagent::api::types::DiskSource;
     if location.starts_with("iscsi://") {
@@ -250,8 +306,14 @@ pub fn node_source(
             timeout_secs: None,
         }
     } else {
+        let format = file::format_of(location);
         DiskSource::File {
             path: location.into(),
+            format,
+            backing: match format {
+                ImageFormat::Qcow2 => backing.map(PathBuf::from).into_iter().collect(),
+                ImageFormat::Raw => Vec::new(),
+            },
         }
     }
 }
@@ -389,7 +451,8 @@ async fn mounts_of_volume(
 async fn snapshots_of(conn: &mut AnyConnection, uuid: &str) -> Result<Vec<String>, VolumeError> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "SELECT uuid FROM volumes WHERE base_uuid = $1 \
-         AND (kind IN ('MACHINE_IMAGE_LIVE', 'DATA_IMAGE_LIVE') OR state = 'creating') \
+         AND (kind IN ('MACHINE_IMAGE_LIVE', 'DATA_IMAGE_LIVE') OR state = 'creating' \
+         OR location LIKE '%.qcow2') \
          ORDER BY created, uuid",
     )
     .bind(uuid)
@@ -613,7 +676,8 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
             )))
         }
     };
-    let location = storage.location_beside(&source.location, &new_uuid)?;
+    let location = storage.location_beside(&source.location, &new_uuid, snapshot)?;
+    let source_backing = file_backing(&mut tx, &source).await?;
     reserve(cloud, &mut tx, who, source.size_gib).await?;
     let new = NewVolume {
         uuid: &new_uuid,
@@ -632,9 +696,25 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
     let content = if snapshot {
         Content::SnapshotOf(&source.location)
     } else {
-        Content::CopyOf(&source.location)
+        Content::CopyOf(&source.location, source_backing.as_deref())
     };
     make_and_show(cloud, &new_uuid, source.size_gib, &location, content).await
+}
+
+/// The file a volume reads through: its ORIGIN's, if it is a LIVE on the file pool.
+async fn file_backing(
+    conn: &mut AnyConnection,
+    row: &VolumeRow,
+) -> Result<Option<String>, VolumeError> {
+    let on_file =
+        !row.location.starts_with("iscsi://") && rbd::RbdPool::image_at(&row.location).is_none();
+    if !on_file || file::format_of(&row.location) != ImageFormat::Qcow2 {
+        return Ok(None);
+    }
+    let base = row.base_uuid.as_deref().ok_or_else(|| {
+        VolumeError::Conflict(format!("disk {} is a snapshot of no ORIGIN", row.uuid))
+    })?;
+    Ok(Some(load(conn, base).await?.location))
 }
 
 async fn finish_create(
@@ -834,7 +914,13 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
             let source = match &row.base_uuid {
                 Some(base) => {
                     let mut conn = cloud.db.pool.acquire().await?;
-                    Some(load(&mut conn, base).await.map(|r| r.location))
+                    let source = match load(&mut conn, base).await {
+                        Ok(source) => file_backing(&mut conn, &source)
+                            .await
+                            .map(|backing| (source.location, backing)),
+                        Err(e) => Err(e),
+                    };
+                    Some(source)
                 }
                 None => None,
             };
@@ -843,12 +929,12 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                     finish_create(cloud, &row.uuid, row.size_gib, location, Content::Empty).await
                 }
                 Some(Err(e)) => Err(e),
-                Some(Ok(source)) => {
+                Some(Ok((source, backing))) => {
                     let live = VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_live);
                     let content = if live {
                         Content::SnapshotOf(&source)
                     } else {
-                        Content::CopyOf(&source)
+                        Content::CopyOf(&source, backing.as_deref())
                     };
                     finish_create(cloud, &row.uuid, row.size_gib, location, content).await
                 }
@@ -904,18 +990,18 @@ async fn take(
             row.state
         )));
     }
+    let dependents = snapshots_of(conn, uuid).await?;
     // A rebase copies the disk: a guest writing it meanwhile would tear the copy.
-    if !snapshots_of(conn, uuid).await?.is_empty()
-        && VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_live)
-    {
+    if !dependents.is_empty() && VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_live) {
         return Err(VolumeError::Conflict(format!(
             "disk {uuid} is being rebased; try again in a moment"
         )));
     }
     let device = next_device(conn, vm, hotplug).await?;
     let state = if hotplug { "attaching" } else { "attached" };
-    // Another user's public volume is theirs to read, never to write.
-    let read_only = row.owner != who.name && !who.is_admin();
+    // Another user's public volume is theirs to read, never to write; nor is a volume that
+    // snapshots read through (a file-pool ORIGIN, whatever type it has been given since).
+    let read_only = (row.owner != who.name && !who.is_admin()) || !dependents.is_empty();
     let inserted = sqlx::query(
         "INSERT INTO mounts (volume_uuid, vm_id, device, hotplugged, state, read_only, job, created) \
          VALUES ($1, $2, $3, $4, $5, $6, NULL, $7) ON CONFLICT (volume_uuid) DO NOTHING",
@@ -964,8 +1050,10 @@ pub async fn disks_of(
     states: &[&str],
 ) -> Result<Vec<NodeDisk>, VolumeError> {
     let rows: Vec<MountedRow> = sqlx::query_as(
-        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind \
-         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 \
+        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
+         b.location AS base_location \
+         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
+         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 \
          ORDER BY m.created, m.device",
     )
     .bind(vm)
@@ -985,8 +1073,10 @@ pub async fn disks_of_job(
     job: i64,
 ) -> Result<Vec<NodeDisk>, VolumeError> {
     let rows: Vec<MountedRow> = sqlx::query_as(
-        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind \
-         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid WHERE m.vm_id = $1 AND m.job = $2",
+        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
+         b.location AS base_location \
+         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
+         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 AND m.job = $2",
     )
     .bind(vm)
     .bind(job)
@@ -1009,11 +1099,13 @@ struct MountedRow {
     job: Option<i64>,
     location: String,
     kind: String,
+    base_location: Option<String>,
 }
 
 impl MountedRow {
     fn into_node_disk(self) -> NodeDisk {
         NodeDisk {
+            base_location: self.base_location,
             read_only: self.read_only != 0
                 || VolumeKind::from_name(&self.kind)
                     .is_some_and(|k| k == VolumeKind::DataImageRawReadonly || k.is_origin()),

@@ -178,7 +178,9 @@ pub struct MountAccepted {
 pub struct NodeDisk {
     pub uuid: String,
     pub device: String,
-    /// The volume's file, or its LUN's `iscsi://` URL.
+    /// The volume's file, its LUN's `iscsi://` URL or its image's `rbd:` name.
     pub location: String,
+    /// Its base volume's location (a LIVE's ORIGIN, which a file-pool LIVE reads through).
+    pub base_location: Option<String>,
     pub read_only: bool,
 }

@@ -44,6 +44,7 @@ pub fn notice_text(code: Option<&str>) -> Option<&'static str> {
         "detach" => "The volume is being detached.",
         "created" => "The volume was created.",
         "updated" => "The volume was updated.",
+        "derived" => "The volume was made from the one it names as its base.",
         "uploaded" => "The entry was accepted by the Marketplace.",
         "user" => "The user was added.",
         "quotas" => "The quotas were saved.",

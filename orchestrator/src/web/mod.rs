@@ -57,6 +57,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
             get(volumes::detail).post(volumes::update),
         )
         .route("/ui/volumes/{uuid}/delete", post(volumes::delete))
+        .route("/ui/volumes/{uuid}/derive", post(volumes::derive))
         .route("/ui/volumes/{uuid}/attach", post(volumes::attach))
         .route("/ui/volumes/{uuid}/detach", post(volumes::detach))
         .route("/ui/marketplace", get(market::search))

@@ -16,7 +16,7 @@ use super::session::WebUser;
 use super::{number_field, refused, render, see_other, Nav};
 use crate::api::types::{VmState, VmView};
 use crate::api::Refusal;
-use crate::pdisk::{self, Visibility, VolumeCreate, VolumeUpdate, VolumeView};
+use crate::pdisk::{self, Visibility, VolumeCreate, VolumeKind, VolumeUpdate, VolumeView};
 use crate::{vms, Cloud};
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -145,6 +145,9 @@ struct DetailPage {
     notice: Option<&'static str>,
     volume: VolumeView,
     mine: bool,
+    /// StratusLab's `POST /disks/{uuid}`: an ORIGIN is snapshotted, a LIVE rebased.
+    origin: bool,
+    live: bool,
     running: Vec<VmView>,
     error: Option<String>,
 }
@@ -175,6 +178,8 @@ async fn detail_page(
             nav: Nav::new(user, "volumes"),
             notice,
             mine: volume.owner == user.principal.name || user.principal.is_admin(),
+            origin: VolumeKind::from_name(&volume.kind).is_some_and(VolumeKind::is_origin),
+            live: VolumeKind::from_name(&volume.kind).is_some_and(VolumeKind::is_live),
             volume,
             running,
             error,
@@ -214,10 +219,7 @@ pub async fn update(
     };
     match done {
         Ok(v) => see_other(&format!("/ui/volumes/{}?notice=updated", v.uuid)),
-        Err(e) => {
-            let reason = e.reason().to_owned();
-            detail_page(&cloud, &user, &uuid, e.status(), None, Some(reason)).await
-        }
+        Err(e) => refused_on_page(&cloud, &user, &uuid, e).await,
     }
 }
 
@@ -226,19 +228,42 @@ pub async fn delete(
     Extension(user): Extension<WebUser>,
     Path(uuid): Path<String>,
 ) -> Response {
-    let who = user.principal.clone();
-    let cloud2 = cloud.clone();
-    let target = uuid.clone();
-    let done = tokio::spawn(async move { pdisk::delete(&cloud2, &who, &target).await })
-        .await
-        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
-        .and_then(|r| r.map_err(Refusal::from));
+    let (who, cloud2, target) = (user.principal.clone(), cloud.clone(), uuid.clone());
+    let done = to_the_end(async move { pdisk::delete(&cloud2, &who, &target).await }).await;
     match done {
         Ok(()) => see_other("/ui/volumes"),
-        Err(e) => {
-            let reason = e.reason().to_owned();
-            detail_page(&cloud, &user, &uuid, e.status(), None, Some(reason)).await
-        }
+        Err(e) => refused_on_page(&cloud, &user, &uuid, e).await,
+    }
+}
+
+/// Runs a volume change in a task of its own, so a browser that gives up waiting does not
+/// stop it halfway (a rebase copies the data).
+async fn to_the_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, pdisk::VolumeError>> + Send + 'static,
+) -> Result<T, Refusal> {
+    tokio::spawn(change)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        .and_then(|r| r.map_err(Refusal::from))
+}
+
+/// The volume's page again, with the refusal's status and reason beside its forms.
+async fn refused_on_page(cloud: &Cloud, user: &WebUser, uuid: &str, e: Refusal) -> Response {
+    let reason = e.reason().to_owned();
+    detail_page(cloud, user, uuid, e.status(), None, Some(reason)).await
+}
+
+/// A snapshot of an ORIGIN or a rebase of a LIVE; the new volume's page follows.
+pub async fn derive(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(user): Extension<WebUser>,
+    Path(uuid): Path<String>,
+) -> Response {
+    let (who, cloud2, source) = (user.principal.clone(), cloud.clone(), uuid.clone());
+    let done = to_the_end(async move { pdisk::derive(&cloud2, &who, &source).await }).await;
+    match done {
+        Ok(made) => see_other(&format!("/ui/volumes/{}?notice=derived", made.uuid)),
+        Err(e) => refused_on_page(&cloud, &user, &uuid, e).await,
     }
 }
 
@@ -289,9 +314,6 @@ async fn mount_from_page(
             m.uuid,
             if attach { "attach" } else { "detach" }
         )),
-        Err(e) => {
-            let reason = e.reason().to_owned();
-            detail_page(cloud, user, uuid, e.status(), None, Some(reason)).await
-        }
+        Err(e) => refused_on_page(cloud, user, uuid, e).await,
     }
 }

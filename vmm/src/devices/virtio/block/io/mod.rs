@@ -62,6 +62,12 @@ pub enum DiskError {
     Rbd(#[from] rbd::RbdDiskError),
     #[error("cannot create qcow2 image {path}: {reason}")]
     Qcow2Create { path: PathBuf, reason: String },
+    #[error("cannot copy disk image {path} into {dest}: {source}")]
+    Flatten {
+        path: PathBuf,
+        dest: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// How the guest's disk is laid out in the image file. Never guessed from the file's

@@ -211,6 +211,156 @@ pub fn image_size(path: &Path, format: ImageFormat) -> std::io::Result<u64> {
     })
 }
 
+/// Opens only the backing files it was given: a header rewritten to name any other file
+/// (a host secret, a FIFO that would block the open, a device) fails to open instead.
+#[derive(Clone, Debug)]
+struct ExpectedBackingGate {
+    allowed: Vec<PathBuf>,
+}
+
+impl ExpectedBackingGate {
+    fn new(backing: &[PathBuf]) -> std::io::Result<Self> {
+        let allowed = backing
+            .iter()
+            .map(std::fs::canonicalize)
+            .collect::<std::io::Result<_>>()?;
+        Ok(ExpectedBackingGate { allowed })
+    }
+
+    fn check(&self, path: Option<&Path>) -> std::io::Result<()> {
+        let named = path.map(Path::to_owned).unwrap_or_default();
+        // A name that does not resolve cannot be one of the expected files.
+        match std::fs::canonicalize(&named) {
+            Ok(canonical) if self.allowed.contains(&canonical) => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "the image names {} as its backing file, which is not the one expected",
+                    named.display()
+                ),
+            )),
+        }
+    }
+}
+
+impl imago::format::gate::ImplicitOpenGate<ImagoFile> for ExpectedBackingGate {
+    fn open_format<F: FormatDriverBuilder<ImagoFile>>(
+        &mut self,
+        builder: F,
+    ) -> std::io::Result<FormatAccess<ImagoFile>> {
+        self.check(builder.get_image_path().as_deref())?;
+        let writable = builder.get_writable();
+        if writable {
+            return Err(std::io::Error::other("a backing image is opened read-only"));
+        }
+        Ok(FormatAccess::new(builder.open(self.clone())?))
+    }
+
+    fn open_storage(&mut self, options: StorageOpenOptions) -> std::io::Result<ImagoFile> {
+        self.check(options.get_filename())?;
+        ImagoFile::open(options)
+    }
+}
+
+fn open_read_only(
+    path: &Path,
+    format: ImageFormat,
+    backing: &[PathBuf],
+) -> std::io::Result<FormatAccess<ImagoFile>> {
+    // imago opens the top image's file through the gate too.
+    let mut files = vec![path.to_owned()];
+    files.extend_from_slice(backing);
+    let gate = ExpectedBackingGate::new(&files)?;
+    Ok(match format {
+        ImageFormat::Raw => FormatAccess::new(Raw::<ImagoFile>::builder_path(path).open(gate)?),
+        ImageFormat::Qcow2 => {
+            let qcow2 = Qcow2::<ImagoFile>::builder_path(path)
+                .write(false)
+                .open(gate)?;
+            if qcow2.requires_external_data_file() {
+                return Err(std::io::Error::other(
+                    "images with an external data file are not supported",
+                ));
+            }
+            FormatAccess::new(qcow2)
+        }
+    })
+}
+
+/// Copies what the image at `source` reads as, its backing chain included, into a raw
+/// file at `dest` (made anew: a copy interrupted earlier starts over). Ranges that read as
+/// zeroes stay holes, so the copy is as sparse as the data allows. Only the files in
+/// `backing` may be opened below `source`: an image whose header names any other file is
+/// refused, so a header rewritten by whoever could write the image (a VMM) cannot copy a
+/// host file into a new disk. Returns the disk's size.
+pub fn flatten_to_raw(
+    source: &Path,
+    format: ImageFormat,
+    backing: &[PathBuf],
+    dest: &Path,
+) -> Result<u64, DiskError> {
+    let flatten_err = |source_error: std::io::Error| DiskError::Flatten {
+        path: source.to_owned(),
+        dest: dest.to_owned(),
+        source: source_error,
+    };
+    let access = open_read_only(source, format, backing).map_err(flatten_err)?;
+    let out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dest)
+        .map_err(flatten_err)?;
+    let size = access.size();
+    let mut buffer = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let want = (size - offset).min(FLATTEN_CHUNK);
+        let (mapping, len) = access.get_mapping(offset, want).map_err(flatten_err)?;
+        let len = len.min(want);
+        if len == 0 {
+            return Err(flatten_err(std::io::Error::other(format!(
+                "the image maps nothing at offset {offset} of its {size} bytes"
+            ))));
+        }
+        if !matches!(mapping, Mapping::Zero { .. }) {
+            buffer.resize(len as usize, 0);
+            access.read(&mut buffer, offset).map_err(flatten_err)?;
+            write_nonzero_runs(&out, &buffer, offset).map_err(flatten_err)?;
+        }
+        offset += len;
+    }
+    out.set_len(size).map_err(flatten_err)?;
+    out.sync_all().map_err(flatten_err)?;
+    Ok(size)
+}
+
+/// What a flatten reads at a time.
+const FLATTEN_CHUNK: u64 = 1 << 20;
+/// The granularity at which a flatten leaves zeroes out (a filesystem block).
+const SPARSE_BLOCK: usize = 4096;
+
+/// Writes `data`, which belongs at `offset` of `out`, except its all-zero blocks.
+fn write_nonzero_runs(out: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut run_start = None;
+    for (index, block) in data.chunks(SPARSE_BLOCK).enumerate() {
+        let at = index * SPARSE_BLOCK;
+        match (block.iter().any(|&b| b != 0), run_start) {
+            (true, None) => run_start = Some(at),
+            (false, Some(start)) => {
+                out.write_all_at(&data[start..at], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    match run_start {
+        Some(start) => out.write_all_at(&data[start..], offset + start as u64),
+        None => Ok(()),
+    }
+}
+
 /// Largest qcow2 cluster: partial-cluster zeroing never needs more in one go.
 const ZERO_BUFFER_LEN: usize = 2 << 20;
 
