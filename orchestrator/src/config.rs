@@ -100,6 +100,21 @@ pub struct Config {
     /// must be at the same paths on every node.
     #[serde(default)]
     pub volume_rbd: Option<crate::pdisk::rbd::RbdPoolConfig>,
+    /// Give VMs their root disks from pdisk, as StratusLab did: each Marketplace image is
+    /// fetched once into an ORIGIN volume (owned by the service) in `volume_dir`, and each
+    /// VM boots a LIVE copy-on-write snapshot of it, owned by the VM's user; when the VM
+    /// ends, the snapshot is quarantined for `quarantine_period_s`, then deleted. Without
+    /// it, nodes keep the root disks in their own image caches.
+    #[serde(default)]
+    pub root_volumes: bool,
+    /// How long the root snapshot of an ended VM is kept before it is deleted
+    /// (StratusLab: 15 minutes).
+    #[serde(default = "default_quarantine_period_s")]
+    pub quarantine_period_s: u64,
+    /// Follow `file://` locations of Marketplace entries when filling ORIGINs (off: an
+    /// entry's endorser, not the site, chooses its locations).
+    #[serde(default)]
+    pub allow_file_image_locations: bool,
     /// The networks VMs are given addresses on; node agents serve them under the same
     /// names.
     #[serde(default)]
@@ -204,6 +219,9 @@ fn default_shutdown_timeout_s() -> u64 {
 fn default_cpu_quota() -> i64 {
     20
 }
+fn default_quarantine_period_s() -> u64 {
+    15 * 60
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -231,6 +249,11 @@ impl Config {
         }
         if self.job_workers == 0 {
             return Err("job_workers must be at least 1".into());
+        }
+        if self.root_volumes && self.volume_dir.is_none() {
+            return Err(
+                "root_volumes needs volume_dir: ORIGINs and their snapshots are files there".into(),
+            );
         }
         let mut names = std::collections::BTreeSet::new();
         for network in &self.networks {

@@ -45,6 +45,16 @@ enum Command {
     /// Manage nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Manage pdisk's storage.
+    #[command(subcommand)]
+    Pdisk(PdiskCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PdiskCommand {
+    /// Delete the image ORIGINs (`root_volumes`) that no VM root or other volume needs;
+    /// the next VM of such an image fetches it again.
+    EvictOrigins,
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,6 +148,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Serve => serve(db, config).await,
             Command::User(c) => user_command(&db, c).await,
             Command::Node(c) => node_command(&db, c).await,
+            Command::Pdisk(PdiskCommand::EvictOrigins) => {
+                let mut cloud = Cloud::new(db, Arc::new(config.clone()), None)?;
+                cloud.volumes = open_storage(&config)?;
+                anyhow::ensure!(cloud.volumes.is_some(), "this cloud has no volume storage");
+                for uuid in stratus_orchestrator::pdisk::roots::evict_unused(&cloud).await? {
+                    println!("evicted {uuid}");
+                }
+                Ok(())
+            }
         }
     })
 }
@@ -268,32 +287,7 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listen = config.listen;
-    let volumes = {
-        use stratus_orchestrator::pdisk;
-        let files = match &config.volume_dir {
-            Some(dir) => Some(
-                pdisk::file::FileBackend::open(dir)
-                    .with_context(|| format!("volume_dir {}", dir.display()))?,
-            ),
-            None if config.volume_iscsi.is_some() => {
-                anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
-            }
-            None => None,
-        };
-        let rbd = config
-            .volume_rbd
-            .clone()
-            .map(pdisk::rbd::RbdPool::new)
-            .transpose()?;
-        (files.is_some() || rbd.is_some()).then(|| pdisk::Storage {
-            files,
-            iscsi: config
-                .volume_iscsi
-                .clone()
-                .map(pdisk::iscsi::IscsiExport::new),
-            rbd,
-        })
-    };
+    let volumes = open_storage(&config)?;
     let mut cloud = Cloud::new(db, Arc::new(config), policy)?;
     cloud.volumes = volumes;
     let cloud = Arc::new(cloud);
@@ -304,6 +298,9 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot export the iSCSI volumes")?;
     tokio::spawn(stratus_orchestrator::pdisk::keep_exported(cloud.clone()));
+    if cloud.volumes.is_some() {
+        tokio::spawn(stratus_orchestrator::pdisk::roots::collector(cloud.clone()));
+    }
     jobs::start_workers(&cloud);
     tokio::spawn(nodes::poller(cloud.clone()));
     let listener = tokio::net::TcpListener::bind(listen)
@@ -316,6 +313,34 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         .context("the API server failed")?;
     tracing::info!("stopping; unfinished jobs are taken up by the next start or another replica");
     Ok(())
+}
+
+/// pdisk's storage as the configuration describes it, if the cloud has volumes.
+fn open_storage(config: &Config) -> anyhow::Result<Option<stratus_orchestrator::pdisk::Storage>> {
+    use stratus_orchestrator::pdisk;
+    let files = match &config.volume_dir {
+        Some(dir) => Some(
+            pdisk::file::FileBackend::open(dir)
+                .with_context(|| format!("volume_dir {}", dir.display()))?,
+        ),
+        None if config.volume_iscsi.is_some() => {
+            anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
+        }
+        None => None,
+    };
+    let rbd = config
+        .volume_rbd
+        .clone()
+        .map(pdisk::rbd::RbdPool::new)
+        .transpose()?;
+    Ok((files.is_some() || rbd.is_some()).then(|| pdisk::Storage {
+        files,
+        iscsi: config
+            .volume_iscsi
+            .clone()
+            .map(pdisk::iscsi::IscsiExport::new),
+        rbd,
+    }))
 }
 
 async fn stop_signal() {

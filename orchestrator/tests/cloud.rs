@@ -955,3 +955,172 @@ fn concurrent_runs(backend: Backend) {
     assert_eq!(networks[0]["free"], 20, "{networks}");
     assert_eq!(networks[0]["leases"], json!([]));
 }
+
+/// The volumes the admin sees, by UUID.
+fn all_disks(cloud: &Orchestrator) -> BTreeMap<String, Value> {
+    let (status, all) = cloud.admin("GET", "/disks", None);
+    assert_eq!(status, 200, "{all}");
+    all.as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["uuid"].as_str().unwrap().to_owned(), d.clone()))
+        .collect()
+}
+
+/// StratusLab's VM roots (`root_volumes`): the Marketplace image is fetched once into an
+/// ORIGIN volume owned by the service, holding the image's bytes; each VM boots its own
+/// LIVE snapshot of it, owned by the VM's user and handed to the node as its root; when a
+/// VM ends its snapshot is quarantined and then deleted once the quarantine period is
+/// over — also when the orchestrator was killed in between — while the ORIGIN stays.
+#[test]
+fn vm_roots_are_live_snapshots_quarantined_then_collected_on_sqlite() {
+    vm_roots_are_live_snapshots_quarantined_then_collected(Backend::Sqlite);
+}
+
+#[test]
+fn vm_roots_are_live_snapshots_quarantined_then_collected_on_postgres() {
+    vm_roots_are_live_snapshots_quarantined_then_collected(Backend::Postgres);
+}
+
+fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let image_file = std::fs::read_dir(market.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .unwrap();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(backend);
+    let mut cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        "root_volumes = true\nquarantine_period_s = 3\nallow_file_image_locations = true\n",
+    );
+    cloud.add_node("node-1", &agent);
+    let alice = cloud.add_user("alice", "alice-password");
+    let pool = cloud.dir.path().join("volumes");
+
+    let request = json!({"image": image, "instance_type": "t1.micro"});
+    let first = run_vm(&cloud, alice, request.clone());
+    let second = run_vm(&cloud, alice, request);
+    cloud.wait_state(first, "Running");
+    cloud.wait_state(second, "Running");
+
+    let disks = all_disks(&cloud);
+    let origins: Vec<&Value> = disks
+        .values()
+        .filter(|d| d["type"] == "MACHINE_IMAGE_ORIGIN")
+        .collect();
+    assert_eq!(origins.len(), 1, "one ORIGIN per image: {disks:?}");
+    let origin = origins[0]["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(origins[0]["identifier"], image.as_str());
+    assert_eq!(origins[0]["owner"], "pdisk:service");
+    assert_eq!(origins[0]["count"], 2, "{:?}", origins[0]);
+    let origin_file = pool.join(format!("{origin}.img"));
+    let original = std::fs::read(&image_file).unwrap();
+    assert_eq!(std::fs::read(&origin_file).unwrap(), original);
+    assert!(
+        !pool.join(".images").join(&image).exists(),
+        "the download is not kept beside the ORIGIN"
+    );
+
+    // Each VM has its own snapshot as its root, which its node opens from the pool.
+    let mut roots = BTreeMap::new();
+    for vm in [first, second] {
+        let live = disks
+            .values()
+            .find(|d| d["mounts"][0]["vm_id"] == vm)
+            .unwrap_or_else(|| panic!("no root for VM {vm}: {disks:?}"));
+        assert_eq!(live["type"], "MACHINE_IMAGE_LIVE", "{live}");
+        assert_eq!(live["owner"], "alice", "{live}");
+        assert_eq!(live["base_uuid"], origin.as_str(), "{live}");
+        assert_eq!(live["identifier"], format!("snapshot:{origin}"), "{live}");
+        assert_eq!(live["mounts"][0]["device"], "root", "{live}");
+        let uuid = live["uuid"].as_str().unwrap().to_owned();
+        let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+        let root = on_node["spec"]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == "root")
+            .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
+            .clone();
+        let live_file = pool.join(format!("{uuid}.qcow2"));
+        assert_eq!(
+            root["source"]["file"]["path"],
+            live_file.to_str().unwrap(),
+            "{root}"
+        );
+        assert_eq!(
+            root["source"]["file"]["backing"][0],
+            origin_file.to_str().unwrap(),
+            "{root}"
+        );
+        assert_eq!(root["read_only"], false, "{root}");
+        roots.insert(vm, (uuid, live_file));
+    }
+    // Alice sees her roots, not the service's ORIGIN; they are not hers to delete while
+    // her VMs run, and do not count against her volume quota.
+    let (_, mine) = cloud.call_as(alice, "GET", "/disks", None);
+    assert_eq!(mine.as_array().unwrap().len(), 2, "{mine}");
+    let (first_root, first_file) = roots[&first].clone();
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{first_root}"), None);
+    assert_eq!(status, 409, "{e}");
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{origin}"), None);
+    assert_eq!(status, 403, "{e}");
+
+    // The first VM ends: its root is quarantined (the service's now), then collected.
+    let (status, killed) = cloud.call_as(alice, "POST", &format!("/vms/{first}/kill"), None);
+    assert_eq!(status, 202, "{killed}");
+    cloud.wait_state(first, "Done");
+    let quarantined = &all_disks(&cloud)[&first_root];
+    assert_eq!(quarantined["owner"], "pdisk:service", "{quarantined}");
+    assert!(quarantined["quarantine"].is_string(), "{quarantined}");
+    assert_eq!(quarantined["mounts"], json!([]), "{quarantined}");
+    let (_, mine) = cloud.call_as(alice, "GET", "/disks", None);
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    // Killed before the period is over: the next orchestrator collects it.
+    cloud.crash();
+    std::thread::sleep(Duration::from_secs(3));
+    cloud.launch();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while all_disks(&cloud).contains_key(&first_root) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the quarantined root was never collected\n{}",
+            cloud.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!first_file.exists(), "{}", first_file.display());
+
+    // Exactly the expired one went: the running VM's root, the ORIGIN and its bytes stay.
+    let (second_root, second_file) = roots[&second].clone();
+    let disks = all_disks(&cloud);
+    assert!(disks.contains_key(&second_root), "{disks:?}");
+    assert_eq!(disks[&origin]["count"], 1, "{disks:?}");
+    assert!(second_file.exists());
+    assert_eq!(std::fs::read(&origin_file).unwrap(), original);
+    assert_eq!(cloud.wait_state(second, "Running")["state"], "Running");
+
+    // The admin evicts unused ORIGINs: not while a VM's root needs it, then at once.
+    let (ok, out) = cloud.admin_command(&["pdisk", "evict-origins"], "");
+    assert!(ok, "{out}");
+    assert!(!out.contains(&origin), "{out}");
+    assert!(origin_file.exists());
+    let (status, killed) = cloud.call_as(alice, "POST", &format!("/vms/{second}/kill"), None);
+    assert_eq!(status, 202, "{killed}");
+    cloud.wait_state(second, "Done");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while all_disks(&cloud).contains_key(&second_root) {
+        assert!(std::time::Instant::now() < deadline, "{}", cloud.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, out) = cloud.admin_command(&["pdisk", "evict-origins"], "");
+    assert!(ok, "{out}");
+    let evicted: Vec<&str> = out.lines().filter(|l| l.starts_with("evicted ")).collect();
+    assert_eq!(evicted, [format!("evicted {origin}")], "{out}");
+    assert!(all_disks(&cloud).is_empty());
+    assert!(!origin_file.exists());
+}

@@ -99,7 +99,10 @@ pub struct BootSpec {
     #[serde(default)]
     pub cmdline: String,
     /// The Marketplace entry (JSON form) of the image to boot; the node caches the image
-    /// once (checked against the site policy, its size and every checksum).
+    /// once (checked against the site policy, its size and every checksum). The VM's root
+    /// is a copy-on-write overlay of it made on this node, unless `disks` has one with id
+    /// `root`: then that disk (a snapshot the cloud keeps) is the root, and the image gives
+    /// only the kernel, the initrd and the root filesystem's UUID.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub image: Option<stratus_images::Metadata>,

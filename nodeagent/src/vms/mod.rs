@@ -276,8 +276,20 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             )
         }
     }
-    if spec.disks.iter().any(|d| d.id == ROOT_DISK_ID) && spec.boot.image.is_some() {
-        return bad(format!("disk id '{ROOT_DISK_ID}' is the image's root disk"));
+    let root = spec.disks.iter().find(|d| d.id == ROOT_DISK_ID);
+    if let (Some(root), Some(_)) = (root, &spec.boot.image) {
+        // The cloud keeps this VM's root (a pdisk snapshot of the image): it replaces the
+        // overlay this node would make, so the guest must be able to write it.
+        if root.read_only
+            || matches!(
+                root.source,
+                DiskSource::Image { .. } | DiskSource::Volatile { .. }
+            )
+        {
+            return bad(format!(
+                "disk '{ROOT_DISK_ID}' is the image's root: a writable file, iSCSI or RBD disk"
+            ));
+        }
     }
     for path in spec.boot.kernel.iter().chain(spec.boot.initrd.iter()) {
         if !path.is_absolute() {
@@ -1193,6 +1205,22 @@ impl VmManager {
                     what: "the image preparation failed".into(),
                     source: std::io::Error::other(e),
                 })??;
+        let cmdline = [info.root_arg(), boot.cmdline.clone()]
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if vm.spec.disks.iter().any(|d| d.id == ROOT_DISK_ID) {
+            // The root comes with the spec (a snapshot the cloud keeps): the image gives
+            // the kernel, the initrd and the root filesystem's UUID only.
+            return Ok(BootFiles {
+                kernel: info.kernel,
+                initrd: info.initrd,
+                cmdline,
+                root_overlay: None,
+                root_base: None,
+            });
+        }
         let overlay = vm.dir.join("root.qcow2");
         if !overlay.exists() {
             let format = match image.format {
@@ -1204,11 +1232,6 @@ impl VmManager {
                 source: std::io::Error::other(e),
             })?;
         }
-        let cmdline = [info.root_arg(), boot.cmdline.clone()]
-            .into_iter()
-            .filter(|a| !a.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
         Ok(BootFiles {
             kernel: info.kernel,
             initrd: info.initrd,

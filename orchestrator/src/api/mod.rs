@@ -185,6 +185,8 @@ impl From<crate::pdisk::VolumeError> for Refusal {
                 };
                 return vm.into();
             }
+            // The Marketplace or the image failed, not the request.
+            VolumeError::Image { .. } => StatusCode::BAD_GATEWAY,
             VolumeError::Storage(_) | VolumeError::Db(_) => return internal(e),
         };
         Refusal::new(status, e.to_string())

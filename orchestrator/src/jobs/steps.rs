@@ -8,6 +8,7 @@ use stratus_nodeagent::api::types::{
     AttachDisk, BootSpec, ContextSpec, DiskSource, DiskSpec, NicSpec, VmSpec,
     VmState as AgentVmState,
 };
+use stratus_nodeagent::vms::ROOT_DISK_ID;
 
 use super::{Action, Claimed, Outcome};
 use crate::agent_client::AgentError;
@@ -25,6 +26,8 @@ const MAX_DEPLOY_ATTEMPTS: i64 = 5;
 const MAX_HOTPLUG_ATTEMPTS: i64 = 30;
 /// How long a VM waits for room before placement is tried again.
 const NO_ROOM_RETRY: Duration = Duration::from_secs(2);
+/// How often a deployment looks whether its image's ORIGIN has been filled.
+const ORIGIN_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -110,10 +113,20 @@ fn spec_of(
     row: &VmRow,
     deployment: &Deployment,
     leases: &[Lease],
+    root: Option<&NodeDisk>,
     volumes: &[NodeDisk],
 ) -> VmSpec {
     let request = &deployment.request;
     let mut disks = Vec::new();
+    if let Some(root) = root {
+        let rbd = cloud.volumes.as_ref().and_then(|s| s.rbd.as_ref());
+        disks.push(DiskSpec {
+            id: ROOT_DISK_ID.into(),
+            source: pdisk::node_source(rbd, &root.location, root.base_location.as_deref()),
+            read_only: false,
+            serial: None,
+        });
+    }
     if row.swap_mib > 0 {
         disks.push(DiskSpec {
             id: "swap".into(),
@@ -204,6 +217,10 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
         .map(Requirements::parse)
         .transpose()
         .map_err(VmError::BadRequest)?;
+    let root = match root_disk(cloud, job, &row, &deployment).await? {
+        Ok(root) => root,
+        Err(outcome) => return Ok(outcome),
+    };
     let mut refused_by = Vec::new();
     loop {
         let node_id = match row.node_id {
@@ -259,7 +276,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 }
             }
         }
-        let spec = spec_of(cloud, &row, &deployment, &leases, &volumes);
+        let spec = spec_of(cloud, &row, &deployment, &leases, root.as_ref(), &volumes);
         let client = node.client(&cloud.agents);
         match client.put_vm(&row.id.to_string(), &spec).await {
             Ok(info) => {
@@ -336,6 +353,38 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 }
                 return Ok(Outcome::Retry(backoff(job.attempts), e.to_string()));
             }
+        }
+    }
+}
+
+/// The VM's root snapshot when pdisk keeps roots (`root_volumes`), made before the VM is
+/// placed (the image may have to be fetched first); or what the deploy job does instead.
+async fn root_disk(
+    cloud: &Cloud,
+    job: &Claimed,
+    row: &VmRow,
+    deployment: &Deployment,
+) -> Result<Result<Option<NodeDisk>, Outcome>, StepError> {
+    if !cloud.config.root_volumes {
+        return Ok(Ok(None));
+    }
+    match pdisk::roots::ensure(cloud, row, &deployment.image).await {
+        Ok(pdisk::roots::Root::Ready(disk)) => Ok(Ok(Some(disk))),
+        Ok(pdisk::roots::Root::Waiting(why)) => Ok(Err(Outcome::Wait(ORIGIN_RETRY, why))),
+        Err(e) => {
+            let why = format!("no root disk: {e}");
+            // A refused image (policy, checksums, size) or storage that cannot hold it
+            // stays so; a Marketplace or a disk that failed may do better next time.
+            let permanent = matches!(
+                e,
+                pdisk::VolumeError::Conflict(_) | pdisk::VolumeError::BadRequest(_)
+            );
+            if permanent || job.attempts >= MAX_DEPLOY_ATTEMPTS {
+                set_state(cloud, row.id, VmState::Failed, Some(&why)).await?;
+                release(cloud, row.id, None).await?;
+                return Ok(Err(Outcome::Failed(why)));
+            }
+            Ok(Err(Outcome::Retry(backoff(job.attempts), why)))
         }
     }
 }

@@ -25,6 +25,11 @@ impl FileBackend {
         })
     }
 
+    /// Where Marketplace images are downloaded to before they are copied into ORIGINs.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.dir.join(".images")
+    }
+
     pub fn location(&self, uuid: &str) -> PathBuf {
         self.dir.join(format!("{uuid}.img"))
     }

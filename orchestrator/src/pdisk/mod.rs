@@ -10,6 +10,7 @@
 pub mod file;
 pub mod iscsi;
 pub mod rbd;
+pub mod roots;
 pub mod types;
 
 use std::path::{Path, PathBuf};
@@ -50,6 +51,12 @@ pub enum VolumeError {
     },
     #[error("the volume storage failed: {0}")]
     Storage(#[source] std::io::Error),
+    #[error("cannot cache image {identifier} in pdisk: {source}")]
+    Image {
+        identifier: String,
+        #[source]
+        source: stratus_images::Error,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
@@ -498,12 +505,14 @@ async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, Vo
     })
 }
 
-/// GiB of volumes `owner` holds.
+/// GiB of volumes `owner` holds; the root snapshots of their VMs are the VM quota's.
 async fn used_gib(conn: &mut AnyConnection, owner: &str) -> Result<i64, VolumeError> {
     let (used,): (i64,) = sqlx::query_as(
-        "SELECT CAST(COALESCE(SUM(size_gib), 0) AS BIGINT) FROM volumes WHERE owner = $1",
+        "SELECT CAST(COALESCE(SUM(size_gib), 0) AS BIGINT) FROM volumes WHERE owner = $1 \
+         AND uuid NOT IN (SELECT volume_uuid FROM mounts WHERE device = $2)",
     )
     .bind(owner)
+    .bind(roots::ROOT_DEVICE)
     .fetch_one(&mut *conn)
     .await?;
     Ok(used)
@@ -558,10 +567,13 @@ struct NewVolume<'a> {
     location: &'a str,
 }
 
-async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<(), VolumeError> {
-    sqlx::query(sqlx::AssertSqlSafe(format!(
+/// Inserts the row; false if a unique index had a row for it already (the one ORIGIN of
+/// a Marketplace image).
+async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<bool, VolumeError> {
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, 0, $8, NULL, $9, 'creating', $10, $11, $11)"
+         ($1, $2, $3, $4, $5, $6, $7, 0, $8, NULL, $9, 'creating', $10, $11, $11) \
+         ON CONFLICT DO NOTHING"
     )))
     .bind(new.uuid)
     .bind(new.owner)
@@ -575,8 +587,9 @@ async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<
     .bind(new.location)
     .bind(db::now())
     .execute(&mut *tx)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 /// Makes the storage of a volume whose row is `creating`, and shows the volume. A failure
@@ -633,7 +646,12 @@ pub async fn create(
         pool: backend.pool(),
         location: &location,
     };
-    insert_creating(&mut tx, &new).await?;
+    if !insert_creating(&mut tx, &new).await? {
+        return Err(VolumeError::Conflict(format!(
+            "disk {} exists already",
+            new.uuid
+        )));
+    }
     tx.commit().await?;
     make_and_show(cloud, &uuid, request.size_gib, &location, Content::Empty).await
 }
@@ -691,7 +709,12 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
         pool: &source.pool,
         location: &location,
     };
-    insert_creating(&mut tx, &new).await?;
+    if !insert_creating(&mut tx, &new).await? {
+        return Err(VolumeError::Conflict(format!(
+            "disk {} exists already",
+            new.uuid
+        )));
+    }
     tx.commit().await?;
     let content = if snapshot {
         Content::SnapshotOf(&source.location)
@@ -804,9 +827,18 @@ pub async fn update(
 
 pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), VolumeError> {
     let uuid = parse_uuid(uuid)?;
+    {
+        let mut conn = cloud.db.pool.acquire().await?;
+        load_owned(&mut conn, who, &uuid, "delete").await?;
+    }
+    delete_unchecked(cloud, &uuid).await
+}
+
+/// Deletes a volume nothing uses, whoever owns it.
+async fn delete_unchecked(cloud: &Cloud, uuid: &str) -> Result<(), VolumeError> {
+    let uuid = uuid.to_owned();
     let location = {
         let mut tx = cloud.db.pool.begin().await?;
-        load_owned(&mut tx, who, &uuid, "delete").await?;
         // Locked: an attach of this volume waits for this transaction, or this one for
         // the attach's, and the mounts are read after the lock is held — never both win.
         let row = load_locked(&cloud.db, &mut tx, &uuid).await?;
@@ -925,6 +957,15 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                 None => None,
             };
             match source {
+                // An image's ORIGIN half-filled: undone; the deployment that needs it fills
+                // it again from the Marketplace entry.
+                None if row.identifier.is_some() => {
+                    sqlx::query("UPDATE volumes SET state = 'deleting' WHERE uuid = $1")
+                        .bind(&row.uuid)
+                        .execute(&cloud.db.pool)
+                        .await?;
+                    finish_delete(cloud, &row.uuid, location).await
+                }
                 None => {
                     finish_create(cloud, &row.uuid, row.size_gib, location, Content::Empty).await
                 }
@@ -1043,7 +1084,8 @@ pub async fn take_at_deploy(
     Ok(())
 }
 
-/// What the node agent gets for each of a VM's volumes in `state`.
+/// What the node agent gets for each of a VM's volumes in `state` (its root aside:
+/// [`roots::root_of`]).
 pub async fn disks_of(
     conn: &mut AnyConnection,
     vm: i64,
@@ -1053,10 +1095,11 @@ pub async fn disks_of(
         "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
          b.location AS base_location \
          FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
-         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 \
+         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 AND m.device <> $2 \
          ORDER BY m.created, m.device",
     )
     .bind(vm)
+    .bind(roots::ROOT_DEVICE)
     .fetch_all(&mut *conn)
     .await?;
     Ok(rows
@@ -1116,8 +1159,9 @@ impl MountedRow {
     }
 }
 
-/// When a VM ends: its volumes are free again.
+/// When a VM ends: its volumes are free again, its root snapshot quarantined.
 pub async fn release(conn: &mut AnyConnection, vm: i64) -> Result<(), DbError> {
+    roots::quarantine(conn, vm).await?;
     sqlx::query("DELETE FROM mounts WHERE vm_id = $1")
         .bind(vm)
         .execute(&mut *conn)
