@@ -1209,6 +1209,33 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_a_file_pool() {
     let (_, all) = cloud.call_as(alice, "GET", "/disks", None);
     assert_eq!(all.as_array().unwrap().len(), 4, "{all}");
 
+    // The admins' view of the pool: its filesystem's size as df has it, and these volumes.
+    let (status, e) = cloud.call_as(alice, "GET", "/pools", None);
+    assert_eq!(status, 403, "{e}");
+    let (status, pools) = cloud.admin("GET", "/pools", None);
+    assert_eq!(status, 200, "{pools}");
+    assert_eq!(pools.as_array().unwrap().len(), 1, "{pools}");
+    let file_pool = &pools[0];
+    assert_eq!(file_pool["name"], "file", "{pools}");
+    assert_eq!(file_pool["location"], pool.to_str().unwrap(), "{pools}");
+    assert_eq!(file_pool["volumes"], 4, "{pools}");
+    assert_eq!(file_pool["provisioned_gib"], 4, "{pools}");
+    let df = run(
+        "df",
+        &["-B1", "--output=size", pool.to_str().unwrap()],
+        Path::new("/"),
+    );
+    let size: u64 = df.lines().nth(1).unwrap().trim().parse().unwrap();
+    assert_eq!(file_pool["total_bytes"], size, "{pools} vs df {df}");
+    let free = file_pool["free_bytes"].as_u64().unwrap();
+    assert!(free > 0 && free <= size, "{pools}");
+    let allocated: u64 = std::fs::read_dir(&pool)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().blocks() * 512)
+        .sum();
+    assert!(allocated > 0);
+    assert_eq!(file_pool["used_bytes"], allocated, "{pools}");
+
     // Everything goes, the LIVEs first.
     for uuid in [&live, &second_live, &origin, &rebased] {
         let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
@@ -1667,6 +1694,37 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
     assert_eq!(
         rbd_head_sha256(&cluster, &format!("rbd/{rebased}")),
         live_sum
+    );
+
+    // The admins' view of the pool, from Ceph: what it stores (the data written above)
+    // and can still take, and the four volumes on it.
+    let (status, pools) = cloud.admin("GET", "/pools", None);
+    assert_eq!(status, 200, "{pools}");
+    let rbd_pool = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "rbd")
+        .unwrap_or_else(|| panic!("no rbd pool in {pools}"));
+    assert_eq!(rbd_pool["location"], "rbd", "{pools}");
+    assert_eq!(rbd_pool["volumes"], 4, "{pools}");
+    assert_eq!(rbd_pool["provisioned_gib"], 4, "{pools}");
+    let du: Value =
+        serde_json::from_str(&cluster.rbd(&["du", "--format", "json", "-p", "rbd"])).unwrap();
+    assert!(du["total_used_size"].as_u64().unwrap() > 0, "{du}");
+    assert_eq!(
+        rbd_pool["used_bytes"], du["total_used_size"],
+        "{pools} vs {du}"
+    );
+    // The throw-away cluster runs no ceph-mgr, which answers `ceph df`: the pool's space
+    // is unknown, and says why.
+    assert!(rbd_pool["total_bytes"].is_null(), "{pools}");
+    assert!(
+        rbd_pool["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ceph-mgr"),
+        "{pools}"
     );
 
     // Everything goes, the LIVE first; the ORIGIN's base snapshot with it.

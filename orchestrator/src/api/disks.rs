@@ -9,8 +9,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
-use super::{json, read_json, ErrorBody, Refusal};
-use crate::pdisk::{self, MountAccepted, MountRequest, VolumeCreate, VolumeUpdate, VolumeView};
+use super::{admin_only, json, read_json, ErrorBody, Refusal};
+use crate::pdisk::{
+    self, MountAccepted, MountRequest, PoolView, VolumeCreate, VolumeUpdate, VolumeView,
+};
 use crate::users::Principal;
 use crate::Cloud;
 
@@ -157,4 +159,16 @@ pub async fn detach_disk(
         StatusCode::ACCEPTED,
         &pdisk::detach(&cloud, &who, &uuid, vm).await?,
     ))
+}
+
+/// (Admins) pdisk's pools: the space their storage has and the volumes on each.
+#[utoipa::path(get, path = "/pools",
+    responses((status = 200, body = Vec<PoolView>), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+pub async fn list_pools(
+    State(cloud): State<Arc<Cloud>>,
+    Extension(who): Extension<Principal>,
+) -> Result<Response, Refusal> {
+    admin_only(&who)?;
+    Ok(json(StatusCode::OK, &pdisk::pools(&cloud).await?))
 }

@@ -73,7 +73,8 @@ pub const MAX_PAGE: i64 = 1000;
         disks::derive_disk,
         disks::list_mounts,
         disks::attach_disk,
-        disks::detach_disk
+        disks::detach_disk,
+        disks::list_pools
     ),
     components(schemas(
         RunRequest,
@@ -104,6 +105,7 @@ pub const MAX_PAGE: i64 = 1000;
         crate::pdisk::MountView,
         crate::pdisk::MountRequest,
         crate::pdisk::MountAccepted,
+        crate::pdisk::PoolView,
         crate::pdisk::Visibility,
         crate::pdisk::VolumeKind
     ))
@@ -128,6 +130,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         .route("/users/{name}/quotas", put(put_user_quotas))
         .route("/networks", get(list_networks))
         .route("/disks", get(disks::list_disks).post(disks::create_disk))
+        .route("/pools", get(disks::list_pools))
         .route("/disks/", get(disks::list_disks).post(disks::create_disk))
         .route(
             "/disks/{uuid}",

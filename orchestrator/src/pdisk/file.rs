@@ -25,6 +25,23 @@ impl FileBackend {
         })
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The bytes the volume files in `dir` have allocated (sparse: what was written).
+    pub fn allocated(dir: &Path) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut bytes = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let meta = entry?.metadata()?;
+            if meta.is_file() {
+                bytes += meta.blocks() * 512;
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Where Marketplace images are downloaded to before they are copied into ORIGINs.
     pub fn staging_dir(&self) -> PathBuf {
         self.dir.join(".images")

@@ -62,6 +62,11 @@ impl IscsiExport {
         format!("{}:{uuid}", self.config.iqn_prefix)
     }
 
+    /// HOST:PORT the nodes log in to.
+    pub fn portal(&self) -> &str {
+        &self.config.portal
+    }
+
     /// What nodes are given: the volume's LUN.
     pub fn url(&self, uuid: &str) -> String {
         format!("iscsi://{}/{}/1", self.config.portal, self.target(uuid))

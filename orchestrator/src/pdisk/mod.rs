@@ -287,6 +287,77 @@ impl Storage {
     }
 }
 
+/// `GET /pools`: every configured pool with its storage's space and its volumes.
+pub async fn pools(cloud: &Cloud) -> Result<Vec<PoolView>, VolumeError> {
+    let storage = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+    let held: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT pool, CAST(COUNT(*) AS BIGINT), CAST(COALESCE(SUM(size_gib), 0) AS BIGINT) \
+         FROM volumes GROUP BY pool",
+    )
+    .fetch_all(&cloud.db.pool)
+    .await?;
+    let mut out = Vec::new();
+    let mut add = |name: &str, location: String, space: Result<(u64, u64), String>, used| {
+        let (volumes, provisioned_gib) = held
+            .iter()
+            .find(|(pool, ..)| pool == name)
+            .map(|(_, n, gib)| (*n, *gib))
+            .unwrap_or((0, 0));
+        let (total_bytes, free_bytes, error) = match space {
+            Ok((total, free)) => (Some(total), Some(free), None),
+            Err(e) => (None, None, Some(e)),
+        };
+        out.push(PoolView {
+            name: name.to_owned(),
+            location,
+            total_bytes,
+            free_bytes,
+            used_bytes: used,
+            error,
+            volumes,
+            provisioned_gib,
+        });
+    };
+    if let Some(files) = &storage.files {
+        let dir = files.dir().to_owned();
+        let (space, used) = tokio::task::spawn_blocking(move || {
+            (
+                stratus_nodeagent::host::filesystem_space(&dir),
+                file::FileBackend::allocated(&dir),
+            )
+        })
+        .await
+        .map_err(storage_error)?;
+        let space = match space {
+            (0, _) => Err(format!(
+                "cannot read the space of {}",
+                files.dir().display()
+            )),
+            sizes => Ok(sizes),
+        };
+        let used = used.ok();
+        add(
+            "file",
+            files.dir().display().to_string(),
+            space.clone(),
+            used,
+        );
+        if let Some(export) = &storage.iscsi {
+            add("iscsi", export.portal().to_owned(), space, used);
+        }
+    }
+    if let Some(rbd) = &storage.rbd {
+        let space = rbd
+            .space()
+            .await
+            .map(|(stored, free)| (stored + free, free))
+            .map_err(|e| e.to_string());
+        let used = rbd.used().await.ok();
+        add("rbd", rbd.config().pool.clone(), space, used);
+    }
+    Ok(out)
+}
+
 /// How a node's VMM opens the volume at `location`. An RBD volume comes with the cluster's
 /// configuration and credentials as the nodes have them (`rbd`: this cloud's RBD pool); a
 /// LIVE on the file pool with its ORIGIN's file (`backing`).
@@ -1091,13 +1162,9 @@ pub async fn disks_of(
     vm: i64,
     states: &[&str],
 ) -> Result<Vec<NodeDisk>, VolumeError> {
-    let rows: Vec<MountedRow> = sqlx::query_as(
-        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
-         b.location AS base_location \
-         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
-         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 AND m.device <> $2 \
-         ORDER BY m.created, m.device",
-    )
+    let rows: Vec<MountedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{MOUNTED_SELECT} WHERE m.vm_id = $1 AND m.device <> $2 ORDER BY m.created, m.device"
+    )))
     .bind(vm)
     .bind(roots::ROOT_DEVICE)
     .fetch_all(&mut *conn)
@@ -1115,12 +1182,9 @@ pub async fn disks_of_job(
     vm: i64,
     job: i64,
 ) -> Result<Vec<NodeDisk>, VolumeError> {
-    let rows: Vec<MountedRow> = sqlx::query_as(
-        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
-         b.location AS base_location \
-         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
-         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 AND m.job = $2",
-    )
+    let rows: Vec<MountedRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{MOUNTED_SELECT} WHERE m.vm_id = $1 AND m.job = $2"
+    )))
     .bind(vm)
     .bind(job)
     .fetch_all(&mut *conn)
@@ -1131,6 +1195,12 @@ pub async fn disks_of_job(
         .map(MountedRow::into_node_disk)
         .collect())
 }
+
+/// A mount with what the node needs of its volume (and of the ORIGIN a LIVE reads through).
+const MOUNTED_SELECT: &str = "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, \
+     v.location, v.kind, b.location AS base_location \
+     FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
+     LEFT JOIN volumes b ON b.uuid = v.base_uuid";
 
 #[derive(sqlx::FromRow)]
 struct MountedRow {

@@ -162,6 +162,77 @@ impl RbdPool {
         ))
     }
 
+    /// What the pool's images use, in bytes (`rbd du`, which needs no ceph-mgr).
+    pub async fn used(&self) -> Result<u64, RbdError> {
+        let pool = self.config.pool.clone();
+        let out = self
+            .ceph_json("rbd", &["du", "--format", "json", "-p", &pool])
+            .await?;
+        out["total_used_size"]
+            .as_u64()
+            .ok_or_else(|| RbdError::Rbd {
+                args: format!("du -p {pool}"),
+                stderr: "no total_used_size in the answer".into(),
+            })
+    }
+
+    /// What the pool stores and what Ceph can still place in it, in bytes (`ceph df`,
+    /// which the cluster's ceph-mgr answers).
+    pub async fn space(&self) -> Result<(u64, u64), RbdError> {
+        let df = self.ceph_json("ceph", &["df", "--format", "json"]).await?;
+        let failed = |why: String| RbdError::Rbd {
+            args: "(ceph) df".into(),
+            stderr: why,
+        };
+        let stats = df["pools"]
+            .as_array()
+            .and_then(|pools| {
+                pools
+                    .iter()
+                    .find(|p| p["name"] == self.config.pool.as_str())
+            })
+            .map(|p| &p["stats"])
+            .ok_or_else(|| {
+                failed(format!(
+                    "Ceph reports no statistics for pool {} (is a ceph-mgr running?)",
+                    self.config.pool
+                ))
+            })?;
+        match (stats["stored"].as_u64(), stats["max_avail"].as_u64()) {
+            (Some(stored), Some(free)) => Ok((stored, free)),
+            _ => Err(failed(format!(
+                "no stored/max_avail for pool {}",
+                self.config.pool
+            ))),
+        }
+    }
+
+    /// Runs `program` (`ceph` or `rbd`) as the pool's user and reads its JSON answer.
+    async fn ceph_json(&self, program: &str, args: &[&str]) -> Result<serde_json::Value, RbdError> {
+        let run = tokio::process::Command::new(program)
+            .arg("-c")
+            .arg(&self.config.conf)
+            .args(["--id", &self.config.id, "--keyring"])
+            .arg(&self.config.keyring)
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(RBD_TIMEOUT, run)
+            .await
+            .map_err(|_| RbdError::Timeout(args.join(" ")))?
+            .map_err(RbdError::Spawn)?;
+        let failed = |why: String| RbdError::Rbd {
+            args: format!("({program}) {}", args.join(" ")),
+            stderr: why,
+        };
+        if !out.status.success() {
+            return Err(failed(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| failed(format!("unreadable answer: {e}")))
+    }
+
     /// A thin image of `size_gib`. Done again after a crash, it keeps the existing image
     /// and its data.
     pub async fn create(&self, image: &str, size_gib: u64) -> Result<(), RbdError> {

@@ -20,7 +20,7 @@ use stratus_vmm::devices::virtio::block::io::ImageFormat;
 use super::{
     delete_unchecked, file, finish_create, finish_delete, insert_creating, load, load_locked,
     snapshots_of, storage_error, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError,
-    VolumeKind, VolumeRow, MAX_SIZE_GIB, VOLUME_COLUMNS,
+    VolumeKind, VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
 };
 use crate::db;
 use crate::vms::VmRow;
@@ -149,12 +149,9 @@ pub async fn root_of(
     conn: &mut AnyConnection,
     vm: i64,
 ) -> Result<Option<(NodeDisk, String)>, VolumeError> {
-    let mounted = sqlx::query_as::<_, MountedRow>(
-        "SELECT m.volume_uuid, m.device, m.state, m.read_only, m.job, v.location, v.kind, \
-         b.location AS base_location \
-         FROM mounts m JOIN volumes v ON v.uuid = m.volume_uuid \
-         LEFT JOIN volumes b ON b.uuid = v.base_uuid WHERE m.vm_id = $1 AND m.device = $2",
-    )
+    let mounted = sqlx::query_as::<_, MountedRow>(sqlx::AssertSqlSafe(format!(
+        "{MOUNTED_SELECT} WHERE m.vm_id = $1 AND m.device = $2"
+    )))
     .bind(vm)
     .bind(ROOT_DEVICE)
     .fetch_optional(&mut *conn)
@@ -184,6 +181,26 @@ async fn origin_of(
         .await?;
     match found {
         Some(origin) if origin.state == "available" => return Ok(Ok(origin)),
+        Some(origin) if origin.state == "creating" && abandoned(&origin.updated) => {
+            // Its filler died (another replica, killed): taken over, removed, made anew
+            // by the next attempt.
+            let claimed = sqlx::query(
+                "UPDATE volumes SET state = 'deleting', updated = $1 \
+                 WHERE uuid = $2 AND state = 'creating' AND updated = $3",
+            )
+            .bind(db::now())
+            .bind(&origin.uuid)
+            .bind(&origin.updated)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+            if claimed == 1 {
+                tracing::warn!(image = %identifier, volume = %origin.uuid,
+                    "an abandoned ORIGIN fill is started again");
+                finish_delete(cloud, &origin.uuid, &origin.location).await?;
+            }
+            return Ok(Err(busy()));
+        }
         Some(_) => return Ok(Err(busy())),
         None => {}
     }
@@ -233,11 +250,22 @@ async fn origin_of(
     let follow_files = cloud.config.allow_file_image_locations;
     let entry = image.clone();
     let dest = location.clone();
-    let filled =
-        tokio::task::spawn_blocking(move || fill(&staging, policy, follow_files, &entry, &dest))
-            .await
-            .map_err(storage_error)
-            .and_then(|r| r);
+    let fill =
+        tokio::task::spawn_blocking(move || fill(&staging, policy, follow_files, &entry, &dest));
+    tokio::pin!(fill);
+    let filled = loop {
+        tokio::select! {
+            done = &mut fill => break done.map_err(storage_error).and_then(|r| r),
+            _ = tokio::time::sleep(FILL_HEARTBEAT) => {
+                // Alive: others wait for this fill rather than take it over.
+                sqlx::query("UPDATE volumes SET updated = $1 WHERE uuid = $2 AND state = 'creating'")
+                    .bind(db::now())
+                    .bind(&uuid)
+                    .execute(&cloud.db.pool)
+                    .await?;
+            }
+        }
+    };
     if let Err(e) = filled {
         let _ = file::FileBackend::delete(&location);
         sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
@@ -246,16 +274,38 @@ async fn origin_of(
             .await?;
         return Err(e);
     }
-    sqlx::query(
+    let finished = sqlx::query(
         "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
     )
     .bind(db::now())
     .bind(&uuid)
     .execute(&cloud.db.pool)
-    .await?;
+    .await?
+    .rows_affected();
+    if finished == 0 {
+        // Taken over while this fill was stalled: the file made here belongs to nobody.
+        let _ = file::FileBackend::delete(&location);
+        return Ok(Err(busy()));
+    }
     tracing::info!(image = %identifier, volume = %uuid, "image cached in pdisk");
     let mut conn = cloud.db.pool.acquire().await?;
     Ok(Ok(load(&mut conn, &uuid).await?))
+}
+
+/// How often a filling ORIGIN's row shows that its filler is alive.
+const FILL_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How long a filling ORIGIN may go without a sign of life before another deployment
+/// takes it over.
+const FILL_ABANDONED: Duration = Duration::from_secs(60);
+
+fn abandoned(updated: &str) -> bool {
+    let Ok(updated) = db::parse_time("updated", updated) else {
+        return true;
+    };
+    chrono::Utc::now()
+        .signed_duration_since(updated)
+        .to_std()
+        .is_ok_and(|age| age > FILL_ABANDONED)
 }
 
 /// Downloads the image (checked against the site policy, its size and its checksums) and

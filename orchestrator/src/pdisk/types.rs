@@ -173,6 +173,28 @@ pub struct MountAccepted {
     pub job: i64,
 }
 
+/// One configured storage pool: what its storage holds and has free, and the volumes on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    /// `file`, `iscsi` or `rbd` (a volume's `pool`).
+    pub name: String,
+    /// The directory (file, iSCSI), the portal (iSCSI) or the Ceph pool (rbd).
+    pub location: String,
+    /// The storage's size and free space in bytes (for RBD: what the pool stores plus what
+    /// Ceph can still place in it); absent when the storage did not answer (`error` says
+    /// why).
+    pub total_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
+    /// What the volumes' data takes (thin volumes: what was written): the files' allocated
+    /// blocks, or `rbd du`'s used size.
+    pub used_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub volumes: i64,
+    /// The volumes' sizes together (thin: what they may grow to, not what they use).
+    pub provisioned_gib: i64,
+}
+
 /// A volume as the node agent gets it.
 #[derive(Clone, Debug)]
 pub struct NodeDisk {
