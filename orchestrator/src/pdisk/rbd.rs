@@ -126,10 +126,9 @@ impl RbdPool {
         Some(format!("rbd:{pool}/{uuid}"))
     }
 
-    /// Runs `rbd` as the pool's user. Commands that show progress are given `--no-progress`
-    /// by the caller (the others refuse the option).
-    async fn rbd(&self, args: &[&str]) -> Result<(), (Option<i32>, RbdError)> {
-        let run = tokio::process::Command::new("rbd")
+    /// Runs `program` (`rbd` or `ceph`) as the pool's user, within [`RBD_TIMEOUT`].
+    async fn run(&self, program: &str, args: &[&str]) -> Result<std::process::Output, RbdError> {
+        let run = tokio::process::Command::new(program)
             .arg("-c")
             .arg(&self.config.conf)
             .args(["--id", &self.config.id, "--keyring"])
@@ -137,10 +136,16 @@ impl RbdPool {
             .args(args)
             .kill_on_drop(true)
             .output();
-        let out = tokio::time::timeout(RBD_TIMEOUT, run)
+        tokio::time::timeout(RBD_TIMEOUT, run)
             .await
-            .map_err(|_| (None, RbdError::Timeout(args.join(" "))))?
-            .map_err(|e| (None, RbdError::Spawn(e)))?;
+            .map_err(|_| RbdError::Timeout(args.join(" ")))?
+            .map_err(RbdError::Spawn)
+    }
+
+    /// Runs `rbd` as the pool's user. Commands that show progress are given `--no-progress`
+    /// by the caller (the others refuse the option).
+    async fn rbd(&self, args: &[&str]) -> Result<(), (Option<i32>, RbdError)> {
+        let out = self.run("rbd", args).await.map_err(|e| (None, e))?;
         if out.status.success() {
             return Ok(());
         }
@@ -209,18 +214,7 @@ impl RbdPool {
 
     /// Runs `program` (`ceph` or `rbd`) as the pool's user and reads its JSON answer.
     async fn ceph_json(&self, program: &str, args: &[&str]) -> Result<serde_json::Value, RbdError> {
-        let run = tokio::process::Command::new(program)
-            .arg("-c")
-            .arg(&self.config.conf)
-            .args(["--id", &self.config.id, "--keyring"])
-            .arg(&self.config.keyring)
-            .args(args)
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(RBD_TIMEOUT, run)
-            .await
-            .map_err(|_| RbdError::Timeout(args.join(" ")))?
-            .map_err(RbdError::Spawn)?;
+        let out = self.run(program, args).await?;
         let failed = |why: String| RbdError::Rbd {
             args: format!("({program}) {}", args.join(" ")),
             stderr: why,
