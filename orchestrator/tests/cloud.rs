@@ -1124,3 +1124,65 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     assert!(all_disks(&cloud).is_empty());
     assert!(!origin_file.exists());
 }
+
+/// An ORIGIN whose filler died without a trace (another replica, killed mid-download, so
+/// no restart undid it): once its row has shown no sign of life for a minute, the next
+/// deployment of its image takes it over — removes the half-made file and row — and fills
+/// a new one, instead of waiting for it forever.
+#[test]
+fn an_abandoned_origin_fill_is_taken_over() {
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let agent = Agent::start(4, 4096, "");
+    let cloud = Orchestrator::start(
+        &market,
+        "root_volumes = true\nallow_file_image_locations = true\n",
+    );
+    cloud.add_node("node-1", &agent);
+    let alice = cloud.add_user("alice", "alice-password");
+    let pool = cloud.dir.path().join("volumes");
+    let stale = "00000000-0000-4000-8000-00000000abcd";
+    let stale_file = pool.join(format!("{stale}.img"));
+    std::fs::write(&stale_file, b"half a download").unwrap();
+    let db = format!("sqlite://{}", cloud.dir.path().join("cloud.db").display());
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&db).await.unwrap();
+        sqlx::query(
+            "INSERT INTO volumes (uuid, owner, tag, size_gib, visibility, kind, identifier, \
+             seed, base_uuid, quarantine, pool, state, location, created, updated) VALUES \
+             ($1, 'pdisk:service', '', 1, 'private', 'MACHINE_IMAGE_ORIGIN', $2, 0, NULL, \
+             NULL, 'file', 'creating', $3, $4, $4)",
+        )
+        .bind(stale)
+        .bind(&image)
+        .bind(stale_file.to_str().unwrap())
+        .bind("2026-01-01T00:00:00.000000Z")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    });
+
+    let vm = run_vm(
+        &cloud,
+        alice,
+        json!({"image": image, "instance_type": "t1.micro"}),
+    );
+    cloud.wait_state(vm, "Running");
+    let disks = all_disks(&cloud);
+    assert!(!disks.contains_key(stale), "{disks:?}");
+    assert!(!stale_file.exists());
+    let origin = disks
+        .values()
+        .find(|d| d["type"] == "MACHINE_IMAGE_ORIGIN")
+        .unwrap_or_else(|| panic!("no ORIGIN: {disks:?}"));
+    assert_eq!(origin["identifier"], image.as_str(), "{origin}");
+    assert_eq!(origin["state"], "available", "{origin}");
+    assert!(
+        cloud
+            .log()
+            .contains("an abandoned ORIGIN fill is started again"),
+        "{}",
+        cloud.log()
+    );
+}

@@ -52,6 +52,8 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
             // A crash came between the row and the overlay: made again (never used yet).
             let live = load(&mut conn, &disk.uuid).await?;
             let origin = disk.base_location.clone().unwrap_or_default();
+            // finish_create takes a connection of its own (SQLite's pool has one).
+            drop(conn);
             finish_create(
                 cloud,
                 &live.uuid,
@@ -194,11 +196,19 @@ async fn origin_of(
             .execute(&mut *conn)
             .await?
             .rows_affected();
+            // The removal takes a connection of its own (SQLite's pool has one).
+            drop(conn);
             if claimed == 1 {
                 tracing::warn!(image = %identifier, volume = %origin.uuid,
                     "an abandoned ORIGIN fill is started again");
                 finish_delete(cloud, &origin.uuid, &origin.location).await?;
             }
+            return Ok(Err(busy()));
+        }
+        Some(origin) if origin.state == "deleting" => {
+            // An eviction or a takeover that stopped half-way: finished here.
+            drop(conn);
+            finish_delete(cloud, &origin.uuid, &origin.location).await?;
             return Ok(Err(busy()));
         }
         Some(_) => return Ok(Err(busy())),
