@@ -19,8 +19,8 @@ use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
 use super::{
     delete_unchecked, file, finish_create, finish_delete, insert_creating, load, load_locked,
-    snapshots_of, storage_error, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError,
-    VolumeKind, VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
+    storage_error, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError, VolumeKind,
+    VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
 };
 use crate::db;
 use crate::vms::VmRow;
@@ -367,39 +367,25 @@ pub async fn quarantine(conn: &mut AnyConnection, vm: i64) -> Result<(), db::DbE
 pub async fn collect(cloud: &Cloud) -> Result<usize, VolumeError> {
     let period = chrono::Duration::seconds(cloud.config.quarantine_period_s as i64);
     let cutoff = db::timestamp(chrono::Utc::now() - period);
-    let due: Vec<(String, String)> = sqlx::query_as(
-        "SELECT uuid, location FROM volumes WHERE quarantine IS NOT NULL \
+    let due: Vec<(String,)> = sqlx::query_as(
+        "SELECT uuid FROM volumes WHERE quarantine IS NOT NULL \
          AND quarantine <= $1 AND state IN ('available', 'deleting') ORDER BY quarantine",
     )
     .bind(&cutoff)
     .fetch_all(&cloud.db.pool)
     .await?;
     let mut collected = 0;
-    for (uuid, location) in due {
-        let mut conn = cloud.db.pool.acquire().await?;
-        if !snapshots_of(&mut conn, &uuid).await?.is_empty() {
-            // An admin is rebasing it: it stays until that is done.
-            continue;
-        }
-        sqlx::query(
-            "UPDATE volumes SET state = 'deleting', updated = $1 WHERE uuid = $2 \
-             AND state = 'available' \
-             AND NOT EXISTS (SELECT 1 FROM mounts WHERE volume_uuid = $2)",
-        )
-        .bind(db::now())
-        .bind(&uuid)
-        .execute(&mut *conn)
-        .await?;
-        match load(&mut conn, &uuid).await {
-            Ok(row) if row.state == "deleting" => {}
-            // Still attached, or another replica collected it meanwhile.
-            Ok(_) | Err(VolumeError::NotFound(_)) => continue,
+    for (uuid,) in due {
+        // A volume's delete: under its row lock, refused while mounted or while a rebase
+        // reads it, so replicas collecting at once delete each one once.
+        match delete_unchecked(cloud, &uuid).await {
+            Ok(()) => {
+                tracing::info!(volume = %uuid, "quarantined snapshot collected");
+                collected += 1;
+            }
+            Err(VolumeError::Conflict(_) | VolumeError::NotFound(_)) => {}
             Err(e) => return Err(e),
         }
-        drop(conn);
-        finish_delete(cloud, &uuid, &location).await?;
-        tracing::info!(volume = %uuid, "quarantined snapshot collected");
-        collected += 1;
     }
     Ok(collected)
 }
