@@ -183,6 +183,13 @@ host_tsc_khz() {
     awk '/cpu MHz/{printf "%d", $4*1000; exit}' /proc/cpuinfo
 }
 
+# early_l1_panic <console-log>: whether L1's kernel panicked in its own start-up, before
+# any init ran: the idle task died, or the panic's trace runs through start_kernel.
+early_l1_panic() {
+    grep -q 'Kernel panic - not syncing' "$1" &&
+        grep -qE 'Attempted to kill the idle task|[^_]start_kernel\+|x86_64_start_kernel' "$1"
+}
+
 # run_l1 <outer-initramfs> <console-log> <timeout-s> [idle-s]: boots L1 (the Debian kernel
 # under QEMU TCG with SVM) and waits for it to power off. A silent L1 (no output in 60 s, or
 # gone within 10 s without output) is killed and retried, up to three boots in all, and a
@@ -237,8 +244,18 @@ run_l1() {
                 "$(df -h --output=avail "$(dirname "$console")" | tail -1 | tr -d ' ') free on disk"
             continue
         fi
+        # Seen once in CI: L1's kernel oopsed in start_kernel under TCG (RIP in
+        # __x86_return_thunk, "Attempted to kill the idle task") a quarter second in, on a
+        # boot that passes every other time. Such a kernel never ran anything of ours, so
+        # it is booted again like a silent L1; its oops stays in the log for a later look.
+        if early_l1_panic "$console"; then
+            log "L1's kernel panicked before starting init (attempt $attempt); booting it again"
+            grep -m 12 -E 'BUG|WARNING|Oops|RIP|invalid opcode|general protection|panic' "$console" |
+                sed 's/^/[nested]   L1: /' >&2
+            continue
+        fi
         [ -s "$console.qemu-stderr" ] && sed 's/^/[nested]   qemu: /' "$console.qemu-stderr" >&2
-        [ "$attempt" != 1 ] && log "L1 needed $attempt boots (silent before)"
+        [ "$attempt" != 1 ] && log "L1 needed $attempt boots (silent or panicked before)"
         return 0
     done
     log "L1 stayed silent three times"
