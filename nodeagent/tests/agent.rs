@@ -1458,6 +1458,35 @@ fn iscsi_volumes_are_attached_at_creation_and_hot_plugged_with_chap() {
     assert!(error(&e).contains("cannot log in"), "{e}");
     assert!(!error(&e).contains("not-the-secret"), "{e}");
 
+    // pdisk's way: the secret inline, kept by the agent in files only root reads (the VM's
+    // record, a secret file the jailed VMM gets its own copy of) and never shown.
+    let inline = |secret: &str| json!({"source": {"iscsi": {"url": other, "chap_secret": secret, "timeout_secs": 5}}});
+    let both = json!({"source": {"iscsi": {
+        "url": other, "chap_secret": "carols-chap-secret", "secret_file": secret}}});
+    let (status, e) = agent.call("PUT", "/vms/i/disks/c", Some(&both));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("not both"), "{e}");
+    let (status, e) = agent.call("PUT", "/vms/i/disks/c", Some(&inline("short")));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("12 to 255"), "{e}");
+    let (status, vm) = agent.call("PUT", "/vms/i/disks/c", Some(&inline("carols-chap-secret")));
+    assert_eq!(status, 201, "{vm}");
+    assert!(vm["counters"]["disks"]["c"].is_object(), "{vm}");
+    assert!(!vm.to_string().contains("carols-chap-secret"), "{vm}");
+    let (_, listed) = agent.call("GET", "/vms", None);
+    assert!(
+        !listed.to_string().contains("carols-chap-secret"),
+        "{listed}"
+    );
+    let record = agent.dir.path().join("state/vms/i.json");
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&record)
+        .unwrap()
+        .contains("carols-chap-secret"));
+    let (status, vm) = agent.call("DELETE", "/vms/i/disks/c", None);
+    assert_eq!(status, 200, "{vm}");
+
     let (status, vm) = agent.call("DELETE", "/vms/i/disks/g", None);
     assert_eq!(status, 200, "{vm}");
     assert_eq!(vm["attached"], json!([]));

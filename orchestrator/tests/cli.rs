@@ -1391,6 +1391,32 @@ impl Tgtd {
     }
 
     fn targets(&self) -> String {
+        self.show("target")
+    }
+
+    fn accounts(&self) -> String {
+        self.show("account")
+    }
+
+    fn tid_of(&self, target: &str) -> String {
+        let shown = self.targets();
+        let line = shown
+            .lines()
+            .find(|l| l.starts_with("Target ") && l.ends_with(target))
+            .unwrap_or_else(|| panic!("no {target} in {shown}"));
+        line["Target ".len()..line.find(':').unwrap()].to_owned()
+    }
+
+    fn adm(&self, args: &[&str]) {
+        let out = Command::new("tgtadm")
+            .args(["-C", &self.read("control"), "--lld", "iscsi"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tgtadm {args:?}: {out:?}");
+    }
+
+    fn show(&self, mode: &str) -> String {
         let out = Command::new("tgtadm")
             .args([
                 "-C",
@@ -1400,7 +1426,7 @@ impl Tgtd {
                 "--op",
                 "show",
             ])
-            .args(["--mode", "target"])
+            .args(["--mode", mode])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -1735,10 +1761,13 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
     assert_eq!(cluster.rbd(&["ls", "rbd"]).trim(), "", "images left");
 }
 
-/// pdisk's iSCSI pool: volumes are LUNs of this host's tgtd, nodes get their URL and the
-/// VMM logs in itself; a restarted tgtd serves them again as soon as a VM needs them.
+/// pdisk's iSCSI pool: volumes are LUNs of this host's tgtd, exported only while a VM has
+/// them, only to its node's initiator name and only with the volume's own CHAP account,
+/// which the node alone is given; the VMM logs in itself. A restarted tgtd serves the
+/// attached volumes again as soon as pdisk's reconciliation passes.
 #[test]
 fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
+    use std::os::unix::fs::PermissionsExt;
     in_own_network_namespace();
     let tgtd = Tgtd::start();
     let market = Marketplace::start();
@@ -1759,34 +1788,121 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     let user = User::new();
     user.config(&user_config(&cloud, &market, &user));
 
+    // Made: a file in the pool, and no target yet: nobody may log in to it.
     let out = user.ok("stratus-create-volume", &["-s", "1", "-t", "on iscsi"]);
     let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
     let target = format!("iqn.2026-12.eu.stratuslab.pdisk:{data}");
-    assert!(tgtd.targets().contains(&target), "{}", tgtd.targets());
+    assert!(!tgtd.targets().contains(&target), "{}", tgtd.targets());
     let file = cloud.dir.path().join("volumes").join(format!("{data}.img"));
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 1 << 30);
 
-    // At boot: the node gets the LUN's URL, and the VMM only starts if it logged in.
+    // At boot: the target admits the node's initiator with the volume's CHAP account; the
+    // node gets both, and the VMM only starts if it logged in.
     let vm = run_with_volume(&user, &image, &data);
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["state"], "running", "{on_node}");
-    let url = format!("iscsi://127.0.0.1:{}/{target}/1", tgtd.read("port"));
+    let port = tgtd.read("port");
     let disk = volume_on_node(&on_node, &data);
-    assert_eq!(disk["source"]["iscsi"]["url"], url, "{disk}");
+    let source = &disk["source"]["iscsi"];
+    assert_eq!(
+        source["url"],
+        format!("iscsi://pdisk-{data}@127.0.0.1:{port}/{target}/1"),
+        "{disk}"
+    );
+    let initiator = source["initiator"].as_str().unwrap().to_owned();
+    assert!(
+        initiator.starts_with("iqn.2026-12.eu.stratuslab.node:") && initiator.ends_with("-node-1"),
+        "{initiator}"
+    );
+    assert!(
+        source.get("chap_secret").is_none(),
+        "the API shows no secret: {disk}"
+    );
+    let target_shown = target_section(&tgtd.targets(), &target);
+    assert!(
+        target_shown.contains(&format!("pdisk-{data}")) && target_shown.contains(&initiator),
+        "{target_shown}"
+    );
     let disk_id = disk["id"].as_str().unwrap();
     assert!(
         on_node["counters"]["disks"][disk_id].is_object(),
         "the VMM has the LUN as a disk: {on_node}"
     );
+    // The node keeps the secret in the VM's record, which only root reads.
+    let record = agent
+        .dir
+        .path()
+        .join("state/vms")
+        .join(format!("{vm}.json"));
+    let mode = std::fs::metadata(&record).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", record.display());
+    let recorded: Value = serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    let secret = recorded["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["serial"] == data[..20])
+        .and_then(|d| d["source"]["iscsi"]["chap_secret"].as_str())
+        .unwrap_or_else(|| panic!("no secret in {recorded}"))
+        .to_owned();
+    assert_eq!(secret.len(), 32, "{secret}");
 
-    // tgtd restarted: it has forgotten every target; the orchestrator exports them again
-    // within seconds (the running VM's VMM reconnects well within its timeout), and a
-    // hot-plug exports its volume first in any case.
+    // Anyone else is turned away: without the CHAP account, or with it but under another
+    // initiator name (tgtd takes any number of sessions, so these would get in otherwise).
+    let probe = |id: &str, source: Value| {
+        let mut spec = on_node["spec"].clone();
+        spec["nics"] = serde_json::json!([]);
+        for d in spec["disks"].as_array_mut().unwrap() {
+            if d["serial"] == data[..20] {
+                d["source"] = serde_json::json!({ "iscsi": source });
+            }
+        }
+        let (status, body) = agent.call_with("PUT", &format!("/vms/{id}"), &spec);
+        assert_eq!(status, 201, "{body}");
+        let asked = std::time::Instant::now();
+        let failed = loop {
+            let (_, vm) = agent.call("GET", &format!("/vms/{id}"));
+            if vm["state"] != "starting" {
+                break vm;
+            }
+            assert!(asked.elapsed() < std::time::Duration::from_secs(20), "{vm}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert_eq!(failed["state"], "failed", "{id} got in: {failed}");
+        let reason = failed["exit"]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("cannot log in"), "{reason}");
+        assert_eq!(agent.call("DELETE", &format!("/vms/{id}")).0, 204);
+    };
+    probe(
+        "probe-no-chap",
+        serde_json::json!({
+            "url": format!("iscsi://127.0.0.1:{port}/{target}/1"),
+            "initiator": initiator,
+            "timeout_secs": 2,
+        }),
+    );
+    probe(
+        "probe-other-node",
+        serde_json::json!({
+            "url": format!("iscsi://pdisk-{data}@127.0.0.1:{port}/{target}/1"),
+            "initiator": "iqn.2026-12.eu.stratuslab.node:99-intruder",
+            "chap_secret": secret,
+            "timeout_secs": 2,
+        }),
+    );
+    assert_eq!(
+        agent.call("GET", &format!("/vms/{vm}")).1["state"],
+        "running"
+    );
+
+    // tgtd restarted: it has forgotten every target and account; pdisk exports the
+    // attached volume again, as it was, within seconds (the running VM's VMM reconnects
+    // well within its timeout) — and nothing else.
     let spare = user.ok("stratus-create-volume", &["-s", "1"]);
     let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
     tgtd.restart();
     let restarted = std::time::Instant::now();
-    while !(tgtd.targets().contains(&target) && tgtd.targets().contains(&spare)) {
+    while !target_section(&tgtd.targets(), &target).contains(&initiator) {
         assert!(
             restarted.elapsed() < std::time::Duration::from_secs(30),
             "not exported again: {}",
@@ -1794,27 +1910,96 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+    assert!(target_section(&tgtd.targets(), &target).contains(&format!("pdisk-{data}")));
+    assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
+
+    // A hot-plug exports its volume first; a detach withdraws it.
     tgtd.restart();
     assert_eq!(
         user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]),
         format!("ATTACHED {spare} in VM {vm} on /dev/vdz\n")
     );
-    assert!(tgtd.targets().contains(&format!("pdisk:{spare}")));
+    let spare_target = format!("pdisk:{spare}");
+    assert!(
+        target_section(&tgtd.targets(), &spare_target).contains(&initiator),
+        "{}",
+        tgtd.targets()
+    );
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["attached"][0]["serial"], spare[..20], "{on_node}");
+    assert!(
+        on_node["attached"][0]["source"]["iscsi"]
+            .get("chap_secret")
+            .is_none(),
+        "{on_node}"
+    );
     assert_eq!(
         user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]),
         format!("DETACHED {spare} from VM {vm} on /dev/vdz\n")
     );
+    assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
+
+    // What a crash or a hand could leave: another initiator admitted to the attached
+    // volume, a target for a volume no VM has. The next pass puts both right.
+    let restarted = std::time::Instant::now();
+    while !target_section(&tgtd.targets(), &target).contains(&initiator) {
+        assert!(restarted.elapsed() < std::time::Duration::from_secs(30));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let tid = tgtd.tid_of(&target);
+    tgtd.adm(&[
+        "--op",
+        "bind",
+        "--mode",
+        "target",
+        "--tid",
+        &tid,
+        "-Q",
+        "iqn.2026-12.test:intruder",
+    ]);
+    tgtd.adm(&[
+        "--op",
+        "new",
+        "--mode",
+        "target",
+        "--tid",
+        "9",
+        "-T",
+        &spare_target_iqn(&spare),
+    ]);
+    tgtd.adm(&[
+        "--op", "bind", "--mode", "target", "--tid", "9", "-I", "ALL",
+    ]);
+    assert!(tgtd.targets().contains("intruder") && tgtd.targets().contains(&spare));
+    let planted = std::time::Instant::now();
+    while tgtd.targets().contains("intruder") || tgtd.targets().contains(&spare) {
+        assert!(
+            planted.elapsed() < std::time::Duration::from_secs(30),
+            "not put right: {}",
+            tgtd.targets()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(target_section(&tgtd.targets(), &target).contains(&initiator));
+
     user.ok("stratus-kill-instance", &[&vm.to_string()]);
     cloud.wait_state(vm, "Done");
+    // Withdrawn right after the VM's release is committed.
+    let ended = std::time::Instant::now();
+    while tgtd.targets().contains(&data) {
+        assert!(
+            ended.elapsed() < std::time::Duration::from_secs(15),
+            "still exported after the VM ended: {}",
+            tgtd.targets()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
-    // Deleted: the target goes from tgtd, the file from the pool.
+    // Deleted: the file goes from the pool, the CHAP account from tgtd.
     assert_eq!(
         user.ok("stratus-delete-volume", &[&spare]),
         format!("DELETED {spare}\n")
     );
-    assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
     assert!(!cloud
         .dir
         .path()
@@ -1826,4 +2011,18 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
         format!("DELETED {data}\n")
     );
     assert!(!file.exists());
+    assert!(!tgtd.accounts().contains(&data), "{}", tgtd.accounts());
+}
+
+fn spare_target_iqn(uuid: &str) -> String {
+    format!("iqn.2026-12.eu.stratuslab.pdisk:{uuid}")
+}
+
+/// One target's part of `tgtadm --op show --mode target`.
+fn target_section(shown: &str, target: &str) -> String {
+    shown
+        .split("Target ")
+        .find(|section| section.lines().next().is_some_and(|l| l.ends_with(target)))
+        .unwrap_or_default()
+        .to_owned()
 }

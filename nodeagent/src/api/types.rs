@@ -140,8 +140,10 @@ pub enum DiskSource {
     /// A sparse raw disk of this many GiB made on the node for this VM and deleted with it.
     Volatile { size_gib: u64 },
     /// An iSCSI LUN the VMM logs in to itself (no kernel initiator on the node), as
-    /// `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN`. A CHAP secret comes from `secret_file`
-    /// on this host (mode 0600), never from the request.
+    /// `iscsi://[USER@]HOST[:PORT]/TARGET-IQN/LUN`. The CHAP secret of the URL's user is
+    /// either in `secret_file` on this host (mode 0600) or, as pdisk hands out a volume's
+    /// own credentials, `chap_secret`: kept in the VM's record (mode 0600) and a file the
+    /// VMM alone reads, and never shown by the API.
     Iscsi {
         url: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -149,6 +151,8 @@ pub enum DiskSource {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         #[schema(value_type = Option<String>)]
         secret_file: Option<PathBuf>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chap_secret: Option<String>,
         /// Seconds a request may wait for the target before the guest gets an I/O error.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u32>,

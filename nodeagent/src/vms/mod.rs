@@ -161,17 +161,48 @@ impl Vm {
 
     fn info(&self) -> VmInfo {
         let s = self.status();
+        let mut spec = self.spec.clone();
+        let mut attached = s.attached.clone();
+        for disk in spec.disks.iter_mut().chain(attached.iter_mut()) {
+            if let DiskSource::Iscsi { chap_secret, .. } = &mut disk.source {
+                *chap_secret = None;
+            }
+        }
         VmInfo {
             id: self.id.clone(),
             state: s.state,
-            spec: self.spec.clone(),
-            attached: s.attached.clone(),
+            spec,
+            attached,
             pid: s.pid.filter(|_| s.state.is_active()),
             exit: s.exit.clone(),
             restarts: s.restarts,
             created: self.created,
             counters: None,
         }
+    }
+
+    /// Writes a CHAP secret given inline where only this host's root reads it (the agent
+    /// hands a jailed VMM its own copy); the VMM takes secrets from files only, so they
+    /// never show in its command line.
+    fn write_chap_secret(&self, disk_id: &str, secret: &str) -> Result<PathBuf, VmError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(format!("{disk_id}.chap"));
+        let io = |source| VmError::Io {
+            what: format!("cannot write the CHAP secret of disk '{disk_id}'"),
+            source,
+        };
+        let tmp = self.dir.join(format!(".{disk_id}.chap.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        file.write_all(secret.as_bytes()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(path)
     }
 
     /// What the VMM itself writes (its socket, status and console): the only directory
@@ -432,6 +463,7 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
         DiskSource::Iscsi {
             url,
             secret_file,
+            chap_secret,
             timeout_secs,
             initiator,
         } => {
@@ -443,11 +475,27 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
                     disk.id
                 ));
             }
-            if parsed.user.is_some() != secret_file.is_some() {
+            if secret_file.is_some() && chap_secret.is_some() {
                 return bad(format!(
-                    "disk '{}': a CHAP user in the URL and secret_file go together",
+                    "disk '{}': give the CHAP secret as secret_file or as chap_secret, not both",
                     disk.id
                 ));
+            }
+            if parsed.user.is_some() != (secret_file.is_some() || chap_secret.is_some()) {
+                return bad(format!(
+                    "disk '{}': a CHAP user in the URL and its secret (secret_file or \
+                     chap_secret) go together",
+                    disk.id
+                ));
+            }
+            if let Some(secret) = chap_secret {
+                // RFC 7143 wants CHAP secrets of at least 96 bits; libiscsi takes up to 255 bytes.
+                if secret.len() < 12 || secret.len() > 255 || secret.chars().any(char::is_control) {
+                    return bad(format!(
+                        "disk '{}': chap_secret must be 12 to 255 printable characters",
+                        disk.id
+                    ));
+                }
             }
             check_timeout(disk, *timeout_secs)
         }
@@ -1269,12 +1317,17 @@ impl VmManager {
                 url,
                 initiator,
                 secret_file,
+                chap_secret,
                 timeout_secs,
             } => {
+                let secret_file = match chap_secret {
+                    Some(secret) => Some(vm.write_chap_secret(&disk.id, secret)?),
+                    None => secret_file.clone(),
+                };
                 config.iscsi = Some(IscsiSource {
                     url: url.clone(),
                     initiator: initiator.clone(),
-                    secret_file: secret_file.clone(),
+                    secret_file,
                     timeout_secs: timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS),
                 })
             }

@@ -3,6 +3,7 @@
 //! crash leaves the old record or the new one, never half of one.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -62,7 +63,14 @@ pub fn save(dir: &Path, record: &VmRecord) -> Result<(), RecordError> {
     let tmp = dir.join(format!(".{}.json.tmp", record.id));
     let body =
         serde_json::to_vec_pretty(record).map_err(|e| write_err(std::io::Error::other(e)))?;
-    let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
+    // Records hold the CHAP secrets of the VM's iSCSI volumes: root's alone.
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(write_err)?;
     file.write_all(&body).map_err(write_err)?;
     file.sync_all().map_err(write_err)?;
     std::fs::rename(&tmp, &path).map_err(write_err)?;

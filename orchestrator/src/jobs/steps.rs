@@ -86,10 +86,22 @@ async fn set_state(
 /// Releases the VM's quota, addresses and node room; `state` is its final state (None:
 /// keep the one it has, e.g. Failed with its reason).
 async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Result<(), StepError> {
+    let volumes = {
+        let mut conn = cloud.db.pool.acquire().await?;
+        pdisk::disks_of(&mut conn, vm, &["attached", "attaching", "detaching"]).await?
+    };
     let mut tx = cloud.db.pool.begin().await?;
     vms::release(&mut tx, vm, state).await?;
     tx.commit().await?;
     cloud.metrics.vm_released.inc();
+    if let Some(storage) = &cloud.volumes {
+        for volume in &volumes {
+            // Done here at once; if not, `pdisk::reexport` withdraws it on its next pass.
+            if let Err(e) = storage.withdraw(volume).await {
+                tracing::warn!(volume = %volume.uuid, error = %e, "cannot withdraw");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -100,7 +112,7 @@ fn volume_disk(cloud: &Cloud, volume: &NodeDisk) -> (String, AttachDisk) {
     (
         pdisk::disk_id(&volume.uuid),
         AttachDisk {
-            source: pdisk::node_source(rbd, &volume.location, volume.base_location.as_deref()),
+            source: pdisk::node_source(rbd, volume),
             read_only: volume.read_only,
             serial: Some(volume.uuid.chars().take(20).collect()),
         },
@@ -122,7 +134,7 @@ fn spec_of(
         let rbd = cloud.volumes.as_ref().and_then(|s| s.rbd.as_ref());
         disks.push(DiskSpec {
             id: ROOT_DISK_ID.into(),
-            source: pdisk::node_source(rbd, &root.location, root.base_location.as_deref()),
+            source: pdisk::node_source(rbd, root),
             read_only: false,
             serial: None,
         });
@@ -248,7 +260,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 }
             },
         };
-        let (node, leases, volumes) = {
+        let (node, leases, mut volumes) = {
             let mut conn = cloud.db.pool.acquire().await?;
             (
                 nodes::load(&mut conn, node_id).await?,
@@ -259,8 +271,8 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
             )
         };
         if let Some(storage) = &cloud.volumes {
-            for volume in &volumes {
-                if let Err(e) = storage.prepare(volume).await {
+            for volume in &mut volumes {
+                if let Err(e) = storage.prepare(&cloud.db, volume, &node).await {
                     let why = format!("volume {} cannot be served: {e}", volume.uuid);
                     // Retried like a node that does not answer; a volume the storage can
                     // never serve (its pool is gone) fails the VM at once.
@@ -608,13 +620,15 @@ async fn hotplug(
         Err(e) => return retry(e.to_string()).await,
     };
     for volume in &pending {
+        let mut volume = volume.clone();
         if attach {
             if let Some(storage) = &cloud.volumes {
-                if let Err(e) = storage.prepare(volume).await {
+                if let Err(e) = storage.prepare(&cloud.db, &mut volume, &node).await {
                     return retry(e.to_string()).await;
                 }
             }
         }
+        let volume = &volume;
         let (disk, spec) = volume_disk(cloud, volume);
         let result = if attach {
             if plugged.contains(&disk) {
@@ -629,6 +643,12 @@ async fn hotplug(
         };
         match result {
             Ok(()) => {
+                // The node let go: its way in goes before the volume is free for another.
+                if let (false, Some(storage)) = (attach, &cloud.volumes) {
+                    if let Err(e) = storage.withdraw(volume).await {
+                        return retry(e.to_string()).await;
+                    }
+                }
                 let mut conn = cloud.db.pool.acquire().await?;
                 pdisk::settle(&mut conn, &volume.uuid, attach).await?;
             }
@@ -643,6 +663,12 @@ async fn hotplug(
                     if attach { "attach" } else { "detach" },
                     volume.uuid
                 );
+                if let (true, Some(storage)) = (attach, &cloud.volumes) {
+                    if let Err(e) = storage.withdraw(volume).await {
+                        // reexport withdraws it once the mount is gone.
+                        tracing::warn!(volume = %volume.uuid, error = %e, "cannot withdraw");
+                    }
+                }
                 let mut conn = cloud.db.pool.acquire().await?;
                 if attach {
                     pdisk::settle(&mut conn, &volume.uuid, false).await?;

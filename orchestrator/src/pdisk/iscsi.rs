@@ -3,9 +3,15 @@
 //! tgtd. Nodes get the volume's `iscsi://` URL and their VMMs log in themselves, so the
 //! nodes need no shared filesystem and no kernel initiator.
 //!
-//! tgtd keeps its targets in memory only: a volume is exported when it is made and again
-//! whenever a VM is about to use it ([`IscsiExport::export`] is idempotent), so a
-//! restarted tgtd serves everything again on first use.
+//! A volume's target exists only while a VM has the volume: it is made when the VM is
+//! about to use it and withdrawn when the volume is detached or the VM ends. It admits
+//! only the initiator name of the node the VM runs on, and only with the volume's own
+//! CHAP credentials, which pdisk hands to that node alone; a target without its ACL
+//! admits nobody, so a half-made export is closed, never open.
+//!
+//! tgtd keeps its targets and accounts in memory only: [`IscsiExport::export`] is
+//! idempotent and puts back whatever is missing, so a restarted tgtd serves the attached
+//! volumes again as soon as pdisk's reconciliation passes over them.
 
 use std::path::Path;
 
@@ -93,53 +99,110 @@ impl IscsiExport {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// tgtd's targets: (tid, name).
-    async fn targets(&self) -> Result<Vec<(u32, String)>, ExportError> {
-        let shown = self.tgtadm(&["--op", "show", "--mode", "target"]).await?;
-        Ok(shown
-            .lines()
-            .filter_map(|line| line.strip_prefix("Target "))
-            .filter_map(|rest| rest.split_once(": "))
-            .filter_map(|(tid, name)| Some((tid.parse().ok()?, name.trim().to_owned())))
-            .collect())
+    /// The CHAP user of the volume's target.
+    pub fn chap_user(uuid: &str) -> String {
+        format!("pdisk-{uuid}")
     }
 
-    /// Exports `file` as the volume's target unless tgtd has it already. A target left
-    /// half-made (no LUN) by a crash is made again.
-    pub async fn export(&self, uuid: &str, file: &Path) -> Result<(), ExportError> {
+    /// Exports `file` as the volume's target to `access.initiator` alone, with the
+    /// volume's CHAP account: whatever of that tgtd lacks (a restart, a crash half-way) is
+    /// made, a LUN-less target is made again, and any other initiator's admission (the
+    /// node the volume was on before) is withdrawn.
+    pub async fn export(
+        &self,
+        uuid: &str,
+        file: &Path,
+        access: &Access<'_>,
+    ) -> Result<(), ExportError> {
         let _one_at_a_time = self.changes.lock().await;
         let name = self.target(uuid);
-        let targets = self.targets().await?;
-        if let Some((tid, _)) = targets.iter().find(|(_, n)| *n == name) {
-            let shown = self.tgtadm(&["--op", "show", "--mode", "target"]).await?;
-            if target_has_lun(&shown, *tid) {
-                return Ok(());
+        let shown = self.show().await?;
+        let existing = shown.iter().find(|t| t.name == name);
+        let tid = match existing {
+            Some(target) if target.has_lun => target.tid,
+            _ => {
+                if let Some(target) = existing {
+                    self.delete_target(target.tid).await?;
+                }
+                self.new_target(&shown, &name, file).await?
             }
-            self.delete_target(*tid).await?;
-        }
-        let tid = (1..=u32::from(u16::MAX))
-            .find(|t| !targets.iter().any(|(used, _)| used == t))
-            .ok_or(ExportError::NoTid)?
-            .to_string();
-        self.tgtadm(&[
-            "--op", "new", "--mode", "target", "--tid", &tid, "-T", &name,
-        ])
-        .await?;
-        let file = file.to_string_lossy();
-        // The LUN comes last: a crash in between leaves a target without it, which the
-        // next export makes again; a target with its LUN is complete.
-        let made = async {
-            let target = ["--tid", tid.as_str()];
-            let lun = ["--tid", tid.as_str(), "--lun", "1"];
-            self.tgtadm(
-                &[
-                    &["--op", "bind", "--mode", "target"][..],
-                    &target,
-                    &["-I", "ALL"],
-                ]
-                .concat(),
-            )
+        };
+        let target = self.show().await?.into_iter().find(|t| t.tid == tid);
+        let target = target.unwrap_or_default();
+        let tid = tid.to_string();
+        // The account before the ACL: the target must never admit anyone without CHAP.
+        if !target.accounts.contains(&access.user) {
+            let accounts = self.tgtadm(&["--op", "show", "--mode", "account"]).await?;
+            if !accounts.lines().skip(1).any(|l| l.trim() == access.user) {
+                self.tgtadm(&[
+                    "--op",
+                    "new",
+                    "--mode",
+                    "account",
+                    "--user",
+                    &access.user,
+                    "--password",
+                    access.secret,
+                ])
+                .await?;
+            }
+            self.tgtadm(&[
+                "--op",
+                "bind",
+                "--mode",
+                "account",
+                "--tid",
+                &tid,
+                "--user",
+                &access.user,
+            ])
             .await?;
+        }
+        // Debian's tgtd admits an initiator that matches any one entry, address or name:
+        // the node's name must be the only one.
+        for entry in &target.acl {
+            if entry != access.initiator {
+                let by = if is_initiator_name(entry) { "-Q" } else { "-I" };
+                self.tgtadm(&[
+                    "--op", "unbind", "--mode", "target", "--tid", &tid, by, entry,
+                ])
+                .await?;
+            }
+        }
+        if !target.acl.iter().any(|e| e == access.initiator) {
+            self.tgtadm(&[
+                "--op",
+                "bind",
+                "--mode",
+                "target",
+                "--tid",
+                &tid,
+                "-Q",
+                access.initiator,
+            ])
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// A target with the file as its LUN 1 and no ACL (nobody may log in yet).
+    async fn new_target(
+        &self,
+        shown: &[TargetView],
+        name: &str,
+        file: &Path,
+    ) -> Result<u32, ExportError> {
+        let tid_number = (1..=u32::from(u16::MAX))
+            .find(|t| !shown.iter().any(|used| used.tid == *t))
+            .ok_or(ExportError::NoTid)?;
+        let tid = tid_number.to_string();
+        self.tgtadm(&["--op", "new", "--mode", "target", "--tid", &tid, "-T", name])
+            .await?;
+        let file = file.to_string_lossy();
+        // The LUN is what marks a target complete: a crash before it leaves a LUN-less
+        // target, which the next export makes again.
+        let made = async {
+            let lun = ["--tid", tid.as_str(), "--lun", "1"];
             self.tgtadm(
                 &[
                     &["--op", "new", "--mode", "logicalunit"][..],
@@ -163,10 +226,48 @@ impl IscsiExport {
         .await;
         if let Err(e) = made {
             // Never leave a target without its LUN behind.
-            let _ = self.delete_target(tid.parse().unwrap_or(0)).await;
+            let _ = self.delete_target(tid_number).await;
             return Err(e);
         }
+        Ok(tid_number)
+    }
+
+    /// The volumes tgtd has a target for, each with the one initiator it admits if its
+    /// export is complete as [`IscsiExport::export`] makes it (LUN, CHAP account, that
+    /// initiator alone), else None.
+    pub async fn exported(&self) -> Result<Vec<(String, Option<String>)>, ExportError> {
+        let prefix = format!("{}:", self.config.iqn_prefix);
+        Ok(self
+            .show()
+            .await?
+            .into_iter()
+            .filter_map(|t| {
+                let uuid = t.name.strip_prefix(&prefix)?.to_owned();
+                let complete = t.has_lun
+                    && t.accounts == [Self::chap_user(&uuid)]
+                    && t.acl.len() == 1
+                    && is_initiator_name(&t.acl[0]);
+                Some((uuid, complete.then(|| t.acl[0].clone())))
+            })
+            .collect())
+    }
+
+    /// Forgets the volume's CHAP account (its volume is gone). Done again, or for an
+    /// account tgtd does not have, it does nothing.
+    pub async fn forget_account(&self, uuid: &str) -> Result<(), ExportError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let user = Self::chap_user(uuid);
+        let accounts = self.tgtadm(&["--op", "show", "--mode", "account"]).await?;
+        if accounts.lines().skip(1).any(|l| l.trim() == user) {
+            self.tgtadm(&["--op", "delete", "--mode", "account", "--user", &user])
+                .await?;
+        }
         Ok(())
+    }
+
+    async fn show(&self) -> Result<Vec<TargetView>, ExportError> {
+        let shown = self.tgtadm(&["--op", "show", "--mode", "target"]).await?;
+        Ok(parse_targets(&shown))
     }
 
     /// Withdraws the volume's target (sessions still logged in are cut). Done again, or
@@ -174,8 +275,8 @@ impl IscsiExport {
     pub async fn unexport(&self, uuid: &str) -> Result<(), ExportError> {
         let _one_at_a_time = self.changes.lock().await;
         let name = self.target(uuid);
-        if let Some((tid, _)) = self.targets().await?.into_iter().find(|(_, n)| *n == name) {
-            self.delete_target(tid).await?;
+        if let Some(target) = self.show().await?.into_iter().find(|t| t.name == name) {
+            self.delete_target(target.tid).await?;
         }
         Ok(())
     }
@@ -190,18 +291,65 @@ impl IscsiExport {
     }
 }
 
-/// Whether `tgtadm --op show` lists LUN 1 under target `tid`.
-fn target_has_lun(shown: &str, tid: u32) -> bool {
-    let header = format!("Target {tid}: ");
-    let mut inside = false;
+/// Who may log in to a volume's target: the node's initiator, with the volume's account.
+pub struct Access<'a> {
+    pub initiator: &'a str,
+    pub user: String,
+    pub secret: &'a str,
+}
+
+/// One target as `tgtadm --op show --mode target` lists it.
+#[derive(Debug, Default, PartialEq)]
+struct TargetView {
+    tid: u32,
+    name: String,
+    has_lun: bool,
+    accounts: Vec<String>,
+    /// Admitted addresses ("ALL", IPs) and initiator names, as tgtd lists them together.
+    acl: Vec<String>,
+}
+
+fn parse_targets(shown: &str) -> Vec<TargetView> {
+    let mut targets: Vec<TargetView> = Vec::new();
+    let mut section = "";
     for line in shown.lines() {
-        if line.starts_with("Target ") {
-            inside = line.starts_with(&header);
-        } else if inside && line.trim() == "LUN: 1" {
-            return true;
+        if let Some(rest) = line.strip_prefix("Target ") {
+            if let Some((tid, name)) = rest.split_once(": ") {
+                if let Ok(tid) = tid.parse() {
+                    targets.push(TargetView {
+                        tid,
+                        name: name.trim().to_owned(),
+                        ..TargetView::default()
+                    });
+                }
+            }
+            section = "";
+            continue;
+        }
+        let Some(target) = targets.last_mut() else {
+            continue;
+        };
+        let indent = line.len() - line.trim_start().len();
+        let text = line.trim();
+        match indent {
+            4 => section = text.trim_end_matches(':'),
+            8 => match section {
+                "LUN information" if text == "LUN: 1" => target.has_lun = true,
+                "Account information" => target.accounts.push(text.to_owned()),
+                "ACL information" => target.acl.push(text.to_owned()),
+                _ => {}
+            },
+            _ => {}
         }
     }
-    false
+    targets
+}
+
+/// iSCSI names (RFC 3720: iqn., eui., naa.), as opposed to the addresses in an ACL.
+fn is_initiator_name(entry: &str) -> bool {
+    ["iqn.", "eui.", "naa."]
+        .iter()
+        .any(|p| entry.starts_with(p))
 }
 
 #[cfg(test)]
@@ -209,11 +357,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_target_counts_as_made_only_with_its_lun() {
-        let shown = "Target 1: iqn.x:a\n    System information:\n        LUN: 0\n            Type: controller\n        LUN: 1\n            Type: disk\nTarget 2: iqn.x:b\n    LU information:\n        LUN: 0\n";
-        assert!(target_has_lun(shown, 1));
-        assert!(!target_has_lun(shown, 2));
-        assert!(!target_has_lun(shown, 3));
+    fn targets_are_read_with_their_lun_accounts_and_acl() {
+        let shown = "Target 1: iqn.x:a\n    System information:\n        Driver: iscsi\n        State: ready\n    I_T nexus information:\n    LUN information:\n        LUN: 0\n            Type: controller\n        LUN: 1\n            Type: disk\n    Account information:\n        pdisk-a\n    ACL information:\n        ALL\n        iqn.2026-12.eu.stratuslab.node:1-n\nTarget 2: iqn.x:b\n    System information:\n    LUN information:\n        LUN: 0\n    Account information:\n    ACL information:\n";
+        let targets = parse_targets(shown);
+        assert_eq!(
+            targets,
+            vec![
+                TargetView {
+                    tid: 1,
+                    name: "iqn.x:a".into(),
+                    has_lun: true,
+                    accounts: vec!["pdisk-a".into()],
+                    acl: vec!["ALL".into(), "iqn.2026-12.eu.stratuslab.node:1-n".into()],
+                },
+                TargetView {
+                    tid: 2,
+                    name: "iqn.x:b".into(),
+                    ..TargetView::default()
+                },
+            ]
+        );
+        assert!(is_initiator_name(&targets[0].acl[1]));
+        assert!(!is_initiator_name("198.18.0.7"));
     }
 
     #[test]

@@ -19,8 +19,9 @@ use sqlx::AnyConnection;
 use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
 use crate::api::types::VmState;
-use crate::db::{self, DbError};
+use crate::db::{self, Db, DbError};
 use crate::jobs::{self, Action};
+use crate::nodes;
 use crate::users::Principal;
 use crate::vms::{self, VmError};
 use crate::Cloud;
@@ -230,11 +231,9 @@ impl Storage {
                     .map_err(copy_error)
                 }
             },
-            Backing::Iscsi(export, files) => {
-                let path = files.location(uuid);
-                file::FileBackend::create(&path, size_gib).map_err(VolumeError::Storage)?;
-                export.export(uuid, &path).await.map_err(storage_error)
-            }
+            // Exported only while attached (see `prepare`).
+            Backing::Iscsi(_, files) => file::FileBackend::create(&files.location(uuid), size_gib)
+                .map_err(VolumeError::Storage),
             Backing::Rbd(pool, image) => {
                 let source_image = |source: &str| {
                     rbd::RbdPool::image_at(source)
@@ -261,6 +260,7 @@ impl Storage {
             Backing::File(path) => file::FileBackend::delete(path).map_err(VolumeError::Storage),
             Backing::Iscsi(export, files) => {
                 export.unexport(uuid).await.map_err(storage_error)?;
+                export.forget_account(uuid).await.map_err(storage_error)?;
                 file::FileBackend::delete(&files.location(uuid)).map_err(VolumeError::Storage)
             }
             Backing::Rbd(pool, image) => pool.delete(image).await.map_err(|e| match e {
@@ -270,21 +270,94 @@ impl Storage {
         }
     }
 
-    /// Makes sure a node can reach the volume now (tgtd forgets its targets when it
-    /// restarts), and that this cloud still has the volume's storage configured.
-    pub async fn prepare(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
-        self.export_again(&volume.uuid, &volume.location).await
-    }
-
-    async fn export_again(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
-        if let Backing::Iscsi(export, files) = self.backing(location)? {
-            export
-                .export(uuid, &files.location(uuid))
-                .await
-                .map_err(storage_error)?;
+    /// Makes sure `node` can reach the volume now, and that this cloud still has the
+    /// volume's storage configured. An iSCSI volume is exported to that node alone, and
+    /// `volume` gets the node's login.
+    pub async fn prepare(
+        &self,
+        db: &Db,
+        volume: &mut NodeDisk,
+        node: &nodes::NodeRow,
+    ) -> Result<(), VolumeError> {
+        if let Backing::Iscsi(..) = self.backing(&volume.location)? {
+            let initiator = node_initiator(node.id, &node.name);
+            let login = self
+                .export_to(db, &volume.uuid, &volume.location, &initiator)
+                .await?;
+            volume.iscsi_login = Some(login);
         }
         Ok(())
     }
+
+    async fn export_to(
+        &self,
+        db: &Db,
+        uuid: &str,
+        location: &str,
+        initiator: &str,
+    ) -> Result<IscsiLogin, VolumeError> {
+        let Backing::Iscsi(export, files) = self.backing(location)? else {
+            return Err(VolumeError::Conflict(format!("{location} is not on iSCSI")));
+        };
+        let secret = chap_secret(db, uuid).await?;
+        let user = iscsi::IscsiExport::chap_user(uuid);
+        let access = iscsi::Access {
+            initiator,
+            user: user.clone(),
+            secret: &secret,
+        };
+        export
+            .export(uuid, &files.location(uuid), &access)
+            .await
+            .map_err(storage_error)?;
+        Ok(IscsiLogin {
+            initiator: initiator.to_owned(),
+            user,
+            secret,
+        })
+    }
+
+    /// Withdraws what `prepare` opened: the volume's target, once no VM has it.
+    pub async fn withdraw(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
+        if let Backing::Iscsi(export, _) = self.backing(&volume.location)? {
+            export.unexport(&volume.uuid).await.map_err(storage_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// The name a node's VMMs log in to iSCSI targets with: unique per node (its id), and
+/// readable (its name, in the characters iSCSI names allow).
+pub fn node_initiator(node_id: i64, name: &str) -> String {
+    let name: String = name
+        .chars()
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.' | '-') => c,
+            _ => '-',
+        })
+        .collect();
+    format!("iqn.2026-12.eu.stratuslab.node:{node_id}-{name}")
+}
+
+/// The volume's CHAP secret, made on first use: 128 random bits, in hex so that tgtadm
+/// never mistakes it for an option.
+async fn chap_secret(db: &Db, uuid: &str) -> Result<String, VolumeError> {
+    use argon2::password_hash::rand_core::{OsRng, RngCore};
+    let mut bytes = [0u8; 16];
+    OsRng.fill_bytes(&mut bytes);
+    let fresh: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    // Two replicas preparing at once: the first secret written is the one both use.
+    sqlx::query("UPDATE volumes SET chap_secret = $1 WHERE uuid = $2 AND chap_secret IS NULL")
+        .bind(&fresh)
+        .bind(uuid)
+        .execute(&db.pool)
+        .await?;
+    let (secret,): (Option<String>,) =
+        sqlx::query_as("SELECT chap_secret FROM volumes WHERE uuid = $1")
+            .bind(uuid)
+            .fetch_one(&db.pool)
+            .await?;
+    secret.ok_or_else(|| VolumeError::NotFound(uuid.to_owned()))
 }
 
 /// `GET /pools`: every configured pool with its storage's space and its volumes.
@@ -363,15 +436,20 @@ pub async fn pools(cloud: &Cloud) -> Result<Vec<PoolView>, VolumeError> {
 /// LIVE on the file pool with its ORIGIN's file (`backing`).
 pub fn node_source(
     rbd: Option<&rbd::RbdPool>,
-    location: &str,
-    backing: Option<&str>,
+    volume: &NodeDisk,
 ) -> stratus_nodeagent::api::types::DiskSource {
     use stratus_nodeagent::api::types::DiskSource;
-    if location.starts_with("iscsi://") {
+    let (location, backing) = (&volume.location, volume.base_location.as_deref());
+    if let Some(portal_and_lun) = location.strip_prefix("iscsi://") {
+        let login = volume.iscsi_login.as_ref();
         DiskSource::Iscsi {
-            url: location.to_owned(),
-            initiator: None,
+            url: match login {
+                Some(login) => format!("iscsi://{}@{portal_and_lun}", login.user),
+                None => location.to_owned(),
+            },
+            initiator: login.map(|l| l.initiator.clone()),
             secret_file: None,
+            chap_secret: login.map(|l| l.secret.clone()),
             timeout_secs: None,
         }
     } else if let Some(image) = rbd::RbdPool::image_at(location) {
@@ -973,27 +1051,105 @@ async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), 
     Ok(())
 }
 
-/// Exports every iSCSI volume again that tgtd has forgotten (it keeps targets in memory
-/// only): run at start and then every few seconds, so VMs running on a volume find their
-/// target again well within their VMM's timeout after tgtd restarts.
+/// Brings tgtd in line with the mounts: every iSCSI volume a placed VM has is exported to
+/// that VM's node (tgtd forgets everything when it restarts; a VM may have moved), and a
+/// target no VM has any more (the orchestrator was killed between a VM's end and the
+/// withdrawal) is withdrawn. Run at start and then every few seconds, so VMs running on a
+/// volume find their target again well within their VMM's timeout.
+///
+/// Attaches and detaches run meanwhile; each change is checked against the mounts again
+/// after it is made and undone if they moved under it, so a pass never leaves a target
+/// open to a node that no longer has the volume, nor closed to one that does.
 pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
     let Some(storage) = cloud.volumes.as_ref().filter(|s| s.iscsi.is_some()) else {
         return Ok(());
     };
-    let rows: Vec<(String, String)> = sqlx::query_as(
-        "SELECT uuid, location FROM volumes WHERE state = 'available' AND location LIKE 'iscsi://%'",
-    )
-    .fetch_all(&cloud.db.pool)
-    .await?;
-    for (uuid, location) in rows {
-        if let Err(e) = storage.export_again(&uuid, &location).await {
+    let Some(export) = storage.iscsi.as_ref() else {
+        return Ok(());
+    };
+    let holders = iscsi_holders(&cloud.db, None).await?;
+    // One look at tgtd per pass: the exports that are as they should be are left alone.
+    let exported = export.exported().await.map_err(storage_error)?;
+    for holder in &holders {
+        let (uuid, location, node_id, node) = holder;
+        let initiator = node_initiator(*node_id, node);
+        let as_it_should_be = exported
+            .iter()
+            .any(|(held, admitted)| held == uuid && admitted.as_ref() == Some(&initiator));
+        if as_it_should_be {
+            continue;
+        }
+        if let Err(e) = storage
+            .export_to(&cloud.db, uuid, location, &initiator)
+            .await
+        {
             tracing::warn!(volume = %uuid, error = %e, "cannot export it again");
+            continue;
+        }
+        if !iscsi_holders(&cloud.db, Some(uuid)).await?.contains(holder) {
+            resettle(cloud, storage, uuid).await?;
+        }
+    }
+    for (uuid, _) in exported {
+        if holders.iter().any(|(held, ..)| *held == uuid) {
+            continue;
+        }
+        if let Err(e) = export.unexport(&uuid).await {
+            tracing::warn!(volume = %uuid, error = %e, "cannot withdraw its target");
+            continue;
+        }
+        tracing::info!(volume = %uuid, "withdrew the target of a volume no VM has");
+        if !iscsi_holders(&cloud.db, Some(&uuid)).await?.is_empty() {
+            resettle(cloud, storage, &uuid).await?;
         }
     }
     Ok(())
 }
 
-/// Keeps tgtd serving every iSCSI volume (see [`reexport`]).
+/// The volume's target as its mounts are now (after a pass raced an attach or detach).
+async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str) -> Result<(), VolumeError> {
+    match iscsi_holders(&cloud.db, Some(uuid)).await?.first() {
+        Some((_, location, node_id, node)) => {
+            let initiator = node_initiator(*node_id, node);
+            storage
+                .export_to(&cloud.db, uuid, location, &initiator)
+                .await?;
+        }
+        None => {
+            if let Some(export) = &storage.iscsi {
+                export.unexport(uuid).await.map_err(storage_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// iSCSI volumes mounted on VMs that are placed on a node: (uuid, location, node id, node
+/// name); only `uuid`'s if given.
+async fn iscsi_holders(
+    db: &Db,
+    uuid: Option<&str>,
+) -> Result<Vec<(String, String, i64, String)>, VolumeError> {
+    const HOLDERS: &str = "SELECT v.uuid, v.location, n.id, n.name FROM mounts m \
+         JOIN volumes v ON v.uuid = m.volume_uuid \
+         JOIN vms ON vms.id = m.vm_id JOIN nodes n ON n.id = vms.node_id \
+         WHERE v.location LIKE 'iscsi://%'";
+    Ok(match uuid {
+        Some(uuid) => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{HOLDERS} AND v.uuid = $1")))
+                .bind(uuid)
+                .fetch_all(&db.pool)
+                .await?
+        }
+        None => {
+            sqlx::query_as(sqlx::AssertSqlSafe(format!("{HOLDERS} ORDER BY v.uuid")))
+                .fetch_all(&db.pool)
+                .await?
+        }
+    })
+}
+
+/// Keeps tgtd in line with the mounts (see [`reexport`]).
 pub async fn keep_exported(cloud: std::sync::Arc<Cloud>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(10)).await;
@@ -1225,6 +1381,7 @@ impl MountedRow {
             uuid: self.volume_uuid,
             device: self.device,
             location: self.location,
+            iscsi_login: None,
         }
     }
 }

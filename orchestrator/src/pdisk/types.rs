@@ -205,4 +205,15 @@ pub struct NodeDisk {
     /// Its base volume's location (a LIVE's ORIGIN, which a file-pool LIVE reads through).
     pub base_location: Option<String>,
     pub read_only: bool,
+    /// How the node logs in to the volume's iSCSI target: set by `Storage::prepare` for
+    /// the node the VM is on.
+    pub iscsi_login: Option<IscsiLogin>,
+}
+
+/// A node's way in to one iSCSI volume: its initiator name and the volume's CHAP account.
+#[derive(Clone, Debug)]
+pub struct IscsiLogin {
+    pub initiator: String,
+    pub user: String,
+    pub secret: String,
 }
