@@ -680,6 +680,39 @@ fn run_with_volume(user: &User, image: &str, volume: &str) -> i64 {
     out.split(',').next().unwrap().parse().unwrap()
 }
 
+/// What the disk-stamp guest of VM `vm` printed for the disk with `volume`'s serial, once
+/// it has: `what` is "read" (sector 0's first 32 bytes as found) or "wrote" (its stamp,
+/// as read back after a flush).
+fn stamp_of(cloud: &Orchestrator, vm: i64, volume: &str, what: &str) -> String {
+    let start = format!("disk {} {what} ", &volume[..20]);
+    cloud.wait_console_line(("alice", "alice-password"), vm, &start)
+}
+
+/// A persistent volume keeps what a VM's guest wrote: one VM stamps it, is killed, and a
+/// second VM's guest reads the stamp back. Returns the stamp (hex), for a look at the
+/// storage itself.
+fn data_outlives_its_vm(cloud: &Orchestrator, user: &User, image: &str, volume: &str) -> String {
+    let first = run_with_volume(user, image, volume);
+    let stamp = stamp_of(cloud, first, volume, "wrote");
+    // "stamp " and the guest's time-stamp counter.
+    assert!(stamp.starts_with("7374616d7020"), "{stamp}");
+    user.ok("stratus-kill-instance", &[&first.to_string()]);
+    cloud.wait_state(first, "Done");
+    let second = run_with_volume(user, image, volume);
+    assert_eq!(stamp_of(cloud, second, volume, "read"), stamp);
+    let restamped = stamp_of(cloud, second, volume, "wrote");
+    assert_ne!(restamped, stamp, "each boot writes its own stamp");
+    user.ok("stratus-kill-instance", &[&second.to_string()]);
+    cloud.wait_state(second, "Done");
+    restamped
+}
+
+/// The first `n` bytes of a file, in hex.
+fn head_hex(path: &Path, n: usize) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    bytes[..n].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The disk of the node agent's VM spec that is `volume` (its serial).
 fn volume_on_node(on_node: &Value, volume: &str) -> Value {
     on_node["spec"]["disks"]
@@ -699,6 +732,15 @@ fn volumes_through_the_links(backend: Backend) {
     let user = User::new();
     user.config(&user_config(&cloud, &market, &user));
     let bob = ["-u", "bob", "-p", "bob-password"];
+
+    // What one VM's guest writes, the next VM's guest reads; the file holds it.
+    let stamping = market.publish(Guest::DiskStamp, |_| {});
+    let kept = user.ok("stratus-create-volume", &["-s", "1", "-t", "kept"]);
+    let kept = kept.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    let stamp = data_outlives_its_vm(&cloud, &user, &stamping, &kept);
+    let kept_file = cloud.dir.path().join("volumes").join(format!("{kept}.img"));
+    assert_eq!(head_hex(&kept_file, 32), stamp);
+    user.ok("stratus-delete-volume", &[&kept]);
 
     assert_eq!(
         user.ok("stratus-describe-volumes", &[]),
@@ -1398,6 +1440,19 @@ impl Tgtd {
         self.show("account")
     }
 
+    /// The volume's target goes right after its VM's release is committed.
+    fn wait_withdrawn(&self, volume: &str) {
+        let ended = std::time::Instant::now();
+        while self.targets().contains(volume) {
+            assert!(
+                ended.elapsed() < std::time::Duration::from_secs(15),
+                "still exported after the VM ended: {}",
+                self.targets()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     fn tid_of(&self, target: &str) -> String {
         let shown = self.targets();
         let line = shown
@@ -1494,12 +1549,12 @@ impl RbdCloud {
 fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
     let cluster = stratus_vmm::test_ceph::CephCluster::start();
     let RbdCloud {
-        _market,
+        _market: market,
         agent,
         cloud,
         _database,
         alice,
-        image,
+        image: _,
         user,
     } = RbdCloud::start(&cluster);
 
@@ -1521,7 +1576,9 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
 
     // At boot: the node gets the image with the credentials, and the VMM only starts if
     // librbd opened it.
-    let vm = run_with_volume(&user, &image, &data);
+    let stamping = market.publish(Guest::DiskStamp, |_| {});
+    let vm = run_with_volume(&user, &stamping, &data);
+    stamp_of(&cloud, vm, &data, "wrote");
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["state"], "running", "{on_node}");
     let disk = volume_on_node(&on_node, &data);
@@ -1555,6 +1612,8 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
         format!("rbd/{spare}"),
         "{on_node}"
     );
+    // The guest finds it on its bus, reads it and writes it.
+    stamp_of(&cloud, vm, &spare, "wrote");
     assert_eq!(
         user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]),
         format!("DETACHED {spare} from VM {vm} on /dev/vdz\n")
@@ -1580,6 +1639,8 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
 
     user.ok("stratus-kill-instance", &[&vm.to_string()]);
     cloud.wait_state(vm, "Done");
+    let stamp = data_outlives_its_vm(&cloud, &user, &stamping, &data);
+    assert_eq!(rbd_head_hex(&cluster, &format!("rbd/{data}"), 32), stamp);
     assert_eq!(
         user.ok("stratus-delete-volume", &[&data]),
         format!("DELETED {data}\n")
@@ -1588,6 +1649,21 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
         .try_rbd(&["info", &format!("rbd/{data}")])
         .status
         .success());
+}
+
+/// The first `n` bytes of an RBD image as `rbd export` reads them, in hex.
+fn rbd_head_hex(cluster: &stratus_vmm::test_ceph::CephCluster, image: &str, n: usize) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rbd -c '{}' export --no-progress {image} - 2>/dev/null | head -c {n} | od -An -tx1 -v",
+            cluster.conf().display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect()
 }
 
 /// The first MiB of an RBD image, hashed as `rbd export` reads it (what the tests write
@@ -1784,7 +1860,6 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     );
     cloud.add_node("node-1", &agent);
     cloud.add_user("alice", "alice-password");
-    let image = market.publish(Guest::EventLoop, |_| {});
     let user = User::new();
     user.config(&user_config(&cloud, &market, &user));
 
@@ -1798,7 +1873,9 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
 
     // At boot: the target admits the node's initiator with the volume's CHAP account; the
     // node gets both, and the VMM only starts if it logged in.
-    let vm = run_with_volume(&user, &image, &data);
+    let stamping = market.publish(Guest::DiskStamp, |_| {});
+    let vm = run_with_volume(&user, &stamping, &data);
+    stamp_of(&cloud, vm, &data, "wrote");
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["state"], "running", "{on_node}");
     let port = tgtd.read("port");
@@ -1927,6 +2004,8 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     );
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
     assert_eq!(on_node["attached"][0]["serial"], spare[..20], "{on_node}");
+    // The guest finds it on its bus, reads it and writes it.
+    stamp_of(&cloud, vm, &spare, "wrote");
     assert!(
         on_node["attached"][0]["source"]["iscsi"]
             .get("chap_secret")
@@ -1984,16 +2063,12 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
 
     user.ok("stratus-kill-instance", &[&vm.to_string()]);
     cloud.wait_state(vm, "Done");
-    // Withdrawn right after the VM's release is committed.
-    let ended = std::time::Instant::now();
-    while tgtd.targets().contains(&data) {
-        assert!(
-            ended.elapsed() < std::time::Duration::from_secs(15),
-            "still exported after the VM ended: {}",
-            tgtd.targets()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    tgtd.wait_withdrawn(&data);
+
+    // The next VM reads what the last one wrote, through the target made for it.
+    let stamp = data_outlives_its_vm(&cloud, &user, &stamping, &data);
+    assert_eq!(head_hex(&file, 32), stamp);
+    tgtd.wait_withdrawn(&data);
 
     // Deleted: the file goes from the pool, the CHAP account from tgtd.
     assert_eq!(

@@ -982,9 +982,31 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected_on_postgres() {
     vm_roots_are_live_snapshots_quarantined_then_collected(Backend::Postgres);
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The first `n` bytes of what a qcow2 overlay reads as (through its backing file).
+fn qcow2_head_hex(path: &std::path::Path, n: usize) -> String {
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", "qcow2", "-c", &format!("read -v 0 {n}")])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // "00000000:  73 74 61 6d ...  stamp..." lines: the hex columns only.
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(":  "))
+        .flat_map(|(_, rest)| rest.split_whitespace().take(16).collect::<Vec<_>>())
+        .filter(|w| w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .take(n)
+        .collect()
+}
+
 fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     let market = Marketplace::start();
-    let image = market.publish(Guest::EventLoop, |_| {});
+    let image = market.publish(Guest::DiskStamp, |_| {});
     let image_file = std::fs::read_dir(market.dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -1058,8 +1080,15 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
             "{root}"
         );
         assert_eq!(root["read_only"], false, "{root}");
+        // The guest reads the image through its snapshot and writes its own stamp there.
+        let found = cloud.wait_console_line(alice, vm, &format!("disk {} read ", &uuid[..20]));
+        assert_eq!(found, hex(&original[..32]));
+        let stamp = cloud.wait_console_line(alice, vm, &format!("disk {} wrote ", &uuid[..20]));
+        assert_eq!(qcow2_head_hex(&live_file, 32), stamp);
         roots.insert(vm, (uuid, live_file));
     }
+    // Copy-on-write: the guests' writes never reached the ORIGIN.
+    assert_eq!(std::fs::read(&origin_file).unwrap(), original);
     // Alice sees her roots, not the service's ORIGIN; they are not hers to delete while
     // her VMs run, and do not count against her volume quota.
     let (_, mine) = cloud.call_as(alice, "GET", "/disks", None);

@@ -19,12 +19,21 @@ pub enum Guest {
     /// registers ask it to, and prints a `.` every few thousand rounds (so a paused guest
     /// is seen to stop).
     EventLoop,
+    /// Drives every virtio-blk device like a driver (polled) and prints, per disk, its
+    /// serial with the first 32 bytes of sector 0, then writes a stamp of its own there
+    /// and prints it as read back (`test_guest/disk_stamp.c` says the lines); does the
+    /// same for hot-plugged disks, ejects what it is asked to, powers off on the button.
+    /// Built from C with the host's `cc` when first asked for.
+    DiskStamp,
 }
 
 pub const ROUNDS_PER_DOT: u32 = 4000;
 
 /// Long-mode code for `guest`.
 pub fn guest_code(guest: Guest) -> Vec<u8> {
+    if guest == Guest::DiskStamp {
+        return disk_stamp_code().to_vec();
+    }
     let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
     for b in b"up\n" {
         code.extend([0xb0, *b, 0xee]); // mov al, b; out dx, al
@@ -69,8 +78,86 @@ pub fn guest_code(guest: Guest) -> Vec<u8> {
             assert_eq!(event_loop.len(), 56);
             code.extend(event_loop);
         }
+        Guest::DiskStamp => unreachable!("compiled above"),
     }
     code
+}
+
+/// Where [`tiny_vmlinux`] puts the code: right after its ELF and program headers.
+const CODE_ADDR: u64 = LOAD_ADDR + 64 + 56;
+/// Where the compiled program is linked: the code address rounded up to the alignment the
+/// compiler gives `.text`; NOPs fill the gap, so the entry is still the first byte.
+const LINK_ADDR: u64 = CODE_ADDR.next_multiple_of(16);
+
+/// The disk-stamp guest, compiled once per process: freestanding C, linked to run at
+/// `LINK_ADDR`, flattened to bytes whose first one is the entry.
+fn disk_stamp_code() -> &'static [u8] {
+    static CODE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    CODE.get_or_init(|| {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "stratus-disk-stamp-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("a directory for the guest's build");
+        let source = dir.join("disk_stamp.c");
+        std::fs::write(&source, include_str!("test_guest/disk_stamp.c")).unwrap();
+        let script = dir.join("guest.ld");
+        std::fs::write(
+            &script,
+            format!(
+                "ENTRY(entry)\nSECTIONS {{\n  . = {LINK_ADDR:#x};\n  .text : {{ *(.text.entry) \
+                 *(.text .text.*) }}\n  .rodata : {{ *(.rodata .rodata.*) }}\n  .data : {{ \
+                 *(.data .data.*) *(.bss .bss.* COMMON) }}\n  /DISCARD/ : {{ *(.note*) \
+                 *(.comment) *(.eh_frame*) }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let elf = dir.join("disk_stamp.elf");
+        let run = |command: &mut std::process::Command| {
+            let out = command
+                .output()
+                .expect("cc and objcopy (gcc, binutils) build test guests");
+            assert!(
+                out.status.success(),
+                "{command:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(std::process::Command::new("cc")
+            .args([
+                "-ffreestanding",
+                "-fno-builtin",
+                "-nostdlib",
+                "-static",
+                "-fno-pic",
+                "-fno-pie",
+                "-no-pie",
+                "-O2",
+                "-mno-red-zone",
+                "-mgeneral-regs-only",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-Wall",
+                "-Werror",
+                "-Wl,--build-id=none",
+                "-T",
+            ])
+            .arg(&script)
+            .arg("-o")
+            .arg(&elf)
+            .arg(&source));
+        let flat = dir.join("disk_stamp.bin");
+        run(std::process::Command::new("objcopy")
+            .args(["-O", "binary"])
+            .arg(&elf)
+            .arg(&flat));
+        let mut code = vec![0x90; (LINK_ADDR - CODE_ADDR) as usize]; // nop
+        code.extend(std::fs::read(&flat).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        code
+    })
 }
 
 /// An ELF64 executable holding `code` at `LOAD_ADDR`, entry at its first byte.

@@ -136,7 +136,8 @@ fn spec_of(
             id: ROOT_DISK_ID.into(),
             source: pdisk::node_source(rbd, root),
             read_only: false,
-            serial: None,
+            // Found in the guest like any volume: /dev/disk/by-id/virtio-<UUID's start>.
+            serial: Some(root.uuid.chars().take(20).collect()),
         });
     }
     if row.swap_mib > 0 {

@@ -620,6 +620,25 @@ impl Orchestrator {
         )
     }
 
+    /// The rest of the first line of VM `vm`'s console that starts with `start`, once
+    /// there is one (as `user` reads the console).
+    pub fn wait_console_line(&self, user: (&str, &str), vm: i64, start: &str) -> String {
+        let asked = std::time::Instant::now();
+        loop {
+            let (_, console) =
+                self.call_as(user, "GET", &format!("/vms/{vm}/console?bytes=65536"), None);
+            let console = console.as_str().unwrap_or_default().to_owned();
+            if let Some(line) = console.lines().find(|l| l.starts_with(start)) {
+                return line[start.len()..].to_owned();
+            }
+            assert!(
+                asked.elapsed() < DEADLINE,
+                "VM {vm} printed no '{start}': {console}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn call_as(
         &self,
         user: (&str, &str),
