@@ -41,9 +41,9 @@ pub struct Report {
     pub cow_root: Vec<(String, f64, f64)>,
 }
 
-const TOKEN: &str = "bench-agent-token-0123456789";
+pub(crate) const TOKEN: &str = "bench-agent-token-0123456789";
 
-struct Killed(Child);
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -61,7 +61,7 @@ fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-fn agent_call(
+pub(crate) fn agent_call(
     client: &reqwest::blocking::Client,
     base: &str,
     method: reqwest::Method,
@@ -123,12 +123,22 @@ fn timed(
 
 fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
     let dir = opts.dir.join("agent");
-    std::fs::create_dir_all(&dir)?;
+    let kernel = dir.join("vmlinux");
+    let (agent, base) = start_agent(&opts.agent, &opts.vmm, &dir)?;
+    std::fs::write(&kernel, tiny_vmlinux(&guest_code(Guest::Halt)))?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()?;
+    let rss_0 = rss_kib(agent.0.id())?;
+    lifecycle_on(opts, &agent, &base, &client, &kernel, rss_0)
+}
+
+/// A node agent of its own in `dir` (room for any number of VMs), and its URL.
+pub(crate) fn start_agent(agent: &Path, vmm: &Path, dir: &Path) -> Result<(Killed, String)> {
+    std::fs::create_dir_all(dir)?;
     let token = dir.join("token");
     std::fs::write(&token, TOKEN)?;
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600))?;
-    let kernel = dir.join("vmlinux");
-    std::fs::write(&kernel, tiny_vmlinux(&guest_code(Guest::Halt)))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -142,11 +152,11 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
             token.display(),
             dir.join("state").display(),
             dir.join("run").display(),
-            opts.vmm.display()
+            vmm.display()
         ),
     )?;
     let agent = Killed(
-        Command::new(&opts.agent)
+        Command::new(agent)
             .arg("--config")
             .arg(&config)
             .env("STRATUS_LOG", "warn")
@@ -163,17 +173,24 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()?;
-    let rss_0 = rss_kib(agent.0.id())?;
+    Ok((agent, format!("http://127.0.0.1:{port}")))
+}
+
+fn lifecycle_on(
+    opts: &Options,
+    agent: &Killed,
+    base: &str,
+    client: &reqwest::blocking::Client,
+    kernel: &Path,
+    rss_0: u64,
+) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
+    let base = base.to_owned();
     let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"kernel": kernel}});
     // The first hundred, then the agent's memory, then the rest.
     let first = opts.vms.min(100);
     let mut creates = timed(first, opts.concurrency, |i| {
         agent_call(
-            &client,
+            client,
             &base,
             reqwest::Method::PUT,
             &format!("/vms/b{i}"),
@@ -183,7 +200,7 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
     let rss_100 = rss_kib(agent.0.id())?;
     creates.extend(timed(opts.vms - first, opts.concurrency, |i| {
         agent_call(
-            &client,
+            client,
             &base,
             reqwest::Method::PUT,
             &format!("/vms/b{}", i + first),
@@ -193,14 +210,14 @@ fn lifecycle(opts: &Options) -> Result<(Vec<f64>, Vec<f64>, u64, u64)> {
     creates.sort_by(f64::total_cmp);
     let deletes = timed(opts.vms, opts.concurrency, |i| {
         agent_call(
-            &client,
+            client,
             &base,
             reqwest::Method::POST,
             &format!("/vms/b{i}/kill"),
             None,
         )?;
         agent_call(
-            &client,
+            client,
             &base,
             reqwest::Method::DELETE,
             &format!("/vms/b{i}"),

@@ -6,6 +6,7 @@ pub mod blk;
 pub mod cloud;
 pub mod download;
 pub mod guest;
+pub mod hotplug;
 pub mod measure;
 pub mod net;
 pub mod pdisk;

@@ -158,6 +158,19 @@ enum Cmd {
         #[arg(long, default_value = "target/bench-pdisk")]
         dir: PathBuf,
     },
+    /// Hot-plug through the node agent: `PUT /vms/{id}/disks/{disk}` → on the guest's bus
+    /// (the 201) → read by the guest, for a raw file and an iSCSI LUN (tgtd on loopback).
+    Hotplug {
+        #[arg(long, default_value = "target/release/stratus-nodeagent")]
+        agent: PathBuf,
+        #[arg(long, default_value = "target/release/stratus-vmm")]
+        vmm: PathBuf,
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Scratch directory (emptied first).
+        #[arg(long, default_value = "target/bench-hotplug")]
+        dir: PathBuf,
+    },
     /// Writes the tiny PVH guest used by the benchmarks.
     TinyGuest {
         #[arg(long)]
@@ -831,6 +844,33 @@ fn main() -> Result<()> {
                     row.tool,
                     row.tool_p50_ms,
                     row.tool_max_ms
+                );
+            }
+            Ok(())
+        }
+        Cmd::Hotplug {
+            agent,
+            vmm,
+            runs,
+            dir,
+        } => {
+            let dir = fresh_dir(&dir)?;
+            let rows = stratus_benches::hotplug::bench(&stratus_benches::hotplug::Options {
+                agent: std::fs::canonicalize(&agent)?,
+                vmm: std::fs::canonicalize(&vmm)?,
+                runs,
+                dir,
+            })?;
+            println!("| disk | PUT → on the bus p50 / max | PUT → read by the guest p50 / max |");
+            println!("|---|---|---|");
+            for row in &rows {
+                println!(
+                    "| {} | {:.1} / {:.1} ms | {:.1} / {:.1} ms |",
+                    row.source,
+                    row.on_bus_p50_ms,
+                    row.on_bus_max_ms,
+                    row.in_guest_p50_ms,
+                    row.in_guest_max_ms
                 );
             }
             Ok(())

@@ -1154,6 +1154,134 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     assert!(!origin_file.exists());
 }
 
+/// With an RBD pool, roots are Ceph's: the ORIGIN an image imported from the Marketplace
+/// image, each VM's root a clone of its protected snapshot that the VMM opens through
+/// librbd; the guest's writes stay in the clone; the quarantined clone is collected, and
+/// the evicted ORIGIN leaves nothing in the pool.
+#[test]
+fn vm_roots_on_an_rbd_pool_are_clones_of_the_origin() {
+    let cluster = stratus_vmm::test_ceph::CephCluster::start();
+    let market = Marketplace::start();
+    let image = market.publish(Guest::DiskStamp, |_| {});
+    let image_file = std::fs::read_dir(market.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "img"))
+        .unwrap();
+    let original = std::fs::read(&image_file).unwrap();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "root_volumes = true\nquarantine_period_s = 2\nallow_file_image_locations = true\n\
+             [volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+            cluster.conf().display(),
+            cluster.keyring().display()
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    let alice = cloud.add_user("alice", "alice-password");
+    let rbd_head = |image: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "rbd -c '{}' export --no-progress rbd/{image} - 2>/dev/null | head -c 32 | od -An -tx1 -v",
+                cluster.conf().display()
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<String>()
+    };
+
+    let vm = run_vm(
+        &cloud,
+        alice,
+        json!({"image": image, "instance_type": "t1.micro"}),
+    );
+    cloud.wait_state(vm, "Running");
+    let disks = all_disks(&cloud);
+    let origin = disks
+        .values()
+        .find(|d| d["type"] == "MACHINE_IMAGE_ORIGIN")
+        .unwrap_or_else(|| panic!("no ORIGIN: {disks:?}"));
+    let origin_uuid = origin["uuid"].as_str().unwrap().to_owned();
+    let live = disks
+        .values()
+        .find(|d| d["type"] == "MACHINE_IMAGE_LIVE")
+        .unwrap_or_else(|| panic!("no root: {disks:?}"));
+    let live_uuid = live["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(live["base_uuid"], origin_uuid.as_str(), "{live}");
+    let info: Value = serde_json::from_str(&cluster.rbd(&[
+        "info",
+        "--format",
+        "json",
+        &format!("rbd/{live_uuid}"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        info["parent"]["image"],
+        origin_uuid.as_str(),
+        "a clone: {info}"
+    );
+    assert_eq!(rbd_head(&origin_uuid), hex(&original[..32]));
+
+    // The node opens the clone through librbd; the guest reads the image through it and
+    // writes its stamp into it alone.
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    let root = on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "root")
+        .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
+        .clone();
+    assert_eq!(
+        root["source"]["rbd"]["image"],
+        format!("rbd/{live_uuid}"),
+        "{root}"
+    );
+    let found = cloud.wait_console_line(alice, vm, &format!("disk {} read ", &live_uuid[..20]));
+    assert_eq!(found, hex(&original[..32]));
+    let stamp = cloud.wait_console_line(alice, vm, &format!("disk {} wrote ", &live_uuid[..20]));
+    assert_eq!(rbd_head(&live_uuid), stamp);
+    assert_eq!(rbd_head(&origin_uuid), hex(&original[..32]));
+    assert!(
+        !cloud
+            .dir
+            .path()
+            .join("volumes")
+            .join(".images")
+            .join(&image)
+            .exists(),
+        "the download is not kept"
+    );
+
+    // Ended: quarantined, then collected; the ORIGIN is evicted once nothing needs it.
+    let (status, killed) = cloud.call_as(alice, "POST", &format!("/vms/{vm}/kill"), None);
+    assert_eq!(status, 202, "{killed}");
+    cloud.wait_state(vm, "Done");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while all_disks(&cloud).contains_key(&live_uuid) {
+        assert!(std::time::Instant::now() < deadline, "{}", cloud.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!cluster
+        .try_rbd(&["info", &format!("rbd/{live_uuid}")])
+        .status
+        .success());
+    let (ok, out) = cloud.admin_command(&["pdisk", "evict-origins"], "");
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("evicted {origin_uuid}")), "{out}");
+    assert!(!cluster
+        .try_rbd(&["info", &format!("rbd/{origin_uuid}")])
+        .status
+        .success());
+}
+
 /// An ORIGIN whose filler died without a trace (another replica, killed mid-download, so
 /// no restart undid it): once its row has shown no sign of life for a minute, the next
 /// deployment of its image takes it over — removes the half-made file and row — and fills

@@ -261,6 +261,16 @@ impl RbdPool {
         }
     }
 
+    /// `image` made from the raw `file` (zeros left out: thin). An `image` left by a crash
+    /// in the middle is made again.
+    pub async fn import(&self, file: &std::path::Path, image: &str) -> Result<(), RbdError> {
+        self.delete(image).await?;
+        let file = file.to_string_lossy();
+        self.rbd(&["import", "--no-progress", &file, image])
+            .await
+            .map_err(|(_, e)| e)
+    }
+
     /// `image` as a full, independent copy of `source` (a clone's parent data included).
     /// An `image` left by a crash in the middle is made again.
     pub async fn copy_of(&self, source: &str, image: &str) -> Result<(), RbdError> {

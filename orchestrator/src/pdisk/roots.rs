@@ -5,8 +5,11 @@
 //! deletes it once `quarantine_period_s` has passed — the stamp is in the database, so a
 //! restarted orchestrator collects what its predecessor quarantined.
 //!
-//! Roots live on the file pool (`volume_dir`): the nodes open the snapshot and its ORIGIN
-//! by path, and still take the kernel and initrd from their own copy of the image.
+//! Roots live on the RBD pool when the cloud has one (the ORIGIN an RBD image with a
+//! protected snapshot, each LIVE a clone of it, which the nodes' VMMs open through librbd),
+//! else on the file pool (a qcow2 overlay the nodes open with its ORIGIN by path). Images
+//! are downloaded into `volume_dir` either way. Nodes still take the kernel and initrd from
+//! their own copy of the image.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use stratus_vmm::devices::virtio::block::io::qcow2::flatten_to_raw;
 use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
 use super::{
-    delete_unchecked, file, finish_create, finish_delete, insert_creating, load, load_locked,
+    delete_unchecked, finish_create, finish_delete, insert_creating, load, load_locked,
     storage_error, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError, VolumeKind,
     VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
 };
@@ -71,9 +74,8 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
         Err(why) => return Ok(Root::Waiting(why)),
     };
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-    let location = file::FileBackend::location_beside(Path::new(&origin.location), &uuid, true)
-        .to_string_lossy()
-        .into_owned();
+    let storage = cloud.volumes.as_ref().ok_or_else(super::no_storage)?;
+    let location = storage.location_beside(&origin.location, &uuid, true)?;
     let identifier = format!("snapshot:{}", origin.uuid);
     let mut tx = cloud.db.pool.begin().await?;
     // Locked, as a delete locks it: an eviction of the ORIGIN either sees this snapshot or
@@ -123,7 +125,7 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
     )
     .await
     {
-        let _ = file::FileBackend::delete(Path::new(&location));
+        discard(storage, &uuid, &location).await;
         let mut tx = cloud.db.pool.begin().await?;
         sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
             .bind(&uuid)
@@ -226,14 +228,16 @@ async fn origin_of(
         )));
     }
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-    let location = files.location(&uuid);
+    let (pool, location) = match &storage.rbd {
+        Some(rbd) => ("rbd", rbd.location(&uuid)),
+        None => ("file", files.location(&uuid).to_string_lossy().into_owned()),
+    };
     // StratusLab tagged an image's ORIGIN with the image's title, cut to a tag's length.
     let tag: String = (image.title.as_deref().unwrap_or(""))
         .chars()
         .filter(|c| !c.is_control())
         .take(super::MAX_TAG_CHARS)
         .collect();
-    let location_text = location.to_string_lossy().into_owned();
     let inserted = insert_creating(
         &mut conn,
         &NewVolume {
@@ -245,8 +249,8 @@ async fn origin_of(
             kind: VolumeKind::MachineImageOrigin,
             identifier: Some(&identifier),
             base_uuid: None,
-            pool: "file",
-            location: &location_text,
+            pool,
+            location: &location,
         },
     )
     .await?;
@@ -259,13 +263,28 @@ async fn origin_of(
     let policy = cloud.policy.clone().unwrap_or_default();
     let follow_files = cloud.config.allow_file_image_locations;
     let entry = image.clone();
-    let dest = location.clone();
-    let fill =
-        tokio::task::spawn_blocking(move || fill(&staging, policy, follow_files, &entry, &dest));
+    // An RBD ORIGIN is imported from a raw file made beside the downloads.
+    let rbd = storage.rbd.as_ref();
+    let dest = match rbd {
+        Some(_) => staging.join(format!("{uuid}.raw")),
+        None => files.location(&uuid),
+    };
+    let fill = async {
+        let into = dest.clone();
+        tokio::task::spawn_blocking(move || fill(&staging, policy, follow_files, &entry, &into))
+            .await
+            .map_err(storage_error)??;
+        if let (Some(rbd), Some(image)) = (rbd, super::rbd::RbdPool::image_at(&location)) {
+            let imported = rbd.import(&dest, image).await.map_err(storage_error);
+            let _ = std::fs::remove_file(&dest);
+            imported?;
+        }
+        Ok::<_, VolumeError>(())
+    };
     tokio::pin!(fill);
     let filled = loop {
         tokio::select! {
-            done = &mut fill => break done.map_err(storage_error).and_then(|r| r),
+            done = &mut fill => break done,
             _ = tokio::time::sleep(FILL_HEARTBEAT) => {
                 // Alive: others wait for this fill rather than take it over.
                 sqlx::query("UPDATE volumes SET updated = $1 WHERE uuid = $2 AND state = 'creating'")
@@ -277,7 +296,8 @@ async fn origin_of(
         }
     };
     if let Err(e) = filled {
-        let _ = file::FileBackend::delete(&location);
+        let _ = std::fs::remove_file(&dest);
+        discard(storage, &uuid, &location).await;
         sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
             .bind(&uuid)
             .execute(&cloud.db.pool)
@@ -293,13 +313,21 @@ async fn origin_of(
     .await?
     .rows_affected();
     if finished == 0 {
-        // Taken over while this fill was stalled: the file made here belongs to nobody.
-        let _ = file::FileBackend::delete(&location);
+        // Taken over while this fill was stalled: what was made here belongs to nobody.
+        discard(storage, &uuid, &location).await;
         return Ok(Err(busy()));
     }
     tracing::info!(image = %identifier, volume = %uuid, "image cached in pdisk");
     let mut conn = cloud.db.pool.acquire().await?;
     Ok(Ok(load(&mut conn, &uuid).await?))
+}
+
+/// Removes storage made for a volume whose row is gone or going (a failed or superseded
+/// fill); what cannot be removed now is left to the pool (logged).
+async fn discard(storage: &super::Storage, uuid: &str, location: &str) {
+    if let Err(e) = storage.remove(uuid, location).await {
+        tracing::warn!(volume = %uuid, %location, error = %e, "cannot remove it");
+    }
 }
 
 /// How often a filling ORIGIN's row shows that its filler is alive.
