@@ -12,7 +12,9 @@
 #
 # Prints one line per target, `fuzz <target>: <execs> execs, <cov> cov, <n> crashes`, and
 # exits non-zero when a target crashed (a panic, an arithmetic overflow, a hang of more
-# than 10 s or more than 2 GiB of memory), naming the input that did it. Reproduce one
+# than 10 s or more than 2 GiB of memory), naming the input that did it. FUZZ_TIMEOUT_S=N
+# sets the hang limit: blk_request's disk file is real, and on a machine busy with builds
+# one fsync can take longer than 10 s (a campaign next to a build saw it). Reproduce one
 # with `target/fuzz/x86_64-unknown-linux-gnu/<smoke|release>/<target> <artifact>`.
 #
 # Stable rustc has no -Zsanitizer: the Rust code is memory safe, what is looked for is
@@ -100,7 +102,7 @@ for target in "${targets[@]}"; do
         "${limit[@]}" \
         -max_len="$(max_len "$target")" \
         -rss_limit_mb=2048 \
-        -timeout=10 \
+        -timeout="${FUZZ_TIMEOUT_S:-10}" \
         -print_final_stats=1 \
         -artifact_prefix="$artifacts/" \
         >"$log" 2>&1
