@@ -17,6 +17,12 @@
 # orchestrator, shuts the VM down gracefully (the guest handles the power button) and
 # checks that the cached base image is unchanged and everything was released.
 #
+# The VM also has a persistent volume on pdisk's iSCSI pool: a tgtd on this machine
+# (loopback), reached from L1 through the user network, the node's VMM logging in with the
+# volume's CHAP account under the node's initiator name. The guest writes a stamp to it;
+# after the VM ends, a second VM of the same volume reads the stamp back, and the LUN's
+# file here holds it.
+#
 # Prints "nested-cloud: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
@@ -30,6 +36,7 @@ W=$(mktemp -d "$NESTED_WORK/cloud.XXXX")
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    declare -F stop_tgtd > /dev/null && stop_tgtd
     wait 2>/dev/null || true
     rm -rf "$W"
 }
@@ -43,6 +50,7 @@ L1_IP=198.18.64.15
 # image server.
 GATEWAY=198.18.64.2
 IMAGE_HOST=198.18.64.100
+PORTAL_HOST=198.18.64.101
 GUEST_IP=198.18.66.10
 TOKEN=nested-agent-token-0123456789
 ADMIN_PASSWORD=nested-admin-password
@@ -89,6 +97,19 @@ for b in /sys/block/vd*; do
         dd if=/dev/urandom of=/dev/${b##*/} bs=65536 count=16 conv=fsync 2>/dev/null && echo "STRATUS-L2-VOLATILE-WROTE"
     fi
 done
+# A pdisk volume: its serial is the start of its UUID. What a VM before wrote is read
+# back, then this VM writes its own stamp.
+for b in /sys/block/vd*; do
+    serial=$(cat $b/serial 2>/dev/null)
+    case "$serial" in
+    [0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f][0-9a-f]-*)
+        echo "STRATUS-L2-VOLUME-READ $(dd if=/dev/${b##*/} bs=1 count=31 2>/dev/null | tr -cd 'A-Za-z0-9-')"
+        stamp="STRATUS-STAMP-$(dd if=/dev/urandom bs=8 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+        printf '%s' "$stamp" | dd of=/dev/${b##*/} conv=fsync 2>/dev/null &&
+            echo "STRATUS-L2-VOLUME-WROTE $stamp"
+        ;;
+    esac
+done
 ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -q -n -t 20 -s /udhcpc.sh
@@ -115,6 +136,11 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$MARKET_PORT/endorsers" >/dev
 IMAGE_ID=$("$BIN/examples/publish_image" "$W/www/debian.img" "http://$IMAGE_HOST:8080/debian.img" \
     "http://127.0.0.1:$MARKET_PORT" "$W/pki/endorser.key" "$W/pki/endorser.pem" "$W/pki/upload-token")
 log "image $IMAGE_ID published"
+
+# pdisk's iSCSI pool: a throw-away tgtd on loopback, which L1 reaches as $PORTAL_HOST.
+bash "$REPO_ROOT/scripts/iscsi-target.sh" start "$W/tgtd"
+TGT_PORT=$(cat "$W/tgtd/port"); TGT_CONTROL=$(cat "$W/tgtd/control")
+stop_tgtd() { bash "$REPO_ROOT/scripts/iscsi-target.sh" stop "$W/tgtd" || true; }
 
 # L1: KVM, the user network to this machine, the node agent with its own guest network.
 busybox_root "$W/l1"
@@ -171,7 +197,7 @@ INIT
 NESTED_COMPRESS="xz -T1 --check=crc32" pack_initramfs "$W/l1" "$W/l1.cpio.xz"
 
 NESTED_QEMU_ARGS=(
-    -netdev "user,id=n0,net=198.18.64.0/24,host=$GATEWAY,restrict=on,hostfwd=tcp:127.0.0.1:$AGENT_PORT-$L1_IP:8776,hostfwd=tcp:127.0.0.1:$CONTROL_PORT-$L1_IP:9999,guestfwd=tcp:$IMAGE_HOST:8080-cmd:busybox nc 127.0.0.1 $FILES_PORT"
+    -netdev "user,id=n0,net=198.18.64.0/24,host=$GATEWAY,restrict=on,hostfwd=tcp:127.0.0.1:$AGENT_PORT-$L1_IP:8776,hostfwd=tcp:127.0.0.1:$CONTROL_PORT-$L1_IP:9999,guestfwd=tcp:$IMAGE_HOST:8080-cmd:busybox nc 127.0.0.1 $FILES_PORT,guestfwd=tcp:$PORTAL_HOST:3260-cmd:busybox nc 127.0.0.1 $TGT_PORT"
     -device virtio-net-device,netdev=n0
 )
 CONSOLE=$NESTED_WORK/cloud_in_l1.console.log
@@ -208,12 +234,17 @@ admin_password_file = "$W/admin-password"
 poll_interval_s = 2
 node_timeout_s = 300
 shutdown_timeout_s = 240
+volume_dir = "$W/volumes"
 
 [[instance_types]]
 name = "nested.small"
 cpu = 1
 ram_mib = 256
 swap_mib = 0
+
+[volume_iscsi]
+portal = "$PORTAL_HOST:3260"
+control_port = $TGT_CONTROL
 
 [[networks]]
 name = "public"
@@ -222,13 +253,17 @@ addresses = ["$GUEST_IP"]
 TOML
 "$BIN/stratus-orchestrator" --config "$W/orchestrator.toml" > "$W/orchestrator.log" 2>&1 &
 PIDS+=($!)
-wait_for 60 curl -sf "http://127.0.0.1:$CLOUD_PORT/cimi" -o /dev/null || fail "the orchestrator starts"
+wait_for 60 curl -sf "http://127.0.0.1:$CLOUD_PORT/cimi" -o /dev/null ||
+    { fail "the orchestrator starts"; tail -n 20 "$W/orchestrator.log"; }
 admin POST /nodes "{\"name\":\"l1\",\"url\":\"http://127.0.0.1:$AGENT_PORT\",\"token\":\"$TOKEN\"}" > "$W/nodes.json"
 [ "$(json 'd[0]["health"]' < "$W/nodes.json" 2>/dev/null)" = up ] && ok "the orchestrator registers L1's node and finds it up" \
     || { fail "the orchestrator registers L1's node"; cat "$W/nodes.json"; }
 admin POST /users '{"name":"alice","password":"alice-password"}' > /dev/null
+alice POST /disks '{"size_gib":1,"tag":"nested"}' > "$W/volume.json"
+VOLUME=$(json 'd["uuid"]' < "$W/volume.json" 2>/dev/null || true)
+[ -n "$VOLUME" ] && ok "a volume is made on the iSCSI pool ($VOLUME)" || { fail "a volume is made"; cat "$W/volume.json"; }
 alice POST /vms "{\"image\":\"$IMAGE_ID\",\"instance_type\":\"nested.small\",\"volatile_disk_gib\":1,\
-\"context\":{\"GREETING\":\"hello-from-the-cloud\"},\"public_key\":\"$PUBKEY\"}" > "$W/run.json"
+\"context\":{\"GREETING\":\"hello-from-the-cloud\"},\"public_key\":\"$PUBKEY\",\"persistent_disks\":[\"$VOLUME\"]}" > "$W/run.json"
 VM=$(json 'd["vm"]["id"]' < "$W/run.json" 2>/dev/null || true)
 [ -n "$VM" ] && ok "the run request is accepted (VM $VM)" || { fail "the run request is accepted"; cat "$W/run.json"; VM=0; }
 vm_state() { admin GET "/vms/$VM" | json 'd["state"]' 2>/dev/null; }
@@ -256,6 +291,13 @@ check "the guest writes its root disk" "STRATUS-L2-ROOT-WROTE"
 check "the guest writes its volatile disk" "STRATUS-L2-VOLATILE-WROTE"
 check "DHCP on the agent's bridge gives the leased address" "STRATUS-L2-LEASE $GUEST_IP router=198.18.66.1 hostname=one-$VM"
 check "the guest is ready" "STRATUS-L2-READY"
+check "the volume (an iSCSI LUN the VMM in L1 logs in to) is there" "serial=${VOLUME:0:20} sectors=2097152 ro=0"
+STAMP=$(sed -n 's/.*STRATUS-L2-VOLUME-WROTE \(STRATUS-STAMP-[0-9a-f]*\).*/\1/p' "$W/console.txt" | head -n 1)
+[ -n "$STAMP" ] && ok "the guest writes its stamp to the volume" || fail "the guest writes its stamp to the volume"
+tgtadm -C "$TGT_CONTROL" --lld iscsi --op show --mode target > "$W/targets.txt" 2>&1 || true
+grep -q "iqn.2026-12.eu.stratuslab.node:[0-9]*-l1" "$W/targets.txt" && grep -q "pdisk-$VOLUME" "$W/targets.txt" \
+    && ok "the volume's target admits L1's initiator with the volume's CHAP account" \
+    || { fail "the volume's target admits L1's initiator with the volume's CHAP account"; cat "$W/targets.txt"; }
 
 alice POST "/vms/$VM/shutdown" > /dev/null
 done_() { [ "$(vm_state)" = Done ]; }
@@ -266,6 +308,26 @@ admin GET "/vms/$VM" > "$W/vm.json"
     && ok "its history is Pending Prolog Running Shutdown Epilog Done" \
     || { fail "its history"; json '" ".join(e["state"] for e in d["history"])' < "$W/vm.json"; }
 [ "$(admin GET /networks | json 'd[0]["free"]')" = 1 ] && ok "its address is free again" || fail "its address is free again"
+withdrawn() { ! tgtadm -C "$TGT_CONTROL" --lld iscsi --op show --mode target | grep -q "$VOLUME"; }
+wait_for 30 withdrawn && ok "the volume's target is withdrawn when the VM ends" || fail "the volume's target is withdrawn when the VM ends"
+[ "$(head -c ${#STAMP} "$W/volumes/$VOLUME.img")" = "$STAMP" ] && [ -n "$STAMP" ] \
+    && ok "the LUN's file here holds the guest's stamp" || fail "the LUN's file here holds the guest's stamp"
+
+# A second VM of the volume reads the first one's stamp back.
+FIRST_VM=$VM
+alice POST /vms "{\"image\":\"$IMAGE_ID\",\"instance_type\":\"nested.small\",\"persistent_disks\":[\"$VOLUME\"]}" > "$W/run2.json"
+VM=$(json 'd["vm"]["id"]' < "$W/run2.json" 2>/dev/null || true)
+[ -n "$VM" ] && ok "a second VM of the volume is accepted (VM $VM)" || { fail "a second VM of the volume is accepted"; cat "$W/run2.json"; VM=0; }
+if wait_for 1500 console; then
+    check "the second VM's guest reads the first one's stamp from the volume" "STRATUS-L2-VOLUME-READ $STAMP"
+else
+    fail "the second VM's guest finished its checks (state $(vm_state))"
+fi
+alice POST "/vms/$VM/kill" > /dev/null
+wait_for 600 done_ && ok "the second VM is killed (Done)" || fail "the second VM is killed (state $(vm_state))"
+wait_for 30 withdrawn && ok "... and its target withdrawn" || fail "... and its target withdrawn"
+alice DELETE "/disks/$VOLUME" > /dev/null
+[ ! -e "$W/volumes/$VOLUME.img" ] && ok "the volume is deleted" || fail "the volume is deleted"
 
 # Let L1 finish: it reports what the agent left and the cached image's checksum.
 exec 4<>"/dev/tcp/127.0.0.1/$CONTROL_PORT" && exec 4>&-
@@ -276,7 +338,7 @@ l1check() {
 }
 l1check "L1 has /dev/kvm from the stock kvm_amd" "L1-KVM-READY"
 l1check "the cached base image is unchanged" "L1-BASE-SHA256 $IMAGE_SHA"
-l1check "the guest powered off on the power button (no hard stop)" "VM $VM: guest powered off"
+l1check "the guest powered off on the power button (no hard stop)" "VM $FIRST_VM: guest powered off"
 if grep -q "no power-off after" "$CONSOLE"; then fail "the agent had to stop the guest hard"; fi
 if grep -qE "L1-LEFT-VM|L1-LEFT-PORT" "$CONSOLE"; then fail "the agent left VM state or a TAP behind"; grep -E "L1-LEFT" "$CONSOLE"; fi
 
