@@ -333,14 +333,16 @@ fn open_storage(config: &Config) -> anyhow::Result<Option<stratus_orchestrator::
         .clone()
         .map(pdisk::rbd::RbdPool::new)
         .transpose()?;
-    Ok((files.is_some() || rbd.is_some()).then(|| pdisk::Storage {
-        files,
-        iscsi: config
-            .volume_iscsi
-            .clone()
-            .map(pdisk::iscsi::IscsiExport::new),
-        rbd,
-    }))
+    // Replicas on this host change the one tgtd in turn (the iSCSI pool needs volume_dir).
+    let tgtadm_lock = files.as_ref().map(|f| f.dir().join(".tgtadm.lock"));
+    let iscsi = config.volume_iscsi.clone().map(|c| {
+        let export = pdisk::iscsi::IscsiExport::new(c);
+        match tgtadm_lock {
+            Some(lock) => export.with_lock_file(lock),
+            None => export,
+        }
+    });
+    Ok((files.is_some() || rbd.is_some()).then_some(pdisk::Storage { files, iscsi, rbd }))
 }
 
 async fn stop_signal() {

@@ -2016,6 +2016,23 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
         user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]),
         format!("DETACHED {spare} from VM {vm} on /dev/vdz\n")
     );
+    // Withdrawn with its account: the secret the node had opens nothing any more.
+    assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
+    assert!(!tgtd.accounts().contains(&spare), "{}", tgtd.accounts());
+    // A read-only mount gets a read-only LUN, whatever the node's VMM would do.
+    let alice = ("alice", "alice-password");
+    let (status, updated) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{spare}"),
+        Some(&serde_json::json!({"type": "DATA_IMAGE_RAW_READONLY"})),
+    );
+    assert_eq!(status, 200, "{updated}");
+    user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]);
+    let shown = target_section(&tgtd.targets(), &spare_target);
+    assert!(shown.contains("Readonly: Yes"), "{shown}");
+    cloud.wait_console_line(alice, vm, &format!("disk {} read-only", &spare[..20]));
+    user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &spare]);
     assert!(!tgtd.targets().contains(&spare), "{}", tgtd.targets());
 
     // What a crash or a hand could leave: another initiator admitted to the attached

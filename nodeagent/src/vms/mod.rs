@@ -1515,6 +1515,15 @@ impl VmManager {
         if matches!(disk.source, DiskSource::Volatile { .. }) {
             let _ = std::fs::remove_file(vm.volatile_path(disk_id));
         }
+        // A detached disk's secrets are of no more use here: none stays on the host.
+        let _ = std::fs::remove_file(vm.dir.join(format!("{disk_id}.chap")));
+        for kind in ["secret", "keyring", "conf"] {
+            let copy = vm
+                .vmm_dir()
+                .join("secrets")
+                .join(format!("{disk_id}.{kind}"));
+            let _ = std::fs::remove_file(copy);
+        }
         self.save(vm);
         Ok(self.info(vm).await)
     }

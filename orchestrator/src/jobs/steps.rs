@@ -90,18 +90,20 @@ async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Resu
         let mut conn = cloud.db.pool.acquire().await?;
         pdisk::disks_of(&mut conn, vm, &["attached", "attaching", "detaching"]).await?
     };
-    let mut tx = cloud.db.pool.begin().await?;
-    vms::release(&mut tx, vm, state).await?;
-    tx.commit().await?;
-    cloud.metrics.vm_released.inc();
+    // The VM is gone from its node: its ways in go while its mounts still hold the volumes
+    // (so no other VM can have them yet); a pass of `pdisk::reexport` puts back what a
+    // failed commit leaves mounted, and withdraws what fails here.
     if let Some(storage) = &cloud.volumes {
         for volume in &volumes {
-            // Done here at once; if not, `pdisk::reexport` withdraws it on its next pass.
-            if let Err(e) = storage.withdraw(volume).await {
+            if let Err(e) = storage.withdraw(&cloud.db, volume).await {
                 tracing::warn!(volume = %volume.uuid, error = %e, "cannot withdraw");
             }
         }
     }
+    let mut tx = cloud.db.pool.begin().await?;
+    vms::release(&mut tx, vm, state).await?;
+    tx.commit().await?;
+    cloud.metrics.vm_released.inc();
     Ok(())
 }
 
@@ -646,7 +648,7 @@ async fn hotplug(
             Ok(()) => {
                 // The node let go: its way in goes before the volume is free for another.
                 if let (false, Some(storage)) = (attach, &cloud.volumes) {
-                    if let Err(e) = storage.withdraw(volume).await {
+                    if let Err(e) = storage.withdraw(&cloud.db, volume).await {
                         return retry(e.to_string()).await;
                     }
                 }
@@ -665,7 +667,7 @@ async fn hotplug(
                     volume.uuid
                 );
                 if let (true, Some(storage)) = (attach, &cloud.volumes) {
-                    if let Err(e) = storage.withdraw(volume).await {
+                    if let Err(e) = storage.withdraw(&cloud.db, volume).await {
                         // reexport withdraws it once the mount is gone.
                         tracing::warn!(volume = %volume.uuid, error = %e, "cannot withdraw");
                     }

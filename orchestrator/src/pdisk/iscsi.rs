@@ -13,7 +13,7 @@
 //! idempotent and puts back whatever is missing, so a restarted tgtd serves the attached
 //! volumes again as soon as pdisk's reconciliation passes over them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -46,14 +46,24 @@ pub enum ExportError {
     NoTid,
     #[error("tgtadm {0} got no answer from tgtd in time")]
     Timeout(String),
+    #[error("cannot take the lock on tgtd's changes: {0}")]
+    Lock(#[source] std::io::Error),
 }
 
 const TGTADM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 pub struct IscsiExport {
     config: IscsiPoolConfig,
-    /// Creations pick the next free target id: one at a time.
+    /// Changes look tgtd's targets up and act on their ids: one at a time in this process,
+    /// and (with `lock_file`) across the replicas on this host.
     changes: Mutex<()>,
+    lock_file: Option<PathBuf>,
+}
+
+/// Held while tgtd is changed.
+struct Changing<'a> {
+    _here: tokio::sync::MutexGuard<'a, ()>,
+    _host: Option<std::fs::File>,
 }
 
 impl IscsiExport {
@@ -61,7 +71,41 @@ impl IscsiExport {
         IscsiExport {
             config,
             changes: Mutex::new(()),
+            lock_file: None,
         }
+    }
+
+    /// Every replica on this host that changes the same tgtd takes `path`'s lock first.
+    pub fn with_lock_file(mut self, path: PathBuf) -> Self {
+        self.lock_file = Some(path);
+        self
+    }
+
+    async fn changing(&self) -> Result<Changing<'_>, ExportError> {
+        let here = self.changes.lock().await;
+        let host = match &self.lock_file {
+            Some(path) => {
+                let path = path.clone();
+                let locked = tokio::task::spawn_blocking(move || {
+                    let file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .truncate(false)
+                        .write(true)
+                        .open(&path)?;
+                    file.lock()?;
+                    Ok(file)
+                })
+                .await
+                .map_err(|e| ExportError::Lock(std::io::Error::other(e)))?
+                .map_err(ExportError::Lock)?;
+                Some(locked)
+            }
+            None => None,
+        };
+        Ok(Changing {
+            _here: here,
+            _host: host,
+        })
     }
 
     pub fn target(&self, uuid: &str) -> String {
@@ -79,6 +123,16 @@ impl IscsiExport {
     }
 
     async fn tgtadm(&self, args: &[&str]) -> Result<String, ExportError> {
+        // What errors show of the command: never an account's password.
+        let shown = || {
+            let mut shown: Vec<&str> = args.to_vec();
+            if let Some(at) = shown.iter().position(|a| *a == "--password") {
+                if let Some(secret) = shown.get_mut(at + 1) {
+                    *secret = "(secret)";
+                }
+            }
+            shown.join(" ")
+        };
         let control = self.config.control_port.to_string();
         let run = tokio::process::Command::new("tgtadm")
             .args(["-C", &control, "--lld", "iscsi"])
@@ -88,11 +142,11 @@ impl IscsiExport {
         // A hung tgtd must not hold every volume operation behind this lock.
         let out = tokio::time::timeout(TGTADM_TIMEOUT, run)
             .await
-            .map_err(|_| ExportError::Timeout(args.join(" ")))?
+            .map_err(|_| ExportError::Timeout(shown()))?
             .map_err(ExportError::Spawn)?;
         if !out.status.success() {
             return Err(ExportError::Tgtadm {
-                args: args.join(" "),
+                args: shown(),
                 stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
@@ -114,7 +168,7 @@ impl IscsiExport {
         file: &Path,
         access: &Access<'_>,
     ) -> Result<(), ExportError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let _one_at_a_time = self.changing().await?;
         let name = self.target(uuid);
         let shown = self.show().await?;
         let existing = shown.iter().find(|t| t.name == name);
@@ -134,17 +188,25 @@ impl IscsiExport {
         if !target.accounts.contains(&access.user) {
             let accounts = self.tgtadm(&["--op", "show", "--mode", "account"]).await?;
             if !accounts.lines().skip(1).any(|l| l.trim() == access.user) {
-                self.tgtadm(&[
-                    "--op",
-                    "new",
-                    "--mode",
-                    "account",
-                    "--user",
-                    &access.user,
-                    "--password",
-                    access.secret,
-                ])
-                .await?;
+                match self
+                    .tgtadm(&[
+                        "--op",
+                        "new",
+                        "--mode",
+                        "account",
+                        "--user",
+                        &access.user,
+                        "--password",
+                        access.secret,
+                    ])
+                    .await
+                {
+                    Err(ExportError::Tgtadm { stderr, .. })
+                        if stderr.contains("already exists") => {}
+                    other => {
+                        other?;
+                    }
+                }
             }
             self.tgtadm(&[
                 "--op",
@@ -168,6 +230,27 @@ impl IscsiExport {
                 ])
                 .await?;
             }
+        }
+        // A read-only mount's node gets a LUN it cannot write, whatever its VMM does.
+        if target.lun_read_only != Some(access.read_only) {
+            let flag = if access.read_only {
+                "readonly=1"
+            } else {
+                "readonly=0"
+            };
+            self.tgtadm(&[
+                "--op",
+                "update",
+                "--mode",
+                "logicalunit",
+                "--tid",
+                &tid,
+                "--lun",
+                "1",
+                "--params",
+                flag,
+            ])
+            .await?;
         }
         if !target.acl.iter().any(|e| e == access.initiator) {
             self.tgtadm(&[
@@ -235,7 +318,7 @@ impl IscsiExport {
     /// The volumes tgtd has a target for, each with the one initiator it admits if its
     /// export is complete as [`IscsiExport::export`] makes it (LUN, CHAP account, that
     /// initiator alone), else None.
-    pub async fn exported(&self) -> Result<Vec<(String, Option<String>)>, ExportError> {
+    pub async fn exported(&self) -> Result<Vec<(String, Option<(String, bool)>)>, ExportError> {
         let prefix = format!("{}:", self.config.iqn_prefix);
         Ok(self
             .show()
@@ -247,22 +330,13 @@ impl IscsiExport {
                     && t.accounts == [Self::chap_user(&uuid)]
                     && t.acl.len() == 1
                     && is_initiator_name(&t.acl[0]);
-                Some((uuid, complete.then(|| t.acl[0].clone())))
+                let admitted = match (complete, t.lun_read_only) {
+                    (true, Some(read_only)) => Some((t.acl[0].clone(), read_only)),
+                    _ => None,
+                };
+                Some((uuid, admitted))
             })
             .collect())
-    }
-
-    /// Forgets the volume's CHAP account (its volume is gone). Done again, or for an
-    /// account tgtd does not have, it does nothing.
-    pub async fn forget_account(&self, uuid: &str) -> Result<(), ExportError> {
-        let _one_at_a_time = self.changes.lock().await;
-        let user = Self::chap_user(uuid);
-        let accounts = self.tgtadm(&["--op", "show", "--mode", "account"]).await?;
-        if accounts.lines().skip(1).any(|l| l.trim() == user) {
-            self.tgtadm(&["--op", "delete", "--mode", "account", "--user", &user])
-                .await?;
-        }
-        Ok(())
     }
 
     async fn show(&self) -> Result<Vec<TargetView>, ExportError> {
@@ -270,13 +344,20 @@ impl IscsiExport {
         Ok(parse_targets(&shown))
     }
 
-    /// Withdraws the volume's target (sessions still logged in are cut). Done again, or
-    /// for a target tgtd does not have, it does nothing.
+    /// Withdraws the volume's target (sessions still logged in are cut) and its CHAP
+    /// account, together, so that no target is ever left without its account. Done
+    /// again, or for what tgtd does not have, it does nothing.
     pub async fn unexport(&self, uuid: &str) -> Result<(), ExportError> {
-        let _one_at_a_time = self.changes.lock().await;
+        let _one_at_a_time = self.changing().await?;
         let name = self.target(uuid);
         if let Some(target) = self.show().await?.into_iter().find(|t| t.name == name) {
             self.delete_target(target.tid).await?;
+        }
+        let user = Self::chap_user(uuid);
+        let accounts = self.tgtadm(&["--op", "show", "--mode", "account"]).await?;
+        if accounts.lines().skip(1).any(|l| l.trim() == user) {
+            self.tgtadm(&["--op", "delete", "--mode", "account", "--user", &user])
+                .await?;
         }
         Ok(())
     }
@@ -296,6 +377,8 @@ pub struct Access<'a> {
     pub initiator: &'a str,
     pub user: String,
     pub secret: &'a str,
+    /// The mount is read-only: so is the LUN.
+    pub read_only: bool,
 }
 
 /// One target as `tgtadm --op show --mode target` lists it.
@@ -304,6 +387,8 @@ struct TargetView {
     tid: u32,
     name: String,
     has_lun: bool,
+    /// LUN 1's `Readonly:`, when listed.
+    lun_read_only: Option<bool>,
     accounts: Vec<String>,
     /// Admitted addresses ("ALL", IPs) and initiator names, as tgtd lists them together.
     acl: Vec<String>,
@@ -312,6 +397,7 @@ struct TargetView {
 fn parse_targets(shown: &str) -> Vec<TargetView> {
     let mut targets: Vec<TargetView> = Vec::new();
     let mut section = "";
+    let mut in_lun_1 = false;
     for line in shown.lines() {
         if let Some(rest) = line.strip_prefix("Target ") {
             if let Some((tid, name)) = rest.split_once(": ") {
@@ -333,8 +419,16 @@ fn parse_targets(shown: &str) -> Vec<TargetView> {
         let text = line.trim();
         match indent {
             4 => section = text.trim_end_matches(':'),
+            8 if section == "LUN information" && text.starts_with("LUN: ") => {
+                in_lun_1 = text == "LUN: 1";
+                target.has_lun |= in_lun_1;
+            }
+            12 if section == "LUN information" && in_lun_1 => {
+                if let Some(value) = text.strip_prefix("Readonly: ") {
+                    target.lun_read_only = Some(value == "Yes");
+                }
+            }
             8 => match section {
-                "LUN information" if text == "LUN: 1" => target.has_lun = true,
                 "Account information" => target.accounts.push(text.to_owned()),
                 "ACL information" => target.acl.push(text.to_owned()),
                 _ => {}
@@ -358,7 +452,7 @@ mod tests {
 
     #[test]
     fn targets_are_read_with_their_lun_accounts_and_acl() {
-        let shown = "Target 1: iqn.x:a\n    System information:\n        Driver: iscsi\n        State: ready\n    I_T nexus information:\n    LUN information:\n        LUN: 0\n            Type: controller\n        LUN: 1\n            Type: disk\n    Account information:\n        pdisk-a\n    ACL information:\n        ALL\n        iqn.2026-12.eu.stratuslab.node:1-n\nTarget 2: iqn.x:b\n    System information:\n    LUN information:\n        LUN: 0\n    Account information:\n    ACL information:\n";
+        let shown = "Target 1: iqn.x:a\n    System information:\n        Driver: iscsi\n        State: ready\n    I_T nexus information:\n    LUN information:\n        LUN: 0\n            Type: controller\n        LUN: 1\n            Type: disk\n            Readonly: No\n    Account information:\n        pdisk-a\n    ACL information:\n        ALL\n        iqn.2026-12.eu.stratuslab.node:1-n\nTarget 2: iqn.x:b\n    System information:\n    LUN information:\n        LUN: 0\n    Account information:\n    ACL information:\n";
         let targets = parse_targets(shown);
         assert_eq!(
             targets,
@@ -367,6 +461,7 @@ mod tests {
                     tid: 1,
                     name: "iqn.x:a".into(),
                     has_lun: true,
+                    lun_read_only: Some(false),
                     accounts: vec!["pdisk-a".into()],
                     acl: vec!["ALL".into(), "iqn.2026-12.eu.stratuslab.node:1-n".into()],
                 },

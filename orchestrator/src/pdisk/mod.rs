@@ -260,7 +260,6 @@ impl Storage {
             Backing::File(path) => file::FileBackend::delete(path).map_err(VolumeError::Storage),
             Backing::Iscsi(export, files) => {
                 export.unexport(uuid).await.map_err(storage_error)?;
-                export.forget_account(uuid).await.map_err(storage_error)?;
                 file::FileBackend::delete(&files.location(uuid)).map_err(VolumeError::Storage)
             }
             Backing::Rbd(pool, image) => pool.delete(image).await.map_err(|e| match e {
@@ -282,7 +281,13 @@ impl Storage {
         if let Backing::Iscsi(..) = self.backing(&volume.location)? {
             let initiator = node_initiator(node.id, &node.name);
             let login = self
-                .export_to(db, &volume.uuid, &volume.location, &initiator)
+                .export_to(
+                    db,
+                    &volume.uuid,
+                    &volume.location,
+                    &initiator,
+                    volume.read_only,
+                )
                 .await?;
             volume.iscsi_login = Some(login);
         }
@@ -295,6 +300,7 @@ impl Storage {
         uuid: &str,
         location: &str,
         initiator: &str,
+        read_only: bool,
     ) -> Result<IscsiLogin, VolumeError> {
         let Backing::Iscsi(export, files) = self.backing(location)? else {
             return Err(VolumeError::Conflict(format!("{location} is not on iSCSI")));
@@ -305,6 +311,7 @@ impl Storage {
             initiator,
             user: user.clone(),
             secret: &secret,
+            read_only,
         };
         export
             .export(uuid, &files.location(uuid), &access)
@@ -317,10 +324,20 @@ impl Storage {
         })
     }
 
-    /// Withdraws what `prepare` opened: the volume's target, once no VM has it.
-    pub async fn withdraw(&self, volume: &NodeDisk) -> Result<(), VolumeError> {
-        if let Backing::Iscsi(export, _) = self.backing(&volume.location)? {
-            export.unexport(&volume.uuid).await.map_err(storage_error)?;
+    /// Withdraws what `prepare` opened: the volume's target and CHAP account, once its VM
+    /// lets go of it. The secret the node was given dies with them: the next attach makes
+    /// a new one.
+    pub async fn withdraw(&self, db: &Db, volume: &NodeDisk) -> Result<(), VolumeError> {
+        self.withdraw_uuid(db, &volume.uuid, &volume.location).await
+    }
+
+    async fn withdraw_uuid(&self, db: &Db, uuid: &str, location: &str) -> Result<(), VolumeError> {
+        if let Backing::Iscsi(export, _) = self.backing(location)? {
+            export.unexport(uuid).await.map_err(storage_error)?;
+            sqlx::query("UPDATE volumes SET chap_secret = NULL WHERE uuid = $1")
+                .bind(uuid)
+                .execute(&db.pool)
+                .await?;
         }
         Ok(())
     }
@@ -352,12 +369,18 @@ async fn chap_secret(db: &Db, uuid: &str) -> Result<String, VolumeError> {
         .bind(uuid)
         .execute(&db.pool)
         .await?;
-    let (secret,): (Option<String>,) =
-        sqlx::query_as("SELECT chap_secret FROM volumes WHERE uuid = $1")
+    // Only for a volume that stays: one being deleted gets no new way in.
+    let found: Option<(Option<String>,)> =
+        sqlx::query_as("SELECT chap_secret FROM volumes WHERE uuid = $1 AND state = 'available'")
             .bind(uuid)
-            .fetch_one(&db.pool)
+            .fetch_optional(&db.pool)
             .await?;
-    secret.ok_or_else(|| VolumeError::NotFound(uuid.to_owned()))
+    match found {
+        Some((Some(secret),)) => Ok(secret),
+        _ => Err(VolumeError::Conflict(format!(
+            "disk {uuid} is not available (being made or deleted)"
+        ))),
+    }
 }
 
 /// `GET /pools`: every configured pool with its storage's space and its volumes.
@@ -1071,66 +1094,110 @@ pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
     // One look at tgtd per pass: the exports that are as they should be are left alone.
     let exported = export.exported().await.map_err(storage_error)?;
     for holder in &holders {
-        let (uuid, location, node_id, node) = holder;
+        let Holder {
+            uuid,
+            location,
+            node_id,
+            node,
+            ..
+        } = holder;
         let initiator = node_initiator(*node_id, node);
-        let as_it_should_be = exported
-            .iter()
-            .any(|(held, admitted)| held == uuid && admitted.as_ref() == Some(&initiator));
+        let read_only = holder.read_only();
+        let as_it_should_be = exported.iter().any(|(held, admitted)| {
+            held == uuid && admitted.as_ref() == Some(&(initiator.clone(), read_only))
+        });
         if as_it_should_be {
             continue;
         }
         if let Err(e) = storage
-            .export_to(&cloud.db, uuid, location, &initiator)
+            .export_to(&cloud.db, uuid, location, &initiator, read_only)
             .await
         {
             tracing::warn!(volume = %uuid, error = %e, "cannot export it again");
             continue;
         }
         if !iscsi_holders(&cloud.db, Some(uuid)).await?.contains(holder) {
-            resettle(cloud, storage, uuid).await?;
+            resettle(cloud, storage, uuid).await;
         }
     }
     for (uuid, _) in exported {
-        if holders.iter().any(|(held, ..)| *held == uuid) {
+        if holders.iter().any(|held| held.uuid == uuid) {
             continue;
         }
-        if let Err(e) = export.unexport(&uuid).await {
+        let location = export.url(&uuid);
+        if let Err(e) = storage.withdraw_uuid(&cloud.db, &uuid, &location).await {
             tracing::warn!(volume = %uuid, error = %e, "cannot withdraw its target");
             continue;
         }
         tracing::info!(volume = %uuid, "withdrew the target of a volume no VM has");
         if !iscsi_holders(&cloud.db, Some(&uuid)).await?.is_empty() {
-            resettle(cloud, storage, &uuid).await?;
+            resettle(cloud, storage, &uuid).await;
         }
     }
     Ok(())
 }
 
-/// The volume's target as its mounts are now (after a pass raced an attach or detach).
-async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str) -> Result<(), VolumeError> {
-    match iscsi_holders(&cloud.db, Some(uuid)).await?.first() {
-        Some((_, location, node_id, node)) => {
-            let initiator = node_initiator(*node_id, node);
-            storage
-                .export_to(&cloud.db, uuid, location, &initiator)
-                .await?;
-        }
-        None => {
-            if let Some(export) = &storage.iscsi {
-                export.unexport(uuid).await.map_err(storage_error)?;
+/// The volume's target as its mounts are now (after a pass raced an attach or detach);
+/// what fails is left to the next pass.
+async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str) {
+    let settled = async {
+        match iscsi_holders(&cloud.db, Some(uuid)).await?.first() {
+            Some(holder) => {
+                let initiator = node_initiator(holder.node_id, &holder.node);
+                storage
+                    .export_to(
+                        &cloud.db,
+                        uuid,
+                        &holder.location,
+                        &initiator,
+                        holder.read_only(),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+            None => {
+                let location = storage.iscsi.as_ref().map(|e| e.url(uuid));
+                match location {
+                    Some(location) => storage.withdraw_uuid(&cloud.db, uuid, &location).await,
+                    None => Ok(()),
+                }
             }
         }
+    };
+    if let Err(e) = settled.await {
+        tracing::warn!(volume = %uuid, error = %e, "cannot bring its target in line");
     }
-    Ok(())
 }
 
-/// iSCSI volumes mounted on VMs that are placed on a node: (uuid, location, node id, node
-/// name); only `uuid`'s if given.
-async fn iscsi_holders(
-    db: &Db,
-    uuid: Option<&str>,
-) -> Result<Vec<(String, String, i64, String)>, VolumeError> {
-    const HOLDERS: &str = "SELECT v.uuid, v.location, n.id, n.name FROM mounts m \
+/// An iSCSI volume mounted on a VM that is placed on a node.
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct Holder {
+    uuid: String,
+    location: String,
+    node_id: i64,
+    node: String,
+    mount_read_only: i64,
+    kind: String,
+}
+
+impl Holder {
+    fn read_only(&self) -> bool {
+        mount_read_only(self.mount_read_only, &self.kind)
+    }
+}
+
+/// Whether a mount is read-only: asked so (another user's public volume), or by the
+/// volume's type.
+fn mount_read_only(asked: i64, kind: &str) -> bool {
+    asked != 0
+        || VolumeKind::from_name(kind)
+            .is_some_and(|k| k == VolumeKind::DataImageRawReadonly || k.is_origin())
+}
+
+/// iSCSI volumes mounted on VMs that are placed on a node; only `uuid`'s if given.
+async fn iscsi_holders(db: &Db, uuid: Option<&str>) -> Result<Vec<Holder>, VolumeError> {
+    const HOLDERS: &str = "SELECT v.uuid, v.location, n.id AS node_id, n.name AS node, \
+         m.read_only AS mount_read_only, v.kind FROM mounts m \
          JOIN volumes v ON v.uuid = m.volume_uuid \
          JOIN vms ON vms.id = m.vm_id JOIN nodes n ON n.id = vms.node_id \
          WHERE v.location LIKE 'iscsi://%'";
@@ -1213,6 +1280,38 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
         match result {
             Ok(()) => tracing::info!(volume = %row.uuid, was = %row.state, "finished"),
             Err(e) => tracing::warn!(volume = %row.uuid, error = %e, "cannot finish it yet"),
+        }
+    }
+    sweep_staging(cloud).await
+}
+
+/// Removes the raw files RBD ORIGINs are imported from that a killed fill left behind
+/// (those of fills still running elsewhere, whose rows are `creating`, stay).
+async fn sweep_staging(cloud: &Cloud) -> Result<(), VolumeError> {
+    let Some(files) = cloud.volumes.as_ref().and_then(|s| s.files.as_ref()) else {
+        return Ok(());
+    };
+    let filling: Vec<(String,)> =
+        sqlx::query_as("SELECT uuid FROM volumes WHERE state = 'creating'")
+            .fetch_all(&cloud.db.pool)
+            .await?;
+    let Ok(entries) = std::fs::read_dir(files.staging_dir()) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(uuid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".raw"))
+        else {
+            continue;
+        };
+        if !filling.iter().any(|(f,)| f == uuid) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(file = %path.display(), "removed a killed fill's file"),
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove it"),
+            }
         }
     }
     Ok(())
@@ -1375,9 +1474,7 @@ impl MountedRow {
     fn into_node_disk(self) -> NodeDisk {
         NodeDisk {
             base_location: self.base_location,
-            read_only: self.read_only != 0
-                || VolumeKind::from_name(&self.kind)
-                    .is_some_and(|k| k == VolumeKind::DataImageRawReadonly || k.is_origin()),
+            read_only: mount_read_only(self.read_only, &self.kind),
             uuid: self.volume_uuid,
             device: self.device,
             location: self.location,

@@ -53,6 +53,8 @@ pub enum RbdError {
 /// Ceph can leave a client waiting for as long as no monitor answers; a volume operation
 /// must fail with a reason instead.
 const RBD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// For imports and copies of up to a TiB: long enough for the data, short of forever.
+const RBD_COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 /// `rbd` exits with the errno of what failed.
 const EXISTS: i32 = 17;
@@ -128,6 +130,15 @@ impl RbdPool {
 
     /// Runs `program` (`rbd` or `ceph`) as the pool's user, within [`RBD_TIMEOUT`].
     async fn run(&self, program: &str, args: &[&str]) -> Result<std::process::Output, RbdError> {
+        self.run_within(RBD_TIMEOUT, program, args).await
+    }
+
+    async fn run_within(
+        &self,
+        limit: std::time::Duration,
+        program: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output, RbdError> {
         let run = tokio::process::Command::new(program)
             .arg("-c")
             .arg(&self.config.conf)
@@ -136,7 +147,7 @@ impl RbdPool {
             .args(args)
             .kill_on_drop(true)
             .output();
-        tokio::time::timeout(RBD_TIMEOUT, run)
+        tokio::time::timeout(limit, run)
             .await
             .map_err(|_| RbdError::Timeout(args.join(" ")))?
             .map_err(RbdError::Spawn)
@@ -145,7 +156,19 @@ impl RbdPool {
     /// Runs `rbd` as the pool's user. Commands that show progress are given `--no-progress`
     /// by the caller (the others refuse the option).
     async fn rbd(&self, args: &[&str]) -> Result<(), (Option<i32>, RbdError)> {
-        let out = self.run("rbd", args).await.map_err(|e| (None, e))?;
+        self.rbd_within(RBD_TIMEOUT, args).await
+    }
+
+    /// [`RbdPool::rbd`] for commands that copy data, which take as long as the data needs.
+    async fn rbd_within(
+        &self,
+        limit: std::time::Duration,
+        args: &[&str],
+    ) -> Result<(), (Option<i32>, RbdError)> {
+        let out = self
+            .run_within(limit, "rbd", args)
+            .await
+            .map_err(|e| (None, e))?;
         if out.status.success() {
             return Ok(());
         }
@@ -266,7 +289,7 @@ impl RbdPool {
     pub async fn import(&self, file: &std::path::Path, image: &str) -> Result<(), RbdError> {
         self.delete(image).await?;
         let file = file.to_string_lossy();
-        self.rbd(&["import", "--no-progress", &file, image])
+        self.rbd_within(RBD_COPY_TIMEOUT, &["import", "--no-progress", &file, image])
             .await
             .map_err(|(_, e)| e)
     }
@@ -275,7 +298,7 @@ impl RbdPool {
     /// An `image` left by a crash in the middle is made again.
     pub async fn copy_of(&self, source: &str, image: &str) -> Result<(), RbdError> {
         self.delete(image).await?;
-        self.rbd(&["cp", "--no-progress", source, image])
+        self.rbd_within(RBD_COPY_TIMEOUT, &["cp", "--no-progress", source, image])
             .await
             .map_err(|(_, e)| e)
     }

@@ -125,16 +125,13 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
     )
     .await
     {
-        discard(storage, &uuid, &location).await;
+        let removed = discard(storage, &uuid, &location).await;
         let mut tx = cloud.db.pool.begin().await?;
         sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
             .bind(&uuid)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
-            .bind(&uuid)
-            .execute(&mut *tx)
-            .await?;
+        forget_or_keep_deleting(&mut tx, &uuid, removed).await?;
         tx.commit().await?;
         return Err(e);
     }
@@ -297,11 +294,9 @@ async fn origin_of(
     };
     if let Err(e) = filled {
         let _ = std::fs::remove_file(&dest);
-        discard(storage, &uuid, &location).await;
-        sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
-            .bind(&uuid)
-            .execute(&cloud.db.pool)
-            .await?;
+        let removed = discard(storage, &uuid, &location).await;
+        let mut conn = cloud.db.pool.acquire().await?;
+        forget_or_keep_deleting(&mut conn, &uuid, removed).await?;
         return Err(e);
     }
     let finished = sqlx::query(
@@ -324,10 +319,30 @@ async fn origin_of(
 
 /// Removes storage made for a volume whose row is gone or going (a failed or superseded
 /// fill); what cannot be removed now is left to the pool (logged).
-async fn discard(storage: &super::Storage, uuid: &str, location: &str) {
-    if let Err(e) = storage.remove(uuid, location).await {
-        tracing::warn!(volume = %uuid, %location, error = %e, "cannot remove it");
+async fn discard(storage: &super::Storage, uuid: &str, location: &str) -> bool {
+    match storage.remove(uuid, location).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(volume = %uuid, %location, error = %e, "cannot remove it");
+            false
+        }
     }
+}
+
+/// The row of a volume whose storage could not be removed stays, `deleting`, so that a
+/// restart or the next deployment removes it; otherwise it goes.
+async fn forget_or_keep_deleting(
+    conn: &mut AnyConnection,
+    uuid: &str,
+    removed: bool,
+) -> Result<(), VolumeError> {
+    let sql = if removed {
+        "DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'"
+    } else {
+        "UPDATE volumes SET state = 'deleting' WHERE uuid = $1 AND state = 'creating'"
+    };
+    sqlx::query(sql).bind(uuid).execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// How often a filling ORIGIN's row shows that its filler is alive.
