@@ -35,7 +35,8 @@ BIN=$REPO_ROOT/target/debug
 W=$(mktemp -d "$NESTED_WORK/cloud.XXXX")
 PIDS=()
 cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    # run_l1 runs in a subshell: its QEMU (under timeout) goes with it.
+    for p in "${PIDS[@]}"; do pkill -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
     declare -F stop_tgtd > /dev/null && stop_tgtd
     wait 2>/dev/null || true
     rm -rf "$W"
