@@ -1651,21 +1651,6 @@ fn volumes_on_an_rbd_pool_are_images_the_vmm_opens() {
         .success());
 }
 
-/// The first `n` bytes of an RBD image as `rbd export` reads them, in hex.
-fn rbd_head_hex(cluster: &stratus_vmm::test_ceph::CephCluster, image: &str, n: usize) -> String {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "rbd -c '{}' export --no-progress {image} - 2>/dev/null | head -c {n} | od -An -tx1 -v",
-            cluster.conf().display()
-        ))
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .collect()
-}
-
 /// The first MiB of an RBD image, hashed as `rbd export` reads it (what the tests write
 /// lies there; a whole export would read the empty rest of the GiB too).
 fn rbd_head_sha256(cluster: &stratus_vmm::test_ceph::CephCluster, image: &str) -> String {

@@ -982,6 +982,17 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected_on_postgres() {
     vm_roots_are_live_snapshots_quarantined_then_collected(Backend::Postgres);
 }
 
+/// The root disk of a VM's spec on its node.
+fn root_on_node(on_node: &Value) -> Value {
+    on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "root")
+        .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
+        .clone()
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1061,13 +1072,7 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
         assert_eq!(live["mounts"][0]["device"], "root", "{live}");
         let uuid = live["uuid"].as_str().unwrap().to_owned();
         let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
-        let root = on_node["spec"]["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["id"] == "root")
-            .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
-            .clone();
+        let root = root_on_node(&on_node);
         let live_file = pool.join(format!("{uuid}.qcow2"));
         assert_eq!(
             root["source"]["file"]["path"],
@@ -1183,19 +1188,7 @@ fn vm_roots_on_an_rbd_pool_are_clones_of_the_origin() {
     );
     cloud.add_node("node-1", &agent);
     let alice = cloud.add_user("alice", "alice-password");
-    let rbd_head = |image: &str| {
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "rbd -c '{}' export --no-progress rbd/{image} - 2>/dev/null | head -c 32 | od -An -tx1 -v",
-                cluster.conf().display()
-            ))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .collect::<String>()
-    };
+    let rbd_head = |image: &str| rbd_head_hex(&cluster, &format!("rbd/{image}"), 32);
 
     let vm = run_vm(
         &cloud,
@@ -1232,13 +1225,7 @@ fn vm_roots_on_an_rbd_pool_are_clones_of_the_origin() {
     // The node opens the clone through librbd; the guest reads the image through it and
     // writes its stamp into it alone.
     let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
-    let root = on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == "root")
-        .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
-        .clone();
+    let root = root_on_node(&on_node);
     assert_eq!(
         root["source"]["rbd"]["image"],
         format!("rbd/{live_uuid}"),

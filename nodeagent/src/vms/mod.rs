@@ -185,23 +185,11 @@ impl Vm {
     /// hands a jailed VMM its own copy); the VMM takes secrets from files only, so they
     /// never show in its command line.
     fn write_chap_secret(&self, disk_id: &str, secret: &str) -> Result<PathBuf, VmError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = self.dir.join(format!("{disk_id}.chap"));
-        let io = |source| VmError::Io {
+        record::write_private(&path, secret.as_bytes()).map_err(|source| VmError::Io {
             what: format!("cannot write the CHAP secret of disk '{disk_id}'"),
             source,
-        };
-        let tmp = self.dir.join(format!(".{disk_id}.chap.tmp"));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        file.write_all(secret.as_bytes()).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)?;
+        })?;
         Ok(path)
     }
 

@@ -60,21 +60,31 @@ pub fn save(dir: &Path, record: &VmRecord) -> Result<(), RecordError> {
         path: path.clone(),
         source,
     };
-    let tmp = dir.join(format!(".{}.json.tmp", record.id));
     let body =
         serde_json::to_vec_pretty(record).map_err(|e| write_err(std::io::Error::other(e)))?;
     // Records hold the CHAP secrets of the VM's iSCSI volumes: root's alone.
+    write_private(&path, &body).map_err(write_err)
+}
+
+/// Writes `path` atomically and durably, readable by its owner alone (mode 0600).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other(format!(
+            "{} names no file",
+            path.display()
+        )));
+    };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(write_err)?;
-    file.write_all(&body).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    std::fs::rename(&tmp, &path).map_err(write_err)?;
-    sync_dir(dir).map_err(write_err)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
 }
 
 pub fn remove(dir: &Path, id: &str) -> Result<(), RecordError> {

@@ -727,3 +727,22 @@ pub fn error(v: &Value) -> &str {
         .as_str()
         .unwrap_or_else(|| panic!("no error in {v}"))
 }
+
+/// The first `n` bytes of an RBD image (`POOL/IMAGE`) as `rbd export` reads them, in hex.
+pub fn rbd_head_hex(
+    cluster: &stratus_vmm::test_ceph::CephCluster,
+    image: &str,
+    n: usize,
+) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rbd -c '{}' export --no-progress {image} - 2>/dev/null | head -c {n} | od -An -tx1 -v",
+            cluster.conf().display()
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect()
+}
