@@ -100,6 +100,21 @@ pub struct Config {
     /// must be at the same paths on every node.
     #[serde(default)]
     pub volume_rbd: Option<crate::pdisk::rbd::RbdPoolConfig>,
+    /// More volume pools, each under its own name (`stratus-create-volume --pool NAME`):
+    /// `dir` alone makes a file pool, `dir` with `[volume_pools.iscsi]` an iSCSI pool,
+    /// `[volume_pools.rbd]` alone an RBD pool. `volume_dir`, `[volume_iscsi]` and
+    /// `[volume_rbd]` are the pools named `file`, `iscsi` and `rbd`.
+    #[serde(default)]
+    pub volume_pools: Vec<VolumePoolConfig>,
+    /// The pool a new volume goes to when its request names none (default: `rbd` if
+    /// configured, else `iscsi`, else `file`, else the first of `volume_pools`).
+    #[serde(default)]
+    pub default_volume_pool: Option<String>,
+    /// The pool that holds image ORIGINs and VM roots with `root_volumes`: a file or RBD
+    /// pool, as only those make snapshots (default: the default pool if it is one, else
+    /// the first that is).
+    #[serde(default)]
+    pub root_volume_pool: Option<String>,
     /// Give VMs their root disks from pdisk, as StratusLab did: each Marketplace image is
     /// fetched once into an ORIGIN volume (owned by the service) in `volume_dir`, and each
     /// VM boots a LIVE copy-on-write snapshot of it, owned by the VM's user; when the VM
@@ -119,6 +134,32 @@ pub struct Config {
     /// names.
     #[serde(default)]
     pub networks: Vec<NetworkConfig>,
+}
+
+/// One of `[[volume_pools]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumePoolConfig {
+    /// What users name the pool by: letters, digits, '.', '_', '-'.
+    pub name: String,
+    /// A file pool's directory, or where an iSCSI pool's LUN files live.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    #[serde(default)]
+    pub iscsi: Option<crate::pdisk::iscsi::IscsiPoolConfig>,
+    #[serde(default)]
+    pub rbd: Option<crate::pdisk::rbd::RbdPoolConfig>,
+}
+
+impl VolumePoolConfig {
+    /// `file`, `iscsi` or `rbd`.
+    pub fn kind(&self) -> &'static str {
+        match (&self.iscsi, &self.rbd) {
+            (_, Some(_)) => "rbd",
+            (Some(_), None) => "iscsi",
+            (None, None) => "file",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,11 +291,7 @@ impl Config {
         if self.job_workers == 0 {
             return Err("job_workers must be at least 1".into());
         }
-        if self.root_volumes && self.volume_dir.is_none() {
-            return Err(
-                "root_volumes needs volume_dir: ORIGINs and their snapshots are files there".into(),
-            );
-        }
+        self.check_volume_pools()?;
         let mut names = std::collections::BTreeSet::new();
         for network in &self.networks {
             if !names.insert(network.name.as_str()) {
@@ -274,6 +311,193 @@ impl Config {
         Ok(())
     }
 
+    /// Every volume pool: `volume_dir`, `[volume_iscsi]` and `[volume_rbd]` under the names
+    /// `file`, `iscsi` and `rbd`, then `volume_pools`.
+    pub fn all_volume_pools(&self) -> Vec<VolumePoolConfig> {
+        let mut pools = Vec::new();
+        if let Some(dir) = &self.volume_dir {
+            pools.push(VolumePoolConfig {
+                name: "file".into(),
+                dir: Some(dir.clone()),
+                iscsi: None,
+                rbd: None,
+            });
+            if let Some(iscsi) = &self.volume_iscsi {
+                pools.push(VolumePoolConfig {
+                    name: "iscsi".into(),
+                    dir: Some(dir.clone()),
+                    iscsi: Some(iscsi.clone()),
+                    rbd: None,
+                });
+            }
+        }
+        if let Some(rbd) = &self.volume_rbd {
+            pools.push(VolumePoolConfig {
+                name: "rbd".into(),
+                dir: None,
+                iscsi: None,
+                rbd: Some(rbd.clone()),
+            });
+        }
+        pools.extend(self.volume_pools.iter().cloned());
+        pools
+    }
+
+    /// The pool new volumes go to when their request names none.
+    pub fn default_volume_pool_name(&self) -> Option<String> {
+        if let Some(name) = &self.default_volume_pool {
+            return Some(name.clone());
+        }
+        let legacy = [
+            (self.volume_rbd.is_some(), "rbd"),
+            (
+                self.volume_iscsi.is_some() && self.volume_dir.is_some(),
+                "iscsi",
+            ),
+            (self.volume_dir.is_some(), "file"),
+        ];
+        legacy
+            .iter()
+            .find(|(configured, _)| *configured)
+            .map(|(_, name)| (*name).to_owned())
+            .or_else(|| self.volume_pools.first().map(|p| p.name.clone()))
+    }
+
+    /// The pool of image ORIGINs and VM roots: `root_volume_pool`, else the default pool if
+    /// it makes snapshots, else the first pool that does.
+    pub fn root_volume_pool_name(&self) -> Option<String> {
+        if let Some(name) = &self.root_volume_pool {
+            return Some(name.clone());
+        }
+        let pools = self.all_volume_pools();
+        let default = self.default_volume_pool_name();
+        let makes_snapshots = |p: &&VolumePoolConfig| p.kind() != "iscsi";
+        pools
+            .iter()
+            .filter(makes_snapshots)
+            .find(|p| Some(&p.name) == default.as_ref())
+            .or_else(|| pools.iter().find(makes_snapshots))
+            .or_else(|| pools.first())
+            .map(|p| p.name.clone())
+    }
+
+    fn check_volume_pools(&self) -> Result<(), String> {
+        if self.volume_iscsi.is_some() && self.volume_dir.is_none() {
+            return Err("[volume_iscsi] needs volume_dir: the exported files live there".into());
+        }
+        let pools = self.all_volume_pools();
+        let mut names = std::collections::BTreeSet::new();
+        for pool in &pools {
+            let name = &pool.name;
+            let name_ok = !name.is_empty()
+                && name.len() <= 40
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !name_ok {
+                return Err(format!(
+                    "volume pool name {name:?}: 1 to 40 letters, digits, '.', '_' or '-'"
+                ));
+            }
+            if !names.insert(name.as_str()) {
+                return Err(format!(
+                    "volume pool '{name}' is defined twice (volume_dir, [volume_iscsi] and \
+                     [volume_rbd] are the pools 'file', 'iscsi' and 'rbd')"
+                ));
+            }
+            match (&pool.dir, &pool.iscsi, &pool.rbd) {
+                (None, None, Some(_)) | (Some(_), _, None) => {}
+                (_, _, Some(_)) => {
+                    return Err(format!(
+                        "volume pool '{name}': an RBD pool has no dir and no [iscsi]"
+                    ))
+                }
+                (None, _, None) => {
+                    return Err(format!(
+                        "volume pool '{name}' needs dir (file, iSCSI) or [rbd]"
+                    ))
+                }
+            }
+        }
+        for (i, a) in pools.iter().enumerate() {
+            for b in &pools[i + 1..] {
+                let same_kind = a.kind() == b.kind();
+                if let (Some(x), Some(y), true) = (&a.dir, &b.dir, same_kind && a.kind() == "file")
+                {
+                    if x.starts_with(y) || y.starts_with(x) {
+                        return Err(format!(
+                            "file pools '{}' and '{}' overlap ({} and {}): a volume's path \
+                             must name one pool",
+                            a.name,
+                            b.name,
+                            x.display(),
+                            y.display()
+                        ));
+                    }
+                }
+                if let (Some(x), Some(y)) = (&a.iscsi, &b.iscsi) {
+                    if x.portal == y.portal && x.iqn_prefix == y.iqn_prefix {
+                        return Err(format!(
+                            "iSCSI pools '{}' and '{}' share portal {} and iqn_prefix {}: \
+                             give each its own iqn_prefix",
+                            a.name, b.name, x.portal, x.iqn_prefix
+                        ));
+                    }
+                }
+                if let (Some(x), Some(y)) = (&a.rbd, &b.rbd) {
+                    if x.pool == y.pool {
+                        return Err(format!(
+                            "RBD pools '{}' and '{}' both use the Ceph pool '{}': a volume's \
+                             `rbd:POOL/IMAGE` must name one of them",
+                            a.name, b.name, x.pool
+                        ));
+                    }
+                }
+            }
+        }
+        let pool_named = |setting: &str, name: &str| {
+            pools.iter().find(|p| p.name == name).ok_or_else(|| {
+                format!(
+                    "{setting} '{name}' is not a volume pool (pools: {})",
+                    pools
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+        };
+        if let Some(name) = &self.default_volume_pool {
+            pool_named("default_volume_pool", name)?;
+        }
+        if let Some(name) = &self.root_volume_pool {
+            pool_named("root_volume_pool", name)?;
+        }
+        if self.root_volumes {
+            let Some(name) = self.root_volume_pool_name() else {
+                return Err(
+                    "root_volumes needs a volume pool (volume_dir, [volume_rbd] or volume_pools)"
+                        .into(),
+                );
+            };
+            let root_pool = pool_named("root_volume_pool", &name)?;
+            if root_pool.kind() == "iscsi" {
+                return Err(format!(
+                    "root_volumes: pool '{name}' is an iSCSI pool, which makes no snapshots \
+                     (set root_volume_pool to a file or RBD pool)"
+                ));
+            }
+            if pools.iter().all(|p| p.dir.is_none()) {
+                return Err(
+                    "root_volumes needs a pool with a dir (volume_dir or a file pool): \
+                     images are downloaded there"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn replica_name(&self) -> String {
         self.replica.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -287,5 +511,121 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         toml::from_str("").expect("every key has a default")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.check().map(|()| config)
+    }
+
+    const RBD: &str = "conf = \"/etc/ceph/ceph.conf\"\nid = \"stratus\"\n\
+                       keyring = \"/etc/ceph/k\"\n";
+
+    #[test]
+    fn the_legacy_keys_are_pools_named_by_their_kind() {
+        let config = checked(&format!(
+            "volume_dir = \"/v\"\n[volume_iscsi]\nportal = \"198.18.0.1:3260\"\n\
+             [volume_rbd]\n{RBD}[[volume_pools]]\nname = \"scratch\"\ndir = \"/s\"\n"
+        ))
+        .unwrap();
+        let pools: Vec<(String, &str)> = config
+            .all_volume_pools()
+            .iter()
+            .map(|p| (p.name.clone(), p.kind()))
+            .collect();
+        assert_eq!(
+            pools,
+            [
+                ("file".into(), "file"),
+                ("iscsi".into(), "iscsi"),
+                ("rbd".into(), "rbd"),
+                ("scratch".into(), "file")
+            ]
+        );
+        // As before pools had names: RBD first, then iSCSI, then files.
+        assert_eq!(config.default_volume_pool_name().as_deref(), Some("rbd"));
+        let only_new = checked("[[volume_pools]]\nname = \"a\"\ndir = \"/a\"\n").unwrap();
+        assert_eq!(only_new.default_volume_pool_name().as_deref(), Some("a"));
+        assert_eq!(Config::default().default_volume_pool_name(), None);
+    }
+
+    #[test]
+    fn pools_that_a_location_could_not_tell_apart_are_refused() {
+        let cases = [
+            (
+                "volume_dir = \"/v\"\n[[volume_pools]]\nname = \"file\"\ndir = \"/w\"\n",
+                "volume pool 'file' is defined twice",
+            ),
+            (
+                "[[volume_pools]]\nname = \"a\"\ndir = \"/v\"\n\
+                 [[volume_pools]]\nname = \"b\"\ndir = \"/v/b\"\n",
+                "file pools 'a' and 'b' overlap",
+            ),
+            (
+                "volume_dir = \"/v\"\n[volume_iscsi]\nportal = \"198.18.0.1:3260\"\n\
+                 [[volume_pools]]\nname = \"b\"\ndir = \"/w\"\n\
+                 [volume_pools.iscsi]\nportal = \"198.18.0.1:3260\"\n",
+                "give each its own iqn_prefix",
+            ),
+            (
+                &format!(
+                    "[volume_rbd]\n{RBD}[[volume_pools]]\nname = \"b\"\n\
+                     [volume_pools.rbd]\n{RBD}"
+                ),
+                "both use the Ceph pool 'rbd'",
+            ),
+            (
+                "[[volume_pools]]\nname = \"has space\"\ndir = \"/v\"\n",
+                "1 to 40 letters",
+            ),
+            (
+                "[[volume_pools]]\nname = \"a\"\n",
+                "needs dir (file, iSCSI) or [rbd]",
+            ),
+            (
+                &format!("[[volume_pools]]\nname = \"a\"\ndir = \"/v\"\n[volume_pools.rbd]\n{RBD}"),
+                "an RBD pool has no dir",
+            ),
+            (
+                "[volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
+                "[volume_iscsi] needs volume_dir",
+            ),
+        ];
+        for (text, reason) in cases {
+            let e = checked(text).unwrap_err();
+            assert!(e.contains(reason), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_default_and_root_pools_must_exist_and_roots_need_snapshots() {
+        let e = checked("default_volume_pool = \"x\"\nvolume_dir = \"/v\"\n").unwrap_err();
+        assert!(
+            e.contains("default_volume_pool 'x' is not a volume pool (pools: file)"),
+            "{e}"
+        );
+        let e = checked(
+            "root_volumes = true\nroot_volume_pool = \"iscsi\"\nvolume_dir = \"/v\"\n\
+             [volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("pool 'iscsi' is an iSCSI pool"), "{e}");
+        // Volumes go to the iSCSI pool, roots to the file pool beside it.
+        let split = checked(
+            "root_volumes = true\nvolume_dir = \"/v\"\n\
+             [volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
+        )
+        .unwrap();
+        assert_eq!(split.default_volume_pool_name().as_deref(), Some("iscsi"));
+        assert_eq!(split.root_volume_pool_name().as_deref(), Some("file"));
+        let e = checked(&format!("root_volumes = true\n[volume_rbd]\n{RBD}")).unwrap_err();
+        assert!(e.contains("images are downloaded there"), "{e}");
+        let e = checked("root_volumes = true\n").unwrap_err();
+        assert!(e.contains("root_volumes needs a volume pool"), "{e}");
     }
 }

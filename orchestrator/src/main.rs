@@ -150,7 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Node(c) => node_command(&db, c).await,
             Command::Pdisk(PdiskCommand::EvictOrigins) => {
                 let mut cloud = Cloud::new(db, Arc::new(config.clone()), None)?;
-                cloud.volumes = open_storage(&config)?;
+                cloud.volumes = stratus_orchestrator::pdisk::Storage::open(&config)?;
                 anyhow::ensure!(cloud.volumes.is_some(), "this cloud has no volume storage");
                 for uuid in stratus_orchestrator::pdisk::roots::evict_unused(&cloud).await? {
                     println!("evicted {uuid}");
@@ -287,7 +287,7 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listen = config.listen;
-    let volumes = open_storage(&config)?;
+    let volumes = stratus_orchestrator::pdisk::Storage::open(&config)?;
     let mut cloud = Cloud::new(db, Arc::new(config), policy)?;
     cloud.volumes = volumes;
     let cloud = Arc::new(cloud);
@@ -313,36 +313,6 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         .context("the API server failed")?;
     tracing::info!("stopping; unfinished jobs are taken up by the next start or another replica");
     Ok(())
-}
-
-/// pdisk's storage as the configuration describes it, if the cloud has volumes.
-fn open_storage(config: &Config) -> anyhow::Result<Option<stratus_orchestrator::pdisk::Storage>> {
-    use stratus_orchestrator::pdisk;
-    let files = match &config.volume_dir {
-        Some(dir) => Some(
-            pdisk::file::FileBackend::open(dir)
-                .with_context(|| format!("volume_dir {}", dir.display()))?,
-        ),
-        None if config.volume_iscsi.is_some() => {
-            anyhow::bail!("[volume_iscsi] needs volume_dir: the exported files live there")
-        }
-        None => None,
-    };
-    let rbd = config
-        .volume_rbd
-        .clone()
-        .map(pdisk::rbd::RbdPool::new)
-        .transpose()?;
-    // Replicas on this host change the one tgtd in turn (the iSCSI pool needs volume_dir).
-    let tgtadm_lock = files.as_ref().map(|f| f.dir().join(".tgtadm.lock"));
-    let iscsi = config.volume_iscsi.clone().map(|c| {
-        let export = pdisk::iscsi::IscsiExport::new(c);
-        match tgtadm_lock {
-            Some(lock) => export.with_lock_file(lock),
-            None => export,
-        }
-    });
-    Ok((files.is_some() || rbd.is_some()).then_some(pdisk::Storage { files, iscsi, rbd }))
 }
 
 async fn stop_signal() {

@@ -761,7 +761,7 @@ fn volumes_through_the_links(backend: Backend) {
         without_created(&user.ok("stratus-describe-volumes", &[])),
         format!(
             ":: DISK {data}\n\tcount: 0\n\towner: alice\n\ttag: my data\n\tsize: 2\n\
-             \tvisibility: private\n\ttype: DATA_IMAGE_RAW_READ_WRITE\n\tstate: available\n"
+             \tvisibility: private\n\ttype: DATA_IMAGE_RAW_READ_WRITE\n\tstate: available\n\tpool: file\n"
         )
     );
     assert_eq!(
@@ -2089,6 +2089,175 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     );
     assert!(!file.exists());
     assert!(!tgtd.accounts().contains(&data), "{}", tgtd.accounts());
+}
+
+/// Several pools of each kind, named in the configuration: a volume goes to the pool its
+/// request names (else the default pool) and stays there; an unknown pool is refused with
+/// the names there are; two iSCSI pools on one tgtd export and withdraw only their own
+/// targets, and a VM logs in to LUNs of both.
+#[test]
+fn volumes_go_to_the_pool_their_request_names() {
+    in_own_network_namespace();
+    let tgtd = Tgtd::start();
+    let market = Marketplace::start();
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let pools_dir = tempfile::tempdir().unwrap();
+    let (scratch, san) = (
+        pools_dir.path().join("scratch"),
+        pools_dir.path().join("san"),
+    );
+    let (port, control) = (tgtd.read("port"), tgtd.read("control"));
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "default_volume_pool = \"scratch\"\n\
+             [volume_iscsi]\nportal = \"127.0.0.1:{port}\"\ncontrol_port = {control}\n\
+             [[volume_pools]]\nname = \"scratch\"\ndir = \"{}\"\n\
+             [[volume_pools]]\nname = \"san\"\ndir = \"{}\"\n\
+             [volume_pools.iscsi]\nportal = \"127.0.0.1:{port}\"\ncontrol_port = {control}\n\
+             iqn_prefix = \"iqn.2026-12.eu.stratuslab.san\"\n",
+            scratch.display(),
+            san.display()
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    cloud.add_user("alice", "alice-password");
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let alice = ("alice", "alice-password");
+    let create = |args: &[&str]| {
+        let out = user.ok("stratus-create-volume", args);
+        out.strip_prefix("DISK ").unwrap().trim_end().to_owned()
+    };
+    let pool_of = |uuid: &str| {
+        let (status, v) = cloud.call_as(alice, "GET", &format!("/disks/{uuid}"), None);
+        assert_eq!(status, 200, "{v}");
+        v["pool"].as_str().unwrap().to_owned()
+    };
+
+    let on_default = create(&["-s", "1"]);
+    assert_eq!(pool_of(&on_default), "scratch");
+    assert!(scratch.join(format!("{on_default}.img")).is_file());
+    let on_file = create(&["-s", "1", "--pool", "file"]);
+    assert_eq!(pool_of(&on_file), "file");
+    let volume_dir = cloud.dir.path().join("volumes");
+    assert!(volume_dir.join(format!("{on_file}.img")).is_file());
+    let on_iscsi = create(&["-s", "1", "--pool", "iscsi"]);
+    let on_san = create(&["-s", "1", "--pool", "san"]);
+    assert_eq!(
+        (pool_of(&on_iscsi), pool_of(&on_san)),
+        ("iscsi".into(), "san".into())
+    );
+    assert!(volume_dir.join(format!("{on_iscsi}.img")).is_file());
+    assert!(san.join(format!("{on_san}.img")).is_file());
+
+    // Refused before anything is made, with the pools there are.
+    let (_, before) = cloud.call_as(alice, "GET", "/disks", None);
+    let e = user.error(
+        "stratus-create-volume",
+        &["-s", "1", "--pool", "nowhere"],
+        &[],
+    );
+    assert!(
+        e.contains("no volume pool 'nowhere'") && e.contains("file, iscsi, scratch, san"),
+        "{e}"
+    );
+    let (_, after) = cloud.call_as(alice, "GET", "/disks", None);
+    assert_eq!(before, after);
+
+    // A snapshot stays in its origin's pool.
+    let (status, origin) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{on_default}"),
+        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
+    );
+    assert_eq!(status, 200, "{origin}");
+    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{on_default}"), None);
+    assert_eq!(status, 201, "{live}");
+    assert_eq!(live["pool"], "scratch", "{live}");
+    let live_uuid = live["uuid"].as_str().unwrap();
+    assert!(scratch.join(format!("{live_uuid}.qcow2")).is_file());
+
+    let (status, pools) = cloud.admin("GET", "/pools", None);
+    assert_eq!(status, 200, "{pools}");
+    let shown: Vec<(String, String, bool, i64)> = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["kind"].as_str().unwrap().to_owned(),
+                p["default"].as_bool().unwrap(),
+                p["volumes"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("file", "file", false, 1),
+        ("iscsi", "iscsi", false, 1),
+        ("scratch", "file", true, 2),
+        ("san", "iscsi", false, 1),
+    ];
+    assert_eq!(
+        shown,
+        expected.map(|(n, k, d, v)| (n.to_owned(), k.to_owned(), d, v)),
+        "{pools}"
+    );
+
+    // One VM with a LUN of each iSCSI pool: both exported to its node, each under its
+    // pool's name; the reconciliation passes of each pool leave the other's alone.
+    let stamping = market.publish(Guest::DiskStamp, |_| {});
+    let out = user.ok(
+        "stratus-run-instance",
+        &[
+            "-q",
+            "-t",
+            "t1.micro",
+            "--wait",
+            "60",
+            "--persistent-disk",
+            &on_iscsi,
+            "--persistent-disk",
+            &on_san,
+            &stamping,
+        ],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    stamp_of(&cloud, vm, &on_iscsi, "wrote");
+    stamp_of(&cloud, vm, &on_san, "wrote");
+    let san_target = format!("iqn.2026-12.eu.stratuslab.san:{on_san}");
+    let iscsi_target = format!("iqn.2026-12.eu.stratuslab.pdisk:{on_iscsi}");
+    // Longer than a pass (10 s): a pass that took the other pool's target for a stray
+    // would have withdrawn it by now.
+    std::thread::sleep(std::time::Duration::from_secs(12));
+    let shown = tgtd.targets();
+    assert!(
+        target_section(&shown, &san_target).contains(&format!("pdisk-{on_san}")),
+        "{shown}"
+    );
+    assert!(
+        target_section(&shown, &iscsi_target).contains(&format!("pdisk-{on_iscsi}")),
+        "{shown}"
+    );
+    assert_eq!(
+        agent.call("GET", &format!("/vms/{vm}")).1["state"],
+        "running"
+    );
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+    tgtd.wait_withdrawn(&on_san);
+    tgtd.wait_withdrawn(&on_iscsi);
+
+    for uuid in [live_uuid, &on_default, &on_file, &on_iscsi, &on_san] {
+        let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
+        assert_eq!(status, 204, "{uuid}: {e}");
+    }
+    assert!(!san.join(format!("{on_san}.img")).exists());
+    assert!(!scratch.join(format!("{on_default}.img")).exists());
 }
 
 fn spare_target_iqn(uuid: &str) -> String {

@@ -144,13 +144,16 @@ impl Visitor {
 
 fn the_cloud(market: &Marketplace) -> (Agent, Orchestrator) {
     let agent = Agent::start(4, 4096, "");
-    let cloud = Orchestrator::start(
-        market,
-        &format!(
-            "marketplace_upload_token_file = \"{}\"",
-            market.token_file().display()
-        ),
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("cloud.db").display());
+    // A second pool beside `volume_dir`: the volume form offers the choice.
+    let extra = format!(
+        "marketplace_upload_token_file = \"{}\"\n\
+         [[volume_pools]]\nname = \"scratch\"\ndir = \"{}\"\n",
+        market.token_file().display(),
+        dir.path().join("scratch").display()
     );
+    let cloud = Orchestrator::start_on(market, &database, &extra, dir);
     cloud.add_node("node-a", &agent);
     (agent, cloud)
 }
@@ -287,6 +290,33 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     let (status, volume) = cloud.call_as(alice, "GET", &format!("/disks/{uuid}"), None);
     assert_eq!(status, 200);
     assert_eq!(volume["tag"], "results <2026>");
+    assert_eq!(volume["pool"], "file", "the default pool");
+    // The form offers the pools, the default chosen; an unknown one gets the API's reason.
+    let listing = a.get("/ui/volumes").text();
+    assert!(
+        listing.contains("<option value=\"file\" selected>file (file)</option>")
+            && listing.contains("<option value=\"scratch\">scratch (file)</option>"),
+        "{listing}"
+    );
+    let made = a.post("/ui/volumes", &[("size_gib", "1"), ("pool", "scratch")]);
+    assert_eq!(made.status, 303, "{}", made.text());
+    let (_, all) = cloud.call_as(alice, "GET", "/disks", None);
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["pool"] == "scratch"),
+        "{all}"
+    );
+    let (status, api) = cloud.call_as(
+        alice,
+        "POST",
+        "/disks",
+        Some(&json!({"size_gib": 1, "pool": "elsewhere"})),
+    );
+    let page = a.post("/ui/volumes", &[("size_gib", "1"), ("pool", "elsewhere")]);
+    assert_eq!((page.status, status), (400, 400), "{api}");
+    assert_eq!(element_text(&page.text(), "error").unwrap(), error(&api));
     // Scripts send the token in a header instead of the form.
     let renamed = a.post_raw(
         &format!("/ui/volumes/{uuid}"),

@@ -110,11 +110,10 @@ async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Resu
 /// How the node agent sees a persistent volume: where its VMM opens it, and a serial the
 /// guest can find it by (`/dev/disk/by-id/virtio-<first 20 characters of the UUID>`).
 fn volume_disk(cloud: &Cloud, volume: &NodeDisk) -> (String, AttachDisk) {
-    let rbd = cloud.volumes.as_ref().and_then(|s| s.rbd.as_ref());
     (
         pdisk::disk_id(&volume.uuid),
         AttachDisk {
-            source: pdisk::node_source(rbd, volume),
+            source: pdisk::node_source(cloud.volumes.as_ref(), volume),
             read_only: volume.read_only,
             serial: Some(volume.uuid.chars().take(20).collect()),
         },
@@ -133,10 +132,9 @@ fn spec_of(
     let request = &deployment.request;
     let mut disks = Vec::new();
     if let Some(root) = root {
-        let rbd = cloud.volumes.as_ref().and_then(|s| s.rbd.as_ref());
         disks.push(DiskSpec {
             id: ROOT_DISK_ID.into(),
-            source: pdisk::node_source(rbd, root),
+            source: pdisk::node_source(cloud.volumes.as_ref(), root),
             read_only: false,
             // Found in the guest like any volume: /dev/disk/by-id/virtio-<UUID's start>.
             serial: Some(root.uuid.chars().take(20).collect()),

@@ -14,6 +14,7 @@
 //! volumes again as soon as pdisk's reconciliation passes over them.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -56,7 +57,7 @@ pub struct IscsiExport {
     config: IscsiPoolConfig,
     /// Changes look tgtd's targets up and act on their ids: one at a time in this process,
     /// and (with `lock_file`) across the replicas on this host.
-    changes: Mutex<()>,
+    changes: Arc<Mutex<()>>,
     lock_file: Option<PathBuf>,
 }
 
@@ -70,7 +71,7 @@ impl IscsiExport {
     pub fn new(config: IscsiPoolConfig) -> Self {
         IscsiExport {
             config,
-            changes: Mutex::new(()),
+            changes: Arc::new(Mutex::new(())),
             lock_file: None,
         }
     }
@@ -78,6 +79,13 @@ impl IscsiExport {
     /// Every replica on this host that changes the same tgtd takes `path`'s lock first.
     pub fn with_lock_file(mut self, path: PathBuf) -> Self {
         self.lock_file = Some(path);
+        self
+    }
+
+    /// Another pool on this host's tgtd: its changes and this one's go one at a time, as
+    /// both pick target ids from the same tgtd.
+    pub fn sharing_changes_with(mut self, other: &IscsiExport) -> Self {
+        self.changes = other.changes.clone();
         self
     }
 
@@ -120,6 +128,12 @@ impl IscsiExport {
     /// What nodes are given: the volume's LUN.
     pub fn url(&self, uuid: &str) -> String {
         format!("iscsi://{}/{}/1", self.config.portal, self.target(uuid))
+    }
+
+    /// Whether the LUN URL `location` is one of this pool's.
+    pub fn owns(&self, location: &str) -> bool {
+        let pool_prefix = format!("iscsi://{}/{}:", self.config.portal, self.config.iqn_prefix);
+        location.starts_with(&pool_prefix)
     }
 
     async fn tgtadm(&self, args: &[&str]) -> Result<String, ExportError> {

@@ -70,17 +70,47 @@ impl From<sqlx::Error> for VolumeError {
     }
 }
 
-/// Where volumes live: sparse files in `volume_dir`, which nodes open at the same path;
-/// the same files exported over iSCSI by this host's tgtd (`[volume_iscsi]`), which nodes'
-/// VMMs log in to; or images in a Ceph pool (`[volume_rbd]`), which nodes' VMMs open
-/// through librbd. New volumes go to RBD if it is configured, else iSCSI, else files; a
-/// volume stays where it was made (its location says where), so a cloud that changes its
-/// configuration keeps serving the volumes it has as long as their storage stays
-/// configured.
+/// Where volumes live: pools of sparse files in a directory, which nodes open at the
+/// same path; of the same kind of files exported over iSCSI by this host's tgtd, which
+/// nodes' VMMs log in to; or of images in a Ceph pool, which nodes' VMMs open through
+/// librbd. A new volume goes to the pool its request names, else the default pool; a
+/// volume stays where it was made and its location says which pool that is, so a cloud
+/// that changes its configuration keeps serving the volumes it has as long as their pools
+/// stay configured.
 pub struct Storage {
-    pub files: Option<file::FileBackend>,
-    pub iscsi: Option<iscsi::IscsiExport>,
-    pub rbd: Option<rbd::RbdPool>,
+    pools: Vec<Pool>,
+    /// Indexes into `pools`.
+    default: usize,
+    roots: usize,
+}
+
+pub struct Pool {
+    pub name: String,
+    pub backend: PoolBackend,
+}
+
+pub enum PoolBackend {
+    File(file::FileBackend),
+    /// The exported LUNs' files live in the second's directory.
+    Iscsi(iscsi::IscsiExport, file::FileBackend),
+    Rbd(rbd::RbdPool),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("volume pool '{pool}': cannot open {dir}: {source}")]
+    Dir {
+        pool: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("volume pool '{pool}': {source}")]
+    Rbd {
+        pool: String,
+        #[source]
+        source: rbd::RbdError,
+    },
 }
 
 /// Where one volume lives, read from its location.
@@ -131,46 +161,154 @@ fn storage_error(e: impl std::error::Error + Send + Sync + 'static) -> VolumeErr
 }
 
 impl Storage {
-    pub fn pool(&self) -> &str {
-        match (&self.rbd, &self.iscsi, &self.files) {
-            (Some(_), _, _) => "rbd",
-            (None, Some(_), _) => "iscsi",
-            (None, None, _) => "file",
+    /// The pools the configuration describes (checked by `Config::load`), or `None` if the
+    /// cloud has no volumes.
+    pub fn open(config: &crate::config::Config) -> Result<Option<Storage>, StorageError> {
+        let configured = config.all_volume_pools();
+        // Replicas on this host change one tgtd in turn, and so do this process's pools.
+        let tgtadm_lock = configured
+            .iter()
+            .find(|p| p.iscsi.is_some())
+            .and_then(|p| p.dir.as_ref())
+            .map(|dir| dir.join(".tgtadm.lock"));
+        let mut pools: Vec<Pool> = Vec::new();
+        for pool in configured {
+            let name = pool.name.clone();
+            let open_dir = |dir: &Path| {
+                file::FileBackend::open(dir).map_err(|source| StorageError::Dir {
+                    pool: name.clone(),
+                    dir: dir.to_owned(),
+                    source,
+                })
+            };
+            let backend = match (pool.dir.as_deref(), pool.iscsi, pool.rbd) {
+                (_, _, Some(rbd)) => {
+                    PoolBackend::Rbd(rbd::RbdPool::new(rbd).map_err(|source| {
+                        StorageError::Rbd {
+                            pool: name.clone(),
+                            source,
+                        }
+                    })?)
+                }
+                (Some(dir), Some(iscsi), None) => {
+                    let mut export = iscsi::IscsiExport::new(iscsi);
+                    if let Some(lock) = &tgtadm_lock {
+                        export = export.with_lock_file(lock.clone());
+                    }
+                    let first_export = pools.iter().find_map(|p| match &p.backend {
+                        PoolBackend::Iscsi(export, _) => Some(export),
+                        _ => None,
+                    });
+                    if let Some(first) = first_export {
+                        export = export.sharing_changes_with(first);
+                    }
+                    PoolBackend::Iscsi(export, open_dir(dir)?)
+                }
+                (Some(dir), None, None) => PoolBackend::File(open_dir(dir)?),
+                // Refused by `Config::load`.
+                (None, _, None) => continue,
+            };
+            pools.push(Pool { name, backend });
         }
+        let index_of = |name: Option<String>| {
+            name.and_then(|name| pools.iter().position(|p| p.name == name))
+                .unwrap_or(0)
+        };
+        let default = index_of(config.default_volume_pool_name());
+        let roots = index_of(config.root_volume_pool_name());
+        Ok((!pools.is_empty()).then_some(Storage {
+            pools,
+            default,
+            roots,
+        }))
     }
 
-    /// What nodes are given for a new volume: the file's path, the LUN's URL or the
-    /// image's `rbd:` name.
-    pub fn location(&self, uuid: &str) -> String {
-        match (&self.rbd, &self.iscsi, &self.files) {
-            (Some(pool), _, _) => pool.location(uuid),
-            (None, Some(export), _) => export.url(uuid),
-            (None, None, Some(files)) => files.location(uuid).to_string_lossy().into_owned(),
-            // Refused when the configuration is read: a cloud with volumes has storage.
-            (None, None, None) => String::new(),
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The pool a new volume goes to: the one named, else the default pool.
+    pub fn pool_for(&self, name: Option<&str>) -> Result<&Pool, VolumeError> {
+        let Some(name) = name else {
+            return Ok(&self.pools[self.default]);
+        };
+        self.pools.iter().find(|p| p.name == name).ok_or_else(|| {
+            VolumeError::BadRequest(format!(
+                "no volume pool '{name}' (this cloud has: {})",
+                self.pools
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })
+    }
+
+    /// The pool of image ORIGINs and VM roots (`root_volume_pool`).
+    pub fn root_pool(&self) -> &Pool {
+        &self.pools[self.roots]
+    }
+
+    /// Where Marketplace images are downloaded before they become ORIGINs: beside the root
+    /// pool's files, or (an RBD root pool) in the first pool that has a directory.
+    pub fn staging_dir(&self) -> Option<PathBuf> {
+        std::iter::once(self.root_pool())
+            .chain(&self.pools)
+            .find_map(|p| p.files())
+            .map(file::FileBackend::staging_dir)
+    }
+
+    fn iscsi_exports(&self) -> impl Iterator<Item = &iscsi::IscsiExport> {
+        self.pools.iter().filter_map(|p| match &p.backend {
+            PoolBackend::Iscsi(export, _) => Some(export),
+            _ => None,
+        })
+    }
+
+    /// The RBD pool a volume at `location` is in.
+    pub fn rbd_at<'a>(&'a self, location: &'a str) -> Option<&'a rbd::RbdPool> {
+        match self.backing(location) {
+            Ok(Backing::Rbd(pool, _)) => Some(pool),
+            _ => None,
         }
     }
 
     fn backing<'a>(&'a self, location: &'a str) -> Result<Backing<'a>, VolumeError> {
-        let missing = |what: &str, setting: &str| {
+        let missing = |what: &str| {
             VolumeError::Conflict(format!(
-                "volume at {location} is {what}, but {setting} is not configured"
+                "volume at {location} is {what}, but no such pool is configured"
             ))
         };
         if location.starts_with("iscsi://") {
-            match (&self.iscsi, &self.files) {
-                (Some(export), Some(files)) => Ok(Backing::Iscsi(export, files)),
-                _ => Err(missing("on iSCSI", "[volume_iscsi]")),
-            }
+            self.pools
+                .iter()
+                .find_map(|p| match &p.backend {
+                    PoolBackend::Iscsi(export, files) if export.owns(location) => {
+                        Some(Backing::Iscsi(export, files))
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| missing("on iSCSI"))
         } else if let Some(image) = rbd::RbdPool::image_at(location) {
-            self.rbd
-                .as_ref()
-                .map(|pool| Backing::Rbd(pool, image))
-                .ok_or_else(|| missing("on Ceph RBD", "[volume_rbd]"))
-        } else if self.files.is_some() {
-            Ok(Backing::File(std::path::Path::new(location)))
+            let ceph_pool = image.split_once('/').map(|(pool, _)| pool);
+            self.pools
+                .iter()
+                .find_map(|p| match &p.backend {
+                    PoolBackend::Rbd(pool) if Some(pool.config().pool.as_str()) == ceph_pool => {
+                        Some(Backing::Rbd(pool, image))
+                    }
+                    _ => None,
+                })
+                .ok_or_else(|| missing("on Ceph RBD"))
         } else {
-            Err(missing("a file", "volume_dir"))
+            let path = Path::new(location);
+            let in_a_file_pool = self.pools.iter().any(|p| match &p.backend {
+                PoolBackend::File(files) => path.starts_with(files.dir()),
+                _ => false,
+            });
+            in_a_file_pool
+                .then_some(Backing::File(path))
+                .ok_or_else(|| missing("a file"))
         }
     }
 
@@ -343,6 +481,35 @@ impl Storage {
     }
 }
 
+impl Pool {
+    /// `file`, `iscsi` or `rbd`.
+    pub fn kind(&self) -> &'static str {
+        match self.backend {
+            PoolBackend::File(_) => "file",
+            PoolBackend::Iscsi(..) => "iscsi",
+            PoolBackend::Rbd(_) => "rbd",
+        }
+    }
+
+    /// What nodes are given for a new volume here: the file's path, the LUN's URL or the
+    /// image's `rbd:` name.
+    pub fn location(&self, uuid: &str) -> String {
+        match &self.backend {
+            PoolBackend::File(files) => files.location(uuid).to_string_lossy().into_owned(),
+            PoolBackend::Iscsi(export, _) => export.url(uuid),
+            PoolBackend::Rbd(pool) => pool.location(uuid),
+        }
+    }
+
+    /// The directory of its files (file and iSCSI pools).
+    pub fn files(&self) -> Option<&file::FileBackend> {
+        match &self.backend {
+            PoolBackend::File(files) | PoolBackend::Iscsi(_, files) => Some(files),
+            PoolBackend::Rbd(_) => None,
+        }
+    }
+}
+
 /// The name a node's VMMs log in to iSCSI targets with: unique per node (its id), and
 /// readable (its name, in the characters iSCSI names allow).
 pub fn node_initiator(node_id: i64, name: &str) -> String {
@@ -393,10 +560,44 @@ pub async fn pools(cloud: &Cloud) -> Result<Vec<PoolView>, VolumeError> {
     .fetch_all(&cloud.db.pool)
     .await?;
     let mut out = Vec::new();
-    let mut add = |name: &str, location: String, space: Result<(u64, u64), String>, used| {
+    for (index, pool) in storage.pools().iter().enumerate() {
+        let (location, space, used) = match &pool.backend {
+            PoolBackend::File(files) | PoolBackend::Iscsi(_, files) => {
+                let dir = files.dir().to_owned();
+                let (space, used) = tokio::task::spawn_blocking(move || {
+                    (
+                        stratus_nodeagent::host::filesystem_space(&dir),
+                        file::FileBackend::allocated(&dir),
+                    )
+                })
+                .await
+                .map_err(storage_error)?;
+                let space = match space {
+                    (0, _) => Err(format!(
+                        "cannot read the space of {}",
+                        files.dir().display()
+                    )),
+                    sizes => Ok(sizes),
+                };
+                let location = match &pool.backend {
+                    PoolBackend::Iscsi(export, _) => export.portal().to_owned(),
+                    _ => files.dir().display().to_string(),
+                };
+                (location, space, used.ok())
+            }
+            PoolBackend::Rbd(rbd) => {
+                let space = rbd
+                    .space()
+                    .await
+                    .map(|(stored, free)| (stored + free, free))
+                    .map_err(|e| e.to_string());
+                let used = rbd.used().await.ok();
+                (rbd.config().pool.clone(), space, used)
+            }
+        };
         let (volumes, provisioned_gib) = held
             .iter()
-            .find(|(pool, ..)| pool == name)
+            .find(|(name, ..)| *name == pool.name)
             .map(|(_, n, gib)| (*n, *gib))
             .unwrap_or((0, 0));
         let (total_bytes, free_bytes, error) = match space {
@@ -404,7 +605,9 @@ pub async fn pools(cloud: &Cloud) -> Result<Vec<PoolView>, VolumeError> {
             Err(e) => (None, None, Some(e)),
         };
         out.push(PoolView {
-            name: name.to_owned(),
+            name: pool.name.clone(),
+            kind: pool.kind().to_owned(),
+            default: index == storage.default,
             location,
             total_bytes,
             free_bytes,
@@ -413,54 +616,18 @@ pub async fn pools(cloud: &Cloud) -> Result<Vec<PoolView>, VolumeError> {
             volumes,
             provisioned_gib,
         });
-    };
-    if let Some(files) = &storage.files {
-        let dir = files.dir().to_owned();
-        let (space, used) = tokio::task::spawn_blocking(move || {
-            (
-                stratus_nodeagent::host::filesystem_space(&dir),
-                file::FileBackend::allocated(&dir),
-            )
-        })
-        .await
-        .map_err(storage_error)?;
-        let space = match space {
-            (0, _) => Err(format!(
-                "cannot read the space of {}",
-                files.dir().display()
-            )),
-            sizes => Ok(sizes),
-        };
-        let used = used.ok();
-        add(
-            "file",
-            files.dir().display().to_string(),
-            space.clone(),
-            used,
-        );
-        if let Some(export) = &storage.iscsi {
-            add("iscsi", export.portal().to_owned(), space, used);
-        }
-    }
-    if let Some(rbd) = &storage.rbd {
-        let space = rbd
-            .space()
-            .await
-            .map(|(stored, free)| (stored + free, free))
-            .map_err(|e| e.to_string());
-        let used = rbd.used().await.ok();
-        add("rbd", rbd.config().pool.clone(), space, used);
     }
     Ok(out)
 }
 
-/// How a node's VMM opens the volume at `location`. An RBD volume comes with the cluster's
-/// configuration and credentials as the nodes have them (`rbd`: this cloud's RBD pool); a
-/// LIVE on the file pool with its ORIGIN's file (`backing`).
+/// How a node's VMM opens the volume at `location`. An RBD volume comes with its pool's
+/// cluster configuration and credentials as the nodes have them; a LIVE on a file pool
+/// with its ORIGIN's file (`backing`).
 pub fn node_source(
-    rbd: Option<&rbd::RbdPool>,
+    storage: Option<&Storage>,
     volume: &NodeDisk,
 ) -> stratus_nodeagent::api::types::DiskSource {
+    let rbd = storage.and_then(|s| s.rbd_at(&volume.location));
     use stratus_nodeagent::api::types::DiskSource;
     let (location, backing) = (&volume.location, volume.base_location.as_deref());
     if let Some(portal_and_lun) = location.strip_prefix("iscsi://") {
@@ -671,6 +838,7 @@ async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, Vo
         base_uuid: row.base_uuid,
         quarantine: row.quarantine,
         state: row.state,
+        pool: row.pool,
         mounts,
         created: row.created,
         updated: row.updated,
@@ -692,7 +860,8 @@ async fn used_gib(conn: &mut AnyConnection, owner: &str) -> Result<i64, VolumeEr
 
 fn no_storage() -> VolumeError {
     VolumeError::Conflict(
-        "this cloud has no volume storage (set volume_dir or [volume_rbd])".into(),
+        "this cloud has no volume storage (set volume_dir, [volume_rbd] or [[volume_pools]])"
+            .into(),
     )
 }
 
@@ -801,9 +970,10 @@ pub async fn create(
     }
     let tag = request.tag.unwrap_or_default();
     check_tag(&tag)?;
-    let backend = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+    let storage = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+    let pool = storage.pool_for(request.pool.as_deref())?;
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-    let location = backend.location(&uuid);
+    let location = pool.location(&uuid);
     let mut tx = cloud.db.pool.begin().await?;
     reserve(cloud, &mut tx, who, request.size_gib).await?;
     let new = NewVolume {
@@ -815,7 +985,7 @@ pub async fn create(
         kind: request.kind.unwrap_or(VolumeKind::DataImageRawReadWrite),
         identifier: None,
         base_uuid: None,
-        pool: backend.pool(),
+        pool: &pool.name,
         location: &location,
     };
     if !insert_creating(&mut tx, &new).await? {
@@ -1084,13 +1254,25 @@ async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), 
 /// after it is made and undone if they moved under it, so a pass never leaves a target
 /// open to a node that no longer has the volume, nor closed to one that does.
 pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
-    let Some(storage) = cloud.volumes.as_ref().filter(|s| s.iscsi.is_some()) else {
+    let Some(storage) = cloud.volumes.as_ref() else {
         return Ok(());
     };
-    let Some(export) = storage.iscsi.as_ref() else {
-        return Ok(());
-    };
-    let holders = iscsi_holders(&cloud.db, None).await?;
+    for export in storage.iscsi_exports() {
+        reexport_pool(cloud, storage, export).await?;
+    }
+    Ok(())
+}
+
+async fn reexport_pool(
+    cloud: &Cloud,
+    storage: &Storage,
+    export: &iscsi::IscsiExport,
+) -> Result<(), VolumeError> {
+    let holders: Vec<Holder> = iscsi_holders(&cloud.db, None)
+        .await?
+        .into_iter()
+        .filter(|holder| export.owns(&holder.location))
+        .collect();
     // One look at tgtd per pass: the exports that are as they should be are left alone.
     let exported = export.exported().await.map_err(storage_error)?;
     for holder in &holders {
@@ -1117,7 +1299,7 @@ pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
             continue;
         }
         if !iscsi_holders(&cloud.db, Some(uuid)).await?.contains(holder) {
-            resettle(cloud, storage, uuid).await;
+            resettle(cloud, storage, uuid, location).await;
         }
     }
     for (uuid, _) in exported {
@@ -1131,15 +1313,15 @@ pub async fn reexport(cloud: &Cloud) -> Result<(), VolumeError> {
         }
         tracing::info!(volume = %uuid, "withdrew the target of a volume no VM has");
         if !iscsi_holders(&cloud.db, Some(&uuid)).await?.is_empty() {
-            resettle(cloud, storage, &uuid).await;
+            resettle(cloud, storage, &uuid, &location).await;
         }
     }
     Ok(())
 }
 
-/// The volume's target as its mounts are now (after a pass raced an attach or detach);
-/// what fails is left to the next pass.
-async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str) {
+/// The target of the volume at `location` as its mounts are now (after a pass raced an
+/// attach or detach); what fails is left to the next pass.
+async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str, location: &str) {
     let settled = async {
         match iscsi_holders(&cloud.db, Some(uuid)).await?.first() {
             Some(holder) => {
@@ -1155,13 +1337,7 @@ async fn resettle(cloud: &Cloud, storage: &Storage, uuid: &str) {
                     .await
                     .map(|_| ())
             }
-            None => {
-                let location = storage.iscsi.as_ref().map(|e| e.url(uuid));
-                match location {
-                    Some(location) => storage.withdraw_uuid(&cloud.db, uuid, &location).await,
-                    None => Ok(()),
-                }
-            }
+            None => storage.withdraw_uuid(&cloud.db, uuid, location).await,
         }
     };
     if let Err(e) = settled.await {
@@ -1288,14 +1464,14 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
 /// Removes the raw files RBD ORIGINs are imported from that a killed fill left behind
 /// (those of fills still running elsewhere, whose rows are `creating`, stay).
 async fn sweep_staging(cloud: &Cloud) -> Result<(), VolumeError> {
-    let Some(files) = cloud.volumes.as_ref().and_then(|s| s.files.as_ref()) else {
+    let Some(staging) = cloud.volumes.as_ref().and_then(Storage::staging_dir) else {
         return Ok(());
     };
     let filling: Vec<(String,)> =
         sqlx::query_as("SELECT uuid FROM volumes WHERE state = 'creating'")
             .fetch_all(&cloud.db.pool)
             .await?;
-    let Ok(entries) = std::fs::read_dir(files.staging_dir()) else {
+    let Ok(entries) = std::fs::read_dir(staging) else {
         return Ok(());
     };
     for entry in entries.flatten() {

@@ -5,10 +5,11 @@
 //! deletes it once `quarantine_period_s` has passed — the stamp is in the database, so a
 //! restarted orchestrator collects what its predecessor quarantined.
 //!
-//! Roots live on the RBD pool when the cloud has one (the ORIGIN an RBD image with a
-//! protected snapshot, each LIVE a clone of it, which the nodes' VMMs open through librbd),
-//! else on the file pool (a qcow2 overlay the nodes open with its ORIGIN by path). Images
-//! are downloaded into `volume_dir` either way. Nodes still take the kernel and initrd from
+//! Roots live in the root pool (`root_volume_pool`, else the default pool): on an RBD pool
+//! the ORIGIN is an RBD image with a protected snapshot and each LIVE a clone of it, which
+//! the nodes' VMMs open through librbd; on a file pool each LIVE is a qcow2 overlay the
+//! nodes open with its ORIGIN by path. Images are downloaded into a pool's directory
+//! either way. Nodes still take the kernel and initrd from
 //! their own copy of the image.
 
 use std::path::Path;
@@ -214,8 +215,11 @@ async fn origin_of(
         None => {}
     }
     let storage = cloud.volumes.as_ref().ok_or_else(super::no_storage)?;
-    let files = storage.files.as_ref().ok_or_else(|| {
-        VolumeError::Conflict("root_volumes needs volume_dir (the file pool)".into())
+    let root_pool = storage.root_pool();
+    let staging = storage.staging_dir().ok_or_else(|| {
+        VolumeError::Conflict(
+            "root_volumes needs a pool with a directory to download images to".into(),
+        )
     })?;
     let size_gib = image.bytes.div_ceil(1 << 30).max(1);
     if size_gib > MAX_SIZE_GIB as u64 {
@@ -225,10 +229,7 @@ async fn origin_of(
         )));
     }
     let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
-    let (pool, location) = match &storage.rbd {
-        Some(rbd) => ("rbd", rbd.location(&uuid)),
-        None => ("file", files.location(&uuid).to_string_lossy().into_owned()),
-    };
+    let location = root_pool.location(&uuid);
     // StratusLab tagged an image's ORIGIN with the image's title, cut to a tag's length.
     let tag: String = (image.title.as_deref().unwrap_or(""))
         .chars()
@@ -246,7 +247,7 @@ async fn origin_of(
             kind: VolumeKind::MachineImageOrigin,
             identifier: Some(&identifier),
             base_uuid: None,
-            pool,
+            pool: &root_pool.name,
             location: &location,
         },
     )
@@ -256,15 +257,17 @@ async fn origin_of(
         return Ok(Err(busy()));
     }
     drop(conn);
-    let staging = files.staging_dir();
     let policy = cloud.policy.clone().unwrap_or_default();
     let follow_files = cloud.config.allow_file_image_locations;
     let entry = image.clone();
     // An RBD ORIGIN is imported from a raw file made beside the downloads.
-    let rbd = storage.rbd.as_ref();
+    let rbd = match &root_pool.backend {
+        super::PoolBackend::Rbd(rbd) => Some(rbd),
+        _ => None,
+    };
     let dest = match rbd {
         Some(_) => staging.join(format!("{uuid}.raw")),
-        None => files.location(&uuid),
+        None => std::path::PathBuf::from(&location),
     };
     let fill = async {
         let into = dest.clone();

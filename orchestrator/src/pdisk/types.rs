@@ -108,6 +108,9 @@ pub struct VolumeCreate {
     /// Default DATA_IMAGE_RAW_READ_WRITE.
     #[serde(default, rename = "type")]
     pub kind: Option<VolumeKind>,
+    /// The pool to make it in (`GET /pools`); default: the cloud's default pool.
+    #[serde(default)]
+    pub pool: Option<String>,
 }
 
 /// `PUT /disks/{uuid}` (`stratus-update-volume`): absent fields are kept.
@@ -150,6 +153,8 @@ pub struct VolumeView {
     pub quarantine: Option<String>,
     /// creating | available | deleting
     pub state: String,
+    /// The pool it is kept in (`GET /pools`).
+    pub pool: String,
     /// The number of VMs it is attached to (0 or 1).
     pub count: i64,
     pub mounts: Vec<MountView>,
@@ -176,8 +181,12 @@ pub struct MountAccepted {
 /// One configured storage pool: what its storage holds and has free, and the volumes on it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PoolView {
-    /// `file`, `iscsi` or `rbd` (a volume's `pool`).
+    /// What volumes name it by (their `pool`).
     pub name: String,
+    /// `file`, `iscsi` or `rbd`.
+    pub kind: String,
+    /// Whether new volumes go here when their request names no pool.
+    pub default: bool,
     /// The directory (file, iSCSI), the portal (iSCSI) or the Ceph pool (rbd).
     pub location: String,
     /// The storage's size and free space in bytes (for RBD: what the pool stores plus what

@@ -27,6 +27,15 @@ pub struct VolumeForm {
     tag: String,
     #[serde(default)]
     visibility: String,
+    #[serde(default)]
+    pool: String,
+}
+
+/// A pool as the creation form offers it.
+struct PoolChoice {
+    name: String,
+    kind: &'static str,
+    default: bool,
 }
 
 #[derive(Template)]
@@ -36,6 +45,7 @@ struct ListPage {
     notice: Option<&'static str>,
     enabled: bool,
     volumes: Vec<VolumeView>,
+    pools: Vec<PoolChoice>,
     form: VolumeForm,
     error: Option<String>,
 }
@@ -63,10 +73,27 @@ async fn list_page(
             notice,
             enabled: cloud.volumes.is_some(),
             volumes,
+            pools: pool_choices(cloud),
             form,
             error,
         },
     )
+}
+
+fn pool_choices(cloud: &Cloud) -> Vec<PoolChoice> {
+    let Some(storage) = &cloud.volumes else {
+        return Vec::new();
+    };
+    let default = storage.pool_for(None).map(|p| p.name.clone()).ok();
+    storage
+        .pools()
+        .iter()
+        .map(|p| PoolChoice {
+            name: p.name.clone(),
+            kind: p.kind(),
+            default: default.as_deref() == Some(p.name.as_str()),
+        })
+        .collect()
 }
 
 pub async fn list(
@@ -114,6 +141,7 @@ pub async fn create(
             tag: tag(&form.tag),
             visibility: visibility(&form.visibility)?,
             kind: None,
+            pool: Some(form.pool.trim().to_owned()).filter(|p| !p.is_empty()),
         })
     })();
     let created = match request {

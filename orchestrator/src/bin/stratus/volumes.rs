@@ -31,6 +31,9 @@ pub struct CreateArgs {
     /// Every user may use it.
     #[arg(long)]
     pub public: bool,
+    /// The storage pool to make it in (default: the cloud's default pool).
+    #[arg(long, value_name = "NAME")]
+    pub pool: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +94,7 @@ pub fn create(common: &Common, args: CreateArgs) -> anyhow::Result<ExitCode> {
             tag: args.tag,
             visibility: visibility(args.private, args.public),
             kind: None,
+            pool: args.pool,
         }),
     )?;
     if common.json {
@@ -112,6 +116,7 @@ pub fn volume_block(v: &VolumeView) -> String {
     field("visibility", v.visibility.clone());
     field("type", v.kind.clone());
     field("state", v.state.clone());
+    field("pool", v.pool.clone());
     field("created", v.created.clone());
     for m in &v.mounts {
         field(
@@ -138,6 +143,7 @@ fn field_of(v: &VolumeView, name: &str) -> Option<String> {
         "visibility" => v.visibility.clone(),
         "type" => v.kind.clone(),
         "state" => v.state.clone(),
+        "pool" => v.pool.clone(),
         "count" => v.count.to_string(),
         _ => return None,
     })
@@ -150,7 +156,7 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
             .split_once(':')
             .with_context(|| format!("filter '{f}' is not FIELD:REGEX"))?;
         if field_of(&placeholder(), name).is_none() {
-            bail!("filter '{f}': no field '{name}' (uuid, owner, tag, size, visibility, type, state, count)");
+            bail!("filter '{f}': no field '{name}' (uuid, owner, tag, size, visibility, type, state, pool, count)");
         }
         let re = regex::Regex::new(pattern)
             .with_context(|| format!("filter '{f}': not a regular expression"))?;
@@ -203,6 +209,7 @@ fn placeholder() -> VolumeView {
         base_uuid: None,
         quarantine: None,
         state: String::new(),
+        pool: String::new(),
         count: 0,
         mounts: Vec::new(),
         created: String::new(),
