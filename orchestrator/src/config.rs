@@ -110,9 +110,10 @@ pub struct Config {
     /// configured, else `iscsi`, else `file`, else the first of `volume_pools`).
     #[serde(default)]
     pub default_volume_pool: Option<String>,
-    /// The pool that holds image ORIGINs and VM roots with `root_volumes`: a file or RBD
-    /// pool, as only those make snapshots (default: the default pool if it is one, else
-    /// the first that is).
+    /// The pool that holds image ORIGINs and VM roots with `root_volumes` (default: the
+    /// default pool if it is a file or RBD pool, whose snapshots take constant time, else
+    /// the first that is, else the default pool: an iSCSI pool copies the ORIGIN for each
+    /// VM).
     #[serde(default)]
     pub root_volume_pool: Option<String>,
     /// Give VMs their root disks from pdisk, as StratusLab did: each Marketplace image is
@@ -480,13 +481,7 @@ impl Config {
                         .into(),
                 );
             };
-            let root_pool = pool_named("root_volume_pool", &name)?;
-            if root_pool.kind() == "iscsi" {
-                return Err(format!(
-                    "root_volumes: pool '{name}' is an iSCSI pool, which makes no snapshots \
-                     (set root_volume_pool to a file or RBD pool)"
-                ));
-            }
+            pool_named("root_volume_pool", &name)?;
             if pools.iter().all(|p| p.dir.is_none()) {
                 return Err(
                     "root_volumes needs a pool with a dir (volume_dir or a file pool): \
@@ -603,19 +598,13 @@ mod tests {
     }
 
     #[test]
-    fn the_default_and_root_pools_must_exist_and_roots_need_snapshots() {
+    fn the_default_and_root_pools_must_exist() {
         let e = checked("default_volume_pool = \"x\"\nvolume_dir = \"/v\"\n").unwrap_err();
         assert!(
             e.contains("default_volume_pool 'x' is not a volume pool (pools: file)"),
             "{e}"
         );
-        let e = checked(
-            "root_volumes = true\nroot_volume_pool = \"iscsi\"\nvolume_dir = \"/v\"\n\
-             [volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
-        )
-        .unwrap_err();
-        assert!(e.contains("pool 'iscsi' is an iSCSI pool"), "{e}");
-        // Volumes go to the iSCSI pool, roots to the file pool beside it.
+        // Volumes go to the iSCSI pool, roots to the file pool beside it unless told.
         let split = checked(
             "root_volumes = true\nvolume_dir = \"/v\"\n\
              [volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
@@ -623,6 +612,12 @@ mod tests {
         .unwrap();
         assert_eq!(split.default_volume_pool_name().as_deref(), Some("iscsi"));
         assert_eq!(split.root_volume_pool_name().as_deref(), Some("file"));
+        let told = checked(
+            "root_volumes = true\nroot_volume_pool = \"iscsi\"\nvolume_dir = \"/v\"\n\
+             [volume_iscsi]\nportal = \"198.18.0.1:3260\"\n",
+        )
+        .unwrap();
+        assert_eq!(told.root_volume_pool_name().as_deref(), Some("iscsi"));
         let e = checked(&format!("root_volumes = true\n[volume_rbd]\n{RBD}")).unwrap_err();
         assert!(e.contains("images are downloaded there"), "{e}");
         let e = checked("root_volumes = true\n").unwrap_err();

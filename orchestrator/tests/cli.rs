@@ -2260,6 +2260,150 @@ fn volumes_go_to_the_pool_their_request_names() {
     assert!(!scratch.join(format!("{on_default}.img")).exists());
 }
 
+/// The iSCSI pool makes snapshots and rebases as sparse copies of the source's file (tgtd
+/// serves raw files only): a LIVE starts with its ORIGIN's data, a guest's writes to it
+/// never reach the ORIGIN, a rebase keeps the LIVE's data. With `root_volume_pool` on it,
+/// each VM boots such a copy of the image's ORIGIN, exported to its node alone while it
+/// runs, then quarantined and collected.
+#[test]
+fn snapshots_rebases_and_vm_roots_on_an_iscsi_pool() {
+    in_own_network_namespace();
+    let tgtd = Tgtd::start();
+    let market = Marketplace::start();
+    let stamping = market.publish(Guest::DiskStamp, |_| {});
+    let image_head = head_hex(&market.image_file(), 32);
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "root_volumes = true\nroot_volume_pool = \"iscsi\"\nquarantine_period_s = 2\n\
+             allow_file_image_locations = true\n\
+             [volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n",
+            tgtd.read("port"),
+            tgtd.read("control")
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    cloud.add_user("alice", "alice-password");
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let alice = ("alice", "alice-password");
+    let lun_file = |uuid: &str| cloud.dir.path().join("volumes").join(format!("{uuid}.img"));
+    let lun_head = |uuid: &str| head_hex(&lun_file(uuid), 32);
+    let disks = || {
+        let (status, all) = cloud.admin("GET", "/disks", None);
+        assert_eq!(status, 200, "{all}");
+        all.as_array().unwrap().clone()
+    };
+
+    // A VM's root: a copy of the image's ORIGIN, logged in to like any iSCSI volume.
+    let out = user.ok(
+        "stratus-run-instance",
+        &["-q", "-t", "t1.micro", "--wait", "60", &stamping],
+    );
+    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let all = disks();
+    let of_type = |kind: &str| {
+        all.iter()
+            .find(|d| d["type"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}: {all:?}"))["uuid"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (origin, root) = (
+        of_type("MACHINE_IMAGE_ORIGIN"),
+        of_type("MACHINE_IMAGE_LIVE"),
+    );
+    let (_, on_node) = agent.call("GET", &format!("/vms/{vm}"));
+    let root_source = &root_on_node(&on_node)["source"]["iscsi"];
+    assert!(
+        root_source["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("pdisk:{root}/1")),
+        "{root_source}"
+    );
+    assert!(root_source["initiator"].is_string(), "{root_source}");
+    assert_eq!(stamp_of(&cloud, vm, &root, "read"), image_head);
+    let root_stamp = stamp_of(&cloud, vm, &root, "wrote");
+    assert_eq!(lun_head(&root), root_stamp);
+    assert_eq!(lun_head(&origin), image_head, "the ORIGIN is untouched");
+    let root_target = format!("pdisk:{root}");
+    assert!(tgtd.targets().contains(&root_target), "{}", tgtd.targets());
+    assert!(!tgtd.targets().contains(&origin), "{}", tgtd.targets());
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+    tgtd.wait_withdrawn(&root);
+    let ended = std::time::Instant::now();
+    while lun_file(&root).exists() {
+        assert!(
+            ended.elapsed() < std::time::Duration::from_secs(30),
+            "the quarantined root is never collected: {}",
+            cloud.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(lun_head(&origin), image_head);
+
+    // A user's ORIGIN and its LIVE snapshot: the LIVE starts with the ORIGIN's data and
+    // keeps its own; its rebase keeps the LIVE's.
+    let out = user.ok("stratus-create-volume", &["-s", "1"]);
+    let data = out.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    let first = run_with_volume(&user, &stamping, &data);
+    let origin_stamp = stamp_of(&cloud, first, &data, "wrote");
+    user.ok("stratus-kill-instance", &[&first.to_string()]);
+    cloud.wait_state(first, "Done");
+    tgtd.wait_withdrawn(&data);
+    let (status, made) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{data}"),
+        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
+    );
+    assert_eq!(status, 200, "{made}");
+    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{data}"), None);
+    assert_eq!(status, 201, "{live}");
+    assert_eq!(
+        (&live["type"], &live["pool"], &live["base_uuid"]),
+        (
+            &Value::from("DATA_IMAGE_LIVE"),
+            &Value::from("iscsi"),
+            &Value::from(data.as_str())
+        ),
+        "{live}"
+    );
+    let live = live["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(lun_head(&live), origin_stamp);
+    let second = run_with_volume(&user, &stamping, &live);
+    assert_eq!(stamp_of(&cloud, second, &live, "read"), origin_stamp);
+    let live_stamp = stamp_of(&cloud, second, &live, "wrote");
+    assert_ne!(live_stamp, origin_stamp);
+    assert_eq!(lun_head(&live), live_stamp);
+    assert_eq!(lun_head(&data), origin_stamp, "the ORIGIN is untouched");
+    user.ok("stratus-kill-instance", &[&second.to_string()]);
+    cloud.wait_state(second, "Done");
+    tgtd.wait_withdrawn(&live);
+    let (status, rebased) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
+    assert_eq!(status, 201, "{rebased}");
+    assert_eq!(rebased["type"], "DATA_IMAGE_ORIGIN", "{rebased}");
+    let rebased = rebased["uuid"].as_str().unwrap().to_owned();
+    assert_eq!(lun_head(&rebased), live_stamp);
+    // Copies are sparse: a 1 GiB volume holding a few stamped sectors allocates little.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(lun_file(&rebased)).unwrap().blocks();
+        assert!(blocks < 1024, "{blocks} blocks");
+    }
+    for uuid in [&live, &rebased, &data] {
+        let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
+        assert_eq!(status, 204, "{uuid}: {e}");
+        assert!(!lun_file(uuid).exists());
+    }
+}
+
 fn spare_target_iqn(uuid: &str) -> String {
     format!("iqn.2026-12.eu.stratuslab.pdisk:{uuid}")
 }

@@ -982,26 +982,6 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected_on_postgres() {
     vm_roots_are_live_snapshots_quarantined_then_collected(Backend::Postgres);
 }
 
-/// The disk image behind the (one) image published on `market`.
-fn image_file_of(market: &Marketplace) -> std::path::PathBuf {
-    std::fs::read_dir(market.dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|x| x == "img"))
-        .unwrap()
-}
-
-/// The root disk of a VM's spec on its node.
-fn root_on_node(on_node: &Value) -> Value {
-    on_node["spec"]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == "root")
-        .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
-        .clone()
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1027,7 +1007,7 @@ fn qcow2_head_hex(path: &std::path::Path, n: usize) -> String {
 fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     let market = Marketplace::start();
     let image = market.publish(Guest::DiskStamp, |_| {});
-    let image_file = image_file_of(&market);
+    let image_file = market.image_file();
     let agent = Agent::start(4, 4096, "");
     let database = Database::new(backend);
     let mut cloud = Orchestrator::start_with(
@@ -1173,7 +1153,7 @@ fn vm_roots_on_an_rbd_pool_are_clones_of_the_origin() {
     let cluster = stratus_vmm::test_ceph::CephCluster::start();
     let market = Marketplace::start();
     let image = market.publish(Guest::DiskStamp, |_| {});
-    let image_file = image_file_of(&market);
+    let image_file = market.image_file();
     let original = std::fs::read(&image_file).unwrap();
     let agent = Agent::start(4, 4096, "");
     let database = Database::new(Backend::Sqlite);

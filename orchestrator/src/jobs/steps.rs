@@ -88,7 +88,14 @@ async fn set_state(
 async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Result<(), StepError> {
     let volumes = {
         let mut conn = cloud.db.pool.acquire().await?;
-        pdisk::disks_of(&mut conn, vm, &["attached", "attaching", "detaching"]).await?
+        let mut volumes =
+            pdisk::disks_of(&mut conn, vm, &["attached", "attaching", "detaching"]).await?;
+        volumes.extend(
+            pdisk::roots::root_of(&mut conn, vm)
+                .await?
+                .map(|(root, _)| root),
+        );
+        volumes
     };
     // The VM is gone from its node: its ways in go while its mounts still hold the volumes
     // (so no other VM can have them yet); a pass of `pdisk::reexport` puts back what a
@@ -230,7 +237,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
         .map(Requirements::parse)
         .transpose()
         .map_err(VmError::BadRequest)?;
-    let root = match root_disk(cloud, job, &row, &deployment).await? {
+    let mut root = match root_disk(cloud, job, &row, &deployment).await? {
         Ok(root) => root,
         Err(outcome) => return Ok(outcome),
     };
@@ -272,7 +279,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
             )
         };
         if let Some(storage) = &cloud.volumes {
-            for volume in &mut volumes {
+            for volume in root.iter_mut().chain(&mut volumes) {
                 if let Err(e) = storage.prepare(&cloud.db, volume, &node).await {
                     let why = format!("volume {} cannot be served: {e}", volume.uuid);
                     // Retried like a node that does not answer; a volume the storage can

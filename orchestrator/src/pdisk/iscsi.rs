@@ -132,8 +132,18 @@ impl IscsiExport {
 
     /// Whether the LUN URL `location` is one of this pool's.
     pub fn owns(&self, location: &str) -> bool {
-        let pool_prefix = format!("iscsi://{}/{}:", self.config.portal, self.config.iqn_prefix);
-        location.starts_with(&pool_prefix)
+        self.uuid_at(location).is_some()
+    }
+
+    /// The volume whose LUN URL is `location`, if it is one of this pool's.
+    pub fn uuid_at<'a>(&self, location: &'a str) -> Option<&'a str> {
+        location
+            .strip_prefix("iscsi://")?
+            .strip_prefix(self.config.portal.as_str())?
+            .strip_prefix('/')?
+            .strip_prefix(self.config.iqn_prefix.as_str())?
+            .strip_prefix(':')?
+            .strip_suffix("/1")
     }
 
     async fn tgtadm(&self, args: &[&str]) -> Result<String, ExportError> {

@@ -133,9 +133,6 @@ enum Content<'a> {
     CopyOf(&'a str, Option<&'a str>),
 }
 
-const NO_ISCSI_SNAPSHOTS: &str = "the iSCSI pool makes no snapshots or rebases: tgtd serves \
-     raw LUNs only (the file and RBD pools make them)";
-
 /// A file volume's qcow2 overlay (a LIVE) cannot be the ORIGIN of another.
 fn no_overlay_of_overlay(source: &str) -> VolumeError {
     VolumeError::Conflict(format!(
@@ -330,7 +327,18 @@ impl Storage {
                     .to_string_lossy()
                     .into_owned())
             }
-            Backing::Iscsi(..) => Err(VolumeError::Conflict(NO_ISCSI_SNAPSHOTS.into())),
+            Backing::Iscsi(export, _) => Ok(export.url(uuid)),
+        }
+    }
+
+    /// The file behind the iSCSI volume at `location`.
+    fn lun_file(&self, location: &str) -> Result<PathBuf, VolumeError> {
+        match self.backing(location)? {
+            Backing::Iscsi(export, files) => export
+                .uuid_at(location)
+                .map(|uuid| files.location(uuid))
+                .ok_or_else(|| VolumeError::Conflict(format!("{location} names no LUN"))),
+            _ => Err(VolumeError::Conflict(format!("{location} is not on iSCSI"))),
         }
     }
 
@@ -342,11 +350,7 @@ impl Storage {
         size_gib: u64,
         content: Content<'_>,
     ) -> Result<(), VolumeError> {
-        let backing = self.backing(location)?;
-        if !matches!(content, Content::Empty) && matches!(backing, Backing::Iscsi(..)) {
-            return Err(VolumeError::Conflict(NO_ISCSI_SNAPSHOTS.into()));
-        }
-        match backing {
+        match self.backing(location)? {
             Backing::File(path) => match content {
                 Content::Empty => {
                     file::FileBackend::create(path, size_gib).map_err(VolumeError::Storage)
@@ -369,9 +373,25 @@ impl Storage {
                     .map_err(copy_error)
                 }
             },
-            // Exported only while attached (see `prepare`).
-            Backing::Iscsi(_, files) => file::FileBackend::create(&files.location(uuid), size_gib)
-                .map_err(VolumeError::Storage),
+            // Exported only while attached (see `prepare`). tgtd serves raw files only, so
+            // a snapshot or a rebase is a sparse copy of its source's file: independent of
+            // it, but made in time that grows with the data the source holds.
+            Backing::Iscsi(_, files) => {
+                let path = files.location(uuid);
+                let source = match content {
+                    Content::Empty => {
+                        return file::FileBackend::create(&path, size_gib)
+                            .map_err(VolumeError::Storage)
+                    }
+                    Content::SnapshotOf(source) | Content::CopyOf(source, _) => {
+                        self.lun_file(source)?
+                    }
+                };
+                tokio::task::spawn_blocking(move || file::FileBackend::copy(&path, &source, None))
+                    .await
+                    .map_err(storage_error)?
+                    .map_err(copy_error)
+            }
             Backing::Rbd(pool, image) => {
                 let source_image = |source: &str| {
                     rbd::RbdPool::image_at(source)

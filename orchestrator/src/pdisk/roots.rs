@@ -8,8 +8,9 @@
 //! Roots live in the root pool (`root_volume_pool`, else the default pool): on an RBD pool
 //! the ORIGIN is an RBD image with a protected snapshot and each LIVE a clone of it, which
 //! the nodes' VMMs open through librbd; on a file pool each LIVE is a qcow2 overlay the
-//! nodes open with its ORIGIN by path. Images are downloaded into a pool's directory
-//! either way. Nodes still take the kernel and initrd from
+//! nodes open with its ORIGIN by path; on an iSCSI pool each LIVE is a sparse copy of the
+//! ORIGIN's file, exported to the VM's node alone while the VM runs. Images are downloaded
+//! into a pool's directory either way. Nodes still take the kernel and initrd from
 //! their own copy of the image.
 
 use std::path::Path;
@@ -265,9 +266,10 @@ async fn origin_of(
         super::PoolBackend::Rbd(rbd) => Some(rbd),
         _ => None,
     };
-    let dest = match rbd {
-        Some(_) => staging.join(format!("{uuid}.raw")),
-        None => std::path::PathBuf::from(&location),
+    let dest = match &root_pool.backend {
+        super::PoolBackend::Rbd(_) => staging.join(format!("{uuid}.raw")),
+        super::PoolBackend::Iscsi(_, files) => files.location(&uuid),
+        super::PoolBackend::File(_) => std::path::PathBuf::from(&location),
     };
     let fill = async {
         let into = dest.clone();

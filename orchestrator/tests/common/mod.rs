@@ -408,6 +408,15 @@ impl Marketplace {
         Marketplace { dir, addr, child }
     }
 
+    /// The disk image file of the (one) image published so far.
+    pub fn image_file(&self) -> PathBuf {
+        std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == "img"))
+            .unwrap()
+    }
+
     /// The file holding the upload token.
     pub fn token_file(&self) -> PathBuf {
         self.dir.path().join("upload-token")
@@ -726,6 +735,17 @@ pub fn error(v: &Value) -> &str {
     v["error"]
         .as_str()
         .unwrap_or_else(|| panic!("no error in {v}"))
+}
+
+/// The root disk of a VM's spec on its node.
+pub fn root_on_node(on_node: &Value) -> Value {
+    on_node["spec"]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "root")
+        .unwrap_or_else(|| panic!("no root disk on the node: {on_node}"))
+        .clone()
 }
 
 /// The first `n` bytes of an RBD image (`POOL/IMAGE`) as `rbd export` reads them, in hex.
