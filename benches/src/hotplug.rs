@@ -6,8 +6,7 @@
 //! loopback (the VMM logs in itself) when Debian's tgt is installed. Each disk is unplugged
 //! again (the guest ejects it) before the next.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -16,6 +15,7 @@ use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
 
 use crate::agent::{agent_call, start_agent};
 use crate::measure::percentile;
+use crate::tgtd::Tgtd;
 
 pub struct Options {
     pub agent: PathBuf,
@@ -35,47 +35,6 @@ pub struct Row {
 }
 
 const VM: &str = "hotplug";
-
-/// A throw-away tgtd (scripts/iscsi-target.sh), stopped when dropped.
-struct Tgtd {
-    script: PathBuf,
-    dir: PathBuf,
-}
-
-impl Tgtd {
-    fn run(script: &Path, args: &[&str]) -> Result<()> {
-        let out = Command::new("bash").arg(script).args(args).output()?;
-        ensure!(
-            out.status.success(),
-            "iscsi-target.sh {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
-    }
-
-    fn start(dir: &Path) -> Result<Tgtd> {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/iscsi-target.sh");
-        Self::run(&script, &["start", &dir.to_string_lossy()])?;
-        Ok(Tgtd {
-            script,
-            dir: dir.to_owned(),
-        })
-    }
-
-    /// A LUN of `file`; its URL.
-    fn add(&self, iqn: &str, file: &Path) -> Result<String> {
-        let dir = self.dir.to_string_lossy();
-        Self::run(&self.script, &["add", &dir, iqn, &file.to_string_lossy()])?;
-        let port = std::fs::read_to_string(self.dir.join("port"))?;
-        Ok(format!("iscsi://127.0.0.1:{}/{iqn}/1", port.trim()))
-    }
-}
-
-impl Drop for Tgtd {
-    fn drop(&mut self) {
-        let _ = Tgtd::run(&self.script, &["stop", &self.dir.to_string_lossy()]);
-    }
-}
 
 fn console(client: &reqwest::blocking::Client, base: &str) -> Result<String> {
     let response = client
@@ -121,13 +80,7 @@ pub fn bench(opts: &Options) -> Result<Vec<Row>> {
     call(reqwest::Method::PUT, &format!("/vms/{VM}"), Some(&spec))?;
     wait_line(&client, &base, "stamped")?;
 
-    let tgtd = match Command::new("tgtd").arg("--help").output() {
-        Ok(_) => Some(Tgtd::start(&opts.dir.join("tgtd"))?),
-        Err(_) => {
-            eprintln!("tgtd is not installed (Debian's tgt): no iSCSI row");
-            None
-        }
-    };
+    let tgtd = Tgtd::start_if_installed(&opts.dir.join("tgtd"))?;
     let mut rows = Vec::new();
     for kind in ["file", "iscsi"] {
         if kind == "iscsi" && tgtd.is_none() {

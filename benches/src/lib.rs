@@ -10,6 +10,7 @@ pub mod hotplug;
 pub mod measure;
 pub mod net;
 pub mod pdisk;
+pub mod tgtd;
 
 /// Whether something listens on 127.0.0.1:`port`. A connect to a port nobody listens on
 /// can connect the socket to itself (TCP simultaneous open, when the kernel picks that very

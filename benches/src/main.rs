@@ -148,7 +148,8 @@ enum Cmd {
         dir: PathBuf,
     },
     /// pdisk: LIVE snapshot creation (`POST /disks/{origin}`) for a 1 GiB and a 1 TiB
-    /// ORIGIN on the file pool, against `qemu-img create -b` beside it, alternated.
+    /// ORIGIN holding 10 MiB on each pool (file; iSCSI with tgt installed; RBD with Ceph),
+    /// against the storage's own tool making the same child, alternated.
     Pdisk {
         #[arg(long, default_value = "target/release/stratus-orchestrator")]
         orchestrator: PathBuf,

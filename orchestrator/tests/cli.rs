@@ -2091,6 +2091,169 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     assert!(!tgtd.accounts().contains(&data), "{}", tgtd.accounts());
 }
 
+/// StratusLab's volume rules, the same on every pool: the describe block, update and
+/// filters, another user's delete refused with StratusLab's text and their view limited to
+/// public volumes, a volume attached at boot held against deletes, and 100 attaches of one
+/// volume at once with exactly one winner.
+fn pdisk_rules_hold_on(cloud: &Orchestrator, user: &User, image: &str, other: i64, pool: &str) {
+    let bob = ["-u", "bob", "-p", "bob-password"];
+    let alice = ("alice", "alice-password");
+    let create = |args: &[&str]| {
+        let out = user.ok("stratus-create-volume", &[args, &["--pool", pool]].concat());
+        out.strip_prefix("DISK ").unwrap().trim_end().to_owned()
+    };
+    let in_pool = format!("pool:^{pool}$");
+    let data = create(&["-s", "2", "-t", "my data"]);
+    assert_eq!(
+        without_created(&user.ok("stratus-describe-volumes", &[&data])),
+        format!(
+            ":: DISK {data}\n\tcount: 0\n\towner: alice\n\ttag: my data\n\tsize: 2\n\
+             \tvisibility: private\n\ttype: DATA_IMAGE_RAW_READ_WRITE\n\tstate: available\n\
+             \tpool: {pool}\n"
+        )
+    );
+    user.ok(
+        "stratus-update-volume",
+        &[&data, "--public", "-t", "shared"],
+    );
+    let shown = user.ok(
+        "stratus-describe-volumes",
+        &[
+            "-q",
+            "-f",
+            "tag:^sha",
+            "-f",
+            "visibility:public",
+            "-f",
+            &in_pool,
+        ],
+    );
+    assert_eq!(shown, format!("{data}\n"));
+    let boot = create(&["-s", "1", "-t", "boot"]);
+    let e = user.error(
+        "stratus-delete-volume",
+        &[&[&boot[..]][..], &bob].concat(),
+        &[],
+    );
+    assert_eq!(e, "Service error: Not enough rights to delete disk");
+    let seen_by_bob = user.ok(
+        "stratus-describe-volumes",
+        &[&["-q", "-f", &in_pool][..], &bob[..]].concat(),
+    );
+    assert_eq!(
+        seen_by_bob,
+        format!("{data}\n"),
+        "bob sees the public one only"
+    );
+
+    let vm = run_with_volume(user, image, &boot);
+    let shown = user.ok("stratus-describe-volumes", &[&boot]);
+    assert!(
+        shown.contains(&format!("\tmount: VM {vm} on /dev/vda since ")),
+        "{shown}"
+    );
+    let e = user.error("stratus-delete-volume", &[&boot], &[]);
+    assert_eq!(
+        e,
+        format!("Service error: disk {boot} is attached to VM {vm}: detach it first")
+    );
+
+    let spare = create(&["-s", "1"]);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let spare = &spare;
+                let target = if i % 2 == 0 { vm } else { other };
+                s.spawn(move || {
+                    cloud.call_as(
+                        alice,
+                        "POST",
+                        &format!("/disks/{spare}/mounts"),
+                        Some(&serde_json::json!({ "vm_id": target })),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(winners.len(), 1, "{pool}: {answers:?}");
+    let holder = winners[0]["vm_id"].as_i64().unwrap();
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 202) {
+        assert_eq!(*status, 409, "{body}");
+        assert_eq!(
+            error(body),
+            format!("disk {spare} is attached to VM {holder}")
+        );
+    }
+    // The winner's guest gets the disk; then it is unplugged and deleted.
+    let started = std::time::Instant::now();
+    let unplug = format!("/disks/{spare}/mounts/{holder}");
+    while cloud.call_as(alice, "DELETE", &unplug, None).0 != 202 {
+        assert!(started.elapsed().as_secs() < 60, "{pool}: never attached");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    while cloud
+        .call_as(alice, "DELETE", &format!("/disks/{spare}"), None)
+        .0
+        != 204
+    {
+        assert!(started.elapsed().as_secs() < 60, "{pool}: never detached");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    user.ok("stratus-kill-instance", &[&vm.to_string()]);
+    cloud.wait_state(vm, "Done");
+    assert_eq!(
+        user.ok("stratus-delete-volume", &[&boot, &data]),
+        format!("DELETED {boot}\nDELETED {data}\n")
+    );
+}
+
+/// The rules of `pdisk_rules_hold_on` on an iSCSI pool (a real tgtd) and an RBD pool (a
+/// throw-away Ceph cluster) of one cloud; the file pool's are in
+/// `volumes_through_the_links`.
+#[test]
+fn pdisk_rules_hold_on_iscsi_and_rbd_pools() {
+    in_own_network_namespace();
+    let tgtd = Tgtd::start();
+    let cluster = stratus_vmm::test_ceph::CephCluster::start();
+    let market = Marketplace::start();
+    let image = market.publish(Guest::EventLoop, |_| {});
+    let agent = Agent::start(4, 4096, "");
+    let database = Database::new(Backend::Sqlite);
+    let cloud = Orchestrator::start_with(
+        &market,
+        &database,
+        &format!(
+            "[volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n\
+             [volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+            tgtd.read("port"),
+            tgtd.read("control"),
+            cluster.conf().display(),
+            cluster.keyring().display()
+        ),
+    );
+    cloud.add_node("node-1", &agent);
+    cloud.add_user("alice", "alice-password");
+    cloud.add_user("bob", "bob-password");
+    let user = User::new();
+    user.config(&user_config(&cloud, &market, &user));
+    let other = user.ok(
+        "stratus-run-instance",
+        &["-q", "-t", "t1.micro", "--wait", "60", &image],
+    );
+    let other: i64 = other.split(',').next().unwrap().parse().unwrap();
+    for pool in ["iscsi", "rbd"] {
+        pdisk_rules_hold_on(&cloud, &user, &image, other, pool);
+    }
+    assert_eq!(cluster.rbd(&["ls", "rbd"]).trim(), "", "images left");
+    assert!(!tgtd.targets().contains("pdisk:"), "{}", tgtd.targets());
+}
+
 /// Several pools of each kind, named in the configuration: a volume goes to the pool its
 /// request names (else the default pool) and stays there; an unknown pool is refused with
 /// the names there are; two iSCSI pools on one tgtd export and withdraw only their own

@@ -718,6 +718,46 @@ fn flattening_copies_the_chain_sparsely_and_opens_only_the_expected_backing_file
     }
 }
 
+/// A sparse raw volume (a pdisk LUN file) copies by its data: what was written lands at
+/// the same offsets, unaligned and at the odd-sized end included, and the holes between
+/// stay holes, however large the volume.
+#[test]
+fn a_sparse_raw_file_is_copied_by_its_data_alone() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const GIB: u64 = 1 << 30;
+    let dir = tempfile::tempdir().unwrap();
+    let (source, copy) = (dir.path().join("volume.img"), dir.path().join("copy.img"));
+    let size = 16 * GIB + 1000;
+    let file = std::fs::File::create(&source).unwrap();
+    file.set_len(size).unwrap();
+    let writes: [(u64, &[u8]); 4] = [
+        (0, b"first sector"),
+        (5 * GIB + 123, b"unaligned, in the middle"),
+        (9 * GIB - 2, b"across a GiB"),
+        (size - 7, b"the end"),
+    ];
+    for (at, bytes) in writes {
+        file.write_all_at(bytes, at).unwrap();
+    }
+    drop(file);
+    assert_eq!(
+        flatten_to_raw(&source, ImageFormat::Raw, &[], &copy).unwrap(),
+        size
+    );
+    let copied = std::fs::File::open(&copy).unwrap();
+    assert_eq!(copied.metadata().unwrap().len(), size);
+    for (at, bytes) in writes {
+        let mut found = vec![0; bytes.len() + 64];
+        let start = at.saturating_sub(32);
+        let n = copied.read_at(&mut found, start).unwrap();
+        let mut expected = vec![0; n];
+        expected[(at - start) as usize..][..bytes.len()].copy_from_slice(bytes);
+        assert_eq!(&found[..n], &expected[..], "at {at}");
+    }
+    let allocated = copied.metadata().unwrap().blocks() * 512;
+    assert!(allocated <= 64 * 1024, "{allocated} bytes allocated");
+}
+
 #[test]
 fn after_a_flush_the_image_is_complete_even_if_the_vmm_dies() {
     for (engine, cache) in combinations() {

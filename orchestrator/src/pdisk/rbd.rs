@@ -269,6 +269,13 @@ impl RbdPool {
     /// never reach the origin. Done again after a crash, it keeps what exists.
     pub async fn clone_of(&self, origin: &str, image: &str) -> Result<(), RbdError> {
         let base = format!("{origin}@{BASE_SNAPSHOT}");
+        // Every clone but the first finds the snapshot protected: one `rbd` run, not three.
+        match self.rbd(&["clone", &base, image]).await {
+            Ok(_) | Err((Some(EXISTS), _)) => return Ok(()),
+            // No base snapshot yet, or not protected yet: made below.
+            Err((Some(NOT_FOUND | INVALID), _)) => {}
+            Err((_, e)) => return Err(e),
+        }
         match self.rbd(&["snap", "create", "--no-progress", &base]).await {
             Err((Some(EXISTS), _)) => {}
             other => other.map_err(|(_, e)| e)?,
