@@ -871,37 +871,7 @@ fn volumes_through_the_links(backend: Backend) {
     let spare = user.ok("stratus-create-volume", &["-s", "1"]);
     let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
     let alice = ("alice", "alice-password");
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..100)
-            .map(|i| {
-                let (cloud, spare) = (&cloud, &spare);
-                let target = if i % 2 == 0 { vm } else { other };
-                s.spawn(move || {
-                    cloud.call_as(
-                        alice,
-                        "POST",
-                        &format!("/disks/{spare}/mounts"),
-                        Some(&serde_json::json!({ "vm_id": target })),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let winners: Vec<&Value> = answers
-        .iter()
-        .filter(|(s, _)| *s == 202)
-        .map(|(_, b)| b)
-        .collect();
-    assert_eq!(winners.len(), 1, "{answers:?}");
-    let holder = winners[0]["vm_id"].as_i64().unwrap();
-    for (status, body) in answers.iter().filter(|(s, _)| *s != 202) {
-        assert_eq!(*status, 409, "{body}");
-        assert_eq!(
-            error(body),
-            format!("disk {spare} is attached to VM {holder}")
-        );
-    }
+    one_of_100_attaches_wins(&cloud, &spare, vm, other);
 
     // A delete and an attach of one volume at once: one of them, never both.
     for _ in 0..8 {
@@ -2091,6 +2061,43 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     assert!(!tgtd.accounts().contains(&data), "{}", tgtd.accounts());
 }
 
+/// 100 attach requests for `spare` at once, to VMs `vm` and `other` in turn: exactly one
+/// wins, the others get 409 naming the holder, whose id is returned.
+fn one_of_100_attaches_wins(cloud: &Orchestrator, spare: &str, vm: i64, other: i64) -> i64 {
+    let alice = ("alice", "alice-password");
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..100)
+            .map(|i| {
+                let target = if i % 2 == 0 { vm } else { other };
+                s.spawn(move || {
+                    cloud.call_as(
+                        alice,
+                        "POST",
+                        &format!("/disks/{spare}/mounts"),
+                        Some(&serde_json::json!({ "vm_id": target })),
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(winners.len(), 1, "{answers:?}");
+    let holder = winners[0]["vm_id"].as_i64().unwrap();
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 202) {
+        assert_eq!(*status, 409, "{body}");
+        assert_eq!(
+            error(body),
+            format!("disk {spare} is attached to VM {holder}")
+        );
+    }
+    holder
+}
+
 /// StratusLab's volume rules, the same on every pool: the describe block, update and
 /// filters, another user's delete refused with StratusLab's text and their view limited to
 /// public volumes, a volume attached at boot held against deletes, and 100 attaches of one
@@ -2159,37 +2166,7 @@ fn pdisk_rules_hold_on(cloud: &Orchestrator, user: &User, image: &str, other: i6
     );
 
     let spare = create(&["-s", "1"]);
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..100)
-            .map(|i| {
-                let spare = &spare;
-                let target = if i % 2 == 0 { vm } else { other };
-                s.spawn(move || {
-                    cloud.call_as(
-                        alice,
-                        "POST",
-                        &format!("/disks/{spare}/mounts"),
-                        Some(&serde_json::json!({ "vm_id": target })),
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let winners: Vec<&Value> = answers
-        .iter()
-        .filter(|(s, _)| *s == 202)
-        .map(|(_, b)| b)
-        .collect();
-    assert_eq!(winners.len(), 1, "{pool}: {answers:?}");
-    let holder = winners[0]["vm_id"].as_i64().unwrap();
-    for (status, body) in answers.iter().filter(|(s, _)| *s != 202) {
-        assert_eq!(*status, 409, "{body}");
-        assert_eq!(
-            error(body),
-            format!("disk {spare} is attached to VM {holder}")
-        );
-    }
+    let holder = one_of_100_attaches_wins(cloud, &spare, vm, other);
     // The winner's guest gets the disk; then it is unplugged and deleted.
     let started = std::time::Instant::now();
     let unplug = format!("/disks/{spare}/mounts/{holder}");
