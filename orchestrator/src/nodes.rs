@@ -39,7 +39,7 @@ impl From<sqlx::Error> for NodeError {
     }
 }
 
-#[derive(Clone, Debug, sqlx::FromRow)]
+#[derive(Clone, sqlx::FromRow)]
 pub struct NodeRow {
     pub id: i64,
     pub name: String,
@@ -60,6 +60,25 @@ pub struct NodeRow {
     pub last_seen: Option<String>,
     pub last_error: Option<String>,
     pub created: String,
+}
+
+/// Everything but the agent's token, which a logged row must not carry.
+impl std::fmt::Debug for NodeRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeRow")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("state", &self.state)
+            .field("health", &self.health)
+            .field("cpu_total", &self.cpu_total)
+            .field("memory_total_mib", &self.memory_total_mib)
+            .field("running_vms", &self.running_vms)
+            .field("agent_state", &self.agent_state)
+            .field("last_seen", &self.last_seen)
+            .field("last_error", &self.last_error)
+            .finish_non_exhaustive()
+    }
 }
 
 const NODE_COLUMNS: &str = "id, name, url, token, state, health, cpu_total, memory_total_mib, \

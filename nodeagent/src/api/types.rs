@@ -152,7 +152,8 @@ pub enum DiskSource {
         #[schema(value_type = Option<String>)]
         secret_file: Option<PathBuf>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        chap_secret: Option<String>,
+        #[schema(value_type = Option<String>)]
+        chap_secret: Option<ChapSecret>,
         /// Seconds a request may wait for the target before the guest gets an I/O error.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u32>,
@@ -179,6 +180,28 @@ pub enum DiskSource {
         #[schema(value_type = Object)]
         entry: Box<stratus_images::Metadata>,
     },
+}
+
+/// A CHAP secret: sent and stored as the plain string, never shown by `{:?}`, so a
+/// logged request or record does not carry it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChapSecret(String);
+
+impl ChapSecret {
+    pub fn new(secret: String) -> Self {
+        ChapSecret(secret)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ChapSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChapSecret(..)")
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -341,4 +364,26 @@ pub struct PrefetchRequest {
 #[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chap_secret_travels_as_a_string_and_never_shows_in_debug_output() {
+        let sent = r#"{"iscsi":{"url":"iscsi://pdisk-v@198.18.0.1/iqn.2026-12.test:v/1","chap_secret":"0123456789abcdef"}}"#;
+        let source: DiskSource = serde_json::from_str(sent).unwrap();
+        let DiskSource::Iscsi { chap_secret, .. } = &source else {
+            panic!("{source:?}");
+        };
+        assert_eq!(
+            chap_secret.as_ref().map(ChapSecret::expose),
+            Some("0123456789abcdef")
+        );
+        assert_eq!(serde_json::to_string(&source).unwrap(), sent);
+        let shown = format!("{source:?} {:?}", chap_secret);
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(shown.contains("ChapSecret(..)"), "{shown}");
+    }
 }

@@ -30,7 +30,8 @@ use stratus_vmm::devices::virtio::block::io::rbd::{
 use stratus_vmm::devices::virtio::block::io::ImageFormat as VmmImageFormat;
 
 use crate::api::types::{
-    ContextSpec, DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec, VmState,
+    ChapSecret, ContextSpec, DiskSource, DiskSpec, HostInfo, HostState, VmExit, VmInfo, VmSpec,
+    VmState,
 };
 use crate::config::AgentConfig;
 use crate::host::{self, Capacity};
@@ -476,7 +477,7 @@ fn validate_disk(disk: &DiskSpec) -> Result<(), VmError> {
                     disk.id
                 ));
             }
-            if let Some(secret) = chap_secret {
+            if let Some(secret) = chap_secret.as_ref().map(ChapSecret::expose) {
                 // RFC 7143 wants CHAP secrets of at least 96 bits; libiscsi takes up to 255 bytes.
                 if secret.len() < 12 || secret.len() > 255 || secret.chars().any(char::is_control) {
                     return bad(format!(
@@ -1309,7 +1310,7 @@ impl VmManager {
                 timeout_secs,
             } => {
                 let secret_file = match chap_secret {
-                    Some(secret) => Some(vm.write_chap_secret(&disk.id, secret)?),
+                    Some(secret) => Some(vm.write_chap_secret(&disk.id, secret.expose())?),
                     None => secret_file.clone(),
                 };
                 config.iscsi = Some(IscsiSource {

@@ -193,7 +193,7 @@ pub struct JobView {
 }
 
 /// `POST /nodes` (admins).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NodeAdd {
     pub name: String,
@@ -257,7 +257,7 @@ pub struct NodeView {
 }
 
 /// `POST /users` (admins).
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserAdd {
     pub name: String,

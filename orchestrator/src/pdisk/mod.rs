@@ -478,7 +478,7 @@ impl Storage {
         Ok(IscsiLogin {
             initiator: initiator.to_owned(),
             user,
-            secret,
+            secret: stratus_nodeagent::api::types::ChapSecret::new(secret),
         })
     }
 

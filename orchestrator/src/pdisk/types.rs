@@ -224,5 +224,5 @@ pub struct NodeDisk {
 pub struct IscsiLogin {
     pub initiator: String,
     pub user: String,
-    pub secret: String,
+    pub secret: stratus_nodeagent::api::types::ChapSecret,
 }

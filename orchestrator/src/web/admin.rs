@@ -95,7 +95,7 @@ pub async fn node_state(
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 pub struct UserForm {
     #[serde(default)]
     name: String,
