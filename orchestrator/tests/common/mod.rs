@@ -637,7 +637,13 @@ impl Orchestrator {
             let (_, console) =
                 self.call_as(user, "GET", &format!("/vms/{vm}/console?bytes=65536"), None);
             let console = console.as_str().unwrap_or_default().to_owned();
-            if let Some(line) = console.lines().find(|l| l.starts_with(start)) {
+            // Whole lines only: the guest may be half-way through printing the last one.
+            let whole_line = console
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'))
+                .map(|l| l.strip_suffix('\r').unwrap_or(l))
+                .find(|l| l.starts_with(start));
+            if let Some(line) = whole_line {
                 return line[start.len()..].to_owned();
             }
             assert!(
