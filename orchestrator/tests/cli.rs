@@ -907,21 +907,7 @@ fn volumes_through_the_links(backend: Backend) {
                     "{why_not_deleted}"
                 );
                 assert_eq!(shown["mounts"][0]["vm_id"], other, "{shown}");
-                // Detached once the attach job is done, then deleted.
-                let unplug = format!("/disks/{contested}/mounts/{other}");
-                let started = std::time::Instant::now();
-                while cloud.call_as(alice, "DELETE", &unplug, None).0 != 202 {
-                    assert!(started.elapsed().as_secs() < 60, "never attached");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                while cloud
-                    .call_as(alice, "DELETE", &format!("/disks/{contested}"), None)
-                    .0
-                    != 204
-                {
-                    assert!(started.elapsed().as_secs() < 60, "never detached");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
+                unplug_and_delete(&cloud, &contested, other);
             }
             outcome => panic!(
                 "delete {} and attach {}: {why_not_deleted} {why_not_attached}",
@@ -2098,13 +2084,32 @@ fn one_of_100_attaches_wins(cloud: &Orchestrator, spare: &str, vm: i64, other: i
     holder
 }
 
+/// Unplugs `volume` from VM `vm` once its attach job is done, then deletes it once the
+/// detach is.
+fn unplug_and_delete(cloud: &Orchestrator, volume: &str, vm: i64) {
+    let alice = ("alice", "alice-password");
+    let started = std::time::Instant::now();
+    let unplug = format!("/disks/{volume}/mounts/{vm}");
+    while cloud.call_as(alice, "DELETE", &unplug, None).0 != 202 {
+        assert!(started.elapsed().as_secs() < 60, "{volume}: never attached");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    while cloud
+        .call_as(alice, "DELETE", &format!("/disks/{volume}"), None)
+        .0
+        != 204
+    {
+        assert!(started.elapsed().as_secs() < 60, "{volume}: never detached");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// StratusLab's volume rules, the same on every pool: the describe block, update and
 /// filters, another user's delete refused with StratusLab's text and their view limited to
 /// public volumes, a volume attached at boot held against deletes, and 100 attaches of one
 /// volume at once with exactly one winner.
 fn pdisk_rules_hold_on(cloud: &Orchestrator, user: &User, image: &str, other: i64, pool: &str) {
     let bob = ["-u", "bob", "-p", "bob-password"];
-    let alice = ("alice", "alice-password");
     let create = |args: &[&str]| {
         let out = user.ok("stratus-create-volume", &[args, &["--pool", pool]].concat());
         out.strip_prefix("DISK ").unwrap().trim_end().to_owned()
@@ -2167,21 +2172,7 @@ fn pdisk_rules_hold_on(cloud: &Orchestrator, user: &User, image: &str, other: i6
 
     let spare = create(&["-s", "1"]);
     let holder = one_of_100_attaches_wins(cloud, &spare, vm, other);
-    // The winner's guest gets the disk; then it is unplugged and deleted.
-    let started = std::time::Instant::now();
-    let unplug = format!("/disks/{spare}/mounts/{holder}");
-    while cloud.call_as(alice, "DELETE", &unplug, None).0 != 202 {
-        assert!(started.elapsed().as_secs() < 60, "{pool}: never attached");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    while cloud
-        .call_as(alice, "DELETE", &format!("/disks/{spare}"), None)
-        .0
-        != 204
-    {
-        assert!(started.elapsed().as_secs() < 60, "{pool}: never detached");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    unplug_and_delete(cloud, &spare, holder);
     user.ok("stratus-kill-instance", &[&vm.to_string()]);
     cloud.wait_state(vm, "Done");
     assert_eq!(
