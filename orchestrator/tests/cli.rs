@@ -2222,6 +2222,21 @@ fn pdisk_rules_hold_on_iscsi_and_rbd_pools() {
     assert!(!tgtd.targets().contains("pdisk:"), "{}", tgtd.targets());
 }
 
+/// Makes alice's volume a DATA_IMAGE_ORIGIN and takes a LIVE snapshot of it; the LIVE.
+fn live_snapshot_of(cloud: &Orchestrator, volume: &str) -> Value {
+    let alice = ("alice", "alice-password");
+    let (status, origin) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{volume}"),
+        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
+    );
+    assert_eq!(status, 200, "{origin}");
+    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{volume}"), None);
+    assert_eq!(status, 201, "{live}");
+    live
+}
+
 /// Several pools of each kind, named in the configuration: a volume goes to the pool its
 /// request names (else the default pool) and stays there; an unknown pool is refused with
 /// the names there are; two iSCSI pools on one tgtd export and withdraw only their own
@@ -2299,15 +2314,7 @@ fn volumes_go_to_the_pool_their_request_names() {
     assert_eq!(before, after);
 
     // A snapshot stays in its origin's pool.
-    let (status, origin) = cloud.call_as(
-        alice,
-        "PUT",
-        &format!("/disks/{on_default}"),
-        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
-    );
-    assert_eq!(status, 200, "{origin}");
-    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{on_default}"), None);
-    assert_eq!(status, 201, "{live}");
+    let live = live_snapshot_of(&cloud, &on_default);
     assert_eq!(live["pool"], "scratch", "{live}");
     let live_uuid = live["uuid"].as_str().unwrap();
     assert!(scratch.join(format!("{live_uuid}.qcow2")).is_file());
@@ -2488,15 +2495,7 @@ fn snapshots_rebases_and_vm_roots_on_an_iscsi_pool() {
     user.ok("stratus-kill-instance", &[&first.to_string()]);
     cloud.wait_state(first, "Done");
     tgtd.wait_withdrawn(&data);
-    let (status, made) = cloud.call_as(
-        alice,
-        "PUT",
-        &format!("/disks/{data}"),
-        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
-    );
-    assert_eq!(status, 200, "{made}");
-    let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{data}"), None);
-    assert_eq!(status, 201, "{live}");
+    let live = live_snapshot_of(&cloud, &data);
     assert_eq!(
         (&live["type"], &live["pool"], &live["base_uuid"]),
         (
