@@ -365,7 +365,7 @@ impl Config {
     }
 
     /// The pool of image ORIGINs and VM roots: `root_volume_pool`, else the default pool if
-    /// it makes snapshots, else the first pool that does.
+    /// it makes copy-on-write snapshots, else the first pool that does, else the default.
     pub fn root_volume_pool_name(&self) -> Option<String> {
         if let Some(name) = &self.root_volume_pool {
             return Some(name.clone());
@@ -378,8 +378,8 @@ impl Config {
             .filter(makes_snapshots)
             .find(|p| Some(&p.name) == default.as_ref())
             .or_else(|| pools.iter().find(makes_snapshots))
-            .or_else(|| pools.first())
             .map(|p| p.name.clone())
+            .or(default)
     }
 
     fn check_volume_pools(&self) -> Result<(), String> {
@@ -618,6 +618,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(told.root_volume_pool_name().as_deref(), Some("iscsi"));
+        let only_iscsi = checked(
+            "root_volumes = true\n[[volume_pools]]\nname = \"san\"\ndir = \"/s\"\n\
+             [volume_pools.iscsi]\nportal = \"198.18.0.1:3260\"\n",
+        )
+        .unwrap();
+        assert_eq!(only_iscsi.root_volume_pool_name().as_deref(), Some("san"));
         let e = checked(&format!("root_volumes = true\n[volume_rbd]\n{RBD}")).unwrap_err();
         assert!(e.contains("images are downloaded there"), "{e}");
         let e = checked("root_volumes = true\n").unwrap_err();
