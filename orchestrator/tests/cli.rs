@@ -664,19 +664,17 @@ fn volumes_are_created_attached_and_detached_on_postgres() {
 
 /// Runs a t1.micro of `image` with the volume attached at boot; the VM's id.
 fn run_with_volume(user: &User, image: &str, volume: &str) -> i64 {
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            volume,
-            image,
-        ],
-    );
+    run_with_volumes(user, image, &[volume])
+}
+
+/// Runs a t1.micro of `image` with these volumes attached at boot; the VM's id.
+fn run_with_volumes(user: &User, image: &str, volumes: &[&str]) -> i64 {
+    let mut args = vec!["-q", "-t", "t1.micro", "--wait", "60"];
+    for volume in volumes {
+        args.extend(["--persistent-disk", volume]);
+    }
+    args.push(image);
+    let out = user.ok("stratus-run-instance", &args);
     out.split(',').next().unwrap().parse().unwrap()
 }
 
@@ -863,11 +861,7 @@ fn volumes_through_the_links(backend: Backend) {
     assert_eq!(on_node["attached"][0]["serial"], data[..20]);
 
     // 100 attach requests for one volume at once: one wins, the others name the holder.
-    let other = user.ok(
-        "stratus-run-instance",
-        &["-q", "-t", "t1.micro", "--wait", "60", &image],
-    );
-    let other: i64 = other.split(',').next().unwrap().parse().unwrap();
+    let other = run_with_volumes(&user, &image, &[]);
     let spare = user.ok("stratus-create-volume", &["-s", "1"]);
     let spare = spare.strip_prefix("DISK ").unwrap().trim_end().to_owned();
     let alice = ("alice", "alice-password");
@@ -2210,11 +2204,7 @@ fn pdisk_rules_hold_on_iscsi_and_rbd_pools() {
     cloud.add_user("bob", "bob-password");
     let user = User::new();
     user.config(&user_config(&cloud, &market, &user));
-    let other = user.ok(
-        "stratus-run-instance",
-        &["-q", "-t", "t1.micro", "--wait", "60", &image],
-    );
-    let other: i64 = other.split(',').next().unwrap().parse().unwrap();
+    let other = run_with_volumes(&user, &image, &[]);
     for pool in ["iscsi", "rbd"] {
         pdisk_rules_hold_on(&cloud, &user, &image, other, pool);
     }
@@ -2349,22 +2339,7 @@ fn volumes_go_to_the_pool_their_request_names() {
     // One VM with a LUN of each iSCSI pool: both exported to its node, each under its
     // pool's name; the reconciliation passes of each pool leave the other's alone.
     let stamping = market.publish(Guest::DiskStamp, |_| {});
-    let out = user.ok(
-        "stratus-run-instance",
-        &[
-            "-q",
-            "-t",
-            "t1.micro",
-            "--wait",
-            "60",
-            "--persistent-disk",
-            &on_iscsi,
-            "--persistent-disk",
-            &on_san,
-            &stamping,
-        ],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volumes(&user, &stamping, &[&on_iscsi, &on_san]);
     stamp_of(&cloud, vm, &on_iscsi, "wrote");
     stamp_of(&cloud, vm, &on_san, "wrote");
     let san_target = format!("iqn.2026-12.eu.stratuslab.san:{on_san}");
@@ -2437,11 +2412,7 @@ fn snapshots_rebases_and_vm_roots_on_an_iscsi_pool() {
     };
 
     // A VM's root: a copy of the image's ORIGIN, logged in to like any iSCSI volume.
-    let out = user.ok(
-        "stratus-run-instance",
-        &["-q", "-t", "t1.micro", "--wait", "60", &stamping],
-    );
-    let vm: i64 = out.split(',').next().unwrap().parse().unwrap();
+    let vm = run_with_volumes(&user, &stamping, &[]);
     let all = disks();
     let of_type = |kind: &str| {
         all.iter()
