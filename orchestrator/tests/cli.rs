@@ -705,6 +705,22 @@ fn data_outlives_its_vm(cloud: &Orchestrator, user: &User, image: &str, volume: 
     restamped
 }
 
+/// `volume`, attached to VM `vm` at boot as vda, is shown mounted there and cannot be
+/// deleted; its describe block.
+fn held_by(user: &User, volume: &str, vm: i64) -> String {
+    let shown = user.ok("stratus-describe-volumes", &[volume]);
+    assert!(
+        shown.contains(&format!("\tmount: VM {vm} on /dev/vda since ")),
+        "{shown}"
+    );
+    let e = user.error("stratus-delete-volume", &[volume], &[]);
+    assert_eq!(
+        e,
+        format!("Service error: disk {volume} is attached to VM {vm}: detach it first")
+    );
+    shown
+}
+
 /// The first `n` bytes of a file, in hex.
 fn head_hex(path: &Path, n: usize) -> String {
     let bytes = std::fs::read(path).unwrap();
@@ -829,17 +845,8 @@ fn volumes_through_the_links(backend: Backend) {
             .display()
             .to_string()
     );
-    let shown = user.ok("stratus-describe-volumes", &[&boot]);
+    let shown = held_by(&user, &boot, vm);
     assert!(shown.contains("\tcount: 1\n"), "{shown}");
-    assert!(
-        shown.contains(&format!("\tmount: VM {vm} on /dev/vda since ")),
-        "{shown}"
-    );
-    let e = user.error("stratus-delete-volume", &[&boot], &[]);
-    assert_eq!(
-        e,
-        format!("Service error: disk {boot} is attached to VM {vm}: detach it first")
-    );
     let e = user.error(
         "stratus-detach-volume",
         &["-i", &vm.to_string(), &boot],
@@ -2153,16 +2160,7 @@ fn pdisk_rules_hold_on(cloud: &Orchestrator, user: &User, image: &str, other: i6
     );
 
     let vm = run_with_volume(user, image, &boot);
-    let shown = user.ok("stratus-describe-volumes", &[&boot]);
-    assert!(
-        shown.contains(&format!("\tmount: VM {vm} on /dev/vda since ")),
-        "{shown}"
-    );
-    let e = user.error("stratus-delete-volume", &[&boot], &[]);
-    assert_eq!(
-        e,
-        format!("Service error: disk {boot} is attached to VM {vm}: detach it first")
-    );
+    held_by(user, &boot, vm);
 
     let spare = create(&["-s", "1"]);
     let holder = one_of_100_attaches_wins(cloud, &spare, vm, other);
