@@ -1963,13 +1963,7 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     assert!(!tgtd.accounts().contains(&spare), "{}", tgtd.accounts());
     // A read-only mount gets a read-only LUN, whatever the node's VMM would do.
     let alice = ("alice", "alice-password");
-    let (status, updated) = cloud.call_as(
-        alice,
-        "PUT",
-        &format!("/disks/{spare}"),
-        Some(&serde_json::json!({"type": "DATA_IMAGE_RAW_READONLY"})),
-    );
-    assert_eq!(status, 200, "{updated}");
+    set_type(&cloud, &spare, "DATA_IMAGE_RAW_READONLY");
     user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &spare]);
     let shown = target_section(&tgtd.targets(), &spare_target);
     assert!(shown.contains("Readonly: Yes"), "{shown}");
@@ -2210,16 +2204,21 @@ fn pdisk_rules_hold_on_iscsi_and_rbd_pools() {
     assert!(!tgtd.targets().contains("pdisk:"), "{}", tgtd.targets());
 }
 
+/// Gives alice's volume one of StratusLab's types.
+fn set_type(cloud: &Orchestrator, volume: &str, kind: &str) {
+    let (status, updated) = cloud.call_as(
+        ("alice", "alice-password"),
+        "PUT",
+        &format!("/disks/{volume}"),
+        Some(&serde_json::json!({ "type": kind })),
+    );
+    assert_eq!(status, 200, "{updated}");
+}
+
 /// Makes alice's volume a DATA_IMAGE_ORIGIN and takes a LIVE snapshot of it; the LIVE.
 fn live_snapshot_of(cloud: &Orchestrator, volume: &str) -> Value {
     let alice = ("alice", "alice-password");
-    let (status, origin) = cloud.call_as(
-        alice,
-        "PUT",
-        &format!("/disks/{volume}"),
-        Some(&serde_json::json!({"type": "DATA_IMAGE_ORIGIN"})),
-    );
-    assert_eq!(status, 200, "{origin}");
+    set_type(cloud, volume, "DATA_IMAGE_ORIGIN");
     let (status, live) = cloud.call_as(alice, "POST", &format!("/disks/{volume}"), None);
     assert_eq!(status, 201, "{live}");
     live
