@@ -1389,6 +1389,15 @@ impl Tgtd {
         Self::script(&["restart", self.dir.path().to_str().unwrap()]);
     }
 
+    /// `[volume_iscsi]` for an orchestrator exporting through this tgtd.
+    fn pool_settings(&self) -> String {
+        format!(
+            "[volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n",
+            self.read("port"),
+            self.read("control")
+        )
+    }
+
     fn targets(&self) -> String {
         self.show("target")
     }
@@ -1791,15 +1800,7 @@ fn volumes_on_an_iscsi_pool_are_luns_the_vmm_logs_in_to() {
     let market = Marketplace::start();
     let agent = Agent::start(4, 4096, "");
     let database = Database::new(Backend::Sqlite);
-    let cloud = Orchestrator::start_with(
-        &market,
-        &database,
-        &format!(
-            "[volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n",
-            tgtd.read("port"),
-            tgtd.read("control")
-        ),
-    );
+    let cloud = Orchestrator::start_with(&market, &database, &tgtd.pool_settings());
     cloud.add_node("node-1", &agent);
     cloud.add_user("alice", "alice-password");
     let user = User::new();
@@ -2183,10 +2184,8 @@ fn pdisk_rules_hold_on_iscsi_and_rbd_pools() {
         &market,
         &database,
         &format!(
-            "[volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n\
-             [volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
-            tgtd.read("port"),
-            tgtd.read("control"),
+            "{}[volume_rbd]\nconf = \"{}\"\nid = \"stratus\"\nkeyring = \"{}\"\n",
+            tgtd.pool_settings(),
             cluster.conf().display(),
             cluster.keyring().display()
         ),
@@ -2389,10 +2388,8 @@ fn snapshots_rebases_and_vm_roots_on_an_iscsi_pool() {
         &database,
         &format!(
             "root_volumes = true\nroot_volume_pool = \"iscsi\"\nquarantine_period_s = 2\n\
-             allow_file_image_locations = true\n\
-             [volume_iscsi]\nportal = \"127.0.0.1:{}\"\ncontrol_port = {}\n",
-            tgtd.read("port"),
-            tgtd.read("control")
+             allow_file_image_locations = true\n{}",
+            tgtd.pool_settings()
         ),
     );
     cloud.add_node("node-1", &agent);
