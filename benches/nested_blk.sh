@@ -9,6 +9,16 @@
 # process's /proc/PID/stat at each marker: VMM CPU = utime + stime - guest_time (the vCPU
 # threads' time in the guest is left out; their exits are counted), divided by the job's
 # I/Os. Only the ratios stratus/QEMU mean anything: everything runs under TCG.
+# NESTED_BLK_DISK picks what both VMMs serve the guest's disk from:
+#   file   the image file (default)
+#   iscsi  a LUN of Debian's tgtd in L1 on L1's loopback, backed by that same file (tgtd's
+#          default rdwr store): stratus-vmm through libiscsi (--disk iscsi://...), QEMU
+#          through its iscsi block driver (package qemu-block-extra, -drive file=iscsi://...)
+#   rbd    an image of a throw-away Ceph cluster on this host (scripts/ceph-cluster.sh, one
+#          memstore OSD) in a network namespace whose TAP is L1's NIC, written all over
+#          first: stratus-vmm through librbd (its dynamically linked release build, with
+#          librbd copied into L1), QEMU through its rbd block driver; librbd's cache off
+#          for both (QEMU's cache=none, and rbd cache = false in L1's ceph.conf)
 # One guest vCPU (CPUS=2 to change): L1 has one, and under QEMU-TCG's emulated SVM a
 # 2-vCPU guest whose AP spins with interrupts off waiting for the BSP at boot
 # (wait_for_master_cpu) sometimes wedges L1 for good (seen with QEMU q35, 2 of ~10 boots).
@@ -18,13 +28,23 @@ set -euo pipefail
 RUNS=${1:-3}
 SECS=${2:-5}
 MIB=${3:-256}
+DISK=${NESTED_BLK_DISK:-file}
 cd "$(dirname "$0")/.."
 source scripts/nested/lib.sh
+case $DISK in file|iscsi|rbd) ;; *) log "NESTED_BLK_DISK must be file, iscsi or rbd (not $DISK)"; exit 2 ;; esac
 fetch_kernel
 build_static_programs
 
 W=$(mktemp -d "$NESTED_WORK/blkbench.XXXX")
-trap 'rm -rf "$W"' EXIT
+NETNS=stratus-blkbench-$$
+cleanup() {
+    if [ "$DISK" = rbd ]; then
+        scripts/ceph-cluster.sh stop "$W/ceph" > /dev/null 2>&1 || true
+        ip netns del "$NETNS" 2>/dev/null || true
+    fi
+    rm -rf "$W"
+}
+trap cleanup EXIT
 
 # name:rw:bs:iodepth
 JOBS="randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 randwrite-4k-qd32:randwrite:4k:32 read-128k-qd32:read:128k:32 write-1m-qd8:write:1m:8"
@@ -60,8 +80,53 @@ copy_modules "$W/outer/lib/modules" kvm_amd crc32c_generic ext4
 copy_modules "$W/outer/lib/brd" brd
 cp "$STATIC_VMM" "$W/outer/vmm"
 cp "$VMLINUX" "$W/outer/vmlinux"; cp "$W/inner.cpio.gz" "$W/outer/initrd"
-copy_qemu_into "$W/outer"
 CMDLINE="console=ttyS0 reboot=k panic=-1 loglevel=4"
+IQN=iqn.2026-12.eu.stratuslab.bench:disk
+# What each VMM is given for the disk, and what L1 does before the runs.
+case $DISK in
+file)
+    copy_qemu_into "$W/outer"
+    VMM=/vmm
+    STRATUS_DISK=path=/mnt/disk.img,cache=none,engine=io_uring
+    QEMU_DRIVE=file=/mnt/disk.img,if=none,id=d0,format=raw,aio=io_uring,cache=none
+    L1_SETUP=: ;;
+iscsi)
+    copy_qemu_into "$W/outer" block-iscsi
+    copy_binary_with_libs tgtd "$W/outer"
+    copy_binary_with_libs tgtadm "$W/outer"
+    VMM=/vmm
+    STRATUS_DISK=iscsi://127.0.0.1:3260/$IQN/1
+    QEMU_DRIVE=file=iscsi://127.0.0.1:3260/$IQN/1,if=none,id=d0,format=raw,cache=none
+    L1_SETUP="mkdir -p /run/tgtd /var/run /var/lib /etc
+tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
+i=0; while ! tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1 && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+tgtadm --lld iscsi --op new --mode target --tid 1 -T $IQN &&
+tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b /mnt/disk.img &&
+tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL || echo BLK-SETUP-FAILED tgtd" ;;
+rbd)
+    CEPH_ADDR=198.18.73.1
+    L1_ADDR=198.18.73.2
+    tap_netns "$NETNS" "$CEPH_ADDR/24"
+    CEPH_CLUSTER_ADDR=$CEPH_ADDR ip netns exec "$NETNS" scripts/ceph-cluster.sh start "$W/ceph" >&2
+    head -c ${MIB}M /dev/urandom > "$W/rbd.img"
+    ip netns exec "$NETNS" rbd -c "$W/ceph/ceph.conf" import --no-progress "$W/rbd.img" rbd/bench
+    rm -f "$W/rbd.img"
+    (cd "$REPO_ROOT" && cargo build --quiet --release -p stratus-vmm --bin stratus-vmm)
+    copy_binary_with_libs "$REPO_ROOT/target/release/stratus-vmm" "$W/outer"
+    copy_librbd_into "$W/outer"
+    copy_qemu_into "$W/outer" block-rbd
+    copy_modules "$W/outer/lib/net" virtio_mmio virtio_net
+    mkdir -p "$W/outer/ceph"
+    { echo "[global]"; grep '^mon host' "$W/ceph/ceph.conf"; echo "rbd cache = false"; } > "$W/outer/ceph/ceph.conf"
+    cp "$W/ceph/client.stratus.keyring" "$W/outer/ceph/"
+    VMM=/usr/bin/stratus-vmm
+    STRATUS_DISK=rbd:rbd/bench,conf=/ceph/ceph.conf,id=stratus,keyring=/ceph/client.stratus.keyring
+    QEMU_DRIVE=file=rbd:rbd/bench:conf=/ceph/ceph.conf:id=stratus:keyring=/ceph/client.stratus.keyring,if=none,id=d0,format=raw,cache=none
+    NESTED_QEMU_NETNS=$NETNS
+    NESTED_QEMU_ARGS=(-netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=n0)
+    L1_SETUP="for m in \$(cat /lib/net/order); do insmod /lib/net/\$m; done
+ip link set lo up; ip addr add $L1_ADDR/24 dev eth0 && ip link set eth0 up || echo BLK-SETUP-FAILED eth0" ;;
+esac
 # One VMM run: boot, five jobs of SECS seconds each (plus fio's start-up under TCG).
 RUN_TIMEOUT=$((240 + 5 * (SECS + 40)))
 CPUS=${CPUS:-1}
@@ -70,14 +135,15 @@ write_init "$W/outer" <<INIT
 insmod /lib/brd/brd.ko rd_nr=1 rd_size=$(((MIB + 64) * 1024)) || echo "BLK-SETUP-FAILED brd"
 mke2fs -b 4096 /dev/ram0 > /dev/null && mount -t ext2 /dev/ram0 /mnt || echo "BLK-SETUP-FAILED ext2 on /dev/ram0"
 dd if=/dev/zero of=/mnt/disk.img bs=1M count=$MIB 2>/dev/null || echo "BLK-SETUP-FAILED disk.img"
+$L1_SETUP
 start_stratus() {
-    timeout -s KILL $RUN_TIMEOUT /vmm --kernel /vmlinux --initrd /initrd --cpus $CPUS --memory 512 \\
-        --disk path=/mnt/disk.img,cache=none,engine=io_uring --cmdline '$CMDLINE' < /dev/null > /con 2>&1 &
+    timeout -s KILL $RUN_TIMEOUT $VMM --kernel /vmlinux --initrd /initrd --cpus $CPUS --memory 512 \\
+        --disk $STRATUS_DISK --cmdline '$CMDLINE' < /dev/null > /con 2>&1 &
 }
 start_qemu() {
     timeout -s KILL $RUN_TIMEOUT /usr/bin/qemu-system-x86_64 -M q35,accel=kvm -cpu host -smp $CPUS -m 512 \\
         -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel /vmlinux -initrd /initrd \\
-        -drive file=/mnt/disk.img,if=none,id=d0,format=raw,aio=io_uring,cache=none \\
+        -drive $QEMU_DRIVE \\
         -device virtio-blk-pci,drive=d0 -append '$CMDLINE' < /dev/null > /con 2>&1 &
 }
 # run <vmm> <run>: the VMM's console goes through a FIFO read here with shell built-ins only
@@ -104,15 +170,15 @@ poweroff -f
 INIT
 pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
-CONSOLE=$NESTED_WORK/nested_blk.console.log
-log "running $RUNS alternated runs per VMM, $SECS s per fio job, $MIB MiB file, in L1 (console: $CONSOLE)"
+CONSOLE=$NESTED_WORK/nested_blk.$DISK.console.log
+log "running $RUNS alternated runs per VMM, $SECS s per fio job, $MIB MiB $DISK disk, in L1 (console: $CONSOLE)"
 # Every job prints within a few minutes; a console silent for 5 minutes means a hung L1.
-run_l1 "$W/outer.cpio.gz" "$CONSOLE" $((300 + 2 * RUNS * RUN_TIMEOUT)) 300 \
+NESTED_SILENT_S=180 run_l1 "$W/outer.cpio.gz" "$CONSOLE" $((300 + 2 * RUNS * RUN_TIMEOUT)) 300 \
     || log "L1 did not finish; the table has the runs that completed"
-python3 - "$CONSOLE" "$JOBS" "$SECS" "$MIB" "$RUNS" "$ORDER" "$CPUS" <<'PY'
+python3 - "$CONSOLE" "$JOBS" "$SECS" "$MIB" "$RUNS" "$ORDER" "$CPUS" "$DISK" <<'PY'
 import statistics, sys
 console, jobs, secs, mib = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
-runs_wanted, order, cpus = int(sys.argv[5]), sys.argv[6].split(), sys.argv[7]
+runs_wanted, order, cpus, disk = int(sys.argv[5]), sys.argv[6].split(), sys.argv[7], sys.argv[8]
 jobs = [j.split(":") for j in jobs]
 USER_HZ = 100
 problems = []
@@ -184,7 +250,8 @@ rows = {n: {j[0]: per_job(n, j[0]) for j in jobs} for n in names}
 runs = max((r[2] for n in names for r in rows[n].values()), default=0)
 fmt = lambda v, unit: "failed" if v is None else (f"{v:.0f} {unit}" if v >= 100 else f"{v:.1f} {unit}")
 ratio = lambda a, b: "–" if a is None or b is None or b == 0 else f"{a / b:.2f}"
-print(f"| nested virtio-blk, fio in the guest ({cpus} vCPU, io_uring, O_DIRECT, {secs} s per job, {mib} MiB file), medians of {runs} | stratus-vmm | QEMU q35 | stratus / QEMU | VMM CPU µs/IO stratus | QEMU | stratus / QEMU (lower: stratus cheaper) |")
+what = {"file": "file", "iscsi": "iSCSI LUN (tgtd in L1)", "rbd": "RBD image (Ceph beside L1)"}[disk]
+print(f"| nested virtio-blk on a {mib} MiB {what}, fio in the guest ({cpus} vCPU, io_uring, O_DIRECT, {secs} s per job), medians of {runs} | stratus-vmm | QEMU q35 | stratus / QEMU | VMM CPU µs/IO stratus | QEMU | stratus / QEMU (lower: stratus cheaper) |")
 print("|---|---|---|---|---|---|---|")
 for name, rw, bs, qd in jobs:
     unit = "IOPS" if "4k" in name else "MiB/s"

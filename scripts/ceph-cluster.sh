@@ -17,6 +17,8 @@
 # through it; client.stratus (caps: mon 'profile rbd', osd 'profile rbd pool=rbd') needs
 # `--id stratus --keyring DIR/client.stratus.keyring`. cephx is on. The monitor listens on
 # 127.0.0.1 on two free ports (msgr v2 and v1, both in mon host); the OSD binds 127.0.0.1.
+# CEPH_CLUSTER_ADDR puts both on another local address instead (the nested harness serves
+# an L1 guest from a network namespace's TAP: loopback is out of its reach).
 # No ceph-mgr runs: rbd create/snap/export/import/bench and librbd work without one, but
 # `ceph health` turns to HEALTH_WARN (MGR_DOWN) two minutes after start, `ceph df` shows
 # zeros, and `ceph pg stat`, `ceph osd pool stats` and `rbd trash purge schedule` hang.
@@ -31,6 +33,7 @@ cmd=${1:-}; dir=${2:-}
 
 START_TIMEOUT=${CEPH_CLUSTER_TIMEOUT:-60}              # seconds start waits for the pool
 MEMSTORE_BYTES=${CEPH_CLUSTER_MEMSTORE_BYTES:-1073741824}  # the OSD's size (it is in memory)
+ADDR=${CEPH_CLUSTER_ADDR:-127.0.0.1}                     # where the daemons listen
 DAEMONS="mon.a osd.0"
 
 need() {
@@ -41,12 +44,12 @@ need() {
     done
 }
 
-# Two free TCP ports on 127.0.0.1 (msgr v2 and v1 of the monitor).
+# Two free TCP ports on ADDR (msgr v2 and v1 of the monitor).
 free_ports() {
     python3 -c '
 import socket
 ss = [socket.socket() for _ in range(2)]
-for s in ss: s.bind(("127.0.0.1", 0))
+for s in ss: s.bind(("'"$ADDR"'", 0))
 print(*[s.getsockname()[1] for s in ss])'
 }
 
@@ -116,7 +119,7 @@ write_conf() {
 # written by scripts/ceph-cluster.sh: a throw-away single-node cluster
 [global]
 fsid = $fsid
-mon host = [v2:127.0.0.1:$port2,v1:127.0.0.1:$port1]
+mon host = [v2:$ADDR:$port2,v1:$ADDR:$port1]
 auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
@@ -149,8 +152,8 @@ keyring = $dir/\$name/keyring
 log file = $dir/log/\$name.log
 pid file = $dir/run/\$name.pid
 admin socket = $dir/run/\$name.asok
-public addr = 127.0.0.1
-cluster addr = 127.0.0.1
+public addr = $ADDR
+cluster addr = $ADDR
 osd objectstore = memstore
 memstore device bytes = $MEMSTORE_BYTES
 osd crush update on start = true
@@ -191,7 +194,7 @@ start() {
     authtool "$tmp" --import-keyring "$dir/osd.0/keyring"
 
     monmaptool --create --fsid "$fsid" \
-        --addv a "[v2:127.0.0.1:$port2,v1:127.0.0.1:$port1]" "$dir/monmap" \
+        --addv a "[v2:$ADDR:$port2,v1:$ADDR:$port1]" "$dir/monmap" \
         >>"$dir/log/mkfs.log" 2>&1 || fail "monmaptool failed"
     ceph-mon -c "$dir/ceph.conf" --cluster ceph -i a --mkfs --monmap "$dir/monmap" \
         --keyring "$tmp" >>"$dir/log/mkfs.log" 2>&1 ||

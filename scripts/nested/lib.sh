@@ -197,13 +197,15 @@ early_l1_panic() {
 # silent for minutes on this machine, several in a row, with no known cause yet;
 # NESTED_KERNEL_DEBUG="loglevel=7" replaces "quiet" to see how far such a kernel gets. With idle-s, an L1 whose console then
 # stops growing for idle-s seconds is taken as hung, killed, and run_l1 returns 2.
-# NESTED_QEMU_ARGS (a bash array, if set) adds QEMU options, e.g. a NIC.
+# NESTED_QEMU_ARGS (a bash array, if set) adds QEMU options, e.g. a NIC; NESTED_QEMU_NETNS
+# runs QEMU in that network namespace (for a NIC on one of its TAPs, see tap_netns).
 run_l1() {
     local initrd=$1 console=$2 timeout_s=$3 idle_s=${4:-0} attempt size last_size idle
     # A large initramfs takes TCG a while to unpack before L1's init prints anything.
     local silent_s=${NESTED_SILENT_S:-60}
     for attempt in 1 2 3; do
         : > "$console"
+        ${NESTED_QEMU_NETNS:+ip netns exec "$NESTED_QEMU_NETNS"} \
         timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
             -display none -serial "file:$console" -monitor none -no-reboot \
             -kernel "$VMLINUX" -initrd "$initrd" \
@@ -262,10 +264,46 @@ run_l1() {
     return 1
 }
 
-# copy_qemu_into <root>: the host's qemu-system-x86_64, its shared libraries and the
-# firmware it loads, so benchmarks can run QEMU-KVM inside L1 next to stratus-vmm.
+# tap_netns <namespace> <address/prefix>: a new network namespace with loopback up and a
+# TAP "tap0" holding the address, for an L1 NIC (NESTED_QEMU_NETNS=<namespace>, QEMU
+# option -netdev tap,ifname=tap0,script=no,downscript=no) and the services it is to reach
+# (started with ip netns exec). Only this namespace and L1 ever see the address.
+# Removed with `ip netns del <namespace>`.
+tap_netns() {
+    local ns=$1 addr=$2
+    ip netns add "$ns" &&
+        ip -n "$ns" link set lo up &&
+        ip -n "$ns" tuntap add dev tap0 mode tap &&
+        ip -n "$ns" addr add "$addr" dev tap0 &&
+        ip -n "$ns" link set tap0 up
+}
+
+# copy_librbd_into <root>: librbd (which stratus-vmm and QEMU's rbd driver load at run
+# time) and every library it needs, at their paths here. With a dynamically linked program
+# only: a static one cannot load it.
+copy_librbd_into() {
+    local root=$1 lib path
+    lib=$(ldconfig -p | awk '$1 == "librbd.so.1" && /x86-64/ {print $NF; exit}')
+    [ -n "$lib" ] || { log "librbd.so.1 not found (apt-get install librbd1)"; return 1; }
+    for path in "$lib" $(ldd "$lib" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+        mkdir -p "$root$(dirname "$path")"
+        cp -L "$path" "$root$path"
+    done
+}
+
+# copy_qemu_into <root> [module...]: the host's qemu-system-x86_64, its shared libraries
+# and the firmware it loads, so benchmarks can run QEMU-KVM inside L1 next to stratus-vmm;
+# and each named module (e.g. block-iscsi, block-rbd: package qemu-block-extra) with the
+# libraries it needs, from QEMU's module directory.
 copy_qemu_into() {
-    local root=$1 qemu lib fw src
+    local root=$1 qemu lib fw src module moddir=/usr/lib/x86_64-linux-gnu/qemu
+    shift
+    for module in "$@"; do
+        [ -f "$moddir/$module.so" ] || { log "QEMU module $module not found (apt-get install qemu-block-extra)"; return 1; }
+        for lib in "$moddir/$module.so" $(ldd "$moddir/$module.so" | awk '$2 == "=>" && $3 ~ /^\// {print $3}'); do
+            mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"
+        done
+    done
     qemu=$(command -v qemu-system-x86_64)
     mkdir -p "$root/usr/bin" "$root/usr/share/qemu" "$root/lib64"
     cp "$qemu" "$root/usr/bin/"

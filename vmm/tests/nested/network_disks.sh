@@ -2,23 +2,38 @@
 # Network and host-device disks under real Linux, in the nested harness (QEMU-TCG L1 with
 # nested SVM). In L1, Debian's tgtd serves a thin-provisioned file-backed LUN on L1's
 # loopback, and L1 has a virtio disk of its own (/dev/vda, a host block device there).
-# stratus-vmm boots the stock Debian kernel with both as disks: the LUN through libiscsi
-# (--disk iscsi://127.0.0.1/...), the block device by path (--disk path=/dev/vda, sized
-# with BLKGETSIZE64 — its file metadata says 0 bytes).
+# A throw-away Ceph cluster (scripts/ceph-cluster.sh) runs on this host in a network
+# namespace whose TAP is L1's NIC (198.18.72.1 here, 198.18.72.2 in L1).
+# stratus-vmm boots the stock Debian kernel with all three as disks: the LUN through
+# libiscsi (--disk iscsi://127.0.0.1/...), the block device by path (--disk path=/dev/vda,
+# sized with BLKGETSIZE64 — its file metadata says 0 bytes), an RBD image through librbd
+# (--disk rbd:rbd/IMAGE,...: the VMM is the dynamically linked debug build here, with
+# librbd and its libraries copied into L1, as a static VMM cannot load librbd).
 # In the guest, fio (O_DIRECT, io_uring, QD32, random 4-64 KiB writes with crc32c verify
 # headers) writes and verifies each disk, and blkdiscard/blkzeroout run on each. After the
 # VMM exits, fio in L1 re-verifies the LUN's backing file and the block device
-# (--verify_only), and the discarded and zeroed ranges are read back as zeros in both.
+# (--verify_only), fio here re-verifies the image as `rbd export` reads it, and the
+# discarded and zeroed ranges are read back as zeros in all three.
 # Prints "network-disks: N passed, M failed" and exits non-zero on any failure.
 set -euo pipefail
 source "$(dirname "$0")/../../../scripts/nested/lib.sh"
 
 command -v tgtd >/dev/null || { log "tgtd not found (apt-get install tgt)"; exit 1; }
+command -v ceph-osd >/dev/null || { log "ceph-osd not found (apt-get install ceph-osd ceph-mon ceph-common)"; exit 1; }
 fetch_kernel
-build_static_programs
+build_workspace_debug
+DYNAMIC_VMM=$REPO_ROOT/target/debug/stratus-vmm
 
 W=$(mktemp -d "$NESTED_WORK/netdisks.XXXX")
-trap 'rm -rf "$W"' EXIT
+NETNS=stratus-netdisks-$$
+CEPH_ADDR=198.18.72.1
+L1_ADDR=198.18.72.2
+cleanup() {
+    "$REPO_ROOT/scripts/ceph-cluster.sh" stop "$W/ceph" > /dev/null 2>&1 || true
+    ip netns del "$NETNS" 2>/dev/null || true
+    rm -rf "$W"
+}
+trap cleanup EXIT
 
 DISK_MIB=48
 FIO_MIB=24
@@ -58,7 +73,7 @@ copy_binary_with_libs blkdiscard "$W/inner"
 cp "$W/fio-verify.job" "$W/inner/"
 write_init "$W/inner" <<INIT
 echo "NETDISK-INIT"
-i=0; while [ ! -b /dev/vdb ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+i=0; while [ ! -b /dev/vdc ] && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
 for b in /sys/block/vd?; do
     serial=\$(cat \$b/serial 2>/dev/null); dev=/dev/\${b##*/}
     echo "NETDISK-\$serial size=\$(cat \$b/size) discard_max=\$(cat \$b/queue/discard_max_bytes)"
@@ -75,16 +90,29 @@ poweroff -f
 INIT
 pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
-# L1: tgtd with its libraries, the static VMM, fio for the re-verification.
+# The cluster and its image, filled with 0xff like the other disks.
+tap_netns "$NETNS" "$CEPH_ADDR/24"
+in_netns() { ip netns exec "$NETNS" "$@"; }
+CEPH_CLUSTER_ADDR=$CEPH_ADDR in_netns "$REPO_ROOT/scripts/ceph-cluster.sh" start "$W/ceph" >&2
+CEPH_CONF=$W/ceph/ceph.conf
+head -c ${DISK_MIB}M /dev/zero | tr '\0' '\377' > "$W/rbd-before.img"
+in_netns rbd -c "$CEPH_CONF" import --no-progress "$W/rbd-before.img" rbd/nested
+
+# L1: tgtd with its libraries, the VMM with librbd, fio for the re-verification, a
+# client's ceph.conf (the monitors, the key) for the cluster behind its NIC.
 busybox_root "$W/outer"
-copy_modules "$W/outer/lib/modules" kvm_amd tun virtio_mmio virtio_blk
+copy_modules "$W/outer/lib/modules" kvm_amd tun virtio_mmio virtio_blk virtio_net
 # fio first: its stand-ins for the RDMA libraries are then replaced by the real ones,
 # which tgtd's iSER transport calls at start-up.
 copy_fio_into "$W/outer"
 copy_binary_with_libs tgtd "$W/outer"
 copy_binary_with_libs tgtadm "$W/outer"
 cp "$W/fio-verify.job" "$W/outer/"
-cp "$STATIC_VMM" "$W/outer/vmm"
+copy_binary_with_libs "$DYNAMIC_VMM" "$W/outer"
+copy_librbd_into "$W/outer"
+mkdir -p "$W/outer/ceph"
+{ echo "[global]"; grep '^mon host' "$CEPH_CONF"; } > "$W/outer/ceph/ceph.conf"
+cp "$W/ceph/client.stratus.keyring" "$W/outer/ceph/"
 cp "$VMLINUX" "$W/outer/vmlinux"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 # L1's own disk, filled with 0xff so discarded and zeroed ranges are visible.
@@ -92,6 +120,7 @@ head -c ${DISK_MIB}M /dev/zero | tr '\0' '\377' > "$W/l1disk.img"
 write_init "$W/outer" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 ip link set lo up
+ip addr add $L1_ADDR/24 dev eth0 && ip link set eth0 up && echo "L1-NIC-READY"
 mkdir -p /run/tgtd /var/run /var/lib /etc
 head -c $((DISK_MIB << 20)) /dev/zero | tr '\0' '\377' > /lun.img
 tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
@@ -101,9 +130,10 @@ tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b /lun.img &&
 tgtadm --lld iscsi --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1 &&
 tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL && echo "L1-TARGET-READY"
 echo "L1-VDA-BYTES \$(blockdev --getsize64 /dev/vda 2>/dev/null) file-says \$(stat -c %s /dev/vda)"
-/vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
+stratus-vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk iscsi://127.0.0.1:3260/$IQN/1,serial=iscsi-lun \
   --disk path=/dev/vda,serial=host-blockdev,cache=none \
+  --disk rbd:rbd/nested,conf=/ceph/ceph.conf,id=stratus,keyring=/ceph/client.stratus.keyring,serial=rbd-image \
   --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4"
 echo "VMM-EXIT rc=\$?"
 for target in lun:/lun.img blockdev:/dev/vda; do
@@ -123,11 +153,27 @@ pack_initramfs "$W/outer" "$W/outer.cpio.gz"
 
 CONSOLE=$NESTED_WORK/network_disks.console.log
 NESTED_QEMU_ARGS=(-drive "file=$W/l1disk.img,if=none,format=raw,id=l1disk,cache=unsafe,discard=unmap"
-    -device virtio-blk-device,drive=l1disk)
+    -device virtio-blk-device,drive=l1disk
+    -netdev tap,id=n0,ifname=tap0,script=no,downscript=no -device virtio-net-device,netdev=n0)
 log "booting L1 (console: $CONSOLE)"
 start=$(date +%s)
-run_l1 "$W/outer.cpio.gz" "$CONSOLE" "${NESTED_TIMEOUT:-900}" || true
+NESTED_QEMU_NETNS=$NETNS NESTED_SILENT_S=180 run_l1 "$W/outer.cpio.gz" "$CONSOLE" "${NESTED_TIMEOUT:-900}" || true
 log "L1 finished after $(( $(date +%s) - start )) s"
+
+# The image as the cluster has it now, checked here like L1 checks its two disks.
+{
+    if in_netns rbd -c "$CEPH_CONF" export --no-progress rbd/nested "$W/rbd-after.img" >/dev/null 2>&1; then
+        FIO_FILE=$W/rbd-after.img FIO_ENGINE=psync FIO_DIRECT=0 fio --verify_only --output-format=terse "$W/fio-verify.job" > "$W/fio-rbd.out" 2>&1
+        rc=$?
+        echo "HOST-rbd-FIO-VERIFY rc=$rc $(awk -F';' "$FIO_VERIFY_SUMMARY" "$W/fio-rbd.out")"
+        [ $rc = 0 ] || sed "s/^/HOST-rbd-FIO-LOG /" "$W/fio-rbd.out"
+        echo "HOST-rbd-DISCARDED $(dd if="$W/rbd-after.img" bs=1M skip=$DISCARD_OFF_MIB count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
+        echo "HOST-rbd-ZEROED $(dd if="$W/rbd-after.img" bs=1M skip=$ZERO_OFF_MIB count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
+        echo "HOST-rbd-UNTOUCHED $(dd if="$W/rbd-after.img" bs=1M skip=$((DISK_MIB - 1)) count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    else
+        echo "HOST-rbd-EXPORT-FAILED"
+    fi
+} >> "$CONSOLE"
 
 passed=0; failed=0
 check() {
@@ -140,19 +186,25 @@ check() {
 }
 SECTORS=$((DISK_MIB * 2048))
 check "L1 has /dev/kvm" "L1-KVM-READY"
+check "L1's NIC is up on the cluster's TAP" "L1-NIC-READY"
 check "tgtd serves a thin LUN in L1" "L1-TARGET-READY"
 check "L1's /dev/vda is a block device its file metadata calls empty" "L1-VDA-BYTES $((DISK_MIB << 20)) file-says 0"
 check "guest reached /init" "NETDISK-INIT"
 check "the iSCSI LUN is a $DISK_MIB MiB disk with discard" "NETDISK-iscsi-lun size=$SECTORS discard_max="
 check "the host block device is a $DISK_MIB MiB disk (BLKGETSIZE64)" "NETDISK-host-blockdev size=$SECTORS"
+check "the RBD image is a $DISK_MIB MiB disk with discard" "NETDISK-rbd-image size=$SECTORS discard_max="
 check "guest fio verifies its writes on the iSCSI disk" \
     "NETDISK-iscsi-lun-FIO rc=0 err=0 written_kib=$FIO_KIB verified_kib=$FIO_KIB"
 check "guest fio verifies its writes on the block device" \
     "NETDISK-host-blockdev-FIO rc=0 err=0 written_kib=$FIO_KIB verified_kib=$FIO_KIB"
+check "guest fio verifies its writes on the RBD disk" \
+    "NETDISK-rbd-image-FIO rc=0 err=0 written_kib=$FIO_KIB verified_kib=$FIO_KIB"
 check "blkdiscard on the iSCSI disk (UNMAP)" "NETDISK-iscsi-lun-DISCARD-OK"
 check "blkzeroout on the iSCSI disk (WRITE SAME)" "NETDISK-iscsi-lun-ZEROOUT-OK"
 check "blkdiscard on the block device" "NETDISK-host-blockdev-DISCARD-OK"
 check "blkzeroout on the block device" "NETDISK-host-blockdev-ZEROOUT-OK"
+check "blkdiscard on the RBD disk" "NETDISK-rbd-image-DISCARD-OK"
+check "blkzeroout on the RBD disk" "NETDISK-rbd-image-ZEROOUT-OK"
 check "guest powered off, VMM exited 0" "VMM-EXIT rc=0"
 check "L1 re-verifies every fio block in the LUN's backing file" "L1-lun-FIO-VERIFY rc=0 err=0 verified_kib=$FIO_KIB"
 check "L1 re-verifies every fio block on the block device" "L1-blockdev-FIO-VERIFY rc=0 err=0 verified_kib=$FIO_KIB"
@@ -162,6 +214,10 @@ check "the discard reached L1's disk (QEMU's discard=unmap punched the hole: zer
 check "the zeroed range of the block device reads as zeros" "L1-blockdev-ZEROED $ZERO_MIB_SHA"
 check "the LUN's last MiB is untouched" "L1-lun-UNTOUCHED $ONES_MIB_SHA"
 check "the block device's last MiB is untouched" "L1-blockdev-UNTOUCHED $ONES_MIB_SHA"
+check "fio here re-verifies every fio block in the RBD image (rbd export)" "HOST-rbd-FIO-VERIFY rc=0 err=0 verified_kib=$FIO_KIB"
+check "the discarded range of the RBD image reads as zeros" "HOST-rbd-DISCARDED $ZERO_MIB_SHA"
+check "the zeroed range of the RBD image reads as zeros" "HOST-rbd-ZEROED $ZERO_MIB_SHA"
+check "the RBD image's last MiB is untouched" "HOST-rbd-UNTOUCHED $ONES_MIB_SHA"
 if grep -q "INSMOD-FAILED" "$CONSOLE"; then
     failed=$((failed + 1)); echo "FAIL - a module did not load:"; grep "INSMOD-FAILED" "$CONSOLE"
 fi
