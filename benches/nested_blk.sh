@@ -97,7 +97,7 @@ iscsi)
     VMM=/vmm
     STRATUS_DISK=iscsi://127.0.0.1:3260/$IQN/1
     QEMU_DRIVE=file=iscsi://127.0.0.1:3260/$IQN/1,if=none,id=d0,format=raw,cache=none
-    L1_SETUP="mkdir -p /run/tgtd /var/run /var/lib /etc
+    L1_SETUP="ip link set lo up; mkdir -p /run/tgtd /var/run /var/lib /etc
 tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
 i=0; while ! tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1 && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
 tgtadm --lld iscsi --op new --mode target --tid 1 -T $IQN &&

@@ -78,6 +78,22 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// virtio-blk on an iSCSI LUN: the same simulated driver through stratus-vmm's queue
+    /// worker and its libiscsi engine (no peer at this level: Debian's fio has no libiscsi
+    /// engine; QEMU's iscsi driver is measured in the nested guest, benches/nested_blk.sh).
+    BlkIscsi {
+        /// iscsi://HOST[:PORT]/TARGET-IQN/LUN of a LUN that may be overwritten.
+        #[arg(long)]
+        url: String,
+        #[arg(long, default_value_t = 3000)]
+        runtime_ms: u64,
+        /// Only the jobs whose label contains this (e.g. "4k QD32").
+        #[arg(long)]
+        only: Option<String>,
+        /// Rounds per job; rows show medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// virtio-net device throughput and latency against the raw TAP limit: a simulated
     /// Linux driver through real virtqueues, a TAP in a network namespace of its own, an
     /// AF_PACKET peer on the other side; raw and stratus alternated. Runs as root.
@@ -612,7 +628,7 @@ fn blk_rbd(
     only: Option<&str>,
     runs: usize,
 ) -> Result<()> {
-    use stratus_benches::blk::{run_fio_rbd, run_stratus_config, Job, Pattern};
+    use stratus_benches::blk::{run_fio_rbd, run_stratus_config};
     use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
     use stratus_vmm::devices::virtio::block::BlockConfig;
     let mut config = BlockConfig::new("");
@@ -623,27 +639,13 @@ fn blk_rbd(
         keyring: None,
         timeout_secs: 60,
     });
-    let jobs = [
-        (Pattern::RandRead, 4096u64, 1u16, "randread 4k QD1"),
-        (Pattern::RandRead, 4096, 32, "randread 4k QD32"),
-        (Pattern::RandWrite, 4096, 1, "randwrite 4k QD1"),
-        (Pattern::RandWrite, 4096, 32, "randwrite 4k QD32"),
-        (Pattern::SeqRead, 1 << 20, 8, "read 1M QD8"),
-        (Pattern::SeqWrite, 1 << 20, 8, "write 1M QD8"),
-    ];
     println!("| virtio-blk on RBD vs fio's rbd engine (same image, {runtime_ms} ms each, medians of {runs} alternated rounds) | fio rbd | stratus | ratio | p50 / p99 µs fio | p50 / p99 µs stratus | CPU µs/IO fio / stratus |");
     println!("|---|---|---|---|---|---|---|");
-    for (pattern, bs, qd, label) in jobs {
+    for (job, label) in network_disk_jobs(runtime_ms) {
         if only.is_some_and(|o| !label.contains(o)) {
             continue;
         }
-        let job = Job {
-            pattern,
-            block_size: bs,
-            queue_depth: qd,
-            runtime: Duration::from_millis(runtime_ms),
-            polling_driver: false,
-        };
+        let bs = job.block_size;
         let (mut fio, mut ours) = (vec![], vec![]);
         for round in 0..runs.max(1) {
             if round % 2 == 0 {
@@ -669,6 +671,63 @@ fn blk_rbd(
         );
     }
     Ok(())
+}
+
+fn blk_iscsi(url: &str, runtime_ms: u64, only: Option<&str>, runs: usize) -> Result<()> {
+    use stratus_benches::blk::run_stratus_config;
+    use stratus_vmm::devices::virtio::block::io::iscsi::IscsiSource;
+    use stratus_vmm::devices::virtio::block::BlockConfig;
+    let mut config = BlockConfig::new("");
+    config.iscsi = Some(IscsiSource {
+        url: url.to_owned(),
+        initiator: None,
+        secret_file: None,
+        timeout_secs: 60,
+    });
+    println!("| virtio-blk on an iSCSI LUN ({runtime_ms} ms each, medians of {runs} rounds) | stratus | p50 / p99 µs | CPU µs/IO |");
+    println!("|---|---|---|---|");
+    for (job, label) in network_disk_jobs(runtime_ms) {
+        if only.is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
+        let rounds = (0..runs.max(1))
+            .map(|_| run_stratus_config(&config, job))
+            .collect::<Result<Vec<_>>>()?;
+        let o = median_outcome(&rounds);
+        println!(
+            "| {label} | {} | {:.0} / {:.0} | {:.1} |",
+            blk_cell(&o, job.block_size),
+            o.p50_us,
+            o.p99_us,
+            o.cpu_us_per_io
+        );
+    }
+    Ok(())
+}
+
+/// The jobs of the network-disk rows: 4k random at QD1 and QD32, 1 MiB sequential at QD8.
+fn network_disk_jobs(runtime_ms: u64) -> Vec<(stratus_benches::blk::Job, &'static str)> {
+    use stratus_benches::blk::{Job, Pattern};
+    [
+        (Pattern::RandRead, 4096u64, 1u16, "randread 4k QD1"),
+        (Pattern::RandRead, 4096, 32, "randread 4k QD32"),
+        (Pattern::RandWrite, 4096, 1, "randwrite 4k QD1"),
+        (Pattern::RandWrite, 4096, 32, "randwrite 4k QD32"),
+        (Pattern::SeqRead, 1 << 20, 8, "read 1M QD8"),
+        (Pattern::SeqWrite, 1 << 20, 8, "write 1M QD8"),
+    ]
+    .into_iter()
+    .map(|(pattern, block_size, queue_depth, label)| {
+        let job = Job {
+            pattern,
+            block_size,
+            queue_depth,
+            runtime: Duration::from_millis(runtime_ms),
+            polling_driver: false,
+        };
+        (job, label)
+    })
+    .collect()
 }
 
 /// A throughput cell: IOPS for small blocks, MiB/s for large ones.
@@ -759,6 +818,12 @@ fn main() -> Result<()> {
             only,
             runs,
         } => blk_rbd(&image, &conf, &id, runtime_ms, only.as_deref(), runs),
+        Cmd::BlkIscsi {
+            url,
+            runtime_ms,
+            only,
+            runs,
+        } => blk_iscsi(&url, runtime_ms, only.as_deref(), runs),
         Cmd::Blk {
             file,
             size_mib,

@@ -1,7 +1,7 @@
 //! Guest CPUID: KVM's supported set, adjusted per vCPU.
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Cap, Kvm};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_TOPOLOGY: u32 = 0x4;
@@ -10,6 +10,7 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_HYPERVISOR_BASE: u32 = 0x4000_0000;
 
 const ECX_CX16: u32 = 1 << 13;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const ECX_VMX: u32 = 1 << 5;
 const EXT_ECX_SVM: u32 = 1 << 2;
@@ -39,10 +40,17 @@ impl CpuidTemplate {
         let mut base = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(CpuidError::Supported)?;
+        // KVM emulates the TSC-deadline timer but leaves announcing it to us. Without it
+        // the guest calibrates its APIC timer against another clock at boot and runs it
+        // in one-shot mode; with it, one MSR write arms each timer event.
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         for entry in base.as_mut_slice() {
             match entry.function {
                 LEAF_FEATURES => {
                     entry.ecx |= ECX_HYPERVISOR;
+                    if tsc_deadline {
+                        entry.ecx |= ECX_TSC_DEADLINE;
+                    }
                     if hide_cx16 {
                         entry.ecx &= !ECX_CX16;
                     }
@@ -107,6 +115,11 @@ mod tests {
         assert_eq!(features.ecx & ECX_CX16, 0);
         assert_eq!(features.ebx >> 24, 1);
         assert!(has_kvm_signature(&cpu1));
+        assert_eq!(
+            features.ecx & ECX_TSC_DEADLINE != 0,
+            kvm.check_extension(Cap::TscDeadlineTimer),
+            "the TSC-deadline timer is announced exactly when KVM emulates it"
+        );
         let cpu0 = template.for_vcpu(0);
         assert_eq!(leaf(&cpu0, LEAF_FEATURES).ebx >> 24, 0);
     }

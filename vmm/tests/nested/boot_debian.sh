@@ -210,6 +210,7 @@ wget -q -O /got http://$HOST_IP/l1file && echo "STRATUS-DOWNLOAD \$(sha256sum /g
 # The CMOS clock: rtc_cmos bound to it, and both the RTC and the system clock (set from it
 # at boot) agree with L1's clock, read over HTTP between two readings of the guest's own.
 echo "STRATUS-RTC-NAME \$(cut -d' ' -f1 /sys/class/rtc/rtc0/name 2>/dev/null)"
+echo "STRATUS-CLOCKEVENT \$(cat /sys/devices/system/clockevents/clockevent0/current_device 2>/dev/null)"
 rtc0=\$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null); sys0=\$(date +%s)
 l1now=\$(wget -q -O - http://$HOST_IP/cgi-bin/now)
 rtc1=\$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null); sys1=\$(date +%s)
@@ -399,6 +400,7 @@ check "guest pings the L1 host" "STRATUS-PING-OK"
 check "file from L1 arrives intact" "STRATUS-DOWNLOAD $L1FILE_SHA"
 check "file from the guest arrives intact" "L1-UPLOAD $PATTERN_SHA"
 check "the stock rtc_cmos driver binds to the CMOS clock" "STRATUS-RTC-NAME rtc_cmos"
+check "the guest's timer runs in TSC-deadline mode (announced in CPUID)" "STRATUS-CLOCKEVENT lapic-deadline"
 check "the guest's RTC reads L1's time within a second" "STRATUS-RTC-MATCHES-HOST"
 check "the guest's date after boot matches L1's within a second" "STRATUS-DATE-MATCHES-HOST"
 check "hwclock -r reads the RTC" "STRATUS-HWCLOCK-OK"
