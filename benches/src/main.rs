@@ -16,6 +16,19 @@ struct Cli {
     command: Cmd,
 }
 
+/// How long and how often the network-disk benchmarks run each job.
+#[derive(clap::Args)]
+struct NetworkDiskRounds {
+    #[arg(long, default_value_t = 3000)]
+    runtime_ms: u64,
+    /// Only the jobs whose label contains this (e.g. "4k QD32").
+    #[arg(long)]
+    only: Option<String>,
+    /// Rounds per job; rows show medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Process start -> first guest instruction -> guest power-off of a tiny PVH guest on
@@ -69,14 +82,8 @@ enum Cmd {
         /// The cephx user (without `client.`); its keyring is found through the conf.
         #[arg(long, default_value = "admin")]
         id: String,
-        #[arg(long, default_value_t = 3000)]
-        runtime_ms: u64,
-        /// Only the jobs whose label contains this (e.g. "4k QD32").
-        #[arg(long)]
-        only: Option<String>,
-        /// Rounds per job; rows show medians.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        #[command(flatten)]
+        rounds: NetworkDiskRounds,
     },
     /// virtio-blk on an iSCSI LUN: the same simulated driver through stratus-vmm's queue
     /// worker and its libiscsi engine (no peer at this level: Debian's fio has no libiscsi
@@ -85,14 +92,8 @@ enum Cmd {
         /// iscsi://HOST[:PORT]/TARGET-IQN/LUN of a LUN that may be overwritten.
         #[arg(long)]
         url: String,
-        #[arg(long, default_value_t = 3000)]
-        runtime_ms: u64,
-        /// Only the jobs whose label contains this (e.g. "4k QD32").
-        #[arg(long)]
-        only: Option<String>,
-        /// Rounds per job; rows show medians.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        #[command(flatten)]
+        rounds: NetworkDiskRounds,
     },
     /// virtio-net device throughput and latency against the raw TAP limit: a simulated
     /// Linux driver through real virtqueues, a TAP in a network namespace of its own, an
@@ -620,14 +621,8 @@ fn net(runtime_ms: u64, only: Option<&str>, runs: usize, round_trips: u64) -> Re
 }
 
 /// Field-wise medians over the rounds.
-fn blk_rbd(
-    image: &str,
-    conf: &Path,
-    id: &str,
-    runtime_ms: u64,
-    only: Option<&str>,
-    runs: usize,
-) -> Result<()> {
+fn blk_rbd(image: &str, conf: &Path, id: &str, rounds: &NetworkDiskRounds) -> Result<()> {
+    let (runtime_ms, only, runs) = (rounds.runtime_ms, rounds.only.as_deref(), rounds.runs);
     use stratus_benches::blk::{run_fio_rbd, run_stratus_config};
     use stratus_vmm::devices::virtio::block::io::rbd::RbdSource;
     use stratus_vmm::devices::virtio::block::BlockConfig;
@@ -673,7 +668,8 @@ fn blk_rbd(
     Ok(())
 }
 
-fn blk_iscsi(url: &str, runtime_ms: u64, only: Option<&str>, runs: usize) -> Result<()> {
+fn blk_iscsi(url: &str, rounds: &NetworkDiskRounds) -> Result<()> {
+    let (runtime_ms, only, runs) = (rounds.runtime_ms, rounds.only.as_deref(), rounds.runs);
     use stratus_benches::blk::run_stratus_config;
     use stratus_vmm::devices::virtio::block::io::iscsi::IscsiSource;
     use stratus_vmm::devices::virtio::block::BlockConfig;
@@ -814,16 +810,9 @@ fn main() -> Result<()> {
             image,
             conf,
             id,
-            runtime_ms,
-            only,
-            runs,
-        } => blk_rbd(&image, &conf, &id, runtime_ms, only.as_deref(), runs),
-        Cmd::BlkIscsi {
-            url,
-            runtime_ms,
-            only,
-            runs,
-        } => blk_iscsi(&url, runtime_ms, only.as_deref(), runs),
+            rounds,
+        } => blk_rbd(&image, &conf, &id, &rounds),
+        Cmd::BlkIscsi { url, rounds } => blk_iscsi(&url, &rounds),
         Cmd::Blk {
             file,
             size_mib,

@@ -113,6 +113,7 @@ for b in /sys/block/vd*; do
 done
 ip link set lo up
 ip link set eth0 up
+echo "STRATUS-L2-NET-QUEUES rx=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) tx=$(ls -d /sys/class/net/eth0/queues/tx-* | wc -l)"
 udhcpc -i eth0 -q -n -t 20 -s /udhcpc.sh
 echo "STRATUS-L2-READY"
 wait
@@ -161,7 +162,8 @@ vmm_binary = "/vmm"
 shutdown_timeout_s = 300
 
 [capacity]
-cpus = 1
+# L1 has one CPU; it offers two so that a 2-vCPU VM (a queue pair per vCPU) fits.
+cpus = 2
 memory_mib = 1024
 memory_reserve_mib = 0
 
@@ -239,7 +241,7 @@ volume_dir = "$W/volumes"
 
 [[instance_types]]
 name = "nested.small"
-cpu = 1
+cpu = 2
 ram_mib = 256
 swap_mib = 0
 
@@ -292,6 +294,7 @@ check "the guest writes its root disk" "STRATUS-L2-ROOT-WROTE"
 check "the guest writes its volatile disk" "STRATUS-L2-VOLATILE-WROTE"
 check "DHCP on the agent's bridge gives the leased address" "STRATUS-L2-LEASE $GUEST_IP router=198.18.66.1 hostname=one-$VM"
 check "the guest is ready" "STRATUS-L2-READY"
+check "the NIC has a queue pair per vCPU (the orchestrator asks for them)" "STRATUS-L2-NET-QUEUES rx=2 tx=2"
 check "the volume (an iSCSI LUN the VMM in L1 logs in to) is there" "serial=${VOLUME:0:20} sectors=2097152 ro=0"
 STAMP=$(sed -n 's/.*STRATUS-L2-VOLUME-WROTE \(STRATUS-STAMP-[0-9a-f]*\).*/\1/p' "$W/console.txt" | head -n 1)
 [ -n "$STAMP" ] && ok "the guest writes its stamp to the volume" || fail "the guest writes its stamp to the volume"
