@@ -61,7 +61,7 @@ bash scripts/fuzz.sh 10
 if [ "${CI:-}" = true ]; then rm -rf target/fuzz; fi
 step "nested: Debian kernel on stratus-vmm (QEMU-TCG L1, nested SVM)"
 bash vmm/tests/nested/boot_debian.sh
-step "nested: iSCSI (tgtd in L1) and host block device disks under Debian, fio-verified on both sides"
+step "nested: iSCSI (tgtd in L1), host block device and RBD (Ceph behind L1's NIC) disks under Debian, fio-verified on both sides"
 bash vmm/tests/nested/network_disks.sh
 step "nested: the packaged systemd unit under a real systemd (debootstrapped Debian L1): start, VM, restart, kill -9"
 bash nodeagent/tests/nested/systemd_host.sh
