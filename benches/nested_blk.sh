@@ -106,8 +106,7 @@ tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL || echo BLK-SETUP-FAIL
 rbd)
     CEPH_ADDR=198.18.73.1
     L1_ADDR=198.18.73.2
-    tap_netns "$NETNS" "$CEPH_ADDR/24"
-    CEPH_CLUSTER_ADDR=$CEPH_ADDR ip netns exec "$NETNS" scripts/ceph-cluster.sh start "$W/ceph" >&2
+    ceph_behind_l1 "$NETNS" "$CEPH_ADDR" "$W/ceph"
     head -c ${MIB}M /dev/urandom > "$W/rbd.img"
     ip netns exec "$NETNS" rbd -c "$W/ceph/ceph.conf" import --no-progress "$W/rbd.img" rbd/bench
     rm -f "$W/rbd.img"
@@ -116,9 +115,7 @@ rbd)
     copy_librbd_into "$W/outer"
     copy_qemu_into "$W/outer" block-rbd
     copy_modules "$W/outer/lib/net" virtio_mmio virtio_net
-    mkdir -p "$W/outer/ceph"
-    { echo "[global]"; grep '^mon host' "$W/ceph/ceph.conf"; echo "rbd cache = false"; } > "$W/outer/ceph/ceph.conf"
-    cp "$W/ceph/client.stratus.keyring" "$W/outer/ceph/"
+    copy_ceph_client_into "$W/outer" "$W/ceph" "rbd cache = false"
     VMM=/usr/bin/stratus-vmm
     STRATUS_DISK=rbd:rbd/bench,conf=/ceph/ceph.conf,id=stratus,keyring=/ceph/client.stratus.keyring
     QEMU_DRIVE=file=rbd:rbd/bench:conf=/ceph/ceph.conf:id=stratus:keyring=/ceph/client.stratus.keyring,if=none,id=d0,format=raw,cache=none

@@ -278,6 +278,27 @@ tap_netns() {
         ip -n "$ns" link set tap0 up
 }
 
+# ceph_behind_l1 <namespace> <address> <dir>: a throw-away Ceph cluster
+# (scripts/ceph-cluster.sh, its files in <dir>) in a new network namespace, listening on
+# <address> of the namespace's TAP (tap_netns, a /24) for an L1 whose NIC is that TAP.
+# Stopped with `scripts/ceph-cluster.sh stop <dir>` and `ip netns del <namespace>`.
+ceph_behind_l1() {
+    local ns=$1 addr=$2 dir=$3
+    tap_netns "$ns" "$addr/24" &&
+        CEPH_CLUSTER_ADDR=$addr ip netns exec "$ns" "$REPO_ROOT/scripts/ceph-cluster.sh" start "$dir" >&2
+}
+
+# copy_ceph_client_into <root> <dir> [conf-line...]: what a client in L1 needs of the
+# cluster in <dir>: /ceph/ceph.conf (its monitors, then each extra line) and
+# /ceph/client.stratus.keyring.
+copy_ceph_client_into() {
+    local root=$1 dir=$2
+    shift 2
+    mkdir -p "$root/ceph"
+    { echo "[global]"; grep '^mon host' "$dir/ceph.conf"; printf '%s\n' "$@"; } > "$root/ceph/ceph.conf"
+    cp "$dir/client.stratus.keyring" "$root/ceph/"
+}
+
 # copy_librbd_into <root>: librbd (which stratus-vmm and QEMU's rbd driver load at run
 # time) and every library it needs, at their paths here. With a dynamically linked program
 # only: a static one cannot load it.

@@ -91,9 +91,8 @@ INIT
 pack_initramfs "$W/inner" "$W/inner.cpio.gz"
 
 # The cluster and its image, filled with 0xff like the other disks.
-tap_netns "$NETNS" "$CEPH_ADDR/24"
+ceph_behind_l1 "$NETNS" "$CEPH_ADDR" "$W/ceph"
 in_netns() { ip netns exec "$NETNS" "$@"; }
-CEPH_CLUSTER_ADDR=$CEPH_ADDR in_netns "$REPO_ROOT/scripts/ceph-cluster.sh" start "$W/ceph" >&2
 CEPH_CONF=$W/ceph/ceph.conf
 head -c ${DISK_MIB}M /dev/zero | tr '\0' '\377' > "$W/rbd-before.img"
 in_netns rbd -c "$CEPH_CONF" import --no-progress "$W/rbd-before.img" rbd/nested
@@ -110,9 +109,7 @@ copy_binary_with_libs tgtadm "$W/outer"
 cp "$W/fio-verify.job" "$W/outer/"
 copy_binary_with_libs "$DYNAMIC_VMM" "$W/outer"
 copy_librbd_into "$W/outer"
-mkdir -p "$W/outer/ceph"
-{ echo "[global]"; grep '^mon host' "$CEPH_CONF"; } > "$W/outer/ceph/ceph.conf"
-cp "$W/ceph/client.stratus.keyring" "$W/outer/ceph/"
+copy_ceph_client_into "$W/outer" "$W/ceph"
 cp "$VMLINUX" "$W/outer/vmlinux"
 cp "$W/inner.cpio.gz" "$W/outer/initrd"
 # L1's own disk, filled with 0xff so discarded and zeroed ranges are visible.
