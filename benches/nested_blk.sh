@@ -92,17 +92,12 @@ file)
     L1_SETUP=: ;;
 iscsi)
     copy_qemu_into "$W/outer" block-iscsi
-    copy_binary_with_libs tgtd "$W/outer"
-    copy_binary_with_libs tgtadm "$W/outer"
+    copy_tgtd_into "$W/outer"
     VMM=/vmm
     STRATUS_DISK=iscsi://127.0.0.1:3260/$IQN/1
     QEMU_DRIVE=file=iscsi://127.0.0.1:3260/$IQN/1,if=none,id=d0,format=raw,cache=none
-    L1_SETUP="ip link set lo up; mkdir -p /run/tgtd /var/run /var/lib /etc
-tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
-i=0; while ! tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1 && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
-tgtadm --lld iscsi --op new --mode target --tid 1 -T $IQN &&
-tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b /mnt/disk.img &&
-tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL || echo BLK-SETUP-FAILED tgtd" ;;
+    L1_SETUP="ip link set lo up
+$(tgtd_l1_script $IQN /mnt/disk.img) || echo BLK-SETUP-FAILED tgtd" ;;
 rbd)
     CEPH_ADDR=198.18.73.1
     L1_ADDR=198.18.73.2

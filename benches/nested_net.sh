@@ -165,7 +165,7 @@ def stats(key):
         problems.append(f"{key}: the guest saw {sorted(set(seen_q))} queue pairs")
     irq_med = {d: (med([a for a, _ in v]), med([b for _, b in v])) for d, v in irq.items()}
     return dict(nc_rx=med(rx), nc_tx=med(tx), ip_rx=med(iperf["rx"]), ip_tx=med(iperf["tx"]),
-                rtt=med(rtt), irq=irq_med, n=len(runs.get(key, [])))
+                rtt=med(rtt), irq=irq_med)
 
 cols = ("nc_rx", "nc_tx", "ip_rx", "ip_tx")
 n = max(len(v) for v in runs.values())

@@ -278,6 +278,29 @@ tap_netns() {
         ip -n "$ns" link set tap0 up
 }
 
+# copy_tgtd_into <root>: Debian's tgtd and tgtadm with their libraries, for a target in L1.
+copy_tgtd_into() {
+    copy_binary_with_libs tgtd "$1" && copy_binary_with_libs tgtadm "$1"
+}
+
+# tgtd_l1_script <iqn> <lun-file> [thin]: L1 init lines that start tgtd on L1's
+# 127.0.0.1:3260 (loopback must be up) and export <lun-file> as LUN 1 of target <iqn> to
+# every initiator, thin-provisioned (UNMAP) with "thin". The last line is one command
+# chain: append "&& ..." or "|| ..." to act on whether the target is ready.
+tgtd_l1_script() {
+    local iqn=$1 file=$2 thin=${3:-}
+    cat <<SCRIPT
+mkdir -p /run/tgtd /var/run /var/lib /etc
+tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
+i=0; while ! tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1 && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
+SCRIPT
+    printf '%s' "tgtadm --lld iscsi --op new --mode target --tid 1 -T $iqn && tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b $file"
+    if [ "$thin" = thin ]; then
+        printf '%s' " && tgtadm --lld iscsi --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1"
+    fi
+    printf '%s' " && tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL"
+}
+
 # ceph_behind_l1 <namespace> <address> <dir>: a throw-away Ceph cluster
 # (scripts/ceph-cluster.sh, its files in <dir>) in a new network namespace, listening on
 # <address> of the namespace's TAP (tap_netns, a /24) for an L1 whose NIC is that TAP.

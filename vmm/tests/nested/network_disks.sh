@@ -104,8 +104,7 @@ copy_modules "$W/outer/lib/modules" kvm_amd tun virtio_mmio virtio_blk virtio_ne
 # fio first: its stand-ins for the RDMA libraries are then replaced by the real ones,
 # which tgtd's iSER transport calls at start-up.
 copy_fio_into "$W/outer"
-copy_binary_with_libs tgtd "$W/outer"
-copy_binary_with_libs tgtadm "$W/outer"
+copy_tgtd_into "$W/outer"
 cp "$W/fio-verify.job" "$W/outer/"
 copy_binary_with_libs "$DYNAMIC_VMM" "$W/outer"
 copy_librbd_into "$W/outer"
@@ -118,14 +117,8 @@ write_init "$W/outer" <<INIT
 [ -c /dev/kvm ] && echo "L1-KVM-READY"
 ip link set lo up
 ip addr add $L1_ADDR/24 dev eth0 && ip link set eth0 up && echo "L1-NIC-READY"
-mkdir -p /run/tgtd /var/run /var/lib /etc
 head -c $((DISK_MIB << 20)) /dev/zero | tr '\0' '\377' > /lun.img
-tgtd -f --iscsi portal=127.0.0.1:3260 > /tgtd.log 2>&1 &
-i=0; while ! tgtadm --lld iscsi --op show --mode sys >/dev/null 2>&1 && [ \$i -lt 100 ]; do sleep 0.1; i=\$((i+1)); done
-tgtadm --lld iscsi --op new --mode target --tid 1 -T $IQN &&
-tgtadm --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b /lun.img &&
-tgtadm --lld iscsi --op update --mode logicalunit --tid 1 --lun 1 --params thin_provisioning=1 &&
-tgtadm --lld iscsi --op bind --mode target --tid 1 -I ALL && echo "L1-TARGET-READY"
+$(tgtd_l1_script $IQN /lun.img thin) && echo "L1-TARGET-READY"
 echo "L1-VDA-BYTES \$(blockdev --getsize64 /dev/vda 2>/dev/null) file-says \$(stat -c %s /dev/vda)"
 stratus-vmm --kernel /vmlinux --initrd /initrd --cpus 2 --memory 512 \
   --disk iscsi://127.0.0.1:3260/$IQN/1,serial=iscsi-lun \
