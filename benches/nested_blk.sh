@@ -23,7 +23,10 @@
 # 2-vCPU guest whose AP spins with interrupts off waiting for the BSP at boot
 # (wait_for_master_cpu) sometimes wedges L1 for good (seen with QEMU q35, 2 of ~10 boots).
 # usage: benches/nested_blk.sh [runs-per-vmm] [seconds-per-job] [file-MiB]
-#        (prints a Markdown table; DEBUG_ONLY=stratus-vmm|qemu-q35 runs one VMM once)
+#        (prints a Markdown table; DEBUG_ONLY=stratus-vmm|qemu-q35 runs one VMM once;
+#        NESTED_BLK_JOBS="name:rw:bs:iodepth ..." runs other jobs; NESTED_BLK_TRACE=1 adds
+#        L1's KVM exits by reason, MSR writes and context switches per job to the console
+#        log as TRACE lines)
 set -euo pipefail
 RUNS=${1:-3}
 SECS=${2:-5}
@@ -47,7 +50,7 @@ cleanup() {
 trap cleanup EXIT
 
 # name:rw:bs:iodepth
-JOBS="randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 randwrite-4k-qd32:randwrite:4k:32 read-128k-qd32:read:128k:32 write-1m-qd8:write:1m:8"
+JOBS=${NESTED_BLK_JOBS:-"randread-4k-qd1:randread:4k:1 randread-4k-qd32:randread:4k:32 randwrite-4k-qd32:randwrite:4k:32 read-128k-qd32:read:128k:32 write-1m-qd8:write:1m:8"}
 
 busybox_root "$W/inner"
 copy_modules "$W/inner/lib/modules" virtio_pci virtio_blk
@@ -122,6 +125,7 @@ esac
 # One VMM run: boot, five jobs of SECS seconds each (plus fio's start-up under TCG).
 RUN_TIMEOUT=$((240 + 5 * (SECS + 40)))
 CPUS=${CPUS:-1}
+TRACE=${NESTED_BLK_TRACE:+1}
 if [ -n "${DEBUG_ONLY:-}" ]; then ORDER=$DEBUG_ONLY; RUNS=1; else ORDER="qemu-q35 stratus-vmm"; fi
 write_init "$W/outer" <<INIT
 insmod /lib/brd/brd.ko rd_nr=1 rd_size=$(((MIB + 64) * 1024)) || echo "BLK-SETUP-FAILED brd"
@@ -138,6 +142,21 @@ start_qemu() {
         -drive $QEMU_DRIVE \\
         -device virtio-blk-pci,drive=d0 -append '$CMDLINE' < /dev/null > /con 2>&1 &
 }
+# NESTED_BLK_TRACE=1: L1's KVM exits by reason, MSRs written (an x2APIC EOI per guest
+# interrupt), exits to the VMM and context switches, per job (hist triggers on L1's
+# tracepoints), printed as TRACE lines.
+TRACES="kvm/kvm_exit:exit_reason kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason sched/sched_switch:next_comm"
+trace_job() {
+    for t in \$TRACES; do
+        f=/sys/kernel/tracing/events/\${t%%:*}/trigger
+        case \$1 in
+        *BLK-JOB-START*) echo "hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
+        *) grep -v '^#' \${f%trigger}hist | grep . | sed "s|^|TRACE \${t%%:*} |"
+           echo "!hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
+        esac
+    done
+}
+[ -z "$TRACE" ] || mount -t tracefs nodev /sys/kernel/tracing
 # run <vmm> <run>: the VMM's console goes through a FIFO read here with shell built-ins only
 # (a fork per line costs seconds on L1's one vCPU); at each job marker the VMM's stat line
 # is read (busybox timeout execs the VMM, so \$! is its PID).
@@ -147,7 +166,8 @@ run() {
     pid=\$!
     while IFS= read -r line; do
         case \$line in
-        *BLK-JOB-START*|*BLK-JOB-END*) stat=; read -r stat < /proc/\$pid/stat; echo "CPU \$1 \$2 \${line#*BLK-JOB-} \$stat" ;;
+        *BLK-JOB-START*|*BLK-JOB-END*) stat=; read -r stat < /proc/\$pid/stat; echo "CPU \$1 \$2 \${line#*BLK-JOB-} \$stat"
+            [ -z "$TRACE" ] || trace_job "\$line" ;;
         *BLK-RESULT*) echo "RESULT \$1 \$2 \${line#*BLK-RESULT }" ;;
         *) echo "\$1| \$line" ;;
         esac

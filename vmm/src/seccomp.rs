@@ -143,6 +143,8 @@ const EVERY_THREAD: &[c_long] = &[
 /// libiscsi (including a reconnect, which resolves the portal's name again) and librbd's
 /// completions.
 const BLOCK_WORKER: &[c_long] = &[
+    // Its own wake-ups batched (see `batch_wakeups`), nothing else.
+    SYS_sched_setscheduler,
     SYS_read,
     SYS_readv,
     SYS_pread64,
@@ -193,6 +195,7 @@ const BLOCK_WORKER: &[c_long] = &[
 
 /// A virtio-net queue pair's worker.
 const NET_WORKER: &[c_long] = &[
+    SYS_sched_setscheduler,
     SYS_read,
     SYS_readv,
     SYS_epoll_create1,
@@ -373,6 +376,16 @@ fn allow_list(kind: ThreadKind, action: SeccompAction) -> Result<BpfProgram, Sec
             .map_err(|e| build(seccompiler::Error::Backend(e)))?;
             vec![SeccompRule::new(vec![only_threads])
                 .map_err(|e| build(seccompiler::Error::Backend(e)))?]
+        } else if call == SYS_sched_setscheduler {
+            // The calling thread (pid 0), to SCHED_BATCH: never realtime, never another.
+            let conditions = [(0, 0u64), (1, SCHED_BATCH as u64)]
+                .into_iter()
+                .map(|(arg, value)| {
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| build(seccompiler::Error::Backend(e)))?;
+            vec![SeccompRule::new(conditions).map_err(|e| build(seccompiler::Error::Backend(e)))?]
         } else {
             Vec::new()
         };

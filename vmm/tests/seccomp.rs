@@ -5,6 +5,7 @@
 //! A filter cannot be taken off a thread, so each case runs in a child process: this test
 //! binary again, running only `confined_child` with the case in its environment.
 
+use std::os::unix::io::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
@@ -28,6 +29,18 @@ fn run_case(case: &str) -> std::process::ExitStatus {
         .status
 }
 
+/// The calling thread's scheduling policy, as /proc shows it (field 41 of `stat`).
+/// `stat` is the thread's /proc/thread-self/stat opened before it was confined (a net
+/// worker may not open files) and not read yet.
+fn own_policy(stat: &std::fs::File) -> i32 {
+    let mut buf = [0u8; 1024];
+    // SAFETY: reads into a buffer we own, at most its length.
+    let n = unsafe { libc::read(stat.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    let stat = String::from_utf8_lossy(&buf[..usize::try_from(n).unwrap()]).into_owned();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    after_name.split(' ').nth(38).unwrap().parse().unwrap()
+}
+
 #[test]
 #[ignore = "run by the other tests in a child process"]
 fn confined_child() {
@@ -45,6 +58,7 @@ fn confined_child() {
         .find(|k| format!("{k:?}") == kind)
         .unwrap();
     seccomp::set_mode(if mode == "log" { Mode::Log } else { Mode::Kill });
+    let stat = std::fs::File::open("/proc/thread-self/stat").unwrap();
     seccomp::confine(kind).unwrap();
     // Allowed to every thread: the filter does not stop ordinary work.
     // SAFETY: getpid has no arguments and no side effects.
@@ -63,6 +77,21 @@ fn confined_child() {
                 // SAFETY: _exit ends the forked child only.
                 unsafe { libc::_exit(0) };
             }
+        }
+        "batch" => {
+            stratus_vmm::devices::virtio::worker::batch_wakeups("test");
+            assert_eq!(own_policy(&stat), libc::SCHED_BATCH);
+        }
+        "realtime" | "other-thread" => {
+            let (pid, policy) = if call == "realtime" {
+                (0, libc::SCHED_FIFO)
+            } else {
+                // SAFETY: getppid has no arguments and no side effects.
+                (unsafe { libc::getppid() }, libc::SCHED_BATCH)
+            };
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: a valid sched_param outliving the call.
+            unsafe { libc::sched_setscheduler(pid, policy, &param) };
         }
         "thread" => std::thread::spawn(|| 7)
             .join()
@@ -92,6 +121,22 @@ fn threads_may_be_created_but_never_processes() {
     // A worker creates nothing at all.
     let status = run_case("BlockWorker:kill:thread");
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}");
+}
+
+#[test]
+fn workers_may_batch_their_own_wakeups_and_nothing_more() {
+    for kind in ["BlockWorker", "NetWorker"] {
+        let status = run_case(&format!("{kind}:kill:batch"));
+        assert_eq!(status.code(), Some(42), "{kind}: {status}");
+        for call in ["realtime", "other-thread"] {
+            let status = run_case(&format!("{kind}:kill:{call}"));
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGSYS),
+                "{kind} {call}: {status}"
+            );
+        }
+    }
 }
 
 #[test]
