@@ -757,6 +757,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -812,6 +813,14 @@ mod tests {
         assert!(e.contains("in use by another process"), "{e}");
         assert!(path.exists(), "a live socket is left alone");
         drop(live);
+        // What a killed VMM leaves: a socket file no socket is bound to. The file the dropped
+        // listener left would do only by luck: a process another test forks at that moment
+        // holds a copy of the listener until it execs, and the socket still answers.
+        std::fs::remove_file(&path).unwrap();
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: mknod reads the NUL-terminated path and creates a file; no memory is shared.
+        let made = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFSOCK | 0o600, 0) };
+        assert_eq!(made, 0, "{}", std::io::Error::last_os_error());
         let socket = ApiSocket::bind(&path).expect("a stale socket is replaced");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
