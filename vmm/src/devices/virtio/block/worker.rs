@@ -165,7 +165,8 @@ pub struct QueueWorker {
     counters: Arc<BlockCounters>,
     /// Current polling window (see POLL_WINDOW); zero while polling does not pay.
     poll_window: Duration,
-    /// False on a single-CPU host, where spinning only takes time from the vCPUs.
+    /// False on a single-CPU host, where spinning only takes time from the vCPUs, and for
+    /// engines that need the CPU themselves (`AsyncIo::spinning_helps`).
     polling_allowed: bool,
     /// Bounce buffer bytes held by requests in flight.
     bounce_bytes: usize,
@@ -216,6 +217,8 @@ impl QueueWorker {
     /// Fails only when the host is out of eventfds or timerfds.
     pub fn new(parts: QueueWorkerParts) -> std::io::Result<Self> {
         let throttle = Throttle::new(parts.limiter.iter())?;
+        let polling_allowed = parts.engine.spinning_helps()
+            && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
         Ok(QueueWorker {
             mem: parts.mem,
             disk: parts.disk,
@@ -234,7 +237,7 @@ impl QueueWorker {
             throttled: false,
             counters: parts.counters,
             poll_window: Duration::ZERO,
-            polling_allowed: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            polling_allowed,
             bounce_bytes: 0,
             bounce_waiting: false,
             retry_queue: false,
@@ -744,16 +747,19 @@ impl WorkerHandler for QueueWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::devices::virtio::block::io::{create_engine, CacheMode, IoEngine};
+    use crate::devices::virtio::block::io::{create_engine, CacheMode, DiskError, IoEngine};
     use crate::devices::virtio::block::QUEUE_SIZE;
+    use std::os::unix::io::RawFd;
     use virtio_queue::mock::MockSplitQueue;
 
     use crate::devices::virtio::NoInterrupt;
 
-    /// Regression (found by fuzz/blk_request): with EVENT_IDX, an available index more than
-    /// a queue ahead made `process_queue` loop forever; the queue is now left alone.
-    #[test]
-    fn a_ring_index_more_than_a_queue_ahead_does_not_hang_the_worker() {
+    /// A worker on a 1 MiB scratch file over a 16-entry queue with EVENT_IDX, its engine
+    /// passed through `wrap`.
+    fn worker_on_scratch(
+        avail_idx: u16,
+        wrap: impl FnOnce(Box<dyn AsyncIo>) -> Box<dyn AsyncIo>,
+    ) -> (QueueWorker, tempfile::NamedTempFile) {
         let file = tempfile::NamedTempFile::new().unwrap();
         file.as_file().set_len(1 << 20).unwrap();
         let disk = Arc::new(DiskFile::open(file.path(), false, CacheMode::Writeback).unwrap());
@@ -761,9 +767,9 @@ mod tests {
         let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
         let mut queue: Queue = mock.create_queue().unwrap();
         queue.set_event_idx(true);
-        mock.avail().idx().store(17);
+        mock.avail().idx().store(avail_idx);
         let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
-        let mut worker = QueueWorker::new(QueueWorkerParts {
+        let worker = QueueWorker::new(QueueWorkerParts {
             mem: mem.clone(),
             disk,
             serial: Arc::from(&b"serial"[..]),
@@ -772,14 +778,58 @@ mod tests {
             queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             interrupt: Arc::new(NoInterrupt),
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            engine,
+            engine: wrap(engine),
             limiter: None,
             counters: Arc::default(),
         })
         .unwrap();
+        (worker, file)
+    }
+
+    /// Regression (found by fuzz/blk_request): with EVENT_IDX, an available index more than
+    /// a queue ahead made `process_queue` loop forever; the queue is now left alone.
+    #[test]
+    fn a_ring_index_more_than_a_queue_ahead_does_not_hang_the_worker() {
+        let (mut worker, _file) = worker_on_scratch(17, |engine| engine);
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || done.send(worker.process_queue()).unwrap());
         let taken = finished.recv_timeout(Duration::from_secs(10));
         assert_eq!(taken, Ok(0), "the worker spins on a broken ring");
+    }
+
+    /// An engine like RBD's: its own threads complete the requests.
+    struct NeedsTheCpu(Box<dyn AsyncIo>);
+
+    impl AsyncIo for NeedsTheCpu {
+        fn event_fd(&self) -> RawFd {
+            self.0.event_fd()
+        }
+        fn process_events(&mut self) {
+            self.0.process_events()
+        }
+        fn queue(&mut self, op: DiskOp<'_>, user_data: u64) -> Result<(), DiskError> {
+            self.0.queue(op, user_data)
+        }
+        fn submit(&mut self) -> Result<(), DiskError> {
+            self.0.submit()
+        }
+        fn next_completion(&mut self) -> Option<Completion> {
+            self.0.next_completion()
+        }
+        fn spinning_helps(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_worker_spins_only_for_engines_it_helps_and_with_a_cpu_to_spare() {
+        let spare_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let (local, _file) = worker_on_scratch(0, |engine| engine);
+        assert_eq!(local.polling_allowed, spare_cpu);
+        let (mut rbd_like, _file) = worker_on_scratch(0, |engine| Box::new(NeedsTheCpu(engine)));
+        assert!(!rbd_like.polling_allowed);
+        // Woken right after going to sleep, the sign that spinning would have caught it.
+        rbd_like.after_events(Duration::from_micros(1));
+        assert!(rbd_like.poll_window.is_zero());
     }
 }

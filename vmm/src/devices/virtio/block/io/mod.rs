@@ -483,6 +483,12 @@ pub trait AsyncIo: Send {
     /// always finish on their own.
     fn abort(&mut self) {}
     fn next_completion(&mut self) -> Option<Completion>;
+    /// Whether the queue worker may spin waiting for completions and requests instead of
+    /// sleeping. False for an engine whose own threads complete its requests: the spinning
+    /// takes the CPU they need when the host has no idle one.
+    fn spinning_helps(&self) -> bool {
+        true
+    }
 }
 
 /// How a discard or write-zeroes is carried out on the host.
