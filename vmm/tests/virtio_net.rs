@@ -377,6 +377,45 @@ fn with_room_for_the_largest_frame_frames_are_read_straight_into_the_buffers() {
     assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 1);
 }
 
+// Linux carves consecutive RX buffers, and a TCP frame's fragments, out of the same pages:
+// the worker hands the TAP such neighbours as one segment. Frames still land whole, each
+// chain's used length counts only its own bytes, and a frame split over touching TX
+// descriptors leaves whole.
+#[test]
+fn touching_buffers_carry_frames_whole_both_ways() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    for i in 0..50u64 {
+        net.add_rx(&[(BUF + i * 2048, 2048, W)]);
+    }
+    let sent = [packet(MAX_FRAME_LEN, 5), packet(5000, 6), packet(60, 7)];
+    for p in &sent {
+        net.peer_send(p);
+    }
+    assert!(net.worker.process_rx());
+    let used = net.used(true);
+    let big_chains = MAX_PACKET_LEN.div_ceil(2048);
+    assert_eq!(used.len(), big_chains + 3 + 1);
+    let big_tail = MAX_PACKET_LEN - (big_chains - 1) * 2048;
+    assert_eq!(
+        used[big_chains - 1],
+        ((big_chains - 1) as u32, big_tail as u32)
+    );
+    assert_eq!(used[big_chains], (big_chains as u32, 2048));
+    assert_eq!(received_frames(&net, &mem, 2048), sent);
+
+    let tx = BUF + 0x20_0000;
+    let p = packet(9000, 8);
+    mem.write_slice(&p, GuestAddress(tx)).unwrap();
+    net.add_tx(&[
+        (tx, 12, R),
+        (tx + 12, 4096 - 12, R),
+        (tx + 4096, (p.len() - 4096) as u32, R),
+    ]);
+    assert_eq!(net.worker.process_tx(), 1);
+    assert_eq!(net.peer_recv().unwrap(), p);
+}
+
 // Buffers run out and come back a few at a time while frames of every size keep coming:
 // the direct reads and the copies through the frame buffer take turns, and every frame
 // arrives once, whole, in the order sent.

@@ -6,6 +6,7 @@
 //! per pair, each on its own queue of a multiqueue TAP; pair 0's worker also serves the
 //! control queue, where the driver says how many pairs it uses.
 
+use std::collections::VecDeque;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -211,28 +212,31 @@ impl PassCount {
 /// An RX chain taken from the queue and checked, waiting for a frame.
 struct RxChain {
     head: u16,
-    buffers: Vec<(GuestAddress, usize)>,
     capacity: usize,
+    /// How many entries of `rx_buffers` are this chain's.
+    buffers: usize,
     /// How many entries of `rx_iovecs` are this chain's.
     iovecs: usize,
 }
 
-/// iovecs pointing into guest memory.
+/// iovecs pointing into guest memory, in a Vec or a VecDeque.
 #[derive(Default)]
-struct GuestIoVecs(Vec<libc::iovec>);
+struct GuestIoVecs<C = Vec<libc::iovec>>(C);
 
 // SAFETY: the pointers are into the guest memory mappings the worker's own GuestMemoryMmap
 // keeps alive; the list belongs to the worker and is used by one thread at a time.
-unsafe impl Send for GuestIoVecs {}
+unsafe impl Send for GuestIoVecs<Vec<libc::iovec>> {}
+// SAFETY: as above.
+unsafe impl Send for GuestIoVecs<VecDeque<libc::iovec>> {}
 
-impl std::ops::Deref for GuestIoVecs {
-    type Target = Vec<libc::iovec>;
+impl<C> std::ops::Deref for GuestIoVecs<C> {
+    type Target = C;
     fn deref(&self) -> &Self::Target {
         &self.0
     }
 }
 
-impl std::ops::DerefMut for GuestIoVecs {
+impl<C> std::ops::DerefMut for GuestIoVecs<C> {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.0
     }
@@ -241,10 +245,16 @@ impl std::ops::DerefMut for GuestIoVecs {
 pub struct NetWorker {
     p: NetWorkerParts,
     frame: Vec<u8>,
-    rx_reserve: std::collections::VecDeque<RxChain>,
+    rx_reserve: VecDeque<RxChain>,
+    /// The reserve's buffers, chain after chain, for copying a frame into them.
+    rx_buffers: VecDeque<(GuestAddress, usize)>,
+    /// The buffers of the chain `take_reserved` last took.
+    rx_taken: Vec<(GuestAddress, usize)>,
     /// The reserve's buffers as host iovecs, chain after chain: frames are read straight
     /// into them when the reserve can hold the largest frame.
-    rx_iovecs: GuestIoVecs,
+    rx_iovecs: GuestIoVecs<VecDeque<libc::iovec>>,
+    /// `rx_iovecs` with neighbours joined, for the read.
+    rx_read_iovecs: GuestIoVecs,
     rx_reserved_bytes: usize,
     /// Scratch list for gathering a TX chain, kept to avoid an allocation per frame.
     tx_iovecs: GuestIoVecs,
@@ -263,6 +273,23 @@ pub struct NetWorker {
 /// readv's limit (IOV_MAX): a guest posting tiny buffers gets its frames copied instead.
 const MAX_RX_IOVECS: usize = 1024;
 
+/// Appends `len` bytes at `base` to `iovecs`, growing the last entry when they follow it:
+/// Linux carves a queue's consecutive RX buffers, and a TCP frame's fragments, out of the
+/// same large pages, and the kernel copies a TAP frame one segment at a time, so fewer and
+/// longer segments make the copy cheaper.
+fn push_iovec(iovecs: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
+    if let Some(last) = iovecs.last_mut() {
+        if last.iov_base.cast::<u8>().wrapping_add(last.iov_len) == base {
+            last.iov_len += len;
+            return;
+        }
+    }
+    iovecs.push(libc::iovec {
+        iov_base: base.cast(),
+        iov_len: len,
+    });
+}
+
 const TAP_TOKEN: u64 = 0;
 const RX_TOKEN: u64 = 1;
 const TX_TOKEN: u64 = 2;
@@ -277,8 +304,11 @@ impl NetWorker {
         Ok(NetWorker {
             p: parts,
             frame: vec![0; MAX_PACKET_LEN],
-            rx_reserve: std::collections::VecDeque::new(),
+            rx_reserve: VecDeque::new(),
+            rx_buffers: VecDeque::new(),
+            rx_taken: Vec::new(),
             rx_iovecs: GuestIoVecs::default(),
+            rx_read_iovecs: GuestIoVecs::default(),
             rx_reserved_bytes: 0,
             tx_iovecs: GuestIoVecs::default(),
             pending: None,
@@ -353,10 +383,7 @@ impl NetWorker {
                         GuestMemoryBackend::get_slices(&self.p.mem, d.addr(), d.len() as usize)
                     {
                         match slice {
-                            Ok(s) => iovecs.push(libc::iovec {
-                                iov_base: s.ptr_guard_mut().as_ptr().cast(),
-                                iov_len: s.len(),
-                            }),
+                            Ok(s) => push_iovec(&mut iovecs, s.ptr_guard_mut().as_ptr(), s.len()),
                             Err(_) => valid = false,
                         }
                     }
@@ -489,7 +516,11 @@ impl NetWorker {
     /// it fills to the guest; the rest stay reserved. The caller made sure the reserve
     /// holds at least MAX_PACKET_LEN bytes, more than any read can return.
     fn read_into_reserve(&mut self) -> std::io::Result<DirectRead> {
-        let Some(len) = self.p.tap.read_frame_vectored(&self.rx_iovecs)? else {
+        self.rx_read_iovecs.clear();
+        for v in self.rx_iovecs.iter() {
+            push_iovec(&mut self.rx_read_iovecs, v.iov_base.cast(), v.iov_len);
+        }
+        let Some(len) = self.p.tap.read_frame_vectored(&self.rx_read_iovecs)? else {
             return Ok(DirectRead::Empty);
         };
         if len < VNET_HDR_LEN {
@@ -498,7 +529,7 @@ impl NetWorker {
         }
         let count = self.chains_for(len);
         // reserve_rx made sure the first buffer holds the whole header.
-        if let Some(first) = self.rx_reserve.front().and_then(|c| c.buffers.first()) {
+        if let Some(first) = self.rx_buffers.front() {
             let at = first.0.unchecked_add(VNET_HDR_NUM_BUFFERS as u64);
             let _ = self.p.mem.write_slice(&(count as u16).to_le_bytes(), at);
         }
@@ -532,6 +563,8 @@ impl NetWorker {
     fn take_reserved(&mut self) -> Option<RxChain> {
         let chain = self.rx_reserve.pop_front()?;
         self.rx_iovecs.drain(..chain.iovecs);
+        self.rx_taken.clear();
+        self.rx_taken.extend(self.rx_buffers.drain(..chain.buffers));
         self.rx_reserved_bytes -= chain.capacity;
         Some(chain)
     }
@@ -553,7 +586,7 @@ impl NetWorker {
             };
             let head = chain.head_index();
             let mark = self.rx_iovecs.len();
-            let mut buffers = Vec::new();
+            let buffers_mark = self.rx_buffers.len();
             let mut valid = true;
             let mut last_has_next = false;
             for d in chain {
@@ -565,7 +598,7 @@ impl NetWorker {
                 for slice in GuestMemoryBackend::get_slices(&self.p.mem, d.addr(), d.len() as usize)
                 {
                     match slice {
-                        Ok(s) => self.rx_iovecs.push(libc::iovec {
+                        Ok(s) => self.rx_iovecs.push_back(libc::iovec {
                             iov_base: s.ptr_guard_mut().as_ptr().cast(),
                             iov_len: s.len(),
                         }),
@@ -575,22 +608,24 @@ impl NetWorker {
                 if !valid {
                     break;
                 }
-                buffers.push((d.addr(), d.len() as usize));
+                self.rx_buffers.push_back((d.addr(), d.len() as usize));
             }
             // Each chain's first buffer must hold a whole header: num_buffers lives there.
-            if !valid || last_has_next || buffers.first().is_none_or(|b| b.1 < VNET_HDR_LEN) {
+            let first = self.rx_buffers.get(buffers_mark);
+            if !valid || last_has_next || first.is_none_or(|b| b.1 < VNET_HDR_LEN) {
                 tracing::debug!("virtio-net: returning a malformed RX chain {head}");
                 self.rx_iovecs.truncate(mark);
+                self.rx_buffers.truncate(buffers_mark);
                 let _ = self.p.rx.add_used(&self.p.mem, head, 0);
                 self.rx_used = true;
                 continue;
             }
-            let capacity: usize = buffers.iter().map(|b| b.1).sum();
+            let capacity: usize = self.rx_buffers.range(buffers_mark..).map(|b| b.1).sum();
             self.rx_reserved_bytes += capacity;
             self.rx_reserve.push_back(RxChain {
                 head,
-                buffers,
                 capacity,
+                buffers: self.rx_buffers.len() - buffers_mark,
                 iovecs: self.rx_iovecs.len() - mark,
             });
         }
@@ -618,7 +653,7 @@ impl NetWorker {
                 break;
             };
             let mut written = 0usize;
-            for &(addr, blen) in &chain.buffers {
+            for &(addr, blen) in &self.rx_taken {
                 if copied == len {
                     break;
                 }
@@ -749,6 +784,22 @@ mod tests {
     use virtio_queue::mock::MockSplitQueue;
 
     use crate::devices::virtio::NoInterrupt;
+
+    #[test]
+    fn touching_pieces_become_one_segment_and_gaps_start_a_new_one() {
+        let mut area = [0u8; 64];
+        let base = area.as_mut_ptr();
+        let mut iovecs = Vec::new();
+        push_iovec(&mut iovecs, base, 16);
+        push_iovec(&mut iovecs, base.wrapping_add(16), 16);
+        push_iovec(&mut iovecs, base.wrapping_add(40), 8);
+        push_iovec(&mut iovecs, base.wrapping_add(48), 16);
+        let segments: Vec<_> = iovecs
+            .iter()
+            .map(|v| (v.iov_base as usize - base as usize, v.iov_len))
+            .collect();
+        assert_eq!(segments, [(0, 32), (40, 24)]);
+    }
 
     /// Regression (found by fuzz/net_tx and fuzz/net_rx): with EVENT_IDX, an available
     /// index more than a queue ahead made TX, and RX with a frame waiting, loop forever.
