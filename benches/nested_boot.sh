@@ -12,7 +12,10 @@
 #
 # Firecracker and Cloud Hypervisor are the static builds in ../shared/peers (PEERS= to
 # point elsewhere); a missing one is left out of the table with a note. NESTED_BOOT_QEMU=0
-# leaves QEMU out; NESTED_BOOT_THP=never|madvise|always sets L1's transparent huge pages. Firecracker does not
+# leaves QEMU out; NESTED_BOOT_THP=never|madvise|always sets L1's transparent huge pages;
+# NESTED_BOOT_TRACE=1 adds, per boot, L1's KVM exits by reason, port I/O by port, MSR
+# writes and exits to the VMM (hist triggers on L1's tracepoints; TRACE lines in the
+# console log). Firecracker does not
 # exit when its guest powers off, so it is stopped at /init and has no exit time.
 set -euo pipefail
 MODE=boot
@@ -73,8 +76,22 @@ JSON
 DISKS_Q35="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-pci,drive=d0"
 DISKS_MICRO="-drive file=/disk.img,format=raw,if=none,id=d0 -device virtio-blk-device,drive=d0"
 QCOMMON="-cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -serial stdio -no-reboot -kernel /vmlinux -initrd /initrd"
+TRACE=${NESTED_BOOT_TRACE:+1}
 write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
+TRACES="kvm/kvm_exit:exit_reason kvm/kvm_pio:port,rw kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason"
+# trace start | trace stop <name>: a histogram per tracepoint from start to stop.
+trace() {
+  for t in \$TRACES; do
+    f=/sys/kernel/tracing/events/\${t%%:*}/trigger
+    case \$1 in
+    start) echo "hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
+    *) grep -v '^#' \${f%trigger}hist | grep . | sed "s|^|TRACE \$2 \${t%%:*} |"
+       echo "!hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
+    esac
+  done
+}
+[ -z "$TRACE" ] || mount -t tracefs nodev /sys/kernel/tracing
 [ -n "${NESTED_BOOT_THP:-}" ] && echo ${NESTED_BOOT_THP:-} > /sys/kernel/mm/transparent_hugepage/enabled
 echo "L1-THP \$(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 # stamp <name> <command...>: one RESULT line; in initcall mode, also one INITCALL line per
@@ -82,7 +99,9 @@ echo "L1-THP \$(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 stamp() {
   local name=\$1 stop=; shift
   [ "\$name" = firecracker ] && stop="--stop-after init"
+  [ -z "$TRACE" ] || trace start
   echo "RESULT \$name \$(/bench stamp --timeout-s $BOOT_TIMEOUT_S --output /console.txt \$stop --marker kernel="Linux version" --marker init=STRATUS-INIT -- "\$@")"
+  [ -z "$TRACE" ] || trace stop \$name
   if [ $MODE = initcalls ]; then
     sed -n 's/.*initcall \([^ ]*\) returned .* after \([0-9]*\) usecs.*/\1 \2/p' /console.txt |
       while read -r fn us; do [ "\$us" -gt 20000 ] && echo "INITCALL \$name \$fn \$us"; done
