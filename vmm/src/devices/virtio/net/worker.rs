@@ -248,8 +248,6 @@ pub struct NetWorker {
     rx_reserve: VecDeque<RxChain>,
     /// The reserve's buffers, chain after chain, for copying a frame into them.
     rx_buffers: VecDeque<(GuestAddress, usize)>,
-    /// The buffers of the chain `take_reserved` last took.
-    rx_taken: Vec<(GuestAddress, usize)>,
     /// The reserve's buffers as host iovecs, chain after chain: frames are read straight
     /// into them when the reserve can hold the largest frame.
     rx_iovecs: GuestIoVecs<VecDeque<libc::iovec>>,
@@ -306,7 +304,6 @@ impl NetWorker {
             frame: vec![0; MAX_PACKET_LEN],
             rx_reserve: VecDeque::new(),
             rx_buffers: VecDeque::new(),
-            rx_taken: Vec::new(),
             rx_iovecs: GuestIoVecs::default(),
             rx_read_iovecs: GuestIoVecs::default(),
             rx_reserved_bytes: 0,
@@ -563,8 +560,7 @@ impl NetWorker {
     fn take_reserved(&mut self) -> Option<RxChain> {
         let chain = self.rx_reserve.pop_front()?;
         self.rx_iovecs.drain(..chain.iovecs);
-        self.rx_taken.clear();
-        self.rx_taken.extend(self.rx_buffers.drain(..chain.buffers));
+        self.rx_buffers.drain(..chain.buffers);
         self.rx_reserved_bytes -= chain.capacity;
         Some(chain)
     }
@@ -649,11 +645,11 @@ impl NetWorker {
             .copy_from_slice(&(count as u16).to_le_bytes());
         let mut copied = 0usize;
         for _ in 0..count {
-            let Some(chain) = self.take_reserved() else {
+            let Some(buffers) = self.rx_reserve.front().map(|c| c.buffers) else {
                 break;
             };
             let mut written = 0usize;
-            for &(addr, blen) in &self.rx_taken {
+            for &(addr, blen) in self.rx_buffers.iter().take(buffers) {
                 if copied == len {
                     break;
                 }
@@ -669,6 +665,9 @@ impl NetWorker {
                 copied += take;
                 written += take;
             }
+            let Some(chain) = self.take_reserved() else {
+                break;
+            };
             let _ = self.p.rx.add_used(&self.p.mem, chain.head, written as u32);
         }
         self.rx_used = true;
