@@ -301,7 +301,7 @@ INIT
     for attempt in 1 2 3; do
         say "booting the node VM (attempt $attempt)"
         : > "$STATE/logs/node-console.log"
-        start node qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
+        start node qemu-system-x86_64 -M "$L1_MACHINE" -accel tcg -cpu max -smp 1 -m 3072 \
             -display none -serial "file:$STATE/logs/node-console.log" -monitor none -no-reboot \
             -kernel "$VMLINUX" -initrd "$STATE/node.cpio.xz" \
             -append "console=ttyS0 panic=-1 quiet tsc_early_khz=$(host_tsc_khz)" \

@@ -178,6 +178,13 @@ busybox_root() {
     cp /bin/busybox "$1/bin/busybox"
 }
 
+# QEMU machine of every TCG L1, without the legacy PIC. With it, Debian's 6.1.0-57 took a
+# hardware interrupt on vector 0 early in start_kernel in more than half of the boots (QEMU
+# -d int: "Servicing hardware INT=0x00"; an unprogrammed PIC's vector base is 0), which the
+# kernel reads as a divide error and panics. Linux routes interrupts through the IOAPIC
+# anyway; without the PIC 10 boots of 10 were clean.
+L1_MACHINE=microvm,pic=off
+
 # The host's TSC rate: without it the TCG L1 kernel sometimes hangs before printing.
 host_tsc_khz() {
     awk '/cpu MHz/{printf "%d", $4*1000; exit}' /proc/cpuinfo
@@ -206,7 +213,7 @@ run_l1() {
     for attempt in 1 2 3; do
         : > "$console"
         ${NESTED_QEMU_NETNS:+ip netns exec "$NESTED_QEMU_NETNS"} \
-        timeout "$timeout_s" qemu-system-x86_64 -M microvm -accel tcg -cpu max -smp 1 -m 3072 \
+        timeout "$timeout_s" qemu-system-x86_64 -M "$L1_MACHINE" -accel tcg -cpu max -smp 1 -m 3072 \
             -display none -serial "file:$console" -monitor none -no-reboot \
             -kernel "$VMLINUX" -initrd "$initrd" \
             -append "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 ${NESTED_KERNEL_DEBUG:-quiet} tsc_early_khz=$(host_tsc_khz)" \
