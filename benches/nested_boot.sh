@@ -13,9 +13,9 @@
 # Firecracker and Cloud Hypervisor are the static builds in ../shared/peers (PEERS= to
 # point elsewhere); a missing one is left out of the table with a note. NESTED_BOOT_QEMU=0
 # leaves QEMU out; NESTED_BOOT_THP=never|madvise|always sets L1's transparent huge pages;
-# NESTED_BOOT_TRACE=1 adds, per boot, L1's KVM exits by reason, port I/O by port, MSR
-# writes and exits to the VMM (hist triggers on L1's tracepoints; TRACE lines in the
-# console log). Firecracker does not
+# NESTED_BOOT_TRACE=1 adds, per boot, L1's KVM exits by reason with the time spent in
+# them, port I/O by port, MSR writes and exits to the VMM (hist triggers on L1's
+# tracepoints; TRACE lines in the console log, a table of the exits after the boot table). Firecracker does not
 # exit when its guest powers off, so it is stopped at /init and has no exit time.
 set -euo pipefail
 MODE=boot
@@ -79,19 +79,34 @@ QCOMMON="-cpu host -smp 2 -m 512 -nodefaults -no-user-config -display none -seri
 TRACE=${NESTED_BOOT_TRACE:+1}
 write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
-TRACES="kvm/kvm_exit:exit_reason kvm/kvm_pio:port,rw kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason"
+# event:keys[:values]; synthetic/vmexit is each exit's duration, L1's kvm_exit to its next
+# kvm_entry on the same vCPU thread: KVM's handling plus, for exits to user space, the VMM's.
+TRACES="kvm/kvm_exit:exit_reason kvm/kvm_pio:port,rw kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason synthetic/vmexit:reason:ns"
 # trace start | trace stop <name>: a histogram per tracepoint from start to stop.
 trace() {
   for t in \$TRACES; do
     f=/sys/kernel/tracing/events/\${t%%:*}/trigger
+    spec=\${t#*:}
+    hist="hist:keys=\${spec%%:*}"
+    [ "\$spec" = "\${spec#*:}" ] || hist="\$hist:vals=hitcount,\${spec#*:}"
+    hist="\$hist:sort=hitcount:size=256"
     case \$1 in
-    start) echo "hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
-    *) grep -v '^#' \${f%trigger}hist | grep . | sed "s|^|TRACE \$2 \${t%%:*} |"
-       echo "!hist:keys=\${t#*:}:sort=hitcount:size=256" > \$f ;;
+    start) echo "\$hist" > \$f ;;
+    *) # Only this histogram: kvm_exit also carries the trigger that times each exit.
+       awk -v k="hist:keys=\${spec%%:*}:" '/^# trigger info:/ { on = index(\$0, k) > 0 }
+           /^#/ { next } on && NF' \${f%trigger}hist | sed "s|^|TRACE \$2 \${t%%:*} |"
+       echo "!\$hist" > \$f ;;
     esac
   done
 }
-[ -z "$TRACE" ] || mount -t tracefs nodev /sys/kernel/tracing
+if [ -n "$TRACE" ]; then
+  mount -t tracefs nodev /sys/kernel/tracing
+  cd /sys/kernel/tracing
+  echo 'vmexit unsigned int reason; u64 ns' >> synthetic_events
+  echo 'hist:keys=common_pid:t0=common_timestamp:r=exit_reason' >> events/kvm/kvm_exit/trigger
+  echo 'hist:keys=common_pid:d=common_timestamp-\$t0:onmatch(kvm.kvm_exit).trace(vmexit,\$r,\$d)' >> events/kvm/kvm_entry/trigger
+  cd /
+fi
 [ -n "${NESTED_BOOT_THP:-}" ] && echo ${NESTED_BOOT_THP:-} > /sys/kernel/mm/transparent_hugepage/enabled
 echo "L1-THP \$(cat /sys/kernel/mm/transparent_hugepage/enabled)"
 # stamp <name> <command...>: one RESULT line; in initcall mode, also one INITCALL line per
@@ -130,14 +145,23 @@ log "running $RUNS alternated boots per VMM ($VMMS) in L1, mode $MODE (console: 
 # Five VMMs and QEMU's libraries make a large initramfs: give L1 time to unpack it.
 NESTED_SILENT_S=${NESTED_SILENT_S:-240} run_l1 "$W/outer.cpio.gz" "$CONSOLE" 5400
 python3 - "$CONSOLE" "$MODE" "$VMMS" <<'PY'
-import json, statistics, sys
+import json, re, statistics, sys
 console, mode, vmms = sys.argv[1], sys.argv[2], sys.argv[3].split()
 rows, initcalls = {}, {}
+# exits[name][run][reason] = (count, ns), from NESTED_BOOT_TRACE's synthetic/vmexit lines,
+# which follow their boot's RESULT line.
+exits = {}
+vmexit = re.compile(r"TRACE (\S+) synthetic/vmexit \{ reason:\s*(\d+) \} hitcount:\s*(\d+)\s+ns:\s*(\d+)")
 for line in open(console, errors="replace"):
     line = line.rstrip("\r\n")
     if line.startswith("RESULT ") and "STAMP " in line:
         name = line.split()[1]
         rows.setdefault(name, []).append(json.loads(line.split("STAMP ", 1)[1]))
+        exits.setdefault(name, []).append({})
+    elif m := vmexit.match(line):
+        name, reason, count, ns = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
+        if exits.get(name):
+            exits[name][-1][reason] = (count, ns)
     elif line.startswith("INITCALL "):
         _, name, fn, us = line.split()
         initcalls.setdefault(fn, {}).setdefault(name, []).append(int(us))
@@ -185,4 +209,24 @@ if peers and base["init"]:
     print(f"\nstratus-vmm /init time / fastest of Firecracker and Cloud Hypervisor: {base['init'] / min(peers):.2f} (goal <= 0.85)")
     if med("stratus-vmm-no-seccomp", "init"):
         print(f"the same with its seccomp filters off, as the peers run here: {med('stratus-vmm-no-seccomp', 'init') / min(peers):.2f}")
+
+traced = [n for n in vmms if any(exits.get(n, []))]
+if traced:
+    # AMD SVM exit codes (arch/x86/include/uapi/asm/svm.h).
+    names = {0x10: "CR0 write", 0x14: "CR4 write", 0x30: "DR0 write", 0x60: "host interrupt",
+             0x64: "interrupt window", 0x65: "CR0 selective write", 0x72: "CPUID", 0x78: "HLT",
+             0x7b: "port I/O", 0x7c: "MSR", 0x81: "VMMCALL", 0x89: "WBINVD", 0x8d: "XSETBV",
+             0x400: "nested page fault"}
+    def cell(name, reason):
+        runs = [r.get(reason, (0, 0)) if reason is not None else
+                (sum(c for c, _ in r.values()), sum(t for _, t in r.values())) for r in exits[name]]
+        return (statistics.median(c for c, _ in runs), statistics.median(t for _, t in runs) / 1e6)
+    reasons = sorted({k for n in traced for r in exits[n] for k in r},
+                     key=lambda k: -cell(traced[0], k)[1])
+    print(f"\n| L1 exits per boot: count, ms from exit to re-entry, both vCPUs (medians) | " + " | ".join(traced) + " |")
+    print("|---|" + "---|" * len(traced))
+    for reason in reasons + [None]:
+        label = "**all**" if reason is None else f"{names.get(reason, hex(reason))} ({reason})"
+        print(f"| {label} | " + " | ".join(
+            "{:.0f}, {:.0f} ms".format(*cell(n, reason)) for n in traced) + " |")
 PY
