@@ -81,7 +81,7 @@ write_init "$W/outer" <<INIT
 truncate -s 8M /disk.img
 # event:keys[:values]; synthetic/vmexit is each exit's duration, L1's kvm_exit to its next
 # kvm_entry on the same vCPU thread: KVM's handling plus, for exits to user space, the VMM's.
-TRACES="kvm/kvm_exit:exit_reason kvm/kvm_pio:port,rw kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason synthetic/vmexit:reason:ns"
+TRACES="kvm/kvm_exit:exit_reason kvm/kvm_pio:port,rw kvm/kvm_msr:ecx,write kvm/kvm_userspace_exit:reason synthetic/vmexit:reason,vcpu:ns"
 # trace start | trace stop <name>: a histogram per tracepoint from start to stop.
 trace() {
   for t in \$TRACES; do
@@ -102,9 +102,9 @@ trace() {
 if [ -n "$TRACE" ]; then
   mount -t tracefs nodev /sys/kernel/tracing
   cd /sys/kernel/tracing
-  echo 'vmexit unsigned int reason; u64 ns' >> synthetic_events
-  echo 'hist:keys=common_pid:t0=common_timestamp:r=exit_reason' >> events/kvm/kvm_exit/trigger
-  echo 'hist:keys=common_pid:d=common_timestamp-\$t0:onmatch(kvm.kvm_exit).trace(vmexit,\$r,\$d)' >> events/kvm/kvm_entry/trigger
+  echo 'vmexit unsigned int reason; unsigned int vcpu; u64 ns' >> synthetic_events
+  echo 'hist:keys=common_pid:t0=common_timestamp:r=exit_reason:v=vcpu_id' >> events/kvm/kvm_exit/trigger
+  echo 'hist:keys=common_pid:d=common_timestamp-\$t0:onmatch(kvm.kvm_exit).trace(vmexit,\$r,\$v,\$d)' >> events/kvm/kvm_entry/trigger
   cd /
 fi
 [ -n "${NESTED_BOOT_THP:-}" ] && echo ${NESTED_BOOT_THP:-} > /sys/kernel/mm/transparent_hugepage/enabled
@@ -148,10 +148,10 @@ python3 - "$CONSOLE" "$MODE" "$VMMS" <<'PY'
 import json, re, statistics, sys
 console, mode, vmms = sys.argv[1], sys.argv[2], sys.argv[3].split()
 rows, initcalls = {}, {}
-# exits[name][run][reason] = (count, ns), from NESTED_BOOT_TRACE's synthetic/vmexit lines,
-# which follow their boot's RESULT line.
+# exits[name][run][(reason, vcpu)] = (count, ns), from NESTED_BOOT_TRACE's synthetic/vmexit
+# lines, which follow their boot's RESULT line.
 exits = {}
-vmexit = re.compile(r"TRACE (\S+) synthetic/vmexit \{ reason:\s*(\d+) \} hitcount:\s*(\d+)\s+ns:\s*(\d+)")
+vmexit = re.compile(r"TRACE (\S+) synthetic/vmexit \{ reason:\s*(\d+), vcpu:\s*(\d+) \} hitcount:\s*(\d+)\s+ns:\s*(\d+)")
 for line in open(console, errors="replace"):
     line = line.rstrip("\r\n")
     if line.startswith("RESULT ") and "STAMP " in line:
@@ -159,9 +159,9 @@ for line in open(console, errors="replace"):
         rows.setdefault(name, []).append(json.loads(line.split("STAMP ", 1)[1]))
         exits.setdefault(name, []).append({})
     elif m := vmexit.match(line):
-        name, reason, count, ns = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
+        name, reason, vcpu, count, ns = m.group(1), *map(int, m.group(2, 3, 4, 5))
         if exits.get(name):
-            exits[name][-1][reason] = (count, ns)
+            exits[name][-1][(reason, vcpu)] = (count, ns)
     elif line.startswith("INITCALL "):
         _, name, fn, us = line.split()
         initcalls.setdefault(fn, {}).setdefault(name, []).append(int(us))
@@ -217,16 +217,25 @@ if traced:
              0x64: "interrupt window", 0x65: "CR0 selective write", 0x72: "CPUID", 0x78: "HLT",
              0x7b: "port I/O", 0x7c: "MSR", 0x81: "VMMCALL", 0x89: "WBINVD", 0x8d: "XSETBV",
              0x400: "nested page fault"}
-    def cell(name, reason):
-        runs = [r.get(reason, (0, 0)) if reason is not None else
-                (sum(c for c, _ in r.values()), sum(t for _, t in r.values())) for r in exits[name]]
-        return (statistics.median(c for c, _ in runs), statistics.median(t for _, t in runs) / 1e6)
-    reasons = sorted({k for n in traced for r in exits[n] for k in r},
-                     key=lambda k: -cell(traced[0], k)[1])
+    # A row is an exit reason on all vCPUs, or on one (vcpu not None), or everything.
+    def cell(name, reason, vcpu=None):
+        runs = [[v for (r, c), v in run.items()
+                 if reason in (None, r) and vcpu in (None, c)] for run in exits[name]]
+        return (statistics.median(sum(c for c, _ in r) for r in runs),
+                statistics.median(sum(t for _, t in r) for r in runs) / 1e6)
+    reasons = sorted({r for n in traced for run in exits[n] for r, _ in run},
+                     key=lambda r: -cell(traced[0], r)[1])
+    vcpus = sorted({c for n in traced for run in exits[n] for _, c in run})
     print(f"\n| L1 exits per boot: count, ms from exit to re-entry, both vCPUs (medians) | " + " | ".join(traced) + " |")
     print("|---|" + "---|" * len(traced))
-    for reason in reasons + [None]:
-        label = "**all**" if reason is None else f"{names.get(reason, hex(reason))} ({reason})"
+    rows = []
+    for reason in reasons:
+        rows.append((f"{names.get(reason, hex(reason))} ({reason})", reason, None))
+        # Idle time means little summed: the boot vCPU's waits are the ones on the way.
+        if reason == 0x78:
+            rows += [(f"HLT on vCPU {c}", reason, c) for c in vcpus]
+    rows.append(("**all**", None, None))
+    for label, reason, vcpu in rows:
         print(f"| {label} | " + " | ".join(
-            "{:.0f}, {:.0f} ms".format(*cell(n, reason)) for n in traced) + " |")
+            "{:.0f}, {:.0f} ms".format(*cell(n, reason, vcpu)) for n in traced) + " |")
 PY
