@@ -98,6 +98,13 @@ trace() {
        echo "!\$hist" > \$f ;;
     esac
   done
+  # L1's memory work during the boot: direct compaction and huge-page faults.
+  case \$1 in
+  start) cp /proc/vmstat /vmstat.before ;;
+  *) awk -v n="\$2" 'NR == FNR { before[\$1] = \$2; next }
+         /^(compact_stall|compact_fail|compact_success|thp_fault_alloc|thp_fault_fallback) / {
+             print "TRACE " n " vmstat " \$1 " " \$2 - before[\$1] }' /vmstat.before /proc/vmstat ;;
+  esac
 }
 if [ -n "$TRACE" ]; then
   mount -t tracefs nodev /sys/kernel/tracing
