@@ -81,6 +81,27 @@ impl CephCluster {
             .expect("run rbd (Debian's ceph-common)")
     }
 
+    /// Stops the OSD without closing its connections (SIGSTOP): requests sent to it stay
+    /// unanswered, as from a cluster that is unreachable, and its in-memory store survives.
+    pub fn freeze_osd(&self) {
+        self.signal_osd("-STOP");
+    }
+
+    /// Lets a frozen OSD go on (SIGCONT).
+    pub fn thaw_osd(&self) {
+        self.signal_osd("-CONT");
+    }
+
+    fn signal_osd(&self, signal: &str) {
+        let pid =
+            std::fs::read_to_string(self.dir.join("run/osd.0.pid")).expect("osd.0's pid file");
+        let status = Command::new("kill")
+            .args([signal, pid.trim()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} osd.0");
+    }
+
     /// The image's bytes as `rbd export` reads them.
     pub fn export(&self, image: &str) -> Vec<u8> {
         let out = self.dir.join("export.raw");

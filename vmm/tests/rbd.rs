@@ -2,11 +2,14 @@
 //! memstore OSD on loopback: scripts/ceph-cluster.sh): requests built in a virtqueue in
 //! plain guest memory, served by the queue worker through librbd, checked against what
 //! `rbd export` reads back — our code never judges its own writes. Snapshots are read-only
-//! and keep their data; a client id with its own keyring works; a wrong pool, image or
-//! keyring is refused with the reason. One cluster serves the whole file (it takes a few
+//! and keep their data; an OSD that stops answering fails requests after the timeout and
+//! the disk serves again when it is back; a client id with its own keyring works; a wrong
+//! pool, image or keyring is refused with the reason. One cluster serves the whole file (it takes a few
 //! seconds to start), so the checks run in one test, in order.
 
 mod blk_common;
+
+use std::time::{Duration, Instant};
 
 use blk_common::binary::vmm;
 use blk_common::guest::{Guest, DATA, HEADER, R, STATUS, W};
@@ -137,6 +140,80 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     drop(g);
     assert!(cluster.export("rbd/disk1@s1") == at_snapshot);
     assert!(cluster.export("rbd/disk1") == shadow);
+
+    // The OSD stops answering with its connections open, as a cluster cut off by the
+    // network: requests fail as I/O errors once the timeout has passed, none hangs, and
+    // the same disk serves again once the OSD answers. Only reads while it is away: a
+    // write that timed out may still land later.
+    cluster.rbd(&["create", "rbd/disk2", "--size", &size]);
+    let mut away = source(&cluster, "rbd/disk2");
+    away.timeout_secs = 3;
+    let g = Guest::new(&config(away));
+    // One 4 KiB block in each of the image's two 4 MiB objects: unwritten objects are
+    // answered from the object map without asking the OSD.
+    let sectors = [8u64, (4 << 20) / 512 + 8];
+    let written = rng.bytes(2 * 4096);
+    let mut chains = Vec::new();
+    for (i, sector) in sectors.iter().enumerate() {
+        let i = i as u64;
+        g.header(HEADER + i * 16, VIRTIO_BLK_T_OUT, *sector);
+        let block = &written[i as usize * 4096..(i as usize + 1) * 4096];
+        g.mem
+            .write_slice(block, GuestAddress(DATA + i * 0x8000))
+            .unwrap();
+        chains.push(vec![
+            (HEADER + i * 16, 16, R),
+            (DATA + i * 0x8000, 4096, R),
+            (STATUS + i * 16, 1, W),
+        ]);
+    }
+    let statuses = [STATUS, STATUS + 16];
+    let (_, got) = g.serve(&chains, &statuses, || {});
+    assert_eq!(got, [VIRTIO_BLK_S_OK; 2]);
+    let reads: Vec<_> = sectors
+        .iter()
+        .enumerate()
+        .map(|(i, sector)| {
+            let i = i as u64;
+            g.header(HEADER + i * 16, VIRTIO_BLK_T_IN, *sector);
+            vec![
+                (HEADER + i * 16, 16, R),
+                (DATA + 0x10000 + i * 0x8000, 4096, W),
+                (STATUS + i * 16, 1, W),
+            ]
+        })
+        .collect();
+    let read_back = |g: &Guest| {
+        g.mem
+            .write_slice(&[0u8; 4096], GuestAddress(DATA + 0x10000))
+            .unwrap();
+        g.mem
+            .write_slice(&[0u8; 4096], GuestAddress(DATA + 0x18000))
+            .unwrap();
+        let (_, got) = g.serve(&reads, &statuses, || {});
+        let mut data = vec![0u8; 2 * 4096];
+        g.mem
+            .read_slice(&mut data[..4096], GuestAddress(DATA + 0x10000))
+            .unwrap();
+        g.mem
+            .read_slice(&mut data[4096..], GuestAddress(DATA + 0x18000))
+            .unwrap();
+        (got, data)
+    };
+    cluster.freeze_osd();
+    let started = Instant::now();
+    let (got, _) = read_back(&g);
+    let waited = started.elapsed();
+    cluster.thaw_osd();
+    assert_eq!(got, [VIRTIO_BLK_S_IOERR; 2], "reads from a frozen OSD");
+    assert!(waited < Duration::from_secs(30), "failing took {waited:?}");
+    let (got, data) = read_back(&g);
+    assert_eq!(got, [VIRTIO_BLK_S_OK; 2], "reads once the OSD is back");
+    assert!(
+        data == written,
+        "the blocks read back differ from those written"
+    );
+    drop(g);
 
     // Another client with its own keyring (caps for the rbd pool only).
     let mut own = source(&cluster, "rbd/disk1");
