@@ -4,8 +4,8 @@
 //! `rbd export` reads back — our code never judges its own writes. Snapshots are read-only
 //! and keep their data; an OSD that stops answering fails requests after the timeout and
 //! the disk serves again when it is back; a client id with its own keyring works; a wrong
-//! pool, image or keyring is refused with the reason. One cluster serves the whole file (it takes a few
-//! seconds to start), so the checks run in one test, in order.
+//! pool, image or keyring is refused with the reason. One cluster serves the whole file
+//! (it takes a few seconds to start), so the checks run in one test, in order.
 
 mod blk_common;
 
@@ -152,62 +152,42 @@ fn rbd_images_serve_the_guest_and_rbd_export_reads_back_its_writes() {
     // One 4 KiB block in each of the image's two 4 MiB objects: unwritten objects are
     // answered from the object map without asking the OSD.
     let sectors = [8u64, (4 << 20) / 512 + 8];
+    // One request per block, its data at `data` + 4 KiB per block.
+    let requests = |request_type, data: u64, data_flags| {
+        let chains: Vec<_> = sectors
+            .iter()
+            .enumerate()
+            .map(|(i, &sector)| {
+                let i = i as u64;
+                g.header(HEADER + i * 16, request_type, sector);
+                vec![
+                    (HEADER + i * 16, 16, R),
+                    (data + i * 4096, 4096, data_flags),
+                    (STATUS + i * 16, 1, W),
+                ]
+            })
+            .collect();
+        g.serve(&chains, &[STATUS, STATUS + 16], || {}).1
+    };
     let written = rng.bytes(2 * 4096);
-    let mut chains = Vec::new();
-    for (i, sector) in sectors.iter().enumerate() {
-        let i = i as u64;
-        g.header(HEADER + i * 16, VIRTIO_BLK_T_OUT, *sector);
-        let block = &written[i as usize * 4096..(i as usize + 1) * 4096];
-        g.mem
-            .write_slice(block, GuestAddress(DATA + i * 0x8000))
-            .unwrap();
-        chains.push(vec![
-            (HEADER + i * 16, 16, R),
-            (DATA + i * 0x8000, 4096, R),
-            (STATUS + i * 16, 1, W),
-        ]);
-    }
-    let statuses = [STATUS, STATUS + 16];
-    let (_, got) = g.serve(&chains, &statuses, || {});
-    assert_eq!(got, [VIRTIO_BLK_S_OK; 2]);
-    let reads: Vec<_> = sectors
-        .iter()
-        .enumerate()
-        .map(|(i, sector)| {
-            let i = i as u64;
-            g.header(HEADER + i * 16, VIRTIO_BLK_T_IN, *sector);
-            vec![
-                (HEADER + i * 16, 16, R),
-                (DATA + 0x10000 + i * 0x8000, 4096, W),
-                (STATUS + i * 16, 1, W),
-            ]
-        })
-        .collect();
-    let read_back = |g: &Guest| {
-        g.mem
-            .write_slice(&[0u8; 4096], GuestAddress(DATA + 0x10000))
-            .unwrap();
-        g.mem
-            .write_slice(&[0u8; 4096], GuestAddress(DATA + 0x18000))
-            .unwrap();
-        let (_, got) = g.serve(&reads, &statuses, || {});
+    g.mem.write_slice(&written, GuestAddress(DATA)).unwrap();
+    assert_eq!(requests(VIRTIO_BLK_T_OUT, DATA, R), [VIRTIO_BLK_S_OK; 2]);
+    let read_at = GuestAddress(DATA + 0x10000);
+    let read_back = || {
+        g.mem.write_slice(&[0u8; 2 * 4096], read_at).unwrap();
+        let got = requests(VIRTIO_BLK_T_IN, read_at.0, W);
         let mut data = vec![0u8; 2 * 4096];
-        g.mem
-            .read_slice(&mut data[..4096], GuestAddress(DATA + 0x10000))
-            .unwrap();
-        g.mem
-            .read_slice(&mut data[4096..], GuestAddress(DATA + 0x18000))
-            .unwrap();
+        g.mem.read_slice(&mut data, read_at).unwrap();
         (got, data)
     };
     cluster.freeze_osd();
     let started = Instant::now();
-    let (got, _) = read_back(&g);
+    let (got, _) = read_back();
     let waited = started.elapsed();
     cluster.thaw_osd();
     assert_eq!(got, [VIRTIO_BLK_S_IOERR; 2], "reads from a frozen OSD");
     assert!(waited < Duration::from_secs(30), "failing took {waited:?}");
-    let (got, data) = read_back(&g);
+    let (got, data) = read_back();
     assert_eq!(got, [VIRTIO_BLK_S_OK; 2], "reads once the OSD is back");
     assert!(
         data == written,
