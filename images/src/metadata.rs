@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::checksum::{Algorithm, Checksums};
@@ -30,13 +30,28 @@ pub fn format_date(d: &DateTime<Utc>) -> String {
 
 /// Parse a metadata date (`yyyy-MM-ddTHH:mm:ssZ`).
 pub fn parse_date(s: &str, what: &str) -> Result<DateTime<Utc>> {
-    NaiveDateTime::parse_from_str(s.trim(), DATE_FORMAT)
+    let date = NaiveDateTime::parse_from_str(s.trim(), DATE_FORMAT)
         .map(|n| n.and_utc())
         .map_err(|_| {
             Error::InvalidMetadata(format!(
                 "{what} '{s}' is not a date of the form yyyy-MM-ddTHH:mm:ssZ"
             ))
-        })
+        })?;
+    check_year(&date, what)?;
+    Ok(date)
+}
+
+/// A metadata date has a four-digit year. chrono reads signed years of up to six digits,
+/// where the validity arithmetic (creation + 178 days) would overflow.
+fn check_year(date: &DateTime<Utc>, what: &str) -> Result<()> {
+    if (1..=9999).contains(&date.year()) {
+        Ok(())
+    } else {
+        Err(Error::InvalidMetadata(format!(
+            "{what} '{}' is outside the years 0001 to 9999",
+            format_date(date)
+        )))
+    }
 }
 
 /// Disk image format (`dcterms:format`).
@@ -602,13 +617,23 @@ impl Metadata {
                 return Err(invalid(format!("{what} is empty")));
             }
         }
+        // The JSON form's dates come through serde, not parse_date.
+        check_year(&self.endorsement.created, "dcterms:created")?;
+        if let Some(valid) = &self.valid {
+            check_year(valid, "dcterms:valid")?;
+        }
         Ok(())
     }
 
     /// End of validity: `dcterms:valid`, or creation + 178 days.
     pub fn valid_until(&self) -> DateTime<Utc> {
-        self.valid
-            .unwrap_or(self.endorsement.created + chrono::Duration::days(DEFAULT_VALIDITY_DAYS))
+        self.valid.unwrap_or_else(|| {
+            let validity = chrono::Duration::days(DEFAULT_VALIDITY_DAYS);
+            let created = self.endorsement.created;
+            created
+                .checked_add_signed(validity)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        })
     }
 
     /// Whether the entry has expired at `now`.

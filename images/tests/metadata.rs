@@ -205,6 +205,30 @@ fn rejects_bad_values_naming_them() {
     expect_invalid("<a><b></a>", "malformed XML");
 }
 
+/// Regression: a creation date near chrono's last one, without dcterms:valid, made the
+/// validity arithmetic overflow and panic (it aborts the node agent in release builds).
+#[test]
+fn dates_beyond_four_digit_years_are_refused_and_validity_never_overflows() {
+    let far = FIXTURE.replace("2013-05-24T14:13:27Z", "+262142-12-31T00:00:00Z");
+    expect_invalid(
+        &far,
+        "dcterms:created '+262142-12-31T00:00:00Z' is outside the years",
+    );
+    let json = Metadata::from_xml(FIXTURE).unwrap().to_json();
+    let far_json = json.replace("2013-05-24T14:13:27Z", "+262142-12-31T00:00:00Z");
+    assert_ne!(far_json, json, "the JSON form carries the creation date");
+    match Metadata::from_json(&far_json) {
+        Err(Error::InvalidMetadata(msg)) => assert!(msg.contains("dcterms:created"), "{msg}"),
+        other => panic!("expected the far creation date refused, got {other:?}"),
+    }
+    // An entry built in code is not validated: its validity saturates instead.
+    let mut m = Metadata::from_xml(FIXTURE).unwrap();
+    m.valid = None;
+    m.endorsement.created = chrono::DateTime::<Utc>::MAX_UTC;
+    assert_eq!(m.valid_until(), chrono::DateTime::<Utc>::MAX_UTC);
+    assert!(!m.is_expired(Utc::now()));
+}
+
 #[test]
 fn expiry_and_deprecation_are_enforced() {
     let mut m = Metadata::from_xml(FIXTURE).unwrap();
