@@ -23,6 +23,13 @@ pub enum ImageError {
     Downloading(String),
     #[error("this agent has no marketplace_endpoint to look identifiers up in; post the entry or its URL")]
     NoMarketplace,
+    #[error("'{url}' is not a URL a Marketplace entry can be fetched from: {source}")]
+    EntryUrl {
+        url: String,
+        source: Box<ureq::Error>,
+    },
+    #[error("the Marketplace at {url} has no such entry")]
+    NoEntry { url: String },
     #[error("cannot fetch the Marketplace entry from {url}: {reason}")]
     Entry { url: String, reason: String },
     #[error("cannot remove {path}: {source}")]
@@ -217,7 +224,16 @@ pub fn fetch_entry(url: &str) -> Result<Metadata, ImageError> {
     let mut response = ureq::get(url)
         .header("accept", "application/json")
         .call()
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|e| match e {
+            ureq::Error::BadUri(_) | ureq::Error::Http(_) => ImageError::EntryUrl {
+                url: url.to_owned(),
+                source: Box::new(e),
+            },
+            ureq::Error::StatusCode(404) => ImageError::NoEntry {
+                url: url.to_owned(),
+            },
+            e => failed(e.to_string()),
+        })?;
     let text = response
         .body_mut()
         .with_config()
@@ -228,8 +244,15 @@ pub fn fetch_entry(url: &str) -> Result<Metadata, ImageError> {
         serde_json::from_str(&text).map_err(|e| failed(format!("not JSON: {e}")))?;
     let entry = match value {
         serde_json::Value::Array(mut list) if !list.is_empty() => list.swap_remove(0),
-        serde_json::Value::Array(_) => return Err(failed("no entry found".into())),
+        serde_json::Value::Array(_) => {
+            return Err(ImageError::NoEntry {
+                url: url.to_owned(),
+            })
+        }
         single => single,
     };
-    serde_json::from_value(entry).map_err(|e| failed(format!("not a Marketplace entry: {e}")))
+    // Through from_json, which checks what serde alone does not (identifier against
+    // checksum, dates).
+    Metadata::from_json(&entry.to_string())
+        .map_err(|e| failed(format!("not a valid Marketplace entry: {e}")))
 }

@@ -49,6 +49,12 @@ impl VmmClientError {
     pub fn is_conflict(&self) -> bool {
         matches!(self, VmmClientError::Refused { status, .. } if *status == StatusCode::CONFLICT)
     }
+
+    /// The VMM answered 400: what the agent passed on from its caller (a hot-plugged disk's
+    /// settings) is wrong, which the caller can fix.
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, VmmClientError::Refused { status, .. } if *status == StatusCode::BAD_REQUEST)
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -562,6 +562,12 @@ fn a_disabled_host_and_a_full_host_take_no_new_vms() {
             .0,
         201
     );
+    // Regression: with a VM running, a memory size near u64::MAX overflowed the sum.
+    let mut huge = agent.spec(Guest::Halt);
+    huge["memory_mib"] = json!(u64::MAX);
+    let (status, e) = agent.call("PUT", "/vms/huge", Some(&huge));
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains(&format!("{} MiB", u64::MAX)), "{e}");
     assert_eq!(
         agent
             .call("PUT", "/vms/b", Some(&agent.spec(Guest::Halt)))
@@ -668,6 +674,32 @@ fn disks_are_hot_attached_and_detached_on_a_running_vm() {
     let (status, e) = agent.call("PUT", "/vms/h/disks/again", Some(&attach));
     assert_eq!(status, 409, "{e}");
     assert!(error(&e).contains("already attached"), "{e}");
+    // What the VMM refuses as a bad disk is the caller's to fix (400, not 502), and
+    // leaves nothing behind: here a "qcow2" file that is not one, and an iSCSI LUN whose
+    // portal does not answer, whose CHAP secret the agent had already written.
+    let not_qcow2 = agent.dir.path().join("zeros.qcow2");
+    std::fs::write(&not_qcow2, vec![0u8; 1 << 16]).unwrap();
+    let fake = json!({"source": {"file": {"path": not_qcow2, "format": "qcow2"}}});
+    let (status, e) = agent.call("PUT", "/vms/h/disks/fake", Some(&fake));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("VMM refused"), "{e}");
+    let unreachable = json!({"source": {"iscsi": {
+        "url": "iscsi://carol@127.0.0.1:1/iqn.2026-12.eu.stratuslab:none/1",
+        "chap_secret": "carols-chap-secret", "timeout_secs": 1}}});
+    let (status, e) = agent.call("PUT", "/vms/h/disks/lun", Some(&unreachable));
+    assert_eq!(status, 400, "{e}");
+    let vm_dir = agent.dir.path().join("state/vms/h");
+    assert!(
+        vm_dir.is_dir(),
+        "{} is the VM's directory",
+        vm_dir.display()
+    );
+    assert!(
+        !vm_dir.join("lun.chap").exists(),
+        "a refused disk's CHAP secret stays nowhere on the host"
+    );
+    let (_, vm) = agent.call("GET", "/vms/h", None);
+    assert_eq!(vm["attached"].as_array().unwrap().len(), 1, "{vm}");
     let scratch = json!({"source": {"volatile": {"size_gib": 2}}});
     let (status, vm) = agent.call("PUT", "/vms/h/disks/scratch", Some(&scratch));
     assert_eq!(status, 201, "{vm}");
@@ -1035,6 +1067,26 @@ fn the_context_disk_is_made_on_the_node_and_attached_read_only() {
     assert_eq!(status, 400, "{e}");
 }
 
+/// A Marketplace stand-in on loopback that answers every request with `status` and `body`;
+/// returns its base URL.
+fn answering_server(status: &'static str, body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    format!("http://{addr}")
+}
+
 /// A bootable disk image (a bare ext4 filesystem with the tiny guest as its kernel) and its
 /// Marketplace entry, with a file:// location.
 fn marketplace_image(dir: &Path) -> Value {
@@ -1309,6 +1361,22 @@ fn images_are_prefetched_listed_and_removed_only_when_no_vm_needs_them() {
             json!({"url": "http://127.0.0.1:1/metadata"}),
             502,
             "cannot fetch",
+        ),
+        (json!({"url": "not a url"}), 400, "is not a URL"),
+        (
+            json!({"url": format!("{}/metadata/none", answering_server("404 Not Found", "{\"error\": \"no such entry\"}"))}),
+            404,
+            "has no such entry",
+        ),
+        (
+            json!({"url": format!("{}/metadata?identifier=x", answering_server("200 OK", "[]"))}),
+            404,
+            "has no such entry",
+        ),
+        (
+            json!({"url": answering_server("200 OK", "{\"identifier\": 7}")}),
+            502,
+            "not a valid Marketplace entry",
         ),
         (
             json!({"entry": entry, "url": "http://x"}),

@@ -151,6 +151,7 @@ impl From<VmError> for Refusal {
             | VmError::NoCapacity { .. }
             | VmError::WrongState { .. } => StatusCode::CONFLICT,
             VmError::Vmm(v) if v.is_conflict() => StatusCode::CONFLICT,
+            VmError::Vmm(v) if v.is_bad_request() => StatusCode::BAD_REQUEST,
             VmError::Network(NetworkError::Unknown(..) | NetworkError::BadNic { .. }) => {
                 StatusCode::BAD_REQUEST
             }
@@ -182,8 +183,10 @@ impl From<VmError> for Refusal {
 impl From<ImageError> for Refusal {
     fn from(e: ImageError) -> Self {
         let status = match &e {
-            ImageError::BadIdentifier(_) | ImageError::NoMarketplace => StatusCode::BAD_REQUEST,
-            ImageError::NotFound(_) => StatusCode::NOT_FOUND,
+            ImageError::BadIdentifier(_)
+            | ImageError::NoMarketplace
+            | ImageError::EntryUrl { .. } => StatusCode::BAD_REQUEST,
+            ImageError::NotFound(_) | ImageError::NoEntry { .. } => StatusCode::NOT_FOUND,
             ImageError::InUse { .. } | ImageError::Downloading(_) => StatusCode::CONFLICT,
             ImageError::Entry { .. } => StatusCode::BAD_GATEWAY,
             ImageError::Image(stratus_images::Error::InvalidMetadata(_)) => StatusCode::BAD_REQUEST,
@@ -531,7 +534,9 @@ async fn get_image(
 #[utoipa::path(post, path = "/images", request_body = PrefetchRequest,
     responses((status = 202, description = "on its way", body = ImageInfo),
         (status = 200, description = "cached already", body = ImageInfo),
-        (status = 400, body = ErrorBody), (status = 502, body = ErrorBody)))]
+        (status = 400, body = ErrorBody),
+        (status = 404, description = "the Marketplace has no such entry", body = ErrorBody),
+        (status = 502, body = ErrorBody)))]
 async fn prefetch_image(
     State(state): State<Arc<AppState>>,
     body: Body,

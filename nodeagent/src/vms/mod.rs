@@ -796,8 +796,9 @@ impl VmManager {
     fn allocated(vms: &BTreeMap<String, Arc<Vm>>) -> (u64, u64) {
         vms.values()
             .filter(|vm| vm.state().is_active())
-            .fold((0, 0), |(cpu, mem), vm| {
-                (cpu + u64::from(vm.spec.vcpus), mem + vm.spec.memory_mib)
+            .fold((0u64, 0u64), |(cpu, mem), vm| {
+                let cpu = cpu.saturating_add(u64::from(vm.spec.vcpus));
+                (cpu, mem.saturating_add(vm.spec.memory_mib))
             })
     }
 
@@ -830,7 +831,10 @@ impl VmManager {
             let (cpu_used, mem_used) = Self::allocated(&vms);
             let (cpu, memory_mib) = (u64::from(spec.vcpus), spec.memory_mib);
             let cap = self.capacity;
-            if cpu_used + cpu > cap.cpu_total || mem_used + memory_mib > cap.memory_total_mib {
+            // memory_mib has no upper bound of its own: a huge one must not wrap around.
+            if cpu_used.saturating_add(cpu) > cap.cpu_total
+                || mem_used.saturating_add(memory_mib) > cap.memory_total_mib
+            {
                 return Err(VmError::NoCapacity {
                     cpu,
                     memory_mib,
@@ -1370,19 +1374,39 @@ impl VmManager {
                 vm.id, disk.id
             )));
         }
-        let mut config = self.block_config(vm, &disk).await?;
-        if let Some(uid) = vm.jail_uid.get() {
-            self.show_to_jail(vm, *uid, &disk, &mut config).await?;
-        }
-        if let Err(e) = vm.client().add_disk(&config).await {
-            if matches!(disk.source, DiskSource::Volatile { .. }) {
-                let _ = std::fs::remove_file(vm.volatile_path(&disk.id));
+        let plugged = async {
+            let mut config = self.block_config(vm, &disk).await?;
+            if let Some(uid) = vm.jail_uid.get() {
+                self.show_to_jail(vm, *uid, &disk, &mut config).await?;
             }
-            return Err(e.into());
+            vm.client().add_disk(&config).await?;
+            Ok::<_, VmError>(())
+        };
+        if let Err(e) = plugged.await {
+            // A refused disk leaves nothing behind: no scratch file, no copy of a secret.
+            Self::forget_disk_files(vm, &disk);
+            return Err(e);
         }
         vm.status().attached.push(disk);
         self.save(vm);
         Ok(self.info(vm).await)
+    }
+
+    /// Removes what the agent made on the host for a hot-plugged disk the VM no longer has
+    /// (detached, or refused): its volatile file and every copy of its secrets, none of
+    /// which may stay on the host.
+    fn forget_disk_files(vm: &Vm, disk: &DiskSpec) {
+        if matches!(disk.source, DiskSource::Volatile { .. }) {
+            let _ = std::fs::remove_file(vm.volatile_path(&disk.id));
+        }
+        let _ = std::fs::remove_file(vm.dir.join(format!("{}.chap", disk.id)));
+        for kind in ["secret", "keyring", "conf"] {
+            let copy = vm
+                .vmm_dir()
+                .join("secrets")
+                .join(format!("{}.{kind}", disk.id));
+            let _ = std::fs::remove_file(copy);
+        }
     }
 
     /// Makes a hot-plugged disk reachable in the VM's running jail: a file or device is
@@ -1501,18 +1525,7 @@ impl VmManager {
             )));
         }
         vm.status().attached.retain(|d| d.id != disk_id);
-        if matches!(disk.source, DiskSource::Volatile { .. }) {
-            let _ = std::fs::remove_file(vm.volatile_path(disk_id));
-        }
-        // A detached disk's secrets are of no more use here: none stays on the host.
-        let _ = std::fs::remove_file(vm.dir.join(format!("{disk_id}.chap")));
-        for kind in ["secret", "keyring", "conf"] {
-            let copy = vm
-                .vmm_dir()
-                .join("secrets")
-                .join(format!("{disk_id}.{kind}"));
-            let _ = std::fs::remove_file(copy);
-        }
+        Self::forget_disk_files(vm, &disk);
         self.save(vm);
         Ok(self.info(vm).await)
     }
