@@ -529,6 +529,13 @@ fn bad_requests_are_refused_before_anything_is_done() {
     assert_eq!(list["vms"], json!([]));
     let (status, e) = agent.call("GET", "/nowhere", None);
     assert_eq!(status, 404, "{e}");
+    // axum's own rejection (a path that is not UTF-8) comes in the API's error shape too.
+    let (status, e) = agent.call("GET", "/vms/%FF", None);
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        error(&e).contains("UTF-8") || error(&e).contains("\\xFF"),
+        "{e}"
+    );
     let (status, doc) = agent.call("GET", "/openapi.json", None);
     assert_eq!(status, 200);
     assert!(doc["paths"]["/vms/{id}"]["put"].is_object(), "{doc}");

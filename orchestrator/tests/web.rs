@@ -501,6 +501,23 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         let (_, views) = cloud.admin("GET", "/nodes", None);
         assert_eq!(views[0]["state"], state);
     }
+    // A form the handler cannot read (the state twice) and a path that is not UTF-8 are
+    // shown as the console's error page with axum's reason, not as plain text.
+    let unreadable = admin.post(
+        "/ui/admin/nodes/node-a/state",
+        &[("state", "disabled"), ("state", "maintenance")],
+    );
+    assert_eq!(unreadable.status, 422, "{}", unreadable.text());
+    let reason = element_text(&unreadable.text(), "error").expect("the error page");
+    assert!(reason.contains("duplicate field `state`"), "{reason}");
+    let not_utf8 = admin.get("/ui/instances/%FF");
+    assert_eq!(not_utf8.status, 400, "{}", not_utf8.text());
+    assert!(
+        element_text(&not_utf8.text(), "error").is_some(),
+        "{}",
+        not_utf8.text()
+    );
+    assert_eq!(cloud.admin("GET", "/nodes", None).1[0]["state"], "enabled");
     let (status, api) = cloud.admin(
         "POST",
         "/users",

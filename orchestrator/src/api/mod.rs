@@ -156,6 +156,9 @@ pub fn router(cloud: Arc<Cloud>) -> Router {
         )
         .route("/cimi/job", get(cimi::jobs_collection))
         .route("/cimi/job/{id}", get(cimi::one_job))
+        .layer(middleware::map_response(
+            stratus_vmm::api::json_error_bodies,
+        ))
         .layer(middleware::from_fn_with_state(cloud.clone(), authenticate));
     Router::new()
         .route("/openapi.json", get(openapi))

@@ -237,8 +237,29 @@ async fn logged_in(State(cloud): State<Arc<Cloud>>, request: Request, next: Next
         }
     };
     let mut request = request;
-    request.extensions_mut().insert(user);
-    next.run(request).await
+    request.extensions_mut().insert(user.clone());
+    plain_errors_as_pages(&user, next.run(request).await).await
+}
+
+/// What axum answers by itself — a form or query a handler cannot read, a path that is
+/// not UTF-8 — is plain text; the console shows it as its own error page instead.
+async fn plain_errors_as_pages(user: &WebUser, response: Response) -> Response {
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_none_or(|v| v.as_bytes().starts_with(b"text/plain"));
+    if !plain || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = to_bytes(response.into_body(), MAX_FORM)
+        .await
+        .unwrap_or_default();
+    let reason = match std::str::from_utf8(&text).map(str::trim) {
+        Ok(text) if !text.is_empty() => text.to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    refused(user, Refusal::new(status, reason))
 }
 
 fn to_login(request: &Request) -> Response {

@@ -424,7 +424,38 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/vm/nets/{id}", patch(patch_net).delete(delete_net))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        .layer(axum::middleware::map_response(json_error_bodies))
         .with_state(state)
+}
+
+/// What axum answers by itself (an extractor's rejection, as for a path that is not
+/// UTF-8) is plain text; every Stratus API answers errors as `{"error": reason}`, which
+/// its clients parse. Layered on the API routers of the VMM, the node agent and the
+/// orchestrator (not on the web console, whose errors are pages).
+pub async fn json_error_bodies(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let reason = match std::str::from_utf8(&text).map(str::trim) {
+        Ok(text) if !text.is_empty() => text.to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let mut answer = json(status, &ErrorBody { error: reason });
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name, value.clone());
+        }
+    }
+    answer
 }
 
 fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
@@ -779,6 +810,55 @@ mod tests {
         let patch: RateLimitPatch = serde_json::from_str(r#"{"bytes_per_sec": 0}"#).unwrap();
         assert!(patch.apply(now).unwrap_err().contains("0 is not allowed"));
         assert!(serde_json::from_str::<RateLimitPatch>(r#"{"iops": 1}"#).is_err());
+    }
+
+    #[test]
+    fn axums_own_plain_errors_are_answered_in_the_api_error_shape() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let through = |response: Response| {
+            runtime.block_on(async {
+                let answer = json_error_bodies(response).await;
+                let status = answer.status();
+                let headers = answer.headers().clone();
+                let body = axum::body::to_bytes(answer.into_body(), MAX_BODY)
+                    .await
+                    .unwrap();
+                (status, headers, body)
+            })
+        };
+        let rejection = (
+            StatusCode::BAD_REQUEST,
+            [(header::ALLOW, "GET")],
+            "Invalid URL: Cannot parse `\\xFF` to a `String`",
+        )
+            .into_response();
+        let (status, headers, body) = through(rejection);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(headers[header::ALLOW], "GET", "other headers are kept");
+        let error: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            error.error,
+            "Invalid URL: Cannot parse `\\xFF` to a `String`"
+        );
+        // An empty one gets its status's reason.
+        let (_, _, body) = through(StatusCode::METHOD_NOT_ALLOWED.into_response());
+        let error: ErrorBody = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error.error, "Method Not Allowed");
+        // Our own JSON errors and every success pass untouched.
+        let ours = Refusal::new(StatusCode::CONFLICT, "busy").into_response();
+        let (status, _, body) = through(ours);
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::CONFLICT, &br#"{"error":"busy"}"#[..])
+        );
+        let (status, _, body) = through((StatusCode::OK, "plain and fine").into_response());
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::OK, &b"plain and fine"[..])
+        );
     }
 
     #[test]
