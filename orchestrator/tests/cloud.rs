@@ -412,6 +412,28 @@ fn quotas_and_bad_requests(backend: Backend) {
             400,
             "unknown context method",
         ),
+        // What the node's contextualizer would refuse is refused before the 201.
+        (
+            json!({"image": image, "context": {"my-key": "x"}}),
+            400,
+            "invalid context key `my-key`",
+        ),
+        (
+            json!({"image": image, "context": {"PATH": "/tmp"}}),
+            400,
+            "PATH",
+        ),
+        (
+            json!({"image": image, "context": {"Key": "a", "KEY": "b"}}),
+            400,
+            "given twice",
+        ),
+        (
+            json!({"image": image, "name": "my_vm"}),
+            400,
+            "the guest's hostname",
+        ),
+        (json!({"image": image, "name": "-lead"}), 400, "-lead"),
         (
             json!({"image": image, "requirements": "cpu_free >> 2"}),
             400,
@@ -448,6 +470,13 @@ fn quotas_and_bad_requests(backend: Backend) {
     assert_eq!((status, error(&e)), (400, "'abc' is not a VM id"));
     let (status, e) = cloud.call_as(carol, "GET", "/vms/999", None);
     assert_eq!((status, error(&e)), (404, "no VM 999"));
+    // axum's own rejection of a path that is not UTF-8 comes in the API's error shape.
+    let (status, e) = cloud.call_as(carol, "GET", "/disks/%FF", None);
+    assert_eq!(status, 400, "{e}");
+    assert!(
+        error(&e).contains("UTF-8") || error(&e).contains("\\xFF"),
+        "{e}"
+    );
     let (status, e) = cloud.call_as(carol, "GET", "/nowhere", None);
     assert_eq!(status, 404);
     assert!(error(&e).contains("no endpoint /nowhere"));

@@ -27,7 +27,8 @@ pub struct RunRequest {
     pub ram_mib: Option<u64>,
     #[serde(default)]
     pub swap_mib: Option<u64>,
-    /// Default `one-<id>`, as in StratusLab.
+    /// Also the guest's hostname: letters, digits, '-' and '.'. Default `one-<id>`, as in
+    /// StratusLab.
     #[serde(default)]
     pub name: Option<String>,
     /// The SSH public key put in the context.
