@@ -206,6 +206,119 @@ fn features_without_version_1_are_refused() {
     assert_eq!(status & DEVICE_STATUS_FEATURES_OK, 0);
 }
 
+/// A driver that goes on to DRIVER_OK although the device refused its features (here: no
+/// VERSION_1) must not get a running device with features nobody agreed on.
+#[test]
+fn driver_ok_without_features_ok_does_not_start_the_device() {
+    let mut s = setup();
+    let status = negotiate(&mut s.dev, 0);
+    assert_eq!(status & DEVICE_STATUS_FEATURES_OK, 0);
+    let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x1000), QUEUE_SIZE);
+    w16(&mut s.dev, 0x16, 0);
+    w64(&mut s.dev, 0x20, mock.desc_table_addr().0);
+    w64(&mut s.dev, 0x28, mock.avail_addr().0);
+    w64(&mut s.dev, 0x30, mock.used_addr().0);
+    w16(&mut s.dev, 0x1c, 1);
+    w8(
+        &mut s.dev,
+        0x14,
+        DEVICE_STATUS_ACKNOWLEDGE | DEVICE_STATUS_DRIVER | DEVICE_STATUS_DRIVER_OK,
+    );
+    assert!(!s.dev.is_activated());
+    assert_ne!(r8(&mut s.dev, 0x14) & DEVICE_STATUS_NEEDS_RESET, 0);
+    // A reset and a proper negotiation start it as usual.
+    w8(&mut s.dev, 0x14, 0);
+    assert_ne!(negotiate(&mut s.dev, 1) & DEVICE_STATUS_FEATURES_OK, 0);
+    w16(&mut s.dev, 0x16, 0);
+    w64(&mut s.dev, 0x20, mock.desc_table_addr().0);
+    w64(&mut s.dev, 0x28, mock.avail_addr().0);
+    w64(&mut s.dev, 0x30, mock.used_addr().0);
+    w16(&mut s.dev, 0x1c, 1);
+    w8(
+        &mut s.dev,
+        0x14,
+        DEVICE_STATUS_ACKNOWLEDGE
+            | DEVICE_STATUS_DRIVER
+            | DEVICE_STATUS_FEATURES_OK
+            | DEVICE_STATUS_DRIVER_OK,
+    );
+    assert!(s.dev.is_activated());
+}
+
+/// A device that starts something, then fails to activate (as a net device whose second
+/// queue pair's worker cannot be spawned); `running` says whether what it started still
+/// runs.
+struct HalfStarting {
+    running: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl VirtioDevice for HalfStarting {
+    fn device_type(&self) -> u32 {
+        2
+    }
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+    fn available_features(&self) -> u64 {
+        (1 << 32) | (1 << 9)
+    }
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn activate(&mut self, _ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Err(ActivateError::QueueCount {
+            enabled: 1,
+            needed: 2,
+        })
+    }
+    fn reset(&mut self) {
+        self.running
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Regression: a device that failed partway through activation kept what it had started
+/// (the transport reset only activated devices), and a second DRIVER_OK started more.
+#[test]
+fn a_device_that_fails_to_activate_is_reset_at_once() {
+    let s = setup();
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let device = HalfStarting {
+        running: running.clone(),
+    };
+    let mut dev = VirtioPciDevice::new(
+        Box::new(device),
+        s.mem.clone(),
+        s.msix.clone(),
+        0xc000_0000,
+        None,
+    )
+    .unwrap();
+    assert_ne!(negotiate(&mut dev, 1) & DEVICE_STATUS_FEATURES_OK, 0);
+    let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x1000), QUEUE_SIZE);
+    w16(&mut dev, 0x16, 0);
+    w64(&mut dev, 0x20, mock.desc_table_addr().0);
+    w64(&mut dev, 0x28, mock.avail_addr().0);
+    w64(&mut dev, 0x30, mock.used_addr().0);
+    w16(&mut dev, 0x1c, 1);
+    w8(
+        &mut dev,
+        0x14,
+        DEVICE_STATUS_ACKNOWLEDGE
+            | DEVICE_STATUS_DRIVER
+            | DEVICE_STATUS_FEATURES_OK
+            | DEVICE_STATUS_DRIVER_OK,
+    );
+    assert!(!dev.is_activated());
+    assert_ne!(r8(&mut dev, 0x14) & DEVICE_STATUS_NEEDS_RESET, 0);
+    assert!(
+        !running.load(std::sync::atomic::Ordering::SeqCst),
+        "what the device started before failing still runs"
+    );
+}
+
 #[test]
 fn pci_cfg_capability_window_reads_bar0() {
     let mut s = setup();

@@ -381,6 +381,13 @@ impl VirtioPciDevice {
         }
         self.status = status;
         if newly_set & DEVICE_STATUS_DRIVER_OK != 0 && !self.activated {
+            if status & DEVICE_STATUS_FEATURES_OK == 0 {
+                // No feature set was agreed (none offered, or ours refused): running now
+                // would serve features the device never accepted.
+                tracing::debug!("virtio: DRIVER_OK without FEATURES_OK; device needs reset");
+                self.status |= DEVICE_STATUS_NEEDS_RESET;
+                return;
+            }
             self.activate();
         }
     }
@@ -429,6 +436,10 @@ impl VirtioPciDevice {
             Ok(()) => self.activated = true,
             Err(e) => {
                 tracing::error!("cannot activate virtio device: {e}");
+                // What the device started before it failed (a net device's first queue
+                // pairs' workers) stops now: the transport's own reset only resets an
+                // activated device, and a second DRIVER_OK would start it all again.
+                self.device.reset();
                 self.status |= DEVICE_STATUS_NEEDS_RESET;
             }
         }

@@ -509,6 +509,10 @@ impl Qcow2Io {
                 _ => image.access.ensure_data_mapping(at, total - done, true)?,
             };
             let len = len.min(total - done);
+            if len == 0 {
+                // As in read: a mapping that covers nothing would never end the loop.
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
             let file = image.file_index(storage)?;
             self.start_transfer(slot, file, host, slice_iovecs(iovecs, done, len), true)?;
             done += len;
