@@ -87,6 +87,14 @@ pub fn enable_notification_checked(queue: &mut Queue, mem: &GuestMemoryMmap) -> 
     queue.enable_notification(mem).unwrap_or(false) && queue.iter(mem).is_ok()
 }
 
+/// Whether the driver made buffers available that the device has not taken yet: what a
+/// polling worker looks at instead of waiting for a kick.
+pub fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    queue
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|idx| idx != std::num::Wrapping(queue.next_avail()))
+}
+
 /// An interrupt line nobody listens to, for device tests that drive a worker directly.
 #[cfg(test)]
 pub(crate) struct NoInterrupt;

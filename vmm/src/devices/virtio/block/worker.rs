@@ -3,9 +3,7 @@
 //! engine in place; with cache=none, buffers that break O_DIRECT's alignment go through an
 //! aligned bounce buffer instead.
 
-use std::num::Wrapping;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +17,10 @@ use super::io::{AsyncIo, Completion, DiskFile, DiskOp};
 use super::request::{parse, write_device_id, Request, RequestKind, SectorRange};
 use super::{SECTOR_SHIFT, SIZE_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use crate::devices::rate_limiter::RateLimiter;
-use crate::devices::virtio::worker::{run_worker, Throttle, WorkerEpoll, WorkerHandler};
-use crate::devices::virtio::{enable_notification_checked, VirtioInterrupt, VirtioInterruptType};
+use crate::devices::virtio::worker::{run_worker, Polling, Throttle, WorkerEpoll, WorkerHandler};
+use crate::devices::virtio::{
+    enable_notification_checked, has_available, VirtioInterrupt, VirtioInterruptType,
+};
 use crate::memory::GuestMemoryMmap;
 
 fn range_bytes(range: SectorRange) -> (u64, u64) {
@@ -163,11 +163,9 @@ pub struct QueueWorker {
     throttle: Throttle,
     throttled: bool,
     counters: Arc<BlockCounters>,
-    /// Current polling window (see POLL_WINDOW); zero while polling does not pay.
-    poll_window: Duration,
-    /// False on a single-CPU host, where spinning only takes time from the vCPUs, and for
-    /// engines that need the CPU themselves (`AsyncIo::spinning_helps`).
-    polling_allowed: bool,
+    /// Spinning for completions and requests before sleeping; never for engines that
+    /// need the CPU themselves (`AsyncIo::spinning_helps`).
+    polling: Polling,
     /// Bounce buffer bytes held by requests in flight.
     bounce_bytes: usize,
     /// A request waits in the ring for bounce budget.
@@ -175,18 +173,6 @@ pub struct QueueWorker {
     /// Budget came back while a request waited: take requests again.
     retry_queue: bool,
 }
-
-/// How long a worker keeps looking for disk completions and new requests before it goes
-/// to sleep in epoll. A completion and the guest's next request usually come within tens
-/// of microseconds; catching them here saves the thread a sleep and a wake-up each, which
-/// is most of a request's cost at low queue depth. (QEMU's event loop polls the same way.)
-/// The window adapts, as QEMU's does: it halves after a poll that found nothing (down to
-/// zero, no polling) and doubles when the worker is woken soon after going to sleep.
-const POLL_WINDOW: Duration = Duration::from_micros(50);
-const POLL_WINDOW_MIN: Duration = Duration::from_micros(4);
-/// Longest stretch spent polling without passing through epoll, so the kill, throttle and
-/// limit events are never starved by a busy queue.
-const POLL_MAX: Duration = Duration::from_micros(500);
 
 /// How long a reset or shutdown waits for in-flight I/O before the engine gives up on it
 /// (a network disk whose target is gone would otherwise hold it for its whole timeout).
@@ -217,8 +203,7 @@ impl QueueWorker {
     /// Fails only when the host is out of eventfds or timerfds.
     pub fn new(parts: QueueWorkerParts) -> std::io::Result<Self> {
         let throttle = Throttle::new(parts.limiter.iter())?;
-        let polling_allowed = parts.engine.spinning_helps()
-            && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let polling = Polling::new(parts.engine.spinning_helps());
         Ok(QueueWorker {
             mem: parts.mem,
             disk: parts.disk,
@@ -236,8 +221,7 @@ impl QueueWorker {
             throttle,
             throttled: false,
             counters: parts.counters,
-            poll_window: Duration::ZERO,
-            polling_allowed,
+            polling,
             bounce_bytes: 0,
             bounce_waiting: false,
             retry_queue: false,
@@ -634,13 +618,8 @@ impl QueueWorker {
     }
 
     fn poll_briefly(&mut self) {
-        if self.poll_window.is_zero() {
-            return;
-        }
-        let start = Instant::now();
-        let mut deadline = start + self.poll_window;
-        let mut paid = false;
-        loop {
+        let mut polling = std::mem::take(&mut self.polling);
+        polling.spin(|| {
             let mut progressed = false;
             if self.in_flight() > 0 {
                 if let Some(completion) = self.engine.next_completion() {
@@ -649,32 +628,13 @@ impl QueueWorker {
                     progressed = true;
                 }
             }
-            if self.taking() && self.has_new_requests() {
+            if self.taking() && has_available(&self.queue, &self.mem) {
                 self.process_queue();
                 progressed = true;
             }
-            let now = Instant::now();
-            if progressed {
-                deadline = now + self.poll_window;
-                paid = true;
-            }
-            if now >= deadline || now - start >= POLL_MAX {
-                if !paid {
-                    self.poll_window /= 2;
-                    if self.poll_window < POLL_WINDOW_MIN {
-                        self.poll_window = Duration::ZERO;
-                    }
-                }
-                return;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    fn has_new_requests(&self) -> bool {
-        self.queue
-            .avail_idx(&self.mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx != Wrapping(self.queue.next_avail()))
+            progressed
+        });
+        self.polling = polling;
     }
 
     /// Waits for every in-flight operation: guest memory must not be written after reset.
@@ -731,11 +691,8 @@ impl WorkerHandler for QueueWorker {
         }
     }
 
-    fn after_events(&mut self, slept: Duration) {
-        // Woken within one full window of going to sleep: polling would have caught it.
-        if self.polling_allowed && slept < POLL_WINDOW {
-            self.poll_window = (self.poll_window * 2).clamp(POLL_WINDOW_MIN, POLL_WINDOW);
-        }
+    fn after_events(&mut self, slept: Duration, _epoll: &WorkerEpoll) {
+        self.polling.woken_after(slept);
         self.poll_briefly();
     }
 
@@ -825,11 +782,11 @@ mod tests {
     fn a_worker_spins_only_for_engines_it_helps_and_with_a_cpu_to_spare() {
         let spare_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
         let (local, _file) = worker_on_scratch(0, |engine| engine);
-        assert_eq!(local.polling_allowed, spare_cpu);
+        assert_eq!(local.polling.allowed(), spare_cpu);
         let (mut rbd_like, _file) = worker_on_scratch(0, |engine| Box::new(NeedsTheCpu(engine)));
-        assert!(!rbd_like.polling_allowed);
+        assert!(!rbd_like.polling.allowed());
         // Woken right after going to sleep, the sign that spinning would have caught it.
-        rbd_like.after_events(Duration::from_micros(1));
-        assert!(rbd_like.poll_window.is_zero());
+        rbd_like.polling.woken_after(Duration::from_micros(1));
+        assert!(rbd_like.polling.window().is_zero());
     }
 }
