@@ -26,6 +26,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -73,6 +74,12 @@ pub enum MarketError {
     UploadsDisabled,
     #[error("cannot read the request body: {0}")]
     Body(#[source] axum::extract::rejection::BytesRejection),
+    #[error("cannot read the query: {0}")]
+    Query(#[source] axum::extract::rejection::QueryRejection),
+    #[error("cannot read the path: {0}")]
+    Path(#[source] axum::extract::rejection::PathRejection),
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     #[error("invalid query parameter {name}='{value}': {reason}")]
     BadQuery {
         name: &'static str,
@@ -100,6 +107,9 @@ impl MarketError {
             MarketError::Unauthorized => StatusCode::UNAUTHORIZED,
             MarketError::UploadsDisabled => StatusCode::FORBIDDEN,
             MarketError::Body(e) => e.status(),
+            MarketError::Query(e) => e.status(),
+            MarketError::Path(e) => e.status(),
+            MarketError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             MarketError::Database { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -654,8 +664,9 @@ async fn post_metadata(
 async fn list_metadata(
     State(market): Shared,
     headers: HeaderMap,
-    Query(q): Query<MetadataQuery>,
+    query: Result<Query<MetadataQuery>, QueryRejection>,
 ) -> Result<Response, MarketError> {
+    let Query(q) = query.map_err(MarketError::Query)?;
     let page = market.store.search(&q, Utc::now()).await?;
     if page.total == 0 {
         return Err(MarketError::NotFound(
@@ -686,8 +697,9 @@ async fn list_metadata(
 async fn get_entry(
     State(market): Shared,
     headers: HeaderMap,
-    Path((identifier, email, created)): Path<(String, String, String)>,
+    path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Response, MarketError> {
+    let Path((identifier, email, created)) = path.map_err(MarketError::Path)?;
     let entry = market.store.get(&identifier, &email, &created).await?;
     Ok(if wants_xml(&headers) {
         xml_response(StatusCode::OK, entry.xml)
@@ -704,6 +716,13 @@ async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> MarketErr
     MarketError::NotFound(format!("no resource {method} {}", uri.path()))
 }
 
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> MarketError {
+    MarketError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
 /// The Marketplace routes over `store`, to serve alone or mount in another router.
 pub fn router(store: Store, uploads: Uploads) -> Router {
     Router::new()
@@ -715,6 +734,7 @@ pub fn router(store: Store, uploads: Uploads) -> Router {
         )
         .route("/metadata/{identifier}/{email}/{created}", get(get_entry))
         .route("/endorsers", get(list_endorsers))
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .with_state(Arc::new(Market { store, uploads }))
 }

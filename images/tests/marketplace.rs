@@ -569,6 +569,22 @@ async fn missing_entries_and_endorser_summaries() {
     let (status, msg) = message(server.get("/no/such/thing", "*/*").await).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(msg.contains("/no/such/thing"), "{msg}");
+    // What axum itself refuses comes in the same JSON shape: a query it cannot read, a
+    // path that is not UTF-8, a method a resource does not have.
+    let (status, msg) = message(server.get("/metadata?q=a&q=b", "*/*").await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("duplicate field `q`"), "{msg}");
+    let (status, msg) = message(server.get("/metadata/%FF/x/y", "*/*").await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("cannot read the path"), "{msg}");
+    let deleted = reqwest::Client::new()
+        .delete(server.url("/endorsers"))
+        .send()
+        .await
+        .unwrap();
+    let (status, msg) = message(deleted).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(msg.contains("DELETE is not allowed on /endorsers"), "{msg}");
 
     let r = server.get("/endorsers", "application/json").await;
     assert_eq!(r.status(), StatusCode::OK);
