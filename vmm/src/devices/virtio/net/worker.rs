@@ -271,6 +271,9 @@ pub struct NetWorker {
     /// otherwise a readable TAP would wake the worker in a loop.
     tap_watched: bool,
     polling: Polling,
+    /// Frames this worker took from the TAP (delivered or dropped), for telling whether a
+    /// poll moved anything: the NIC's counters are shared by all its queue pairs.
+    rx_moved: u64,
     /// While polling, the guest's kicks stay off (EVENT_IDX: the avail event is not moved
     /// on); they are turned back on, with one last look, when polling ends.
     polling_now: bool,
@@ -324,6 +327,7 @@ impl NetWorker {
             tx_throttled: false,
             tap_watched: true,
             polling: Polling::new(true),
+            rx_moved: 0,
             polling_now: false,
         })
     }
@@ -421,8 +425,11 @@ impl NetWorker {
                 self.tx_used = true;
                 consumed += 1;
             }
+            // A throttled chain went back to the ring: enable_notification_checked would
+            // find it again and the loop would spin until the limiter refilled.
             if !self.p.tx.event_idx_enabled()
                 || self.polling_now
+                || self.tx_throttled
                 || !enable_notification_checked(&mut self.p.tx, &self.p.mem)
             {
                 break;
@@ -512,6 +519,7 @@ impl NetWorker {
                 }
             }
         }
+        self.rx_moved += pass.frames + pass.dropped;
         let stats = &self.p.stats;
         pass.add_to(&stats.rx_frames, &stats.rx_bytes, &stats.rx_dropped);
         self.notify();
@@ -722,11 +730,9 @@ impl NetWorker {
         }
         let waiting_for_buffers = self.pending.is_some();
         if !self.rx_throttled && (!waiting_for_buffers || has_available(&self.p.rx, &self.p.mem)) {
-            let (frames, dropped) = (&self.p.stats.rx_frames, &self.p.stats.rx_dropped);
-            let before = frames.load(Ordering::Relaxed) + dropped.load(Ordering::Relaxed);
+            let before = self.rx_moved;
             self.process_rx();
-            let (frames, dropped) = (&self.p.stats.rx_frames, &self.p.stats.rx_dropped);
-            moved |= frames.load(Ordering::Relaxed) + dropped.load(Ordering::Relaxed) != before;
+            moved |= self.rx_moved != before;
         }
         moved
     }
@@ -844,6 +850,104 @@ mod tests {
 
     use crate::devices::virtio::NoInterrupt;
 
+    /// A worker over `rx` and `tx` (queues of `mem`) whose TAP is `tap`'s datagram pair.
+    fn worker_over(
+        mem: &GuestMemoryMmap,
+        [rx, tx]: [Queue; 2],
+        tap: UnixDatagram,
+        tx_limiter: Option<RateLimiter>,
+    ) -> NetWorker {
+        tap.set_nonblocking(true).unwrap();
+        NetWorker::new(NetWorkerParts {
+            mem: mem.clone(),
+            pair: 0,
+            tap: Arc::new(Tap::from_raw_datagram_fd(tap.into_raw_fd(), "test0")),
+            rx,
+            tx,
+            rx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            tx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(NoInterrupt),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            mergeable_rx: true,
+            stats: Arc::default(),
+            rx_limiter: None,
+            tx_limiter,
+            ctrl: None,
+        })
+        .unwrap()
+    }
+
+    /// Queues `count` TX frames (a header and 60 bytes of 0xab each) from `at` onwards;
+    /// returns the payload.
+    fn queue_tx_frames(
+        mem: &GuestMemoryMmap,
+        tx: &MockSplitQueue<GuestMemoryMmap>,
+        at: u64,
+        count: u16,
+    ) -> [u8; 60] {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        let payload = [0xabu8; 60];
+        let len = (VNET_HDR_LEN + payload.len()) as u32;
+        let mut descs = Vec::new();
+        for i in 0..u64::from(count) {
+            let frame_at = at + i * 0x100;
+            mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(frame_at))
+                .unwrap();
+            mem.write_slice(&payload, GuestAddress(frame_at + VNET_HDR_LEN as u64))
+                .unwrap();
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                frame_at, len, 0, 0,
+            )));
+        }
+        tx.add_desc_chains(&descs, 0).unwrap();
+        payload
+    }
+
+    /// Two queues of `mem` with EVENT_IDX, RX at 0 and TX at 0x10000.
+    fn event_idx_queues(
+        mem: &GuestMemoryMmap,
+    ) -> (
+        MockSplitQueue<'_, GuestMemoryMmap>,
+        MockSplitQueue<'_, GuestMemoryMmap>,
+        [Queue; 2],
+    ) {
+        let rx = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x10000), 16);
+        let mut queues: [Queue; 2] = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
+        for queue in &mut queues {
+            queue.set_event_idx(true);
+        }
+        (rx, tx, queues)
+    }
+
+    /// Regression (found in review): with EVENT_IDX, a frame the TX limiter held back went
+    /// back to the ring, was found there again, and the worker spun until the limiter
+    /// refilled instead of leaving it to the throttle timer.
+    #[test]
+    fn a_throttled_tx_frame_waits_for_the_timer_instead_of_spinning() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let (_rx, tx, queues) = event_idx_queues(&mem);
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        let one_frame_a_second = RateLimiter::new(crate::devices::rate_limiter::RateLimit {
+            bytes_per_sec: None,
+            ops_per_sec: Some(1),
+        });
+        let mut worker = worker_over(&mem, queues, ours, Some(one_frame_a_second));
+        queue_tx_frames(&mem, &tx, 0x30000, 2);
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let sent = worker.process_tx();
+            done.send((sent, worker.throttled().1)).unwrap();
+        });
+        let (sent, tx_throttled) = finished.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(sent, 1, "the second frame waits for the limiter's timer");
+        assert!(tx_throttled);
+        let mut got = [0u8; 256];
+        peer.set_nonblocking(true).unwrap();
+        assert!(peer.recv(&mut got).is_ok());
+        assert!(peer.recv(&mut got).is_err(), "one frame only went out");
+    }
+
     #[test]
     fn touching_pieces_become_one_segment_and_gaps_start_a_new_one() {
         let mut area = [0u8; 64];
@@ -864,44 +968,12 @@ mod tests {
     /// wake-up (the guest's kicks are off while it polls); a one-CPU host does not poll.
     #[test]
     fn a_frame_queued_without_a_kick_is_sent_by_polling_after_a_wake_up() {
-        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
-        let rx = MockSplitQueue::create(&mem, GuestAddress(0), 16);
-        let tx = MockSplitQueue::create(&mem, GuestAddress(0x10000), 16);
-        let mut queues: [Queue; 2] = [rx.create_queue().unwrap(), tx.create_queue().unwrap()];
-        for queue in &mut queues {
-            queue.set_event_idx(true);
-        }
+        let (_rx, tx, queues) = event_idx_queues(&mem);
         let (ours, peer) = UnixDatagram::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
-        let [rx_queue, tx_queue] = queues;
-        let mut worker = NetWorker::new(NetWorkerParts {
-            mem: mem.clone(),
-            pair: 0,
-            tap: Arc::new(Tap::from_raw_datagram_fd(ours.into_raw_fd(), "test0")),
-            rx: rx_queue,
-            tx: tx_queue,
-            rx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            tx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(NoInterrupt),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            mergeable_rx: true,
-            stats: Arc::default(),
-            rx_limiter: None,
-            tx_limiter: None,
-            ctrl: None,
-        })
-        .unwrap();
-        let frame_at = 0x30000u64;
-        let payload = [0xabu8; 60];
-        mem.write_slice(&[0u8; VNET_HDR_LEN], GuestAddress(frame_at))
-            .unwrap();
-        mem.write_slice(&payload, GuestAddress(frame_at + VNET_HDR_LEN as u64))
-            .unwrap();
-        let len = (VNET_HDR_LEN + payload.len()) as u32;
-        let desc = RawDescriptor::from(SplitDescriptor::new(frame_at, len, 0, 0));
-        tx.add_desc_chains(&[desc], 0).unwrap();
+        let mut worker = worker_over(&mem, queues, ours, None);
+        let payload = queue_tx_frames(&mem, &tx, 0x30000, 1);
 
         let epoll = WorkerEpoll::new().unwrap();
         // Woken a microsecond after it went to sleep: the sign that polling pays.
@@ -930,26 +1002,8 @@ mod tests {
             mock.avail().idx().store(17);
         }
         let (ours, peer) = UnixDatagram::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
         peer.send(&[0u8; 64]).unwrap();
-        let [rx, tx] = queues;
-        let mut worker = NetWorker::new(NetWorkerParts {
-            mem: mem.clone(),
-            pair: 0,
-            tap: Arc::new(Tap::from_raw_datagram_fd(ours.into_raw_fd(), "test0")),
-            rx,
-            tx,
-            rx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            tx_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(NoInterrupt),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            mergeable_rx: true,
-            stats: Arc::default(),
-            rx_limiter: None,
-            tx_limiter: None,
-            ctrl: None,
-        })
-        .unwrap();
+        let mut worker = worker_over(&mem, queues, ours, None);
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let sent = worker.process_tx();
