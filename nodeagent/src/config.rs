@@ -298,6 +298,17 @@ impl AgentConfig {
             path: path.to_owned(),
             reason,
         };
+        if let Some(endpoint) = &config.marketplace_endpoint {
+            let uri = endpoint.parse::<axum::http::Uri>();
+            let web = uri.as_ref().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+            });
+            if !web {
+                return Err(invalid(format!(
+                    "marketplace_endpoint '{endpoint}' is not an http:// or https:// URL"
+                )));
+            }
+        }
         let c = &config.capacity;
         for (name, ratio) in [
             ("capacity.cpu_overcommit", c.cpu_overcommit),
@@ -426,6 +437,10 @@ mod tests {
             ("state_dir = \"relative\"\n", "state_dir"),
             ("listen = \"nowhere\"\n", "listen"),
             ("colour = \"blue\"\n", "colour"),
+            (
+                "marketplace_endpoint = \"marketplace.example.org\"\n",
+                "marketplace_endpoint 'marketplace.example.org'",
+            ),
         ] {
             let e = AgentConfig::parse(&format!("{base}{extra}"), Path::new("a.toml"))
                 .unwrap_err()

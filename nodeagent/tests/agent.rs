@@ -707,6 +707,22 @@ fn disks_are_hot_attached_and_detached_on_a_running_vm() {
     );
     let (_, vm) = agent.call("GET", "/vms/h", None);
     assert_eq!(vm["attached"].as_array().unwrap().len(), 1, "{vm}");
+    // Two attaches of one id at once: one wins, the other is refused and removes none of
+    // the winner's files.
+    let twin = json!({"source": {"volatile": {"size_gib": 1}}});
+    let mut statuses: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| agent.call("PUT", "/vms/h/disks/twin", Some(&twin)).0))
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    statuses.sort();
+    assert_eq!(statuses, [201, 409]);
+    assert!(
+        vm_dir.join("volatile-twin.img").exists(),
+        "the winner's disk"
+    );
+    assert_eq!(agent.call("DELETE", "/vms/h/disks/twin", None).0, 200);
     let scratch = json!({"source": {"volatile": {"size_gib": 2}}});
     let (status, vm) = agent.call("PUT", "/vms/h/disks/scratch", Some(&scratch));
     assert_eq!(status, 201, "{vm}");

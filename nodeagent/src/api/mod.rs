@@ -547,7 +547,7 @@ async fn prefetch_image(
     let request: PrefetchRequest = read_json(body).await?;
     let entry = match (request.entry, request.url, request.identifier) {
         (Some(entry), None, None) => *entry,
-        (None, Some(url), None) => fetch(url).await?,
+        (None, Some(url), None) => fetch(url).await??,
         (None, None, Some(id)) => {
             if id.parse::<stratus_images::Identifier>().is_err() {
                 return Err(ImageError::BadIdentifier(id).into());
@@ -555,11 +555,18 @@ async fn prefetch_image(
             let Some(endpoint) = &state.marketplace_endpoint else {
                 return Err(ImageError::NoMarketplace.into());
             };
-            fetch(format!(
+            let url = format!(
                 "{}/metadata?identifier={id}",
                 endpoint.trim_end_matches('/')
-            ))
-            .await?
+            );
+            // A URL made from the agent's own configuration is not the caller's mistake.
+            fetch(url).await?.map_err(|e| match e {
+                ImageError::EntryUrl { url, source } => ImageError::Entry {
+                    url,
+                    reason: format!("the agent's marketplace_endpoint is not a URL: {source}"),
+                },
+                e => e,
+            })?
         }
         _ => {
             return Err(Refusal::new(
@@ -579,11 +586,11 @@ async fn prefetch_image(
     Ok(json(status, &info))
 }
 
-async fn fetch(url: String) -> Result<stratus_images::Metadata, Refusal> {
+/// The entry at `url`; the outer error is the blocking task's, the inner the fetch's.
+async fn fetch(url: String) -> Result<Result<stratus_images::Metadata, ImageError>, Refusal> {
     tokio::task::spawn_blocking(move || crate::images::fetch_entry(&url))
         .await
-        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(Refusal::from)
+        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// Removes an image no VM needs (and its extracted kernel and initrd).

@@ -112,6 +112,9 @@ struct Status {
     stop_requested: bool,
     /// Disks hot-plugged since creation.
     attached: Vec<DiskSpec>,
+    /// Disk ids being hot-plugged now: a second attach of the same id is refused rather
+    /// than sharing (and, on failure, deleting) the first one's files.
+    attaching: std::collections::BTreeSet<String>,
 }
 
 pub struct Vm {
@@ -683,6 +686,7 @@ impl VmManager {
             restarts: record.restarts,
             stop_requested: false,
             attached: record.attached.clone(),
+            attaching: Default::default(),
         };
         let vm = self.new_vm(
             &record.id,
@@ -852,6 +856,7 @@ impl VmManager {
                 restarts: 0,
                 stop_requested: false,
                 attached: Vec::new(),
+                attaching: Default::default(),
             };
             let vm = self.new_vm(id, spec, status, chrono::Utc::now(), None);
             vms.insert(id.to_owned(), vm.clone());
@@ -1362,17 +1367,20 @@ impl VmManager {
     pub async fn attach(&self, vm: &Arc<Vm>, disk: DiskSpec) -> Result<VmInfo, VmError> {
         Self::require_active(vm, "only a running VM takes a disk")?;
         validate_disk(&disk)?;
-        let taken = vm
-            .spec
-            .disks
-            .iter()
-            .chain(vm.status().attached.iter())
-            .any(|d| d.id == disk.id);
-        if taken {
-            return Err(VmError::DiskConflict(format!(
-                "VM '{}' already has a disk '{}'",
-                vm.id, disk.id
-            )));
+        {
+            let mut status = vm.status();
+            let taken = vm
+                .spec
+                .disks
+                .iter()
+                .chain(status.attached.iter())
+                .any(|d| d.id == disk.id);
+            if taken || !status.attaching.insert(disk.id.clone()) {
+                return Err(VmError::DiskConflict(format!(
+                    "VM '{}' already has a disk '{}'",
+                    vm.id, disk.id
+                )));
+            }
         }
         let plugged = async {
             let mut config = self.block_config(vm, &disk).await?;
@@ -1382,12 +1390,20 @@ impl VmManager {
             vm.client().add_disk(&config).await?;
             Ok::<_, VmError>(())
         };
-        if let Err(e) = plugged.await {
+        let plugged = plugged.await;
+        if plugged.is_err() {
             // A refused disk leaves nothing behind: no scratch file, no copy of a secret.
+            // Removed while the id is still reserved, so no new attempt's files go too.
             Self::forget_disk_files(vm, &disk);
-            return Err(e);
         }
-        vm.status().attached.push(disk);
+        {
+            let mut status = vm.status();
+            status.attaching.remove(&disk.id);
+            if plugged.is_ok() {
+                status.attached.push(disk);
+            }
+        }
+        plugged?;
         self.save(vm);
         Ok(self.info(vm).await)
     }
