@@ -162,6 +162,24 @@ fn negotiate(dev: &mut VirtioPciDevice, accept_hi: u32) -> u8 {
     r8(dev, 0x14)
 }
 
+/// Points queue 0 at `mock`'s rings and enables it.
+fn enable_queue_0(dev: &mut VirtioPciDevice, mock: &MockSplitQueue<GuestMemoryMmap>) {
+    w16(dev, 0x16, 0);
+    w64(dev, 0x20, mock.desc_table_addr().0);
+    w64(dev, 0x28, mock.avail_addr().0);
+    w64(dev, 0x30, mock.used_addr().0);
+    w16(dev, 0x1c, 1);
+}
+
+/// The driver says it is ready, having negotiated features.
+fn driver_ok(dev: &mut VirtioPciDevice) {
+    let ready = DEVICE_STATUS_ACKNOWLEDGE
+        | DEVICE_STATUS_DRIVER
+        | DEVICE_STATUS_FEATURES_OK
+        | DEVICE_STATUS_DRIVER_OK;
+    w8(dev, 0x14, ready);
+}
+
 #[test]
 fn capabilities_describe_bar0_regions() {
     let mut s = setup();
@@ -214,11 +232,7 @@ fn driver_ok_without_features_ok_does_not_start_the_device() {
     let status = negotiate(&mut s.dev, 0);
     assert_eq!(status & DEVICE_STATUS_FEATURES_OK, 0);
     let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x1000), QUEUE_SIZE);
-    w16(&mut s.dev, 0x16, 0);
-    w64(&mut s.dev, 0x20, mock.desc_table_addr().0);
-    w64(&mut s.dev, 0x28, mock.avail_addr().0);
-    w64(&mut s.dev, 0x30, mock.used_addr().0);
-    w16(&mut s.dev, 0x1c, 1);
+    enable_queue_0(&mut s.dev, &mock);
     w8(
         &mut s.dev,
         0x14,
@@ -229,19 +243,8 @@ fn driver_ok_without_features_ok_does_not_start_the_device() {
     // A reset and a proper negotiation start it as usual.
     w8(&mut s.dev, 0x14, 0);
     assert_ne!(negotiate(&mut s.dev, 1) & DEVICE_STATUS_FEATURES_OK, 0);
-    w16(&mut s.dev, 0x16, 0);
-    w64(&mut s.dev, 0x20, mock.desc_table_addr().0);
-    w64(&mut s.dev, 0x28, mock.avail_addr().0);
-    w64(&mut s.dev, 0x30, mock.used_addr().0);
-    w16(&mut s.dev, 0x1c, 1);
-    w8(
-        &mut s.dev,
-        0x14,
-        DEVICE_STATUS_ACKNOWLEDGE
-            | DEVICE_STATUS_DRIVER
-            | DEVICE_STATUS_FEATURES_OK
-            | DEVICE_STATUS_DRIVER_OK,
-    );
+    enable_queue_0(&mut s.dev, &mock);
+    driver_ok(&mut s.dev);
     assert!(s.dev.is_activated());
 }
 
@@ -298,19 +301,8 @@ fn a_device_that_fails_to_activate_is_reset_at_once() {
     .unwrap();
     assert_ne!(negotiate(&mut dev, 1) & DEVICE_STATUS_FEATURES_OK, 0);
     let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x1000), QUEUE_SIZE);
-    w16(&mut dev, 0x16, 0);
-    w64(&mut dev, 0x20, mock.desc_table_addr().0);
-    w64(&mut dev, 0x28, mock.avail_addr().0);
-    w64(&mut dev, 0x30, mock.used_addr().0);
-    w16(&mut dev, 0x1c, 1);
-    w8(
-        &mut dev,
-        0x14,
-        DEVICE_STATUS_ACKNOWLEDGE
-            | DEVICE_STATUS_DRIVER
-            | DEVICE_STATUS_FEATURES_OK
-            | DEVICE_STATUS_DRIVER_OK,
-    );
+    enable_queue_0(&mut dev, &mock);
+    driver_ok(&mut dev);
     assert!(!dev.is_activated());
     assert_ne!(r8(&mut dev, 0x14) & DEVICE_STATUS_NEEDS_RESET, 0);
     assert!(
@@ -373,19 +365,9 @@ fn driver_sets_up_a_queue_notifies_and_gets_an_msix_completion() {
     w16(&mut s.dev, 0x1a, 1);
     assert_eq!(r16(&mut s.dev, 0x1a), 1);
     let mock = MockSplitQueue::create(&s.mem, GuestAddress(0x1000), QUEUE_SIZE);
-    w64(&mut s.dev, 0x20, mock.desc_table_addr().0);
-    w64(&mut s.dev, 0x28, mock.avail_addr().0);
-    w64(&mut s.dev, 0x30, mock.used_addr().0);
-    w16(&mut s.dev, 0x1c, 1);
+    enable_queue_0(&mut s.dev, &mock);
     assert_eq!(r16(&mut s.dev, 0x1c), 1);
-    w8(
-        &mut s.dev,
-        0x14,
-        DEVICE_STATUS_ACKNOWLEDGE
-            | DEVICE_STATUS_DRIVER
-            | DEVICE_STATUS_FEATURES_OK
-            | DEVICE_STATUS_DRIVER_OK,
-    );
+    driver_ok(&mut s.dev);
     assert_eq!(r8(&mut s.dev, 0x14) & DEVICE_STATUS_NEEDS_RESET, 0);
 
     // A GET_ID request: header, 20-byte buffer, status.
