@@ -547,7 +547,7 @@ async fn prefetch_image(
     let request: PrefetchRequest = read_json(body).await?;
     let entry = match (request.entry, request.url, request.identifier) {
         (Some(entry), None, None) => *entry,
-        (None, Some(url), None) => fetch(url).await??,
+        (None, Some(url), None) => fetch(url).await?,
         (None, None, Some(id)) => {
             if id.parse::<stratus_images::Identifier>().is_err() {
                 return Err(ImageError::BadIdentifier(id).into());
@@ -560,7 +560,7 @@ async fn prefetch_image(
                 endpoint.trim_end_matches('/')
             );
             // A URL made from the agent's own configuration is not the caller's mistake.
-            fetch(url).await?.map_err(|e| match e {
+            fetch(url).await.map_err(|e| match e {
                 ImageError::EntryUrl { url, source } => ImageError::Entry {
                     url,
                     reason: format!("the agent's marketplace_endpoint is not a URL: {source}"),
@@ -586,11 +586,16 @@ async fn prefetch_image(
     Ok(json(status, &info))
 }
 
-/// The entry at `url`; the outer error is the blocking task's, the inner the fetch's.
-async fn fetch(url: String) -> Result<Result<stratus_images::Metadata, ImageError>, Refusal> {
-    tokio::task::spawn_blocking(move || crate::images::fetch_entry(&url))
+async fn fetch(url: String) -> Result<stratus_images::Metadata, ImageError> {
+    let task_url = url.clone();
+    tokio::task::spawn_blocking(move || crate::images::fetch_entry(&task_url))
         .await
-        .map_err(|e| Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        .unwrap_or_else(|e| {
+            Err(ImageError::Entry {
+                url,
+                reason: format!("the fetch stopped: {e}"),
+            })
+        })
 }
 
 /// Removes an image no VM needs (and its extracted kernel and initrd).

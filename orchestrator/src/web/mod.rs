@@ -252,13 +252,7 @@ async fn plain_errors_as_pages(user: &WebUser, response: Response) -> Response {
     if !plain || !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let text = to_bytes(response.into_body(), MAX_FORM)
-        .await
-        .unwrap_or_default();
-    let reason = match std::str::from_utf8(&text).map(str::trim) {
-        Ok(text) if !text.is_empty() => text.to_owned(),
-        _ => status.canonical_reason().unwrap_or("error").to_owned(),
-    };
+    let reason = stratus_vmm::api::error_reason(status, response.into_body()).await;
     refused(user, Refusal::new(status, reason))
 }
 

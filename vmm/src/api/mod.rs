@@ -428,6 +428,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// What an error answer's body says (its trimmed text), or its status's name when it says
+/// nothing readable.
+pub async fn error_reason(status: StatusCode, body: Body) -> String {
+    let text = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .unwrap_or_default();
+    match std::str::from_utf8(&text).map(str::trim) {
+        Ok(text) if !text.is_empty() => text.to_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_owned(),
+    }
+}
+
 /// What axum answers by itself (an extractor's rejection, as for a path that is not
 /// UTF-8) is plain text; every Stratus API answers errors as `{"error": reason}`, which
 /// its clients parse. Layered on the API routers of the VMM, the node agent and the
@@ -442,13 +454,7 @@ pub async fn json_error_bodies(response: Response) -> Response {
         return response;
     }
     let (parts, body) = response.into_parts();
-    let text = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .unwrap_or_default();
-    let reason = match std::str::from_utf8(&text).map(str::trim) {
-        Ok(text) if !text.is_empty() => text.to_owned(),
-        _ => status.canonical_reason().unwrap_or("error").to_owned(),
-    };
+    let reason = error_reason(status, body).await;
     let mut answer = json(status, &ErrorBody { error: reason });
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
