@@ -531,9 +531,10 @@ fn blk(
 
 fn net(runtime_ms: u64, only: Option<&str>, runs: usize, round_trips: u64) -> Result<()> {
     use stratus_benches::net::{
-        enter_private_netns, latency, run_raw, run_stratus, Direction, Job,
+        enter_private_netns, latency, place_threads, run_raw, run_stratus, Direction, Job,
     };
     enter_private_netns()?;
+    place_threads()?;
     let runtime = Duration::from_millis(runtime_ms);
     let rows = [
         (Direction::Tx, 65534usize, "TX 64 KiB TSO"),

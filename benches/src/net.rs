@@ -17,7 +17,7 @@ use stratus_vmm::devices::virtio::net::worker::{NetStats, NetWorker, NetWorkerPa
 use stratus_vmm::devices::virtio::net::{MAX_PACKET_LEN, VNET_HDR_LEN};
 use stratus_vmm::memory::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::blk::{percentile, thread_cpu, EventInterrupt};
@@ -105,6 +105,98 @@ pub fn enter_private_netns() -> Result<()> {
     std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1")
         .context("cannot turn IPv6 off in the benchmark's namespace")?;
     ip(&["link", "set", "lo", "up"])
+}
+
+/// Which CPUs the benchmark's threads run on (see `place_threads`).
+struct Placement {
+    /// The side under test: the raw thread, or the net worker.
+    mover: usize,
+    peer: usize,
+    /// The simulated driver, the guest's vCPU.
+    driver: usize,
+}
+
+static PLACEMENT: std::sync::OnceLock<Option<Placement>> = std::sync::OnceLock::new();
+
+/// With two CPUs or more, the peer gets a CPU of its own and the side under test (the raw
+/// thread, or the net worker) another, the same for both sides; the simulated driver gets a
+/// third when there is one, and shares the worker's otherwise (the VM on one CPU, the
+/// network on the other). Left to the scheduler, the peer and the side under test shared a
+/// CPU in some runs and not in others, and the raw limit alone moved between 3.4 and
+/// 10.9 GiB/s from run to run.
+pub fn place_threads() -> Result<()> {
+    let all = allowed_cpus()?;
+    let placement = match all[..] {
+        [] => bail!("this process may run on no CPU"),
+        [_] => None,
+        [mover, peer] => Some(Placement {
+            mover,
+            peer,
+            driver: mover,
+        }),
+        [mover, driver, peer, ..] => Some(Placement {
+            mover,
+            peer,
+            driver,
+        }),
+    };
+    let _ = PLACEMENT.set(placement);
+    Ok(())
+}
+
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the calling thread.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET only reads the set, at an index below its size.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .collect())
+}
+
+fn pin_current_thread(cpus: &[usize]) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        // SAFETY: `cpu` comes from allowed_cpus, below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is the calling thread.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot move a thread to CPUs {cpus:?}"));
+    }
+    Ok(())
+}
+
+/// Moves the calling thread to the CPUs `pick` chooses, when the host has CPUs to place on.
+fn place(pick: impl Fn(&Placement) -> Vec<usize>) -> Result<()> {
+    match PLACEMENT.get() {
+        Some(Some(placement)) => pin_current_thread(&pick(placement)),
+        _ => Ok(()),
+    }
+}
+
+fn place_peer() -> Result<()> {
+    place(|p| vec![p.peer])
+}
+
+fn place_mover() -> Result<()> {
+    place(|p| vec![p.mover])
+}
+
+fn place_driver() -> Result<()> {
+    place(|p| vec![p.driver])
+}
+
+/// The VM's CPUs (the worker's and the driver's): the worker decides whether to poll by the
+/// CPUs it may use when it is made, and polling is no use when it shares its CPU with the
+/// driver it waits for.
+fn place_vm() -> Result<()> {
+    place(|p| vec![p.mover, p.driver])
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -322,6 +414,7 @@ fn spawn_sink(
     let count = Arc::new(PeerCount::default());
     let counted = count.clone();
     let handle = std::thread::spawn(move || {
+        place_peer()?;
         let mut buf = vec![0u8; MAX_PACKET_LEN];
         while !stop.load(Ordering::Relaxed) {
             if let Some(n) = sock.recv(&mut buf, Duration::from_millis(50))? {
@@ -356,6 +449,7 @@ fn spawn_source(
     let count = Arc::new(PeerCount::default());
     let counted = count.clone();
     let handle = std::thread::spawn(move || {
+        place_peer()?;
         while !stop.load(Ordering::Relaxed) {
             match sock.send(&wire) {
                 Ok(()) => {
@@ -374,6 +468,7 @@ fn spawn_source(
 fn spawn_echo(ifindex: i32, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<Result<()>>> {
     let sock = PacketSocket::open(ifindex, ETHERTYPE_BENCH, false)?;
     Ok(std::thread::spawn(move || {
+        place_peer()?;
         let mut buf = vec![0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
             if let Some(n) = sock.recv(&mut buf, Duration::from_millis(50))? {
@@ -412,6 +507,7 @@ fn current_tid() -> i32 {
 /// The raw limit: a thread that writes the frames to the TAP itself (Tx) or reads them from
 /// it (Rx), with the same peer, from or into as much memory as the guest side uses.
 pub fn run_raw(job: Job) -> Result<Outcome> {
+    place_mover()?;
     let (tap, ifindex) = open_tap()?;
     let stop = Arc::new(AtomicBool::new(false));
     let tid = current_tid();
@@ -508,35 +604,33 @@ impl DriverQueue {
     }
 
     fn write_desc(
-        mem: &GuestMemoryMmap,
+        mem: &DriverMem,
         at: u64,
         addr: u64,
         len: u32,
         flags: u16,
         next: u16,
     ) -> Result<()> {
-        mem.write_obj(addr, GuestAddress(at))?;
-        mem.write_obj(len, GuestAddress(at + 8))?;
-        mem.write_obj(flags, GuestAddress(at + 12))?;
-        mem.write_obj(next, GuestAddress(at + 14))?;
-        Ok(())
+        mem.write(at, addr.to_le())?;
+        mem.write(at + 8, len.to_le())?;
+        mem.write(at + 12, flags.to_le())?;
+        mem.write(at + 14, next.to_le())
     }
 
-    fn push_avail(&mut self, mem: &GuestMemoryMmap, head: u16) -> Result<()> {
+    fn push_avail(&mut self, mem: &DriverMem, head: u16) -> Result<()> {
         let entry = self.base + AVAIL_OFF + 4 + u64::from(self.avail_idx % QUEUE_SIZE) * 2;
-        mem.write_obj(head, GuestAddress(entry))?;
+        mem.write(entry, head.to_le())?;
         self.avail_idx = self.avail_idx.wrapping_add(1);
         Ok(())
     }
 
     /// Publishes the new entries and kicks the device if its avail_event asks for it.
-    fn publish(&mut self, mem: &GuestMemoryMmap) -> Result<()> {
+    fn publish(&mut self, mem: &DriverMem) -> Result<()> {
         fence(Ordering::Release);
-        mem.write_obj(self.avail_idx, GuestAddress(self.base + AVAIL_OFF + 2))?;
+        mem.write(self.base + AVAIL_OFF + 2, self.avail_idx.to_le())?;
         fence(Ordering::SeqCst);
-        let avail_event: u16 = mem.read_obj(GuestAddress(
-            self.base + USED_OFF + 4 + 8 * u64::from(QUEUE_SIZE),
-        ))?;
+        let avail_event =
+            u16::from_le(mem.read(self.base + USED_OFF + 4 + 8 * u64::from(QUEUE_SIZE))?);
         let (new, old) = (self.avail_idx, self.kicked_idx);
         // vring_need_event: the device asked to hear about the entry at avail_event.
         if new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old) {
@@ -547,13 +641,13 @@ impl DriverQueue {
     }
 
     /// Used entries not yet seen: (id, len).
-    fn take_used(&mut self, mem: &GuestMemoryMmap, out: &mut Vec<(u16, u32)>) -> Result<()> {
+    fn take_used(&mut self, mem: &DriverMem, out: &mut Vec<(u16, u32)>) -> Result<()> {
+        let used_idx = u16::from_le(mem.read(self.base + USED_OFF + 2)?);
         fence(Ordering::Acquire);
-        let used_idx: u16 = mem.read_obj(GuestAddress(self.base + USED_OFF + 2))?;
         while self.used_seen != used_idx {
             let elem = self.base + USED_OFF + 4 + u64::from(self.used_seen % QUEUE_SIZE) * 8;
-            let id: u32 = mem.read_obj(GuestAddress(elem))?;
-            let len: u32 = mem.read_obj(GuestAddress(elem + 4))?;
+            let id = u32::from_le(mem.read(elem)?);
+            let len = u32::from_le(mem.read(elem + 4)?);
             out.push((id as u16, len));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
@@ -562,25 +656,75 @@ impl DriverQueue {
 
     /// Asks for an interrupt once `ahead` more entries are used (Linux's
     /// virtqueue_enable_cb_delayed asks at 3/4 of what is outstanding).
-    fn want_interrupt_after(&self, mem: &GuestMemoryMmap, ahead: u16) -> Result<()> {
+    fn want_interrupt_after(&self, mem: &DriverMem, ahead: u16) -> Result<()> {
         let used_event = self.used_seen.wrapping_add(ahead.saturating_sub(1));
-        mem.write_obj(
-            used_event,
-            GuestAddress(self.base + AVAIL_OFF + 4 + 2 * u64::from(QUEUE_SIZE)),
+        mem.write(
+            self.base + AVAIL_OFF + 4 + 2 * u64::from(QUEUE_SIZE),
+            used_event.to_le(),
         )?;
         fence(Ordering::SeqCst);
         Ok(())
     }
 
-    fn pending_used(&self, mem: &GuestMemoryMmap) -> Result<bool> {
-        let used_idx: u16 = mem.read_obj(GuestAddress(self.base + USED_OFF + 2))?;
+    fn pending_used(&self, mem: &DriverMem) -> Result<bool> {
+        let used_idx = u16::from_le(mem.read(self.base + USED_OFF + 2)?);
         Ok(used_idx != self.used_seen)
+    }
+}
+
+/// The simulated driver's view of guest memory: plain loads and stores, as a guest's
+/// driver makes them. Through `vm-memory`'s checked accessors the driver's own cost was
+/// about a tenth of the worker's, on the CPU the two share (see `place_threads`).
+struct DriverMem {
+    host: *mut u8,
+    /// Keeps the mapping `host` points into alive.
+    _mem: GuestMemoryMmap,
+}
+
+impl DriverMem {
+    fn new(mem: &GuestMemoryMmap) -> Result<Self> {
+        let mut slices = GuestMemoryBackend::get_slices(mem, GuestAddress(0), MEM_SIZE);
+        let all = slices
+            .next()
+            .context("the benchmark's guest memory is empty")??;
+        if all.len() != MEM_SIZE {
+            bail!("the benchmark's guest memory is not one mapping");
+        }
+        Ok(DriverMem {
+            host: all.ptr_guard_mut().as_ptr(),
+            _mem: mem.clone(),
+        })
+    }
+
+    fn ptr<T>(&self, at: u64) -> Result<*mut T> {
+        let at = usize::try_from(at)?;
+        if at % std::mem::align_of::<T>() != 0 || at + std::mem::size_of::<T>() > MEM_SIZE {
+            bail!("the simulated driver addressed {at:#x} outside its memory or unaligned");
+        }
+        // SAFETY: `at` plus the object's size is within the MEM_SIZE-byte mapping.
+        Ok(unsafe { self.host.add(at) }.cast())
+    }
+
+    fn read<T: Copy>(&self, at: u64) -> Result<T> {
+        let ptr = self.ptr::<T>(at)?;
+        // SAFETY: `ptr` is aligned and within the mapping `_mem` keeps alive; volatile, as
+        // the worker thread writes the same memory.
+        Ok(unsafe { ptr.read_volatile() })
+    }
+
+    fn write<T>(&self, at: u64, value: T) -> Result<()> {
+        let ptr = self.ptr::<T>(at)?;
+        // SAFETY: as in `read`.
+        unsafe { ptr.write_volatile(value) };
+        Ok(())
     }
 }
 
 /// A net worker on a fresh TAP, running on its own thread.
 struct Device {
     mem: GuestMemoryMmap,
+    /// The driver's view of `mem`.
+    ring: DriverMem,
     rx: DriverQueue,
     tx: DriverQueue,
     irq: EventFd,
@@ -600,6 +744,7 @@ impl Device {
         let irq = EventFd::new(libc::EFD_NONBLOCK)?;
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let stats = Arc::new(NetStats::default());
+        place_vm()?;
         let worker = NetWorker::new(NetWorkerParts {
             mem: mem.clone(),
             pair: 0,
@@ -619,9 +764,13 @@ impl Device {
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
             let _ = tid_tx.send(current_tid());
+            if let Err(e) = place_mover() {
+                eprintln!("{e:#}");
+            }
             worker.run();
         });
         let tid = tid_rx.recv()?;
+        place_driver()?;
         let queue = |base, event| DriverQueue {
             base,
             avail_idx: 0,
@@ -630,6 +779,7 @@ impl Device {
             event,
         };
         Ok(Device {
+            ring: DriverMem::new(&mem)?,
             mem,
             rx: queue(RX_RING, rx_event),
             tx: queue(TX_RING, tx_event),
@@ -654,14 +804,14 @@ impl Device {
         for slot in 0..QUEUE_SIZE {
             self.post_rx(slot, size)?;
         }
-        self.rx.publish(&self.mem)
+        self.rx.publish(&self.ring)
     }
 
     fn post_rx(&mut self, slot: u16, size: u32) -> Result<()> {
         let desc = RX_RING + u64::from(slot) * 16;
         let buffer = RX_BUFFERS + u64::from(slot) * 4096;
-        DriverQueue::write_desc(&self.mem, desc, buffer, size, VRING_DESC_F_WRITE, 0)?;
-        self.rx.push_avail(&self.mem, slot)
+        DriverQueue::write_desc(&self.ring, desc, buffer, size, VRING_DESC_F_WRITE, 0)?;
+        self.rx.push_avail(&self.ring, slot)
     }
 
     /// Lays the frame (after its header) into TX slot `slot` as Linux does: one indirect
@@ -685,7 +835,7 @@ impl Device {
                 (VRING_DESC_F_NEXT, i as u16 + 1)
             };
             DriverQueue::write_desc(
-                &self.mem,
+                &self.ring,
                 table + i as u64 * 16,
                 addr,
                 len as u32,
@@ -696,7 +846,7 @@ impl Device {
         let ring_desc = TX_RING + u64::from(slot) * 16;
         let table_len = (pieces.len() * 16) as u32;
         DriverQueue::write_desc(
-            &self.mem,
+            &self.ring,
             ring_desc,
             table,
             table_len,
@@ -750,13 +900,13 @@ fn stratus_tx(
     let started = Instant::now();
     while started.elapsed() < job.runtime {
         used.clear();
-        dev.tx.take_used(&dev.mem, &mut used)?;
+        dev.tx.take_used(&dev.ring, &mut used)?;
         free.extend(used.iter().map(|&(id, _)| id));
         if free.is_empty() {
             // Ring full: like Linux, stop the queue and ask for an interrupt once most of
             // what is outstanding has gone out.
-            dev.tx.want_interrupt_after(&dev.mem, QUEUE_SIZE * 3 / 4)?;
-            if !dev.tx.pending_used(&dev.mem)? {
+            dev.tx.want_interrupt_after(&dev.ring, QUEUE_SIZE * 3 / 4)?;
+            if !dev.tx.pending_used(&dev.ring)? {
                 dev.wait_interrupt()?;
             }
             continue;
@@ -764,8 +914,8 @@ fn stratus_tx(
         // Linux's start_xmit adds and kicks frame by frame; the kick is skipped while the
         // device is still busy (EVENT_IDX), which is what batches.
         while let Some(slot) = free.pop() {
-            dev.tx.push_avail(&dev.mem, slot)?;
-            dev.tx.publish(&dev.mem)?;
+            dev.tx.push_avail(&dev.ring, slot)?;
+            dev.tx.publish(&dev.ring)?;
         }
     }
     let elapsed = started.elapsed();
@@ -807,10 +957,10 @@ fn stratus_rx(dev: &mut Device, job: &Job, stop: &Arc<AtomicBool>) -> Result<Out
     let (mut frames, mut remaining_buffers) = (0u64, 0u16);
     while started.elapsed() < job.runtime {
         used.clear();
-        dev.rx.take_used(&dev.mem, &mut used)?;
+        dev.rx.take_used(&dev.ring, &mut used)?;
         if used.is_empty() {
-            dev.rx.want_interrupt_after(&dev.mem, 1)?;
-            if !dev.rx.pending_used(&dev.mem)? {
+            dev.rx.want_interrupt_after(&dev.ring, 1)?;
+            if !dev.rx.pending_used(&dev.ring)? {
                 dev.wait_interrupt()?;
             }
             continue;
@@ -818,7 +968,7 @@ fn stratus_rx(dev: &mut Device, job: &Job, stop: &Arc<AtomicBool>) -> Result<Out
         for &(id, len) in &used {
             if remaining_buffers == 0 {
                 let at = RX_BUFFERS + u64::from(id) * 4096 + 10;
-                let num_buffers: u16 = dev.mem.read_obj(GuestAddress(at))?;
+                let num_buffers = u16::from_le(dev.ring.read(at)?);
                 if num_buffers == 0 || len < VNET_HDR_LEN as u32 {
                     bail!("the worker wrote a frame with num_buffers {num_buffers}, length {len}");
                 }
@@ -830,7 +980,7 @@ fn stratus_rx(dev: &mut Device, job: &Job, stop: &Arc<AtomicBool>) -> Result<Out
             }
             dev.post_rx(id, buffer)?;
         }
-        dev.rx.publish(&dev.mem)?;
+        dev.rx.publish(&dev.ring)?;
     }
     let elapsed = started.elapsed();
     let cpu = thread_cpu(dev.tid)? - cpu_before;
@@ -857,6 +1007,7 @@ pub fn latency(raw: bool, rounds: u64) -> Result<Latency> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut samples: Vec<u32> = Vec::with_capacity(rounds as usize);
     if raw {
+        place_mover()?;
         let (tap, ifindex) = open_tap()?;
         let echo = spawn_echo(ifindex, stop.clone())?;
         let iov = [
@@ -893,12 +1044,12 @@ pub fn latency(raw: bool, rounds: u64) -> Result<Latency> {
         let result = (|| -> Result<()> {
             for _ in 0..rounds {
                 let start = Instant::now();
-                dev.rx.want_interrupt_after(&dev.mem, 1)?;
-                dev.tx.push_avail(&dev.mem, 0)?;
-                dev.tx.publish(&dev.mem)?;
+                dev.rx.want_interrupt_after(&dev.ring, 1)?;
+                dev.tx.push_avail(&dev.ring, 0)?;
+                dev.tx.publish(&dev.ring)?;
                 loop {
                     used.clear();
-                    dev.rx.take_used(&dev.mem, &mut used)?;
+                    dev.rx.take_used(&dev.ring, &mut used)?;
                     if !used.is_empty() {
                         break;
                     }
@@ -911,10 +1062,10 @@ pub fn latency(raw: bool, rounds: u64) -> Result<Latency> {
                 for &(id, _) in &used {
                     dev.post_rx(id, 1536)?;
                 }
-                dev.rx.publish(&dev.mem)?;
+                dev.rx.publish(&dev.ring)?;
                 let mut done = Vec::new();
                 while done.is_empty() {
-                    dev.tx.take_used(&dev.mem, &mut done)?;
+                    dev.tx.take_used(&dev.ring, &mut done)?;
                 }
             }
             Ok(())
