@@ -517,6 +517,15 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         "{}",
         not_utf8.text()
     );
+    // A link followed to a form's target: a page says so (not the API's JSON), with `Allow`.
+    let wrong_method = admin.get("/ui/instances/1/kill");
+    assert_eq!(wrong_method.status, 405, "{}", wrong_method.text());
+    let reason = element_text(&wrong_method.text(), "error").expect("the error page");
+    assert!(reason.contains("GET is not allowed"), "{reason}");
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    assert!(wrong_method
+        .header("content-type")
+        .is_some_and(|t| t.starts_with("text/html")));
     assert_eq!(cloud.admin("GET", "/nodes", None).1[0]["state"], "enabled");
     let (status, api) = cloud.admin(
         "POST",

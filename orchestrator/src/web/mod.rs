@@ -75,6 +75,9 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
         .route("/ui/admin/users", get(admin::users).post(admin::add_user))
         .route("/ui/admin/users/{name}/quotas", post(admin::user_quotas))
         .route("/ui/admin/networks", get(admin::networks))
+        // Set before the layer, so that the page middleware sees it and the API's own
+        // (which lists the API's endpoints) does not replace it.
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(cloud.clone(), logged_in));
     Router::new()
         .route("/", get(|| async { Redirect::to("/ui/") }))
@@ -90,6 +93,15 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
         )
         .merge(logged_in)
         .layer(middleware::from_fn(security_headers))
+}
+
+/// A link followed to a form's target, say. Plain text: `logged_in` shows it as a page.
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+        .into_response()
 }
 
 fn asset(content_type: &'static str, bytes: &'static [u8]) -> Response {
