@@ -523,6 +523,10 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     let reason = element_text(&wrong_method.text(), "error").expect("the error page");
     assert!(reason.contains("GET is not allowed"), "{reason}");
     assert_eq!(wrong_method.header("allow"), Some("POST"));
+    let missing = admin.get("/ui/no/such/page");
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    let reason = element_text(&missing.text(), "error").expect("the error page");
+    assert!(reason.contains("/ui/no/such/page"), "{reason}");
     assert!(wrong_method
         .header("content-type")
         .is_some_and(|t| t.starts_with("text/html")));

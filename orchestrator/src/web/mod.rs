@@ -18,7 +18,7 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Extension, Form, Router};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -75,6 +75,8 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
         .route("/ui/admin/users", get(admin::users).post(admin::add_user))
         .route("/ui/admin/users/{name}/quotas", post(admin::user_quotas))
         .route("/ui/admin/networks", get(admin::networks))
+        // Any other console address: a page (the API's fallback answers JSON).
+        .route("/ui/{*rest}", any(no_such_page))
         // Set before the layer, so that the page middleware sees it and the API's own
         // (which lists the API's endpoints) does not replace it.
         .method_not_allowed_fallback(method_not_allowed)
@@ -93,6 +95,14 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
         )
         .merge(logged_in)
         .layer(middleware::from_fn(security_headers))
+}
+
+async fn no_such_page(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("the console has no page {}", uri.path()),
+    )
+        .into_response()
 }
 
 /// A link followed to a form's target, say. Plain text: `logged_in` shows it as a page.
