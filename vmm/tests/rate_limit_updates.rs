@@ -2,6 +2,8 @@
 //! already serving its queue: through the limiter handle the device hands out, without KVM.
 
 mod blk_common;
+#[path = "support/timer.rs"]
+mod timer;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -138,6 +140,7 @@ fn a_throttled_queue_resumes_at_once_when_the_limit_is_lifted_through_the_device
         !worker.throttle_timer().is_armed().unwrap(),
         "the throttle timer is due now"
     );
+    timer::wait_until_fired(worker.throttle_timer());
     assert_eq!(worker.unthrottle(), 2, "both waiting requests go");
     worker.drain();
     assert!(!worker.throttled());

@@ -11,6 +11,8 @@ use stratus_vmm::devices::rate_limiter::{RateLimit, RateLimiter};
 use stratus_vmm::devices::virtio::block::counters::{BlockCounters, BlockCountersReport};
 use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 mod blk_common;
+#[path = "support/timer.rs"]
+mod timer;
 
 use blk_common::{chain, qemu_img_check, tool, Rng};
 use stratus_vmm::devices::virtio::block::io::qcow2::create_overlay;
@@ -783,6 +785,7 @@ fn a_rate_limited_queue_holds_requests_back_until_tokens_return() {
         );
         // A queue notification while throttled changes nothing.
         assert_eq!(mock.used().idx().load(), 2);
+        timer::wait_until_fired(worker.throttle_timer());
         assert_eq!(
             worker.unthrottle(),
             1,

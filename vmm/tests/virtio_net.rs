@@ -1,6 +1,8 @@
 //! virtio-net without KVM: frames through real RX/TX virtqueues in guest memory, with a
 //! datagram socket standing in for the TAP (it keeps frame boundaries the same way).
 
+#[path = "support/timer.rs"]
+mod timer;
 #[path = "support/virtq.rs"]
 mod virtq;
 
@@ -502,7 +504,8 @@ fn rate_limited_directions_wait_for_their_timer() {
     );
     assert_eq!(net.used(true).len(), 1);
     // The timer lets both directions go on.
-    net.worker.unthrottle();
+    timer::wait_until_fired(net.worker.throttle_timer());
+    assert!(net.worker.unthrottle());
     assert!(net.peer_recv().is_some());
     assert_eq!(net.used(false).len(), 2);
     assert_eq!(net.used(true).len(), 2);
@@ -533,6 +536,7 @@ fn lifting_the_nic_limit_through_its_handles_releases_both_directions_at_once() 
     handles.update(RateLimit::default());
     assert!(handles.rx.is_unlimited() && handles.tx.is_unlimited());
     assert!(net.worker.limits_changed(), "the update wakes the worker");
+    timer::wait_until_fired(net.worker.throttle_timer());
     assert!(net.worker.unthrottle(), "every waiting frame goes");
     assert_eq!(net.worker.throttled(), (false, false));
     assert_eq!(net.used(false).len(), 2);

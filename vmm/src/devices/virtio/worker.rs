@@ -205,9 +205,15 @@ fn register(kill: RawFd, fds: &[(RawFd, u64)]) -> std::io::Result<Epoll> {
 /// A worker's side of rate limiting: the timer that ends a throttled stretch, the event
 /// its limiters raise when the API changes their limits, and the time spent throttled.
 pub struct Throttle {
+    /// Non-blocking: a handler earlier in the same epoll batch may re-arm it after it was
+    /// reported ready, and a blocking read would then stall the worker (its kill event
+    /// included) until the new deadline.
     timer: TimerFd,
     limit_changed: Arc<EventFd>,
     since: Option<Instant>,
+    /// When the armed timer fires: a later, longer hold (the other direction of a NIC)
+    /// does not push back an earlier one.
+    due: Option<Instant>,
 }
 
 impl Throttle {
@@ -217,10 +223,21 @@ impl Throttle {
         for limiter in limiters {
             limiter.watch(&limit_changed);
         }
+        let timer = TimerFd::new()?;
+        // SAFETY: F_GETFL/F_SETFL on a descriptor `timer` owns; no pointers.
+        let set = unsafe {
+            let flags = libc::fcntl(timer.as_raw_fd(), libc::F_GETFL);
+            flags >= 0
+                && libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !set {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Throttle {
-            timer: TimerFd::new()?,
+            timer,
             limit_changed,
             since: None,
+            due: None,
         })
     }
 
@@ -237,11 +254,17 @@ impl Throttle {
         &mut self.timer
     }
 
-    /// Holds the worker back for `wait`.
+    /// Holds the worker back for `wait`, or less if the timer already fires sooner.
     pub fn hold(&mut self, wait: Duration, device: &str) {
-        self.since.get_or_insert_with(Instant::now);
-        if let Err(e) = self.timer.reset(wait, None) {
-            tracing::error!("{device}: cannot arm the throttle timer: {e}");
+        let now = Instant::now();
+        self.since.get_or_insert(now);
+        let due = now + wait;
+        if self.due.is_some_and(|armed| armed <= due) {
+            return;
+        }
+        match self.timer.reset(wait, None) {
+            Ok(()) => self.due = Some(due),
+            Err(e) => tracing::error!("{device}: cannot arm the throttle timer: {e}"),
         }
     }
 
@@ -254,17 +277,25 @@ impl Throttle {
         }
         // A zero duration would disarm the timer rather than fire it.
         if held {
-            if let Err(e) = self.timer.reset(Duration::from_nanos(1), None) {
-                tracing::error!("{device}: cannot re-arm the throttle timer: {e}");
+            match self.timer.reset(Duration::from_nanos(1), None) {
+                Ok(()) => self.due = Some(Instant::now()),
+                Err(e) => tracing::error!("{device}: cannot re-arm the throttle timer: {e}"),
             }
         }
         true
     }
 
-    /// The timer fired: returns how long the worker was held back.
-    pub fn released(&mut self) -> Duration {
-        let _ = self.timer.wait();
-        self.since.take().map_or(Duration::ZERO, |s| s.elapsed())
+    /// The timer was reported ready: how long the worker was held back, or None when it
+    /// was re-armed since and has not fired yet (the hold goes on).
+    pub fn released(&mut self) -> Option<Duration> {
+        if let Err(e) = self.timer.wait() {
+            if e.errno() == libc::EAGAIN {
+                return None;
+            }
+            tracing::error!("throttle timer: {e}");
+        }
+        self.due = None;
+        Some(self.since.take().map_or(Duration::ZERO, |s| s.elapsed()))
     }
 }
 
@@ -281,6 +312,40 @@ mod tests {
             let policy = unsafe { libc::sched_getscheduler(0) };
             let _ = self.0.send((policy >= 0).then_some(policy));
         }
+    }
+
+    fn fires_within(timer: &TimerFd, timeout: Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: timer.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, which poll only writes `revents` of.
+        unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as i32) == 1 }
+    }
+
+    /// A NIC's two directions share the timer: RX held for a moment and then TX for ten
+    /// seconds still wakes the worker for RX in a moment (it waited for TX's deadline).
+    #[test]
+    fn a_later_longer_hold_does_not_push_back_an_earlier_one() {
+        let mut throttle = Throttle::new([]).unwrap();
+        throttle.hold(Duration::from_millis(2), "test");
+        throttle.hold(Duration::from_secs(10), "test");
+        assert!(fires_within(throttle.timer(), Duration::from_secs(5)));
+        assert!(throttle.released().is_some());
+        // Released: the next hold arms the timer again.
+        throttle.hold(Duration::from_millis(2), "test");
+        assert!(fires_within(throttle.timer(), Duration::from_secs(5)));
+    }
+
+    /// A timer re-armed after epoll reported it ready (by a handler earlier in the same
+    /// batch) must not block the worker until the new deadline: it is not released yet.
+    #[test]
+    fn a_timer_that_has_not_fired_is_not_waited_for() {
+        let mut throttle = Throttle::new([]).unwrap();
+        throttle.hold(Duration::from_secs(10), "test");
+        assert_eq!(throttle.released(), None, "the hold goes on");
+        assert!(throttle.timer().is_armed().unwrap());
     }
 
     #[test]

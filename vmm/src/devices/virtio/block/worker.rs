@@ -295,9 +295,12 @@ impl QueueWorker {
         self.throttle.limits_changed(self.throttled, "virtio-blk")
     }
 
-    /// The throttle timer fired: take requests again.
+    /// The throttle timer fired: take requests again. Returns how many went; none when the
+    /// timer had been re-armed since it was reported ready (the hold goes on).
     pub fn unthrottle(&mut self) -> usize {
-        let held = self.throttle.released();
+        let Some(held) = self.throttle.released() else {
+            return 0;
+        };
         self.counters.throttled_for(held);
         self.throttled = false;
         self.process_queue()

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::tap::Tap;
 use super::*;
@@ -359,6 +360,11 @@ impl NetWorker {
         (self.rx_throttled, self.tx_throttled)
     }
 
+    /// The throttle timer, for callers that drive the worker by hand.
+    pub fn throttle_timer(&mut self) -> &mut TimerFd {
+        self.throttle.timer()
+    }
+
     /// A limiter's limits changed: a throttled direction retries at once under the new
     /// limits (through the throttle timer). Returns whether a change was pending.
     pub fn limits_changed(&mut self) -> bool {
@@ -366,9 +372,12 @@ impl NetWorker {
         self.throttle.limits_changed(held, "virtio-net")
     }
 
-    /// The throttle timer fired: both directions may go on.
+    /// The throttle timer fired: both directions may go on. Returns what `process_rx`
+    /// does, or false when the timer had been re-armed and the hold goes on.
     pub fn unthrottle(&mut self) -> bool {
-        let held = self.throttle.released();
+        let Some(held) = self.throttle.released() else {
+            return false;
+        };
         self.rx_throttled = false;
         self.tx_throttled = false;
         let us = held.as_micros() as u64;
