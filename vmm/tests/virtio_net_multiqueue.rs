@@ -486,3 +486,68 @@ fn a_nic_refuses_queue_counts_it_cannot_have_before_opening_anything() {
         .to_string();
     assert!(err.contains("opens the TAP by name"), "{err}");
 }
+
+/// CPU time of this process's virtio-net worker threads.
+fn net_workers_cpu() -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some((name, rest)) = stat.split_once(" (").and_then(|(_, r)| r.rsplit_once(')')) else {
+            continue;
+        };
+        if !name.starts_with("virtio-net") {
+            continue;
+        }
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of stat, 12 and 13 after the name.
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    // SAFETY: sysconf has no side effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// The host deletes a running NIC's TAP: its descriptor then reports an error for ever,
+/// which epoll delivers even unwatched. The worker stops reading it instead of waking in a
+/// loop at full CPU (logging each time), and still stops when told.
+#[test]
+fn a_tap_deleted_under_a_running_nic_does_not_keep_its_worker_busy() {
+    stratus_vmm::seccomp::set_mode(stratus_vmm::seccomp::Mode::Kill);
+    in_own_netns(|| {
+        let mut device = VirtioNet::new(&nic(1, None)).unwrap();
+        ip(&["link", "set", TAP, "up"]);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mut mocks = Vec::new();
+        let mut queues: Vec<Queue> = Vec::new();
+        let mut events = Vec::new();
+        for ring in &RINGS[..2] {
+            let mock = MockSplitQueue::create(&mem, GuestAddress(*ring), QUEUE_SIZE);
+            queues.push(mock.create_queue().unwrap());
+            events.push(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            mocks.push(mock);
+        }
+        let irqs = Arc::new(Irqs::default());
+        device
+            .activate(ActivateContext {
+                mem: mem.clone(),
+                interrupt: irqs,
+                queues,
+                queue_events: events,
+                acked_features: VIRTIO_NET_F_MRG_RXBUF,
+            })
+            .unwrap();
+        ip(&["link", "del", TAP]);
+        // Time to notice; then the worker must be asleep.
+        std::thread::sleep(Duration::from_millis(200));
+        let before = net_workers_cpu();
+        std::thread::sleep(Duration::from_millis(1000));
+        let busy = net_workers_cpu() - before;
+        assert!(
+            busy < Duration::from_millis(300),
+            "the worker ran {busy:?} of the last second"
+        );
+        device.reset();
+    });
+}

@@ -40,6 +40,17 @@ impl WorkerEpoll {
             tracing::warn!("cannot change what a device worker watches: {e}");
         }
     }
+
+    /// Stops watching `fd` for good: epoll reports an error on a descriptor even when it
+    /// is watched for nothing, so a failed one would wake the worker in a loop.
+    pub fn forget(&self, fd: RawFd) {
+        if let Err(e) = self
+            .0
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        {
+            tracing::warn!("cannot change what a device worker watches: {e}");
+        }
+    }
 }
 
 /// How long a worker keeps looking for new work (a disk's completions and requests, a

@@ -289,6 +289,10 @@ pub struct NetWorker {
     /// The TAP is watched only while there is somewhere to put what it delivers;
     /// otherwise a readable TAP would wake the worker in a loop.
     tap_watched: bool,
+    /// Reading the TAP failed (the host deleted it, say): it is read no more, and no
+    /// longer watched, since its error would wake the worker in a loop.
+    tap_failed: bool,
+    tap_forgotten: bool,
     polling: Polling,
     /// Frames this worker took from the TAP (delivered or dropped), for telling whether a
     /// poll moved anything: the NIC's counters are shared by all its queue pairs.
@@ -346,6 +350,8 @@ impl NetWorker {
             rx_throttled: false,
             tx_throttled: false,
             tap_watched: true,
+            tap_failed: false,
+            tap_forgotten: false,
             polling: Polling::new(true),
             rx_moved: 0,
             polling_now: false,
@@ -476,6 +482,9 @@ impl NetWorker {
         let mut delivered_all = true;
         let mut pass = PassCount::default();
         loop {
+            if self.tap_failed && self.pending.is_none() {
+                break;
+            }
             // Straight into the guest's buffers, with no copy: when no frame waits in
             // `frame`, no limiter needs the length before the read, and the reserve can
             // take the largest frame the TAP may deliver.
@@ -487,10 +496,10 @@ impl NetWorker {
             {
                 match self.read_into_reserve() {
                     Ok(DirectRead::Delivered(len)) => pass.frame(len),
-                    Ok(DirectRead::Runt) => pass.dropped += 1,
+                    Ok(DirectRead::Dropped) => pass.dropped += 1,
                     Ok(DirectRead::Empty) => break,
                     Err(e) => {
-                        tracing::warn!("virtio-net: TAP read failed: {e}");
+                        self.tap_read_failed(e);
                         break;
                     }
                 }
@@ -502,12 +511,13 @@ impl NetWorker {
                     Ok(Some(len)) => len,
                     Ok(None) => break,
                     Err(e) => {
-                        tracing::warn!("virtio-net: TAP read failed: {e}");
+                        self.tap_read_failed(e);
                         break;
                     }
                 },
             };
-            if len < VNET_HDR_LEN {
+            // tun reports a frame's whole length even when `frame` held less of it.
+            if len < VNET_HDR_LEN || len > self.frame.len() {
                 pass.dropped += 1;
                 self.pending = None;
                 continue;
@@ -557,6 +567,14 @@ impl NetWorker {
         delivered_all
     }
 
+    fn tap_read_failed(&mut self, e: std::io::Error) {
+        tracing::error!(
+            "virtio-net: reading TAP {} failed ({e}); the NIC receives nothing more on it",
+            self.p.tap.name()
+        );
+        self.tap_failed = true;
+    }
+
     fn rx_unlimited(&self) -> bool {
         self.p.rx_limiter.as_ref().is_none_or(|l| l.is_unlimited())
     }
@@ -572,9 +590,10 @@ impl NetWorker {
         let Some(len) = self.p.tap.read_frame_vectored(&self.rx_read_iovecs)? else {
             return Ok(DirectRead::Empty);
         };
-        if len < VNET_HDR_LEN {
+        // tun reports a frame's whole length even when the buffers held less of it.
+        if len < VNET_HDR_LEN || len > self.rx_reserved_bytes {
             // Nothing is handed back: the chains stay reserved for the next frame.
-            return Ok(DirectRead::Runt);
+            return Ok(DirectRead::Dropped);
         }
         let count = self.chains_for(len);
         // reserve_rx made sure the first buffer holds the whole header.
@@ -744,6 +763,13 @@ impl NetWorker {
 
     /// Watches the TAP exactly while its frames have somewhere to go.
     fn update_tap_watch(&mut self, epoll: &WorkerEpoll) {
+        if self.tap_failed {
+            if !self.tap_forgotten {
+                epoll.forget(self.p.tap.fd());
+                self.tap_forgotten = true;
+            }
+            return;
+        }
         let want = self.pending.is_none() && !self.rx_throttled;
         if want != self.tap_watched {
             epoll.set_watched(self.p.tap.fd(), TAP_TOKEN, want);
@@ -825,8 +851,8 @@ enum Delivery {
 enum DirectRead {
     /// The TAP had nothing to read.
     Empty,
-    /// Shorter than a virtio-net header: dropped.
-    Runt,
+    /// Shorter than a virtio-net header, or longer than the buffers: dropped.
+    Dropped,
     /// A frame of this length (header included) went to the guest.
     Delivered(usize),
 }
