@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use stratus_vmm::devices::virtio::net::worker::MIN_PAIRS_CHANGE_INTERVAL;
 use stratus_vmm::devices::virtio::net::*;
 use stratus_vmm::devices::virtio::{
     ActivateContext, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
@@ -466,6 +467,18 @@ fn two_queue_pairs_share_a_multiqueue_tap_as_the_driver_asks() {
             .map(|q| q.iter().filter(|(flow, _)| *flow >= 200).count())
             .collect();
         assert_eq!(last, [16, 0], "after VQ_PAIRS_SET 1");
+
+        // A guest switching back and forth gets its changes spaced out: each attaches or
+        // detaches TAP queues under the host's RTNL lock. (The driver polls for the answer
+        // every 5 ms, so the first answer is seen a little after the change.)
+        assert_eq!(driver.set_pairs(2, 4), VIRTIO_NET_OK);
+        let answered = Instant::now();
+        assert_eq!(driver.set_pairs(1, 5), VIRTIO_NET_OK);
+        let spaced = answered.elapsed();
+        assert!(
+            spaced >= MIN_PAIRS_CHANGE_INTERVAL / 2,
+            "two changes {spaced:?} apart"
+        );
         device.reset();
     });
 }

@@ -303,6 +303,9 @@ impl VirtioDevice for VirtioNet {
                 event,
                 index: (2 * pairs) as u16,
                 taps: self.taps[..pairs].to_vec(),
+                // Attached above: pair 0's queue alone.
+                pairs_in_use: Some(1),
+                last_pairs_change: None,
             }),
             (true, ..) => return Err(ActivateError::QueueCount { enabled: 0, needed }),
         };

@@ -99,7 +99,16 @@ pub struct NetCtrl {
     pub index: u16,
     /// The TAP queue of every pair the driver may use, pair 0 first.
     pub taps: Vec<Arc<Tap>>,
+    /// Pairs whose TAP queues are attached; None after a change failed partway.
+    pub pairs_in_use: Option<usize>,
+    pub last_pairs_change: Option<std::time::Instant>,
 }
+
+/// Least time between two changes of the pairs in use. Each detaches or attaches TAP
+/// queues under the host's RTNL lock (and waits for in-flight packets): a guest switching
+/// back and forth could otherwise keep every other VM's network set-up on the host waiting.
+/// Linux changes them at probe and on `ethtool -L`; its driver waits for the answer.
+pub const MIN_PAIRS_CHANGE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl NetCtrl {
     /// Answers every command the driver queued; returns whether any was answered.
@@ -168,7 +177,7 @@ impl NetCtrl {
         answered
     }
 
-    fn command(&self, class: u8, command: u8, data: &[u8]) -> u8 {
+    fn command(&mut self, class: u8, command: u8, data: &[u8]) -> u8 {
         match (class, command, data) {
             (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, [lo, hi]) => {
                 let pairs = usize::from(u16::from_le_bytes([*lo, *hi]));
@@ -186,8 +195,18 @@ impl NetCtrl {
     }
 
     /// Attaches the TAP queues of the first `pairs` pairs and detaches the others.
-    /// Attaching before detaching keeps at least one queue attached throughout.
-    fn use_pairs(&self, pairs: usize) -> u8 {
+    /// Attaching before detaching keeps at least one queue attached throughout. A change
+    /// that comes sooner than MIN_PAIRS_CHANGE_INTERVAL after the last one waits (this
+    /// pair's worker with it: only the guest that asks waits).
+    fn use_pairs(&mut self, pairs: usize) -> u8 {
+        if self.pairs_in_use == Some(pairs) {
+            return VIRTIO_NET_OK;
+        }
+        if let Some(last) = self.last_pairs_change {
+            std::thread::sleep(MIN_PAIRS_CHANGE_INTERVAL.saturating_sub(last.elapsed()));
+        }
+        self.last_pairs_change = Some(std::time::Instant::now());
+        self.pairs_in_use = None;
         let (used, unused) = self.taps.split_at(pairs);
         let attach = used.iter().map(|t| (t, true));
         let detach = unused.iter().map(|t| (t, false));
@@ -197,6 +216,7 @@ impl NetCtrl {
                 return VIRTIO_NET_ERR;
             }
         }
+        self.pairs_in_use = Some(pairs);
         VIRTIO_NET_OK
     }
 }
@@ -1016,6 +1036,8 @@ mod tests {
             event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             index: 4,
             taps: Vec::new(),
+            pairs_in_use: Some(1),
+            last_pairs_change: None,
         };
         let avail_event = GuestAddress(mock.used_addr().0 + 4 + 8 * 16);
         // An unknown command (answered VIRTIO_NET_ERR, no TAP needed): class and command,
