@@ -734,6 +734,17 @@ fn guests_can_only_send_as_their_own_mac_and_address() {
                 arp_announce(mac_a, ip_b),
             ),
             (
+                // Every reply of the server is broadcast: a guest sees its neighbours'
+                // transaction ids and could answer them with its own router or DNS.
+                "a DHCP answer from its own address",
+                ethernet(
+                    BROADCAST_MAC,
+                    mac_a,
+                    0x0800,
+                    &udp(ip_a, Ipv4Addr::BROADCAST, 67, 68, b"spoof-dhcp-server"),
+                ),
+            ),
+            (
                 "IPv6, which Stratus does not lease",
                 ethernet(
                     BROADCAST_MAC,

@@ -178,6 +178,8 @@ fn protect_script(port: &GuestPort<'_>) -> Result<String, AntiSpoofError> {
              @th,288,48 {chaddr} limit rate {DHCP_RATE_PER_SECOND}/second burst {DHCP_BURST} packets accept"
         ),
         "ether type ip udp dport 67 drop".to_owned(),
+        // Nor a DHCP server: its replies would be as good as ours to a neighbour.
+        "ether type ip udp sport 67 drop".to_owned(),
         format!("ether type ip ip saddr {ip} accept"),
         "drop".to_owned(),
     ];
