@@ -62,6 +62,12 @@ pub enum NetworkError {
     BadNic { nic: String, reason: String },
     #[error("MAC {mac} is already leased on network '{network}' to another VM")]
     MacInUse { mac: MacAddr, network: String },
+    #[error("{ip} is already leased on network '{network}' to VM {owner}")]
+    IpInUse {
+        ip: Ipv4Addr,
+        network: String,
+        owner: String,
+    },
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("cannot start the DHCP server on {bridge}: {reason}")]
@@ -73,6 +79,9 @@ pub enum NetworkError {
 struct Network {
     config: NetworkConfig,
     table: Arc<RwLock<DhcpTable>>,
+    /// Which VM each leased MAC is, and its address: the lease's hostname is the guest's
+    /// name, which need not be the VM's id, nor unique.
+    owners: RwLock<BTreeMap<MacAddr, (String, Ipv4Addr)>>,
 }
 
 pub struct Networks {
@@ -146,6 +155,7 @@ impl Networks {
                 Network {
                     config: config.clone(),
                     table,
+                    owners: RwLock::default(),
                 },
             );
         }
@@ -191,14 +201,23 @@ impl Networks {
                 subnet.prefix()
             )));
         }
-        let table = network.table.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(host) = table.get(mac) {
-            if host.hostname.as_deref() != Some(vm_id) {
-                return Err(NetworkError::MacInUse {
-                    mac,
-                    network: nic.network.clone(),
-                });
-            }
+        let owners = network.owners.read().unwrap_or_else(|e| e.into_inner());
+        if owners.get(&mac).is_some_and(|(owner, _)| owner != vm_id) {
+            return Err(NetworkError::MacInUse {
+                mac,
+                network: nic.network.clone(),
+            });
+        }
+        if let Some((owner, _)) = owners
+            .iter()
+            .find(|(other, (owner, ip))| **other != mac && *ip == nic.ip && owner != vm_id)
+            .map(|(_, o)| o)
+        {
+            return Err(NetworkError::IpInUse {
+                ip: nic.ip,
+                network: nic.network.clone(),
+                owner: owner.clone(),
+            });
         }
         Ok(())
     }
@@ -234,17 +253,31 @@ impl Networks {
                 })
                 .await?;
         }
-        netlink
-            .ensure_tap(&TapConfig {
-                name: tap.clone(),
-                bridge: Some(network.config.bridge.clone()),
-                mtu: None,
-                owner,
-                group: owner,
-                multi_queue: nic.queues > 1,
-            })
-            .await?;
+        let tap_config = TapConfig {
+            name: tap.clone(),
+            bridge: Some(network.config.bridge.clone()),
+            mtu: None,
+            owner,
+            group: owner,
+            multi_queue: nic.queues > 1,
+        };
+        match netlink.ensure_tap(&tap_config).await {
+            Ok(_) => {}
+            // Its running VMM holds it: this agent restarted under the VM. The TAP is
+            // there; it only needs to be on its bridge, and the lease back below.
+            Err(LinkError::Tun { ref source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                netlink.configure_held_tap(&tap_config).await?
+            }
+            Err(e) => return Err(e.into()),
+        }
         let config = &network.config;
+        network
+            .owners
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(mac, (vm_id.to_owned(), nic.ip));
         network
             .table
             .write()
@@ -268,11 +301,16 @@ impl Networks {
             return;
         };
         if let Ok(mac) = nic.mac.parse::<MacAddr>() {
-            network
-                .table
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(mac);
+            // Only this VM's lease: a create refused for another VM's MAC unplugs too.
+            let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
+            if owners.get(&mac).is_some_and(|(owner, _)| owner == vm_id) {
+                owners.remove(&mac);
+                network
+                    .table
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(mac);
+            }
         }
         if let Some(netlink) = &self.netlink {
             let tap = tap_name(vm_id, index);

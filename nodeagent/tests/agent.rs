@@ -928,6 +928,24 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
     }
     assert_eq!(agent.call("GET", "/vms/net-2", None).0, 404);
 
+    // A NIC named for the guest (the orchestrator names it after the VM): asking again for
+    // the same VM is the same VM, not "already leased"; its address is nobody else's.
+    let mut named = agent.spec(Guest::Halt);
+    named["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0d",
+                            "ip": "198.18.5.13", "hostname": "web"}]);
+    let (status, vm) = agent.call("PUT", "/vms/net-3", Some(&named));
+    assert_eq!(status, 201, "{vm}");
+    let (status, vm) = agent.call("PUT", "/vms/net-3", Some(&named));
+    assert_eq!(status, 200, "asked again: {vm}");
+    let mut same_ip = agent.spec(Guest::Halt);
+    same_ip["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0e",
+                              "ip": "198.18.5.13"}]);
+    let (status, e) = agent.call("PUT", "/vms/net-2", Some(&same_ip));
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("198.18.5.13 is already leased"), "{e}");
+    assert_eq!(agent.call("POST", "/vms/net-3/kill", None).0, 200);
+    assert_eq!(agent.call("DELETE", "/vms/net-3", None).0, 204);
+
     // Two queue pairs for a 2-vCPU VM: a multi-queue TAP, and the VMM holds one descriptor
     // on it per pair.
     let mut multi = agent.spec(Guest::Halt);
@@ -975,6 +993,16 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
     );
     assert_eq!(agent.call("POST", "/vms/net-mq/kill", None).0, 200);
     assert_eq!(agent.call("DELETE", "/vms/net-mq", None).0, 204);
+
+    // A crash while the running VMM holds its TAP (a single-queue TAP admits no second
+    // holder): the restarted agent still serves the VM's lease, so the guest renews it.
+    agent.crash();
+    agent.launch();
+    assert_eq!(
+        dhcp_lease(agent.dir.path(), "vguest").as_deref(),
+        Some("198.18.5.10 198.18.5.1 net-1"),
+        "the lease of a VM whose VMM held its TAP across the restart"
+    );
 
     // After a crash the agent puts back what went missing meanwhile.
     agent.crash();

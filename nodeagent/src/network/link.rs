@@ -410,18 +410,7 @@ impl Netlink {
         validate_name(name)?;
         // Checked first: TUNSETIFF on a non-tun name would fail with a bare EINVAL.
         self.existing(name, LinkKind::Tun).await?;
-        let bridge_index = match &cfg.bridge {
-            Some(b) => Some(
-                self.existing(b, LinkKind::Bridge)
-                    .await?
-                    .ok_or_else(|| LinkError::NoBridge {
-                        tap: name.to_string(),
-                        bridge: b.clone(),
-                    })?
-                    .index,
-            ),
-            None => None,
-        };
+        let bridge_index = self.bridge_index(cfg).await?;
         let file = open_tap_retrying(cfg).await?;
         let link = self.expect(name).await?;
         if cfg.bridge.is_none() && link.controller.is_some() {
@@ -443,6 +432,35 @@ impl Netlink {
             index: link.index,
             file,
         })
+    }
+
+    async fn bridge_index(&self, cfg: &TapConfig) -> Result<Option<u32>, LinkError> {
+        let Some(bridge) = &cfg.bridge else {
+            return Ok(None);
+        };
+        let link = self.existing(bridge, LinkKind::Bridge).await?;
+        let link = link.ok_or_else(|| LinkError::NoBridge {
+            tap: cfg.name.clone(),
+            bridge: bridge.clone(),
+        })?;
+        Ok(Some(link.index))
+    }
+
+    /// For a single-queue TAP its VMM holds (so that `ensure_tap` gets EBUSY): plugs it into
+    /// its bridge, sets its MTU and brings it up, without opening it.
+    pub async fn configure_held_tap(&self, cfg: &TapConfig) -> Result<(), LinkError> {
+        let name = cfg.name.as_str();
+        validate_name(name)?;
+        let link = self
+            .existing(name, LinkKind::Tun)
+            .await?
+            .ok_or_else(|| LinkError::Netlink {
+                op: "find",
+                name: name.to_string(),
+                source: rtnetlink::Error::RequestFailed,
+            })?;
+        let bridge_index = self.bridge_index(cfg).await?;
+        self.configure(&link, cfg.mtu, bridge_index).await
     }
 
     async fn delete(&self, name: &str, kind: LinkKind) -> Result<bool, LinkError> {
