@@ -172,6 +172,10 @@ pub struct QueueWorker {
     bounce_waiting: bool,
     /// Budget came back while a request waited: take requests again.
     retry_queue: bool,
+    /// A ring's worth of requests is in flight: a driver cannot have more, unless it
+    /// published heads again before they were used, which would make the worker hold
+    /// requests (and their buffers) without end. Taking resumes as requests finish.
+    ring_full: bool,
 }
 
 /// How long a reset or shutdown waits for in-flight I/O before the engine gives up on it
@@ -225,6 +229,7 @@ impl QueueWorker {
             bounce_bytes: 0,
             bounce_waiting: false,
             retry_queue: false,
+            ring_full: false,
         })
     }
 
@@ -251,6 +256,11 @@ impl QueueWorker {
             }
             let mem = self.mem.clone();
             while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+                if self.in_flight() >= usize::from(self.queue.size()) {
+                    self.queue.go_to_previous_position();
+                    self.ring_full = true;
+                    break;
+                }
                 // An unlimited limiter is skipped before the chain is walked for its length.
                 if let Some(limiter) = self.limiter.as_ref().filter(|l| !l.is_unlimited()) {
                     let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
@@ -279,6 +289,7 @@ impl QueueWorker {
             // requests; enable_notification_checked reports those so none is left behind.
             if self.throttled
                 || self.bounce_waiting
+                || self.ring_full
                 || !self.queue.event_idx_enabled()
                 || !enable_notification_checked(&mut self.queue, &self.mem)
             {
@@ -330,7 +341,7 @@ impl QueueWorker {
 
     /// Whether the worker may take requests from the ring now.
     fn taking(&self) -> bool {
-        !self.throttled && !self.bounce_waiting
+        !self.throttled && !self.bounce_waiting && !self.ring_full
     }
 
     fn notify_if_needed(&mut self) {
@@ -486,9 +497,16 @@ impl QueueWorker {
             }
             Err(e) => {
                 tracing::warn!("virtio-blk: cannot queue I/O: {e}");
-                self.free_slots.push(slot);
+                self.free_slot(slot);
                 Err(VIRTIO_BLK_S_IOERR)
             }
+        }
+    }
+
+    fn free_slot(&mut self, slot: usize) {
+        self.free_slots.push(slot);
+        if std::mem::take(&mut self.ring_full) {
+            self.retry_queue = true;
         }
     }
 
@@ -545,7 +563,7 @@ impl QueueWorker {
                 Ok(())
             }
             Err(()) => {
-                self.free_slots.push(slot);
+                self.free_slot(slot);
                 self.release_bounce(&inflight);
                 Err((inflight.head, inflight.status))
             }
@@ -599,7 +617,7 @@ impl QueueWorker {
                 }
             }
         }
-        self.free_slots.push(slot);
+        self.free_slot(slot);
         self.release_bounce(&inflight);
         if status == VIRTIO_BLK_S_OK {
             self.counters.completed(inflight.counted);
@@ -901,6 +919,74 @@ mod tests {
         assert_eq!(
             mem.read_obj::<u8>(GuestAddress(status)).unwrap(),
             VIRTIO_BLK_S_OK
+        );
+    }
+
+    /// A driver publishing the same head again before it was used: the worker holds at
+    /// most a ring's worth of requests (it took every copy, without end), and takes the
+    /// rest as those finish.
+    #[test]
+    fn a_head_published_again_while_in_flight_does_not_grow_the_requests_held() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        const W: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        const NEXT: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+        let file = tempfile::NamedTempFile::new().unwrap();
+        file.as_file().set_len(1 << 20).unwrap();
+        let disk = Arc::new(DiskFile::open(file.path(), false, CacheMode::Writeback).unwrap());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mock = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        // One read of sector 0 at head 0.
+        let descs = [
+            SplitDescriptor::new(0x8000, 16, NEXT, 1),
+            SplitDescriptor::new(0x9000, 512, NEXT | W, 2),
+            SplitDescriptor::new(0xa000, 1, W, 0),
+        ]
+        .map(RawDescriptor::from);
+        mock.add_desc_chains(&descs, 0).unwrap();
+        let publish_up_to = |idx: u16| {
+            for i in 0..16 {
+                mock.avail().ring().ref_at(i).unwrap().store(0);
+            }
+            mock.avail().idx().store(idx);
+        };
+        publish_up_to(16);
+        let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
+        let visible = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut worker = QueueWorker::new(QueueWorkerParts {
+            mem: mem.clone(),
+            disk,
+            serial: Arc::from(&b"serial"[..]),
+            queue: mock.create_queue().unwrap(),
+            queue_index: 0,
+            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            interrupt: Arc::new(NoInterrupt),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            engine: Box::new(StartsOnSubmit {
+                inner: engine,
+                queued: 0,
+                submitted: 0,
+                delivered: 0,
+                visible: visible.clone(),
+            }),
+            limiter: None,
+            counters: Arc::default(),
+        })
+        .unwrap();
+        assert_eq!(worker.process_queue(), 16);
+        publish_up_to(32);
+        assert_eq!(
+            worker.process_queue(),
+            0,
+            "more requests than the ring holds"
+        );
+        assert_eq!(worker.in_flight(), 16);
+        visible.store(true, std::sync::atomic::Ordering::Relaxed);
+        worker.reap();
+        assert_eq!(mock.used().idx().load(), 16);
+        assert_eq!(
+            worker.process_queue(),
+            16,
+            "taken as the first ones finished"
         );
     }
 
