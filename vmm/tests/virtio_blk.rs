@@ -407,6 +407,12 @@ fn malformed_requests_get_an_error_status_and_never_touch_the_disk() {
                 vec![(HEADER, 16, R), (DATA, 512, W), (STATUS + 112, 1, W)],
                 VIRTIO_BLK_S_IOERR,
             ),
+            // The header and the data in one buffer: refused, not taken as a write of
+            // nothing and answered OK.
+            (
+                vec![(HEADER, 16 + 512, R), (STATUS + 128, 1, W)],
+                VIRTIO_BLK_S_IOERR,
+            ),
         ];
         let chains: Vec<_> = cases.iter().map(|(c, _)| c.clone()).collect();
         let results = f.serve(&chains, false);

@@ -46,6 +46,8 @@ pub enum RequestError {
     UnterminatedChain,
     #[error("request header is write-only or shorter than 16 bytes")]
     BadHeader,
+    #[error("request header buffer of {0} bytes: the data must come in buffers of its own")]
+    HeaderWithData(u32),
     #[error("descriptor {addr:#x}+{len:#x} is outside guest memory")]
     OutOfGuestMemory { addr: u64, len: u32 },
     #[error("status descriptor is missing, read-only or empty")]
@@ -167,6 +169,11 @@ pub fn parse(
 
     if header.is_write_only() || header.len() < REQUEST_HEADER_SIZE {
         return fail(RequestError::BadHeader);
+    }
+    // Data after the header in the same buffer would be ignored: a write would land
+    // nowhere and be answered OK.
+    if header.len() > REQUEST_HEADER_SIZE {
+        return fail(RequestError::HeaderWithData(header.len()));
     }
     if let Err(e) = in_guest(mem, header) {
         return fail(e);
