@@ -191,8 +191,15 @@ impl Networks {
             .mac
             .parse()
             .map_err(|e| bad(format!("MAC '{}': {e}", nic.mac)))?;
+        // A group address would put the guest's frames, and DHCP's answers, on every port.
+        if mac.octets()[0] & 1 != 0 {
+            return Err(bad(format!("MAC '{}' is a multicast address", nic.mac)));
+        }
         let subnet = network.config.subnet;
-        if !subnet.is_host(nic.ip) || nic.ip == network.config.address {
+        if !subnet.is_host(nic.ip)
+            || nic.ip == network.config.address
+            || Some(nic.ip) == network.config.gateway
+        {
             return Err(bad(format!(
                 "{} is not a guest address of network '{}' ({}/{})",
                 nic.ip,
@@ -331,6 +338,60 @@ impl Networks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A network with a router of its own (not the host's bridge address), without
+    /// netlink: only `check` is used.
+    fn routed_network() -> Networks {
+        let config: NetworkConfig = toml::from_str(
+            "name = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.7.0/24\"\n\
+             address = \"198.18.7.1\"\ngateway = \"198.18.7.254\"\n",
+        )
+        .unwrap();
+        let mut networks = BTreeMap::new();
+        networks.insert(
+            config.name.clone(),
+            Network {
+                config,
+                table: Arc::default(),
+                owners: RwLock::default(),
+            },
+        );
+        Networks {
+            netlink: None,
+            guard: AntiSpoofing::default(),
+            networks,
+        }
+    }
+
+    fn nic(mac: &str, ip: [u8; 4]) -> NicSpec {
+        serde_json::from_value(serde_json::json!({
+            "id": "eth0", "network": "public", "mac": mac, "ip": Ipv4Addr::from(ip).to_string()
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_router_s_address_and_group_macs_are_not_a_guest_s() {
+        let networks = routed_network();
+        networks
+            .check(&nic("02:00:c6:12:07:0a", [198, 18, 7, 10]), "vm")
+            .unwrap();
+        for (bad, why) in [
+            (
+                nic("02:00:c6:12:07:0a", [198, 18, 7, 254]),
+                "not a guest address",
+            ),
+            (
+                nic("02:00:c6:12:07:0a", [198, 18, 7, 1]),
+                "not a guest address",
+            ),
+            (nic("03:00:c6:12:07:0a", [198, 18, 7, 10]), "multicast"),
+            (nic("ff:ff:ff:ff:ff:ff", [198, 18, 7, 10]), "multicast"),
+        ] {
+            let e = networks.check(&bad, "vm").unwrap_err().to_string();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn tap_names_are_short_and_stable() {
