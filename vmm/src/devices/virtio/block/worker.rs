@@ -751,8 +751,18 @@ mod tests {
         let mut queue: Queue = mock.create_queue().unwrap();
         queue.set_event_idx(true);
         mock.avail().idx().store(avail_idx);
+        (worker_with(&mem, disk, queue, wrap), file)
+    }
+
+    /// A worker on the Sync engine passed through `wrap`.
+    fn worker_with(
+        mem: &GuestMemoryMmap,
+        disk: Arc<DiskFile>,
+        queue: Queue,
+        wrap: impl FnOnce(Box<dyn AsyncIo>) -> Box<dyn AsyncIo>,
+    ) -> QueueWorker {
         let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
-        let worker = QueueWorker::new(QueueWorkerParts {
+        QueueWorker::new(QueueWorkerParts {
             mem: mem.clone(),
             disk,
             serial: Arc::from(&b"serial"[..]),
@@ -765,8 +775,7 @@ mod tests {
             limiter: None,
             counters: Arc::default(),
         })
-        .unwrap();
-        (worker, file)
+        .unwrap()
     }
 
     /// Regression (found by fuzz/blk_request): with EVENT_IDX, an available index more than
@@ -841,6 +850,27 @@ mod tests {
         }
     }
 
+    /// A worker whose engine starts I/O on submit and completes nothing until the returned
+    /// flag is set.
+    fn worker_starting_on_submit(
+        mem: &GuestMemoryMmap,
+        disk: Arc<DiskFile>,
+        queue: Queue,
+    ) -> (QueueWorker, Arc<std::sync::atomic::AtomicBool>) {
+        let visible = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shown = visible.clone();
+        let worker = worker_with(mem, disk, queue, move |inner| {
+            Box::new(StartsOnSubmit {
+                inner,
+                queued: 0,
+                submitted: 0,
+                delivered: 0,
+                visible: shown,
+            })
+        });
+        (worker, visible)
+    }
+
     /// A bounced request (cache=none, a misaligned buffer, two pieces) whose first piece
     /// completes while the worker polls: the second piece is submitted, and the request
     /// finishes. (The poll path queued it and never submitted it: the request waited for
@@ -877,28 +907,8 @@ mod tests {
         ]
         .map(RawDescriptor::from);
         mock.add_desc_chains(&descs, 0).unwrap();
-        let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
-        let visible = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut worker = QueueWorker::new(QueueWorkerParts {
-            mem: mem.clone(),
-            disk,
-            serial: Arc::from(&b"serial"[..]),
-            queue: mock.create_queue().unwrap(),
-            queue_index: 0,
-            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(NoInterrupt),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            engine: Box::new(StartsOnSubmit {
-                inner: engine,
-                queued: 0,
-                submitted: 0,
-                delivered: 0,
-                visible: visible.clone(),
-            }),
-            limiter: None,
-            counters: Arc::default(),
-        })
-        .unwrap();
+        let (mut worker, visible) =
+            worker_starting_on_submit(&mem, disk, mock.create_queue().unwrap());
         assert_eq!(worker.process_queue(), 1);
         assert_eq!(mock.used().idx().load(), 0, "the first piece is in flight");
         visible.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -950,28 +960,8 @@ mod tests {
             mock.avail().idx().store(idx);
         };
         publish_up_to(16);
-        let engine = create_engine(IoEngine::Sync, &disk, u32::from(QUEUE_SIZE)).unwrap();
-        let visible = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut worker = QueueWorker::new(QueueWorkerParts {
-            mem: mem.clone(),
-            disk,
-            serial: Arc::from(&b"serial"[..]),
-            queue: mock.create_queue().unwrap(),
-            queue_index: 0,
-            queue_event: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            interrupt: Arc::new(NoInterrupt),
-            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            engine: Box::new(StartsOnSubmit {
-                inner: engine,
-                queued: 0,
-                submitted: 0,
-                delivered: 0,
-                visible: visible.clone(),
-            }),
-            limiter: None,
-            counters: Arc::default(),
-        })
-        .unwrap();
+        let (mut worker, visible) =
+            worker_starting_on_submit(&mem, disk, mock.create_queue().unwrap());
         assert_eq!(worker.process_queue(), 16);
         publish_up_to(32);
         assert_eq!(
