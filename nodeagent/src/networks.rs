@@ -215,11 +215,10 @@ impl Networks {
                 network: nic.network.clone(),
             });
         }
-        if let Some((owner, _)) = owners
-            .iter()
-            .find(|(other, (owner, ip))| **other != mac && *ip == nic.ip && owner != vm_id)
-            .map(|(_, o)| o)
-        {
+        let holder = owners.iter().find_map(|(other, (owner, ip))| {
+            (*other != mac && *ip == nic.ip && owner != vm_id).then_some(owner)
+        });
+        if let Some(owner) = holder {
             return Err(NetworkError::IpInUse {
                 ip: nic.ip,
                 network: nic.network.clone(),
@@ -308,7 +307,8 @@ impl Networks {
             return;
         };
         if let Ok(mac) = nic.mac.parse::<MacAddr>() {
-            // Only this VM's lease: a create refused for another VM's MAC unplugs too.
+            // Only this VM's lease: of two creates racing for one MAC (both pass `check`),
+            // the one rolled back must not take the other's.
             let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
             if owners.get(&mac).is_some_and(|(owner, _)| owner == vm_id) {
                 owners.remove(&mac);
