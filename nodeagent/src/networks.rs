@@ -303,10 +303,10 @@ impl Networks {
 
     /// Removes the NIC's TAP and lease (deleting twice is not an error).
     pub async fn unplug(&self, vm_id: &str, index: usize, nic: &NicSpec) {
-        let Ok(network) = self.network(&nic.network) else {
-            return;
-        };
-        if let Ok(mac) = nic.mac.parse::<MacAddr>() {
+        // A network since removed from the configuration has no lease to take back, but
+        // the VM's TAP and rules are still on the host.
+        let network = self.network(&nic.network).ok();
+        if let (Some(network), Ok(mac)) = (network, nic.mac.parse::<MacAddr>()) {
             // Only this VM's lease: of two creates racing for one MAC (both pass `check`),
             // the one rolled back must not take the other's.
             let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
@@ -326,7 +326,8 @@ impl Networks {
                 // Its guard stays while the TAP may still be on the bridge.
                 return;
             }
-            if network.config.anti_spoofing {
+            // Releasing rules a TAP never had is harmless.
+            if network.is_none_or(|n| n.config.anti_spoofing) {
                 if let Err(e) = self.guard.release(&tap).await {
                     tracing::warn!("cannot remove the anti-spoofing rules of TAP {tap}: {e}");
                 }

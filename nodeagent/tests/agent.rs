@@ -1044,6 +1044,40 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         None,
         "the lease is gone"
     );
+
+    // A network taken out of the configuration while a VM used it: deleting the VM still
+    // takes its TAP and its rules away.
+    let mut orphan = agent.spec(Guest::Halt);
+    orphan["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0f",
+                             "ip": "198.18.5.15"}]);
+    let (status, vm) = agent.call("PUT", "/vms/net-4", Some(&orphan));
+    assert_eq!(status, 201, "{vm}");
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    let orphan_tap = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .find(|name| name != "vbridge")
+        .unwrap_or_else(|| panic!("no TAP for net-4 in {links}"));
+    assert!(guarded(&orphan_tap));
+    agent.crash();
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(
+        &agent.config,
+        config.replace("name = \"public\"", "name = \"renamed\""),
+    )
+    .unwrap();
+    agent.launch();
+    assert_eq!(agent.call("POST", "/vms/net-4/kill", None).0, 200);
+    assert_eq!(agent.call("DELETE", "/vms/net-4", None).0, 204);
+    assert!(
+        !guarded(&orphan_tap),
+        "the chain of a VM on a removed network stays"
+    );
+    let links = run("ip", &["-j", "link", "show"]);
+    assert!(!links.contains(&orphan_tap), "its TAP stays: {links}");
 }
 
 #[test]
