@@ -131,6 +131,13 @@ impl Agent {
         }
     }
 
+    /// Replaces `from` by `to` in the agent's configuration file (for its next launch).
+    fn edit_config(&self, from: &str, to: &str) {
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        assert!(config.contains(from), "{from:?} not in {config}");
+        std::fs::write(&self.config, config.replace(from, to)).unwrap();
+    }
+
     /// kill -9, as a crash would.
     fn crash(&mut self) {
         let mut child = self.child.take().unwrap();
@@ -792,6 +799,18 @@ fn run(program: &str, args: &[&str]) -> String {
 }
 
 /// busybox udhcpc on `interface`: the address it was offered, if any.
+/// The names of the test bridge's ports.
+fn bridge_ports() -> Vec<String> {
+    let links: Value =
+        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
+    links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn dhcp_lease(dir: &Path, interface: &str) -> Option<String> {
     let script = dir.join("udhcpc.sh");
     std::fs::write(
@@ -954,15 +973,10 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
                             "ip": "198.18.5.12", "queues": 2}]);
     let (status, vm) = agent.call("PUT", "/vms/net-mq", Some(&multi));
     assert_eq!(status, 201, "{vm}");
-    let links: Value =
-        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
-    let mq_tap = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+    let mq_tap = bridge_ports()
+        .into_iter()
         .find(|name| name != &tap && name != "vbridge")
-        .unwrap_or_else(|| panic!("no TAP for net-mq in {links}"));
+        .expect("a TAP for net-mq on the bridge");
     // iproute2's view of the TAP (sysfs would show the host's namespace).
     let tun_info = |name: &str| -> Value {
         let links: Value =
@@ -1052,23 +1066,13 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
                              "ip": "198.18.5.15"}]);
     let (status, vm) = agent.call("PUT", "/vms/net-4", Some(&orphan));
     assert_eq!(status, 201, "{vm}");
-    let links: Value =
-        serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
-    let orphan_tap = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["ifname"].as_str().unwrap().to_owned())
+    let orphan_tap = bridge_ports()
+        .into_iter()
         .find(|name| name != "vbridge")
-        .unwrap_or_else(|| panic!("no TAP for net-4 in {links}"));
+        .expect("a TAP for net-4 on the bridge");
     assert!(guarded(&orphan_tap));
     agent.crash();
-    let config = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        config.replace("name = \"public\"", "name = \"renamed\""),
-    )
-    .unwrap();
+    agent.edit_config("name = \"public\"", "name = \"renamed\"");
     agent.launch();
     assert_eq!(agent.call("POST", "/vms/net-4/kill", None).0, 200);
     assert_eq!(agent.call("DELETE", "/vms/net-4", None).0, 204);
@@ -1321,12 +1325,7 @@ fn a_marketplace_image_boots_from_the_cache_with_a_copy_on_write_root() {
 fn the_no_vm_hypervisor_is_refused_unless_asked_for_and_then_starts_nothing() {
     let mut agent = Agent::start(2, 1024);
     agent.crash();
-    let config = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(
-        &agent.config,
-        config.replace("[capacity]", "hypervisor = \"none\"\n\n[capacity]"),
-    )
-    .unwrap();
+    agent.edit_config("[capacity]", "hypervisor = \"none\"\n\n[capacity]");
     let refused = Command::new(env!("CARGO_BIN_EXE_stratus-nodeagent"))
         .arg("--config")
         .arg(&agent.config)
