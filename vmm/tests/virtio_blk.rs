@@ -615,6 +615,18 @@ fn bad_discard_and_write_zeroes_requests_are_refused() {
                 (VIRTIO_BLK_S_IOERR, 1)
             ]
         );
+        // Write-zeroes knows one flag (unmap); another is refused, not ignored.
+        f.header(HEADER + 16, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range_segment(&f, DATA + 64, 0, 8, 2);
+        let unknown_flag = f.serve(
+            &[vec![
+                (HEADER + 16, 16, R),
+                (DATA + 64, 16, R),
+                (STATUS, 1, W),
+            ]],
+            false,
+        );
+        assert_eq!(unknown_flag, vec![(VIRTIO_BLK_S_UNSUPP, 1)]);
         // A read-only disk refuses discards altogether.
         let ro = f.serve(
             &[vec![(HEADER, 16, R), (DATA + 48, 16, R), (STATUS, 1, W)]],

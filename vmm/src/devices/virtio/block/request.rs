@@ -68,6 +68,8 @@ pub enum RequestError {
     BadRangeLength(u32),
     #[error("discard range with flags {0:#x} (no flags are defined for discard)")]
     DiscardFlags(u32),
+    #[error("write-zeroes range with flags {0:#x} (only unmap, 0x1, is defined)")]
+    WriteZeroesFlags(u32),
     #[error("request type {0} is not supported")]
     Unsupported(u32),
 }
@@ -76,7 +78,9 @@ impl RequestError {
     /// The status a guest sees: UNSUPP for what this device does not do, IOERR otherwise.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) | RequestError::DiscardFlags(_) => VIRTIO_BLK_S_UNSUPP,
+            RequestError::Unsupported(_)
+            | RequestError::DiscardFlags(_)
+            | RequestError::WriteZeroesFlags(_) => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         }
     }
@@ -254,6 +258,10 @@ pub fn parse(
             }
             if request_type == RequestType::Discard && flags != 0 {
                 return fail(RequestError::DiscardFlags(flags));
+            }
+            // Flags this device does not know could ask for something it would not do.
+            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 {
+                return fail(RequestError::WriteZeroesFlags(flags));
             }
             let end = start.checked_add(u64::from(num_sectors));
             if end.is_none_or(|end| end > disk_sectors) {
