@@ -88,11 +88,15 @@ pub fn enable_notification_checked(queue: &mut Queue, mem: &GuestMemoryMmap) -> 
 }
 
 /// Whether the driver made buffers available that the device has not taken yet: what a
-/// polling worker looks at instead of waiting for a kick.
+/// polling worker looks at instead of waiting for a kick. An index more than a queue
+/// ahead is nothing to take (virtio-queue pops nothing from it), not work to spin on.
 pub fn has_available(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
     queue
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| idx != std::num::Wrapping(queue.next_avail()))
+        .is_ok_and(|idx| {
+            let waiting = (idx - std::num::Wrapping(queue.next_avail())).0;
+            waiting != 0 && waiting <= queue.size()
+        })
 }
 
 /// An interrupt line nobody listens to, for device tests that drive a worker directly.
@@ -121,7 +125,12 @@ mod tests {
         mock.avail().idx().store(3);
         assert!(queue.enable_notification(&mem).unwrap());
         assert!(enable_notification_checked(&mut queue, &mem));
+        assert!(has_available(&queue, &mem));
         mock.avail().idx().store(17);
+        assert!(
+            !has_available(&queue, &mem),
+            "a polling worker would spin on it"
+        );
         assert!(
             queue.enable_notification(&mem).unwrap(),
             "what virtio-queue says"
