@@ -395,11 +395,15 @@ impl Netlink {
     }
 
     async fn expect(&self, name: &str) -> Result<LinkState, LinkError> {
-        self.link(name).await?.ok_or_else(|| LinkError::Netlink {
+        self.link(name).await?.ok_or_else(|| Self::missing(name))
+    }
+
+    fn missing(name: &str) -> LinkError {
+        LinkError::Netlink {
             op: "find",
             name: name.to_string(),
             source: rtnetlink::Error::RequestFailed,
-        })
+        }
     }
 
     /// Creates or re-attaches to the persistent TAP, plugs it into its bridge, sets its MTU
@@ -454,11 +458,7 @@ impl Netlink {
         let link = self
             .existing(name, LinkKind::Tun)
             .await?
-            .ok_or_else(|| LinkError::Netlink {
-                op: "find",
-                name: name.to_string(),
-                source: rtnetlink::Error::RequestFailed,
-            })?;
+            .ok_or_else(|| Self::missing(name))?;
         let bridge_index = self.bridge_index(cfg).await?;
         self.configure(&link, cfg.mtu, bridge_index).await
     }
