@@ -183,6 +183,27 @@ impl Networks {
     /// Checks a NIC against its network before anything is made for it.
     pub fn check(&self, nic: &NicSpec, vm_id: &str) -> Result<(), NetworkError> {
         let network = self.network(&nic.network)?;
+        let owners = network.owners.read().unwrap_or_else(|e| e.into_inner());
+        Self::check_against(network, &owners, nic, vm_id).map(|_| ())
+    }
+
+    /// Checks the NIC and holds its MAC and address for `vm_id` in one step, so of two
+    /// creates racing for one MAC or address only one gets it (`check` alone lets both
+    /// through). `unplug` lets go of it.
+    fn reserve(&self, nic: &NicSpec, vm_id: &str) -> Result<MacAddr, NetworkError> {
+        let network = self.network(&nic.network)?;
+        let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
+        let mac = Self::check_against(network, &owners, nic, vm_id)?;
+        owners.insert(mac, (vm_id.to_owned(), nic.ip));
+        Ok(mac)
+    }
+
+    fn check_against(
+        network: &Network,
+        owners: &BTreeMap<MacAddr, (String, Ipv4Addr)>,
+        nic: &NicSpec,
+        vm_id: &str,
+    ) -> Result<MacAddr, NetworkError> {
         let bad = |reason: String| NetworkError::BadNic {
             nic: nic.id.clone(),
             reason,
@@ -208,7 +229,6 @@ impl Networks {
                 subnet.prefix()
             )));
         }
-        let owners = network.owners.read().unwrap_or_else(|e| e.into_inner());
         if owners.get(&mac).is_some_and(|(owner, _)| owner != vm_id) {
             return Err(NetworkError::MacInUse {
                 mac,
@@ -225,7 +245,7 @@ impl Networks {
                 owner: owner.clone(),
             });
         }
-        Ok(())
+        Ok(mac)
     }
 
     /// The NIC's TAP on its bridge and its lease in the DHCP server (both idempotent, so
@@ -238,17 +258,13 @@ impl Networks {
         nic: &NicSpec,
         owner: Option<u32>,
     ) -> Result<String, NetworkError> {
-        self.check(nic, vm_id)?;
+        let mac = self.reserve(nic, vm_id)?;
         let network = self.network(&nic.network)?;
         let netlink = self
             .netlink
             .as_ref()
             .expect("networks without netlink are empty");
         let tap = tap_name(vm_id, index);
-        let mac: MacAddr = nic.mac.parse().map_err(|e| NetworkError::BadNic {
-            nic: nic.id.clone(),
-            reason: format!("{e}"),
-        })?;
         if network.config.anti_spoofing {
             // Before the TAP joins the bridge: its first frame is already checked.
             self.guard
@@ -280,11 +296,6 @@ impl Networks {
         }
         let config = &network.config;
         network
-            .owners
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(mac, (vm_id.to_owned(), nic.ip));
-        network
             .table
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -307,8 +318,8 @@ impl Networks {
         // the VM's TAP and rules are still on the host.
         let network = self.network(&nic.network).ok();
         if let (Some(network), Ok(mac)) = (network, nic.mac.parse::<MacAddr>()) {
-            // Only this VM's lease: of two creates racing for one MAC (both pass `check`),
-            // the one rolled back must not take the other's.
+            // Only this VM's lease: a create rolled back after another VM's took the MAC
+            // must not take it from that VM.
             let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
             if owners.get(&mac).is_some_and(|(owner, _)| owner == vm_id) {
                 owners.remove(&mac);

@@ -965,6 +965,52 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
     assert_eq!(agent.call("POST", "/vms/net-3/kill", None).0, 200);
     assert_eq!(agent.call("DELETE", "/vms/net-3", None).0, 204);
 
+    // Two VMs asking for one MAC at the same moment: one gets it, the other is refused
+    // and leaves nothing behind (both used to pass the check, and both got a TAP).
+    let racers: Vec<(String, Value)> = ["race-a", "race-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut spec = agent.spec(Guest::Halt);
+            spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0f",
+                                   "ip": format!("198.18.5.{}", 20 + i)}]);
+            (id.to_string(), spec)
+        })
+        .collect();
+    let ports_before = bridge_ports();
+    let answers: Vec<(String, u16, Value)> = std::thread::scope(|s| {
+        let calls: Vec<_> = racers
+            .iter()
+            .map(|(id, spec)| {
+                let agent = &agent;
+                s.spawn(move || {
+                    let (status, body) = agent.call("PUT", &format!("/vms/{id}"), Some(spec));
+                    (id.clone(), status, body)
+                })
+            })
+            .collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let mut statuses: Vec<u16> = answers.iter().map(|(_, status, _)| *status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{answers:?}");
+    let (winner, loser) = match answers[0].1 {
+        201 => (&answers[0].0, &answers[1]),
+        _ => (&answers[1].0, &answers[0]),
+    };
+    assert!(error(&loser.2).contains("already leased"), "{answers:?}");
+    assert_eq!(agent.call("GET", &format!("/vms/{}", loser.0), None).0, 404);
+    assert_eq!(
+        bridge_ports().len(),
+        ports_before.len() + 1,
+        "one TAP more, the winner's: {ports_before:?}"
+    );
+    assert_eq!(
+        agent.call("POST", &format!("/vms/{winner}/kill"), None).0,
+        200
+    );
+    assert_eq!(agent.call("DELETE", &format!("/vms/{winner}"), None).0, 204);
+
     // Two queue pairs for a 2-vCPU VM: a multi-queue TAP, and the VMM holds one descriptor
     // on it per pair.
     let mut multi = agent.spec(Guest::Halt);
