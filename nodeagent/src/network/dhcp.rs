@@ -134,6 +134,13 @@ impl DhcpServer {
         }
         let mac = client_mac(request)?;
         let msg_type = request.opts().msg_type()?;
+        if !request.giaddr().is_unspecified() {
+            // The server answers its own bridge, where no relay belongs: a "relay" address
+            // is a guest's choice, and answering it would send the server's unicast
+            // wherever that guest points.
+            tracing::debug!(%mac, giaddr = %request.giaddr(), "ignoring relayed DHCP request");
+            return None;
+        }
         let Some(host) = self.lookup(mac) else {
             tracing::debug!(%mac, ?msg_type, "ignoring DHCP client without a fixed lease");
             return None;
@@ -183,7 +190,6 @@ impl DhcpServer {
             .set_htype(request.htype())
             .set_xid(request.xid())
             .set_flags(request.flags())
-            .set_giaddr(request.giaddr())
             .set_chaddr(request.chaddr());
         let opts = reply.opts_mut();
         opts.insert(DhcpOption::MessageType(msg_type));
@@ -196,11 +202,7 @@ impl DhcpServer {
             message: self.base_reply(request, MessageType::Nak),
             // RFC 2131 4.1: without a relay a NAK is always broadcast, since the address the
             // client believes it has is the wrong one.
-            destination: if request.giaddr().is_unspecified() {
-                SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
-            } else {
-                SocketAddrV4::new(request.giaddr(), SERVER_PORT)
-            },
+            destination: SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT),
         }
     }
 
@@ -238,7 +240,7 @@ impl DhcpServer {
         }
         DhcpReply {
             message: reply,
-            destination: destination(request),
+            destination: destination(request, host),
         }
     }
 
@@ -312,13 +314,13 @@ fn client_mac(request: &Message) -> Option<MacAddr> {
     MacAddr::from_slice(request.chaddr())
 }
 
-/// RFC 2131 4.1: relay if any, unicast to a configured client, otherwise broadcast, because a
-/// client without an address cannot answer ARP for the one being offered.
-fn destination(request: &Message) -> SocketAddrV4 {
-    if !request.giaddr().is_unspecified() {
-        SocketAddrV4::new(request.giaddr(), SERVER_PORT)
-    } else if !request.ciaddr().is_unspecified() {
-        SocketAddrV4::new(request.ciaddr(), CLIENT_PORT)
+/// RFC 2131 4.1: unicast to a configured client, otherwise broadcast, because a client
+/// without an address cannot answer ARP for the one being offered. Unicast only to the
+/// client's own leased address: `ciaddr` is the guest's to write, and any other would let it
+/// aim the server's answers at a neighbour.
+fn destination(request: &Message, host: &DhcpHost) -> SocketAddrV4 {
+    if request.ciaddr() == host.ip {
+        SocketAddrV4::new(host.ip, CLIENT_PORT)
     } else {
         SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
     }
@@ -575,6 +577,43 @@ mod tests {
         let mut no_type = client_msg(known_mac(), MessageType::Discover);
         no_type.opts_mut().remove(OptionCode::MessageType);
         assert!(exchange(&s, &no_type).is_none());
+    }
+
+    #[test]
+    fn answers_go_to_the_clients_own_address_and_nowhere_else() {
+        let neighbour = Ipv4Addr::new(198, 18, 0, 77);
+        // A "relay" address: the guest's own choice, so the request is not answered at all.
+        for msg_type in [
+            MessageType::Discover,
+            MessageType::Request,
+            MessageType::Inform,
+        ] {
+            let mut msg = client_msg(known_mac(), msg_type);
+            msg.set_giaddr(neighbour);
+            assert!(
+                exchange(&server(), &msg).is_none(),
+                "{msg_type:?} via a relay"
+            );
+        }
+        // An INFORM claiming a neighbour's address gets the configuration by broadcast.
+        let mut msg = client_msg(known_mac(), MessageType::Inform);
+        msg.set_ciaddr(neighbour);
+        let (ack, to) = exchange(&server(), &msg).unwrap();
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(to, SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT));
+        // A renewal from a neighbour's address asks for that address: NAK, by broadcast.
+        let mut msg = client_msg(known_mac(), MessageType::Request);
+        msg.set_ciaddr(neighbour);
+        let (nak, to) = exchange(&server(), &msg).unwrap();
+        assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
+        assert_eq!(to, SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT));
+        // Its own address is answered there.
+        let mut msg = client_msg(known_mac(), MessageType::Request);
+        msg.set_ciaddr(host().ip);
+        msg.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(host().ip));
+        let (_, to) = exchange(&server(), &msg).unwrap();
+        assert_eq!(to, SocketAddrV4::new(host().ip, CLIENT_PORT));
     }
 
     #[test]
