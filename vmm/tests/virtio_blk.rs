@@ -637,6 +637,67 @@ fn bad_discard_and_write_zeroes_requests_are_refused() {
     }
 }
 
+/// The parser holds ranges to what the disk offers (an iSCSI LUN's UNMAP and WRITE SAME
+/// limits): a range the backend would refuse never reaches it.
+#[test]
+fn discard_and_write_zeroes_keep_to_what_the_disk_offers() {
+    use stratus_vmm::devices::virtio::block::request::{
+        parse, RangeRequests, RequestError, RequestKind, SectorRange,
+    };
+    use virtio_queue::QueueT;
+    let f = fixtures().swap_remove(0);
+    let parse_one = |request_type: u32, num_sectors: u32, ranges: RangeRequests| {
+        f.header(HEADER, request_type, 0);
+        range_segment(&f, DATA, 0, num_sectors, 0);
+        let mock = MockSplitQueue::create(&f.mem, GuestAddress(0), QUEUE_SIZE);
+        mock.add_desc_chains(
+            &chain(&[(HEADER, 16, R), (DATA, 16, R), (STATUS, 1, W)], 0),
+            0,
+        )
+        .unwrap();
+        let mut queue: Queue = mock.create_queue().unwrap();
+        let head = queue.pop_descriptor_chain(&f.mem).unwrap();
+        parse(head, &f.mem, DISK_SECTORS, false, ranges).map(|r| r.kind)
+    };
+    let limited = RangeRequests {
+        discard: Some(8),
+        write_zeroes: Some(16),
+    };
+    for (request_type, num_sectors) in [(VIRTIO_BLK_T_DISCARD, 8), (VIRTIO_BLK_T_WRITE_ZEROES, 16)]
+    {
+        let range = SectorRange {
+            sector: 0,
+            num_sectors,
+            unmap: false,
+        };
+        let expected = match request_type {
+            VIRTIO_BLK_T_DISCARD => RequestKind::Discard(range),
+            _ => RequestKind::WriteZeroes(range),
+        };
+        assert_eq!(parse_one(request_type, num_sectors, limited), Ok(expected));
+        let Err((error, status)) = parse_one(request_type, num_sectors + 1, limited) else {
+            panic!("type {request_type}: a range over the disk's limit was taken");
+        };
+        assert!(
+            matches!(error, RequestError::BadRangeLength(n, max) if n == num_sectors + 1 && max == num_sectors),
+            "{error}"
+        );
+        assert_eq!(status, Some(GuestAddress(STATUS)));
+        assert_eq!(error.status(), VIRTIO_BLK_S_IOERR);
+    }
+    let none = RangeRequests {
+        discard: None,
+        write_zeroes: None,
+    };
+    for request_type in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        let Err((error, _)) = parse_one(request_type, 8, none) else {
+            panic!("type {request_type}: taken by a disk that does not offer it");
+        };
+        assert!(matches!(error, RequestError::NotOffered(_)), "{error}");
+        assert_eq!(error.status(), VIRTIO_BLK_S_UNSUPP);
+    }
+}
+
 #[test]
 fn flush_completes_after_every_earlier_write() {
     for f in fixtures() {

@@ -206,18 +206,14 @@ impl VirtioBlock {
         // min_io_size in logical blocks: one physical block.
         cfg[26..28].copy_from_slice(&(1u16 << topology.physical_block_exp.min(15)).to_le_bytes());
         cfg[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
-        let (discard_limit, zeroes_limit) = self.disk.range_limits();
-        let limit = |l: Option<u64>| {
-            l.map_or(MAX_DISCARD_SECTORS, |l| {
-                l.clamp(1, u64::from(MAX_DISCARD_SECTORS)) as u32
-            })
-        };
-        put32(&mut cfg, 36, limit(discard_limit));
+        // Meaningful only with the features, which are offered exactly when these are Some.
+        let ranges = self.disk.range_requests();
+        put32(&mut cfg, 36, ranges.discard.unwrap_or(0));
         put32(&mut cfg, 40, MAX_DISCARD_SEGMENTS);
         // Discards are cheapest in whole host pages (or blocks, when larger).
         let block_sectors = topology.logical_block_size >> SECTOR_SHIFT;
         put32(&mut cfg, 44, block_sectors.max(8));
-        put32(&mut cfg, 48, limit(zeroes_limit));
+        put32(&mut cfg, 48, ranges.write_zeroes.unwrap_or(0));
         put32(&mut cfg, 52, MAX_DISCARD_SEGMENTS);
         cfg[56] = u8::from(self.disk.can_discard()); // write_zeroes_may_unmap
         cfg

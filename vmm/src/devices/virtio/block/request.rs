@@ -64,8 +64,10 @@ pub enum RequestError {
     ReadOnly,
     #[error("discard/write-zeroes request needs exactly one 16-byte range")]
     BadRangeCount,
-    #[error("discard/write-zeroes range of {0} sectors is empty or over the limit")]
-    BadRangeLength(u32),
+    #[error("discard/write-zeroes range of {0} sectors is empty or over the limit of {1}")]
+    BadRangeLength(u32, u32),
+    #[error("{0} is not offered for this disk")]
+    NotOffered(&'static str),
     #[error("discard range with flags {0:#x} (no flags are defined for discard)")]
     DiscardFlags(u32),
     #[error("write-zeroes range with flags {0:#x} (only unmap, 0x1, is defined)")]
@@ -79,6 +81,7 @@ impl RequestError {
     pub fn status(&self) -> u8 {
         match self {
             RequestError::Unsupported(_)
+            | RequestError::NotOffered(_)
             | RequestError::DiscardFlags(_)
             | RequestError::WriteZeroesFlags(_) => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
@@ -127,6 +130,14 @@ impl Request {
     }
 }
 
+/// The DISCARD and WRITE_ZEROES requests a disk takes, each with its largest range in
+/// 512-byte sectors; `None`: not offered to the guest, so refused as unsupported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RangeRequests {
+    pub discard: Option<u32>,
+    pub write_zeroes: Option<u32>,
+}
+
 /// Outcome of parsing: a request, or an error with (if it could be found) where to write
 /// the status byte.
 pub type Parsed = Result<Request, (RequestError, Option<GuestAddress>)>;
@@ -148,6 +159,7 @@ pub fn parse(
     mem: &GuestMemoryMmap,
     disk_sectors: u64,
     read_only: bool,
+    ranges: RangeRequests,
 ) -> Parsed {
     // The chain iterator stops by itself at loops (it counts down from the table size) and
     // at chains longer than 4 GiB; a chain cut short that way ends in a descriptor that
@@ -237,6 +249,13 @@ pub fn parse(
             if read_only {
                 return fail(RequestError::ReadOnly);
             }
+            let (offered, name) = match request_type {
+                RequestType::Discard => (ranges.discard, "discard"),
+                _ => (ranges.write_zeroes, "write-zeroes"),
+            };
+            let Some(max_sectors) = offered else {
+                return fail(RequestError::NotOffered(name));
+            };
             if data.len() != 1 || total != 16 {
                 return fail(RequestError::BadRangeCount);
             }
@@ -253,8 +272,10 @@ pub fn parse(
                 u32::from_le(num_sectors),
                 u32::from_le(flags),
             );
-            if num_sectors == 0 || num_sectors > MAX_DISCARD_SECTORS {
-                return fail(RequestError::BadRangeLength(num_sectors));
+            // A backend sent a range beyond its own limit refuses it and, for iSCSI, drops
+            // the session: the guest could make its disk reconnect again and again.
+            if num_sectors == 0 || num_sectors > max_sectors {
+                return fail(RequestError::BadRangeLength(num_sectors, max_sectors));
             }
             if request_type == RequestType::Discard && flags != 0 {
                 return fail(RequestError::DiscardFlags(flags));

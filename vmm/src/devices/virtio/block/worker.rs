@@ -370,7 +370,13 @@ impl QueueWorker {
     fn start(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> bool {
         let head = chain.head_index();
         let sectors = self.disk.size() >> SECTOR_SHIFT;
-        let request = match parse(chain, &self.mem, sectors, self.disk.read_only()) {
+        let request = match parse(
+            chain,
+            &self.mem,
+            sectors,
+            self.disk.read_only(),
+            self.disk.range_requests(),
+        ) {
             Ok(r) => r,
             Err((error, status_addr)) => {
                 tracing::debug!("refusing virtio-blk request: {error}");

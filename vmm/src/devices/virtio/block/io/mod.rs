@@ -22,6 +22,8 @@ use std::sync::Arc;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::qcow2::{Qcow2Image, Qcow2Io};
+use super::request::RangeRequests;
+use super::MAX_DISCARD_SECTORS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -391,11 +393,21 @@ impl DiskFile {
         self.can_discard && !self.read_only
     }
 
-    /// Largest DISCARD and WRITE_ZEROES ranges the backend takes, in 512-byte sectors.
-    pub fn range_limits(&self) -> (Option<u64>, Option<u64>) {
-        match &self.backend {
+    /// The DISCARD and WRITE_ZEROES requests the guest is offered, each with the largest
+    /// range the backend takes (and the device's own limit).
+    pub fn range_requests(&self) -> RangeRequests {
+        let (discard, write_zeroes) = match &self.backend {
             Backend::Iscsi(lun) => (lun.max_discard_sectors(), lun.max_write_zeroes_sectors()),
             Backend::File { .. } | Backend::Rbd(_) => (None, None),
+        };
+        let limit = |l: Option<u64>| {
+            l.map_or(MAX_DISCARD_SECTORS, |l| {
+                l.clamp(1, u64::from(MAX_DISCARD_SECTORS)) as u32
+            })
+        };
+        RangeRequests {
+            discard: self.can_discard().then(|| limit(discard)),
+            write_zeroes: self.can_write_zeroes().then(|| limit(write_zeroes)),
         }
     }
 
