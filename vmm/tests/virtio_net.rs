@@ -283,6 +283,31 @@ fn rx_frame_waits_for_buffers_then_arrives() {
 }
 
 #[test]
+fn a_frame_larger_than_the_whole_rx_ring_is_dropped_and_the_next_arrives() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    // Every descriptor of the ring, 16 bytes each: 4 KiB of buffers in all.
+    for i in 0..u64::from(QUEUE_SIZE) {
+        net.add_rx(&[(BUF + i * 16, 16, W)]);
+    }
+    net.peer_send(&packet(5000, 3));
+    let small = packet(100, 6);
+    net.peer_send(&small);
+    assert!(
+        net.worker.process_rx(),
+        "the oversized frame held the queue"
+    );
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 1);
+    assert_eq!(net.stats.rx_frames.load(Ordering::SeqCst), 1);
+    let used = net.used(true);
+    assert_eq!(used, (0..7).map(|id| (id, 16)).collect::<Vec<_>>());
+    let mut got = vec![0u8; small.len()];
+    mem.read_slice(&mut got, GuestAddress(BUF)).unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 7);
+    assert_eq!(got[12..], small[12..]);
+}
+
+#[test]
 fn malformed_rx_chains_are_returned_unused_and_the_frame_takes_the_next() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let mut net = Net::new(&mem, true);

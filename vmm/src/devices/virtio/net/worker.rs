@@ -720,6 +720,11 @@ impl NetWorker {
 
     fn deliver(&mut self, len: usize) -> Delivery {
         if !self.reserve_rx(len) {
+            // The guest's whole ring is reserved and still holds less than the frame: it
+            // can never fit, and waiting for it would stop this queue receiving for good.
+            if self.p.mergeable_rx && self.rx_reserve.len() >= usize::from(self.p.rx.size()) {
+                return Delivery::Dropped;
+            }
             return Delivery::NoBuffers;
         }
         if !self.p.mergeable_rx && self.rx_reserve.front().is_some_and(|c| c.capacity < len) {
