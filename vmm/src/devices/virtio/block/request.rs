@@ -1,7 +1,6 @@
 //! Parsing and executing one virtio-blk request. Everything in a descriptor chain is
 //! guest-controlled: every address, length and flag is checked before use.
 
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -142,14 +141,11 @@ pub struct RangeRequests {
 /// the status byte.
 pub type Parsed = Result<Request, (RequestError, Option<GuestAddress>)>;
 
-fn in_guest(mem: &GuestMemoryMmap, d: &Descriptor) -> Result<(), RequestError> {
-    if GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+fn in_guest(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Result<(), RequestError> {
+    if GuestMemoryBackend::check_range(mem, addr, len as usize) {
         Ok(())
     } else {
-        Err(RequestError::OutOfGuestMemory {
-            addr: d.addr().0,
-            len: d.len(),
-        })
+        Err(RequestError::OutOfGuestMemory { addr: addr.0, len })
     }
 }
 
@@ -171,12 +167,18 @@ pub fn parse(
     if descriptors.last().is_some_and(|d| d.has_next()) {
         return Err((RequestError::UnterminatedChain, None));
     }
-    // Find the status byte first, so that every later error can still be reported.
-    let status_desc = rest.last().filter(|d| d.is_write_only() && d.len() >= 1);
-    let status = match status_desc {
-        Some(d) if in_guest(mem, d).is_ok() => d.addr(),
-        _ => return Err((RequestError::BadStatusDescriptor, None)),
+    // Find the status byte first, so that every later error can still be reported. It is
+    // the chain's last byte: a longer last buffer holds data before it (VIRTIO_F_ANY_LAYOUT,
+    // implied by VIRTIO_F_VERSION_1; Linux gives the status a buffer of its own).
+    let status_desc = rest
+        .last()
+        .filter(|d| d.is_write_only() && d.len() >= 1)
+        .filter(|d| in_guest(mem, d.addr(), d.len()).is_ok());
+    let Some(status_desc) = status_desc else {
+        return Err((RequestError::BadStatusDescriptor, None));
     };
+    // In guest memory, so the sum cannot overflow.
+    let status = GuestAddress(status_desc.addr().0 + u64::from(status_desc.len() - 1));
     let fail = |e: RequestError| Err((e, Some(status)));
     let max_descriptors = SEG_MAX as usize + 2;
     if descriptors.len() > max_descriptors {
@@ -191,7 +193,7 @@ pub fn parse(
     if header.len() > REQUEST_HEADER_SIZE {
         return fail(RequestError::HeaderWithData(header.len()));
     }
-    if let Err(e) = in_guest(mem, header) {
+    if let Err(e) = in_guest(mem, header.addr(), header.len()) {
         return fail(e);
     }
     let request_type = match mem.read_obj::<u32>(header.addr()) {
@@ -204,27 +206,29 @@ pub fn parse(
     };
 
     let data_descs = &rest[..rest.len() - 1];
-    let mut data = Vec::with_capacity(data_descs.len());
+    let pieces = data_descs
+        .iter()
+        .map(|d| (d.addr(), d.len(), d.is_write_only()))
+        .chain((status_desc.len() > 1).then(|| (status_desc.addr(), status_desc.len() - 1, true)));
+    let wants_write_only = match request_type {
+        RequestType::In | RequestType::GetDeviceId => Some(true),
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => Some(false),
+        RequestType::Flush | RequestType::Unsupported(_) => None,
+    };
+    let mut data = Vec::with_capacity(rest.len());
     let mut total: u64 = 0;
-    for d in data_descs {
-        if let Err(e) = in_guest(mem, d) {
+    for (addr, len, write_only) in pieces {
+        if let Err(e) = in_guest(mem, addr, len) {
             return fail(e);
         }
-        let wants_write_only = match request_type {
-            RequestType::In | RequestType::GetDeviceId => Some(true),
-            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => Some(false),
-            RequestType::Flush | RequestType::Unsupported(_) => None,
-        };
-        if let Some(w) = wants_write_only {
-            if d.is_write_only() != w {
-                return fail(RequestError::WrongDirection);
-            }
+        if wants_write_only.is_some_and(|w| write_only != w) {
+            return fail(RequestError::WrongDirection);
         }
-        if matches!(request_type, RequestType::In | RequestType::Out) && d.len() > SIZE_MAX {
-            return fail(RequestError::SegmentTooLong(d.len()));
+        if matches!(request_type, RequestType::In | RequestType::Out) && len > SIZE_MAX {
+            return fail(RequestError::SegmentTooLong(len));
         }
-        total += u64::from(d.len());
-        data.push((d.addr(), d.len()));
+        total += u64::from(len);
+        data.push((addr, len));
     }
 
     let kind = match request_type {
