@@ -68,6 +68,14 @@ pub enum NetworkError {
         network: String,
         owner: String,
     },
+    #[error(
+        "VM id '{id}' would take the TAPs of VM '{other}' on this host ({tap}): choose another id"
+    )]
+    TapNameTaken {
+        id: String,
+        other: String,
+        tap: String,
+    },
     #[error(transparent)]
     Link(#[from] LinkError),
     #[error("cannot start the DHCP server on {bridge}: {reason}")]
@@ -192,10 +200,39 @@ impl Networks {
     /// through). `unplug` lets go of it.
     fn reserve(&self, nic: &NicSpec, vm_id: &str) -> Result<MacAddr, NetworkError> {
         let network = self.network(&nic.network)?;
+        for other in self
+            .networks
+            .values()
+            .filter(|n| n.config.name != network.config.name)
+        {
+            let owners = other.owners.read().unwrap_or_else(|e| e.into_inner());
+            Self::check_tap_names(&owners, vm_id)?;
+        }
         let mut owners = network.owners.write().unwrap_or_else(|e| e.into_inner());
+        Self::check_tap_names(&owners, vm_id)?;
         let mac = Self::check_against(network, &owners, nic, vm_id)?;
         owners.insert(mac, (vm_id.to_owned(), nic.ip));
         Ok(mac)
+    }
+
+    /// TAP names are a 32-bit hash of the VM id: two ids with one hash would share their
+    /// TAPs, each VM seeing the other's traffic.
+    fn check_tap_names(
+        owners: &BTreeMap<MacAddr, (String, Ipv4Addr)>,
+        vm_id: &str,
+    ) -> Result<(), NetworkError> {
+        let ours = tap_name(vm_id, 0);
+        match owners
+            .values()
+            .find(|(owner, _)| owner != vm_id && tap_name(owner, 0) == ours)
+        {
+            Some((other, _)) => Err(NetworkError::TapNameTaken {
+                id: vm_id.to_owned(),
+                other: other.clone(),
+                tap: ours,
+            }),
+            None => Ok(()),
+        }
     }
 
     fn check_against(

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use stratus_nodeagent::networks::tap_name;
 use stratus_nodeagent::supervisor::socket_peer_pid;
 use stratus_vmm::test_ceph::CephCluster;
 use stratus_vmm::test_guest::{guest_code, tiny_vmlinux, Guest};
@@ -800,6 +801,18 @@ fn run(program: &str, args: &[&str]) -> String {
 
 /// busybox udhcpc on `interface`: the address it was offered, if any.
 /// The names of the test bridge's ports.
+/// Two VM ids whose TAPs would have one name (a birthday search: ~80 000 ids).
+fn ids_with_one_tap_name() -> (String, String) {
+    let mut seen = std::collections::HashMap::new();
+    (0u32..)
+        .find_map(|i| {
+            let id = format!("t{i}");
+            seen.insert(tap_name(&id, 0), id.clone())
+                .map(|other| (other, id))
+        })
+        .unwrap()
+}
+
 fn bridge_ports() -> Vec<String> {
     let links: Value =
         serde_json::from_str(&run("ip", &["-j", "link", "show", "master", "stbr0"])).unwrap();
@@ -1010,6 +1023,29 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         200
     );
     assert_eq!(agent.call("DELETE", &format!("/vms/{winner}"), None).0, 204);
+
+    // Two ids whose TAP names hash alike: the second VM is refused, not given the first's
+    // TAP (the two guests would have seen each other's traffic).
+    let (first, second) = ids_with_one_tap_name();
+    let mut spec = agent.spec(Guest::Halt);
+    spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:10",
+                           "ip": "198.18.5.30"}]);
+    let (status, vm) = agent.call("PUT", &format!("/vms/{first}"), Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:11",
+                           "ip": "198.18.5.31"}]);
+    let (status, e) = agent.call("PUT", &format!("/vms/{second}"), Some(&spec));
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        error(&e).contains(&format!("would take the TAPs of VM '{first}'")),
+        "{e}"
+    );
+    assert_eq!(agent.call("GET", &format!("/vms/{second}"), None).0, 404);
+    assert_eq!(
+        agent.call("POST", &format!("/vms/{first}/kill"), None).0,
+        200
+    );
+    assert_eq!(agent.call("DELETE", &format!("/vms/{first}"), None).0, 204);
 
     // Two queue pairs for a 2-vCPU VM: a multi-queue TAP, and the VMM holds one descriptor
     // on it per pair.

@@ -158,9 +158,11 @@ impl From<VmError> for Refusal {
             VmError::Network(NetworkError::Unknown(..) | NetworkError::BadNic { .. }) => {
                 StatusCode::BAD_REQUEST
             }
-            VmError::Network(NetworkError::MacInUse { .. } | NetworkError::IpInUse { .. }) => {
-                StatusCode::CONFLICT
-            }
+            VmError::Network(
+                NetworkError::MacInUse { .. }
+                | NetworkError::IpInUse { .. }
+                | NetworkError::TapNameTaken { .. },
+            ) => StatusCode::CONFLICT,
             VmError::Network(_) => StatusCode::INTERNAL_SERVER_ERROR,
             VmError::Image(
                 stratus_images::Error::PolicyRefused { .. }
