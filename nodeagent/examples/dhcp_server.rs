@@ -42,8 +42,8 @@ fn main() -> ExitCode {
                 .run(async move {
                     term.recv().await;
                 })
-                .await
-                .map_err(|e| e.to_string())
+                .await;
+            Ok(())
         })
     };
     match run() {

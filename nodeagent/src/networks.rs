@@ -144,12 +144,7 @@ impl Networks {
                     reason: e.to_string(),
                 })?;
             let table = bound.server().table();
-            let bridge = config.bridge.clone();
-            tokio::spawn(async move {
-                if let Err(e) = bound.run(std::future::pending()).await {
-                    tracing::error!("DHCP server on {bridge} stopped: {e}");
-                }
-            });
+            tokio::spawn(bound.run(std::future::pending()));
             tracing::info!(
                 "network '{}': bridge {} at {}/{}, DHCP on, anti-spoofing {}",
                 config.name,

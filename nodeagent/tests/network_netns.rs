@@ -470,7 +470,6 @@ fn guest_gets_its_fixed_lease_and_strangers_get_nothing() {
         tokio::time::timeout(Duration::from_secs(5), serving)
             .await
             .expect("server did not stop")
-            .unwrap()
             .unwrap();
         drop(tap);
         assert!(nl.delete_tap(TAP).await.unwrap());

@@ -339,7 +339,7 @@ impl BoundDhcpServer {
         &self.server
     }
 
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DhcpError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let io_err = |source| DhcpError::Io {
             interface: self.interface.clone(),
             source,
@@ -348,9 +348,20 @@ impl BoundDhcpServer {
         // Larger than any Ethernet frame so an oversized datagram is read whole and rejected.
         let mut buf = vec![0u8; 65536];
         loop {
-            let (len, from) = tokio::select! {
+            let received = tokio::select! {
                 _ = &mut shutdown => break,
-                r = self.socket.recv_from(&mut buf) => r.map_err(io_err)?,
+                r = self.socket.recv_from(&mut buf) => r,
+            };
+            let (len, from) = match received {
+                Ok(got) => got,
+                Err(e) => {
+                    // Ending here would leave every guest on the bridge without renewals
+                    // until the agent restarts; the error is logged and the server goes on,
+                    // paced so a lasting error does not spin.
+                    tracing::warn!("{}", io_err(e));
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             match self.server.handle_datagram(&buf[..len]) {
                 Ok(Some((reply, to))) => {
@@ -364,7 +375,6 @@ impl BoundDhcpServer {
             }
         }
         tracing::info!(interface = self.interface, "DHCP server stopped");
-        Ok(())
     }
 }
 
