@@ -83,6 +83,17 @@ async fn set_state(
     Ok(())
 }
 
+/// Fails the VM and queues the epilog that undoes what was made for it (on its node, and
+/// its quota, addresses and disks) in one commit: failed, then killed before the release,
+/// it would hold them for good, as a failed VM's deploy is over.
+async fn fail(cloud: &Cloud, row: &VmRow, why: &str) -> Result<(), StepError> {
+    let mut tx = cloud.db.pool.begin().await?;
+    vms::set_state(&mut tx, row.id, VmState::Failed, Some(why)).await?;
+    super::enqueue(&mut tx, row.id, Action::Epilog, &row.owner).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// Releases the VM's quota, addresses and node room; `state` is its final state (None:
 /// keep the one it has, e.g. Failed with its reason).
 async fn release(cloud: &Cloud, vm: i64, state: Option<(VmState, &str)>) -> Result<(), StepError> {
@@ -289,10 +300,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                     // never serve (its pool is gone) fails the VM at once.
                     let permanent = matches!(e, pdisk::VolumeError::Conflict(_));
                     if permanent || job.attempts >= MAX_DEPLOY_ATTEMPTS {
-                        let mut tx = cloud.db.pool.begin().await?;
-                        vms::set_state(&mut tx, row.id, VmState::Failed, Some(&why)).await?;
-                        super::enqueue(&mut tx, row.id, Action::Epilog, &row.owner).await?;
-                        tx.commit().await?;
+                        fail(cloud, &row, &why).await?;
                         return Ok(Outcome::Failed(why));
                     }
                     return Ok(Outcome::Retry(backoff(job.attempts), why));
@@ -358,9 +366,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                 // The node cannot make this VM (its image, context, network): it is the
                 // request's fault, and another node would refuse it too.
                 let why = format!("node {} cannot start it: {reason}", node.name);
-                let _ = client.delete(&row.id.to_string()).await;
-                set_state(cloud, row.id, VmState::Failed, Some(&why)).await?;
-                release(cloud, row.id, None).await?;
+                fail(cloud, &row, &why).await?;
                 return Ok(Outcome::Failed(why));
             }
             Err(e) => {
@@ -368,10 +374,7 @@ async fn deploy(cloud: &Cloud, job: &Claimed, mut row: VmRow) -> Result<Outcome,
                     // The node may have made part of it: the epilog undoes that once the
                     // node answers again.
                     let why = format!("gave up after {} attempts: {e}", job.attempts);
-                    let mut tx = cloud.db.pool.begin().await?;
-                    vms::set_state(&mut tx, row.id, VmState::Failed, Some(&why)).await?;
-                    super::enqueue(&mut tx, row.id, Action::Epilog, &row.owner).await?;
-                    tx.commit().await?;
+                    fail(cloud, &row, &why).await?;
                     return Ok(Outcome::Failed(why));
                 }
                 return Ok(Outcome::Retry(backoff(job.attempts), e.to_string()));
@@ -403,8 +406,7 @@ async fn root_disk(
                 pdisk::VolumeError::Conflict(_) | pdisk::VolumeError::BadRequest(_)
             );
             if permanent || job.attempts >= MAX_DEPLOY_ATTEMPTS {
-                set_state(cloud, row.id, VmState::Failed, Some(&why)).await?;
-                release(cloud, row.id, None).await?;
+                fail(cloud, row, &why).await?;
                 return Ok(Err(Outcome::Failed(why)));
             }
             Ok(Err(Outcome::Retry(backoff(job.attempts), why)))
