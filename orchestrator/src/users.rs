@@ -162,10 +162,26 @@ pub async fn set_password(db: &Db, name: &str, password: &str) -> Result<(), Use
 /// Deletes a user who holds no VMs (their Done VMs' records go with them).
 pub async fn delete(db: &Db, name: &str) -> Result<(), UserError> {
     let mut tx = db.pool.begin().await?;
-    let (vms,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM vms WHERE owner = $1 AND holds = 1")
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await?;
+    // The user's row first: a run request admitted meanwhile (it locks the row too) either
+    // committed before, and is counted below, or waits and then finds no user.
+    let locked: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT name FROM users WHERE name = $1{}",
+        db.for_update()
+    )))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if locked.is_none() {
+        return Err(UserError::Unknown(name.to_owned()));
+    }
+    // A VM still being worked on counts too: its records go below.
+    let (vms,): (i64,) = sqlx::query_as(
+        "SELECT COUNT(*) FROM vms WHERE owner = $1 AND (holds = 1 OR id IN \
+         (SELECT vm_id FROM jobs WHERE state IN ('queued', 'running')))",
+    )
+    .bind(name)
+    .fetch_one(&mut *tx)
+    .await?;
     if vms > 0 {
         return Err(UserError::HasVms {
             user: name.to_owned(),
@@ -190,8 +206,21 @@ pub async fn delete(db: &Db, name: &str) -> Result<(), UserError> {
     if gone == 0 {
         return Err(UserError::Unknown(name.to_owned()));
     }
-    // A new user of the same name must not inherit these logins.
+    // A new user of the same name must not inherit these logins, nor the old one's VMs,
+    // their histories and jobs (every VM left holds nothing: counted above).
     sqlx::query("DELETE FROM web_sessions WHERE user_name = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM vm_events WHERE vm_id IN (SELECT id FROM vms WHERE owner = $1)")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM jobs WHERE owner = $1")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM vms WHERE owner = $1")
         .bind(name)
         .execute(&mut *tx)
         .await?;

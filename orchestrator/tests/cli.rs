@@ -991,6 +991,12 @@ fn volumes_through_the_links(backend: Backend) {
         &delete.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     assert_eq!(cloud.admin("DELETE", "/users/bob", None).0, 204);
+    // A new "bob" starts afresh: the old one's VMs, histories and jobs went with him.
+    let new_bob = cloud.add_user("bob", "another-password");
+    assert_eq!(cloud.call_as(new_bob, "GET", "/vms", None).1["count"], 0);
+    let (status, old) = cloud.call_as(new_bob, "GET", &format!("/vms/{bobs}"), None);
+    assert_eq!(status, 404, "{old}");
+    assert_eq!(cloud.admin("DELETE", "/users/bob", None).0, 204);
 
     // When the VMs end, their volumes are free; deleting them removes their files.
     user.ok(
