@@ -247,6 +247,7 @@ fn regions(image: &Path) -> Result<(String, Vec<Region>)> {
     let has_mbr_signature = head[510] == 0x55 && head[511] == 0xaa;
     let mbr_types: Vec<u8> = (0..4).map(|k| head[446 + k * 16 + 4]).collect();
     if has_mbr_signature && mbr_types.contains(&0xee) {
+        refuse_gpt_headers_gpt_panics_on(image, &mut f, size)?;
         let disk = gpt::GptConfig::new()
             .writable(false)
             .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)
@@ -272,6 +273,20 @@ fn regions(image: &Path) -> Result<(String, Vec<Region>)> {
         return Ok(("gpt".into(), out));
     }
     if has_mbr_signature && mbr_types.iter().any(|t| *t != 0) {
+        // mbrman looks for the partitions' common alignment and panics when every one in
+        // use starts at sector 0 (where the MBR itself is).
+        if let Some(k) = (0..4).find(|&k| {
+            let entry = &head[446 + k * 16..446 + (k + 1) * 16];
+            entry[4] != 0 && entry[8..12] == [0; 4]
+        }) {
+            return Err(not_bootable(
+                image,
+                format!(
+                    "MBR partition {} starts at sector 0, over the partition table",
+                    k + 1
+                ),
+            ));
+        }
         let mbr = mbrman::MBR::read_from(&mut f, SECTOR as u32)
             .map_err(|e| not_bootable(image, format!("unreadable MBR partition table: {e}")))?;
         let mut out = Vec::new();
@@ -305,6 +320,37 @@ fn regions(image: &Path) -> Result<(String, Vec<Region>)> {
         image,
         "no MBR or GPT partition table and no ext2/3/4 filesystem",
     ))
+}
+
+/// Most GPT partition entries a disk is taken with: 128 is what partitioning tools write.
+const MAX_GPT_ENTRIES: u32 = 1024;
+
+/// `gpt` asserts 128-byte partition entries (the node agent aborts on a panic) and sizes
+/// a buffer by the entry count, so a header asking otherwise is refused before it reads
+/// one. Both headers are looked at: `gpt` takes the backup when the primary is damaged.
+fn refuse_gpt_headers_gpt_panics_on(image: &Path, f: &mut File, size: u64) -> Result<()> {
+    let backup = (size - SECTOR) / SECTOR * SECTOR;
+    for (which, at) in [("primary", SECTOR), ("backup", backup)] {
+        let mut header = [0u8; 92];
+        read_at(f, at, &mut header).map_err(|e| Error::io(image, e))?;
+        if &header[..8] != b"EFI PART" {
+            continue;
+        }
+        let field = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let (entries, entry_size) = (field(80), field(84));
+        if entry_size != 128 || entries > MAX_GPT_ENTRIES {
+            return Err(not_bootable(
+                image,
+                format!(
+                    "the {which} GPT header lists {entries} partition entries of {entry_size} \
+                     bytes (only 128-byte entries, at most {MAX_GPT_ENTRIES}, are read)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn open_fs(image: &Path, r: Region) -> std::result::Result<Ext4, String> {

@@ -338,6 +338,60 @@ fn images_without_kernel_or_filesystem_are_refused_with_the_reason() {
     assert!(e.to_string().contains("junk.img"), "{e}");
 }
 
+/// Partition tables the `gpt` and `mbrman` crates panic on (and a panic aborts the node
+/// agent) are refused as not bootable before they reach them.
+#[test]
+fn partition_tables_the_parsers_would_panic_on_are_refused() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+
+    // An MBR whose only partition starts at sector 0.
+    let mut head = vec![0u8; 1 << 20];
+    head[446 + 4] = 0x83;
+    head[446 + 12..446 + 16].copy_from_slice(&100u32.to_le_bytes());
+    head[510] = 0x55;
+    head[511] = 0xaa;
+    let disk = tmp.path().join("mbr-at-0.img");
+    std::fs::write(&disk, &head).unwrap();
+    let reason = not_bootable_reason(boot::prepare(&disk, tmp.path(), "a").unwrap_err());
+    assert_eq!(
+        reason,
+        "MBR partition 1 starts at sector 0, over the partition table"
+    );
+
+    // A GPT whose (valid, checksummed) primary header has 256-byte entries, as the
+    // specification allows, and one with more entries than any disk has.
+    let tree = tmp.path().join("tree");
+    write(&tree, "etc/fstab", b"\n");
+    let fs = make_fs(tmp.path(), "root.fs", "ext4", &tree, ROOT_UUID);
+    let disk = gpt_disk(tmp.path(), &fs);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    let mut original = [0u8; 92];
+    file.read_exact_at(&mut original, 512).unwrap();
+    assert_eq!(&original[..8], b"EFI PART");
+    for (entries, entry_size) in [(128u32, 256u32), (1 << 20, 128)] {
+        let mut header = original;
+        header[80..84].copy_from_slice(&entries.to_le_bytes());
+        header[84..88].copy_from_slice(&entry_size.to_le_bytes());
+        header[16..20].fill(0);
+        let crc = crc32fast::hash(&header);
+        header[16..20].copy_from_slice(&crc.to_le_bytes());
+        file.write_all_at(&header, 512).unwrap();
+        let reason = not_bootable_reason(boot::prepare(&disk, tmp.path(), "b").unwrap_err());
+        assert_eq!(
+            reason,
+            format!(
+                "the primary GPT header lists {entries} partition entries of {entry_size} \
+                 bytes (only 128-byte entries, at most 1024, are read)"
+            )
+        );
+    }
+}
+
 fn endorser() -> Endorser {
     Endorser {
         email: "jane@stratuslab.eu".into(),
