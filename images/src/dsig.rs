@@ -339,6 +339,13 @@ fn parse_dn(s: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Whether two DN strings name the same DN, however each is written (RFC 4514, OpenSSL or
+/// slash form, either order, values in any case).
+pub fn same_dn(a: &str, b: &str) -> bool {
+    let (a, b) = (parse_dn(a), parse_dn(b));
+    !a.is_empty() && (a == b || a.iter().rev().eq(b.iter()))
+}
+
 /// Whether a DN string names `name` (either order, case-insensitive values).
 pub fn dn_matches(text: &str, name: &Name) -> bool {
     let Ok(attrs) = name_attrs(name) else {

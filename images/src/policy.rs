@@ -10,7 +10,7 @@
 //! blacklist_identifiers = MMZu9WvwKIro-rtBQfDk4PsKO7_
 //! ```
 //! Values are separated by whitespace, or by `;` for endorsers (whose subjects contain
-//! commas). An endorser matches by email (case-insensitive) or exact subject. A checksum
+//! commas). An endorser matches by email (case-insensitive) or subject (in any DN form). A checksum
 //! matches any checksum of the entry. A black list always refuses; a non-empty white list
 //! refuses everything it does not name.
 
@@ -94,7 +94,11 @@ impl Policy {
     pub fn check(&self, m: &Metadata) -> Result<()> {
         let id = m.identifier.to_string();
         let en = &m.endorsement.endorser;
-        let endorser_is = |s: &String| s.eq_ignore_ascii_case(&en.email) || *s == en.subject;
+        // As `ops::validate` matched them with the certificate: the entry may write its
+        // subject in any DN form and its email with spaces around it.
+        let endorser_is = |s: &String| {
+            s.eq_ignore_ascii_case(en.email.trim()) || crate::dsig::same_dn(s, &en.subject)
+        };
         let refuse = |rule: &str, value: &str| Error::PolicyRefused {
             identifier: id.clone(),
             rule: rule.into(),

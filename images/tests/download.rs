@@ -260,6 +260,24 @@ fn policy_lists() {
         rule("whitelist_identifiers = MMZu9WvwKIro-rtBQfDk4PsKO7_"),
         "whitelist_identifiers"
     );
+    // The entry may spell its endorser as the certificate check allows (any DN form and
+    // order, spaces around the email): the lists still know them.
+    let mut respelled = m.clone();
+    respelled.endorsement.endorser.subject = "/C=eu/O=StratusLab/CN=JANE ENDORSER".into();
+    respelled.endorsement.endorser.email = format!(" {} ", m.endorsement.endorser.email);
+    for listed in [
+        "CN=Jane Endorser,O=StratusLab,C=EU",
+        "C = EU, O = StratusLab, CN = Jane Endorser",
+        "jane@stratuslab.eu",
+    ] {
+        let policy = Policy::parse(&format!("blacklist_endorsers = {listed}"), "t").unwrap();
+        assert!(
+            matches!(policy.check(&respelled), Err(Error::PolicyRefused { .. })),
+            "{listed} let the respelled endorser through"
+        );
+        let policy = Policy::parse(&format!("whitelist_endorsers = {listed}"), "t").unwrap();
+        policy.check(&respelled).unwrap();
+    }
     let e = Policy::parse("colour = red", "site.cfg")
         .unwrap_err()
         .to_string();
