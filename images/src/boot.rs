@@ -543,8 +543,12 @@ pub fn inspect(image: &Path) -> Result<BootSelection> {
     ))
 }
 
+/// Largest kernel or initrd taken out of an image: the image says how large its files are,
+/// and a sparse one would otherwise fill the host's disk with zeroes.
+const MAX_BOOT_FILE: u64 = 512 << 20;
+
 /// Copy `src` (a path in `fs`) to `dest` through a temporary file; returns the size.
-fn extract_file(fs: &Ext4, src: &str, dest: &Path) -> Result<u64> {
+fn extract_file(image: &Path, fs: &Ext4, src: &str, dest: &Path) -> Result<u64> {
     let tmp = dest.with_extension(format!(
         "{}.part-{}",
         dest.extension().and_then(|e| e.to_str()).unwrap_or(""),
@@ -556,15 +560,29 @@ fn extract_file(fs: &Ext4, src: &str, dest: &Path) -> Result<u64> {
             std::io::Error::other(format!("cannot open {src} in the image: {e}")),
         )
     })?;
-    let mut out = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let n = std::io::copy(&mut input, &mut out).map_err(|e| Error::io(&tmp, e))?;
-    out.flush().map_err(|e| Error::io(&tmp, e))?;
-    drop(out);
-    std::fs::rename(&tmp, dest).map_err(|e| {
+    let copied = File::create(&tmp)
+        .and_then(|mut out| {
+            let n = std::io::copy(&mut (&mut input).take(MAX_BOOT_FILE + 1), &mut out)?;
+            out.flush()?;
+            Ok(n)
+        })
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|n| match n > MAX_BOOT_FILE {
+            true => Err(not_bootable(
+                image,
+                format!("{src} is larger than {} MiB", MAX_BOOT_FILE >> 20),
+            )),
+            false => Ok(n),
+        })
+        .and_then(|n| {
+            std::fs::rename(&tmp, dest)
+                .map(|()| n)
+                .map_err(|e| Error::io(dest, e))
+        });
+    if copied.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        Error::io(dest, e)
-    })?;
-    Ok(n)
+    }
+    copied
 }
 
 /// Find the kernel and initrd of the raw image at `image` and extract them to
@@ -579,11 +597,11 @@ pub fn prepare(image: &Path, dir: &Path, stem: &str) -> Result<BootInfo> {
         .ok_or_else(|| not_bootable(image, "the boot partition disappeared"))?;
     let fs = open_fs(image, region).map_err(|e| not_bootable(image, e))?;
     let kernel = dir.join(format!("{stem}.vmlinuz"));
-    let kernel_bytes = extract_file(&fs, &sel.kernel_source, &kernel)?;
+    let kernel_bytes = extract_file(image, &fs, &sel.kernel_source, &kernel)?;
     let (initrd, initrd_bytes) = match &sel.initrd_source {
         Some(src) => {
             let p = dir.join(format!("{stem}.initrd"));
-            let n = extract_file(&fs, src, &p)?;
+            let n = extract_file(image, &fs, src, &p)?;
             (Some(p), Some(n))
         }
         None => {

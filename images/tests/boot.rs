@@ -338,6 +338,35 @@ fn images_without_kernel_or_filesystem_are_refused_with_the_reason() {
     assert!(e.to_string().contains("junk.img"), "{e}");
 }
 
+/// An image's files are as large as the image says: a sparse 600 MiB "initrd" in a 16 MiB
+/// filesystem is refused, not written out to the host's disk, and nothing is left behind.
+#[test]
+fn a_boot_file_larger_than_any_initrd_is_refused_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    debian_tree(&tree);
+    std::fs::File::options()
+        .write(true)
+        .open(tree.join("boot/initrd.img-6.1.0-13-amd64"))
+        .unwrap()
+        .set_len(600 << 20)
+        .unwrap();
+    let fs = make_fs(tmp.path(), "root.fs", "ext4", &tree, ROOT_UUID);
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let reason = not_bootable_reason(boot::prepare(&fs, &out, "big").unwrap_err());
+    assert_eq!(
+        reason,
+        "/boot/initrd.img-6.1.0-13-amd64 is larger than 512 MiB"
+    );
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().contains(".part"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Partition tables the `gpt` and `mbrman` crates panic on (and a panic aborts the node
 /// agent) are refused as not bootable before they reach them.
 #[test]
