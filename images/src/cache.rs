@@ -184,6 +184,16 @@ impl ImageCache {
         let path = self.path_of(m);
         if path.exists() {
             if self.intact(m, &path)? {
+                // Also on a hit: a crash between a download's rename and its check below
+                // leaves an image here that was never looked at.
+                if let Err(e) = Self::refuse_hazards(m, &path) {
+                    self.verified
+                        .lock()
+                        .expect("lock")
+                        .remove(m.identifier.as_str());
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
                 tracing::debug!(identifier = %m.identifier, "cache hit");
                 return Ok(path);
             }

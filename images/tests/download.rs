@@ -654,6 +654,18 @@ fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
             files.is_empty(),
             "{name}: nothing may stay in the cache: {files:?}"
         );
+        // Nor is it served when found in the cache with the right checksums (left there
+        // by a crash between the download's rename and its check).
+        let data = std::fs::read(path(name)).unwrap();
+        let m = entry(&data, vec![]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(m.identifier.to_string()), &data).unwrap();
+        let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+        match cache.get(&m, &mut |_| {}) {
+            Err(Error::UnsafeImage { reason, .. }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{name} from the cache: {other:?}"),
+        }
+        assert!(files_in(dir.path()).is_empty(), "{name} stays cached");
     }
 }
 
