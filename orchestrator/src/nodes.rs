@@ -179,10 +179,15 @@ pub async fn add(db: &Db, node: &NodeAdd) -> Result<i64, NodeError> {
 /// Removes a node that holds no VMs.
 pub async fn remove(db: &Db, name: &str) -> Result<(), NodeError> {
     let mut tx = db.pool.begin().await?;
-    let row: Option<(i64,)> = sqlx::query_as("SELECT id FROM nodes WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
+    // Locked as placement locks it: a VM being placed here meanwhile is either counted
+    // below or finds the node gone.
+    let row: Option<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id FROM nodes WHERE name = $1{}",
+        db.for_update()
+    )))
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some((id,)) = row else {
         return Err(NodeError::Unknown(name.to_owned()));
     };
@@ -198,6 +203,11 @@ pub async fn remove(db: &Db, name: &str) -> Result<(), NodeError> {
         });
     }
     sqlx::query("DELETE FROM nodes WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    // The ended VMs it ran keep their records, without a node that no longer exists.
+    sqlx::query("UPDATE vms SET node_id = NULL WHERE node_id = $1")
         .bind(id)
         .execute(&mut *tx)
         .await?;

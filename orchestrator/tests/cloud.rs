@@ -603,6 +603,26 @@ fn the_admins_command_line_manages_users_and_nodes() {
         ),
         "{out}"
     );
+    // A node whose VMs have ended can go; their records stay, without a node (the console
+    // of such a VM answered 500 once its node was gone).
+    let dave = ("dave", "new-password");
+    let powers_off = market.publish(Guest::PowerOff, |_| {});
+    let vm = run_vm(
+        &cloud,
+        dave,
+        json!({"image": powers_off, "instance_type": "t1.micro"}),
+    );
+    cloud.wait_vm(vm, "Done and released", |vm| {
+        vm["state"] == "Done" && vm["holds_resources"] == false
+    });
+    let (ok, out) = cloud.admin_command(&["node", "remove", "n1"], "");
+    assert!(ok, "{out}");
+    let (status, done) = cloud.call_as(dave, "GET", &format!("/vms/{vm}"), None);
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["state"], "Done");
+    let (status, e) = cloud.call_as(dave, "GET", &format!("/vms/{vm}/console"), None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains("not on a node"), "{e}");
     let (ok, _) = cloud.admin_command(&["user", "del", "dave"], "");
     assert!(ok);
     assert_eq!(
