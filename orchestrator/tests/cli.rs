@@ -1146,6 +1146,17 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_a_file_pool() {
     let (status, e) = cloud.call_as(alice, "POST", &format!("/disks/{live}"), None);
     assert_eq!(status, 409, "{e}");
     assert!(error(&e).contains("detach it"), "{e}");
+    // Nor does it become an ORIGIN (whose snapshots are not checked for writers) while a
+    // guest writes it.
+    let body = serde_json::json!({ "type": "MACHINE_IMAGE_ORIGIN" });
+    let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{live}"), Some(&body));
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        error(&e).contains(&format!(
+            "attached to VM {first}: detach it before changing its type"
+        )),
+        "{e}"
+    );
     user.ok("stratus-kill-instance", &[&first.to_string()]);
     cloud.wait_state(first, "Done");
     // Given another type, the ORIGIN is still never written while a LIVE reads through it.
@@ -1187,6 +1198,16 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_a_file_pool() {
     // A LIVE whose header was rewritten (by a VMM that could write it) to name a host
     // file: its rebase is refused, nothing made.
     let second_live = live_snapshot(&cloud, alice, &origin);
+    // Two snapshots of one ORIGIN share its identifier: only one may be made an ORIGIN.
+    set_type(&live, "MACHINE_IMAGE_ORIGIN");
+    let body = serde_json::json!({ "type": "DATA_IMAGE_ORIGIN" });
+    let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{second_live}"), Some(&body));
+    assert_eq!(status, 409, "{e}");
+    assert!(
+        error(&e).contains(&format!("an ORIGIN of snapshot:{origin} exists already")),
+        "{e}"
+    );
+    set_type(&live, "MACHINE_IMAGE_LIVE");
     let rewritten = Command::new("qemu-img")
         .args([
             "rebase",

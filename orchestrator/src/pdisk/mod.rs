@@ -1027,8 +1027,16 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
     let storage = cloud.volumes.as_ref().ok_or_else(no_storage)?;
     let new_uuid = uuid::Uuid::new_v4().hyphenated().to_string();
     let mut tx = cloud.db.pool.begin().await?;
-    load_visible(&mut tx, who, &uuid, "snapshot").await?;
+    let visible = load_visible(&mut tx, who, &uuid, "snapshot").await?;
+    // The user's row before the volume's, in the order a run request with this volume
+    // locks them: the other order deadlocked the two (PostgreSQL aborted one, a 500).
+    reserve(cloud, &mut tx, who, visible.size_gib).await?;
     let source = load_locked(&cloud.db, &mut tx, &uuid).await?;
+    if source.size_gib != visible.size_gib {
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} changed meanwhile: try again"
+        )));
+    }
     if source.state != "available" {
         return Err(VolumeError::Conflict(format!(
             "disk {uuid} is {}, not available",
@@ -1058,7 +1066,6 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
     };
     let location = storage.location_beside(&source.location, &new_uuid, snapshot)?;
     let source_backing = file_backing(&mut tx, &source).await?;
-    reserve(cloud, &mut tx, who, source.size_gib).await?;
     let new = NewVolume {
         uuid: &new_uuid,
         owner: &who.name,
@@ -1165,7 +1172,34 @@ pub async fn update(
         check_tag(tag)?;
     }
     let mut tx = cloud.db.pool.begin().await?;
-    let row = load_owned(&mut tx, who, &uuid, "update").await?;
+    load_owned(&mut tx, who, &uuid, "update").await?;
+    // Locked as an attach or a snapshot locks it, so the checks below hold until commit.
+    let row = load_locked(&cloud.db, &mut tx, &uuid).await?;
+    if let Some(kind) = request.kind.filter(|k| k.as_str() != row.kind) {
+        // An attached volume's type said how its VM got it: made an ORIGIN while a guest
+        // writes it, its snapshots would be torn copies.
+        if let Some(m) = mounts_of_volume(&mut tx, &uuid).await?.first() {
+            return Err(VolumeError::Conflict(format!(
+                "disk {uuid} is attached to VM {}: detach it before changing its type",
+                m.vm_id
+            )));
+        }
+        if let Some(identifier) = row.identifier.as_deref().filter(|_| kind.is_origin()) {
+            let (origins,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM volumes WHERE identifier = $1 AND uuid <> $2 \
+                 AND kind IN ('MACHINE_IMAGE_ORIGIN', 'DATA_IMAGE_ORIGIN')",
+            )
+            .bind(identifier)
+            .bind(&uuid)
+            .fetch_one(&mut *tx)
+            .await?;
+            if origins > 0 {
+                return Err(VolumeError::Conflict(format!(
+                    "an ORIGIN of {identifier} exists already: disk {uuid} cannot be another"
+                )));
+            }
+        }
+    }
     sqlx::query(
         "UPDATE volumes SET tag = $1, visibility = $2, kind = $3, updated = $4 WHERE uuid = $5",
     )
