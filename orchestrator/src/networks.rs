@@ -103,8 +103,9 @@ pub fn addresses_of(network: &NetworkConfig) -> Result<Vec<(Ipv4Addr, String)>, 
 }
 
 /// Brings the networks table in line with the configuration: new networks and addresses
-/// are added, free addresses no longer configured are dropped. Leased addresses stay until
-/// their VM lets them go.
+/// are added, free addresses take their configured MAC, free addresses no longer configured
+/// are dropped. Leased addresses stay as they are until their VM lets them go; a MAC given
+/// to another address while a VM still holds it is refused, as two NICs would have it.
 pub async fn sync(db: &Db, networks: &[NetworkConfig]) -> Result<(), NetworkError> {
     let mut tx = db.pool.begin().await?;
     for network in networks {
@@ -136,12 +137,16 @@ pub async fn sync(db: &Db, networks: &[NetworkConfig]) -> Result<(), NetworkErro
             addresses.iter().map(|(ip, _)| ip.to_string()).collect();
         for (seq, (ip, mac)) in addresses.iter().enumerate() {
             if existing.contains(&ip.to_string()) {
-                sqlx::query("UPDATE addresses SET seq = $1 WHERE network = $2 AND ip = $3")
-                    .bind(seq as i64)
-                    .bind(&network.name)
-                    .bind(ip.to_string())
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE addresses SET seq = $1, mac = CASE WHEN vm_id IS NULL THEN $2 \
+                     ELSE mac END WHERE network = $3 AND ip = $4",
+                )
+                .bind(seq as i64)
+                .bind(mac)
+                .bind(&network.name)
+                .bind(ip.to_string())
+                .execute(&mut *tx)
+                .await?;
             } else {
                 sqlx::query(
                     "INSERT INTO addresses (network, seq, ip, mac, vm_id) VALUES ($1, $2, $3, $4, NULL)",
@@ -160,6 +165,23 @@ pub async fn sync(db: &Db, networks: &[NetworkConfig]) -> Result<(), NetworkErro
                 .bind(ip)
                 .execute(&mut *tx)
                 .await?;
+        }
+        let shared: Option<(String, String)> = sqlx::query_as(
+            "SELECT a.mac, a.ip FROM addresses a JOIN addresses b ON a.network = b.network \
+             AND a.mac = b.mac AND a.ip <> b.ip WHERE a.network = $1 AND a.vm_id IS NOT NULL \
+             ORDER BY a.seq LIMIT 1",
+        )
+        .bind(&network.name)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((mac, leased)) = shared {
+            return Err(NetworkError::Config {
+                network: network.name.clone(),
+                reason: format!(
+                    "MAC {mac} is configured for another address while a VM holds it with \
+                     {leased}: keep it until that VM ends"
+                ),
+            });
         }
     }
     tx.commit().await?;
@@ -326,6 +348,90 @@ mod tests {
         .unwrap();
         assert_eq!(range.len(), 4);
         assert_eq!(range[3].1, "02:00:c6:12:01:04");
+    }
+
+    #[tokio::test]
+    async fn free_addresses_take_a_changed_mac_and_a_leased_mac_is_never_given_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&format!(
+            "sqlite:{}",
+            dir.path().join("db.sqlite").display()
+        ))
+        .await
+        .unwrap();
+        let macs = || async {
+            let rows: Vec<(String, String)> =
+                sqlx::query_as("SELECT ip, mac FROM addresses ORDER BY seq")
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            rows
+        };
+        sync(
+            &db,
+            &[net(
+                NetworkKind::Public,
+                &["198.18.0.10", "198.18.0.11"],
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+        let mut conn = db.pool.acquire().await.unwrap();
+        let lease = allocate(&db, &mut conn, "n", 1, Some("198.18.0.10".parse().unwrap()))
+            .await
+            .unwrap();
+        drop(conn);
+        assert_eq!(lease.mac, "02:00:c6:12:00:0a");
+
+        // The leased MAC configured for the free address: refused, nothing changed.
+        let e = sync(
+            &db,
+            &[net(
+                NetworkKind::Public,
+                &[
+                    "198.18.0.10 0a:00:00:00:00:01",
+                    "198.18.0.11 02:00:c6:12:00:0a",
+                ],
+                None,
+            )],
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("MAC 02:00:c6:12:00:0a is configured for another address while a VM holds it with 198.18.0.10"),
+            "{e}"
+        );
+        assert_eq!(
+            macs().await,
+            [
+                ("198.18.0.10".into(), "02:00:c6:12:00:0a".into()),
+                ("198.18.0.11".into(), "02:00:c6:12:00:0b".into())
+            ]
+        );
+
+        // New MACs: the free address takes its own at once, the leased one keeps its lease's.
+        sync(
+            &db,
+            &[net(
+                NetworkKind::Public,
+                &[
+                    "198.18.0.10 0a:00:00:00:00:01",
+                    "198.18.0.11 0a:00:00:00:00:02",
+                ],
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            macs().await,
+            [
+                ("198.18.0.10".into(), "02:00:c6:12:00:0a".into()),
+                ("198.18.0.11".into(), "0a:00:00:00:00:02".into())
+            ]
+        );
     }
 
     #[test]
