@@ -377,6 +377,39 @@ fn quotas_and_bad_requests(backend: Backend) {
     let (status, e) = cloud.call_as(alice, "GET", "/nodes", None);
     assert_eq!(status, 403);
     assert!(error(&e).contains("::ADMIN"), "{e}");
+    // Another site's page, in a browser that remembers alice's Basic login: a form posted
+    // to her VM, or a request the browser marks cross-site, changes nothing.
+    let (_, mine) = cloud.call_as(alice, "GET", "/vms", None);
+    let victim = mine["vms"][0]["id"].as_i64().unwrap();
+    cloud.wait_state(victim, "Running");
+    let login = basic("alice", "alice-password");
+    let kill = format!("/vms/{victim}/kill");
+    for headers in [
+        vec![
+            ("Authorization", login.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        vec![
+            ("Authorization", login.as_str()),
+            ("Content-Type", "text/plain;charset=UTF-8"),
+        ],
+        vec![
+            ("Authorization", login.as_str()),
+            ("Sec-Fetch-Site", "cross-site"),
+        ],
+    ] {
+        let answer = http_with(cloud.addr, "POST", &kill, &headers, b"");
+        assert_eq!(answer.status, 403, "{headers:?}: {}", answer.text());
+        assert!(
+            answer
+                .text()
+                .contains("refused as a possible cross-site request"),
+            "{}",
+            answer.text()
+        );
+    }
+    let (_, vm) = cloud.call_as(alice, "GET", &format!("/vms/{victim}"), None);
+    assert_eq!(vm["state"], "Running", "{vm}");
 
     // What is asked.
     let carol = cloud.add_user("carol", "carol-password");

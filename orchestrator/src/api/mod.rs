@@ -287,12 +287,46 @@ fn admin_only(who: &Principal) -> Result<(), Refusal> {
     }
 }
 
+/// Why a request that would change something looks made by another site's page: a browser
+/// that once logged in here resends its Basic credentials on its own, also with a form
+/// another site submits (which needs no CORS preflight when its type is one a form sends).
+fn cross_site(request: &Request) -> Option<&'static str> {
+    if request.method().is_safe() {
+        return None;
+    }
+    let headers = request.headers();
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| !matches!(site.as_bytes(), b"same-origin" | b"none"))
+    {
+        return Some("the browser says another site's page made this request");
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match content_type.as_deref() {
+        Some("application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain") => {
+            Some("a form's content type (the API takes JSON, Content-Type: application/json)")
+        }
+        _ => None,
+    }
+}
+
 /// HTTP Basic, checked before anything else of the request is looked at.
 async fn authenticate(
     State(cloud): State<Arc<Cloud>>,
     mut request: Request,
     next: Next,
 ) -> Response {
+    if let Some(why) = cross_site(&request) {
+        return Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("refused as a possible cross-site request: {why}"),
+        )
+        .into_response();
+    }
     let credentials = request
         .headers()
         .get(header::AUTHORIZATION)
