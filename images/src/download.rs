@@ -457,7 +457,16 @@ struct Resuming {
     save: File,
     save_path: PathBuf,
     pos: u64,
+    /// The most the location may send for the image: compressed data is barely larger
+    /// than the image at worst. Without a length of its own, a stream of empty deflate
+    /// blocks would otherwise fill the disk until the body's deadline (hours).
+    limit: Option<(u64, u64)>,
     shared: Arc<Shared>,
+}
+
+/// (most bytes a location may send, the image's size) for an image of `bytes` bytes.
+fn transfer_limit(bytes: Option<u64>) -> Option<(u64, u64)> {
+    bytes.map(|b| (b.saturating_add(b / 16).saturating_add(1 << 20), b))
 }
 
 impl Resuming {
@@ -528,6 +537,15 @@ impl Read for Resuming {
                     _ => return Ok(0),
                 },
                 Ok(n) => {
+                    if let Some((limit, image_bytes)) = self.limit {
+                        if self.pos + n as u64 > limit {
+                            return Err(self.shared.stop(Interrupt::Fail(Error::TooMuchData {
+                                url: self.url.clone(),
+                                limit,
+                                image_bytes,
+                            })));
+                        }
+                    }
                     self.save.write_all(&buf[..n]).map_err(|e| {
                         self.shared
                             .stop(Interrupt::Fail(Error::io(&self.save_path, e)))
@@ -679,6 +697,7 @@ fn download_http(
             save,
             save_path: saved.clone(),
             pos: 0,
+            limit: transfer_limit(expected.bytes),
             shared: shared.clone(),
         };
         let result = decode(url, Box::new(source), part, expected, &shared, progress);

@@ -42,6 +42,15 @@ pub enum Error {
         compression: String,
         reason: String,
     },
+    #[error(
+        "{url} sent more than {limit} bytes for an image of {image_bytes} bytes: \
+         not this image"
+    )]
+    TooMuchData {
+        url: String,
+        limit: u64,
+        image_bytes: u64,
+    },
     #[error("size mismatch for {url}: expected {expected} bytes, got {actual}")]
     SizeMismatch {
         url: String,

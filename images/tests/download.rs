@@ -695,6 +695,60 @@ fn stopping_server() -> std::net::SocketAddr {
     addr
 }
 
+/// A server whose body has no length and never ends: a gzip header, then empty deflate
+/// blocks (valid, and they decompress to nothing) for as long as the client reads.
+fn endless_gzip_server() -> std::net::SocketAddr {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let mut stream = &stream;
+                let head =
+                    b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n\x1f\x8b\x08\0\0\0\0\0\0\xff";
+                if stream.write_all(head).is_err() {
+                    return;
+                }
+                let blocks = [0u8, 0, 0, 0xff, 0xff].repeat(13107);
+                while stream.write_all(&blocks).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_location_that_sends_far_more_than_the_image_is_cut_off_and_nothing_is_kept() {
+    let addr = endless_gzip_server();
+    let data = image_bytes(LEN, 3);
+    let mut m = entry(&data, vec![format!("http://{addr}/image.gz")]);
+    m.compression = Some(Compression::Gz);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = ImageCache::new(dir.path(), Policy::default()).unwrap();
+    let started = std::time::Instant::now();
+    match cache.get(&m, &mut |_| {}) {
+        Err(Error::TooMuchData {
+            limit, image_bytes, ..
+        }) => {
+            assert_eq!(image_bytes, LEN as u64);
+            assert!(limit < LEN as u64 + (2 << 20), "{limit}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    assert!(
+        files_in(dir.path()).is_empty(),
+        "{:?}",
+        files_in(dir.path())
+    );
+}
+
 // Found by a review: with no receive timeout one server that stopped answering hung every
 // VM waiting on its image.
 #[test]
