@@ -525,6 +525,10 @@ fn bad_requests_are_refused_before_anything_is_done() {
     }
     let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/..hidden", Some(&body));
     assert_eq!(status, 400, "{e}");
+    // Its directory would sit beside the records as one of them: the agent could not start.
+    let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/x.json", Some(&body));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("nor ending in \".json\""), "{e}");
     let huge = format!(r#"{{"pad": "{}"}}"#, "x".repeat(400 * 1024));
     let (status, _) = agent.call_as(Some(TOKEN), "PUT", "/vms/x", Some(&huge));
     assert_eq!(status, 413);

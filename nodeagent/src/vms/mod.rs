@@ -53,7 +53,7 @@ const EXIT_REBOOT: i32 = 7;
 pub enum VmError {
     #[error("no VM '{0}' on this host")]
     NotFound(String),
-    #[error("'{0}' is not a valid VM id: use 1 to {MAX_ID_LEN} letters, digits, '.', '_' or '-', not starting with '.'")]
+    #[error("'{0}' is not a valid VM id: use 1 to {MAX_ID_LEN} letters, digits, '.', '_' or '-', not starting with '.' nor ending in \".json\"")]
     BadId(String),
     #[error("invalid VM spec: {0}")]
     BadSpec(String),
@@ -259,6 +259,8 @@ fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
         && !id.starts_with('.')
+        // The VM's directory sits beside the records (`<id>.json`).
+        && !id.ends_with(".json")
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
@@ -606,8 +608,14 @@ impl VmManager {
             vms: Mutex::new(BTreeMap::new()),
             host_state: Mutex::new(host_state),
         });
-        for record in record::load_all(&manager.config.vms_dir())? {
-            manager.take_back(record).await;
+        // Every VM is known before any is taken back: one whose jail user was chosen but
+        // not yet recorded chooses again, and must see every user already recorded.
+        let records: Vec<(Arc<Vm>, VmRecord)> = record::load_all(&manager.config.vms_dir())?
+            .into_iter()
+            .map(|record| (manager.know(&record), record))
+            .collect();
+        for (vm, record) in records {
+            manager.take_back(vm, record).await;
         }
         Ok(manager)
     }
@@ -677,7 +685,8 @@ impl VmManager {
         Ok(*vm.jail_uid.get_or_init(|| uid))
     }
 
-    async fn take_back(self: &Arc<Self>, record: VmRecord) {
+    /// A recorded VM, in the map as the record left it.
+    fn know(&self, record: &VmRecord) -> Arc<Vm> {
         let status = Status {
             state: record.state,
             pid: record.pid,
@@ -696,6 +705,10 @@ impl VmManager {
             record.jail_uid,
         );
         self.vms().insert(record.id.clone(), vm.clone());
+        vm
+    }
+
+    async fn take_back(self: &Arc<Self>, vm: Arc<Vm>, record: VmRecord) {
         if self.no_vm() {
             return;
         }

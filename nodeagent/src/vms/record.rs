@@ -117,13 +117,19 @@ pub fn load_all(dir: &Path) -> Result<Vec<VmRecord>, RecordError> {
             let _ = std::fs::remove_file(&path);
             continue;
         }
-        if !name.ends_with(".json") {
+        // A VM's directory named like a record (ids ending in ".json" were once taken)
+        // or one unreadable record must not keep the agent from starting.
+        if !name.ends_with(".json") || !path.is_file() {
             continue;
         }
-        let body = std::fs::read(&path).map_err(|source| RecordError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let body = match std::fs::read(&path) {
+            Ok(body) => body,
+            Err(source) => {
+                let e = RecordError::Read { path, source };
+                tracing::error!("{e}; skipping it");
+                continue;
+            }
+        };
         match serde_json::from_slice(&body) {
             Ok(record) => records.push(record),
             Err(source) => {
@@ -166,6 +172,16 @@ mod tests {
             attached: vec![],
             jail_uid: Some(1_900_000_000),
         }
+    }
+
+    #[test]
+    fn a_directory_named_like_a_record_or_an_unreadable_one_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &record("a")).unwrap();
+        std::fs::create_dir(dir.path().join("x.json")).unwrap();
+        let loaded = load_all(dir.path()).unwrap();
+        assert_eq!(loaded.len(), 1);
+        assert_eq!(loaded[0].id, "a");
     }
 
     #[test]
