@@ -262,7 +262,11 @@ const API: &[c_long] = &[
     SYS_clone3,
 ];
 
+/// The RTC's timer thread; it raises its interrupt with `KVM_IRQ_LINE` (`allow_list`).
 const CLOCK: &[c_long] = &[];
+
+/// `_IOW(KVMIO, 0x61, struct kvm_irq_level)`: an edge on an IOAPIC pin.
+const KVM_IRQ_LINE: u64 = 0x4008_ae61;
 
 const SIGNALS: &[c_long] = &[SYS_rt_sigtimedwait];
 
@@ -391,15 +395,21 @@ fn allow_list(kind: ThreadKind, action: SeccompAction) -> Result<BpfProgram, Sec
         };
         rules.insert(call, call_rules);
     }
-    if kind == ThreadKind::NetWorker {
-        // One ioctl only: pair 0's worker attaches and detaches the queues of a multiqueue
-        // TAP when the driver changes how many queue pairs it uses.
-        let tunsetqueue =
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, TUNSETQUEUE)
+    // One ioctl only: pair 0's net worker attaches and detaches the queues of a multiqueue
+    // TAP when the driver changes how many queue pairs it uses; the RTC's thread raises
+    // the interrupts the guest enabled (update, alarm, periodic: `hwclock` asks for them).
+    let only_ioctl = match kind {
+        ThreadKind::NetWorker => Some(TUNSETQUEUE),
+        ThreadKind::Clock => Some(KVM_IRQ_LINE),
+        _ => None,
+    };
+    if let Some(request) = only_ioctl {
+        let condition =
+            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
                 .map_err(|e| build(seccompiler::Error::Backend(e)))?;
         rules.insert(
             SYS_ioctl,
-            vec![SeccompRule::new(vec![tunsetqueue])
+            vec![SeccompRule::new(vec![condition])
                 .map_err(|e| build(seccompiler::Error::Backend(e)))?],
         );
     }

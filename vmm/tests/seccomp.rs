@@ -59,6 +59,10 @@ fn confined_child() {
         .unwrap();
     seccomp::set_mode(if mode == "log" { Mode::Log } else { Mode::Kill });
     let stat = std::fs::File::open("/proc/thread-self/stat").unwrap();
+    // Made before the filter, as the VMM makes its VM before confining its threads.
+    let vm = call
+        .starts_with("kvm-")
+        .then(|| kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
     seccomp::confine(kind).unwrap();
     // Allowed to every thread: the filter does not stop ordinary work.
     // SAFETY: getpid has no arguments and no side effects.
@@ -93,6 +97,14 @@ fn confined_child() {
             // SAFETY: a valid sched_param outliving the call.
             unsafe { libc::sched_setscheduler(pid, policy, &param) };
         }
+        // Whether the call succeeds does not matter (this VM has no interrupt controller):
+        // only whether the filter lets it be made.
+        "kvm-irq-line" => {
+            let _ = vm.unwrap().set_irq_line(8, true);
+        }
+        "kvm-other" => {
+            let _ = vm.unwrap().check_extension(kvm_ioctls::Cap::Irqchip);
+        }
         "thread" => std::thread::spawn(|| 7)
             .join()
             .map(|v| assert_eq!(v, 7))
@@ -120,6 +132,16 @@ fn threads_may_be_created_but_never_processes() {
     }
     // A worker creates nothing at all.
     let status = run_case("BlockWorker:kill:thread");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}");
+}
+
+/// The RTC's thread raises the interrupts a guest enables (`hwclock` does): without
+/// `KVM_IRQ_LINE` on its list, the first one killed the VMM.
+#[test]
+fn the_clock_thread_may_raise_an_interrupt_line_and_make_no_other_kvm_call() {
+    let status = run_case("Clock:kill:kvm-irq-line");
+    assert_eq!(status.code(), Some(42), "{status}");
+    let status = run_case("Clock:kill:kvm-other");
     assert_eq!(status.signal(), Some(libc::SIGSYS), "{status}");
 }
 
