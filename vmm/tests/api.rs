@@ -5,7 +5,7 @@
 //! PT_LOAD segment at 1 MiB and no PVH note, so the VMM enters it in 64-bit mode like any
 //! vmlinux without one.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -168,9 +168,20 @@ fn http_raw(
 fn http_with_fd(socket: &Path, path: &str, body: &Value, fd: RawFd) -> (u16, Value) {
     let stream = UnixStream::connect(socket).expect("connect to the API socket");
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    send_with_fd(&stream, path, body, fd, "close");
+    let mut response = Vec::new();
+    (&stream).read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap())
+}
+
+/// A PUT with `fd` attached, the connection left as `connection` says.
+fn send_with_fd(stream: &UnixStream, path: &str, body: &Value, fd: RawFd, connection: &str) {
     let body = body.to_string();
     let request = format!(
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nConnection: {connection}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
@@ -200,12 +211,36 @@ fn http_with_fd(socket: &Path, path: &str, body: &Value, fd: RawFd) -> (u16, Val
             std::io::Error::last_os_error()
         );
     }
-    let mut response = Vec::new();
-    (&stream).read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap())
+}
+
+/// The status of the next answer on a kept-alive connection (its body read and dropped).
+fn read_status(stream: &UnixStream) -> u16 {
+    let mut reader = std::io::BufReader::new(stream);
+    let mut head = String::new();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = n.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).unwrap();
+    head.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+/// Whether the VMM holds a descriptor attached to the TAP `name` (tun's fdinfo names it).
+fn holds_tap(vmm: &mut Vmm, name: &str) -> bool {
+    let pid = vmm.child().id();
+    std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.unwrap().path()).ok())
+        .any(|info| info.lines().any(|l| l == format!("iff:\t{name}")))
 }
 
 /// A TAP in a network namespace of its own; the namespace lives until the sender is
@@ -808,6 +843,21 @@ fn nics_are_hot_plugged_and_unplugged_in_the_vmm_s_own_network_namespace() {
         .map(|n| n["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["n1", "passed"]);
+    assert!(holds_tap(&mut vmm, "stpass"));
+    // Refused, a request closes the descriptor it brought even while its connection stays
+    // open: the connection's next NIC got that TAP under its own TAP's name.
+    let (left, _left_netns) = tap_in_own_netns("stleft");
+    let kept = UnixStream::connect(&socket).unwrap();
+    kept.set_read_timeout(Some(DEADLINE)).unwrap();
+    let bad = json!({"id": "left", "tap": "stleft", "mac": "01:00:c6:12:00:37"});
+    send_with_fd(&kept, "/vm/nets", &bad, left.as_raw_fd(), "keep-alive");
+    assert_eq!(read_status(&kept), 400);
+    drop(left);
+    assert!(
+        !holds_tap(&mut vmm, "stleft"),
+        "the refused request's TAP is kept"
+    );
+    drop(kept);
     assert_eq!(http(&socket, "DELETE", "/vm/nets/passed", None).0, 202);
 
     let (status, info) = http(

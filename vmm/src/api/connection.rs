@@ -37,6 +37,11 @@ impl PassedFds {
         (!fds.is_empty()).then(|| fds.remove(0))
     }
 
+    /// Closes what the last request did not take.
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn keep(&self, received: Vec<OwnedFd>) {
         let mut fds = self.0.lock().unwrap_or_else(|e| e.into_inner());
         for fd in received {
@@ -170,7 +175,19 @@ pub async fn serve(listener: UnixListener, app: Router, shutdown: impl Future<Ou
             () = &mut shutdown => break,
         };
         let fds = PassedFds::default();
-        let service = TowerToHyperService::new(app.clone().layer(axum::Extension(fds.clone())));
+        let leftovers = fds.clone();
+        let service = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(fds.clone()))
+                // A descriptor its request did not take goes with the answer: the
+                // connection's next request must not find it.
+                .layer(axum::middleware::map_response(
+                    move |response: axum::response::Response| {
+                        leftovers.clear();
+                        std::future::ready(response)
+                    },
+                )),
+        );
         let io = TokioIo::new(FdStream { inner: stream, fds });
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())

@@ -682,6 +682,9 @@ async fn put_net(
     Extension(passed): Extension<PassedFds>,
     body: Body,
 ) -> Result<Response, Refusal> {
+    // Taken first: refused, the request closes its descriptor rather than leave it for the
+    // connection's next NIC (which would get this TAP under its own TAP's name).
+    let tap = passed.take();
     let config: NetConfig = read_json(body, NET_SHAPE).await?;
     if config.id.is_none() {
         return Err(Refusal::new(
@@ -698,7 +701,6 @@ async fn put_net(
     }
     VmConfig::validate_net(&config)
         .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let tap = passed.take();
     let info = api
         .control
         .call(move |c| c.devices.add_net(config, tap, true))
