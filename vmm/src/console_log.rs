@@ -28,6 +28,8 @@ pub enum ConsoleLogError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("console file {path} is not a regular file")]
+    NotAFile { path: PathBuf },
     #[error("cannot read console file {path}: {source}")]
     Read {
         path: PathBuf,
@@ -126,16 +128,22 @@ pub fn tail(path: &Path, bytes: u64) -> Result<Vec<u8>, ConsoleLogError> {
         if wanted == 0 {
             break;
         }
+        // The VMM writes the directory: a FIFO it put here must not block the reader (the
+        // node agent, answering the API), nor a device be read.
         let mut file = match OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&part)
         {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(read_err(&part)(e)),
         };
-        let len = file.metadata().map_err(read_err(&part))?.len();
+        let metadata = file.metadata().map_err(read_err(&part))?;
+        if !metadata.is_file() {
+            return Err(ConsoleLogError::NotAFile { path: part });
+        }
+        let len = metadata.len();
         let take = wanted.min(len);
         file.seek(SeekFrom::Start(len - take))
             .map_err(read_err(&part))?;
@@ -154,6 +162,25 @@ pub fn tail(path: &Path, bytes: u64) -> Result<Vec<u8>, ConsoleLogError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_fifo_in_the_console_file_s_place_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.log");
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = path.clone();
+        std::thread::spawn(move || tx.send(tail(&reader, 100).map(|_| ())));
+        let answer = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("reading the tail blocked on a FIFO");
+        assert!(
+            matches!(answer, Err(ConsoleLogError::NotAFile { .. })),
+            "{answer:?}"
+        );
+    }
 
     #[test]
     fn the_file_never_passes_its_cap_and_rotates_once() {
