@@ -415,6 +415,26 @@ fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
     assert_eq!(status, 400, "{e}");
 }
 
+/// The agent killed during a shutdown takes the hard stop up again when it comes back
+/// (after its own default wait: the request's is not recorded); the VM stayed Stopping.
+#[test]
+fn a_shutdown_under_way_when_the_agent_dies_still_ends_the_vm() {
+    let mut agent = Agent::start(4, 1024);
+    agent.edit_config("shutdown_timeout_s = 30", "shutdown_timeout_s = 1");
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/stubborn", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    let (status, vm) = agent.call("POST", "/vms/stubborn/shutdown?timeout=3600", None);
+    assert_eq!(status, 202, "{vm}");
+    agent.crash();
+    agent.launch();
+    let vm = agent.wait_state("stubborn", "stopped");
+    assert_eq!(vm["exit"]["code"], 6, "the hard stop: {vm}");
+}
+
 #[test]
 fn kill_ends_a_vm_at_once_and_a_reboot_starts_it_again() {
     let agent = Agent::start(4, 1024);

@@ -735,16 +735,24 @@ impl VmManager {
         match adopted {
             Some((pid, start, process)) => {
                 tracing::info!("VM {}: adopted its running VMM (pid {pid})", vm.id);
-                {
+                let stopping = {
                     let mut s = vm.status();
                     s.pid = Some(pid);
                     s.pid_start_time = Some(start);
                     if s.state == VmState::Starting {
                         s.state = VmState::Running;
                     }
-                }
+                    // A shutdown under way when the agent went down: its hard stop is due
+                    // again (after the agent's default wait, its own is not recorded).
+                    s.stop_requested = s.state == VmState::Stopping;
+                    s.stop_requested
+                };
                 self.save(&vm);
-                self.watch(vm, process);
+                self.watch(vm.clone(), process);
+                if stopping {
+                    let timeout = Duration::from_secs(self.config.shutdown_timeout_s);
+                    self.stop_if_still_running_after(vm, timeout);
+                }
             }
             None if record.state == VmState::Starting && record.pid.is_none() => {
                 tracing::info!("VM {}: finishing a create cut short", vm.id);
@@ -1604,20 +1612,21 @@ impl VmManager {
             s.state = VmState::Stopping;
         }
         self.save(vm);
+        self.stop_if_still_running_after(vm.clone(), timeout);
+        Ok(self.info(vm).await)
+    }
+
+    /// Stops the VM hard if it has not ended after `timeout` (a shutdown's second step).
+    fn stop_if_still_running_after(self: &Arc<Self>, vm: Arc<Vm>, timeout: Duration) {
         let manager = self.clone();
-        let watched = vm.clone();
         tokio::spawn(async move {
-            if !watched.wait_until(timeout, |s| !s.state.is_active()).await {
-                tracing::info!(
-                    "VM {}: no power-off after {timeout:?}; stopping it",
-                    watched.id
-                );
-                if let Err(e) = manager.kill(&watched).await {
-                    tracing::error!("VM {}: {e}", watched.id);
+            if !vm.wait_until(timeout, |s| !s.state.is_active()).await {
+                tracing::info!("VM {}: no power-off after {timeout:?}; stopping it", vm.id);
+                if let Err(e) = manager.kill(&vm).await {
+                    tracing::error!("VM {}: {e}", vm.id);
                 }
             }
         });
-        Ok(self.info(vm).await)
     }
 
     pub async fn pause(&self, vm: &Arc<Vm>) -> Result<VmInfo, VmError> {
