@@ -29,7 +29,7 @@ use crate::devices::virtio::net::worker::{NetCountersReport, NetStats};
 use crate::devices::virtio::net::{NetConfig, VirtioNet};
 use crate::devices::virtio::transport::pci::{VirtioPciDevice, VirtioPciError, BAR0_SIZE};
 use crate::devices::virtio::VirtioDevice;
-use crate::interrupts::GsiRouter;
+use crate::interrupts::{GsiRouter, InterruptError};
 use crate::memory::GuestMemoryMmap;
 
 /// Highest slot number on bus 0 (slot 0 is the host bridge).
@@ -80,6 +80,7 @@ impl DeviceError {
             DeviceError::DuplicateId(_)
                 | DeviceError::PathInUse { .. }
                 | DeviceError::NoFreeSlot { .. }
+                | DeviceError::Msix(MsixError::Interrupt(InterruptError::OutOfGsis))
         )
     }
 

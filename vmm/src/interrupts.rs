@@ -19,7 +19,7 @@ use crate::arch::layout::{IOAPIC_PINS, MSI_GSI_START};
 pub enum InterruptError {
     #[error("KVM refused the interrupt routing table: {0}")]
     SetRouting(kvm_ioctls::Error),
-    #[error("no free GSI left for MSI vectors")]
+    #[error("no free GSI left for MSI vectors: unplug a device first")]
     OutOfGsis,
     #[error("cannot build the routing table: {0}")]
     Table(String),
@@ -116,6 +116,15 @@ impl GsiRouter {
         let gsi = state.next_gsi;
         state.next_gsi += 1;
         Ok(gsi)
+    }
+
+    /// Frees a GSI no irqfd was bound to (a device whose set-up failed part way).
+    pub fn free_unbound_gsi(&self, gsi: u32) {
+        self.state
+            .lock()
+            .expect("routing lock poisoned")
+            .free_gsis
+            .push(gsi);
     }
 
     /// Unbinds `irqfd` from `gsi` and frees the GSI. Its route leaves KVM's table with the

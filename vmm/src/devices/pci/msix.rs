@@ -110,18 +110,28 @@ impl Msix {
     }
 
     /// Allocates GSIs and irqfds from KVM for `vectors` vectors.
+    /// A failure part way gives back every GSI taken: they are a VM's for its lifetime
+    /// (4096 of them), and hot-plugs that failed would otherwise use them up.
     pub fn with_kvm(router: &GsiRouter, vectors: u16) -> Result<Self, MsixError> {
         let mut gsis = Vec::with_capacity(vectors as usize);
         let mut irqfds = Vec::with_capacity(vectors as usize);
-        for _ in 0..vectors {
-            let gsi = router.allocate_gsi()?;
+        let mut bind_one = || -> Result<(), MsixError> {
             let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(MsixError::EventFd)?;
-            router
-                .vm()
-                .register_irqfd(&fd, gsi)
-                .map_err(|source| MsixError::Irqfd { gsi, source })?;
+            let gsi = router.allocate_gsi()?;
+            if let Err(source) = router.vm().register_irqfd(&fd, gsi) {
+                router.free_unbound_gsi(gsi);
+                return Err(MsixError::Irqfd { gsi, source });
+            }
             gsis.push(gsi);
             irqfds.push(fd);
+            Ok(())
+        };
+        let bound = (0..vectors).try_for_each(|_| bind_one());
+        if let Err(e) = bound {
+            for (gsi, fd) in gsis.iter().zip(&irqfds) {
+                router.release_gsi(*gsi, fd);
+            }
+            return Err(e);
         }
         Msix::new(gsis, irqfds, Box::new(router.clone()))
     }
@@ -344,6 +354,32 @@ pub(crate) mod tests {
             .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
             .collect();
         (Msix::new(gsis, fds, Box::new(sink.clone())).unwrap(), sink)
+    }
+
+    /// Through KVM: a device whose vectors cannot all be had gives back those it took.
+    #[test]
+    fn a_failed_allocation_gives_back_the_gsis_it_took() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = GsiRouter::new(vm);
+        // Take GSIs until three are left.
+        let mut taken = 0;
+        while router.allocate_gsi().is_ok() {
+            taken += 1;
+        }
+        assert!(taken > 3);
+        for gsi in [4093, 4094, 4095] {
+            router.free_unbound_gsi(gsi);
+        }
+        let error = Msix::with_kvm(&router, 8)
+            .err()
+            .expect("8 vectors from 3 GSIs");
+        assert!(error.to_string().contains("GSI"), "{error}");
+        let again: Vec<_> = (0..3).map(|_| router.allocate_gsi()).collect();
+        assert!(again.iter().all(Result::is_ok), "{again:?}");
+        let msix = Msix::with_kvm(&router, 1);
+        assert!(msix.is_err(), "no GSI is left");
     }
 
     fn program(msix: &Msix, v: u64, addr: u32, data: u32, masked: bool) {
