@@ -640,6 +640,35 @@ fn bad_discard_and_write_zeroes_requests_are_refused() {
     }
 }
 
+/// A disk path that names a FIFO (or a directory) is refused at once: opening a FIFO
+/// waited for a writer on the thread that answers the control API.
+#[test]
+fn a_disk_that_is_neither_a_file_nor_a_block_device_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for (path, read_only) in [(fifo.clone(), true), (dir.path().to_owned(), true)] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let opening = path.clone();
+        std::thread::spawn(move || {
+            let opened =
+                DiskFile::open_format(&opening, ImageFormat::Raw, read_only, CacheMode::Writeback);
+            let _ = tx.send(opened.err().map(|e| e.to_string()));
+        });
+        let error = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening the disk blocked")
+            .expect("opened");
+        assert!(
+            error.contains("neither a regular file nor a block device"),
+            "{}: {error}",
+            path.display()
+        );
+    }
+}
+
 /// A last buffer longer than one byte holds data, then the status in its last byte (any
 /// layout: Linux gives the status a buffer of its own, other drivers need not).
 #[test]

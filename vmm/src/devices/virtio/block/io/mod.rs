@@ -32,6 +32,8 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotADisk { path: PathBuf },
     #[error("disk image {path} is empty; a disk needs at least one 512-byte sector")]
     Empty { path: PathBuf },
     #[error("disk image {path} cannot be opened with cache=none (O_DIRECT): {source}")]
@@ -326,9 +328,14 @@ impl DiskFile {
         };
         let mut options = OpenOptions::new();
         options.read(true).write(!read_only);
-        if cache == CacheMode::None {
-            options.custom_flags(libc::O_DIRECT);
-        }
+        // Non-blocking until its type is known: opening a FIFO would wait for a writer,
+        // on the thread that answers the control API.
+        let direct = if cache == CacheMode::None {
+            libc::O_DIRECT
+        } else {
+            0
+        };
+        options.custom_flags(direct | libc::O_NONBLOCK);
         let file = options.open(path).map_err(|source| {
             if cache == CacheMode::None && source.raw_os_error() == Some(libc::EINVAL) {
                 DiskError::Direct {
@@ -341,6 +348,16 @@ impl DiskFile {
         })?;
         let metadata = file.metadata().map_err(open_err)?;
         let block_device = metadata.file_type().is_block_device();
+        if !block_device && !metadata.is_file() {
+            return Err(DiskError::NotADisk {
+                path: path.to_owned(),
+            });
+        }
+        // io_uring answers EAGAIN instead of waiting on a descriptor marked non-blocking.
+        // SAFETY: F_SETFL on a descriptor this function owns, with plain flags.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, direct) } != 0 {
+            return Err(open_err(std::io::Error::last_os_error()));
+        }
         let (size, topology) = if block_device {
             block_device_geometry(&file).map_err(open_err)?
         } else {
