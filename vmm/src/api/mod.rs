@@ -258,14 +258,26 @@ impl ApiState {
             .control
             .call(|c| (c.state(), c.devices.disks(), c.devices.nets()))
             .await;
-        let (state, disks, nets) = devices.unwrap_or((VmState::Stopping, Vec::new(), Vec::new()));
+        match devices {
+            Ok((state, disks, nets)) => VmInfo {
+                state,
+                disks,
+                nets,
+                ..self.info_without_devices()
+            },
+            Err(_) => self.info_without_devices(),
+        }
+    }
+
+    /// What is known without the control thread: a VM on its way out.
+    fn info_without_devices(&self) -> VmInfo {
         VmInfo {
-            state,
+            state: VmState::Stopping,
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             kernel: self.kernel.clone(),
-            disks,
-            nets,
+            disks: Vec::new(),
+            nets: Vec::new(),
         }
     }
 }
@@ -731,15 +743,22 @@ async fn delete_net(
     Ok(json(StatusCode::ACCEPTED, &info))
 }
 
+/// How long a stop's answer waits for the devices' state before it goes without them.
+const STOP_INFO_WAIT: Duration = Duration::from_secs(1);
+
 async fn put_action(State(api): State<Arc<ApiState>>, body: Body) -> Result<Response, Refusal> {
     let request: ActionRequest = read_json(body, ACTION_SHAPE).await?;
     let status = match request.action {
         Action::Stop => {
             tracing::info!("stop requested through the API");
-            let mut info = api.info().await;
-            // The main thread wakes, stops the vCPUs and shuts this server down
-            // gracefully, so this answer is still delivered.
+            // Requested before anything else: a control thread busy with another request
+            // must not hold the stop up. The main thread wakes, stops the vCPUs and shuts
+            // this server down gracefully, so this answer is still delivered.
             api.exit.request(ExitReason::Stopped);
+            let mut info = match tokio::time::timeout(STOP_INFO_WAIT, api.info()).await {
+                Ok(info) => info,
+                Err(_) => api.info_without_devices(),
+            };
             info.state = VmState::Stopping;
             return Ok(json(StatusCode::ACCEPTED, &info));
         }
