@@ -155,7 +155,6 @@ pub fn signal_if_same(pid: u32, start_time: u64, signal: i32) -> bool {
     unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
 }
 
-/// The process serving the Unix socket at `path`, from the kernel's peer credentials.
 /// The parent of process `pid` (`/proc/PID/stat` field 4).
 pub fn parent_pid(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -164,7 +163,13 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
     after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The process serving the Unix socket at `path`, from the kernel's peer credentials.
 pub fn socket_peer_pid(path: &Path) -> Option<u32> {
+    socket_peer(path).map(|(pid, _)| pid)
+}
+
+/// The process serving the Unix socket at `path` and the user it runs as.
+pub fn socket_peer(path: &Path) -> Option<(u32, u32)> {
     use std::os::unix::io::AsRawFd;
     let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
     let mut cred = libc::ucred {
@@ -183,7 +188,7 @@ pub fn socket_peer_pid(path: &Path) -> Option<u32> {
             &mut len,
         )
     };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    (rc == 0 && cred.pid > 0).then_some((cred.pid as u32, cred.uid))
 }
 
 #[cfg(test)]

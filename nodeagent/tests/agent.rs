@@ -415,6 +415,49 @@ fn a_guest_that_ignores_the_power_button_is_stopped_after_the_timeout() {
     assert_eq!(status, 400, "{e}");
 }
 
+/// At a restart only a process running as the VM's own user is taken for its VMM: the
+/// socket lives where the VMM writes, and another process could serve it (a link planted
+/// there); the agent adopted that process, to SIGKILL it at the next kill.
+#[test]
+fn a_restarted_agent_adopts_no_socket_server_but_the_vm_s_own_user() {
+    let mut agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/lured", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    agent.wait_state("lured", "running");
+    agent.crash();
+    let socket = agent.dir.path().join("state/vms/lured/vmm/api.sock");
+    let vmm = socket_peer_pid(&socket).expect("the VMM serves its socket");
+    // SAFETY: SIGKILL to the VMM this test started.
+    unsafe { libc::kill(vmm as i32, libc::SIGKILL) };
+    let gone = Instant::now();
+    while Path::new(&format!("/proc/{vmm}")).exists() {
+        assert!(gone.elapsed() < DEADLINE, "the VMM did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // This test's process (root, not the VM's user) serves the socket now; removed before
+    // the agent's drop, which kills whatever serves it.
+    struct Served(PathBuf, Option<std::os::unix::net::UnixListener>);
+    impl Drop for Served {
+        fn drop(&mut self) {
+            self.1.take();
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _ = std::fs::remove_file(&socket);
+    let _served = Served(
+        socket.clone(),
+        Some(std::os::unix::net::UnixListener::bind(&socket).unwrap()),
+    );
+    agent.launch();
+    let (_, vm) = agent.call("GET", "/vms/lured", None);
+    assert_ne!(vm["pid"], std::process::id(), "{vm}");
+    assert_ne!(vm["state"], "running", "{vm}");
+}
+
 /// The agent killed during a shutdown takes the hard stop up again when it comes back
 /// (after its own default wait: the request's is not recorded); the VM stayed Stopping.
 #[test]

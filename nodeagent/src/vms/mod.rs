@@ -719,14 +719,22 @@ impl VmManager {
         if !record.state.is_active() {
             return;
         }
-        // The VMM serving the VM's socket is the VM's, whatever the record says about pids;
-        // a jailed one is watched through its jailer.
-        let peer = supervisor::socket_peer_pid(&vm.socket).map(|pid| {
-            match (vm.jail_uid.get(), supervisor::parent_pid(pid)) {
-                (Some(_), Some(jailer)) if record.pid == Some(jailer) => jailer,
-                _ => pid,
-            }
-        });
+        // The VMM serving the VM's socket is the VM's, whatever the record says about pids
+        // (a jailed one is watched through its jailer), if it runs as the VM's own user:
+        // the socket lives where a jailed VMM writes, and a link it put there could name
+        // another process's.
+        // SAFETY: geteuid has no side effects.
+        let agent_uid = unsafe { libc::geteuid() };
+        let vmm_uid = vm.jail_uid.get().copied().unwrap_or(agent_uid);
+        let peer = supervisor::socket_peer(&vm.socket)
+            .filter(|&(_, uid)| uid == vmm_uid)
+            .map(|(pid, _)| pid)
+            .map(
+                |pid| match (vm.jail_uid.get(), supervisor::parent_pid(pid)) {
+                    (Some(_), Some(jailer)) if record.pid == Some(jailer) => jailer,
+                    _ => pid,
+                },
+            );
         let adopted = peer
             .or(record.pid)
             .and_then(|pid| Some((pid, supervisor::process_start_time(pid)?)))
@@ -879,7 +887,16 @@ impl VmManager {
                 attached: Vec::new(),
                 attaching: Default::default(),
             };
-            let vm = self.new_vm(id, spec, status, chrono::Utc::now(), None);
+            // Chosen here, under the lock and before the first record: a VM is never
+            // recorded (nor its VMM started) without the user it runs as.
+            let jail_uid = match self.jailed() {
+                true => {
+                    let taken = vms.values().filter_map(|v| v.jail_uid.get().copied());
+                    Some(jail::free_uid(&self.config.jailer, taken)?)
+                }
+                false => None,
+            };
+            let vm = self.new_vm(id, spec, status, chrono::Utc::now(), jail_uid);
             vms.insert(id.to_owned(), vm.clone());
             vm
         };
