@@ -608,8 +608,9 @@ impl VmManager {
             vms: Mutex::new(BTreeMap::new()),
             host_state: Mutex::new(host_state),
         });
-        // Every VM is known before any is taken back: one whose jail user was chosen but
-        // not yet recorded chooses again, and must see every user already recorded.
+        // Every VM is known before any is taken back: one recorded without its jail user
+        // (by an earlier agent, which recorded it only with the VMM started) chooses one
+        // now, and must see every user already recorded.
         let records: Vec<(Arc<Vm>, VmRecord)> = record::load_all(&manager.config.vms_dir())?
             .into_iter()
             .map(|record| (manager.know(&record), record))
@@ -673,16 +674,20 @@ impl VmManager {
         self.config.jailer.enabled && !self.no_vm()
     }
 
-    /// The VM's own user, chosen (the lowest free one) the first time it is needed and
-    /// recorded with the VM.
+    /// The VM's own user: chosen when the VM is created, or for a VM an earlier agent
+    /// recorded without one, the first time it is needed (the lowest free one).
     fn jail_uid(&self, vm: &Vm) -> Result<u32, VmError> {
         if let Some(uid) = vm.jail_uid.get() {
             return Ok(*uid);
         }
-        let vms = self.vms();
-        let taken = vms.values().filter_map(|v| v.jail_uid.get().copied());
-        let uid = jail::free_uid(&self.config.jailer, taken)?;
+        let uid = self.free_jail_uid(&self.vms())?;
         Ok(*vm.jail_uid.get_or_init(|| uid))
+    }
+
+    /// The lowest jail user none of `vms` runs as.
+    fn free_jail_uid(&self, vms: &BTreeMap<String, Arc<Vm>>) -> Result<u32, VmError> {
+        let taken = vms.values().filter_map(|v| v.jail_uid.get().copied());
+        Ok(jail::free_uid(&self.config.jailer, taken)?)
     }
 
     /// A recorded VM, in the map as the record left it.
@@ -890,10 +895,7 @@ impl VmManager {
             // Chosen here, under the lock and before the first record: a VM is never
             // recorded (nor its VMM started) without the user it runs as.
             let jail_uid = match self.jailed() {
-                true => {
-                    let taken = vms.values().filter_map(|v| v.jail_uid.get().copied());
-                    Some(jail::free_uid(&self.config.jailer, taken)?)
-                }
+                true => Some(self.free_jail_uid(&vms)?),
                 false => None,
             };
             let vm = self.new_vm(id, spec, status, chrono::Utc::now(), jail_uid);
