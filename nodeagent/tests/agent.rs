@@ -478,6 +478,45 @@ fn a_shutdown_under_way_when_the_agent_dies_still_ends_the_vm() {
     assert_eq!(vm["exit"]["code"], 6, "the hard stop: {vm}");
 }
 
+/// A guest that reboots as soon as it starts (a kernel that panics at boot with
+/// `panic=1`) is started again after growing waits, not as fast as the host can; a kill
+/// while it waits ends it.
+#[test]
+fn a_guest_in_a_reboot_loop_is_started_again_ever_more_slowly() {
+    let agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/loop", Some(&agent.spec(Guest::Reboot)))
+            .0,
+        201
+    );
+    let restarts = || {
+        agent.call("GET", "/vms/loop", None).1["restarts"]
+            .as_u64()
+            .unwrap()
+    };
+    let start = Instant::now();
+    while restarts() < 6 {
+        assert!(start.elapsed() < DEADLINE, "it stopped rebooting");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The sixth reboot in a row waits 4 s: at most one more start in the next 2 s (some
+    // forty without the waits).
+    let before = restarts();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = restarts();
+    assert!(after <= before + 1, "{before} then {after} restarts in 2 s");
+    let killed = Instant::now();
+    let (status, vm) = agent.call("POST", "/vms/loop/kill", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "the kill took {:?}",
+        killed.elapsed()
+    );
+}
+
 #[test]
 fn kill_ends_a_vm_at_once_and_a_reboot_starts_it_again() {
     let agent = Agent::start(4, 1024);

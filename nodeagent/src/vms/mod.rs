@@ -115,6 +115,25 @@ struct Status {
     /// Disk ids being hot-plugged now: a second attach of the same id is refused rather
     /// than sharing (and, on failure, deleting) the first one's files.
     attaching: std::collections::BTreeSet<String>,
+    /// When this agent last started the VM's VMM, and how many guest reboots in a row came
+    /// sooner than `QUICK_REBOOT` after a start (not recorded: a restart begins afresh).
+    started: Option<std::time::Instant>,
+    quick_reboots: u32,
+}
+
+/// A guest that reboots sooner than this after its VMM started is in a reboot loop.
+const QUICK_REBOOT: Duration = Duration::from_secs(10);
+/// Quick reboots restarted at once; later ones wait 1, 2, 4 … up to 60 s.
+const QUICK_REBOOTS_FREE: u32 = 3;
+
+/// How long to wait before starting a guest again after its `quick`-th quick reboot in a
+/// row: a guest that panics at boot and reboots (`panic=1`) would otherwise have its VMM
+/// made anew as fast as the host can, jail and context disk included.
+fn reboot_backoff(quick: u32) -> Duration {
+    match quick.checked_sub(QUICK_REBOOTS_FREE + 1) {
+        None => Duration::ZERO,
+        Some(n) => Duration::from_secs(1u64 << n.min(6)).min(Duration::from_secs(60)),
+    }
 }
 
 pub struct Vm {
@@ -701,6 +720,8 @@ impl VmManager {
             stop_requested: false,
             attached: record.attached.clone(),
             attaching: Default::default(),
+            started: None,
+            quick_reboots: 0,
         };
         let vm = self.new_vm(
             &record.id,
@@ -891,6 +912,8 @@ impl VmManager {
                 stop_requested: false,
                 attached: Vec::new(),
                 attaching: Default::default(),
+                started: None,
+                quick_reboots: 0,
             };
             // Chosen here, under the lock and before the first record: a VM is never
             // recorded (nor its VMM started) without the user it runs as.
@@ -1153,6 +1176,7 @@ impl VmManager {
             s.pid_start_time = pid.and_then(supervisor::process_start_time);
             s.state = VmState::Starting;
             s.exit = None;
+            s.started = Some(std::time::Instant::now());
             s.stop_requested
         };
         // A kill that came while the VMM was being restarted (guest reboot) may have
@@ -1219,8 +1243,34 @@ impl VmManager {
         }
         let stop_requested = vm.status().stop_requested;
         if exit.code == Some(EXIT_REBOOT) && !stop_requested {
-            tracing::info!("VM {}: the guest rebooted; starting it again", vm.id);
-            vm.status().restarts += 1;
+            let backoff = {
+                let mut s = vm.status();
+                s.restarts += 1;
+                let quick = s.started.is_some_and(|t| t.elapsed() < QUICK_REBOOT);
+                s.quick_reboots = if quick { s.quick_reboots + 1 } else { 0 };
+                reboot_backoff(s.quick_reboots)
+            };
+            if backoff.is_zero() {
+                tracing::info!("VM {}: the guest rebooted; starting it again", vm.id);
+            } else {
+                tracing::warn!(
+                    "VM {}: the guest keeps rebooting at once; starting it again in {backoff:?}",
+                    vm.id
+                );
+                // A kill or shutdown meanwhile ends it here: there is no VMM to stop.
+                if vm.wait_until(backoff, |s| s.stop_requested).await {
+                    self.mark_ended(
+                        vm,
+                        VmState::Stopped,
+                        VmExit {
+                            code: exit.code,
+                            reason: "stopped while waiting to start again after a reboot".into(),
+                            at: chrono::Utc::now(),
+                        },
+                    );
+                    return;
+                }
+            }
             if let Err(e) = Box::pin(self.start(vm)).await {
                 self.mark_ended(
                     vm,
@@ -1594,6 +1644,8 @@ impl VmManager {
             return Ok(self.info(vm).await);
         }
         vm.status().stop_requested = true;
+        // A VM waiting to start again after a reboot ends on this.
+        vm.changed.notify_waiters();
         if let Err(e) = vm.client().stop().await {
             // A VMM that does not answer is ended by signal.
             tracing::warn!("VM {}: {e}; sending SIGKILL", vm.id);
@@ -1800,4 +1852,15 @@ fn write_host_state(state_dir: &Path, state: HostState) -> std::io::Result<()> {
     )?;
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_reboots_past_the_first_few_wait_longer_each_time_up_to_a_minute() {
+        let waits: Vec<u64> = (0..=12).map(|n| reboot_backoff(n).as_secs()).collect();
+        assert_eq!(waits, [0, 0, 0, 0, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+    }
 }
