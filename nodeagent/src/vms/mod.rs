@@ -119,6 +119,19 @@ struct Status {
     /// sooner than `QUICK_REBOOT` after a start (not recorded: a restart begins afresh).
     started: Option<std::time::Instant>,
     quick_reboots: u32,
+    /// The guest rebooted and its next VMM waits (a reboot loop's back-off): there is no
+    /// VMM to ask anything, and a kill or shutdown ends the VM where it waits.
+    waiting_to_restart: bool,
+}
+
+/// Sets the state of a VM that has not ended; returns whether it had not.
+fn set_state_if_active(vm: &Vm, state: VmState) -> bool {
+    let mut s = vm.status();
+    if !s.state.is_active() {
+        return false;
+    }
+    s.state = state;
+    true
 }
 
 /// A guest that reboots sooner than this after its VMM started is in a reboot loop.
@@ -722,6 +735,7 @@ impl VmManager {
             attaching: Default::default(),
             started: None,
             quick_reboots: 0,
+            waiting_to_restart: false,
         };
         let vm = self.new_vm(
             &record.id,
@@ -914,6 +928,7 @@ impl VmManager {
                 attaching: Default::default(),
                 started: None,
                 quick_reboots: 0,
+                waiting_to_restart: false,
             };
             // Chosen here, under the lock and before the first record: a VM is never
             // recorded (nor its VMM started) without the user it runs as.
@@ -1258,7 +1273,10 @@ impl VmManager {
                     vm.id
                 );
                 // A kill or shutdown meanwhile ends it here: there is no VMM to stop.
-                if vm.wait_until(backoff, |s| s.stop_requested).await {
+                vm.status().waiting_to_restart = true;
+                let stopped = vm.wait_until(backoff, |s| s.stop_requested).await;
+                vm.status().waiting_to_restart = false;
+                if stopped {
                     self.mark_ended(
                         vm,
                         VmState::Stopped,
@@ -1643,8 +1661,11 @@ impl VmManager {
             self.end_without_vmm(vm);
             return Ok(self.info(vm).await);
         }
+        if self.end_while_waiting_to_restart(vm).await {
+            return Ok(self.info(vm).await);
+        }
         vm.status().stop_requested = true;
-        // A VM waiting to start again after a reboot ends on this.
+        // Wakes a reboot back-off that began since the look above.
         vm.changed.notify_waiters();
         if let Err(e) = vm.client().stop().await {
             // A VMM that does not answer is ended by signal.
@@ -1676,6 +1697,10 @@ impl VmManager {
             self.end_without_vmm(vm);
             return Ok(self.info(vm).await);
         }
+        // A guest between two VMMs has no power button; it is off already.
+        if self.end_while_waiting_to_restart(vm).await {
+            return Ok(self.info(vm).await);
+        }
         vm.client().press_power_button().await?;
         {
             let mut s = vm.status();
@@ -1685,6 +1710,21 @@ impl VmManager {
         self.save(vm);
         self.stop_if_still_running_after(vm.clone(), timeout);
         Ok(self.info(vm).await)
+    }
+
+    /// Ends a VM whose guest rebooted and waits for its next VMM (the reboot back-off
+    /// ends it on `stop_requested`); false when it has a VMM, which must be asked instead.
+    async fn end_while_waiting_to_restart(&self, vm: &Vm) -> bool {
+        {
+            let mut s = vm.status();
+            if !s.waiting_to_restart {
+                return false;
+            }
+            s.stop_requested = true;
+        }
+        vm.changed.notify_waiters();
+        vm.wait_until(KILL_TIMEOUT, |s| !s.state.is_active()).await;
+        true
     }
 
     /// Stops the VM hard if it has not ended after `timeout` (a shutdown's second step).
@@ -1705,7 +1745,14 @@ impl VmManager {
         if !self.no_vm() {
             vm.client().pause().await?;
         }
-        vm.status().state = VmState::Paused;
+        // The VM may have ended while its VMM answered: that end stands.
+        if !set_state_if_active(vm, VmState::Paused) {
+            return Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state: vm.state(),
+                what: "it ended while being paused",
+            });
+        }
         self.save(vm);
         Ok(self.info(vm).await)
     }
@@ -1715,7 +1762,13 @@ impl VmManager {
         if !self.no_vm() {
             vm.client().resume().await?;
         }
-        vm.status().state = VmState::Running;
+        if !set_state_if_active(vm, VmState::Running) {
+            return Err(VmError::WrongState {
+                id: vm.id.clone(),
+                state: vm.state(),
+                what: "it ended while being resumed",
+            });
+        }
         self.save(vm);
         Ok(self.info(vm).await)
     }
