@@ -163,6 +163,36 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
     after_name.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// A process this agent's user runs from `binary` with `--api-socket <socket>` among its
+/// arguments: a VMM (or jailer) launched for the VM whose socket that is, found where its
+/// pid was never recorded (the agent died between starting it and saving the pid) and
+/// its socket not yet bound. Only the agent's user can start a process from that binary
+/// with those arguments, so none is taken for another user's.
+pub fn launched_for(binary: &Path, socket: &Path) -> Option<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::MetadataExt;
+    let binary = std::fs::canonicalize(binary).ok()?;
+    // SAFETY: geteuid has no side effects.
+    let agent_uid = unsafe { libc::geteuid() };
+    let wanted = [b"--api-socket".as_slice(), socket.as_os_str().as_bytes()];
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let dir = entry.path();
+            if entry.metadata().ok()?.uid() != agent_uid {
+                return None;
+            }
+            if std::fs::read_link(dir.join("exe")).ok()? != binary {
+                return None;
+            }
+            let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.windows(2).any(|pair| pair == wanted).then_some(pid)
+        })
+}
+
 /// The process serving the Unix socket at `path`, from the kernel's peer credentials.
 pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     socket_peer(path).map(|(pid, _)| pid)

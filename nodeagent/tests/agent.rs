@@ -458,6 +458,63 @@ fn a_restarted_agent_adopts_no_socket_server_but_the_vm_s_own_user() {
     assert_ne!(vm["state"], "running", "{vm}");
 }
 
+/// The agent killed after starting a VMM and before saving its pid, when the VMM does not
+/// serve its socket yet, finds it at its restart by what it was started with and adopts
+/// it, instead of starting the VM a second time.
+#[test]
+fn a_vmm_started_just_before_the_agent_died_is_adopted_not_started_twice() {
+    let mut agent = Agent::start(4, 1024);
+    assert_eq!(
+        agent
+            .call("PUT", "/vms/cut", Some(&agent.spec(Guest::Halt)))
+            .0,
+        201
+    );
+    // The VMM's, or its jailer's, which watches it.
+    let launched = agent.wait_state("cut", "running")["pid"].as_u64().unwrap() as u32;
+    agent.crash();
+    let socket = agent.dir.path().join("state/vms/cut/vmm/api.sock");
+    let vmm = socket_peer_pid(&socket).expect("the VMM serves its socket");
+    // Ends the VMM whatever the test's outcome: without its socket the agent's drop would
+    // not find it.
+    struct Reaped(u32);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            // SAFETY: SIGKILL to the VMM this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _reaped = Reaped(vmm);
+    // As the record stands between the start and the pid's saving, with the VMM not yet
+    // serving its socket.
+    let record_path = agent.dir.path().join("state/vms/cut.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["state"] = "starting".into();
+    record["pid"] = Value::Null;
+    record["pid_start_time"] = Value::Null;
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    std::fs::remove_file(&socket).unwrap();
+    agent.launch();
+    let (_, vm) = agent.call("GET", "/vms/cut", None);
+    assert_eq!(vm["pid"], launched, "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert!(
+        !socket.exists(),
+        "a second VMM was started and serves the socket"
+    );
+    let (status, vm) = agent.call("POST", "/vms/cut/kill", None);
+    assert_eq!(status, 200, "{vm}");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    for pid in [vmm, launched] {
+        let killed = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            assert!(killed.elapsed() < DEADLINE, "{pid} still runs: {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// The agent killed during a shutdown takes the hard stop up again when it comes back
 /// (after its own default wait: the request's is not recorded); the VM stayed Stopping.
 #[test]

@@ -702,6 +702,14 @@ impl VmManager {
         })
     }
 
+    /// The binary the agent starts for a VM: the jailer, which starts the VMM, or the VMM.
+    fn launch_binary(&self) -> PathBuf {
+        match self.jailed() {
+            true => self.config.jailer_binary(),
+            false => self.config.vmm_binary.clone(),
+        }
+    }
+
     fn jailed(&self) -> bool {
         self.config.jailer.enabled && !self.no_vm()
     }
@@ -775,10 +783,21 @@ impl VmManager {
                     _ => pid,
                 },
             );
+        // One started just before the agent died, with its pid not saved, may not serve
+        // its socket yet: starting another would run the VM twice.
+        let launched = match peer {
+            Some(_) => None,
+            None => supervisor::launched_for(&self.launch_binary(), &vm.socket),
+        };
         let adopted = peer
+            .or(launched)
             .or(record.pid)
             .and_then(|pid| Some((pid, supervisor::process_start_time(pid)?)))
-            .filter(|(pid, start)| peer == Some(*pid) || record.pid_start_time == Some(*start))
+            .filter(|(pid, start)| {
+                peer == Some(*pid)
+                    || launched == Some(*pid)
+                    || record.pid_start_time == Some(*start)
+            })
             .and_then(|(pid, start)| Some((pid, start, VmmProcess::adopt(pid, start)?)));
         match adopted {
             Some((pid, start, process)) => {
@@ -1172,13 +1191,13 @@ impl VmManager {
                     command,
                 );
                 VmmLaunch {
-                    vmm_binary: self.config.jailer_binary(),
+                    vmm_binary: self.launch_binary(),
                     args: spec.to_args(),
                     log: vm.log_path(),
                 }
             }
             None => VmmLaunch {
-                vmm_binary: self.config.vmm_binary.clone(),
+                vmm_binary: self.launch_binary(),
                 args,
                 log: vm.log_path(),
             },
