@@ -122,6 +122,8 @@ struct Status {
     /// The guest rebooted and its next VMM waits (a reboot loop's back-off): there is no
     /// VMM to ask anything, and a kill or shutdown ends the VM where it waits.
     waiting_to_restart: bool,
+    /// A delete is removing the VM's files; it leaves the map last.
+    deleting: bool,
 }
 
 /// Sets the state of a VM that has not ended; returns whether it had not.
@@ -744,6 +746,7 @@ impl VmManager {
             started: None,
             quick_reboots: 0,
             waiting_to_restart: false,
+            deleting: false,
         };
         let vm = self.new_vm(
             &record.id,
@@ -948,6 +951,7 @@ impl VmManager {
                 started: None,
                 quick_reboots: 0,
                 waiting_to_restart: false,
+                deleting: false,
             };
             // Chosen here, under the lock and before the first record: a VM is never
             // recorded (nor its VMM started) without the user it runs as.
@@ -1001,11 +1005,12 @@ impl VmManager {
 
     /// Undoes a create that could not start: nothing of the VM is left.
     fn roll_back(&self, vm: &Vm) {
-        self.vms().remove(&vm.id);
         let _ = std::fs::remove_dir_all(&vm.dir);
         if let Err(e) = record::remove(&self.config.vms_dir(), &vm.id) {
             tracing::error!("{e}");
         }
+        // Last, as a delete does: until here a create of the same id is refused.
+        self.vms().remove(&vm.id);
     }
 
     /// Makes the VM's files (idempotent) and starts its VMM; returns once the VMM answers
@@ -1803,15 +1808,34 @@ impl VmManager {
     /// Forgets an ended VM and removes what the agent made for it (volatile disks,
     /// console, socket, record). Persistent volumes (file disks) are never touched.
     pub async fn delete(&self, vm: &Vm) -> Result<(), VmError> {
-        let state = vm.state();
-        if state.is_active() {
-            return Err(VmError::WrongState {
+        {
+            let mut s = vm.status();
+            let refused = |what| VmError::WrongState {
                 id: vm.id.clone(),
-                state,
-                what: "kill or shut it down first",
-            });
+                state: s.state,
+                what,
+            };
+            if s.state.is_active() {
+                return Err(refused("kill or shut it down first"));
+            }
+            if s.deleting {
+                return Err(refused("it is being deleted"));
+            }
+            s.deleting = true;
         }
-        self.vms().remove(&vm.id);
+        // The id stays taken until everything is gone: a create of the same id meanwhile
+        // would have its directory and record removed by this delete.
+        let result = self.remove_files(vm).await;
+        match &result {
+            Ok(()) => {
+                self.vms().remove(&vm.id);
+            }
+            Err(_) => vm.status().deleting = false,
+        }
+        result
+    }
+
+    async fn remove_files(&self, vm: &Vm) -> Result<(), VmError> {
         self.unplug_nics(vm).await;
         if let Err(e) = std::fs::remove_dir_all(&vm.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
