@@ -511,7 +511,7 @@ impl Metadata {
             .map_err(|e: Error| invalid(format!("dcterms:identifier: {e}")))?;
         m.bytes = bytes.unwrap_or_default();
         m.checksums = checksums;
-        m.endorsement = endorsement.expect("required element seen");
+        m.endorsement = endorsement.ok_or_else(|| invalid("missing slreq:endorsement"))?;
         m.image_type = image_type.unwrap_or_default();
         if let Some(about) = desc.attr("rdf:about") {
             let want = format!("#{}", m.identifier);
