@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::metadata::Metadata;
 use crate::policy::Policy;
 
-type Outcome = std::result::Result<PathBuf, String>;
+type Outcome = std::result::Result<PathBuf, Arc<Error>>;
 
 #[derive(Default)]
 struct Flight {
@@ -99,19 +99,33 @@ impl ImageCache {
             }
             return match done.as_ref().expect("set") {
                 Ok(p) => Ok(p.clone()),
-                Err(reason) => Err(Error::SharedDownloadFailed {
+                Err(e) => Err(Error::SharedDownloadFailed {
                     identifier: id,
-                    reason: reason.clone(),
+                    source: e.clone(),
                 }),
             };
         }
         let result = self.fetch(m, progress);
-        *flight.done.lock().expect("flight lock") = Some(match &result {
-            Ok(p) => Ok(p.clone()),
-            Err(e) => Err(e.to_string()),
-        });
-        flight.cv.notify_all();
+        // Out of the map first: no request joins from here, so the ones sharing this
+        // download are all counted.
         self.inflight.lock().expect("cache lock").remove(&id);
+        let shared = Arc::strong_count(&flight) > 1;
+        let (outcome, result) = match result {
+            Ok(p) => (Ok(p.clone()), Ok(p)),
+            // Errors are not Clone: the one error goes to every request, each seeing it
+            // as its source.
+            Err(e) if shared => {
+                let e = Arc::new(e);
+                let own = Error::SharedDownloadFailed {
+                    identifier: id,
+                    source: e.clone(),
+                };
+                (Err(e), Err(own))
+            }
+            Err(e) => return Err(e),
+        };
+        *flight.done.lock().expect("flight lock") = Some(outcome);
+        flight.cv.notify_all();
         result
     }
 

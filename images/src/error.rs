@@ -84,11 +84,39 @@ pub enum Error {
     NotBootable { image: String, reason: String },
     #[error("image {identifier} is refused: {reason}")]
     UnsafeImage { identifier: String, reason: String },
-    #[error("download of image {identifier} by a concurrent request failed: {reason}")]
-    SharedDownloadFailed { identifier: String, reason: String },
+    #[error("the download of image {identifier}, shared by concurrent requests, failed: {source}")]
+    SharedDownloadFailed {
+        identifier: String,
+        #[source]
+        source: std::sync::Arc<Error>,
+    },
 }
 
 impl Error {
+    /// An image refused for what it is or what its metadata says (the request's fault, not
+    /// a server's or this host's).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::PolicyRefused { .. }
+                | Error::Expired { .. }
+                | Error::Deprecated { .. }
+                | Error::NotBootable { .. }
+                | Error::UnsafeImage { .. }
+                | Error::InvalidMetadata(_)
+                | Error::UnsupportedLocation(_)
+        )
+    }
+
+    /// The error itself, or for a download shared with a concurrent request, the error
+    /// that download met: what callers tell apart (a refused image, a failed server).
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::SharedDownloadFailed { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -320,6 +320,66 @@ fn concurrent_fetches_share_one_download() {
     assert_eq!(server.hits("/slow.xz"), 1);
 }
 
+/// A shared download that fails gives every request sharing it the error it met, as
+/// the source of theirs: a node agent answers a refused image with 400 for all of them,
+/// not 400 for one and 502 for the others.
+#[test]
+fn a_failed_shared_download_gives_each_request_the_error_it_met() {
+    let work = tempfile::tempdir().unwrap();
+    let backed = work.path().join("backed.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+        ])
+        .arg(&backed)
+        .output()
+        .expect("run qemu-img (install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let data = std::fs::read(&backed).unwrap();
+    let server = TestServer::start(vec![("/backed.qcow2", Route::Slow(data.clone()))]);
+    let m = entry(&data, vec![server.url("/backed.qcow2")]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ImageCache::new(dir.path(), Policy::default()).unwrap());
+    let barrier = Arc::new(std::sync::Barrier::new(4));
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (cache, m, barrier) = (cache.clone(), m.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                cache.get(&m, &mut |_| {}).unwrap_err()
+            })
+        })
+        .collect();
+    let errors: Vec<Error> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(
+        server.hits("/backed.qcow2"),
+        1,
+        "one download for 4 requests"
+    );
+    for e in &errors {
+        assert!(
+            matches!(e.root(), Error::UnsafeImage { reason, .. } if reason.contains("backing file")),
+            "{e:?}"
+        );
+        if let Error::SharedDownloadFailed { .. } = e {
+            let source = std::error::Error::source(e).expect("the shared error is the source");
+            assert!(source.to_string().contains("backing file"), "{source}");
+        }
+    }
+    assert!(files_in(dir.path()).is_empty());
+}
+
 #[test]
 fn corrupt_cache_entry_is_refetched() {
     let work = tempfile::tempdir().unwrap();

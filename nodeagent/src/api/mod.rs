@@ -164,15 +164,7 @@ impl From<VmError> for Refusal {
                 | NetworkError::TapNameTaken { .. },
             ) => StatusCode::CONFLICT,
             VmError::Network(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            VmError::Image(
-                stratus_images::Error::PolicyRefused { .. }
-                | stratus_images::Error::Expired { .. }
-                | stratus_images::Error::Deprecated { .. }
-                | stratus_images::Error::NotBootable { .. }
-                | stratus_images::Error::UnsafeImage { .. }
-                | stratus_images::Error::InvalidMetadata(_)
-                | stratus_images::Error::UnsupportedLocation(_),
-            ) => StatusCode::BAD_REQUEST,
+            VmError::Image(e) if e.root().is_refusal() => StatusCode::BAD_REQUEST,
             VmError::Image(_) => StatusCode::BAD_GATEWAY,
             VmError::Vmm(_) => StatusCode::BAD_GATEWAY,
             VmError::Jail(crate::vms::jail::JailPrepError::Unreadable(_)) => {
@@ -196,7 +188,11 @@ impl From<ImageError> for Refusal {
             ImageError::NotFound(_) | ImageError::NoEntry { .. } => StatusCode::NOT_FOUND,
             ImageError::InUse { .. } | ImageError::Downloading(_) => StatusCode::CONFLICT,
             ImageError::Entry { .. } => StatusCode::BAD_GATEWAY,
-            ImageError::Image(stratus_images::Error::InvalidMetadata(_)) => StatusCode::BAD_REQUEST,
+            ImageError::Image(e)
+                if matches!(e.root(), stratus_images::Error::InvalidMetadata(_)) =>
+            {
+                StatusCode::BAD_REQUEST
+            }
             ImageError::Image(_) | ImageError::Remove { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Refusal::new(status, e.to_string())
