@@ -32,6 +32,18 @@ fn entry(data: &[u8], locations: Vec<String>) -> Metadata {
     m
 }
 
+fn qemu_img(args: &[&str]) {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img (install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -327,25 +339,17 @@ fn concurrent_fetches_share_one_download() {
 fn a_failed_shared_download_gives_each_request_the_error_it_met() {
     let work = tempfile::tempdir().unwrap();
     let backed = work.path().join("backed.qcow2");
-    let out = std::process::Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "/etc/passwd",
-            "-F",
-            "raw",
-        ])
-        .arg(&backed)
-        .output()
-        .expect("run qemu-img (install qemu-utils)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        backed.to_str().unwrap(),
+    ]);
     let data = std::fs::read(&backed).unwrap();
     let server = TestServer::start(vec![("/backed.qcow2", Route::Slow(data.clone()))]);
     let m = entry(&data, vec![server.url("/backed.qcow2")]);
@@ -631,17 +635,6 @@ fn a_changed_resource_restarts_the_download() {
 #[test]
 fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
     let work = tempfile::tempdir().unwrap();
-    let qemu_img = |args: &[&str]| {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .expect("run qemu-img (install qemu-utils)");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
     let path = |name: &str| work.path().join(name).to_str().unwrap().to_owned();
     qemu_img(&["create", "-q", "-f", "qcow2", &path("alone.qcow2"), "4M"]);
     // A backing reference to a host file the guest must never see.
