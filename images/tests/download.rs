@@ -44,6 +44,21 @@ fn qemu_img(args: &[&str]) {
     );
 }
 
+/// A qcow2 image at `path` whose backing file is a host file the guest must never see.
+fn backed_by_a_host_file(path: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "/etc/passwd",
+        "-F",
+        "raw",
+        path,
+    ]);
+}
+
 fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -339,17 +354,7 @@ fn concurrent_fetches_share_one_download() {
 fn a_failed_shared_download_gives_each_request_the_error_it_met() {
     let work = tempfile::tempdir().unwrap();
     let backed = work.path().join("backed.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        backed.to_str().unwrap(),
-    ]);
+    backed_by_a_host_file(backed.to_str().unwrap());
     let data = std::fs::read(&backed).unwrap();
     let server = TestServer::start(vec![("/backed.qcow2", Route::Slow(data.clone()))]);
     let m = entry(&data, vec![server.url("/backed.qcow2")]);
@@ -637,18 +642,7 @@ fn qcow2_images_that_name_other_host_files_are_refused_and_not_kept() {
     let work = tempfile::tempdir().unwrap();
     let path = |name: &str| work.path().join(name).to_str().unwrap().to_owned();
     qemu_img(&["create", "-q", "-f", "qcow2", &path("alone.qcow2"), "4M"]);
-    // A backing reference to a host file the guest must never see.
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/passwd",
-        "-F",
-        "raw",
-        &path("backed.qcow2"),
-    ]);
+    backed_by_a_host_file(&path("backed.qcow2"));
     qemu_img(&[
         "create",
         "-q",
