@@ -40,7 +40,7 @@ pub enum JailError {
     },
     #[error("cannot {what}: {source}")]
     Sys { what: String, source: nix::Error },
-    #[error("{0} is not a block or character device")]
+    #[error("{0} is not a block device")]
     NotADevice(PathBuf),
 }
 
@@ -116,14 +116,12 @@ pub(crate) fn copy_device(
     uid: Uid,
     gid: Gid,
 ) -> Result<(), JailError> {
-    let kind = if meta.file_type().is_block_device() {
-        SFlag::S_IFBLK
-    } else if meta.file_type().is_char_device() {
-        SFlag::S_IFCHR
-    } else {
+    // Disks only: a character device (a tty, /dev/kmsg, a SCSI generic node) given as a
+    // disk by mistake or by a link would hand the VM's user the host's device.
+    if !meta.file_type().is_block_device() {
         return Err(JailError::NotADevice(path.to_owned()));
-    };
-    make_node(target, kind, meta.rdev(), 0o660)?;
+    }
+    make_node(target, SFlag::S_IFBLK, meta.rdev(), 0o660)?;
     chown(target, Some(uid), Some(gid)).map_err(sys(format!("chown {}", target.display())))
 }
 

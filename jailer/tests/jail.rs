@@ -62,6 +62,26 @@ impl Jail {
     }
 }
 
+/// A block device node made for a test, removed after it.
+struct BlockNode(PathBuf);
+
+impl BlockNode {
+    fn new(path: &str) -> BlockNode {
+        let status = Command::new("mknod")
+            .args([path, "b", "7", "250"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "mknod {path}");
+        BlockNode(PathBuf::from(path))
+    }
+}
+
+impl Drop for BlockNode {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -301,22 +321,26 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
     std::fs::create_dir(&volume).unwrap();
     std::fs::write(volume.join("data"), "hot-plugged").unwrap();
     let out_dir = jail.owned_dir("out");
+    // A block device node (an unattached loop device's numbers: never opened here).
+    let disk = BlockNode::new(&format!("/dev/stratus-jailer-test-{}", std::process::id()));
     let script = format!(
-        "until [ -e {v}/data ] && [ -e /dev/full ]; do sleep 0.05; done; \
+        "until [ -e {v}/data ] && [ -e {d} ]; do sleep 0.05; done; \
          cat {v}/data > {o}/seen; echo x > {v}/data || echo RO > {o}/ro; \
-         ls -ln /dev/full > {o}/dev",
+         ls -ln {d} > {o}/dev; if [ -e /dev/full ]; then echo FULL > {o}/full; fi",
         v = volume.display(),
+        d = disk.0.display(),
         o = out_dir.display()
     );
     let mut child = jail
         .command(&["--bind", out_dir.to_str().unwrap()], &script)
         .spawn()
         .unwrap();
+    let pid = child.id().to_string();
     let enter = |args: &[&str]| {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let out = Command::new(JAILER)
-                .args(["enter", "--pid", &child.id().to_string()])
+                .args(["enter", "--pid", &pid])
                 .args(["--uid", &UID.to_string(), "--gid", &UID.to_string()])
                 .args(args)
                 .output()
@@ -334,7 +358,28 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         }
     };
     enter(&["--bind-ro", volume.to_str().unwrap()]);
-    enter(&["--device", "/dev/full"]);
+    // A character device is no disk.
+    let refused = Command::new(JAILER)
+        .args(["enter", "--pid", &pid])
+        .args(["--uid", &UID.to_string(), "--gid", &UID.to_string()])
+        .args(["--device", "/dev/full"])
+        .output()
+        .unwrap();
+    if refused.status.success() {
+        // The jailed script would wait for its disk for ever.
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        !refused.status.success(),
+        "a character device was taken as a disk"
+    );
+    assert!(
+        text(&refused.stderr).contains("not a block device"),
+        "{}",
+        text(&refused.stderr)
+    );
+    enter(&["--device", disk.0.to_str().unwrap()]);
     let status = child.wait().unwrap();
     assert!(status.success());
     assert_eq!(
@@ -345,11 +390,14 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         out_dir.join("ro").exists(),
         "the read-only disk stayed read-only"
     );
+    let node = std::fs::read_to_string(out_dir.join("dev")).unwrap();
     assert!(
-        std::fs::read_to_string(out_dir.join("dev"))
-            .unwrap()
-            .contains(&format!("{UID} {UID}")),
-        "the device node is the VM's"
+        node.starts_with('b') && node.contains(&format!("{UID} {UID}")),
+        "the device node is the VM's: {node}"
+    );
+    assert!(
+        !out_dir.join("full").exists(),
+        "the refused device appeared"
     );
     assert_eq!(
         std::fs::read_to_string(volume.join("data")).unwrap(),
