@@ -47,6 +47,10 @@ pub enum EnterError {
     StillStarting(u32),
     #[error("process {0} is not in a jail of its own: refusing to change the host's mounts")]
     NotJailed(u32),
+    #[error(
+        "process {0} is not a stratus-jailer running a jail (it ended, and its pid was reused?)"
+    )]
+    NotAJailer(u32),
     #[error("name one of --bind, --bind-ro or --device")]
     NothingToShow,
     #[error("cannot {what} {path}: {source}")]
@@ -69,6 +73,31 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> EnterE
 
 /// How long `enter` waits for a jail that is still being set up.
 const SETUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Refuses a `--pid` that is not a jailer's `run`: a jailer that ended may have had its pid
+/// reused by a process whose child has a mount namespace of its own (a container, a
+/// sandboxed service), whose mounts `enter` would then change.
+fn check_jailer(pid: u32) -> Result<(), EnterError> {
+    let own =
+        fs::read_link("/proc/self/exe").map_err(io_error("read", Path::new("/proc/self/exe")))?;
+    let theirs =
+        fs::read_link(format!("/proc/{pid}/exe")).map_err(|_| EnterError::NotAJailer(pid))?;
+    // A jailer started before an upgrade runs a binary since replaced.
+    let name = |exe: &Path| {
+        exe.file_name().map(|n| {
+            n.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_owned()
+        })
+    };
+    let cmdline =
+        fs::read(format!("/proc/{pid}/cmdline")).map_err(|_| EnterError::NotAJailer(pid))?;
+    let runs_a_jail = cmdline.split(|b| *b == 0).nth(1) == Some(b"run".as_slice());
+    if name(&own) != name(&theirs) || !runs_a_jail {
+        return Err(EnterError::NotAJailer(pid));
+    }
+    Ok(())
+}
 
 /// The VMM: the jailer's only child, once it runs the VMM. Until its `exec` it is still
 /// building the jail, and a mount made then would land outside the jail's root.
@@ -192,6 +221,7 @@ fn remount_root(read_only: bool) -> Result<(), EnterError> {
 pub fn enter(spec: &EnterSpec) -> Result<(), EnterError> {
     spec.validate()?;
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    check_jailer(spec.pid)?;
     let vmm = vmm_of(spec.pid)?;
     let ours = fs::metadata("/proc/self/ns/mnt")
         .map_err(io_error("read", Path::new("/proc/self/ns/mnt")))?;

@@ -411,4 +411,37 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         .output()
         .unwrap();
     assert!(!out.status.success());
+
+    // Nor another program's (a jailer's pid reused by a process whose child has a mount
+    // namespace of its own).
+    let mut other = Command::new("unshare")
+        .args(["--mount", "--fork", "sleep", "30"])
+        .spawn()
+        .unwrap();
+    let children = format!("/proc/{0}/task/{0}/children", other.id());
+    let started = Instant::now();
+    while std::fs::read_to_string(&children)
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "unshare made no child"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = Command::new(JAILER)
+        .args(["enter", "--pid", &other.id().to_string()])
+        .args(["--uid", "7", "--gid", "7", "--bind-ro", "/etc"])
+        .output()
+        .unwrap();
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!out.status.success(), "entered another program's namespace");
+    assert!(
+        text(&out.stderr).contains("is not a stratus-jailer"),
+        "{}",
+        text(&out.stderr)
+    );
 }
