@@ -7,8 +7,8 @@
 //! back on a one-shot channel: each API handler says what it needs in one place, typed,
 //! without a command enum and a reply enum to keep in step.
 
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::api::VmState;
@@ -21,10 +21,25 @@ type Call = Box<dyn FnOnce(&mut Controller) + Send>;
 
 pub(crate) enum ControlMessage {
     Call(Call),
-    /// The guest ejected these PCI slots (a bitmap), through `B0EJ`.
-    Ejected(u32),
+    /// The guest ejected PCI slots through `B0EJ`: the bitmap of those not handled yet.
+    Ejected(Arc<AtomicU32>),
     /// Look at the exit signal.
     Wake,
+}
+
+/// What the eject register calls with the slots a guest ejects. Slots gather in one bitmap
+/// until the control thread takes them, with one message sent when the bitmap stops being
+/// empty: a guest writing the register in a loop, from every vCPU, while the control thread
+/// is busy (a network disk's hot-plug, say), would otherwise queue messages without end.
+pub(crate) fn eject_notifier(tx: mpsc::Sender<ControlMessage>) -> impl Fn(u32) + Send + Sync {
+    let tx = Mutex::new(tx);
+    let pending = Arc::new(AtomicU32::new(0));
+    move |slots| {
+        if pending.fetch_or(slots, Ordering::AcqRel) == 0 {
+            let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send(ControlMessage::Ejected(pending.clone()));
+        }
+    }
 }
 
 /// The VM is stopping (or gone): the control thread no longer takes requests.
@@ -114,7 +129,9 @@ impl Controller {
         while !self.exit.is_requested() {
             match rx.recv() {
                 Ok(ControlMessage::Call(call)) => call(self),
-                Ok(ControlMessage::Ejected(slots)) => self.devices.ejected(slots),
+                Ok(ControlMessage::Ejected(pending)) => {
+                    self.devices.ejected(pending.swap(0, Ordering::AcqRel))
+                }
                 Ok(ControlMessage::Wake) => {}
                 Err(mpsc::RecvError) => break,
             }
@@ -125,5 +142,35 @@ impl Controller {
     pub(crate) fn release_vcpus(&mut self) -> Vec<JoinHandle<()>> {
         self.run_control.release_all();
         std::mem::take(&mut self.vcpus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ejects_while_the_control_thread_is_busy_queue_one_message() {
+        let (tx, rx) = mpsc::channel();
+        let eject = eject_notifier(tx);
+        for round in 0..10_000u32 {
+            eject(1 << (1 + round % 3));
+        }
+        let queued: Vec<_> = rx.try_iter().collect();
+        assert_eq!(queued.len(), 1, "one message for all the writes");
+        let Some(ControlMessage::Ejected(pending)) = queued.first() else {
+            panic!("not an eject");
+        };
+        assert_eq!(
+            pending.swap(0, Ordering::AcqRel),
+            0b1110,
+            "every slot ejected"
+        );
+        // Taken: the next eject is a message of its own.
+        eject(1 << 5);
+        let Some(ControlMessage::Ejected(pending)) = rx.try_iter().next() else {
+            panic!("the next eject was not sent");
+        };
+        assert_eq!(pending.load(Ordering::Acquire), 1 << 5);
     }
 }

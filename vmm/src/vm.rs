@@ -18,7 +18,7 @@ use crate::arch::regs::{self, EntryMode, RegsError};
 use crate::bus::{Bus, BusError};
 use crate::config::{ConsoleConfig, VmConfig};
 use crate::console_log::{ConsoleLog, ConsoleLogError};
-use crate::control::{ControlHandle, ControlMessage, Controller};
+use crate::control::{eject_notifier, ControlHandle, ControlMessage, Controller};
 use crate::device_manager::{DeviceError, DeviceManager, DeviceManagerParts, MAX_SLOT};
 use crate::devices::legacy::acpi_pm::AcpiPmDevice;
 use crate::devices::legacy::cmos::{self, Cmos, MemorySizes, SystemClock};
@@ -263,11 +263,8 @@ impl Vm {
         let (control_tx, control_rx) = mpsc::channel();
         let (ged, ged_notifier) = Ged::new(Box::new(IrqLine::new(vm.clone(), GED_IRQ)));
         pio.insert(Arc::new(Mutex::new(ged)), u64::from(GED_PORT), ged::LEN)?;
-        let eject_tx = Mutex::new(control_tx.clone());
-        let (hotplug, hotplug_slots) = PciHotplug::new(Box::new(move |slots| {
-            let tx = eject_tx.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = tx.send(ControlMessage::Ejected(slots));
-        }));
+        let (hotplug, hotplug_slots) =
+            PciHotplug::new(Box::new(eject_notifier(control_tx.clone())));
         pio.insert(
             Arc::new(Mutex::new(hotplug)),
             u64::from(PCI_HOTPLUG_PORT),
