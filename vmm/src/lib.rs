@@ -14,6 +14,7 @@ pub mod devices;
 pub mod exit;
 pub mod interrupts;
 pub mod loader;
+pub mod log_limit;
 pub mod memory;
 pub mod seccomp;
 pub mod test_ceph;

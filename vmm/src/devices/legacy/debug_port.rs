@@ -35,7 +35,9 @@ impl BootProgress {
         if milestones.len() < MAX_MILESTONES {
             milestones.push(Milestone { code, since_start });
         }
-        tracing::info!(
+        // Linux's own I/O delays write here too (outb_p): a guest may write it at will.
+        crate::log_limit::rate_limited!(
+            tracing::Level::INFO,
             code,
             micros = since_start.as_micros() as u64,
             "guest boot milestone"

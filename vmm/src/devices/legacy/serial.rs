@@ -87,7 +87,8 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
-                tracing::warn!("serial write failed: {e:?}");
+                // Once the console file cannot be written, every byte would say so.
+                crate::log_limit::rate_limited!(tracing::Level::WARN, "serial write failed: {e:?}");
             }
         }
     }

@@ -292,7 +292,11 @@ impl MsixState {
         let msg = self.table[v].message();
         let route = (msg.address != 0).then_some(msg);
         if let Err(e) = self.sink.route(self.gsis[v], route) {
-            tracing::error!("cannot route MSI-X vector {v}: {e}");
+            // The guest reprograms vectors at will.
+            crate::log_limit::rate_limited!(
+                tracing::Level::ERROR,
+                "cannot route MSI-X vector {v}: {e}"
+            );
         }
     }
 

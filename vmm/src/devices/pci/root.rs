@@ -156,7 +156,10 @@ impl PciRoot {
             .expect("PCI device lock poisoned")
             .write_config_register(reg, offset, data);
         if let Err(e) = self.reconcile_bars(device) {
-            tracing::warn!("guest placed a BAR where it cannot be mapped: {e}");
+            crate::log_limit::rate_limited!(
+                tracing::Level::WARN,
+                "guest placed a BAR where it cannot be mapped: {e}"
+            );
         }
     }
 

@@ -21,6 +21,7 @@ use crate::devices::virtio::worker::{run_worker, Polling, Throttle, WorkerEpoll,
 use crate::devices::virtio::{
     enable_notification_checked, has_available, VirtioInterrupt, VirtioInterruptType,
 };
+use crate::log_limit::rate_limited;
 use crate::memory::GuestMemoryMmap;
 
 fn range_bytes(range: SectorRange) -> (u64, u64) {
@@ -361,7 +362,10 @@ impl QueueWorker {
             _ => 0,
         };
         if let Err(e) = self.queue.add_used(&self.mem, head, used_len) {
-            tracing::error!("virtio-blk: cannot return request {head} to the guest: {e:?}");
+            rate_limited!(
+                tracing::Level::ERROR,
+                "virtio-blk: cannot return request {head} to the guest: {e:?}"
+            );
         }
         self.used_pending = true;
     }

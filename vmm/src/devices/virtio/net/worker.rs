@@ -25,6 +25,7 @@ use crate::devices::virtio::worker::{run_worker, Polling, Throttle, WorkerEpoll,
 use crate::devices::virtio::{
     enable_notification_checked, has_available, VirtioInterrupt, VirtioInterruptType,
 };
+use crate::log_limit::rate_limited;
 use crate::memory::GuestMemoryMmap;
 
 /// Counters a test or the VMM API can read.
@@ -170,7 +171,10 @@ impl NetCtrl {
                 }
             };
             if self.queue.add_used(mem, head, used).is_err() {
-                tracing::error!("virtio-net: cannot return control buffer {head}");
+                rate_limited!(
+                    tracing::Level::ERROR,
+                    "virtio-net: cannot return control buffer {head}"
+                );
             }
             answered = true;
         }
@@ -212,7 +216,10 @@ impl NetCtrl {
         let detach = unused.iter().map(|t| (t, false));
         for (tap, attached) in attach.chain(detach) {
             if let Err(e) = tap.set_queue_attached(attached) {
-                tracing::warn!("virtio-net: cannot use {pairs} queue pairs: {e}");
+                rate_limited!(
+                    tracing::Level::WARN,
+                    "virtio-net: cannot use {pairs} queue pairs: {e}"
+                );
                 return VIRTIO_NET_ERR;
             }
         }
@@ -489,7 +496,10 @@ impl NetWorker {
                 }
                 // TX buffers are only read: the used length is 0 either way.
                 if self.p.tx.add_used(&self.p.mem, head, 0).is_err() {
-                    tracing::error!("virtio-net: cannot return TX buffer {head}");
+                    rate_limited!(
+                        tracing::Level::ERROR,
+                        "virtio-net: cannot return TX buffer {head}"
+                    );
                 }
                 self.tx_used = true;
                 consumed += 1;

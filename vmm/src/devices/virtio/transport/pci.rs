@@ -14,6 +14,7 @@ use crate::devices::pci::configuration::{ConfigurationError, PciConfiguration, P
 use crate::devices::pci::msix::{Msix, MSIX_CAPABILITY_ID};
 use crate::devices::pci::PciDevice;
 use crate::devices::virtio::*;
+use crate::log_limit::rate_limited;
 use crate::memory::GuestMemoryMmap;
 
 const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
@@ -399,7 +400,10 @@ impl VirtioPciDevice {
             .iter()
             .position(|q| q.ready() && !q.is_valid(mem));
         if let Some(index) = invalid {
-            tracing::warn!("virtio queue {index} is not valid in guest memory; device needs reset");
+            rate_limited!(
+                tracing::Level::WARN,
+                "virtio queue {index} is not valid in guest memory; device needs reset"
+            );
             self.status |= DEVICE_STATUS_NEEDS_RESET;
             return;
         }
@@ -435,7 +439,7 @@ impl VirtioPciDevice {
         match self.device.activate(ctx) {
             Ok(()) => self.activated = true,
             Err(e) => {
-                tracing::error!("cannot activate virtio device: {e}");
+                rate_limited!(tracing::Level::ERROR, "cannot activate virtio device: {e}");
                 // What the device started before it failed (a net device's first queue
                 // pairs' workers) stops now: the transport's own reset only resets an
                 // activated device, and a second DRIVER_OK would start it all again.
