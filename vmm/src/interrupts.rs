@@ -31,8 +31,13 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
-/// Upper bound of GSIs KVM accepts on x86 (KVM_MAX_IRQ_ROUTES is 4096).
-const MAX_GSI: u32 = 4096;
+/// Entries KVM's routing table takes on x86 (KVM_MAX_IRQ_ROUTES).
+const MAX_ROUTES: u32 = 4096;
+/// The legacy routes (every IOAPIC pin, and the PIC's 16) are in the table too: MSI GSIs
+/// stop where the table would be full, or a guest enabling every vector of a large VM
+/// would make the commit, and every later one, fail.
+const MAX_GSI: u32 = MSI_GSI_START + MAX_ROUTES - LEGACY_ROUTES;
+const LEGACY_ROUTES: u32 = IOAPIC_PINS + 16;
 
 struct RoutingState {
     msi_routes: BTreeMap<u32, MsiMessage>,
@@ -141,12 +146,19 @@ impl GsiRouter {
     /// Points `gsi` at `msg` (or removes the route with `None`) and commits the table.
     pub fn set_msi_route(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), InterruptError> {
         let mut state = self.state.lock().expect("routing lock poisoned");
-        let changed = match msg {
-            Some(m) => state.msi_routes.insert(gsi, m) != Some(m),
-            None => state.msi_routes.remove(&gsi).is_some(),
+        let previous = match msg {
+            Some(m) => state.msi_routes.insert(gsi, m),
+            None => state.msi_routes.remove(&gsi),
         };
-        if changed {
-            self.commit(&state)?;
+        if previous != msg {
+            if let Err(e) = self.commit(&state) {
+                // Kept, the route KVM refused would make every later commit fail too.
+                match previous {
+                    Some(p) => state.msi_routes.insert(gsi, p),
+                    None => state.msi_routes.remove(&gsi),
+                };
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -176,6 +188,7 @@ mod tests {
         let routes = legacy_routes();
         // 24 IOAPIC pins plus 16 PIC pins.
         assert_eq!(routes.len(), 40);
+        assert_eq!(routes.len() as u32, LEGACY_ROUTES);
         // SAFETY: every entry built by irqchip_entry holds the irqchip variant.
         let com1: Vec<_> = routes
             .iter()
@@ -205,5 +218,26 @@ mod tests {
             (msi.address_lo, msi.address_hi, msi.data),
             (0xfee0_1000, 1, 0x4041)
         );
+    }
+
+    /// Through KVM: every GSI handed out can be routed at once.
+    #[test]
+    fn every_gsi_handed_out_can_be_routed() {
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = GsiRouter::new(vm);
+        let msg = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x4041,
+        };
+        let mut routed = 0;
+        while let Ok(gsi) = router.allocate_gsi() {
+            router
+                .set_msi_route(gsi, Some(msg))
+                .unwrap_or_else(|e| panic!("route {routed} (GSI {gsi}): {e}"));
+            routed += 1;
+        }
+        assert!(routed > 4000, "{routed}");
     }
 }
