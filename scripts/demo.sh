@@ -333,7 +333,7 @@ STRATUSLAB_USERNAME=admin STRATUSLAB_PASSWORD=$ADMIN_PASSWORD stratus-describe-n
 
 if [ "${STRATUS_DEMO_VM:-1}" != 0 ]; then
     say "starting a demo VM: stratus-run-instance -t t1.micro --wait $IMAGE"
-    stratus-run-instance -t t1.micro --wait 1800 "$IMAGE" | tee "$STATE/logs/run.txt"
+    stratus-run-instance -t t1.micro --wait=1800 "$IMAGE" | tee "$STATE/logs/run.txt"
     VM=$(sed -n 's/.*(vm ID: \([0-9]*\)).*/\1/p' "$STATE/logs/run.txt")
     say "VM $VM is Running; waiting for its SSH server"
     wait_for 900 "SSH on VM $VM" stratus-connect-instance "$VM" true

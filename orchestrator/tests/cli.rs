@@ -265,8 +265,7 @@ fn the_tutorial_through_the_stratus_links() {
             "t1.micro",
             "-o",
             "machines.txt",
-            "--wait",
-            "60",
+            "--wait=60",
             &image,
         ],
     );
@@ -669,7 +668,7 @@ fn run_with_volume(user: &User, image: &str, volume: &str) -> i64 {
 
 /// Runs a t1.micro of `image` with these volumes attached at boot; the VM's id.
 fn run_with_volumes(user: &User, image: &str, volumes: &[&str]) -> i64 {
-    let mut args = vec!["-q", "-t", "t1.micro", "--wait", "60"];
+    let mut args = vec!["-q", "-t", "t1.micro", "--wait=60"];
     for volume in volumes {
         args.extend(["--persistent-disk", volume]);
     }
@@ -942,7 +941,7 @@ fn volumes_through_the_links(backend: Backend) {
     };
     let bobs = user.ok(
         "stratus-run-instance",
-        &as_bob(&["-q", "-t", "t1.micro", "--wait", "60", &image])
+        &as_bob(&["-q", "-t", "t1.micro", "--wait=60", &image])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -1297,7 +1296,8 @@ fn every_command_speaks_json_and_quiet() {
 
     let started = json(
         "stratus-run-instance",
-        &["-t", "t1.micro", "--wait", "60", &image],
+        // The image right after a bare --wait is the image (the wait its default).
+        &["-t", "t1.micro", "--wait", &image],
     );
     let vm = started[0]["id"].as_i64().unwrap();
     assert_eq!(started[0]["state"], "Running");

@@ -57,7 +57,7 @@ if stratus-describe-volumes "$DISK" | grep -qx "$(printf '\tvisibility: public')
 expect "stratus-delete-volume deletes it" "DELETED $DISK" stratus-delete-volume "$DISK"
 expect "... and it is gone" "No disk to show" stratus-describe-volumes
 
-stratus-run-instance -t t1.micro --wait 1800 "$IMAGE" > "$W/run.txt" 2>&1 || true
+stratus-run-instance -t t1.micro --wait=1800 "$IMAGE" > "$W/run.txt" 2>&1 || true
 VM=$(sed -n 's/.*(vm ID: \([0-9]*\)).*/\1/p' "$W/run.txt")
 if [ -n "$VM" ] && grep -q ":: Done!" "$W/run.txt"; then ok "stratus-run-instance --wait brings VM $VM to Running"; else fail "stratus-run-instance"; cat "$W/run.txt"; VM=0; fi
 IP=$(sed -n 's/.*Public ip: //p' "$W/run.txt")

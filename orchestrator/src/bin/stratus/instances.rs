@@ -87,8 +87,15 @@ pub struct RunArgs {
     /// Also write 'ID, IP' lines to this file (for kill-instance -i).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Wait until the machines run (at most this many seconds, default 600).
-    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "600")]
+    /// Wait until the machines run (at most 600 seconds, or as many as --wait=SECONDS says).
+    // Only with '=': `--wait IMAGE` would take the image for the seconds.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "600"
+    )]
     pub wait: Option<u64>,
     /// Save the machine as a new image when it stops (not available in Stratus yet).
     #[arg(long)]
