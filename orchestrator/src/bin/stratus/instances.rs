@@ -472,6 +472,24 @@ fn attributes(vm: &VmView) -> String {
     out
 }
 
+/// Every VM the caller may see, page after page: the cloud answers with at most a page of
+/// them, newest first. A VM made meanwhile shifts the pages: one seen twice counts once.
+fn every_vm<E>(mut page_at: impl FnMut(i64) -> Result<VmList, E>) -> Result<Vec<VmView>, E> {
+    let mut vms = std::collections::BTreeMap::new();
+    let mut offset = 0;
+    loop {
+        let page = page_at(offset)?;
+        let got = page.vms.len() as i64;
+        offset += got;
+        for vm in page.vms {
+            vms.entry(vm.id).or_insert(vm);
+        }
+        if got == 0 || offset >= page.count {
+            return Ok(vms.into_values().collect());
+        }
+    }
+}
+
 pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode> {
     let ids: Vec<i64> = args
         .ids
@@ -481,8 +499,7 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
     let session = Session::load(common)?;
     let cloud = session.cloud()?;
     let mut vms: Vec<VmView> = if ids.is_empty() {
-        let list: VmList = cloud.get("/vms")?;
-        list.vms
+        every_vm(|offset| cloud.get(&format!("/vms?offset={offset}")))?
     } else {
         ids.iter()
             .map(|id| cloud.get(&format!("/vms/{id}")))
@@ -712,5 +729,32 @@ mod tests {
                 .to_string()
                 .contains("is not a machine id"));
         }
+    }
+
+    /// The cloud pages its VM list (1000 at most): all pages are read, and a VM made
+    /// between two reads (which shifts the newest-first pages by one) is listed once.
+    #[test]
+    fn every_vm_is_read_page_after_page() {
+        let mut all: Vec<i64> = (1..=2500).rev().collect();
+        let mut asked = Vec::new();
+        let vms = every_vm(|offset| {
+            asked.push(offset);
+            if offset == 1000 {
+                all.insert(0, 2501);
+            }
+            let page: Vec<VmView> = all
+                .iter()
+                .skip(offset as usize)
+                .take(1000)
+                .map(|&id| vm(id, VmState::Running, None))
+                .collect();
+            Ok::<_, ()>(VmList {
+                vms: page,
+                count: all.len() as i64,
+            })
+        })
+        .unwrap();
+        let ids: Vec<i64> = vms.iter().map(|v| v.id).collect();
+        assert_eq!(ids, (1..=2500).collect::<Vec<_>>(), "asked at {asked:?}");
     }
 }
