@@ -820,6 +820,21 @@ fn volumes_through_the_links(backend: Backend) {
         &[],
     );
     assert_eq!(e, "Service error: Not enough rights to delete disk");
+    // Ids are checked before any request: a path in one would make another request.
+    let e = user.error("stratus-delete-volume", &["x/mounts/5"], &[]);
+    assert_eq!(e, "'x/mounts/5' is not a disk UUID");
+    // One refusal in a batch does not stop the others; the batch fails.
+    let spare = user.ok("stratus-create-volume", &["-s", "1", "-t", "spare"]);
+    let spare = spare.trim().strip_prefix("DISK ").unwrap().to_owned();
+    let missing = "00000000-0000-4000-8000-000000000000";
+    let out = user.run("stratus-delete-volume", &[missing, &spare]);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert_eq!(out.stdout, format!("DELETED {spare}\n"), "{}", out.stderr);
+    assert!(
+        out.stderr.starts_with("  [ERROR] Service error: "),
+        "{}",
+        out.stderr
+    );
     let seen_by_bob = user.ok(
         "stratus-describe-volumes",
         &[&["-q"][..], &bob[..]].concat(),

@@ -167,9 +167,9 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
     let volumes: Vec<VolumeView> = if args.uuids.is_empty() {
         cloud.get("/disks")?
     } else {
-        args.uuids
+        uuids(&args.uuids)?
             .iter()
-            .map(|u| cloud.get(&format!("/disks/{}", u.trim())))
+            .map(|u| cloud.get(&format!("/disks/{u}")))
             .collect::<Result<_, _>>()?
     };
     let shown: Vec<&VolumeView> = volumes
@@ -231,9 +231,10 @@ pub fn update(common: &Common, args: UpdateArgs) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    let uuid = parse_uuid(&args.uuid)?;
     let session = Session::load(common)?;
     let updated: VolumeView = session.cloud()?.put(
-        &format!("/disks/{}", args.uuid.trim()),
+        &format!("/disks/{uuid}"),
         &VolumeUpdate {
             tag: args.tag,
             visibility: visibility(args.private, args.public),
@@ -248,21 +249,49 @@ pub fn update(common: &Common, args: UpdateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Volume ids as given, each checked to be a UUID before any request is made (a path
+/// or query in one would change which request is made).
+fn uuids(texts: &[String]) -> anyhow::Result<Vec<String>> {
+    texts.iter().map(|t| parse_uuid(t)).collect()
+}
+
+fn parse_uuid(text: &str) -> anyhow::Result<String> {
+    Ok(stratus_orchestrator::pdisk::parse_uuid(text)?)
+}
+
+/// The exit code of a batch in which `failures` items failed (each said so already): one
+/// refusal does not stop the others.
+fn batch_exit(failures: usize) -> ExitCode {
+    match failures {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    }
+}
+
 pub fn delete(common: &Common, args: DeleteArgs) -> anyhow::Result<ExitCode> {
+    let uuids = uuids(&args.uuids)?;
     let session = Session::load(common)?;
     let cloud = session.cloud()?;
-    for uuid in &args.uuids {
-        cloud
-            .delete(&format!("/disks/{}", uuid.trim()))
-            .map_err(|e| anyhow::anyhow!("Service error: {e}"))?;
-        if !common.json {
-            println!("DELETED {}", uuid.trim());
+    let mut deleted = Vec::new();
+    let mut failures = 0;
+    for uuid in uuids {
+        match cloud.delete(&format!("/disks/{uuid}")) {
+            Ok(()) => {
+                if !common.json {
+                    println!("DELETED {uuid}");
+                }
+                deleted.push(uuid);
+            }
+            Err(e) => {
+                eprintln!("  [ERROR] Service error: {e}");
+                failures += 1;
+            }
         }
     }
     if common.json {
-        print_json(&args.uuids)?;
+        print_json(&deleted)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(batch_exit(failures))
 }
 
 /// Waits for the job that hot-plugs or unplugs a volume.
@@ -292,17 +321,34 @@ pub fn attach(common: &Common, args: MountArgs, attach: bool) -> anyhow::Result<
     let session = Session::load(common)?;
     let cloud = session.cloud()?;
     let mut done = Vec::new();
-    for uuid in &args.uuids {
-        let uuid = uuid.trim();
-        let accepted: MountAccepted = if attach {
+    let mut failures = 0;
+    for uuid in uuids(&args.uuids)? {
+        let mounted = if attach {
             cloud.post(
                 &format!("/disks/{uuid}/mounts"),
                 Some(&MountRequest { vm_id: vm }),
-            )?
+            )
         } else {
-            cloud.delete_json(&format!("/disks/{uuid}/mounts/{vm}"))?
+            cloud.delete_json(&format!("/disks/{uuid}/mounts/{vm}"))
         };
-        wait_job(&cloud, accepted.job, Duration::from_secs(args.wait))?;
+        let accepted: MountAccepted =
+            match mounted
+                .map_err(anyhow::Error::from)
+                .and_then(|a: MountAccepted| {
+                    wait_job(&cloud, a.job, Duration::from_secs(args.wait)).map(|()| a)
+                }) {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Named, unless the cloud's own message names it (as StratusLab's did).
+                    let reason = format!("{e:#}");
+                    match reason.contains(&uuid) {
+                        true => eprintln!("  [ERROR] {reason}"),
+                        false => eprintln!("  [ERROR] DISK {uuid}: {reason}"),
+                    }
+                    failures += 1;
+                    continue;
+                }
+            };
         if !common.json {
             if attach {
                 println!("ATTACHED {uuid} in VM {vm} on /dev/{}", accepted.device);
@@ -315,5 +361,5 @@ pub fn attach(common: &Common, args: MountArgs, attach: bool) -> anyhow::Result<
     if common.json {
         print_json(&done)?;
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(batch_exit(failures))
 }
