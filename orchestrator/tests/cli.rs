@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use stratus_vmm::test_guest::Guest;
 
 struct User {
@@ -867,6 +867,25 @@ fn volumes_through_the_links(backend: Backend) {
         &[],
     );
     assert_eq!(e, format!("DISK {boot}: Disk have not been hot-plugged"));
+
+    // -n 2 with room for one more machine (alice runs one): the second is refused; with
+    // --json the first is still printed, for the caller to kill.
+    let (status, _) = cloud.admin("PUT", "/users/alice/quotas", Some(&json!({"vms": 2})));
+    assert_eq!(status, 200);
+    let out = user.run(
+        "stratus-run-instance",
+        &["--json", "-n", "2", "-t", "t1.micro", &image],
+    );
+    let (status, _) = cloud.admin("PUT", "/users/alice/quotas", Some(&json!({})));
+    assert_eq!(status, 200);
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.starts_with("  [ERROR] "), "{}", out.stderr);
+    let started: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", out.stdout, out.stderr));
+    assert_eq!(started.as_array().map(Vec::len), Some(1), "{started}");
+    let first = started[0]["id"].as_i64().unwrap();
+    user.ok("stratus-kill-instance", &[&first.to_string()]);
+    cloud.wait_state(first, "Done");
 
     // Hot-plugged into the running VM, and out again.
     assert_eq!(

@@ -316,7 +316,7 @@ pub fn run_instance(common: &Common, args: RunArgs) -> anyhow::Result<ExitCode> 
                 if let (Some(path), false) = (&args.output, lines.is_empty()) {
                     let _ = std::fs::write(path, &lines);
                 }
-                return Err(e.into());
+                return stopped_part_way(common, &started, e.into());
             }
         };
         // The banner waits for the cloud's first yes, so a refusal is one error line.
@@ -347,8 +347,11 @@ pub fn run_instance(common: &Common, args: RunArgs) -> anyhow::Result<ExitCode> 
             .with_context(|| format!("cannot write the machine list to {}", path.display()))?;
     }
     if let Some(seconds) = args.wait {
-        for vm in &mut started {
-            *vm = wait_running(&cloud, vm.id, Duration::from_secs(seconds), talk)?;
+        for at in 0..started.len() {
+            match wait_running(&cloud, started[at].id, Duration::from_secs(seconds), talk) {
+                Ok(vm) => started[at] = vm,
+                Err(e) => return stopped_part_way(common, &started, e),
+            }
         }
     }
     if common.json {
@@ -357,6 +360,19 @@ pub fn run_instance(common: &Common, args: RunArgs) -> anyhow::Result<ExitCode> 
         println!(" :: Done!");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A run that failed after starting some machines: with --json they are still printed (as
+/// the lines printed so far show them otherwise), for the caller to wait for or kill.
+fn stopped_part_way(
+    common: &Common,
+    started: &[VmView],
+    error: anyhow::Error,
+) -> anyhow::Result<ExitCode> {
+    if common.json && !started.is_empty() {
+        print_json(&started)?;
+    }
+    Err(error)
 }
 
 /// Polls a machine until it runs; a machine that fails or ends first is an error.
