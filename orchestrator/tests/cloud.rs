@@ -397,6 +397,13 @@ fn quotas_and_bad_requests(backend: Backend) {
             ("Authorization", login.as_str()),
             ("Sec-Fetch-Site", "cross-site"),
         ],
+        // A fetch without a body from a plain-HTTP site: no Sec-Fetch-Site, no content
+        // type, only its Origin.
+        vec![
+            ("Authorization", login.as_str()),
+            ("Origin", "http://198.18.0.66:8080"),
+        ],
+        vec![("Authorization", login.as_str()), ("Origin", "null")],
     ] {
         let answer = http_with(cloud.addr, "POST", &kill, &headers, b"");
         assert_eq!(answer.status, 403, "{headers:?}: {}", answer.text());

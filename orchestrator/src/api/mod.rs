@@ -301,6 +301,11 @@ fn cross_site(request: &Request) -> Option<&'static str> {
     {
         return Some("the browser says another site's page made this request");
     }
+    // Browsers send Sec-Fetch-Site to HTTPS and loopback sites only, and a cross-site
+    // fetch without a body has no content type to refuse; it does carry its Origin.
+    if from_another_origin(headers) {
+        return Some("the request comes from another site's page (its Origin is not this host)");
+    }
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -312,6 +317,26 @@ fn cross_site(request: &Request) -> Option<&'static str> {
         }
         _ => None,
     }
+}
+
+/// Whether a browser says the request was made by a page of another origin than this
+/// host (as the browser sees it: behind a proxy, perhaps in X-Forwarded-Host). Requests
+/// without `Origin` (the CLI's, curl's) are not.
+pub(crate) fn from_another_origin(headers: &axum::http::HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let origin_host = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .unwrap_or("");
+    let ours = [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name))
+        .filter_map(|h| h.to_str().ok())
+        .any(|host| !host.is_empty() && host == origin_host);
+    !ours
 }
 
 /// HTTP Basic, checked before anything else of the request is looked at.

@@ -305,23 +305,10 @@ fn to_login(request: &Request) -> Response {
 /// foreign `Origin`.
 async fn checked_origin(request: Request, csrf: &str) -> Result<Request, Refusal> {
     let forbidden = |why: &str| Refusal::new(StatusCode::FORBIDDEN, why);
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        let origin = origin.to_str().unwrap_or("");
-        let origin_host = origin
-            .strip_prefix("http://")
-            .or_else(|| origin.strip_prefix("https://"))
-            .unwrap_or("");
-        // Behind a proxy the browser's host may only be in X-Forwarded-Host.
-        let ours = [header::HOST.as_str(), "x-forwarded-host"]
-            .into_iter()
-            .filter_map(|name| request.headers().get(name))
-            .filter_map(|h| h.to_str().ok())
-            .any(|host| !host.is_empty() && host == origin_host);
-        if !ours {
-            return Err(forbidden(
-                "this form was sent from another site; use the console's own pages",
-            ));
-        }
+    if crate::api::from_another_origin(request.headers()) {
+        return Err(forbidden(
+            "this form was sent from another site; use the console's own pages",
+        ));
     }
     if let Some(given) = request.headers().get("x-csrf-token") {
         return if session::same_token(given.to_str().unwrap_or(""), csrf) {
