@@ -185,6 +185,8 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         .header("content-security-policy")
         .unwrap()
         .contains("default-src 'self'"));
+    // Pages are never kept by the browser (a logged-out shared machine's Back button).
+    assert_eq!(page.header("cache-control"), Some("no-store"));
     let token = csrf_of(&page.text());
     let forged = http_with(
         addr,
@@ -221,6 +223,14 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
 
     let a = Visitor::log_in(addr, "alice", "alice-password");
     let b = Visitor::log_in(addr, "bob", "bob-password");
+    assert_eq!(
+        a.get("/ui/volumes").header("cache-control"),
+        Some("no-store")
+    );
+    assert_eq!(
+        a.get("/ui/static/style.css").header("cache-control"),
+        Some("public, max-age=3600")
+    );
 
     // State-changing posts without the session's token, with another session's token, or
     // from a foreign origin change nothing.

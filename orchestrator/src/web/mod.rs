@@ -148,6 +148,12 @@ async fn security_headers(request: Request, next: Next) -> Response {
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
     );
+    // Pages show a user's VMs, their guests' consoles and the session's CSRF token: none
+    // is kept by the browser (after a logout, Back on a shared machine showed them again).
+    // The static assets say otherwise themselves.
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     response
 }
 
