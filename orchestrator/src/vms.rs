@@ -662,5 +662,15 @@ pub async fn console(
     node.client(&cloud.agents)
         .console(&row.id.to_string(), bytes)
         .await
-        .map_err(|e| VmError::Conflict(format!("VM {id}'s console cannot be read: {e}")))
+        .map_err(|e| {
+            tracing::warn!(
+                "VM {id}'s console cannot be read from node {}: {e}",
+                node.name
+            );
+            // The node's address is the administrators' to know, as the VM's node is.
+            VmError::Conflict(match who.is_admin() {
+                true => format!("VM {id}'s console cannot be read: {e}"),
+                false => format!("VM {id}'s console cannot be read now: its host does not answer"),
+            })
+        })
 }

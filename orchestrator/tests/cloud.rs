@@ -690,6 +690,17 @@ fn a_node_that_stops_answering_has_its_vms_unknown_until_it_is_back() {
     a.crash();
     let vm = cloud.wait_state(id, "Unknown");
     assert_eq!(vm["reason"], "node node-a does not answer");
+    // Its console cannot be read; the node's address is for administrators only.
+    let console = format!("/vms/{id}/console");
+    let (status, e) = cloud.call_as(alice, "GET", &console, None);
+    assert_eq!(status, 409, "{e}");
+    assert_eq!(
+        error(&e),
+        format!("VM {id}'s console cannot be read now: its host does not answer")
+    );
+    let (status, e) = cloud.admin("GET", &console, None);
+    assert_eq!(status, 409, "{e}");
+    assert!(error(&e).contains(&a.addr.to_string()), "{e}");
     // New VMs go elsewhere meanwhile.
     let other = run_vm(&cloud, alice, request.clone());
     assert_eq!(cloud.wait_state(other, "Running")["node"], "node-b");
