@@ -21,7 +21,7 @@ pub enum NodeError {
     Exists(String),
     #[error("no node '{0}'")]
     Unknown(String),
-    #[error("'{0}' is not a valid node name: use 1 to 64 letters, digits, '.', '_' or '-'")]
+    #[error("'{0}' is not a valid node name: use 1 to 64 letters, digits, '.', '_' or '-', not dots alone")]
     BadName(String),
     #[error("'{0}' is not a node agent URL (http://HOST:PORT or https://HOST:PORT)")]
     BadUrl(String),
@@ -137,6 +137,8 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        // '.' and '..' in a URL's path are the directory itself and its parent.
+        && !name.bytes().all(|b| b == b'.')
 }
 
 pub async fn add(db: &Db, node: &NodeAdd) -> Result<i64, NodeError> {

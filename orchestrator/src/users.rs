@@ -21,7 +21,7 @@ pub enum UserError {
     Exists(String),
     #[error("no user '{0}'")]
     Unknown(String),
-    #[error("'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '_', '-' or '@'")]
+    #[error("'{0}' is not a valid user name: use 1 to 64 letters, digits, '.', '_', '-' or '@', not dots alone")]
     BadName(String),
     #[error("the password must not be empty")]
     EmptyPassword,
@@ -96,6 +96,8 @@ fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+        // '.' and '..' in a URL's path are the directory itself and its parent.
+        && !name.chars().all(|c| c == '.')
 }
 
 pub fn hash_password(password: &str) -> Result<String, UserError> {

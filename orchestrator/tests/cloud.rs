@@ -583,6 +583,19 @@ fn the_admins_command_line_manages_users_and_nodes() {
     let (ok, out) = cloud.admin_command(&["user", "add", "dave"], "x\n");
     assert!(!ok);
     assert!(out.contains("user 'dave' already exists"), "{out}");
+    // A name of dots alone would be '.' or '..' in the console's URLs.
+    for name in [".", ".."] {
+        let (ok, out) = cloud.admin_command(&["user", "add", name], "x\n");
+        assert!(!ok);
+        assert!(out.contains("not a valid user name"), "{out}");
+        let (status, e) = cloud.admin(
+            "POST",
+            "/nodes",
+            Some(&json!({"name": name, "url": "http://127.0.0.1:1", "token": "t"})),
+        );
+        assert_eq!(status, 400, "{e}");
+        assert!(error(&e).contains("not a valid node name"), "{e}");
+    }
     let (ok, _) = cloud.admin_command(&["user", "passwd", "dave"], "new-password\n");
     assert!(ok);
     assert_eq!(
