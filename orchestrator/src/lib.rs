@@ -11,6 +11,7 @@ pub mod instance_types;
 pub mod jobs;
 pub mod marketplace;
 pub mod metrics;
+pub mod names;
 pub mod networks;
 pub mod nodes;
 pub mod pdisk;

@@ -132,13 +132,7 @@ pub async fn load_locked(db: &Db, conn: &mut AnyConnection, id: i64) -> Result<N
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        // '.' and '..' in a URL's path are the directory itself and its parent.
-        && !name.bytes().all(|b| b == b'.')
+    crate::names::valid(name, &['.', '_', '-'])
 }
 
 pub async fn add(db: &Db, node: &NodeAdd) -> Result<i64, NodeError> {

@@ -91,13 +91,7 @@ impl Principal {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
-        // '.' and '..' in a URL's path are the directory itself and its parent.
-        && !name.chars().all(|c| c == '.')
+    crate::names::valid(name, &['.', '_', '-', '@'])
 }
 
 pub fn hash_password(password: &str) -> Result<String, UserError> {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use stratus_orchestrator::api::types::{JobState, JobView};
+use stratus_orchestrator::pdisk::parse_uuid;
 use stratus_orchestrator::pdisk::{
     MountAccepted, MountRequest, Visibility, VolumeCreate, VolumeKind, VolumeUpdate, VolumeView,
 };
@@ -252,11 +253,10 @@ pub fn update(common: &Common, args: UpdateArgs) -> anyhow::Result<ExitCode> {
 /// Volume ids as given, each checked to be a UUID before any request is made (a path
 /// or query in one would change which request is made).
 fn uuids(texts: &[String]) -> anyhow::Result<Vec<String>> {
-    texts.iter().map(|t| parse_uuid(t)).collect()
-}
-
-fn parse_uuid(text: &str) -> anyhow::Result<String> {
-    Ok(stratus_orchestrator::pdisk::parse_uuid(text)?)
+    texts
+        .iter()
+        .map(|t| parse_uuid(t).map_err(anyhow::Error::from))
+        .collect()
 }
 
 /// The exit code of a batch in which `failures` items failed (each said so already): one

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::bus::BusDevice;
+use crate::log_limit::rate_limited;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Milestone {
@@ -36,7 +37,7 @@ impl BootProgress {
             milestones.push(Milestone { code, since_start });
         }
         // Linux's own I/O delays write here too (outb_p): a guest may write it at will.
-        crate::log_limit::rate_limited!(
+        rate_limited!(
             tracing::Level::INFO,
             code,
             micros = since_start.as_micros() as u64,

@@ -8,6 +8,7 @@ use vm_superio::Serial;
 use super::EventFdTrigger;
 use crate::bus::BusDevice;
 use crate::exit::ExitSignal;
+use crate::log_limit::rate_limited;
 
 /// The text Linux prints when it panics; with `panic=-1` the reset that follows is a crash.
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
@@ -88,7 +89,7 @@ impl BusDevice for SerialDevice {
         if data.len() == 1 && offset < 8 {
             if let Err(e) = self.serial.write(offset as u8, data[0]) {
                 // Once the console file cannot be written, every byte would say so.
-                crate::log_limit::rate_limited!(tracing::Level::WARN, "serial write failed: {e:?}");
+                rate_limited!(tracing::Level::WARN, "serial write failed: {e:?}");
             }
         }
     }

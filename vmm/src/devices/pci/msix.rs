@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupts::{GsiRouter, InterruptError, MsiMessage};
+use crate::log_limit::rate_limited;
 
 pub const MSIX_CAPABILITY_ID: u8 = 0x11;
 pub const MSIX_TABLE_ENTRY_SIZE: u64 = 16;
@@ -293,10 +294,7 @@ impl MsixState {
         let route = (msg.address != 0).then_some(msg);
         if let Err(e) = self.sink.route(self.gsis[v], route) {
             // The guest reprograms vectors at will.
-            crate::log_limit::rate_limited!(
-                tracing::Level::ERROR,
-                "cannot route MSI-X vector {v}: {e}"
-            );
+            rate_limited!(tracing::Level::ERROR, "cannot route MSI-X vector {v}: {e}");
         }
     }
 

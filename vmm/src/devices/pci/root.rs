@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::configuration::{PciConfiguration, NUM_BARS};
 use crate::bus::{Bus, BusDevice};
+use crate::log_limit::rate_limited;
 
 /// A PCI function. BAR accesses reach the device through its `BusDevice` side, with the
 /// offset relative to BAR 0 (every device here has a single BAR).
@@ -156,7 +157,7 @@ impl PciRoot {
             .expect("PCI device lock poisoned")
             .write_config_register(reg, offset, data);
         if let Err(e) = self.reconcile_bars(device) {
-            crate::log_limit::rate_limited!(
+            rate_limited!(
                 tracing::Level::WARN,
                 "guest placed a BAR where it cannot be mapped: {e}"
             );
