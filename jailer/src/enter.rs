@@ -90,8 +90,16 @@ fn check_jailer(pid: u32) -> Result<(), EnterError> {
                 .to_owned()
         })
     };
-    let cmdline =
-        fs::read(format!("/proc/{pid}/cmdline")).map_err(|_| EnterError::NotAJailer(pid))?;
+    // Empty in the instant of its exec, before the new program's arguments are in place.
+    let deadline = Instant::now() + SETUP_WAIT;
+    let cmdline = loop {
+        let cmdline =
+            fs::read(format!("/proc/{pid}/cmdline")).map_err(|_| EnterError::NotAJailer(pid))?;
+        if !cmdline.is_empty() || Instant::now() >= deadline {
+            break cmdline;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
     let runs_a_jail = cmdline.split(|b| *b == 0).nth(1) == Some(b"run".as_slice());
     if name(&own) != name(&theirs) || !runs_a_jail {
         return Err(EnterError::NotAJailer(pid));

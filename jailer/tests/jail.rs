@@ -62,6 +62,17 @@ impl Jail {
     }
 }
 
+/// A jailer ended with the test, whatever its outcome: a jailed script left waiting would
+/// run on, and keep the test's output open.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A block device node made for a test, removed after it.
 struct BlockNode(PathBuf);
 
@@ -324,18 +335,20 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
     // A block device node (an unattached loop device's numbers: never opened here).
     let disk = BlockNode::new(&format!("/dev/stratus-jailer-test-{}", std::process::id()));
     let script = format!(
-        "until [ -e {v}/data ] && [ -e {d} ]; do sleep 0.05; done; \
+        // The jail has no `sleep` to run: the wait spins (for as long as the test lets it).
+        "until [ -e {v}/data ] && [ -e {d} ]; do :; done; \
          cat {v}/data > {o}/seen; echo x > {v}/data || echo RO > {o}/ro; \
          ls -ln {d} > {o}/dev; if [ -e /dev/full ]; then echo FULL > {o}/full; fi",
         v = volume.display(),
         d = disk.0.display(),
         o = out_dir.display()
     );
-    let mut child = jail
-        .command(&["--bind", out_dir.to_str().unwrap()], &script)
-        .spawn()
-        .unwrap();
-    let pid = child.id().to_string();
+    let mut child = Reaped(
+        jail.command(&["--bind", out_dir.to_str().unwrap()], &script)
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id().to_string();
     let enter = |args: &[&str]| {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -365,11 +378,6 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         .args(["--device", "/dev/full"])
         .output()
         .unwrap();
-    if refused.status.success() {
-        // The jailed script would wait for its disk for ever.
-        let _ = child.kill();
-        let _ = child.wait();
-    }
     assert!(
         !refused.status.success(),
         "a character device was taken as a disk"
@@ -380,7 +388,7 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         text(&refused.stderr)
     );
     enter(&["--device", disk.0.to_str().unwrap()]);
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success());
     assert_eq!(
         std::fs::read_to_string(out_dir.join("seen")).unwrap(),
