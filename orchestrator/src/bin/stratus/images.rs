@@ -11,7 +11,7 @@ use stratus_images::dsig::SignOptions;
 use stratus_images::{ops, Endorser, Metadata};
 
 use crate::client::{ClientError, Service};
-use crate::output::print_json;
+use crate::output::{batch_exit, print_json};
 use crate::session::Session;
 use crate::Common;
 
@@ -334,11 +334,7 @@ pub fn validate(common: &Common, args: ValidateArgs) -> anyhow::Result<ExitCode>
             }
         }
     }
-    Ok(if invalid == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(batch_exit(invalid))
 }
 
 fn upload_signed(market: &Service, xml: String) -> Result<Option<String>, ClientError> {

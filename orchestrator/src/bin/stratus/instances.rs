@@ -15,7 +15,7 @@ use stratus_orchestrator::api::types::{
 };
 
 use crate::config::Source;
-use crate::output::print_json;
+use crate::output::{batch_exit, print_json};
 use crate::session::Session;
 use crate::Common;
 
@@ -588,11 +588,7 @@ pub fn stop(common: &Common, args: StopArgs, how: Stop) -> anyhow::Result<ExitCo
             );
         }
     }
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(batch_exit(failures))
 }
 
 pub fn shutdown(common: &Common, args: ShutdownArgs) -> anyhow::Result<ExitCode> {

@@ -2,6 +2,15 @@
 
 use std::io::Write;
 
+/// The exit code of a batch in which `failures` items failed (each said so already with
+/// its `[ERROR]` line): one refusal does not stop the others, and the batch fails.
+pub fn batch_exit(failures: usize) -> std::process::ExitCode {
+    match failures {
+        0 => std::process::ExitCode::SUCCESS,
+        _ => std::process::ExitCode::from(1),
+    }
+}
+
 /// Pretty JSON with the API's field names, on standard output.
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();

@@ -14,7 +14,7 @@ use stratus_orchestrator::pdisk::{
 
 use crate::client::Service;
 use crate::instances::vm_id;
-use crate::output::print_json;
+use crate::output::{batch_exit, print_json};
 use crate::session::Session;
 use crate::Common;
 
@@ -257,15 +257,6 @@ fn uuids(texts: &[String]) -> anyhow::Result<Vec<String>> {
         .iter()
         .map(|t| parse_uuid(t).map_err(anyhow::Error::from))
         .collect()
-}
-
-/// The exit code of a batch in which `failures` items failed (each said so already): one
-/// refusal does not stop the others.
-fn batch_exit(failures: usize) -> ExitCode {
-    match failures {
-        0 => ExitCode::SUCCESS,
-        _ => ExitCode::from(1),
-    }
 }
 
 pub fn delete(common: &Common, args: DeleteArgs) -> anyhow::Result<ExitCode> {
