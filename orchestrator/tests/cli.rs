@@ -576,6 +576,19 @@ fn local_commands_hash_prepare_and_install() {
     let out = user.ok("stratus-prepare-context", &["x-shellscript,run.sh"]);
     assert_eq!(out, " :: Context written to cloud-init.txt\n");
     let text = std::fs::read_to_string(user.path("cloud-init.txt")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |f| {
+        std::fs::metadata(user.path(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        mode("cloud-init.txt"),
+        0o600,
+        "user data may hold credentials"
+    );
     let keys: Vec<&str> = text.lines().map(|l| l.split('=').next().unwrap()).collect();
     assert_eq!(keys[0], "CONTEXT_METHOD");
     assert!(text.starts_with("CONTEXT_METHOD=cloud-init\n"), "{text}");

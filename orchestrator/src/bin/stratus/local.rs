@@ -45,8 +45,16 @@ pub fn prepare_context(common: &Common, args: PrepareContextArgs) -> anyhow::Res
     let (key, _) = session.public_key_file(None)?;
     let default_key = key.exists().then_some(key.as_path());
     let prepared = prepare_context_parts(&parts, default_key)?;
-    std::fs::write(&args.output, prepared.to_string())
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    let text = prepared.to_string();
+    let to_a_stream = std::fs::metadata(&args.output).is_ok_and(|m| !m.is_file());
+    if to_a_stream {
+        // `-o /dev/stdout` or a pipe: nothing to rename over.
+        std::fs::write(&args.output, text)
+            .with_context(|| format!("cannot write {}", args.output.display()))?;
+    } else {
+        // User data often carries credentials for the guest's scripts.
+        write_private(&args.output, text.as_bytes(), true)?;
+    }
     if common.quiet == 0 {
         println!(" :: Context written to {}", args.output.display());
     }
@@ -67,8 +75,17 @@ pub fn copy_config(common: &Common, args: CopyConfigArgs) -> anyhow::Result<Exit
             dest.display()
         );
     }
-    // The file will hold a password: written as a new file only its owner may read, then
-    // renamed over the old one (never written through a link or into an open file).
+    // The file will hold a password.
+    write_private(&dest, config::REFERENCE.as_bytes(), args.force)?;
+    if common.quiet == 0 {
+        println!(" :: Configuration template written to {}", dest.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `dest` as a new file only its owner may read, renamed over the old one if
+/// `replace` (never written through a link or into a file someone holds open).
+fn write_private(dest: &Path, contents: &[u8], replace: bool) -> anyhow::Result<()> {
     let dir = dest
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -77,14 +94,14 @@ pub fn copy_config(common: &Common, args: CopyConfigArgs) -> anyhow::Result<Exit
         .permissions(std::fs::Permissions::from_mode(0o600))
         .tempfile_in(dir)
         .with_context(|| format!("cannot write in {}", dir.display()))?;
-    tmp.write_all(config::REFERENCE.as_bytes())
+    tmp.write_all(contents)
         .with_context(|| format!("cannot write {}", dest.display()))?;
-    if args.force {
-        tmp.persist(&dest)
+    if replace {
+        tmp.persist(dest)
             .with_context(|| format!("cannot write {}", dest.display()))?;
     } else {
         // Not over a file that appeared meanwhile.
-        tmp.persist_noclobber(&dest).map_err(|e| {
+        tmp.persist_noclobber(dest).map_err(|e| {
             anyhow::anyhow!(
                 "{} exists already: edit it, or give --force to replace it ({})",
                 dest.display(),
@@ -92,10 +109,7 @@ pub fn copy_config(common: &Common, args: CopyConfigArgs) -> anyhow::Result<Exit
             )
         })?;
     }
-    if common.quiet == 0 {
-        println!(" :: Configuration template written to {}", dest.display());
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub fn hash_password(_common: &Common, _args: HashPasswordArgs) -> anyhow::Result<ExitCode> {
