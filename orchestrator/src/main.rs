@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use stratus_orchestrator::api::types::NodeAdd;
 use stratus_orchestrator::config::Config;
 use stratus_orchestrator::db::Db;
-use stratus_orchestrator::users::{self, Role};
+use stratus_orchestrator::users::{self, Role, Secret};
 use stratus_orchestrator::{api, jobs, networks, nodes, Cloud};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -59,19 +59,27 @@ enum PdiskCommand {
 
 #[derive(Subcommand, Debug)]
 enum UserCommand {
-    /// Add a user; the password is read from --password-file or the first line of stdin.
+    /// Add a user; the password is read from --password-file or the first line of stdin,
+    /// unless --password-hash gives the hash the user made with stratus-hash-password.
     Add {
         name: String,
         #[arg(long)]
         admin: bool,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "password_hash")]
         password_file: Option<PathBuf>,
+        /// The line stratus-hash-password printed for the user (or a StratusLab bcrypt hash).
+        #[arg(long, value_name = "HASH")]
+        password_hash: Option<String>,
     },
-    /// Set a user's password (from --password-file or the first line of stdin).
+    /// Set a user's password (from --password-file or the first line of stdin, or
+    /// --password-hash).
     Passwd {
         name: String,
-        #[arg(long)]
+        #[arg(long, conflicts_with = "password_hash")]
         password_file: Option<PathBuf>,
+        /// The line stratus-hash-password printed for the user (or a StratusLab bcrypt hash).
+        #[arg(long, value_name = "HASH")]
+        password_hash: Option<String>,
     },
     /// Delete a user who holds no VMs.
     Del { name: String },
@@ -178,24 +186,34 @@ fn read_secret(file: Option<&Path>, what: &str) -> anyhow::Result<String> {
     Ok(secret)
 }
 
+/// The hash if one was given, else the password read from the file or standard input.
+fn given_secret(password_file: Option<&Path>, hash: Option<String>) -> anyhow::Result<Secret> {
+    Ok(match hash {
+        Some(hash) => Secret::Hash(hash),
+        None => Secret::Password(read_secret(password_file, "password")?),
+    })
+}
+
 async fn user_command(db: &Db, command: UserCommand) -> anyhow::Result<()> {
     match command {
         UserCommand::Add {
             name,
             admin,
             password_file,
+            password_hash,
         } => {
-            let password = read_secret(password_file.as_deref(), "password")?;
+            let secret = given_secret(password_file.as_deref(), password_hash)?;
             let role = if admin { Role::Admin } else { Role::User };
-            users::add(db, &name, &password, role).await?;
+            users::add(db, &name, secret, role).await?;
             println!("added user {name} ({})", role.stratuslab_name());
         }
         UserCommand::Passwd {
             name,
             password_file,
+            password_hash,
         } => {
-            let password = read_secret(password_file.as_deref(), "password")?;
-            users::set_password(db, &name, &password).await?;
+            let secret = given_secret(password_file.as_deref(), password_hash)?;
+            users::set_password(db, &name, secret).await?;
             println!("password of {name} changed");
         }
         UserCommand::Del { name } => {

@@ -27,6 +27,8 @@ pub enum UserError {
     EmptyPassword,
     #[error("cannot hash the password: {0}")]
     Hash(argon2::password_hash::Error),
+    #[error("{reason}: give the line `stratus-hash-password` printed (Argon2 `$argon2id$...`, or StratusLab's bcrypt `$2b$...`)")]
+    BadHash { reason: String },
     #[error("cannot delete user '{user}': they still have {vms} VM(s); kill them first")]
     HasVms { user: String, vms: i64 },
     /// A new user of the same name would otherwise own them.
@@ -105,6 +107,90 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
         .map_err(UserError::Hash)
 }
 
+/// What an administrator gives for an account: the password itself, or the hash the user
+/// made with `stratus-hash-password` so that the administrator never learns the password.
+#[derive(Clone, Debug)]
+pub enum Secret {
+    Password(String),
+    Hash(String),
+}
+
+impl Secret {
+    fn stored_hash(&self) -> Result<String, UserError> {
+        match self {
+            Secret::Password(password) => hash_password(password),
+            Secret::Hash(hash) => checked_hash(hash.trim()).map(str::to_owned),
+        }
+    }
+}
+
+/// The most a given hash may make a login check cost: the hash comes from the user, and
+/// every wrong password pays for it again (four checks run at once).
+const MAX_ARGON2_MEMORY_KIB: u32 = 64 * 1024;
+const MAX_ARGON2_PASSES: u32 = 10;
+const MAX_ARGON2_LANES: u32 = 4;
+const MAX_BCRYPT_COST: u32 = 14;
+
+/// Checks that a given hash is one a login can be verified against, at a bounded cost.
+fn checked_hash(hash: &str) -> Result<&str, UserError> {
+    let bad = |reason: String| UserError::BadHash { reason };
+    if is_bcrypt(hash) {
+        let parts: bcrypt::HashParts = hash
+            .parse()
+            .map_err(|e| bad(format!("not a bcrypt hash ({e})")))?;
+        if parts.get_cost() > MAX_BCRYPT_COST {
+            return Err(bad(format!(
+                "bcrypt cost {} is more than {MAX_BCRYPT_COST}",
+                parts.get_cost()
+            )));
+        }
+        return Ok(hash);
+    }
+    let parsed = PasswordHash::new(hash).map_err(|e| bad(format!("not a password hash ({e})")))?;
+    if argon2::Algorithm::try_from(parsed.algorithm).is_err() {
+        return Err(bad(format!("'{}' is not an Argon2 hash", parsed.algorithm)));
+    }
+    let params = argon2::Params::try_from(&parsed)
+        .map_err(|e| bad(format!("its Argon2 parameters are invalid ({e})")))?;
+    if parsed.hash.is_none() {
+        return Err(bad("it holds no hash".to_owned()));
+    }
+    if params.m_cost() > MAX_ARGON2_MEMORY_KIB
+        || params.t_cost() > MAX_ARGON2_PASSES
+        || params.p_cost() > MAX_ARGON2_LANES
+    {
+        return Err(bad(format!(
+            "its Argon2 cost (m={}, t={}, p={}) is more than m={MAX_ARGON2_MEMORY_KIB}, \
+             t={MAX_ARGON2_PASSES}, p={MAX_ARGON2_LANES}",
+            params.m_cost(),
+            params.t_cost(),
+            params.p_cost()
+        )));
+    }
+    Ok(hash)
+}
+
+fn is_bcrypt(hash: &str) -> bool {
+    ["$2a$", "$2b$", "$2y$"]
+        .iter()
+        .any(|prefix| hash.starts_with(prefix))
+}
+
+/// Whether `password` is the one `stored` was made from.
+fn verify(password: &str, stored: &str) -> bool {
+    if is_bcrypt(stored) {
+        return bcrypt::verify(password, stored).unwrap_or(false);
+    }
+    PasswordHash::new(stored)
+        .map(|parsed| {
+            // The parameters are the hash's own: Argon2::default() only names the algorithm.
+            Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
 /// A password for a new account: 18 random bytes, URL-safe base64.
 pub fn generate_password() -> String {
     let mut bytes = [0u8; 18];
@@ -112,11 +198,11 @@ pub fn generate_password() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-pub async fn add(db: &Db, name: &str, password: &str, role: Role) -> Result<(), UserError> {
+pub async fn add(db: &Db, name: &str, secret: Secret, role: Role) -> Result<(), UserError> {
     if !valid_name(name) {
         return Err(UserError::BadName(name.to_owned()));
     }
-    let hash = hash_password(password)?;
+    let hash = secret.stored_hash()?;
     let mut tx = db.pool.begin().await?;
     let exists: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE name = $1")
         .bind(name)
@@ -136,8 +222,8 @@ pub async fn add(db: &Db, name: &str, password: &str, role: Role) -> Result<(), 
     Ok(())
 }
 
-pub async fn set_password(db: &Db, name: &str, password: &str) -> Result<(), UserError> {
-    let hash = hash_password(password)?;
+pub async fn set_password(db: &Db, name: &str, secret: Secret) -> Result<(), UserError> {
+    let hash = secret.stored_hash()?;
     let changed = sqlx::query("UPDATE users SET password_hash = $1 WHERE name = $2")
         .bind(hash)
         .bind(name)
@@ -300,7 +386,7 @@ pub async fn ensure_admin(db: &Db, password: Option<String>) -> Result<Option<St
     }
     let generated = password.is_none();
     let password = password.unwrap_or_else(generate_password);
-    match add(db, "admin", &password, Role::Admin).await {
+    match add(db, "admin", Secret::Password(password.clone()), Role::Admin).await {
         // Another replica made it first.
         Err(UserError::Exists(_)) => Ok(None),
         Err(e) => Err(e),
@@ -312,8 +398,8 @@ pub async fn ensure_admin(db: &Db, password: Option<String>) -> Result<Option<St
 /// remembered for a minute (keyed by a hash of the name, the password and the stored hash,
 /// so a password change ends it at once).
 pub struct Authenticator {
-    /// Argon2 is meant to be slow and takes 19 MiB: at most this many checks at once, so
-    /// a flood of wrong passwords cannot take the whole machine.
+    /// Argon2 is meant to be slow and takes 19 MiB (a given hash up to 64): at most this
+    /// many checks at once, so a flood of wrong passwords cannot take the whole machine.
     checks: tokio::sync::Semaphore,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     /// One Argon2 check at a time per credential: concurrent requests with the same
@@ -380,17 +466,9 @@ impl Authenticator {
             return Ok(None);
         };
         let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&stored)
-                .map(|parsed| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &parsed)
-                        .is_ok()
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || verify(&password, &stored))
+            .await
+            .unwrap_or(false);
         if ok {
             self.verified
                 .lock()
@@ -428,5 +506,39 @@ mod tests {
         assert!(a.starts_with("$argon2id$"));
         assert!(matches!(hash_password(""), Err(UserError::EmptyPassword)));
         assert_eq!(generate_password().len(), 24);
+    }
+
+    #[test]
+    fn a_given_hash_is_taken_when_a_login_can_be_checked_against_it_at_a_bounded_cost() {
+        let ours = hash_password("s3cret").unwrap();
+        let stored = Secret::Hash(format!(" {ours}\n")).stored_hash().unwrap();
+        assert_eq!(stored, ours, "the line as printed, trimmed");
+        assert!(verify("s3cret", &stored) && !verify("other", &stored));
+
+        // OpenBSD's bcrypt test vector, as StratusLab's hashes were made.
+        let bcrypt = "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW";
+        assert_eq!(
+            Secret::Hash(bcrypt.to_owned()).stored_hash().unwrap(),
+            bcrypt
+        );
+        assert!(verify("U*U", bcrypt) && !verify("U*V", bcrypt));
+
+        let refused = |hash: &str| match Secret::Hash(hash.to_owned()).stored_hash() {
+            Err(UserError::BadHash { reason }) => reason,
+            other => panic!("{hash}: {other:?}"),
+        };
+        let salt_and_hash = ours.rsplitn(3, '$').take(2).collect::<Vec<_>>();
+        let (hash, salt) = (salt_and_hash[0], salt_and_hash[1]);
+        let reason = refused(&format!("$argon2id$v=19$m=4194304,t=1,p=1${salt}${hash}"));
+        assert!(reason.contains("m=4194304"), "{reason}");
+        let reason = refused(&format!("$argon2id$v=19$m=19456,t=1000,p=1${salt}${hash}"));
+        assert!(reason.contains("t=1000"), "{reason}");
+        let reason = refused("$2b$31$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW");
+        assert!(reason.contains("cost 31"), "{reason}");
+        assert!(refused("$2b$05$short").contains("bcrypt"));
+        assert!(refused("s3cret").contains("not a password hash"));
+        let reason = refused(&format!("$pbkdf2-sha256$i=1000${salt}${hash}"));
+        assert!(reason.contains("not an Argon2 hash"), "{reason}");
+        assert!(refused(&format!("$argon2id$v=19$m=19456,t=2,p=1${salt}")).contains("no hash"));
     }
 }

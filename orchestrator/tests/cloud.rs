@@ -610,6 +610,72 @@ fn the_admins_command_line_manages_users_and_nodes() {
             .0,
         200
     );
+    // StratusLab's way: the user hashes their password and the administrator stores the
+    // hash, never learning the password.
+    let hashed = {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stratus"))
+            .arg("hash-password")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"daves-own-password\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (ok, out) = cloud.admin_command(
+        &[
+            "user",
+            "passwd",
+            "dave",
+            "--password-hash",
+            hashed.trim_end(),
+        ],
+        "",
+    );
+    assert!(ok, "{out}");
+    let dave = |password| cloud.call_as(("dave", password), "GET", "/vms", None).0;
+    assert_eq!(
+        (dave("new-password"), dave("daves-own-password")),
+        (401, 200)
+    );
+    // A StratusLab user's bcrypt hash (OpenBSD's test vector, password "U*U"), through the API.
+    let bcrypt = "$2a$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW";
+    let (status, e) = cloud.admin(
+        "POST",
+        "/users",
+        Some(&json!({"name": "erin", "password_hash": bcrypt})),
+    );
+    assert_eq!(status, 201, "{e}");
+    assert_eq!(cloud.call_as(("erin", "U*U"), "GET", "/vms", None).0, 200);
+    assert_eq!(cloud.call_as(("erin", "U*V"), "GET", "/vms", None).0, 401);
+    // A hash whose every check would take 4 GiB is refused, as are two secrets or none.
+    let costly = hashed.trim_end().replacen("m=19456", "m=4194304", 1);
+    for (body, reason) in [
+        (
+            json!({"name": "frank", "password_hash": costly}),
+            "m=4194304",
+        ),
+        (
+            json!({"name": "frank", "password": "x", "password_hash": bcrypt}),
+            "either",
+        ),
+        (json!({"name": "frank"}), "either"),
+    ] {
+        let (status, e) = cloud.admin("POST", "/users", Some(&body));
+        assert_eq!(status, 400, "{e}");
+        assert!(error(&e).contains(reason), "{e}");
+    }
+    let (ok, out) = cloud.admin_command(&["user", "add", "frank", "--password-hash", "s3cret"], "");
+    assert!(!ok);
+    assert!(out.contains("not a password hash"), "{out}");
     let token = cloud.dir.path().join("agent-token");
     std::fs::write(&token, AGENT_TOKEN).unwrap();
     let (ok, out) = cloud.admin_command(
@@ -658,7 +724,7 @@ fn the_admins_command_line_manages_users_and_nodes() {
     );
     // A node whose VMs have ended can go; their records stay, without a node (the console
     // of such a VM answered 500 once its node was gone).
-    let dave = ("dave", "new-password");
+    let dave = ("dave", "daves-own-password");
     let powers_off = market.publish(Guest::PowerOff, |_| {});
     let vm = run_vm(
         &cloud,
@@ -680,7 +746,7 @@ fn the_admins_command_line_manages_users_and_nodes() {
     assert!(ok);
     assert_eq!(
         cloud
-            .call_as(("dave", "new-password"), "GET", "/vms", None)
+            .call_as(("dave", "daves-own-password"), "GET", "/vms", None)
             .0,
         401
     );

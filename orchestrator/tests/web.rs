@@ -588,6 +588,18 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     assert_eq!(admin.get("/ui/admin/networks").status, 200);
     // Carol can log in to the console with the password the administrator gave her.
     Visitor::log_in(addr, "carol", "carol-password");
+    // Dan gave the administrator only the hash stratus-hash-password made of his.
+    let hash = stratus_orchestrator::users::hash_password("dan-password").unwrap();
+    let added = admin.post(
+        "/ui/admin/users",
+        &[("name", "dan"), ("password", ""), ("password_hash", &hash)],
+    );
+    assert_eq!(added.status, 303, "{}", added.text());
+    Visitor::log_in(addr, "dan", "dan-password");
+    let neither = admin.post("/ui/admin/users", &[("name", "erin"), ("password", "")]);
+    assert_eq!(neither.status, 400, "{}", neither.text());
+    let reason = element_text(&neither.text(), "error").unwrap();
+    assert!(reason.contains("either a password or the hash"), "{reason}");
 
     // Kill through the page; logging out ends the session everywhere.
     let killed = a.post(&format!("/ui/instances/{vm}/kill"), &[]);

@@ -253,7 +253,9 @@ impl From<UserError> for Refusal {
                 StatusCode::CONFLICT
             }
             UserError::Unknown(_) => StatusCode::NOT_FOUND,
-            UserError::BadName(_) | UserError::EmptyPassword => StatusCode::BAD_REQUEST,
+            UserError::BadName(_) | UserError::EmptyPassword | UserError::BadHash { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             UserError::Hash(_) | UserError::Db(_) => return internal(e),
         };
         Refusal::new(status, e.to_string())
@@ -666,7 +668,17 @@ async fn add_user(
 ) -> Result<Response, Refusal> {
     admin_only(&who)?;
     let user: UserAdd = read_json(body).await?;
-    users::add(&cloud.db, &user.name, &user.password, user.role).await?;
+    let secret = match (user.password, user.password_hash) {
+        (Some(password), None) => users::Secret::Password(password),
+        (None, Some(hash)) => users::Secret::Hash(hash),
+        _ => {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "give either `password` or `password_hash` (from stratus-hash-password)",
+            ))
+        }
+    };
+    users::add(&cloud.db, &user.name, secret, user.role).await?;
     Ok(json(StatusCode::CREATED, &users::list(&cloud.db).await?))
 }
 

@@ -257,12 +257,16 @@ pub struct NodeView {
     pub last_error: Option<String>,
 }
 
-/// `POST /users` (admins).
+/// `POST /users` (admins): the password, or the hash of it the user made with
+/// `stratus-hash-password` (one of the two).
 #[derive(Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserAdd {
     pub name: String,
-    pub password: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
     #[serde(default = "default_role")]
     pub role: Role,
 }

@@ -102,6 +102,8 @@ pub struct UserForm {
     #[serde(default)]
     password: String,
     #[serde(default)]
+    password_hash: String,
+    #[serde(default)]
     role: String,
 }
 
@@ -179,11 +181,19 @@ pub async fn add_user(
             format!("'{other}' is not a role: user or admin"),
         )),
     };
-    let done = match role {
-        Ok(role) => users::add(&cloud.db, form.name.trim(), &form.password, role)
+    let secret = match (form.password.as_str(), form.password_hash.trim()) {
+        (password, "") if !password.is_empty() => Ok(users::Secret::Password(password.to_owned())),
+        ("", hash) if !hash.is_empty() => Ok(users::Secret::Hash(hash.to_owned())),
+        _ => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "give either a password or the hash of one (from stratus-hash-password)",
+        )),
+    };
+    let done = match (role, secret) {
+        (Ok(role), Ok(secret)) => users::add(&cloud.db, form.name.trim(), secret, role)
             .await
             .map_err(Refusal::from),
-        Err(e) => Err(e),
+        (Err(e), _) | (_, Err(e)) => Err(e),
     };
     match done {
         Ok(()) => see_other("/ui/admin/users?notice=user"),
