@@ -404,6 +404,30 @@ fn with_room_for_the_largest_frame_frames_are_read_straight_into_the_buffers() {
     assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 1);
 }
 
+// The worker offers the TAP only about as many buffers as recent frames needed, and
+// catches the rest of a longer frame in its own buffer: after a run of small frames a
+// large one still arrives whole, over as many chains as it needs, and in order.
+#[test]
+fn a_large_frame_after_a_run_of_small_ones_arrives_whole() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mut net = Net::new(&mem, true);
+    for i in 0..120u64 {
+        net.add_rx(&[(BUF + i * 0x800, 1526, W)]);
+    }
+    let mut sent: Vec<_> = (0..30).map(|i| packet(60, i)).collect();
+    sent.extend([
+        packet(MAX_FRAME_LEN, 200),
+        packet(3000, 201),
+        packet(60, 202),
+    ]);
+    for p in &sent {
+        net.peer_send(p);
+    }
+    assert!(net.worker.process_rx());
+    assert_eq!(received_frames(&net, &mem, 0x800), sent);
+    assert_eq!(net.stats.rx_dropped.load(Ordering::SeqCst), 0);
+}
+
 // Linux carves consecutive RX buffers, and a TCP frame's fragments, out of the same pages:
 // the worker hands the TAP such neighbours as one segment. Frames still land whole, each
 // chain's used length counts only its own bytes, and a frame split over touching TX

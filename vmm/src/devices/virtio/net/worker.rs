@@ -301,6 +301,11 @@ pub struct NetWorker {
     /// `rx_iovecs` with neighbours joined, for the read.
     rx_read_iovecs: GuestIoVecs,
     rx_reserved_bytes: usize,
+    /// How many bytes of the reserve a direct read offers the TAP before `frame`: about
+    /// the largest recent frame. Offering all of a reserve of small buffers (43 chains of
+    /// 1536 bytes for the largest frame) cost the kernel an iovec import per chain for
+    /// every frame; a frame longer than guessed ends in `frame` and is copied on.
+    rx_direct_len: usize,
     /// Scratch list for gathering a TX chain, kept to avoid an allocation per frame.
     tx_iovecs: GuestIoVecs,
     /// Length of a frame read from the TAP that found no room in the RX queue yet.
@@ -383,6 +388,7 @@ impl NetWorker {
             rx_iovecs: GuestIoVecs::default(),
             rx_read_iovecs: GuestIoVecs::default(),
             rx_reserved_bytes: 0,
+            rx_direct_len: MAX_PACKET_LEN,
             tx_iovecs: GuestIoVecs::default(),
             pending: None,
             pending_paid: false,
@@ -628,9 +634,26 @@ impl NetWorker {
     /// it fills to the guest; the rest stay reserved. The caller made sure the reserve
     /// holds at least MAX_PACKET_LEN bytes, more than any read can return.
     fn read_into_reserve(&mut self) -> std::io::Result<DirectRead> {
+        // The first chains, up to about the expected length, then `frame` for the rest.
         self.rx_read_iovecs.clear();
-        for v in self.rx_iovecs.iter() {
+        let (mut direct, mut iovecs, mut direct_buffers) = (0usize, 0usize, 0usize);
+        for chain in &self.rx_reserve {
+            direct += chain.capacity;
+            iovecs += chain.iovecs;
+            direct_buffers += chain.buffers;
+            if direct >= self.rx_direct_len {
+                break;
+            }
+        }
+        for v in self.rx_iovecs.iter().take(iovecs) {
             push_iovec(&mut self.rx_read_iovecs, v.iov_base.cast(), v.iov_len);
+        }
+        if direct < self.rx_reserved_bytes {
+            let rest = &mut self.frame[..MAX_PACKET_LEN.min(self.rx_reserved_bytes - direct)];
+            self.rx_read_iovecs.push(libc::iovec {
+                iov_base: rest.as_mut_ptr().cast(),
+                iov_len: rest.len(),
+            });
         }
         let Some(len) = self.p.tap.read_frame_vectored(&self.rx_read_iovecs)? else {
             return Ok(DirectRead::Empty);
@@ -639,6 +662,21 @@ impl NetWorker {
         if len < VNET_HDR_LEN || len > self.rx_reserved_bytes {
             // Nothing is handed back: the chains stay reserved for the next frame.
             return Ok(DirectRead::Dropped);
+        }
+        self.rx_direct_len = len.max(self.rx_direct_len - self.rx_direct_len / 8);
+        if len > direct {
+            // The rest went to `frame`: on into the buffers after the direct chains'.
+            let mut left = &self.frame[..len - direct];
+            for &(addr, blen) in self.rx_buffers.iter().skip(direct_buffers) {
+                if left.is_empty() {
+                    break;
+                }
+                let take = blen.min(left.len());
+                if self.p.mem.write_slice(&left[..take], addr).is_err() {
+                    break;
+                }
+                left = &left[take..];
+            }
         }
         let count = self.chains_for(len);
         // reserve_rx made sure the first buffer holds the whole header.
