@@ -220,6 +220,25 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         element_text(&wrong.text(), "error").unwrap(),
         "wrong user name or password"
     );
+    // Token and cookie match, but the browser says another site posted the form: a
+    // planted login cookie cannot log the visitor in to someone else's account.
+    let planted = http_with(
+        addr,
+        "POST",
+        "/ui/login",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &login_cookie),
+            ("Origin", "http://198.18.0.66"),
+        ],
+        &form(&[
+            ("user", "alice"),
+            ("password", "alice-password"),
+            ("csrf", &token),
+        ]),
+    );
+    assert_eq!(planted.status, 403, "{}", planted.text());
+    assert!(cookie_value(&planted, "stratus_session").is_none());
 
     let a = Visitor::log_in(addr, "alice", "alice-password");
     let b = Visitor::log_in(addr, "bob", "bob-password");
@@ -607,6 +626,56 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     cloud.wait_state(vm, "Done");
     assert_eq!(a.post("/ui/logout", &[]).status, 303);
     assert_eq!(a.get("/ui/instances").status, 303);
+}
+
+// Behind HTTPS (`console_secure_cookies`) the cookies are `__Host-` ones, which browsers
+// take only from this host, Secure and for the whole site; the console reads them by that
+// name alone.
+#[test]
+fn over_https_the_console_s_cookies_are_host_only() {
+    let market = Marketplace::start();
+    let cloud = Orchestrator::start(&market, "console_secure_cookies = true\n");
+    let addr = cloud.addr;
+    let page = http_with(addr, "GET", "/ui/login", &[], b"");
+    let set = page
+        .headers
+        .iter()
+        .find(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.clone())
+        .expect("a login cookie");
+    assert!(set.starts_with("__Host-stratus_login="), "{set}");
+    assert!(
+        set.contains("; Path=/;") && set.ends_with("; Secure"),
+        "{set}"
+    );
+    let login_cookie = cookie_value(&page, "__Host-stratus_login").unwrap();
+    let log_in = |cookie: &str| {
+        http_with(
+            addr,
+            "POST",
+            "/ui/login",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Cookie", cookie),
+            ],
+            &form(&[
+                ("user", "admin"),
+                ("password", ADMIN_PASSWORD),
+                ("csrf", &csrf_of(&page.text())),
+            ]),
+        )
+    };
+    assert_eq!(
+        log_in(&format!("stratus_login={login_cookie}")).status,
+        403,
+        "the name without its prefix, as a sibling site could set it"
+    );
+    let answer = log_in(&format!("__Host-stratus_login={login_cookie}"));
+    assert_eq!(answer.status, 303, "{}", answer.text());
+    let session = cookie_value(&answer, "__Host-stratus_session").expect("a session cookie");
+    let get = |cookie: String| http_with(addr, "GET", "/ui/instances", &[("Cookie", &cookie)], b"");
+    assert_eq!(get(format!("__Host-stratus_session={session}")).status, 200);
+    assert_eq!(get(format!("stratus_session={session}")).status, 303);
 }
 
 /// chromedriver on a free port, killed with the test.

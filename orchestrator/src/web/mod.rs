@@ -242,7 +242,8 @@ pub fn see_other(to: &str) -> Response {
 /// pages (its session's CSRF token, in the form or the `X-CSRF-Token` header) and, when
 /// the browser names its origin, from this host.
 async fn logged_in(State(cloud): State<Arc<Cloud>>, request: Request, next: Next) -> Response {
-    let token = session::cookie(request.headers(), session::COOKIE).map(str::to_owned);
+    let name = session::cookie_name(session::COOKIE, cloud.config.console_secure_cookies);
+    let token = session::cookie(request.headers(), &name).map(str::to_owned);
     let user = match token {
         Some(token) => match session::find(&cloud.db, &token).await {
             Ok(user) => user,
@@ -447,8 +448,11 @@ async fn login(
         );
     };
     let next = safe_next(form.next.as_deref());
-    let expected = session::cookie(&headers, session::LOGIN_COOKIE).unwrap_or("");
-    if !session::same_token(&form.csrf, expected) {
+    let name = session::cookie_name(session::LOGIN_COOKIE, cloud.config.console_secure_cookies);
+    let expected = session::cookie(&headers, &name).unwrap_or("");
+    // The token pair alone trusts whoever can set our cookies; the browser's Origin, when
+    // it names one, must be this host too.
+    if !session::same_token(&form.csrf, expected) || crate::api::from_another_origin(&headers) {
         return login_page(
             &cloud,
             StatusCode::FORBIDDEN,
@@ -516,7 +520,8 @@ pub async fn mount(
 /// Sets (or, with `max_age_s` 0, removes) one of the console's cookies on `response`.
 fn add_cookie(response: &mut Response, cloud: &Cloud, name: &str, value: &str, max_age_s: i64) {
     let secure = cloud.config.console_secure_cookies;
-    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(name, value, max_age_s, secure)) {
+    let name = session::cookie_name(name, secure);
+    if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&name, value, max_age_s, secure)) {
         response.headers_mut().append(header::SET_COOKIE, v);
     }
 }

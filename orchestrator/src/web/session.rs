@@ -123,6 +123,17 @@ pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a 
         .map(|(_, v)| v)
 }
 
+/// The name cookie `name` goes by. Over HTTPS it carries the `__Host-` prefix: browsers
+/// then take it only from this very host, with `Secure` and `Path=/`, so a site on a
+/// sibling subdomain cannot plant its own login token or session beside ours.
+pub fn cookie_name(name: &str, secure: bool) -> String {
+    if secure {
+        format!("__Host-{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
 /// A `Set-Cookie` value: HttpOnly, SameSite=Strict, for the whole console; `Secure` when
 /// the console is reached over HTTPS (`console_secure_cookies`).
 pub fn set_cookie(name: &str, value: &str, max_age_s: i64, secure: bool) -> String {
@@ -159,5 +170,7 @@ mod tests {
         assert_eq!(a.len(), 43);
         assert_ne!(a, random_token());
         assert!(set_cookie(COOKIE, &a, 60, true).ends_with("HttpOnly; SameSite=Strict; Secure"));
+        assert_eq!(cookie_name(COOKIE, true), "__Host-stratus_session");
+        assert_eq!(cookie_name(COOKIE, false), COOKIE);
     }
 }
