@@ -21,11 +21,11 @@ use crate::spec::{EnterSpec, SpecError};
 
 // From <linux/mount.h>; the libc crate has the system call numbers but not these.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOUNT_ATTR_RDONLY: u64 = 0x1;
 const MOUNT_ATTR_NOSUID: u64 = 0x2;
 const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 #[repr(C)]
 struct MountAttr {
@@ -141,7 +141,8 @@ fn c_path(path: &Path) -> Result<CString, EnterError> {
     })
 }
 
-/// A detached copy of the mount of `path`, with the VMM's restrictions already on it.
+/// A detached copy of the mount of `path` alone (not what is mounted below it, as the
+/// jail's own binds), with the restrictions of a data bind already on it.
 fn clone_tree(path: &Path, read_only: bool) -> Result<OwnedFd, EnterError> {
     let c = c_path(path)?;
     // SAFETY: open_tree reads a NUL-terminated path that lives for the call and returns a
@@ -151,7 +152,7 @@ fn clone_tree(path: &Path, read_only: bool) -> Result<OwnedFd, EnterError> {
             libc::SYS_open_tree,
             libc::AT_FDCWD,
             c.as_ptr(),
-            OPEN_TREE_CLONE | AT_RECURSIVE | libc::O_CLOEXEC as libc::c_uint,
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -161,7 +162,7 @@ fn clone_tree(path: &Path, read_only: bool) -> Result<OwnedFd, EnterError> {
     }
     // SAFETY: the descriptor was just returned to us and nothing else owns it.
     let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC;
     if read_only {
         attr_set |= MOUNT_ATTR_RDONLY;
     }

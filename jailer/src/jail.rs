@@ -87,7 +87,17 @@ pub(crate) fn make_mount_point(target: &Path, directory: bool) -> Result<(), Jai
     }
 }
 
-fn bind(root: &Path, path: &Path, read_only: bool) -> Result<(), JailError> {
+/// What a bind mount in the jail holds: the VMM's shared libraries, or data it only opens.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Holds {
+    Libraries,
+    Data,
+}
+
+/// Shows host `path` in the jail. Only that one mount: whatever is mounted below it on
+/// the host stays out (a restricting remount covers one mount, and a submount would keep
+/// its own write, exec or device rights). Nothing on a data mount can be executed.
+fn bind(root: &Path, path: &Path, read_only: bool, holds: Holds) -> Result<(), JailError> {
     let meta = fs::metadata(path).map_err(path_error("find", path))?;
     let target = inside(root, path);
     make_mount_point(&target, meta.is_dir())?;
@@ -95,13 +105,16 @@ fn bind(root: &Path, path: &Path, read_only: bool) -> Result<(), JailError> {
         Some(path),
         &target,
         None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
+        MsFlags::MS_BIND,
         None::<&str>,
     )
     .map_err(sys(format!("bind {} into the jail", path.display())))?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
+    }
+    if holds == Holds::Data {
+        flags |= MsFlags::MS_NOEXEC;
     }
     mount(None::<&str>, &target, None::<&str>, flags, None::<&str>)
         .map_err(sys(format!("restrict {} in the jail", path.display())))
@@ -200,14 +213,14 @@ pub fn enter(spec: &JailSpec) -> Result<(), JailError> {
     .map_err(sys(format!("bind the jail root {}", root.display())))?;
     for dir in LIBRARY_DIRS {
         if Path::new(dir).is_dir() {
-            bind(root, Path::new(dir), true)?;
+            bind(root, Path::new(dir), true, Holds::Libraries)?;
         }
     }
     for path in &spec.binds {
-        bind(root, path, false)?;
+        bind(root, path, false, Holds::Data)?;
     }
     for path in &spec.binds_ro {
-        bind(root, path, true)?;
+        bind(root, path, true, Holds::Data)?;
     }
     make_dev(root, spec)?;
     let proc_dir = root.join("proc");

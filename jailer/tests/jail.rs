@@ -73,6 +73,27 @@ impl Drop for Reaped {
     }
 }
 
+/// A tmpfs mounted for a test, unmounted after it.
+struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    fn new(at: &Path) -> TmpfsMount {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount a tmpfs at {}", at.display());
+        TmpfsMount(at.to_owned())
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// A block device node made for a test, removed after it.
 struct BlockNode(PathBuf);
 
@@ -116,6 +137,13 @@ fn the_jailed_program_sees_only_what_it_was_given_as_its_own_user_without_privil
     std::fs::write(vm_dir.join("disk.img"), "the VM's disk").unwrap();
     let kernel = jail.path("vmlinux");
     std::fs::write(&kernel, "kernel").unwrap();
+    // A program the VMM might plant in its own directory, and a host mount below it.
+    let tool = vm_dir.join("busybox");
+    std::fs::copy(BUSYBOX, &tool).unwrap();
+    let below = vm_dir.join("below");
+    std::fs::create_dir(&below).unwrap();
+    let _below = TmpfsMount::new(&below);
+    std::fs::write(below.join("host-file"), "a host mount's file").unwrap();
     let other_vm = jail.path("other-vm");
     std::fs::create_dir(&other_vm).unwrap();
     std::fs::write(other_vm.join("disk.img"), "another VM's disk").unwrap();
@@ -131,6 +159,8 @@ fn the_jailed_program_sees_only_what_it_was_given_as_its_own_user_without_privil
          ls /etc/shadow /root /home || echo NO-HOST-PATHS\n\
          touch /planted || echo ROOT-READ-ONLY\n\
          echo PID $$\n\
+         {vm}/busybox true && echo EXEC-DATA || echo DATA-NOEXEC\n\
+         ls {vm}/below/host-file || echo NO-SUBMOUNT\n\
          grep -E '^(Uid|Gid|CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status\n\
          ls -ln /dev/kvm\n\
          cat /proc/self/cgroup",
@@ -180,6 +210,8 @@ fn the_jailed_program_sees_only_what_it_was_given_as_its_own_user_without_privil
         "NO-OTHER-VM",
         "NO-HOST-PATHS",
         "ROOT-READ-ONLY",
+        "DATA-NOEXEC",
+        "NO-SUBMOUNT",
         "PID 1",
         "NoNewPrivs:\t1",
         "CapEff:\t0000000000000000",
@@ -331,6 +363,7 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
     let volume = jail.path("volume");
     std::fs::create_dir(&volume).unwrap();
     std::fs::write(volume.join("data"), "hot-plugged").unwrap();
+    std::fs::copy(BUSYBOX, volume.join("busybox")).unwrap();
     let out_dir = jail.owned_dir("out");
     // A block device node (an unattached loop device's numbers: never opened here).
     let disk = BlockNode::new(&format!("/dev/stratus-jailer-test-{}", std::process::id()));
@@ -338,6 +371,7 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
         // The jail has no `sleep` to run: the wait spins (for as long as the test lets it).
         "until [ -e {v}/data ] && [ -e {d} ]; do :; done; \
          cat {v}/data > {o}/seen; echo x > {v}/data || echo RO > {o}/ro; \
+         {v}/busybox true && echo EXEC > {o}/exec; \
          ls -ln {d} > {o}/dev; if [ -e /dev/full ]; then echo FULL > {o}/full; fi",
         v = volume.display(),
         d = disk.0.display(),
@@ -406,6 +440,10 @@ fn a_disk_hot_plugged_later_appears_in_the_running_jail_and_nothing_else_does() 
     assert!(
         !out_dir.join("full").exists(),
         "the refused device appeared"
+    );
+    assert!(
+        !out_dir.join("exec").exists(),
+        "a program on a hot-plugged bind ran"
     );
     assert_eq!(
         std::fs::read_to_string(volume.join("data")).unwrap(),
