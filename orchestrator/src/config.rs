@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +21,8 @@ pub enum ConfigError {
     },
     #[error("config file {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+    #[error("the [tls] section")]
+    Tls(#[source] stratus_nodeagent::config::ConfigError),
 }
 
 /// `/etc/stratus/orchestrator.toml`.
@@ -45,8 +48,13 @@ pub struct Config {
     pub marketplace_upload_token_file: Option<PathBuf>,
     /// The web console's cookies get `Secure` (sent over HTTPS only): set it when users
     /// reach the console through an HTTPS proxy, as they should from outside the site.
+    /// Implied by `[tls]`.
     #[serde(default)]
     pub console_secure_cookies: bool,
+    /// `[tls]`: serve the API and the web console over HTTPS only, with this certificate
+    /// chain and key (as the node agent's section).
+    #[serde(default)]
+    pub tls: Option<stratus_nodeagent::config::TlsFiles>,
     /// The site's image policy (endorser, checksum and identifier white/black lists).
     #[serde(default)]
     pub image_policy: Option<PathBuf>,
@@ -280,6 +288,20 @@ impl Config {
             reason,
         })?;
         Ok(config)
+    }
+
+    /// Whether the console's cookies are `Secure`: users reach it over HTTPS.
+    pub fn secure_cookies(&self) -> bool {
+        self.console_secure_cookies || self.tls.is_some()
+    }
+
+    /// The server's TLS settings from `[tls]`, checked (the key's mode, the pair belonging
+    /// together), or None to serve plain HTTP.
+    pub fn server_tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, ConfigError> {
+        self.tls
+            .as_ref()
+            .map(|files| stratus_nodeagent::tls::server_config(files).map_err(ConfigError::Tls))
+            .transpose()
     }
 
     fn check(&self) -> Result<(), String> {

@@ -137,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Config::default()
     };
     if cli.check_config {
+        config.server_tls()?;
         print!(
             "{}",
             toml::to_string(&config).context("cannot print the configuration")?
@@ -305,6 +306,8 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let listen = config.listen;
+    // Checked before anything starts: a bad certificate or key stops the orchestrator.
+    let tls = config.server_tls()?;
     let volumes = stratus_orchestrator::pdisk::Storage::open(&config)?;
     let mut cloud = Cloud::new(db, Arc::new(config), policy)?;
     cloud.volumes = volumes;
@@ -324,11 +327,37 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(replica = %cloud.replica, "listening on {listen}");
-    axum::serve(listener, api::router(cloud.clone()))
-        .with_graceful_shutdown(stop_signal())
-        .await
-        .context("the API server failed")?;
+    let app = api::router(cloud.clone());
+    match tls {
+        None => {
+            tracing::info!(replica = %cloud.replica, "listening on http://{listen}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop_signal())
+                .await
+                .context("the API server failed")?;
+        }
+        Some(tls) => {
+            tracing::info!(replica = %cloud.replica, "listening on https://{listen}");
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tokio::spawn(async move {
+                stop_signal().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            });
+            let listener = listener
+                .into_std()
+                .context("cannot hand the listening socket to the TLS server")?;
+            axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .context("cannot serve TLS on the listening socket")?
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await
+            .context("the API server failed")?;
+        }
+    }
     tracing::info!("stopping; unfinished jobs are taken up by the next start or another replica");
     Ok(())
 }

@@ -3,6 +3,8 @@
 //! orchestrator) running tiny guests on this host's `/dev/kvm`.
 
 mod common;
+#[path = "../../nodeagent/tests/support/pki.rs"]
+mod pki;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -2584,4 +2586,73 @@ fn target_section(shown: &str, target: &str) -> String {
         .find(|section| section.lines().next().is_some_and(|l| l.ends_with(target)))
         .unwrap_or_default()
         .to_owned()
+}
+
+/// An orchestrator serving HTTPS (`[tls]`) with a certificate of the site's own CA: the
+/// commands trust it through `ca_file` (option, environment or file) and nothing else, and
+/// the web console's cookies are then host-only and `Secure`.
+#[test]
+fn an_https_cloud_is_reached_through_the_sites_own_ca() {
+    let files = tempfile::tempdir().unwrap();
+    let site = pki::pki("Stratus site CA", &["localhost"]);
+    let (ca, cert, key) = (
+        files.path().join("site-ca.pem"),
+        files.path().join("cloud.crt"),
+        files.path().join("cloud.key"),
+    );
+    std::fs::write(&ca, &site.ca_pem).unwrap();
+    std::fs::write(&cert, &site.chain_pem).unwrap();
+    std::fs::write(&key, &site.key_pem).unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let market = Marketplace::start();
+    let cloud = Orchestrator::start(
+        &market,
+        &format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        ),
+    );
+    let endpoint = format!("https://localhost:{}", cloud.addr.port());
+    let user = User::new();
+    let config = format!(
+        "[default]\nendpoint = {endpoint}\nusername = admin\npassword = {ADMIN_PASSWORD}\n"
+    );
+    user.config(&config);
+    let describe = "stratus-describe-instance";
+    let e = user.error(describe, &[], &[]);
+    assert!(e.contains("certificate"), "{e}");
+    let ca_arg = ca.to_str().unwrap();
+    assert_eq!(user.run(describe, &["--ca-file", ca_arg]).code, 0);
+    assert_eq!(
+        user.run_with(describe, &[], &[("STRATUSLAB_CA_FILE", ca_arg)], "")
+            .code,
+        0
+    );
+    user.config(&format!("{config}ca_file = {ca_arg}\n"));
+    assert_eq!(user.run(describe, &[]).code, 0);
+    // Another CA's bundle does not do, and a file that is no bundle is said to be one.
+    let other = files.path().join("other-ca.pem");
+    std::fs::write(
+        &other,
+        pki::pki("Somebody else's CA", &["localhost"]).ca_pem,
+    )
+    .unwrap();
+    let e = user.error(describe, &["--ca-file", other.to_str().unwrap()], &[]);
+    assert!(e.contains("certificate"), "{e}");
+    let e = user.error(describe, &["--ca-file", key.to_str().unwrap()], &[]);
+    assert!(e.contains("no usable CA certificate"), "{e}");
+
+    // The console over HTTPS: host-only, Secure cookies without console_secure_cookies.
+    let client = reqwest::blocking::Client::builder()
+        .tls_backend_preconfigured(stratus_orchestrator::tls::client_config(Some(&ca)).unwrap())
+        .build()
+        .unwrap();
+    let page = client.get(format!("{endpoint}/ui/login")).send().unwrap();
+    assert_eq!(page.status(), 200);
+    let set = page.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        set.starts_with("__Host-stratus_login=") && set.ends_with("; Secure"),
+        "{set}"
+    );
 }

@@ -242,7 +242,7 @@ pub fn see_other(to: &str) -> Response {
 /// pages (its session's CSRF token, in the form or the `X-CSRF-Token` header) and, when
 /// the browser names its origin, from this host.
 async fn logged_in(State(cloud): State<Arc<Cloud>>, request: Request, next: Next) -> Response {
-    let name = session::cookie_name(session::COOKIE, cloud.config.console_secure_cookies);
+    let name = session::cookie_name(session::COOKIE, cloud.config.secure_cookies());
     let token = session::cookie(request.headers(), &name).map(str::to_owned);
     let user = match token {
         Some(token) => match session::find(&cloud.db, &token).await {
@@ -448,7 +448,7 @@ async fn login(
         );
     };
     let next = safe_next(form.next.as_deref());
-    let name = session::cookie_name(session::LOGIN_COOKIE, cloud.config.console_secure_cookies);
+    let name = session::cookie_name(session::LOGIN_COOKIE, cloud.config.secure_cookies());
     let expected = session::cookie(&headers, &name).unwrap_or("");
     // The token pair alone trusts whoever can set our cookies; the browser's Origin, when
     // it names one, must be this host too.
@@ -519,7 +519,7 @@ pub async fn mount(
 
 /// Sets (or, with `max_age_s` 0, removes) one of the console's cookies on `response`.
 fn add_cookie(response: &mut Response, cloud: &Cloud, name: &str, value: &str, max_age_s: i64) {
-    let secure = cloud.config.console_secure_cookies;
+    let secure = cloud.config.secure_cookies();
     let name = session::cookie_name(name, secure);
     if let Ok(v) = HeaderValue::from_str(&session::set_cookie(&name, value, max_age_s, secure)) {
         response.headers_mut().append(header::SET_COOKIE, v);

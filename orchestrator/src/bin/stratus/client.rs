@@ -1,6 +1,7 @@
 //! The orchestrator's and the Marketplace's HTTP APIs as the CLI calls them: Basic
 //! authentication, `endpoint_timeout`, and every refusal turned into its `{"error"}` reason.
 
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -59,8 +60,9 @@ impl Service {
         base: &str,
         credentials: Option<(String, String)>,
         timeout: Duration,
+        ca_file: Option<&Path>,
     ) -> Result<Service, ClientError> {
-        let tls = stratus_orchestrator::tls::client_config(None).map_err(ClientError::Tls)?;
+        let tls = stratus_orchestrator::tls::client_config(ca_file).map_err(ClientError::Tls)?;
         let http = Client::builder()
             .tls_backend_preconfigured(tls)
             .timeout(timeout)

@@ -252,6 +252,9 @@ pub const REFERENCE: &str = r#"# The Stratus (StratusLab) user configuration.
 
 # The orchestrator (the cloud's entry point).
 #endpoint = http://cloud.example.org:8775
+# For an https:// endpoint whose certificate your site's own CA signs: that CA's PEM
+# bundle (otherwise the system's trusted roots).
+#ca_file = ~/.stratuslab/site-ca.pem
 
 # The persistent disk service (part of the orchestrator in Stratus).
 #pdisk_endpoint = http://cloud.example.org:8775

@@ -58,6 +58,10 @@ pub struct Common {
     /// Seconds to wait for a service (default 5).
     #[arg(long, global = true, value_name = "SECONDS")]
     pub endpoint_timeout: Option<String>,
+    /// PEM bundle of the CA(s) that sign the cloud endpoint's certificate, for a site with
+    /// its own CA (default: the system's trusted roots).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Your certificate (PEM) for signing metadata.
     #[arg(long = "pem-cert", global = true, value_name = "FILE")]
     pub pem_cert: Option<PathBuf>,
@@ -208,7 +212,9 @@ fn main() -> ExitCode {
         }
     };
     let level = match cli.common.verbose {
-        0 => "error",
+        // A failure is one `[ERROR]` line with its whole chain of causes: libraries' own
+        // error logs (rustls' verifier on an untrusted certificate) would say it twice.
+        0 => "off",
         1 => "warn",
         2 => "info",
         _ => "debug",

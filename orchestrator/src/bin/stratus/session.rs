@@ -98,7 +98,21 @@ impl<'a> Session<'a> {
     pub fn cloud(&self) -> anyhow::Result<Service> {
         let endpoint = self.required("endpoint", self.common.endpoint.as_deref(), "--endpoint")?;
         let credentials = self.credentials()?;
-        Ok(Service::new(&endpoint, Some(credentials), self.timeout()?)?)
+        let option = self
+            .common
+            .ca_file
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned());
+        let ca_file = match self.setting("ca_file", option.as_deref())? {
+            Some(file) => Some(expand(&file)?),
+            None => None,
+        };
+        Ok(Service::new(
+            &endpoint,
+            Some(credentials),
+            self.timeout()?,
+            ca_file.as_deref(),
+        )?)
     }
 
     /// The Marketplace (anonymous: its reads are public and its uploads signed).
@@ -108,7 +122,8 @@ impl<'a> Session<'a> {
             self.common.marketplace_endpoint.as_deref(),
             "--marketplace-endpoint",
         )?;
-        Ok(Service::new(&endpoint, None, self.timeout()?)?)
+        // A Marketplace is often another site's: the system's roots, not the cloud's CA.
+        Ok(Service::new(&endpoint, None, self.timeout()?, None)?)
     }
 
     /// The Marketplace as an uploader: with the upload token from `--marketplace-token-file`
