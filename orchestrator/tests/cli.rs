@@ -223,6 +223,22 @@ fn the_tutorial_through_the_stratus_links() {
     let types = user.ok("stratus-run-instance", &["-l", "-t", "t1.micro"]);
     assert!(types.contains("* t1.micro "), "{types}");
     assert!(types.contains("  m1.small "), "{types}");
+    // The user's own types are listed with the cloud's, and replace one of the same name.
+    user.config(&format!(
+        "{}[instance_types]\nm1.huge = 8, 16384, 0\nt1.micro = 1, 256, 0\n",
+        user_config(&cloud, &market, &user)
+    ));
+    let types = user.ok("stratus-run-instance", &["-l", "-t", "m1.huge"]);
+    assert!(
+        types.contains("* m1.huge         8 CPU   16384 MB       0 MB\n"),
+        "{types}"
+    );
+    assert!(
+        types.contains("  t1.micro        1 CPU     256 MB       0 MB\n"),
+        "{types}"
+    );
+    assert_eq!(types.lines().count(), 9, "{types}");
+    user.config(&user_config(&cloud, &market, &user));
 
     // One machine, StratusLab's banner, the address the cloud leased.
     let out = user.ok(

@@ -63,6 +63,9 @@ pub struct UserConfig {
     instance_types: BTreeMap<String, String>,
 }
 
+/// An instance type's vCPUs, RAM (MiB) and swap (MiB).
+pub type TypeSizes = (u8, u64, u64);
+
 impl UserConfig {
     /// Loads `path`. A missing file is an error only when the user named it (`explicit`):
     /// everything can also come from the environment and the command line.
@@ -146,8 +149,19 @@ impl UserConfig {
         self.values.get(key).map(String::as_str)
     }
 
+    /// Every type of the user's own, by name.
+    pub fn instance_types(&self) -> Result<Vec<(String, TypeSizes)>, ConfigError> {
+        let mut types = Vec::new();
+        for name in self.instance_types.keys() {
+            if let Some(sizes) = self.instance_type(name)? {
+                types.push((name.clone(), sizes));
+            }
+        }
+        Ok(types)
+    }
+
     /// The user's own type `name` from `[instance_types]` (`name = cpu, ram_mib, swap_mib`).
-    pub fn instance_type(&self, name: &str) -> Result<Option<(u8, u64, u64)>, ConfigError> {
+    pub fn instance_type(&self, name: &str) -> Result<Option<TypeSizes>, ConfigError> {
         let Some(text) = self.instance_types.get(&name.to_ascii_lowercase()) else {
             return Ok(None);
         };

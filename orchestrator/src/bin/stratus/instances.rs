@@ -168,6 +168,16 @@ fn capitalised(word: &str) -> String {
 
 fn list_types(session: &Session, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut types: Vec<InstanceType> = session.cloud()?.get("/types")?;
+    // The user's own types, as run-instance takes them: before the cloud's of that name.
+    for (name, (cpu, ram_mib, swap_mib)) in session.file.instance_types()? {
+        types.retain(|t| t.name != name);
+        types.push(InstanceType {
+            name,
+            cpu,
+            ram_mib,
+            swap_mib,
+        });
+    }
     types.sort_by(|a, b| a.name.cmp(&b.name));
     if session.common.json {
         print_json(&types)?;
