@@ -6,9 +6,8 @@ mod common;
 #[path = "../../nodeagent/tests/support/pki.rs"]
 mod pki;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use serde_json::{json, Value};
@@ -56,25 +55,16 @@ impl User {
     }
 
     fn run_with(&self, command: &str, args: &[&str], env: &[(&str, &str)], stdin: &str) -> Output {
-        let mut child = Command::new(self.bin.join(command))
-            .args(args)
-            .env_clear()
-            .env("PATH", format!("{}:/usr/bin:/bin", self.bin.display()))
-            .env("HOME", self.home.path())
-            .envs(env.iter().copied())
-            .current_dir(self.home.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("run {command}: {e}"));
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            Command::new(self.bin.join(command))
+                .args(args)
+                .env_clear()
+                .env("PATH", format!("{}:/usr/bin:/bin", self.bin.display()))
+                .env("HOME", self.home.path())
+                .envs(env.iter().copied())
+                .current_dir(self.home.path()),
+            stdin,
+        );
         Output {
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8(out.stdout).unwrap(),

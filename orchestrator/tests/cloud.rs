@@ -612,24 +612,12 @@ fn the_admins_command_line_manages_users_and_nodes() {
     );
     // StratusLab's way: the user hashes their password and the administrator stores the
     // hash, never learning the password.
-    let hashed = {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stratus"))
-            .arg("hash-password")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"daves-own-password\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let hashed = output_with_stdin(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stratus")).arg("hash-password"),
+        "daves-own-password\n",
+    );
+    assert!(hashed.status.success());
+    let hashed = String::from_utf8(hashed.stdout).unwrap();
     let (ok, out) = cloud.admin_command(
         &[
             "user",

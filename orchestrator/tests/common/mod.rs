@@ -63,6 +63,23 @@ pub fn workspace_binary(bin: &str) -> PathBuf {
     dir.join(bin)
 }
 
+/// Runs `command` with `stdin` as its input, and waits for its output.
+pub fn output_with_stdin(command: &mut Command, stdin: &str) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -603,22 +620,13 @@ impl Orchestrator {
 
     /// The admin's command line on the same database.
     pub fn admin_command(&self, args: &[&str], stdin: &str) -> (bool, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stratus-orchestrator"))
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            Command::new(env!("CARGO_BIN_EXE_stratus-orchestrator"))
+                .arg("--config")
+                .arg(&self.config)
+                .args(args),
+            stdin,
+        );
         (
             out.status.success(),
             format!(
