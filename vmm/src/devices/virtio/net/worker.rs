@@ -354,6 +354,31 @@ fn push_iovec(iovecs: &mut Vec<libc::iovec>, base: *mut u8, len: usize) {
     });
 }
 
+/// Writes `bytes` into the guest buffers in turn, as far as they reach; returns how many
+/// bytes went in. A buffer outside guest memory ends the copy: the guest gets a short frame,
+/// which it can check against the used length.
+fn copy_into_buffers<'a>(
+    mem: &GuestMemoryMmap,
+    bytes: &[u8],
+    buffers: impl Iterator<Item = &'a (GuestAddress, usize)>,
+) -> usize {
+    let mut copied = 0;
+    for &(addr, len) in buffers {
+        if copied == bytes.len() {
+            break;
+        }
+        let take = len.min(bytes.len() - copied);
+        if mem
+            .write_slice(&bytes[copied..copied + take], addr)
+            .is_err()
+        {
+            break;
+        }
+        copied += take;
+    }
+    copied
+}
+
 /// Whether the reserved chains can take a frame of `len` bytes: with mergeable buffers
 /// all of them together, otherwise one chain.
 fn reserve_holds(
@@ -666,17 +691,11 @@ impl NetWorker {
         self.rx_direct_len = len.max(self.rx_direct_len - self.rx_direct_len / 8);
         if len > direct {
             // The rest went to `frame`: on into the buffers after the direct chains'.
-            let mut left = &self.frame[..len - direct];
-            for &(addr, blen) in self.rx_buffers.iter().skip(direct_buffers) {
-                if left.is_empty() {
-                    break;
-                }
-                let take = blen.min(left.len());
-                if self.p.mem.write_slice(&left[..take], addr).is_err() {
-                    break;
-                }
-                left = &left[take..];
-            }
+            copy_into_buffers(
+                &self.p.mem,
+                &self.frame[..len - direct],
+                self.rx_buffers.iter().skip(direct_buffers),
+            );
         }
         let count = self.chains_for(len);
         // reserve_rx made sure the first buffer holds the whole header.
@@ -832,23 +851,12 @@ impl NetWorker {
             let Some(buffers) = self.rx_reserve.front().map(|c| c.buffers) else {
                 break;
             };
-            let mut written = 0usize;
-            for &(addr, blen) in self.rx_buffers.iter().take(buffers) {
-                if copied == len {
-                    break;
-                }
-                let take = blen.min(len - copied);
-                if self
-                    .p
-                    .mem
-                    .write_slice(&self.frame[copied..copied + take], addr)
-                    .is_err()
-                {
-                    break;
-                }
-                copied += take;
-                written += take;
-            }
+            let written = copy_into_buffers(
+                &self.p.mem,
+                &self.frame[copied..len],
+                self.rx_buffers.iter().take(buffers),
+            );
+            copied += written;
             let Some(chain) = self.take_reserved() else {
                 break;
             };
