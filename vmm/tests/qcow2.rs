@@ -476,8 +476,14 @@ fn images_made_by_qemu_img_read_back_as_qemu_sees_them() {
     }
 }
 
+/// Bytes the file takes on its filesystem.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
 #[test]
-fn discard_frees_whole_clusters_and_keeps_the_image_consistent() {
+fn discard_zeroes_whole_clusters_gives_their_space_back_and_keeps_the_image_consistent() {
     for (engine, cache) in combinations() {
         eprintln!("engine/cache: {engine:?}/{cache:?}");
         let dir = workdir();
@@ -501,8 +507,14 @@ fn discard_frees_whole_clusters_and_keeps_the_image_consistent() {
             false,
         );
         batch.add(&mem, &Op::Flush, false);
+        let before = allocated(&image);
         serve(&mem, &disk, engine, std::slice::from_ref(&batch));
         drop(disk);
+        let after = allocated(&image);
+        assert!(
+            after + MIB <= before,
+            "the discarded MiB is still allocated: {before} bytes before, {after} after"
+        );
         qemu_img_check(&image);
         let map = tool(
             "qemu-img",
@@ -536,6 +548,121 @@ fn discard_frees_whole_clusters_and_keeps_the_image_consistent() {
         let raw = qemu_img_raw(&image, "qcow2", dir.path());
         assert!(raw[..MIB as usize].iter().all(|&b| b == 0x5a));
         assert!(raw[2 * MIB as usize..].iter().all(|&b| b == 0x5a));
+    }
+}
+
+/// One queue discards a cluster while another queue's write to it is still in flight (the
+/// guest writes where it discards); then a write elsewhere needs a new L2 table. Had the
+/// discard freed the cluster, imago would put the table there and the late write would
+/// land on it.
+#[test]
+fn a_write_still_in_flight_to_a_discarded_cluster_cannot_land_in_the_image_s_metadata() {
+    if !stratus_vmm::devices::virtio::block::io::io_uring_supported() {
+        eprintln!("skipped: this kernel has no io_uring, whose queued writes the race needs");
+        return;
+    }
+    use stratus_vmm::devices::virtio::block::io::DiskOp;
+    // 4 KiB clusters: an L2 table maps 2 MiB, so a write at 8 MiB needs a new one.
+    const DISK: u64 = 16 * MIB;
+    const CLUSTER: usize = 4096;
+    for cache in [CacheMode::Writeback, CacheMode::None] {
+        eprintln!("cache: {cache:?}");
+        let dir = workdir();
+        let image = dir.path().join("disk.qcow2");
+        tool(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=4096",
+                p(&image),
+                "16M",
+            ],
+        );
+        // The first cluster is allocated, under the first L2 table.
+        qemu_io_write(&image, "qcow2", &[(0x5a, 0, CLUSTER as u64)]);
+        let disk =
+            Arc::new(DiskFile::open_format(&image, ImageFormat::Qcow2, false, cache).unwrap());
+        let mut late = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
+        let mut other = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
+        // Page-aligned buffers, for O_DIRECT.
+        let buffer = |byte: u8, len: usize| {
+            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+            // SAFETY: the layout has a non-zero size; the allocation is filled before use
+            // and leaked (a test's few KiB).
+            let ptr = unsafe { std::alloc::alloc(layout) };
+            assert!(!ptr.is_null());
+            // SAFETY: `ptr` points to `len` writable bytes just allocated.
+            let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            slice.fill(byte);
+            slice
+        };
+        let stale = buffer(0xee, CLUSTER);
+        let stale_iovec = [libc::iovec {
+            iov_base: stale.as_mut_ptr().cast(),
+            iov_len: stale.len(),
+        }];
+        // Queued, not yet submitted: the write is in flight to the cluster's host offset.
+        late.queue(
+            DiskOp::Write {
+                offset: 0,
+                iovecs: &stale_iovec,
+            },
+            1,
+        )
+        .unwrap();
+        let fresh = buffer(0x77, CLUSTER);
+        let fresh_iovec = [libc::iovec {
+            iov_base: fresh.as_mut_ptr().cast(),
+            iov_len: fresh.len(),
+        }];
+        for (user_data, op) in [
+            DiskOp::Discard {
+                offset: 0,
+                len: CLUSTER as u64,
+            },
+            DiskOp::Write {
+                offset: DISK / 2,
+                iovecs: &fresh_iovec,
+            },
+            DiskOp::Flush,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            other.queue(op, user_data as u64).unwrap();
+            other.submit().unwrap();
+            let completion = loop {
+                if let Some(c) = other.next_completion() {
+                    break c;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            };
+            assert!(
+                completion.result >= 0,
+                "request {user_data}: {completion:?}"
+            );
+        }
+        late.submit().unwrap();
+        let completion = loop {
+            if let Some(c) = late.next_completion() {
+                break c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        assert_eq!(completion.result, CLUSTER as i64);
+        drop((late, other, disk));
+        // Whatever the first cluster holds now (the guest raced itself there), the image
+        // must be sound and the other write where it was put.
+        qemu_img_check(&image);
+        let raw = qemu_img_raw(&image, "qcow2", dir.path());
+        let half = (DISK / 2) as usize;
+        assert!(raw[half..half + CLUSTER].iter().all(|&b| b == 0x77));
+        assert!(raw[CLUSTER..half].iter().all(|&b| b == 0));
+        assert!(raw[half + CLUSTER..].iter().all(|&b| b == 0));
     }
 }
 

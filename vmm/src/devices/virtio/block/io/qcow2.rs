@@ -133,29 +133,6 @@ impl Qcow2Image {
             _ => (end, end),
         }
     }
-
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        // Only whole clusters can be freed; a discard is a hint, so the rest keeps its data.
-        let (first, last) = self.whole_clusters(offset, len);
-        if first >= last {
-            return Ok(());
-        }
-        // SAFETY (imago contract, not memory safety): freed clusters may be reused for other
-        // guest offsets, so nobody may still write through an older mapping of the range.
-        // This queue's transfers have all completed (the caller waited); another queue can
-        // only have one in flight if the guest discards a range it is writing at the same
-        // time, which scrambles nothing but that guest's own data in this image.
-        match unsafe {
-            self.access
-                .inner()
-                .discard_to_any_unsafe(first, last - first)
-        } {
-            Ok(_) => Ok(()),
-            // A discard is a hint: images that cannot free the range keep the data.
-            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
 }
 
 /// Creates a qcow2 overlay at `path` on `backing`: the new disk reads as the backing image
@@ -414,10 +391,20 @@ fn zeroes() -> &'static [u8] {
     })
 }
 
+/// What a transfer does to its host range.
+enum Move {
+    Read,
+    Write,
+    /// Punches a hole of this many bytes (on a regular file; see `range_call`).
+    Punch(u64),
+}
+
 /// One piece of a request that went to the data engine.
 struct Transfer {
     iovecs: Vec<libc::iovec>,
     len: u64,
+    /// A hole punched for a discard: its failure costs only the space, never the request.
+    hint: bool,
 }
 
 // SAFETY: the iovecs point into guest memory or the worker's bounce buffers, which stay valid
@@ -475,7 +462,7 @@ impl Qcow2Io {
                     ..
                 } => {
                     let file = image.file_index(storage)?;
-                    self.start_transfer(slot, file, host, part, false)?;
+                    self.start_transfer(slot, file, host, part, Move::Read)?;
                 }
                 Mapping::Zero { .. } => fill_zero(&part),
                 _ => {
@@ -514,8 +501,59 @@ impl Qcow2Io {
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             let file = image.file_index(storage)?;
-            self.start_transfer(slot, file, host, slice_iovecs(iovecs, done, len), true)?;
+            self.start_transfer(
+                slot,
+                file,
+                host,
+                slice_iovecs(iovecs, done, len),
+                Move::Write,
+            )?;
             done += len;
+        }
+        Ok(())
+    }
+
+    /// Whole clusters become zero clusters that keep their host clusters, and the host
+    /// ranges of those this image owns alone are punched out of the file, which gives the
+    /// space back. imago could free the clusters instead, but another queue may still have
+    /// a transfer in flight to one of them (the guest writes where it discards), and imago
+    /// would hand a freed cluster to the next L2 table or refcount block: the late write
+    /// would land in the image's metadata. A kept cluster stays this guest offset's, so a
+    /// late write there only scrambles data the guest itself discarded.
+    fn discard(&mut self, slot: usize, offset: u64, len: u64) -> std::io::Result<()> {
+        // Only whole clusters can go; a discard is a hint, so the rest keeps its data.
+        let image = self.image.clone();
+        let (first, last) = image.whole_clusters(offset, len);
+        let mut holes = Vec::new();
+        let mut at = first;
+        while at < last {
+            let (mapping, n) = image.access.get_mapping(at, last - at)?;
+            let n = n.min(last - at);
+            if n == 0 {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            // Clusters shared with a snapshot are not `writable`: they keep their data.
+            if let Mapping::Raw {
+                storage,
+                offset: host,
+                writable: true,
+                ..
+            } = mapping
+            {
+                holes.push((image.file_index(storage)?, host, n));
+            }
+            at += n;
+        }
+        if first < last {
+            match image.access.write_zeroes(first, last - first) {
+                // qcow2 v2 has no zero clusters: the clusters stay mapped, and their
+                // punched ranges read as zeroes.
+                Err(e) if e.kind() != std::io::ErrorKind::Unsupported => return Err(e),
+                _ => {}
+            }
+        }
+        for (file, host, n) in holes {
+            self.start_transfer(slot, file, host, Vec::new(), Move::Punch(n))?;
         }
         Ok(())
     }
@@ -557,24 +595,23 @@ impl Qcow2Io {
         file: usize,
         host_offset: u64,
         iovecs: Vec<libc::iovec>,
-        write: bool,
+        kind: Move,
     ) -> std::io::Result<()> {
         let request = self.requests[slot].as_mut().expect("live request");
         let index = request.transfers.len();
         let len = iovecs_len(&iovecs);
-        request.transfers.push(Transfer { iovecs, len });
+        request.transfers.push(Transfer {
+            iovecs,
+            len,
+            hint: matches!(kind, Move::Punch(_)),
+        });
         // The iovec array lives on the heap inside the request until the transfer completes.
         let iovecs = request.transfers[index].iovecs.as_slice();
-        let op = if write {
-            DiskOp::Write {
-                offset: host_offset,
-                iovecs,
-            }
-        } else {
-            DiskOp::Read {
-                offset: host_offset,
-                iovecs,
-            }
+        let offset = host_offset;
+        let op = match kind {
+            Move::Read => DiskOp::Read { offset, iovecs },
+            Move::Write => DiskOp::Write { offset, iovecs },
+            Move::Punch(len) => DiskOp::Discard { offset, len },
         };
         let tag = slot as u64 | ((index as u64) << 32);
         self.data
@@ -594,8 +631,17 @@ impl Qcow2Io {
         };
         self.transfers_in_flight -= 1;
         request.in_flight -= 1;
-        let expected = request.transfers.get(index).map_or(0, |t| t.len);
-        if completion.result < 0 {
+        let (expected, hint) = request
+            .transfers
+            .get(index)
+            .map_or((0, false), |t| (t.len, t.hint));
+        if completion.result < 0 && hint {
+            tracing::debug!(
+                "qcow2: cannot punch a discarded range out of the image (errno {}); it keeps \
+                 its space",
+                -completion.result
+            );
+        } else if completion.result < 0 {
             request.error.get_or_insert(completion.result);
         } else if completion.result as u64 != expected {
             request.error.get_or_insert(-i64::from(libc::EIO));
@@ -675,7 +721,7 @@ impl AsyncIo for Qcow2Io {
             DiskOp::Flush => self.wait_for_transfers().and_then(|()| self.image.flush()),
             DiskOp::Discard { offset, len } => self
                 .wait_for_transfers()
-                .and_then(|()| self.image.discard(offset, len)),
+                .and_then(|()| self.discard(slot, offset, len)),
             DiskOp::WriteZeroes { offset, len, .. } => self
                 .wait_for_transfers()
                 .and_then(|()| self.write_zeroes(slot, offset, len)),
