@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use stratus_vmm::devices::virtio::block::io::qcow2::{create_overlay, flatten_to_raw};
 use stratus_vmm::devices::virtio::block::io::{
-    create_engine, CacheMode, DiskError, DiskFile, ImageFormat, IoEngine,
+    create_engine, AsyncIo, CacheMode, Completion, DiskError, DiskFile, DiskOp, ImageFormat,
+    IoEngine,
 };
 use stratus_vmm::devices::virtio::block::worker::{QueueWorker, QueueWorkerParts};
 use stratus_vmm::devices::virtio::block::*;
@@ -552,117 +553,123 @@ fn discard_zeroes_whole_clusters_gives_their_space_back_and_keeps_the_image_cons
 }
 
 /// One queue discards a cluster while another queue's write to it is still in flight (the
-/// guest writes where it discards); then a write elsewhere needs a new L2 table. Had the
-/// discard freed the cluster, imago would put the table there and the late write would
-/// land on it.
+/// guest writes where it discards); then other writes need new clusters and a new L2 table.
+/// Had the discarded cluster's host cluster been freed — by the discard itself, or by a
+/// later write moving the zero cluster to a new host cluster as part of a longer allocation
+/// — imago would put the table there and the late write would land on it.
 #[test]
 fn a_write_still_in_flight_to_a_discarded_cluster_cannot_land_in_the_image_s_metadata() {
     if !stratus_vmm::devices::virtio::block::io::io_uring_supported() {
         eprintln!("skipped: this kernel has no io_uring, whose queued writes the race needs");
         return;
     }
-    use stratus_vmm::devices::virtio::block::io::DiskOp;
     // 4 KiB clusters: an L2 table maps 2 MiB, so a write at 8 MiB needs a new one.
     const DISK: u64 = 16 * MIB;
     const CLUSTER: usize = 4096;
-    for cache in [CacheMode::Writeback, CacheMode::None] {
-        eprintln!("cache: {cache:?}");
-        let dir = workdir();
-        let image = dir.path().join("disk.qcow2");
-        tool(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=4096",
-                p(&image),
-                "16M",
-            ],
-        );
-        // The first cluster is allocated, under the first L2 table.
-        qemu_io_write(&image, "qcow2", &[(0x5a, 0, CLUSTER as u64)]);
-        let disk =
-            Arc::new(DiskFile::open_format(&image, ImageFormat::Qcow2, false, cache).unwrap());
-        let mut late = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
-        let mut other = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
-        // Page-aligned buffers, for O_DIRECT.
-        let buffer = |byte: u8, len: usize| {
-            let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-            // SAFETY: the layout has a non-zero size; the allocation is filled before use
-            // and leaked (a test's few KiB).
-            let ptr = unsafe { std::alloc::alloc(layout) };
-            assert!(!ptr.is_null());
-            // SAFETY: `ptr` points to `len` writable bytes just allocated.
-            let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            slice.fill(byte);
-            slice
-        };
-        let stale = buffer(0xee, CLUSTER);
-        let stale_iovec = [libc::iovec {
-            iov_base: stale.as_mut_ptr().cast(),
-            iov_len: stale.len(),
-        }];
-        // Queued, not yet submitted: the write is in flight to the cluster's host offset.
-        late.queue(
-            DiskOp::Write {
-                offset: 0,
-                iovecs: &stale_iovec,
-            },
-            1,
-        )
-        .unwrap();
-        let fresh = buffer(0x77, CLUSTER);
-        let fresh_iovec = [libc::iovec {
-            iov_base: fresh.as_mut_ptr().cast(),
-            iov_len: fresh.len(),
-        }];
-        for (user_data, op) in [
-            DiskOp::Discard {
-                offset: 0,
-                len: CLUSTER as u64,
-            },
-            DiskOp::Write {
-                offset: DISK / 2,
-                iovecs: &fresh_iovec,
-            },
-            DiskOp::Flush,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            other.queue(op, user_data as u64).unwrap();
-            other.submit().unwrap();
-            let completion = loop {
-                if let Some(c) = other.next_completion() {
-                    break c;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            };
-            assert!(
-                completion.result >= 0,
-                "request {user_data}: {completion:?}"
-            );
+    // Page-aligned buffers, for O_DIRECT.
+    let buffer = |byte: u8, len: usize| {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: the layout has a non-zero size; the allocation is filled before use and
+        // leaked (a test's few KiB).
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        assert!(!ptr.is_null());
+        // SAFETY: `ptr` points to `len` writable bytes just allocated.
+        let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        slice.fill(byte);
+        libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
         }
-        late.submit().unwrap();
-        let completion = loop {
-            if let Some(c) = late.next_completion() {
-                break c;
+    };
+    let stale = [buffer(0xee, CLUSTER)];
+    let pair = [buffer(0x66, 2 * CLUSTER)];
+    let far = [buffer(0x77, CLUSTER)];
+    let half = (DISK / 2) as usize;
+    // The discarded cluster, and whether a write over it and the cluster before it follows.
+    for (discarded, write_across) in [(0, false), (CLUSTER, true)] {
+        for cache in [CacheMode::Writeback, CacheMode::None] {
+            eprintln!("discarded cluster at {discarded}, cache {cache:?}");
+            let dir = workdir();
+            let image = dir.path().join("disk.qcow2");
+            tool(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4096",
+                    p(&image),
+                    "16M",
+                ],
+            );
+            qemu_io_write(&image, "qcow2", &[(0x5a, discarded as u64, CLUSTER as u64)]);
+            let disk =
+                Arc::new(DiskFile::open_format(&image, ImageFormat::Qcow2, false, cache).unwrap());
+            let mut late = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
+            let mut other = create_engine(IoEngine::IoUring, &disk, 8).unwrap();
+            // Queued, not yet submitted: the write is in flight to the cluster's host offset.
+            let offset = discarded as u64;
+            late.queue(
+                DiskOp::Write {
+                    offset,
+                    iovecs: &stale,
+                },
+                1,
+            )
+            .unwrap();
+            let mut ops = vec![DiskOp::Discard {
+                offset,
+                len: CLUSTER as u64,
+            }];
+            if write_across {
+                ops.push(DiskOp::Write {
+                    offset: 0,
+                    iovecs: &pair,
+                });
             }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        };
-        assert_eq!(completion.result, CLUSTER as i64);
-        drop((late, other, disk));
-        // Whatever the first cluster holds now (the guest raced itself there), the image
-        // must be sound and the other write where it was put.
-        qemu_img_check(&image);
-        let raw = qemu_img_raw(&image, "qcow2", dir.path());
-        let half = (DISK / 2) as usize;
-        assert!(raw[half..half + CLUSTER].iter().all(|&b| b == 0x77));
-        assert!(raw[CLUSTER..half].iter().all(|&b| b == 0));
-        assert!(raw[half + CLUSTER..].iter().all(|&b| b == 0));
+            ops.push(DiskOp::Write {
+                offset: DISK / 2,
+                iovecs: &far,
+            });
+            ops.push(DiskOp::Flush);
+            for (user_data, op) in ops.into_iter().enumerate() {
+                other.queue(op, user_data as u64).unwrap();
+                other.submit().unwrap();
+                let completion = wait_completion(other.as_mut());
+                assert!(
+                    completion.result >= 0,
+                    "request {user_data}: {completion:?}"
+                );
+            }
+            late.submit().unwrap();
+            assert_eq!(wait_completion(late.as_mut()).result, CLUSTER as i64);
+            drop((late, other, disk));
+            // Whatever the discarded cluster holds now (the guest raced itself there), the
+            // image must be sound and every other write where it was put.
+            qemu_img_check(&image);
+            let raw = qemu_img_raw(&image, "qcow2", dir.path());
+            assert!(raw[half..half + CLUSTER].iter().all(|&b| b == 0x77));
+            let mut expected = vec![0u8; raw.len()];
+            if write_across {
+                expected[..2 * CLUSTER].fill(0x66);
+            }
+            expected[half..half + CLUSTER].fill(0x77);
+            // The raced cluster is the guest's to lose.
+            expected[discarded..discarded + CLUSTER]
+                .copy_from_slice(&raw[discarded..discarded + CLUSTER]);
+            assert!(raw == expected, "data outside the raced cluster changed");
+        }
+    }
+}
+
+fn wait_completion(engine: &mut dyn AsyncIo) -> Completion {
+    loop {
+        if let Some(c) = engine.next_completion() {
+            return c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

@@ -653,6 +653,27 @@ impl DataEngine {
         }
     }
 
+    /// Punches a hole in file `file` now, on the calling thread (a regular file: the
+    /// engines' files for formats are never block devices).
+    pub fn punch_hole_now(&self, file: usize, offset: u64, len: u64) -> Result<(), DiskError> {
+        let file_ref = match self {
+            DataEngine::Sync(engine) => engine.file(file),
+            DataEngine::IoUring(engine) => engine.file(file),
+        };
+        let fd = file_ref.ok_or(DiskError::NoSuchFile(file))?.as_raw_fd();
+        let call = RangeCall::Fallocate {
+            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        };
+        match run_range_call(fd, call) {
+            0 => Ok(()),
+            errno => Err(DiskError::Io(std::io::Error::from_raw_os_error(
+                -errno as i32,
+            ))),
+        }
+    }
+
     pub fn engine(&mut self) -> &mut dyn AsyncIo {
         match self {
             DataEngine::Sync(engine) => engine,

@@ -123,14 +123,20 @@ impl Qcow2Image {
         self.access.sync()
     }
 
+    /// The cluster size of images that have zero clusters (qcow2 v3).
+    fn cluster_size(&self) -> Option<u64> {
+        self.access
+            .inner()
+            .zero_granularity()
+            .filter(|&cluster| cluster > 0)
+    }
+
     /// Clusters fully inside `offset..offset + len`, as a range (empty when none).
     fn whole_clusters(&self, offset: u64, len: u64) -> (u64, u64) {
         let end = offset + len;
-        match self.access.inner().zero_granularity() {
-            Some(cluster) if cluster > 0 => {
-                (offset.next_multiple_of(cluster), end / cluster * cluster)
-            }
-            _ => (end, end),
+        match self.cluster_size() {
+            Some(cluster) => (offset.next_multiple_of(cluster), end / cluster * cluster),
+            None => (end, end),
         }
     }
 }
@@ -391,20 +397,10 @@ fn zeroes() -> &'static [u8] {
     })
 }
 
-/// What a transfer does to its host range.
-enum Move {
-    Read,
-    Write,
-    /// Punches a hole of this many bytes (on a regular file; see `range_call`).
-    Punch(u64),
-}
-
 /// One piece of a request that went to the data engine.
 struct Transfer {
     iovecs: Vec<libc::iovec>,
     len: u64,
-    /// A hole punched for a discard: its failure costs only the space, never the request.
-    hint: bool,
 }
 
 // SAFETY: the iovecs point into guest memory or the worker's bounce buffers, which stay valid
@@ -462,7 +458,7 @@ impl Qcow2Io {
                     ..
                 } => {
                     let file = image.file_index(storage)?;
-                    self.start_transfer(slot, file, host, part, Move::Read)?;
+                    self.start_transfer(slot, file, host, part, false)?;
                 }
                 Mapping::Zero { .. } => fill_zero(&part),
                 _ => {
@@ -491,9 +487,26 @@ impl Qcow2Io {
                     writable: true,
                     ..
                 } if len > 0 => (storage, host, len),
-                // Unallocated, zero, compressed or backing data: allocate a cluster here;
-                // imago copies what the write does not cover from the old contents.
-                _ => image.access.ensure_data_mapping(at, total - done, true)?,
+                // Unallocated, zero, compressed or backing data: allocate clusters here;
+                // imago copies what the write does not cover from the old contents. An
+                // allocation run keeps its clusters contiguous on the host, so a zero
+                // cluster that kept its host cluster (see `discard`) but is not the run's
+                // first would move and its old cluster be freed, while a transfer of
+                // another queue may still be on its way there. Such clusters are allocated
+                // one at a time, which imago does in place; other runs end where their
+                // mapping does, before any such cluster.
+                Mapping::Zero { explicit: true, .. } => {
+                    let cluster = image.cluster_size().ok_or_else(|| {
+                        std::io::Error::other("explicit zero clusters in an image without them")
+                    })?;
+                    let run = (at / cluster + 1) * cluster - at;
+                    image
+                        .access
+                        .ensure_data_mapping(at, run.min(total - done), true)?
+                }
+                _ => image
+                    .access
+                    .ensure_data_mapping(at, len.min(total - done), true)?,
             };
             let len = len.min(total - done);
             if len == 0 {
@@ -501,13 +514,7 @@ impl Qcow2Io {
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             let file = image.file_index(storage)?;
-            self.start_transfer(
-                slot,
-                file,
-                host,
-                slice_iovecs(iovecs, done, len),
-                Move::Write,
-            )?;
+            self.start_transfer(slot, file, host, slice_iovecs(iovecs, done, len), true)?;
             done += len;
         }
         Ok(())
@@ -518,12 +525,16 @@ impl Qcow2Io {
     /// space back. imago could free the clusters instead, but another queue may still have
     /// a transfer in flight to one of them (the guest writes where it discards), and imago
     /// would hand a freed cluster to the next L2 table or refcount block: the late write
-    /// would land in the image's metadata. A kept cluster stays this guest offset's, so a
-    /// late write there only scrambles data the guest itself discarded.
-    fn discard(&mut self, slot: usize, offset: u64, len: u64) -> std::io::Result<()> {
-        // Only whole clusters can go; a discard is a hint, so the rest keeps its data.
+    /// would land in the image's metadata. A kept cluster stays this guest offset's (see
+    /// `write`), so a late write there only scrambles data the guest itself discarded.
+    /// Images without zero clusters (qcow2 v2) have no whole clusters here: a discard,
+    /// being a hint, leaves them as they are.
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
         let image = self.image.clone();
         let (first, last) = image.whole_clusters(offset, len);
+        if first >= last {
+            return Ok(());
+        }
         let mut holes = Vec::new();
         let mut at = first;
         while at < last {
@@ -544,16 +555,14 @@ impl Qcow2Io {
             }
             at += n;
         }
-        if first < last {
-            match image.access.write_zeroes(first, last - first) {
-                // qcow2 v2 has no zero clusters: the clusters stay mapped, and their
-                // punched ranges read as zeroes.
-                Err(e) if e.kind() != std::io::ErrorKind::Unsupported => return Err(e),
-                _ => {}
-            }
-        }
+        image.access.write_zeroes(first, last - first)?;
+        // On this thread, before the request completes: a write the guest sends after the
+        // discard's completion must not be punched away. A filesystem that cannot punch
+        // holes keeps the space; the clusters read as zeroes all the same.
         for (file, host, n) in holes {
-            self.start_transfer(slot, file, host, Vec::new(), Move::Punch(n))?;
+            if let Err(e) = self.data.punch_hole_now(file, host, n) {
+                tracing::debug!("qcow2: a discarded range keeps its space: {e}");
+            }
         }
         Ok(())
     }
@@ -595,23 +604,18 @@ impl Qcow2Io {
         file: usize,
         host_offset: u64,
         iovecs: Vec<libc::iovec>,
-        kind: Move,
+        write: bool,
     ) -> std::io::Result<()> {
         let request = self.requests[slot].as_mut().expect("live request");
         let index = request.transfers.len();
         let len = iovecs_len(&iovecs);
-        request.transfers.push(Transfer {
-            iovecs,
-            len,
-            hint: matches!(kind, Move::Punch(_)),
-        });
+        request.transfers.push(Transfer { iovecs, len });
         // The iovec array lives on the heap inside the request until the transfer completes.
         let iovecs = request.transfers[index].iovecs.as_slice();
         let offset = host_offset;
-        let op = match kind {
-            Move::Read => DiskOp::Read { offset, iovecs },
-            Move::Write => DiskOp::Write { offset, iovecs },
-            Move::Punch(len) => DiskOp::Discard { offset, len },
+        let op = match write {
+            true => DiskOp::Write { offset, iovecs },
+            false => DiskOp::Read { offset, iovecs },
         };
         let tag = slot as u64 | ((index as u64) << 32);
         self.data
@@ -631,17 +635,8 @@ impl Qcow2Io {
         };
         self.transfers_in_flight -= 1;
         request.in_flight -= 1;
-        let (expected, hint) = request
-            .transfers
-            .get(index)
-            .map_or((0, false), |t| (t.len, t.hint));
-        if completion.result < 0 && hint {
-            tracing::debug!(
-                "qcow2: cannot punch a discarded range out of the image (errno {}); it keeps \
-                 its space",
-                -completion.result
-            );
-        } else if completion.result < 0 {
+        let expected = request.transfers.get(index).map_or(0, |t| t.len);
+        if completion.result < 0 {
             request.error.get_or_insert(completion.result);
         } else if completion.result as u64 != expected {
             request.error.get_or_insert(-i64::from(libc::EIO));
@@ -721,7 +716,7 @@ impl AsyncIo for Qcow2Io {
             DiskOp::Flush => self.wait_for_transfers().and_then(|()| self.image.flush()),
             DiskOp::Discard { offset, len } => self
                 .wait_for_transfers()
-                .and_then(|()| self.discard(slot, offset, len)),
+                .and_then(|()| self.discard(offset, len)),
             DiskOp::WriteZeroes { offset, len, .. } => self
                 .wait_for_transfers()
                 .and_then(|()| self.write_zeroes(slot, offset, len)),

@@ -28,6 +28,11 @@ impl SyncIo {
         })
     }
 
+    /// File `file` (an index into the files given to `new`).
+    pub fn file(&self, file: usize) -> Option<&File> {
+        self.files.get(file)
+    }
+
     /// Runs `op` on file `file` (an index into the files given to `new`).
     pub fn queue_on(
         &mut self,

@@ -45,6 +45,11 @@ impl IoUringIo {
         })
     }
 
+    /// File `file` (an index into the files given to `new`).
+    pub fn file(&self, file: usize) -> Option<&File> {
+        self.files.get(file)
+    }
+
     /// Queues `op` on file `file` (an index into the files given to `new`).
     pub fn queue_on(
         &mut self,
