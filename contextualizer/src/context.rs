@@ -50,7 +50,9 @@ pub const GENERATED_KEYS: [&str; 2] = ["PUBLIC_KEY", "TARGET"];
 
 /// Shell variables whose replacement would change how the guest's scripts run,
 /// since `context.sh` is sourced (and exported) by a root shell.
-const SHELL_KEYS: [&str; 14] = [
+/// Bash keeps some of them read-only, and assigning one ends a POSIX-mode bash (the `sh`
+/// of Red Hat-like guests) before the key is installed.
+const SHELL_KEYS: [&str; 17] = [
     "IFS",
     "PATH",
     "ENV",
@@ -65,7 +67,19 @@ const SHELL_KEYS: [&str; 14] = [
     "SHELLOPTS",
     "BASHOPTS",
     "BASH_ENV",
+    "UID",
+    "EUID",
+    "BASH_VERSINFO",
 ];
+
+/// Largest context value, in bytes. The guest's epilog exports every key to SCRIPT_EXEC, and
+/// Linux refuses to start a program with one environment string over 128 KiB.
+pub const MAX_CONTEXT_VALUE: usize = 64 * 1024;
+
+/// Largest context as a whole (`KEY=VALUE` pairs), in bytes: all of it goes into the
+/// environment of SCRIPT_EXEC, which Linux limits to a quarter of the stack limit (2 MiB
+/// with the usual 8 MiB), arguments and the guest's own variables included.
+pub const MAX_CONTEXT_BYTES: usize = 512 * 1024;
 
 /// A VM's context, as the orchestrator hands it to the node agent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -165,7 +179,17 @@ impl Context {
             if value.contains('\0') {
                 return Err(ContextError::NulInValue { key: key.clone() });
             }
+            if value.len() > MAX_CONTEXT_VALUE {
+                return Err(ContextError::ValueTooLong {
+                    key: key.clone(),
+                    len: value.len(),
+                });
+            }
             seen.push((upper, key.as_str()));
+        }
+        let total: usize = self.pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if total > MAX_CONTEXT_BYTES {
+            return Err(ContextError::ContextTooLarge { len: total });
         }
         if let Some(key) = &self.public_key {
             if key.contains('\0') {

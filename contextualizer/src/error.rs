@@ -33,6 +33,18 @@ pub enum ContextError {
     )]
     NulInValue { key: String },
 
+    #[error(
+        "the value of context key `{key}` is {len} bytes; values are limited to {} bytes (the guest passes them to SCRIPT_EXEC in its environment)",
+        crate::context::MAX_CONTEXT_VALUE
+    )]
+    ValueTooLong { key: String, len: usize },
+
+    #[error(
+        "the context is {len} bytes; it is limited to {} bytes (the guest passes it to SCRIPT_EXEC in its environment)",
+        crate::context::MAX_CONTEXT_BYTES
+    )]
+    ContextTooLarge { len: usize },
+
     #[error("{what} is not UTF-8 text")]
     NotUtf8 { what: String },
 

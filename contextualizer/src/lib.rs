@@ -29,7 +29,7 @@ use std::path::Path;
 
 pub use context::{
     parse_context_arg, parse_context_file, validate_key, Context, ContextMethod, IpCidr,
-    StaticInterface, StaticNetwork, GENERATED_KEYS,
+    StaticInterface, StaticNetwork, GENERATED_KEYS, MAX_CONTEXT_BYTES, MAX_CONTEXT_VALUE,
 };
 pub use error::ContextError;
 pub use hepix::{

@@ -4,8 +4,9 @@
 mod common;
 
 use stratus_contextualizer::{
-    parse_context_arg, parse_context_file, write_context_disk, Context, ContextError,
-    ContextMethod, StaticInterface, StaticNetwork,
+    build_context_image, parse_context_arg, parse_context_file, write_context_disk, Context,
+    ContextError, ContextMethod, StaticInterface, StaticNetwork, MAX_CONTEXT_BYTES,
+    MAX_CONTEXT_VALUE,
 };
 
 #[test]
@@ -125,6 +126,30 @@ fn invalid_contexts_are_refused_before_anything_is_written() {
     assert_refused(&base().with_pair("PATH", "/tmp"), |e| {
         matches!(e, ContextError::ReservedKey { .. })
     });
+    // Read-only in bash: assigning one ends a POSIX-mode bash before the key is installed.
+    for key in ["uid", "EUID", "BASH_VERSINFO"] {
+        assert_refused(
+            &base().with_pair(key, "0"),
+            |e| matches!(e, ContextError::ReservedKey { key: k, .. } if k == key),
+        );
+    }
+    let at_limit = "v".repeat(MAX_CONTEXT_VALUE);
+    build_context_image(
+        &base().with_pair("BIG", at_limit.as_str()),
+        ContextMethod::One,
+    )
+    .expect("a value at the limit is taken");
+    assert_refused(
+        &base().with_pair("BIG", format!("{at_limit}v")),
+        |e| matches!(e, ContextError::ValueTooLong { key, len } if key == "BIG" && *len == MAX_CONTEXT_VALUE + 1),
+    );
+    let many = (0..MAX_CONTEXT_BYTES / MAX_CONTEXT_VALUE + 1).fold(base(), |ctx, i| {
+        ctx.with_pair(format!("K{i}"), at_limit.as_str())
+    });
+    assert_refused(
+        &many,
+        |e| matches!(e, ContextError::ContextTooLarge { len } if *len > MAX_CONTEXT_BYTES),
+    );
     assert_refused(
         &base().with_pair("NUL", "a\0b"),
         |e| matches!(e, ContextError::NulInValue { key } if key == "NUL"),

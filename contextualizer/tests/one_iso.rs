@@ -231,6 +231,45 @@ fn script_exec_failure_is_reported_by_init() {
     assert!(root.join("root/.ssh/authorized_keys").exists());
 }
 
+/// A context within the limits can still be more than a guest lets a program's environment
+/// hold (here a 1 MiB stack limit, so 256 KiB): SCRIPT_EXEC cannot start then, and init
+/// says so, but the key is installed all the same.
+#[test]
+fn a_context_too_large_for_the_guest_s_environment_still_installs_the_key() {
+    let big = "x".repeat(60 * 1024);
+    let ctx = (0..6)
+        .fold(
+            Context::new("one-1", "vm1").with_public_key(KEY),
+            |ctx, i| ctx.with_pair(format!("BIG{i}"), big.as_str()),
+        )
+        .with_pair("SCRIPT_EXEC", "touch \"$STRATUS_CONTEXT_ROOT/ran\"");
+    let dir = tempfile::tempdir().unwrap();
+    let iso = write_disk(dir.path(), "c.iso", &ctx, ContextMethod::One);
+    let cd = dir.path().join("cd");
+    extract_iso(&iso, &cd);
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "ulimit -s 1024 && exec dash \"$0\"/init.sh"])
+        .arg(&cd)
+        .current_dir(&root)
+        .env("STRATUS_CONTEXT_ROOT", &root)
+        .env("TMPDIR", &root)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        std::fs::read_to_string(root.join("root/.ssh/authorized_keys")).unwrap_or_default(),
+        format!("{KEY}\n"),
+        "the key is not installed: {stderr}"
+    );
+    assert!(
+        !out.status.success(),
+        "SCRIPT_EXEC cannot have run: {stderr}"
+    );
+    assert!(!root.join("ran").exists());
+}
+
 #[test]
 fn prolog_stops_init_when_context_sh_is_damaged() {
     let dir = tempfile::tempdir().unwrap();

@@ -1396,6 +1396,11 @@ fn the_context_disk_is_made_on_the_node_and_attached_read_only() {
             json!({"method": "one", "colour": "red"}),
             "unknown field `colour`",
         ),
+        // Refused by the method's format only: still a 400 at the create, not a 500 at start.
+        (
+            json!({"method": "cloud-init", "pairs": {"CLOUD_INIT_USER_DATA": "not base64!"}}),
+            "is not valid base64",
+        ),
     ] {
         let mut bad = agent.spec(Guest::Halt);
         bad["context"] = context.clone();

@@ -3,7 +3,7 @@
 //! time and reason, and the users' kill/shutdown/delete requests.
 
 use sqlx::AnyConnection;
-use stratus_contextualizer::Context;
+use stratus_contextualizer::{Context, ContextMethod};
 use stratus_images::Metadata;
 
 use crate::api::types::{RunRequest, VmAccepted, VmEvent, VmList, VmState, VmView};
@@ -212,8 +212,11 @@ fn check(cloud: &Cloud, r: &RunRequest) -> Result<Checked, VmError> {
     if let Some(data) = &r.user_data {
         context = context.with_user_data(data.as_bytes().to_vec());
     }
-    context
-        .validate()
+    // Built and thrown away: what only the method's format refuses (user data that does
+    // not decode, or does not fit its disk) is refused here too.
+    context_method
+        .parse::<ContextMethod>()
+        .and_then(|method| stratus_contextualizer::build_context_image(&context, method))
         .map_err(|e| VmError::BadRequest(format!("context: {e}")))?;
     if let Some(gib) = r.volatile_disk_gib {
         if gib == 0 || gib > MAX_VOLATILE_GIB {

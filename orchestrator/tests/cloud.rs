@@ -469,6 +469,23 @@ fn quotas_and_bad_requests(backend: Backend) {
             "given twice",
         ),
         (
+            json!({"image": image, "context": {"uid": "0"}}),
+            400,
+            "context key `uid` is reserved",
+        ),
+        (
+            json!({"image": image, "context": {"BIG": "x".repeat(65 * 1024)}}),
+            400,
+            "values are limited to 65536 bytes",
+        ),
+        // What only the method's format refuses, too.
+        (
+            json!({"image": image, "context_method": "cloud-init",
+                   "context": {"CLOUD_INIT_USER_DATA": "not base64!"}}),
+            400,
+            "is not valid base64",
+        ),
+        (
             json!({"image": image, "name": "my_vm"}),
             400,
             "the guest's hostname",

@@ -6,10 +6,9 @@ here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd) || exit 1
 root=${STRATUS_CONTEXT_ROOT:-/}
 root=${root%/}
 
-# allexport: the keys reach SCRIPT_EXEC without parsing context.sh by hand.
-set -a
+# Not exported here: a large context in the environment of every command below could
+# stop them starting ("argument list too long") and leave the VM without its key.
 . "$here/context.sh"
-set +a
 
 if [ -n "${PUBLIC_KEY:-}" ]; then
     # A subshell, so that the strict umask does not reach SCRIPT_EXEC.
@@ -34,7 +33,13 @@ fi
 if [ -n "${SCRIPT_EXEC:-}" ]; then
     script=$(mktemp "${TMPDIR:-/tmp}/stratus-script.XXXXXX") || exit 1
     printf '%s\n' "$SCRIPT_EXEC" > "$script"
-    sh "$script"
+    # allexport: the keys reach SCRIPT_EXEC without parsing context.sh by hand.
+    (
+        set -a
+        . "$here/context.sh"
+        set +a
+        exec sh "$script"
+    )
     status=$?
     rm -f "$script"
     exit "$status"

@@ -406,7 +406,9 @@ fn build_context(
     if let Some(data) = &spec.user_data {
         context = context.with_user_data(data.as_bytes().to_vec());
     }
-    context.validate()?;
+    // Built once here and thrown away: what only the method's format refuses (user data
+    // that does not decode or does not fit) is then a 400 at the create, not a failed start.
+    stratus_contextualizer::build_context_image(&context, method)?;
     Ok((context, method))
 }
 
