@@ -45,6 +45,9 @@ pub enum ContextError {
     )]
     ContextTooLarge { len: usize },
 
+    #[error("the context method `one` (the HEPiX CD) has no place for user data: use the `cloud-init` or `nocloud` method")]
+    UserDataWithoutPlace,
+
     #[error("{what} is not UTF-8 text")]
     NotUtf8 { what: String },
 

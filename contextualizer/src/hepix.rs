@@ -35,6 +35,10 @@ pub fn render_context_sh(ctx: &Context) -> String {
 }
 
 pub(crate) fn build(ctx: &Context) -> Result<Vec<u8>, ContextError> {
+    // The CD has no place for it: dropped, it would be missed only inside the running VM.
+    if ctx.user_data.is_some() {
+        return Err(ContextError::UserDataWithoutPlace);
+    }
     let files = [
         ImageFile::new("context.sh", render_context_sh(ctx), 0o644),
         ImageFile::new("init.sh", INIT_SH, 0o755),

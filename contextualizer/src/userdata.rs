@@ -3,7 +3,7 @@
 use std::io::Read;
 
 use base64::Engine;
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::{Context, ContextError};
 
@@ -32,7 +32,8 @@ pub(crate) fn decode_base64(key: &str, value: &str) -> Result<Vec<u8>, ContextEr
 
 pub(crate) fn gunzip(key: &str, data: &[u8]) -> Result<Vec<u8>, ContextError> {
     let mut out = Vec::new();
-    GzDecoder::new(data)
+    // Every member, as gunzip and Python's gzip module read them (`cat a.gz b.gz`).
+    MultiGzDecoder::new(data)
         .take(MAX_USER_DATA as u64 + 1)
         .read_to_end(&mut out)
         .map_err(|source| ContextError::InvalidGzip {
@@ -111,5 +112,21 @@ pub(crate) fn user_data(ctx: &Context) -> Result<Option<UserData>, ContextError>
             }))
         }
         (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn user_data_of_several_gzip_members_is_read_whole() {
+        let mut gz = gzip(b"#cloud-config\n");
+        gz.extend(gzip(b"runcmd: [true]\n"));
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&gz);
+        let ctx = Context::new("i-1", "vm1").with_pair(USER_DATA_KEY, encoded.as_str());
+        let data = user_data(&ctx).unwrap().unwrap();
+        assert_eq!(data.bytes, b"#cloud-config\nruncmd: [true]\n");
     }
 }

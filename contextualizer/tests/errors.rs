@@ -179,6 +179,16 @@ fn invalid_contexts_are_refused_before_anything_is_written() {
 }
 
 #[test]
+fn user_data_is_refused_where_the_method_has_no_place_for_it() {
+    let ctx = Context::new("i-1", "vm1").with_user_data("#cloud-config\n");
+    let err = build_context_image(&ctx, ContextMethod::One).unwrap_err();
+    assert!(matches!(err, ContextError::UserDataWithoutPlace), "{err}");
+    for method in [ContextMethod::CloudInit, ContextMethod::NoCloud] {
+        build_context_image(&ctx, method).unwrap();
+    }
+}
+
+#[test]
 fn undecodable_cloud_init_keys_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("d.img");

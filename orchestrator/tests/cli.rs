@@ -237,7 +237,10 @@ fn the_tutorial_through_the_stratus_links() {
             "-t",
             "t1.micro",
             "--context",
-            "GREETING=hello#ROLE=worker",
+            "GREETING=hi#ROLE=worker",
+            // A later pair replaces an earlier one, in any case: the guest upper-cases keys.
+            "--context",
+            "greeting=hello",
             &image,
         ],
     );

@@ -235,14 +235,21 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
     if args.number > 1 && args.address.is_some() {
         bail!("--address gives one address: it cannot be used with -n/--number above 1");
     }
+    // Keys are merged as the guest sees them, upper-cased: a later pair replaces an earlier
+    // one of the same name in any case (the file, then each --context, then --cloud-init).
     let mut context: BTreeMap<String, String> = BTreeMap::new();
+    let mut merge = |pairs: Vec<(String, String)>| {
+        for (key, value) in pairs {
+            context.insert(key.to_ascii_uppercase(), value);
+        }
+    };
     if let Some(file) = &args.context_file {
         let bytes = std::fs::read(file)
             .with_context(|| format!("cannot read the context file {}", file.display()))?;
-        context.extend(parse_context_file(&bytes)?);
+        merge(parse_context_file(&bytes)?);
     }
     for pairs in &args.context {
-        context.extend(parse_context_arg(pairs)?);
+        merge(parse_context_arg(pairs)?);
     }
     let (key_file, key_source) = session.public_key_file(args.key.as_deref())?;
     let public_key = match std::fs::read_to_string(&key_file) {
@@ -259,7 +266,7 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
     if let Some(parts) = &args.cloud_init {
         let key = public_key.is_some().then_some(key_file.as_path());
         let prepared = stratus_contextualizer::prepare_context(parts, key)?;
-        context.extend(prepared.pairs());
+        merge(prepared.pairs());
     }
     // A context file from prepare-context names its method; an explicit option wins.
     let from_context = context.remove("CONTEXT_METHOD");
