@@ -60,6 +60,13 @@ pub enum ContextError {
     #[error("cloud-init pair `{pair}`: the file name `{name}` contains control characters")]
     InvalidFileName { pair: String, name: String },
 
+    #[error("cloud-init pairs `{first}` and `{second}` both send a file named `{name}`, and cloud-init would keep only one: rename one of them")]
+    DuplicatePartName {
+        name: String,
+        first: String,
+        second: String,
+    },
+
     #[error("cannot read `{path}`{origin}: {source}")]
     ReadFile {
         path: PathBuf,

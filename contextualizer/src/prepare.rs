@@ -169,6 +169,15 @@ pub fn prepare_context_parts(
             mime => {
                 let content_type = content_type(mime, part)?;
                 let filename = file_name(part)?;
+                // cloud-init stores parts by name (scripts/<name>): one would replace the
+                // other without a word.
+                if let Some(first) = mime_parts.iter().find(|p| p.filename == filename) {
+                    return Err(ContextError::DuplicatePartName {
+                        name: filename,
+                        first: first.label.clone(),
+                        second: part.label(),
+                    });
+                }
                 let content = text(read(&part.file, origin)?, || {
                     format!("file `{}` (type `{mime}`)", part.file.display())
                 })?;
@@ -176,6 +185,7 @@ pub fn prepare_context_parts(
                     content_type,
                     filename,
                     content,
+                    label: part.label(),
                 });
             }
         }
@@ -242,6 +252,8 @@ struct MimePart {
     content_type: String,
     filename: String,
     content: String,
+    /// The pair it came from, for errors.
+    label: String,
 }
 
 /// `x-shellscript` → `text/x-shellscript`; a full `type/subtype` is kept.

@@ -186,6 +186,23 @@ fn bad_input_names_the_offending_item() {
     .unwrap_err();
     assert!(matches!(err, ContextError::NoneCombined { .. }), "{err}");
 
+    std::fs::create_dir(d.join("b")).unwrap();
+    let other = d.join("b/run.sh");
+    std::fs::write(&other, "#!/bin/sh\n").unwrap();
+    let err = prepare_context(
+        &format!(
+            "x-shellscript,{}#x-shellscript,{}",
+            script.display(),
+            other.display()
+        ),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, ContextError::DuplicatePartName { name, .. } if name == "run.sh"),
+        "{err}"
+    );
+
     let err = prepare_context(&format!("x shellscript,{}", script.display()), None).unwrap_err();
     assert!(matches!(err, ContextError::InvalidMimeType { .. }), "{err}");
 
