@@ -198,7 +198,8 @@ fn the_tutorial_through_the_stratus_links() {
     assert!(images.contains(&image), "{images}");
 
     // The types, the selected one marked.
-    let types = user.ok("stratus-run-instance", &["--list-types"]);
+    // As StratusLab's guide types it: long options may be shortened.
+    let types = user.ok("stratus-run-instance", &["--list-type"]);
     assert_eq!(
         types,
         "  Type             CPU       RAM      SWAP\n\
@@ -439,6 +440,52 @@ fn bad_input_is_one_error_line_and_creates_nothing() {
     let closed = format!("http://127.0.0.1:{}", free_port());
     let e = user.error(run, &["--endpoint", &closed, &image], &[]);
     assert!(e.starts_with(&format!("cannot reach {closed}")), "{e}");
+    // A host alone, as StratusLab's configurations give it, is reached over HTTPS.
+    let host_only = format!("127.0.0.1:{}", free_port());
+    let e = user.error(run, &["--endpoint", &host_only, &image], &[]);
+    assert!(
+        e.starts_with(&format!("cannot reach https://{host_only}")),
+        "{e}"
+    );
+    // A usage error is an [ERROR] line as well, clap's usage hints below it.
+    let out = user.run_with(run, &["--bogus", &image], &[], "");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with("  [ERROR] unexpected argument '--bogus' found\n"),
+        "{}",
+        out.stderr
+    );
+    // StratusLab's --save command line (its tutorial's) reaches the --save refusal.
+    let e = user.error(
+        run,
+        &[
+            "--save",
+            "--type",
+            "m1.small",
+            "--comment",
+            "manual test image",
+            "--author",
+            "Joe Builder",
+            "--author-email",
+            "builder@example.org",
+            "--image-version=2.0",
+            &image,
+        ],
+        &[],
+    );
+    assert!(e.contains("(--save) is not available"), "{e}");
+    // Without a key file the machine would get no key: said at every verbosity.
+    user.config(&user_config(&cloud, &market, &user).replace("user_public_key_file", "unused_key"));
+    let out = user.run_with(run, &["--context-method", "pigeon", &image], &[], "");
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert!(
+        lines.len() == 2 && lines[0].starts_with("  [WARNING] no SSH key file "),
+        "{}",
+        out.stderr
+    );
+    assert!(lines[1].starts_with("  [ERROR] "), "{}", out.stderr);
+    user.config(&user_config(&cloud, &market, &user));
 
     assert_eq!(vm_count(&cloud), 0, "nothing was created");
 

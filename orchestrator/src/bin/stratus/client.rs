@@ -70,9 +70,16 @@ impl Service {
             .user_agent(concat!("stratus/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(ClientError::Setup)?;
+        // StratusLab's configurations name hosts alone (`endpoint = cloud.example.org`),
+        // which its client reached over HTTPS.
+        let base = base.trim_end_matches('/');
+        let base = match base.contains("://") {
+            true => base.to_owned(),
+            false => format!("https://{base}"),
+        };
         Ok(Service {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            base,
             credentials,
             bearer: None,
             timeout,

@@ -106,12 +106,34 @@ pub struct RunArgs {
     /// The VNC console's listen address (see --vnc-port).
     #[arg(long, value_name = "IP")]
     pub vnc_listen: Option<String>,
+    /// What --save would put in the new image's metadata: taken so that StratusLab's
+    /// --save command lines reach the --save refusal, not an unknown-option error.
+    #[arg(long, hide = true, requires = "save")]
+    pub author: Option<String>,
+    #[arg(long, hide = true, requires = "save")]
+    pub author_email: Option<String>,
+    #[arg(long, hide = true, requires = "save")]
+    pub image_version: Option<String>,
+    #[arg(long, hide = true, requires = "save")]
+    pub title: Option<String>,
+    #[arg(long, hide = true, requires = "save")]
+    pub comment: Option<String>,
+    /// StratusLab's switch for images given by URL, which Stratus does not take: Marketplace
+    /// images are always looked up by the cloud. Taken so that scripts keep working.
+    #[arg(long, hide = true)]
+    pub no_check_image_url: bool,
+    /// StratusLab's switch for qcow2 images: Stratus reads the format from the image.
+    #[arg(long, hide = true)]
+    pub qcow_disk_format: bool,
 }
 
 #[derive(Args, Debug)]
 pub struct DescribeArgs {
     /// Machine ids (default: all of yours).
     pub ids: Vec<String>,
+    /// StratusLab's "addresses, no reverse DNS": Stratus always shows addresses.
+    #[arg(short = 'n', hide = true)]
+    pub numeric: bool,
 }
 
 #[derive(Args, Debug)]
@@ -255,7 +277,11 @@ fn run_request(session: &Session, args: &RunArgs) -> anyhow::Result<RunRequest> 
     let public_key = match std::fs::read_to_string(&key_file) {
         Ok(text) => Some(text.trim().to_owned()).filter(|k| !k.is_empty()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && key_source == Source::Default => {
-            tracing::warn!(file = %key_file.display(), "no SSH key: the machine gets none");
+            // Said at every verbosity: a machine nobody can log in to is worth a line.
+            eprintln!(
+                "  [WARNING] no SSH key file {}: the machine gets no key for root",
+                key_file.display()
+            );
             None
         }
         Err(e) => {

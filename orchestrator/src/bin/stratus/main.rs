@@ -75,7 +75,14 @@ pub struct Common {
 
 /// The Stratus cloud's command line (StratusLab's `stratus-*` commands).
 #[derive(Parser, Debug)]
-#[command(name = "stratus", version, propagate_version = true)]
+// Long options may be shortened while they stay unambiguous, as StratusLab's optparse
+// allowed (its own guide types `--list-type`).
+#[command(
+    name = "stratus",
+    version,
+    propagate_version = true,
+    infer_long_args = true
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: Common,
@@ -83,6 +90,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the largest command's options costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Start machines from a Marketplace image.
@@ -205,10 +214,21 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "stratus".into());
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
-        Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
+        // --help and --version are printed as clap has them; a usage error is an
+        // `[ERROR]` line like every other failure, with clap's usage hints below it.
+        Err(e) if !e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let rendered = e.render().to_string();
+            let text = rendered.strip_prefix("error: ").unwrap_or(&rendered);
+            let (first, rest) = text.split_once('\n').unwrap_or((text, ""));
+            eprintln!("  [ERROR] {first}");
+            if !rest.trim().is_empty() {
+                eprintln!("{}", rest.trim_end());
+            }
+            return ExitCode::from(1);
         }
     };
     let level = match cli.common.verbose {
