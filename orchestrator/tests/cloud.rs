@@ -1273,13 +1273,29 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{origin}"), None);
     assert_eq!(status, 403, "{e}");
 
-    // The first VM ends: its root is quarantined (the service's now), then collected.
+    // Alice shares her first root while its VM runs: Bob can see it.
+    let bob = cloud.add_user("bob", "bob-password");
+    let (status, e) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{first_root}"),
+        Some(&json!({"visibility": "public"})),
+    );
+    assert_eq!(status, 200, "{e}");
+    let (status, e) = cloud.call_as(bob, "GET", &format!("/disks/{first_root}"), None);
+    assert_eq!(status, 200, "{e}");
+
+    // The first VM ends: its root is quarantined (the service's now, and private), then
+    // collected.
     let (status, killed) = cloud.call_as(alice, "POST", &format!("/vms/{first}/kill"), None);
     assert_eq!(status, 202, "{killed}");
     cloud.wait_state(first, "Done");
     let quarantined = &all_disks(&cloud)[&first_root];
     assert_eq!(quarantined["owner"], "pdisk:service", "{quarantined}");
     assert!(quarantined["quarantine"].is_string(), "{quarantined}");
+    assert_eq!(quarantined["visibility"], "private", "{quarantined}");
+    let (status, e) = cloud.call_as(bob, "GET", &format!("/disks/{first_root}"), None);
+    assert_eq!(status, 403, "{e}");
     assert_eq!(quarantined["mounts"], json!([]), "{quarantined}");
     let (_, mine) = cloud.call_as(alice, "GET", "/disks", None);
     assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");

@@ -394,12 +394,14 @@ fn fill(
     copied.map(|_| ())
 }
 
-/// When the VM ends: its root snapshot becomes the service's, stamped for collection.
+/// When the VM ends: its root snapshot becomes the service's, stamped for collection, and
+/// private: one its owner had made public would otherwise stay open to everyone — to attach
+/// (which would hold off its collection for as long as it stayed attached) or to copy.
 pub async fn quarantine(conn: &mut AnyConnection, vm: i64) -> Result<(), db::DbError> {
     let now = db::now();
     sqlx::query(
-        "UPDATE volumes SET owner = $1, quarantine = $2, updated = $2 WHERE uuid IN \
-         (SELECT volume_uuid FROM mounts WHERE vm_id = $3 AND device = $4)",
+        "UPDATE volumes SET owner = $1, quarantine = $2, visibility = 'private', updated = $2 \
+         WHERE uuid IN (SELECT volume_uuid FROM mounts WHERE vm_id = $3 AND device = $4)",
     )
     .bind(SERVICE_OWNER)
     .bind(&now)
