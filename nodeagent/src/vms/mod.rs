@@ -359,7 +359,11 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         }
     }
     if let Some(context) = &spec.context {
+        // Built once here and thrown away: what only the method's format refuses (user data
+        // that does not decode or does not fit) is then a 400 at the create, not a failed
+        // start.
         build_context("validation", context)
+            .and_then(|(ctx, method)| stratus_contextualizer::build_context_image(&ctx, method))
             .map_err(|e| VmError::BadSpec(format!("context: {e}")))?;
     }
     let mut ids = std::collections::HashSet::new();
@@ -406,9 +410,7 @@ fn build_context(
     if let Some(data) = &spec.user_data {
         context = context.with_user_data(data.as_bytes().to_vec());
     }
-    // Built once here and thrown away: what only the method's format refuses (user data
-    // that does not decode or does not fit) is then a 400 at the create, not a failed start.
-    stratus_contextualizer::build_context_image(&context, method)?;
+    context.validate()?;
     Ok((context, method))
 }
 
