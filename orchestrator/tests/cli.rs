@@ -1189,6 +1189,27 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_a_file_pool() {
     // The snapshot: an overlay naming the ORIGIN, no data of its own.
     let live = live_snapshot(&cloud, alice, &origin);
     let live_file = pool.join(format!("{live}.qcow2"));
+    // Shown and found by its identifier, as StratusLab's tutorial finds a saved image's disk.
+    let shown = user.ok("stratus-describe-volumes", &[&live]);
+    assert!(
+        shown.contains(&format!(
+            "\ttag: \n\tidentifier: snapshot:{origin}\n\tsize: 1\n"
+        )),
+        "{shown}"
+    );
+    let filter = format!("identifier:^snapshot:{origin}$");
+    assert_eq!(
+        user.ok("stratus-describe-volumes", &["-q", "-f", &filter]),
+        format!("{live}\n")
+    );
+    // -q lists nothing at all when nothing matches.
+    assert_eq!(
+        user.ok(
+            "stratus-describe-volumes",
+            &["-q", "-f", "identifier:^nothing$"]
+        ),
+        ""
+    );
     let info: Value = serde_json::from_slice(
         &Command::new("qemu-img")
             .args(["info", "--output=json", "-f", "qcow2"])

@@ -113,6 +113,10 @@ pub fn volume_block(v: &VolumeView) -> String {
     field("count", v.count.to_string());
     field("owner", v.owner.clone());
     field("tag", v.tag.clone());
+    // StratusLab's tutorial finds a saved image's disk by it.
+    if let Some(identifier) = &v.identifier {
+        field("identifier", identifier.clone());
+    }
     field("size", v.size_gib.to_string());
     field("visibility", v.visibility.clone());
     field("type", v.kind.clone());
@@ -146,6 +150,9 @@ fn field_of(v: &VolumeView, name: &str) -> Option<String> {
         "state" => v.state.clone(),
         "pool" => v.pool.clone(),
         "count" => v.count.to_string(),
+        "identifier" => v.identifier.clone().unwrap_or_default(),
+        "seed" => v.seed.to_string(),
+        "quarantine" => v.quarantine.clone().unwrap_or_default(),
         _ => return None,
     })
 }
@@ -157,7 +164,7 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
             .split_once(':')
             .with_context(|| format!("filter '{f}' is not FIELD:REGEX"))?;
         if field_of(&placeholder(), name).is_none() {
-            bail!("filter '{f}': no field '{name}' (uuid, owner, tag, size, visibility, type, state, pool, count)");
+            bail!("filter '{f}': no field '{name}' (uuid, owner, tag, identifier, size, visibility, type, state, pool, count, seed, quarantine)");
         }
         let re = regex::Regex::new(pattern)
             .with_context(|| format!("filter '{f}': not a regular expression"))?;
@@ -183,12 +190,13 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
         .collect();
     if common.json {
         print_json(&shown)?;
-    } else if shown.is_empty() {
-        println!("No disk to show");
     } else if common.quiet > 0 {
+        // Nothing at all when nothing matches: the output is a list for scripts.
         for v in shown {
             println!("{}", v.uuid);
         }
+    } else if shown.is_empty() {
+        println!("No disk to show");
     } else {
         for v in shown {
             print!("{}", volume_block(v));
