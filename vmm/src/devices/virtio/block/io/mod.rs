@@ -549,11 +549,7 @@ pub fn range_call(op: &DiskOp<'_>, block_device: bool) -> Option<RangeCall> {
             offset,
             len,
         )),
-        DiskOp::Discard { offset, len } => Some(fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        )),
+        DiskOp::Discard { offset, len } => Some(file_discard(offset, len)),
         DiskOp::WriteZeroes { offset, len, unmap } => Some(fallocate(
             if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
@@ -564,6 +560,15 @@ pub fn range_call(op: &DiskOp<'_>, block_device: bool) -> Option<RangeCall> {
             len,
         )),
         _ => None,
+    }
+}
+
+/// How a discard reaches a regular file: the range's blocks are given back, its size kept.
+fn file_discard(offset: u64, len: u64) -> RangeCall {
+    RangeCall::Fallocate {
+        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        offset,
+        len,
     }
 }
 
@@ -661,12 +666,7 @@ impl DataEngine {
             DataEngine::IoUring(engine) => engine.file(file),
         };
         let fd = file_ref.ok_or(DiskError::NoSuchFile(file))?.as_raw_fd();
-        let call = RangeCall::Fallocate {
-            mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        };
-        match run_range_call(fd, call) {
+        match run_range_call(fd, file_discard(offset, len)) {
             0 => Ok(()),
             errno => Err(DiskError::Io(std::io::Error::from_raw_os_error(
                 -errno as i32,
