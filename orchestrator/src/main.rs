@@ -319,6 +319,7 @@ async fn serve(db: Db, config: Config) -> anyhow::Result<()> {
         .await
         .context("cannot export the iSCSI volumes")?;
     tokio::spawn(stratus_orchestrator::pdisk::keep_exported(cloud.clone()));
+    tokio::spawn(stratus_orchestrator::pdisk::keep_recovering(cloud.clone()));
     if cloud.volumes.is_some() {
         tokio::spawn(stratus_orchestrator::pdisk::roots::collector(cloud.clone()));
     }

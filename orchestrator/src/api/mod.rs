@@ -184,7 +184,7 @@ impl From<crate::pdisk::VolumeError> for Refusal {
             VolumeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             VolumeError::NotFound(_) => StatusCode::NOT_FOUND,
             VolumeError::NotYours { .. } | VolumeError::Quota { .. } => StatusCode::FORBIDDEN,
-            VolumeError::Conflict(_) => StatusCode::CONFLICT,
+            VolumeError::Conflict(_) | VolumeError::TakenOver(_) => StatusCode::CONFLICT,
             VolumeError::Vm(_) => {
                 let VolumeError::Vm(vm) = e else {
                     return internal(e);

@@ -3,11 +3,14 @@
 //! at deploy time or while the VM runs (the node agent's hot-plug).
 //!
 //! A volume is a row first: it is made `creating`, its storage is made, then it is
-//! `available`; deleting goes `deleting` → storage removed → row removed. A restart
-//! finishes whatever a killed orchestrator left in between ([`recover`]). Attach and
+//! `available`; deleting goes `deleting` → storage removed → row removed. Whoever moves a
+//! row into one of those passing states holds it while it works ([`hold`]); what a killed
+//! orchestrator left in between is finished by any replica once its hold has lapsed
+//! ([`recover`], at start and then periodically). Attach and
 //! detach on a running VM are jobs of that VM, run in order with its other jobs.
 
 pub mod file;
+pub mod hold;
 pub mod iscsi;
 pub mod rbd;
 pub mod roots;
@@ -25,6 +28,7 @@ use crate::nodes;
 use crate::users::Principal;
 use crate::vms::{self, VmError};
 use crate::Cloud;
+use hold::Hold;
 pub use types::*;
 
 /// StratusLab's limits.
@@ -62,6 +66,10 @@ pub enum VolumeError {
     Db(#[from] DbError),
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// This replica stalled while it worked on the volume, and another one took the work
+    /// over (and finishes it).
+    #[error("disk {0} was taken over by another orchestrator while this one stalled")]
+    TakenOver(String),
 }
 
 impl From<sqlx::Error> for VolumeError {
@@ -928,9 +936,13 @@ struct NewVolume<'a> {
     location: &'a str,
 }
 
-/// Inserts the row; false if a unique index had a row for it already (the one ORIGIN of
-/// a Marketplace image).
-async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<bool, VolumeError> {
+/// Inserts the row, held by the caller; `None` if a unique index had a row for it already
+/// (the one ORIGIN of a Marketplace image).
+async fn insert_creating(
+    tx: &mut AnyConnection,
+    new: &NewVolume<'_>,
+) -> Result<Option<Hold>, VolumeError> {
+    let stamp = db::now();
     let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO volumes ({VOLUME_COLUMNS}) VALUES \
          ($1, $2, $3, $4, $5, $6, $7, 0, $8, NULL, $9, 'creating', $10, $11, $11) \
@@ -946,30 +958,27 @@ async fn insert_creating(tx: &mut AnyConnection, new: &NewVolume<'_>) -> Result<
     .bind(new.base_uuid)
     .bind(new.pool)
     .bind(new.location)
-    .bind(db::now())
+    .bind(&stamp)
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    Ok(inserted == 1)
+    Ok((inserted == 1).then(|| Hold::new(new.uuid, stamp)))
 }
 
 /// Makes the storage of a volume whose row is `creating`, and shows the volume. A failure
 /// undoes both, so a failed creation neither lingers nor counts against the quota.
 async fn make_and_show(
     cloud: &Cloud,
+    mut hold: Hold,
     uuid: &str,
     size_gib: i64,
     location: &str,
     content: Content<'_>,
 ) -> Result<VolumeView, VolumeError> {
-    if let Err(e) = finish_create(cloud, uuid, size_gib, location, content).await {
-        if let Some(backend) = &cloud.volumes {
-            let _ = backend.remove(uuid, location).await;
+    if let Err(e) = finish_create(cloud, &mut hold, uuid, size_gib, location, content).await {
+        if !matches!(e, VolumeError::TakenOver(_)) {
+            undo_create(cloud, hold, uuid, location).await;
         }
-        let _ = sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'")
-            .bind(uuid)
-            .execute(&cloud.db.pool)
-            .await;
         return Err(e);
     }
     let mut conn = cloud.db.pool.acquire().await?;
@@ -1008,14 +1017,22 @@ pub async fn create(
         pool: &pool.name,
         location: &location,
     };
-    if !insert_creating(&mut tx, &new).await? {
+    let Some(hold) = insert_creating(&mut tx, &new).await? else {
         return Err(VolumeError::Conflict(format!(
             "disk {} exists already",
             new.uuid
         )));
-    }
+    };
     tx.commit().await?;
-    make_and_show(cloud, &uuid, request.size_gib, &location, Content::Empty).await
+    make_and_show(
+        cloud,
+        hold,
+        &uuid,
+        request.size_gib,
+        &location,
+        Content::Empty,
+    )
+    .await
 }
 
 /// `POST /disks/{uuid}`, as StratusLab's pdisk answered it: on an ORIGIN, a new LIVE
@@ -1078,19 +1095,19 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
         pool: &source.pool,
         location: &location,
     };
-    if !insert_creating(&mut tx, &new).await? {
+    let Some(hold) = insert_creating(&mut tx, &new).await? else {
         return Err(VolumeError::Conflict(format!(
             "disk {} exists already",
             new.uuid
         )));
-    }
+    };
     tx.commit().await?;
     let content = if snapshot {
         Content::SnapshotOf(&source.location)
     } else {
         Content::CopyOf(&source.location, source_backing.as_deref())
     };
-    make_and_show(cloud, &new_uuid, source.size_gib, &location, content).await
+    make_and_show(cloud, hold, &new_uuid, source.size_gib, &location, content).await
 }
 
 /// The file a volume reads through: its ORIGIN's, if it is a LIVE on the file pool.
@@ -1109,25 +1126,39 @@ async fn file_backing(
     Ok(Some(load(conn, base).await?.location))
 }
 
+/// Makes the storage of a held `creating` volume, then makes it `available`.
 async fn finish_create(
     cloud: &Cloud,
+    hold: &mut Hold,
     uuid: &str,
     size_gib: i64,
     location: &str,
     content: Content<'_>,
 ) -> Result<(), VolumeError> {
     let backend = cloud.volumes.as_ref().ok_or_else(no_storage)?;
-    backend
-        .make(uuid, location, size_gib as u64, content)
-        .await?;
-    sqlx::query(
-        "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
+    hold.keep_while(
+        &cloud.db,
+        backend.make(uuid, location, size_gib as u64, content),
     )
-    .bind(db::now())
-    .bind(uuid)
-    .execute(&cloud.db.pool)
     .await?;
-    Ok(())
+    let mut conn = cloud.db.pool.acquire().await?;
+    hold.finish(&mut conn, "available").await
+}
+
+/// Undoes a held creation that failed: the row turns `deleting` before its storage is
+/// removed (a kill in between leaves the removal to [`recover`], never a row without its
+/// storage that a restart would make again), then goes. What cannot be removed now stays
+/// `deleting`, for a later pass.
+async fn undo_create(cloud: &Cloud, mut hold: Hold, uuid: &str, location: &str) {
+    let undone = async {
+        let mut conn = cloud.db.pool.acquire().await?;
+        hold.turn(&mut conn, "deleting").await?;
+        drop(conn);
+        finish_delete(cloud, hold, uuid, location).await
+    };
+    if let Err(e) = undone.await {
+        tracing::warn!(volume = %uuid, %location, error = %e, "cannot undo its creation yet");
+    }
 }
 
 pub async fn list(cloud: &Cloud, who: &Principal) -> Result<Vec<VolumeView>, VolumeError> {
@@ -1175,6 +1206,13 @@ pub async fn update(
     load_owned(&mut tx, who, &uuid, "update").await?;
     // Locked as an attach or a snapshot locks it, so the checks below hold until commit.
     let row = load_locked(&cloud.db, &mut tx, &uuid).await?;
+    if row.state != "available" {
+        // Its `updated` stamp is its maker's or remover's hold.
+        return Err(VolumeError::Conflict(format!(
+            "disk {uuid} is {}; try again in a moment",
+            row.state
+        )));
+    }
     if let Some(kind) = request.kind.filter(|k| k.as_str() != row.kind) {
         // An attached volume's type said how its VM got it: made an ORIGIN while a guest
         // writes it, its snapshots would be torn copies.
@@ -1233,7 +1271,7 @@ pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), Vo
 /// Deletes a volume nothing uses, whoever owns it.
 async fn delete_unchecked(cloud: &Cloud, uuid: &str) -> Result<(), VolumeError> {
     let uuid = uuid.to_owned();
-    let location = {
+    let (hold, location) = {
         let mut tx = cloud.db.pool.begin().await?;
         // Locked: an attach of this volume waits for this transaction, or this one for
         // the attach's, and the mounts are read after the lock is held — never both win.
@@ -1251,51 +1289,58 @@ async fn delete_unchecked(cloud: &Cloud, uuid: &str) -> Result<(), VolumeError> 
                 needed_by.join(", ")
             )));
         }
-        match row.state.as_str() {
+        let busy = || {
+            VolumeError::Conflict(format!(
+                "disk {uuid} is {}; try again in a moment",
+                row.state
+            ))
+        };
+        let hold = match row.state.as_str() {
             "available" => {
+                let stamp = db::now();
                 sqlx::query("UPDATE volumes SET state = 'deleting', updated = $1 WHERE uuid = $2")
-                    .bind(db::now())
+                    .bind(&stamp)
                     .bind(&uuid)
                     .execute(&mut *tx)
                     .await?;
+                Hold::new(&uuid, stamp)
             }
-            // A delete that a crash interrupted: finished now.
-            "deleting" => {}
-            other => {
-                return Err(VolumeError::Conflict(format!(
-                    "disk {uuid} is {other}; try again in a moment"
-                )))
-            }
-        }
+            // A delete that a crash interrupted: finished now; one under way elsewhere is
+            // left to finish.
+            "deleting" => Hold::take_over(&mut tx, &row).await?.ok_or_else(busy)?,
+            _ => return Err(busy()),
+        };
         tx.commit().await?;
-        row.location
+        (hold, row.location)
     };
-    finish_delete(cloud, &uuid, &location).await
+    finish_delete(cloud, hold, &uuid, &location).await
 }
 
-async fn finish_delete(cloud: &Cloud, uuid: &str, location: &str) -> Result<(), VolumeError> {
+/// Removes the storage of a held `deleting` volume, then its row.
+async fn finish_delete(
+    cloud: &Cloud,
+    mut hold: Hold,
+    uuid: &str,
+    location: &str,
+) -> Result<(), VolumeError> {
     if let Some(backend) = &cloud.volumes {
-        if let Err(e) = backend.remove(uuid, location).await {
-            if let VolumeError::Conflict(_) = e {
+        match hold
+            .keep_while(&cloud.db, backend.remove(uuid, location))
+            .await
+        {
+            Ok(()) => {}
+            Err(e @ VolumeError::Conflict(_)) => {
                 // The storage refused and kept everything (Ceph keeps an image with
                 // snapshots): the volume is as usable as before the request.
-                sqlx::query(
-                    "UPDATE volumes SET state = 'available', updated = $1 \
-                     WHERE uuid = $2 AND state = 'deleting'",
-                )
-                .bind(db::now())
-                .bind(uuid)
-                .execute(&cloud.db.pool)
-                .await?;
+                let mut conn = cloud.db.pool.acquire().await?;
+                hold.finish(&mut conn, "available").await?;
+                return Err(e);
             }
-            return Err(e);
+            Err(e) => return Err(e),
         }
     }
-    sqlx::query("DELETE FROM volumes WHERE uuid = $1 AND state = 'deleting'")
-        .bind(uuid)
-        .execute(&cloud.db.pool)
-        .await?;
-    Ok(())
+    let mut conn = cloud.db.pool.acquire().await?;
+    hold.forget(&mut conn).await
 }
 
 /// Brings tgtd in line with the mounts: every iSCSI volume a placed VM has is exported to
@@ -1456,7 +1501,10 @@ pub async fn keep_exported(cloud: std::sync::Arc<Cloud>) {
     }
 }
 
-/// Finishes the creations and deletions a killed orchestrator left half-done.
+/// Finishes what stopped half-way: every `creating` or `deleting` volume whose holder has
+/// shown no sign of life for [`hold::ABANDONED`] (a killed replica, this one before a
+/// restart) is taken over and finished. Rows still held are left to their holder — with
+/// several replicas, one starting up must not remake the snapshot another is making.
 pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
     let rows = sqlx::query_as::<_, VolumeRow>(sqlx::AssertSqlSafe(format!(
         "SELECT {VOLUME_COLUMNS} FROM volumes WHERE state IN ('creating', 'deleting')"
@@ -1464,6 +1512,13 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
     .fetch_all(&cloud.db.pool)
     .await?;
     for row in rows {
+        let hold = {
+            let mut conn = cloud.db.pool.acquire().await?;
+            Hold::take_over(&mut conn, &row).await?
+        };
+        let Some(mut hold) = hold else {
+            continue;
+        };
         let location = &row.location;
         let result = if row.state == "creating" {
             // A snapshot or a rebase is made again from its source.
@@ -1484,14 +1539,19 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                 // An image's ORIGIN half-filled: undone; the deployment that needs it fills
                 // it again from the Marketplace entry.
                 None if row.identifier.is_some() => {
-                    sqlx::query("UPDATE volumes SET state = 'deleting' WHERE uuid = $1")
-                        .bind(&row.uuid)
-                        .execute(&cloud.db.pool)
-                        .await?;
-                    finish_delete(cloud, &row.uuid, location).await
+                    let mut conn = cloud.db.pool.acquire().await?;
+                    match hold.turn(&mut conn, "deleting").await {
+                        Ok(()) => {
+                            drop(conn);
+                            finish_delete(cloud, hold, &row.uuid, location).await
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 None => {
-                    finish_create(cloud, &row.uuid, row.size_gib, location, Content::Empty).await
+                    let content = Content::Empty;
+                    finish_create(cloud, &mut hold, &row.uuid, row.size_gib, location, content)
+                        .await
                 }
                 Some(Err(e)) => Err(e),
                 Some(Ok((source, backing))) => {
@@ -1501,11 +1561,12 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                     } else {
                         Content::CopyOf(&source, backing.as_deref())
                     };
-                    finish_create(cloud, &row.uuid, row.size_gib, location, content).await
+                    finish_create(cloud, &mut hold, &row.uuid, row.size_gib, location, content)
+                        .await
                 }
             }
         } else {
-            finish_delete(cloud, &row.uuid, location).await
+            finish_delete(cloud, hold, &row.uuid, location).await
         };
         match result {
             Ok(()) => tracing::info!(volume = %row.uuid, was = %row.state, "finished"),
@@ -1515,20 +1576,34 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
     sweep_staging(cloud).await
 }
 
+/// Recovers, for as long as the orchestrator runs, what replicas that died (or this one,
+/// before a restart) left half-done once their holds lapse.
+pub async fn keep_recovering(cloud: std::sync::Arc<Cloud>) {
+    loop {
+        tokio::time::sleep(hold::HEARTBEAT).await;
+        if let Err(e) = recover(&cloud).await {
+            tracing::warn!(error = %e, "cannot finish the volume changes left half-done");
+        }
+    }
+}
+
 /// Removes the raw files RBD ORIGINs are imported from that a killed fill left behind
 /// (those of fills still running elsewhere, whose rows are `creating`, stay).
 async fn sweep_staging(cloud: &Cloud) -> Result<(), VolumeError> {
     let Some(staging) = cloud.volumes.as_ref().and_then(Storage::staging_dir) else {
         return Ok(());
     };
+    // Listed before the rows are read: a fill inserts its row before it makes its file,
+    // so a file listed here whose fill is under way has its row in what is read below.
+    let Ok(entries) = std::fs::read_dir(staging) else {
+        return Ok(());
+    };
+    let entries: Vec<_> = entries.flatten().collect();
     let filling: Vec<(String,)> =
         sqlx::query_as("SELECT uuid FROM volumes WHERE state = 'creating'")
             .fetch_all(&cloud.db.pool)
             .await?;
-    let Ok(entries) = std::fs::read_dir(staging) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
+    for entry in entries {
         let path = entry.path();
         let Some(uuid) = path
             .file_name()
@@ -1540,6 +1615,7 @@ async fn sweep_staging(cloud: &Cloud) -> Result<(), VolumeError> {
         if !filling.iter().any(|(f,)| f == uuid) {
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::info!(file = %path.display(), "removed a killed fill's file"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot remove it"),
             }
         }

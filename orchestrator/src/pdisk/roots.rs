@@ -22,10 +22,11 @@ use stratus_images::Metadata;
 use stratus_vmm::devices::virtio::block::io::qcow2::flatten_to_raw;
 use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
+use super::hold::Hold;
 use super::{
     delete_unchecked, finish_create, finish_delete, insert_creating, load, load_locked,
-    storage_error, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError, VolumeKind,
-    VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
+    storage_error, undo_create, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError,
+    VolumeKind, VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
 };
 use crate::db;
 use crate::vms::VmRow;
@@ -54,19 +55,31 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
     let mut conn = cloud.db.pool.acquire().await?;
     if let Some((disk, state)) = root_of(&mut conn, vm.id).await? {
         if state == "creating" {
-            // A crash came between the row and the overlay: made again (never used yet).
+            // A crash came between the row and the overlay: made again (never used yet)
+            // once its maker's hold has lapsed — never while a maker may still finish it.
+            let making =
+                || Root::Waiting(format!("the root snapshot of VM {} is being made", vm.id));
             let live = load(&mut conn, &disk.uuid).await?;
+            let Some(mut hold) = Hold::take_over(&mut conn, &live).await? else {
+                return Ok(making());
+            };
             let origin = disk.base_location.clone().unwrap_or_default();
             // finish_create takes a connection of its own (SQLite's pool has one).
             drop(conn);
-            finish_create(
+            let made = finish_create(
                 cloud,
+                &mut hold,
                 &live.uuid,
                 live.size_gib,
                 &live.location,
                 Content::SnapshotOf(&origin),
             )
-            .await?;
+            .await;
+            return match made {
+                Ok(()) => Ok(Root::Ready(disk)),
+                Err(VolumeError::TakenOver(_)) => Ok(making()),
+                Err(e) => Err(e),
+            };
         }
         return Ok(Root::Ready(disk));
     }
@@ -88,7 +101,7 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
             image.identifier
         )));
     }
-    let inserted = insert_creating(
+    let hold = insert_creating(
         &mut tx,
         &NewVolume {
             uuid: &uuid,
@@ -104,9 +117,9 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
         },
     )
     .await?;
-    if !inserted {
+    let Some(mut hold) = hold else {
         return Err(VolumeError::Conflict(format!("disk {uuid} exists already")));
-    }
+    };
     sqlx::query(
         "INSERT INTO mounts (volume_uuid, vm_id, device, hotplugged, state, read_only, job, created) \
          VALUES ($1, $2, $3, 0, 'attached', 0, NULL, $4)",
@@ -118,24 +131,39 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    if let Err(e) = finish_create(
+    let made = finish_create(
         cloud,
+        &mut hold,
         &uuid,
         origin.size_gib,
         &location,
         Content::SnapshotOf(&origin.location),
     )
-    .await
-    {
-        let removed = discard(storage, &uuid, &location).await;
-        let mut tx = cloud.db.pool.begin().await?;
-        sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
-            .bind(&uuid)
-            .execute(&mut *tx)
-            .await?;
-        forget_or_keep_deleting(&mut tx, &uuid, removed).await?;
-        tx.commit().await?;
-        return Err(e);
+    .await;
+    match made {
+        Ok(()) => {}
+        // The one that took it over finishes it; the next attempt finds it.
+        Err(VolumeError::TakenOver(_)) => {
+            return Ok(Root::Waiting(format!(
+                "the root snapshot of VM {} is being made",
+                vm.id
+            )))
+        }
+        Err(e) => {
+            // Unmounted as it turns `deleting`: a kill between the two would leave a
+            // snapshot that no VM has, which a restart would finish for nobody.
+            let mut tx = cloud.db.pool.begin().await?;
+            sqlx::query("DELETE FROM mounts WHERE volume_uuid = $1")
+                .bind(&uuid)
+                .execute(&mut *tx)
+                .await?;
+            hold.turn(&mut tx, "deleting").await?;
+            tx.commit().await?;
+            if let Err(e) = finish_delete(cloud, hold, &uuid, &location).await {
+                tracing::warn!(volume = %uuid, error = %e, "cannot remove a failed root snapshot yet");
+            }
+            return Err(e);
+        }
     }
     let mut conn = cloud.db.pool.acquire().await?;
     match root_of(&mut conn, vm.id).await? {
@@ -184,32 +212,25 @@ async fn origin_of(
         .await?;
     match found {
         Some(origin) if origin.state == "available" => return Ok(Ok(origin)),
-        Some(origin) if origin.state == "creating" && abandoned(&origin.updated) => {
+        Some(origin) if origin.state == "creating" => {
             // Its filler died (another replica, killed): taken over, removed, made anew
             // by the next attempt.
-            let claimed = sqlx::query(
-                "UPDATE volumes SET state = 'deleting', updated = $1 \
-                 WHERE uuid = $2 AND state = 'creating' AND updated = $3",
-            )
-            .bind(db::now())
-            .bind(&origin.uuid)
-            .bind(&origin.updated)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-            // The removal takes a connection of its own (SQLite's pool has one).
-            drop(conn);
-            if claimed == 1 {
+            if let Some(mut hold) = Hold::take_over(&mut conn, &origin).await? {
+                hold.turn(&mut conn, "deleting").await?;
+                // The removal takes a connection of its own (SQLite's pool has one).
+                drop(conn);
                 tracing::warn!(image = %identifier, volume = %origin.uuid,
                     "an abandoned ORIGIN fill is started again");
-                finish_delete(cloud, &origin.uuid, &origin.location).await?;
+                finish_delete(cloud, hold, &origin.uuid, &origin.location).await?;
             }
             return Ok(Err(busy()));
         }
         Some(origin) if origin.state == "deleting" => {
             // An eviction or a takeover that stopped half-way: finished here.
-            drop(conn);
-            finish_delete(cloud, &origin.uuid, &origin.location).await?;
+            if let Some(hold) = Hold::take_over(&mut conn, &origin).await? {
+                drop(conn);
+                finish_delete(cloud, hold, &origin.uuid, &origin.location).await?;
+            }
             return Ok(Err(busy()));
         }
         Some(_) => return Ok(Err(busy())),
@@ -237,7 +258,7 @@ async fn origin_of(
         .filter(|c| !c.is_control())
         .take(super::MAX_TAG_CHARS)
         .collect();
-    let inserted = insert_creating(
+    let hold = insert_creating(
         &mut conn,
         &NewVolume {
             uuid: &uuid,
@@ -253,10 +274,10 @@ async fn origin_of(
         },
     )
     .await?;
-    if !inserted {
+    let Some(mut hold) = hold else {
         // The unique index let another deployment's row in first.
         return Ok(Err(busy()));
-    }
+    };
     drop(conn);
     let policy = cloud.policy.clone().unwrap_or_default();
     let follow_files = cloud.config.allow_file_image_locations;
@@ -283,87 +304,31 @@ async fn origin_of(
         }
         Ok::<_, VolumeError>(())
     };
-    tokio::pin!(fill);
-    let filled = loop {
-        tokio::select! {
-            done = &mut fill => break done,
-            _ = tokio::time::sleep(FILL_HEARTBEAT) => {
-                // Alive: others wait for this fill rather than take it over.
-                sqlx::query("UPDATE volumes SET updated = $1 WHERE uuid = $2 AND state = 'creating'")
-                    .bind(db::now())
-                    .bind(&uuid)
-                    .execute(&cloud.db.pool)
-                    .await?;
-            }
+    // Held while it runs: others wait for this fill rather than take it over.
+    let filled = match hold.keep_while(&cloud.db, fill).await {
+        Ok(()) => {
+            let mut conn = cloud.db.pool.acquire().await?;
+            hold.finish(&mut conn, "available").await
         }
+        Err(e) => Err(e),
     };
-    if let Err(e) = filled {
-        let _ = std::fs::remove_file(&dest);
-        let removed = discard(storage, &uuid, &location).await;
-        let mut conn = cloud.db.pool.acquire().await?;
-        forget_or_keep_deleting(&mut conn, &uuid, removed).await?;
-        return Err(e);
-    }
-    let finished = sqlx::query(
-        "UPDATE volumes SET state = 'available', updated = $1 WHERE uuid = $2 AND state = 'creating'",
-    )
-    .bind(db::now())
-    .bind(&uuid)
-    .execute(&cloud.db.pool)
-    .await?
-    .rows_affected();
-    if finished == 0 {
-        // Taken over while this fill was stalled: what was made here belongs to nobody.
-        discard(storage, &uuid, &location).await;
-        return Ok(Err(busy()));
+    match filled {
+        Ok(()) => {}
+        Err(VolumeError::TakenOver(_)) => {
+            // Taken over while this fill was stalled: the one that took it removes what
+            // was made here, and the next attempt fills a new ORIGIN.
+            let _ = std::fs::remove_file(&dest);
+            return Ok(Err(busy()));
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&dest);
+            undo_create(cloud, hold, &uuid, &location).await;
+            return Err(e);
+        }
     }
     tracing::info!(image = %identifier, volume = %uuid, "image cached in pdisk");
     let mut conn = cloud.db.pool.acquire().await?;
     Ok(Ok(load(&mut conn, &uuid).await?))
-}
-
-/// Removes storage made for a volume whose row is gone or going (a failed or superseded
-/// fill); what cannot be removed now is left to the pool (logged).
-async fn discard(storage: &super::Storage, uuid: &str, location: &str) -> bool {
-    match storage.remove(uuid, location).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(volume = %uuid, %location, error = %e, "cannot remove it");
-            false
-        }
-    }
-}
-
-/// The row of a volume whose storage could not be removed stays, `deleting`, so that a
-/// restart or the next deployment removes it; otherwise it goes.
-async fn forget_or_keep_deleting(
-    conn: &mut AnyConnection,
-    uuid: &str,
-    removed: bool,
-) -> Result<(), VolumeError> {
-    let sql = if removed {
-        "DELETE FROM volumes WHERE uuid = $1 AND state = 'creating'"
-    } else {
-        "UPDATE volumes SET state = 'deleting' WHERE uuid = $1 AND state = 'creating'"
-    };
-    sqlx::query(sql).bind(uuid).execute(&mut *conn).await?;
-    Ok(())
-}
-
-/// How often a filling ORIGIN's row shows that its filler is alive.
-const FILL_HEARTBEAT: Duration = Duration::from_secs(10);
-/// How long a filling ORIGIN may go without a sign of life before another deployment
-/// takes it over.
-const FILL_ABANDONED: Duration = Duration::from_secs(60);
-
-fn abandoned(updated: &str) -> bool {
-    let Ok(updated) = db::parse_time("updated", updated) else {
-        return true;
-    };
-    chrono::Utc::now()
-        .signed_duration_since(updated)
-        .to_std()
-        .is_ok_and(|age| age > FILL_ABANDONED)
 }
 
 /// Downloads the image (checked against the site policy, its size and its checksums) and
@@ -400,7 +365,8 @@ fn fill(
 pub async fn quarantine(conn: &mut AnyConnection, vm: i64) -> Result<(), db::DbError> {
     let now = db::now();
     sqlx::query(
-        "UPDATE volumes SET owner = $1, quarantine = $2, visibility = 'private', updated = $2 \
+        "UPDATE volumes SET owner = $1, quarantine = $2, visibility = 'private', \
+         updated = CASE WHEN state IN ('creating', 'deleting') THEN updated ELSE $2 END \
          WHERE uuid IN (SELECT volume_uuid FROM mounts WHERE vm_id = $3 AND device = $4)",
     )
     .bind(SERVICE_OWNER)
