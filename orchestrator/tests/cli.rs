@@ -1933,8 +1933,34 @@ fn origins_have_live_snapshots_and_lives_are_rebased_on_an_rbd_pool() {
         "{pools}"
     );
 
+    // Made writable, written once no snapshot reads through it (no longer attached
+    // read-only), and made an ORIGIN again: its next snapshot holds its new data, not
+    // what it held when it last was an ORIGIN.
+    let set_type = |kind: &str| {
+        cloud.call_as(
+            alice,
+            "PUT",
+            &format!("/disks/{origin}"),
+            Some(&serde_json::json!({"type": kind})),
+        )
+    };
+    let (status, e) = set_type("DATA_IMAGE_RAW_READ_WRITE");
+    assert_eq!(status, 200, "{e}");
+    let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{live}"), None);
+    assert_eq!(status, 204, "{e}");
+    bench(&format!("rbd/{origin}"), "192K");
+    let rewritten_sum = rbd_head_sha256(&cluster, &format!("rbd/{origin}"));
+    assert_ne!(rewritten_sum, origin_sum);
+    let (status, e) = set_type("MACHINE_IMAGE_ORIGIN");
+    assert_eq!(status, 200, "{e}");
+    let second_live = live_snapshot(&cloud, alice, &origin);
+    assert_eq!(
+        rbd_head_sha256(&cluster, &format!("rbd/{second_live}")),
+        rewritten_sum
+    );
+
     // Everything goes, the LIVE first; the ORIGIN's base snapshot with it.
-    for uuid in [&live, &origin, &rebased, &data] {
+    for uuid in [&second_live, &origin, &rebased, &data] {
         let (status, e) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
         assert_eq!(status, 204, "{uuid}: {e}");
     }

@@ -317,6 +317,19 @@ impl Storage {
         }
     }
 
+    /// Forgets what the volume at `location` kept for its snapshots when it last was an
+    /// ORIGIN (an RBD image's base snapshot): it may have been written since.
+    async fn forget_base(&self, uuid: &str, location: &str) -> Result<(), VolumeError> {
+        match self.backing(location)? {
+            Backing::Rbd(pool, image) => pool.drop_base(image).await.map_err(|e| match e {
+                rbd::RbdError::InUse(_) => VolumeError::Conflict(format!("disk {uuid}: {e}")),
+                e => storage_error(e),
+            }),
+            // Their snapshots read the file itself.
+            Backing::File(_) | Backing::Iscsi(..) => Ok(()),
+        }
+    }
+
     /// Where a volume derived from the one at `source` (a `snapshot` or a rebase) goes.
     fn location_beside(
         &self,
@@ -1221,6 +1234,13 @@ pub async fn update(
                 "disk {uuid} is attached to VM {}: detach it before changing its type",
                 m.vm_id
             )));
+        }
+        let was_origin = VolumeKind::from_name(&row.kind).is_some_and(VolumeKind::is_origin);
+        // An ORIGIN again, its new snapshots must hold what it holds now: it was written
+        // since it last was one if no snapshot kept it read-only meanwhile.
+        if !was_origin && kind.is_origin() && snapshots_of(&mut tx, &uuid).await?.is_empty() {
+            let storage = cloud.volumes.as_ref().ok_or_else(no_storage)?;
+            storage.forget_base(&uuid, &row.location).await?;
         }
         if let Some(identifier) = row.identifier.as_deref().filter(|_| kind.is_origin()) {
             let (origins,): (i64,) = sqlx::query_as(

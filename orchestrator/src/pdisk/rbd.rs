@@ -310,6 +310,23 @@ impl RbdPool {
             .map_err(|(_, e)| e)
     }
 
+    /// Removes the image's [`BASE_SNAPSHOT`], so that its next clone is taken from the
+    /// data it has then. Refused while a clone needs the snapshot; done again, or with no
+    /// snapshot, it does nothing.
+    pub async fn drop_base(&self, image: &str) -> Result<(), RbdError> {
+        let base = format!("{image}@{BASE_SNAPSHOT}");
+        match self.rbd(&["snap", "unprotect", &base]).await {
+            // Not protected, or no such snapshot.
+            Ok(()) | Err((Some(NOT_FOUND | INVALID), _)) => {}
+            Err((Some(BUSY), RbdError::Rbd { stderr, .. })) => return Err(RbdError::InUse(stderr)),
+            Err((_, e)) => return Err(e),
+        }
+        match self.rbd(&["snap", "rm", "--no-progress", &base]).await {
+            Ok(()) | Err((Some(NOT_FOUND), _)) => Ok(()),
+            Err((_, e)) => Err(e),
+        }
+    }
+
     /// Removes the image, and its [`BASE_SNAPSHOT`] if no clone needs it any more; done
     /// again, it does nothing. An image with clones or other snapshots, or one a client
     /// still has open, is refused with Ceph's reason and left alone.
