@@ -1451,7 +1451,7 @@ fn vm_roots_on_an_rbd_pool_are_clones_of_the_origin() {
 }
 
 /// An ORIGIN whose filler died without a trace (another replica, killed mid-download, so
-/// no restart undid it): once its row has shown no sign of life for a minute, the next
+/// no restart undid it): once its row has shown no sign of life for 30 s, the next
 /// deployment of its image takes it over — removes the half-made file and row — and fills
 /// a new one, instead of waiting for it forever.
 #[test]
@@ -1540,8 +1540,8 @@ fn volumes_another_replica_is_working_on_are_left_to_it_until_its_hold_lapses() 
     let in_progress = b"what the other replica has written so far";
     std::fs::write(&making_file, in_progress).unwrap();
     std::fs::write(&removing_file, in_progress).unwrap();
-    // Stamped 15 s ago: well within a live holder's renewals, lapsing 15 s from now.
-    let stamp = (chrono::Utc::now() - chrono::Duration::seconds(15))
+    // Stamped 5 s ago: within a live holder's renewals, lapsing 25 s from now.
+    let stamp = (chrono::Utc::now() - chrono::Duration::seconds(5))
         .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let db = format!("sqlite://{}", cloud.dir.path().join("cloud.db").display());
     tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -1601,7 +1601,7 @@ fn volumes_another_replica_is_working_on_are_left_to_it_until_its_hold_lapses() 
     );
 
     // Their holder never comes back: finished by the running orchestrator.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let disks = all_disks(&cloud);
         if disks[making]["state"] == "available" && !disks.contains_key(removing) {

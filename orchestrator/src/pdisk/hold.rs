@@ -84,11 +84,13 @@ impl Hold {
             tokio::select! {
                 // A stall between the last renewal and the end is caught by `finish`.
                 done = &mut work => return done,
-                _ = tokio::time::sleep(HEARTBEAT) => {
-                    if !self.renew(db).await? {
-                        return Err(self.lost());
-                    }
-                }
+                _ = tokio::time::sleep(HEARTBEAT) => match self.renew(db).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(self.lost()),
+                    // The work goes on (dropping it would not stop a copy's thread); the
+                    // next renewal may get through, and `finish` checks the hold at the end.
+                    Err(e) => tracing::warn!(volume = %self.uuid, error = %e, "cannot renew the hold"),
+                },
             }
         }
     }

@@ -1167,7 +1167,7 @@ async fn undo_create(cloud: &Cloud, mut hold: Hold, uuid: &str, location: &str) 
         let mut conn = cloud.db.pool.acquire().await?;
         hold.turn(&mut conn, "deleting").await?;
         drop(conn);
-        finish_delete(cloud, hold, uuid, location).await
+        finish_delete(cloud, hold, uuid, location, Refused::Retry).await
     };
     if let Err(e) = undone.await {
         tracing::warn!(volume = %uuid, %location, error = %e, "cannot undo its creation yet");
@@ -1291,7 +1291,7 @@ pub async fn delete(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<(), Vo
 /// Deletes a volume nothing uses, whoever owns it.
 async fn delete_unchecked(cloud: &Cloud, uuid: &str) -> Result<(), VolumeError> {
     let uuid = uuid.to_owned();
-    let (hold, location) = {
+    let (hold, location, was_available) = {
         let mut tx = cloud.db.pool.begin().await?;
         // Locked: an attach of this volume waits for this transaction, or this one for
         // the attach's, and the mounts are read after the lock is held — never both win.
@@ -1331,9 +1331,24 @@ async fn delete_unchecked(cloud: &Cloud, uuid: &str) -> Result<(), VolumeError> 
             _ => return Err(busy()),
         };
         tx.commit().await?;
-        (hold, row.location)
+        (hold, row.location, row.state == "available")
     };
-    finish_delete(cloud, hold, &uuid, &location).await
+    let refused = if was_available {
+        Refused::Restore
+    } else {
+        Refused::Retry
+    };
+    finish_delete(cloud, hold, &uuid, &location, refused).await
+}
+
+/// What becomes of a volume whose storage refuses its removal (and keeps everything).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// It was `available` when this delete began: it is as usable as before.
+    Restore,
+    /// A half-made volume, or a delete begun before: it stays `deleting`, for a later
+    /// pass (made `available`, a half-filled ORIGIN would be cloned).
+    Retry,
 }
 
 /// Removes the storage of a held `deleting` volume, then its row.
@@ -1342,6 +1357,7 @@ async fn finish_delete(
     mut hold: Hold,
     uuid: &str,
     location: &str,
+    refused: Refused,
 ) -> Result<(), VolumeError> {
     if let Some(backend) = &cloud.volumes {
         match hold
@@ -1349,9 +1365,9 @@ async fn finish_delete(
             .await
         {
             Ok(()) => {}
-            Err(e @ VolumeError::Conflict(_)) => {
+            Err(e @ VolumeError::Conflict(_)) if refused == Refused::Restore => {
                 // The storage refused and kept everything (Ceph keeps an image with
-                // snapshots): the volume is as usable as before the request.
+                // snapshots, or one a client has open).
                 let mut conn = cloud.db.pool.acquire().await?;
                 hold.finish(&mut conn, "available").await?;
                 return Err(e);
@@ -1563,7 +1579,7 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                     match hold.turn(&mut conn, "deleting").await {
                         Ok(()) => {
                             drop(conn);
-                            finish_delete(cloud, hold, &row.uuid, location).await
+                            finish_delete(cloud, hold, &row.uuid, location, Refused::Retry).await
                         }
                         Err(e) => Err(e),
                     }
@@ -1586,7 +1602,7 @@ pub async fn recover(cloud: &Cloud) -> Result<(), VolumeError> {
                 }
             }
         } else {
-            finish_delete(cloud, hold, &row.uuid, location).await
+            finish_delete(cloud, hold, &row.uuid, location, Refused::Retry).await
         };
         match result {
             Ok(()) => tracing::info!(volume = %row.uuid, was = %row.state, "finished"),

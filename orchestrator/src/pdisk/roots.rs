@@ -25,8 +25,8 @@ use stratus_vmm::devices::virtio::block::io::ImageFormat;
 use super::hold::Hold;
 use super::{
     delete_unchecked, finish_create, finish_delete, insert_creating, load, load_locked,
-    storage_error, undo_create, Content, MountedRow, NewVolume, NodeDisk, Visibility, VolumeError,
-    VolumeKind, VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
+    storage_error, undo_create, Content, MountedRow, NewVolume, NodeDisk, Refused, Visibility,
+    VolumeError, VolumeKind, VolumeRow, MAX_SIZE_GIB, MOUNTED_SELECT, VOLUME_COLUMNS,
 };
 use crate::db;
 use crate::vms::VmRow;
@@ -159,7 +159,7 @@ pub async fn ensure(cloud: &Cloud, vm: &VmRow, image: &Metadata) -> Result<Root,
                 .await?;
             hold.turn(&mut tx, "deleting").await?;
             tx.commit().await?;
-            if let Err(e) = finish_delete(cloud, hold, &uuid, &location).await {
+            if let Err(e) = finish_delete(cloud, hold, &uuid, &location, Refused::Retry).await {
                 tracing::warn!(volume = %uuid, error = %e, "cannot remove a failed root snapshot yet");
             }
             return Err(e);
@@ -221,7 +221,7 @@ async fn origin_of(
                 drop(conn);
                 tracing::warn!(image = %identifier, volume = %origin.uuid,
                     "an abandoned ORIGIN fill is started again");
-                finish_delete(cloud, hold, &origin.uuid, &origin.location).await?;
+                finish_delete(cloud, hold, &origin.uuid, &origin.location, Refused::Retry).await?;
             }
             return Ok(Err(busy()));
         }
@@ -229,7 +229,7 @@ async fn origin_of(
             // An eviction or a takeover that stopped half-way: finished here.
             if let Some(hold) = Hold::take_over(&mut conn, &origin).await? {
                 drop(conn);
-                finish_delete(cloud, hold, &origin.uuid, &origin.location).await?;
+                finish_delete(cloud, hold, &origin.uuid, &origin.location, Refused::Retry).await?;
             }
             return Ok(Err(busy()));
         }
@@ -399,7 +399,9 @@ pub async fn collect(cloud: &Cloud) -> Result<usize, VolumeError> {
                 tracing::info!(volume = %uuid, "quarantined snapshot collected");
                 collected += 1;
             }
-            Err(VolumeError::Conflict(_) | VolumeError::NotFound(_)) => {}
+            Err(
+                VolumeError::Conflict(_) | VolumeError::NotFound(_) | VolumeError::TakenOver(_),
+            ) => {}
             Err(e) => return Err(e),
         }
     }
@@ -435,7 +437,9 @@ pub async fn evict_unused(cloud: &Cloud) -> Result<Vec<String>, VolumeError> {
         match delete_unchecked(cloud, &uuid).await {
             Ok(()) => evicted.push(uuid),
             // Snapshots or a mount need it: kept.
-            Err(VolumeError::Conflict(_) | VolumeError::NotFound(_)) => {}
+            Err(
+                VolumeError::Conflict(_) | VolumeError::NotFound(_) | VolumeError::TakenOver(_),
+            ) => {}
             Err(e) => return Err(e),
         }
     }
