@@ -1066,6 +1066,41 @@ fn volumes_through_the_links(backend: Backend) {
         user.ok("stratus-detach-volume", &["-i", &bobs.to_string(), &data]),
         format!("DETACHED {data} from VM {bobs} on /dev/vdz\n")
     );
+    // Made private while on Bob's VM: Bob can still take it off his VM, not attach it again.
+    let alice = ("alice", "alice-password");
+    let bob_api = ("bob", "bob-password");
+    let detach_path = format!("/disks/{data}/mounts/{bobs}");
+    let mount = serde_json::json!({ "vm_id": bobs });
+    let (status, e) = cloud.call_as(
+        bob_api,
+        "POST",
+        &format!("/disks/{data}/mounts"),
+        Some(&mount),
+    );
+    assert_eq!(status, 202, "{e}");
+    wait_mount_state(&cloud, alice, &data, "attached");
+    let private = serde_json::json!({ "visibility": "private" });
+    let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{data}"), Some(&private));
+    assert_eq!(status, 200, "{e}");
+    let (status, e) = cloud.call_as(bob_api, "DELETE", &detach_path, None);
+    assert_eq!(status, 202, "{e}");
+    wait_mount_state(&cloud, alice, &data, "none");
+    let (status, e) = cloud.call_as(
+        bob_api,
+        "POST",
+        &format!("/disks/{data}/mounts"),
+        Some(&mount),
+    );
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(error(&e), "Not enough rights to attach disk");
+    let public = serde_json::json!({ "visibility": "public" });
+    let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{data}"), Some(&public));
+    assert_eq!(status, 200, "{e}");
+    // Its owner takes it back from the VM that holds it only: of another user's VM it is
+    // not on, it learns nothing (not even the VM's state).
+    let (status, e) = cloud.call_as(alice, "DELETE", &detach_path, None);
+    assert_eq!(status, 403, "{e}");
+    assert_eq!(error(&e), format!("VM {bobs} belongs to another user"));
     // A user who still owns volumes is not deleted (a new user of that name would own them).
     let create = as_bob(&["-s", "1"]);
     let bobs_volume = user.ok(
@@ -2257,6 +2292,23 @@ fn one_of_100_attaches_wins(cloud: &Orchestrator, spare: &str, vm: i64, other: i
         );
     }
     holder
+}
+
+/// Waits until volume `uuid`'s mount is in `state` (`none`: it has no mount).
+fn wait_mount_state(cloud: &Orchestrator, owner: (&str, &str), uuid: &str, state: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (_, shown) = cloud.call_as(owner, "GET", &format!("/disks/{uuid}"), None);
+        let now = shown["mounts"][0]["state"]
+            .as_str()
+            .unwrap_or("none")
+            .to_owned();
+        if now == state {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{shown}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 /// Unplugs `volume` from VM `vm` once its attach job is done, then deletes it once the

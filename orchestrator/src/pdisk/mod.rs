@@ -794,13 +794,22 @@ async fn load_visible(
     action: &'static str,
 ) -> Result<VolumeRow, VolumeError> {
     let row = load(conn, uuid).await?;
+    check_visible(&row, who, action)?;
+    Ok(row)
+}
+
+fn check_visible(
+    row: &VolumeRow,
+    who: &Principal,
+    action: &'static str,
+) -> Result<(), VolumeError> {
     if row.owner != who.name && row.visibility != "public" && !who.is_admin() {
         return Err(VolumeError::NotYours {
             action,
-            uuid: uuid.to_owned(),
+            uuid: row.uuid.clone(),
         });
     }
-    Ok(row)
+    Ok(())
 }
 
 /// The volume, if `who` may change it: their own, or any for admins.
@@ -1691,8 +1700,9 @@ async fn take(
     vm: i64,
     hotplug: bool,
 ) -> Result<(VolumeRow, String), VolumeError> {
-    load_visible(conn, who, uuid, "attach").await?;
+    // Checked on the locked row: a volume made private meanwhile is not taken.
     let row = load_locked(db, conn, uuid).await?;
+    check_visible(&row, who, "attach")?;
     if row.state != "available" {
         return Err(VolumeError::Conflict(format!(
             "disk {uuid} is {}, not available",
@@ -1889,18 +1899,32 @@ pub async fn detach(
 ) -> Result<MountAccepted, VolumeError> {
     let uuid = parse_uuid(uuid)?;
     let mut tx = cloud.db.pool.begin().await?;
-    let volume = load_visible(&mut tx, who, &uuid, "detach").await?;
-    // The volume's owner may take it back from whichever VM holds it.
-    running_vm(cloud, &mut tx, who, vm, volume.owner == who.name).await?;
-    let Some(mount) = mounts_of_volume(&mut tx, &uuid)
+    let volume = load(&mut tx, &uuid).await?;
+    let mount = mounts_of_volume(&mut tx, &uuid)
         .await?
         .into_iter()
-        .find(|m| m.vm_id == vm)
-    else {
+        .find(|m| m.vm_id == vm);
+    let Some(mount) = mount else {
+        load_visible(&mut tx, who, &uuid, "detach").await?;
+        // Only the caller's own VM is looked at: the volume's owner learns nothing of
+        // other users' VMs it is not on.
+        running_vm(cloud, &mut tx, who, vm, false).await?;
         return Err(VolumeError::Conflict(format!(
             "disk {uuid} is not attached to VM {vm}"
         )));
     };
+    // The VM's owner detaches what their VM holds, whoever owns the volume (it may have
+    // turned private since it was attached); the volume's owner takes it back from
+    // whichever VM holds it.
+    match running_vm(cloud, &mut tx, who, vm, volume.owner == who.name).await {
+        Ok(_) => {}
+        // Neither's: a volume the caller cannot see is refused as StratusLab refused it.
+        Err(e @ VolumeError::Vm(VmError::NotYours(_))) => {
+            check_visible(&volume, who, "detach")?;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    }
     if mount.hotplugged == 0 {
         // StratusLab's words.
         return Err(VolumeError::Conflict(format!(
