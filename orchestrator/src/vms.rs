@@ -476,12 +476,21 @@ pub async fn list(
     who: &Principal,
     offset: i64,
     limit: i64,
+    with_done: bool,
 ) -> Result<VmList, VmError> {
     let mut conn = cloud.db.pool.acquire().await?;
-    let (filter, owner) = if who.is_admin() {
-        ("", None)
+    let owner = (!who.is_admin()).then(|| who.name.clone());
+    let conditions: Vec<&str> = [
+        owner.as_ref().map(|_| "owner = $1"),
+        (!with_done).then_some("state <> 'Done'"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let filter = if conditions.is_empty() {
+        String::new()
     } else {
-        (" WHERE owner = $1", Some(who.name.clone()))
+        format!(" WHERE {}", conditions.join(" AND "))
     };
     let count_sql = format!("SELECT COUNT(*) FROM vms{filter}");
     let mut count = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(count_sql));

@@ -362,9 +362,31 @@ fn the_tutorial_through_the_stratus_links() {
     );
     cloud.wait_state(id, "Done");
     cloud.wait_state(second, "Done");
-    let table = user.ok("stratus-describe-instance", &[]);
+    // Listed by id; left out of the list of all (as StratusLab's list left out ended
+    // machines, which would otherwise pile up there for ever).
+    let table = user.ok(
+        "stratus-describe-instance",
+        &[&id.to_string(), &second.to_string()],
+    );
     assert!(table.contains(&format!("{id:<3} Done ")), "{table}");
     assert!(table.contains(&format!("{second:<3} Done ")), "{table}");
+    let table = user.ok("stratus-describe-instance", &[]);
+    let listed: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        !listed.contains(&id.to_string().as_str())
+            && !listed.contains(&second.to_string().as_str()),
+        "{table}"
+    );
+    let (status, all) = cloud.call_as(("alice", "alice-password"), "GET", "/vms", None);
+    assert_eq!(status, 200, "{all}");
+    assert!(
+        all["vms"].as_array().unwrap().iter().any(|v| v["id"] == id),
+        "the API lists them all by default: {all}"
+    );
 
     // Killing an ended machine is refused by the cloud, with its reason, and exits 1.
     let out = user.run("stratus-kill-instance", &[&id.to_string()]);

@@ -115,7 +115,7 @@ pub(super) async fn machines(
     let q = query(q)?;
     let offset = q.offset.unwrap_or(0).max(0);
     let limit = q.limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE);
-    let list = vms::list(&cloud, &who, offset, limit).await?;
+    let list = vms::list(&cloud, &who, offset, limit, true).await?;
     Ok(json(
         StatusCode::OK,
         &json!({

@@ -451,12 +451,23 @@ struct PageQuery {
     limit: Option<i64>,
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct VmListQuery {
+    /// Skip this many (default 0).
+    offset: Option<i64>,
+    /// At most this many (default and maximum 1000).
+    limit: Option<i64>,
+    /// Whether VMs that have ended (`Done`) are listed too (default true).
+    done: Option<bool>,
+}
+
 /// The caller's VMs (admins: all VMs), newest first.
-#[utoipa::path(get, path = "/vms", params(PageQuery), responses((status = 200, body = VmList)))]
+#[utoipa::path(get, path = "/vms", params(VmListQuery), responses((status = 200, body = VmList)))]
 async fn list_vms(
     State(cloud): State<Arc<Cloud>>,
     Extension(who): Extension<Principal>,
-    q: Query_<PageQuery>,
+    q: Query_<VmListQuery>,
 ) -> Result<Response, Refusal> {
     let q = query(q)?;
     let offset = q.offset.unwrap_or(0);
@@ -469,7 +480,7 @@ async fn list_vms(
     }
     Ok(json(
         StatusCode::OK,
-        &vms::list(&cloud, &who, offset, limit).await?,
+        &vms::list(&cloud, &who, offset, limit, q.done.unwrap_or(true)).await?,
     ))
 }
 

@@ -71,10 +71,12 @@ struct Rows {
 }
 
 async fn my_vms(cloud: &Cloud, user: &WebUser) -> Result<Vec<VmView>, Refusal> {
-    Ok(vms::list(cloud, &user.principal, 0, crate::api::MAX_PAGE)
-        .await
-        .map_err(Refusal::from)?
-        .vms)
+    Ok(
+        vms::list(cloud, &user.principal, 0, crate::api::MAX_PAGE, true)
+            .await
+            .map_err(Refusal::from)?
+            .vms,
+    )
 }
 
 pub async fn list(

@@ -192,7 +192,7 @@ async fn detail_page(
         Ok(v) => v,
         Err(e) => return refused(user, e.into()),
     };
-    let running = match vms::list(cloud, &user.principal, 0, crate::api::MAX_PAGE).await {
+    let running = match vms::list(cloud, &user.principal, 0, crate::api::MAX_PAGE, false).await {
         Ok(list) => list
             .vms
             .into_iter()

@@ -129,7 +129,7 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct DescribeArgs {
-    /// Machine ids (default: all of yours).
+    /// Machine ids (default: all of yours that have not ended).
     pub ids: Vec<String>,
     /// StratusLab's "addresses, no reverse DNS": Stratus always shows addresses.
     #[arg(short = 'n', hide = true)]
@@ -558,7 +558,8 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
     let session = Session::load(common)?;
     let cloud = session.cloud()?;
     let mut vms: Vec<VmView> = if ids.is_empty() {
-        every_vm(|offset| cloud.get(&format!("/vms?offset={offset}")))?
+        // As StratusLab's (OpenNebula's list): machines that have ended are left out.
+        every_vm(|offset| cloud.get(&format!("/vms?offset={offset}&done=false")))?
     } else {
         ids.iter()
             .map(|id| cloud.get(&format!("/vms/{id}")))
