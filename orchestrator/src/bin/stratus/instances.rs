@@ -479,9 +479,10 @@ pub fn instance_table(vms: &[VmView]) -> String {
                 (vm.ram_mib * 1024).to_string(),
                 // Guest CPU use is not measured yet.
                 "-".to_owned(),
+                // A cell is never empty: `awk '{print $7}'` still finds the name.
                 first_address(vm)
                     .map(|(_, ip)| ip.to_string())
-                    .unwrap_or_default(),
+                    .unwrap_or_else(|| "-".to_owned()),
                 vm.name.clone(),
             ]
         })
@@ -745,8 +746,10 @@ mod tests {
             t,
             "id   state     vcpu memory    cpu% host/ip                 name\n\
              165  Running   1    131072    -    198.18.0.10             one-165\n\
-             1660 Pending   1    131072    -                            one-1660\n"
+             1660 Pending   1    131072    -    -                       one-1660\n"
         );
+        // Every row has all seven fields, for the scripts that split them.
+        assert!(t.lines().all(|l| l.split_whitespace().count() == 7), "{t}");
     }
 
     #[test]
