@@ -107,12 +107,19 @@ impl<'a> Session<'a> {
             Some(file) => Some(expand(&file)?),
             None => None,
         };
-        Ok(Service::new(
+        let service = Service::new(
             &endpoint,
             Some(credentials),
             self.timeout()?,
             ca_file.as_deref(),
-        )?)
+        )?;
+        if let Some(host) = cleartext_host(service.endpoint()) {
+            eprintln!(
+                "  [WARNING] the password goes to {host} unencrypted (http://): anyone on the \
+                 way can read it; use an https:// endpoint"
+            );
+        }
+        Ok(service)
     }
 
     /// The Marketplace (anonymous: its reads are public and its uploads signed).
@@ -198,5 +205,46 @@ impl<'a> Session<'a> {
         };
         stratus_images::dsig::Signer::from_pem(&read(&key)?, &read(&cert)?)
             .with_context(|| format!("cannot use {} with {}", cert.display(), key.display()))
+    }
+}
+
+/// The host of an `http://` endpoint that is not this machine (loopback: nothing crosses a
+/// network), to which credentials would travel in the clear.
+fn cleartext_host(endpoint: &str) -> Option<String> {
+    let url = reqwest::Url::parse(endpoint).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let host = url.host_str()?;
+    let address = host.trim_start_matches('[').trim_end_matches(']');
+    let local = host.eq_ignore_ascii_case("localhost")
+        || address
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!local).then(|| host.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cleartext_host;
+
+    #[test]
+    fn only_passwords_leaving_the_machine_in_the_clear_are_warned_of() {
+        assert_eq!(
+            cleartext_host("http://cloud.example.org:8443"),
+            Some("cloud.example.org".into())
+        );
+        assert_eq!(
+            cleartext_host("http://198.18.0.1/"),
+            Some("198.18.0.1".into())
+        );
+        for local in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080",
+            "http://[::1]:8080",
+            "https://cloud.example.org",
+        ] {
+            assert_eq!(cleartext_host(local), None, "{local}");
+        }
     }
 }
