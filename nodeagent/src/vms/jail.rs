@@ -47,6 +47,38 @@ pub fn free_uid(
         .ok_or(JailPrepError::NoUid(config.uid_count))
 }
 
+/// Where, in the VMM's directory, copies of its secrets go.
+const SECRETS: &str = "secrets";
+
+/// The VMM's secrets directory, opened without following a link: the VMM owns the
+/// directory around it and could have put a link to anywhere at that name, through which
+/// root would create, hand over and remove files. Every use goes through this descriptor.
+fn open_secrets(vmm_dir: &Path) -> Result<fs::File, JailPrepError> {
+    let secrets = vmm_dir.join(SECRETS);
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&secrets)
+        .map_err(io_error("open", &secrets))
+}
+
+/// `name` inside the directory `dir` is open on, whatever its path has become since.
+fn within(dir: &fs::File, name: &str) -> PathBuf {
+    use std::os::unix::io::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name)
+}
+
+/// Removes the copies of a disk's secrets from the VMM's directory (never through a link
+/// the VMM put there).
+pub fn forget_secrets(vmm_dir: &Path, disk_id: &str) {
+    let Ok(dir) = open_secrets(vmm_dir) else {
+        return;
+    };
+    for kind in ["secret", "keyring", "conf"] {
+        let _ = fs::remove_file(within(&dir, &format!("{disk_id}.{kind}")));
+    }
+}
+
 /// Hands `path` to the VM's user without following a link planted in its place.
 pub fn give(path: &Path, uid: u32, mode: u32) -> Result<(), JailPrepError> {
     std::os::unix::fs::lchown(path, Some(uid), Some(uid)).map_err(io_error("chown", path))?;
@@ -156,23 +188,41 @@ impl JailPlan {
         vmm_dir: &Path,
         name: &str,
     ) -> Result<PathBuf, JailPrepError> {
-        let secrets = vmm_dir.join("secrets");
-        fs::create_dir_all(&secrets).map_err(io_error("create", &secrets))?;
-        give(&secrets, self.uid, 0o700)?;
+        let secrets = vmm_dir.join(SECRETS);
+        match fs::symlink_metadata(&secrets) {
+            Ok(meta) if meta.is_dir() => {}
+            // A link (or anything else) the VMM put in its place: gone, not followed.
+            Ok(_) => {
+                fs::remove_file(&secrets).map_err(io_error("remove", &secrets))?;
+                fs::create_dir(&secrets).map_err(io_error("create", &secrets))?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&secrets).map_err(io_error("create", &secrets))?
+            }
+            Err(e) => return Err(io_error("inspect", &secrets)(e)),
+        }
+        let dir = open_secrets(vmm_dir)?;
+        std::os::unix::fs::fchown(&dir, Some(self.uid), Some(self.uid))
+            .map_err(io_error("chown", &secrets))?;
+        dir.set_permissions(fs::Permissions::from_mode(0o700))
+            .map_err(io_error("chmod", &secrets))?;
         let copy = secrets.join(name);
         let bytes = fs::read(source).map_err(io_error("read", source))?;
         // A fresh file every time: the directory is the VMM's, and whatever it left
         // under this name must not be written through.
-        let _ = fs::remove_file(&copy);
+        let _ = fs::remove_file(within(&dir, name));
         let mut file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
-            .open(&copy)
+            .open(within(&dir, name))
             .map_err(io_error("create", &copy))?;
         io::Write::write_all(&mut file, &bytes).map_err(io_error("write", &copy))?;
-        give(&copy, self.uid, 0o400)?;
+        std::os::unix::fs::fchown(&file, Some(self.uid), Some(self.uid))
+            .map_err(io_error("chown", &copy))?;
+        file.set_permissions(fs::Permissions::from_mode(0o400))
+            .map_err(io_error("chmod", &copy))?;
         Ok(copy)
     }
 
@@ -285,6 +335,39 @@ mod tests {
             free_uid(&config, [1000, 1001, 1002]),
             Err(JailPrepError::NoUid(3))
         ));
+    }
+
+    /// The VMM owns its directory: a link it puts at `secrets` is neither written through
+    /// (root would create the copy, owned by the VM's user, wherever it points) nor
+    /// removed through.
+    #[test]
+    fn secrets_are_never_copied_or_removed_through_a_link_the_vmm_planted() {
+        let dir = tempfile::tempdir().unwrap();
+        let vm_dir = dir.path().join("vm");
+        let vmm_dir = vm_dir.join("vmm");
+        let plan = JailPlan::new(4242, &vm_dir, &vmm_dir).unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, vmm_dir.join("secrets")).unwrap();
+        let secret = dir.path().join("chap");
+        fs::write(&secret, "s3cret").unwrap();
+
+        let copy = plan.private_copy(&secret, &vmm_dir, "v1.secret").unwrap();
+        assert_eq!(copy, vmm_dir.join("secrets").join("v1.secret"));
+        let secrets = fs::symlink_metadata(vmm_dir.join("secrets")).unwrap();
+        assert!(secrets.is_dir(), "the link was replaced by a directory");
+        assert_eq!(secrets.uid(), 4242);
+        assert_eq!(fs::read_to_string(&copy).unwrap(), "s3cret");
+        let meta = fs::metadata(&copy).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (4242, 0o400));
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+
+        // Forgetting a disk's secrets through a link removes nothing where it points.
+        fs::write(elsewhere.join("v1.secret"), "not the VMM's").unwrap();
+        fs::remove_dir_all(vmm_dir.join("secrets")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, vmm_dir.join("secrets")).unwrap();
+        forget_secrets(&vmm_dir, "v1");
+        assert!(elsewhere.join("v1.secret").exists());
     }
 
     #[test]

@@ -1552,13 +1552,7 @@ impl VmManager {
             let _ = std::fs::remove_file(vm.volatile_path(&disk.id));
         }
         let _ = std::fs::remove_file(vm.dir.join(format!("{}.chap", disk.id)));
-        for kind in ["secret", "keyring", "conf"] {
-            let copy = vm
-                .vmm_dir()
-                .join("secrets")
-                .join(format!("{}.{kind}", disk.id));
-            let _ = std::fs::remove_file(copy);
-        }
+        jail::forget_secrets(&vm.vmm_dir(), &disk.id);
     }
 
     /// Makes a hot-plugged disk reachable in the VM's running jail: a file or device is
