@@ -186,8 +186,24 @@ impl Networks {
     /// Checks a NIC against its network before anything is made for it.
     pub fn check(&self, nic: &NicSpec, vm_id: &str) -> Result<(), NetworkError> {
         let network = self.network(&nic.network)?;
+        for other in self.networks.values() {
+            let owners = other.owners.read().unwrap_or_else(|e| e.into_inner());
+            Self::check_tap_names(&owners, vm_id)?;
+        }
         let owners = network.owners.read().unwrap_or_else(|e| e.into_inner());
         Self::check_against(network, &owners, nic, vm_id).map(|_| ())
+    }
+
+    /// Whether another VM holds a TAP of this name (ids with one hash; `reserve` refuses
+    /// the second, whose rolled-back create must then leave the first's TAP alone).
+    fn tap_of_another(&self, vm_id: &str, index: usize) -> bool {
+        let tap = tap_name(vm_id, index);
+        self.networks.values().any(|network| {
+            let owners = network.owners.read().unwrap_or_else(|e| e.into_inner());
+            owners
+                .values()
+                .any(|(owner, _)| owner != vm_id && tap_name(owner, index) == tap)
+        })
     }
 
     /// Checks the NIC and holds its MAC and address for `vm_id` in one step, so of two
@@ -362,7 +378,11 @@ impl Networks {
                     .remove(mac);
             }
         }
-        if let Some(netlink) = &self.netlink {
+        if let Some(netlink) = self
+            .netlink
+            .as_ref()
+            .filter(|_| !self.tap_of_another(vm_id, index))
+        {
             let tap = tap_name(vm_id, index);
             if let Err(e) = netlink.delete_tap(&tap).await {
                 tracing::warn!("cannot delete TAP {tap}: {e}");

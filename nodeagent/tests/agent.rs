@@ -691,6 +691,31 @@ fn bad_requests_are_refused_before_anything_is_done() {
         assert_eq!(status, 400, "{body}: {e}");
         assert!(error(&e).contains(needle), "{body}: {e}");
     }
+    // One MAC, or one address of a network, for two NICs: the second would take over the
+    // first's, whose TAP could then still send as an address given to another VM.
+    let nic = |id: &str, mac: &str, ip: &str| json!({"id": id, "network": "public", "mac": mac, "ip": ip});
+    for (nics, needle) in [
+        (
+            [
+                nic("a", "02:00:c6:12:05:20", "198.18.5.40"),
+                nic("b", "02:00:C6:12:05:20", "198.18.5.41"),
+            ],
+            "NIC 'b': MAC 02:00:C6:12:05:20 is given to two NICs",
+        ),
+        (
+            [
+                nic("a", "02:00:c6:12:05:20", "198.18.5.40"),
+                nic("b", "02:00:c6:12:05:21", "198.18.5.40"),
+            ],
+            "NIC 'b': address 198.18.5.40 of network 'public' is given to two NICs",
+        ),
+    ] {
+        let mut spec = agent.spec(Guest::Halt);
+        spec["nics"] = json!(nics);
+        let (status, e) = agent.call("PUT", "/vms/x", Some(&spec));
+        assert_eq!(status, 400, "{e}");
+        assert_eq!(error(&e), format!("invalid VM spec: {needle}"));
+    }
     let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/..hidden", Some(&body));
     assert_eq!(status, 400, "{e}");
     // Its directory would sit beside the records as one of them: the agent could not start.
@@ -1213,6 +1238,12 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         "{e}"
     );
     assert_eq!(agent.call("GET", &format!("/vms/{second}"), None).0, 404);
+    // The refused create took nothing of the first VM's with it.
+    assert!(
+        bridge_ports().contains(&tap_name(&first, 0)),
+        "{:?}",
+        bridge_ports()
+    );
     assert_eq!(
         agent.call("POST", &format!("/vms/{first}/kill"), None).0,
         200

@@ -367,9 +367,26 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             .map_err(|e| VmError::BadSpec(format!("context: {e}")))?;
     }
     let mut ids = std::collections::HashSet::new();
+    // The agent holds one owner per MAC and per address of a network: a second NIC with
+    // either would replace the first's, whose anti-spoofing rules would still let its
+    // TAP send as an address the agent then gives another VM.
+    let mut macs = std::collections::HashSet::new();
+    let mut addresses = std::collections::HashSet::new();
     for nic in &spec.nics {
         if !valid_id(&nic.id) || !ids.insert(nic.id.as_str()) {
             return bad(format!("NIC id '{}' is not valid or used twice", nic.id));
+        }
+        if !macs.insert(nic.mac.to_ascii_lowercase()) {
+            return bad(format!(
+                "NIC '{}': MAC {} is given to two NICs",
+                nic.id, nic.mac
+            ));
+        }
+        if !addresses.insert((nic.network.as_str(), nic.ip)) {
+            return bad(format!(
+                "NIC '{}': address {} of network '{}' is given to two NICs",
+                nic.id, nic.ip, nic.network
+            ));
         }
         let limit = u16::from(spec.vcpus).min(stratus_vmm::devices::virtio::net::MAX_QUEUE_PAIRS);
         if nic.queues == 0 || nic.queues > limit {
