@@ -128,7 +128,10 @@ struct Status {
 
 /// Sets the state of a VM that has not ended; returns whether it had not.
 fn set_state_if_active(vm: &Vm, state: VmState) -> bool {
-    let mut s = vm.status();
+    set_state_if_active_locked(&mut vm.status(), state)
+}
+
+fn set_state_if_active_locked(s: &mut Status, state: VmState) -> bool {
     if !s.state.is_active() {
         return false;
     }
@@ -1741,13 +1744,17 @@ impl VmManager {
             return Ok(self.info(vm).await);
         }
         vm.client().press_power_button().await?;
-        {
+        // A guest may power off before this line: its watcher has ended the VM, which
+        // must not be made Stopping again (it would stay so, with no VMM to stop).
+        let still_running = {
             let mut s = vm.status();
             s.stop_requested = true;
-            s.state = VmState::Stopping;
+            set_state_if_active_locked(&mut s, VmState::Stopping)
+        };
+        if still_running {
+            self.save(vm);
+            self.stop_if_still_running_after(vm.clone(), timeout);
         }
-        self.save(vm);
-        self.stop_if_still_running_after(vm.clone(), timeout);
         Ok(self.info(vm).await)
     }
 
