@@ -96,23 +96,12 @@ impl Hold {
     }
 
     /// Ends the passing state: the row becomes `state`, if this is still its holder.
-    pub async fn finish(&self, conn: &mut AnyConnection, state: &str) -> Result<(), VolumeError> {
-        let finished = sqlx::query(
-            "UPDATE volumes SET state = $1, updated = $2 WHERE uuid = $3 AND updated = $4 \
-             AND state IN ('creating', 'deleting')",
-        )
-        .bind(state)
-        .bind(db::now())
-        .bind(&self.uuid)
-        .bind(&self.stamp)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        if finished == 1 {
-            Ok(())
-        } else {
-            Err(self.lost())
-        }
+    pub async fn finish(
+        &mut self,
+        conn: &mut AnyConnection,
+        state: &str,
+    ) -> Result<(), VolumeError> {
+        self.turn(conn, state).await
     }
 
     /// Removes the row, if this is still its holder.
@@ -133,8 +122,8 @@ impl Hold {
         }
     }
 
-    /// Moves the held row to another passing state (a failed creation to `deleting`),
-    /// keeping the hold.
+    /// Moves the held row to `state` if this is still its holder, and keeps holding it
+    /// (another passing state: a failed creation turning `deleting`).
     pub async fn turn(&mut self, conn: &mut AnyConnection, state: &str) -> Result<(), VolumeError> {
         let stamp = db::now();
         let turned = sqlx::query(
