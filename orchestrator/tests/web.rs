@@ -714,7 +714,24 @@ fn screenshot_dir() -> PathBuf {
 }
 
 impl Browser {
+    /// Chromium now and then dies as it starts on a loaded machine ("DevToolsActivePort
+    /// file doesn't exist"): the session is asked for again, from a fresh chromedriver and
+    /// profile, before the test gives up with the last reason.
     fn start(base: String) -> Browser {
+        let mut last = None;
+        for attempt in 1..=3 {
+            match Self::try_start(&base) {
+                Ok(browser) => return browser,
+                Err(e) => {
+                    eprintln!("chromium session, attempt {attempt}: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        panic!("start a chromium session: {last:?}");
+    }
+
+    fn try_start(base: &str) -> Result<Browser, fantoccini::error::NewSessionError> {
         let chromedriver = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
@@ -747,22 +764,20 @@ impl Browser {
                 format!("--user-data-dir={}", driver._profile.path().display()),
             ]}),
         );
-        let client = runtime
-            .block_on(
-                fantoccini::ClientBuilder::new(
-                    hyper_util::client::legacy::connect::HttpConnector::new(),
-                )
-                .capabilities(capabilities)
-                .connect(&format!("http://127.0.0.1:{}", driver.port)),
+        let client = runtime.block_on(
+            fantoccini::ClientBuilder::new(
+                hyper_util::client::legacy::connect::HttpConnector::new(),
             )
-            .expect("start a chromium session");
-        Browser {
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{}", driver.port)),
+        )?;
+        Ok(Browser {
             runtime,
             client,
-            base,
+            base: base.to_owned(),
             shots: screenshot_dir(),
             _driver: driver,
-        }
+        })
     }
 
     fn run<T>(
