@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
@@ -16,6 +16,10 @@ use stratus_vmm::devices::virtio::block::BlockConfig;
 /// How long one call to a VMM may take; a VMM that does not answer in time is treated as
 /// gone for that call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest answer read from a VMM. Its answers are a few KiB; a compromised VMM could
+/// otherwise stream gigabytes into the agent's memory within the timeout (counters are
+/// read on every listing of the host's VMs).
+const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmClientError {
@@ -30,6 +34,11 @@ pub enum VmmClientError {
     Http {
         socket: PathBuf,
         source: hyper::Error,
+    },
+    #[error("reading the answer of the VMM at {socket}: {source}")]
+    Answer {
+        socket: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("the VMM refused {what} ({status}): {reason}")]
     Refused {
@@ -134,11 +143,13 @@ impl VmmClient {
                 .expect("a request built from valid parts");
             let response = sender.send_request(request).await.map_err(http)?;
             let status = response.status();
-            let bytes = response
-                .into_body()
+            let bytes = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
-                .map_err(http)?
+                .map_err(|source| VmmClientError::Answer {
+                    socket: self.socket.clone(),
+                    source,
+                })?
                 .to_bytes();
             if !status.is_success() {
                 let reason = serde_json::from_slice::<stratus_vmm::api::ErrorBody>(&bytes)
@@ -206,5 +217,33 @@ impl VmmClient {
     pub async fn remove_disk(&self, id: &str) -> Result<DiskInfo, VmmClientError> {
         self.call(Method::DELETE, &format!("/vm/disks/{id}"), None::<&()>)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A VMM that answers with more than any real answer holds is cut off, not buffered.
+    #[tokio::test]
+    async fn an_endless_answer_is_refused_not_buffered() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        content-length: 1073741824\r\n\r\n";
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b' '; 64 * 1024];
+            // Until the client hangs up.
+            while stream.write_all(&chunk).await.is_ok() {}
+        });
+        let e = VmmClient::new(&socket).info().await.unwrap_err();
+        assert!(matches!(e, VmmClientError::Answer { .. }), "{e}");
+        assert!(e.to_string().contains("length limit exceeded"), "{e}");
     }
 }
