@@ -163,6 +163,11 @@ pub struct Vm {
     /// The user and group its jailed VMM runs as; kept for the VM's whole life.
     jail_uid: OnceLock<u32>,
     status: Mutex<Status>,
+    /// Held while the VM's record is written or removed: a state change saved as a delete
+    /// removes the record (the VMM ended, and the orchestrator deleted the VM at once)
+    /// would otherwise write the record back after it was removed, and the deleted VM
+    /// return at the agent's next start.
+    record: Mutex<()>,
     /// Woken at every change of status.
     changed: Notify,
 }
@@ -409,6 +414,17 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
         validate_disk(disk)?;
     }
     Ok(())
+}
+
+/// Makes the file at `path` under another name, then renames it into place: a kill in
+/// the middle leaves no half-made file at `path` (a restart reuses a file found there).
+fn make_whole(path: &Path, make: impl FnOnce(&Path) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
+    make(&partial)?;
+    std::fs::rename(&partial, path)
 }
 
 /// The disk id of an image's root overlay.
@@ -724,6 +740,7 @@ impl VmManager {
             dir,
             jail_uid: jail,
             status: Mutex::new(status),
+            record: Mutex::new(()),
             changed: Notify::new(),
         })
     }
@@ -882,6 +899,11 @@ impl VmManager {
     }
 
     fn save(&self, vm: &Vm) {
+        let _writing = vm.record.lock().unwrap_or_else(|e| e.into_inner());
+        // Its delete has the last word (a failed delete saves again when it gives up).
+        if vm.status().deleting {
+            return;
+        }
         if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
             tracing::error!("{e}");
         }
@@ -1429,9 +1451,12 @@ impl VmManager {
                 Some(stratus_images::ImageFormat::Qcow2) => VmmImageFormat::Qcow2,
                 _ => VmmImageFormat::Raw,
             };
-            create_overlay(&overlay, &base, format).map_err(|e| VmError::Io {
+            make_whole(&overlay, |at| {
+                create_overlay(at, &base, format).map_err(std::io::Error::other)
+            })
+            .map_err(|source| VmError::Io {
                 what: format!("cannot create the root overlay {}", overlay.display()),
-                source: std::io::Error::other(e),
+                source,
             })?;
         }
         Ok(BootFiles {
@@ -1506,8 +1531,10 @@ impl VmManager {
                         source,
                     };
                     std::fs::create_dir_all(&vm.dir).map_err(io)?;
-                    let file = std::fs::File::create(&path).map_err(io)?;
-                    file.set_len(size_gib << 30).map_err(io)?;
+                    make_whole(&path, |at| {
+                        std::fs::File::create(at)?.set_len(size_gib << 30)
+                    })
+                    .map_err(io)?;
                 }
                 config.path = path
             }
@@ -1852,7 +1879,11 @@ impl VmManager {
             Ok(()) => {
                 self.vms().remove(&vm.id);
             }
-            Err(_) => vm.status().deleting = false,
+            Err(_) => {
+                vm.status().deleting = false;
+                // What changed while the delete was under way was not saved.
+                self.save(vm);
+            }
         }
         result
     }
@@ -1867,6 +1898,7 @@ impl VmManager {
         if self.jailed() {
             self.clean_up_jail(vm).await;
         }
+        let _removing = vm.record.lock().unwrap_or_else(|e| e.into_inner());
         record::remove(&self.config.vms_dir(), &vm.id)?;
         Ok(())
     }
@@ -1975,6 +2007,30 @@ fn write_host_state(state_dir: &Path, state: HostState) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file the agent reuses at a restart is never one a kill left half-made: until it
+    /// is whole it is under another name, which the next attempt starts afresh.
+    #[test]
+    fn disk_files_appear_only_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("scratch.img");
+        let failed = make_whole(&path, |at| {
+            std::fs::write(at, b"half")?;
+            Err(std::io::Error::other("killed here"))
+        });
+        assert!(failed.is_err());
+        assert!(!path.exists(), "nothing at the final name");
+        make_whole(&path, |at| {
+            assert_eq!(
+                std::fs::metadata(at).ok().map(|m| m.len()),
+                None,
+                "started afresh"
+            );
+            std::fs::File::create(at)?.set_len(1 << 20)
+        })
+        .unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
+    }
 
     #[test]
     fn quick_reboots_past_the_first_few_wait_longer_each_time_up_to_a_minute() {
