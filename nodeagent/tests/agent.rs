@@ -6,6 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -1790,6 +1791,58 @@ fn a_create_whose_client_hangs_up_is_finished_all_the_same() {
     let (status, _) = agent.call("POST", "/vms/hung-up/kill", None);
     assert_eq!(status, 200);
     assert_eq!(agent.call("DELETE", "/vms/hung-up", None).0, 204);
+}
+
+/// A web server that answers every request with a 404, `delay` after it came; returns its
+/// address and how many requests came so far.
+fn slowly_failing_server(delay: Duration) -> (String, std::sync::Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(delay);
+            let _ = stream.write_all(
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    (format!("http://{addr}"), requests)
+}
+
+#[test]
+fn a_create_repeated_while_the_first_is_starting_waits_for_its_outcome() {
+    let agent = Agent::start(4, 1024);
+    // The image's download fails, after a while: the first create is still under way when
+    // the orchestrator's retry of it comes.
+    let (server, requests) = slowly_failing_server(Duration::from_secs(2));
+    let mut entry = marketplace_image(agent.dir.path());
+    entry["locations"] = json!([format!("{server}/appliance.img")]);
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry}});
+    let (first, again) = std::thread::scope(|s| {
+        let first = s.spawn(|| agent.call("PUT", "/vms/retried", Some(&spec)));
+        let deadline = Instant::now() + DEADLINE;
+        while requests.load(Ordering::SeqCst) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first create never downloaded"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let again = agent.call("PUT", "/vms/retried", Some(&spec));
+        (first.join().unwrap(), again)
+    });
+    assert!(first.0 >= 400, "the download failed: {first:?}");
+    // Not "200, starting" for a VM that was gone a moment later: the retry waited for the
+    // first create, found the VM gone, made it anew, and failed as it did.
+    assert_eq!(again.0, first.0, "{again:?}");
+    assert_eq!(requests.load(Ordering::SeqCst), 2);
+    assert_eq!(agent.call("GET", "/vms/retried", None).0, 404);
 }
 
 /// A tgtd of the test's own on loopback (scripts/iscsi-target.sh), stopped when dropped.

@@ -124,6 +124,22 @@ struct Status {
     waiting_to_restart: bool,
     /// A delete is removing the VM's files; it leaves the map last.
     deleting: bool,
+    /// The create that made it is still starting it, and takes it out of the map again if
+    /// the start fails: a repeated create waits for that outcome rather than answer for a
+    /// VM that may be about to vanish.
+    creating: bool,
+}
+
+/// The create under way has ended, either way (a failed one took the VM out of the map
+/// first): a repeated create waiting for it looks again.
+fn created(vm: &Vm) {
+    vm.status().creating = false;
+    vm.changed.notify_waiters();
+}
+
+/// A create or a delete is under way: what a repeated create answers depends on it.
+fn passing(s: &Status) -> bool {
+    s.creating || s.deleting
 }
 
 /// Sets the state of a VM that has not ended; returns whether it had not.
@@ -788,6 +804,7 @@ impl VmManager {
             quick_reboots: 0,
             waiting_to_restart: false,
             deleting: false,
+            creating: false,
         };
         let vm = self.new_vm(
             &record.id,
@@ -957,66 +974,41 @@ impl VmManager {
         for nic in &spec.nics {
             self.networks.check(nic, id)?;
         }
-        let vm = {
-            let mut vms = self.vms();
-            if let Some(existing) = vms.get(id) {
-                if existing.spec == spec {
+        let vm = loop {
+            // Its create may yet fail, or its delete succeed: either takes it out of the
+            // map. Once that is settled, it is answered for or made anew.
+            let settling = {
+                let mut vms = self.vms();
+                let Some(existing) = vms.get(id) else {
+                    break self.insert_new(&mut vms, id, spec)?;
+                };
+                if existing.spec != spec {
+                    return Err(VmError::SpecConflict(id.to_owned()));
+                }
+                if !passing(&existing.status()) {
                     return Ok((existing.info(), false));
                 }
-                return Err(VmError::SpecConflict(id.to_owned()));
-            }
-            let host_state = *self.host_state.lock().unwrap_or_else(|e| e.into_inner());
-            if host_state != HostState::Enabled {
-                return Err(VmError::HostNotEnabled(host_state));
-            }
-            let (cpu_used, mem_used) = Self::allocated(&vms);
-            let (cpu, memory_mib) = (u64::from(spec.vcpus), spec.memory_mib);
-            let cap = self.capacity;
-            // memory_mib has no upper bound of its own: a huge one must not wrap around.
-            if cpu_used.saturating_add(cpu) > cap.cpu_total
-                || mem_used.saturating_add(memory_mib) > cap.memory_total_mib
+                existing.clone()
+            };
+            let changed = settling.changed.notified();
+            // Looked at again once the wake-up is registered, so a change in between is
+            // not missed; the map is looked at again after any change.
+            if self.vms().get(id).is_some_and(|v| Arc::ptr_eq(v, &settling))
+                && passing(&settling.status())
             {
-                return Err(VmError::NoCapacity {
-                    cpu,
-                    memory_mib,
-                    cpu_free: cap.cpu_total.saturating_sub(cpu_used),
-                    memory_free_mib: cap.memory_total_mib.saturating_sub(mem_used),
-                    cpu_total: cap.cpu_total,
-                    memory_total_mib: cap.memory_total_mib,
-                });
+                changed.await;
             }
-            let status = Status {
-                state: VmState::Starting,
-                pid: None,
-                pid_start_time: None,
-                exit: None,
-                restarts: 0,
-                stop_requested: false,
-                attached: Vec::new(),
-                attaching: Default::default(),
-                started: None,
-                quick_reboots: 0,
-                waiting_to_restart: false,
-                deleting: false,
-            };
-            // Chosen here, under the lock and before the first record: a VM is never
-            // recorded (nor its VMM started) without the user it runs as.
-            let jail_uid = match self.jailed() {
-                true => Some(self.free_jail_uid(&vms)?),
-                false => None,
-            };
-            let vm = self.new_vm(id, spec, status, chrono::Utc::now(), jail_uid);
-            vms.insert(id.to_owned(), vm.clone());
-            vm
         };
         // The record goes first: from here a crash leaves a create to finish.
         if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
             self.vms().remove(id);
+            created(&vm);
             return Err(e.into());
         }
         if self.no_vm() {
             vm.status().state = VmState::Running;
             self.save(&vm);
+            created(&vm);
             return Ok((self.info(&vm).await, true));
         }
         let started = match self.plug_nics(&vm).await {
@@ -1026,9 +1018,64 @@ impl VmManager {
         if let Err(e) = started {
             self.unplug_nics(&vm).await;
             self.roll_back(&vm);
+            created(&vm);
             return Err(e);
         }
+        created(&vm);
         Ok((self.info(&vm).await, true))
+    }
+
+    /// A new VM in the map, Starting, if the host takes it.
+    fn insert_new(
+        &self,
+        vms: &mut BTreeMap<String, Arc<Vm>>,
+        id: &str,
+        spec: VmSpec,
+    ) -> Result<Arc<Vm>, VmError> {
+        let host_state = *self.host_state.lock().unwrap_or_else(|e| e.into_inner());
+        if host_state != HostState::Enabled {
+            return Err(VmError::HostNotEnabled(host_state));
+        }
+        let (cpu_used, mem_used) = Self::allocated(vms);
+        let (cpu, memory_mib) = (u64::from(spec.vcpus), spec.memory_mib);
+        let cap = self.capacity;
+        // memory_mib has no upper bound of its own: a huge one must not wrap around.
+        if cpu_used.saturating_add(cpu) > cap.cpu_total
+            || mem_used.saturating_add(memory_mib) > cap.memory_total_mib
+        {
+            return Err(VmError::NoCapacity {
+                cpu,
+                memory_mib,
+                cpu_free: cap.cpu_total.saturating_sub(cpu_used),
+                memory_free_mib: cap.memory_total_mib.saturating_sub(mem_used),
+                cpu_total: cap.cpu_total,
+                memory_total_mib: cap.memory_total_mib,
+            });
+        }
+        let status = Status {
+            state: VmState::Starting,
+            pid: None,
+            pid_start_time: None,
+            exit: None,
+            restarts: 0,
+            stop_requested: false,
+            attached: Vec::new(),
+            attaching: Default::default(),
+            started: None,
+            quick_reboots: 0,
+            waiting_to_restart: false,
+            deleting: false,
+            creating: true,
+        };
+        // Chosen here, under the lock and before the first record: a VM is never
+        // recorded (nor its VMM started) without the user it runs as.
+        let jail_uid = match self.jailed() {
+            true => Some(self.free_jail_uid(vms)?),
+            false => None,
+        };
+        let vm = self.new_vm(id, spec, status, chrono::Utc::now(), jail_uid);
+        vms.insert(id.to_owned(), vm.clone());
+        Ok(vm)
     }
 
     async fn plug_nics(&self, vm: &Vm) -> Result<(), VmError> {
@@ -1878,9 +1925,12 @@ impl VmManager {
         match &result {
             Ok(()) => {
                 self.vms().remove(&vm.id);
+                // `deleting` stays: a late save of the ended VM must not write it back.
+                vm.changed.notify_waiters();
             }
             Err(_) => {
                 vm.status().deleting = false;
+                vm.changed.notify_waiters();
                 // What changed while the delete was under way was not saved.
                 self.save(vm);
             }
