@@ -717,6 +717,22 @@ fn bad_requests_are_refused_before_anything_is_done() {
         assert_eq!(status, 400, "{e}");
         assert_eq!(error(&e), format!("invalid VM spec: {needle}"));
     }
+    // More disks and NICs than the VMM has PCI slots for at start (31, 8 kept for
+    // hot-plugging): refused here, not a VM that fails as its VMM starts.
+    let mut spec = agent.spec(Guest::Halt);
+    spec["disks"] = (0..24)
+        .map(|i| json!({"id": format!("d{i}"), "source": {"volatile": {"size_gib": 1}}}))
+        .collect();
+    let (status, e) = agent.call("PUT", "/vms/x", Some(&spec));
+    assert_eq!(status, 400, "{e}");
+    assert!(error(&e).contains("24 disks and NICs"), "{e}");
+    assert!(error(&e).contains("at most 23"), "{e}");
+    spec["disks"].as_array_mut().unwrap().pop();
+    let (status, e) = agent.call("PUT", "/vms/full", Some(&spec));
+    assert_eq!(status, 201, "23 fit: {e}");
+    agent.wait_state("full", "running");
+    assert_eq!(agent.call("POST", "/vms/full/kill", None).0, 200);
+    assert_eq!(agent.call("DELETE", "/vms/full", None).0, 204);
     let (status, e) = agent.call_as(Some(TOKEN), "PUT", "/vms/..hidden", Some(&body));
     assert_eq!(status, 400, "{e}");
     // Its directory would sit beside the records as one of them: the agent could not start.

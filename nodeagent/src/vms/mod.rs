@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
+use stratus_vmm::device_manager::{DEFAULT_SPARE_SLOTS, MAX_SLOT};
 use stratus_vmm::devices::virtio::block::BlockConfig;
 use tokio::sync::Notify;
 
@@ -428,6 +429,21 @@ fn validate_spec(spec: &VmSpec) -> Result<(), VmError> {
             return bad(format!("disk id '{}' is used twice", disk.id));
         }
         validate_disk(disk)?;
+    }
+    // Every disk and NIC takes one of the VMM's PCI slots, and the VMM keeps some free for
+    // hot-plugging: a VM with more would be taken here and fail as its VMM started.
+    let overlay = spec.boot.image.is_some() && root.is_none();
+    let devices = spec.disks.len()
+        + spec.nics.len()
+        + usize::from(spec.context.is_some())
+        + usize::from(overlay);
+    let room = usize::from(MAX_SLOT - DEFAULT_SPARE_SLOTS);
+    if devices > room {
+        return bad(format!(
+            "{devices} disks and NICs (the context disk and the image's root included): a VM \
+             starts with at most {room}, keeping {DEFAULT_SPARE_SLOTS} PCI slots for \
+             hot-plugged ones"
+        ));
     }
     Ok(())
 }
