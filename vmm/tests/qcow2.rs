@@ -11,7 +11,9 @@ use std::path::Path;
 use blk_common::{assert_qcow2_holds, chain, qemu_img_check, tool, Rng};
 use std::sync::Arc;
 
-use stratus_vmm::devices::virtio::block::io::qcow2::{create_overlay, flatten_to_raw};
+use stratus_vmm::devices::virtio::block::io::qcow2::{
+    create_overlay, flatten_to_raw, flatten_to_raw_while,
+};
 use stratus_vmm::devices::virtio::block::io::{
     create_engine, AsyncIo, CacheMode, Completion, DiskError, DiskFile, DiskOp, ImageFormat,
     IoEngine,
@@ -808,6 +810,27 @@ fn flattening_copies_the_chain_sparsely_and_opens_only_the_expected_backing_file
     let plain = d.join("plain.img");
     flatten_to_raw(&base, ImageFormat::Raw, &[], &plain).unwrap();
     assert_eq!(std::fs::read(&plain).unwrap(), base_data);
+    // A copy that loses the right to write its destination (its hold on the volume
+    // lapsed) writes no further chunk: here the first of its two went, the second not.
+    let cut = d.join("cut.img");
+    let asked = std::cell::Cell::new(0);
+    let refused = flatten_to_raw_while(&base, ImageFormat::Raw, &[], &cut, &|| {
+        asked.set(asked.get() + 1);
+        asked.get() == 1
+    });
+    match refused {
+        Err(DiskError::Flatten { source, .. }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::Interrupted, "{source}")
+        }
+        other => panic!("the copy went on: {other:?}"),
+    }
+    assert_eq!(asked.get(), 2);
+    let written = std::fs::read(&cut).unwrap();
+    assert_eq!(
+        written,
+        base_data[..64 * 1024],
+        "the first chunk and nothing more"
+    );
 
     // Headers naming another file: a host secret, a FIFO that would block an open.
     let secret = d.join("secret");

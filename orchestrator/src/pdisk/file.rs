@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use stratus_vmm::devices::virtio::block::io::qcow2::{create_overlay, flatten_to_raw};
+use stratus_vmm::devices::virtio::block::io::qcow2::{create_overlay, flatten_to_raw_while};
 use stratus_vmm::devices::virtio::block::io::{DiskError, ImageFormat};
+
+use super::hold::Fence;
 
 pub struct FileBackend {
     dir: PathBuf,
@@ -85,9 +87,17 @@ impl FileBackend {
 
     /// A rebase: a new raw file at `path` holding what the volume at `source` reads as
     /// (through `backing`, its ORIGIN, when it is a LIVE), with holes where it reads zeroes.
-    pub fn copy(path: &Path, source: &Path, backing: Option<&Path>) -> Result<(), DiskError> {
+    /// Copies `source` into a raw file at `path` while `fence` holds: a copy whose hold
+    /// lapsed stops before another replica, taking the volume over, copies into `path` too.
+    pub fn copy(
+        path: &Path,
+        source: &Path,
+        backing: Option<&Path>,
+        fence: &Fence,
+    ) -> Result<(), DiskError> {
         let backing: Vec<PathBuf> = backing.map(Path::to_owned).into_iter().collect();
-        flatten_to_raw(source, format_of(&source.to_string_lossy()), &backing, path)?;
+        let format = format_of(&source.to_string_lossy());
+        flatten_to_raw_while(source, format, &backing, path, &|| fence.holds())?;
         Ok(())
     }
 

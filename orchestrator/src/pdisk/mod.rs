@@ -28,7 +28,7 @@ use crate::nodes;
 use crate::users::Principal;
 use crate::vms::{self, VmError};
 use crate::Cloud;
-use hold::Hold;
+use hold::{Fence, Hold};
 pub use types::*;
 
 /// StratusLab's limits.
@@ -370,6 +370,7 @@ impl Storage {
         location: &str,
         size_gib: u64,
         content: Content<'_>,
+        fence: Fence,
     ) -> Result<(), VolumeError> {
         match self.backing(location)? {
             Backing::File(path) => match content {
@@ -387,7 +388,7 @@ impl Storage {
                     let source_backing = source_backing.map(PathBuf::from);
                     // A copy of up to a TiB: off the async threads.
                     tokio::task::spawn_blocking(move || {
-                        file::FileBackend::copy(&path, &source, source_backing.as_deref())
+                        file::FileBackend::copy(&path, &source, source_backing.as_deref(), &fence)
                     })
                     .await
                     .map_err(storage_error)?
@@ -408,10 +409,12 @@ impl Storage {
                         self.lun_file(source)?
                     }
                 };
-                tokio::task::spawn_blocking(move || file::FileBackend::copy(&path, &source, None))
-                    .await
-                    .map_err(storage_error)?
-                    .map_err(copy_error)
+                tokio::task::spawn_blocking(move || {
+                    file::FileBackend::copy(&path, &source, None, &fence)
+                })
+                .await
+                .map_err(storage_error)?
+                .map_err(copy_error)
             }
             Backing::Rbd(pool, image) => {
                 let source_image = |source: &str| {
@@ -1158,10 +1161,9 @@ async fn finish_create(
     content: Content<'_>,
 ) -> Result<(), VolumeError> {
     let backend = cloud.volumes.as_ref().ok_or_else(no_storage)?;
-    hold.keep_while(
-        &cloud.db,
-        backend.make(uuid, location, size_gib as u64, content),
-    )
+    hold.keep_while(&cloud.db, |fence| {
+        backend.make(uuid, location, size_gib as u64, content, fence)
+    })
     .await?;
     let mut conn = cloud.db.pool.acquire().await?;
     hold.finish(&mut conn, "available").await
@@ -1370,7 +1372,7 @@ async fn finish_delete(
 ) -> Result<(), VolumeError> {
     if let Some(backend) = &cloud.volumes {
         match hold
-            .keep_while(&cloud.db, backend.remove(uuid, location))
+            .keep_while(&cloud.db, |_| backend.remove(uuid, location))
             .await
         {
             Ok(()) => {}

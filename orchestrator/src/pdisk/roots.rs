@@ -305,7 +305,9 @@ async fn origin_of(
         Ok::<_, VolumeError>(())
     };
     // Held while it runs: others wait for this fill rather than take it over.
-    let filled = match hold.keep_while(&cloud.db, fill).await {
+    // The fill's file is this ORIGIN's alone, and one taken over is removed, never made
+    // again: a stalled fill that goes on writing it harms nobody.
+    let filled = match hold.keep_while(&cloud.db, |_| fill).await {
         Ok(()) => {
             let mut conn = cloud.db.pool.acquire().await?;
             hold.finish(&mut conn, "available").await

@@ -282,6 +282,19 @@ pub fn flatten_to_raw(
     backing: &[PathBuf],
     dest: &Path,
 ) -> Result<u64, DiskError> {
+    flatten_to_raw_while(source, format, backing, dest, &|| true)
+}
+
+/// [`flatten_to_raw`] that asks `may_write` before each chunk it writes, and stops with
+/// an `Interrupted` error when told no: a copy whose caller lost the right to write
+/// `dest` (another took its work over, and may be writing `dest` itself) stops there.
+pub fn flatten_to_raw_while(
+    source: &Path,
+    format: ImageFormat,
+    backing: &[PathBuf],
+    dest: &Path,
+    may_write: &dyn Fn() -> bool,
+) -> Result<u64, DiskError> {
     let flatten_err = |source_error: std::io::Error| DiskError::Flatten {
         path: source.to_owned(),
         dest: dest.to_owned(),
@@ -325,13 +338,25 @@ pub fn flatten_to_raw(
         if !matches!(mapping, Mapping::Zero { .. }) {
             buffer.resize(len as usize, 0);
             access.read(&mut buffer, offset).map_err(flatten_err)?;
+            stop_unless(may_write).map_err(flatten_err)?;
             write_nonzero_runs(&out, &buffer, offset).map_err(flatten_err)?;
         }
         offset += len;
     }
+    stop_unless(may_write).map_err(flatten_err)?;
     out.set_len(size).map_err(flatten_err)?;
     out.sync_all().map_err(flatten_err)?;
     Ok(size)
+}
+
+fn stop_unless(may_write: &dyn Fn() -> bool) -> std::io::Result<()> {
+    match may_write() {
+        true => Ok(()),
+        false => Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "stopped: the copy may no longer write its destination",
+        )),
+    }
 }
 
 /// Where the first data at or after `offset` in `file` starts (`None`: only a hole
