@@ -138,12 +138,17 @@ impl VmmProcess {
 }
 
 /// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22), to tell a
-/// process from a later one with the same number.
+/// process from a later one with the same number; `None` once it has ended, also while
+/// it waits to be reaped (a restarted agent's VMM or jailer is reaped by init, a moment
+/// after it ended: adopted then, the VM showed Running after its VMM was gone).
 pub fn process_start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields restart after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// Sends `signal` to `pid` if it is still the process that started at `start_time`.
@@ -236,6 +241,20 @@ mod tests {
             "a different start time is another process"
         );
         assert!(process_start_time(u32::MAX >> 1).is_none());
+    }
+
+    #[test]
+    fn a_process_that_ended_is_not_adopted_while_it_waits_to_be_reaped() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !stat().contains(") Z ") {
+            assert!(std::time::Instant::now() < deadline, "{}", stat());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(process_start_time(pid), None, "{}", stat());
+        child.wait().unwrap();
     }
 
     #[tokio::test]
