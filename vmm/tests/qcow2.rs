@@ -816,7 +816,7 @@ fn flattening_copies_the_chain_sparsely_and_opens_only_the_expected_backing_file
     let asked = std::cell::Cell::new(0);
     let refused = flatten_to_raw_while(&base, ImageFormat::Raw, &[], &cut, &|| {
         asked.set(asked.get() + 1);
-        asked.get() == 1
+        asked.get() <= 2
     });
     match refused {
         Err(DiskError::Flatten { source, .. }) => {
@@ -824,13 +824,21 @@ fn flattening_copies_the_chain_sparsely_and_opens_only_the_expected_backing_file
         }
         other => panic!("the copy went on: {other:?}"),
     }
-    assert_eq!(asked.get(), 2);
+    assert_eq!(
+        asked.get(),
+        3,
+        "before opening, before each of the two chunks"
+    );
     let written = std::fs::read(&cut).unwrap();
     assert_eq!(
         written,
         base_data[..64 * 1024],
         "the first chunk and nothing more"
     );
+    // Told no from the start, it does not even open (and truncate) the destination.
+    let stopped = flatten_to_raw_while(&base, ImageFormat::Raw, &[], &cut, &|| false);
+    assert!(stopped.is_err());
+    assert_eq!(std::fs::read(&cut).unwrap(), written);
 
     // Headers naming another file: a host secret, a FIFO that would block an open.
     let secret = d.join("secret");

@@ -1009,7 +1009,10 @@ impl VmManager {
             let changed = settling.changed.notified();
             // Looked at again once the wake-up is registered, so a change in between is
             // not missed; the map is looked at again after any change.
-            if self.vms().get(id).is_some_and(|v| Arc::ptr_eq(v, &settling))
+            if self
+                .vms()
+                .get(id)
+                .is_some_and(|v| Arc::ptr_eq(v, &settling))
                 && passing(&settling.status())
             {
                 changed.await;

@@ -56,24 +56,37 @@ struct FenceState {
 
 impl Fence {
     fn until(lapses: Instant) -> Fence {
+        // Not yet revoked (0) until `extend` sets when it lapses.
         let fence = Fence(Arc::new(FenceState {
             start: std::time::Instant::now(),
-            until_ms: AtomicU64::new(0),
+            until_ms: AtomicU64::new(u64::MAX),
         }));
         fence.extend(lapses);
         fence
     }
 
-    /// Whether the work may write the volume's storage now.
+    /// Whether the work may write the volume's storage now. Once it says no, it says no
+    /// for good: a renewal that gets through a moment after the lapse does not undo a
+    /// copy's stop.
     pub fn holds(&self) -> bool {
         let now_ms = self.0.start.elapsed().as_millis() as u64;
-        now_ms < self.0.until_ms.load(Ordering::Acquire)
+        if now_ms < self.0.until_ms.load(Ordering::Acquire) {
+            return true;
+        }
+        self.revoke();
+        false
     }
 
     fn extend(&self, lapses: Instant) {
         let until = lapses.into_std().saturating_duration_since(self.0.start);
         let until = until.as_millis() as u64;
-        self.0.until_ms.store(until, Ordering::Release);
+        // A revoked fence stays revoked.
+        let _ = self
+            .0
+            .until_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now != 0).then_some(until)
+            });
     }
 
     fn revoke(&self) {
@@ -340,6 +353,13 @@ mod tests {
         let fence = stamped(Duration::ZERO);
         fence.revoke();
         assert!(!fence.holds());
+        // A renewal after the lapse does not revive it: the copy that saw it lapse stopped.
+        fence.extend(Instant::now() + ABANDONED);
+        assert!(!fence.holds());
+        let lapsed = stamped(ABANDONED);
+        assert!(!lapsed.holds());
+        lapsed.extend(Instant::now() + ABANDONED);
+        assert!(!lapsed.holds());
         assert!(!Fence::until(lapses_after("not a time")).holds());
     }
 }

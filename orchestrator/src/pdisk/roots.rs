@@ -19,10 +19,10 @@ use std::time::Duration;
 
 use sqlx::AnyConnection;
 use stratus_images::Metadata;
-use stratus_vmm::devices::virtio::block::io::qcow2::flatten_to_raw;
+use stratus_vmm::devices::virtio::block::io::qcow2::flatten_to_raw_while;
 use stratus_vmm::devices::virtio::block::io::ImageFormat;
 
-use super::hold::Hold;
+use super::hold::{Fence, Hold};
 use super::{
     delete_unchecked, finish_create, finish_delete, insert_creating, load, load_locked,
     storage_error, undo_create, Content, MountedRow, NewVolume, NodeDisk, Refused, Visibility,
@@ -292,22 +292,24 @@ async fn origin_of(
         super::PoolBackend::Iscsi(_, files) => files.location(&uuid),
         super::PoolBackend::File(_) => std::path::PathBuf::from(&location),
     };
-    let fill = async {
+    let (dest_ref, location_ref) = (&dest, &location);
+    let fill = |fence: Fence| async move {
+        let (dest, location) = (dest_ref, location_ref);
         let into = dest.clone();
-        tokio::task::spawn_blocking(move || fill(&staging, policy, follow_files, &entry, &into))
-            .await
-            .map_err(storage_error)??;
-        if let (Some(rbd), Some(image)) = (rbd, super::rbd::RbdPool::image_at(&location)) {
-            let imported = rbd.import(&dest, image).await.map_err(storage_error);
-            let _ = std::fs::remove_file(&dest);
+        tokio::task::spawn_blocking(move || {
+            fill(&staging, policy, follow_files, &entry, &into, &fence)
+        })
+        .await
+        .map_err(storage_error)??;
+        if let (Some(rbd), Some(image)) = (rbd, super::rbd::RbdPool::image_at(location)) {
+            let imported = rbd.import(dest, image).await.map_err(storage_error);
+            let _ = std::fs::remove_file(dest);
             imported?;
         }
         Ok::<_, VolumeError>(())
     };
     // Held while it runs: others wait for this fill rather than take it over.
-    // The fill's file is this ORIGIN's alone, and one taken over is removed, never made
-    // again: a stalled fill that goes on writing it harms nobody.
-    let filled = match hold.keep_while(&cloud.db, |_| fill).await {
+    let filled = match hold.keep_while(&cloud.db, fill).await {
         Ok(()) => {
             let mut conn = cloud.db.pool.acquire().await?;
             hold.finish(&mut conn, "available").await
@@ -342,6 +344,7 @@ fn fill(
     follow_files: bool,
     image: &Metadata,
     dest: &Path,
+    fence: &Fence,
 ) -> Result<(), VolumeError> {
     let failed = |source| VolumeError::Image {
         identifier: image.identifier.to_string(),
@@ -355,7 +358,9 @@ fn fill(
         Some(stratus_images::ImageFormat::Qcow2) => ImageFormat::Qcow2,
         _ => ImageFormat::Raw,
     };
-    let copied = flatten_to_raw(&downloaded, format, &[], dest).map_err(super::copy_error);
+    // A fill taken over meanwhile (its ORIGIN's row and file removed) makes no file anew.
+    let copied = flatten_to_raw_while(&downloaded, format, &[], dest, &|| fence.holds())
+        .map_err(super::copy_error);
     // The ORIGIN holds the data now: the download is not kept twice.
     let _ = std::fs::remove_file(&downloaded);
     copied.map(|_| ())

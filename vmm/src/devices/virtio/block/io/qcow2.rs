@@ -301,6 +301,8 @@ pub fn flatten_to_raw_while(
         source: source_error,
     };
     let access = open_read_only(source, format, backing).map_err(flatten_err)?;
+    // Not even truncated once the caller may no longer write it.
+    stop_unless(may_write).map_err(flatten_err)?;
     let out = OpenOptions::new()
         .write(true)
         .create(true)
