@@ -516,6 +516,58 @@ fn a_vmm_started_just_before_the_agent_died_is_adopted_not_started_twice() {
     }
 }
 
+/// A VM with as many disks as a start takes (23, with 8 PCI slots kept for hot-plugging)
+/// that then had one hot-plugged is started again with 24: its next start keeps 7 slots
+/// free, not 8 (31 slots in all), or its VMM refused to start and the VM failed. Started
+/// again here as a create cut short is (the agent killed with the record so): the same
+/// start as after a guest's reboot.
+#[test]
+fn a_vm_restarted_with_its_hot_plugged_disks_keeps_what_is_left_of_the_free_slots() {
+    let mut agent = Agent::start(4, 1024);
+    let mut spec = agent.spec(Guest::Halt);
+    spec["disks"] = (0..23)
+        .map(|i| json!({"id": format!("d{i}"), "source": {"volatile": {"size_gib": 1}}}))
+        .collect();
+    assert_eq!(agent.call("PUT", "/vms/full", Some(&spec)).0, 201);
+    agent.wait_state("full", "running");
+    let extra = json!({"source": {"volatile": {"size_gib": 1}}});
+    let (status, vm) = agent.call("PUT", "/vms/full/disks/extra", Some(&extra));
+    assert_eq!(status, 201, "{vm}");
+    agent.crash();
+    let record_path = agent.dir.path().join("state/vms/full.json");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    let launched = record["pid"].as_u64().unwrap() as u32;
+    let socket = agent.dir.path().join("state/vms/full/vmm/api.sock");
+    let vmm = socket_peer_pid(&socket).expect("the VMM serves its socket");
+    for pid in [vmm, launched] {
+        // SAFETY: SIGKILL to the VMM (and its jailer) this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    for pid in [vmm, launched] {
+        let killed = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(killed.elapsed() < DEADLINE, "{pid} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    record["state"] = "starting".into();
+    record["pid"] = Value::Null;
+    record["pid_start_time"] = Value::Null;
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&socket);
+    agent.launch();
+    let (_, vm) = agent.call("GET", "/vms/full", None);
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["attached"][0]["id"], "extra", "{vm}");
+    assert_eq!(
+        vm["counters"]["disks"].as_object().unwrap().len(),
+        24,
+        "{vm}"
+    );
+    let (status, vm) = agent.call("POST", "/vms/full/kill", None);
+    assert_eq!(status, 200, "{vm}");
+}
+
 /// The agent killed during a shutdown takes the hard stop up again when it comes back
 /// (after its own default wait: the request's is not recorded); the VM stayed Stopping.
 #[test]

@@ -1294,6 +1294,17 @@ impl VmManager {
             }
             args.extend(["--net".to_owned(), net]);
         }
+        // Disks hot-plugged since the VM was created come with its later starts (a guest
+        // reboot, a create finished after a crash), in slots its first start kept free:
+        // only what is left of those is kept free now, or the VMM would refuse to start.
+        let devices = args
+            .iter()
+            .filter(|a| *a == "--disk" || *a == "--net")
+            .count();
+        let spare = usize::from(MAX_SLOT)
+            .saturating_sub(devices)
+            .min(usize::from(DEFAULT_SPARE_SLOTS));
+        args.extend(["--pci-slots".to_owned(), spare.to_string()]);
         let _ = std::fs::remove_file(vm.status_file());
         let launch = match jail {
             Some(jail) => {
