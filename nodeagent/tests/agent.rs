@@ -813,6 +813,12 @@ fn bad_requests_are_refused_before_anything_is_done() {
     let (status, doc) = agent.call("GET", "/openapi.json", None);
     assert_eq!(status, 200);
     assert!(doc["paths"]["/vms/{id}"]["put"].is_object(), "{doc}");
+    // Methods a client may invent: one label for all of them, not a new series in the
+    // metrics (and the agent's memory) for each.
+    for i in 0..20 {
+        let (status, _) = agent.raw(Some(TOKEN), &format!("INVENTED{i}"), "/vms", None);
+        assert!((400..500).contains(&status), "{status}");
+    }
     let (status, metrics) = agent.raw(Some(TOKEN), "GET", "/metrics", None);
     assert_eq!(status, 200);
     let metrics = String::from_utf8(metrics).unwrap();
@@ -820,6 +826,8 @@ fn bad_requests_are_refused_before_anything_is_done() {
         metrics.contains("stratus_nodeagent_api_request_duration_seconds"),
         "{metrics}"
     );
+    assert!(!metrics.contains("INVENTED"), "{metrics}");
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
 }
 
 #[test]

@@ -256,12 +256,12 @@ async fn observe(State(state): State<Arc<AppState>>, request: Request, next: Nex
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = crate::metrics::method_label(request.method());
     let start = Instant::now();
     let response = next.run(request).await;
     state
         .metrics
-        .observe_request(&method, &route, response.status().as_u16(), start.elapsed());
+        .observe_request(method, &route, response.status().as_u16(), start.elapsed());
     response
 }
 

@@ -396,12 +396,12 @@ async fn observe(State(cloud): State<Arc<Cloud>>, request: Request, next: Next) 
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().to_string();
+    let method = stratus_nodeagent::metrics::method_label(request.method());
     let start = Instant::now();
     let response = next.run(request).await;
     cloud
         .metrics
-        .observe_request(&method, &route, response.status().as_u16(), start.elapsed());
+        .observe_request(method, &route, response.status().as_u16(), start.elapsed());
     response
 }
 
