@@ -17,12 +17,9 @@ pub enum NetworkError {
     Exhausted(String),
     #[error("address {ip} is not one of network '{network}'s addresses")]
     NotInNetwork { ip: Ipv4Addr, network: String },
-    #[error("address {ip} on network '{network}' is in use by VM {vm}")]
-    InUse {
-        ip: Ipv4Addr,
-        network: String,
-        vm: i64,
-    },
+    /// Which VM holds it is not said: users would learn other users' VMs' addresses.
+    #[error("address {ip} on network '{network}' is in use")]
+    InUse { ip: Ipv4Addr, network: String },
     #[error("network '{network}': {reason}")]
     Config { network: String, reason: String },
     #[error(transparent)]
@@ -227,10 +224,9 @@ pub async fn allocate(
                 ip,
                 network: network.to_owned(),
             }),
-            Some((_, Some(holder))) => Err(NetworkError::InUse {
+            Some((_, Some(_))) => Err(NetworkError::InUse {
                 ip,
                 network: network.to_owned(),
-                vm: holder,
             }),
             Some((mac, None)) => {
                 sqlx::query("UPDATE addresses SET vm_id = $1 WHERE network = $2 AND ip = $3")

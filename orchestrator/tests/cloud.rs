@@ -1117,6 +1117,25 @@ fn concurrent_runs(backend: Backend) {
         assert!(start.elapsed() < DEADLINE, "{list}");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Another user's address is refused without naming the VM that holds it: asking for
+    // each address in turn would otherwise map the cloud's VMs to their addresses.
+    let asker = users.iter().find(|u| u.0 == running[0]["owner"]).unwrap();
+    // Another user's VM, running or waiting: each user has 4 of the 12.
+    let held = running[3..]
+        .iter()
+        .chain(&waiting)
+        .find(|v| v["owner"] != running[0]["owner"])
+        .unwrap();
+    let ip = held["leases"][0]["ip"].as_str().unwrap();
+    let mut wanted = request.clone();
+    wanted["address"] = ip.into();
+    let (status, e) = cloud.call_as(*asker, "POST", "/vms", Some(&wanted));
+    assert_eq!(status, 409, "{e}");
+    assert_eq!(
+        error(&e),
+        format!("address {ip} on network 'public' is in use"),
+        "{e}"
+    );
 
     // Kill everything, and crash an orchestrator while it works: the restarted one (on
     // SQLite) or the other replica (on PostgreSQL) finishes every accepted request.
