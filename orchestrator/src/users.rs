@@ -203,22 +203,22 @@ pub async fn add(db: &Db, name: &str, secret: Secret, role: Role) -> Result<(), 
         return Err(UserError::BadName(name.to_owned()));
     }
     let hash = secret.stored_hash()?;
-    let mut tx = db.pool.begin().await?;
-    let exists: Option<(String,)> = sqlx::query_as("SELECT name FROM users WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if exists.is_some() {
+    // One statement: two replicas adding the same name at once (a look first, then the
+    // insert) gave the second a primary-key error, a 500, instead of "exists".
+    let added = sqlx::query(
+        "INSERT INTO users (name, password_hash, role, created) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(hash)
+    .bind(role.as_str())
+    .bind(crate::db::now())
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    if added == 0 {
         return Err(UserError::Exists(name.to_owned()));
     }
-    sqlx::query("INSERT INTO users (name, password_hash, role, created) VALUES ($1, $2, $3, $4)")
-        .bind(name)
-        .bind(hash)
-        .bind(role.as_str())
-        .bind(crate::db::now())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -407,6 +407,68 @@ pub struct Authenticator {
     verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A credential's place in `Authenticator::verifying`, given up when its check ends or is
+/// dropped half-way (a client that hangs up): the entry goes with the last check that
+/// waits on it, so the map holds only checks under way.
+struct Turn<'a> {
+    verifying: &'a Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+    key: [u8; 32],
+    /// Taken in `drop`, under the map's lock.
+    mutex: Option<Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl<'a> Turn<'a> {
+    fn take(
+        verifying: &'a Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
+        key: [u8; 32],
+    ) -> Turn<'a> {
+        let mutex = verifying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        Turn {
+            verifying,
+            key,
+            mutex: Some(mutex),
+        }
+    }
+
+    async fn lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        Some(self.mutex.as_ref()?.lock().await)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut verifying = self.verifying.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mine) = self.mutex.take() else {
+            return;
+        };
+        let ours = verifying
+            .get(&self.key)
+            .is_some_and(|m| Arc::ptr_eq(m, &mine));
+        // Let go under the map's lock, where clones are made: two checks ending at once
+        // cannot both see the other still there and both leave the entry.
+        drop(mine);
+        if ours
+            && verifying
+                .get(&self.key)
+                .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            verifying.remove(&self.key);
+        }
+    }
+}
+
+/// What a login for a name no account has is checked against.
+fn unknown_user_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| hash_password("no account has this password").unwrap_or_default())
+        .clone()
+}
+
 const REMEMBER: Duration = Duration::from_secs(60);
 const CONCURRENT_CHECKS: usize = 4;
 
@@ -433,6 +495,9 @@ impl Authenticator {
                 .fetch_optional(&db.pool)
                 .await?;
         let Some((stored, role)) = row else {
+            // Checked all the same, against a hash of nothing: answered at once, a wrong
+            // name would tell itself apart from a wrong password by its speed.
+            self.verify_slowly(password, None).await;
             return Ok(None);
         };
         let role = Role::parse(&role)?;
@@ -451,35 +516,35 @@ impl Authenticator {
         if self.remembers(&key) {
             return Ok(Some(principal));
         }
-        let turn = self
-            .verifying
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_default()
-            .clone();
+        let turn = Turn::take(&self.verifying, key);
         let _turn = turn.lock().await;
         if self.remembers(&key) {
             return Ok(Some(principal));
         }
-        let Ok(_permit) = self.checks.acquire().await else {
-            return Ok(None);
-        };
-        let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || verify(&password, &stored))
-            .await
-            .unwrap_or(false);
+        let ok = self.verify_slowly(password, Some(stored)).await;
         if ok {
             self.verified
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(key, Instant::now());
         }
-        self.verifying
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
         Ok(ok.then_some(principal))
+    }
+
+    /// An Argon2 (or bcrypt) check against `stored` (None: a name no account has), off
+    /// the async threads, when one of the slots for them is free.
+    async fn verify_slowly(&self, password: &str, stored: Option<String>) -> bool {
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        let password = password.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let known = stored.is_some();
+            let stored = stored.unwrap_or_else(unknown_user_hash);
+            verify(&password, &stored) && known
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// Whether these credentials passed a check less than a minute ago.
@@ -493,6 +558,88 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn db_with_alice(dir: &std::path::Path) -> Db {
+        let db = Db::open(&format!("sqlite:{}", dir.join("db").display()))
+            .await
+            .unwrap();
+        add(&db, "alice", Secret::Password("right".into()), Role::User)
+            .await
+            .unwrap();
+        db
+    }
+
+    /// Whether a check of these credentials ends within 100 ms (given up otherwise).
+    async fn answered_soon(auth: &Authenticator, db: &Db, name: &str, password: &str) -> bool {
+        let check = auth.check(db, name, password);
+        tokio::time::timeout(Duration::from_millis(100), check)
+            .await
+            .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_name_is_added_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_alice(dir.path()).await;
+        let again = add(&db, "alice", Secret::Password("other".into()), Role::Admin).await;
+        assert!(matches!(again, Err(UserError::Exists(_))), "{again:?}");
+        let auth = Authenticator::default();
+        assert!(auth.check(&db, "alice", "right").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_check_given_up_half_way_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_alice(dir.path()).await;
+        let auth = Authenticator::default();
+        // Every slot busy: the check waits for one, and its client hangs up there.
+        let busy = auth.checks.acquire_many(CONCURRENT_CHECKS as u32).await;
+        assert!(
+            !answered_soon(&auth, &db, "alice", "wrong").await,
+            "the check was still waiting"
+        );
+        assert!(
+            auth.verifying.lock().unwrap().is_empty(),
+            "a check that ended left its place behind"
+        );
+        drop(busy);
+        assert!(auth.check(&db, "alice", "right").await.unwrap().is_some());
+        assert!(auth.check(&db, "alice", "wrong").await.unwrap().is_none());
+        assert!(auth.verifying.lock().unwrap().is_empty());
+        // Two checks of one credential: whichever ends last takes the entry away.
+        for first_ends_first in [true, false] {
+            let a = Turn::take(&auth.verifying, [7; 32]);
+            let b = Turn::take(&auth.verifying, [7; 32]);
+            let (first, last) = if first_ends_first { (a, b) } else { (b, a) };
+            drop(first);
+            assert_eq!(auth.verifying.lock().unwrap().len(), 1);
+            drop(last);
+            assert!(auth.verifying.lock().unwrap().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_no_account_has_is_checked_like_a_wrong_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = db_with_alice(dir.path()).await;
+        let auth = Authenticator::default();
+        let busy = auth.checks.acquire_many(CONCURRENT_CHECKS as u32).await;
+        // It waits for a check slot as a wrong password does, rather than answer at once
+        // (which told names that have accounts from names that have none).
+        for name in ["alice", "mallory"] {
+            assert!(
+                !answered_soon(&auth, &db, name, "right").await,
+                "{name} was answered without a check"
+            );
+        }
+        drop(busy);
+        assert!(auth.check(&db, "mallory", "right").await.unwrap().is_none());
+        assert!(auth
+            .check(&db, "mallory", "no account has this password")
+            .await
+            .unwrap()
+            .is_none());
+    }
 
     #[test]
     fn names_are_checked_and_passwords_hashed_with_a_salt() {
