@@ -134,7 +134,7 @@ if grep -q stratus_test=live /proc/cmdline; then
     done
     echo "STRATUS3-POWER-BUTTON-DEVICE \$pb"
     ( [ -c "\$pb" ] && dd if=\$pb bs=24 count=1 of=/dev/null 2>/dev/null &&
-        echo "STRATUS3-POWER-BUTTON" && sync && poweroff -f ) &
+        echo "STRATUS3-POWER-BUTTON-PRESSED" && sync && poweroff -f ) &
     ( while :; do echo "STRATUS3-TICK"; sleep 1; done ) &
     echo "STRATUS3-READY"
     dev=; i=0
@@ -312,13 +312,35 @@ echo "VMM2-EXIT rc=\$?"
 echo "L1-RO-DISK-SHA256 \$(sha256sum /ro.img | cut -d' ' -f1)"
 # Third guest: live control through the VMM's API (hot-plug, pause, power button).
 truncate -s 1M /hot.img
+: > /con3.log
 tunctl -t tap5 >/dev/null; brctl addif br0 tap5; ip link set tap5 up
-/vmm --kernel /vmlinux --initrd /initrd --cpus 1 --memory 256 --api-socket /api.sock \
+STRATUS_LOG=info /vmm --kernel /vmlinux --initrd /initrd --cpus 1 --memory 256 --api-socket /api.sock \
   --console file=/con3.log --cmdline "console=ttyS0 reboot=k panic=-1 loglevel=4 stratus_test=live" \
   > /vmm3.out 2>&1 &
 VMM3=\$!
+# The guest's console as it comes (ticks left out), so a run that stops half-way still
+# shows how far the guest got (all of it is printed again at the end).
+tail -n +1 -f /con3.log 2>/dev/null | awk '!/STRATUS3-TICK/ { print "L1-CON3-LIVE " \$0; fflush() }' &
+# Ticks of L1's own: if they stop too, L1 stalled, not the VMM.
+( while :; do sleep 30; echo "L1-ALIVE \$(cut -d' ' -f1 /proc/uptime)"; done ) &
+L1_ALIVE=\$!
 waitcon() { i=0; while ! grep -q "\$1" /con3.log 2>/dev/null; do [ \$i -ge \$2 ] && return 1; sleep 1; i=\$((i+1)); done; }
-api() { /api_call /api.sock "\$@"; }
+# What each of the VMM's threads waits in, for an answer that never came.
+vmm_threads() {
+    for t in /proc/\$VMM3/task/*; do
+        echo "L1-VMM3-THREAD \$(cat \$t/comm) state=\$(awk '/^State/ {print \$2}' \$t/status) wchan=\$(cat \$t/wchan 2>/dev/null)"
+        sed 's/^/L1-VMM3-STACK   /' \$t/stack 2>/dev/null
+    done
+}
+# Bounded: an API that stops answering fails this test's checks instead of holding L1
+# until the harness's timeout, and leaves the VMM's threads on the console; the calls
+# after it are not made.
+api() {
+    [ -e /api-hung ] && return 1
+    timeout 60 /api_call /api.sock "\$@"; rc=\$?
+    [ \$rc = 143 ] && { : > /api-hung; echo "L1-API-TIMEOUT \$*"; vmm_threads; tail -n 20 /vmm3.out; } >&2
+    return \$rc
+}
 waitcon STRATUS3-READY 300 && echo "L1-LIVE-READY"
 api PUT /vm/disks '{"id":"hot1","path":"/hot.img","serial":"hot-disk-1"}' | sed 's/^/L1-API-PUT-DISK /'
 waitcon STRATUS3-HOT-WROTE 120
@@ -341,6 +363,7 @@ api PUT /vm/actions '{"action":"shutdown"}' | sed 's/^/L1-API-SHUTDOWN /'
 i=0; while kill -0 \$VMM3 2>/dev/null && [ \$i -lt 120 ]; do sleep 1; i=\$((i+1)); done
 kill -0 \$VMM3 2>/dev/null && { echo "VMM3-STILL-RUNNING"; kill \$VMM3; }
 wait \$VMM3; echo "VMM3-EXIT rc=\$?"
+kill \$L1_ALIVE; killall tail 2>/dev/null
 grep -v STRATUS3-TICK /con3.log | sed 's/^/L1-CON3 /'
 sed 's/^/L1-VMM3 /' /vmm3.out
 poweroff -f
@@ -429,7 +452,7 @@ check "pause answered" 'L1-API-PAUSE 200 {"state":"paused"'
 check "a paused guest's clock-driven output stops" "L1-PAUSE-HELD"
 check "resume restarts it" "L1-RESUME-TICKS"
 check "the power button is answered 202" "L1-API-SHUTDOWN 202"
-check "the guest sees the power button press" "STRATUS3-POWER-BUTTON"
+check "the guest sees the power button press" "STRATUS3-POWER-BUTTON-PRESSED"
 check "the guest powers off and the VMM exits 0" "VMM3-EXIT rc=0"
 if grep -q "STRATUS2-STILL-ALIVE" "$CONSOLE"; then
     failed=$((failed + 1)); echo "FAIL - the guest survived its own panic"
