@@ -374,6 +374,7 @@ impl DeviceManager {
             .remove_device(usize::from(slot));
         // Dropped here, outside the root's lock: the device's workers are joined.
         drop(removed);
+        self.p.hotplug.slot_freed(slot);
         if let Some(i) = self.disks.iter().position(|d| d.slot == slot) {
             let disk = self.disks.remove(i);
             tracing::info!("disk '{}' ejected from PCI slot {slot}", disk.id);

@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex};
 
 use crate::bus::BusDevice;
+use crate::log_limit::rate_limited;
 
 pub const LEN: u64 = 12;
 
@@ -19,6 +20,11 @@ pub const LEN: u64 = 12;
 struct Pending {
     up: u32,
     down: u32,
+    /// Slots the VMM asked the guest to free and that it has not ejected yet: the only
+    /// ones an eject takes down. A guest's eject of any other slot (its own idea, or a
+    /// write repeated after the slot was given to a new device) would take a device away
+    /// behind the back of whoever plugged it.
+    removal_asked: u32,
 }
 
 /// What the VMM does when the guest ejects slots (a bitmap).
@@ -38,12 +44,22 @@ impl HotplugSlots {
         let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
         p.up |= 1 << slot;
         p.down &= !(1 << slot);
+        p.removal_asked &= !(1 << slot);
     }
 
     pub fn removal_requested(&self, slot: u8) {
         let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
         p.down |= 1 << slot;
         p.up &= !(1 << slot);
+        p.removal_asked |= 1 << slot;
+    }
+
+    /// The slot's device is gone: a removal asked again after the guest's eject (a second
+    /// DELETE) must not let a later eject take the slot's next device.
+    pub fn slot_freed(&self, slot: u8) {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.down &= !(1 << slot);
+        p.removal_asked &= !(1 << slot);
     }
 }
 
@@ -79,8 +95,21 @@ impl BusDevice for PciHotplug {
         let (8, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) else {
             return;
         };
-        // Slot 0 is the host bridge: never ejectable.
-        let slots = u32::from_le_bytes(bytes) & !1;
+        let written = u32::from_le_bytes(bytes);
+        let slots = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let slots = written & p.removal_asked;
+            p.removal_asked &= !slots;
+            slots
+        };
+        if written & !slots != 0 {
+            // The guest writes the register at will.
+            rate_limited!(
+                tracing::Level::WARN,
+                "the guest ejected PCI slots {:#x} that no removal was asked for; ignored",
+                written & !slots
+            );
+        }
         if slots != 0 {
             (self.on_eject)(slots);
         }
@@ -116,6 +145,23 @@ mod tests {
         dev.write(8, &[0x10]);
         dev.write(0, &(1u32 << 5).to_le_bytes());
         assert!(rx.try_recv().is_err());
+        // Only slots the VMM asked to free are taken down, each once: an eject of the
+        // guest's own idea, or one repeated after the slot got a new device, is not.
+        dev.write(8, &(1u32 << 3).to_le_bytes());
+        dev.write(8, &(1u32 << 4).to_le_bytes());
+        slots.removal_requested(5);
+        slots.removal_requested(6);
+        slots.device_added(6);
+        slots.removal_requested(7);
+        slots.slot_freed(7);
+        dev.write(8, &(0b1111u32 << 4).to_le_bytes());
+        assert_eq!(rx.try_recv().unwrap(), 1 << 5);
+        assert!(rx.try_recv().is_err());
+        assert_eq!(
+            read32(&mut dev, 4),
+            1 << 5,
+            "a freed slot is no longer to eject"
+        );
         let mut short = [0xffu8; 2];
         dev.read(0, &mut short);
         assert_eq!(short, [0, 0]);
