@@ -131,11 +131,52 @@ struct Status {
     creating: bool,
 }
 
-/// The create under way has ended, either way (a failed one took the VM out of the map
-/// first): a repeated create waiting for it looks again.
-fn created(vm: &Vm) {
-    vm.status().creating = false;
-    vm.changed.notify_waiters();
+impl Status {
+    /// A VM in `state` that this agent has done nothing to yet.
+    fn new(state: VmState) -> Self {
+        Status {
+            state,
+            pid: None,
+            pid_start_time: None,
+            exit: None,
+            restarts: 0,
+            stop_requested: false,
+            attached: Vec::new(),
+            attaching: Default::default(),
+            started: None,
+            quick_reboots: 0,
+            waiting_to_restart: false,
+            deleting: false,
+            creating: false,
+        }
+    }
+}
+
+/// Held by the create under way; dropped however the create ends (a failed one took the
+/// VM out of the map first), it lets a repeated create waiting for the outcome look again
+/// rather than wait for good. A panic half-way leaves the VM failed, not Starting for good
+/// with no VMM.
+struct CreateUnderWay {
+    vm: Arc<Vm>,
+    manager: Arc<VmManager>,
+}
+
+impl Drop for CreateUnderWay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.manager.mark_ended(
+                &self.vm,
+                VmState::Failed,
+                VmExit {
+                    code: None,
+                    reason: "the node agent failed while it started the VM".to_owned(),
+                    at: chrono::Utc::now(),
+                },
+            );
+        }
+        self.vm.status().creating = false;
+        self.vm.changed.notify_waiters();
+    }
 }
 
 /// A create or a delete is under way: what a repeated create answers depends on it.
@@ -808,19 +849,12 @@ impl VmManager {
     /// A recorded VM, in the map as the record left it.
     fn know(&self, record: &VmRecord) -> Arc<Vm> {
         let status = Status {
-            state: record.state,
             pid: record.pid,
             pid_start_time: record.pid_start_time,
             exit: record.exit.clone(),
             restarts: record.restarts,
-            stop_requested: false,
             attached: record.attached.clone(),
-            attaching: Default::default(),
-            started: None,
-            quick_reboots: 0,
-            waiting_to_restart: false,
-            deleting: false,
-            creating: false,
+            ..Status::new(record.state)
         };
         let vm = self.new_vm(
             &record.id,
@@ -1018,16 +1052,19 @@ impl VmManager {
                 changed.await;
             }
         };
+        let under_way = CreateUnderWay {
+            vm: vm.clone(),
+            manager: self.clone(),
+        };
         // The record goes first: from here a crash leaves a create to finish.
         if let Err(e) = record::save(&self.config.vms_dir(), &vm.record()) {
             self.vms().remove(id);
-            created(&vm);
             return Err(e.into());
         }
         if self.no_vm() {
             vm.status().state = VmState::Running;
             self.save(&vm);
-            created(&vm);
+            drop(under_way);
             return Ok((self.info(&vm).await, true));
         }
         let started = match self.plug_nics(&vm).await {
@@ -1037,10 +1074,10 @@ impl VmManager {
         if let Err(e) = started {
             self.unplug_nics(&vm).await;
             self.roll_back(&vm);
-            created(&vm);
             return Err(e);
         }
-        created(&vm);
+        // Waiters go on before the VMM's counters are asked for.
+        drop(under_way);
         Ok((self.info(&vm).await, true))
     }
 
@@ -1072,19 +1109,8 @@ impl VmManager {
             });
         }
         let status = Status {
-            state: VmState::Starting,
-            pid: None,
-            pid_start_time: None,
-            exit: None,
-            restarts: 0,
-            stop_requested: false,
-            attached: Vec::new(),
-            attaching: Default::default(),
-            started: None,
-            quick_reboots: 0,
-            waiting_to_restart: false,
-            deleting: false,
             creating: true,
+            ..Status::new(VmState::Starting)
         };
         // Chosen here, under the lock and before the first record: a VM is never
         // recorded (nor its VMM started) without the user it runs as.
