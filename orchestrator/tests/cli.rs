@@ -1093,26 +1093,48 @@ fn volumes_through_the_links(backend: Backend) {
     let bob_api = ("bob", "bob-password");
     let detach_path = format!("/disks/{data}/mounts/{bobs}");
     let mount = serde_json::json!({ "vm_id": bobs });
-    let (status, e) = cloud.call_as(
-        bob_api,
-        "POST",
-        &format!("/disks/{data}/mounts"),
-        Some(&mount),
+    let bob_attaches = || {
+        cloud.call_as(
+            bob_api,
+            "POST",
+            &format!("/disks/{data}/mounts"),
+            Some(&mount),
+        )
+    };
+    // On Alice's VM, it is in use for Bob, on a VM he is not told.
+    user.ok("stratus-attach-volume", &["-i", &vm.to_string(), &data]);
+    wait_mount_state(&cloud, alice, &data, "attached");
+    let (status, e) = bob_attaches();
+    assert_eq!(status, 409, "{e}");
+    assert_eq!(error(&e), format!("disk {data} is attached to another VM"));
+    let (_, seen) = cloud.call_as(bob_api, "GET", &format!("/disks/{data}"), None);
+    assert_eq!(
+        (&seen["count"], &seen["mounts"]),
+        (&json!(1), &json!([])),
+        "{seen}"
     );
+    user.ok("stratus-detach-volume", &["-i", &vm.to_string(), &data]);
+    wait_mount_state(&cloud, alice, &data, "none");
+    let (status, e) = bob_attaches();
     assert_eq!(status, 202, "{e}");
     wait_mount_state(&cloud, alice, &data, "attached");
+    // Its mount on his own VM is Bob's to see.
+    let (_, seen) = cloud.call_as(bob_api, "GET", &format!("/disks/{data}/mounts"), None);
+    assert_eq!(seen[0]["vm_id"], json!(bobs), "{seen}");
+    // Which VM has it is told to Bob (his VM) and Alice (her volume).
+    let to_alices = serde_json::json!({ "vm_id": vm });
+    for (asker, to) in [(bob_api, &mount), (alice, &to_alices)] {
+        let (status, e) = cloud.call_as(asker, "POST", &format!("/disks/{data}/mounts"), Some(to));
+        assert_eq!(status, 409, "{e}");
+        assert_eq!(error(&e), format!("disk {data} is attached to VM {bobs}"));
+    }
     let private = serde_json::json!({ "visibility": "private" });
     let (status, e) = cloud.call_as(alice, "PUT", &format!("/disks/{data}"), Some(&private));
     assert_eq!(status, 200, "{e}");
     let (status, e) = cloud.call_as(bob_api, "DELETE", &detach_path, None);
     assert_eq!(status, 202, "{e}");
     wait_mount_state(&cloud, alice, &data, "none");
-    let (status, e) = cloud.call_as(
-        bob_api,
-        "POST",
-        &format!("/disks/{data}/mounts"),
-        Some(&mount),
-    );
+    let (status, e) = bob_attaches();
     assert_eq!(status, 403, "{e}");
     assert_eq!(error(&e), "Not enough rights to attach disk");
     let public = serde_json::json!({ "visibility": "public" });

@@ -1305,8 +1305,23 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
         Some(&json!({"visibility": "public"})),
     );
     assert_eq!(status, 200, "{e}");
-    let (status, e) = cloud.call_as(bob, "GET", &format!("/disks/{first_root}"), None);
-    assert_eq!(status, 200, "{e}");
+    let (status, seen) = cloud.call_as(bob, "GET", &format!("/disks/{first_root}"), None);
+    assert_eq!(status, 200, "{seen}");
+    // How many use it, not whose VMs they are: that is Alice's business.
+    assert_eq!(
+        (&seen["count"], &seen["mounts"]),
+        (&json!(1), &json!([])),
+        "{seen}"
+    );
+    let (_, listed) = cloud.call_as(bob, "GET", "/disks", None);
+    let listed = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["uuid"] == first_root.as_str());
+    assert_eq!(listed.unwrap()["mounts"], json!([]), "{listed:?}");
+    let (_, own) = cloud.call_as(alice, "GET", &format!("/disks/{first_root}"), None);
+    assert_eq!(own["mounts"][0]["vm_id"], json!(first), "{own}");
 
     // The first VM ends: its root is quarantined (the service's now, and private), then
     // collected.

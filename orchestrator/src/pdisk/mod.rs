@@ -1091,9 +1091,9 @@ pub async fn derive(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<Volume
         Some(kind) if kind.is_live() => {
             // A copy of a disk a guest is writing would be torn.
             if let Some(m) = mounts_of_volume(&mut tx, &uuid).await?.first() {
+                let holder = holder_for(&mut tx, who, &source, m.vm_id).await?;
                 return Err(VolumeError::Conflict(format!(
-                    "disk {uuid} is attached to VM {}: detach it before rebasing it",
-                    m.vm_id
+                    "disk {uuid} is attached to {holder}: detach it before rebasing it"
                 )));
             }
             (kind.origin(), None, false)
@@ -1204,7 +1204,8 @@ pub async fn list(cloud: &Cloud, who: &Principal) -> Result<Vec<VolumeView>, Vol
     };
     let mut out = Vec::with_capacity(rows.len());
     for row in rows {
-        out.push(view(&mut conn, row).await?);
+        let view = view(&mut conn, row).await?;
+        out.push(seen_by(&mut conn, view, who).await?);
     }
     Ok(out)
 }
@@ -1213,7 +1214,52 @@ pub async fn get(cloud: &Cloud, who: &Principal, uuid: &str) -> Result<VolumeVie
     let uuid = parse_uuid(uuid)?;
     let mut conn = cloud.db.pool.acquire().await?;
     let row = load_visible(&mut conn, who, &uuid, "see").await?;
-    view(&mut conn, row).await
+    let view = view(&mut conn, row).await?;
+    seen_by(&mut conn, view, who).await
+}
+
+/// Which VMs a volume is on is its owner's business (and the admins'): the other users a
+/// public volume is shown to see how many use it, and its mounts on VMs of their own.
+async fn seen_by(
+    conn: &mut AnyConnection,
+    mut view: VolumeView,
+    who: &Principal,
+) -> Result<VolumeView, VolumeError> {
+    if who.is_admin() || who.name == view.owner || view.mounts.is_empty() {
+        return Ok(view);
+    }
+    let theirs: Vec<(i64,)> = sqlx::query_as(
+        "SELECT m.vm_id FROM mounts m JOIN vms v ON v.id = m.vm_id \
+         WHERE m.volume_uuid = $1 AND v.owner = $2",
+    )
+    .bind(&view.uuid)
+    .bind(&who.name)
+    .fetch_all(&mut *conn)
+    .await?;
+    view.mounts
+        .retain(|m| theirs.iter().any(|(id,)| *id == m.vm_id));
+    Ok(view)
+}
+
+/// The VM holding volume `row`, as `who` may be told of it: by its id to admins, the
+/// volume's owner and the VM's, as "another VM" to the users a public volume is shown to.
+async fn holder_for(
+    conn: &mut AnyConnection,
+    who: &Principal,
+    row: &VolumeRow,
+    vm: i64,
+) -> Result<String, VolumeError> {
+    let vm_owner: Option<(String,)> = sqlx::query_as("SELECT owner FROM vms WHERE id = $1")
+        .bind(vm)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let named = who.is_admin()
+        || row.owner == who.name
+        || vm_owner.is_some_and(|(owner,)| owner == who.name);
+    Ok(match named {
+        true => format!("VM {vm}"),
+        false => "another VM".to_owned(),
+    })
 }
 
 pub async fn update(
@@ -1738,13 +1784,12 @@ async fn take(
     .await?
     .rows_affected();
     if inserted == 0 {
-        let holder = mounts_of_volume(conn, uuid)
-            .await?
-            .first()
-            .map(|m| m.vm_id.to_string())
-            .unwrap_or_else(|| "another VM".into());
+        let holder = match mounts_of_volume(conn, uuid).await?.first() {
+            Some(m) => holder_for(conn, who, &row, m.vm_id).await?,
+            None => "another VM".to_owned(),
+        };
         return Err(VolumeError::Conflict(format!(
-            "disk {uuid} is attached to VM {holder}"
+            "disk {uuid} is attached to {holder}"
         )));
     }
     Ok((row, device))
