@@ -2854,4 +2854,8 @@ fn an_https_cloud_is_reached_through_the_sites_own_ca() {
         set.starts_with("__Host-stratus_login=") && set.ends_with("; Secure"),
         "{set}"
     );
+    assert_eq!(
+        page.headers()["strict-transport-security"],
+        "max-age=31536000"
+    );
 }

@@ -187,6 +187,8 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         .contains("default-src 'self'"));
     // Pages are never kept by the browser (a logged-out shared machine's Back button).
     assert_eq!(page.header("cache-control"), Some("no-store"));
+    // Plain HTTP: no promise of HTTPS to come (that is the HTTPS console's, in cli.rs).
+    assert_eq!(page.header("strict-transport-security"), None);
     let token = csrf_of(&page.text());
     let forged = http_with(
         addr,
@@ -510,7 +512,8 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     assert!(xml
         .header("content-type")
         .unwrap()
-        .starts_with("application/xml"));
+        .starts_with("text/plain"));
+    assert_eq!(xml.header("x-content-type-options"), Some("nosniff"));
     assert!(xml.text().contains("Signature") && xml.text().contains(&image));
     assert!(xml
         .header("content-security-policy")

@@ -382,7 +382,9 @@ pub async fn raw(
     Path((format, identifier, email, created)): Path<(String, String, String, String)>,
 ) -> Response {
     let (accept, content_type) = match format.as_str() {
-        "xml" => ("application/rdf+xml", "application/xml; charset=utf-8"),
+        // As text: XML the browser renders may carry XHTML, a page of the endorser's
+        // making under the console's address.
+        "xml" => ("application/rdf+xml", "text/plain; charset=utf-8"),
         "json" => ("application/json", "application/json"),
         other => {
             return refused(

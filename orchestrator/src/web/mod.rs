@@ -94,7 +94,7 @@ pub fn router(cloud: Arc<Cloud>) -> Router<Arc<Cloud>> {
             get(|| async { asset("text/css; charset=utf-8", STYLE) }),
         )
         .merge(logged_in)
-        .layer(middleware::from_fn(security_headers))
+        .layer(middleware::from_fn_with_state(cloud, security_headers))
 }
 
 async fn no_such_page(uri: axum::http::Uri) -> Response {
@@ -126,9 +126,21 @@ fn asset(content_type: &'static str, bytes: &'static [u8]) -> Response {
 }
 
 /// Nothing of the console may be framed by or load from other sites.
-async fn security_headers(request: Request, next: Next) -> Response {
+async fn security_headers(
+    State(cloud): State<Arc<Cloud>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let mut response = next.run(request).await;
     let headers = response.headers_mut();
+    // Reached over HTTPS: the browser is to come back that way only, so that a network
+    // that strips TLS from a later visit cannot show a look-alike login page.
+    if cloud.config.secure_cookies() {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     // A handler may have set a stricter one (the Marketplace's raw XML is sandboxed).
     if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
         headers.insert(
@@ -387,9 +399,16 @@ struct LoginQuery {
 
 /// Only paths of the console itself: `next` must not send the user to another site.
 fn safe_next(next: Option<&str>) -> String {
-    next.filter(|n| n.starts_with("/ui/") && !n.starts_with("//") && !n.contains('\\'))
-        .unwrap_or("/ui/")
-        .to_owned()
+    // Visible ASCII only: it goes into a Location header, where a control character or a
+    // raw UTF-8 byte would be refused after the login had succeeded.
+    next.filter(|n| {
+        n.starts_with("/ui/")
+            && !n.starts_with("//")
+            && !n.contains('\\')
+            && n.bytes().all(|b| b.is_ascii_graphic())
+    })
+    .unwrap_or("/ui/")
+    .to_owned()
 }
 
 async fn login_form(
@@ -551,6 +570,14 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/ui/")), "/ui/");
         assert_eq!(safe_next(Some("/ui/\\evil")), "/ui/");
         assert_eq!(safe_next(None), "/ui/");
+        assert_eq!(safe_next(Some("/ui/\n")), "/ui/");
+        assert_eq!(safe_next(Some("/ui/\u{7f}")), "/ui/");
+        assert_eq!(safe_next(Some("/ui/é")), "/ui/");
+        assert_eq!(safe_next(Some("/ui/a b")), "/ui/");
+        assert_eq!(
+            safe_next(Some("/ui/vms?page=2&x=%C3%A9")),
+            "/ui/vms?page=2&x=%C3%A9"
+        );
     }
 
     #[test]

@@ -111,16 +111,21 @@ pub async fn end(db: &Db, user: &WebUser) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The value of cookie `name` in a request's `Cookie` headers.
+/// The value of cookie `name` in a request's `Cookie` headers; none when the name comes
+/// twice. Without the `__Host-` prefix (plain HTTP), a site on a sibling subdomain can set
+/// a cookie of the same name beside ours, and browsers send the one with the longer path
+/// first: taking the first would log the user in as whoever planted it.
 pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
+    let mut values = headers
         .get_all(axum::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v);
+    let first = values.next()?;
+    values.next().is_none().then_some(first)
 }
 
 /// The name cookie `name` goes by. Over HTTPS it carries the `__Host-` prefix: browsers
@@ -160,6 +165,13 @@ mod tests {
         assert_eq!(cookie(&headers, COOKIE), Some("yes"));
         assert_eq!(cookie(&headers, "b"), Some("2"));
         assert_eq!(cookie(&headers, "c"), None);
+        headers.append("cookie", "stratus_session=planted".parse().unwrap());
+        assert_eq!(
+            cookie(&headers, COOKIE),
+            None,
+            "a name sent twice is not taken"
+        );
+        assert_eq!(cookie(&headers, "b"), Some("2"));
         assert!(same_token("abc", "abc"));
         assert!(!same_token("ab", "abc"));
         assert!(
