@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -556,8 +556,9 @@ fn a_vm_restarted_with_its_hot_plugged_disks_keeps_what_is_left_of_the_free_slot
     std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
     let _ = std::fs::remove_file(&socket);
     agent.launch();
+    // Finished in the background, once the agent listens.
+    agent.wait_state("full", "running");
     let (_, vm) = agent.call("GET", "/vms/full", None);
-    assert_eq!(vm["state"], "running", "{vm}");
     assert_eq!(vm["attached"][0]["id"], "extra", "{vm}");
     assert_eq!(
         vm["counters"]["disks"].as_object().unwrap().len(),
@@ -1872,23 +1873,98 @@ fn a_create_whose_client_hangs_up_is_finished_all_the_same() {
 /// A web server that answers every request with a 404, `delay` after it came; returns its
 /// address and how many requests came so far.
 fn slowly_failing_server(delay: Duration) -> (String, std::sync::Arc<AtomicUsize>) {
+    let (server, requests, _) = failing_server(delay);
+    (server, requests)
+}
+
+/// A web server that answers every request with a 404 once it has held it for `hold` or
+/// the returned flag is set, whichever comes first; returns its address and how many
+/// requests came so far.
+fn failing_server(
+    hold: Duration,
+) -> (
+    String,
+    std::sync::Arc<AtomicUsize>,
+    std::sync::Arc<AtomicBool>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let requests = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = requests.clone();
+    let open = std::sync::Arc::new(AtomicBool::new(false));
+    let (counted, opened) = (requests.clone(), open.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { return };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            counted.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(delay);
-            let _ = stream.write_all(
-                b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            );
+            let (counted, opened) = (counted.clone(), opened.clone());
+            std::thread::spawn(move || {
+                let mut request = [0u8; 4096];
+                let _ = stream.read(&mut request);
+                counted.fetch_add(1, Ordering::SeqCst);
+                let came = Instant::now();
+                while came.elapsed() < hold && !opened.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                );
+            });
         }
     });
-    (format!("http://{addr}"), requests)
+    (format!("http://{addr}"), requests, open)
+}
+
+/// A create cut short by the agent's death is finished once the agent is back, while its
+/// API serves: the image's download may take minutes, and an agent that answered nothing
+/// meanwhile looked down to the orchestrator. A create of the VM repeated meanwhile waits
+/// for the outcome (here the download's failure) rather than answer "starting".
+#[test]
+fn a_create_cut_short_is_finished_while_the_restarted_agent_serves() {
+    let mut agent = Agent::start(4, 1024);
+    let (server, requests, open) = failing_server(2 * DEADLINE);
+    let mut entry = marketplace_image(agent.dir.path());
+    entry["locations"] = json!([format!("{server}/appliance.img")]);
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry}});
+    // Sent, never read: the agent dies while the create waits for the image.
+    let body = spec.to_string();
+    let mut first = TcpStream::connect(agent.addr).unwrap();
+    write!(
+        first,
+        "PUT /vms/cut HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let downloads = |n: usize| {
+        let deadline = Instant::now() + DEADLINE;
+        while requests.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "download {n} never came");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    downloads(1);
+    agent.crash();
+    drop(first);
+    // Listening (launch waits for it) with the download held.
+    agent.launch();
+    downloads(2);
+    let (status, vm) = agent.call("GET", "/vms/cut", None);
+    assert_eq!((status, &vm["state"]), (200, &json!("starting")), "{vm}");
+    let repeated = std::thread::scope(|s| {
+        let repeated = s.spawn(|| agent.call("PUT", "/vms/cut", Some(&spec)));
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(!repeated.is_finished(), "the repeated create did not wait");
+        open.store(true, Ordering::SeqCst);
+        repeated.join().unwrap()
+    });
+    assert_eq!(repeated.1["state"], "failed", "{repeated:?}");
+    let vm = agent.wait_state("cut", "failed");
+    assert!(
+        vm["exit"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("cannot start the VMM"),
+        "{vm}"
+    );
 }
 
 #[test]

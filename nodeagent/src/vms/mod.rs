@@ -125,9 +125,9 @@ struct Status {
     waiting_to_restart: bool,
     /// A delete is removing the VM's files; it leaves the map last.
     deleting: bool,
-    /// The create that made it is still starting it, and takes it out of the map again if
-    /// the start fails: a repeated create waits for that outcome rather than answer for a
-    /// VM that may be about to vanish.
+    /// The create that made it (or the agent finishing one cut short) is still starting it:
+    /// a repeated create waits for the outcome rather than answer for a VM that may be
+    /// about to vanish (a failed create takes it out of the map) or fail.
     creating: bool,
 }
 
@@ -153,9 +153,9 @@ impl Status {
 }
 
 /// Held by the create under way; dropped however the create ends (a failed one took the
-/// VM out of the map first), it lets a repeated create waiting for the outcome look again
-/// rather than wait for good. A panic half-way leaves the VM failed, not Starting for good
-/// with no VMM.
+/// VM out of the map, or marked it failed, first), it lets a repeated create waiting for
+/// the outcome look again rather than wait for good. A panic half-way leaves the VM
+/// failed, not Starting for good with no VMM.
 struct CreateUnderWay {
     vm: Arc<Vm>,
     manager: Arc<VmManager>,
@@ -723,7 +723,8 @@ fn describe_exit(ended: Ended, status_file: &Path, log: &Path) -> VmExit {
 
 impl VmManager {
     /// Loads the records and takes every VM back: running VMMs are adopted, VMs whose VMM
-    /// ended meanwhile get their end state, and creates that were cut short are finished.
+    /// ended meanwhile get their end state, and creates that were cut short are started
+    /// again, in the background.
     pub async fn recover(
         config: Arc<AgentConfig>,
         metrics: Arc<Metrics>,
@@ -836,7 +837,10 @@ impl VmManager {
         if let Some(uid) = vm.jail_uid.get() {
             return Ok(*uid);
         }
-        let uid = self.free_jail_uid(&self.vms())?;
+        // Chosen and taken under the map's lock, as a new VM's is: a create meanwhile (a
+        // cut-short create finishes while the API serves) would otherwise take it too.
+        let vms = self.vms();
+        let uid = self.free_jail_uid(&vms)?;
         Ok(*vm.jail_uid.get_or_init(|| uid))
     }
 
@@ -934,17 +938,28 @@ impl VmManager {
             }
             None if record.state == VmState::Starting && record.pid.is_none() => {
                 tracing::info!("VM {}: finishing a create cut short", vm.id);
-                if let Err(e) = self.start(&vm).await {
-                    self.mark_ended(
-                        &vm,
-                        VmState::Failed,
-                        VmExit {
-                            code: None,
-                            reason: format!("cannot start the VMM: {e}"),
-                            at: chrono::Utc::now(),
-                        },
-                    );
-                }
+                // In the background: its image may take minutes to download, and an agent
+                // whose API did not answer meanwhile would look down. A create of it
+                // repeated meanwhile waits for the outcome, as it does for any create.
+                vm.status().creating = true;
+                let manager = self.clone();
+                tokio::spawn(async move {
+                    let _under_way = CreateUnderWay {
+                        vm: vm.clone(),
+                        manager: manager.clone(),
+                    };
+                    if let Err(e) = manager.start(&vm).await {
+                        manager.mark_ended(
+                            &vm,
+                            VmState::Failed,
+                            VmExit {
+                                code: None,
+                                reason: format!("cannot start the VMM: {e}"),
+                                at: chrono::Utc::now(),
+                            },
+                        );
+                    }
+                });
             }
             None => {
                 let exit = describe_exit(
