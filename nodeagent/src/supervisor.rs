@@ -203,10 +203,15 @@ pub fn socket_peer_pid(path: &Path) -> Option<u32> {
     socket_peer(path).map(|(pid, _)| pid)
 }
 
-/// The process serving the Unix socket at `path` and the user it runs as.
+/// The process serving the Unix socket at `path` and the user it runs as; none when
+/// nothing serves it, or when its server takes no connection now (a hung VMM's full
+/// backlog, where a blocking connect would wait for good).
 pub fn socket_peer(path: &Path) -> Option<(u32, u32)> {
+    use socket2::{Domain, SockAddr, Socket, Type};
     use std::os::unix::io::AsRawFd;
-    let stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let stream = Socket::new(Domain::UNIX, Type::STREAM.nonblocking().cloexec(), None).ok()?;
+    // A Unix socket's connect completes at once or fails (EAGAIN for a full backlog).
+    stream.connect(&SockAddr::unix(path).ok()?).ok()?;
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -241,6 +246,35 @@ mod tests {
             "a different start time is another process"
         );
         assert!(process_start_time(u32::MAX >> 1).is_none());
+    }
+
+    #[test]
+    fn a_socket_whose_server_takes_no_connection_is_asked_without_waiting() {
+        use socket2::{Domain, SockAddr, Socket, Type};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        assert_eq!(
+            socket_peer(&path).map(|(pid, _)| pid),
+            Some(std::process::id())
+        );
+        // Never accepted: the backlog fills.
+        let mut waiting = Vec::new();
+        loop {
+            let client = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).unwrap();
+            if client.connect(&SockAddr::unix(&path).unwrap()).is_err() {
+                break;
+            }
+            waiting.push(client);
+            assert!(waiting.len() < 64, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = path.clone();
+        std::thread::spawn(move || tx.send(socket_peer(&asked)).unwrap());
+        let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(answer, Ok(None), "the question waited for the server");
     }
 
     #[test]
