@@ -431,6 +431,32 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     assert!(page.contains(&format!(
         "href=\"/ui/instances/{vm}\">VM {vm}</a> as vdz, attached since"
     )));
+    // Made public while Alice's VM holds it: Bob sees that it is in use, not which VM has
+    // it, and gets no Attach form that could only be refused.
+    let (status, e) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{uuid}"),
+        Some(&json!({"visibility": "public"})),
+    );
+    assert_eq!(status, 200, "{e}");
+    let bobs_view = b.get(&format!("/ui/volumes/{uuid}")).text();
+    assert_eq!(
+        element_text(&bobs_view, "volume-mounts").unwrap(),
+        "another user's VM"
+    );
+    assert!(element_text(&bobs_view, "in-use").is_some(), "{bobs_view}");
+    assert!(!bobs_view.contains("id=\"attach\""));
+    assert!(!bobs_view.contains(&format!("VM {vm}")));
+    let bobs_list = b.get("/ui/volumes").text();
+    assert!(bobs_list.contains(&uuid) && bobs_list.contains("another user's VM"));
+    let (status, e) = cloud.call_as(
+        alice,
+        "PUT",
+        &format!("/disks/{uuid}"),
+        Some(&json!({"visibility": "private"})),
+    );
+    assert_eq!(status, 200, "{e}");
     // Deleting a mounted volume: the API's 409 and reason.
     let (status, api) = cloud.call_as(alice, "DELETE", &format!("/disks/{uuid}"), None);
     let page = a.post(&format!("/ui/volumes/{uuid}/delete"), &[]);
