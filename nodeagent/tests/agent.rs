@@ -1967,6 +1967,57 @@ fn a_create_cut_short_is_finished_while_the_restarted_agent_serves() {
     );
 }
 
+/// A create cut short whose NICs the restarted agent cannot plug (its network is gone from
+/// the configuration) fails as the create would have, rather than start a VM with no
+/// network: nothing is downloaded or started for it again.
+#[test]
+fn a_create_cut_short_whose_nics_cannot_be_plugged_fails() {
+    // SAFETY: unshare changes only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "needs root"
+    );
+    run("ip", &["link", "set", "lo", "up"]);
+    let networks =
+        "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
+                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\n";
+    let mut agent = Agent::start_with(4, 1024, networks);
+    let (server, requests, _open) = failing_server(2 * DEADLINE);
+    let mut entry = marketplace_image(agent.dir.path());
+    entry["locations"] = json!([format!("{server}/appliance.img")]);
+    let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry},
+        "nics": [{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:12", "ip": "198.18.5.18"}]});
+    let body = spec.to_string();
+    let mut first = TcpStream::connect(agent.addr).unwrap();
+    write!(
+        first,
+        "PUT /vms/unplugged HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while requests.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "the image was never asked for");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    agent.crash();
+    drop(first);
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, config.replace(networks, "\n")).unwrap();
+    agent.launch();
+    let vm = agent.wait_state("unplugged", "failed");
+    let reason = vm["exit"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with("cannot plug its NICs"), "{vm}");
+    assert!(reason.contains("public"), "{vm}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(requests.load(Ordering::SeqCst), 1, "the create went on");
+    // Its network gone, it can still be deleted.
+    assert_eq!(agent.call("DELETE", "/vms/unplugged", None).0, 204);
+    assert_eq!(agent.call("GET", "/vms/unplugged", None).0, 404);
+}
+
 #[test]
 fn a_create_repeated_while_the_first_is_starting_waits_for_its_outcome() {
     let agent = Agent::start(4, 1024);

@@ -876,7 +876,8 @@ impl VmManager {
             return;
         }
         // TAPs and leases live until the VM is deleted; make sure they are all there.
-        if let Err(e) = self.plug_nics(&vm).await {
+        let nics = self.plug_nics(&vm).await;
+        if let Err(e) = &nics {
             tracing::error!("VM {}: cannot restore its NICs: {e}", vm.id);
         }
         if !record.state.is_active() {
@@ -937,6 +938,20 @@ impl VmManager {
                 }
             }
             None if record.state == VmState::Starting && record.pid.is_none() => {
+                // As its create would have: a VM started without its TAP or its lease
+                // would run with no network.
+                if let Err(e) = nics {
+                    self.mark_ended(
+                        &vm,
+                        VmState::Failed,
+                        VmExit {
+                            code: None,
+                            reason: format!("cannot plug its NICs: {e}"),
+                            at: chrono::Utc::now(),
+                        },
+                    );
+                    return;
+                }
                 tracing::info!("VM {}: finishing a create cut short", vm.id);
                 // In the background: its image may take minutes to download, and an agent
                 // whose API did not answer meanwhile would look down. A create of it
