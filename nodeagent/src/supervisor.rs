@@ -171,8 +171,10 @@ pub fn parent_pid(pid: u32) -> Option<u32> {
 /// A process this agent's user runs from `binary` with `--api-socket <socket>` among its
 /// arguments: a VMM (or jailer) launched for the VM whose socket that is, found where its
 /// pid was never recorded (the agent died between starting it and saving the pid) and
-/// its socket not yet bound. Only the agent's user can start a process from that binary
-/// with those arguments, so none is taken for another user's.
+/// its socket not yet bound, or its server taking no connection (a hung VMM). Only the
+/// agent's user can start a process from that binary with those arguments, so none is
+/// taken for another user's. One started from a binary since replaced in place (an upgrade
+/// while it ran) counts too: the kernel then names its executable "<path> (deleted)".
 pub fn launched_for(binary: &Path, socket: &Path) -> Option<u32> {
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
@@ -189,7 +191,9 @@ pub fn launched_for(binary: &Path, socket: &Path) -> Option<u32> {
             if entry.metadata().ok()?.uid() != agent_uid {
                 return None;
             }
-            if std::fs::read_link(dir.join("exe")).ok()? != binary {
+            let exe = std::fs::read_link(dir.join("exe")).ok()?;
+            let replaced = [binary.as_os_str().as_bytes(), b" (deleted)"].concat();
+            if exe != binary && exe.as_os_str().as_bytes() != replaced.as_slice() {
                 return None;
             }
             let cmdline = std::fs::read(dir.join("cmdline")).ok()?;
@@ -275,6 +279,35 @@ mod tests {
         std::thread::spawn(move || tx.send(socket_peer(&asked)).unwrap());
         let answer = rx.recv_timeout(std::time::Duration::from_secs(10));
         assert_eq!(answer, Ok(None), "the question waited for the server");
+    }
+
+    #[test]
+    fn a_process_launched_from_a_binary_since_replaced_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("stratus-vmm");
+        std::fs::copy("/bin/sh", &binary).unwrap();
+        let socket = dir.path().join("api.sock");
+        // The shell waits in its `read` builtin, with the arguments a VMM has.
+        let mut child = std::process::Command::new(&binary)
+            .args(["-c", "read line", "--api-socket"])
+            .arg(&socket)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while launched_for(&binary, &socket).is_none() {
+            assert!(std::time::Instant::now() < deadline, "never found");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(launched_for(&binary, &socket), Some(child.id()));
+        assert_eq!(launched_for(&binary, &dir.path().join("other.sock")), None);
+        // An upgrade replaces the binary under the running process.
+        std::fs::remove_file(&binary).unwrap();
+        std::fs::copy("/bin/sh", &binary).unwrap();
+        let found = launched_for(&binary, &socket);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found, Some(child.id()));
     }
 
     #[test]
