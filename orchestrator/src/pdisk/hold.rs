@@ -23,6 +23,10 @@ use crate::db::{self, Db, DbError};
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How long a passing row may go without a sign of life before another takes it over.
 pub const ABANDONED: Duration = Duration::from_secs(30);
+/// How soon a renewal that failed is tried again: waiting a whole heartbeat left one more
+/// try before the hold lapsed, so a database away for a little over ten seconds cost the
+/// work under way.
+const RENEWAL_RETRY: Duration = Duration::from_secs(1);
 
 /// How far the replicas' clocks may be apart: a holder stops touching the storage this
 /// long before its row could look abandoned to another replica.
@@ -171,11 +175,12 @@ impl Hold {
         let fence = Fence::until(self.lapses);
         let work = start(fence.clone());
         tokio::pin!(work);
+        let mut wait = HEARTBEAT;
         loop {
             tokio::select! {
                 // A stall between the last renewal and the end is caught by `finish`.
                 done = &mut work => return self.ended(&fence, done),
-                _ = tokio::time::sleep(HEARTBEAT) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let lapses = self.lapses;
             let renewed = tokio::select! {
@@ -183,10 +188,14 @@ impl Hold {
                 renewed = tokio::time::timeout_at(lapses, self.renew(db)) => renewed,
             };
             match renewed {
-                Ok(Ok(true)) => fence.extend(self.lapses),
+                Ok(Ok(true)) => {
+                    fence.extend(self.lapses);
+                    wait = HEARTBEAT;
+                }
                 // The next renewal may get through before the hold lapses.
                 Ok(Err(e)) if Instant::now() < self.lapses => {
-                    tracing::warn!(volume = %self.uuid, error = %e, "cannot renew the hold")
+                    tracing::warn!(volume = %self.uuid, error = %e, "cannot renew the hold");
+                    wait = RENEWAL_RETRY;
                 }
                 _ => {
                     fence.revoke();
@@ -337,6 +346,55 @@ mod tests {
         copy_stopped
             .recv_timeout(Duration::from_secs(1))
             .expect("the copy's thread went on writing after the hold was lost");
+    }
+
+    /// The database away for a while after a heartbeat: the renewal is tried again within
+    /// seconds of coming back, not a whole heartbeat later, when the hold may have lapsed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_renewal_that_failed_is_tried_again_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&format!("sqlite:{}", dir.path().join("db").display()))
+            .await
+            .unwrap();
+        let stamp = db::now();
+        creating_volume(&db, "v", &stamp).await;
+        let mut hold = Hold::new("v", stamp.clone());
+        let started = Instant::now();
+        let updated = |db: Db| async move {
+            sqlx::query_scalar::<_, String>("SELECT updated FROM volumes WHERE uuid = 'v'")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap()
+        };
+        let worked = hold
+            .keep_while(&db, |_fence| {
+                let db = db.clone();
+                async move {
+                    // The renewal due at the heartbeat finds no table to write.
+                    sqlx::query("ALTER TABLE volumes RENAME TO volumes_away")
+                        .execute(&db.pool)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep_until(started + HEARTBEAT + Duration::from_millis(500))
+                        .await;
+                    sqlx::query("ALTER TABLE volumes_away RENAME TO volumes")
+                        .execute(&db.pool)
+                        .await
+                        .unwrap();
+                    // Renewed within a few seconds of coming back, not at the next heartbeat.
+                    let deadline = started + HEARTBEAT + Duration::from_secs(5);
+                    while updated(db.clone()).await == stamp {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the failed renewal was not retried"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(())
+                }
+            })
+            .await;
+        assert!(worked.is_ok(), "{worked:?}");
     }
 
     #[test]
