@@ -1309,8 +1309,8 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     assert_eq!(status, 200, "{seen}");
     // How many use it, not whose VMs they are: that is Alice's business.
     assert_eq!(
-        (&seen["count"], &seen["mounts"]),
-        (&json!(1), &json!([])),
+        (&seen["count"], &seen["mounts"], &seen["hidden_mounts"]),
+        (&json!(1), &json!([]), &json!(1)),
         "{seen}"
     );
     let (_, listed) = cloud.call_as(bob, "GET", "/disks", None);
@@ -1322,6 +1322,7 @@ fn vm_roots_are_live_snapshots_quarantined_then_collected(backend: Backend) {
     assert_eq!(listed.unwrap()["mounts"], json!([]), "{listed:?}");
     let (_, own) = cloud.call_as(alice, "GET", &format!("/disks/{first_root}"), None);
     assert_eq!(own["mounts"][0]["vm_id"], json!(first), "{own}");
+    assert_eq!(own["hidden_mounts"], json!(0), "{own}");
 
     // The first VM ends: its root is quarantined (the service's now, and private), then
     // collected.

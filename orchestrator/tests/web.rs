@@ -440,6 +440,20 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         Some(&json!({"visibility": "public"})),
     );
     assert_eq!(status, 200, "{e}");
+    // Bob has a running VM of his own, which the Attach form would offer.
+    let bobs = b.post(
+        "/ui/instances",
+        &[("image", &image), ("instance_type", "t1.micro")],
+    );
+    assert_eq!(bobs.status, 303, "{}", bobs.text());
+    let bobs_vm: i64 = bobs
+        .header("location")
+        .unwrap()
+        .strip_prefix("/ui/instances/")
+        .and_then(|l| l.split('?').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap();
+    cloud.wait_state(bobs_vm, "Running");
     let bobs_view = b.get(&format!("/ui/volumes/{uuid}")).text();
     assert_eq!(
         element_text(&bobs_view, "volume-mounts").unwrap(),
@@ -450,6 +464,11 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
     assert!(!bobs_view.contains(&format!("VM {vm}")));
     let bobs_list = b.get("/ui/volumes").text();
     assert!(bobs_list.contains(&uuid) && bobs_list.contains("another user's VM"));
+    let killed = b.post(&format!("/ui/instances/{bobs_vm}/kill"), &[]);
+    assert_eq!(killed.status, 303, "{}", killed.text());
+    // Alice, its owner, sees her VM holding it.
+    let alices_view = a.get(&format!("/ui/volumes/{uuid}")).text();
+    assert!(alices_view.contains(&format!("VM {vm}</a> as vdz")));
     let (status, e) = cloud.call_as(
         alice,
         "PUT",
@@ -518,6 +537,16 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         assert_eq!(element_text(&page, "derive").as_deref(), next_button);
         made_from = new;
     }
+    // The ORIGIN now has a snapshot (its `count`), and no mount: nothing holds it, and
+    // Alice may attach it to her running VM.
+    let (_, seen) = cloud.call_as(alice, "GET", &format!("/disks/{origin}"), None);
+    assert_eq!(
+        (seen["count"].as_i64(), seen["hidden_mounts"].as_i64()),
+        (Some(1), Some(0))
+    );
+    let page = a.get(&format!("/ui/volumes/{origin}")).text();
+    assert_eq!(element_text(&page, "volume-mounts").unwrap(), "nothing");
+    assert!(page.contains("id=\"attach\""), "{page}");
 
     // Marketplace: search, the entry's page, its XML and JSON.
     let found = a

@@ -893,6 +893,7 @@ async fn view(conn: &mut AnyConnection, row: VolumeRow) -> Result<VolumeView, Vo
         state: row.state,
         pool: row.pool,
         mounts,
+        hidden_mounts: 0,
         created: row.created,
         updated: row.updated,
     })
@@ -1236,8 +1237,10 @@ async fn seen_by(
     .bind(&who.name)
     .fetch_all(&mut *conn)
     .await?;
+    let all = view.mounts.len();
     view.mounts
         .retain(|m| theirs.iter().any(|(id,)| *id == m.vm_id));
+    view.hidden_mounts = (all - view.mounts.len()) as i64;
     Ok(view)
 }
 

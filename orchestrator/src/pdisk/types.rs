@@ -155,9 +155,15 @@ pub struct VolumeView {
     pub state: String,
     /// The pool it is kept in (`GET /pools`).
     pub pool: String,
-    /// The number of VMs it is attached to (0 or 1).
+    /// As StratusLab counted: an ORIGIN's LIVE snapshots, any other volume's mounts (0 or
+    /// 1: a volume is attached to one VM at a time).
     pub count: i64,
+    /// The mounts the asker may see: all of them for the volume's owner and admins, those
+    /// on the asker's own VMs for other users of a public volume.
     pub mounts: Vec<MountView>,
+    /// Mounts on other users' VMs, left out of `mounts` for this asker.
+    #[serde(default)]
+    pub hidden_mounts: i64,
     pub created: String,
     pub updated: String,
 }

@@ -221,6 +221,7 @@ fn placeholder() -> VolumeView {
         pool: String::new(),
         count: 0,
         mounts: Vec::new(),
+        hidden_mounts: 0,
         created: String::new(),
         updated: String::new(),
     }
