@@ -2018,6 +2018,39 @@ fn a_create_cut_short_whose_nics_cannot_be_plugged_fails() {
     assert_eq!(agent.call("GET", "/vms/unplugged", None).0, 404);
 }
 
+/// A guest that rebooted while the agent was down, its network since gone from the
+/// configuration, is not started again without network.
+#[test]
+fn a_guest_rebooted_while_its_network_went_away_is_not_restarted_without_it() {
+    // SAFETY: unshare changes only this thread's network namespace.
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWNET) },
+        0,
+        "needs root"
+    );
+    run("ip", &["link", "set", "lo", "up"]);
+    let networks =
+        "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
+                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\n";
+    let mut agent = Agent::start_with(4, 1024, networks);
+    let mut spec = agent.spec(Guest::Reboot);
+    spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:13", "ip": "198.18.5.19"}]);
+    let (status, vm) = agent.call("PUT", "/vms/looping", Some(&spec));
+    assert_eq!(status, 201, "{vm}");
+    agent.crash();
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, config.replace(networks, "\n")).unwrap();
+    agent.launch();
+    let vm = agent.wait_state("looping", "failed");
+    let reason = vm["exit"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("cannot restart the VMM after a guest reboot")
+            && reason.contains("public"),
+        "{vm}"
+    );
+    assert_eq!(agent.call("DELETE", "/vms/looping", None).0, 204);
+}
+
 #[test]
 fn a_create_repeated_while_the_first_is_starting_waits_for_its_outcome() {
     let agent = Agent::start(4, 1024);

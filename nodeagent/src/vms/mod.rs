@@ -938,8 +938,9 @@ impl VmManager {
                 }
             }
             None if record.state == VmState::Starting && record.pid.is_none() => {
-                // As its create would have: a VM started without its TAP or its lease
-                // would run with no network.
+                // A VM started without its TAP or its lease would run with no network. It
+                // stays, failed, with what it holds, until it is deleted (as a VM whose
+                // start fails here does); its create, had it failed, would have left nothing.
                 if let Err(e) = nics {
                     self.mark_ended(
                         &vm,
@@ -1492,7 +1493,26 @@ impl VmManager {
                     return;
                 }
             }
-            if let Err(e) = Box::pin(self.start(vm)).await {
+            // Its TAPs and leases first: after an agent restart with its network gone from
+            // the configuration, the VM would come back with none.
+            let restarted = match self.plug_nics(vm).await {
+                Ok(()) => Box::pin(self.start(vm)).await,
+                Err(e)
+                    if vm
+                        .spec
+                        .nics
+                        .iter()
+                        .any(|nic| self.networks.check(nic, &vm.id).is_err()) =>
+                {
+                    Err(e)
+                }
+                // A passing failure (netlink, nft) leaves its TAP from before on its bridge.
+                Err(e) => {
+                    tracing::warn!("VM {}: cannot plug its NICs again: {e}", vm.id);
+                    Box::pin(self.start(vm)).await
+                }
+            };
+            if let Err(e) = restarted {
                 self.mark_ended(
                     vm,
                     VmState::Failed,
