@@ -470,7 +470,7 @@ fn spawn_source(
     job: Job,
     taken: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
-) -> Result<std::thread::JoinHandle<Result<()>>> {
+) -> Result<std::thread::JoinHandle<Result<u64>>> {
     let sock = PacketSocket::open(ifindex, 0, job.tso())?;
     let (frame, hdr) = frame(&job);
     let mut wire = Vec::new();
@@ -485,17 +485,20 @@ fn spawn_source(
     };
     Ok(std::thread::spawn(move || {
         place_peer()?;
-        let (mut sent, mut given_up) = (0u64, 0u64);
+        let (mut sent, mut given_up, mut stalls) = (0u64, 0u64, 0u64);
         let mut stalled_since: Option<Instant> = None;
         while !stop.load(Ordering::Relaxed) {
             let in_flight = sent.saturating_sub(taken.load(Ordering::Relaxed) + given_up);
             if in_flight >= window {
                 let since = *stalled_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= WINDOW_STALL {
+                    stalls += 1;
                     given_up += in_flight;
                     stalled_since = None;
                 }
-                std::hint::spin_loop();
+                // Yielding, not spinning: without placement (one CPU) the receiver it waits
+                // for may need this CPU.
+                std::thread::yield_now();
                 continue;
             }
             stalled_since = None;
@@ -505,7 +508,7 @@ fn spawn_source(
                 Err(e) => return Err(e).context("peer send"),
             }
         }
-        Ok(())
+        Ok(stalls)
     }))
 }
 
@@ -525,6 +528,19 @@ fn spawn_echo(ifindex: i32, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHa
         }
         Ok(())
     }))
+}
+
+/// Stops the source; warns when its window stalled, which makes a row's rate suspect (the
+/// receiver stopped taking frames for WINDOW_STALL, or frames vanished uncounted).
+fn stop_source(stop: &AtomicBool, handle: std::thread::JoinHandle<Result<u64>>) -> Result<()> {
+    stop.store(true, Ordering::Relaxed);
+    let stalls = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("peer thread panicked"))??;
+    if stalls > 0 {
+        eprintln!("warning: the peer's window stalled {stalls} times in this row");
+    }
+    Ok(())
 }
 
 fn stop_peer(stop: &AtomicBool, handle: std::thread::JoinHandle<Result<()>>) -> Result<()> {
@@ -644,8 +660,9 @@ pub fn run_raw(job: Job) -> Result<Outcome> {
             }
             let elapsed = started.elapsed();
             let cpu = thread_cpu(tid)? - cpu_before;
-            stop_peer(&stop, peer)?;
+            // Before the peer stops: what it sends once the row is over does not count.
             let dropped = tap_dropped()? - dropped_before;
+            stop_source(&stop, peer)?;
             Ok(outcome(read, job.frame_len, elapsed, cpu, dropped))
         }
     }
@@ -1029,6 +1046,9 @@ fn stratus_rx(dev: &mut Device, job: &Job, stop: &Arc<AtomicBool>) -> Result<Out
     let started = Instant::now();
     let (mut frames, mut remaining_buffers) = (0u64, 0u16);
     while started.elapsed() < job.runtime {
+        // Frames the worker dropped are gone too: they no longer count against the window.
+        let dropped_by_worker = dev.stats.rx_dropped.load(Ordering::Relaxed);
+        taken.store(frames + dropped_by_worker, Ordering::Relaxed);
         used.clear();
         dev.rx.take_used(&dev.ring, &mut used)?;
         if used.is_empty() {
@@ -1053,13 +1073,17 @@ fn stratus_rx(dev: &mut Device, job: &Job, stop: &Arc<AtomicBool>) -> Result<Out
             }
             dev.post_rx(id, buffer)?;
         }
-        taken.store(frames, Ordering::Relaxed);
+        taken.store(
+            frames + dev.stats.rx_dropped.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         dev.rx.publish(&dev.ring)?;
     }
     let elapsed = started.elapsed();
     let cpu = thread_cpu(dev.tid)? - cpu_before;
-    stop_peer(stop, peer)?;
+    // Before the peer stops: what it sends once the row is over does not count.
     let dropped = tap_dropped()? - dropped_before;
+    stop_source(stop, peer)?;
     Ok(outcome(frames, job.frame_len, elapsed, cpu, dropped))
 }
 
