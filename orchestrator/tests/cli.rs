@@ -888,6 +888,22 @@ fn volumes_through_the_links(backend: Backend) {
     );
     let boot = user.ok("stratus-create-volume", &["--size", "1", "--tag", "boot"]);
     let boot = boot.strip_prefix("DISK ").unwrap().trim_end().to_owned();
+    // pdisk_endpoint, when set, is where the volume commands go (the orchestrator, here,
+    // reached through it while --endpoint names nobody), and only they.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let pdisk = format!("http://{}", cloud.addr);
+    let shown = user.ok(
+        "stratus-describe-volumes",
+        &["--endpoint", &closed, "--pdisk-endpoint", &pdisk, &boot],
+    );
+    assert!(shown.starts_with(&format!(":: DISK {boot}\n")), "{shown}");
+    let e = user.error(
+        "stratus-describe-volumes",
+        &[&boot],
+        &[("STRATUSLAB_PDISK_ENDPOINT", &closed)],
+    );
+    assert!(e.starts_with(&format!("cannot reach {closed}")), "{e}");
+    user.ok("stratus-describe-instance", &["--pdisk-endpoint", &closed]);
 
     // Bad input and other users' volumes.
     let e = user.error("stratus-create-volume", &["-s", "0"], &[]);

@@ -97,6 +97,19 @@ impl<'a> Session<'a> {
     /// The orchestrator, as the configured user.
     pub fn cloud(&self) -> anyhow::Result<Service> {
         let endpoint = self.required("endpoint", self.common.endpoint.as_deref(), "--endpoint")?;
+        self.as_user_at(&endpoint)
+    }
+
+    /// The persistent disk service, as the configured user: `pdisk_endpoint` when set (a
+    /// StratusLab site may publish it apart), else the orchestrator, which serves it.
+    pub fn pdisk(&self) -> anyhow::Result<Service> {
+        match self.setting("pdisk_endpoint", self.common.pdisk_endpoint.as_deref())? {
+            Some(endpoint) => self.as_user_at(&endpoint),
+            None => self.cloud(),
+        }
+    }
+
+    fn as_user_at(&self, endpoint: &str) -> anyhow::Result<Service> {
         let credentials = self.credentials()?;
         let option = self
             .common
@@ -108,7 +121,7 @@ impl<'a> Session<'a> {
             None => None,
         };
         let service = Service::new(
-            &endpoint,
+            endpoint,
             Some(credentials),
             self.timeout()?,
             ca_file.as_deref(),

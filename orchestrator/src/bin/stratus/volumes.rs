@@ -88,7 +88,7 @@ fn visibility(private: bool, public: bool) -> Option<Visibility> {
 
 pub fn create(common: &Common, args: CreateArgs) -> anyhow::Result<ExitCode> {
     let session = Session::load(common)?;
-    let created: VolumeView = session.cloud()?.post(
+    let created: VolumeView = session.pdisk()?.post(
         "/disks",
         Some(&VolumeCreate {
             size_gib: args.size,
@@ -171,7 +171,7 @@ pub fn describe(common: &Common, args: DescribeArgs) -> anyhow::Result<ExitCode>
         filters.push((name.to_owned(), re));
     }
     let session = Session::load(common)?;
-    let cloud = session.cloud()?;
+    let cloud = session.pdisk()?;
     let volumes: Vec<VolumeView> = if args.uuids.is_empty() {
         cloud.get("/disks")?
     } else {
@@ -243,7 +243,7 @@ pub fn update(common: &Common, args: UpdateArgs) -> anyhow::Result<ExitCode> {
     };
     let uuid = parse_uuid(&args.uuid)?;
     let session = Session::load(common)?;
-    let updated: VolumeView = session.cloud()?.put(
+    let updated: VolumeView = session.pdisk()?.put(
         &format!("/disks/{uuid}"),
         &VolumeUpdate {
             tag: args.tag,
@@ -271,7 +271,7 @@ fn uuids(texts: &[String]) -> anyhow::Result<Vec<String>> {
 pub fn delete(common: &Common, args: DeleteArgs) -> anyhow::Result<ExitCode> {
     let uuids = uuids(&args.uuids)?;
     let session = Session::load(common)?;
-    let cloud = session.cloud()?;
+    let cloud = session.pdisk()?;
     let mut deleted = Vec::new();
     let mut failures = 0;
     for uuid in uuids {
@@ -319,7 +319,7 @@ fn wait_job(cloud: &Service, job: i64, limit: Duration) -> anyhow::Result<()> {
 pub fn attach(common: &Common, args: MountArgs, attach: bool) -> anyhow::Result<ExitCode> {
     let vm = vm_id(&args.instance)?;
     let session = Session::load(common)?;
-    let cloud = session.cloud()?;
+    let cloud = session.pdisk()?;
     let mut done = Vec::new();
     let mut failures = 0;
     for uuid in uuids(&args.uuids)? {
