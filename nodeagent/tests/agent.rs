@@ -1119,9 +1119,14 @@ fn dhcp_lease(dir: &Path, interface: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix("LEASE ").map(str::to_owned))
 }
 
-#[test]
-fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace() {
-    // This test thread, the agent and its VMMs live in a network namespace of their own.
+/// The `public` network of the NIC tests: a bridge and a DHCP server on 198.18.5.0/24.
+const PUBLIC_NETWORK: &str = "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\n\
+    subnet = \"198.18.5.0/24\"\naddress = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\n\
+    domain = \"cloud.test\"\n";
+
+/// An agent serving PUBLIC_NETWORK, with this test thread, the agent and its VMMs in a
+/// network namespace of their own.
+fn agent_in_own_netns() -> Agent {
     // SAFETY: unshare changes only this thread's network namespace.
     assert_eq!(
         unsafe { libc::unshare(libc::CLONE_NEWNET) },
@@ -1129,9 +1134,21 @@ fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace()
         "needs root"
     );
     run("ip", &["link", "set", "lo", "up"]);
-    let networks = "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
-                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\ndomain = \"cloud.test\"\n";
-    let mut agent = Agent::start_with(4, 1024, networks);
+    Agent::start_with(4, 1024, PUBLIC_NETWORK)
+}
+
+/// Crashes the agent and starts it again with PUBLIC_NETWORK gone from its configuration.
+fn restart_without_its_network(agent: &mut Agent) {
+    agent.crash();
+    let config = std::fs::read_to_string(&agent.config).unwrap();
+    assert!(config.contains(PUBLIC_NETWORK));
+    std::fs::write(&agent.config, config.replace(PUBLIC_NETWORK, "\n")).unwrap();
+    agent.launch();
+}
+
+#[test]
+fn nics_get_a_tap_on_their_bridge_and_a_dhcp_lease_in_the_agents_own_namespace() {
+    let mut agent = agent_in_own_netns();
     let mut spec = agent.spec(Guest::Halt);
     spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:0a", "ip": "198.18.5.10"}]);
     let (status, vm) = agent.call("PUT", "/vms/net-1", Some(&spec));
@@ -1913,6 +1930,20 @@ fn failing_server(
     (format!("http://{addr}"), requests, open)
 }
 
+/// Sends the create of VM `id` and returns its connection, whose answer is never read.
+fn create_left_unread(agent: &Agent, id: &str, spec: &Value) -> TcpStream {
+    let body = spec.to_string();
+    let mut connection = TcpStream::connect(agent.addr).unwrap();
+    write!(
+        connection,
+        "PUT /vms/{id} HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    connection
+}
+
 /// A create cut short by the agent's death is finished once the agent is back, while its
 /// API serves: the image's download may take minutes, and an agent that answered nothing
 /// meanwhile looked down to the orchestrator. A create of the VM repeated meanwhile waits
@@ -1925,15 +1956,7 @@ fn a_create_cut_short_is_finished_while_the_restarted_agent_serves() {
     entry["locations"] = json!([format!("{server}/appliance.img")]);
     let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry}});
     // Sent, never read: the agent dies while the create waits for the image.
-    let body = spec.to_string();
-    let mut first = TcpStream::connect(agent.addr).unwrap();
-    write!(
-        first,
-        "PUT /vms/cut HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let first = create_left_unread(&agent, "cut", &spec);
     let downloads = |n: usize| {
         let deadline = Instant::now() + DEADLINE;
         while requests.load(Ordering::SeqCst) < n {
@@ -1972,41 +1995,22 @@ fn a_create_cut_short_is_finished_while_the_restarted_agent_serves() {
 /// network: nothing is downloaded or started for it again.
 #[test]
 fn a_create_cut_short_whose_nics_cannot_be_plugged_fails() {
-    // SAFETY: unshare changes only this thread's network namespace.
-    assert_eq!(
-        unsafe { libc::unshare(libc::CLONE_NEWNET) },
-        0,
-        "needs root"
-    );
-    run("ip", &["link", "set", "lo", "up"]);
-    let networks =
-        "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
-                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\n";
-    let mut agent = Agent::start_with(4, 1024, networks);
+    let mut agent = agent_in_own_netns();
     let (server, requests, _open) = failing_server(2 * DEADLINE);
     let mut entry = marketplace_image(agent.dir.path());
     entry["locations"] = json!([format!("{server}/appliance.img")]);
     let spec = json!({"vcpus": 1, "memory_mib": 64, "boot": {"image": entry},
         "nics": [{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:12", "ip": "198.18.5.18"}]});
-    let body = spec.to_string();
-    let mut first = TcpStream::connect(agent.addr).unwrap();
-    write!(
-        first,
-        "PUT /vms/unplugged HTTP/1.1\r\nHost: agent\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let first = create_left_unread(&agent, "unplugged", &spec);
     let deadline = Instant::now() + DEADLINE;
     while requests.load(Ordering::SeqCst) < 1 {
         assert!(Instant::now() < deadline, "the image was never asked for");
         std::thread::sleep(Duration::from_millis(10));
     }
-    agent.crash();
+    // The create's connection stays open until the agent is dead: a client going away
+    // would end the request instead.
+    restart_without_its_network(&mut agent);
     drop(first);
-    let config = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(&agent.config, config.replace(networks, "\n")).unwrap();
-    agent.launch();
     let vm = agent.wait_state("unplugged", "failed");
     let reason = vm["exit"]["reason"].as_str().unwrap();
     assert!(reason.starts_with("cannot plug its NICs"), "{vm}");
@@ -2022,25 +2026,12 @@ fn a_create_cut_short_whose_nics_cannot_be_plugged_fails() {
 /// configuration, is not started again without network.
 #[test]
 fn a_guest_rebooted_while_its_network_went_away_is_not_restarted_without_it() {
-    // SAFETY: unshare changes only this thread's network namespace.
-    assert_eq!(
-        unsafe { libc::unshare(libc::CLONE_NEWNET) },
-        0,
-        "needs root"
-    );
-    run("ip", &["link", "set", "lo", "up"]);
-    let networks =
-        "\n[[networks]]\nname = \"public\"\nbridge = \"stbr0\"\nsubnet = \"198.18.5.0/24\"\n\
-                    address = \"198.18.5.1\"\ndns_servers = [\"198.18.5.2\"]\n";
-    let mut agent = Agent::start_with(4, 1024, networks);
+    let mut agent = agent_in_own_netns();
     let mut spec = agent.spec(Guest::Reboot);
     spec["nics"] = json!([{"id": "eth0", "network": "public", "mac": "02:00:c6:12:05:13", "ip": "198.18.5.19"}]);
     let (status, vm) = agent.call("PUT", "/vms/looping", Some(&spec));
     assert_eq!(status, 201, "{vm}");
-    agent.crash();
-    let config = std::fs::read_to_string(&agent.config).unwrap();
-    std::fs::write(&agent.config, config.replace(networks, "\n")).unwrap();
-    agent.launch();
+    restart_without_its_network(&mut agent);
     let vm = agent.wait_state("looping", "failed");
     let reason = vm["exit"]["reason"].as_str().unwrap();
     assert!(

@@ -42,6 +42,16 @@ fn element_text(html: &str, id: &str) -> Option<String> {
     Some(unescape(&html[start..end]))
 }
 
+/// The id of the VM a launch form's answer redirects to.
+fn launched_vm(answer: &Answer) -> i64 {
+    answer
+        .header("location")
+        .and_then(|l| l.strip_prefix("/ui/instances/"))
+        .and_then(|l| l.split('?').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no VM in {:?}", answer.header("location")))
+}
+
 /// The value of the first `name="csrf"` hidden field.
 fn csrf_of(html: &str) -> String {
     let at = html
@@ -376,13 +386,7 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         ],
     );
     assert_eq!(launched.status, 303, "{}", launched.text());
-    let vm: i64 = launched
-        .header("location")
-        .unwrap()
-        .strip_prefix("/ui/instances/")
-        .and_then(|l| l.split('?').next())
-        .and_then(|id| id.parse().ok())
-        .unwrap();
+    let vm = launched_vm(&launched);
     cloud.wait_state(vm, "Running");
     let page = a.get(&format!("/ui/instances/{vm}")).text();
     assert_eq!(element_text(&page, "vm-state").unwrap(), "Running");
@@ -446,13 +450,7 @@ fn pages_render_without_javascript_and_refuse_what_the_api_refuses() {
         &[("image", &image), ("instance_type", "t1.micro")],
     );
     assert_eq!(bobs.status, 303, "{}", bobs.text());
-    let bobs_vm: i64 = bobs
-        .header("location")
-        .unwrap()
-        .strip_prefix("/ui/instances/")
-        .and_then(|l| l.split('?').next())
-        .and_then(|id| id.parse().ok())
-        .unwrap();
+    let bobs_vm = launched_vm(&bobs);
     cloud.wait_state(bobs_vm, "Running");
     let bobs_view = b.get(&format!("/ui/volumes/{uuid}")).text();
     assert_eq!(

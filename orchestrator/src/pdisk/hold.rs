@@ -310,14 +310,20 @@ mod tests {
         .unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn work_whose_hold_was_taken_over_stops_at_the_fence() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A database in `dir` with volume "v" being created, and the stamp of its holder.
+    async fn creating_volume_in(dir: &tempfile::TempDir) -> (Db, String) {
         let db = Db::open(&format!("sqlite:{}", dir.path().join("db").display()))
             .await
             .unwrap();
         let stamp = db::now();
         creating_volume(&db, "v", &stamp).await;
+        (db, stamp)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_whose_hold_was_taken_over_stops_at_the_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, stamp) = creating_volume_in(&dir).await;
         let mut hold = Hold::new("v", stamp);
         // Another replica took the row over, as recovery does once its stamp looks old
         // (this replica stalled): the next renewal finds it gone.
@@ -353,11 +359,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_renewal_that_failed_is_tried_again_soon() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&format!("sqlite:{}", dir.path().join("db").display()))
-            .await
-            .unwrap();
-        let stamp = db::now();
-        creating_volume(&db, "v", &stamp).await;
+        let (db, stamp) = creating_volume_in(&dir).await;
         let mut hold = Hold::new("v", stamp.clone());
         let started = Instant::now();
         let updated = |db: Db| async move {
