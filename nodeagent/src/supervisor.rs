@@ -287,13 +287,25 @@ mod tests {
         let binary = dir.path().join("stratus-vmm");
         std::fs::copy("/bin/sh", &binary).unwrap();
         let socket = dir.path().join("api.sock");
-        // The shell waits in its `read` builtin, with the arguments a VMM has.
-        let mut child = std::process::Command::new(&binary)
-            .args(["-c", "read line", "--api-socket"])
-            .arg(&socket)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        // The shell waits in its `read` builtin, with the arguments a VMM has. A child that
+        // another test forks while the copy is still open for writing holds it open until
+        // its own exec: the exec here then fails with ETXTBSY, for a moment.
+        let spawn = || {
+            std::process::Command::new(&binary)
+                .args(["-c", "read line", "--api-socket"])
+                .arg(&socket)
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+        };
+        let mut child = (0..50)
+            .find_map(|_| match spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    None
+                }
+                spawned => Some(spawned.unwrap()),
+            })
+            .expect("the copy stayed busy");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while launched_for(&binary, &socket).is_none() {
             assert!(std::time::Instant::now() < deadline, "never found");
